@@ -1,0 +1,14 @@
+"""fused_attention: fast, memory-lean scaled-dot-product attention for PyTorch.
+
+``import fused_attention`` never needs the compiled extension, Triton or a GPU: what is missing makes a
+backend unavailable, with a reason (``python -m fused_attention info``).
+"""
+
+from . import _extension
+from .functional import scaled_dot_product_attention, varlen_attention
+from .info import info
+
+__version__ = "0.1.0"
+__all__ = ["info", "scaled_dot_product_attention", "varlen_attention", "__version__"]
+
+_extension.load_extension()

@@ -1,0 +1,98 @@
+"""What a backend is: capabilities as data, reasons as strings.
+
+A backend answers ``not_supported_reasons(inputs)``; an empty list means it can serve the call. The
+dispatcher (:mod:`.dispatch`) never guesses: every refusal is a sentence a user can act on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..inputs import AttentionInputs, VarlenInputs
+
+ALL_FEATURES = frozenset(
+    {
+        "causal",
+        "window",
+        "alibi",
+        "softcap",
+        "key_lengths",
+        "bool_mask",
+        "float_mask",
+        "mask_grad",
+        "dropout",
+        "gqa",
+        "lse",
+        "value_head_dim",
+        "varlen",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can serve. ``device_types`` / ``max_head_dim`` of None mean no limit."""
+
+    device_types: frozenset[str] | None
+    dtypes: frozenset[torch.dtype]
+    features: frozenset[str] = ALL_FEATURES
+    max_head_dim: int | None = None
+    head_dim_multiple: int = 1
+    backward: bool = True
+
+
+class Backend:
+    """Base class. Subclasses set ``name`` and ``capabilities`` and implement availability and launch."""
+
+    name: str = ""
+    capabilities: Capabilities = Capabilities(frozenset(), frozenset(), frozenset())
+
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run at all on this machine (missing build, package, device), or None."""
+        return None
+
+    def device_reason(self, device: torch.device) -> str | None:
+        """Why this backend cannot run on ``device`` beyond its declared device types, or None."""
+        return None
+
+    def not_supported_reasons(self, inputs: AttentionInputs | VarlenInputs) -> list[str]:
+        reasons = []
+        unavailable = self.unavailable_reason()
+        if unavailable:
+            return [unavailable]
+        caps = self.capabilities
+        if caps.device_types is not None and inputs.device.type not in caps.device_types:
+            reasons.append(f"device {inputs.device.type} not supported (supports {sorted(caps.device_types)})")
+        else:
+            device_reason = self.device_reason(inputs.device)
+            if device_reason:
+                reasons.append(device_reason)
+        if inputs.dtype not in caps.dtypes:
+            reasons.append(f"dtype {inputs.dtype} not supported")
+        for dim_name, dim in (("head dim", inputs.head_dim), ("value head dim", inputs.value_head_dim)):
+            if caps.max_head_dim is not None and dim > caps.max_head_dim:
+                reasons.append(f"{dim_name} {dim} > {caps.max_head_dim}")
+            if dim % caps.head_dim_multiple:
+                reasons.append(f"{dim_name} {dim} is not a multiple of {caps.head_dim_multiple}")
+        missing = sorted(inputs.features - caps.features)
+        if missing:
+            reasons.append(f"features not supported: {', '.join(missing)}")
+        if not caps.backward and _requires_grad(inputs):
+            reasons.append("backward not supported (an input requires grad)")
+        return reasons
+
+    def attention(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(out (B, Hq, L, Ev), lse (B, Hq, L))`` for canonical inputs."""
+        raise NotImplementedError
+
+    def varlen_attention(self, inputs: VarlenInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(out (total_q, H, Dv), lse (H, total_q))``."""
+        raise NotImplementedError
+
+
+def _requires_grad(inputs: AttentionInputs | VarlenInputs) -> bool:
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (inputs.query, inputs.key, inputs.value)
+    )

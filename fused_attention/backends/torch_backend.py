@@ -1,0 +1,72 @@
+"""The ``torch`` backend: pure PyTorch, every feature, any device and dtype torch supports.
+
+Calls torch's own fused SDPA for the cases torch serves natively with a fused kernel (faster there, and
+just as lean); everything else runs the query-chunked custom op, whose memory is O(chunk x S).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..inputs import AttentionInputs, VarlenInputs
+from ..ops import torch_attention as _ops  # noqa: F401  (registers fused_attention::torch_attention)
+from ..ops import torch_varlen as _varlen_ops  # noqa: F401  (registers fused_attention::torch_varlen)
+from .base import ALL_FEATURES, Backend, Capabilities
+
+# Features torch's SDPA expresses natively; anything else needs the chunked op.
+_NATIVE_FEATURES = frozenset({"causal", "bool_mask", "float_mask", "gqa", "value_head_dim"})
+_SDPA_MATH = 0  # torch's SDPBackend.MATH: torch would materialize L x S, so the chunked op is leaner
+
+
+def draw_seed(inputs: AttentionInputs | VarlenInputs) -> torch.Tensor | None:
+    """A dropout seed from torch's default CPU generator, so ``torch.manual_seed`` reproduces it."""
+    if inputs.dropout_p == 0:
+        return None
+    return torch.randint(0, 1 << 62, (1,), dtype=torch.int64)
+
+
+def _torch_serves_fused(inputs: AttentionInputs) -> bool:
+    if not inputs.features <= _NATIVE_FEATURES or torch.compiler.is_compiling():
+        return False
+    try:
+        choice = torch._fused_sdp_choice(
+            inputs.query, inputs.key, inputs.value, inputs.attn_mask, 0.0, inputs.causal, inputs.scale,
+            enable_gqa="gqa" in inputs.features,
+        )
+    except (RuntimeError, TypeError, AttributeError):
+        return False
+    return int(choice) != _SDPA_MATH and int(choice) >= 0
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    capabilities = Capabilities(
+        device_types=None,
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
+        features=ALL_FEATURES,
+    )
+
+    def attention(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if _torch_serves_fused(inputs):
+            with torch.profiler.record_function("fused_attention::torch_sdpa"):
+                out = F.scaled_dot_product_attention(
+                    inputs.query, inputs.key, inputs.value, attn_mask=inputs.attn_mask,
+                    is_causal=inputs.causal, scale=inputs.scale, enable_gqa="gqa" in inputs.features,
+                )
+            return out, None
+        return torch.ops.fused_attention.torch_attention(
+            inputs.query, inputs.key, inputs.value, inputs.attn_mask, inputs.key_lengths, inputs.alibi_slopes,
+            draw_seed(inputs), inputs.causal, inputs.window_left, inputs.window_right, inputs.softcap,
+            inputs.scale, inputs.dropout_p,
+        )
+
+    def varlen_attention(self, inputs: VarlenInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.ops.fused_attention.torch_varlen(
+            inputs.query, inputs.key, inputs.value, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
+            inputs.alibi_slopes, draw_seed(inputs), inputs.window_left, inputs.window_right, inputs.softcap,
+            inputs.scale, inputs.dropout_p,
+        )
+
+
+TORCH = TorchBackend()

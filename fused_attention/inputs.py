@@ -1,0 +1,531 @@
+"""Validation and canonicalization of attention arguments.
+
+Every public attention call is turned, once, into an :class:`AttentionInputs` (or :class:`VarlenInputs`)
+object. Backends receive only that object; none re-parses user arguments.
+
+Canonical dense form (all views, nothing is copied unless a stride pattern cannot be expressed):
+
+- ``query`` ``(B, Hq, L, E)``, ``key`` ``(B, Hkv, S, E)``, ``value`` ``(B, Hkv, S, Ev)``; every batch
+  dimension of the user's tensors is broadcast and flattened into ``B``; ``Hq % Hkv == 0`` and query head
+  ``h`` reads key/value head ``h // (Hq // Hkv)``.
+- ``attn_mask`` is 4-D and broadcastable, each dimension either full or 1 (never expanded), so a
+  kernel reads it through its strides and its gradient keeps the user's broadcast shape.
+- Visibility is ``causal`` (torch's top-left rule, key ``j <= i``) ANDed with a bottom-right aligned
+  window ``window_left <= i + S - L - j``, ``j - (i + S - L) <= window_right`` (-1: unbounded), ANDed
+  with ``key_lengths`` and the mask. ``causal_lower_right`` is folded into ``window_right = 0``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import AttentionArgumentError, AttentionTypeError
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """Canonical dense attention call (see module docstring for the layout)."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    attn_mask: torch.Tensor | None
+    causal: bool
+    window_left: int
+    window_right: int
+    alibi_slopes: torch.Tensor | None
+    softcap: float
+    key_lengths: torch.Tensor | None
+    dropout_p: float
+    scale: float
+    return_lse: bool
+    out_shape: tuple[int, ...]
+    lse_shape: tuple[int, ...]
+    features: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def device(self) -> torch.device:
+        return self.query.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.query.dtype
+
+    @property
+    def head_dim(self) -> int:
+        return self.query.shape[-1]
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.value.shape[-1]
+
+
+@dataclass(frozen=True)
+class VarlenInputs:
+    """Canonical packed (varlen) attention call: ``(total, H, D)`` tensors and ``cu_seqlens``."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+    causal_lower_right: bool
+    window_left: int
+    window_right: int
+    alibi_slopes: torch.Tensor | None
+    softcap: float
+    dropout_p: float
+    scale: float
+    return_lse: bool
+    features: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def device(self) -> torch.device:
+        return self.query.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.query.dtype
+
+    @property
+    def head_dim(self) -> int:
+        return self.query.shape[-1]
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.value.shape[-1]
+
+
+def content_checks_enabled(t: torch.Tensor) -> bool:
+    """Checks of tensor values force a device sync, so off-CPU they run only when asked for."""
+    return t.device.type == "cpu" or os.environ.get("FUSED_ATTENTION_CHECKS", "0") == "1"
+
+
+def _check_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested:
+        raise AttentionTypeError(f"{name}: nested tensors are not supported yet; use varlen_attention")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise AttentionTypeError(
+            f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
+        )
+    return t
+
+
+def check_qkv_types(query: object, key: object, value: object) -> None:
+    """Types, dtypes and devices of q, k, v must agree (torch raises for the same cases)."""
+    q = _check_tensor("query", query)
+    k = _check_tensor("key", key)
+    v = _check_tensor("value", value)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise AttentionTypeError(
+            f"query, key and value must have the same dtype, got query {q.dtype}, key {k.dtype}, "
+            f"value {v.dtype}"
+        )
+    if not (q.device == k.device == v.device):
+        raise AttentionArgumentError(
+            f"query, key and value must be on the same device, got query {q.device}, key {k.device}, "
+            f"value {v.device}"
+        )
+
+
+def check_dropout(dropout_p: object) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise AttentionTypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise AttentionArgumentError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return float(dropout_p)
+
+
+def check_scale(scale: object, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise AttentionTypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    return float(scale)
+
+
+def check_window(window_size: object) -> tuple[int, int]:
+    if window_size is None:
+        return -1, -1
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or any(isinstance(w, bool) or not isinstance(w, int) for w in window_size)
+    ):
+        raise AttentionTypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    left, right = window_size
+    if left < -1 or right < -1:
+        raise AttentionArgumentError(f"window_size entries must be >= -1 (-1 = unbounded), got {window_size}")
+    return left, right
+
+
+def check_softcap(softcap: object) -> float:
+    """Returns 0.0 for 'no softcap' (the value custom-op schemas carry)."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise AttentionTypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
+    if not softcap > 0 or math.isinf(softcap):
+        raise AttentionArgumentError(f"softcap must be a finite float > 0, got {softcap}")
+    return float(softcap)
+
+
+def check_alibi(alibi_slopes: object, batch: int, heads: int, device: torch.device) -> torch.Tensor | None:
+    """ALiBi slopes: float32 ``(H,)`` or ``(B, H)``; canonical ``(1 or B, H)``."""
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise AttentionTypeError(f"alibi_slopes must be a torch.Tensor, got {type(alibi_slopes).__name__}")
+    if alibi_slopes.dtype != torch.float32:
+        raise AttentionTypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+    if alibi_slopes.device != device:
+        raise AttentionArgumentError(f"alibi_slopes must be on {device}, got {alibi_slopes.device}")
+    shape = tuple(alibi_slopes.shape)
+    if shape == (heads,):
+        return alibi_slopes.unsqueeze(0)
+    if shape == (batch, heads):
+        return alibi_slopes
+    raise AttentionArgumentError(
+        f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}) (query heads), got {shape}"
+    )
+
+
+def _check_int_vector(name: str, t: object, length: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise AttentionTypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    if t.device != device:
+        raise AttentionArgumentError(f"{name} must be on {device}, got {t.device}")
+    if tuple(t.shape) != (length,):
+        raise AttentionArgumentError(f"{name} must have shape ({length},), got {tuple(t.shape)}")
+    return t
+
+
+def check_key_lengths(key_lengths: object, batch: int, seq_k: int, device: torch.device) -> torch.Tensor | None:
+    if key_lengths is None:
+        return None
+    kl = _check_int_vector("key_lengths", key_lengths, batch, device)
+    if content_checks_enabled(kl) and kl.numel() and (int(kl.min()) < 0 or int(kl.max()) > seq_k):
+        raise AttentionArgumentError(
+            f"key_lengths values must be in [0, {seq_k}] (the key length), got {kl.tolist()}"
+        )
+    return kl
+
+
+def _causal_bias_parts(attn_mask: object) -> tuple[str, int, int] | None:
+    """(variant, seq_len_q, seq_len_kv) of a torch CausalBias, without importing it when absent."""
+    try:
+        from torch.nn.attention.bias import CausalBias, CausalVariant
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return None
+    if not isinstance(attn_mask, CausalBias):
+        return None
+    variant = "upper_left" if attn_mask.variant == CausalVariant.UPPER_LEFT else "lower_right"
+    return variant, attn_mask.seq_len_q, attn_mask.seq_len_kv
+
+
+def _flatten_batch(t: torch.Tensor, batch_shape: tuple[int, ...]) -> torch.Tensor:
+    """Broadcast the leading dims of a 4+-D ``t`` to ``batch_shape`` and flatten them into one.
+
+    All-1 leading dims stay one broadcast dim; otherwise the result is a view when strides allow, and a
+    copy for a mixed broadcast over several batch dims (that cannot be one strided dim).
+    """
+    tail = tuple(t.shape[-3:])
+    if all(d == 1 for d in t.shape[:-3]):
+        return t.reshape(1, *tail)
+    return t.expand(*batch_shape, *tail).reshape(-1, *tail)
+
+
+def _canonical_mask(
+    attn_mask: torch.Tensor, query: torch.Tensor, attn_shape: tuple[int, ...], batch_shape: tuple[int, ...]
+) -> torch.Tensor:
+    """A 4-D mask, broadcastable to ``(B, H, L, S)``, from one broadcastable to ``attn_shape``."""
+    if attn_mask.is_nested:
+        raise AttentionTypeError("attn_mask: nested tensors are not supported")
+    if attn_mask.dtype != torch.bool and attn_mask.dtype not in (torch.float32, query.dtype):
+        raise AttentionTypeError(
+            f"attn_mask must be bool, float32 or the query dtype ({query.dtype}), got {attn_mask.dtype}"
+        )
+    if attn_mask.device != query.device:
+        raise AttentionArgumentError(f"attn_mask must be on {query.device}, got {attn_mask.device}")
+    try:
+        ok = torch.broadcast_shapes(tuple(attn_mask.shape), attn_shape) == torch.Size(attn_shape)
+    except RuntimeError:
+        ok = False
+    if not ok or attn_mask.dim() > len(attn_shape):
+        raise AttentionArgumentError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the attention shape "
+            f"{attn_shape}"
+        )
+    mask = attn_mask.reshape((1,) * (len(attn_shape) - attn_mask.dim()) + tuple(attn_mask.shape))
+    if len(attn_shape) == 3:  # (N, L, S): no heads dimension
+        mask = mask.unsqueeze(1)
+    return _flatten_batch(mask, batch_shape)
+
+
+def canonicalize(
+    query: object,
+    key: object,
+    value: object,
+    attn_mask: object = None,
+    dropout_p: object = 0.0,
+    is_causal: object = False,
+    scale: object = None,
+    enable_gqa: object = False,
+    *,
+    window_size: object = None,
+    alibi_slopes: object = None,
+    softcap: object = None,
+    key_lengths: object = None,
+    return_lse: object = False,
+) -> AttentionInputs:
+    """Validates ``scaled_dot_product_attention`` arguments into an :class:`AttentionInputs`."""
+    check_qkv_types(query, key, value)
+    assert isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() < 2:
+            raise AttentionArgumentError(f"{name} must have at least 2 dimensions (..., seq, dim), got {t.dim()}")
+    if query.shape[-1] != key.shape[-1]:
+        raise AttentionArgumentError(
+            f"key head dim {key.shape[-1]} must equal query head dim {query.shape[-1]}"
+        )
+    if key.shape[-2] != value.shape[-2]:
+        raise AttentionArgumentError(
+            f"value sequence length {value.shape[-2]} must equal key sequence length {key.shape[-2]}"
+        )
+    dropout = check_dropout(dropout_p)
+    if not isinstance(is_causal, bool):
+        raise AttentionTypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if not isinstance(enable_gqa, bool):
+        raise AttentionTypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    if not isinstance(return_lse, bool):
+        raise AttentionTypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+
+    # Torch aligns ranks from the right (matmul broadcasting); so do we.
+    ndim = max(query.dim(), key.dim(), value.dim(), 3)
+    q, k, v = (t.reshape((1,) * (ndim - t.dim()) + tuple(t.shape)) for t in (query, key, value))
+    seq_q, seq_k, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    if ndim == 3:
+        # (N, L, E): no heads dimension, so N is the batch and there is one head.
+        q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+    hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
+    try:
+        batch_shape = tuple(torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3]))
+    except RuntimeError as e:
+        raise AttentionArgumentError(
+            f"batch dimensions of query {tuple(query.shape)}, key {tuple(key.shape)} and value "
+            f"{tuple(value.shape)} do not broadcast"
+        ) from e
+    if enable_gqa and ndim > 3 and (hq != hk or hq != hv):
+        if hq % hk or hq % hv:
+            raise AttentionArgumentError(
+                f"with enable_gqa the number of key ({hk}) and value ({hv}) heads must divide the "
+                f"number of query heads ({hq})"
+            )
+        heads = hq
+        if hk != hv:
+            # Different key and value head counts cannot share one group size: give value the key's
+            # head count (a repeat_interleave, copied: it is no strided view).
+            if hk % hv:
+                v = v.repeat_interleave(hq // hv, dim=-3)
+                k = k.repeat_interleave(hq // hk, dim=-3)
+            else:
+                v = v.repeat_interleave(hk // hv, dim=-3)
+    else:
+        try:
+            heads = torch.broadcast_shapes((hq,), (hk,), (hv,))[0]
+        except RuntimeError as e:
+            raise AttentionArgumentError(
+                f"heads of query ({hq}), key ({hk}) and value ({hv}) must match or broadcast "
+                "(pass enable_gqa=True for grouped-query attention)"
+            ) from e
+        q = q.expand(*q.shape[:-3], heads, seq_q, head_dim)
+        k = k.expand(*k.shape[:-3], heads, seq_k, head_dim)
+        v = v.expand(*v.shape[:-3], heads, seq_k, v.shape[-1])
+
+    batch = math.prod(batch_shape)
+    qc = q.expand(*batch_shape, *q.shape[-3:]).reshape(batch, *q.shape[-3:])
+    kc = k.expand(*batch_shape, *k.shape[-3:]).reshape(batch, *k.shape[-3:])
+    vc = v.expand(*batch_shape, *v.shape[-3:]).reshape(batch, *v.shape[-3:])
+
+    out_heads = () if ndim == 3 else (heads,)
+    causal = is_causal
+    window_left, window_right = check_window(window_size)
+    mask = None
+    bias_parts = _causal_bias_parts(attn_mask)
+    if bias_parts is not None:
+        if is_causal:
+            raise AttentionArgumentError("attn_mask: CausalBias should not be used with is_causal=True")
+        variant, bias_q, bias_k = bias_parts
+        if (bias_q, bias_k) != (seq_q, seq_k):
+            raise AttentionArgumentError(
+                f"attn_mask: CausalBias is for ({bias_q}, {bias_k}) but query/key lengths are ({seq_q}, {seq_k})"
+            )
+        if variant == "upper_left":
+            causal = True
+        else:
+            window_right = 0 if window_right == -1 else min(window_right, 0)
+    elif attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise AttentionTypeError(
+                f"attn_mask must be a torch.Tensor or CausalBias, got {type(attn_mask).__name__}"
+            )
+        if is_causal:
+            raise AttentionArgumentError("attn_mask should not be set when is_causal=True (as in torch)")
+        mask = _canonical_mask(attn_mask, query, (*batch_shape, *out_heads, seq_q, seq_k), batch_shape)
+
+    out_shape = (*batch_shape, *out_heads, seq_q, vc.shape[-1])
+    user_ndim = max(query.dim(), key.dim(), value.dim())
+    out_shape = out_shape[len(out_shape) - user_ndim :]
+    alibi = check_alibi(alibi_slopes, batch, heads, qc.device)
+    lengths = check_key_lengths(key_lengths, batch, seq_k, qc.device)
+    features = set()
+    for name, on in (
+        ("causal", causal),
+        ("window", window_left >= 0 or window_right >= 0),
+        ("alibi", alibi is not None),
+        ("softcap", softcap is not None),
+        ("key_lengths", lengths is not None),
+        ("bool_mask", mask is not None and mask.dtype == torch.bool),
+        ("float_mask", mask is not None and mask.dtype != torch.bool),
+        ("mask_grad", mask is not None and mask.requires_grad),
+        ("dropout", dropout > 0),
+        ("gqa", kc.shape[1] != qc.shape[1]),
+        ("lse", return_lse),
+        ("value_head_dim", vc.shape[-1] != head_dim),
+    ):
+        if on:
+            features.add(name)
+    return AttentionInputs(
+        query=qc,
+        key=kc,
+        value=vc,
+        attn_mask=mask,
+        causal=causal,
+        window_left=window_left,
+        window_right=window_right,
+        alibi_slopes=alibi,
+        softcap=check_softcap(softcap),
+        key_lengths=lengths,
+        dropout_p=dropout,
+        scale=check_scale(scale, head_dim),
+        return_lse=return_lse,
+        out_shape=out_shape,
+        lse_shape=out_shape[:-1],
+        features=frozenset(features),
+    )
+
+
+def _check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(cu, torch.Tensor):
+        raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dim() != 1 or cu.numel() < 1:
+        raise AttentionArgumentError(f"{name} must be 1-D with batch + 1 entries, got shape {tuple(cu.shape)}")
+    cu = _check_int_vector(name, cu, cu.numel(), device)
+    if content_checks_enabled(cu):
+        values = cu.tolist()
+        if values[0] != 0 or any(b < a for a, b in zip(values, values[1:])):
+            raise AttentionArgumentError(f"{name} must start at 0 and be non-decreasing, got {values}")
+        if values[-1] != total:
+            raise AttentionArgumentError(
+                f"{name} must end at the number of packed tokens ({total}), got {values[-1]}"
+            )
+    return cu
+
+
+def _check_max_seqlen(name: str, value: object, cu: torch.Tensor) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise AttentionArgumentError(f"{name} must be a non-negative int, got {value!r}")
+    if content_checks_enabled(cu) and cu.numel() > 1 and int((cu[1:] - cu[:-1]).max()) > value:
+        raise AttentionArgumentError(f"{name}={value} is smaller than the longest sequence")
+    return value
+
+
+def canonicalize_varlen(
+    q: object,
+    k: object,
+    v: object,
+    cu_seqlens_q: object,
+    cu_seqlens_k: object,
+    max_seqlen_q: object,
+    max_seqlen_k: object,
+    *,
+    dropout_p: object = 0.0,
+    scale: object = None,
+    is_causal: object = False,
+    window_size: object = None,
+    alibi_slopes: object = None,
+    softcap: object = None,
+    return_lse: object = False,
+) -> VarlenInputs:
+    """Validates ``varlen_attention`` arguments into a :class:`VarlenInputs`."""
+    check_qkv_types(q, k, v)
+    assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise AttentionArgumentError(f"{name} must be packed (total, heads, dim), got {t.dim()} dimensions")
+    if q.shape[-1] != k.shape[-1]:
+        raise AttentionArgumentError(f"k head dim {k.shape[-1]} must equal q head dim {q.shape[-1]}")
+    if k.shape[:2] != v.shape[:2]:
+        raise AttentionArgumentError(
+            f"v must have the tokens and heads of k {tuple(k.shape[:2])}, got {tuple(v.shape[:2])}"
+        )
+    if q.shape[1] % k.shape[1]:
+        raise AttentionArgumentError(f"k heads ({k.shape[1]}) must divide q heads ({q.shape[1]})")
+    cu_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    cu_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    if cu_q.numel() != cu_k.numel():
+        raise AttentionArgumentError(
+            f"cu_seqlens_q and cu_seqlens_k must have the same length, got {cu_q.numel()} and {cu_k.numel()}"
+        )
+    if not isinstance(is_causal, bool):
+        raise AttentionTypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if not isinstance(return_lse, bool):
+        raise AttentionTypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    window_left, window_right = check_window(window_size)
+    if is_causal:
+        window_right = 0 if window_right == -1 else min(window_right, 0)
+    batch = cu_q.numel() - 1
+    alibi = check_alibi(alibi_slopes, batch, q.shape[1], q.device)
+    dropout = check_dropout(dropout_p)
+    features = {"varlen"}
+    for name, on in (
+        ("window", window_left >= 0 or window_right >= 0),
+        ("alibi", alibi is not None),
+        ("softcap", softcap is not None),
+        ("dropout", dropout > 0),
+        ("gqa", k.shape[1] != q.shape[1]),
+        ("lse", return_lse),
+        ("value_head_dim", v.shape[-1] != q.shape[-1]),
+    ):
+        if on:
+            features.add(name)
+    return VarlenInputs(
+        query=q,
+        key=k,
+        value=v,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=_check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_q),
+        max_seqlen_k=_check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_k),
+        causal_lower_right=is_causal,
+        window_left=window_left,
+        window_right=window_right,
+        alibi_slopes=alibi,
+        softcap=check_softcap(softcap),
+        dropout_p=dropout,
+        scale=check_scale(scale, q.shape[-1]),
+        return_lse=return_lse,
+        features=frozenset(features),
+    )

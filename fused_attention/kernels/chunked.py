@@ -1,0 +1,204 @@
+"""Query-chunked attention in plain PyTorch: the math of the ``torch`` backend.
+
+Forward and backward walk the queries in chunks so that no ``L x S`` matrix is ever held: peak extra
+memory is ``O(B * H * chunk * S)``. Each chunk only touches the key columns its causal/window rules can
+see, so a window of width ``w`` costs ``O(L * w)``. The backward recomputes scores from the saved
+log-sum-exp (as FlashAttention does), and regenerates the dropout mask from the same per-chunk seeds.
+
+All tensors are canonical (see :mod:`fused_attention.inputs`): q ``(B, Hq, L, E)``, k ``(B, Hkv, S, E)``,
+v ``(B, Hkv, S, Ev)``, mask 4-D broadcastable, alibi ``(1 or B, Hq)``, key_lengths ``(B,)``.
+Arithmetic is float32 (float64 for float64 inputs). No autograd here: the custom op wires these up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Elements of one (B, H, chunk, S) score block: a handful of these blocks is the working set.
+_CHUNK_ELEMENTS = 1 << 21
+_MIN_CHUNK = 16
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Everything but the tensors: visibility, score transform and dropout."""
+
+    causal: bool
+    window_left: int
+    window_right: int
+    softcap: float
+    scale: float
+    dropout_p: float
+    seed: int
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def chunk_rows(batch: int, heads: int, seq_q: int, seq_k: int) -> int:
+    """Query rows per chunk; depends on shapes only, so forward and backward chunk alike."""
+    per_row = max(1, batch * heads * seq_k)
+    return max(1, min(max(seq_q, 1), max(_MIN_CHUNK, _CHUNK_ELEMENTS // per_row)))
+
+
+def key_range(i0: int, i1: int, seq_q: int, seq_k: int, rules: Rules) -> tuple[int, int]:
+    """Half-open range of keys that any query row in ``[i0, i1)`` may see under the position rules."""
+    shift = seq_k - seq_q  # query i sits at key position i + shift (bottom-right alignment)
+    lo, hi = 0, seq_k
+    if rules.causal:
+        hi = min(hi, i1)
+    if rules.window_right >= 0:
+        hi = min(hi, i1 - 1 + shift + rules.window_right + 1)
+    if rules.window_left >= 0:
+        lo = max(lo, i0 + shift - rules.window_left)
+    return max(lo, 0), max(min(hi, seq_k), 0)
+
+
+class _Chunk:
+    """Scores and probabilities of query rows ``[i0, i1)`` against keys ``[j0, j1)``."""
+
+    def __init__(self, q, k, mask, key_lengths, alibi, rules: Rules, i0, i1, j0, j1):
+        cd = compute_dtype(q.dtype)
+        batch, hq, seq_q, head_dim = q.shape
+        hkv, seq_k = k.shape[1], k.shape[2]
+        self.rows, self.cols, self.groups = i1 - i0, j1 - j0, hq // hkv
+        self.q = q[:, :, i0:i1].to(cd).reshape(batch, hkv, self.groups * self.rows, head_dim)
+        self.k = k[:, :, j0:j1].to(cd)
+        scores = self._per_query_head(self.q @ self.k.transpose(-2, -1)) * rules.scale
+        self.tanh = None
+        if rules.softcap > 0:
+            self.tanh = torch.tanh(scores / rules.softcap)
+            scores = rules.softcap * self.tanh
+        i = torch.arange(i0, i1, device=q.device).unsqueeze(1)
+        j = torch.arange(j0, j1, device=q.device).unsqueeze(0)
+        pos = i + seq_k - seq_q
+        self.distance = None
+        if alibi is not None:
+            self.distance = (pos - j).abs().to(cd)
+            scores = scores - alibi.to(cd)[:, :, None, None] * self.distance
+        self.mask = None if mask is None else _mask_block(mask, i0, i1, j0, j1)
+        if self.mask is not None and self.mask.dtype != torch.bool:
+            scores = scores + self.mask.to(cd)
+        visible = torch.ones_like(pos.expand(-1, self.cols), dtype=torch.bool)
+        if rules.causal:
+            visible &= j <= i
+        if rules.window_left >= 0:
+            visible &= j >= pos - rules.window_left
+        if rules.window_right >= 0:
+            visible &= j <= pos + rules.window_right
+        if key_lengths is not None:
+            visible = visible & (j < key_lengths.reshape(-1, 1, 1, 1))
+        if self.mask is not None and self.mask.dtype == torch.bool:
+            visible = visible & self.mask
+        self.scores = scores.masked_fill(~visible, float("-inf"))
+        self.keep = None
+        if rules.dropout_p > 0:
+            gen = torch.Generator(device=q.device)
+            gen.manual_seed((rules.seed + i0 * _GOLDEN) % (1 << 63))
+            rand = torch.rand(self.scores.shape, generator=gen, device=q.device, dtype=cd)
+            self.keep = (rand >= rules.dropout_p).to(cd) / (1.0 - rules.dropout_p)
+
+    def _per_query_head(self, t: torch.Tensor) -> torch.Tensor:
+        """``(B, Hkv, G * rows, X)`` -> ``(B, Hq, rows, X)``; query head h = kv head * G + g."""
+        b, hkv = t.shape[:2]
+        return t.reshape(b, hkv * self.groups, self.rows, t.shape[-1])
+
+    def per_kv_head(self, t: torch.Tensor) -> torch.Tensor:
+        """``(B, Hq, rows, X)`` -> ``(B, Hkv, G * rows, X)``, the inverse of :meth:`_per_query_head`."""
+        b, hq = t.shape[:2]
+        return t.reshape(b, hq // self.groups, self.groups * self.rows, t.shape[-1])
+
+    def probs(self, lse: torch.Tensor) -> torch.Tensor:
+        """exp(s - lse); rows with lse = -inf (nothing visible) give 0, not NaN."""
+        safe = lse.masked_fill(lse == float("-inf"), float("inf"))
+        return torch.exp(self.scores - safe.unsqueeze(-1))
+
+
+def _mask_block(mask: torch.Tensor, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
+    rows = slice(i0, i1) if mask.shape[2] != 1 else slice(None)
+    cols = slice(j0, j1) if mask.shape[3] != 1 else slice(None)
+    return mask[:, :, rows, cols]
+
+
+def _chunks(q: torch.Tensor, k: torch.Tensor, rules: Rules):
+    batch, hq, seq_q, _ = q.shape
+    seq_k = k.shape[2]
+    step = chunk_rows(batch, hq, seq_q, seq_k)
+    for i0 in range(0, seq_q, step):
+        i1 = min(i0 + step, seq_q)
+        yield (i0, i1, *key_range(i0, i1, seq_q, seq_k, rules))
+
+
+def attention_forward(q, k, v, mask, key_lengths, alibi, rules: Rules) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``out (B, Hq, L, Ev)`` in q's dtype and ``lse (B, Hq, L)`` in the compute dtype."""
+    batch, hq, seq_q, _ = q.shape
+    cd = compute_dtype(q.dtype)
+    out = q.new_zeros(batch, hq, seq_q, v.shape[-1])
+    lse = q.new_full((batch, hq, seq_q), float("-inf"), dtype=cd)
+    for i0, i1, j0, j1 in _chunks(q, k, rules):
+        if j0 >= j1:
+            continue  # nothing visible: out stays 0 and lse -inf
+        c = _Chunk(q, k, mask, key_lengths, alibi, rules, i0, i1, j0, j1)
+        chunk_lse = torch.logsumexp(c.scores, dim=-1)
+        p = c.probs(chunk_lse)
+        if c.keep is not None:
+            p = p * c.keep
+        o = c.per_kv_head(p) @ v[:, :, j0:j1].to(cd)
+        out[:, :, i0:i1] = o.reshape(batch, hq, i1 - i0, -1)
+        lse[:, :, i0:i1] = chunk_lse
+    return out, lse
+
+
+def _reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum ``t`` over the dims where ``shape`` broadcasts (size 1)."""
+    dims = tuple(d for d, n in enumerate(shape) if n == 1 and t.shape[d] != 1)
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+def attention_backward(
+    dout, q, k, v, out, lse, mask, key_lengths, alibi, rules: Rules, need_mask_grad: bool, need_alibi_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients ``(dq, dk, dv, dmask, dalibi)``; dmask/dalibi are None unless asked for."""
+    batch, hq, seq_q, _ = q.shape
+    cd = compute_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=cd, device=q.device)
+    dk = torch.zeros(k.shape, dtype=cd, device=q.device)
+    dv = torch.zeros(v.shape, dtype=cd, device=q.device)
+    dmask = torch.zeros(mask.shape, dtype=cd, device=q.device) if need_mask_grad else None
+    dalibi = torch.zeros(alibi.shape, dtype=cd, device=q.device) if need_alibi_grad else None
+    delta = (dout.to(cd) * out.to(cd)).sum(-1)
+    for i0, i1, j0, j1 in _chunks(q, k, rules):
+        if j0 >= j1:
+            continue
+        c = _Chunk(q, k, mask, key_lengths, alibi, rules, i0, i1, j0, j1)
+        p = c.probs(lse[:, :, i0:i1])
+        do = c.per_kv_head(dout[:, :, i0:i1].to(cd))
+        vs = v[:, :, j0:j1].to(cd)
+        p_kept = p if c.keep is None else p * c.keep
+        dv[:, :, j0:j1] += c.per_kv_head(p_kept).transpose(-2, -1) @ do
+        dp = (do @ vs.transpose(-2, -1)).reshape(p.shape)
+        if c.keep is not None:
+            dp = dp * c.keep
+        ds = p * (dp - delta[:, :, i0:i1].unsqueeze(-1))  # gradient of the final (biased) score
+        if dmask is not None:
+            rows = slice(i0, i1) if mask.shape[2] != 1 else slice(None)
+            cols = slice(j0, j1) if mask.shape[3] != 1 else slice(None)
+            dmask[:, :, rows, cols] += _reduce_to(ds, mask.shape)
+        if dalibi is not None:
+            dalibi -= _reduce_to((ds * c.distance).sum((-2, -1)), alibi.shape)
+        if c.tanh is not None:
+            ds = ds * (1 - c.tanh * c.tanh)
+        ds = c.per_kv_head(ds) * rules.scale
+        dq[:, :, i0:i1] = (ds @ c.k).reshape(batch, hq, i1 - i0, -1)
+        dk[:, :, j0:j1] += ds.transpose(-2, -1) @ c.q
+    return (
+        dq.to(q.dtype),
+        dk.to(k.dtype),
+        dv.to(v.dtype),
+        None if dmask is None else dmask.to(mask.dtype),
+        None if dalibi is None else dalibi.to(alibi.dtype),
+    )

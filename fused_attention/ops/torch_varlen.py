@@ -1,0 +1,139 @@
+"""Custom ops for packed (varlen) attention in the ``torch`` backend.
+
+Each sequence of the pack is a canonical ``(1, H, len, D)`` view handed to the chunked math; the loop
+over sequences lives inside the op, so ``torch.compile`` sees one node and no data-dependent shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..kernels import chunked
+
+_SEQUENCE_SEED_STRIDE = 0xD1B54A32D192ED03
+
+
+def _sequences(cu_q: Tensor, cu_k: Tensor):
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(cq) - 1):
+        yield b, slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+
+
+def _as_dense(t: Tensor, rows: slice) -> Tensor:
+    """Packed ``(total, H, D)`` rows -> a ``(1, H, len, D)`` view."""
+    return t[rows].transpose(0, 1).unsqueeze(0)
+
+
+def _rules(b, window_left, window_right, softcap, scale, dropout_p, seed: Tensor | None) -> chunked.Rules:
+    base = int(seed.item()) if seed is not None else 0
+    return chunked.Rules(
+        causal=False,
+        window_left=window_left,
+        window_right=window_right,
+        softcap=softcap,
+        scale=scale,
+        dropout_p=dropout_p,
+        seed=(base + b * _SEQUENCE_SEED_STRIDE) % (1 << 63),
+    )
+
+
+def _slopes(alibi: Tensor | None, b: int) -> Tensor | None:
+    if alibi is None:
+        return None
+    return alibi if alibi.shape[0] == 1 else alibi[b : b + 1]
+
+
+@torch.library.custom_op("fused_attention::torch_varlen", mutates_args=())
+def torch_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    alibi: Tensor | None,
+    seed: Tensor | None,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    scale: float,
+    dropout_p: float,
+) -> tuple[Tensor, Tensor]:
+    """Packed attention: ``out (total_q, H, Dv)``, ``lse (H, total_q)``; windows are bottom-right per sequence."""
+    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=chunked.compute_dtype(q.dtype))
+    for b, rows, cols in _sequences(cu_seqlens_q, cu_seqlens_k):
+        rules = _rules(b, window_left, window_right, softcap, scale, dropout_p, seed)
+        o, s = chunked.attention_forward(
+            _as_dense(q, rows), _as_dense(k, cols), _as_dense(v, cols), None, None, _slopes(alibi, b), rules
+        )
+        out[rows] = o[0].transpose(0, 1)
+        lse[:, rows] = s[0]
+    return out, lse
+
+
+@torch_varlen.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi, seed, window_left, window_right, softcap, scale, dropout_p):
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+    return out, q.new_empty(q.shape[1], q.shape[0], dtype=chunked.compute_dtype(q.dtype))
+
+
+@torch.library.custom_op("fused_attention::torch_varlen_backward", mutates_args=())
+def torch_varlen_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    alibi: Tensor | None,
+    seed: Tensor | None,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    scale: float,
+    dropout_p: float,
+    need_alibi_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv, dalibi)``; dalibi is empty unless asked for."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dalibi = torch.zeros_like(alibi) if need_alibi_grad else q.new_empty(0)
+    for b, rows, cols in _sequences(cu_seqlens_q, cu_seqlens_k):
+        rules = _rules(b, window_left, window_right, softcap, scale, dropout_p, seed)
+        slopes = _slopes(alibi, b)
+        grads = chunked.attention_backward(
+            _as_dense(dout, rows), _as_dense(q, rows), _as_dense(k, cols), _as_dense(v, cols),
+            _as_dense(out, rows), lse[:, rows].unsqueeze(0), None, None, slopes, rules, False, need_alibi_grad,
+        )
+        for grad, target, index in ((grads[0], dq, rows), (grads[1], dk, cols), (grads[2], dv, cols)):
+            target[index] = grad[0].transpose(0, 1)
+        if need_alibi_grad:
+            dalibi[b if alibi.shape[0] > 1 else 0] += grads[4][0]
+    return dq, dk, dv, dalibi
+
+
+@torch_varlen_backward.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi, seed, window_left, window_right, softcap,
+      scale, dropout_p, need_alibi_grad):
+    dalibi = torch.empty_like(alibi) if need_alibi_grad else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dalibi
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, alibi, seed, *options = inputs
+    ctx.options = options
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k, alibi, seed)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_q, cu_k, alibi, seed = ctx.saved_tensors
+    need_alibi_grad = alibi is not None and ctx.needs_input_grad[5]
+    dq, dk, dv, dalibi = torch_varlen_backward(
+        dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, alibi, seed, *ctx.options, need_alibi_grad
+    )
+    return dq, dk, dv, None, None, dalibi if need_alibi_grad else None, None, None, None, None, None, None
+
+
+torch_varlen.register_autograd(_backward, setup_context=_setup_context)
