@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.nn.attention.bias import CausalBias
 
 from .backends import select
 from .inputs import canonicalize, canonicalize_varlen
@@ -18,13 +19,14 @@ def _autocast(*tensors: Any) -> list[Any]:
     if not isinstance(first, torch.Tensor):
         return list(tensors)
     device_type = first.device.type
-    if not torch.is_autocast_enabled(device_type):
+    # is_autocast_enabled raises for device types without autocast (meta): those are never autocast.
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return list(tensors)
     dtype = torch.get_autocast_dtype(device_type)
     return [
         t.to(dtype)
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
-        and t.device.type == device_type
+        if isinstance(t, torch.Tensor) and not isinstance(t, CausalBias) and t.is_floating_point()
+        and t.dtype != torch.float64 and t.device.type == device_type
         else t
         for t in tensors
     ]

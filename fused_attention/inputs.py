@@ -244,7 +244,7 @@ def _flatten_batch(t: torch.Tensor, batch_shape: tuple[int, ...]) -> torch.Tenso
     tail = tuple(t.shape[-3:])
     if all(d == 1 for d in t.shape[:-3]):
         return t.reshape(1, *tail)
-    return t.expand(*batch_shape, *tail).reshape(-1, *tail)
+    return t.expand(*batch_shape, *tail).reshape(math.prod(batch_shape), *tail)
 
 
 def _canonical_mask(

@@ -107,7 +107,7 @@ def reference_attention(
         # (B,) lengths apply to the batch dim: dim 0 of 3-D inputs, dim -4 otherwise.
         lengths = key_lengths.reshape(-1, *([1] * (2 if query.dim() == 3 else 3)))
         vis = vis & (j < lengths)
-    if isinstance(attn_mask, torch.Tensor):
+    if isinstance(attn_mask, torch.Tensor) and causal_bias is None:  # CausalBias is a Tensor subclass
         if attn_mask.dtype == torch.bool:
             vis = vis & attn_mask
         else:

@@ -1,7 +1,7 @@
 """The ``torch`` backend: pure PyTorch, every feature, any device and dtype torch supports.
 
-Calls torch's own fused SDPA for the cases torch serves natively with a fused kernel (faster there, and
-just as lean); everything else runs the query-chunked custom op, whose memory is O(chunk x S).
+For inference calls that torch serves natively with a fused kernel it calls torch's own SDPA (faster
+there, and just as lean); everything else runs the query-chunked custom op, whose memory is O(chunk x S).
 """
 
 from __future__ import annotations
@@ -19,6 +19,11 @@ _NATIVE_FEATURES = frozenset({"causal", "bool_mask", "float_mask", "gqa", "value
 _SDPA_MATH = 0  # torch's SDPBackend.MATH: torch would materialize L x S, so the chunked op is leaner
 
 
+def _requires_grad(inputs: AttentionInputs) -> bool:
+    tensors = (inputs.query, inputs.key, inputs.value, inputs.attn_mask)
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def draw_seed(inputs: AttentionInputs | VarlenInputs) -> torch.Tensor | None:
     """A dropout seed from torch's default CPU generator, so ``torch.manual_seed`` reproduces it."""
     if inputs.dropout_p == 0:
@@ -27,11 +32,13 @@ def draw_seed(inputs: AttentionInputs | VarlenInputs) -> torch.Tensor | None:
 
 
 def _torch_serves_fused(inputs: AttentionInputs) -> bool:
-    if not inputs.features <= _NATIVE_FEATURES or torch.compiler.is_compiling():
+    """Inference calls that torch runs with a fused kernel. Training stays on the chunked op, whose
+    backward rounds as the softmax formula does (torch's fused backwards round differently)."""
+    if not inputs.features <= _NATIVE_FEATURES or torch.compiler.is_compiling() or _requires_grad(inputs):
         return False
     try:
         choice = torch._fused_sdp_choice(
-            inputs.query, inputs.key, inputs.value, inputs.attn_mask, 0.0, inputs.causal, inputs.scale,
+            inputs.query, inputs.key, inputs.value, inputs.attn_mask, 0.0, inputs.causal, scale=inputs.scale,
             enable_gqa="gqa" in inputs.features,
         )
     except (RuntimeError, TypeError, AttributeError):

@@ -148,7 +148,7 @@ def attention_forward(q, k, v, mask, key_lengths, alibi, rules: Rules) -> tuple[
         if c.keep is not None:
             p = p * c.keep
         o = c.per_kv_head(p) @ v[:, :, j0:j1].to(cd)
-        out[:, :, i0:i1] = o.reshape(batch, hq, i1 - i0, -1)
+        out[:, :, i0:i1] = o.reshape(batch, hq, i1 - i0, v.shape[-1])
         lse[:, :, i0:i1] = chunk_lse
     return out, lse
 
@@ -160,7 +160,7 @@ def _reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def attention_backward(
-    dout, q, k, v, out, lse, mask, key_lengths, alibi, rules: Rules, need_mask_grad: bool, need_alibi_grad: bool
+    dout, q, k, v, lse, mask, key_lengths, alibi, rules: Rules, need_mask_grad: bool, need_alibi_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients ``(dq, dk, dv, dmask, dalibi)``; dmask/dalibi are None unless asked for."""
     batch, hq, seq_q, _ = q.shape
@@ -170,7 +170,6 @@ def attention_backward(
     dv = torch.zeros(v.shape, dtype=cd, device=q.device)
     dmask = torch.zeros(mask.shape, dtype=cd, device=q.device) if need_mask_grad else None
     dalibi = torch.zeros(alibi.shape, dtype=cd, device=q.device) if need_alibi_grad else None
-    delta = (dout.to(cd) * out.to(cd)).sum(-1)
     for i0, i1, j0, j1 in _chunks(q, k, rules):
         if j0 >= j1:
             continue
@@ -181,9 +180,12 @@ def attention_backward(
         p_kept = p if c.keep is None else p * c.keep
         dv[:, :, j0:j1] += c.per_kv_head(p_kept).transpose(-2, -1) @ do
         dp = (do @ vs.transpose(-2, -1)).reshape(p.shape)
+        # delta = rowsum(dout * out) in exact arithmetic; summing p * dp over the row (which the chunk
+        # holds whole) is what the softmax backward rounds, so gradients that vanish exactly stay 0.
+        delta = (p_kept * dp).sum(-1, keepdim=True)
         if c.keep is not None:
             dp = dp * c.keep
-        ds = p * (dp - delta[:, :, i0:i1].unsqueeze(-1))  # gradient of the final (biased) score
+        ds = p * (dp - delta)  # gradient of the final (biased) score
         if dmask is not None:
             rows = slice(i0, i1) if mask.shape[2] != 1 else slice(None)
             cols = slice(j0, j1) if mask.shape[3] != 1 else slice(None)
@@ -193,7 +195,7 @@ def attention_backward(
         if c.tanh is not None:
             ds = ds * (1 - c.tanh * c.tanh)
         ds = c.per_kv_head(ds) * rules.scale
-        dq[:, :, i0:i1] = (ds @ c.k).reshape(batch, hq, i1 - i0, -1)
+        dq[:, :, i0:i1] = (ds @ c.k).reshape(batch, hq, i1 - i0, q.shape[-1])
         dk[:, :, j0:j1] += ds.transpose(-2, -1) @ c.q
     return (
         dq.to(q.dtype),

@@ -58,7 +58,6 @@ def torch_attention_backward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    out: Tensor,
     lse: Tensor,
     mask: Tensor | None,
     key_lengths: Tensor | None,
@@ -76,7 +75,7 @@ def torch_attention_backward(
     """``(dq, dk, dv, dmask, dalibi)``; dmask/dalibi are empty tensors unless asked for."""
     rules = _rules(causal, window_left, window_right, softcap, scale, dropout_p, seed)
     dq, dk, dv, dmask, dalibi = chunked.attention_backward(
-        dout, q, k, v, out, lse, mask, key_lengths, alibi, rules, need_mask_grad, need_alibi_grad
+        dout, q, k, v, lse, mask, key_lengths, alibi, rules, need_mask_grad, need_alibi_grad
     )
     return dq, dk, dv, _or_empty(dmask, q), _or_empty(dalibi, q)
 
@@ -86,7 +85,7 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
 
 
 @torch_attention_backward.register_fake
-def _(dout, q, k, v, out, lse, mask, key_lengths, alibi, seed, causal, window_left, window_right, softcap, scale,
+def _(dout, q, k, v, lse, mask, key_lengths, alibi, seed, causal, window_left, window_right, softcap, scale,
       dropout_p, need_mask_grad, need_alibi_grad):
     dmask = torch.empty_like(mask) if need_mask_grad else q.new_empty(0)
     dalibi = torch.empty_like(alibi) if need_alibi_grad else q.new_empty(0)
@@ -99,15 +98,15 @@ _NON_TENSOR_ARGS = ("causal", "window_left", "window_right", "softcap", "scale",
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, key_lengths, alibi, seed, *options = inputs
     ctx.options = options
-    ctx.save_for_backward(q, k, v, output[0], output[1], mask, key_lengths, alibi, seed)
+    ctx.save_for_backward(q, k, v, output[1], mask, key_lengths, alibi, seed)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, mask, key_lengths, alibi, seed = ctx.saved_tensors
+    q, k, v, lse, mask, key_lengths, alibi, seed = ctx.saved_tensors
     need_mask_grad = mask is not None and ctx.needs_input_grad[3]
     need_alibi_grad = alibi is not None and ctx.needs_input_grad[5]
     dq, dk, dv, dmask, dalibi = torch_attention_backward(
-        dout.contiguous(), q, k, v, out, lse, mask, key_lengths, alibi, seed, *ctx.options,
+        dout.contiguous(), q, k, v, lse, mask, key_lengths, alibi, seed, *ctx.options,
         need_mask_grad, need_alibi_grad,
     )
     return (

@@ -1,0 +1,290 @@
+"""Every backend against the float64 reference: features, their pairs and named triples, dtypes, shapes."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import check_attention, rand
+from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+
+import fused_attention
+
+B, HQ, L, S, E = 2, 4, 37, 53, 40
+
+
+def _inputs(features, dtype=torch.float32, batch=B, hq=HQ, seq_q=L, seq_k=S, head_dim=E):
+    hkv = hq // 2 if "gqa" in features else hq
+    ev = 24 if "value_head_dim" in features else head_dim
+    q = rand(batch, hq, seq_q, head_dim, dtype=dtype, requires_grad=True)
+    k = rand(batch, hkv, seq_k, head_dim, dtype=dtype, requires_grad=True)
+    v = rand(batch, hkv, seq_k, ev, dtype=dtype, requires_grad=True)
+    kwargs: dict = {}
+    if "gqa" in features:
+        kwargs["enable_gqa"] = True
+    if "causal" in features:
+        kwargs["is_causal"] = True
+    if "causal_lower_right" in features:
+        kwargs["attn_mask"] = causal_lower_right(seq_q, seq_k)
+    if "window" in features:
+        kwargs["window_size"] = (7, 3)
+    if "alibi" in features:
+        kwargs["alibi_slopes"] = torch.rand(hq) + 0.05
+    if "softcap" in features:
+        kwargs["softcap"] = 2.0
+    if "key_lengths" in features:
+        kwargs["key_lengths"] = torch.tensor([seq_k - 10, 5][:batch])
+    if "bool_mask" in features:
+        kwargs["attn_mask"] = torch.rand(batch, 1, seq_q, seq_k) > 0.3  # broadcast over heads
+    if "float_mask" in features:
+        kwargs["attn_mask"] = rand(1, hq, seq_q, seq_k, dtype=dtype, requires_grad=True)
+    if "scale" in features:
+        kwargs["scale"] = 0.3
+    return q, k, v, kwargs
+
+
+FEATURES = [
+    "causal", "causal_lower_right", "window", "alibi", "softcap", "key_lengths", "bool_mask", "float_mask",
+    "gqa", "value_head_dim", "scale",
+]
+_MASKS = {"causal", "causal_lower_right", "bool_mask", "float_mask"}  # at most one: torch's rule
+PAIRS = [p for p in itertools.combinations(FEATURES, 2) if len(_MASKS & set(p)) < 2]
+TRIPLES = [
+    ("causal", "window", "alibi"),
+    ("softcap", "alibi", "float_mask"),
+    ("gqa", "key_lengths", "window"),
+    ("causal_lower_right", "alibi", "softcap"),
+    ("gqa", "bool_mask", "value_head_dim"),
+    ("window", "key_lengths", "float_mask"),
+    ("gqa", "softcap", "causal"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("feature", ["plain", *FEATURES])
+def test_single_feature(backend, feature, dtype):
+    torch.manual_seed(0)
+    q, k, v, kwargs = _inputs({feature}, dtype)
+    check_attention(backend, q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("features", PAIRS + TRIPLES, ids="+".join)
+def test_feature_combinations(backend, features):
+    torch.manual_seed(1)
+    q, k, v, kwargs = _inputs(set(features))
+    check_attention(backend, q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "seq_q,seq_k,head_dim",
+    [(1, 1, 8), (1, 97, 72), (97, 1, 80), (97, 61, 40), (61, 97, 40), (1025, 33, 16), (33, 1025, 16)],
+)
+@pytest.mark.parametrize("features", [(), ("causal",), ("window", "alibi"), ("key_lengths", "softcap")], ids=str)
+def test_odd_sizes(backend, seq_q, seq_k, head_dim, features):
+    torch.manual_seed(2)
+    q, k, v, kwargs = _inputs(set(features), seq_q=seq_q, seq_k=seq_k, head_dim=head_dim, hq=2)
+    if "key_lengths" in kwargs:
+        kwargs["key_lengths"] = torch.tensor([seq_k, seq_k // 2])
+    check_attention(backend, q, k, v, **kwargs)
+
+
+def test_alibi_twelve_heads_per_batch_slopes(backend):
+    torch.manual_seed(3)
+    q, k, v, kwargs = _inputs({"alibi", "causal"}, hq=12)
+    kwargs["alibi_slopes"] = torch.rand(B, 12)
+    check_attention(backend, q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("hkv", [1, 2])
+def test_gqa_and_mqa(backend, hkv):
+    torch.manual_seed(4)
+    q = rand(B, 6, L, E, requires_grad=True)
+    k = rand(B, hkv, S, E, requires_grad=True)
+    v = rand(B, hkv, S, E, requires_grad=True)
+    check_attention(backend, q, k, v, enable_gqa=True, is_causal=True)
+
+
+def test_three_dim_inputs(backend):
+    torch.manual_seed(5)
+    q, k, v = rand(3, L, E, requires_grad=True), rand(3, S, E, requires_grad=True), rand(3, S, E, requires_grad=True)
+    check_attention(backend, q, k, v, attn_mask=rand(3, L, S))
+    check_attention(backend, q, k, v, key_lengths=torch.tensor([S, 3, 0]))
+
+
+def test_extra_batch_dims_and_broadcast(backend):
+    torch.manual_seed(6)
+    q = rand(2, 3, HQ, L, E, requires_grad=True)
+    k = rand(1, 3, HQ, S, E, requires_grad=True)  # batch broadcast
+    v = rand(2, 1, HQ, S, E, requires_grad=True)
+    mask = rand(3, 1, L, S, requires_grad=True)  # broadcast over the leading batch and the heads
+    check_attention(backend, q, k, v, attn_mask=mask)
+
+
+def test_head_broadcast_without_gqa(backend):
+    torch.manual_seed(7)
+    q = rand(B, HQ, L, E, requires_grad=True)
+    k, v = rand(B, 1, S, E, requires_grad=True), rand(B, 1, S, E, requires_grad=True)
+    check_attention(backend, q, k, v)
+
+
+@pytest.mark.parametrize("mask_shape", [(S,), (L, 1), (1, S), (B, 1, 1, S), (HQ, L, S), (B, HQ, L, S)], ids=str)
+def test_broadcast_float_mask_gradient(backend, mask_shape):
+    torch.manual_seed(8)
+    q, k, v, _ = _inputs(set())
+    mask = rand(*mask_shape, requires_grad=True)
+    check_attention(backend, q, k, v, attn_mask=mask)
+
+
+def test_non_contiguous_inputs(backend):
+    torch.manual_seed(9)
+    # (B, L, H, D) storage seen as (B, H, L, D), as after a projection and a view
+    q = rand(B, L, HQ, E).transpose(1, 2).requires_grad_()
+    k = rand(B, S, HQ, 2 * E)[..., ::2].transpose(1, 2).requires_grad_()
+    v = rand(B, S, HQ, E).transpose(1, 2).requires_grad_()
+    mask = rand(S, L).t()
+    check_attention(backend, q, k, v, attn_mask=mask, alibi_slopes=torch.rand(HQ))
+
+
+@pytest.mark.parametrize(
+    "kwargs,expected",
+    [
+        ({"is_causal": True}, [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]),
+        ({"attn_mask": causal_lower_right(2, 5)}, [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]),
+        ({"attn_mask": causal_upper_left(2, 5)}, [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]),
+        ({"window_size": (1, 0)}, [[0, 0, 1, 1, 0], [0, 0, 0, 1, 1]]),
+        ({"is_causal": True, "window_size": (1, 0)}, [[0, 0, 0, 0, 0], [0, 0, 0, 0, 0]]),
+        ({"key_lengths": torch.tensor([3])}, [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]),
+    ],
+)
+def test_worked_mask_examples(backend, kwargs, expected):
+    """The issue's worked example, L=2, S=5: with value = identity the output row is the softmax row."""
+    q, k = torch.randn(1, 1, 2, 4, dtype=torch.float64), torch.randn(1, 1, 5, 4, dtype=torch.float64)
+    v = torch.eye(5, dtype=torch.float64).reshape(1, 1, 5, 5)
+    out = fused_attention.scaled_dot_product_attention(q, k, v, backend=backend, **kwargs)
+    assert torch.equal((out[0, 0] > 0).int(), torch.tensor(expected, dtype=torch.int32))
+    check_attention(backend, q.requires_grad_(), k.requires_grad_(), v, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fully_masked_rows_are_zero_with_finite_gradients(backend, dtype):
+    torch.manual_seed(10)
+    q, k, v, _ = _inputs(set(), dtype)
+    mask = torch.ones(B, 1, L, S, dtype=torch.bool)
+    mask[:, :, ::3] = False  # every third query row sees nothing
+    float_mask = torch.zeros(L, S, dtype=dtype).masked_fill(~mask[0, 0], float("-inf")).requires_grad_()
+    for kwargs in ({"attn_mask": mask}, {"attn_mask": float_mask}, {"key_lengths": torch.tensor([0, 4])},
+                   {"window_size": (0, 0), "key_lengths": torch.tensor([S, 0])}):
+        out, lse = fused_attention.scaled_dot_product_attention(q, k, v, return_lse=True, backend=backend, **kwargs)
+        leaves = [q, k, v] + ([kwargs["attn_mask"]] if kwargs.get("attn_mask") is float_mask else [])
+        grads = torch.autograd.grad(out.sum(), leaves)
+        assert all(torch.isfinite(g).all() for g in grads)
+        assert torch.isfinite(out).all()
+        if "attn_mask" in kwargs:
+            assert (out[:, :, ::3] == 0).all() and (lse[:, :, ::3] == float("-inf")).all()
+            assert (grads[0][:, :, ::3] == 0).all()
+        check_attention(backend, q, k, v, **kwargs)
+
+
+def test_inputs_not_mutated(backend):
+    torch.manual_seed(11)
+    q, k, v, kwargs = _inputs({"alibi", "float_mask", "key_lengths", "window"})
+    before = [t.detach().clone() for t in (q, k, v, kwargs["attn_mask"], kwargs["alibi_slopes"], kwargs["key_lengths"])]
+    out = fused_attention.scaled_dot_product_attention(q, k, v, backend=backend, **kwargs)
+    out.sum().backward()
+    after = (q, k, v, kwargs["attn_mask"], kwargs["alibi_slopes"], kwargs["key_lengths"])
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, after))
+
+
+def test_alibi_slopes_gradient(backend):
+    torch.manual_seed(12)
+    q, k, v, _ = _inputs(set(), torch.float64)
+    slopes = torch.rand(HQ, requires_grad=True)
+
+    def f(s):
+        return fused_attention.scaled_dot_product_attention(q, k, v, alibi_slopes=s, backend=backend)
+
+    from fused_attention.reference import reference_attention
+
+    (g,) = torch.autograd.grad(f(slopes).sum(), slopes)
+    slopes64 = slopes.detach().double().requires_grad_()
+    (g64,) = torch.autograd.grad(reference_attention(q, k, v, alibi_slopes=slopes64)[0].sum(), slopes64)
+    torch.testing.assert_close(g.double(), g64, rtol=1e-5, atol=1e-6)
+
+
+def test_gradcheck_float64_all_extensions(backend):
+    torch.manual_seed(13)
+    q = rand(1, 2, 7, 8, dtype=torch.float64, requires_grad=True)
+    k = rand(1, 1, 9, 8, dtype=torch.float64, requires_grad=True)
+    v = rand(1, 1, 9, 6, dtype=torch.float64, requires_grad=True)
+    mask = rand(2, 7, 9, dtype=torch.float64, requires_grad=True)
+    slopes = torch.rand(2)
+
+    def f(q, k, v, mask):
+        return fused_attention.scaled_dot_product_attention(
+            q, k, v, mask, enable_gqa=True, window_size=(4, 1), alibi_slopes=slopes, softcap=1.5,
+            key_lengths=torch.tensor([8]), backend=backend,
+        )
+
+    assert torch.autograd.gradcheck(f, (q, k, v, mask))
+
+
+def test_gradcheck_float64_dropout(backend):
+    """Reseeding before each call fixes the dropout mask, so gradcheck proves the backward regenerates
+    exactly the mask the forward used."""
+    torch.manual_seed(14)
+    q, k, v = (rand(1, 2, 6, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+
+    def f(q, k, v):
+        torch.manual_seed(123)
+        return fused_attention.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def _dropout_keep_mask(backend, q, k, p, **kwargs):
+    """Recovers the keep-mask by attending to identity values: output row i is the dropped softmax row."""
+    eye = torch.eye(k.shape[-2], dtype=q.dtype).expand(*k.shape[:-1], k.shape[-2])
+    torch.manual_seed(77)
+    out = fused_attention.scaled_dot_product_attention(q, k, eye, dropout_p=p, backend=backend, **kwargs)
+    return out != 0
+
+
+@pytest.mark.parametrize("features", [(), ("alibi", "window"), ("gqa", "causal")], ids=str)
+def test_dropout_matches_reference_with_the_same_mask(backend, features):
+    torch.manual_seed(15)
+    q, k, v, kwargs = _inputs(set(features))
+    p = 0.25
+    keep = _dropout_keep_mask(backend, q.detach(), k.detach(), p, **kwargs)
+    rate = keep.sum() / keep.numel()
+    if not features:
+        assert abs(rate.item() - (1 - p)) < 0.02
+    torch.manual_seed(77)
+    out = fused_attention.scaled_dot_product_attention(q, k, v, dropout_p=p, backend=backend, **kwargs)
+    from fused_attention.reference import reference_attention
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = reference_attention(q64, k64, v64, dropout_p=p, dropout_mask=keep, **kwargs)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, (q, k, v), g.float())
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_reproducible_with_manual_seed(backend):
+    q, k, v, _ = _inputs({"alibi"})
+    outs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        outs.append(fused_attention.scaled_dot_product_attention(q, k, v, dropout_p=0.5, backend=backend))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
+def test_autocast_matches_torch(backend):
+    q, k, v, _ = _inputs(set())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = fused_attention.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(L, S), backend=backend)
+        theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(L, S))
+    assert ours.dtype == theirs.dtype == torch.bfloat16
