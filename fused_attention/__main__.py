@@ -7,9 +7,13 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fused_attention", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m fused_attention", description="fused_attention: backend report and self-test"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{info,check}")
-    commands.add_parser("info", help="versions, the compiled extension, and which backends are available and why not")
+    commands.add_parser(
+        "info", help="versions, the compiled extension, and which backends are available and why not"
+    )
     commands.add_parser(
         "check",
         help="self-test every available backend against the float64 reference (exit code 1 on a failure)",

@@ -30,13 +30,13 @@ def load_extension() -> ExtensionStatus:
         from . import _C
     except (ImportError, OSError) as exc:
         return ExtensionStatus(False, f"compiled extension fused_attention._C not built: {exc}", False)
-    except Exception as exc:  # a broken build must not break `import fused_attention`
+    except Exception as exc:  # noqa: BLE001 - a broken build must not break `import fused_attention`
         return ExtensionStatus(
             False, f"compiled extension fused_attention._C failed to load: {type(exc).__name__}: {exc}", False
         )
     try:
         _register_python_rules()
-    except Exception as exc:  # e.g. a stale _C built from other schemas
+    except Exception as exc:  # noqa: BLE001 - e.g. a stale _C built from other schemas
         return ExtensionStatus(
             False, f"fused_attention._C loaded but its ops could not be registered: {exc}", False
         )

@@ -71,7 +71,9 @@ def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
 
-def _qkv(gen: torch.Generator, b: int, hq: int, hkv: int, seq_q: int, seq_k: int, d: int, dv: int | None = None):
+def _qkv(
+    gen: torch.Generator, b: int, hq: int, hkv: int, seq_q: int, seq_k: int, d: int, dv: int | None = None
+):
     return {
         "query": _randn(gen, b, hq, seq_q, d),
         "key": _randn(gen, b, hkv, seq_k, d),
@@ -101,7 +103,9 @@ def cases(seed: int = 0) -> list[Case]:
         Case("gqa", _qkv(gen, 2, 6, 2, 33, 47, 32), qkv, options={"enable_gqa": True}),
         Case("bool_mask", {**_qkv(gen, 2, 3, 3, 33, 47, 32), "attn_mask": bool_mask}, qkv),
         Case(
-            "float_mask+grad", {**_qkv(gen, 2, 3, 3, 33, 47, 32), "attn_mask": float_mask}, (*qkv, "attn_mask")
+            "float_mask+grad",
+            {**_qkv(gen, 2, 3, 3, 33, 47, 32), "attn_mask": float_mask},
+            (*qkv, "attn_mask"),
         ),
         Case("window", _qkv(gen, 2, 3, 3, 40, 56, 32), qkv, options={"window_size": (9, 4)}),
         Case("alibi", _qkv(gen, 1, 12, 12, 24, 40, 16), qkv, others={"alibi_slopes": alibi_slopes(12)}),
@@ -112,20 +116,30 @@ def cases(seed: int = 0) -> list[Case]:
             qkv,
             others={"key_lengths": torch.tensor([29, 0, 37], dtype=torch.int32)},
         ),
-        Case("return_lse", _qkv(gen, 2, 3, 3, 45, 31, 32), qkv, options={"is_causal": True, "return_lse": True}),
+        Case(
+            "return_lse", _qkv(gen, 2, 3, 3, 45, 31, 32), qkv, options={"is_causal": True, "return_lse": True}
+        ),
         Case(
             "combined",  # causal + window + alibi + softcap + key_lengths + GQA
             _qkv(gen, 2, 4, 2, 41, 29, 24),
             qkv,
             others={"alibi_slopes": alibi_slopes(4), "key_lengths": torch.tensor([29, 17])},
             options={
-                "is_causal": True, "window_size": (12, -1), "softcap": 3.0, "enable_gqa": True, "return_lse": True,
+                "is_causal": True,
+                "window_size": (12, -1),
+                "softcap": 3.0,
+                "enable_gqa": True,
+                "return_lse": True,
             },
         ),
         Case("odd_sizes", _qkv(gen, 1, 2, 2, 97, 61, 40, 24), qkv),
         Case(
             "varlen",
-            {"q": _randn(gen, total_q, 4, 32), "k": _randn(gen, total_k, 2, 32), "v": _randn(gen, total_k, 2, 32)},
+            {
+                "q": _randn(gen, total_q, 4, 32),
+                "k": _randn(gen, total_k, 2, 32),
+                "v": _randn(gen, total_k, 2, 32),
+            },
             ("q", "k", "v"),
             others={
                 "cu_seqlens_q": torch.tensor([0, 5, 38, 38, 61], dtype=torch.int32),
@@ -159,7 +173,6 @@ def _call(case: Case, tensors: dict[str, torch.Tensor], backend: str | None) -> 
 def _reference(case: Case, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     options = {k: v for k, v in case.options.items() if k in _REFERENCE_OPTIONS}
     if case.varlen:
-        options.pop("enable_gqa", None)
         args = [tensors[n] for n in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k")]
         return reference_varlen_attention(*args, alibi_slopes=tensors.get("alibi_slopes"), **options)
     extra = {n: t for n, t in tensors.items() if n not in ("query", "key", "value")}
@@ -237,7 +250,12 @@ def _worst(checks: list[tuple[bool, float, float]]) -> tuple[bool, tuple[float, 
 
 
 def _check_one(
-    backend: Backend, case: Case, dtype: torch.dtype, device: str, refs: dict[str, Results], dout: torch.Tensor
+    backend: Backend,
+    case: Case,
+    dtype: torch.dtype,
+    device: str,
+    refs: dict[str, Results],
+    dout: torch.Tensor,
 ) -> Row:
     row = Row(backend.name, device, case.name, str(dtype).removeprefix("torch."), "SKIP")
     reasons = _reasons(backend, case, dtype, device)
@@ -320,7 +338,9 @@ def run_check(print_fn: Callable[[str], None] = print) -> bool:
     rows: list[Row] = []
     gen = torch.Generator().manual_seed(1)
     for case in cases():
-        shape = _run(case, _reference, torch.float64, "cpu", torch.zeros(0), with_grads=False).outputs[0].shape
+        shape = (
+            _run(case, _reference, torch.float64, "cpu", torch.zeros(0), with_grads=False).outputs[0].shape
+        )
         dout = torch.randn(shape, generator=gen, dtype=torch.float64)  # one upstream gradient per case
         ref64 = _run(case, _reference, torch.float64, "cpu", dout)
         for dtype in DTYPES:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.nn.attention.bias import CausalBias
 
 from .backends import select
 from .inputs import canonicalize, canonicalize_varlen
@@ -22,6 +21,8 @@ def _autocast(*tensors: Any) -> list[Any]:
     # is_autocast_enabled raises for device types without autocast (meta): those are never autocast.
     if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return list(tensors)
+    from torch.nn.attention.bias import CausalBias  # lazy: it imports torch._dynamo (seconds)
+
     dtype = torch.get_autocast_dtype(device_type)
     return [
         t.to(dtype)

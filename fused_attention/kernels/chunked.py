@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 # Elements of one (B, H, chunk, S) score block: a handful of these blocks is the working set.
-_CHUNK_ELEMENTS = 1 << 21
+_CHUNK_ELEMENTS = 1 << 18
 _MIN_CHUNK = 16
 _GOLDEN = 0x9E3779B97F4A7C15
 
@@ -68,21 +68,22 @@ class _Chunk:
         self.rows, self.cols, self.groups = i1 - i0, j1 - j0, hq // hkv
         self.q = q[:, :, i0:i1].to(cd).reshape(batch, hkv, self.groups * self.rows, head_dim)
         self.k = k[:, :, j0:j1].to(cd)
-        scores = self._per_query_head(self.q @ self.k.transpose(-2, -1)) * rules.scale
+        # In-place updates throughout: the working set is a few (B, H, rows, cols) blocks, not dozens.
+        scores = self._per_query_head(self.q @ self.k.transpose(-2, -1)).mul_(rules.scale)
         self.tanh = None
         if rules.softcap > 0:
-            self.tanh = torch.tanh(scores / rules.softcap)
-            scores = rules.softcap * self.tanh
+            self.tanh = scores.div_(rules.softcap).tanh_()
+            scores = self.tanh * rules.softcap
         i = torch.arange(i0, i1, device=q.device).unsqueeze(1)
         j = torch.arange(j0, j1, device=q.device).unsqueeze(0)
         pos = i + seq_k - seq_q
         self.distance = None
         if alibi is not None:
             self.distance = (pos - j).abs().to(cd)
-            scores = scores - alibi.to(cd)[:, :, None, None] * self.distance
+            scores.sub_(alibi.to(cd)[:, :, None, None] * self.distance)
         self.mask = None if mask is None else _mask_block(mask, i0, i1, j0, j1)
         if self.mask is not None and self.mask.dtype != torch.bool:
-            scores = scores + self.mask.to(cd)
+            scores.add_(self.mask.to(cd))
         visible = torch.ones_like(pos.expand(-1, self.cols), dtype=torch.bool)
         if rules.causal:
             visible &= j <= i
@@ -94,7 +95,7 @@ class _Chunk:
             visible = visible & (j < key_lengths.reshape(-1, 1, 1, 1))
         if self.mask is not None and self.mask.dtype == torch.bool:
             visible = visible & self.mask
-        self.scores = scores.masked_fill(~visible, float("-inf"))
+        self.scores = scores.masked_fill_(~visible, float("-inf"))
         self.keep = None
         if rules.dropout_p > 0:
             gen = torch.Generator(device=q.device)
@@ -112,10 +113,12 @@ class _Chunk:
         b, hq = t.shape[:2]
         return t.reshape(b, hq // self.groups, self.groups * self.rows, t.shape[-1])
 
-    def probs(self, lse: torch.Tensor) -> torch.Tensor:
-        """exp(s - lse); rows with lse = -inf (nothing visible) give 0, not NaN."""
+    def take_probs(self, lse: torch.Tensor) -> torch.Tensor:
+        """exp(s - lse), computed in place over the scores (which are gone afterwards); rows with
+        lse = -inf (nothing visible) give 0, not NaN."""
         safe = lse.masked_fill(lse == float("-inf"), float("inf"))
-        return torch.exp(self.scores - safe.unsqueeze(-1))
+        probs, self.scores = self.scores.sub_(safe.unsqueeze(-1)).exp_(), None
+        return probs
 
 
 def _mask_block(mask: torch.Tensor, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
@@ -144,9 +147,9 @@ def attention_forward(q, k, v, mask, key_lengths, alibi, rules: Rules) -> tuple[
             continue  # nothing visible: out stays 0 and lse -inf
         c = _Chunk(q, k, mask, key_lengths, alibi, rules, i0, i1, j0, j1)
         chunk_lse = torch.logsumexp(c.scores, dim=-1)
-        p = c.probs(chunk_lse)
+        p = c.take_probs(chunk_lse)
         if c.keep is not None:
-            p = p * c.keep
+            p.mul_(c.keep)
         o = c.per_kv_head(p) @ v[:, :, j0:j1].to(cd)
         out[:, :, i0:i1] = o.reshape(batch, hq, i1 - i0, v.shape[-1])
         lse[:, :, i0:i1] = chunk_lse
@@ -174,7 +177,7 @@ def attention_backward(
         if j0 >= j1:
             continue
         c = _Chunk(q, k, mask, key_lengths, alibi, rules, i0, i1, j0, j1)
-        p = c.probs(lse[:, :, i0:i1])
+        p = c.take_probs(lse[:, :, i0:i1])
         do = c.per_kv_head(dout[:, :, i0:i1].to(cd))
         vs = v[:, :, j0:j1].to(cd)
         p_kept = p if c.keep is None else p * c.keep
@@ -184,8 +187,8 @@ def attention_backward(
         # holds whole) is what the softmax backward rounds, so gradients that vanish exactly stay 0.
         delta = (p_kept * dp).sum(-1, keepdim=True)
         if c.keep is not None:
-            dp = dp * c.keep
-        ds = p * (dp - delta)  # gradient of the final (biased) score
+            dp.mul_(c.keep)
+        ds = dp.sub_(delta).mul_(p)  # gradient of the final (biased) score
         if dmask is not None:
             rows = slice(i0, i1) if mask.shape[2] != 1 else slice(None)
             cols = slice(j0, j1) if mask.shape[3] != 1 else slice(None)
@@ -193,8 +196,8 @@ def attention_backward(
         if dalibi is not None:
             dalibi -= _reduce_to((ds * c.distance).sum((-2, -1)), alibi.shape)
         if c.tanh is not None:
-            ds = ds * (1 - c.tanh * c.tanh)
-        ds = c.per_kv_head(ds) * rules.scale
+            ds.mul_(1 - c.tanh * c.tanh)
+        ds = c.per_kv_head(ds.mul_(rules.scale))
         dq[:, :, i0:i1] = (ds @ c.k).reshape(batch, hq, i1 - i0, q.shape[-1])
         dk[:, :, j0:j1] += ds.transpose(-2, -1) @ c.q
     return (
