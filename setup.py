@@ -80,7 +80,9 @@ def _build_cuda() -> bool:
     if skip and force:
         raise SystemExit("fused_attention: set at most one of FUSED_ATTENTION_SKIP/FORCE_CUDA_BUILD")
     if skip:
-        print("fused_attention: FUSED_ATTENTION_SKIP_CUDA_BUILD set; building C++ kernels only", file=sys.stderr)
+        print(
+            "fused_attention: FUSED_ATTENTION_SKIP_CUDA_BUILD set; building C++ kernels only", file=sys.stderr
+        )
         return False
     # A GPU is never required to compile, so "force" only turns a silent fallback into an error.
     problems = _cuda_build_problems()

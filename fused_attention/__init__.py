@@ -5,10 +5,10 @@ backend unavailable, with a reason (``python -m fused_attention info``).
 """
 
 from . import _extension
+from .diagnostics import info, support_table
 from .functional import scaled_dot_product_attention, varlen_attention
-from .info import info
 
 __version__ = "0.1.0"
-__all__ = ["info", "scaled_dot_product_attention", "varlen_attention", "__version__"]
+__all__ = ["__version__", "info", "scaled_dot_product_attention", "support_table", "varlen_attention"]
 
 _extension.load_extension()

@@ -17,6 +17,7 @@ Canonical dense form (all views, nothing is copied unless a stride pattern canno
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass, field
@@ -439,7 +440,7 @@ def _check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) -
     cu = _check_int_vector(name, cu, cu.numel(), device)
     if content_checks_enabled(cu):
         values = cu.tolist()
-        if values[0] != 0 or any(b < a for a, b in zip(values, values[1:])):
+        if values[0] != 0 or any(b < a for a, b in itertools.pairwise(values)):
             raise AttentionArgumentError(f"{name} must start at 0 and be non-decreasing, got {values}")
         if values[-1] != total:
             raise AttentionArgumentError(

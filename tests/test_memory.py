@@ -47,7 +47,8 @@ print(json.dumps({"growth": peak - base}))
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_forward_backward_peak_memory_is_linear(backend, kwargs):
     proc = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, backend, json.dumps(kwargs)], capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", _SCRIPT, backend, json.dumps(kwargs)], capture_output=True, text=True, timeout=600,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     growth = json.loads(proc.stdout.strip().splitlines()[-1])["growth"]

@@ -74,13 +74,16 @@ def test_reference_lse_and_fully_masked_row():
     assert torch.isfinite(g).all() and (g[0, 0, 1] == 0).all()
 
 
+def _as_int(t):
+    return t.int().tolist()
+
+
 def test_visibility_worked_example():
     """The issue's worked example, L=2, S=5."""
-    as_int = lambda t: t.int().tolist()  # noqa: E731
-    assert as_int(visibility(2, 5, is_causal=True)) == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]
-    assert as_int(visibility(2, 5, causal_lower_right=True)) == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
-    assert as_int(visibility(2, 5, window_size=(1, 0))) == [[0, 0, 1, 1, 0], [0, 0, 0, 1, 1]]
-    assert as_int(visibility(2, 5, is_causal=True, window_size=(1, 0))) == [[0] * 5, [0] * 5]
+    assert _as_int(visibility(2, 5, is_causal=True)) == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]
+    assert _as_int(visibility(2, 5, causal_lower_right=True)) == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert _as_int(visibility(2, 5, window_size=(1, 0))) == [[0, 0, 1, 1, 0], [0, 0, 0, 1, 1]]
+    assert _as_int(visibility(2, 5, is_causal=True, window_size=(1, 0))) == [[0] * 5, [0] * 5]
 
 
 def test_reference_extensions_by_hand():

@@ -166,7 +166,7 @@ def attention_backward(
     dout, q, k, v, lse, mask, key_lengths, alibi, rules: Rules, need_mask_grad: bool, need_alibi_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients ``(dq, dk, dv, dmask, dalibi)``; dmask/dalibi are None unless asked for."""
-    batch, hq, seq_q, _ = q.shape
+    batch, hq = q.shape[:2]
     cd = compute_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=cd, device=q.device)
     dk = torch.zeros(k.shape, dtype=cd, device=q.device)
