@@ -282,9 +282,18 @@ def test_dropout_reproducible_with_manual_seed(backend):
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
 
 
-def test_autocast_matches_torch(backend):
-    q, k, v, _ = _inputs(set())
+@pytest.mark.parametrize("features", [(), ("alibi",)], ids=str)
+def test_autocast_casts_as_torch_does(backend, features):
+    """Under autocast, q, k, v and a float32 mask are cast to the autocast dtype (as torch's SDPA casts
+    them), and the result equals the call on the cast inputs; gradients flow back in float32."""
+    q, k, v, kwargs = _inputs(set(features))
+    mask = rand(L, S)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = fused_attention.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(L, S), backend=backend)
-        theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(L, S))
+        ours = fused_attention.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend, **kwargs)
+        theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert ours.dtype == theirs.dtype == torch.bfloat16
+    cast = [t.detach().bfloat16().requires_grad_() for t in (q, k, v, mask)]  # the same (training) path
+    expected = fused_attention.scaled_dot_product_attention(*cast[:3], attn_mask=cast[3], backend=backend, **kwargs)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    grads = torch.autograd.grad(ours.float().sum(), (q, k, v))
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

@@ -12,6 +12,7 @@ Arithmetic is float32 (float64 for float64 inputs). No autograd here: the custom
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -175,6 +176,21 @@ def _chunks(q: torch.Tensor, k: torch.Tensor, rules: Rules):
         yield (i0, i1, *key_range(i0, i1, seq_q, seq_k, rules))
 
 
+def _no_autocast(fn):
+    """The math picks its own precision: an enclosing autocast must not recast its matmuls."""
+
+    @functools.wraps(fn)
+    def wrapper(first: torch.Tensor, *args, **kwargs):
+        device_type = first.device.type
+        if not torch.amp.is_autocast_available(device_type):
+            return fn(first, *args, **kwargs)
+        with torch.autocast(device_type, enabled=False):
+            return fn(first, *args, **kwargs)
+
+    return wrapper
+
+
+@_no_autocast
 def attention_forward(q, k, v, mask, key_lengths, alibi, rules: Rules) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``out (B, Hq, L, Ev)`` in q's dtype and ``lse (B, Hq, L)`` in the compute dtype."""
     batch, hq, seq_q, _ = q.shape
@@ -200,6 +216,7 @@ def _reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
+@_no_autocast
 def attention_backward(
     dout, q, k, v, lse, mask, key_lengths, alibi, rules: Rules, need_mask_grad: bool, need_alibi_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
