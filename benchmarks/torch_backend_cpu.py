@@ -1,7 +1,8 @@
 """The pure-PyTorch backend against torch's own SDPA on CPU: time (median) and peak RSS growth.
 
 torch expresses ALiBi and sliding windows only as dense (L x S) masks; our torch backend computes them
-per query chunk. Each measurement runs in a fresh subprocess so peak RSS is that call's own.
+per query chunk. Each row runs in a fresh subprocess, so its peak RSS growth (inputs, any dense mask,
+outputs, gradients and workspace) is that call's own. "fwd" is inference (no grad).
 
     python benchmarks/torch_backend_cpu.py [--seq 2048] [--heads 8] [--dim 64]
 """
@@ -24,52 +25,45 @@ from fused_attention.reference import visibility
 
 provider, case, mode, b, h, n, d = sys.argv[1:8]
 b, h, n, d = int(b), int(h), int(n), int(d)
-torch.manual_seed(0)
 grad = mode == "fwd+bwd"
-q, k, v = (torch.randn(b, h, n, d, requires_grad=grad) for _ in range(3))
-slopes = torch.rand(h)
 
-def call():
-    if provider == "fused_attention[torch]":
-        kw = {"is_causal": case == "causal"}
+def make_step(n):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=grad) for _ in range(3))
+    slopes = torch.rand(h)
+    kw, mask = {"is_causal": case == "causal"}, None
+    if provider == "torch":  # torch expresses ALiBi and windows only as dense (H, L, S) / (L, S) masks
         if case == "alibi":
-            kw["alibi_slopes"] = slopes
+            mask = -slopes[:, None, None] * (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs()
         if case == "window":
-            kw["window_size"] = (255, 0)
-        return fused_attention.scaled_dot_product_attention(q, k, v, backend="torch", **kw)
-    mask = None
-    if case == "alibi":  # torch needs the bias as a dense (H, L, S) float mask
-        dist = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs()
-        mask = -slopes[:, None, None] * dist
-    if case == "window":
-        mask = visibility(n, n, window_size=(255, 0))
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=case == "causal")
+            mask = visibility(n, n, window_size=(255, 0))
+    elif case == "alibi":
+        kw["alibi_slopes"] = slopes
+    elif case == "window":
+        kw["window_size"] = (255, 0)
 
-def step():
-    out = call()
-    if grad:
-        out.backward(torch.ones_like(out))
+    def step():
+        if provider == "torch":
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+        else:
+            out = fused_attention.scaled_dot_product_attention(q, k, v, backend="torch", **kw)
+        if grad:
+            out.backward(torch.ones_like(out))
 
-step()
+    return step
+
+make_step(256)()  # warm up code paths and thread pools before the RSS baseline
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-timer = tb.Timer("step()", globals={"step": step})
-m = timer.blocked_autorange(min_run_time=3.0)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-# peak includes the first (warm-up) call: RSS high-water mark since process start
-print(json.dumps({"median_s": m.median, "iqr_s": m.iqr, "runs": len(m.times)}))
-"""
-
-_PEAK_CHILD = r"""
-import json, resource, sys
-exec(open(sys.argv[8]).read().split("step()\nbase")[0])
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+step = make_step(n)  # the inputs (and a dense mask, for torch) count towards the peak
 step()
-print(json.dumps({"peak_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}))
+peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+m = tb.Timer("step()", globals={"step": step}).blocked_autorange(min_run_time=2.0)
+print(json.dumps({"median_s": m.median, "iqr_s": m.iqr, "runs": len(m.times), "peak_mb": peak_mb}))
 """
 
 
-def _run(code: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
+def _run(*args: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -85,19 +79,13 @@ def main() -> None:
     print(f"# B={args.batch} H={args.heads} L=S={args.seq} D={args.dim} float32; median of torch.utils.benchmark")
     print("| case | mode | torch SDPA (ms) | fused_attention[torch] (ms) | speedup | torch peak RSS (MB) | ours peak RSS (MB) |")
     print("|---|---|---|---|---|---|---|")
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(_CHILD)
     for case in ("plain", "causal", "alibi", "window"):
         for mode in ("fwd", "fwd+bwd"):
-            row = {}
-            for provider in ("torch", "fused_attention[torch]"):
-                timing = _run(_CHILD, provider, case, mode, *shape)
-                peak = _run(_PEAK_CHILD, provider, case, mode, *shape, f.name)
-                row[provider] = (timing["median_s"] * 1e3, peak["peak_growth_mb"])
-            t, o = row["torch"], row["fused_attention[torch]"]
-            print(f"| {case} | {mode} | {t[0]:.1f} | {o[0]:.1f} | {t[0] / o[0]:.2f}x | {t[1]:.0f} | {o[1]:.0f} |")
+            t, o = (_run(provider, case, mode, *shape) for provider in ("torch", "fused_attention[torch]"))
+            print(
+                f"| {case} | {mode} | {t['median_s'] * 1e3:.1f} | {o['median_s'] * 1e3:.1f} | "
+                f"{t['median_s'] / o['median_s']:.2f}x | {t['peak_mb']:.0f} | {o['peak_mb']:.0f} |"
+            )
 
 
 if __name__ == "__main__":
