@@ -17,9 +17,9 @@ def test_support_table_matches_backend_capabilities():
 
 def test_quick_start_has_two_commands_and_ci_runs_the_test_one():
     quick_start = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    commands = re.findall(r"```bash\n(.*?)\n```", quick_start, flags=re.S)
+    commands = re.findall(r"```bash\n(.*?)\n```", quick_start, flags=re.DOTALL)
     assert len(commands) == 2
     assert commands[0].endswith("python -m fused_attention check")
     ci = (ROOT / ".ci" / "run").read_text()
-    test_command = re.search(r'^TEST_COMMAND="(.*)"$', ci, flags=re.M).group(1)
+    test_command = re.search(r'^TEST_COMMAND="(.*)"$', ci, flags=re.MULTILINE).group(1)
     assert commands[1].endswith("&& " + test_command)
