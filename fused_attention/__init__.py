@@ -7,8 +7,30 @@ backend unavailable, with a reason (``python -m fused_attention info``).
 from . import _extension
 from .diagnostics import info, support_table
 from .functional import scaled_dot_product_attention, varlen_attention
+from .position import (
+    RopeScaling,
+    add_sinusoidal_position_encoding,
+    alibi_slopes,
+    apply_rotary_emb,
+    apply_rotary_emb_qk,
+    rotary_cos_sin,
+    sinusoidal_position_encoding,
+)
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "info", "scaled_dot_product_attention", "support_table", "varlen_attention"]
+__all__ = [
+    "RopeScaling",
+    "__version__",
+    "add_sinusoidal_position_encoding",
+    "alibi_slopes",
+    "apply_rotary_emb",
+    "apply_rotary_emb_qk",
+    "info",
+    "rotary_cos_sin",
+    "scaled_dot_product_attention",
+    "sinusoidal_position_encoding",
+    "support_table",
+    "varlen_attention",
+]
 
 _extension.load_extension()

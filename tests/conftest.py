@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run under the interpreter on CPU tensors. Triton reads this when a
+# kernel is defined, so it is set before fused_attention (and its kernels) are imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from torch.nn.attention.bias import CausalBias
 
 import fused_attention

@@ -7,12 +7,16 @@ Dispatch takes the first backend in the device's priority order that gives no re
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 from ..errors import AttentionArgumentError
 from ..inputs import AttentionInputs, VarlenInputs
 from .base import Backend
 from .pending import CPU, CUDA, TRITON
 from .torch_backend import TORCH
+
+T = TypeVar("T")
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (TRITON, CUDA, CPU, TORCH)}
 
@@ -48,16 +52,25 @@ def explain(inputs: AttentionInputs | VarlenInputs) -> list[tuple[str, list[str]
     return [(n, BACKENDS[n].not_supported_reasons(inputs)) for n in names]
 
 
-def select(inputs: AttentionInputs | VarlenInputs, backend: object = None) -> Backend:
+def choose(
+    backends: Mapping[str, T], reasons: Callable[[T], list[str]], order: tuple[str, ...], backend: object
+) -> T:
+    """The forced backend if one is named (raising with its reasons if it cannot serve), else the first
+    in ``order`` with no reasons. Shared by attention and the position kernels."""
     forced = forced_backend_name(backend)
     if forced is not None:
-        chosen = get_backend(forced)
-        reasons = chosen.not_supported_reasons(inputs)
-        if reasons:
-            raise AttentionArgumentError(f"backend {chosen.name!r} cannot serve this call: " + "; ".join(reasons))
-        return chosen
-    for name in priority(inputs.device.type):
-        if not BACKENDS[name].not_supported_reasons(inputs):
-            return BACKENDS[name]
-    details = "; ".join(f"{n}: {', '.join(r)}" for n, r in explain(inputs))
+        if not isinstance(forced, str) or forced not in backends:
+            raise AttentionArgumentError(f"backend must be one of {sorted(backends)}, got {forced!r}")
+        refusal = reasons(backends[forced])
+        if refusal:
+            raise AttentionArgumentError(f"backend {forced!r} cannot serve this call: " + "; ".join(refusal))
+        return backends[forced]
+    for name in order:
+        if not reasons(backends[name]):
+            return backends[name]
+    details = "; ".join(f"{n}: {', '.join(reasons(b))}" for n, b in backends.items())
     raise AttentionArgumentError(f"no backend can serve this call ({details})")
+
+
+def select(inputs: AttentionInputs | VarlenInputs, backend: object = None) -> Backend:
+    return choose(BACKENDS, lambda b: b.not_supported_reasons(inputs), priority(inputs.device.type), backend)

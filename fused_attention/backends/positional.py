@@ -1,0 +1,143 @@
+"""Backends for the positional-encoding kernels, dispatched like attention (same names and rules).
+
+Each backend serves the canonical forms of :mod:`fused_attention.position`: rotary on x ``(B, S, H, D)``
+with tables ``(T, R/2)`` and positions ``(B, S)``, and the sinusoidal add on x ``(B, S, D)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _extension
+from ..kernels import position_torch
+from .dispatch import choose
+
+_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+class PositionBackend:
+    """Base: ``reasons(x)`` says why the backend cannot serve a tensor; the methods run the kernels."""
+
+    name = ""
+    device_types: frozenset[str] | None = None
+    dtypes = _DTYPES
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        return None
+
+    def reasons(self, x: torch.Tensor) -> list[str]:
+        unavailable = self.unavailable_reason(x.device)
+        if unavailable:
+            return [unavailable]
+        reasons = []
+        if self.device_types is not None and x.device.type not in self.device_types:
+            reasons.append(f"device {x.device.type} not supported (supports {sorted(self.device_types)})")
+        if x.dtype not in self.dtypes:
+            reasons.append(f"dtype {x.dtype} not supported")
+        return reasons
+
+    def rotary(self, x, cos, sin, positions, interleaved: bool, conjugate: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rotary_(self, x, cos, sin, positions, interleaved: bool, conjugate: bool) -> None:
+        raise NotImplementedError
+
+    def rotary_qk(self, q, k, cos, sin, positions, interleaved: bool, conjugate: bool):
+        raise NotImplementedError
+
+    def add_sinusoidal(self, x, offsets, offset: int, base: float) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TorchPositions(PositionBackend):
+    """Pure PyTorch, any device."""
+
+    name = "torch"
+
+    def rotary(self, x, cos, sin, positions, interleaved, conjugate):
+        with torch.profiler.record_function("fused_attention::torch_rotary"):
+            return position_torch.rotary(x, cos, sin, positions, interleaved, conjugate)
+
+    def rotary_(self, x, cos, sin, positions, interleaved, conjugate):
+        x.copy_(self.rotary(x, cos, sin, positions, interleaved, conjugate))
+
+    def rotary_qk(self, q, k, cos, sin, positions, interleaved, conjugate):
+        return (
+            self.rotary(q, cos, sin, positions, interleaved, conjugate),
+            self.rotary(k, cos, sin, positions, interleaved, conjugate),
+        )
+
+    def add_sinusoidal(self, x, offsets, offset, base):
+        with torch.profiler.record_function("fused_attention::torch_add_sinusoidal"):
+            return position_torch.add_sinusoidal(x, offsets, offset, base)
+
+
+class ExtensionPositions(PositionBackend):
+    """The compiled extension's kernels (``csrc/cpu`` or ``csrc/cuda``) for one device type."""
+
+    def __init__(self, name: str, device_type: str):
+        self.name = name
+        self.device_types = frozenset({device_type})
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        status = _extension.load_extension()
+        if not status.loaded:
+            return status.reason
+        if self.name == "cuda" and not status.has_cuda:
+            return "the extension was built without its CUDA kernels"
+        if self.name == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device is available"
+        return None
+
+    def rotary(self, x, cos, sin, positions, interleaved, conjugate):
+        return torch.ops.fused_attention.rotary(x, cos, sin, positions, interleaved, conjugate)
+
+    def rotary_(self, x, cos, sin, positions, interleaved, conjugate):
+        torch.ops.fused_attention.rotary_(x, cos, sin, positions, interleaved, conjugate)
+
+    def rotary_qk(self, q, k, cos, sin, positions, interleaved, conjugate):
+        return torch.ops.fused_attention.rotary_qk(q, k, cos, sin, positions, interleaved, conjugate)
+
+    def add_sinusoidal(self, x, offsets, offset, base):
+        return torch.ops.fused_attention.add_sinusoidal_position_encoding(x, offsets, offset, base)
+
+
+class TritonPositions(PositionBackend):
+    """Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
+
+    name = "triton"
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        from ..kernels.triton import triton_unavailable_reason
+
+        return triton_unavailable_reason(device)
+
+    @staticmethod
+    def _ops():
+        from ..ops import triton_positional  # noqa: F401  (registers the triton_* ops on first use)
+
+        return torch.ops.fused_attention
+
+    def rotary(self, x, cos, sin, positions, interleaved, conjugate):
+        return self._ops().triton_rotary(x, cos, sin, positions, interleaved, conjugate)
+
+    def rotary_(self, x, cos, sin, positions, interleaved, conjugate):
+        self._ops().triton_rotary_(x, cos, sin, positions, interleaved, conjugate)
+
+    def rotary_qk(self, q, k, cos, sin, positions, interleaved, conjugate):
+        return self._ops().triton_rotary_qk(q, k, cos, sin, positions, interleaved, conjugate)
+
+    def add_sinusoidal(self, x, offsets, offset, base):
+        return self._ops().triton_add_sinusoidal(x, offsets, offset, base)
+
+
+POSITION_BACKENDS: dict[str, PositionBackend] = {
+    b.name: b
+    for b in (TritonPositions(), ExtensionPositions("cuda", "cuda"), ExtensionPositions("cpu", "cpu"), TorchPositions())
+}
+# Automatic dispatch never picks the interpreted Triton for CPU tensors; force it with backend="triton".
+_PRIORITY = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+
+def select_position_backend(x: torch.Tensor, backend: object = None) -> PositionBackend:
+    return choose(POSITION_BACKENDS, lambda b: b.reasons(x), _PRIORITY.get(x.device.type, ("torch",)), backend)

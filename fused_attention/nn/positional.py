@@ -1,0 +1,187 @@
+"""Positional-encoding modules: the classic sinusoidal ``PositionalEncoding``, ``RotaryEmbedding`` and
+``ALiBi``. Each holds its buffers and calls one function of :mod:`fused_attention.position`."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+from torch import nn
+
+from ..errors import AttentionArgumentError
+from ..position import (
+    RopeScaling,
+    add_sinusoidal_position_encoding,
+    alibi_slopes,
+    apply_rotary_emb_qk,
+    rotary_cos_sin,
+)
+
+# A loaded ``pe`` within this of the formula is the formula (different sin implementations differ by
+# an ulp); a trained or edited table differs by far more.
+_PE_FORMULA_ATOL = 1e-6
+
+
+def _classic_table(max_len: int, d_model: int) -> torch.Tensor:
+    """The table of the classic module (PyTorch's Transformer tutorial), float32 ``(max_len, 1, d_model)``."""
+    position = torch.arange(max_len).unsqueeze(1)
+    div_term = torch.exp(torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model))
+    pe = torch.zeros(max_len, 1, d_model)
+    pe[:, 0, 0::2] = torch.sin(position * div_term)
+    pe[:, 0, 1::2] = torch.cos(position * div_term)
+    return pe
+
+
+class PositionalEncoding(nn.Module):
+    """Drop-in for the classic sinusoidal ``PositionalEncoding`` (``x + pe[:x.size(0)]``, then dropout).
+
+    Same buffer ``pe`` of shape ``(max_len, 1, d_model)``, so state_dicts load both ways; the forward adds
+    the encoding computed inside the kernel (one read and one write of ``x``, no table read). If the
+    ``pe`` it holds differs from the formula (loaded from a trained or edited model, or edited in place),
+    it adds that stored table instead, so loading never silently changes results.
+
+    Args:
+        d_model: feature size (even).
+        max_len: longest sequence; longer inputs raise a ``ValueError``.
+        dropout: dropout probability applied after the addition.
+        batch_first: inputs are ``(B, S, d_model)`` instead of ``(S, B, d_model)``.
+    """
+
+    def __init__(self, d_model: int, max_len: int = 5000, dropout: float = 0.0, batch_first: bool = False):
+        super().__init__()
+        if d_model % 2:
+            raise AttentionArgumentError(f"d_model must be even (sin/cos pairs), got {d_model}")
+        self.dropout = nn.Dropout(p=dropout)
+        self.batch_first = batch_first
+        self.register_buffer("pe", _classic_table(max_len, d_model))
+        self._formula_version: tuple[int, int] | None = self._version_key()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._check_formula())
+
+    def _version_key(self) -> tuple[int, int]:
+        return id(self.pe), self.pe._version
+
+    def _check_formula(self) -> None:
+        formula = _classic_table(self.pe.shape[0], self.pe.shape[2]).to(self.pe.device)
+        same = torch.allclose(self.pe.float(), formula, rtol=0.0, atol=_PE_FORMULA_ATOL)
+        self._formula_version = self._version_key() if same else None
+
+    def uses_formula(self) -> bool:
+        """Whether the forward computes the encoding in the kernel (``pe`` is the formula's table)."""
+        if not torch.compiler.is_compiling() and self._version_key() != self._formula_version:
+            self._check_formula()  # pe was replaced or edited in place since it was last checked
+        return self._formula_version is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq_len = x.size(1 if self.batch_first else 0)
+        if seq_len > self.pe.shape[0]:
+            raise AttentionArgumentError(
+                f"x has {seq_len} positions but this PositionalEncoding holds max_len={self.pe.shape[0]}"
+            )
+        if self.uses_formula():
+            out = add_sinusoidal_position_encoding(x, batch_first=self.batch_first)
+        else:
+            table = self.pe[:seq_len]
+            out = x + (table.transpose(0, 1) if self.batch_first else table)
+        return self.dropout(out)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding with a float32 cos/sin cache.
+
+    The cache lives in non-persistent buffers (moved with the module, kept in float32 when the module is
+    cast), is grown on demand for longer sequences (under a lock, so threads may share the module), and
+    is applied to q and k in one launch of :func:`fused_attention.apply_rotary_emb_qk`. Under
+    ``torch.compile`` the cache cannot grow: size it up front with ``max_seq_len``.
+
+    Args:
+        dim: rotary dim (even); features beyond it pass through.
+        base: RoPE base (theta).
+        interleaved: GPT-J pairing instead of GPT-NeoX/Llama's half split.
+        scaling: RoPE scaling (see :func:`fused_attention.rotary_cos_sin`).
+        max_seq_len: positions cached up front.
+    """
+
+    cos_cached: torch.Tensor
+    sin_cached: torch.Tensor
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        base: float = 10000.0,
+        interleaved: bool = False,
+        scaling: RopeScaling | dict | None = None,
+        max_seq_len: int = 2048,
+    ):
+        super().__init__()
+        self.dim, self.base, self.interleaved, self.scaling = dim, base, interleaved, scaling
+        self._lock = threading.Lock()
+        cos, sin = rotary_cos_sin(max_seq_len, dim, base=base, scaling=scaling)
+        self.register_buffer("cos_cached", cos, persistent=False)
+        self.register_buffer("sin_cached", sin, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        if self.cos_cached.dtype != torch.float32:  # casting the module must not round the tables
+            self._rebuild(self.cos_cached.shape[0], self.cos_cached.device)
+        return module
+
+    def _rebuild(self, length: int, device: torch.device) -> None:
+        cos, sin = rotary_cos_sin(length, self.dim, base=self.base, scaling=self.scaling, device=device)
+        self.cos_cached, self.sin_cached = cos, sin
+
+    def _tables(self, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.cos_cached, self.sin_cached
+        if needed <= cos.shape[0] or torch.compiler.is_compiling():
+            return cos, sin
+        with self._lock:
+            if needed > self.cos_cached.shape[0]:
+                self._rebuild(max(needed, 2 * self.cos_cached.shape[0]), self.cos_cached.device)
+            return self.cos_cached, self.sin_cached
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        *,
+        seqlen_offset: int | torch.Tensor = 0,
+        position_ids: torch.Tensor | None = None,
+        layout: str = "bhsd",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(q, k)`` rotated; layouts as :func:`fused_attention.apply_rotary_emb`."""
+        seq_len = q.shape[2] if layout == "bhsd" else q.shape[1]
+        if torch.compiler.is_compiling():
+            needed = 0
+        elif position_ids is not None:
+            needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
+        elif isinstance(seqlen_offset, torch.Tensor):
+            needed = (int(seqlen_offset.max()) if seqlen_offset.numel() else 0) + seq_len
+        else:
+            needed = seqlen_offset + seq_len
+        cos, sin = self._tables(needed)
+        return apply_rotary_emb_qk(
+            q, k, cos, sin, interleaved=self.interleaved, seqlen_offsets=seqlen_offset, position_ids=position_ids,
+            layout=layout,
+        )
+
+
+class ALiBi(nn.Module):
+    """Holds the ALiBi slopes of ``num_heads`` heads (float32, non-persistent, moved with the module);
+    ``forward()`` returns them, ready for ``scaled_dot_product_attention(alibi_slopes=...)``."""
+
+    slopes: torch.Tensor
+
+    def __init__(self, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.register_buffer("slopes", alibi_slopes(num_heads), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        if self.slopes.dtype != torch.float32:  # the attention kernels take float32 slopes
+            self.slopes = alibi_slopes(self.num_heads, device=self.slopes.device)
+        return module
+
+    def forward(self) -> torch.Tensor:
+        return self.slopes

@@ -1,0 +1,378 @@
+"""Public positional-encoding functions: sinusoidal, RoPE and ALiBi slopes.
+
+Each function validates its arguments once, reduces them to a canonical form (rotary: x ``(B, S, H, D)``
+as a view, tables ``(T, R/2)``, int64 positions ``(B, S)``; sinusoidal: x ``(B, S, D)`` as a view) and
+dispatches to a backend like attention does (``backend=`` / ``FUSED_ATTENTION_BACKEND``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from .backends.positional import PositionBackend, select_position_backend
+from .errors import AttentionArgumentError, AttentionTypeError
+from .inputs import content_checks_enabled
+from .kernels.position_torch import sinusoidal_table
+from .rope_scaling import RopeScaling, rotary_cos_sin
+
+__all__ = [
+    "RopeScaling",
+    "add_sinusoidal_position_encoding",
+    "alibi_slopes",
+    "apply_rotary_emb",
+    "apply_rotary_emb_qk",
+    "rotary_cos_sin",
+    "sinusoidal_position_encoding",
+]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LAYOUTS = ("bhsd", "bshd")
+
+
+def _check_float_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise AttentionTypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    return t
+
+
+def _check_int(name: str, value: object, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise AttentionArgumentError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+# --- sinusoidal ---------------------------------------------------------------------------------------
+
+
+def sinusoidal_position_encoding(
+    seq_len: int,
+    dim: int,
+    *,
+    base: float = 10000.0,
+    offset: int = 0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The classic Transformer table, ``(seq_len, dim)``.
+
+    ``PE[p, 2i] = sin(p / base ** (2i / dim))`` and ``PE[p, 2i + 1] = cos(p / base ** (2i / dim))`` for
+    positions ``p = offset .. offset + seq_len - 1``; computed in float64, returned in ``dtype``
+    (default: torch's default dtype). ``dim`` must be even.
+    """
+    _check_int("seq_len", seq_len)
+    _check_int("dim", dim, 1)
+    if dim % 2:
+        raise AttentionArgumentError(f"dim must be even (sin/cos pairs), got {dim}")
+    _check_int("offset", offset)
+    positions = torch.arange(offset, offset + seq_len, dtype=torch.float64)
+    table = sinusoidal_table(positions, dim, float(base), torch.float64)
+    return table.to(dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+def add_sinusoidal_position_encoding(
+    x: torch.Tensor,
+    *,
+    batch_first: bool = False,
+    offset: int | torch.Tensor = 0,
+    base: float = 10000.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Returns ``x + PE`` without reading a table: sin/cos are computed inside the kernel.
+
+    Args:
+        x: ``(S, B, D)`` (sequence-first, as the classic module takes it) or ``(B, S, D)`` with
+            ``batch_first=True``; any strides; ``D`` even; float16/bfloat16/float32/float64 (math in
+            float32, float64 for float64).
+        offset: first position, an int, or an int tensor ``(B,)`` of per-sequence first positions.
+        base: the frequency base (10000 in the Transformer paper).
+        backend: force a backend (see :func:`fused_attention.scaled_dot_product_attention`).
+
+    The gradient passes straight through to ``x``. The result has the layout of ``x``.
+    """
+    _check_float_tensor("x", x)
+    if x.dim() != 3:
+        raise AttentionArgumentError(f"x must be 3-D, (S, B, D) or (B, S, D) with batch_first, got {x.dim()}-D")
+    if x.shape[-1] % 2:
+        raise AttentionArgumentError(f"x.shape[-1] must be even (sin/cos pairs), got {x.shape[-1]}")
+    if not isinstance(base, (int, float)) or not base > 0:
+        raise AttentionArgumentError(f"base must be a positive number, got {base!r}")
+    canonical = x if batch_first else x.transpose(0, 1)
+    offsets, first = _sinusoidal_offsets(offset, canonical.shape[0], x.device)
+    out = select_position_backend(x, backend).add_sinusoidal(canonical, offsets, first, float(base))
+    return out if batch_first else out.transpose(0, 1)
+
+
+def _sinusoidal_offsets(offset: object, batch: int, device: torch.device) -> tuple[torch.Tensor | None, int]:
+    if isinstance(offset, torch.Tensor):
+        if offset.dtype not in (torch.int32, torch.int64) or tuple(offset.shape) != (batch,):
+            raise AttentionArgumentError(
+                f"offset must be an int or an int tensor of shape ({batch},), got {offset.dtype} {tuple(offset.shape)}"
+            )
+        if offset.device != device:
+            raise AttentionArgumentError(f"offset must be on {device}, got {offset.device}")
+        if content_checks_enabled(offset) and offset.numel() and int(offset.min()) < 0:
+            raise AttentionArgumentError("offset values must be >= 0")
+        return offset.to(torch.int64), 0
+    return None, _check_int("offset", offset)
+
+
+# --- RoPE ---------------------------------------------------------------------------------------------
+
+
+def _canonical_tables(cos: object, sin: object, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_float_tensor("cos", cos)
+    _check_float_tensor("sin", sin)
+    assert isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor)
+    if cos.dim() != 2 or cos.shape != sin.shape:
+        raise AttentionArgumentError(
+            f"cos and sin must both be (seq_len, rotary_dim / 2), got cos {tuple(cos.shape)} and sin {tuple(sin.shape)}"
+        )
+    if cos.device != x.device or sin.device != x.device:
+        raise AttentionArgumentError(f"cos and sin must be on {x.device}, got {cos.device} and {sin.device}")
+    if 2 * cos.shape[1] > x.shape[-1]:
+        raise AttentionArgumentError(
+            f"rotary_dim = 2 * cos.shape[-1] = {2 * cos.shape[1]} exceeds the head dim {x.shape[-1]}"
+        )
+    table_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return cos.to(table_dtype).contiguous(), sin.to(table_dtype).contiguous()
+
+
+def _canonical_x(name: str, x: object, layout: object, packed: bool) -> torch.Tensor:
+    """The ``(B, S, H, D)`` view of ``x``."""
+    _check_float_tensor(name, x)
+    assert isinstance(x, torch.Tensor)
+    if packed:
+        if x.dim() != 3:
+            raise AttentionArgumentError(f"{name} must be packed (total, H, D) with cu_seqlens, got {x.dim()}-D")
+        return x.unsqueeze(0)
+    if layout not in _LAYOUTS:
+        raise AttentionArgumentError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+    if x.dim() != 4:
+        raise AttentionArgumentError(f"{name} must be 4-D in layout {layout!r}, got {x.dim()}-D")
+    return x.transpose(1, 2) if layout == "bhsd" else x
+
+
+def _positions(
+    x4: torch.Tensor, table_len: int, seqlen_offsets: object, position_ids: object, cu_seqlens: object,
+    max_seqlen: object,
+) -> torch.Tensor:
+    """int64 ``(B, S)`` table rows for every token of the canonical x (a broadcast view when it can be)."""
+    batch, seq = x4.shape[0], x4.shape[1]
+    device = x4.device
+    if position_ids is not None:
+        if not (isinstance(seqlen_offsets, int) and not isinstance(seqlen_offsets, bool) and seqlen_offsets == 0):
+            raise AttentionArgumentError("pass either position_ids or seqlen_offsets, not both")
+        if cu_seqlens is not None:
+            raise AttentionArgumentError("position_ids cannot be combined with cu_seqlens")
+        if not isinstance(position_ids, torch.Tensor) or position_ids.dtype not in (torch.int32, torch.int64):
+            raise AttentionTypeError("position_ids must be an int32/int64 tensor of shape (B, S)")
+        if position_ids.device != device:
+            raise AttentionArgumentError(f"position_ids must be on {device}, got {position_ids.device}")
+        if position_ids.dim() != 2 or position_ids.shape[1] != seq or position_ids.shape[0] not in (1, batch):
+            raise AttentionArgumentError(
+                f"position_ids must have shape ({batch}, {seq}) or (1, {seq}), got {tuple(position_ids.shape)}"
+            )
+        positions = position_ids.to(torch.int64).expand(batch, seq)
+    else:
+        steps = torch.arange(seq, device=device)
+        if cu_seqlens is not None:
+            steps = _packed_steps(cu_seqlens, max_seqlen, seq, device)
+        num_sequences = batch if cu_seqlens is None else cu_seqlens.numel() - 1
+        if isinstance(seqlen_offsets, torch.Tensor):
+            if seqlen_offsets.dtype not in (torch.int32, torch.int64) or tuple(seqlen_offsets.shape) != (num_sequences,):
+                raise AttentionArgumentError(
+                    f"seqlen_offsets must be an int or an int tensor of shape ({num_sequences},), got "
+                    f"{seqlen_offsets.dtype} {tuple(seqlen_offsets.shape)}"
+                )
+            if seqlen_offsets.device != device:
+                raise AttentionArgumentError(f"seqlen_offsets must be on {device}, got {seqlen_offsets.device}")
+            offsets = seqlen_offsets.to(torch.int64)
+            if cu_seqlens is None:
+                positions = offsets.unsqueeze(1) + steps
+            else:
+                sequence = torch.bucketize(torch.arange(seq, device=device), cu_seqlens[1:].to(torch.int64), right=True)
+                positions = (offsets[sequence] + steps).unsqueeze(0)
+        else:
+            first = _check_int("seqlen_offsets", seqlen_offsets)
+            positions = (steps + first).unsqueeze(0).expand(batch, seq)
+    if content_checks_enabled(positions) and positions.numel() and not torch.compiler.is_compiling():
+        low, high = int(positions.min()), int(positions.max())
+        if low < 0 or high >= table_len:
+            source = "position_ids" if position_ids is not None else "seqlen_offsets"
+            raise AttentionArgumentError(
+                f"{source}: positions {low}..{high} fall outside the cos/sin table of {table_len} rows"
+            )
+    return positions
+
+
+def _packed_steps(cu_seqlens: object, max_seqlen: object, total: int, device: torch.device) -> torch.Tensor:
+    """Position of each packed token within its own sequence."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise AttentionTypeError("cu_seqlens must be an int32/int64 tensor of shape (B + 1,)")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.device != device:
+        raise AttentionArgumentError(f"cu_seqlens must be 1-D (B + 1,) on {device}, got {tuple(cu_seqlens.shape)}")
+    if content_checks_enabled(cu_seqlens) and not torch.compiler.is_compiling():
+        values = cu_seqlens.tolist()
+        if values[0] != 0 or any(b < a for a, b in itertools.pairwise(values)) or values[-1] != total:
+            raise AttentionArgumentError(
+                f"cu_seqlens must rise from 0 to the number of packed tokens ({total}), got {values}"
+            )
+        longest = max((b - a for a, b in itertools.pairwise(values)), default=0)
+        if max_seqlen is not None and _check_int("max_seqlen", max_seqlen) < longest:
+            raise AttentionArgumentError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({longest})")
+    bounds = cu_seqlens.to(torch.int64)
+    tokens = torch.arange(total, device=device)
+    sequence = torch.bucketize(tokens, bounds[1:], right=True)
+    return tokens - bounds[sequence]
+
+
+class _RotaryInPlace(torch.autograd.Function):
+    """In-place rotation with autograd: the backward rotates the gradient by -theta."""
+
+    @staticmethod
+    def forward(ctx, x, layout, packed, cos, sin, positions, interleaved, backend):
+        backend.rotary_(_canonical_x("x", x, layout, packed), cos, sin, positions, interleaved, False)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(cos, sin, positions)
+        ctx.options = (layout, packed, interleaved, backend)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin, positions = ctx.saved_tensors
+        layout, packed, interleaved, backend = ctx.options
+        out = backend.rotary(_canonical_x("grad", grad, layout, packed), cos, sin, positions, interleaved, True)
+        return _from_canonical(out, layout, packed), None, None, None, None, None, None, None
+
+
+def _from_canonical(out4: torch.Tensor, layout: str, packed: bool) -> torch.Tensor:
+    """Undo :func:`_canonical_x`: the result has the caller's shape (and the layout of its input)."""
+    if packed:
+        return out4.squeeze(0)
+    return out4.transpose(1, 2) if layout == "bhsd" else out4
+
+
+def _rotate(
+    tensors: list[tuple[str, torch.Tensor]], cos, sin, interleaved, seqlen_offsets, position_ids, cu_seqlens,
+    max_seqlen, layout, inplace, backend,
+) -> list[torch.Tensor]:
+    packed = cu_seqlens is not None
+    canon = [_canonical_x(name, t, layout, packed) for name, t in tensors]
+    first = canon[0]
+    for (name, t), c in zip(tensors[1:], canon[1:]):
+        if c.shape[:2] != first.shape[:2] or c.shape[-1] != first.shape[-1] or t.dtype != tensors[0][1].dtype:
+            raise AttentionArgumentError(
+                f"{name} must match {tensors[0][0]} in batch, sequence, head dim and dtype, got "
+                f"{tuple(t.shape)} {t.dtype} vs {tuple(tensors[0][1].shape)} {tensors[0][1].dtype}"
+            )
+        if t.device != tensors[0][1].device:
+            raise AttentionArgumentError(f"{name} must be on {tensors[0][1].device}, got {t.device}")
+    if not isinstance(interleaved, bool) or not isinstance(inplace, bool):
+        raise AttentionTypeError("interleaved and inplace must be bools")
+    cos_t, sin_t = _canonical_tables(cos, sin, first)
+    positions = _positions(first, cos_t.shape[0], seqlen_offsets, position_ids, cu_seqlens, max_seqlen)
+    chosen: PositionBackend = select_position_backend(first, backend)
+    if inplace:
+        for (_, t), c in zip(tensors, canon):
+            if torch.is_grad_enabled() and t.requires_grad:
+                _RotaryInPlace.apply(t, layout, packed, cos_t, sin_t, positions, interleaved, chosen)
+            else:
+                chosen.rotary_(c, cos_t, sin_t, positions, interleaved, False)
+        return [t for _, t in tensors]
+    if len(canon) == 2:
+        outs = chosen.rotary_qk(canon[0], canon[1], cos_t, sin_t, positions, interleaved, False)
+    else:
+        outs = [chosen.rotary(canon[0], cos_t, sin_t, positions, interleaved, False)]
+    return [_from_canonical(o, layout, packed) for o in outs]
+
+
+def apply_rotary_emb(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    interleaved: bool = False,
+    seqlen_offsets: int | torch.Tensor = 0,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    layout: str = "bhsd",
+    inplace: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Rotary position embedding (RoPE) in one pass over ``x``.
+
+    Args:
+        x: ``(B, H, S, D)`` (``layout="bhsd"``, as :func:`scaled_dot_product_attention` takes it),
+            ``(B, S, H, D)`` (``layout="bshd"``), or packed ``(total, H, D)`` with ``cu_seqlens``; any
+            strides; float16/bfloat16/float32/float64 (math in float32, float64 for float64).
+        cos, sin: ``(T, rotary_dim / 2)`` tables (:func:`rotary_cos_sin`); the first
+            ``rotary_dim = 2 * cos.shape[-1]`` features are rotated, the rest pass through.
+        interleaved: pair features ``(2i, 2i + 1)`` (GPT-J) instead of ``(i, i + rotary_dim / 2)``
+            (GPT-NeoX / Llama, the default).
+        seqlen_offsets: position of the first token: an int, or an int tensor ``(B,)`` (per sequence,
+            for KV-cache decoding). Token ``s`` uses table row ``seqlen_offsets + s``.
+        position_ids: explicit int ``(B, S)`` (or ``(1, S)``) table rows, as Hugging Face models pass
+            them; exclusive with ``seqlen_offsets``.
+        cu_seqlens: int ``(B + 1,)`` sequence starts for packed ``x``; positions restart at each
+            sequence (plus its ``seqlen_offsets``). ``max_seqlen``: the longest sequence (checked).
+        layout: ``"bhsd"`` or ``"bshd"`` for 4-D ``x``.
+        inplace: rotate ``x`` in place and return it (the only mutating form; autograd-aware).
+        backend: force a backend (``"triton"``, ``"cuda"``, ``"cpu"``, ``"torch"``).
+
+    Returns:
+        The rotated tensor, shaped (and laid out) like ``x``. Its gradient is the rotation by -theta.
+    """
+    return _rotate(
+        [("x", x)], cos, sin, interleaved, seqlen_offsets, position_ids, cu_seqlens, max_seqlen, layout, inplace,
+        backend,
+    )[0]
+
+
+def apply_rotary_emb_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    interleaved: bool = False,
+    seqlen_offsets: int | torch.Tensor = 0,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    layout: str = "bhsd",
+    inplace: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`apply_rotary_emb` on queries and keys in one launch; ``q`` and ``k`` may have different
+    head counts (GQA) but share batch, sequence, head dim and dtype. Returns ``(q_rotated, k_rotated)``."""
+    q_out, k_out = _rotate(
+        [("q", q), ("k", k)], cos, sin, interleaved, seqlen_offsets, position_ids, cu_seqlens, max_seqlen,
+        layout, inplace, backend,
+    )
+    return q_out, k_out
+
+
+# --- ALiBi --------------------------------------------------------------------------------------------
+
+
+def alibi_slopes(num_heads: int, *, device: torch.device | str | None = None) -> torch.Tensor:
+    """ALiBi slopes, float32 ``(num_heads,)``, by the paper's rule (Press et al. 2022).
+
+    For ``n`` a power of two the slopes are the geometric sequence ``2 ** (-8 k / n)``, ``k = 1 .. n``.
+    Otherwise the ``2 ** floor(log2 n)`` slopes of the nearest smaller power are followed by every other
+    slope of the next power, as in the paper's reference implementation's rule.
+    """
+    _check_int("num_heads", num_heads, 1)
+
+    def geometric(n: int) -> list[float]:
+        return [2 ** (-8 * k / n) for k in range(1, n + 1)]
+
+    power = 2 ** math.floor(math.log2(num_heads))
+    slopes = geometric(power) + geometric(2 * power)[0::2][: num_heads - power]
+    return torch.tensor(slopes, dtype=torch.float32, device=device)

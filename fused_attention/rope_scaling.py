@@ -1,0 +1,161 @@
+"""RoPE frequency tables: ``rotary_cos_sin`` and the context-extension scalings models use today.
+
+Formulas follow the papers and the published model configs: linear position interpolation (Chen et al.
+2023), dynamic NTK-aware scaling (as in Hugging Face's ``dynamic`` rope type), Llama 3.1's wavelength-
+banded scaling, and YaRN (Peng et al. 2023). Parameters are given as a dict with the same keys as a
+Hugging Face ``rope_scaling`` config (``{"rope_type": "llama3", "factor": 8.0, ...}``) or as a
+:class:`RopeScaling`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import AttentionArgumentError, AttentionTypeError
+
+_TYPES = ("linear", "dynamic", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE scaling parameters; unset fields take the defaults of the corresponding method."""
+
+    rope_type: str
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    attention_factor: float | None = None  # yarn
+    truncate: bool = True  # yarn
+
+
+def _as_scaling(scaling: object) -> RopeScaling | None:
+    if scaling is None or isinstance(scaling, RopeScaling):
+        return scaling
+    if not isinstance(scaling, dict):
+        raise AttentionTypeError(f"scaling must be a dict, a RopeScaling or None, got {type(scaling).__name__}")
+    params: dict[str, Any] = dict(scaling)
+    rope_type = params.pop("rope_type", params.pop("type", None))
+    known = set(RopeScaling.__dataclass_fields__) - {"rope_type"}
+    unknown = set(params) - known
+    if unknown:
+        raise AttentionArgumentError(f"scaling has unknown keys {sorted(unknown)} (known: {sorted(known)})")
+    return RopeScaling(rope_type=rope_type, **params)
+
+
+def _check(scaling: RopeScaling) -> None:
+    if scaling.rope_type not in _TYPES:
+        raise AttentionArgumentError(f"scaling rope_type must be one of {_TYPES}, got {scaling.rope_type!r}")
+    if not scaling.factor > 0:
+        raise AttentionArgumentError(f"scaling factor must be > 0, got {scaling.factor}")
+    needs_context = scaling.rope_type in ("dynamic", "llama3", "yarn")
+    if needs_context and not scaling.original_max_position_embeddings:
+        raise AttentionArgumentError(
+            f"scaling of type {scaling.rope_type!r} needs original_max_position_embeddings"
+        )
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_correction_dim(rotations: float, dim: int, base: float, max_positions: int) -> float:
+    """The feature index whose wavelength fits ``rotations`` turns into the original context."""
+    return (dim * math.log(max_positions / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+
+def inverse_frequencies(
+    rotary_dim: int, base: float, scaling: RopeScaling | None, seq_len: int
+) -> tuple[torch.Tensor, float]:
+    """``(inv_freq (rotary_dim // 2,) float64, attention_factor)`` for a table of ``seq_len`` positions."""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
+    if scaling is None:
+        return 1.0 / base**exponents, 1.0
+    kind, factor = scaling.rope_type, scaling.factor
+    if kind == "linear":
+        return 1.0 / base**exponents / factor, 1.0
+    original = int(scaling.original_max_position_embeddings or 0)
+    if kind == "dynamic":
+        # NTK-aware: grow the base once the sequence outgrows the trained context.
+        length = max(seq_len, original)
+        base = base * ((factor * length / original) - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
+        return 1.0 / base**exponents, 1.0
+    inv_freq = 1.0 / base**exponents
+    if kind == "llama3":
+        low_wavelen = original / scaling.low_freq_factor
+        high_wavelen = original / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    # yarn: interpolate low frequencies, keep high ones, ramp between; scale attention by mscale.
+    attention = scaling.attention_factor
+    if attention is None:
+        if scaling.mscale and scaling.mscale_all_dim:
+            attention = _yarn_mscale(factor, scaling.mscale) / _yarn_mscale(factor, scaling.mscale_all_dim)
+        else:
+            attention = _yarn_mscale(factor)
+    low = _yarn_correction_dim(scaling.beta_fast, rotary_dim, base, original)
+    high = _yarn_correction_dim(scaling.beta_slow, rotary_dim, base, original)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001  # avoid a division by zero in the ramp
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    return inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation, attention
+
+
+def rotary_cos_sin(
+    seq_len: int,
+    rotary_dim: int,
+    *,
+    base: float = 10000.0,
+    scaling: RopeScaling | dict | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables for positions ``0 .. seq_len - 1``.
+
+    Args:
+        seq_len: number of positions (rows).
+        rotary_dim: number of rotated features (even); the tables have ``rotary_dim // 2`` columns, one
+            per rotated pair, frequency ``base ** (-2i / rotary_dim)`` before scaling.
+        base: the RoPE base (theta).
+        scaling: ``None``, or a dict / :class:`RopeScaling` with ``rope_type`` one of ``"linear"``
+            (``factor``), ``"dynamic"`` (``factor``, ``original_max_position_embeddings``; the base
+            grows with ``seq_len`` beyond the original context), ``"llama3"`` (``factor``,
+            ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``) or
+            ``"yarn"`` (``factor``, ``original_max_position_embeddings``, ``beta_fast``,
+            ``beta_slow``, ``mscale``, ``mscale_all_dim``, ``attention_factor``); YaRN's attention
+            factor multiplies cos and sin, as Hugging Face models apply it.
+        dtype, device: of the returned tables (angles are computed in float64).
+
+    Returns:
+        ``(cos, sin)``, each ``(seq_len, rotary_dim // 2)``.
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
+        raise AttentionArgumentError(f"seq_len must be a non-negative int, got {seq_len!r}")
+    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or rotary_dim <= 0 or rotary_dim % 2:
+        raise AttentionArgumentError(f"rotary_dim must be a positive even int, got {rotary_dim!r}")
+    if not isinstance(base, (int, float)) or not base > 1:
+        raise AttentionArgumentError(f"base must be a number > 1, got {base!r}")
+    params = _as_scaling(scaling)
+    if params is not None:
+        _check(params)
+    inv_freq, attention = inverse_frequencies(rotary_dim, float(base), params, seq_len)
+    angles = torch.arange(seq_len, dtype=torch.float64).unsqueeze(1) * inv_freq.unsqueeze(0)
+    cos, sin = angles.cos() * attention, angles.sin() * attention
+    return cos.to(dtype=dtype, device=device), sin.to(dtype=dtype, device=device)
+

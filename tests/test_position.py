@@ -1,0 +1,291 @@
+"""Positional encodings on every position backend that serves CPU tensors, against formulas written
+here (HF-style rotate_half and GPT-J-style pairs, the Transformer paper's table), by DESIGN.md's policy."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import assert_policy, rand
+
+import fused_attention
+from fused_attention.backends.positional import POSITION_BACKENDS
+
+
+def position_backends() -> list[str]:
+    probe = torch.zeros(1)
+    return [name for name, b in POSITION_BACKENDS.items() if not b.reasons(probe)]
+
+
+@pytest.fixture(params=position_backends())
+def pbackend(request) -> str:
+    return request.param
+
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+# --- independent formulas -----------------------------------------------------------------------------
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotate_pairs(x):
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def rope_formula(x_bshd, cos, sin, positions, interleaved):
+    """The textbook formula on ``(B, S, H, D)`` in x's dtype: x * cos + rotate(x) * sin on the first
+    2 * cos.shape[1] features, with the per-pair tables expanded to per-feature ones."""
+    r = 2 * cos.shape[1]
+    c, s = cos.to(x_bshd.dtype)[positions], sin.to(x_bshd.dtype)[positions]  # (B, S, R/2)
+    if interleaved:
+        c, s = c.repeat_interleave(2, -1), s.repeat_interleave(2, -1)
+        rot = _rotate_pairs
+    else:
+        c, s = torch.cat((c, c), -1), torch.cat((s, s), -1)
+        rot = _rotate_half
+    head = x_bshd[..., :r]
+    out = head * c.unsqueeze(2) + rot(head) * s.unsqueeze(2)
+    return torch.cat((out, x_bshd[..., r:]), dim=-1)
+
+
+def table(seq_len, rotary_dim, base=10000.0):
+    inv = [base ** (-2 * i / rotary_dim) for i in range(rotary_dim // 2)]
+    angles = torch.tensor([[p * f for f in inv] for p in range(seq_len)], dtype=torch.float64)
+    return angles.cos().float(), angles.sin().float()
+
+
+def _check_rope(pbackend, dtype, *, interleaved, rotary_dim, layout, head_dim=40, positions_mode="offset"):
+    b, s, h = 2, 13, 3
+    cos, sin = table(64, rotary_dim)
+    x = rand(b, h, s, head_dim, dtype=dtype, requires_grad=True) if layout == "bhsd" else rand(
+        b, s, h, head_dim, dtype=dtype, requires_grad=True
+    )
+    kwargs, positions = {}, torch.arange(s).expand(b, s)
+    if positions_mode == "offset":
+        kwargs["seqlen_offsets"], positions = 5, positions + 5
+    elif positions_mode == "tensor":
+        offs = torch.tensor([0, 30])
+        kwargs["seqlen_offsets"], positions = offs, positions + offs[:, None]
+    elif positions_mode == "ids":
+        positions = torch.randint(0, 64, (b, s))
+        kwargs["position_ids"] = positions
+    out = fused_attention.apply_rotary_emb(
+        x, cos, sin, interleaved=interleaved, layout=layout, backend=pbackend, **kwargs
+    )
+    assert out.shape == x.shape and out.dtype == dtype
+    to_bshd = (lambda t: t.transpose(1, 2)) if layout == "bhsd" else (lambda t: t)
+    upstream = torch.randn(out.shape, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(out, x, upstream.to(dtype))
+    refs = {}
+    for dt in (dtype, torch.float64):
+        leaf = x.detach().to(dt).requires_grad_()
+        ref = rope_formula(to_bshd(leaf), cos, sin, positions, interleaved)
+        refs[dt] = (ref, torch.autograd.grad(ref, leaf, to_bshd(upstream.to(dt)))[0])
+    assert_policy(to_bshd(out), refs[dtype][0], refs[torch.float64][0], 2, "rotary output")
+    assert_policy(grad, refs[dtype][1], refs[torch.float64][1], 3, "rotary grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+def test_rope_dtypes_and_pairings(pbackend, dtype, interleaved):
+    torch.manual_seed(0)
+    _check_rope(pbackend, dtype, interleaved=interleaved, rotary_dim=40, layout="bhsd")
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+@pytest.mark.parametrize("positions_mode", ["zero", "offset", "tensor", "ids"])
+@pytest.mark.parametrize("rotary_dim", [16, 40], ids=["partial", "full"])
+def test_rope_layouts_positions_partial(pbackend, layout, positions_mode, rotary_dim):
+    torch.manual_seed(1)
+    _check_rope(pbackend, torch.float32, interleaved=False, rotary_dim=rotary_dim, layout=layout,
+                positions_mode=positions_mode)
+
+
+@pytest.mark.parametrize("head_dim", [72, 80, 128])
+def test_rope_head_dims(pbackend, head_dim):
+    torch.manual_seed(2)
+    _check_rope(pbackend, torch.float32, interleaved=True, rotary_dim=head_dim - 8, layout="bshd", head_dim=head_dim)
+
+
+def test_rope_non_contiguous_input(pbackend):
+    torch.manual_seed(3)
+    cos, sin = table(32, 16)
+    base = rand(2, 9, 3, 48)
+    x = base[..., ::2].transpose(1, 2)  # strided head dim, (B, H, S, D) view of (B, S, H, D)
+    out = fused_attention.apply_rotary_emb(x, cos, sin, backend=pbackend)
+    ref = rope_formula(x.transpose(1, 2).double(), cos, sin, torch.arange(9).expand(2, 9), False).transpose(1, 2)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(base, base.clone())  # untouched: out-of-place
+
+
+def test_rope_packed_varlen(pbackend):
+    torch.manual_seed(4)
+    cos, sin = table(40, 16)
+    cu = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
+    x = rand(12, 3, 16)
+    offsets = torch.tensor([2, 0, 7])
+    out = fused_attention.apply_rotary_emb(x, cos, sin, cu_seqlens=cu, max_seqlen=7, seqlen_offsets=offsets,
+                                           backend=pbackend)
+    positions = torch.tensor([2, 3, 4, 5, 6] + [7 + i for i in range(7)]).unsqueeze(0)
+    ref = rope_formula(x.unsqueeze(0).double(), cos, sin, positions, False)[0]
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_rope_qk_gqa_one_call(pbackend, layout):
+    torch.manual_seed(5)
+    cos, sin = table(32, 32)
+    shape = (lambda h: (2, h, 11, 32)) if layout == "bhsd" else (lambda h: (2, 11, h, 32))
+    q, k = rand(*shape(8), requires_grad=True), rand(*shape(2), requires_grad=True)
+    q_out, k_out = fused_attention.apply_rotary_emb_qk(q, k, cos, sin, layout=layout, seqlen_offsets=3, backend=pbackend)
+    for a, b in ((q_out, q), (k_out, k)):
+        expected = fused_attention.apply_rotary_emb(b, cos, sin, layout=layout, seqlen_offsets=3, backend="torch")
+        torch.testing.assert_close(a, expected, rtol=1e-6, atol=1e-6)
+    gq, gk = torch.autograd.grad((q_out * 2 + 1).sum() + k_out.pow(2).sum(), (q, k))
+    inverse = torch.ones_like(q_out) * 2
+    expected_gq = fused_attention.apply_rotary_emb(inverse, cos, -sin, layout=layout, seqlen_offsets=3, backend="torch")
+    torch.testing.assert_close(gq, expected_gq, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(gk).all()
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_rope_inplace(pbackend, requires_grad):
+    torch.manual_seed(6)
+    cos, sin = table(32, 24)
+    x = rand(2, 4, 9, 24)
+    expected = fused_attention.apply_rotary_emb(x, cos, sin, interleaved=True, backend="torch")
+    y = x.clone().requires_grad_(requires_grad)
+    target = y * 1.0 if requires_grad else y  # in-place needs a non-leaf when it requires grad
+    out = fused_attention.apply_rotary_emb(target, cos, sin, interleaved=True, inplace=True, backend=pbackend)
+    assert out is target
+    torch.testing.assert_close(target, expected, rtol=1e-6, atol=1e-6)
+    if requires_grad:
+        (g,) = torch.autograd.grad(out.sum(), y)
+        ones = torch.ones_like(x)
+        torch.testing.assert_close(
+            g, fused_attention.apply_rotary_emb(ones, cos, -sin, interleaved=True, backend="torch"), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_rope_gradient_is_inverse_rotation(pbackend):
+    torch.manual_seed(7)
+    cos, sin = table(16, 8)
+    x = rand(1, 2, 5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda t: fused_attention.apply_rotary_emb(t, cos.double(), sin.double(), backend=pbackend), (x,)
+    )
+
+
+# --- sinusoidal ---------------------------------------------------------------------------------------
+
+
+def sinusoidal_formula(seq_len, dim, offsets, dtype, base=10000.0):
+    """``(B or 1, S, D)`` table in ``dtype``: position p = offset + s, frequencies base ** (-2i / dim)."""
+    p = (torch.as_tensor(offsets).reshape(-1, 1) + torch.arange(seq_len)).to(dtype).unsqueeze(-1)
+    inv = torch.tensor([base ** (-2 * i / dim) for i in range(dim // 2)], dtype=torch.float64).to(dtype)
+    pe = torch.empty(*p.shape[:2], dim, dtype=dtype)
+    pe[..., 0::2] = torch.sin(p * inv)
+    pe[..., 1::2] = torch.cos(p * inv)
+    return pe
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("offset", ["zero", "int", "tensor"])
+def test_add_sinusoidal(pbackend, dtype, batch_first, offset):
+    torch.manual_seed(8)
+    b, s, d = 3, 37, 22
+    x = rand(b, s, d, dtype=dtype) if batch_first else rand(s, b, d, dtype=dtype)
+    x.requires_grad_()
+    off = {"zero": 0, "int": 1000, "tensor": torch.tensor([0, 7, 300])}[offset]
+    out = fused_attention.add_sinusoidal_position_encoding(x, batch_first=batch_first, offset=off, backend=pbackend)
+    assert out.shape == x.shape
+    refs = {}
+    for dt in (dtype, torch.float64):
+        xb = x.detach().to(dt) if batch_first else x.detach().to(dt).transpose(0, 1)
+        offs = off if isinstance(off, torch.Tensor) else [off]
+        refs[dt] = xb + sinusoidal_formula(s, d, offs, dt)
+    ours = out if batch_first else out.transpose(0, 1)
+    assert_policy(ours, refs[dtype], refs[torch.float64], 2, "sinusoidal add")
+    (g,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert torch.equal(g, torch.ones_like(x))
+
+
+def test_sinusoidal_table_matches_paper():
+    pe = fused_attention.sinusoidal_position_encoding(50, 16, offset=3, dtype=torch.float64)
+    for p, i in ((0, 0), (10, 3), (49, 7)):
+        angle = (p + 3) / 10000 ** (2 * i / 16)
+        assert math.isclose(pe[p, 2 * i].item(), math.sin(angle), abs_tol=1e-12)
+        assert math.isclose(pe[p, 2 * i + 1].item(), math.cos(angle), abs_tol=1e-12)
+
+
+def test_sinusoidal_non_contiguous_input(pbackend):
+    x = rand(8, 3, 20)[:, :, ::2]  # odd strides
+    out = fused_attention.add_sinusoidal_position_encoding(x, backend=pbackend)
+    ref = x.double() + sinusoidal_formula(8, 10, [0], torch.float64).transpose(0, 1)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+# --- ALiBi --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("heads", [1, 8, 12, 16, 20])
+def test_alibi_slopes_paper_rule(heads):
+    def geometric(n):
+        return [2 ** (-8 * (k + 1) / n) for k in range(n)]
+
+    closest = 2 ** int(math.log2(heads))
+    expected = geometric(closest) + geometric(2 * closest)[::2][: heads - closest]
+    slopes = fused_attention.alibi_slopes(heads)
+    assert slopes.dtype == torch.float32 and slopes.shape == (heads,)
+    torch.testing.assert_close(slopes, torch.tensor(expected, dtype=torch.float32))
+    if heads == 8:
+        assert slopes.tolist() == [2.0**-k for k in range(1, 9)]
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+
+def _raises(match, fn, *args, **kwargs):
+    with pytest.raises((ValueError, TypeError), match=match) as info:
+        fn(*args, **kwargs)
+    assert isinstance(info.value, RuntimeError)
+
+
+def test_bad_rotary_input():
+    cos, sin = table(16, 8)
+    x = rand(1, 2, 5, 8)
+    _raises("cos and sin", fused_attention.apply_rotary_emb, x, cos, sin[:, :2])
+    _raises("rotary_dim", fused_attention.apply_rotary_emb, rand(1, 2, 5, 6), cos, sin)
+    _raises("layout", fused_attention.apply_rotary_emb, x, cos, sin, layout="sbhd")
+    _raises("seqlen_offsets", fused_attention.apply_rotary_emb, x, cos, sin, seqlen_offsets=12)
+    _raises("position_ids", fused_attention.apply_rotary_emb, x, cos, sin, position_ids=torch.full((1, 5), 16))
+    _raises("cu_seqlens", fused_attention.apply_rotary_emb, rand(5, 2, 8), cos, sin,
+            cu_seqlens=torch.tensor([0, 2, 4], dtype=torch.int32))
+    _raises("x", fused_attention.apply_rotary_emb, rand(5, 2, 8), cos, sin)
+    _raises("x must be", fused_attention.apply_rotary_emb, x.int(), cos, sin)
+    _raises("k must match", fused_attention.apply_rotary_emb_qk, x, rand(1, 2, 6, 8), cos, sin)
+    _raises("backend", fused_attention.apply_rotary_emb, x, cos, sin, backend="nope")
+
+
+def test_bad_sinusoidal_input():
+    _raises("dim", fused_attention.sinusoidal_position_encoding, 4, 7)
+    _raises("even", fused_attention.add_sinusoidal_position_encoding, rand(4, 2, 7))
+    _raises("offset", fused_attention.add_sinusoidal_position_encoding, rand(4, 2, 8), offset=torch.tensor([1]))
+    _raises("x must be 3-D", fused_attention.add_sinusoidal_position_encoding, rand(4, 8))
+
+
+def test_rope_compile_fullgraph():
+    cos, sin = table(32, 16)
+    x = rand(2, 3, 7, 16)
+    fn = torch.compile(
+        lambda t: fused_attention.apply_rotary_emb(t, cos, sin, seqlen_offsets=2, backend="torch"),
+        fullgraph=True, backend="aot_eager",
+    )
+    torch.testing.assert_close(fn(x), fused_attention.apply_rotary_emb(x, cos, sin, seqlen_offsets=2, backend="torch"))
