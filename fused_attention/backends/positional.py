@@ -12,6 +12,8 @@ from .. import _extension
 from ..kernels import position_torch
 from .dispatch import choose
 
+# Loaded once at import: a plain value that torch.compile can read while tracing dispatch.
+_EXTENSION = _extension.load_extension()
 _DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
@@ -80,7 +82,7 @@ class ExtensionPositions(PositionBackend):
         self.device_types = frozenset({device_type})
 
     def unavailable_reason(self, device: torch.device) -> str | None:
-        status = _extension.load_extension()
+        status = _EXTENSION
         if not status.loaded:
             return status.reason
         if self.name == "cuda" and not status.has_cuda:

@@ -1,0 +1,167 @@
+"""The positional modules as drop-ins, and RoPE scalings against transformers' own initialisation."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+from conftest import rand
+from torch import nn
+
+import fused_attention
+from fused_attention.nn import ALiBi, PositionalEncoding, RotaryEmbedding
+
+
+class ClassicPositionalEncoding(nn.Module):
+    """The module as written in PyTorch's Transformer tutorial (sequence-first)."""
+
+    def __init__(self, d_model, dropout=0.1, max_len=5000):
+        super().__init__()
+        self.dropout = nn.Dropout(p=dropout)
+        position = torch.arange(max_len).unsqueeze(1)
+        div_term = torch.exp(torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model))
+        pe = torch.zeros(max_len, 1, d_model)
+        pe[:, 0, 0::2] = torch.sin(position * div_term)
+        pe[:, 0, 1::2] = torch.cos(position * div_term)
+        self.register_buffer("pe", pe)
+
+    def forward(self, x):
+        return self.dropout(x + self.pe[: x.size(0)])
+
+
+def test_positional_encoding_loads_classic_state_and_matches():
+    classic = ClassicPositionalEncoding(64, dropout=0.0, max_len=600).eval()
+    ours = PositionalEncoding(64, max_len=600).eval()
+    ours.load_state_dict(classic.state_dict())
+    classic.load_state_dict(ours.state_dict())
+    assert ours.pe.shape == (600, 1, 64) and ours.uses_formula()
+    x = rand(500, 3, 64)
+    torch.testing.assert_close(ours(x), classic(x), rtol=0, atol=5e-4)  # float32 angles at positions < 600
+
+
+def test_positional_encoding_uses_an_edited_table():
+    classic = ClassicPositionalEncoding(16, dropout=0.0, max_len=50)
+    classic.pe.add_(0.01 * torch.randn_like(classic.pe))  # "trained"
+    ours = PositionalEncoding(16, max_len=50)
+    ours.load_state_dict(classic.state_dict())
+    assert not ours.uses_formula()
+    x = rand(20, 2, 16)
+    assert torch.equal(ours(x), classic(x))
+    fresh = PositionalEncoding(16, max_len=50)
+    fresh.pe[3, 0, 0] += 1.0  # edited in place after construction
+    assert not fresh.uses_formula()
+    assert torch.equal(fresh(x), x + fresh.pe[:20])
+
+
+def test_positional_encoding_batch_first_dropout_and_max_len():
+    module = PositionalEncoding(8, max_len=10, batch_first=True)
+    x = rand(2, 7, 8)
+    torch.testing.assert_close(module(x), x + module.pe[:7].transpose(0, 1), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="max_len=10"):
+        module(rand(2, 11, 8))
+    drop = PositionalEncoding(8, max_len=10, dropout=0.5).train()
+    out = drop(rand(7, 2, 8))
+    assert (out == 0).any()
+
+
+def test_rotary_embedding_module_grows_and_stays_float32():
+    module = RotaryEmbedding(16, max_seq_len=8)
+    q, k = rand(2, 4, 6, 32), rand(2, 2, 6, 32)
+    q_out, k_out = module(q, k, seqlen_offset=10)  # needs 16 positions: the cache grows
+    assert module.cos_cached.shape[0] >= 16
+    cos, sin = fused_attention.rotary_cos_sin(16, 16)
+    expected = fused_attention.apply_rotary_emb(q, cos, sin, seqlen_offsets=10)
+    torch.testing.assert_close(q_out, expected)
+    module.half()
+    assert module.cos_cached.dtype == torch.float32
+    q16, k16 = module(q.half(), k.half())
+    assert q16.dtype == torch.float16
+
+
+def test_rotary_embedding_threads():
+    module = RotaryEmbedding(8, max_seq_len=4)
+    q, k = rand(1, 2, 5, 8), rand(1, 2, 5, 8)
+    results, errors = [], []
+
+    def work(offset):
+        try:
+            results.append((offset, module(q, k, seqlen_offset=offset)[0]))
+        except Exception as exc:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(o,)) for o in range(0, 400, 25)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    cos, sin = fused_attention.rotary_cos_sin(405, 8)
+    for offset, out in results:
+        torch.testing.assert_close(out, fused_attention.apply_rotary_emb(q, cos, sin, seqlen_offsets=offset))
+
+
+def test_rotary_embedding_position_ids_and_compile():
+    module = RotaryEmbedding(8, max_seq_len=64)
+    q, k = rand(2, 2, 5, 8), rand(2, 2, 5, 8)
+    ids = torch.tensor([[0, 1, 2, 3, 4], [9, 8, 7, 6, 5]])
+    eager = module(q, k, position_ids=ids)
+    compiled = torch.compile(lambda a, b: module(a, b, position_ids=ids), fullgraph=True, backend="aot_eager")
+    for a, b in zip(compiled(q, k), eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_alibi_module():
+    module = ALiBi(12)
+    assert torch.equal(module(), fused_attention.alibi_slopes(12))
+    module.half()
+    assert module().dtype == torch.float32
+    assert "slopes" not in module.state_dict()
+
+
+# --- RoPE scalings against transformers ---------------------------------------------------------------
+
+SCALINGS = [
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "dynamic", "factor": 2.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 256},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 256, "beta_fast": 16.0,
+     "mscale": 1.0, "mscale_all_dim": 0.5},
+]
+
+
+@pytest.mark.parametrize("scaling", SCALINGS, ids=lambda s: s["rope_type"])
+@pytest.mark.parametrize("seq_len", [128, 1024])
+def test_rope_scaling_matches_transformers(scaling, seq_len):
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    head_dim, context = 64, 256
+    params = {"rope_theta": 10000.0, **scaling}
+    config = transformers.LlamaConfig(
+        hidden_size=head_dim * 4, num_attention_heads=4, max_position_embeddings=context, rope_parameters=params
+    )
+    inv_freq, attention = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](config, "cpu", seq_len=seq_len)
+    ours = dict(scaling)
+    if ours["rope_type"] == "dynamic":
+        ours["original_max_position_embeddings"] = context  # transformers reads max_position_embeddings
+    cos, sin = fused_attention.rotary_cos_sin(seq_len, head_dim, scaling=ours, dtype=torch.float64)
+    angles = torch.arange(seq_len, dtype=torch.float64)[:, None] * inv_freq.double()[None, :]
+    # transformers computes its frequencies in float32: compare within that rounding
+    torch.testing.assert_close(cos, angles.cos() * attention, rtol=0, atol=2e-6 * seq_len)
+    torch.testing.assert_close(sin, angles.sin() * attention, rtol=0, atol=2e-6 * seq_len)
+
+
+def test_rope_scaling_dataclass_and_bad_input():
+    a = fused_attention.rotary_cos_sin(10, 8, scaling=fused_attention.RopeScaling("linear", factor=2.0))
+    b = fused_attention.rotary_cos_sin(10, 8, scaling={"type": "linear", "factor": 2.0})
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="rope_type"):
+        fused_attention.rotary_cos_sin(10, 8, scaling={"rope_type": "bogus"})
+    with pytest.raises(ValueError, match="original_max_position_embeddings"):
+        fused_attention.rotary_cos_sin(10, 8, scaling={"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises(ValueError, match="rotary_dim"):
+        fused_attention.rotary_cos_sin(10, 7)
