@@ -8,6 +8,7 @@ import torch
 
 from . import _extension
 from .backends import BACKENDS
+from .backends.positional import POSITION_BACKENDS
 
 
 def _triton_version() -> str:
@@ -39,6 +40,13 @@ def info() -> str:
         devices = backend.capabilities.device_types
         where = "any device" if devices is None else ", ".join(sorted(devices))
         lines.append(f"  {name:7s} {'available (' + where + ')' if reason is None else 'unavailable: ' + reason}")
+    lines += ["", "position-encoding backends (RoPE, sinusoidal):"]
+    for name, position_backend in POSITION_BACKENDS.items():
+        per_device = []
+        for device in ("cpu", "cuda"):
+            reason = position_backend.device_reason(torch.device(device))
+            per_device.append(f"{device}: {'available' if reason is None else reason}")
+        lines.append(f"  {name:7s} " + "; ".join(per_device))
     return "\n".join(lines)
 
 

@@ -27,13 +27,17 @@ class PositionBackend:
     def unavailable_reason(self, device: torch.device) -> str | None:
         return None
 
+    def device_reason(self, device: torch.device) -> str | None:
+        """Why this backend cannot serve tensors on ``device`` at all, or None."""
+        if self.device_types is not None and device.type not in self.device_types:
+            return f"device {device.type} not supported (supports {sorted(self.device_types)})"
+        return self.unavailable_reason(device)
+
     def reasons(self, x: torch.Tensor) -> list[str]:
-        unavailable = self.unavailable_reason(x.device)
-        if unavailable:
-            return [unavailable]
+        device_reason = self.device_reason(x.device)
+        if device_reason:
+            return [device_reason]
         reasons = []
-        if self.device_types is not None and x.device.type not in self.device_types:
-            reasons.append(f"device {x.device.type} not supported (supports {sorted(self.device_types)})")
         if x.dtype not in self.dtypes:
             reasons.append(f"dtype {x.dtype} not supported")
         return reasons
