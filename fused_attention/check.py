@@ -21,6 +21,7 @@ import torch
 from .backends import BACKENDS, Backend
 from .functional import scaled_dot_product_attention, varlen_attention
 from .inputs import canonicalize, canonicalize_varlen
+from .position import alibi_slopes
 from .reference import reference_attention, reference_varlen_attention
 
 FORWARD_FACTOR = 2.0
@@ -79,14 +80,6 @@ def _qkv(
         "key": _randn(gen, b, hkv, seq_k, d),
         "value": _randn(gen, b, hkv, seq_k, dv or d),
     }
-
-
-def alibi_slopes(heads: int) -> torch.Tensor:
-    """The ALiBi paper's geometric slopes for ``heads`` heads (float32)."""
-    closest = 2 ** math.floor(math.log2(heads))
-    base = [2 ** (-8 * (i + 1) / closest) for i in range(closest)]
-    extra = [2 ** (-4 * (2 * i + 1) / closest) for i in range(heads - closest)]
-    return torch.tensor(base + extra, dtype=torch.float32)
 
 
 def cases(seed: int = 0) -> list[Case]:

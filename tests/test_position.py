@@ -289,3 +289,17 @@ def test_rope_compile_fullgraph():
         fullgraph=True, backend="aot_eager",
     )
     torch.testing.assert_close(fn(x), fused_attention.apply_rotary_emb(x, cos, sin, seqlen_offsets=2, backend="torch"))
+
+
+def test_public_position_functions_compile_with_automatic_dispatch():
+    cos, sin = table(32, 16)
+    q, k = rand(2, 4, 7, 16), rand(2, 2, 7, 16)
+    x = rand(9, 2, 12)
+
+    def f(q, k, x):
+        q2, k2 = fused_attention.apply_rotary_emb_qk(q, k, cos, sin, seqlen_offsets=3)
+        return q2, k2, fused_attention.add_sinusoidal_position_encoding(x, offset=4)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for a, b in zip(compiled(q, k, x), f(q, k, x)):
+        torch.testing.assert_close(a, b)
