@@ -54,14 +54,22 @@ def _detached(values: dict) -> dict:
     return {n: t.detach() if isinstance(t, torch.Tensor) else t for n, t in values.items()}
 
 
-def _dense_values(mask: bool, alibi: bool, dropout: bool, causal: bool, window: tuple[int, int]) -> dict:
+def _bhsd(b, h, s, d, gen, transposed=False):
+    """A (B, H, S, D) leaf; transposed: the usual view of a (B, S, H, D) projection (dense, not contiguous)."""
+    t = rand(b, s, h, d, gen=gen).transpose(1, 2) if transposed else rand(b, h, s, d, gen=gen)
+    return t.requires_grad_()
+
+
+def _dense_values(
+    mask: bool, alibi: bool, dropout: bool, causal: bool, window: tuple[int, int], transposed: bool = False
+) -> dict:
     """Arguments of ``torch_attention`` by name: GQA, a broadcast float mask, alibi, key_lengths."""
     gen = torch.Generator().manual_seed(0)
     return {
-        "q": rand(B, HQ, L, D, requires_grad=True, gen=gen),
-        "k": rand(B, HKV, S, D, requires_grad=True, gen=gen),
-        "v": rand(B, HKV, S, DV, requires_grad=True, gen=gen),
-        "mask": rand(1, HQ, L, S, requires_grad=True, gen=gen) if mask else None,
+        "q": _bhsd(B, HQ, L, D, gen, transposed),
+        "k": _bhsd(B, HKV, S, D, gen, transposed),
+        "v": _bhsd(B, HKV, S, DV, gen, transposed),
+        "mask": (_bhsd(1, HQ, S, L, gen).transpose(-1, -2) if transposed else _bhsd(1, HQ, L, S, gen)) if mask else None,
         "key_lengths": torch.tensor([S, 7], dtype=torch.int32),
         "alibi": alibi_slopes(HQ).unsqueeze(0).requires_grad_(True) if alibi else None,
         "seed": _seed() if dropout else None,
@@ -78,6 +86,7 @@ def _dense_values(mask: bool, alibi: bool, dropout: bool, causal: bool, window: 
 DENSE_CONFIGS = {
     "mask+alibi+dropout+gqa": (True, True, True, False, (-1, -1)),
     "causal+window+alibi": (False, True, False, True, (4, 2)),
+    "transposed_qkv_and_mask": (True, True, False, False, (-1, -1), True),
     "mask+dropout+window": (True, False, True, False, (-1, 3)),
 }
 
@@ -233,7 +242,9 @@ def test_compile_sdpa_traces_the_custom_op():
 def test_compile_attention_ops_inductor():
     """The one Inductor test (slow: it compiles C++): dense attention with most extensions, and varlen."""
     grads, others, options = _sdpa_case("causal+alibi+window+softcap+key_lengths")
-    grads["attn_mask"] = rand(B, 1, L, S, requires_grad=True)
+    gen = torch.Generator().manual_seed(5)  # the usual (B, S, H, D) projection layout, and a transposed mask
+    grads |= {"query": _bhsd(B, HQ, L, D, gen, True), "key": _bhsd(B, HKV, S, D, gen, True)}
+    grads["attn_mask"] = rand(B, 1, S, L).transpose(-1, -2).requires_grad_()
     options.pop("is_causal")  # attn_mask excludes is_causal, as in torch
     options["return_lse"] = True
     _compare_with_eager(fused_attention.scaled_dot_product_attention, grads, others, options, "inductor")

@@ -143,7 +143,8 @@ def _exp_(x: torch.Tensor) -> torch.Tensor:
     windows push most scores there; what is flushed is below 1.2e-38 (float32), far under any tolerance.
     """
     limit = _UNDERFLOW[x.dtype]
-    if x.numel() and x.amin() < limit:  # one cheap reduction saves two passes where nothing underflows
+    # One cheap reduction saves two passes where nothing underflows (blocks with no masked entry).
+    if x.numel() and x.amin() < limit:
         x.masked_fill_(x < limit, float("-inf"))
     return x.exp_()
 
@@ -167,13 +168,20 @@ def _mask_block(mask: torch.Tensor, i0: int, i1: int, j0: int, j1: int) -> torch
     return mask[:, :, rows, cols]
 
 
+# Test hook: called with (i0, i1, j0, j1) for every block the math visits, to prove tile skipping.
+visit_hook = None
+
+
 def _chunks(q: torch.Tensor, k: torch.Tensor, rules: Rules):
     batch, hq, seq_q, _ = q.shape
     seq_k = k.shape[2]
     step = chunk_rows(batch, hq, seq_q, seq_k)
     for i0 in range(0, seq_q, step):
         i1 = min(i0 + step, seq_q)
-        yield (i0, i1, *key_range(i0, i1, seq_q, seq_k, rules))
+        block = (i0, i1, *key_range(i0, i1, seq_q, seq_k, rules))
+        if visit_hook is not None and block[2] < block[3]:
+            visit_hook(*block)
+        yield block
 
 
 def _no_autocast(fn):

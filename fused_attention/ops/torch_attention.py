@@ -87,9 +87,10 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
 @torch_attention_backward.register_fake
 def _(dout, q, k, v, lse, mask, key_lengths, alibi, seed, causal, window_left, window_right, softcap, scale,
       dropout_p, need_mask_grad, need_alibi_grad):
-    dmask = torch.empty_like(mask) if need_mask_grad else q.new_empty(0)
-    dalibi = torch.empty_like(alibi) if need_alibi_grad else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask, dalibi
+    # The real op returns fresh contiguous gradients, whatever the inputs' strides.
+    dmask = mask.new_empty(mask.shape) if need_mask_grad else q.new_empty(0)
+    dalibi = alibi.new_empty(alibi.shape) if need_alibi_grad else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask, dalibi
 
 
 _NON_TENSOR_ARGS = ("causal", "window_left", "window_right", "softcap", "scale", "dropout_p")
@@ -98,6 +99,7 @@ _NON_TENSOR_ARGS = ("causal", "window_left", "window_right", "softcap", "scale",
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, key_lengths, alibi, seed, *options = inputs
     ctx.options = options
+    ctx.mark_non_differentiable(output[1])  # lse is returned detached; no gradient flows through it
     ctx.save_for_backward(q, k, v, output[1], mask, key_lengths, alibi, seed)
 
 

@@ -123,6 +123,7 @@ def _(dout, q, k, v, lse, cu_seqlens_q, cu_seqlens_k, alibi, seed, window_left, 
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_q, cu_k, alibi, seed, *options = inputs
     ctx.options = options
+    ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(q, k, v, output[1], cu_q, cu_k, alibi, seed)
 
 

@@ -1,0 +1,89 @@
+"""Triton kernels and their launchers (no autograd, no dispatch).
+
+Importing this package never imports Triton; the kernel modules (``rotary``, ``sinusoidal``, ...) do,
+so import them only after :func:`triton_unavailable_reason` returned None for the device at hand.
+
+Triton fixes interpreter mode per kernel when ``@triton.jit`` runs, that is when a kernel module is
+first imported, not when Triton is imported or a kernel is launched: ``TRITON_INTERPRET=1`` must be in
+the environment before the kernel modules are imported for them to run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+import types
+from collections.abc import Iterator
+
+import torch
+
+
+@functools.cache
+def _import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ModuleNotFoundError as error:
+        if error.name == "triton":
+            return "triton is not installed"
+        return f"triton cannot be imported ({error})"
+    except (ImportError, OSError, RuntimeError) as error:  # a broken install: unavailable, not a crash
+        return f"triton cannot be imported ({type(error).__name__}: {error})"
+    return None
+
+
+def _interpreting_now() -> bool:
+    import triton
+
+    return bool(triton.knobs.runtime.interpret)
+
+
+def _defined_kernel_modes() -> set[bool]:
+    """Interpreter mode (True: interpreted) of every kernel in the kernel modules imported so far."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    modes = set()
+    for module in vars(sys.modules[__name__]).values():
+        if isinstance(module, types.ModuleType) and module.__name__.startswith(__name__ + "."):
+            for obj in vars(module).values():
+                if isinstance(obj, InterpretedFunction):
+                    modes.add(True)
+                elif isinstance(obj, JITFunction):
+                    modes.add(False)
+    return modes
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on tensors of ``device``, or None when they can.
+
+    They can when Triton imports and the device is CUDA, or the device is the CPU and the kernels run
+    under the Triton interpreter (``TRITON_INTERPRET=1`` set before the kernel modules were imported).
+    """
+    error = _import_error()
+    if error is not None:
+        return error
+    device = torch.device(device)
+    if device.type == "cuda":
+        return None
+    if device.type != "cpu":
+        return f"device {device.type} is not supported (triton runs on cuda, and on cpu under TRITON_INTERPRET=1)"
+    modes = _defined_kernel_modes()
+    if False in modes:
+        return (
+            "CPU tensors need the Triton interpreter, but the triton kernels were imported without "
+            "TRITON_INTERPRET=1 (set it before importing them)"
+        )
+    if not modes and not _interpreting_now():
+        return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
+    return None
+
+
+@contextlib.contextmanager
+def device_guard(tensor: torch.Tensor) -> Iterator[None]:
+    """Makes ``tensor``'s CUDA device current while launching (Triton launches on the current device)."""
+    if tensor.is_cuda:
+        with torch.cuda.device(tensor.device):
+            yield
+    else:
+        yield
