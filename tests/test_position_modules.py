@@ -69,14 +69,14 @@ def test_positional_encoding_batch_first_dropout_and_max_len():
 def test_rotary_embedding_module_grows_and_stays_float32():
     module = RotaryEmbedding(16, max_seq_len=8)
     q, k = rand(2, 4, 6, 32), rand(2, 2, 6, 32)
-    q_out, k_out = module(q, k, seqlen_offset=10)  # needs 16 positions: the cache grows
+    q_out, _ = module(q, k, seqlen_offset=10)  # needs 16 positions: the cache grows
     assert module.cos_cached.shape[0] >= 16
     cos, sin = fused_attention.rotary_cos_sin(16, 16)
     expected = fused_attention.apply_rotary_emb(q, cos, sin, seqlen_offsets=10)
     torch.testing.assert_close(q_out, expected)
     module.half()
     assert module.cos_cached.dtype == torch.float32
-    q16, k16 = module(q.half(), k.half())
+    q16, _ = module(q.half(), k.half())
     assert q16.dtype == torch.float16
 
 
