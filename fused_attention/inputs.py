@@ -321,9 +321,12 @@ def canonicalize(
     ndim = max(query.dim(), key.dim(), value.dim(), 3)
     q, k, v = (t.reshape((1,) * (ndim - t.dim()) + tuple(t.shape)) for t in (query, key, value))
     seq_q, seq_k, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    gqa_on_dim0 = False
     if ndim == 3:
-        # (N, L, E): no heads dimension, so N is the batch and there is one head.
-        q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+        # (N, L, E): no heads dimension, so N is the batch and there is one head -- except that torch's
+        # enable_gqa groups dim -3, so under GQA N acts as the heads of a batch of one.
+        gqa_on_dim0 = enable_gqa and not (q.shape[0] == k.shape[0] == v.shape[0])
+        q, k, v = (t.unsqueeze(0 if gqa_on_dim0 else 1) for t in (q, k, v))
     hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
     try:
         batch_shape = tuple(torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3]))
@@ -332,7 +335,7 @@ def canonicalize(
             f"batch dimensions of query {tuple(query.shape)}, key {tuple(key.shape)} and value "
             f"{tuple(value.shape)} do not broadcast"
         ) from e
-    if enable_gqa and ndim > 3 and (hq != hk or hq != hv):
+    if enable_gqa and (hq != hk or hq != hv):
         if hq % hk or hq % hv:
             raise AttentionArgumentError(
                 f"with enable_gqa the number of key ({hk}) and value ({hv}) heads must divide the "
@@ -364,7 +367,7 @@ def canonicalize(
     kc = k.expand(*batch_shape, *k.shape[-3:]).reshape(batch, *k.shape[-3:])
     vc = v.expand(*batch_shape, *v.shape[-3:]).reshape(batch, *v.shape[-3:])
 
-    out_heads = () if ndim == 3 else (heads,)
+    out_heads = () if ndim == 3 and not gqa_on_dim0 else (heads,)
     causal = is_causal
     window_left, window_right = check_window(window_size)
     mask = None

@@ -297,3 +297,14 @@ def test_autocast_casts_as_torch_does(backend, features):
     torch.testing.assert_close(ours, expected, rtol=0, atol=0)
     grads = torch.autograd.grad(ours.float().sum(), (q, k, v))
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_three_dim_gqa_groups_the_leading_dim_as_torch_does(backend):
+    """torch's enable_gqa groups dim -3, which for 3-D inputs is the leading one."""
+    torch.manual_seed(16)
+    q, k, v = rand(4, L, E, requires_grad=True), rand(2, S, E, requires_grad=True), rand(2, S, E, requires_grad=True)
+    out = fused_attention.scaled_dot_product_attention(q, k, v, enable_gqa=True, backend=backend)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert out.shape == expected.shape
+    check_attention(backend, q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), enable_gqa=True)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
