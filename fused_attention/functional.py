@@ -62,7 +62,8 @@ def scaled_dot_product_attention(
         value: ``(N, ..., Hkv, S, Ev)``; ``Ev`` may differ from ``E``. Its length must equal the key's
             (torch's CPU SDPA silently accepts a mismatch; we reject it).
             Batch dimensions (and heads, without ``enable_gqa``) of query, key and value broadcast, as
-            in torch; broadcast tensors are read through their strides, never copied.
+            in torch; broadcast tensors are read through their strides, not copied (except a mixed
+            broadcast over several batch dimensions, which cannot be one strided dimension).
         attn_mask: bool (True = attend), float (added to the scores; float32 or the query dtype), or a
             ``torch.nn.attention.bias.CausalBias`` (``causal_upper_left`` / ``causal_lower_right``,
             applied without materializing it). Any shape broadcastable to ``(N, ..., Hq, L, S)``; it is
