@@ -1,4 +1,5 @@
-"""Self-test of every available attention backend: ``python -m fused_attention check``.
+"""Self-test of every available attention backend: ``python -m fused_attention check`` (which then runs
+the position-kernel checks of :mod:`.check_positions`).
 
 Each backend runs a fixed set of small cases (forward and gradients) in float32 and bfloat16, on the
 CPU and, when there is one, on the GPU, and is compared with :mod:`fused_attention.reference` by the
@@ -346,9 +347,17 @@ def run_check(print_fn: Callable[[str], None] = print) -> bool:
                     line += f"{_fmt(row.forward):19s} {_fmt(row.grad):19s} {row.status}"
                     print_fn(line + (f"  ({row.note})" if row.note else ""))
     counts = {s: sum(r.status == s for r in rows) for s in ("PASS", "FAIL", "SKIP")}
+    from .check_positions import run_position_check  # imports this module's policy
+
+    print_fn("\nposition kernels (forward) vs the float64 formulas:")
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    position_passed, position_failed = run_position_check(print_fn, devices)
+    counts["PASS"] += position_passed
+    counts["FAIL"] += position_failed
+    rows_total = len(rows) + position_passed + position_failed
     elapsed = time.perf_counter() - start
     print_fn(
-        f"{len(rows)} checks: {counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped "
+        f"{rows_total} checks: {counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped "
         f"in {elapsed:.1f} s"
     )
     return counts["FAIL"] == 0 and counts["PASS"] > 0
