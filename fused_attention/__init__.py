@@ -7,6 +7,7 @@ backend unavailable, with a reason (``python -m fused_attention info``).
 from . import _extension
 from .diagnostics import info, support_table
 from .functional import scaled_dot_product_attention, varlen_attention
+from .integrations import patch_model
 from .position import (
     RopeScaling,
     add_sinusoidal_position_encoding,
@@ -26,6 +27,7 @@ __all__ = [
     "apply_rotary_emb",
     "apply_rotary_emb_qk",
     "info",
+    "patch_model",
     "rotary_cos_sin",
     "scaled_dot_product_attention",
     "sinusoidal_position_encoding",

@@ -120,9 +120,8 @@ def reference_attention(
     if empty is None:
         empty = torch.ones(*scores.shape[:-1], 1, dtype=torch.bool, device=scores.device)
     safe = scores.masked_fill(empty, 0.0)
-    lse = torch.logsumexp(safe, dim=-1, keepdim=True)
-    probs = torch.exp(safe - lse).masked_fill(empty, 0.0)
-    lse = lse.masked_fill(empty, float("-inf")).squeeze(-1)
+    probs = torch.softmax(safe, dim=-1).masked_fill(empty, 0.0)
+    lse = torch.logsumexp(safe, dim=-1).masked_fill(empty.squeeze(-1), float("-inf"))
     if dropout_mask is not None:
         probs = probs * dropout_mask / (1.0 - dropout_p)
     return probs @ value, lse

@@ -119,13 +119,6 @@ class _Chunk:
         b, hq = t.shape[:2]
         return t.reshape(b, hq // self.groups, self.groups * self.rows, t.shape[-1])
 
-    def take_probs(self, lse: torch.Tensor) -> torch.Tensor:
-        """exp(s - lse), computed in place over the scores (which are gone afterwards); rows with
-        lse = -inf (nothing visible) give 0, not NaN."""
-        safe = lse.masked_fill(lse == float("-inf"), float("inf"))
-        probs, self.scores = _exp_(self.scores.sub_(safe.unsqueeze(-1))), None
-        return probs
-
     def take_softmax(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(probs, lse)`` of the scores, in place (one exp per score); empty rows give 0 and -inf."""
         row_max = self.scores.amax(dim=-1, keepdim=True)
@@ -226,7 +219,7 @@ def _reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 @_no_autocast
 def attention_backward(
-    dout, q, k, v, lse, mask, key_lengths, alibi, rules: Rules, need_mask_grad: bool, need_alibi_grad: bool
+    dout, q, k, v, mask, key_lengths, alibi, rules: Rules, need_mask_grad: bool, need_alibi_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients ``(dq, dk, dv, dmask, dalibi)``; dmask/dalibi are None unless asked for."""
     batch, hq = q.shape[:2]
@@ -240,7 +233,9 @@ def attention_backward(
         if j0 >= j1:
             continue
         c = _Chunk(q, k, mask, key_lengths, alibi, rules, i0, i1, j0, j1)
-        p = c.take_probs(lse[:, :, i0:i1])
+        # Recompute the softmax of the whole row (the chunk holds every key the row can see) rather than
+        # exp(s - lse): its error does not grow with |lse|, as in torch's own softmax backward.
+        p, _ = c.take_softmax()
         do = c.per_kv_head(dout[:, :, i0:i1].to(cd))
         vs = v[:, :, j0:j1].to(cd)
         p_kept = p if c.keep is None else p * c.keep

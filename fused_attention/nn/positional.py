@@ -121,6 +121,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cached", cos, persistent=False)
         self.register_buffer("sin_cached", sin, persistent=False)
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_lock"]  # a lock cannot be copied or pickled (nn.TransformerEncoder deep-copies layers)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
         if self.cos_cached.dtype != torch.float32:  # casting the module must not round the tables

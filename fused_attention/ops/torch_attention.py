@@ -58,7 +58,6 @@ def torch_attention_backward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    lse: Tensor,
     mask: Tensor | None,
     key_lengths: Tensor | None,
     alibi: Tensor | None,
@@ -75,7 +74,7 @@ def torch_attention_backward(
     """``(dq, dk, dv, dmask, dalibi)``; dmask/dalibi are empty tensors unless asked for."""
     rules = _rules(causal, window_left, window_right, softcap, scale, dropout_p, seed)
     dq, dk, dv, dmask, dalibi = chunked.attention_backward(
-        dout, q, k, v, lse, mask, key_lengths, alibi, rules, need_mask_grad, need_alibi_grad
+        dout, q, k, v, mask, key_lengths, alibi, rules, need_mask_grad, need_alibi_grad
     )
     return dq, dk, dv, _or_empty(dmask, q), _or_empty(dalibi, q)
 
@@ -85,7 +84,7 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
 
 
 @torch_attention_backward.register_fake
-def _(dout, q, k, v, lse, mask, key_lengths, alibi, seed, causal, window_left, window_right, softcap, scale,
+def _(dout, q, k, v, mask, key_lengths, alibi, seed, causal, window_left, window_right, softcap, scale,
       dropout_p, need_mask_grad, need_alibi_grad):
     # The real op returns fresh contiguous gradients, whatever the inputs' strides.
     dmask = mask.new_empty(mask.shape) if need_mask_grad else q.new_empty(0)
@@ -100,15 +99,15 @@ def _setup_context(ctx, inputs, output):
     q, k, v, mask, key_lengths, alibi, seed, *options = inputs
     ctx.options = options
     ctx.mark_non_differentiable(output[1])  # lse is returned detached; no gradient flows through it
-    ctx.save_for_backward(q, k, v, output[1], mask, key_lengths, alibi, seed)
+    ctx.save_for_backward(q, k, v, mask, key_lengths, alibi, seed)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, lse, mask, key_lengths, alibi, seed = ctx.saved_tensors
+    q, k, v, mask, key_lengths, alibi, seed = ctx.saved_tensors
     need_mask_grad = mask is not None and ctx.needs_input_grad[3]
     need_alibi_grad = alibi is not None and ctx.needs_input_grad[5]
     dq, dk, dv, dmask, dalibi = torch_attention_backward(
-        dout.contiguous(), q, k, v, lse, mask, key_lengths, alibi, seed, *ctx.options,
+        dout.contiguous(), q, k, v, mask, key_lengths, alibi, seed, *ctx.options,
         need_mask_grad, need_alibi_grad,
     )
     return (

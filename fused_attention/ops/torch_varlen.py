@@ -84,7 +84,6 @@ def torch_varlen_backward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    lse: Tensor,
     cu_seqlens_q: Tensor,
     cu_seqlens_k: Tensor,
     alibi: Tensor | None,
@@ -104,7 +103,7 @@ def torch_varlen_backward(
         slopes = _slopes(alibi, b)
         grads = chunked.attention_backward(
             _as_dense(dout, rows), _as_dense(q, rows), _as_dense(k, cols), _as_dense(v, cols),
-            lse[:, rows].unsqueeze(0), None, None, slopes, rules, False, need_alibi_grad,
+            None, None, slopes, rules, False, need_alibi_grad,
         )
         for grad, target, index in ((grads[0], dq, rows), (grads[1], dk, cols), (grads[2], dv, cols)):
             target[index] = grad[0].transpose(0, 1)
@@ -114,7 +113,7 @@ def torch_varlen_backward(
 
 
 @torch_varlen_backward.register_fake
-def _(dout, q, k, v, lse, cu_seqlens_q, cu_seqlens_k, alibi, seed, window_left, window_right, softcap,
+def _(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, alibi, seed, window_left, window_right, softcap,
       scale, dropout_p, need_alibi_grad):
     dalibi = torch.empty_like(alibi) if need_alibi_grad else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dalibi
@@ -124,14 +123,14 @@ def _setup_context(ctx, inputs, output):
     q, k, v, cu_q, cu_k, alibi, seed, *options = inputs
     ctx.options = options
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(q, k, v, output[1], cu_q, cu_k, alibi, seed)
+    ctx.save_for_backward(q, k, v, cu_q, cu_k, alibi, seed)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, lse, cu_q, cu_k, alibi, seed = ctx.saved_tensors
+    q, k, v, cu_q, cu_k, alibi, seed = ctx.saved_tensors
     need_alibi_grad = alibi is not None and ctx.needs_input_grad[5]
     dq, dk, dv, dalibi = torch_varlen_backward(
-        dout.contiguous(), q, k, v, lse, cu_q, cu_k, alibi, seed, *ctx.options, need_alibi_grad
+        dout.contiguous(), q, k, v, cu_q, cu_k, alibi, seed, *ctx.options, need_alibi_grad
     )
     return dq, dk, dv, None, None, dalibi if need_alibi_grad else None, None, None, None, None, None, None
 
