@@ -260,6 +260,25 @@ def test_rotary_matches_formula(device, dtype, shape, interleaved, conjugate):
     check_rotary(out, x, cos, sin, positions, interleaved, conjugate)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half_split", "interleaved"])
+def test_rotary_16_bit_rounding_matches_torch(dtype, interleaved):
+    # The CPU kernels convert float16/bfloat16 with their own vectorized code: with sin = 0 the output is
+    # round(x * cos) exactly, to compare bit for bit with torch's conversion, over subnormals to overflow.
+    scales = torch.tensor([1e-7, 1e-5, 1e-2, 1.0, 1e2, 3e4, 1e36], dtype=torch.float64)
+    x = randn(3, 7, 5, 46, dtype=torch.float64) * scales[torch.randint(0, 7, (3, 7, 5, 46))]
+    x = x.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max).to(dtype)  # finite in, overflow out
+    cos = torch.rand(9, 21) * 2.5
+    positions = position_ids("random", 3, 7, 9, "cpu")
+    out = ops.rotary(x, cos, torch.zeros_like(cos), positions, interleaved, False)
+    scaled = x.float()
+    features = torch.arange(0, 42, 2) if interleaved else torch.arange(21)
+    pairs = features + 1 if interleaved else features + 21
+    for index in (features, pairs):
+        scaled[..., index] = scaled[..., index] * cos[positions][:, :, None, :]
+    torch.testing.assert_close(out, scaled.to(dtype), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["arange", "offsets", "random", "transposed"])
 @pytest.mark.parametrize("interleaved", [False, True], ids=["half_split", "interleaved"])
