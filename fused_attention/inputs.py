@@ -29,8 +29,31 @@ from .errors import AttentionArgumentError, AttentionTypeError
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+class _QueryFacts:
+    """Properties every canonical inputs object derives from its query and value."""
+
+    query: torch.Tensor
+    value: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.query.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.query.dtype
+
+    @property
+    def head_dim(self) -> int:
+        return self.query.shape[-1]
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.value.shape[-1]
+
+
 @dataclass(frozen=True)
-class AttentionInputs:
+class AttentionInputs(_QueryFacts):
     """Canonical dense attention call (see module docstring for the layout)."""
 
     query: torch.Tensor
@@ -50,25 +73,9 @@ class AttentionInputs:
     lse_shape: tuple[int, ...]
     features: frozenset[str] = field(default_factory=frozenset)
 
-    @property
-    def device(self) -> torch.device:
-        return self.query.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.query.dtype
-
-    @property
-    def head_dim(self) -> int:
-        return self.query.shape[-1]
-
-    @property
-    def value_head_dim(self) -> int:
-        return self.value.shape[-1]
-
 
 @dataclass(frozen=True)
-class VarlenInputs:
+class VarlenInputs(_QueryFacts):
     """Canonical packed (varlen) attention call: ``(total, H, D)`` tensors and ``cu_seqlens``."""
 
     query: torch.Tensor
@@ -87,22 +94,6 @@ class VarlenInputs:
     scale: float
     return_lse: bool
     features: frozenset[str] = field(default_factory=frozenset)
-
-    @property
-    def device(self) -> torch.device:
-        return self.query.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.query.dtype
-
-    @property
-    def head_dim(self) -> int:
-        return self.query.shape[-1]
-
-    @property
-    def value_head_dim(self) -> int:
-        return self.value.shape[-1]
 
 
 def content_checks_enabled(t: torch.Tensor) -> bool:

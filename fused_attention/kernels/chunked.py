@@ -21,6 +21,7 @@ import torch
 _CHUNK_ELEMENTS = 1 << 19
 _MIN_CHUNK = 16
 _GOLDEN = 0x9E3779B97F4A7C15
+_STREAM = 0xD1B54A32D192ED03
 # log of the smallest normal number: exp below this is subnormal.
 _UNDERFLOW = {torch.float32: -87.3, torch.float64: -708.3}
 
@@ -36,6 +37,13 @@ class Rules:
     scale: float
     dropout_p: float
     seed: int
+
+
+def rules_from_op(causal, window_left, window_right, softcap, scale, dropout_p, seed, stream: int = 0) -> Rules:
+    """Rules from custom-op arguments; ``seed`` is an int64 tensor (or None without dropout), and
+    ``stream`` derives an independent dropout stream (one per packed sequence)."""
+    base = int(seed.item()) if seed is not None else 0
+    return Rules(causal, window_left, window_right, softcap, scale, dropout_p, (base + stream * _STREAM) % (1 << 63))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -12,18 +12,6 @@ from torch import Tensor
 from ..kernels import chunked
 
 
-def _rules(causal, window_left, window_right, softcap, scale, dropout_p, seed: Tensor | None) -> chunked.Rules:
-    return chunked.Rules(
-        causal=causal,
-        window_left=window_left,
-        window_right=window_right,
-        softcap=softcap,
-        scale=scale,
-        dropout_p=dropout_p,
-        seed=int(seed.item()) if seed is not None else 0,
-    )
-
-
 @torch.library.custom_op("fused_attention::torch_attention", mutates_args=())
 def torch_attention(
     q: Tensor,
@@ -41,7 +29,7 @@ def torch_attention(
     dropout_p: float,
 ) -> tuple[Tensor, Tensor]:
     """Canonical dense attention; returns ``(out, lse)`` (see :mod:`fused_attention.kernels.chunked`)."""
-    rules = _rules(causal, window_left, window_right, softcap, scale, dropout_p, seed)
+    rules = chunked.rules_from_op(causal, window_left, window_right, softcap, scale, dropout_p, seed)
     return chunked.attention_forward(q, k, v, mask, key_lengths, alibi, rules)
 
 
@@ -72,7 +60,7 @@ def torch_attention_backward(
     need_alibi_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, dmask, dalibi)``; dmask/dalibi are empty tensors unless asked for."""
-    rules = _rules(causal, window_left, window_right, softcap, scale, dropout_p, seed)
+    rules = chunked.rules_from_op(causal, window_left, window_right, softcap, scale, dropout_p, seed)
     dq, dk, dv, dmask, dalibi = chunked.attention_backward(
         dout, q, k, v, mask, key_lengths, alibi, rules, need_mask_grad, need_alibi_grad
     )

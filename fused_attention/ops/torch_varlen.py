@@ -11,8 +11,6 @@ from torch import Tensor
 
 from ..kernels import chunked
 
-_SEQUENCE_SEED_STRIDE = 0xD1B54A32D192ED03
-
 
 def _sequences(cu_q: Tensor, cu_k: Tensor):
     cq, ck = cu_q.tolist(), cu_k.tolist()
@@ -23,19 +21,6 @@ def _sequences(cu_q: Tensor, cu_k: Tensor):
 def _as_dense(t: Tensor, rows: slice) -> Tensor:
     """Packed ``(total, H, D)`` rows -> a ``(1, H, len, D)`` view."""
     return t[rows].transpose(0, 1).unsqueeze(0)
-
-
-def _rules(b, window_left, window_right, softcap, scale, dropout_p, seed: Tensor | None) -> chunked.Rules:
-    base = int(seed.item()) if seed is not None else 0
-    return chunked.Rules(
-        causal=False,
-        window_left=window_left,
-        window_right=window_right,
-        softcap=softcap,
-        scale=scale,
-        dropout_p=dropout_p,
-        seed=(base + b * _SEQUENCE_SEED_STRIDE) % (1 << 63),
-    )
 
 
 def _slopes(alibi: Tensor | None, b: int) -> Tensor | None:
@@ -63,7 +48,7 @@ def torch_varlen(
     out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
     lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=chunked.compute_dtype(q.dtype))
     for b, rows, cols in _sequences(cu_seqlens_q, cu_seqlens_k):
-        rules = _rules(b, window_left, window_right, softcap, scale, dropout_p, seed)
+        rules = chunked.rules_from_op(False, window_left, window_right, softcap, scale, dropout_p, seed, stream=b)
         o, s = chunked.attention_forward(
             _as_dense(q, rows), _as_dense(k, cols), _as_dense(v, cols), None, None, _slopes(alibi, b), rules
         )
@@ -99,7 +84,7 @@ def torch_varlen_backward(
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dalibi = torch.zeros_like(alibi) if need_alibi_grad else q.new_empty(0)
     for b, rows, cols in _sequences(cu_seqlens_q, cu_seqlens_k):
-        rules = _rules(b, window_left, window_right, softcap, scale, dropout_p, seed)
+        rules = chunked.rules_from_op(False, window_left, window_right, softcap, scale, dropout_p, seed, stream=b)
         slopes = _slopes(alibi, b)
         grads = chunked.attention_backward(
             _as_dense(dout, rows), _as_dense(q, rows), _as_dense(k, cols), _as_dense(v, cols),
