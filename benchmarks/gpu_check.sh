@@ -18,5 +18,6 @@ run info python -m fused_attention info
 run check python -m fused_attention check
 run tests_gpu python -m pytest -q -x tests/test_extension.py tests/test_position.py tests/test_position_modules.py \
   tests/test_triton_positional.py tests/test_attention.py -k "cuda or triton or not cpu"
-run bench_position python benchmarks/position_cpu.py --backend cuda
+run bench_position python benchmarks/position_cpu.py --device cuda
+run bench_position_triton python benchmarks/position_cpu.py --device cuda --backend triton
 tail -n 3 "$OUT"/*.txt

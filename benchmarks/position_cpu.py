@@ -33,12 +33,14 @@ def _rotate_half(x):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default=None, help="force a backend (default: automatic)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (torch.utils.benchmark syncs CUDA)")
     args = parser.parse_args()
     torch.manual_seed(0)
+    torch.set_default_device(args.device)
     b, s, h, d = 4, 2048, 16, 128
     x = torch.randn(b, s, h, d)
     k = torch.randn(b, s, h, d)
-    cos, sin = fused_attention.rotary_cos_sin(s, d)
+    cos, sin = fused_attention.rotary_cos_sin(s, d, device=args.device)
     cos_full = torch.cat((cos, cos), -1)[None, :, None, :]
     sin_full = torch.cat((sin, sin), -1)[None, :, None, :]
     rows = {
@@ -67,7 +69,7 @@ def main() -> None:
     }
     times = {name: _median_ms(fn) for name, fn in rows.items()}
     print(f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"backend {args.backend or 'automatic'}")
+          f"backend {args.backend or 'automatic'}, device {args.device}")
     print("| kernel | median (ms) | vs copy |")
     print("|---|---|---|")
     copies = {"rope qk": "rope qk: q.clone(), k.clone()", "rope": "rope: x.clone()", "sinusoidal": "sinusoidal: x.clone()"}
