@@ -1,0 +1,180 @@
+"""Hugging Face transformers integration: ``attn_implementation="fused_attention"``.
+
+Importing this module (or calling :func:`register`) registers the attention function
+:func:`fused_attention_forward` with ``transformers.AttentionInterface`` and the mask function
+:func:`fused_attention_mask` with ``transformers.masking_utils.AttentionMaskInterface``, both under the
+name ``"fused_attention"``. Then::
+
+    import fused_attention.integrations.huggingface  # noqa: F401  (registers)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="fused_attention")
+    # or, on a model already built:
+    model.set_attn_implementation("fused_attention")
+
+transformers is optional: ``import fused_attention`` never imports it, and importing this module
+without it raises an ``ImportError`` that says how to install it.
+
+How masks travel (the contract between the two registered functions). Like transformers'
+flash-attention integration, the mask function hands over only what the attention cannot rebuild
+itself; causality comes from ``module.is_causal`` and the window from the ``sliding_window`` keyword
+that the attention module passes:
+
+- ``None``: no padding; the attention applies causal / sliding-window masking, bottom-right aligned
+  (a query at cache position ``p`` sees keys up to ``p``, as in KV-cache decoding).
+- a 1-D integer tensor ``(B,)``: right padding only, as ``key_lengths`` (no mask tensor at all).
+- a 2-D bool tensor ``(B, S)`` (True = attend): any other padding, read as a broadcast
+  ``(B, 1, 1, S)`` mask, never expanded to ``L x S``.
+- a 4-D tensor: a full mask (bool True = attend, or float added to the scores), used as it is and
+  holding all the structure (no causal or window flag is added). This is what the mask function builds
+  (with transformers' ``sdpa_mask``) when the pattern is not a plain causal, bidirectional or
+  sliding-window-causal one over aligned positions (packed sequences, custom ``or``/``and`` mask
+  functions, chunked attention, a static cache whose queries are not at its end), and what a user's
+  own 4-D mask arrives as.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+try:
+    import transformers
+    from transformers import masking_utils
+except ImportError as error:  # pragma: no cover - exercised only without transformers
+    raise ImportError(
+        "fused_attention.integrations.huggingface needs Hugging Face transformers: "
+        "pip install 'fused-attention[hf]' (or pip install transformers)"
+    ) from error
+
+from ..functional import scaled_dot_product_attention
+
+__all__ = ["NAME", "fused_attention_forward", "fused_attention_mask", "register"]
+
+NAME = "fused_attention"
+
+
+def _is_sliding_window_causal(mask_function: Any) -> bool:
+    """Whether ``mask_function`` is transformers' ``sliding_window_causal_mask_function(w)``: an
+    ``and_masks`` of ``sliding_window_overlay(w)`` and ``causal_mask_function`` and nothing else."""
+    if getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask":
+        return False
+    cells = mask_function.__closure__ or ()
+    parts = cells[0].cell_contents if len(cells) == 1 else ()
+    return (
+        isinstance(parts, tuple) and len(parts) == 2
+        and getattr(parts[0], "__qualname__", "").startswith("sliding_window_overlay.")
+        and parts[1] is masking_utils.causal_mask_function
+    )
+
+
+def fused_attention_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int | torch.Tensor = 0,
+    kv_offset: int = 0,
+    mask_function: Any = masking_utils.causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """transformers mask function for ``"fused_attention"`` (see the module docstring for what it returns).
+
+    Args follow ``transformers.masking_utils.sdpa_mask``: ``attention_mask`` is the 2-D bool padding mask
+    ``(B, seen + q_length)`` (True = token), the query sits at positions ``q_offset ..`` and the keys at
+    ``kv_offset .. kv_offset + kv_length``. Only the padding is returned when the pattern is one the
+    attention rebuilds from its flags; anything else is built densely by ``sdpa_mask``.
+    """
+    standard = (
+        mask_function is masking_utils.causal_mask_function
+        or mask_function is masking_utils.bidirectional_mask_function
+        or _is_sliding_window_causal(mask_function)
+    )
+    # The attention aligns causality bottom-right: query i at key position i + kv_length - q_length.
+    aligned = isinstance(q_offset, int) and q_offset - kv_offset == kv_length - q_length
+    if standard and aligned and not kwargs.get("use_vmap", False):
+        if attention_mask is None:
+            return None
+        padding = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        padding = padding[:, kv_offset : kv_offset + kv_length].to(torch.bool)
+        lengths = padding.sum(-1)
+        positions = torch.arange(kv_length, device=padding.device)
+        if torch.equal(padding, positions < lengths[:, None]):  # right padding (or none)
+            return None if bool((lengths == kv_length).all()) else lengths
+        return padding
+    dense_kwargs = {k: v for k, v in kwargs.items() if k not in ("allow_is_causal_skip", "allow_is_bidirectional_skip")}
+    return masking_utils.sdpa_mask(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+        mask_function=mask_function, attention_mask=attention_mask, allow_is_causal_skip=False,
+        allow_is_bidirectional_skip=False, **dense_kwargs,
+    )
+
+
+def fused_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    is_causal: bool | None = None,
+    position_bias: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function for ``"fused_attention"``.
+
+    Args:
+        module: the calling attention module; ``module.is_causal`` (overridden by ``is_causal``) sets
+            causality, ``module.training`` gates dropout.
+        query: ``(B, Hq, L, D)``. key, value: ``(B, Hkv, S, D)``; ``Hq`` a multiple of ``Hkv`` (GQA by
+            head counts, K and V never repeated).
+        attention_mask: what :func:`fused_attention_mask` returned (``None``, key lengths ``(B,)``, padding
+            ``(B, S)`` bool, or a full 4-D bool/float mask), or a user's 4-D mask.
+        dropout: attention dropout probability, applied in training mode only.
+        scaling: score scale (default ``1 / sqrt(D)``).
+        sliding_window: query at position ``p`` sees keys ``p - sliding_window < j <= p`` (causal) or
+            ``|p - j| <= sliding_window`` (bidirectional), transformers' conventions, unless a 4-D mask
+            already holds the pattern.
+        softcap: logit soft-capping (Gemma-2), before masking.
+        position_bias: float bias ``(B or 1, Hq or 1, L, S)`` added to the scores (T5 style).
+
+    Returns:
+        ``(attn_output, None)``: ``attn_output`` is ``(B, L, Hq, D)``, contiguous; no attention weights.
+    """
+    q_length, kv_length = query.shape[2], key.shape[2]
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    mask, key_lengths, window = attention_mask, None, None
+    if mask is None or mask.dim() < 4:  # the structure is ours to apply, bottom-right aligned
+        if mask is not None and mask.dim() == 1:
+            mask, key_lengths = None, mask
+        elif mask is not None:
+            mask = mask[:, None, None, -kv_length:]
+        if sliding_window is not None:
+            # transformers: causal sees p - w < j <= p; bidirectional sees |p - j| <= w
+            window = (sliding_window - 1, 0) if causal else (sliding_window, sliding_window)
+        elif causal and q_length > 1:
+            window = (-1, 0)
+    if position_bias is not None:
+        if mask is None:
+            mask = position_bias
+        elif mask.dtype == torch.bool:
+            mask = position_bias.masked_fill(~mask, float("-inf"))
+        else:
+            mask = position_bias + mask
+    out = scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1], window_size=window, softcap=softcap or None,
+        key_lengths=key_lengths,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Registers ``"fused_attention"`` with transformers' attention and mask interfaces (idempotent)."""
+    transformers.AttentionInterface.register(NAME, fused_attention_forward)
+    masking_utils.AttentionMaskInterface.register(NAME, fused_attention_mask)
+
+
+register()

@@ -1,0 +1,195 @@
+"""Hugging Face transformers integration: tiny models built from configs (no downloads) give eager's
+answers within the tolerance policy, with padding, GQA, KV-cache generation, softcap and windows."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from fused_attention.integrations import huggingface
+from tests.conftest import assert_policy
+
+NAME = "fused_attention"
+
+
+def _build(config_cls, model_cls, seed=0, **config):
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**config)).eval()
+
+
+def _run(model, impl, dtype, inputs, train=False):
+    model = copy.deepcopy(model).to(dtype)
+    model.set_attn_implementation(impl)
+    model.train(train)
+    out = model(**inputs)
+    return model, out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _check_model(model, inputs, keep: torch.Tensor, grads: bool = True) -> None:
+    """Output of ours (float32) against eager in float32 and float64 on the kept positions; then the
+    gradients of every parameter for one shared upstream gradient (policy factor 3)."""
+    results = {}
+    for impl, dtype in ((NAME, torch.float32), ("eager", torch.float32), ("eager", torch.float64)):
+        results[impl, dtype] = _run(model, impl, dtype, inputs, train=grads)
+    outs = {k: v[1] for k, v in results.items()}
+    ours, ref_dt, ref64 = outs[NAME, torch.float32], outs["eager", torch.float32], outs["eager", torch.float64]
+    assert_policy(ours[keep], ref_dt[keep], ref64[keep], 2, "output")
+    if not grads:
+        return
+    upstream = torch.randn(ref64[keep].shape, dtype=torch.float64)
+    named = {}
+    for key, (m, out) in results.items():
+        (out[keep] * upstream.to(out.dtype)).sum().backward()
+        named[key] = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    assert named[NAME, torch.float32].keys() == named["eager", torch.float64].keys()
+    for name in named["eager", torch.float64]:
+        assert_policy(
+            named[NAME, torch.float32][name], named["eager", torch.float32][name],
+            named["eager", torch.float64][name], 3, f"grad {name}",
+        )
+
+
+def test_import_fused_attention_does_not_import_transformers():
+    code = "import sys, fused_attention; assert 'transformers' not in sys.modules, 'transformers imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_registered():
+    huggingface.register()  # idempotent
+    assert transformers.AttentionInterface._global_mapping[NAME] is huggingface.fused_attention_forward
+    mapping = transformers.masking_utils.AttentionMaskInterface._global_mapping
+    assert mapping[NAME] is huggingface.fused_attention_mask
+
+
+def test_mask_function_hands_over_padding_only():
+    mu = transformers.masking_utils
+    kw = {"batch_size": 2, "q_length": 5, "kv_length": 5}
+    full = torch.ones(2, 5, dtype=torch.bool)
+    assert huggingface.fused_attention_mask(**kw, mask_function=mu.causal_mask_function, attention_mask=full) is None
+    right = full.clone()
+    right[1, 3:] = False
+    lengths = huggingface.fused_attention_mask(**kw, mask_function=mu.bidirectional_mask_function, attention_mask=right)
+    assert lengths.tolist() == [5, 3]
+    left = full.clone()
+    left[1, :2] = False
+    padding = huggingface.fused_attention_mask(**kw, attention_mask=left)
+    assert padding.shape == (2, 5) and torch.equal(padding, left)
+    sliding = mu.sliding_window_causal_mask_function(3)
+    assert huggingface.fused_attention_mask(**kw, mask_function=sliding, attention_mask=full) is None
+    # anything it cannot express (here: a custom overlay; a static cache's queries not at its end) is dense
+    custom = mu.and_masks(mu.causal_mask_function, lambda b, h, q, k: k != 1)
+    assert huggingface.fused_attention_mask(**kw, mask_function=custom, use_vmap=True).shape == (2, 1, 5, 5)
+    static = huggingface.fused_attention_mask(batch_size=2, q_length=3, kv_length=8, attention_mask=full[:, :3])
+    assert static.shape == (2, 1, 3, 8)
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_bert_padded(padding):
+    from transformers import BertConfig, BertModel
+
+    model = _build(
+        BertConfig, BertModel, vocab_size=101, hidden_size=40, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=48, max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    ids = torch.randint(1, 101, (3, 11))
+    mask = torch.ones(3, 11, dtype=torch.long)
+    if padding == "right":
+        mask[1, 7:], mask[2, 2:] = 0, 0
+    else:
+        mask[1, :4], mask[2, 3:6] = 0, 0
+    _check_model(model, {"input_ids": ids, "attention_mask": mask}, mask.bool())
+
+
+def _llama(**extra):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = {
+        "vocab_size": 97, "hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 6, "num_key_value_heads": 2, "max_position_embeddings": 64,
+    }
+    return _build(LlamaConfig, LlamaForCausalLM, **{**config, **extra})
+
+
+def test_llama_gqa_right_padded():
+    ids = torch.randint(0, 97, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 6:] = 0
+    _check_model(_llama(), {"input_ids": ids, "attention_mask": mask}, mask.bool())
+
+
+def _generate(model, impl, ids, mask=None, new=8):
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+
+
+def test_llama_gqa_generate_matches_eager():
+    model = _llama().double()
+    ids = torch.randint(1, 97, (2, 7))
+    assert torch.equal(_generate(model, NAME, ids), _generate(model, "eager", ids))
+
+
+def test_llama_generate_left_padded_matches_each_sequence_alone():
+    # eager gives NaN on a left-padded batch's padding rows, so each row is checked against itself unpadded
+    model = _llama().double()
+    ids = torch.randint(1, 97, (2, 7))
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    batched = _generate(model, NAME, ids, mask)
+    for row, start in ((0, 0), (1, 3)):
+        alone = _generate(model, "eager", ids[row : row + 1, start:])
+        assert torch.equal(batched[row, 7:], alone[0, 7 - start :])
+
+
+def test_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = _build(
+        GPT2Config, GPT2LMHeadModel, vocab_size=89, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    ids = torch.randint(0, 89, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, 5:] = 0
+    _check_model(model, {"input_ids": ids, "attention_mask": mask}, mask.bool())
+    double = model.double()
+    assert torch.equal(_generate(double, NAME, ids[:1]), _generate(double, "eager", ids[:1]))
+
+
+def _gemma2():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    return _build(
+        Gemma2Config, Gemma2ForCausalLM, vocab_size=83, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=4,
+        attn_logit_softcapping=0.5, query_pre_attn_scalar=8, layer_types=["sliding_attention", "full_attention"],
+    )
+
+
+def test_gemma2_softcap_and_window():
+    ids = torch.randint(0, 83, (2, 13))
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[1, 10:] = 0  # fewer pads than the window: eager in float64 gives NaN on rows that see no key
+    _check_model(_gemma2(), {"input_ids": ids, "attention_mask": mask}, mask.bool())
+
+
+def test_gemma2_generate_past_the_window():
+    model = _gemma2().double()
+    ids = torch.randint(1, 83, (2, 6))
+    assert torch.equal(_generate(model, NAME, ids, new=7), _generate(model, "eager", ids, new=7))
+
+
+def test_dropout_only_in_training():
+    model = _llama(attention_dropout=0.5)
+    model.set_attn_implementation(NAME)
+    ids = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)
+        model.train()
+        assert not torch.equal(model(ids).logits, model(ids).logits)
