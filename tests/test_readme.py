@@ -23,3 +23,9 @@ def test_quick_start_has_two_commands_and_ci_runs_the_test_one():
     ci = (ROOT / ".ci" / "run").read_text()
     test_command = re.search(r'^TEST_COMMAND="(.*)"$', ci, flags=re.MULTILINE).group(1)
     assert commands[1].endswith("&& " + test_command)
+
+
+def test_python_snippets_run():
+    """Every ```python block of the README runs as written (in one namespace, top to bottom)."""
+    code = "\n\n".join(re.findall(r"```python\n(.*?)\n```", README, flags=re.DOTALL))
+    exec(compile(code, "README.md", "exec"), {})
