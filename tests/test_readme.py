@@ -28,4 +28,4 @@ def test_quick_start_has_two_commands_and_ci_runs_the_test_one():
 def test_python_snippets_run():
     """Every ```python block of the README runs as written (in one namespace, top to bottom)."""
     code = "\n\n".join(re.findall(r"```python\n(.*?)\n```", README, flags=re.DOTALL))
-    exec(compile(code, "README.md", "exec"), {})
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - running our own README is the point
