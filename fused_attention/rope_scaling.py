@@ -37,7 +37,7 @@ class RopeScaling:
     truncate: bool = True  # yarn
 
 
-def _as_scaling(scaling: object) -> RopeScaling | None:
+def as_scaling(scaling: object) -> RopeScaling | None:
     if scaling is None or isinstance(scaling, RopeScaling):
         return scaling
     if not isinstance(scaling, dict):
@@ -151,9 +151,11 @@ def rotary_cos_sin(
         raise AttentionArgumentError(f"rotary_dim must be a positive even int, got {rotary_dim!r}")
     if not isinstance(base, (int, float)) or not base > 1:
         raise AttentionArgumentError(f"base must be a number > 1, got {base!r}")
-    params = _as_scaling(scaling)
+    params = as_scaling(scaling)
     if params is not None:
         _check(params)
+        if params.rope_type == "dynamic" and rotary_dim <= 2:
+            raise AttentionArgumentError(f"dynamic scaling needs rotary_dim > 2, got {rotary_dim}")
     inv_freq, attention = inverse_frequencies(rotary_dim, float(base), params, seq_len)
     angles = torch.arange(seq_len, dtype=torch.float64).unsqueeze(1) * inv_freq.unsqueeze(0)
     cos, sin = angles.cos() * attention, angles.sin() * attention

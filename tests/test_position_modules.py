@@ -165,3 +165,16 @@ def test_rope_scaling_dataclass_and_bad_input():
         fused_attention.rotary_cos_sin(10, 8, scaling={"rope_type": "yarn", "factor": 2.0})
     with pytest.raises(ValueError, match="rotary_dim"):
         fused_attention.rotary_cos_sin(10, 7)
+
+
+def test_rotary_embedding_dynamic_ntk_follows_the_sequence_length():
+    """Dynamic NTK: frequencies from max(sequence, original context), whatever the cache's history."""
+    scaling = {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 16}
+    module = RotaryEmbedding(8, scaling=scaling, max_seq_len=64)
+    for seq in (8, 40, 8, 24, 16):
+        q, k = rand(1, 2, seq, 8), rand(1, 2, seq, 8)
+        cos, sin = fused_attention.rotary_cos_sin(max(seq, 16), 8, scaling=scaling)
+        for got, x in zip(module(q, k), (q, k)):
+            torch.testing.assert_close(got, fused_attention.apply_rotary_emb(x, cos, sin), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="rotary_dim > 2"):
+        fused_attention.rotary_cos_sin(4, 2, scaling=scaling)

@@ -17,6 +17,7 @@ from ..position import (
     apply_rotary_emb_qk,
     rotary_cos_sin,
 )
+from ..rope_scaling import as_scaling
 
 # A loaded ``pe`` within this of the formula is the formula (different sin implementations differ by
 # an ulp); a trained or edited table differs by far more.
@@ -37,7 +38,9 @@ class PositionalEncoding(nn.Module):
     """Drop-in for the classic sinusoidal ``PositionalEncoding`` (``x + pe[:x.size(0)]``, then dropout).
 
     Same buffer ``pe`` of shape ``(max_len, 1, d_model)``, so state_dicts load both ways; the forward adds
-    the encoding computed inside the kernel (one read and one write of ``x``, no table read). If the
+    the encoding computed inside the kernel (one read and one write of ``x``, no table read). Outputs
+    equal the classic module's within float rounding: the classic float32 table is itself off by up to
+    about 2e-4 at positions near 5000 (float32 angles); the kernel's encoding is closer to exact. If the
     ``pe`` it holds differs from the formula (loaded from a trained or edited model, or edited in place),
     it adds that stored table instead, so loading never silently changes results.
 
@@ -92,7 +95,10 @@ class RotaryEmbedding(nn.Module):
     The cache lives in non-persistent buffers (moved with the module, kept in float32 when the module is
     cast), is grown on demand for longer sequences (under a lock, so threads may share the module), and
     is applied to q and k in one launch of :func:`fused_attention.apply_rotary_emb_qk`. Under
-    ``torch.compile`` the cache cannot grow: size it up front with ``max_seq_len``.
+    ``torch.compile`` the cache cannot grow: size it up front with ``max_seq_len``. With ``dynamic``
+    (NTK) scaling the frequencies depend on the sequence length itself, so the table is rebuilt for
+    ``max(positions needed, original_max_position_embeddings)`` whenever that changes, as Hugging Face
+    does (``max_seq_len`` is then unused; under ``torch.compile`` the original context's table is used).
 
     Args:
         dim: rotary dim (even); features beyond it pass through.
@@ -117,6 +123,14 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.dim, self.base, self.interleaved, self.scaling = dim, base, interleaved, scaling
         self._lock = threading.Lock()
+        # Dynamic NTK's frequencies depend on the sequence length itself (the base grows past the
+        # original context), so its table is always built for exactly max(needed, original) positions.
+        parsed = as_scaling(scaling)
+        self._dynamic_context = (
+            int(parsed.original_max_position_embeddings or 0) if parsed and parsed.rope_type == "dynamic" else None
+        )
+        if self._dynamic_context is not None:
+            max_seq_len = self._dynamic_context
         cos, sin = rotary_cos_sin(max_seq_len, dim, base=base, scaling=scaling)
         self.register_buffer("cos_cached", cos, persistent=False)
         self.register_buffer("sin_cached", sin, persistent=False)
@@ -142,7 +156,17 @@ class RotaryEmbedding(nn.Module):
 
     def _tables(self, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.cos_cached, self.sin_cached
-        if needed <= cos.shape[0] or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            return cos, sin
+        if self._dynamic_context is not None:
+            length = max(needed, self._dynamic_context)
+            if length == cos.shape[0]:
+                return cos, sin
+            with self._lock:
+                cos, sin = rotary_cos_sin(length, self.dim, base=self.base, scaling=self.scaling, device=cos.device)
+                self.cos_cached, self.sin_cached = cos, sin
+                return cos, sin
+        if needed <= cos.shape[0]:
             return cos, sin
         with self._lock:
             if needed > self.cos_cached.shape[0]:
