@@ -288,9 +288,7 @@ def _devices(backend: Backend) -> tuple[list[str], list[str]]:
     present = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     devices, skipped = [], []
     for device in present:
-        types = backend.capabilities.device_types
-        reason = None if types is None or device in types else "device not supported"
-        reason = reason or backend.device_reason(torch.device(device))
+        reason = backend.serves_device_reason(torch.device(device))
         if reason:
             skipped.append(f"{backend.name} on {device}: {reason}")
         else:

@@ -196,7 +196,7 @@ def check_alibi(alibi_slopes: object, batch: int, heads: int, device: torch.devi
     )
 
 
-def _check_int_vector(name: str, t: object, length: int, device: torch.device) -> torch.Tensor:
+def check_int_vector(name: str, t: object, length: int, device: torch.device) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in (torch.int32, torch.int64):
@@ -211,7 +211,7 @@ def _check_int_vector(name: str, t: object, length: int, device: torch.device) -
 def check_key_lengths(key_lengths: object, batch: int, seq_k: int, device: torch.device) -> torch.Tensor | None:
     if key_lengths is None:
         return None
-    kl = _check_int_vector("key_lengths", key_lengths, batch, device)
+    kl = check_int_vector("key_lengths", key_lengths, batch, device)
     if content_checks_enabled(kl) and kl.numel() and (int(kl.min()) < 0 or int(kl.max()) > seq_k):
         raise AttentionArgumentError(
             f"key_lengths values must be in [0, {seq_k}] (the key length), got {kl.tolist()}"
@@ -426,12 +426,12 @@ def canonicalize(
     )
 
 
-def _check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) -> torch.Tensor:
+def check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) -> torch.Tensor:
     if not isinstance(cu, torch.Tensor):
         raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dim() != 1 or cu.numel() < 1:
         raise AttentionArgumentError(f"{name} must be 1-D with batch + 1 entries, got shape {tuple(cu.shape)}")
-    cu = _check_int_vector(name, cu, cu.numel(), device)
+    cu = check_int_vector(name, cu, cu.numel(), device)
     if content_checks_enabled(cu):
         values = cu.tolist()
         if values[0] != 0 or any(b < a for a, b in itertools.pairwise(values)):
@@ -443,7 +443,7 @@ def _check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) -
     return cu
 
 
-def _check_max_seqlen(name: str, value: object, cu: torch.Tensor) -> int:
+def check_max_seqlen(name: str, value: object, cu: torch.Tensor) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise AttentionArgumentError(f"{name} must be a non-negative int, got {value!r}")
     if content_checks_enabled(cu) and cu.numel() > 1 and int((cu[1:] - cu[:-1]).max()) > value:
@@ -482,8 +482,8 @@ def canonicalize_varlen(
         )
     if q.shape[1] % k.shape[1]:
         raise AttentionArgumentError(f"k heads ({k.shape[1]}) must divide q heads ({q.shape[1]})")
-    cu_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-    cu_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    cu_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
     if cu_q.numel() != cu_k.numel():
         raise AttentionArgumentError(
             f"cu_seqlens_q and cu_seqlens_k must have the same length, got {cu_q.numel()} and {cu_k.numel()}"
@@ -516,8 +516,8 @@ def canonicalize_varlen(
         value=v,
         cu_seqlens_q=cu_q,
         cu_seqlens_k=cu_k,
-        max_seqlen_q=_check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_q),
-        max_seqlen_k=_check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_k),
+        max_seqlen_q=check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_q),
+        max_seqlen_k=check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_k),
         causal_lower_right=is_causal,
         window_left=window_left,
         window_right=window_right,

@@ -7,14 +7,13 @@ dispatches to a backend like attention does (``backend=`` / ``FUSED_ATTENTION_BA
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
 
 from .backends.positional import PositionBackend, select_position_backend
 from .errors import AttentionArgumentError, AttentionTypeError
-from .inputs import content_checks_enabled
+from .inputs import check_cu_seqlens, check_int_vector, check_max_seqlen, content_checks_enabled
 from .kernels.position_torch import sinusoidal_table
 from .rope_scaling import RopeScaling, rotary_cos_sin
 
@@ -109,12 +108,7 @@ def add_sinusoidal_position_encoding(
 
 def _sinusoidal_offsets(offset: object, batch: int, device: torch.device) -> tuple[torch.Tensor | None, int]:
     if isinstance(offset, torch.Tensor):
-        if offset.dtype not in (torch.int32, torch.int64) or tuple(offset.shape) != (batch,):
-            raise AttentionArgumentError(
-                f"offset must be an int or an int tensor of shape ({batch},), got {offset.dtype} {tuple(offset.shape)}"
-            )
-        if offset.device != device:
-            raise AttentionArgumentError(f"offset must be on {device}, got {offset.device}")
+        check_int_vector("offset", offset, batch, device)
         if content_checks_enabled(offset) and offset.numel() and int(offset.min()) < 0:
             raise AttentionArgumentError("offset values must be >= 0")
         return offset.to(torch.int64), 0
@@ -179,23 +173,15 @@ def _positions(
             )
         positions = position_ids.to(torch.int64).expand(batch, seq)
     else:
-        steps = torch.arange(seq, device=device)
+        steps, sequence = torch.arange(seq, device=device), None
         if cu_seqlens is not None:
-            steps = _packed_steps(cu_seqlens, max_seqlen, seq, device)
-        num_sequences = batch if cu_seqlens is None else cu_seqlens.numel() - 1
+            steps, sequence = _packed_steps(cu_seqlens, max_seqlen, seq, device)
         if isinstance(seqlen_offsets, torch.Tensor):
-            if seqlen_offsets.dtype not in (torch.int32, torch.int64) or tuple(seqlen_offsets.shape) != (num_sequences,):
-                raise AttentionArgumentError(
-                    f"seqlen_offsets must be an int or an int tensor of shape ({num_sequences},), got "
-                    f"{seqlen_offsets.dtype} {tuple(seqlen_offsets.shape)}"
-                )
-            if seqlen_offsets.device != device:
-                raise AttentionArgumentError(f"seqlen_offsets must be on {device}, got {seqlen_offsets.device}")
-            offsets = seqlen_offsets.to(torch.int64)
-            if cu_seqlens is None:
+            num_sequences = batch if cu_seqlens is None else cu_seqlens.numel() - 1
+            offsets = check_int_vector("seqlen_offsets", seqlen_offsets, num_sequences, device).to(torch.int64)
+            if sequence is None:
                 positions = offsets.unsqueeze(1) + steps
             else:
-                sequence = torch.bucketize(torch.arange(seq, device=device), cu_seqlens[1:].to(torch.int64), right=True)
                 positions = (offsets[sequence] + steps).unsqueeze(0)
         else:
             first = _check_int("seqlen_offsets", seqlen_offsets)
@@ -210,25 +196,17 @@ def _positions(
     return positions
 
 
-def _packed_steps(cu_seqlens: object, max_seqlen: object, total: int, device: torch.device) -> torch.Tensor:
-    """Position of each packed token within its own sequence."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise AttentionTypeError("cu_seqlens must be an int32/int64 tensor of shape (B + 1,)")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.device != device:
-        raise AttentionArgumentError(f"cu_seqlens must be 1-D (B + 1,) on {device}, got {tuple(cu_seqlens.shape)}")
-    if content_checks_enabled(cu_seqlens) and not torch.compiler.is_compiling():
-        values = cu_seqlens.tolist()
-        if values[0] != 0 or any(b < a for a, b in itertools.pairwise(values)) or values[-1] != total:
-            raise AttentionArgumentError(
-                f"cu_seqlens must rise from 0 to the number of packed tokens ({total}), got {values}"
-            )
-        longest = max((b - a for a, b in itertools.pairwise(values)), default=0)
-        if max_seqlen is not None and _check_int("max_seqlen", max_seqlen) < longest:
-            raise AttentionArgumentError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({longest})")
-    bounds = cu_seqlens.to(torch.int64)
+def _packed_steps(
+    cu_seqlens: object, max_seqlen: object, total: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(position of each packed token within its sequence, the sequence it belongs to)``."""
+    cu = check_cu_seqlens("cu_seqlens", cu_seqlens, total, device)
+    if max_seqlen is not None:
+        check_max_seqlen("max_seqlen", max_seqlen, cu)
+    bounds = cu.to(torch.int64)
     tokens = torch.arange(total, device=device)
     sequence = torch.bucketize(tokens, bounds[1:], right=True)
-    return tokens - bounds[sequence]
+    return tokens - bounds[sequence], sequence
 
 
 class _RotaryInPlace(torch.autograd.Function):

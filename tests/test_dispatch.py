@@ -170,11 +170,8 @@ def test_info_lists_versions_and_every_backend():
     assert any(BACKENDS[n].unavailable_reason() for n in ("triton", "cuda", "cpu"))  # pending this wave
 
 
-HAS_MAIN = (REPO / "fused_attention" / "__main__.py").exists()
-
 # One fresh interpreter (each spends ~10 s importing torch on 2 cores): block fused_attention._C, compute,
-# then run ``python -m fused_attention info`` (via runpy, exactly as -m does) or, before __main__.py
-# exists, print info().
+# then run ``python -m fused_attention info`` (via runpy, exactly as -m does).
 _WITHOUT_C = """
 import runpy
 import sys
@@ -193,18 +190,15 @@ q = torch.randn(1, 2, 3, 8)
 out = fused_attention.scaled_dot_product_attention(q, q, q, alibi_slopes=torch.rand(2))
 assert out.shape == q.shape and out.isfinite().all()
 assert "fused_attention._C" not in sys.modules
-if sys.argv[1] == "main":
-    sys.argv = ["fused_attention", "info"]
-    runpy.run_module("fused_attention", run_name="__main__", alter_sys=True)
-else:
-    print(fused_attention.info())
+sys.argv = ["fused_attention", "info"]
+runpy.run_module("fused_attention", run_name="__main__", alter_sys=True)
 """
 
 
 def test_python_m_info_without_the_compiled_extension():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     env.pop("FUSED_ATTENTION_BACKEND", None)
-    result = subprocess.run([sys.executable, "-c", _WITHOUT_C, "main" if HAS_MAIN else "info"], check=False,
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_C], check=False,
                             capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -214,14 +208,6 @@ def test_python_m_info_without_the_compiled_extension():
     torch_line = next(line for line in out.split("attention backends:")[1].splitlines()
                       if line.split()[:1] == ["torch"])
     assert "available" in torch_line and "unavailable" not in torch_line
-
-
-@pytest.mark.skipif(not HAS_MAIN, reason="fused_attention/__main__.py not written yet")
-def test_main_info_prints_info(capsys):
-    from fused_attention.__main__ import main
-
-    assert main(["info"]) == 0
-    assert capsys.readouterr().out == fused_attention.info() + "\n"
 
 
 def _profiled_names(**kwargs) -> list[str]:

@@ -57,18 +57,22 @@ class Backend:
         """Why this backend cannot run on ``device`` beyond its declared device types, or None."""
         return None
 
+    def serves_device_reason(self, device: torch.device) -> str | None:
+        """Why this backend cannot serve ``device``: undeclared device type, or :meth:`device_reason`."""
+        types = self.capabilities.device_types
+        if types is not None and device.type not in types:
+            return f"device {device.type} not supported (supports {sorted(types)})"
+        return self.device_reason(device)
+
     def not_supported_reasons(self, inputs: AttentionInputs | VarlenInputs) -> list[str]:
         reasons = []
         unavailable = self.unavailable_reason()
         if unavailable:
             return [unavailable]
         caps = self.capabilities
-        if caps.device_types is not None and inputs.device.type not in caps.device_types:
-            reasons.append(f"device {inputs.device.type} not supported (supports {sorted(caps.device_types)})")
-        else:
-            device_reason = self.device_reason(inputs.device)
-            if device_reason:
-                reasons.append(device_reason)
+        device_reason = self.serves_device_reason(inputs.device)
+        if device_reason:
+            reasons.append(device_reason)
         if inputs.dtype not in caps.dtypes:
             reasons.append(f"dtype {inputs.dtype} not supported")
         for dim_name, dim in (("head dim", inputs.head_dim), ("value head dim", inputs.value_head_dim)):
@@ -79,7 +83,7 @@ class Backend:
         missing = sorted(inputs.features - caps.features)
         if missing:
             reasons.append(f"features not supported: {', '.join(missing)}")
-        if not caps.backward and _requires_grad(inputs):
+        if not caps.backward and requires_grad(inputs):
             reasons.append("backward not supported (an input requires grad)")
         return reasons
 
@@ -92,7 +96,7 @@ class Backend:
         raise NotImplementedError
 
 
-def _requires_grad(inputs: AttentionInputs | VarlenInputs) -> bool:
-    return torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (inputs.query, inputs.key, inputs.value)
-    )
+def requires_grad(inputs: AttentionInputs | VarlenInputs) -> bool:
+    """Whether the call will need a backward: grad mode on and an input (or a float mask) requires grad."""
+    tensors = (inputs.query, inputs.key, inputs.value, getattr(inputs, "attn_mask", None))
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -32,10 +32,14 @@ def priority(device_type: str) -> tuple[str, ...]:
     return _PRIORITY.get(device_type, _DEFAULT_PRIORITY)
 
 
+def _lookup(backends: Mapping[str, T], name: object) -> T:
+    if not isinstance(name, str) or name not in backends:
+        raise AttentionArgumentError(f"backend must be one of {sorted(backends)}, got {name!r}")
+    return backends[name]
+
+
 def get_backend(name: object) -> Backend:
-    if not isinstance(name, str) or name not in BACKENDS:
-        raise AttentionArgumentError(f"backend must be one of {sorted(BACKENDS)}, got {name!r}")
-    return BACKENDS[name]
+    return _lookup(BACKENDS, name)
 
 
 def forced_backend_name(backend: object) -> str | None:
@@ -59,12 +63,11 @@ def choose(
     in ``order`` with no reasons. Shared by attention and the position kernels."""
     forced = forced_backend_name(backend)
     if forced is not None:
-        if not isinstance(forced, str) or forced not in backends:
-            raise AttentionArgumentError(f"backend must be one of {sorted(backends)}, got {forced!r}")
-        refusal = reasons(backends[forced])
+        chosen = _lookup(backends, forced)
+        refusal = reasons(chosen)
         if refusal:
             raise AttentionArgumentError(f"backend {forced!r} cannot serve this call: " + "; ".join(refusal))
-        return backends[forced]
+        return chosen
     for name in order:
         if not reasons(backends[name]):
             return backends[name]

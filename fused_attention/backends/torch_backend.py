@@ -12,16 +12,11 @@ import torch.nn.functional as F
 from ..inputs import AttentionInputs, VarlenInputs
 from ..ops import torch_attention as _ops  # noqa: F401  (registers fused_attention::torch_attention)
 from ..ops import torch_varlen as _varlen_ops  # noqa: F401  (registers fused_attention::torch_varlen)
-from .base import ALL_FEATURES, Backend, Capabilities
+from .base import ALL_FEATURES, Backend, Capabilities, requires_grad
 
 # Features torch's SDPA expresses natively; anything else needs the chunked op.
 _NATIVE_FEATURES = frozenset({"causal", "bool_mask", "float_mask", "gqa", "value_head_dim"})
 _SDPA_MATH = 0  # torch's SDPBackend.MATH: torch would materialize L x S, so the chunked op is leaner
-
-
-def _requires_grad(inputs: AttentionInputs) -> bool:
-    tensors = (inputs.query, inputs.key, inputs.value, inputs.attn_mask)
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def draw_seed(inputs: AttentionInputs | VarlenInputs) -> torch.Tensor | None:
@@ -34,7 +29,7 @@ def draw_seed(inputs: AttentionInputs | VarlenInputs) -> torch.Tensor | None:
 def _torch_serves_fused(inputs: AttentionInputs) -> bool:
     """Inference calls that torch runs with a fused kernel. Training stays on the chunked op, whose
     backward rounds as the softmax formula does (torch's fused backwards round differently)."""
-    if not inputs.features <= _NATIVE_FEATURES or torch.compiler.is_compiling() or _requires_grad(inputs):
+    if not inputs.features <= _NATIVE_FEATURES or torch.compiler.is_compiling() or requires_grad(inputs):
         return False
     try:
         choice = torch._fused_sdp_choice(
