@@ -1,21 +1,37 @@
 """Benchmark harness: ``fused_attention.bench.run(specs, providers)`` and ``python -m fused_attention
-bench``. Each row carries its time, TFLOP/s, speedup against torch's SDPA in the same run, and its
-error against the float64 reference; a provider that cannot run a row says why."""
+bench``. Each row carries its time and spread, TFLOP/s or GB/s, its fraction of the measured roofline,
+its speedup against torch's SDPA (or the naive formula) in the same run, its peak memory, and its
+errors against the float64 reference; a provider that cannot run a row says why.
 
-from .accuracy import max_error, reference_output, sample_rows
+Time your own kernel beside ours::
+
+    from fused_attention import bench
+    mine = bench.Provider("mine", lambda case: my_attention(case.query, case.key, case.value, **case.kwargs))
+    rows = bench.run(bench.sweep(["plain", "causal"], [1024, 2048]), [mine, *bench.torch_providers("cpu")])
+    print(bench.markdown(rows))
+"""
+
+from .accuracy import Expected, max_error, reference, sample_rows
 from .case import Case, make_case
+from .plot import plot
+from .position_case import PositionCase, make_position_case
 from .providers import BASELINE, Provider, default_providers, naive, naive_attention, ours, torch_providers
 from .report import machine, markdown, write
+from .roofline import measure_peaks
 from .row import COLUMNS, Row
 from .runner import measure, run
-from .spec import MODES, OPS, Spec, attention_flops, sweep
+from .spec import ATTENTION_OPS, MODES, OPS, POSITION_OPS, Spec, attention_flops, sweep
 
 __all__ = [
+    "ATTENTION_OPS",
     "BASELINE",
     "COLUMNS",
     "MODES",
     "OPS",
+    "POSITION_OPS",
     "Case",
+    "Expected",
+    "PositionCase",
     "Provider",
     "Row",
     "Spec",
@@ -23,13 +39,16 @@ __all__ = [
     "default_providers",
     "machine",
     "make_case",
+    "make_position_case",
     "markdown",
     "max_error",
     "measure",
+    "measure_peaks",
     "naive",
     "naive_attention",
     "ours",
-    "reference_output",
+    "plot",
+    "reference",
     "run",
     "sample_rows",
     "sweep",

@@ -1,5 +1,5 @@
-"""``python -m fused_attention bench``: a sweep from flags or the ``--quick`` preset, printed as a
-markdown table, optionally written as CSV and JSON."""
+"""``python -m fused_attention bench``: a sweep from a preset and flags, printed as a markdown table with
+a progress bar on stderr, optionally written as CSV, JSON, markdown and PNG plots."""
 
 from __future__ import annotations
 
@@ -11,115 +11,142 @@ import time
 import torch
 
 from . import report
+from .plot import plot
+from .presets import PRESETS
+from .progress import Progress
 from .providers import default_providers
+from .roofline import measure_peaks
 from .runner import run
-from .spec import MODES, OPS, sweep
+from .spec import DTYPES, MODES, OPS, sweep
 
-# --quick: under a minute on a 2-core CPU, still plain, causal and ALiBi at two lengths, both modes.
-QUICK = {
-    "ops": ["plain", "causal", "alibi"],
-    "seq": [256, 512],
-    "batch": [1],
-    "heads": [4],
-    "dim": [64],
-    "dtype": ["float32"],
-    "modes": ["fwd", "fwd+bwd"],
-    "min_run_time": 0.1,
-}
-DEFAULT = {
-    "ops": list(OPS),
-    "seq": [512, 1024, 2048],
-    "batch": [1],
-    "heads": [8],
-    "dim": [64],
-    "dtype": None,
-    "modes": ["fwd", "fwd+bwd"],
-    "min_run_time": 0.2,
-}
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="small preset: plain/causal/alibi, L=S in {256, 512}, B=1 H=4 D=64 float32",
-    )
-    parser.add_argument("--ops", nargs="+", choices=OPS, help=f"attention ops (default: all of {OPS})")
-    parser.add_argument("--seq", nargs="+", type=int, help="sequence lengths, L = S")
-    parser.add_argument("--batch", nargs="+", type=int)
-    parser.add_argument("--heads", nargs="+", type=int)
-    parser.add_argument("--dim", nargs="+", type=int, help="head dims")
-    parser.add_argument(
-        "--dtype", nargs="+", help="float32, bfloat16, float16 (default float32 on the CPU, bfloat16 on CUDA)"
-    )
+    presets = parser.add_mutually_exclusive_group()
+    presets.add_argument("--preset", choices=sorted(PRESETS), help="a named sweep (default: 'default')")
+    presets.add_argument("--quick", action="store_true", help="preset 'quick': under a minute on a 2-core CPU")
+    presets.add_argument("--full", action="store_true", help="preset 'full': every op and mode, lengths to 4k")
+    parser.add_argument("--ops", nargs="+", choices=OPS, help="ops to time")
+    parser.add_argument("--seq", nargs="+", type=positive_int, help="sequence lengths (L = S)")
+    parser.add_argument("--batch", nargs="+", type=positive_int, help="batch sizes")
+    parser.add_argument("--heads", nargs="+", type=positive_int, help="query head counts")
+    parser.add_argument("--dim", nargs="+", type=positive_int, help="head dims")
+    parser.add_argument("--tokens", type=positive_int, help="tokens per batch: batch = tokens // seq")
+    parser.add_argument("--hidden", type=positive_int, help="hidden size: heads = hidden // dim")
+    parser.add_argument("--dtype", nargs="+", choices=DTYPES, help="default: float32 on the CPU, bfloat16 on CUDA")
     parser.add_argument("--modes", nargs="+", choices=MODES)
-    parser.add_argument("--providers", nargs="+", help="only these providers (default: all)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--min-run-time", type=float, help="seconds of timed runs per row")
-    parser.add_argument("--out", help="directory for bench.csv and bench.json")
+    parser.add_argument("--providers", nargs="+", help="only these providers (default: all on the device)")
+    parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    parser.add_argument("--min-run-time", type=positive_float, help="seconds of timed runs per row")
+    parser.add_argument("--time-budget", type=positive_float, help="start no new problem after this many seconds")
+    parser.add_argument("--out", help="directory for bench.csv, bench.json, bench.md and PNG plots")
+
+
+def _device(arg: str | None) -> str:
+    if arg is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(arg)
+    except RuntimeError as e:
+        raise ValueError(f"--device: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {arg}: CUDA is not available here")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {arg!r}")
+    return arg
 
 
 def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
-    preset = QUICK if args.quick else DEFAULT
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    preset = PRESETS[args.preset or ("quick" if args.quick else "full" if args.full else "default")]
 
-    def pick(name: str) -> list:
+    def pick(name: str) -> object:
         value = getattr(args, name)
-        return value if value is not None else preset[name]
+        return value if value is not None else preset.get(name)
 
-    dtypes = pick("dtype") or (["bfloat16"] if torch.device(device).type == "cuda" else ["float32"])
     try:
+        device = _device(args.device)
+        cuda = torch.device(device).type == "cuda"
         specs = sweep(
             pick("ops"),
             pick("seq"),
             batches=pick("batch"),
             heads=pick("heads"),
             dims=pick("dim"),
-            dtypes=dtypes,
+            dtypes=pick("dtype") or (["bfloat16"] if cuda else ["float32"]),
             modes=pick("modes"),
             device=device,
+            tokens=pick("tokens"),
+            hidden=pick("hidden"),
         )
     except ValueError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 2
-    providers = default_providers(device)
+    providers = default_providers(device, quick=bool(preset.get("quick")))
     if args.providers:
-        known = {p.name for p in providers}
+        known = {p.name for p in default_providers(device)}
         unknown = sorted(set(args.providers) - known)
         if unknown:
-            print(f"bench: unknown providers {unknown}; available: {sorted(known)}", file=sys.stderr)
+            print(f"bench: --providers: unknown {unknown}; available here: {sorted(known)}", file=sys.stderr)
             return 2
-        providers = [p for p in providers if p.name in args.providers]
+        providers = [p for p in default_providers(device) if p.name in args.providers]
 
     argv = sys.argv[1:] if argv is None else argv
     meta = report.machine(device)
     meta["command"] = "python -m fused_attention " + shlex.join(argv)
-    min_run_time = args.min_run_time if args.min_run_time is not None else preset["min_run_time"]
+    meta["peaks"] = measure_peaks(device)
+    min_run_time = args.min_run_time or preset["min_run_time"]
     print(report.header_text(meta))
-    print(
-        f"{len(specs)} problems x {len(providers)} providers ({', '.join(p.name for p in providers)})",
-        flush=True,
-    )
+    families = {s.family for s in specs}
+    names = sorted({p.name for p in providers if p.family in families})
+    print(f"{len(specs)} problems; providers: {', '.join(names)}", flush=True)
+    total = sum(1 for s in specs for p in providers if p.family == s.family)
+
+    def save(rows: list) -> None:
+        if args.out:
+            report.write(rows, meta, args.out)
+
     start = time.perf_counter()
-    done = [0]
-    total = len(specs) * len(providers)
-
-    interactive = sys.stderr.isatty()
-
-    def progress(row: object) -> None:
-        done[0] += 1
-        print(f"\r  {done[0]}/{total}", end="" if done[0] < total else "\n", file=sys.stderr, flush=True)
-
-    rows = run(specs, providers, min_run_time=min_run_time, progress=progress if interactive else None)
-    elapsed = time.perf_counter() - start
-    meta["elapsed_s"] = round(elapsed, 2)
+    rows = run(
+        specs,
+        providers,
+        min_run_time=min_run_time,
+        progress=Progress(total),
+        peaks=meta["peaks"],
+        time_budget_s=args.time_budget,
+        on_problem=save,
+    )
+    meta["elapsed_s"] = round(time.perf_counter() - start, 2)
     print()
     print(report.markdown(rows))
-    print(
-        f"\n{len(rows)} rows in {elapsed:.1f} s; speedup = torch-sdpa median / row median (same run); "
-        "max err = max |out - float64 reference|"
-    )
+    print(f"\n{len(rows)} rows in {meta['elapsed_s']:.1f} s. {report.LEGEND}")
+    if len(rows) < total:
+        print(f"bench: --time-budget reached: {len(rows)} of {total} rows ran", file=sys.stderr)
     if args.out:
         for path in report.write(rows, meta, args.out):
             print(f"wrote {path}")
+        try:
+            paths = plot(rows, args.out, title=f"{meta.get('gpu', meta['cpu'])}")
+        except ImportError as e:
+            print(f"bench: {e}", file=sys.stderr)
+        else:
+            print(f"wrote {len(paths)} plots under {args.out}")
     return 0

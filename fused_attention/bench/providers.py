@@ -1,8 +1,8 @@
 """Providers: named attention implementations the harness times side by side.
 
-A provider is a function of a :class:`~.case.Case` returning the output ``(B, H, L, D)``, plus an
-optional ``reasons(case)`` that says, before anything runs, why it cannot serve the case (an empty list
-when it can). Users benchmark their own kernel with ``Provider("mine", lambda c: mine(c.query, ...))``.
+A provider is a function of a case returning the output, plus an optional ``reasons(case)`` that says,
+before anything runs, why it cannot serve the case (an empty list when it can). Users benchmark their
+own kernel with ``Provider("mine", lambda c: mine(c.query, c.key, c.value, **c.kwargs))``.
 """
 
 from __future__ import annotations
@@ -15,21 +15,33 @@ from dataclasses import dataclass
 import torch
 
 from ..backends import BACKENDS
-from ..functional import scaled_dot_product_attention
-from ..inputs import canonicalize
+from ..functional import scaled_dot_product_attention, varlen_attention
+from ..inputs import canonicalize, canonicalize_varlen
 from .case import Case
+from .memory import available_bytes
 
 BASELINE = "torch-sdpa"  # speedups are measured against this provider, in the same run
 
 
 @dataclass(frozen=True)
 class Provider:
+    """``family``: the spec family it serves (``"attention"`` or ``"position"``). ``slow_warmup``:
+    left out of ``--quick`` (a compile or an interpreter before the first timed call).
+    ``extra_bytes(case)``: memory it holds beyond the shared inputs (a dense mask built outside the
+    timing), added to its peak-memory column."""
+
     name: str
     fn: Callable[[Case], torch.Tensor]
     reasons: Callable[[Case], list[str]] | None = None
+    family: str = "attention"
+    slow_warmup: bool = False
+    extra_bytes: Callable[[Case], int] | None = None
 
     def why_not(self, case: Case) -> list[str]:
         return list(self.reasons(case)) if self.reasons is not None else []
+
+    def held_bytes(self, case: Case) -> int:
+        return self.extra_bytes(case) if self.extra_bytes is not None else 0
 
 
 def ours(name: str) -> Provider:
@@ -37,32 +49,39 @@ def ours(name: str) -> Provider:
     backend = BACKENDS[name]
 
     def fn(case: Case) -> torch.Tensor:
+        if case.is_varlen:
+            n = case.spec.seq_q
+            cu = case.cu_seqlens
+            return varlen_attention(case.query, case.key, case.value, cu, cu, n, n, **case.kwargs, backend=name)
         return scaled_dot_product_attention(case.query, case.key, case.value, **case.kwargs, backend=name)
 
     def reasons(case: Case) -> list[str]:
-        inputs = canonicalize(case.query, case.key, case.value, **case.kwargs)
+        if case.is_varlen:
+            n, cu = case.spec.seq_q, case.cu_seqlens
+            inputs = canonicalize_varlen(case.query, case.key, case.value, cu, cu, n, n, **case.kwargs)
+        else:
+            inputs = canonicalize(case.query, case.key, case.value, **case.kwargs)
         with torch.set_grad_enabled(case.spec.mode != "fwd"):
             return backend.not_supported_reasons(inputs)
 
-    return Provider(name, fn, reasons)
+    # Interpreted Triton on the CPU takes minutes per call at benchmark sizes.
+    return Provider(name, fn, reasons, slow_warmup=name == "triton" and _interpreted_triton())
 
 
-def torch_sdpa(name: str = BASELINE, sdp_backend: object = None) -> Provider:
-    """torch's SDPA (its own dispatch, or one ``SDPBackend`` forced); ops arrive as ``is_causal`` or the
-    dense mask / bias of :meth:`Case.dense_mask`. A backend that refuses raises, and the row says why."""
+def _interpreted_triton() -> bool:
+    import os
 
-    def fn(case: Case) -> torch.Tensor:
-        context = contextlib.nullcontext()
-        if sdp_backend is not None:
-            from torch.nn.attention import sdpa_kernel
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
-            context = sdpa_kernel(sdp_backend)
-        with context:
-            return torch.nn.functional.scaled_dot_product_attention(
-                case.query, case.key, case.value, attn_mask=case.dense_mask(), is_causal=case.is_causal
-            )
 
-    return Provider(name, fn)
+def per_sequence(case: Case, attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Varlen for providers without a packed API: ``attend`` on each sequence ``(1, H, n, D)`` in turn
+    (causal, ``L = S`` per sequence), outputs packed back."""
+    outs = []
+    for start, end in case.sequences():
+        q, k, v = (t[start:end].transpose(0, 1).unsqueeze(0) for t in case.grad_inputs())
+        outs.append(attend(q, k, v)[0].transpose(0, 1))
+    return torch.cat(outs, dim=0)
 
 
 def naive_attention(
@@ -71,9 +90,16 @@ def naive_attention(
     value: torch.Tensor,
     mask: torch.Tensor | None = None,
     is_causal: bool = False,
+    softcap: float | None = None,
+    enable_gqa: bool = False,
 ) -> torch.Tensor:
     """``softmax(q k^T / sqrt(d) + bias) v``, written out as in the classic tutorials (materializes L x S)."""
+    if enable_gqa:
+        group = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(group, dim=-3), value.repeat_interleave(group, dim=-3)
     scores = (query @ key.transpose(-2, -1)) / math.sqrt(query.shape[-1])
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if is_causal:
         seq_q, seq_k = scores.shape[-2:]
         mask = torch.ones(seq_q, seq_k, dtype=torch.bool, device=scores.device).tril()
@@ -82,34 +108,100 @@ def naive_attention(
     return torch.softmax(scores, dim=-1) @ value
 
 
+def _dense_call(case: Case, attend: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """``attend(q, k, v, mask, is_causal, gqa)`` on the case's dense form (per sequence for varlen)."""
+    if case.is_varlen:
+        return per_sequence(case, lambda q, k, v: attend(q, k, v, None, True, False))
+    return attend(case.query, case.key, case.value, case.dense_mask(), case.is_causal, case.spec.op == "gqa")
+
+
+def dense_memory_reasons(case: Case, score_copies: int) -> list[str]:
+    """Refuse (with the numbers) when the dense scores or mask would not fit in half the free memory."""
+    spec = case.spec
+    if case.is_varlen:  # one sequence at a time
+        pairs = spec.heads * max(spec.seq_lengths) ** 2
+    else:
+        pairs = spec.batch * spec.heads * spec.seq_q * spec.seq_k
+    need = score_copies * pairs * spec.torch_dtype.itemsize * (2 if spec.mode != "fwd" else 1)
+    budget = available_bytes(spec.device) / 2
+    if need > budget:
+        gib = 2**30
+        return [f"needs about {need / gib:.1f} GiB of dense L x S tensors, over half the free memory ({budget / gib:.1f} GiB)"]
+    return []
+
+
 def naive() -> Provider:
-    return Provider("naive", lambda c: naive_attention(c.query, c.key, c.value, c.dense_mask(), c.is_causal))
+    def fn(case: Case) -> torch.Tensor:
+        softcap = case.kwargs.get("softcap")
+        return _dense_call(case, lambda q, k, v, m, c, g: naive_attention(q, k, v, m, c, softcap, g))
+
+    return Provider("naive", fn, lambda c: dense_memory_reasons(c, 3), extra_bytes=Case.extra_bytes)
+
+
+def torch_sdpa(name: str = BASELINE, sdp_backend: object = None) -> Provider:
+    """torch's SDPA (its own dispatch, or one ``SDPBackend`` forced); ops arrive as ``is_causal``,
+    ``enable_gqa`` or the dense mask / bias of :meth:`Case.dense_mask`; varlen as one call per sequence.
+    A backend that refuses raises, and the row says why."""
+
+    def attend(q, k, v, mask, causal, gqa):
+        context = contextlib.nullcontext()
+        if sdp_backend is not None:
+            from torch.nn.attention import sdpa_kernel
+
+            context = sdpa_kernel(sdp_backend)
+        with context:
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa
+            )
+
+    def reasons(case: Case) -> list[str]:
+        if case.spec.op == "softcap":
+            return ["torch's SDPA has no softcap"]
+        return dense_memory_reasons(case, 3) if name == "torch-math" else []
+
+    return Provider(name, lambda c: _dense_call(c, attend), reasons, extra_bytes=Case.extra_bytes)
 
 
 def torch_providers(device: str) -> list[Provider]:
-    """The baseline (torch's own dispatch) and each ``SDPBackend`` on the device: math on the CPU;
-    math, flash, efficient and cuDNN on CUDA (one that cannot serve a row says so in its row)."""
+    """The baseline (torch's own dispatch) and each ``SDPBackend`` on the device: math and the CPU
+    flash kernel on the CPU; math, flash, efficient and cuDNN on CUDA (one that cannot serve a row says
+    so in its row)."""
     from torch.nn.attention import SDPBackend
 
     providers = [torch_sdpa(), torch_sdpa("torch-math", SDPBackend.MATH)]
+    labels = [("flash", "FLASH_ATTENTION")]
     if torch.device(device).type == "cuda":
-        for label, attr in (
-            ("flash", "FLASH_ATTENTION"),
-            ("efficient", "EFFICIENT_ATTENTION"),
-            ("cudnn", "CUDNN_ATTENTION"),
-        ):
-            if hasattr(SDPBackend, attr):
-                providers.append(torch_sdpa(f"torch-{label}", getattr(SDPBackend, attr)))
+        labels += [("efficient", "EFFICIENT_ATTENTION"), ("cudnn", "CUDNN_ATTENTION")]
+    for label, attr in labels:
+        if hasattr(SDPBackend, attr):
+            providers.append(torch_sdpa(f"torch-{label}", getattr(SDPBackend, attr)))
     return providers
 
 
-def default_providers(device: str = "cpu") -> list[Provider]:
-    """Every available attention backend of ours that serves ``device``, torch's SDPA providers, naive."""
+def our_providers(device: str) -> list[Provider]:
+    """Each of our attention backends (from the dispatcher's registry) that is available on ``device``."""
     dev = torch.device(device)
-    mine = []
-    for name, backend in BACKENDS.items():
-        types = backend.capabilities.device_types
-        serves = backend.unavailable_reason() is None and (types is None or dev.type in types)
-        if serves and backend.device_reason(dev) is None:
-            mine.append(ours(name))
-    return [*mine, *torch_providers(device), naive()]
+    return [
+        ours(name)
+        for name, backend in BACKENDS.items()
+        if backend.unavailable_reason() is None and backend.serves_device_reason(dev) is None
+    ]
+
+
+def default_providers(device: str = "cpu", *, quick: bool = False) -> list[Provider]:
+    """Every provider for ``device``: our available attention and position backends, torch's SDPA
+    backends, FlexAttention, FlashAttention and xformers when installed, and the naive formulas.
+    ``quick`` leaves out providers that are slow to warm up."""
+    from .external import external_providers
+    from .flex import flex_provider
+    from .position_providers import position_providers
+
+    providers = [
+        *our_providers(device),
+        *torch_providers(device),
+        *flex_provider(),
+        *external_providers(device),
+        naive(),
+        *position_providers(device),
+    ]
+    return [p for p in providers if not (quick and p.slow_warmup)]

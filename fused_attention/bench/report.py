@@ -1,4 +1,4 @@
-"""Output: the machine description, a markdown table, and CSV / JSON files."""
+"""Output: the machine description, a markdown table, and CSV / JSON / markdown files."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import memory
 from .row import COLUMNS, Row
 
 
@@ -23,6 +24,24 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    """The source checkout's commit (with ``+dirty`` for uncommitted changes), when run from one."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "fused_attention"],
+            check=False, capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}{'+dirty' if dirty else ''}" if commit else None
 
 
 def machine(device: str = "cpu") -> dict[str, object]:
@@ -40,7 +59,11 @@ def machine(device: str = "cpu") -> dict[str, object]:
         "torch": torch.__version__,
         "fused_attention": __version__,
         "device": device,
+        "memory_method": memory.method(device),
     }
+    commit = _git_commit()
+    if commit:
+        info["commit"] = commit
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
         info["cuda"] = torch.version.cuda
@@ -61,32 +84,23 @@ def _num(value: float | None, fmt: str) -> str:
     return format(value, fmt)
 
 
+def _rate(r: Row) -> str:
+    if r.tflops is not None:
+        return f"{r.tflops:.3f} TFLOP/s"
+    return "-" if r.gbps is None else f"{r.gbps:.1f} GB/s"
+
+
 def markdown(rows: Sequence[Row]) -> str:
     """A markdown table, one line per row; rows that did not run show their reason."""
     header = [
-        "provider",
-        "op",
-        "B",
-        "H",
-        "L",
-        "S",
-        "D",
-        "dtype",
-        "mode",
-        "median ms",
-        "IQR ms",
-        "TFLOP/s",
-        "vs SDPA",
-        "max err",
-        "note",
-    ]
+        "provider", "op", "B", "H", "L", "S", "D", "dtype", "mode", "median ms", "IQR ms", "rate",
+        "roofline", "speedup", "max err", "grad err", "peak MiB", "note",
+    ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
-        note = (
-            r.reason.replace("|", "/")
-            if r.reason
-            else ("" if r.error_rows == "all" else f"err on {r.error_rows} rows")
-        )
+        note = r.reason.replace("|", "/") if r.reason else ""
+        if not r.reason and r.error_rows != "all":
+            note = f"errors on {r.error_rows} sampled rows"
         cells = [
             r.provider,
             r.op,
@@ -95,9 +109,12 @@ def markdown(rows: Sequence[Row]) -> str:
             r.mode,
             _num(r.median_ms, ".3f"),
             _num(r.iqr_ms, ".3f"),
-            _num(r.tflops, ".3f"),
+            _rate(r),
+            "-" if r.roofline is None else f"{100 * r.roofline:.1f}%",
             "-" if r.speedup is None else f"{r.speedup:.2f}x",
             _num(r.max_error, ".1e"),
+            _num(r.grad_error, ".1e"),
+            _num(r.peak_mem_mb, ".1f"),
             note,
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -106,11 +123,29 @@ def markdown(rows: Sequence[Row]) -> str:
 
 def header_text(meta: dict[str, object]) -> str:
     hardware = f"GPU {meta['gpu']}" if "gpu" in meta else f"CPU {meta['cpu']}"
-    return (
-        f"machine: {hardware} ({meta['cpu_count']} cores, {meta['torch_threads']} torch threads)\n"
-        f"software: torch {meta['torch']}, python {meta['python']}, fused_attention "
-        f"{meta['fused_attention']}\ncommand: {meta.get('command', '-')}\ndate: {meta['date']}"
-    )
+    versions = ", ".join(f"{k} {meta[k]}" for k in ("torch", "triton", "python", "fused_attention") if k in meta)
+    lines = [
+        f"machine: {hardware} ({meta['cpu_count']} cores, {meta['torch_threads']} torch threads)",
+        f"software: {versions}",
+        f"command: {meta.get('command', '-')}",
+        f"date: {meta['date']}" + (f", commit {meta['commit']}" if "commit" in meta else ""),
+        f"peak memory: {meta.get('memory_method', '-')}",
+    ]
+    peaks = meta.get("peaks")
+    if isinstance(peaks, dict):
+        lines.append(
+            f"roofline: measured {peaks['matmul_tflops']:.3f} TFLOP/s ({peaks['matmul_dtype']} "
+            f"{peaks['matmul_n']}^3 matmul), {peaks['copy_gbps']:.1f} GB/s ({peaks['copy_mib']} MiB copy)"
+        )
+    return "\n".join(lines)
+
+
+LEGEND = (
+    "speedup = baseline median / row median in the same run (baseline: torch-sdpa for attention, naive "
+    "for position kernels); rate = TFLOP/s (forward 4*D per visible query-key pair, backward 2.5x) or "
+    "GB/s (minimum bytes moved); roofline = rate / the measured peak above; max err / grad err = max "
+    "|value - float64 reference|"
+)
 
 
 def write_csv(rows: Sequence[Row], path: Path) -> None:
@@ -130,10 +165,12 @@ def write_json(rows: Sequence[Row], meta: dict[str, object], path: Path) -> None
 
 
 def write(rows: Sequence[Row], meta: dict[str, object], out_dir: str | Path) -> list[Path]:
-    """``bench.csv`` and ``bench.json`` (rows plus ``meta``) under ``out_dir``; returns the paths."""
+    """``bench.csv``, ``bench.json`` (rows plus ``meta``) and ``bench.md`` (header and table) under
+    ``out_dir``; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path = out / "bench.csv", out / "bench.json"
+    csv_path, json_path, md_path = out / "bench.csv", out / "bench.json", out / "bench.md"
     write_csv(rows, csv_path)
     write_json(rows, meta, json_path)
-    return [csv_path, json_path]
+    md_path.write_text(f"```\n{header_text(meta)}\n```\n\n{markdown(rows)}\n\n{LEGEND}\n")
+    return [csv_path, json_path, md_path]

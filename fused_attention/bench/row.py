@@ -1,4 +1,4 @@
-"""One result row: what ran, how fast, how accurate, or why it did not run."""
+"""One result row: what ran, how fast, how accurate, how much memory, or why it did not run."""
 
 from __future__ import annotations
 
@@ -21,12 +21,15 @@ class Row:
     mode: str
     device: str
     median_ms: float | None = None
-    iqr_ms: float | None = None
-    tflops: float | None = None
-    speedup: float | None = None  # torch-sdpa median / this median, same spec, same run
+    iqr_ms: float | None = None  # spread: interquartile range of the timed runs
+    tflops: float | None = None  # attention rows
+    gbps: float | None = None  # position-kernel rows (minimum bytes moved / median)
+    roofline: float | None = None  # tflops / measured matmul peak, or gbps / measured copy bandwidth
+    speedup: float | None = None  # baseline median / this median, same spec, same run
     max_error: float | None = None  # max |out - float64 reference| (sampled rows for large shapes)
+    grad_error: float | None = None  # bwd modes: max |grad - float64 reference grad| over the inputs
     error_rows: str = "all"  # "all" or how many query rows were compared
-    peak_mem_mb: float | None = None  # CUDA only: peak allocated during the timed calls
+    peak_mem_mb: float | None = None  # growth over one call (see memory.py), plus a dense mask it holds
     reason: str = ""  # why the provider could not run this row (empty when it ran)
 
     @classmethod

@@ -1,37 +1,26 @@
-"""``run(specs, providers)``: time every provider on every spec, with its error against the oracle."""
+"""``run(specs, providers)``: time every provider on every spec, with its errors against the float64
+oracle and its peak memory; a provider that cannot run a row says why."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from .accuracy import max_error, reference_output, sample_rows
+from .accuracy import Expected, case_rows, max_error, max_grad_error, only_rows, reference
 from .case import Case, make_case
+from .memory import peak_bytes
+from .position_case import PositionCase, make_position_case, position_reference
 from .providers import BASELINE, Provider, default_providers
 from .row import Row
 from .spec import Spec
 from .timing import time_fn
 
-
-def _call(provider: Provider, case: Case) -> Callable[[], object]:
-    """The timed callable: the forward, or forward and backward (gradients of q, k, v)."""
-    if case.spec.mode == "fwd":
-
-        def forward() -> object:
-            with torch.no_grad():
-                return provider.fn(case)
-
-        return forward
-    inputs = case.grad_inputs()
-    out = provider.fn(case)
-    grad_out = torch.randn_like(out, requires_grad=False)
-
-    def forward_backward() -> object:
-        out = provider.fn(case)
-        return torch.autograd.grad(out, inputs, grad_out)
-
-    return forward_backward
+BASELINES = {"attention": BASELINE, "position": "naive"}  # speedup is against this provider
+ROTATION_BYTES = 256 << 20  # CUDA: rotate input copies until they span this much (larger than L2)
 
 
 def _error_text(e: BaseException) -> str:
@@ -39,14 +28,53 @@ def _error_text(e: BaseException) -> str:
     return lines[0][:200] if lines else type(e).__name__
 
 
+def _step(provider: Provider, case: Case | PositionCase, grad_out: torch.Tensor | None) -> Callable[[], object]:
+    """One call of the row's full work: the forward (no grad), or forward and backward."""
+    if grad_out is None:
+
+        def forward() -> object:
+            with torch.no_grad():
+                return provider.fn(case)
+
+        return forward
+    inputs = case.grad_inputs()
+    return lambda: torch.autograd.grad(provider.fn(case), inputs, grad_out)
+
+
+def _timed(provider: Provider, cases: Sequence[Case | PositionCase], grad_out: torch.Tensor | None) -> Callable[[], object]:
+    """What the timer calls, rotating through ``cases``: the forward, the forward and backward, or
+    (``bwd``) only the backward of a forward run once per case beforehand."""
+    mode = cases[0].spec.mode
+    if mode == "bwd":
+        outs = [(provider.fn(c), c.grad_inputs()) for c in cases]
+        calls = [lambda o=o, i=i: torch.autograd.grad(o, i, grad_out, retain_graph=True) for o, i in outs]
+    else:
+        calls = [_step(provider, c, grad_out) for c in cases]
+    cycle = itertools.cycle(calls)
+    return lambda: next(cycle)()
+
+
+def _rotation(case: Case | PositionCase) -> list[Case | PositionCase]:
+    """CUDA: enough copies of the inputs that one timed call does not find the last one's in cache."""
+    if torch.device(case.spec.device).type != "cuda":
+        return [case]
+    size = sum(t.numel() * t.element_size() for t in case.grad_inputs())
+    copies = max(1, min(8, math.ceil(ROTATION_BYTES / max(1, size))))
+    return [case, *(case.clone() for _ in range(copies - 1))]
+
+
 def measure(
     provider: Provider,
-    case: Case,
-    reference: torch.Tensor,
+    case: Case | PositionCase,
+    expected: Expected,
     rows: torch.Tensor | None,
+    grad_out: torch.Tensor | None = None,
     min_run_time: float = 0.2,
+    peaks: dict[str, object] | None = None,
 ) -> Row:
-    """One row; never raises for a provider's failure (the row's ``reason`` says what went wrong)."""
+    """One row; never raises for a provider's failure (the row's ``reason`` says what went wrong).
+    ``grad_out``: the upstream gradient for the ``bwd`` modes (``expected`` holds the gradients for it
+    with zeros outside ``rows``). The first call checks correctness and is the warm-up."""
     spec = case.spec
     row = Row.for_spec(provider.name, spec)
     try:
@@ -56,27 +84,56 @@ def measure(
     if reasons:
         row.reason = "; ".join(reasons)
         return row
-    cuda = torch.device(spec.device).type == "cuda"
     try:
-        with torch.set_grad_enabled(spec.mode != "fwd"):
+        with torch.set_grad_enabled(grad_out is not None):
             out = provider.fn(case)
-        row.max_error = max_error(out, reference, rows)
+        row.max_error = max_error(out, expected.out, rows, case.row_dim)
+        if grad_out is not None:
+            check = only_rows(grad_out, rows, case.row_dim)
+            grads = torch.autograd.grad(out, case.grad_inputs(), check, allow_unused=True)
+            row.grad_error = max_grad_error(grads, expected.grads)
+            del grads
         del out
-        fn = _call(provider, case)
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        median, iqr = time_fn(fn, spec.device, min_run_time)
-        if cuda:
-            row.peak_mem_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+        peak = peak_bytes(_step(provider, case, grad_out), spec.device)
+        median, iqr = time_fn(_timed(provider, _rotation(case), grad_out), spec.device, min_run_time)
     except Exception as e:  # noqa: BLE001  (a crash is this row's result, not the sweep's end)
         row.reason = _error_text(e)
-        row.max_error = None
+        row.max_error = row.grad_error = None
         return row
+    if peak is not None:
+        row.peak_mem_mb = (peak + provider.held_bytes(case)) / 2**20
     row.median_ms, row.iqr_ms = median * 1e3, iqr * 1e3
-    row.tflops = spec.flops / median / 1e12
+    if spec.family == "attention":
+        row.tflops = spec.flops / median / 1e12
+        if peaks:
+            row.roofline = row.tflops / peaks["matmul_tflops"]
+    else:
+        row.gbps = spec.bytes / median / 1e9
+        if peaks:
+            row.roofline = row.gbps / peaks["copy_gbps"]
+    if rows is not None:
+        row.error_rows = str(len(rows))
     return row
+
+
+def _prepare(spec: Spec, seed: int) -> tuple[Case | PositionCase, torch.Tensor | None, torch.Tensor | None, Expected]:
+    """The case, the compared rows, the upstream gradient (bwd modes) and the float64 reference."""
+    if spec.family == "position":
+        case: Case | PositionCase = make_position_case(spec, seed)
+        rows = None
+    else:
+        case = make_case(spec, seed)
+        rows = case_rows(case)
+    grad_out = None
+    if spec.mode != "fwd":
+        gen = torch.Generator().manual_seed(seed + 1)
+        shape = case.grad_inputs()[0].shape  # every output here is shaped like the query / x
+        grad_out = torch.randn(*shape, generator=gen, dtype=torch.float64).to(spec.device, spec.torch_dtype)
+    if spec.family == "position":
+        expected = position_reference(case, grad_out)
+    else:
+        expected = reference(case, rows, None if grad_out is None else only_rows(grad_out, rows, case.row_dim))
+    return case, rows, grad_out, expected
 
 
 def run(
@@ -86,28 +143,39 @@ def run(
     min_run_time: float = 0.2,
     seed: int = 0,
     progress: Callable[[Row], None] | None = None,
+    peaks: dict[str, object] | None = None,
+    time_budget_s: float | None = None,
+    on_problem: Callable[[list[Row]], None] | None = None,
 ) -> list[Row]:
-    """Times every provider on every spec (default providers: :func:`default_providers` of each spec's
-    device) and returns one :class:`Row` per (spec, provider), including rows a provider could not
-    run (with the reason). ``speedup`` is against ``torch-sdpa`` when it ran in the same spec."""
+    """Times every provider of each spec's family on every spec (default providers:
+    :func:`default_providers` of each spec's device) and returns one :class:`Row` per (spec, provider),
+    including rows a provider could not run (with the reason). ``speedup`` is against ``torch-sdpa``
+    (attention) or ``naive`` (position kernels) in the same spec. ``peaks``
+    (:func:`~.roofline.measure_peaks`) fills the roofline column. ``time_budget_s``: start no new
+    problem after this many seconds (the rows so far are returned). ``on_problem(rows_so_far)`` runs
+    after each problem (to write partial results)."""
     specs = list(specs)
     fixed = list(providers) if providers is not None else None
     rows: list[Row] = []
+    start = time.perf_counter()
     for spec in specs:
-        case = make_case(spec, seed)
-        sampled = sample_rows(spec.seq_q, spec.batch * spec.heads)
-        reference = reference_output(case, sampled)
+        if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+            break
+        case, sampled, grad_out, expected = _prepare(spec, seed)
+        candidates = fixed if fixed is not None else default_providers(spec.device)
         spec_rows = []
-        for provider in fixed if fixed is not None else default_providers(spec.device):
-            row = measure(provider, case, reference, sampled, min_run_time)
-            if sampled is not None and row.max_error is not None:
-                row.error_rows = str(len(sampled))
-            spec_rows.append(row)
+        for provider in candidates:
+            if provider.family != spec.family:
+                continue
+            spec_rows.append(measure(provider, case, expected, sampled, grad_out, min_run_time, peaks))
             if progress is not None:
-                progress(row)
-        baseline = next((r for r in spec_rows if r.provider == BASELINE and r.median_ms), None)
+                progress(spec_rows[-1])
+        baseline = next((r for r in spec_rows if r.provider == BASELINES[spec.family] and r.median_ms), None)
         for row in spec_rows:
             if baseline is not None and row.median_ms:
                 row.speedup = baseline.median_ms / row.median_ms
         rows.extend(spec_rows)
+        del case, expected
+        if on_problem is not None:
+            on_problem(rows)
     return rows
