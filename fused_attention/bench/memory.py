@@ -9,7 +9,6 @@ before it. Where that is not possible the column is empty."""
 from __future__ import annotations
 
 import ctypes
-import gc
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +35,6 @@ def _libc() -> ctypes.CDLL | None:
 
 def _cpu_peak_bytes(fn: Callable[[], object]) -> int | None:
     try:
-        gc.collect()
         libc = _libc()
         if libc is not None:
             libc.malloc_trim(0)

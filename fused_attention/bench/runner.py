@@ -95,7 +95,8 @@ def measure(
             del grads
         del out
         peak = peak_bytes(_step(provider, case, grad_out), spec.device)
-        median, iqr = time_fn(_timed(provider, _rotation(case), grad_out), spec.device, min_run_time)
+        # The checked call and the memory call were the warm-up.
+        median, iqr = time_fn(_timed(provider, _rotation(case), grad_out), spec.device, min_run_time, warmup=False)
     except Exception as e:  # noqa: BLE001  (a crash is this row's result, not the sweep's end)
         row.reason = _error_text(e)
         row.max_error = row.grad_error = None

@@ -11,10 +11,11 @@ from collections.abc import Callable
 import torch
 
 
-def time_cpu(fn: Callable[[], object], min_run_time: float = 0.2) -> tuple[float, float]:
+def time_cpu(fn: Callable[[], object], min_run_time: float = 0.2, warmup: bool = True) -> tuple[float, float]:
     from torch.utils import benchmark
 
-    fn()  # warm-up (first-call allocations, lazy initialization)
+    if warmup:  # first-call allocations, lazy initialization
+        fn()
     measurement = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(
         min_run_time=min_run_time
     )
@@ -51,7 +52,11 @@ def time_cuda(fn: Callable[[], object], min_run_time: float = 0.2) -> tuple[floa
     return median, q75 - q25
 
 
-def time_fn(fn: Callable[[], object], device: str, min_run_time: float = 0.2) -> tuple[float, float]:
+def time_fn(
+    fn: Callable[[], object], device: str, min_run_time: float = 0.2, warmup: bool = True
+) -> tuple[float, float]:
+    """``(median, interquartile range)`` in seconds. ``warmup=False`` when ``fn`` has just run (CPU;
+    the CUDA timers always warm up)."""
     if torch.device(device).type == "cuda":
         return time_cuda(fn, min_run_time)
-    return time_cpu(fn, min_run_time)
+    return time_cpu(fn, min_run_time, warmup)
