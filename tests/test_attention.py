@@ -250,10 +250,19 @@ def _dropout_keep_mask(backend, q, k, p, **kwargs):
     return out != 0
 
 
-@pytest.mark.parametrize("features", [(), ("alibi", "window"), ("gqa", "causal")], ids=str)
+DROPOUT_FEATURES = [(), ("alibi", "window"), ("gqa", "causal")]
+
+
+@pytest.mark.parametrize("features", DROPOUT_FEATURES, ids=str)
 def test_dropout_matches_reference_with_the_same_mask(backend, features):
+    check_dropout_against_reference(backend, features)
+
+
+def check_dropout_against_reference(backend, features, seq_k=S):
+    """The keep-mask recovered with identity values (so ``seq_k`` is also the value head dim), the
+    kept fraction, and output and gradients against the reference run with that same mask."""
     torch.manual_seed(15)
-    q, k, v, kwargs = _inputs(set(features))
+    q, k, v, kwargs = _inputs(set(features), seq_k=seq_k)
     p = 0.25
     keep = _dropout_keep_mask(backend, q.detach(), k.detach(), p, **kwargs)
     rate = keep.sum() / keep.numel()

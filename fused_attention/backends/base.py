@@ -96,6 +96,13 @@ class Backend:
         raise NotImplementedError
 
 
+def draw_seed(inputs: AttentionInputs | VarlenInputs) -> torch.Tensor | None:
+    """A dropout seed from torch's default CPU generator, so ``torch.manual_seed`` reproduces it."""
+    if inputs.dropout_p == 0:
+        return None
+    return torch.randint(0, 1 << 62, (1,), dtype=torch.int64)
+
+
 def requires_grad(inputs: AttentionInputs | VarlenInputs) -> bool:
     """Whether the call will need a backward: grad mode on and an input (or a float mask) requires grad."""
     tensors = (inputs.query, inputs.key, inputs.value, getattr(inputs, "attn_mask", None))

@@ -13,14 +13,16 @@ from typing import TypeVar
 from ..errors import AttentionArgumentError
 from ..inputs import AttentionInputs, VarlenInputs
 from .base import Backend
-from .pending import CPU, CUDA, TRITON
+from .pending import CPU, CUDA
 from .torch_backend import TORCH
+from .triton_backend import TRITON
 
 T = TypeVar("T")
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (TRITON, CUDA, CPU, TORCH)}
 
 # Attention on CUDA goes to triton, then torch, until CUDA attention lands; other devices use torch.
+# CPU tensors never go to triton automatically (it serves them only forced, under the interpreter).
 _PRIORITY: dict[str, tuple[str, ...]] = {
     "cuda": ("cuda", "triton", "torch"),
     "cpu": ("cpu", "torch"),

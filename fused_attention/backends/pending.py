@@ -16,6 +16,5 @@ class PendingBackend(Backend):
         return self._reason
 
 
-TRITON = PendingBackend("triton", "triton attention kernels are not built yet (they land with the Triton issue)")
 CUDA = PendingBackend("cuda", "CUDA attention is not built yet (this wave's CUDA kernels are positional encodings)")
 CPU = PendingBackend("cpu", "C++ CPU attention kernels are not built yet (they land with the CPU kernel issue)")

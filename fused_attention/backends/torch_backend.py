@@ -12,18 +12,11 @@ import torch.nn.functional as F
 from ..inputs import AttentionInputs, VarlenInputs
 from ..ops import torch_attention as _ops  # noqa: F401  (registers fused_attention::torch_attention)
 from ..ops import torch_varlen as _varlen_ops  # noqa: F401  (registers fused_attention::torch_varlen)
-from .base import ALL_FEATURES, Backend, Capabilities, requires_grad
+from .base import ALL_FEATURES, Backend, Capabilities, draw_seed, requires_grad
 
 # Features torch's SDPA expresses natively; anything else needs the chunked op.
 _NATIVE_FEATURES = frozenset({"causal", "bool_mask", "float_mask", "gqa", "value_head_dim"})
 _SDPA_MATH = 0  # torch's SDPBackend.MATH: torch would materialize L x S, so the chunked op is leaner
-
-
-def draw_seed(inputs: AttentionInputs | VarlenInputs) -> torch.Tensor | None:
-    """A dropout seed from torch's default CPU generator, so ``torch.manual_seed`` reproduces it."""
-    if inputs.dropout_p == 0:
-        return None
-    return torch.randint(0, 1 << 62, (1,), dtype=torch.int64)
 
 
 def _torch_serves_fused(inputs: AttentionInputs) -> bool:

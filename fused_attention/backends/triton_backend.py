@@ -1,0 +1,70 @@
+"""The ``triton`` backend: FlashAttention-2 style Triton kernels with every feature fused.
+
+It serves CUDA tensors. Under ``TRITON_INTERPRET=1`` (set before the kernels are imported) it also
+serves CPU tensors, but only when forced with ``backend="triton"``: that is how CI tests the kernels
+without a GPU; automatic dispatch never picks it for CPU tensors (see :mod:`.dispatch`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..inputs import AttentionInputs, VarlenInputs
+from ..kernels.triton import triton_unavailable_reason
+from .base import ALL_FEATURES, Backend, Capabilities, draw_seed
+
+# The interpreter computes tl.dot on bfloat16 operands wrongly (on the raw 16-bit patterns), so on the
+# CPU bfloat16 would give wrong numbers; it is served (and tested) on GPUs only.
+_INTERPRETER_BF16 = "bfloat16 on the CPU: the Triton interpreter computes tl.dot on bfloat16 wrongly"
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    # float64 is left to the other backends: tensor cores have no float64 tl.dot worth launching.
+    capabilities = Capabilities(
+        device_types=frozenset({"cuda"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        features=ALL_FEATURES,
+        max_head_dim=256,
+        head_dim_multiple=8,
+    )
+
+    def unavailable_reason(self) -> str | None:
+        reason = triton_unavailable_reason(torch.device("cuda"))  # None whenever Triton imports
+        if reason is None and not torch.cuda.is_available() and triton_unavailable_reason(torch.device("cpu")):
+            return "no CUDA device is available (CPU tensors need TRITON_INTERPRET=1, the Triton interpreter)"
+        return reason
+
+    def serves_device_reason(self, device: torch.device) -> str | None:
+        if device.type == "cpu":  # the interpreter, for tests; never chosen automatically
+            return triton_unavailable_reason(device)
+        return super().serves_device_reason(device)
+
+    def not_supported_reasons(self, inputs: AttentionInputs | VarlenInputs) -> list[str]:
+        reasons = super().not_supported_reasons(inputs)
+        if not reasons and inputs.device.type == "cpu" and inputs.dtype == torch.bfloat16:
+            reasons.append(_INTERPRETER_BF16)
+        return reasons
+
+    @staticmethod
+    def _ops():
+        from ..ops import triton_attention  # noqa: F401  (registers the triton_* attention ops on first use)
+
+        return torch.ops.fused_attention
+
+    def attention(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._ops().triton_attention(
+            inputs.query, inputs.key, inputs.value, inputs.attn_mask, inputs.key_lengths, inputs.alibi_slopes,
+            draw_seed(inputs), inputs.causal, inputs.window_left, inputs.window_right, inputs.softcap,
+            inputs.scale, inputs.dropout_p,
+        )
+
+    def varlen_attention(self, inputs: VarlenInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._ops().triton_varlen(
+            inputs.query, inputs.key, inputs.value, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
+            inputs.max_seqlen_q, inputs.max_seqlen_k, inputs.alibi_slopes, draw_seed(inputs),
+            inputs.window_left, inputs.window_right, inputs.softcap, inputs.scale, inputs.dropout_p,
+        )
+
+
+TRITON = TritonBackend()

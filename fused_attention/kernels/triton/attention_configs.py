@@ -1,0 +1,88 @@
+"""Tile configurations of the Triton attention kernels, per pass and GPU architecture.
+
+A small candidate list per (pass, architecture) that the autotuner times once per shape bucket; large
+head dims keep only the tiles whose operands fit in shared memory and registers. Under the Triton
+interpreter one fixed small tile per pass is used instead: it has no hardware to tune for, and small
+tiles keep CPU tests fast while still crossing several tiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PASSES = ("forward", "backward_dkdv", "backward_dq")
+ARCHS = (80, 90)  # Ampere (A100) and Hopper (H100/H200); other GPUs use the nearest older list
+
+
+@dataclass(frozen=True)
+class Tile:
+    block_m: int  # query rows per tile
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+
+
+_CANDIDATES: dict[tuple[str, int], tuple[Tile, ...]] = {
+    ("forward", 80): (Tile(128, 64, 4, 3), Tile(128, 32, 4, 3), Tile(64, 64, 4, 3), Tile(64, 32, 4, 2)),
+    ("forward", 90): (Tile(128, 128, 8, 3), Tile(128, 64, 4, 3), Tile(128, 64, 8, 3), Tile(64, 64, 4, 2)),
+    # dK/dV: a program holds a key block and its dK/dV accumulators, and walks query blocks
+    ("backward_dkdv", 80): (Tile(32, 128, 8, 2), Tile(32, 64, 4, 2), Tile(64, 64, 4, 2), Tile(16, 64, 4, 2)),
+    ("backward_dkdv", 90): (Tile(32, 128, 8, 3), Tile(64, 128, 8, 2), Tile(32, 64, 4, 3), Tile(16, 64, 4, 2)),
+    # dQ: a program holds a query block and its dQ accumulator, and walks key blocks
+    ("backward_dq", 80): (Tile(128, 32, 8, 2), Tile(64, 32, 4, 2), Tile(64, 64, 4, 2), Tile(64, 16, 4, 2)),
+    ("backward_dq", 90): (Tile(128, 32, 8, 3), Tile(128, 64, 8, 2), Tile(64, 32, 4, 3), Tile(64, 16, 4, 2)),
+}
+
+INTERPRETER_TILES = {
+    "forward": Tile(16, 32, 4, 1),
+    "backward_dkdv": Tile(32, 16, 4, 1),  # other tile shapes than forward: dropout must not depend on them
+    "backward_dq": Tile(16, 32, 4, 1),
+}
+
+# The delta = rowsum(dO * O) preprocessing pass: rows per program (no tuning: it is memory bound).
+DELTA_ROWS = 64
+INTERPRETER_DELTA_ROWS = 16
+
+
+def arch_of(capability: tuple[int, int]) -> int:
+    major, minor = capability
+    return 90 if major * 10 + minor >= 90 else 80
+
+
+# Shared memory the compiler may use, bytes (A100: 164 KiB per block, H100: 228 KiB), less headroom.
+_SHARED_BUDGET = {80: 150 * 1024, 90: 210 * 1024}
+
+
+def _shared_estimate(tile: Tile, pass_name: str, block_d: int, elem_bytes: int) -> int:
+    """Shared memory of a tile: the block held for the whole program plus the pipelined stream of
+    the other operand (q/k/v tiles of width ``block_d``; K and V, or Q and dO, travel together)."""
+    held, streamed = (tile.block_n, tile.block_m) if pass_name == "backward_dkdv" else (tile.block_m, tile.block_n)
+    held_width = block_d if pass_name == "forward" else 2 * block_d
+    return elem_bytes * (held * held_width + tile.num_stages * streamed * 2 * block_d)
+
+
+def _fits(tile: Tile, pass_name: str, arch: int, block_d: int, elem_bytes: int) -> bool:
+    """Whether a tile fits in shared memory, and keeps its float32 accumulators within registers
+    (at most 64 x 256 per 4 warps)."""
+    held = tile.block_n if pass_name == "backward_dkdv" else tile.block_m
+    registers_ok = held * block_d <= 64 * 256 * tile.num_warps // 4
+    return registers_ok and _shared_estimate(tile, pass_name, block_d, elem_bytes) <= _SHARED_BUDGET[arch]
+
+
+_FALLBACK = {"forward": Tile(64, 16, 4, 1), "backward_dkdv": Tile(16, 64, 4, 1), "backward_dq": Tile(64, 16, 4, 1)}
+
+
+def candidates(pass_name: str, arch: int, block_d: int, elem_bytes: int) -> list[Tile]:
+    """The tiles the autotuner may pick for ``pass_name`` on ``arch`` at padded head dim ``block_d``
+    (the larger of the q/k and v head dims) for inputs of ``elem_bytes`` bytes per element."""
+    tiles = [t for t in _CANDIDATES[pass_name, arch] if _fits(t, pass_name, arch, block_d, elem_bytes)]
+    return tiles or [_FALLBACK[pass_name]]
+
+
+def all_candidates(pass_name: str) -> list[Tile]:
+    """Every tile of every architecture for a pass: the autotuner's list, pruned at launch."""
+    seen: dict[Tile, None] = {}
+    for arch in ARCHS:
+        for tile in _CANDIDATES[pass_name, arch]:
+            seen[tile] = None
+    return list(seen)

@@ -1,0 +1,205 @@
+"""What the Triton attention kernels are launched with: one :class:`Problem` for dense and packed calls.
+
+A problem turns tensors into the kernels' shared arguments (pointers, strides, sizes, scalar options)
+and compile-time flags (the features a call uses, padded head dims, the matmul precision), so every
+pass, and the ahead-of-time compile test, builds exactly the specializations dispatch launches.
+
+Layouts: dense ``q (B, Hq, L, E)``, ``k (B, Hkv, S, E)``, ``v (B, Hkv, S, Ev)``, ``lse (B, Hq, L)``;
+packed ``q (total_q, Hq, E)``, ``k``/``v`` ``(total_k, Hkv, .)``, ``lse (Hq, total_q)`` with
+``cu_seqlens``. Any strides: a packed tensor is a dense one with batch stride 0 whose rows start at
+``cu_seqlens[b]``. Size-1 (broadcast) dims of the mask and the ALiBi slopes are read with stride 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+
+from . import attention_configs as configs
+from . import device_guard
+
+_MIN_BLOCK_D = 16  # tl.dot needs K >= 16
+
+
+def padded_head_dim(dim: int) -> int:
+    return max(_MIN_BLOCK_D, triton.next_power_of_2(dim))
+
+
+def _broadcast_strides(t: torch.Tensor) -> list[int]:
+    return [0 if size == 1 else stride for size, stride in zip(t.shape, t.stride())]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 matmuls follow torch's TF32 switch (IEEE by default); 16-bit inputs use tensor cores."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+@dataclass(frozen=True)
+class Problem:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None
+    key_lengths: torch.Tensor | None
+    alibi: torch.Tensor | None  # (1 or B, Hq)
+    cu_seqlens_q: torch.Tensor | None  # packed (varlen) when given
+    cu_seqlens_k: torch.Tensor | None
+    max_seqlen_q: int
+    max_seqlen_k: int
+    causal: bool
+    window_left: int
+    window_right: int
+    softcap: float
+    scale: float
+    dropout_p: float
+    seed: int
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+    @property
+    def batch(self) -> int:
+        return self.cu_seqlens_q.numel() - 1 if self.varlen else self.q.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.q.shape[-2] if self.varlen else self.q.shape[1]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k.shape[-2] if self.varlen else self.k.shape[1]
+
+    def rows(self, t: torch.Tensor) -> list[int]:
+        """(batch, head, row, feature) strides of a q/k/v-like tensor."""
+        if self.varlen:
+            return [0, t.stride(1), t.stride(0), t.stride(2)]
+        return list(t.stride())
+
+    def row_stats(self, t: torch.Tensor) -> list[int]:
+        """(batch, head, row) strides of an lse-like tensor."""
+        if self.varlen:
+            return [0, t.stride(0), t.stride(1)]
+        return list(t.stride())
+
+    def block_d(self) -> int:
+        return max(padded_head_dim(self.q.shape[-1]), padded_head_dim(self.v.shape[-1]))
+
+    def shared_args(self) -> dict[str, Any]:
+        """Arguments every pass takes, runtime values and compile-time flags alike."""
+        mask = self.mask
+        mask_kind = 0
+        if mask is not None:
+            mask_kind = 1 if mask.dtype == torch.bool else 2
+            if mask.dtype == torch.bool:
+                mask = mask.view(torch.uint8)  # same bytes; Triton loads bytes, not i1
+        mask_strides = _broadcast_strides(mask) if mask is not None else [0, 0, 0, 0]
+        alibi_strides = _broadcast_strides(self.alibi) if self.alibi is not None else [0, 0]
+        names = ("qb", "qh", "qm", "qd", "kb", "kh", "kn", "kd", "vb", "vh", "vn", "vd")
+        strides = dict(zip(names, self.rows(self.q) + self.rows(self.k) + self.rows(self.v)))
+        strides |= dict(zip(("mb", "mh", "mm", "mn"), mask_strides)) | dict(zip(("ab", "ah"), alibi_strides))
+        return {
+            "Q": self.q, "K": self.k, "V": self.v, "Mask": mask, "KeyLengths": self.key_lengths,
+            "Alibi": self.alibi, "CuQ": self.cu_seqlens_q, "CuK": self.cu_seqlens_k,
+            **{f"stride_{name}": value for name, value in strides.items()},
+            "n_heads": self.heads, "groups": self.heads // self.kv_heads,
+            "seq_q": self.max_seqlen_q, "seq_k": self.max_seqlen_k,
+            "head_dim": self.q.shape[-1], "value_head_dim": self.v.shape[-1],
+            "scale": self.scale, "softcap": self.softcap,
+            "window_left": self.window_left, "window_right": self.window_right,
+            "dropout_p": self.dropout_p, "seed": self.seed,
+            # the autotuner's shape bucket: powers of two of the lengths
+            "tune_key": triton.next_power_of_2(max(self.max_seqlen_q, 1)) * (1 << 24)
+            + triton.next_power_of_2(max(self.max_seqlen_k, 1)),
+            "BLOCK_D": padded_head_dim(self.q.shape[-1]), "BLOCK_DV": padded_head_dim(self.v.shape[-1]),
+            "CAUSAL": self.causal, "WINDOW_LEFT": self.window_left >= 0, "WINDOW_RIGHT": self.window_right >= 0,
+            "SOFTCAP": self.softcap > 0, "ALIBI": self.alibi is not None, "MASK": mask_kind,
+            "KEY_LENGTHS": self.key_lengths is not None, "DROPOUT": self.dropout_p > 0,
+            "VARLEN": self.varlen, "DOT_PRECISION": dot_precision(self.q.dtype),
+        }
+
+    def forward_args(self, out: torch.Tensor, lse: torch.Tensor) -> dict[str, Any]:
+        args = self.shared_args()
+        args |= {"Out": out, "Lse": lse}
+        args |= dict(zip(("stride_ob", "stride_oh", "stride_om", "stride_od"), self.rows(out)))
+        args |= dict(zip(("stride_lb", "stride_lh", "stride_lm"), self.row_stats(lse)))
+        return args
+
+    def grid(self, pass_name: str, block: int) -> tuple[int, int, int]:
+        """(blocks along the pass's own sequence, query or key/value heads, batch)."""
+        if pass_name == "backward_dkdv":
+            return triton.cdiv(self.max_seqlen_k, block), self.kv_heads, self.batch
+        return triton.cdiv(self.max_seqlen_q, block), self.heads, self.batch
+
+
+# Compile-time flags that select a specialization: the autotuner keeps one choice per combination.
+TUNE_KEY = [
+    "tune_key", "BLOCK_D", "BLOCK_DV", "CAUSAL", "WINDOW_LEFT", "WINDOW_RIGHT", "SOFTCAP", "ALIBI", "MASK",
+    "KEY_LENGTHS", "DROPOUT", "VARLEN", "DOT_PRECISION",
+]
+
+
+def interpreted(kernel) -> bool:
+    return isinstance(kernel, InterpretedFunction)
+
+
+def _elem_bytes(args: dict[str, Any]) -> int:
+    return args["Q"].element_size()
+
+
+def _tile_config(tile: configs.Tile) -> triton.Config:
+    return triton.Config({"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n},
+                         num_warps=tile.num_warps, num_stages=tile.num_stages)
+
+
+def _current_candidates(pass_name: str, args: dict[str, Any]) -> list[configs.Tile]:
+    arch = configs.arch_of(torch.cuda.get_device_capability(args["Q"].device))
+    block_d = max(args["BLOCK_D"], args["BLOCK_DV"])
+    return configs.candidates(pass_name, arch, block_d, _elem_bytes(args))
+
+
+def autotuned(kernel, pass_name: str, extra_key: list[str] | None = None, reset_to_zero: list[str] | None = None):
+    """``kernel`` under Triton's autotuner, with the candidates of the running GPU's architecture.
+    None under the interpreter (a fixed tile is used there; see :func:`run`)."""
+    if interpreted(kernel):
+        return None
+
+    def prune(tile_configs, named_args, **kwargs):
+        wanted = {(t.block_m, t.block_n, t.num_warps, t.num_stages)
+                  for t in _current_candidates(pass_name, {**named_args, **kwargs})}
+        return [c for c in tile_configs
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+
+    return triton.autotune(
+        configs=[_tile_config(t) for t in configs.all_candidates(pass_name)],
+        key=TUNE_KEY + (extra_key or []),
+        prune_configs_by={"early_config_prune": prune},
+        reset_to_zero=reset_to_zero,
+    )(kernel)
+
+
+def fixed_tile(kernel, pass_name: str, args: dict[str, Any]) -> configs.Tile:
+    """The tile used without autotuning: the interpreter's, else the architecture's first candidate."""
+    if interpreted(kernel):
+        return configs.INTERPRETER_TILES[pass_name]
+    return _current_candidates(pass_name, args)[0]
+
+
+def run(kernel, tuned, pass_name: str, problem: Problem, args: dict[str, Any]) -> None:
+    """Launches one pass: a fixed tile under the interpreter or in deterministic mode (the autotuner's
+    pick could differ between runs, and with it the rounding), else the autotuned kernel."""
+    own = "BLOCK_N" if pass_name == "backward_dkdv" else "BLOCK_M"
+    with device_guard(problem.q):
+        if tuned is None or torch.are_deterministic_algorithms_enabled():
+            tile = fixed_tile(kernel, pass_name, args)
+            grid = problem.grid(pass_name, tile.block_n if own == "BLOCK_N" else tile.block_m)
+            kernel[grid](**args, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                         num_warps=tile.num_warps, num_stages=tile.num_stages)
+        else:
+            tuned[lambda meta: problem.grid(pass_name, meta[own])](**args)

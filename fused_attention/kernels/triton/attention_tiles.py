@@ -1,0 +1,141 @@
+"""Tile-level pieces shared by the Triton attention kernels (forward, dK/dV and dQ passes).
+
+Every helper takes the query index ``i`` and key index ``j`` as broadcastable 2-D int32 tensors, so
+the forward and dQ passes call them on ``(BLOCK_M, BLOCK_N)`` tiles (``i[:, None]``, ``j[None, :]``)
+and the dK/dV pass on transposed ``(BLOCK_N, BLOCK_M)`` tiles (``j[:, None]``, ``i[None, :]``) with the
+same code. Indices are relative to the sequence (varlen: to its start in the pack); query ``i`` sits at
+key position ``i + seq_k - seq_q`` (bottom-right alignment), as in :mod:`fused_attention.inputs`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Below this |x|, tanh is a Taylor polynomial: (1 - e) / (1 + e) with e = exp(-2|x|) cancels there.
+_TANH_SERIES_LIMIT = 0.5
+
+
+@triton.jit
+def tanh(x):
+    """tanh within a few float32 ulp; Triton's portable math (and its interpreter) has no tanh."""
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    far = (1.0 - e) / (1.0 + e)
+    x2 = ax * ax
+    # tanh x = x - x^3/3 + 2x^5/15 - ...: terms to x^17 leave < 1e-9 relative error for |x| < 0.5
+    near = 6404582.0 / 10854718875.0
+    near = near * x2 - 929569.0 / 638512875.0
+    near = near * x2 + 21844.0 / 6081075.0
+    near = near * x2 - 1382.0 / 155925.0
+    near = near * x2 + 62.0 / 2835.0
+    near = near * x2 - 17.0 / 315.0
+    near = near * x2 + 2.0 / 15.0
+    near = near * x2 - 1.0 / 3.0
+    near = ax + ax * x2 * near
+    t = tl.where(ax < _TANH_SERIES_LIMIT, near, far)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def key_range(
+    m0, seq_q, seq_k, window_left, window_right, key_length,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, KEY_LENGTHS: tl.constexpr,
+):
+    """``[lo, hi)``: the keys any query row in ``[m0, m0 + BLOCK_M)`` may see (``lo`` a multiple of
+    BLOCK_N). Tiles outside are skipped, not computed and masked."""
+    shift = seq_k - seq_q
+    m1 = tl.minimum(m0 + BLOCK_M, seq_q)
+    hi = seq_k
+    if CAUSAL:
+        hi = tl.minimum(hi, m1)
+    if WINDOW_RIGHT:
+        hi = tl.minimum(hi, m1 + shift + window_right)
+    if KEY_LENGTHS:
+        hi = tl.minimum(hi, key_length)
+    lo = 0
+    if WINDOW_LEFT:
+        lo = tl.maximum(lo, m0 + shift - window_left)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = tl.where(m0 < seq_q, hi, lo)  # a block past the end of its (varlen) sequence sees nothing
+    return lo, hi
+
+
+@triton.jit
+def query_range(
+    n0, seq_q, seq_k, window_left, window_right, key_length,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, KEY_LENGTHS: tl.constexpr,
+):
+    """``[lo, hi)``: the query rows that may see any key in ``[n0, n0 + BLOCK_N)`` (``lo`` a multiple
+    of BLOCK_M); the mirror of :func:`key_range` for the dK/dV pass."""
+    shift = seq_k - seq_q
+    n1 = tl.minimum(n0 + BLOCK_N, seq_k)
+    lo = 0
+    if CAUSAL:
+        lo = tl.maximum(lo, n0)
+    if WINDOW_RIGHT:
+        lo = tl.maximum(lo, n0 - shift - window_right)
+    hi = seq_q
+    if WINDOW_LEFT:
+        hi = tl.minimum(hi, n1 - shift + window_left)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    empty = n0 >= seq_k
+    if KEY_LENGTHS:
+        empty = empty | (n0 >= key_length)
+    hi = tl.where(empty, lo, hi)
+    return lo, hi
+
+
+@triton.jit
+def scores(
+    qk, i, j, seq_q, seq_k, scale, softcap, slope, mask_base, stride_mask_m, stride_mask_n,
+    window_left, window_right, key_length,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, KEY_LENGTHS: tl.constexpr,
+):
+    """Final float32 scores of a tile from ``qk = q . k``, ``-inf`` where a key is not visible, and the
+    softcap's ``tanh`` (its derivative is needed in backward; unused otherwise).
+
+    ``MASK``: 0 none, 1 bool (nonzero = attend), 2 float (added); the mask is read through its strides
+    (stride 0 along broadcast dims) from ``mask_base``, which points at this (batch, head)'s slice.
+    """
+    s = qk * scale
+    t = s
+    if SOFTCAP:
+        t = tanh(s / softcap)
+        s = softcap * t
+    shift = seq_k - seq_q
+    if ALIBI:
+        s = s - slope * tl.abs(i + shift - j).to(tl.float32)
+    visible = (i < seq_q) & (j < seq_k)
+    if CAUSAL:
+        visible = visible & (j <= i)
+    if WINDOW_LEFT:
+        visible = visible & (j >= i + shift - window_left)
+    if WINDOW_RIGHT:
+        visible = visible & (j <= i + shift + window_right)
+    if KEY_LENGTHS:
+        visible = visible & (j < key_length)
+    if MASK != 0:
+        in_bounds = (i < seq_q) & (j < seq_k)
+        offsets = i.to(tl.int64) * stride_mask_m + j.to(tl.int64) * stride_mask_n
+        m = tl.load(mask_base + offsets, mask=in_bounds, other=0)
+        if MASK == 1:
+            visible = visible & (m != 0)
+        else:
+            s = s + m.to(tl.float32)
+    return tl.where(visible, s, float("-inf")), t
+
+
+@triton.jit
+def dropout_keep(seed, stream, i, j, dropout_p):
+    """Keep-mask of a tile: Philox keyed by ``seed``, counted by (key, query, batch * heads + head).
+
+    A pure function of absolute indices, so the backward passes, with other tile shapes and another
+    orientation, regenerate exactly the forward's mask without storing it.
+    """
+    zero = (i * 0 + j * 0).to(tl.uint32)
+    r, _, _, _ = tl.philox(seed, (j + zero).to(tl.uint32), (i + zero).to(tl.uint32), zero + stream.to(tl.uint32), zero)
+    return tl.random.uint_to_uniform_float(r) >= dropout_p

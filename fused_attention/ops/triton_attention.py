@@ -1,0 +1,244 @@
+"""Custom ops for the ``triton`` backend's attention: dense and packed (varlen), forward and backward.
+
+Same schemas and semantics as the ``torch`` backend's ops (:mod:`.torch_attention`, :mod:`.torch_varlen`)
+except that the forward's output and log-sum-exp are saved for the backward (FlashAttention-2 style:
+``P = exp(S - lse)`` and ``delta = rowsum(dO * O)``), and varlen takes ``max_seqlen_q/k`` so that
+launching never reads ``cu_seqlens`` back from the GPU. ``torch.compile`` sees each op as one node
+with an explicit fake implementation (``custom_op`` + ``register_fake``, which also works under
+``TRITON_INTERPRET=1`` on CPU tensors) and a registered autograd formula.
+
+Importing this module imports Triton and defines the kernels: do it only when
+:func:`fused_attention.kernels.triton.triton_unavailable_reason` returns None.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..kernels.triton.attention_backward import attention_backward
+from ..kernels.triton.attention_forward import attention_forward
+from ..kernels.triton.attention_launch import Problem
+
+
+def _problem(q, k, v, mask, key_lengths, alibi, cu_q, cu_k, max_q, max_k, seed, causal, window_left,
+             window_right, softcap, scale, dropout_p) -> Problem:
+    return Problem(
+        q=q, k=k, v=v, mask=mask, key_lengths=key_lengths, alibi=alibi, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+        max_seqlen_q=max_q, max_seqlen_k=max_k, causal=causal, window_left=window_left,
+        window_right=window_right, softcap=softcap, scale=scale, dropout_p=dropout_p,
+        seed=int(seed.item()) if seed is not None and dropout_p > 0 else 0,
+    )
+
+
+def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+# ------------------------------------------------------------------------------------------- dense
+
+
+@torch.library.custom_op("fused_attention::triton_attention", mutates_args=())
+def triton_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    key_lengths: Tensor | None,
+    alibi: Tensor | None,
+    seed: Tensor | None,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    scale: float,
+    dropout_p: float,
+) -> tuple[Tensor, Tensor]:
+    """Canonical dense attention (see :mod:`fused_attention.inputs`): q ``(B, Hq, L, E)``,
+    k ``(B, Hkv, S, E)``, v ``(B, Hkv, S, Ev)`` of one dtype (float16/bfloat16/float32), any strides;
+    mask 4-D broadcastable (bool: True attends; float: added); key_lengths ``(B,)``; alibi float32
+    ``(1 or B, Hq)``; seed int64 ``(1,)`` (dropout). Returns ``out (B, Hq, L, Ev)`` in q's dtype and
+    ``lse (B, Hq, L)`` float32 (``-inf`` and output 0 for a row that sees no key)."""
+    batch, heads, seq_q, _ = q.shape
+    out = q.new_empty(batch, heads, seq_q, v.shape[-1])
+    lse = q.new_empty(batch, heads, seq_q, dtype=torch.float32)
+    if out.numel() or lse.numel():
+        problem = _problem(q, k, v, mask, key_lengths, alibi, None, None, seq_q, k.shape[2], seed, causal,
+                           window_left, window_right, softcap, scale, dropout_p)
+        attention_forward(problem, out, lse)
+    return out, lse
+
+
+@triton_attention.register_fake
+def _(q, k, v, mask, key_lengths, alibi, seed, causal, window_left, window_right, softcap, scale, dropout_p):
+    batch, heads, seq_q, _ = q.shape
+    return q.new_empty(batch, heads, seq_q, v.shape[-1]), q.new_empty(batch, heads, seq_q, dtype=torch.float32)
+
+
+@torch.library.custom_op("fused_attention::triton_attention_backward", mutates_args=())
+def triton_attention_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    mask: Tensor | None,
+    key_lengths: Tensor | None,
+    alibi: Tensor | None,
+    seed: Tensor | None,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    scale: float,
+    dropout_p: float,
+    need_mask_grad: bool,
+    need_alibi_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv, dmask, dalibi)`` from the forward's ``out`` and ``lse``; dmask (the mask's
+    broadcast shape and dtype) and dalibi are empty tensors unless asked for."""
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    dmask = dalibi = None
+    if dq.numel() or dk.numel() or dv.numel():
+        problem = _problem(q, k, v, mask, key_lengths, alibi, None, None, q.shape[2], k.shape[2], seed, causal,
+                           window_left, window_right, softcap, scale, dropout_p)
+        dmask, dalibi = attention_backward(problem, out, dout, lse, dq, dk, dv, need_mask_grad, need_alibi_grad)
+    if need_mask_grad:
+        dmask = mask.new_zeros(mask.shape) if dmask is None else dmask.to(mask.dtype)
+    if need_alibi_grad:
+        dalibi = alibi.new_zeros(alibi.shape) if dalibi is None else dalibi.to(alibi.dtype)
+    return dq, dk, dv, _or_empty(dmask, q), _or_empty(dalibi, q)
+
+
+@triton_attention_backward.register_fake
+def _(dout, q, k, v, out, lse, mask, key_lengths, alibi, seed, causal, window_left, window_right, softcap,
+      scale, dropout_p, need_mask_grad, need_alibi_grad):
+    dmask = mask.new_empty(mask.shape) if need_mask_grad else q.new_empty(0)
+    dalibi = alibi.new_empty(alibi.shape) if need_alibi_grad else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask, dalibi
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, key_lengths, alibi, seed, *options = inputs
+    out, lse = output
+    ctx.options = options
+    ctx.mark_non_differentiable(lse)  # returned detached, as the public function documents
+    ctx.save_for_backward(q, k, v, out, lse, mask, key_lengths, alibi, seed)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, mask, key_lengths, alibi, seed = ctx.saved_tensors
+    need_mask_grad = mask is not None and ctx.needs_input_grad[3]
+    need_alibi_grad = alibi is not None and ctx.needs_input_grad[5]
+    dq, dk, dv, dmask, dalibi = triton_attention_backward(
+        dout, q, k, v, out, lse, mask, key_lengths, alibi, seed, *ctx.options, need_mask_grad, need_alibi_grad
+    )
+    return (
+        dq, dk, dv, dmask if need_mask_grad else None, None, dalibi if need_alibi_grad else None, None,
+        *([None] * len(ctx.options)),
+    )
+
+
+triton_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------ varlen
+
+
+@torch.library.custom_op("fused_attention::triton_varlen", mutates_args=())
+def triton_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    alibi: Tensor | None,
+    seed: Tensor | None,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    scale: float,
+    dropout_p: float,
+) -> tuple[Tensor, Tensor]:
+    """Packed attention: q ``(total_q, Hq, E)``, k ``(total_k, Hkv, E)``, v ``(total_k, Hkv, Ev)``;
+    sequence ``b`` is rows ``cu_seqlens[b]:cu_seqlens[b + 1]`` (none longer than ``max_seqlen``);
+    windows (causal included) are bottom-right per sequence. Returns ``out (total_q, Hq, Ev)`` and
+    ``lse (Hq, total_q)`` float32."""
+    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])  # zeros: rows outside every sequence stay 0
+    lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32)
+    if cu_seqlens_q.numel() > 1 and out.numel():
+        problem = _problem(q, k, v, None, None, alibi, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           seed, False, window_left, window_right, softcap, scale, dropout_p)
+        attention_forward(problem, out, lse)
+    return out, lse
+
+
+@triton_varlen.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi, seed, window_left, window_right,
+      softcap, scale, dropout_p):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1]), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("fused_attention::triton_varlen_backward", mutates_args=())
+def triton_varlen_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    alibi: Tensor | None,
+    seed: Tensor | None,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    scale: float,
+    dropout_p: float,
+    need_alibi_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv, dalibi)``; dalibi is empty unless asked for."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dalibi = None
+    if cu_seqlens_q.numel() > 1 and (dq.numel() or dk.numel() or dv.numel()):
+        problem = _problem(q, k, v, None, None, alibi, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           seed, False, window_left, window_right, softcap, scale, dropout_p)
+        _, dalibi = attention_backward(problem, out, dout, lse, dq, dk, dv, False, need_alibi_grad)
+    if need_alibi_grad:
+        dalibi = torch.zeros_like(alibi) if dalibi is None else dalibi.to(alibi.dtype)
+    return dq, dk, dv, _or_empty(dalibi, q)
+
+
+@triton_varlen_backward.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi, seed, window_left,
+      window_right, softcap, scale, dropout_p, need_alibi_grad):
+    dalibi = torch.empty_like(alibi) if need_alibi_grad else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dalibi
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, alibi, seed, *options = inputs
+    out, lse = output
+    ctx.lengths = (max_q, max_k)
+    ctx.options = options
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi, seed)
+
+
+def _varlen_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_q, cu_k, alibi, seed = ctx.saved_tensors
+    need_alibi_grad = alibi is not None and ctx.needs_input_grad[7]
+    dq, dk, dv, dalibi = triton_varlen_backward(
+        dout, q, k, v, out, lse, cu_q, cu_k, *ctx.lengths, alibi, seed, *ctx.options, need_alibi_grad
+    )
+    return (dq, dk, dv, None, None, None, None, dalibi if need_alibi_grad else None, None,
+            *([None] * len(ctx.options)))
+
+
+triton_varlen.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
