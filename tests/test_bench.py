@@ -259,8 +259,8 @@ def _has_matplotlib() -> bool:
 
 @pytest.mark.parametrize(
     ("args", "named"),
-    [(["--seq", "0"], "--seq"), (["--providers", "nope"], "--providers"), (["--dtype", "int8"], "--dtype"),
-     (["--device", "tpu"], "--device")],
+    [(["--seq", "0"], "--seq"), (["--providers", "nope"], "--providers"), (["--exclude", "nope"], "--exclude"),
+     (["--dtype", "int8"], "--dtype"), (["--device", "tpu"], "--device")],
 )  # fmt: skip
 def test_cli_bad_input_names_the_argument(args, named, capsys):
     from fused_attention.__main__ import main

@@ -1,22 +1,17 @@
-"""``python -m fused_attention bench``: a sweep from a preset and flags, printed as a markdown table with
-a progress bar on stderr, optionally written as CSV, JSON, markdown and PNG plots."""
+"""``python -m fused_attention bench``: a sweep from a preset and flags, run as a
+:func:`~.session.run_session` (table, progress bar, and with ``--out`` CSV, JSON, markdown and PNG)."""
 
 from __future__ import annotations
 
 import argparse
 import shlex
 import sys
-import time
 
 import torch
 
-from . import report
-from .plot import plot
 from .presets import PRESETS
-from .progress import Progress
 from .providers import default_providers
-from .roofline import measure_peaks
-from .runner import run
+from .session import run_session
 from .spec import DTYPES, MODES, OPS, sweep
 
 
@@ -55,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", nargs="+", choices=DTYPES, help="default: float32 on the CPU, bfloat16 on CUDA")
     parser.add_argument("--modes", nargs="+", choices=MODES)
     parser.add_argument("--providers", nargs="+", help="only these providers (default: all on the device)")
+    parser.add_argument("--exclude", nargs="+", help="leave these providers out")
     parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--min-run-time", type=positive_float, help="seconds of timed runs per row")
     parser.add_argument("--time-budget", type=positive_float, help="start no new problem after this many seconds")
@@ -101,52 +97,24 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         print(f"bench: {e}", file=sys.stderr)
         return 2
     providers = default_providers(device, quick=bool(preset.get("quick")))
-    if args.providers:
-        known = {p.name for p in default_providers(device)}
-        unknown = sorted(set(args.providers) - known)
+    known = {p.name for p in default_providers(device)}
+    for flag, names in (("--providers", args.providers), ("--exclude", args.exclude)):
+        unknown = sorted(set(names or ()) - known)
         if unknown:
-            print(f"bench: --providers: unknown {unknown}; available here: {sorted(known)}", file=sys.stderr)
+            print(f"bench: {flag}: unknown {unknown}; available here: {sorted(known)}", file=sys.stderr)
             return 2
+    if args.providers:
         providers = [p for p in default_providers(device) if p.name in args.providers]
+    providers = [p for p in providers if p.name not in (args.exclude or ())]
 
     argv = sys.argv[1:] if argv is None else argv
-    meta = report.machine(device)
-    meta["command"] = "python -m fused_attention " + shlex.join(argv)
-    meta["peaks"] = measure_peaks(device)
-    min_run_time = args.min_run_time or preset["min_run_time"]
-    print(report.header_text(meta))
-    families = {s.family for s in specs}
-    names = sorted({p.name for p in providers if p.family in families})
-    print(f"{len(specs)} problems; providers: {', '.join(names)}", flush=True)
-    total = sum(1 for s in specs for p in providers if p.family == s.family)
-
-    def save(rows: list) -> None:
-        if args.out:
-            report.write(rows, meta, args.out)
-
-    start = time.perf_counter()
-    rows = run(
+    run_session(
         specs,
         providers,
-        min_run_time=min_run_time,
-        progress=Progress(total),
-        peaks=meta["peaks"],
+        device=device,
+        command="python -m fused_attention " + shlex.join(argv),
+        out=args.out,
+        min_run_time=args.min_run_time or preset["min_run_time"],
         time_budget_s=args.time_budget,
-        on_problem=save,
     )
-    meta["elapsed_s"] = round(time.perf_counter() - start, 2)
-    print()
-    print(report.markdown(rows))
-    print(f"\n{len(rows)} rows in {meta['elapsed_s']:.1f} s. {report.LEGEND}")
-    if len(rows) < total:
-        print(f"bench: --time-budget reached: {len(rows)} of {total} rows ran", file=sys.stderr)
-    if args.out:
-        for path in report.write(rows, meta, args.out):
-            print(f"wrote {path}")
-        try:
-            paths = plot(rows, args.out, title=f"{meta.get('gpu', meta['cpu'])}")
-        except ImportError as e:
-            print(f"bench: {e}", file=sys.stderr)
-        else:
-            print(f"wrote {len(paths)} plots under {args.out}")
     return 0
