@@ -44,6 +44,16 @@ def _git_commit() -> str | None:
     return f"{commit}{'+dirty' if dirty else ''}" if commit else None
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (how busy a shared machine was), where the OS reports one."""
+    import os
+
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def machine(device: str = "cpu") -> dict[str, object]:
     """Hardware and software of this run."""
     import os
@@ -60,6 +70,7 @@ def machine(device: str = "cpu") -> dict[str, object]:
         "fused_attention": __version__,
         "device": device,
         "memory_method": memory.method(device),
+        "load_avg_start": load_average(),
     }
     commit = _git_commit()
     if commit:
@@ -129,12 +140,13 @@ def header_text(meta: dict[str, object]) -> str:
         f"software: {versions}",
         f"command: {meta.get('command', '-')}",
         f"date: {meta['date']}" + (f", commit {meta['commit']}" if "commit" in meta else ""),
+        f"load average (1 min): {meta.get('load_avg_start')} at the start, {meta.get('load_avg_end', '-')} at the end",
         f"peak memory: {meta.get('memory_method', '-')}",
     ]
     peaks = meta.get("peaks")
     if isinstance(peaks, dict):
         lines.append(
-            f"roofline: measured {peaks['matmul_tflops']:.3f} TFLOP/s ({peaks['matmul_dtype']} "
+            f"roofline: best of measurements before and after the sweep, {peaks['matmul_tflops']:.3f} TFLOP/s ({peaks['matmul_dtype']} "
             f"{peaks['matmul_n']}^3 matmul), {peaks['copy_gbps']:.1f} GB/s ({peaks['copy_mib']} MiB copy)"
         )
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .row import Row
 from .timing import time_fn
 
 # Sizes: big enough to reach the ceiling, small enough to measure in about a second.
@@ -38,3 +39,22 @@ def measure_peaks(device: str, min_run_time: float = 0.3) -> dict[str, object]:
         "copy_gbps": 2 * copy_bytes / copy_s / 1e9,
         "copy_mib": copy_bytes >> 20,
     }
+
+
+def best_peaks(first: dict[str, object], second: dict[str, object]) -> dict[str, object]:
+    """The higher ceiling of two measurements, each rate on its own."""
+    best = dict(first)
+    for key in ("matmul_tflops", "copy_gbps"):
+        best[key] = max(first[key], second[key])  # type: ignore[type-var]
+    return best
+
+
+def roofline_fraction(row: Row, peaks: dict[str, object] | None) -> float | None:
+    """TFLOP/s over the matmul ceiling (attention) or GB/s over the copy ceiling (position kernels)."""
+    if not peaks:
+        return None
+    if row.tflops is not None:
+        return row.tflops / peaks["matmul_tflops"]  # type: ignore[operator]
+    if row.gbps is not None:
+        return row.gbps / peaks["copy_gbps"]  # type: ignore[operator]
+    return None

@@ -15,6 +15,7 @@ from .case import Case, make_case
 from .memory import peak_bytes
 from .position_case import PositionCase, make_position_case, position_reference
 from .providers import BASELINE, Provider, default_providers
+from .roofline import roofline_fraction
 from .row import Row
 from .spec import Spec
 from .timing import time_fn
@@ -106,12 +107,9 @@ def measure(
     row.median_ms, row.iqr_ms = median * 1e3, iqr * 1e3
     if spec.family == "attention":
         row.tflops = spec.flops / median / 1e12
-        if peaks:
-            row.roofline = row.tflops / peaks["matmul_tflops"]
     else:
         row.gbps = spec.bytes / median / 1e9
-        if peaks:
-            row.roofline = row.gbps / peaks["copy_gbps"]
+    row.roofline = roofline_fraction(row, peaks)
     if rows is not None:
         row.error_rows = str(len(rows))
     return row
