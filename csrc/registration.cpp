@@ -30,6 +30,33 @@ TORCH_LIBRARY(fused_attention, m) {
   m.def("rotary_qk(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor positions, bool interleaved, "
         "bool conjugate) -> (Tensor, Tensor)",
         tags);
+
+  // Attention on canonical inputs (fused_attention/inputs.py): q (B, Hq, L, E), k (B, Hkv, S, E),
+  // v (B, Hkv, S, Ev), any strides, Hq a multiple of Hkv (GQA); mask 4-D, each dim full or 1 (bool hides,
+  // float adds); key_lengths int (B,); alibi (1 or B, Hq); seed int64 (1,), needed when dropout_p > 0.
+  // Causal is top-left, windows bottom-right (-1 = unbounded). Returns out (B, Hq, L, Ev) and lse
+  // (B, Hq, L) in float32 (float64 for float64 inputs); rows that see no key give 0 and -inf.
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? key_lengths, Tensor? alibi, "
+        "Tensor? seed, bool causal, int window_left, int window_right, float softcap, float scale, "
+        "float dropout_p) -> (Tensor, Tensor)",
+        tags);
+  // Gradients (dq, dk, dv, dmask, dalibi) of `attention` for upstream dout (B, Hq, L, Ev); dmask and
+  // dalibi are empty unless asked for. Recomputes the softmax: no saved activations needed.
+  m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? key_lengths, "
+        "Tensor? alibi, Tensor? seed, bool causal, int window_left, int window_right, float softcap, "
+        "float scale, float dropout_p, bool need_mask_grad, bool need_alibi_grad) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        tags);
+  // Packed sequences: q (total_q, Hq, E), k/v (total_k, Hkv, E/Ev), cu_seqlens int (n + 1,); windows
+  // bottom-right per sequence (causal is window_right = 0). Returns out (total_q, Hq, Ev), lse (Hq, total_q).
+  m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+        "Tensor? alibi, Tensor? seed, int window_left, int window_right, float softcap, float scale, "
+        "float dropout_p) -> (Tensor, Tensor)",
+        tags);
+  m.def("varlen_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
+        "Tensor cu_seqlens_k, Tensor? alibi, Tensor? seed, int window_left, int window_right, float softcap, "
+        "float scale, float dropout_p, bool need_alibi_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+        tags);
 }
 // clang-format on
 

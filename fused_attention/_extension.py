@@ -48,6 +48,7 @@ def load_extension() -> ExtensionStatus:
 def _register_python_rules() -> None:
     _register_sinusoidal_rules()
     _register_rotary_rules()
+    _register_attention_rules()
 
 
 def _register_sinusoidal_rules() -> None:
@@ -114,3 +115,15 @@ def _register_rotary_rules() -> None:
     torch.library.register_autograd(
         "fused_attention::rotary_qk", rotary_qk_backward, setup_context=rotary_qk_setup_context
     )
+
+
+def _register_attention_rules() -> None:
+    from .ops import attention_rules
+
+    ops = torch.ops.fused_attention
+    torch.library.register_fake("fused_attention::attention")(attention_rules.dense_fake)
+    torch.library.register_fake("fused_attention::attention_backward")(attention_rules.dense_backward_fake)
+    torch.library.register_fake("fused_attention::varlen_attention")(attention_rules.varlen_fake)
+    torch.library.register_fake("fused_attention::varlen_attention_backward")(attention_rules.varlen_backward_fake)
+    attention_rules.register_dense_autograd("fused_attention::attention", ops.attention_backward)
+    attention_rules.register_varlen_autograd("fused_attention::varlen_attention", ops.varlen_attention_backward)

@@ -13,7 +13,8 @@ from typing import TypeVar
 from ..errors import AttentionArgumentError
 from ..inputs import AttentionInputs, VarlenInputs
 from .base import Backend
-from .pending import CPU, CUDA
+from .cpu_backend import CPU
+from .pending import CUDA
 from .torch_backend import TORCH
 from .triton_backend import TRITON
 

@@ -17,4 +17,3 @@ class PendingBackend(Backend):
 
 
 CUDA = PendingBackend("cuda", "CUDA attention is not built yet (this wave's CUDA kernels are positional encodings)")
-CPU = PendingBackend("cpu", "C++ CPU attention kernels are not built yet (they land with the CPU kernel issue)")

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import chunked
+from . import attention_rules
 
 
 @torch.library.custom_op("fused_attention::torch_attention", mutates_args=())
@@ -33,11 +34,7 @@ def torch_attention(
     return chunked.attention_forward(q, k, v, mask, key_lengths, alibi, rules)
 
 
-@torch_attention.register_fake
-def _(q, k, v, mask, key_lengths, alibi, seed, causal, window_left, window_right, softcap, scale, dropout_p):
-    b, h, seq_q, _ = q.shape
-    out = q.new_empty(b, h, seq_q, v.shape[-1])
-    return out, q.new_empty(b, h, seq_q, dtype=chunked.compute_dtype(q.dtype))
+torch_attention.register_fake(attention_rules.dense_fake)
 
 
 @torch.library.custom_op("fused_attention::torch_attention_backward", mutates_args=())
@@ -71,37 +68,5 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t
 
 
-@torch_attention_backward.register_fake
-def _(dout, q, k, v, mask, key_lengths, alibi, seed, causal, window_left, window_right, softcap, scale,
-      dropout_p, need_mask_grad, need_alibi_grad):
-    # The real op returns fresh contiguous gradients, whatever the inputs' strides.
-    dmask = mask.new_empty(mask.shape) if need_mask_grad else q.new_empty(0)
-    dalibi = alibi.new_empty(alibi.shape) if need_alibi_grad else q.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask, dalibi
-
-
-_NON_TENSOR_ARGS = ("causal", "window_left", "window_right", "softcap", "scale", "dropout_p")
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, mask, key_lengths, alibi, seed, *options = inputs
-    ctx.options = options
-    ctx.mark_non_differentiable(output[1])  # lse is returned detached; no gradient flows through it
-    ctx.save_for_backward(q, k, v, mask, key_lengths, alibi, seed)
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, mask, key_lengths, alibi, seed = ctx.saved_tensors
-    need_mask_grad = mask is not None and ctx.needs_input_grad[3]
-    need_alibi_grad = alibi is not None and ctx.needs_input_grad[5]
-    dq, dk, dv, dmask, dalibi = torch_attention_backward(
-        dout.contiguous(), q, k, v, mask, key_lengths, alibi, seed, *ctx.options,
-        need_mask_grad, need_alibi_grad,
-    )
-    return (
-        dq, dk, dv, dmask if need_mask_grad else None, None, dalibi if need_alibi_grad else None, None,
-        *([None] * len(_NON_TENSOR_ARGS)),
-    )
-
-
-torch_attention.register_autograd(_backward, setup_context=_setup_context)
+torch_attention_backward.register_fake(attention_rules.dense_backward_fake)
+attention_rules.register_dense_autograd(torch_attention, torch_attention_backward)

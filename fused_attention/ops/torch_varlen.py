@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import chunked
+from . import attention_rules
 
 
 def _sequences(cu_q: Tensor, cu_k: Tensor):
@@ -57,10 +58,7 @@ def torch_varlen(
     return out, lse
 
 
-@torch_varlen.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi, seed, window_left, window_right, softcap, scale, dropout_p):
-    out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
-    return out, q.new_empty(q.shape[1], q.shape[0], dtype=chunked.compute_dtype(q.dtype))
+torch_varlen.register_fake(attention_rules.varlen_fake)
 
 
 @torch.library.custom_op("fused_attention::torch_varlen_backward", mutates_args=())
@@ -97,27 +95,5 @@ def torch_varlen_backward(
     return dq, dk, dv, dalibi
 
 
-@torch_varlen_backward.register_fake
-def _(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, alibi, seed, window_left, window_right, softcap,
-      scale, dropout_p, need_alibi_grad):
-    dalibi = torch.empty_like(alibi) if need_alibi_grad else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dalibi
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, alibi, seed, *options = inputs
-    ctx.options = options
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(q, k, v, cu_q, cu_k, alibi, seed)
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, cu_q, cu_k, alibi, seed = ctx.saved_tensors
-    need_alibi_grad = alibi is not None and ctx.needs_input_grad[5]
-    dq, dk, dv, dalibi = torch_varlen_backward(
-        dout.contiguous(), q, k, v, cu_q, cu_k, alibi, seed, *ctx.options, need_alibi_grad
-    )
-    return dq, dk, dv, None, None, dalibi if need_alibi_grad else None, None, None, None, None, None, None
-
-
-torch_varlen.register_autograd(_backward, setup_context=_setup_context)
+torch_varlen_backward.register_fake(attention_rules.varlen_backward_fake)
+attention_rules.register_varlen_autograd(torch_varlen, torch_varlen_backward)

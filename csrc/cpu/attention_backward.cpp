@@ -1,0 +1,177 @@
+// Backward of the CPU attention kernel.
+//
+// A task is (sequence, kv head): it owns that head's dK and dV (accumulated in acc_t) and the dQ of
+// every query head of its group, so no two threads write the same gradient and results do not depend
+// on scheduling. For each block of query rows it holds the rows' whole visible key range and recomputes
+// their softmax exactly (max, exp, sum), as the torch backend does: the rows' delta is then
+// sum_j p_ij dp_ij over that range, which keeps gradients that vanish exactly at 0 (a row that sees one
+// key has dq = 0) instead of the rounding noise of rowsum(dO * O). Memory: the converted K and V, plus
+// O(kBlockQ x S) per thread.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/attention_gemm.h"
+#include "cpu/attention_kernels.h"
+#include "cpu/attention_pack.h"
+#include "cpu/attention_rows.h"
+#include "cpu/attention_tasks.h"
+#include "cpu/vec_io.h"
+
+namespace fused_attention::cpu {
+namespace {
+
+template <typename acc_t>
+struct BackwardBuffers {
+  int64_t ld;  // score rows: the sequence's whole key range, padded
+  std::vector<acc_t> q, dout, dq, probs, dprobs, tanh, keep, kept;
+  std::vector<acc_t> dk, dv;
+  BackwardBuffers(int64_t ld_t, int64_t ld_k, int64_t ld_v, int64_t len_k, bool softcap, bool dropout)
+      : ld(ld_t),
+        q(kBlockQ * ld_k),
+        dout(kBlockQ * ld_v),
+        dq(kBlockQ * ld_k),
+        probs(kBlockQ * ld_t),
+        dprobs(kBlockQ * ld_t),
+        tanh(softcap ? kBlockQ * ld_t : 0),
+        keep(dropout ? kBlockQ * ld_t : 0),
+        kept(dropout ? kBlockQ * ld_t : 0),
+        dk(len_k * ld_k),
+        dv(len_k * ld_v) {}
+};
+
+template <typename acc_t>
+struct BackwardTask {
+  int64_t sequence, kv_head, ld_t;
+  const acc_t *keys_t, *keys, *values_t;
+};
+
+// Gradients of rows [i0, i0 + rows) of query head `head`: writes their dq, adds to the task's dk / dv
+// and to the extra (mask, slope) gradients.
+template <typename scalar_t, typename acc_t>
+FUSED_ATTENTION_CPU_MULTIVERSION void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scoring,
+                                                    const BackwardTask<acc_t>& task, int64_t head, int64_t i0,
+                                                    int64_t rows, const Operand<scalar_t>& dout,
+                                                    const Operand<scalar_t>& dq,
+                                                    const ExtraGradients<acc_t>& extra, acc_t* mask_sink,
+                                                    BackwardBuffers<acc_t>& buf) {
+  constexpr int64_t width = simd::Traits<acc_t>::width;
+  const Sequence& seq = problem.sequences[task.sequence];
+  const int64_t dim = problem.head_dim, value_dim = problem.value_dim;
+  const int64_t ld_k = round_up(dim, width), ld_v = round_up(value_dim, width), ld = buf.ld;
+  const auto [lo, hi] = scoring.rules.block_keys(seq, i0, i0 + rows);
+  if (lo >= hi) {  // the rows see nothing: their output was 0 whatever q, so dq = 0
+    std::fill(buf.dq.begin(), buf.dq.end(), acc_t(0));
+    store_rows(dq, seq.batch, head, seq.q_start + i0, rows, dim, buf.dq.data(), ld_k);
+    return;
+  }
+  const int64_t n = hi - lo, n_pad = round_up(n, width);
+  load_rows(problem.q, seq.batch, head, seq.q_start + i0, rows, dim, buf.q.data(), ld_k);
+  load_rows(dout, seq.batch, head, seq.q_start + i0, rows, value_dim, buf.dout.data(), ld_v);
+  acc_t* probs = buf.probs.data();
+  acc_t* dprobs = buf.dprobs.data();
+  gemm<acc_t>(rows, n, dim, buf.q.data(), ld_k, 1, task.keys_t + lo, task.ld_t, probs, ld, false);
+  gemm<acc_t>(rows, n, value_dim, buf.dout.data(), ld_v, 1, task.values_t + lo, task.ld_t, dprobs, ld, false);
+  const bool softcap = scoring.rules.softcap > 0, dropout = scoring.dropout.active();
+  const acc_t* kept = dropout ? buf.kept.data() : probs;  // P with dropout applied: what multiplied V
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* p = probs + r * ld;
+    acc_t* dp = dprobs + r * ld;
+    score_row(scoring, seq, head, i0 + r, lo, n, n_pad, p, softcap ? buf.tanh.data() + r * ld : nullptr);
+    const acc_t max = row_max(p, n_pad);
+    if (max == -std::numeric_limits<acc_t>::infinity()) {
+      std::fill(p, p + n_pad, acc_t(0));
+    } else {
+      scale_row(p, n_pad, acc_t(1) / exp_shifted_sum(p, n_pad, max));
+    }
+    acc_t delta = 0;
+    if (dropout) {
+      acc_t* keep = buf.keep.data() + r * ld;
+      acc_t* pk = buf.kept.data() + r * ld;
+      std::copy(p, p + n_pad, pk);
+      dropout_row(scoring.dropout, scoring.dropout.row_key(seq.index, head, i0 + r), lo, n, pk, keep);
+      for (int64_t j = 0; j < n; ++j) delta += pk[j] * dp[j];
+      for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] * keep[j] - delta);
+    } else {
+      for (int64_t j = 0; j < n; ++j) delta += p[j] * dp[j];
+      for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
+    }
+    // dp now holds dS, the gradient of the final score: that of an added float mask, and minus the
+    // distance times it for the slope.
+    if (mask_sink) {
+      const Mask& mask = scoring.mask;
+      acc_t* sink = mask_sink + seq.batch * extra.mask_stride[0] + head * extra.mask_stride[1] +
+                    (i0 + r) * extra.mask_stride[2] + lo * extra.mask_stride[3];
+      for (int64_t j = 0; j < n; ++j) sink[j * extra.mask_stride[3]] += dp[j];
+      (void)mask;
+    }
+    if (extra.alibi) {
+      const int64_t position = i0 + r + seq.len_k - seq.len_q - lo;
+      acc_t total = 0;
+      for (int64_t j = 0; j < n; ++j) total += dp[j] * static_cast<acc_t>(std::abs(position - j));
+      extra.alibi[seq.index * problem.heads_q + head] -= total;
+    }
+    const acc_t scale = static_cast<acc_t>(scoring.rules.scale);
+    if (softcap) {
+      const acc_t* t = buf.tanh.data() + r * ld;
+      for (int64_t j = 0; j < n; ++j) dp[j] *= (acc_t(1) - t[j] * t[j]) * scale;
+    } else {
+      for (int64_t j = 0; j < n; ++j) dp[j] *= scale;
+    }
+    for (int64_t j = n; j < n_pad; ++j) dp[j] = acc_t(0);
+  }
+  gemm<acc_t>(n, value_dim, rows, kept, 1, ld, buf.dout.data(), ld_v, buf.dv.data() + lo * ld_v, ld_v, true);
+  gemm<acc_t>(rows, dim, n, dprobs, ld, 1, task.keys + lo * ld_k, ld_k, buf.dq.data(), ld_k, false);
+  store_rows(dq, seq.batch, head, seq.q_start + i0, rows, dim, buf.dq.data(), ld_k);
+  gemm<acc_t>(n, dim, rows, dprobs, 1, ld, buf.q.data(), ld_k, buf.dk.data() + lo * ld_k, ld_k, true);
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void attention_backward_kernel(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring,
+                               const Operand<scalar_t>& dout, const Operand<scalar_t>& dq,
+                               const Operand<scalar_t>& dk, const Operand<scalar_t>& dv,
+                               const ExtraGradients<attn_acc_t<scalar_t>>& extra) {
+  using acc_t = attn_acc_t<scalar_t>;
+  using Tiles = KeyTiles<acc_t>;
+  const Tiles tiles(problem, Tiles::kKeysT | Tiles::kKeys | Tiles::kValuesT);
+  const int64_t heads_kv = problem.heads_kv, group = problem.heads_q / heads_kv;
+  const int64_t count = static_cast<int64_t>(problem.sequences.size());
+  at::parallel_for(0, count * heads_kv, 1, [&](int64_t begin, int64_t end) {
+    acc_t* mask_sink = extra.mask;
+    if (mask_sink && extra.mask_per_thread) mask_sink += at::get_thread_num() * extra.mask_numel;
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t s = index / heads_kv, kv_head = index % heads_kv;
+      const Sequence& seq = problem.sequences[s];
+      const BackwardTask<acc_t> task{s, kv_head, tiles.ld_t[s], tiles.keys_t(s, kv_head),
+                                     tiles.keys(s, kv_head, seq.len_k), tiles.values_t(s, kv_head)};
+      BackwardBuffers<acc_t> buf(tiles.ld_t[s], tiles.ld_k, tiles.ld_v, seq.len_k, scoring.rules.softcap > 0,
+                                 scoring.dropout.active());
+      for (int64_t g = 0; g < group; ++g) {
+        for (int64_t i0 = 0; i0 < seq.len_q; i0 += kBlockQ) {
+          backward_rows(problem, scoring, task, kv_head * group + g, i0, std::min(kBlockQ, seq.len_q - i0), dout,
+                        dq, extra, mask_sink, buf);
+        }
+      }
+      store_rows(dk, seq.batch, kv_head, seq.k_start, seq.len_k, problem.head_dim, buf.dk.data(), tiles.ld_k);
+      store_rows(dv, seq.batch, kv_head, seq.k_start, seq.len_k, problem.value_dim, buf.dv.data(), tiles.ld_v);
+    }
+  });
+}
+
+#define FUSED_ATTENTION_INSTANTIATE(scalar_t)                                                             \
+  template void attention_backward_kernel<scalar_t>(                                                     \
+      const Problem<scalar_t>&, const Scoring<attn_acc_t<scalar_t>>&, const Operand<scalar_t>&,          \
+      const Operand<scalar_t>&, const Operand<scalar_t>&, const Operand<scalar_t>&,                      \
+      const ExtraGradients<attn_acc_t<scalar_t>>&);
+FUSED_ATTENTION_INSTANTIATE(float)
+FUSED_ATTENTION_INSTANTIATE(double)
+FUSED_ATTENTION_INSTANTIATE(c10::BFloat16)
+FUSED_ATTENTION_INSTANTIATE(c10::Half)
+#undef FUSED_ATTENTION_INSTANTIATE
+
+}  // namespace fused_attention::cpu

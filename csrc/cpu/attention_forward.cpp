@@ -1,0 +1,122 @@
+// Forward of the CPU attention kernel: FlashAttention's online softmax over key blocks, per block of
+// query rows.
+//
+// K (transposed) and V of every (sequence, kv head) are converted once into float tiles that all query
+// blocks and all query heads of the group share. A task is (sequence, query head, block of rows): it
+// computes the block's scores against kBlockK keys at a time with the register-blocked product of
+// attention_gemm.h, turns them into probabilities with a running maximum and sum, and accumulates P V.
+// Key blocks outside the rows' visible range (causal, window, key_lengths) are never visited, so a
+// window of width w costs O(L w). Memory: the converted K and V, plus O(kBlockQ x kBlockK) per thread.
+#include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/attention_gemm.h"
+#include "cpu/attention_kernels.h"
+#include "cpu/attention_pack.h"
+#include "cpu/attention_rows.h"
+#include "cpu/attention_tasks.h"
+#include "cpu/vec_io.h"
+
+namespace fused_attention::cpu {
+namespace {
+
+constexpr int64_t kBlockK = 256;
+
+template <typename acc_t>
+struct ForwardBuffers {
+  std::vector<acc_t> q, scores, out, row_max, row_sum;
+  ForwardBuffers(int64_t head_dim, int64_t ldv)
+      : q(kBlockQ * head_dim), scores(kBlockQ * kBlockK), out(kBlockQ * ldv), row_max(kBlockQ), row_sum(kBlockQ) {}
+};
+
+// Rows [i0, i0 + rows) of one (sequence, query head).
+template <typename scalar_t, typename acc_t>
+FUSED_ATTENTION_CPU_MULTIVERSION void forward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scoring,
+                                                   const RowBlock& block, int64_t head,
+                                                   const KeyTiles<acc_t>& tiles, ForwardBuffers<acc_t>& buf,
+                                                   const Operand<scalar_t>& out, acc_t* lse,
+                                                   const RowIndex& lse_index) {
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  constexpr int64_t width = simd::Traits<acc_t>::width;
+  const Sequence& seq = problem.sequences[block.sequence];
+  const int64_t i0 = block.row, rows = block.rows;
+  const int64_t dim = problem.head_dim, value_dim = problem.value_dim, ldv = tiles.ld_v;
+  const int64_t kv_head = head / (problem.heads_q / problem.heads_kv);
+  const acc_t* kt = tiles.keys_t(block.sequence, kv_head);
+  const int64_t ldk = tiles.ld_t[block.sequence];
+  const acc_t* values = tiles.values(block.sequence, kv_head, seq.len_k);
+  const auto [lo, hi] = scoring.rules.block_keys(seq, i0, i0 + rows);
+  std::fill(buf.out.begin(), buf.out.end(), acc_t(0));
+  std::fill(buf.row_max.begin(), buf.row_max.end(), neg_inf);
+  std::fill(buf.row_sum.begin(), buf.row_sum.end(), acc_t(0));
+  if (lo < hi) load_rows(problem.q, seq.batch, head, seq.q_start + i0, rows, dim, buf.q.data(), dim);
+  const bool dropout = scoring.dropout.active();
+  for (int64_t j0 = lo; j0 < hi; j0 += kBlockK) {
+    const int64_t n = std::min(kBlockK, hi - j0), n_pad = round_up(n, width);
+    acc_t* scores = buf.scores.data();
+    gemm<acc_t>(rows, n, dim, buf.q.data(), dim, 1, kt + j0, ldk, scores, kBlockK, false);
+    for (int64_t r = 0; r < rows; ++r) {
+      acc_t* s = scores + r * kBlockK;
+      score_row(scoring, seq, head, i0 + r, j0, n, n_pad, s, s /* softcap's tanh is not needed here */);
+      const acc_t old_max = buf.row_max[r];
+      const acc_t new_max = std::max(old_max, row_max(s, n_pad));
+      if (new_max == neg_inf) {  // nothing visible yet: the row's probabilities are all 0
+        std::fill(s, s + n_pad, acc_t(0));
+        continue;
+      }
+      const acc_t rescale = std::exp(old_max - new_max);
+      buf.row_sum[r] = buf.row_sum[r] * rescale + exp_shifted_sum(s, n_pad, new_max);
+      buf.row_max[r] = new_max;
+      if (rescale != acc_t(1)) scale_row(buf.out.data() + r * ldv, ldv, rescale);
+      if (dropout) {
+        dropout_row(scoring.dropout, scoring.dropout.row_key(seq.index, head, i0 + r), j0, n, s,
+                    static_cast<acc_t*>(nullptr));
+      }
+    }
+    gemm<acc_t>(rows, value_dim, n, scores, kBlockK, 1, values + j0 * ldv, ldv, buf.out.data(), ldv, true);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t total = buf.row_sum[r];
+    const acc_t inverse = total > 0 ? acc_t(1) / total : acc_t(0);  // a row that saw nothing stays 0
+    scale_row(buf.out.data() + r * ldv, ldv, inverse);
+    lse[lse_index.at(seq, head, i0 + r)] = total > 0 ? buf.row_max[r] + std::log(total) : neg_inf;
+  }
+  store_rows(out, seq.batch, head, seq.q_start + i0, rows, value_dim, buf.out.data(), ldv);
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void attention_forward_kernel(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring,
+                              const Operand<scalar_t>& out, attn_acc_t<scalar_t>* lse,
+                              const RowIndex& lse_index) {
+  using acc_t = attn_acc_t<scalar_t>;
+  const KeyTiles<acc_t> tiles(problem, KeyTiles<acc_t>::kKeysT | KeyTiles<acc_t>::kValues);
+  const std::vector<RowBlock> blocks = row_blocks(problem.sequences, kBlockQ);
+  const int64_t heads = problem.heads_q;
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()) * heads, 1, [&](int64_t begin, int64_t end) {
+    ForwardBuffers<acc_t> buf(problem.head_dim, tiles.ld_v);
+    const int64_t count = static_cast<int64_t>(blocks.size());
+    for (int64_t task = begin; task < end; ++task) {
+      forward_rows(problem, scoring, blocks[task % count], task / count, tiles, buf, out, lse, lse_index);
+    }
+  });
+}
+
+#define FUSED_ATTENTION_INSTANTIATE(scalar_t)                                                          \
+  template void attention_forward_kernel<scalar_t>(const Problem<scalar_t>&,                          \
+                                                   const Scoring<attn_acc_t<scalar_t>>&,              \
+                                                   const Operand<scalar_t>&, attn_acc_t<scalar_t>*,   \
+                                                   const RowIndex&);
+FUSED_ATTENTION_INSTANTIATE(float)
+FUSED_ATTENTION_INSTANTIATE(double)
+FUSED_ATTENTION_INSTANTIATE(c10::BFloat16)
+FUSED_ATTENTION_INSTANTIATE(c10::Half)
+#undef FUSED_ATTENTION_INSTANTIATE
+
+}  // namespace fused_attention::cpu

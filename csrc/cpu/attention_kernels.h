@@ -1,0 +1,54 @@
+// Entry points of the CPU attention kernels (attention_forward.cpp, attention_backward.cpp), shared by
+// the dense and the packed (varlen) ops in attention_ops.cpp.
+#pragma once
+
+#include <ATen/OpMathType.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "cpu/attention_problem.h"
+
+namespace fused_attention::cpu {
+
+// Arithmetic type: float for float16/bfloat16/float32, double for float64.
+template <typename scalar_t>
+using attn_acc_t = at::opmath_type<scalar_t>;
+
+template <typename scalar_t>
+struct Problem {
+  std::vector<Sequence> sequences;
+  Operand<scalar_t> q, k, v;
+  int64_t heads_q, heads_kv, head_dim, value_dim;
+};
+
+// (batch, head, token) -> offset into a contiguous per-row buffer (lse, or the backward's per-row data).
+struct RowIndex {
+  int64_t batch_stride, head_stride;
+  int64_t at(const Sequence& seq, int64_t head, int64_t i) const {
+    return seq.batch * batch_stride + head * head_stride + seq.q_start + i;
+  }
+};
+
+// out: (rows, Ev) per (sequence, query head) through its strides; lse through `lse_index`.
+template <typename scalar_t>
+void attention_forward_kernel(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring,
+                              const Operand<scalar_t>& out, attn_acc_t<scalar_t>* lse, const RowIndex& lse_index);
+
+// Where the backward puts gradients of the float mask and of the ALiBi slopes (null when not wanted).
+template <typename acc_t>
+struct ExtraGradients {
+  acc_t* mask = nullptr;         // contiguous, the mask's (unexpanded) shape; see attention_backward.cpp
+  int64_t mask_stride[4] = {0, 0, 0, 0};
+  int64_t mask_numel = 0;
+  bool mask_per_thread = false;  // tasks share mask entries: one partial buffer per thread, summed after
+  acc_t* alibi = nullptr;        // (number of sequences, Hq) contiguous: summed to the slopes' shape after
+};
+
+template <typename scalar_t>
+void attention_backward_kernel(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring,
+                               const Operand<scalar_t>& dout, const Operand<scalar_t>& dq,
+                               const Operand<scalar_t>& dk, const Operand<scalar_t>& dv,
+                               const ExtraGradients<attn_acc_t<scalar_t>>& extra);
+
+}  // namespace fused_attention::cpu

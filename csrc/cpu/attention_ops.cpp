@@ -1,0 +1,261 @@
+// CPU implementations of fused_attention::attention / attention_backward (dense, canonical inputs) and
+// varlen_attention / varlen_attention_backward (packed): tensors to kernel problems and back.
+// Inputs arrive canonical from fused_attention/inputs.py; the checks here guard the op boundary.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "cpu/attention_kernels.h"
+
+namespace fused_attention::cpu {
+
+std::vector<Sequence> dense_sequences(int64_t batch, int64_t len_q, int64_t len_k,
+                                      const c10::optional<at::Tensor>& key_lengths) {
+  std::vector<Sequence> seqs;
+  at::Tensor lengths;
+  if (key_lengths) lengths = key_lengths->to(at::kLong).contiguous();
+  for (int64_t b = 0; b < batch; ++b) {
+    int64_t limit = len_k;
+    if (key_lengths) limit = std::clamp<int64_t>(lengths.data_ptr<int64_t>()[b], 0, len_k);
+    seqs.push_back({b, b, 0, 0, len_q, len_k, limit});
+  }
+  return seqs;
+}
+
+std::vector<Sequence> packed_sequences(const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k) {
+  const at::Tensor cq = cu_seqlens_q.to(at::kLong).contiguous(), ck = cu_seqlens_k.to(at::kLong).contiguous();
+  const int64_t* q = cq.data_ptr<int64_t>();
+  const int64_t* k = ck.data_ptr<int64_t>();
+  std::vector<Sequence> seqs;
+  for (int64_t b = 0; b + 1 < cq.numel(); ++b) {
+    seqs.push_back({0, b, q[b], k[b], q[b + 1] - q[b], k[b + 1] - k[b], k[b + 1] - k[b]});
+  }
+  return seqs;
+}
+
+namespace {
+
+at::ScalarType acc_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t dims) {
+  TORCH_CHECK(q.dim() == dims && k.dim() == dims && v.dim() == dims,
+              "fused_attention: q, k, v must be ", dims, "-D, got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "fused_attention: q, k, v must share a dtype");
+  const int64_t head_axis = dims - 2 - (dims == 4 ? 1 : 0);  // (B, H, N, D) or (N, H, D)
+  const int64_t hq = q.size(head_axis), hkv = k.size(head_axis);
+  TORCH_CHECK(hkv > 0 && hq % hkv == 0 && v.size(head_axis) == hkv,
+              "fused_attention: query heads must be a multiple of the key/value heads");
+}
+
+// Float copy of the slopes (1 or B, Hq) and the stride between their rows.
+template <typename acc_t>
+std::pair<at::Tensor, int64_t> slopes(const c10::optional<at::Tensor>& alibi, at::ScalarType acc) {
+  if (!alibi) return {at::Tensor(), 0};
+  TORCH_CHECK(alibi->dim() == 2, "fused_attention: alibi slopes must be canonical (1 or B, H)");
+  at::Tensor s = alibi->to(acc).contiguous();
+  return {s, s.size(0) == 1 ? 0 : s.size(1)};
+}
+
+template <typename acc_t>
+Scoring<acc_t> scoring(const at::Tensor& alibi, int64_t alibi_stride, const c10::optional<at::Tensor>& mask,
+                       const c10::optional<at::Tensor>& seed, bool causal, int64_t window_left,
+                       int64_t window_right, double softcap, double scale, double dropout_p) {
+  TORCH_CHECK(dropout_p >= 0 && dropout_p <= 1, "fused_attention: dropout_p must be in [0, 1]");
+  TORCH_CHECK(dropout_p == 0 || seed.has_value(), "fused_attention: dropout needs a seed");
+  const uint64_t seed_value = seed ? static_cast<uint64_t>(seed->to(at::kLong).item<int64_t>()) : 0;
+  Scoring<acc_t> s;
+  s.rules = {causal, window_left, window_right, softcap, scale, dropout_p, seed_value};
+  s.dropout = Dropout::make(s.rules);
+  s.mask = Mask::from(mask);
+  s.alibi = alibi.defined() ? alibi.data_ptr<acc_t>() : nullptr;
+  s.alibi_batch_stride = alibi_stride;
+  return s;
+}
+
+void check_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& q) {
+  if (!mask) return;
+  TORCH_CHECK(mask->dim() == 4, "fused_attention: attn_mask must be canonical 4-D");
+  const auto dt = mask->scalar_type();
+  TORCH_CHECK(dt == at::kBool || dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+              "fused_attention: attn_mask must be bool or floating point, got ", dt);
+  for (int d = 0; d < 4; ++d) {
+    const int64_t full = d == 1 ? q.size(1) : (d == 3 ? -1 : q.size(d));
+    TORCH_CHECK(mask->size(d) == 1 || full < 0 || mask->size(d) == full,
+                "fused_attention: attn_mask of shape ", mask->sizes(), " does not broadcast");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const c10::optional<at::Tensor>& mask,
+                                                 const c10::optional<at::Tensor>& key_lengths,
+                                                 const c10::optional<at::Tensor>& alibi,
+                                                 const c10::optional<at::Tensor>& seed, bool causal,
+                                                 int64_t window_left, int64_t window_right, double softcap,
+                                                 double scale, double dropout_p) {
+  check_inputs(q, k, v, 4);
+  check_mask(mask, q);
+  const int64_t batch = q.size(0), heads = q.size(1), len_q = q.size(2);
+  at::Tensor out = at::empty({batch, heads, len_q, v.size(3)}, q.options());
+  at::Tensor lse = at::empty({batch, heads, len_q}, q.options().dtype(acc_dtype(q)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::attention", [&] {
+    using acc_t = attn_acc_t<scalar_t>;
+    const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc_dtype(q));
+    const Problem<scalar_t> problem{dense_sequences(batch, len_q, k.size(2), key_lengths),
+                                    Operand<scalar_t>::dense(q), Operand<scalar_t>::dense(k),
+                                    Operand<scalar_t>::dense(v), heads, k.size(1), q.size(3), v.size(3)};
+    attention_forward_kernel<scalar_t>(
+        problem,
+        scoring<acc_t>(slope_tensor, slope_stride, mask, seed, causal, window_left, window_right, softcap, scale,
+                       dropout_p),
+        Operand<scalar_t>::dense(out), lse.data_ptr<acc_t>(), RowIndex{heads * len_q, len_q});
+  });
+  return {out, lse};
+}
+
+// The buffer the kernel adds the float mask's gradient into, and how to turn it into that gradient.
+struct MaskGradient {
+  at::Tensor buffer;  // (threads or 1, numel of the mask) in the compute dtype
+  int64_t stride[4] = {0, 0, 0, 0};
+  bool per_thread = false;
+
+  MaskGradient(const at::Tensor& mask, int64_t batch, int64_t heads_kv, at::ScalarType acc) {
+    // Tasks are (batch, kv head): they share entries where the mask broadcasts over either.
+    per_thread = (mask.size(0) == 1 && batch > 1) || (mask.size(1) == 1 && heads_kv > 1);
+    int64_t numel = 1;
+    for (int d = 3; d >= 0; --d) {
+      stride[d] = mask.size(d) == 1 ? 0 : numel;
+      numel *= mask.size(d);
+    }
+    buffer = at::zeros({per_thread ? at::get_num_threads() : 1, numel}, mask.options().dtype(acc));
+  }
+  at::Tensor result(const at::Tensor& mask) const { return buffer.sum(0).view(mask.sizes()).to(mask.scalar_type()); }
+};
+
+template <typename acc_t>
+ExtraGradients<acc_t> extra_gradients(const MaskGradient* mask, const at::Tensor& alibi_buffer) {
+  ExtraGradients<acc_t> extra;
+  if (mask) {
+    extra.mask = mask->buffer.data_ptr<acc_t>();
+    std::copy(mask->stride, mask->stride + 4, extra.mask_stride);
+    extra.mask_numel = mask->buffer.size(1);
+    extra.mask_per_thread = mask->per_thread;
+  }
+  if (alibi_buffer.defined()) extra.alibi = alibi_buffer.data_ptr<acc_t>();
+  return extra;
+}
+
+// (sequences, Hq) per-sequence slope gradients -> the slopes' own (1 or B, Hq) shape and dtype.
+at::Tensor slope_gradient(const at::Tensor& buffer, const at::Tensor& alibi) {
+  return (alibi.size(0) == 1 ? buffer.sum(0, true) : buffer).to(alibi.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& key_lengths,
+    const c10::optional<at::Tensor>& alibi, const c10::optional<at::Tensor>& seed, bool causal, int64_t window_left,
+    int64_t window_right, double softcap, double scale, double dropout_p, bool need_mask_grad,
+    bool need_alibi_grad) {
+  check_inputs(q, k, v, 4);
+  check_mask(mask, q);
+  TORCH_CHECK(!need_mask_grad || (mask && mask->is_floating_point()), "fused_attention: no float mask to differentiate");
+  TORCH_CHECK(!need_alibi_grad || alibi, "fused_attention: no alibi slopes to differentiate");
+  const int64_t batch = q.size(0), heads = q.size(1), len_q = q.size(2);
+  const at::ScalarType acc = acc_dtype(q);
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  const c10::optional<MaskGradient> mask_grad =
+      need_mask_grad ? c10::make_optional(MaskGradient(*mask, batch, k.size(1), acc)) : c10::nullopt;
+  const at::Tensor alibi_buffer = need_alibi_grad ? at::zeros({batch, heads}, q.options().dtype(acc)) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::attention_backward", [&] {
+    using acc_t = attn_acc_t<scalar_t>;
+    const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc);
+    const Problem<scalar_t> problem{dense_sequences(batch, len_q, k.size(2), key_lengths),
+                                    Operand<scalar_t>::dense(q), Operand<scalar_t>::dense(k),
+                                    Operand<scalar_t>::dense(v), heads, k.size(1), q.size(3), v.size(3)};
+    attention_backward_kernel<scalar_t>(
+        problem,
+        scoring<acc_t>(slope_tensor, slope_stride, mask, seed, causal, window_left, window_right, softcap, scale,
+                       dropout_p),
+        Operand<scalar_t>::dense(dout), Operand<scalar_t>::dense(dq), Operand<scalar_t>::dense(dk),
+        Operand<scalar_t>::dense(dv), extra_gradients<acc_t>(mask_grad ? &*mask_grad : nullptr, alibi_buffer));
+  });
+  const at::Tensor none = q.new_empty({0});
+  return {dq, dk, dv, mask_grad ? mask_grad->result(*mask) : none,
+          need_alibi_grad ? slope_gradient(alibi_buffer, *alibi) : none};
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                        const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                                                        const at::Tensor& cu_seqlens_k,
+                                                        const c10::optional<at::Tensor>& alibi,
+                                                        const c10::optional<at::Tensor>& seed, int64_t window_left,
+                                                        int64_t window_right, double softcap, double scale,
+                                                        double dropout_p) {
+  check_inputs(q, k, v, 3);
+  const int64_t total = q.size(0), heads = q.size(1);
+  // Tokens outside every sequence stay 0 (-inf lse), as in the torch backend.
+  at::Tensor out = at::zeros({total, heads, v.size(2)}, q.options());
+  at::Tensor lse = at::full({heads, total}, -std::numeric_limits<double>::infinity(), q.options().dtype(acc_dtype(q)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::varlen_attention", [&] {
+    using acc_t = attn_acc_t<scalar_t>;
+    const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc_dtype(q));
+    const Problem<scalar_t> problem{packed_sequences(cu_seqlens_q, cu_seqlens_k), Operand<scalar_t>::packed(q),
+                                    Operand<scalar_t>::packed(k), Operand<scalar_t>::packed(v), heads, k.size(1),
+                                    q.size(2), v.size(2)};
+    attention_forward_kernel<scalar_t>(
+        problem,
+        scoring<acc_t>(slope_tensor, slope_stride, c10::nullopt, seed, false, window_left, window_right, softcap,
+                       scale, dropout_p),
+        Operand<scalar_t>::packed(out), lse.data_ptr<acc_t>(), RowIndex{0, total});
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const c10::optional<at::Tensor>& alibi,
+    const c10::optional<at::Tensor>& seed, int64_t window_left, int64_t window_right, double softcap, double scale,
+    double dropout_p, bool need_alibi_grad) {
+  check_inputs(q, k, v, 3);
+  TORCH_CHECK(!need_alibi_grad || alibi, "fused_attention: no alibi slopes to differentiate");
+  const at::ScalarType acc = acc_dtype(q);
+  at::Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options());
+  at::Tensor dv = at::zeros(v.sizes(), v.options());
+  const int64_t sequences = cu_seqlens_q.numel() - 1;
+  const at::Tensor alibi_buffer =
+      need_alibi_grad ? at::zeros({sequences, q.size(1)}, q.options().dtype(acc)) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::varlen_attention_backward", [&] {
+    using acc_t = attn_acc_t<scalar_t>;
+    const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc);
+    const Problem<scalar_t> problem{packed_sequences(cu_seqlens_q, cu_seqlens_k), Operand<scalar_t>::packed(q),
+                                    Operand<scalar_t>::packed(k), Operand<scalar_t>::packed(v), q.size(1),
+                                    k.size(1), q.size(2), v.size(2)};
+    attention_backward_kernel<scalar_t>(
+        problem,
+        scoring<acc_t>(slope_tensor, slope_stride, c10::nullopt, seed, false, window_left, window_right, softcap,
+                       scale, dropout_p),
+        Operand<scalar_t>::packed(dout), Operand<scalar_t>::packed(dq), Operand<scalar_t>::packed(dk),
+        Operand<scalar_t>::packed(dv), extra_gradients<acc_t>(nullptr, alibi_buffer));
+  });
+  return {dq, dk, dv, need_alibi_grad ? slope_gradient(alibi_buffer, *alibi) : q.new_empty({0})};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_attention, CPU, m) {
+  m.impl("attention", &attention_cpu);
+  m.impl("attention_backward", &attention_backward_cpu);
+  m.impl("varlen_attention", &varlen_attention_cpu);
+  m.impl("varlen_attention_backward", &varlen_attention_backward_cpu);
+}
+
+}  // namespace fused_attention::cpu

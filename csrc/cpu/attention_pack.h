@@ -1,0 +1,49 @@
+// Copies between the user's tensors (any dtype, any strides) and the kernel's float (or double) tiles,
+// rows padded with zeros to the tile's leading dimension so vector loads never read garbage.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+
+#include "cpu/attention_problem.h"
+
+namespace fused_attention::cpu {
+
+// dst[r * ld + f] = x[token0 + r, f] for r < rows, f < features; zero for features <= f < ld.
+template <typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void load_rows(const Operand<scalar_t>& x, int64_t batch, int64_t head, int64_t token0,
+                                 int64_t rows, int64_t features, acc_t* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* src = x.row(batch, head, token0 + r);
+    acc_t* out = dst + r * ld;
+    if (x.feature_stride == 1) {
+      for (int64_t f = 0; f < features; ++f) out[f] = static_cast<acc_t>(src[f]);
+    } else {
+      for (int64_t f = 0; f < features; ++f) out[f] = static_cast<acc_t>(src[f * x.feature_stride]);
+    }
+    for (int64_t f = features; f < ld; ++f) out[f] = acc_t(0);
+  }
+}
+
+// The transpose: dst[f * ld + r] = x[token0 + r, f]; columns past `rows` are left as they are.
+template <typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void load_columns(const Operand<scalar_t>& x, int64_t batch, int64_t head, int64_t token0,
+                                    int64_t rows, int64_t features, acc_t* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* src = x.row(batch, head, token0 + r);
+    for (int64_t f = 0; f < features; ++f) dst[f * ld + r] = static_cast<acc_t>(src[f * x.feature_stride]);
+  }
+}
+
+// x[token0 + r, f] = src[r * ld + f] (rounded to scalar_t).
+template <typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void store_rows(const Operand<scalar_t>& x, int64_t batch, int64_t head, int64_t token0,
+                                  int64_t rows, int64_t features, const acc_t* src, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    scalar_t* dst = x.row(batch, head, token0 + r);
+    for (int64_t f = 0; f < features; ++f) dst[f * x.feature_stride] = static_cast<scalar_t>(src[r * ld + f]);
+  }
+}
+
+}  // namespace fused_attention::cpu

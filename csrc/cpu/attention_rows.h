@@ -1,0 +1,127 @@
+// Row operations of the CPU attention kernel on float (or double) score buffers padded to whole vectors:
+// raw products to final scores (scale, softcap, ALiBi, masks, visibility), and the softmax pieces.
+// Always inlined into the multi-versioned kernels, so they get the kernel's instruction set.
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "cpu/attention_problem.h"
+#include "cpu/attention_simd.h"
+
+namespace fused_attention::cpu {
+
+template <typename acc_t, typename mask_t>
+C10_ALWAYS_INLINE void apply_mask_values(acc_t* s, const mask_t* m, int64_t stride, int64_t n) {
+  if constexpr (std::is_same_v<mask_t, bool>) {
+    for (int64_t j = 0; j < n; ++j) {
+      if (!m[j * stride]) s[j] = -std::numeric_limits<acc_t>::infinity();
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) s[j] += static_cast<acc_t>(m[j * stride]);
+  }
+}
+
+// Adds (float) or applies (bool) the mask row of (batch, head, i) over keys [j0, j0 + n).
+template <typename acc_t>
+C10_ALWAYS_INLINE void apply_mask_row(const Mask& mask, int64_t batch, int64_t head, int64_t i, int64_t j0,
+                                      int64_t n, acc_t* s) {
+  const int64_t offset = mask.offset(batch, head, i, j0);
+  const int64_t stride = mask.stride[3];
+  switch (mask.dtype) {
+    case at::kBool: return apply_mask_values(s, static_cast<const bool*>(mask.data) + offset, stride, n);
+    case at::kFloat: return apply_mask_values(s, static_cast<const float*>(mask.data) + offset, stride, n);
+    case at::kDouble: return apply_mask_values(s, static_cast<const double*>(mask.data) + offset, stride, n);
+    case at::kBFloat16:
+      return apply_mask_values(s, static_cast<const c10::BFloat16*>(mask.data) + offset, stride, n);
+    case at::kHalf: return apply_mask_values(s, static_cast<const c10::Half*>(mask.data) + offset, stride, n);
+    default: return;  // the op checks the dtype before any kernel runs
+  }
+}
+
+// s[0, n) holds q.k for keys [j0, j0 + n) of query row i (query head `head`); makes them final scores,
+// -inf where hidden, and -inf in the padding up to n_pad. With softcap, tanh_out receives the tanh
+// values (the backward's derivative); it may be null otherwise.
+template <typename acc_t>
+C10_ALWAYS_INLINE void score_row(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t head, int64_t i,
+                                 int64_t j0, int64_t n, int64_t n_pad, acc_t* s, acc_t* tanh_out) {
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const Rules& rules = scoring.rules;
+  const acc_t scale = static_cast<acc_t>(rules.scale);
+  for (int64_t j = 0; j < n; ++j) s[j] *= scale;
+  if (rules.softcap > 0) {
+    const acc_t cap = static_cast<acc_t>(rules.softcap);
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t t = std::tanh(s[j] / cap);
+      tanh_out[j] = t;
+      s[j] = cap * t;
+    }
+  }
+  const acc_t slope = scoring.slope(seq, head);
+  if (slope != acc_t(0)) {
+    const int64_t position = i + seq.len_k - seq.len_q - j0;
+    for (int64_t j = 0; j < n; ++j) s[j] -= slope * static_cast<acc_t>(std::abs(position - j));
+  }
+  if (scoring.mask.present()) apply_mask_row(scoring.mask, seq.batch, head, i, j0, n, s);
+  const auto [lo, hi] = rules.keys(seq, i);
+  const int64_t visible_lo = std::clamp<int64_t>(lo - j0, 0, n);
+  const int64_t visible_hi = std::clamp<int64_t>(hi - j0, visible_lo, n);
+  for (int64_t j = 0; j < visible_lo; ++j) s[j] = neg_inf;
+  for (int64_t j = visible_hi; j < n_pad; ++j) s[j] = neg_inf;
+}
+
+template <typename acc_t>
+C10_ALWAYS_INLINE acc_t row_max(const acc_t* s, int64_t n_pad) {
+  using V = simd::Vec<acc_t>;
+  constexpr int64_t width = simd::Traits<acc_t>::width;
+  V best = simd::broadcast(-std::numeric_limits<acc_t>::infinity());
+  for (int64_t j = 0; j < n_pad; j += width) {
+    const V x = simd::load(s + j);
+    best = x > best ? x : best;
+  }
+  acc_t result = best[0];
+  for (int64_t k = 1; k < width; ++k) result = best[k] > result ? best[k] : result;
+  return result;
+}
+
+// s <- exp(s - shift) in place over [0, n_pad); returns the sum. -inf scores give 0.
+template <typename acc_t>
+C10_ALWAYS_INLINE acc_t exp_shifted_sum(acc_t* s, int64_t n_pad, acc_t shift) {
+  using V = simd::Vec<acc_t>;
+  constexpr int64_t width = simd::Traits<acc_t>::width;
+  V total{};
+  for (int64_t j = 0; j < n_pad; j += width) {
+    const V p = simd::exp_nonpositive<acc_t>(simd::load(s + j) - shift);
+    simd::store(s + j, p);
+    total += p;
+  }
+  acc_t result = 0;
+  for (int64_t k = 0; k < width; ++k) result += total[k];
+  return result;
+}
+
+template <typename acc_t>
+C10_ALWAYS_INLINE void scale_row(acc_t* x, int64_t n_pad, acc_t factor) {
+  using V = simd::Vec<acc_t>;
+  constexpr int64_t width = simd::Traits<acc_t>::width;
+  for (int64_t j = 0; j < n_pad; j += width) simd::store(x + j, simd::load(x + j) * factor);
+}
+
+// Multiplies p by the dropout keep factor (0 or 1 / (1 - p)) of each key; keep receives the factors.
+template <typename acc_t>
+C10_ALWAYS_INLINE void dropout_row(const Dropout& dropout, uint64_t row_key, int64_t j0, int64_t n, acc_t* p,
+                                   acc_t* keep) {
+  const acc_t scale = static_cast<acc_t>(dropout.keep_scale);
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t factor = dropout.keep(row_key, j0 + j) ? scale : acc_t(0);
+    if (keep) keep[j] = factor;
+    p[j] *= factor;
+  }
+}
+
+}  // namespace fused_attention::cpu

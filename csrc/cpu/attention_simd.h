@@ -1,0 +1,88 @@
+// SIMD building blocks of the CPU attention kernel: 64-byte vectors (GCC/Clang vector extensions) that
+// become one zmm register in the AVX-512 clone of a multi-versioned function, two ymm in the AVX2 clone
+// and four xmm in the baseline one, and an exp accurate to about an ulp.
+//
+// The extension is built for baseline x86-64 (see vec_io.h), so at::vec's Sleef exp is not available
+// here: a scalar std::exp per score would cost more than the matrix products it sits between.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace fused_attention::cpu::simd {
+
+template <typename T>
+struct Traits;
+
+template <>
+struct Traits<float> {
+  typedef float Vec __attribute__((vector_size(64)));
+  typedef int32_t Int __attribute__((vector_size(64)));
+  static constexpr int64_t width = 16;
+  static constexpr float log2e = 1.4426950408889634f;
+  // ln 2 split in two so that n * ln2_hi is exact for the n that occur (Cody and Waite's reduction).
+  static constexpr float ln2_hi = 0.693145751953125f;
+  static constexpr float ln2_lo = 1.428606765330187e-06f;
+  static constexpr float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  static constexpr float underflow = -87.3f;  // below it exp(x) is subnormal: flushed to 0
+  static constexpr int mantissa_bits = 23;
+  static constexpr int exponent_bias = 127;
+  static constexpr int taylor_terms = 8;  // |r| <= ln2 / 2: the 8th term is below 2^-27
+};
+
+template <>
+struct Traits<double> {
+  typedef double Vec __attribute__((vector_size(64)));
+  typedef int64_t Int __attribute__((vector_size(64)));
+  static constexpr int64_t width = 8;
+  static constexpr double log2e = 1.4426950408889634;
+  static constexpr double ln2_hi = 0.6931471803691238;
+  static constexpr double ln2_lo = 1.9082149292705877e-10;
+  static constexpr double round_magic = 6755399441055744.0;  // 1.5 * 2^52
+  static constexpr double underflow = -708.3;
+  static constexpr int mantissa_bits = 52;
+  static constexpr int exponent_bias = 1023;
+  static constexpr int taylor_terms = 14;
+};
+
+template <typename T>
+using Vec = typename Traits<T>::Vec;
+
+template <typename T>
+C10_ALWAYS_INLINE Vec<T> load(const T* src) {
+  Vec<T> v;
+  std::memcpy(&v, src, sizeof(v));  // an unaligned vector load
+  return v;
+}
+
+template <typename T>
+C10_ALWAYS_INLINE void store(T* dst, const Vec<T>& v) {
+  std::memcpy(dst, &v, sizeof(v));
+}
+
+template <typename T>
+C10_ALWAYS_INLINE Vec<T> broadcast(T value) {
+  return Vec<T>{} + value;
+}
+
+// exp(x) for x <= 0 (scores minus their row maximum), results below the smallest normal number flushed
+// to 0: subnormals make everything after them many times slower, and they lie far below any tolerance.
+// x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series, 2^n put into the exponent bits.
+template <typename T>
+C10_ALWAYS_INLINE Vec<T> exp_nonpositive(Vec<T> x) {
+  using Tr = Traits<T>;
+  using Int = typename Tr::Int;
+  const Vec<T> n = (x * Tr::log2e + Tr::round_magic) - Tr::round_magic;
+  const Vec<T> r = (x - n * Tr::ln2_hi) - n * Tr::ln2_lo;
+  Vec<T> poly = broadcast<T>(T(1));
+  for (int term = Tr::taylor_terms; term >= 1; --term) {  // Horner: 1 + r/1 (1 + r/2 (1 + r/3 (...)))
+    poly = poly * (r * (T(1) / T(term))) + T(1);
+  }
+  const Int exponent = (__builtin_convertvector(n, Int) + Tr::exponent_bias) << Tr::mantissa_bits;
+  const Vec<T> result = poly * reinterpret_cast<const Vec<T>&>(exponent);
+  return x < Tr::underflow ? Vec<T>{} : result;
+}
+
+}  // namespace fused_attention::cpu::simd

@@ -1,0 +1,46 @@
+"""The ``cpu`` backend: the compiled extension's C++ kernels (``csrc/cpu/attention_*``).
+
+Flash-style tiled forward and an exact recomputing backward for every feature, in float32 arithmetic
+(float64 for float64 inputs), parallel over batch, heads and query blocks with torch's intra-op threads.
+Available whenever ``fused_attention._C`` is built; the default for CPU tensors then.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _extension
+from ..inputs import AttentionInputs, VarlenInputs
+from .base import ALL_FEATURES, Backend, Capabilities, draw_seed
+
+# Loaded once at import: a plain value that torch.compile can read while tracing dispatch.
+_EXTENSION = _extension.load_extension()
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    capabilities = Capabilities(
+        device_types=frozenset({"cpu"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
+        features=ALL_FEATURES,
+    )
+
+    def unavailable_reason(self) -> str | None:
+        return None if _EXTENSION.loaded else _EXTENSION.reason
+
+    def attention(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.ops.fused_attention.attention(
+            inputs.query, inputs.key, inputs.value, inputs.attn_mask, inputs.key_lengths, inputs.alibi_slopes,
+            draw_seed(inputs), inputs.causal, inputs.window_left, inputs.window_right, inputs.softcap,
+            inputs.scale, inputs.dropout_p,
+        )
+
+    def varlen_attention(self, inputs: VarlenInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.ops.fused_attention.varlen_attention(
+            inputs.query, inputs.key, inputs.value, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
+            inputs.alibi_slopes, draw_seed(inputs), inputs.window_left, inputs.window_right, inputs.softcap,
+            inputs.scale, inputs.dropout_p,
+        )
+
+
+CPU = CpuBackend()
