@@ -3,7 +3,7 @@
 - ``delta = rowsum(dO * O)`` (float32), the softmax backward's row term.
 - dK/dV: one program per (key block, key/value head, batch) holds its keys and values and walks the
   query blocks (of every query head of its GQA group) that can see them, recomputing
-  ``P = exp(S - lse)``; it also writes the float mask's gradient and the ALiBi slopes' partial sums.
+  ``P = exp(S - lse)`` on (query, key) tiles built exactly as the dQ pass builds them; it also writes the float mask's gradient and the ALiBi slopes' partial sums.
 - dQ: one program per (query block, query head, batch) walks the visible key blocks.
 
 Each output element is owned by one program, so dQ, dK and dV need no atomics and are deterministic.
@@ -97,7 +97,8 @@ def attention_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    cols = offs_n[:, None]  # key index j along the rows of the transposed (BLOCK_N, BLOCK_M) tiles
+    cols = offs_n[:, None]  # the program's keys, as rows of k, v, dk, dv
+    key_cols = offs_n[None, :]  # and as columns of the score tiles
     k = tl.load(
         K + b64 * stride_kb + hk64 * stride_kh + (k_start + cols.to(tl.int64)) * stride_kn + offs_d[None, :] * stride_kd,
         mask=(cols < seq_k) & (offs_d[None, :] < head_dim), other=0.0,
@@ -129,7 +130,7 @@ def attention_dkdv_kernel(
         slope_grad = tl.zeros([BLOCK_N], tl.float32)
         for m0 in range(lo, hi, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
-            rows = offs_m[None, :]  # query index i along the columns
+            rows = offs_m[:, None]
             row_ok = offs_m < seq_q
             q = tl.load(
                 q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
@@ -142,35 +143,37 @@ def attention_dkdv_kernel(
             lse = tl.load(Lse + stat_offset + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=0.0)
             lse = tl.where(lse == float("-inf"), 0.0, lse)  # a row that sees nothing: every score is -inf
             delta = tl.load(Delta + stat_offset + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=0.0)
-            qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+            # (BLOCK_M, BLOCK_N) tiles computed by the same expressions as the dQ pass: scores and dP
+            # then agree bit for bit with those that gave lse_fix and delta, so a row's ds sums to 0
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             s, t = scores(
-                qk, rows, cols, seq_q, seq_k, scale, softcap, slope, mask_base, stride_mm, stride_mn,
+                qk, rows, key_cols, seq_q, seq_k, scale, softcap, slope, mask_base, stride_mm, stride_mn,
                 window_left, window_right, key_length,
                 SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
             )
             if ROWS_FROM_SCORES:  # renormalized by the dQ pass (see attention_dq_kernel)
                 lse_fix = tl.load(LseFix + stat_offset + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=0.0)
-                p = tl.exp((s - lse[None, :]) - lse_fix[None, :])
+                p = tl.exp((s - lse[:, None]) - lse_fix[:, None])
             else:
-                p = tl.exp(s - lse[None, :])
-            dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+                p = tl.exp(s - lse[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             p_kept = p
             if DROPOUT:
-                keep = dropout_keep(seed, stream, rows, cols, dropout_p)
+                keep = dropout_keep(seed, stream, rows, key_cols, dropout_p)
                 p_kept = tl.where(keep, p * keep_scale, 0.0)
                 dp = tl.where(keep, dp * keep_scale, 0.0)
-            dv += tl.dot(p_kept.to(do.dtype), do, input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[None, :])  # gradient of the final (biased, masked) score
+            dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])  # gradient of the final (biased, masked) score
             if MASK_GRAD:
                 _add_mask_grad(
                     DMask + b64 * stride_xb + h64 * stride_xh + hk64 * stride_xk + block.to(tl.int64) * stride_xblock,
                     ds, offs_m, offs_n, seq_q, seq_k, stride_xm, stride_xn, MASK_SUM_ROWS, MASK_SUM_COLS,
                 )
             if ALIBI_GRAD:
-                slope_grad += tl.sum(ds * tl.abs(rows + (seq_k - seq_q) - cols).to(tl.float32), 1)
+                slope_grad += tl.sum(ds * tl.abs(rows + (seq_k - seq_q) - key_cols).to(tl.float32), 0)
             if SOFTCAP:
                 ds = ds * (1.0 - t * t)
-            dk += tl.dot(ds.to(q.dtype), q, input_precision=DOT_PRECISION)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
         if ALIBI_GRAD:  # d score / d slope = -|distance|; one partial sum per (batch, head, key block)
             tl.store(DAlibi + b64 * stride_yb + h64 * stride_yh + block.to(tl.int64) * stride_yblock,
                      -tl.sum(slope_grad, 0))
@@ -192,17 +195,17 @@ def attention_dkdv_kernel(
 @triton.jit
 def _add_mask_grad(base, ds, offs_m, offs_n, seq_q, seq_k, stride_m, stride_n,
                    SUM_ROWS: tl.constexpr, SUM_COLS: tl.constexpr):
-    """Adds a transposed ``(BLOCK_N, BLOCK_M)`` score-gradient tile to the mask gradient, summed first
-    over the dims the mask broadcasts along within the tile (rows: queries, cols: keys)."""
+    """Adds a ``(BLOCK_M, BLOCK_N)`` score-gradient tile to the mask gradient, summed first over the
+    dims the mask broadcasts along within the tile (rows: queries, cols: keys)."""
     if SUM_ROWS and SUM_COLS:
         tl.atomic_add(base, tl.sum(tl.sum(ds, 1), 0))
     elif SUM_ROWS:
-        tl.atomic_add(base + offs_n.to(tl.int64) * stride_n, tl.sum(ds, 1), mask=offs_n < seq_k)
+        tl.atomic_add(base + offs_n.to(tl.int64) * stride_n, tl.sum(ds, 0), mask=offs_n < seq_k)
     elif SUM_COLS:
-        tl.atomic_add(base + offs_m.to(tl.int64) * stride_m, tl.sum(ds, 0), mask=offs_m < seq_q)
+        tl.atomic_add(base + offs_m.to(tl.int64) * stride_m, tl.sum(ds, 1), mask=offs_m < seq_q)
     else:
-        offsets = offs_m[None, :].to(tl.int64) * stride_m + offs_n[:, None].to(tl.int64) * stride_n
-        tl.atomic_add(base + offsets, ds, mask=(offs_m[None, :] < seq_q) & (offs_n[:, None] < seq_k))
+        offsets = offs_m[:, None].to(tl.int64) * stride_m + offs_n[None, :].to(tl.int64) * stride_n
+        tl.atomic_add(base + offsets, ds, mask=(offs_m[:, None] < seq_q) & (offs_n[None, :] < seq_k))
 
 
 @triton.jit
@@ -223,9 +226,9 @@ def _dq_tile(
         k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
         mask=(offs_n[:, None] < seq_k) & (offs_d[None, :] < head_dim), other=0.0,
     )
-    v_t = tl.load(
-        v_base + cols.to(tl.int64) * stride_vn + offs_dv[:, None] * stride_vd,
-        mask=(cols < seq_k) & (offs_dv[:, None] < value_head_dim), other=0.0,
+    v = tl.load(
+        v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
+        mask=(offs_n[:, None] < seq_k) & (offs_dv[None, :] < value_head_dim), other=0.0,
     )
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     s, t = scores(
@@ -237,7 +240,7 @@ def _dq_tile(
         p = tl.exp((s - lse[:, None]) - lse_fix[:, None])
     else:
         p = tl.exp(s - lse[:, None])
-    dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
         keep = dropout_keep(seed, stream, rows, cols, dropout_p)
         dp = tl.where(keep, dp * keep_scale, 0.0)

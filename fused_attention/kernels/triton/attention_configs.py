@@ -33,9 +33,11 @@ _CANDIDATES: dict[tuple[str, int], tuple[Tile, ...]] = {
     ("backward_dq", 90): (Tile(128, 32, 8, 3), Tile(128, 64, 8, 2), Tile(64, 32, 4, 3), Tile(64, 16, 4, 2)),
 }
 
+# One shape for every pass, so that the interpreter's matmuls (NumPy's) recompute the forward's
+# scores bit for bit in backward, as the GPU's tensor cores do for any tile shape (fixed k order).
 INTERPRETER_TILES = {
     "forward": Tile(16, 32, 4, 1),
-    "backward_dkdv": Tile(32, 16, 4, 1),  # other tile shapes than forward: dropout must not depend on them
+    "backward_dkdv": Tile(16, 32, 4, 1),
     "backward_dq": Tile(16, 32, 4, 1),
 }
 

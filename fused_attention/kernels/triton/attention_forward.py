@@ -77,11 +77,12 @@ def attention_forward_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         cols = offs_n[None, :]
-        k_t = tl.load(  # (BLOCK_D, BLOCK_N): K transposed by its strides
-            k_base + cols.to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd,
-            mask=(cols < seq_k) & (offs_d[:, None] < head_dim), other=0.0,
+        k = tl.load(
+            k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
+            mask=(offs_n[:, None] < seq_k) & (offs_d[None, :] < head_dim), other=0.0,
         )
-        qk = tl.dot(q, k_t, input_precision=DOT_PRECISION)
+        # the expression the backward passes recompute: the same scores, bit for bit, with equal tiles
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s, _ = scores(
             qk, rows, cols, seq_q, seq_k, scale, softcap, slope, mask_base, stride_mm, stride_mn,
             window_left, window_right, key_length,

@@ -1,0 +1,424 @@
+"""The ``triton`` attention backend against the float64 reference, by DESIGN.md's tolerance policy.
+
+Without a GPU the kernels run under the Triton interpreter on CPU tensors (conftest sets
+``TRITON_INTERPRET=1``), in float32 and float16: the interpreter computes ``tl.dot`` on bfloat16 wrongly,
+so bfloat16 is covered by the GPU tests at the end (skipped without one). The shared suite's tests that
+fit the backend (float32, head dims that are multiples of 8) run here with ``backend = "triton"``; the
+rest are the same checks at the sizes and dtypes this backend serves.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_policy, check_attention, rand
+from test_attention import (  # noqa: F401  (shared tests, collected here with backend = "triton")
+    DROPOUT_FEATURES,
+    FEATURES,
+    _inputs,
+    check_dropout_against_reference,
+    test_alibi_twelve_heads_per_batch_slopes,
+    test_broadcast_float_mask_gradient,
+    test_dropout_reproducible_with_manual_seed,
+    test_extra_batch_dims_and_broadcast,
+    test_feature_combinations,
+    test_gqa_and_mqa,
+    test_head_broadcast_without_gqa,
+    test_inputs_not_mutated,
+    test_non_contiguous_inputs,
+    test_three_dim_inputs,
+)
+from test_varlen import (  # noqa: F401
+    _check,
+    test_varlen_dropout_reproducible,
+    test_varlen_equals_padded_dense_attention,
+    test_varlen_gqa_and_value_head_dim,
+)
+
+import fused_attention
+from fused_attention.backends import BACKENDS
+from fused_attention.inputs import canonicalize
+from fused_attention.reference import reference_attention
+
+pytest.importorskip("triton")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# float32 and float16 everywhere; bfloat16 where tl.dot runs on hardware
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+
+
+@pytest.fixture
+def backend() -> str:
+    return "triton"
+
+
+@pytest.fixture(autouse=True)
+def _on_the_gpu_when_there_is_one():
+    """With a GPU every test here runs the compiled kernels on CUDA tensors (the reference with them)."""
+    if DEVICE.type != "cuda":
+        yield
+        return
+    torch.set_default_device("cuda")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("feature", ["plain", *FEATURES])
+def test_single_feature(feature, dtype):
+    torch.manual_seed(0)
+    q, k, v, kwargs = _inputs({feature}, dtype)
+    check_attention("triton", q, k, v, **kwargs)
+
+
+# (seq_q, seq_k, head_dim): L = 1, 97, 130; head dims 40, 72, 128 (non-powers of two: padded lanes)
+ODD_SIZES = [(1, 1, 8), (1, 97, 72), (97, 1, 40), (97, 61, 40), (61, 97, 128), (130, 33, 72), (33, 130, 16)]
+
+
+@pytest.mark.parametrize("seq_q,seq_k,head_dim", ODD_SIZES)
+@pytest.mark.parametrize("features", [(), ("causal",), ("window", "alibi"), ("key_lengths", "softcap")], ids=str)
+def test_odd_sizes(seq_q, seq_k, head_dim, features):
+    torch.manual_seed(2)
+    q, k, v, kwargs = _inputs(set(features), seq_q=seq_q, seq_k=seq_k, head_dim=head_dim, hq=2)
+    if "key_lengths" in kwargs:
+        kwargs["key_lengths"] = torch.tensor([seq_k, seq_k // 2])
+    check_attention("triton", q, k, v, **kwargs)
+
+
+def test_value_head_dim_larger_than_query_head_dim():
+    torch.manual_seed(3)
+    q, k, v = rand(1, 2, 19, 24, requires_grad=True), rand(1, 2, 23, 24, requires_grad=True), rand(1, 2, 23, 136)
+    check_attention("triton", q, k, v.requires_grad_(), is_causal=True)
+
+
+@pytest.mark.parametrize("features", DROPOUT_FEATURES, ids=str)
+def test_dropout_mask_is_the_same_in_forward_and_backward(features):
+    """The keep-mask recovered from the forward (identity values) reproduces the output and the
+    gradients through the reference: the backward regenerated the very same mask; the kept fraction
+    is 1 - p. Forward and backward use other tile shapes, so the mask does not depend on tiling."""
+    check_dropout_against_reference("triton", features, seq_k=56)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"is_causal": True},
+        {"is_causal": True, "window_size": (4, -1), "softcap": 1.5},
+        {"alibi_slopes": torch.rand(4, 4), "scale": 0.2},
+    ],
+    ids=lambda kw: "+".join(kw) or "plain",
+)
+def test_varlen(dtype, kwargs):
+    torch.manual_seed(0)
+    _check("triton", dtype, 4, 4, 16, **kwargs)
+
+
+@pytest.mark.parametrize("slopes_shape", [(4,), (2, 4)], ids=str)
+def test_alibi_slopes_gradient(slopes_shape):
+    torch.manual_seed(12)
+    q, k, v, _ = _inputs({"causal"}, torch.float32)
+    slopes = (torch.rand(*slopes_shape) + 0.1).requires_grad_()
+    out = fused_attention.scaled_dot_product_attention(q, k, v, is_causal=True, alibi_slopes=slopes, backend="triton")
+    upstream = torch.randn(out.shape, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(out, slopes, upstream.float())
+    refs = {}
+    for dt in (torch.float32, torch.float64):
+        leaf = slopes.detach().to(dt).requires_grad_()
+        ref, _ = reference_attention(*(t.detach().to(dt) for t in (q, k, v)), is_causal=True, alibi_slopes=leaf)
+        refs[dt] = torch.autograd.grad(ref, leaf, upstream.to(dt))[0]
+    assert_policy(grad, refs[torch.float32], refs[torch.float64], 3, "grad alibi_slopes")
+
+
+def test_varlen_alibi_slopes_gradient():
+    torch.manual_seed(13)
+    cu = torch.tensor([0, 5, 5, 17], dtype=torch.int32)
+    q, k, v = rand(17, 2, 16), rand(17, 2, 16), rand(17, 2, 16)
+    slopes = (torch.rand(3, 2) + 0.1).requires_grad_()
+    grads = {}
+    for name in ("triton", "torch"):
+        out = fused_attention.varlen_attention(q, k, v, cu, cu, 12, 12, alibi_slopes=slopes, is_causal=True,
+                                               backend=name)
+        grads[name] = torch.autograd.grad(out.sum(), slopes)[0]
+    torch.testing.assert_close(grads["triton"], grads["torch"], rtol=1e-4, atol=1e-5)
+
+
+def test_deterministic_backward_is_bitwise_reproducible():
+    """Under torch.use_deterministic_algorithms(True) every gradient, including a mask gradient summed
+    over batch, heads and key blocks, comes out bit for bit the same, and still passes the policy."""
+    torch.manual_seed(17)
+    q, k, v, kwargs = _inputs({"gqa", "alibi"})
+    mask = rand(1, 1, q.shape[2], 1, requires_grad=True)  # broadcast over batch, heads and keys
+    wrt = (q, k, v, mask, kwargs["alibi_slopes"].requires_grad_())
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            out = fused_attention.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="triton", **kwargs)
+            runs.append(torch.autograd.grad(out.sum(), wrt))
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+        check_attention("triton", q, k, v, attn_mask=mask, **kwargs)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("mask_shape", [(1, 1, 37, 53), (2, 1, 1, 53)], ids=str)
+def test_broadcast_mask_gradient_summed_over_programs(mask_shape, deterministic):
+    """Both ways of summing a broadcast mask's gradient over programs give the policy's answer."""
+    torch.manual_seed(18)
+    q, k, v, kwargs = _inputs({"gqa"})
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        check_attention("triton", q, k, v, attn_mask=rand(*mask_shape, requires_grad=True), **kwargs)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("mask_shape", [(1, 4, 37, 1), (1, 1, 1, 1)], ids=str)
+def test_mask_gradient_summed_over_keys_vanishes(mask_shape, deterministic):
+    """A mask constant along the keys shifts every score of a row alike, which softmax ignores: its
+    gradient is exactly 0, and what a float32 sum of the row's score gradients leaves is rounding. The
+    policy would compare two such noises; instead the result must be within float32 summation error:
+    ``|g| <= 8 * eps * sum |dS|`` over the summed entries (dS from the float64 reference)."""
+    torch.manual_seed(18)
+    q, k, v, kwargs = _inputs({"gqa"})
+    mask = rand(*mask_shape, requires_grad=True)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        out = fused_attention.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="triton", **kwargs)
+        upstream = torch.randn(out.shape, dtype=torch.float64)
+        (grad,) = torch.autograd.grad(out, mask, upstream.float())
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    full = mask.detach().double().expand(2, 4, 37, 53).clone().requires_grad_()
+    ref, _ = reference_attention(*(t.detach().double() for t in (q, k, v)), attn_mask=full, **kwargs)
+    (ds,) = torch.autograd.grad(ref, full, upstream)
+    summed = tuple(d for d, n in enumerate(mask_shape) if n == 1)
+    bound = 8 * torch.finfo(torch.float32).eps * ds.abs().sum(summed, keepdim=True)
+    assert (grad.double().abs() <= bound).all(), (grad.abs().max().item(), bound.min().item())
+
+
+# ------------------------------------------------------------------------------- tile skipping
+
+
+def _count_tiles(monkeypatch, module_name: str) -> list[int]:
+    """Counts the score tiles a kernel module computes (the interpreter runs helpers as Python)."""
+    import importlib
+
+    module = importlib.import_module(f"fused_attention.kernels.triton.{module_name}")
+    calls = [0]
+    original = module.scores
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "scores", counting)
+    return calls
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="counts tiles through the interpreter")
+@pytest.mark.parametrize(
+    "kwargs,expected",
+    [
+        # L = S = 128, forward tiles 16 x 32: 8 query blocks x 4 key blocks = 32 tiles when nothing hides any
+        ({}, 32),
+        ({"is_causal": True}, 1 + 1 + 2 + 2 + 3 + 3 + 4 + 4),  # keys up to the block's last row
+        # rows [m, m + 16) see keys [m - 8, m + 16): a second key block where that range crosses a multiple of 32
+        ({"window_size": (8, 0)}, 1 + 1 + 2 + 1 + 2 + 1 + 2 + 1),
+        ({"key_lengths": torch.tensor([40])}, 8 * 2),
+    ],
+    ids=["full", "causal", "window", "key_lengths"],
+)
+def test_forward_skips_hidden_tiles(monkeypatch, kwargs, expected):
+    calls = _count_tiles(monkeypatch, "attention_forward")
+    q = rand(1, 1, 128, 16)
+    fused_attention.scaled_dot_product_attention(q, q, q, backend="triton", **kwargs)
+    assert calls[0] == expected
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="counts tiles through the interpreter")
+def test_backward_skips_hidden_tiles(monkeypatch):
+    calls = _count_tiles(monkeypatch, "attention_backward")
+    q = rand(1, 1, 256, 16, requires_grad=True)
+    counts = []
+    for kwargs in ({"window_size": (8, 0)}, {}):
+        calls[0] = 0
+        fused_attention.scaled_dot_product_attention(q, q, q, backend="triton", **kwargs).sum().backward()
+        counts.append(calls[0])
+    assert 4 * counts[0] < counts[1]  # a window of 9 keys visits a small fraction of 256 x 256
+
+
+# ----------------------------------------------------------------------------- dispatch, errors
+
+
+def test_automatic_dispatch_never_picks_triton_for_cpu_tensors():
+    q = rand(1, 2, 8, 16)
+    inputs = canonicalize(q, q, q)
+    assert not BACKENDS["triton"].not_supported_reasons(inputs)  # it could serve, forced (interpreter)
+    assert "triton" not in fused_attention.backends.priority("cpu")
+
+
+_REFUSED = [
+    pytest.param(torch.float64, 16, 16, "dtype torch.float64 not supported", id="float64"),
+    pytest.param(torch.float32, 20, 20, "head dim 20 is not a multiple of 8", id="head_dim"),
+    pytest.param(torch.float32, 16, 12, "value head dim 12 is not a multiple of 8", id="value_head_dim"),
+    pytest.param(torch.float32, 264, 264, "head dim 264 > 256", id="head_dim_too_large"),
+]
+if DEVICE.type == "cpu":
+    _REFUSED.append(pytest.param(torch.bfloat16, 16, 16, "computes tl.dot on bfloat16 wrongly", id="bfloat16"))
+
+
+@pytest.mark.parametrize("dtype,head_dim,value_head_dim,reason", _REFUSED)
+def test_forced_triton_explains_what_it_cannot_serve(dtype, head_dim, value_head_dim, reason):
+    q = torch.randn(1, 1, 4, head_dim, dtype=dtype, device=DEVICE)
+    v = torch.randn(1, 1, 4, value_head_dim, dtype=dtype, device=DEVICE)
+    with pytest.raises(ValueError, match="backend 'triton' cannot serve") as info:
+        fused_attention.scaled_dot_product_attention(q, q, v, backend="triton")
+    assert reason in str(info.value)
+
+
+# ------------------------------------------------------------------ torch.library and compile
+
+ops = torch.ops.fused_attention
+
+
+def _dense_op_args(mask: bool, dropout: bool) -> tuple:
+    torch.manual_seed(0)
+    q = rand(2, 4, 9, 16, requires_grad=True)
+    k = rand(2, 2, 13, 16, requires_grad=True)
+    v = rand(2, 2, 13, 8, requires_grad=True)
+    float_mask = rand(1, 4, 9, 13, requires_grad=True) if mask else None
+    slopes = (torch.rand(1, 4) + 0.1).requires_grad_()
+    seed = torch.tensor([1234567], dtype=torch.int64) if dropout else None
+    return (q, k, v, float_mask, torch.tensor([13, 7]), slopes, seed, False, 5, 2, 2.5, 0.25,
+            0.2 if dropout else 0.0)
+
+
+def _varlen_op_args(dropout: bool) -> tuple:
+    torch.manual_seed(1)
+    cu_q, cu_k = torch.tensor([0, 4, 4, 15], dtype=torch.int32), torch.tensor([0, 6, 9, 21], dtype=torch.int32)
+    q = rand(15, 4, 16, requires_grad=True)
+    k = rand(21, 2, 16, requires_grad=True)
+    v = rand(21, 2, 8, requires_grad=True)
+    slopes = (torch.rand(3, 4) + 0.1).requires_grad_()
+    seed = torch.tensor([7654321], dtype=torch.int64) if dropout else None
+    return (q, k, v, cu_q, cu_k, 11, 12, slopes, seed, 5, 0, 3.0, 0.25, 0.1 if dropout else 0.0)
+
+
+@pytest.mark.parametrize("mask,dropout", [(True, False), (False, True)], ids=["mask+alibi", "dropout+alibi"])
+def test_opcheck_triton_attention(mask, dropout):
+    torch.library.opcheck(ops.triton_attention, _dense_op_args(mask, dropout))
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["alibi", "dropout+alibi"])
+def test_opcheck_triton_varlen(dropout):
+    torch.library.opcheck(ops.triton_varlen, _varlen_op_args(dropout))
+
+
+def test_opcheck_backward_ops():
+    args = [t.detach() if isinstance(t, torch.Tensor) else t for t in _dense_op_args(True, False)]
+    out, lse = ops.triton_attention(*args)
+    q, k, v, mask, lengths, slopes, seed, *options = args
+    torch.library.opcheck(ops.triton_attention_backward,
+                          (torch.randn_like(out), q, k, v, out, lse, mask, lengths, slopes, seed, *options, True, True))
+    args = [t.detach() if isinstance(t, torch.Tensor) else t for t in _varlen_op_args(False)]
+    out, lse = ops.triton_varlen(*args)
+    q, k, v, cu_q, cu_k, max_q, max_k, slopes, seed, *options = args
+    torch.library.opcheck(ops.triton_varlen_backward,
+                          (torch.randn_like(out), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, slopes, seed,
+                           *options, True))
+
+
+def _compiled_matches_eager(fn, leaves: dict, **kwargs):
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    results = []
+    for f in (fn, compiled):
+        fresh = {n: t.detach().clone().requires_grad_() for n, t in leaves.items()}
+        out = f(**fresh, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        results.append((out, torch.autograd.grad(out.sum(), list(fresh.values()))))
+    for a, b in zip((results[0][0], *results[0][1]), (results[1][0], *results[1][1])):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
+def test_compile_fullgraph_sdpa():
+    torch.manual_seed(19)
+    q, k, v, kwargs = _inputs({"gqa", "alibi", "window", "softcap", "key_lengths"}, seq_q=20, seq_k=24)
+    mask = rand(1, 1, 20, 24, requires_grad=True)
+    _compiled_matches_eager(fused_attention.scaled_dot_product_attention, {"query": q, "key": k, "value": v,
+                            "attn_mask": mask}, backend="triton", return_lse=True, **kwargs)
+
+
+def test_compile_fullgraph_varlen():
+    torch.manual_seed(20)
+    cu = torch.tensor([0, 3, 11], dtype=torch.int32)
+    leaves = {"q": rand(11, 4, 16), "k": rand(11, 2, 16), "v": rand(11, 2, 16)}
+    _compiled_matches_eager(fused_attention.varlen_attention, leaves, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                            max_seqlen_q=8, max_seqlen_k=8, is_causal=True, alibi_slopes=torch.rand(4),
+                            backend="triton")
+
+
+# ------------------------------------------------------------------------ GPU (skipped without one)
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _cuda(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cuda().requires_grad_(t.requires_grad)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "features", [(), ("causal",), ("gqa", "alibi", "window"), ("softcap", "key_lengths"), ("float_mask",)], ids=str
+)
+def test_gpu_large_shapes(dtype, features):
+    """Large-ish shapes on the GPU, against the float64 reference on the CPU, by the policy."""
+    torch.manual_seed(21)
+    q, k, v, kwargs = _inputs(set(features), dtype, batch=2, hq=8, seq_q=1000, seq_k=1100, head_dim=128)
+    kwargs = {n: _cuda(t) if isinstance(t, torch.Tensor) else t for n, t in kwargs.items()}
+    _check_on_gpu(q, k, v, kwargs)
+
+
+def _check_on_gpu(q, k, v, kwargs):
+    out, lse = fused_attention.scaled_dot_product_attention(_cuda(q), _cuda(k), _cuda(v), return_lse=True,
+                                                             backend="triton", **kwargs)
+    cpu_kwargs = {n: t.detach().cpu() if isinstance(t, torch.Tensor) else t for n, t in kwargs.items()}
+    refs = {dt: reference_attention(*(t.detach().to(dt) for t in (q, k, v)), **cpu_kwargs) for dt in (q.dtype, torch.float64)}
+    assert_policy(out.cpu(), refs[q.dtype][0], refs[torch.float64][0], 2, "gpu output")
+    assert_policy(lse.cpu(), refs[q.dtype][1], refs[torch.float64][1], 2, "gpu lse")
+
+
+@gpu
+def test_gpu_long_sequence_causal_bf16():
+    """A long causal bf16 sequence: finite, and equal to the torch backend within bf16 rounding."""
+    torch.manual_seed(22)
+    q, k, v = (torch.randn(1, 4, 8192, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out = fused_attention.scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton")
+    expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@gpu
+def test_gpu_64_bit_offsets():
+    """Keys past element 2**31 of their tensor: offsets must be computed in 64 bits."""
+    seq_k = (1 << 31) // 128 + 4096
+    k = torch.randn(1, 1, seq_k, 128, device="cuda", dtype=torch.float16)
+    q = torch.randn(1, 1, 16, 128, device="cuda", dtype=torch.float16)
+    out = fused_attention.scaled_dot_product_attention(q, k, k, window_size=(64, 0), backend="triton")
+    tail = k[:, :, -80:]
+    expected = fused_attention.scaled_dot_product_attention(q, tail, tail, window_size=(64, 0), backend="torch")
+    torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-3)
