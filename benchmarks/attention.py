@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--modes", nargs="+", choices=bench.MODES, default=["fwd", "fwd+bwd"])
+    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timed runs per row")
     parser.add_argument("--out", help="directory for CSV, JSON, markdown and PNG plots")
     args = parser.parse_args()
     dtype = "bfloat16" if torch.device(args.device).type == "cuda" else "float32"
@@ -40,6 +41,7 @@ def main() -> None:
         device=args.device,
         command="python " + shlex.join(sys.argv),
         out=args.out,
+        min_run_time=args.min_run_time,
     )
 
 

@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--dtype", nargs="+", choices=bench.spec.DTYPES, default=None)
     parser.add_argument("--modes", nargs="+", choices=bench.MODES, default=["fwd", "fwd+bwd"])
+    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timed runs per row")
     parser.add_argument("--out", help="directory for CSV, JSON, markdown and PNG plots")
     args = parser.parse_args()
     dtypes = args.dtype or (["bfloat16"] if torch.device(args.device).type == "cuda" else ["float32"])
@@ -37,7 +38,10 @@ def main() -> None:
         modes=args.modes, device=args.device,
     )
     providers = bench.default_providers(args.device, quick=True)  # quick: no interpreted Triton on the CPU
-    run_session(specs, providers, device=args.device, command="python " + shlex.join(sys.argv), out=args.out)
+    run_session(
+        specs, providers, device=args.device, command="python " + shlex.join(sys.argv), out=args.out,
+        min_run_time=args.min_run_time,
+    )
 
 
 if __name__ == "__main__":
