@@ -1,5 +1,6 @@
-// Entry points of the CPU attention kernels (attention_forward.cpp, attention_backward.cpp), shared by
-// the dense and the packed (varlen) ops in attention_ops.cpp.
+// Entry points of the CPU attention kernels, shared by the dense and the packed (varlen) ops in
+// attention_ops.cpp. attention_dispatch.cpp runs the variant compiled for the best instruction set the
+// CPU has (attention_isa_*.cpp: forward and backward in each).
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -50,5 +51,24 @@ void attention_backward_kernel(const Problem<scalar_t>& problem, const Scoring<a
                                const Operand<scalar_t>& dout, const Operand<scalar_t>& dq,
                                const Operand<scalar_t>& dk, const Operand<scalar_t>& dv,
                                const ExtraGradients<attn_acc_t<scalar_t>>& extra);
+
+#define FUSED_ATTENTION_DECLARE_ISA(isa)                                                                   \
+  namespace isa {                                                                                           \
+  template <typename scalar_t>                                                                              \
+  void forward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring,             \
+               const Operand<scalar_t>& out, attn_acc_t<scalar_t>* lse, const RowIndex& lse_index);        \
+  template <typename scalar_t>                                                                              \
+  void backward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring,            \
+                const Operand<scalar_t>& dout, const Operand<scalar_t>& dq, const Operand<scalar_t>& dk,   \
+                const Operand<scalar_t>& dv, const ExtraGradients<attn_acc_t<scalar_t>>& extra);           \
+  }
+FUSED_ATTENTION_DECLARE_ISA(baseline)
+FUSED_ATTENTION_DECLARE_ISA(avx2)
+FUSED_ATTENTION_DECLARE_ISA(avx512)
+#undef FUSED_ATTENTION_DECLARE_ISA
+
+// The instruction set the kernels run with: the best this CPU supports, or FUSED_ATTENTION_CPU_ISA
+// (baseline, avx2, avx512) if set and supported, so every variant can be tested on one machine.
+const char* attention_isa();
 
 }  // namespace fused_attention::cpu

@@ -8,7 +8,6 @@
 
 #include "cpu/attention_problem.h"
 
-namespace fused_attention::cpu {
 
 // dst[r * ld + f] = x[token0 + r, f] for r < rows, f < features; zero for features <= f < ld.
 template <typename scalar_t, typename acc_t>
@@ -46,4 +45,3 @@ C10_ALWAYS_INLINE void store_rows(const Operand<scalar_t>& x, int64_t batch, int
   }
 }
 
-}  // namespace fused_attention::cpu

@@ -14,7 +14,6 @@
 #include "cpu/attention_problem.h"
 #include "cpu/attention_simd.h"
 
-namespace fused_attention::cpu {
 
 template <typename acc_t, typename mask_t>
 C10_ALWAYS_INLINE void apply_mask_values(acc_t* s, const mask_t* m, int64_t stride, int64_t n) {
@@ -124,4 +123,3 @@ C10_ALWAYS_INLINE void dropout_row(const Dropout& dropout, uint64_t row_key, int
   }
 }
 
-}  // namespace fused_attention::cpu

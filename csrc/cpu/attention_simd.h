@@ -2,7 +2,7 @@
 // become one zmm register in the AVX-512 clone of a multi-versioned function, two ymm in the AVX2 clone
 // and four xmm in the baseline one, and an exp accurate to about an ulp.
 //
-// The extension is built for baseline x86-64 (see vec_io.h), so at::vec's Sleef exp is not available
+// at::vec is compiled for the build's baseline here (see vec_io.h), so its Sleef exp is not available
 // here: a scalar std::exp per score would cost more than the matrix products it sits between.
 #pragma once
 
@@ -11,7 +11,7 @@
 #include <cstdint>
 #include <cstring>
 
-namespace fused_attention::cpu::simd {
+namespace simd {
 
 template <typename T>
 struct Traits;
@@ -62,9 +62,12 @@ C10_ALWAYS_INLINE void store(T* dst, const Vec<T>& v) {
   std::memcpy(dst, &v, sizeof(v));
 }
 
+// Every lane = value, as one broadcast (straight from memory when the value is loaded): value - 0.0 is
+// value for every value, -0.0 included, so the subtraction folds away. (`Vec{} + value` keeps an add,
+// since -0.0 + 0.0 is +0.0, and a {value, value, ...} initializer is built lane by lane.)
 template <typename T>
 C10_ALWAYS_INLINE Vec<T> broadcast(T value) {
-  return Vec<T>{} + value;
+  return value - Vec<T>{};
 }
 
 // exp(x) for x <= 0 (scores minus their row maximum), results below the smallest normal number flushed
@@ -85,4 +88,4 @@ C10_ALWAYS_INLINE Vec<T> exp_nonpositive(Vec<T> x) {
   return x < Tr::underflow ? Vec<T>{} : result;
 }
 
-}  // namespace fused_attention::cpu::simd
+}  // namespace simd

@@ -11,7 +11,6 @@
 #include "cpu/attention_pack.h"
 #include "cpu/attention_simd.h"
 
-namespace fused_attention::cpu {
 
 constexpr int64_t kBlockQ = 64;
 
@@ -105,4 +104,3 @@ struct KeyTiles {
   }
 };
 
-}  // namespace fused_attention::cpu

@@ -7,6 +7,8 @@
 // sum_j p_ij dp_ij over that range, which keeps gradients that vanish exactly at 0 (a row that sees one
 // key has dq = 0) instead of the rounding noise of rowsum(dO * O). Memory: the converted K and V, plus
 // O(kBlockQ x S) per thread.
+#pragma once
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -19,10 +21,7 @@
 #include "cpu/attention_pack.h"
 #include "cpu/attention_rows.h"
 #include "cpu/attention_tasks.h"
-#include "cpu/vec_io.h"
 
-namespace fused_attention::cpu {
-namespace {
 
 template <typename acc_t>
 struct BackwardBuffers {
@@ -52,7 +51,7 @@ struct BackwardTask {
 // Gradients of rows [i0, i0 + rows) of query head `head`: writes their dq, adds to the task's dk / dv
 // and to the extra (mask, slope) gradients.
 template <typename scalar_t, typename acc_t>
-FUSED_ATTENTION_CPU_MULTIVERSION void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scoring,
+void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scoring,
                                                     const BackwardTask<acc_t>& task, int64_t head, int64_t i0,
                                                     int64_t rows, const Operand<scalar_t>& dout,
                                                     const Operand<scalar_t>& dq,
@@ -129,10 +128,8 @@ FUSED_ATTENTION_CPU_MULTIVERSION void backward_rows(const Problem<scalar_t>& pro
   gemm<acc_t>(n, dim, rows, dprobs, 1, ld, buf.q.data(), ld_k, buf.dk.data() + lo * ld_k, ld_k, true);
 }
 
-}  // namespace
-
 template <typename scalar_t>
-void attention_backward_kernel(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring,
+void backward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring,
                                const Operand<scalar_t>& dout, const Operand<scalar_t>& dq,
                                const Operand<scalar_t>& dk, const Operand<scalar_t>& dv,
                                const ExtraGradients<attn_acc_t<scalar_t>>& extra) {
@@ -162,16 +159,3 @@ void attention_backward_kernel(const Problem<scalar_t>& problem, const Scoring<a
     }
   });
 }
-
-#define FUSED_ATTENTION_INSTANTIATE(scalar_t)                                                             \
-  template void attention_backward_kernel<scalar_t>(                                                     \
-      const Problem<scalar_t>&, const Scoring<attn_acc_t<scalar_t>>&, const Operand<scalar_t>&,          \
-      const Operand<scalar_t>&, const Operand<scalar_t>&, const Operand<scalar_t>&,                      \
-      const ExtraGradients<attn_acc_t<scalar_t>>&);
-FUSED_ATTENTION_INSTANTIATE(float)
-FUSED_ATTENTION_INSTANTIATE(double)
-FUSED_ATTENTION_INSTANTIATE(c10::BFloat16)
-FUSED_ATTENTION_INSTANTIATE(c10::Half)
-#undef FUSED_ATTENTION_INSTANTIATE
-
-}  // namespace fused_attention::cpu

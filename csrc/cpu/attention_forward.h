@@ -7,8 +7,9 @@
 // attention_gemm.h, turns them into probabilities with a running maximum and sum, and accumulates P V.
 // Key blocks outside the rows' visible range (causal, window, key_lengths) are never visited, so a
 // window of width w costs O(L w). Memory: the converted K and V, plus O(kBlockQ x kBlockK) per thread.
+#pragma once
+
 #include <ATen/Parallel.h>
-#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cmath>
@@ -20,10 +21,7 @@
 #include "cpu/attention_pack.h"
 #include "cpu/attention_rows.h"
 #include "cpu/attention_tasks.h"
-#include "cpu/vec_io.h"
 
-namespace fused_attention::cpu {
-namespace {
 
 constexpr int64_t kBlockK = 256;
 
@@ -36,7 +34,7 @@ struct ForwardBuffers {
 
 // Rows [i0, i0 + rows) of one (sequence, query head).
 template <typename scalar_t, typename acc_t>
-FUSED_ATTENTION_CPU_MULTIVERSION void forward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scoring,
+void forward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scoring,
                                                    const RowBlock& block, int64_t head,
                                                    const KeyTiles<acc_t>& tiles, ForwardBuffers<acc_t>& buf,
                                                    const Operand<scalar_t>& out, acc_t* lse,
@@ -89,10 +87,8 @@ FUSED_ATTENTION_CPU_MULTIVERSION void forward_rows(const Problem<scalar_t>& prob
   store_rows(out, seq.batch, head, seq.q_start + i0, rows, value_dim, buf.out.data(), ldv);
 }
 
-}  // namespace
-
 template <typename scalar_t>
-void attention_forward_kernel(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring,
+void forward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring,
                               const Operand<scalar_t>& out, attn_acc_t<scalar_t>* lse,
                               const RowIndex& lse_index) {
   using acc_t = attn_acc_t<scalar_t>;
@@ -107,16 +103,3 @@ void attention_forward_kernel(const Problem<scalar_t>& problem, const Scoring<at
     }
   });
 }
-
-#define FUSED_ATTENTION_INSTANTIATE(scalar_t)                                                          \
-  template void attention_forward_kernel<scalar_t>(const Problem<scalar_t>&,                          \
-                                                   const Scoring<attn_acc_t<scalar_t>>&,              \
-                                                   const Operand<scalar_t>&, attn_acc_t<scalar_t>*,   \
-                                                   const RowIndex&);
-FUSED_ATTENTION_INSTANTIATE(float)
-FUSED_ATTENTION_INSTANTIATE(double)
-FUSED_ATTENTION_INSTANTIATE(c10::BFloat16)
-FUSED_ATTENTION_INSTANTIATE(c10::Half)
-#undef FUSED_ATTENTION_INSTANTIATE
-
-}  // namespace fused_attention::cpu

@@ -1,0 +1,97 @@
+// Runs the CPU attention kernels compiled for the best instruction set this CPU supports.
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "cpu/attention_kernels.h"
+#include "cpu/attention_prelude.h"
+
+namespace fused_attention::cpu {
+namespace {
+
+enum class Isa { baseline, avx2, avx512 };
+
+Isa best_supported() {
+#if FUSED_ATTENTION_X86_VARIANTS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512cd")) {
+    return Isa::avx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2")) {
+    return Isa::avx2;
+  }
+#endif
+  return Isa::baseline;
+}
+
+Isa selected() {
+  static const Isa isa = [] {
+    const Isa best = best_supported();
+    const char* requested = std::getenv("FUSED_ATTENTION_CPU_ISA");
+    if (requested == nullptr || *requested == '\0') return best;
+    const std::string name(requested);
+    const Isa wanted = name == "avx512" ? Isa::avx512 : name == "avx2" ? Isa::avx2 : Isa::baseline;
+    TORCH_CHECK(name == "avx512" || name == "avx2" || name == "baseline",
+                "FUSED_ATTENTION_CPU_ISA must be baseline, avx2 or avx512, got ", name);
+    TORCH_CHECK(static_cast<int>(wanted) <= static_cast<int>(best),
+                "FUSED_ATTENTION_CPU_ISA=", name, " is not supported by this CPU or build");
+    return wanted;
+  }();
+  return isa;
+}
+
+}  // namespace
+
+const char* attention_isa() {
+  switch (selected()) {
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+template <typename scalar_t>
+void attention_forward_kernel(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring,
+                              const Operand<scalar_t>& out, attn_acc_t<scalar_t>* lse, const RowIndex& lse_index) {
+  switch (selected()) {
+#if FUSED_ATTENTION_X86_VARIANTS
+    case Isa::avx512: return avx512::forward<scalar_t>(problem, scoring, out, lse, lse_index);
+    case Isa::avx2: return avx2::forward<scalar_t>(problem, scoring, out, lse, lse_index);
+#endif
+    default: return baseline::forward<scalar_t>(problem, scoring, out, lse, lse_index);
+  }
+}
+
+template <typename scalar_t>
+void attention_backward_kernel(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring,
+                               const Operand<scalar_t>& dout, const Operand<scalar_t>& dq,
+                               const Operand<scalar_t>& dk, const Operand<scalar_t>& dv,
+                               const ExtraGradients<attn_acc_t<scalar_t>>& extra) {
+  switch (selected()) {
+#if FUSED_ATTENTION_X86_VARIANTS
+    case Isa::avx512: return avx512::backward<scalar_t>(problem, scoring, dout, dq, dk, dv, extra);
+    case Isa::avx2: return avx2::backward<scalar_t>(problem, scoring, dout, dq, dk, dv, extra);
+#endif
+    default: return baseline::backward<scalar_t>(problem, scoring, dout, dq, dk, dv, extra);
+  }
+}
+
+#define FUSED_ATTENTION_INSTANTIATE(scalar_t)                                                              \
+  template void attention_forward_kernel<scalar_t>(const Problem<scalar_t>&,                              \
+                                                   const Scoring<attn_acc_t<scalar_t>>&,                  \
+                                                   const Operand<scalar_t>&, attn_acc_t<scalar_t>*,       \
+                                                   const RowIndex&);                                      \
+  template void attention_backward_kernel<scalar_t>(                                                      \
+      const Problem<scalar_t>&, const Scoring<attn_acc_t<scalar_t>>&, const Operand<scalar_t>&,           \
+      const Operand<scalar_t>&, const Operand<scalar_t>&, const Operand<scalar_t>&,                       \
+      const ExtraGradients<attn_acc_t<scalar_t>>&);
+FUSED_ATTENTION_INSTANTIATE(float)
+FUSED_ATTENTION_INSTANTIATE(double)
+FUSED_ATTENTION_INSTANTIATE(c10::BFloat16)
+FUSED_ATTENTION_INSTANTIATE(c10::Half)
+#undef FUSED_ATTENTION_INSTANTIATE
+
+}  // namespace fused_attention::cpu
