@@ -65,7 +65,7 @@ def _no_forced_backend(monkeypatch):
 @pytest.mark.parametrize("kwargs", [{}, {"alibi_slopes": torch.rand(H)}, {"is_causal": True, "return_lse": True}])
 def test_automatic_dispatch_of_cpu_tensors(spy, kwargs):
     q, k, v = _qkv()
-    expected = _expected_auto(canonicalize(q, k, v, **kwargs))  # "torch" while C++ CPU attention is pending
+    expected = _expected_auto(canonicalize(q, k, v, **kwargs))
     fused_attention.scaled_dot_product_attention(q, k, v, **kwargs)
     assert spy == [expected]
 
@@ -146,13 +146,14 @@ def test_a_backend_lacking_a_feature_is_explained_not_skipped_silently(monkeypat
     """With no backend serving ALiBi, both automatic and forced dispatch raise naming the feature."""
     limited = Capabilities(device_types=None, dtypes=frozenset({torch.float32}),
                            features=backends.ALL_FEATURES - {"alibi"})
-    monkeypatch.setattr(BACKENDS["torch"], "capabilities", limited)
+    for backend in BACKENDS.values():
+        monkeypatch.setattr(backend, "capabilities", limited)
     q, k, v = _qkv()
     for backend, first_words in ((None, "no backend can serve"), ("torch", "backend 'torch' cannot serve")):
         with pytest.raises(ValueError, match=first_words) as info:
             fused_attention.scaled_dot_product_attention(q, k, v, alibi_slopes=torch.rand(H), backend=backend)
         assert "features not supported: alibi" in str(info.value)
-    assert _expected_auto(canonicalize(q, k, v)) == "torch"
+    assert _expected_auto(canonicalize(q, k, v)) == backends.priority("cpu")[0]
 
 
 def test_info_lists_versions_and_every_backend():

@@ -1,0 +1,94 @@
+"""What the ``cpu`` backend (C++ kernels) promises beyond the shared suite, which runs on it too:
+every instruction-set variant is correct, hidden tiles are skipped, results are deterministic and
+independent of the thread count."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import rand
+
+import fused_attention
+from fused_attention.backends import BACKENDS
+
+pytestmark = pytest.mark.skipif(
+    BACKENDS["cpu"].unavailable_reason() is not None, reason=str(BACKENDS["cpu"].unavailable_reason())
+)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _isas() -> list[str]:
+    """The variants this CPU can run (the kernels pick the best; the variable forces one)."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    isas = ["baseline"]
+    if sys.platform.startswith("linux") and os.uname().machine == "x86_64":
+        if " avx2 " in flags and " fma " in flags:
+            isas.append("avx2")
+        if all(f" {f} " in flags for f in ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd")):
+            isas.append("avx512")
+    return isas
+
+
+@pytest.mark.parametrize("isa", _isas()[:-1])
+def test_every_instruction_set_variant_passes_the_feature_tests(isa):
+    """The best variant runs the whole suite; each other one runs a slice of it in its own process
+    (the variable is read once per process)."""
+    env = dict(os.environ, FUSED_ATTENTION_CPU_ISA=isa)
+    tests = "tests/test_attention.py"
+    selection = "cpu and (single_feature or odd_sizes or gqa or fully_masked or dropout_matches)"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", tests, "-k", selection],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
+
+
+def _median_seconds(fn, repeats: int = 3) -> float:
+    fn()  # warm-up: thread pool, allocator
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def test_window_skips_hidden_tiles():
+    """window (255, 0) at L = S = 8192 sees 1/32 of the keys: it must cost a small fraction of full
+    attention (a wide margin over the ideal, for noisy machines)."""
+    q, k, v = (rand(1, 2, 8192, 64) for _ in range(3))
+
+    def run(**kwargs):
+        return lambda: fused_attention.scaled_dot_product_attention(q, k, v, backend="cpu", **kwargs)
+
+    full = _median_seconds(run())
+    window = _median_seconds(run(window_size=(255, 0)))
+    assert window < full / 6, (window, full)
+
+
+def test_results_are_deterministic_and_independent_of_the_thread_count():
+    gen = torch.Generator().manual_seed(3)
+    q = rand(2, 4, 77, 40, gen=gen, requires_grad=True)
+    k, v = (rand(2, 2, 91, 40, gen=gen, requires_grad=True) for _ in range(2))
+    kwargs = {"enable_gqa": True, "is_causal": True, "alibi_slopes": torch.rand(4, generator=gen), "dropout_p": 0.2}
+    upstream = rand(2, 4, 77, 40, gen=gen)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (threads, threads, 1):
+            torch.set_num_threads(n)
+            torch.manual_seed(11)
+            out = fused_attention.scaled_dot_product_attention(q, k, v, backend="cpu", **kwargs)
+            results.append((out, *torch.autograd.grad(out, (q, k, v), upstream)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
