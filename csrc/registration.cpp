@@ -6,6 +6,8 @@
 
 #include <vector>
 
+#include "cpu/attention_kernels.h"
+
 // clang-format off: one schema per line reads best.
 TORCH_LIBRARY(fused_attention, m) {
   const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
@@ -64,6 +66,8 @@ TORCH_LIBRARY(fused_attention, m) {
 // reports how it was built, so Python can tell "CUDA kernels not compiled" from "no GPU".
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "fused_attention compiled kernels; ops live under torch.ops.fused_attention";
+  module.def("cpu_attention_isa", &fused_attention::cpu::attention_isa,
+             "Instruction set the CPU attention kernels run with (baseline, avx2 or avx512)");
 #ifdef FUSED_ATTENTION_WITH_CUDA
   module.attr("with_cuda") = true;
 #else

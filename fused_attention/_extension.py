@@ -21,6 +21,7 @@ class ExtensionStatus:
     loaded: bool
     reason: str
     has_cuda: bool
+    cpu_isa: str = ""  # instruction set the CPU attention kernels run with (baseline, avx2, avx512)
 
 
 @functools.cache
@@ -42,7 +43,7 @@ def load_extension() -> ExtensionStatus:
         )
     has_cuda = bool(getattr(_C, "with_cuda", False))
     kernels = "C++ and CUDA kernels" if has_cuda else "C++ kernels only (built without CUDA)"
-    return ExtensionStatus(True, f"loaded from {_C.__file__}: {kernels}", has_cuda)
+    return ExtensionStatus(True, f"loaded from {_C.__file__}: {kernels}", has_cuda, _C.cpu_attention_isa())
 
 
 def _register_python_rules() -> None:

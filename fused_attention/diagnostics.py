@@ -31,7 +31,7 @@ def info() -> str:
         ),
         f"triton {_triton_version()}",
         f"extension fused_attention._C: {'loaded' if ext.loaded else 'not loaded: ' + ext.reason}"
-        + (f" (CUDA kernels compiled in: {ext.has_cuda})" if ext.loaded else ""),
+        + (f" (CUDA kernels compiled in: {ext.has_cuda}; CPU attention kernels: {ext.cpu_isa})" if ext.loaded else ""),
         "",
         "attention backends:",
     ]

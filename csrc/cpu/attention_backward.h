@@ -76,15 +76,23 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
   gemm<acc_t>(rows, n, value_dim, buf.dout.data(), ld_v, 1, task.values_t + lo, task.ld_t, dprobs, ld, false);
   const bool softcap = scoring.rules.softcap > 0, dropout = scoring.dropout.active();
   const acc_t* kept = dropout ? buf.kept.data() : probs;  // P with dropout applied: what multiplied V
+  const acc_t scale = static_cast<acc_t>(scoring.rules.scale);
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* p = probs + r * ld;
     acc_t* dp = dprobs + r * ld;
-    score_row(scoring, seq, head, i0 + r, lo, n, n_pad, p, softcap ? buf.tanh.data() + r * ld : nullptr);
-    const acc_t max = row_max(p, n_pad);
+    // As in the forward, plain rows fold the scale into the exp instead of a score pass.
+    const bool plain = plain_row(scoring, seq, head, i0 + r, lo, n);
+    const acc_t exp_scale = plain ? scale : acc_t(1);
+    if (plain) {
+      std::fill(p + n, p + n_pad, -std::numeric_limits<acc_t>::infinity());
+    } else {
+      score_row(scoring, seq, head, i0 + r, lo, n, n_pad, p, softcap ? buf.tanh.data() + r * ld : nullptr);
+    }
+    const acc_t max = row_max(p, n_pad) * exp_scale;
     if (max == -std::numeric_limits<acc_t>::infinity()) {
       std::fill(p, p + n_pad, acc_t(0));
     } else {
-      scale_row(p, n_pad, acc_t(1) / exp_shifted_sum(p, n_pad, max));
+      scale_row(p, n_pad, acc_t(1) / exp_shifted_sum(p, n_pad, max, exp_scale));
     }
     acc_t delta = 0;
     if (dropout) {
@@ -113,7 +121,6 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
       for (int64_t j = 0; j < n; ++j) total += dp[j] * static_cast<acc_t>(std::abs(position - j));
       extra.alibi[seq.index * problem.heads_q + head] -= total;
     }
-    const acc_t scale = static_cast<acc_t>(scoring.rules.scale);
     if (softcap) {
       const acc_t* t = buf.tanh.data() + r * ld;
       for (int64_t j = 0; j < n; ++j) dp[j] *= (acc_t(1) - t[j] * t[j]) * scale;

@@ -54,21 +54,29 @@ void forward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
   std::fill(buf.row_sum.begin(), buf.row_sum.end(), acc_t(0));
   if (lo < hi) load_rows(problem.q, seq.batch, head, seq.q_start + i0, rows, dim, buf.q.data(), dim);
   const bool dropout = scoring.dropout.active();
+  const acc_t scale = static_cast<acc_t>(scoring.rules.scale);
   for (int64_t j0 = lo; j0 < hi; j0 += kBlockK) {
     const int64_t n = std::min(kBlockK, hi - j0), n_pad = round_up(n, width);
     acc_t* scores = buf.scores.data();
     gemm<acc_t>(rows, n, dim, buf.q.data(), dim, 1, kt + j0, ldk, scores, kBlockK, false);
     for (int64_t r = 0; r < rows; ++r) {
       acc_t* s = scores + r * kBlockK;
-      score_row(scoring, seq, head, i0 + r, j0, n, n_pad, s, s /* softcap's tanh is not needed here */);
+      // Plain rows (the common case) skip the score pass: the scale is folded into the exp's argument.
+      const bool plain = plain_row(scoring, seq, head, i0 + r, j0, n);
+      const acc_t exp_scale = plain ? scale : acc_t(1);
+      if (plain) {
+        std::fill(s + n, s + n_pad, neg_inf);
+      } else {
+        score_row(scoring, seq, head, i0 + r, j0, n, n_pad, s, s /* softcap's tanh is not needed here */);
+      }
       const acc_t old_max = buf.row_max[r];
-      const acc_t new_max = std::max(old_max, row_max(s, n_pad));
+      const acc_t new_max = std::max(old_max, row_max(s, n_pad) * exp_scale);
       if (new_max == neg_inf) {  // nothing visible yet: the row's probabilities are all 0
         std::fill(s, s + n_pad, acc_t(0));
         continue;
       }
       const acc_t rescale = std::exp(old_max - new_max);
-      buf.row_sum[r] = buf.row_sum[r] * rescale + exp_shifted_sum(s, n_pad, new_max);
+      buf.row_sum[r] = buf.row_sum[r] * rescale + exp_shifted_sum(s, n_pad, new_max, exp_scale);
       buf.row_max[r] = new_max;
       if (rescale != acc_t(1)) scale_row(buf.out.data() + r * ldv, ldv, rescale);
       if (dropout) {

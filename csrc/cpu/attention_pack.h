@@ -11,7 +11,7 @@
 
 // dst[r * ld + f] = x[token0 + r, f] for r < rows, f < features; zero for features <= f < ld.
 template <typename scalar_t, typename acc_t>
-C10_ALWAYS_INLINE void load_rows(const Operand<scalar_t>& x, int64_t batch, int64_t head, int64_t token0,
+inline void load_rows(const Operand<scalar_t>& x, int64_t batch, int64_t head, int64_t token0,
                                  int64_t rows, int64_t features, acc_t* dst, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* src = x.row(batch, head, token0 + r);
@@ -27,7 +27,7 @@ C10_ALWAYS_INLINE void load_rows(const Operand<scalar_t>& x, int64_t batch, int6
 
 // The transpose: dst[f * ld + r] = x[token0 + r, f]; columns past `rows` are left as they are.
 template <typename scalar_t, typename acc_t>
-C10_ALWAYS_INLINE void load_columns(const Operand<scalar_t>& x, int64_t batch, int64_t head, int64_t token0,
+inline void load_columns(const Operand<scalar_t>& x, int64_t batch, int64_t head, int64_t token0,
                                     int64_t rows, int64_t features, acc_t* dst, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* src = x.row(batch, head, token0 + r);
@@ -37,7 +37,7 @@ C10_ALWAYS_INLINE void load_columns(const Operand<scalar_t>& x, int64_t batch, i
 
 // x[token0 + r, f] = src[r * ld + f] (rounded to scalar_t).
 template <typename scalar_t, typename acc_t>
-C10_ALWAYS_INLINE void store_rows(const Operand<scalar_t>& x, int64_t batch, int64_t head, int64_t token0,
+inline void store_rows(const Operand<scalar_t>& x, int64_t batch, int64_t head, int64_t token0,
                                   int64_t rows, int64_t features, const acc_t* src, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
     scalar_t* dst = x.row(batch, head, token0 + r);

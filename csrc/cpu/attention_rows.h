@@ -16,7 +16,7 @@
 
 
 template <typename acc_t, typename mask_t>
-C10_ALWAYS_INLINE void apply_mask_values(acc_t* s, const mask_t* m, int64_t stride, int64_t n) {
+inline void apply_mask_values(acc_t* s, const mask_t* m, int64_t stride, int64_t n) {
   if constexpr (std::is_same_v<mask_t, bool>) {
     for (int64_t j = 0; j < n; ++j) {
       if (!m[j * stride]) s[j] = -std::numeric_limits<acc_t>::infinity();
@@ -28,7 +28,7 @@ C10_ALWAYS_INLINE void apply_mask_values(acc_t* s, const mask_t* m, int64_t stri
 
 // Adds (float) or applies (bool) the mask row of (batch, head, i) over keys [j0, j0 + n).
 template <typename acc_t>
-C10_ALWAYS_INLINE void apply_mask_row(const Mask& mask, int64_t batch, int64_t head, int64_t i, int64_t j0,
+inline void apply_mask_row(const Mask& mask, int64_t batch, int64_t head, int64_t i, int64_t j0,
                                       int64_t n, acc_t* s) {
   const int64_t offset = mask.offset(batch, head, i, j0);
   const int64_t stride = mask.stride[3];
@@ -47,7 +47,7 @@ C10_ALWAYS_INLINE void apply_mask_row(const Mask& mask, int64_t batch, int64_t h
 // -inf where hidden, and -inf in the padding up to n_pad. With softcap, tanh_out receives the tanh
 // values (the backward's derivative); it may be null otherwise.
 template <typename acc_t>
-C10_ALWAYS_INLINE void score_row(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t head, int64_t i,
+inline void score_row(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t head, int64_t i,
                                  int64_t j0, int64_t n, int64_t n_pad, acc_t* s, acc_t* tanh_out) {
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const Rules& rules = scoring.rules;
@@ -75,7 +75,7 @@ C10_ALWAYS_INLINE void score_row(const Scoring<acc_t>& scoring, const Sequence& 
 }
 
 template <typename acc_t>
-C10_ALWAYS_INLINE acc_t row_max(const acc_t* s, int64_t n_pad) {
+inline acc_t row_max(const acc_t* s, int64_t n_pad) {
   using V = simd::Vec<acc_t>;
   constexpr int64_t width = simd::Traits<acc_t>::width;
   V best = simd::broadcast(-std::numeric_limits<acc_t>::infinity());
@@ -88,14 +88,15 @@ C10_ALWAYS_INLINE acc_t row_max(const acc_t* s, int64_t n_pad) {
   return result;
 }
 
-// s <- exp(s - shift) in place over [0, n_pad); returns the sum. -inf scores give 0.
+// s <- exp(s * scale - shift) in place over [0, n_pad) (one FMA, then exp); returns the sum. -inf
+// scores give 0.
 template <typename acc_t>
-C10_ALWAYS_INLINE acc_t exp_shifted_sum(acc_t* s, int64_t n_pad, acc_t shift) {
+inline acc_t exp_shifted_sum(acc_t* s, int64_t n_pad, acc_t shift, acc_t scale = acc_t(1)) {
   using V = simd::Vec<acc_t>;
   constexpr int64_t width = simd::Traits<acc_t>::width;
   V total{};
   for (int64_t j = 0; j < n_pad; j += width) {
-    const V p = simd::exp_nonpositive<acc_t>(simd::load(s + j) - shift);
+    const V p = simd::exp_nonpositive<acc_t>(simd::load(s + j) * scale - shift);
     simd::store(s + j, p);
     total += p;
   }
@@ -105,15 +106,28 @@ C10_ALWAYS_INLINE acc_t exp_shifted_sum(acc_t* s, int64_t n_pad, acc_t shift) {
 }
 
 template <typename acc_t>
-C10_ALWAYS_INLINE void scale_row(acc_t* x, int64_t n_pad, acc_t factor) {
+inline void scale_row(acc_t* x, int64_t n_pad, acc_t factor) {
   using V = simd::Vec<acc_t>;
   constexpr int64_t width = simd::Traits<acc_t>::width;
   for (int64_t j = 0; j < n_pad; j += width) simd::store(x + j, simd::load(x + j) * factor);
 }
 
+// Whether score_row would only scale row i's products over keys [j0, j0 + n): no softcap, ALiBi or mask,
+// every key visible, and a positive scale (so the row maximum of the products gives that of the scores).
+template <typename acc_t>
+inline bool plain_row(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t head, int64_t i, int64_t j0,
+                      int64_t n) {
+  const Rules& rules = scoring.rules;
+  if (rules.softcap > 0 || scoring.mask.present() || rules.scale <= 0 || scoring.slope(seq, head) != acc_t(0)) {
+    return false;
+  }
+  const auto [lo, hi] = rules.keys(seq, i);
+  return lo <= j0 && hi >= j0 + n;
+}
+
 // Multiplies p by the dropout keep factor (0 or 1 / (1 - p)) of each key; keep receives the factors.
 template <typename acc_t>
-C10_ALWAYS_INLINE void dropout_row(const Dropout& dropout, uint64_t row_key, int64_t j0, int64_t n, acc_t* p,
+inline void dropout_row(const Dropout& dropout, uint64_t row_key, int64_t j0, int64_t n, acc_t* p,
                                    acc_t* keep) {
   const acc_t scale = static_cast<acc_t>(dropout.keep_scale);
   for (int64_t j = 0; j < n; ++j) {

@@ -1,0 +1,164 @@
+"""The ``cpu`` backend (C++ kernels) against torch's CPU SDPA: the ratios of the CPU kernel issue.
+
+Forward (float32 and bfloat16) and forward+backward (float32) at (B, H, L=S, D) in {(1, 8, 2048, 64),
+(1, 8, 4096, 64), (1, 16, 2048, 128)}, causal and not; then at L = S = 16384 (H=8, D=64) our plain,
+ALiBi and 256-wide window forward times, with peak RSS growth of each in a fresh process.
+
+Timing: ``torch.utils.benchmark`` medians; torch and ours alternate ``--rounds`` times and each side
+keeps the median of its rounds, so load that comes and goes on a shared machine hits both alike.
+
+    python benchmarks/cpu_attention.py [--rounds 3] [--out FILE.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.utils.benchmark import Timer
+
+import fused_attention
+from fused_attention import _extension
+
+SHAPES = [(1, 8, 2048, 64), (1, 8, 4096, 64), (1, 16, 2048, 128)]
+
+
+def _median_ms(fn, min_run_time: float) -> float:
+    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def _inputs(shape, dtype, requires_grad):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=gen).to(dtype).requires_grad_(requires_grad) for _ in range(3)]
+
+
+def _call(fn, q, k, v, causal, backward):
+    def run():
+        out = fn(q, k, v, causal)
+        if backward:
+            out.backward(torch.ones_like(out))
+    return run
+
+
+def _torch(q, k, v, causal):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def _ours(q, k, v, causal):
+    return fused_attention.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="cpu")
+
+
+def compare(rounds: int, min_run_time: float) -> list[dict]:
+    rows = []
+    cases = [(dt, "fwd") for dt in (torch.float32, torch.bfloat16)] + [(torch.float32, "fwd+bwd")]
+    for dtype, mode in cases:
+        for shape in SHAPES:
+            for causal in (False, True):
+                backward = mode == "fwd+bwd"
+                q, k, v = _inputs(shape, dtype, backward)
+                times = {"torch": [], "ours": []}
+                for _ in range(rounds):
+                    for name, fn in (("torch", _torch), ("ours", _ours)):
+                        times[name].append(_median_ms(_call(fn, q, k, v, causal, backward), min_run_time))
+                t, o = statistics.median(times["torch"]), statistics.median(times["ours"])
+                rows.append({"dtype": str(dtype).removeprefix("torch."), "mode": mode, "shape": shape,
+                             "causal": causal, "torch_ms": t, "ours_ms": o, "speedup": t / o})
+                print(_row_line(rows[-1]), flush=True)
+    return rows
+
+
+_RSS_SCRIPT = r"""
+import json, resource, sys
+import torch, fused_attention
+kind = sys.argv[1]
+q, k, v = (torch.randn(1, 8, 256, 64) for _ in range(3))
+fused_attention.scaled_dot_product_attention(q, k, v, backend="cpu")  # load kernels and thread pools
+q, k, v = (torch.randn(1, 8, 16384, 64) for _ in range(3))
+kwargs = {"plain": {}, "alibi": {"alibi_slopes": torch.full((8,), 0.05)}, "window": {"window_size": (255, 0)}}[kind]
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+out = fused_attention.scaled_dot_product_attention(q, k, v, backend="cpu", **kwargs)
+print(json.dumps({"growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**20}))
+"""
+
+
+def long_sequences(min_run_time: float) -> list[dict]:
+    q, k, v = _inputs((1, 8, 16384, 64), torch.float32, False)
+    kinds = {"plain": {}, "alibi": {"alibi_slopes": torch.full((8,), 0.05)}, "window": {"window_size": (255, 0)}}
+    rows = []
+    for kind, kwargs in kinds.items():
+        ms = _median_ms(lambda kw=kwargs: fused_attention.scaled_dot_product_attention(q, k, v, backend="cpu", **kw),
+                        min_run_time)
+        proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, kind], capture_output=True, text=True, check=True)
+        rows.append({"case": kind, "ms": ms, "peak_rss_growth_mb": json.loads(proc.stdout)["growth_mb"]})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _row_line(r: dict) -> str:
+    b, h, n, d = r["shape"]
+    return (f"| {r['dtype']} | {r['mode']} | {b}x{h}x{n}x{d} | {'yes' if r['causal'] else 'no'} | "
+            f"{r['torch_ms']:.1f} | {r['ours_ms']:.1f} | {r['speedup']:.2f}x |")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def report(rows: list[dict], long_rows: list[dict], args) -> str:
+    lines = [
+        (
+            f"CPU: {_cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), fused_attention {fused_attention.__version__}, "
+            f"CPU kernels: {_extension.load_extension().cpu_isa}"
+        ),
+        f"Command: python benchmarks/cpu_attention.py --rounds {args.rounds}",
+        "",
+        "| dtype | mode | B x H x L=S x D | causal | torch SDPA (ms) | ours (ms) | speedup |",
+        "|---|---|---|---|---|---|---|",
+        *(_row_line(r) for r in rows),
+        "",
+    ]
+    for dtype, mode in (("float32", "fwd"), ("bfloat16", "fwd"), ("float32", "fwd+bwd")):
+        ratios = [r["speedup"] for r in rows if r["dtype"] == dtype and r["mode"] == mode]
+        if ratios:
+            lines.append(f"- {dtype} {mode}: median speedup {statistics.median(ratios):.2f}x, min {min(ratios):.2f}x")
+    if long_rows:
+        plain = next(r["ms"] for r in long_rows if r["case"] == "plain")
+        lines += ["", "L = S = 16384, H = 8, D = 64, float32 forward (ours):", "",
+                  "| case | ms | vs our plain | peak RSS growth (MB) |", "|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['ms']:.0f} | {r['ms'] / plain:.3f}x | {r['peak_rss_growth_mb']:.0f} |"
+                  for r in long_rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of torch and ours per case")
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per blocked_autorange")
+    parser.add_argument("--skip-long", action="store_true", help="leave out the L = 16384 cases")
+    parser.add_argument("--out", help="also write the markdown report here")
+    args = parser.parse_args()
+    if fused_attention.backends.BACKENDS["cpu"].unavailable_reason():
+        raise SystemExit(f"cpu backend unavailable: {fused_attention.backends.BACKENDS['cpu'].unavailable_reason()}")
+    rows = compare(args.rounds, args.min_run_time)
+    long_rows = [] if args.skip_long else long_sequences(args.min_run_time)
+    text = report(rows, long_rows, args)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
