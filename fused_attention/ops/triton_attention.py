@@ -1,8 +1,9 @@
 """Custom ops for the ``triton`` backend's attention: dense and packed (varlen), forward and backward.
 
 Same schemas and semantics as the ``torch`` backend's ops (:mod:`.torch_attention`, :mod:`.torch_varlen`)
-except that the forward's output and log-sum-exp are saved for the backward (FlashAttention-2 style:
-``P = exp(S - lse)`` and ``delta = rowsum(dO * O)``), and varlen takes ``max_seqlen_q/k`` so that
+and the same fake rules (:mod:`.attention_rules`), except that the forward's output and log-sum-exp are
+saved for the backward (FlashAttention-2 style: ``P = exp(S - lse)``, ``delta = rowsum(dO * O)``), so the
+backward ops also take ``out`` and ``lse`` (after ``seed``), and varlen takes ``max_seqlen_q/k`` so that
 launching never reads ``cu_seqlens`` back from the GPU. ``torch.compile`` sees each op as one node
 with an explicit fake implementation (``custom_op`` + ``register_fake``, which also works under
 ``TRITON_INTERPRET=1`` on CPU tensors) and a registered autograd formula.
@@ -19,6 +20,7 @@ from torch import Tensor
 from ..kernels.triton.attention_backward import attention_backward
 from ..kernels.triton.attention_forward import attention_forward
 from ..kernels.triton.attention_launch import Problem
+from . import attention_rules
 
 
 def _problem(q, k, v, mask, key_lengths, alibi, cu_q, cu_k, max_q, max_k, seed, causal, window_left,
@@ -61,7 +63,7 @@ def triton_attention(
     ``lse (B, Hq, L)`` float32 (``-inf`` and output 0 for a row that sees no key)."""
     batch, heads, seq_q, _ = q.shape
     out = q.new_empty(batch, heads, seq_q, v.shape[-1])
-    lse = q.new_empty(batch, heads, seq_q, dtype=torch.float32)
+    lse = q.new_empty(batch, heads, seq_q, dtype=attention_rules.lse_dtype(q.dtype))
     if out.numel() or lse.numel():
         problem = _problem(q, k, v, mask, key_lengths, alibi, None, None, seq_q, k.shape[2], seed, causal,
                            window_left, window_right, softcap, scale, dropout_p)
@@ -69,10 +71,7 @@ def triton_attention(
     return out, lse
 
 
-@triton_attention.register_fake
-def _(q, k, v, mask, key_lengths, alibi, seed, causal, window_left, window_right, softcap, scale, dropout_p):
-    batch, heads, seq_q, _ = q.shape
-    return q.new_empty(batch, heads, seq_q, v.shape[-1]), q.new_empty(batch, heads, seq_q, dtype=torch.float32)
+triton_attention.register_fake(attention_rules.dense_fake)
 
 
 @torch.library.custom_op("fused_attention::triton_attention_backward", mutates_args=())
@@ -81,12 +80,12 @@ def triton_attention_backward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    out: Tensor,
-    lse: Tensor,
     mask: Tensor | None,
     key_lengths: Tensor | None,
     alibi: Tensor | None,
     seed: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
     causal: bool,
     window_left: int,
     window_right: int,
@@ -111,12 +110,7 @@ def triton_attention_backward(
     return dq, dk, dv, _or_empty(dmask, q), _or_empty(dalibi, q)
 
 
-@triton_attention_backward.register_fake
-def _(dout, q, k, v, out, lse, mask, key_lengths, alibi, seed, causal, window_left, window_right, softcap,
-      scale, dropout_p, need_mask_grad, need_alibi_grad):
-    dmask = mask.new_empty(mask.shape) if need_mask_grad else q.new_empty(0)
-    dalibi = alibi.new_empty(alibi.shape) if need_alibi_grad else q.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask, dalibi
+triton_attention_backward.register_fake(attention_rules.dense_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -132,7 +126,7 @@ def _backward(ctx, dout, _dlse):
     need_mask_grad = mask is not None and ctx.needs_input_grad[3]
     need_alibi_grad = alibi is not None and ctx.needs_input_grad[5]
     dq, dk, dv, dmask, dalibi = triton_attention_backward(
-        dout, q, k, v, out, lse, mask, key_lengths, alibi, seed, *ctx.options, need_mask_grad, need_alibi_grad
+        dout, q, k, v, mask, key_lengths, alibi, seed, out, lse, *ctx.options, need_mask_grad, need_alibi_grad
     )
     return (
         dq, dk, dv, dmask if need_mask_grad else None, None, dalibi if need_alibi_grad else None, None,
@@ -176,10 +170,7 @@ def triton_varlen(
     return out, lse
 
 
-@triton_varlen.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi, seed, window_left, window_right,
-      softcap, scale, dropout_p):
-    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1]), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+triton_varlen.register_fake(attention_rules.varlen_fake)
 
 
 @torch.library.custom_op("fused_attention::triton_varlen_backward", mutates_args=())
@@ -188,14 +179,14 @@ def triton_varlen_backward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    out: Tensor,
-    lse: Tensor,
     cu_seqlens_q: Tensor,
     cu_seqlens_k: Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
     alibi: Tensor | None,
     seed: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
     window_left: int,
     window_right: int,
     softcap: float,
@@ -215,11 +206,7 @@ def triton_varlen_backward(
     return dq, dk, dv, _or_empty(dalibi, q)
 
 
-@triton_varlen_backward.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi, seed, window_left,
-      window_right, softcap, scale, dropout_p, need_alibi_grad):
-    dalibi = torch.empty_like(alibi) if need_alibi_grad else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dalibi
+triton_varlen_backward.register_fake(attention_rules.varlen_backward_fake)
 
 
 def _varlen_setup_context(ctx, inputs, output):
@@ -235,7 +222,7 @@ def _varlen_backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_q, cu_k, alibi, seed = ctx.saved_tensors
     need_alibi_grad = alibi is not None and ctx.needs_input_grad[7]
     dq, dk, dv, dalibi = triton_varlen_backward(
-        dout, q, k, v, out, lse, cu_q, cu_k, *ctx.lengths, alibi, seed, *ctx.options, need_alibi_grad
+        dout, q, k, v, cu_q, cu_k, alibi, seed, out, lse, *ctx.lengths, *ctx.options, need_alibi_grad
     )
     return (dq, dk, dv, None, None, None, None, dalibi if need_alibi_grad else None, None,
             *([None] * len(ctx.options)))

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 # Below this |x|, tanh is a Taylor polynomial: (1 - e) / (1 + e) with e = exp(-2|x|) cancels there.
-_TANH_SERIES_LIMIT = 0.5
+_TANH_SERIES_LIMIT = tl.constexpr(0.5)
 
 
 @triton.jit
