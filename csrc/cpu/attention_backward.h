@@ -6,7 +6,10 @@
 // their softmax exactly (max, exp, sum), as the torch backend does: the rows' delta is then
 // sum_j p_ij dp_ij over that range, which keeps gradients that vanish exactly at 0 (a row that sees one
 // key has dq = 0) instead of the rounding noise of rowsum(dO * O). Memory: the converted K and V, plus
-// O(kBlockQ x S) per thread.
+// O(kBackwardRows x S) per thread.
+
+// Query rows per step: a step holds kBackwardRows x S scores and their gradients, which should stay in L2.
+constexpr int64_t kBackwardRows = 64;
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -30,14 +33,14 @@ struct BackwardBuffers {
   std::vector<acc_t> dk, dv;
   BackwardBuffers(int64_t ld_t, int64_t ld_k, int64_t ld_v, int64_t len_k, bool softcap, bool dropout)
       : ld(ld_t),
-        q(kBlockQ * ld_k),
-        dout(kBlockQ * ld_v),
-        dq(kBlockQ * ld_k),
-        probs(kBlockQ * ld_t),
-        dprobs(kBlockQ * ld_t),
-        tanh(softcap ? kBlockQ * ld_t : 0),
-        keep(dropout ? kBlockQ * ld_t : 0),
-        kept(dropout ? kBlockQ * ld_t : 0),
+        q(kBackwardRows * ld_k),
+        dout(kBackwardRows * ld_v),
+        dq(kBackwardRows * ld_k),
+        probs(kBackwardRows * ld_t),
+        dprobs(kBackwardRows * ld_t),
+        tanh(softcap ? kBackwardRows * ld_t : 0),
+        keep(dropout ? kBackwardRows * ld_t : 0),
+        kept(dropout ? kBackwardRows * ld_t : 0),
         dk(len_k * ld_k),
         dv(len_k * ld_v) {}
 };
@@ -156,8 +159,8 @@ void backward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_
       BackwardBuffers<acc_t> buf(tiles.ld_t[s], tiles.ld_k, tiles.ld_v, seq.len_k, scoring.rules.softcap > 0,
                                  scoring.dropout.active());
       for (int64_t g = 0; g < group; ++g) {
-        for (int64_t i0 = 0; i0 < seq.len_q; i0 += kBlockQ) {
-          backward_rows(problem, scoring, task, kv_head * group + g, i0, std::min(kBlockQ, seq.len_q - i0), dout,
+        for (int64_t i0 = 0; i0 < seq.len_q; i0 += kBackwardRows) {
+          backward_rows(problem, scoring, task, kv_head * group + g, i0, std::min(kBackwardRows, seq.len_q - i0), dout,
                         dq, extra, mask_sink, buf);
         }
       }

@@ -12,7 +12,6 @@
 #include "cpu/attention_simd.h"
 
 
-constexpr int64_t kBlockQ = 64;
 
 struct RowBlock {
   int64_t sequence, row, rows;
