@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -271,3 +272,14 @@ def test_cli_bad_input_names_the_argument(args, named, capsys):
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and named in err, err
+
+
+def test_time_budget_stops_between_problems_and_partial_results_are_reported():
+    def slow(case):
+        time.sleep(0.05)
+        return bench.naive_attention(case.query, case.key, case.value)
+
+    seen = []
+    specs = [small("plain", seq_q=s, seq_k=s) for s in (16, 32, 64)]
+    rows = bench.run(specs, [Provider("slow", slow)], min_run_time=0.001, time_budget_s=0.01, on_problem=seen.append)
+    assert [r.seq_q for r in rows] == [16] and len(seen) == 1

@@ -84,7 +84,7 @@ def external_providers(device: str) -> list[Provider]:
         return []
     providers = []
     if _installed("flash_attn"):
-        providers.append(Provider("flash-attn", _flash_attn, _flash_attn_reasons, extra_bytes=None))
+        providers.append(Provider("flash-attn", _flash_attn, _flash_attn_reasons))
     if _installed("xformers"):
         providers.append(Provider("xformers", _xformers, _xformers_reasons, extra_bytes=Case.extra_bytes))
     return providers

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,8 +70,6 @@ def ours(name: str) -> Provider:
 
 
 def _interpreted_triton() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
