@@ -40,15 +40,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     presets.add_argument("--preset", choices=sorted(PRESETS), help="a named sweep (default: 'default')")
     presets.add_argument("--quick", action="store_true", help="preset 'quick': under a minute on a 2-core CPU")
     presets.add_argument("--full", action="store_true", help="preset 'full': every op and mode, lengths to 4k")
-    parser.add_argument("--ops", nargs="+", choices=OPS, help="ops to time")
+    parser.add_argument("--ops", nargs="+", choices=OPS, metavar="OP", help=f"ops to time: {', '.join(OPS)}")
     parser.add_argument("--seq", nargs="+", type=positive_int, help="sequence lengths (L = S)")
     parser.add_argument("--batch", nargs="+", type=positive_int, help="batch sizes")
     parser.add_argument("--heads", nargs="+", type=positive_int, help="query head counts")
     parser.add_argument("--dim", nargs="+", type=positive_int, help="head dims")
     parser.add_argument("--tokens", type=positive_int, help="tokens per batch: batch = tokens // seq")
     parser.add_argument("--hidden", type=positive_int, help="hidden size: heads = hidden // dim")
-    parser.add_argument("--dtype", nargs="+", choices=DTYPES, help="default: float32 on the CPU, bfloat16 on CUDA")
-    parser.add_argument("--modes", nargs="+", choices=MODES)
+    parser.add_argument(
+        "--dtype", nargs="+", choices=DTYPES, metavar="DTYPE",
+        help=f"{', '.join(DTYPES)} (default: float32 on the CPU, bfloat16 on CUDA)",
+    )
+    parser.add_argument("--modes", nargs="+", choices=MODES, metavar="MODE", help=", ".join(MODES))
     parser.add_argument("--providers", nargs="+", help="only these providers (default: all on the device)")
     parser.add_argument("--exclude", nargs="+", help="leave these providers out")
     parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
