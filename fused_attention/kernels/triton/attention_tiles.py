@@ -133,9 +133,9 @@ def scores(
 def dropout_keep(seed, stream, i, j, dropout_p):
     """Keep-mask of a tile: Philox keyed by ``seed``, counted by (key, query, batch * heads + head).
 
-    A pure function of absolute indices, so the backward passes, with other tile shapes and another
-    orientation, regenerate exactly the forward's mask without storing it.
+    A pure function of absolute indices, so the backward passes, whatever their tile shapes,
+    regenerate exactly the forward's mask without storing it.
     """
     zero = (i * 0 + j * 0).to(tl.uint32)
     r, _, _, _ = tl.philox(seed, (j + zero).to(tl.uint32), (i + zero).to(tl.uint32), zero + stream.to(tl.uint32), zero)
-    return tl.random.uint_to_uniform_float(r) >= dropout_p
+    return tl.uint_to_uniform_float(r) >= dropout_p
