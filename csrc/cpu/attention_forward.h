@@ -76,7 +76,8 @@ void forward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
         score_row(scoring, seq, head, i0 + r, j0, n, n_pad, s, s /* softcap's tanh is not needed here */);
       }
       const acc_t old_max = buf.row_max[r];
-      const acc_t new_max = std::max(old_max, row_max(s, n_pad) * exp_scale);
+      const acc_t block_max = row_max(s, n_pad) * exp_scale;
+      const acc_t new_max = block_max > old_max || std::isnan(block_max) ? block_max : old_max;  // NaN spreads
       if (new_max == neg_inf) {  // nothing visible yet: the row's probabilities are all 0
         std::fill(s, s + n_pad, acc_t(0));
         continue;

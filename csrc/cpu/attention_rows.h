@@ -81,10 +81,10 @@ inline acc_t row_max(const acc_t* s, int64_t n_pad) {
   V best = simd::broadcast(-std::numeric_limits<acc_t>::infinity());
   for (int64_t j = 0; j < n_pad; j += width) {
     const V x = simd::load(s + j);
-    best = x > best ? x : best;
+    best = (x > best) | (x != x) ? x : best;  // a NaN score wins, so that it reaches the output
   }
   acc_t result = best[0];
-  for (int64_t k = 1; k < width; ++k) result = best[k] > result ? best[k] : result;
+  for (int64_t k = 1; k < width; ++k) result = best[k] > result || std::isnan(best[k]) ? best[k] : result;
   return result;
 }
 

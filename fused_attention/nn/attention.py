@@ -145,8 +145,9 @@ def _attention_scores(
     """``q k^T / sqrt(E)`` with the bias and every mask applied, ``(B, H, L, S)``, in float32 (float64 for
     float64): the scores the kernel normalised, so ``exp(scores - lse)`` are its softmax weights."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    # One (B, H, L, S) tensor, updated in place: no step's backward needs the scores it overwrites.
-    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-2, -1)).mul_(1.0 / math.sqrt(q.shape[-1]))
+    # One (B, H, L, S) tensor, updated in place: no step's backward needs the scores it overwrites. q is
+    # scaled before the product, as torch's module does (one pass over L x E, not over L x S).
+    scores = torch.matmul(q.to(compute) * (1.0 / math.sqrt(q.shape[-1])), k.to(compute).transpose(-2, -1))
     seq_q, seq_k = scores.shape[-2:]
     if slopes is not None:  # ALiBi, bottom-right aligned as in scaled_dot_product_attention
         rows = torch.arange(seq_q, device=q.device).unsqueeze(1) + (seq_k - seq_q)
@@ -187,10 +188,13 @@ class _WeightsFromLse(torch.autograd.Function):
         return weights * (grad - (grad * weights).sum(-1, keepdim=True)), None
 
 
-def _safe_softmax(scores: Tensor) -> Tensor:
-    """Softmax whose rows that see no key are 0 (as the kernels give), not NaN."""
-    empty = torch.isneginf(scores.amax(-1, keepdim=True))
-    return torch.where(empty, 0.0, torch.softmax(scores, dim=-1))
+def _safe_softmax(scores: Tensor, may_hide_rows: bool = True) -> Tensor:
+    """Softmax whose rows that see no key are 0 (as the kernels give), not NaN. ``may_hide_rows=False``
+    (no mask, padding or causal rule) skips the search for such rows."""
+    weights = torch.softmax(scores, dim=-1)
+    if not may_hide_rows:
+        return weights
+    return weights.masked_fill(torch.isneginf(scores.amax(-1, keepdim=True)), 0.0)
 
 
 def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
@@ -519,10 +523,16 @@ class MultiheadAttention(nn.MultiheadAttention):
         dropout_p = self.dropout if self.training else 0.0
         slopes = self._slopes()
         weights = None
-        if need_weights and dropout_p > 0:
-            scores = _attention_scores(q, k, mask, key_lengths, causal, slopes)
-            weights = F.dropout(_safe_softmax(scores).to(q.dtype), p=dropout_p)
-            out = torch.matmul(weights, v)
+        # Weights that nothing differentiates (inference) or that dropout must perturb are the
+        # softmax itself, and out their product with v: one L x S pass fewer than the fused kernel plus
+        # rebuilding them from its lse. With gradients, the fused kernel's backward is the cheaper one.
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if need_weights and (dropout_p > 0 or not needs_grad):
+            with torch.profiler.record_function("fused_attention::attention_with_weights"):
+                scores = _attention_scores(q, k, mask, key_lengths, causal, slopes)
+                may_hide_rows = mask is not None or key_lengths is not None or causal
+                weights = F.dropout(_safe_softmax(scores, may_hide_rows).to(q.dtype), p=dropout_p)
+                out = torch.matmul(weights, v)
         else:
             kwargs, kernel_mask = _causal_kwargs(mask, seq_q, seq_k, q.device) if causal else ({}, mask)
             result = scaled_dot_product_attention(
