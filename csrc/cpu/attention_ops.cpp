@@ -81,6 +81,20 @@ Scoring<acc_t> scoring(const at::Tensor& alibi, int64_t alibi_stride, const c10:
   return s;
 }
 
+template <typename scalar_t>
+Problem<scalar_t> dense_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const c10::optional<at::Tensor>& key_lengths) {
+  return {dense_sequences(q.size(0), q.size(2), k.size(2), key_lengths), Operand<scalar_t>::dense(q),
+          Operand<scalar_t>::dense(k), Operand<scalar_t>::dense(v), q.size(1), k.size(1), q.size(3), v.size(3)};
+}
+
+template <typename scalar_t>
+Problem<scalar_t> packed_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k) {
+  return {packed_sequences(cu_seqlens_q, cu_seqlens_k), Operand<scalar_t>::packed(q), Operand<scalar_t>::packed(k),
+          Operand<scalar_t>::packed(v), q.size(1), k.size(1), q.size(2), v.size(2)};
+}
+
 void check_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& q) {
   if (!mask) return;
   TORCH_CHECK(mask->dim() == 4, "fused_attention: attn_mask must be canonical 4-D");
@@ -109,9 +123,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::attention", [&] {
     using acc_t = attn_acc_t<scalar_t>;
     const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc_dtype(q));
-    const Problem<scalar_t> problem{dense_sequences(batch, len_q, k.size(2), key_lengths),
-                                    Operand<scalar_t>::dense(q), Operand<scalar_t>::dense(k),
-                                    Operand<scalar_t>::dense(v), heads, k.size(1), q.size(3), v.size(3)};
+    const Problem<scalar_t> problem = dense_problem<scalar_t>(q, k, v, key_lengths);
     attention_forward_kernel<scalar_t>(
         problem,
         scoring<acc_t>(slope_tensor, slope_stride, mask, seed, causal, window_left, window_right, softcap, scale,
@@ -178,9 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::attention_backward", [&] {
     using acc_t = attn_acc_t<scalar_t>;
     const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc);
-    const Problem<scalar_t> problem{dense_sequences(batch, len_q, k.size(2), key_lengths),
-                                    Operand<scalar_t>::dense(q), Operand<scalar_t>::dense(k),
-                                    Operand<scalar_t>::dense(v), heads, k.size(1), q.size(3), v.size(3)};
+    const Problem<scalar_t> problem = dense_problem<scalar_t>(q, k, v, key_lengths);
     attention_backward_kernel<scalar_t>(
         problem,
         scoring<acc_t>(slope_tensor, slope_stride, mask, seed, causal, window_left, window_right, softcap, scale,
@@ -208,9 +218,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& q, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::varlen_attention", [&] {
     using acc_t = attn_acc_t<scalar_t>;
     const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc_dtype(q));
-    const Problem<scalar_t> problem{packed_sequences(cu_seqlens_q, cu_seqlens_k), Operand<scalar_t>::packed(q),
-                                    Operand<scalar_t>::packed(k), Operand<scalar_t>::packed(v), heads, k.size(1),
-                                    q.size(2), v.size(2)};
+    const Problem<scalar_t> problem = packed_problem<scalar_t>(q, k, v, cu_seqlens_q, cu_seqlens_k);
     attention_forward_kernel<scalar_t>(
         problem,
         scoring<acc_t>(slope_tensor, slope_stride, c10::nullopt, seed, false, window_left, window_right, softcap,
@@ -236,9 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_back
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::varlen_attention_backward", [&] {
     using acc_t = attn_acc_t<scalar_t>;
     const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc);
-    const Problem<scalar_t> problem{packed_sequences(cu_seqlens_q, cu_seqlens_k), Operand<scalar_t>::packed(q),
-                                    Operand<scalar_t>::packed(k), Operand<scalar_t>::packed(v), q.size(1),
-                                    k.size(1), q.size(2), v.size(2)};
+    const Problem<scalar_t> problem = packed_problem<scalar_t>(q, k, v, cu_seqlens_q, cu_seqlens_k);
     attention_backward_kernel<scalar_t>(
         problem,
         scoring<acc_t>(slope_tensor, slope_stride, c10::nullopt, seed, false, window_left, window_right, softcap,

@@ -103,6 +103,24 @@ def draw_seed(inputs: AttentionInputs | VarlenInputs) -> torch.Tensor | None:
     return torch.randint(0, 1 << 62, (1,), dtype=torch.int64)
 
 
+def dense_op_args(inputs: AttentionInputs) -> tuple:
+    """The arguments of a dense attention op with the canonical signature (``ops/attention_rules.py``),
+    with a fresh dropout seed."""
+    return (
+        inputs.query, inputs.key, inputs.value, inputs.attn_mask, inputs.key_lengths, inputs.alibi_slopes,
+        draw_seed(inputs), inputs.causal, inputs.window_left, inputs.window_right, inputs.softcap, inputs.scale,
+        inputs.dropout_p,
+    )
+
+
+def varlen_op_args(inputs: VarlenInputs) -> tuple:
+    """The arguments of a packed attention op with the canonical signature, with a fresh dropout seed."""
+    return (
+        inputs.query, inputs.key, inputs.value, inputs.cu_seqlens_q, inputs.cu_seqlens_k, inputs.alibi_slopes,
+        draw_seed(inputs), inputs.window_left, inputs.window_right, inputs.softcap, inputs.scale, inputs.dropout_p,
+    )
+
+
 def requires_grad(inputs: AttentionInputs | VarlenInputs) -> bool:
     """Whether the call will need a backward: grad mode on and an input (or a float mask) requires grad."""
     tensors = (inputs.query, inputs.key, inputs.value, getattr(inputs, "attn_mask", None))

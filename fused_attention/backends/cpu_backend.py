@@ -11,7 +11,7 @@ import torch
 
 from .. import _extension
 from ..inputs import AttentionInputs, VarlenInputs
-from .base import ALL_FEATURES, Backend, Capabilities, draw_seed
+from .base import ALL_FEATURES, Backend, Capabilities, dense_op_args, varlen_op_args
 
 # Loaded once at import: a plain value that torch.compile can read while tracing dispatch.
 _EXTENSION = _extension.load_extension()
@@ -29,18 +29,10 @@ class CpuBackend(Backend):
         return None if _EXTENSION.loaded else _EXTENSION.reason
 
     def attention(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.ops.fused_attention.attention(
-            inputs.query, inputs.key, inputs.value, inputs.attn_mask, inputs.key_lengths, inputs.alibi_slopes,
-            draw_seed(inputs), inputs.causal, inputs.window_left, inputs.window_right, inputs.softcap,
-            inputs.scale, inputs.dropout_p,
-        )
+        return torch.ops.fused_attention.attention(*dense_op_args(inputs))
 
     def varlen_attention(self, inputs: VarlenInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.ops.fused_attention.varlen_attention(
-            inputs.query, inputs.key, inputs.value, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
-            inputs.alibi_slopes, draw_seed(inputs), inputs.window_left, inputs.window_right, inputs.softcap,
-            inputs.scale, inputs.dropout_p,
-        )
+        return torch.ops.fused_attention.varlen_attention(*varlen_op_args(inputs))
 
 
 CPU = CpuBackend()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..inputs import AttentionInputs, VarlenInputs
 from ..ops import torch_attention as _ops  # noqa: F401  (registers fused_attention::torch_attention)
 from ..ops import torch_varlen as _varlen_ops  # noqa: F401  (registers fused_attention::torch_varlen)
-from .base import ALL_FEATURES, Backend, Capabilities, draw_seed, requires_grad
+from .base import ALL_FEATURES, Backend, Capabilities, dense_op_args, requires_grad, varlen_op_args
 
 # Features torch's SDPA expresses natively; anything else needs the chunked op.
 _NATIVE_FEATURES = frozenset({"causal", "bool_mask", "float_mask", "gqa", "value_head_dim"})
@@ -50,18 +50,10 @@ class TorchBackend(Backend):
                     is_causal=inputs.causal, scale=inputs.scale, enable_gqa="gqa" in inputs.features,
                 )
             return out, None
-        return torch.ops.fused_attention.torch_attention(
-            inputs.query, inputs.key, inputs.value, inputs.attn_mask, inputs.key_lengths, inputs.alibi_slopes,
-            draw_seed(inputs), inputs.causal, inputs.window_left, inputs.window_right, inputs.softcap,
-            inputs.scale, inputs.dropout_p,
-        )
+        return torch.ops.fused_attention.torch_attention(*dense_op_args(inputs))
 
     def varlen_attention(self, inputs: VarlenInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.ops.fused_attention.torch_varlen(
-            inputs.query, inputs.key, inputs.value, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
-            inputs.alibi_slopes, draw_seed(inputs), inputs.window_left, inputs.window_right, inputs.softcap,
-            inputs.scale, inputs.dropout_p,
-        )
+        return torch.ops.fused_attention.torch_varlen(*varlen_op_args(inputs))
 
 
 TORCH = TorchBackend()
