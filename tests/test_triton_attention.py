@@ -30,6 +30,7 @@ from test_attention import (  # noqa: F401  (shared tests, collected here with b
     test_non_contiguous_inputs,
     test_three_dim_inputs,
 )
+from test_attention import test_fully_masked_rows_are_zero_with_finite_gradients as fully_masked_rows_check
 from test_varlen import (  # noqa: F401
     _check,
     test_varlen_dropout_reproducible,
@@ -110,6 +111,22 @@ def test_odd_sizes(seq_q, seq_k, head_dim, features, plain):
     if "key_lengths" in kwargs:
         kwargs["key_lengths"] = torch.tensor([seq_k, seq_k // 2])
     check_attention("triton", q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fully_masked_rows_are_zero_with_finite_gradients(dtype):
+    fully_masked_rows_check("triton", dtype)
+
+
+def test_empty_sequences():
+    """No keys: output 0, lse -inf, zero gradients; no queries: empty results."""
+    q, k = rand(2, 2, 5, 16, requires_grad=True), rand(2, 2, 0, 16, requires_grad=True)
+    out, lse = fused_attention.scaled_dot_product_attention(q, k, k, return_lse=True, backend="triton")
+    assert torch.equal(out, torch.zeros_like(out)) and (lse == float("-inf")).all()
+    (grad,) = torch.autograd.grad(out.sum(), q)
+    assert torch.equal(grad, torch.zeros_like(grad))
+    empty = fused_attention.scaled_dot_product_attention(q[:, :, :0], q, q, backend="triton")
+    assert empty.shape == (2, 2, 0, 16)
 
 
 def test_value_head_dim_larger_than_query_head_dim():
@@ -355,12 +372,12 @@ def test_opcheck_backward_ops():
     out, lse = ops.triton_attention(*args)
     q, k, v, mask, lengths, slopes, seed, *options = args
     torch.library.opcheck(ops.triton_attention_backward,
-                          (torch.randn_like(out), q, k, v, mask, lengths, slopes, seed, out, lse, *options, True, True))
+                          (torch.randn_like(out), q, k, v, mask, lengths, slopes, seed, lse, *options, True, True))
     args = [t.detach() if isinstance(t, torch.Tensor) else t for t in _varlen_op_args(False)]
     out, lse = ops.triton_varlen(*args)
     q, k, v, cu_q, cu_k, max_q, max_k, slopes, seed, *options = args
     torch.library.opcheck(ops.triton_varlen_backward,
-                          (torch.randn_like(out), q, k, v, cu_q, cu_k, slopes, seed, out, lse, max_q, max_k,
+                          (torch.randn_like(out), q, k, v, cu_q, cu_k, slopes, seed, lse, max_q, max_k,
                            *options, True))
 
 

@@ -51,23 +51,21 @@ ALL_FEATURES = frozenset({"causal", "window", "softcap", "alibi", "float_mask", 
 def specs() -> list[tuple[Spec, tuple[int, ...]]]:
     """``(spec, architectures)``, bounded to a few minutes on 2 cores (a kernel with every feature takes
     ~5 s): every tile with the base code at the head dims and dtypes that stress shared memory (tiles
-    decide it), the largest kernels (all features) on both architectures in bfloat16 (float32 on sm_90),
-    and every other code path (each feature variant, each dtype) once, on sm_90. Triton's on-disk cache
+    decide it), the largest kernels (all features, bfloat16) on both architectures, and every other
+    code path (each feature variant, each dtype) once, on sm_90. Triton's on-disk cache
     makes reruns with unchanged kernels fast."""
     both, hopper = (80, 90), (90,)
     out = [(Spec(dtype, False, d, d, frozenset(), all_tiles=True), both)
            for dtype, d in (("bfloat16", 128), ("float32", 256))]
-    out += [(Spec("bfloat16", False, 128, 128, ALL_FEATURES, all_tiles=False), both),
-            (Spec("float32", False, 128, 128, ALL_FEATURES, all_tiles=False), hopper)]
+    out.append((Spec("bfloat16", False, 128, 128, ALL_FEATURES, all_tiles=False), both))
     out += [
-        (Spec("float16", False, 16, 16, frozenset(), all_tiles=False), hopper),
         (Spec("float32", True, 64, 64, frozenset(), all_tiles=False), hopper),
         (Spec("bfloat16", False, 32, 32, frozenset({"bool_mask", "causal"}), all_tiles=False), hopper),
         (Spec("bfloat16", False, 64, 128, frozenset({"varlen", "window", "softcap", "alibi", "dropout"}),
               all_tiles=False), hopper),
         (Spec("float32", False, 128, 128, frozenset({"float_mask", "mask_grad", "mask_cols", "alibi"}),
               all_tiles=False, deterministic=True), hopper),
-        (Spec("float16", False, 128, 128, frozenset({"float_mask", "mask_grad", "mask_rows", "key_lengths"}),
+        (Spec("float16", False, 16, 16, frozenset({"float_mask", "mask_grad", "mask_rows", "key_lengths"}),
               all_tiles=False), hopper),
     ]
     return out
@@ -116,25 +114,13 @@ def _launches(spec: Spec, arch: int) -> list[tuple[str, str, dict]]:
     def capture(kernel, tuned, pass_name, problem, args):
         launches.append((kernel.__name__, pass_name, args))
 
-    class DeltaLaunch:
-        def __getitem__(self, grid):
-            def launch(*args, **constexprs):
-                names = original_delta.arg_names
-                launches.append(("attention_delta_kernel", "delta", {**dict(zip(names, args)), **constexprs}))
-            return launch
-
     torch.backends.cuda.matmul.allow_tf32 = spec.tf32
     torch.use_deterministic_algorithms(spec.deterministic)
     attention_launch.run = capture
-    original_delta = attention_backward.attention_delta_kernel
-    attention_backward.attention_delta_kernel = DeltaLaunch()
     attention_launch.torch.cuda.get_device_capability = lambda *a: divmod(arch, 10)
-    try:
-        attention_forward(problem, out, lse)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        attention_backward.attention_backward(problem, out, out, lse, dq, dk, dv, "mask_grad" in f, "alibi" in f)
-    finally:
-        attention_backward.attention_delta_kernel = original_delta
+    attention_forward(problem, out, lse)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    attention_backward.attention_backward(problem, out, lse, dq, dk, dv, "mask_grad" in f, "alibi" in f)
     return launches
 
 
@@ -168,25 +154,17 @@ def compile_spec(job: tuple[Spec, int]) -> list[str]:
     spec, arch = job
     kernels = {
         "attention_forward_kernel": attention_forward.attention_forward_kernel,
-        "attention_delta_kernel": attention_backward.attention_delta_kernel,
         "attention_dq_kernel": attention_backward.attention_dq_kernel,
         "attention_dkdv_kernel": attention_backward.attention_dkdv_kernel,
     }
     failures = []
     for name, pass_name, args in _launches(spec, arch):
         kernel = kernels[name]
-        if pass_name == "delta":
-            tiles = [None]
-        else:
-            block_d = max(args["BLOCK_D"], args["BLOCK_DV"])
-            tiles = attention_configs.candidates(pass_name, arch, block_d, args["Q"].element_size())
-            tiles = tiles if spec.all_tiles else tiles[:1]
-        for tile in tiles:
-            full = dict(args)
-            options = {}
-            if tile is not None:
-                full |= {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n}
-                options = {"num_warps": tile.num_warps, "num_stages": tile.num_stages}
+        block_d = max(args["BLOCK_D"], args["BLOCK_DV"])
+        tiles = attention_configs.candidates(pass_name, arch, block_d, args["Q"].element_size())
+        for tile in tiles if spec.all_tiles else tiles[:1]:
+            full = args | {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n}
+            options = {"num_warps": tile.num_warps, "num_stages": tile.num_stages}
             signature, constexprs = _signature(kernel, full)
             label = f"sm_{arch} {name} {spec} {tile}"
             try:

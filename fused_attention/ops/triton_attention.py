@@ -1,10 +1,10 @@
 """Custom ops for the ``triton`` backend's attention: dense and packed (varlen), forward and backward.
 
 Same schemas and semantics as the ``torch`` backend's ops (:mod:`.torch_attention`, :mod:`.torch_varlen`)
-and the same fake rules (:mod:`.attention_rules`), except that the forward's output and log-sum-exp are
-saved for the backward (FlashAttention-2 style: ``P = exp(S - lse)``, ``delta = rowsum(dO * O)``), so the
-backward ops also take ``out`` and ``lse`` (after ``seed``), and varlen takes ``max_seqlen_q/k`` so that
-launching never reads ``cu_seqlens`` back from the GPU. ``torch.compile`` sees each op as one node
+and the same fake rules (:mod:`.attention_rules`), except that the forward's log-sum-exp is saved for
+the backward (FlashAttention-2 style: ``P = exp(S - lse)``), so the backward ops also take ``lse``
+(after ``seed``), and varlen takes ``max_seqlen_q/k`` so that launching never reads ``cu_seqlens``
+back from the GPU. ``torch.compile`` sees each op as one node
 with an explicit fake implementation (``custom_op`` + ``register_fake``, which also works under
 ``TRITON_INTERPRET=1`` on CPU tensors) and a registered autograd formula.
 
@@ -84,7 +84,6 @@ def triton_attention_backward(
     key_lengths: Tensor | None,
     alibi: Tensor | None,
     seed: Tensor | None,
-    out: Tensor,
     lse: Tensor,
     causal: bool,
     window_left: int,
@@ -95,14 +94,14 @@ def triton_attention_backward(
     need_mask_grad: bool,
     need_alibi_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv, dmask, dalibi)`` from the forward's ``out`` and ``lse``; dmask (the mask's
+    """``(dq, dk, dv, dmask, dalibi)`` from the forward's ``lse``; dmask (the mask's
     broadcast shape and dtype) and dalibi are empty tensors unless asked for."""
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     dmask = dalibi = None
     if dq.numel() or dk.numel() or dv.numel():
         problem = _problem(q, k, v, mask, key_lengths, alibi, None, None, q.shape[2], k.shape[2], seed, causal,
                            window_left, window_right, softcap, scale, dropout_p)
-        dmask, dalibi = attention_backward(problem, out, dout, lse, dq, dk, dv, need_mask_grad, need_alibi_grad)
+        dmask, dalibi = attention_backward(problem, dout, lse, dq, dk, dv, need_mask_grad, need_alibi_grad)
     if need_mask_grad:
         dmask = mask.new_zeros(mask.shape) if dmask is None else dmask.to(mask.dtype)
     if need_alibi_grad:
@@ -115,18 +114,18 @@ triton_attention_backward.register_fake(attention_rules.dense_backward_fake)
 
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, key_lengths, alibi, seed, *options = inputs
-    out, lse = output
+    lse = output[1]
     ctx.options = options
     ctx.mark_non_differentiable(lse)  # returned detached, as the public function documents
-    ctx.save_for_backward(q, k, v, out, lse, mask, key_lengths, alibi, seed)
+    ctx.save_for_backward(q, k, v, lse, mask, key_lengths, alibi, seed)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, mask, key_lengths, alibi, seed = ctx.saved_tensors
+    q, k, v, lse, mask, key_lengths, alibi, seed = ctx.saved_tensors
     need_mask_grad = mask is not None and ctx.needs_input_grad[3]
     need_alibi_grad = alibi is not None and ctx.needs_input_grad[5]
     dq, dk, dv, dmask, dalibi = triton_attention_backward(
-        dout, q, k, v, mask, key_lengths, alibi, seed, out, lse, *ctx.options, need_mask_grad, need_alibi_grad
+        dout, q, k, v, mask, key_lengths, alibi, seed, lse, *ctx.options, need_mask_grad, need_alibi_grad
     )
     return (
         dq, dk, dv, dmask if need_mask_grad else None, None, dalibi if need_alibi_grad else None, None,
@@ -183,7 +182,6 @@ def triton_varlen_backward(
     cu_seqlens_k: Tensor,
     alibi: Tensor | None,
     seed: Tensor | None,
-    out: Tensor,
     lse: Tensor,
     max_seqlen_q: int,
     max_seqlen_k: int,
@@ -200,7 +198,7 @@ def triton_varlen_backward(
     if cu_seqlens_q.numel() > 1 and (dq.numel() or dk.numel() or dv.numel()):
         problem = _problem(q, k, v, None, None, alibi, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            seed, False, window_left, window_right, softcap, scale, dropout_p)
-        _, dalibi = attention_backward(problem, out, dout, lse, dq, dk, dv, False, need_alibi_grad)
+        _, dalibi = attention_backward(problem, dout, lse, dq, dk, dv, False, need_alibi_grad)
     if need_alibi_grad:
         dalibi = torch.zeros_like(alibi) if dalibi is None else dalibi.to(alibi.dtype)
     return dq, dk, dv, _or_empty(dalibi, q)
@@ -211,18 +209,18 @@ triton_varlen_backward.register_fake(attention_rules.varlen_backward_fake)
 
 def _varlen_setup_context(ctx, inputs, output):
     q, k, v, cu_q, cu_k, max_q, max_k, alibi, seed, *options = inputs
-    out, lse = output
+    lse = output[1]
     ctx.lengths = (max_q, max_k)
     ctx.options = options
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi, seed)
+    ctx.save_for_backward(q, k, v, lse, cu_q, cu_k, alibi, seed)
 
 
 def _varlen_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, cu_q, cu_k, alibi, seed = ctx.saved_tensors
+    q, k, v, lse, cu_q, cu_k, alibi, seed = ctx.saved_tensors
     need_alibi_grad = alibi is not None and ctx.needs_input_grad[7]
     dq, dk, dv, dalibi = triton_varlen_backward(
-        dout, q, k, v, cu_q, cu_k, alibi, seed, out, lse, *ctx.lengths, *ctx.options, need_alibi_grad
+        dout, q, k, v, cu_q, cu_k, alibi, seed, lse, *ctx.lengths, *ctx.options, need_alibi_grad
     )
     return (dq, dk, dv, None, None, None, None, dalibi if need_alibi_grad else None, None,
             *([None] * len(ctx.options)))

@@ -1,10 +1,16 @@
-"""FlashAttention-2 backward in Triton: delta preprocessing, a dK/dV pass and a dQ pass.
+"""FlashAttention-2 backward in Triton: a dQ pass, then a dK/dV pass.
 
-- ``delta = rowsum(dO * O)`` (float32), the softmax backward's row term.
+- dQ: one program per (query block, query head, batch) walks the visible key blocks twice. The first
+  sweep recomputes the row's statistics from its scores: ``lse_fix = log(sum_j exp(S - lse))`` (the
+  stored lse's rounding, of |lse| magnitude, cancels) and ``delta = sum_j P * dP`` (the softmax
+  backward's row term, as torch's softmax backward rounds it; FlashAttention-2's ``rowsum(dO * O)``
+  carries the output's rounding, which leaves gradients that are exactly 0 -- a row with one visible
+  key, a mask constant along the keys -- visibly nonzero). The second sweep accumulates dQ.
 - dK/dV: one program per (key block, key/value head, batch) holds its keys and values and walks the
   query blocks (of every query head of its GQA group) that can see them, recomputing
-  ``P = exp(S - lse)`` on (query, key) tiles built exactly as the dQ pass builds them; it also writes the float mask's gradient and the ALiBi slopes' partial sums.
-- dQ: one program per (query block, query head, batch) walks the visible key blocks.
+  ``P = exp(S - lse - lse_fix)`` on (query, key) tiles built exactly as the dQ pass builds them, so that
+  ``dS = P * (dP - delta)`` sums to 0 over a row as it should; it also writes the float mask's
+  gradient and the ALiBi slopes' partial sums.
 
 Each output element is owned by one program, so dQ, dK and dV need no atomics and are deterministic.
 The mask gradient of a mask broadcast over batch, heads or keys sums over programs: with atomic adds,
@@ -19,40 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import attention_configs as configs
 from . import attention_launch as launch
-from . import device_guard
 from .attention_tiles import dropout_keep, key_range, query_range, scores
-
-
-@triton.jit
-def attention_delta_kernel(
-    Out, DOut, Delta, CuQ,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_gb, stride_gh, stride_gm, stride_gd,
-    stride_lb, stride_lh, stride_lm,
-    seq_q, value_head_dim,
-    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, VARLEN: tl.constexpr,
-):
-    m0 = tl.program_id(0) * BLOCK_M
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2)
-    q_start = 0
-    if VARLEN:
-        q_start = tl.load(CuQ + b).to(tl.int64)
-        seq_q = (tl.load(CuQ + b + 1) - q_start).to(tl.int32)
-    b = b.to(tl.int64)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    rows = (q_start + offs_m.to(tl.int64))[:, None]
-    valid = (offs_m[:, None] < seq_q) & (offs_dv[None, :] < value_head_dim)
-    o = tl.load(Out + b * stride_ob + h * stride_oh + rows * stride_om + offs_dv[None, :] * stride_od,
-                mask=valid, other=0.0)
-    do = tl.load(DOut + b * stride_gb + h * stride_gh + rows * stride_gm + offs_dv[None, :] * stride_gd,
-                 mask=valid, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + b * stride_lb + h * stride_lh + (q_start + offs_m.to(tl.int64)) * stride_lm, delta,
-             mask=offs_m < seq_q)
 
 
 @triton.jit
@@ -76,7 +50,6 @@ def attention_dkdv_kernel(
     ALIBI: tl.constexpr, MASK: tl.constexpr, KEY_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     MASK_GRAD: tl.constexpr, MASK_SUM_ROWS: tl.constexpr, MASK_SUM_COLS: tl.constexpr, ALIBI_GRAD: tl.constexpr,
-    ROWS_FROM_SCORES: tl.constexpr,
 ):
     block = tl.program_id(0)
     n0 = block * BLOCK_N
@@ -151,11 +124,8 @@ def attention_dkdv_kernel(
                 window_left, window_right, key_length,
                 SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
             )
-            if ROWS_FROM_SCORES:  # renormalized by the dQ pass (see attention_dq_kernel)
-                lse_fix = tl.load(LseFix + stat_offset + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=0.0)
-                p = tl.exp((s - lse[:, None]) - lse_fix[:, None])
-            else:
-                p = tl.exp(s - lse[:, None])
+            lse_fix = tl.load(LseFix + stat_offset + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=0.0)
+            p = tl.exp((s - lse[:, None]) - lse_fix[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             p_kept = p
             if DROPOUT:
@@ -216,10 +186,10 @@ def _dq_tile(
     dropout_p, keep_scale, seed, stream,
     BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, KEY_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ROWS_FROM_SCORES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """One (BLOCK_M, BLOCK_N) tile of the dQ pass: keys, ``P = exp(S - lse)`` (``- lse_fix`` once
-    known), ``dP`` (dropout applied) and the softcap's tanh."""
+    """One (BLOCK_M, BLOCK_N) tile of the dQ pass: keys, ``P = exp(S - lse - lse_fix)`` (``lse_fix``
+    0 in the first sweep), ``dP`` (dropout applied) and the softcap's tanh."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     cols = offs_n[None, :]
     k = tl.load(
@@ -236,10 +206,7 @@ def _dq_tile(
         window_left, window_right, key_length,
         SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
     )
-    if ROWS_FROM_SCORES:
-        p = tl.exp((s - lse[:, None]) - lse_fix[:, None])
-    else:
-        p = tl.exp(s - lse[:, None])
+    p = tl.exp((s - lse[:, None]) - lse_fix[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
         keep = dropout_keep(seed, stream, rows, cols, dropout_p)
@@ -263,7 +230,7 @@ def attention_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, MASK: tl.constexpr, KEY_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, ROWS_FROM_SCORES: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     m0 = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
@@ -312,32 +279,25 @@ def attention_dq_kernel(
         m0, seq_q, seq_k, window_left, window_right, key_length,
         BLOCK_M, BLOCK_N, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
     )
-    lse_fix = lse
-    if ROWS_FROM_SCORES:
-        # A first sweep renormalizes the row as recomputed here, lse_fix = log(sum_j exp(S - lse)), and
-        # takes delta = sum_j P * dP as the softmax backward rounds it. Neither then carries the
-        # rounding of the stored lse (of |lse| magnitude) or of the output (rowsum(dO * O) would):
-        # float32 inputs would notice both.
-        total = tl.zeros([BLOCK_M], tl.float32)
-        weighted = tl.zeros([BLOCK_M], tl.float32)
-        for n0 in range(lo, hi, BLOCK_N):
-            _, e, dp, _ = _dq_tile(
-                q, do, lse, lse_fix, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim,
-                value_head_dim, stride_kn, stride_kd, stride_vn, stride_vd,
-                scale, softcap, slope, mask_base, stride_mm, stride_mn, window_left, window_right, key_length,
-                dropout_p, keep_scale, seed, stream,
-                BLOCK_N, SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS, DROPOUT,
-                DOT_PRECISION, False,
-            )
-            total += tl.sum(e, 1)
-            weighted += tl.sum(e * dp, 1)
-        seen = total > 0
-        lse_fix = tl.where(seen, tl.log(tl.where(seen, total, 1.0)), 0.0)
-        delta = tl.where(seen, weighted / tl.where(seen, total, 1.0), 0.0)
-        tl.store(LseFix + stat_offset, lse_fix, mask=row_ok)  # for the dK/dV pass, which runs next
-        tl.store(Delta + stat_offset, delta, mask=row_ok)
-    else:
-        delta = tl.load(Delta + stat_offset, mask=row_ok, other=0.0)
+    # first sweep: the row's statistics from its recomputed scores (see the module docstring)
+    lse_fix = tl.zeros([BLOCK_M], tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    weighted = tl.zeros([BLOCK_M], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        _, e, dp, _ = _dq_tile(
+            q, do, lse, lse_fix, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim,
+            value_head_dim, stride_kn, stride_kd, stride_vn, stride_vd,
+            scale, softcap, slope, mask_base, stride_mm, stride_mn, window_left, window_right, key_length,
+            dropout_p, keep_scale, seed, stream,
+            BLOCK_N, SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS, DROPOUT, DOT_PRECISION,
+        )
+        total += tl.sum(e, 1)
+        weighted += tl.sum(e * dp, 1)
+    seen = total > 0
+    lse_fix = tl.where(seen, tl.log(tl.where(seen, total, 1.0)), 0.0)
+    delta = tl.where(seen, weighted / tl.where(seen, total, 1.0), 0.0)
+    tl.store(LseFix + stat_offset, lse_fix, mask=row_ok)  # for the dK/dV pass, which runs next
+    tl.store(Delta + stat_offset, delta, mask=row_ok)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         k, p, dp, t = _dq_tile(
@@ -345,8 +305,7 @@ def attention_dq_kernel(
             value_head_dim, stride_kn, stride_kd, stride_vn, stride_vd,
             scale, softcap, slope, mask_base, stride_mm, stride_mn, window_left, window_right, key_length,
             dropout_p, keep_scale, seed, stream,
-            BLOCK_N, SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS, DROPOUT,
-            DOT_PRECISION, ROWS_FROM_SCORES,
+            BLOCK_N, SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS, DROPOUT, DOT_PRECISION,
         )
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
@@ -364,7 +323,7 @@ def attention_dq_kernel(
 _TUNED_DKDV = launch.autotuned(
     attention_dkdv_kernel, "backward_dkdv", extra_key=["MASK_GRAD", "ALIBI_GRAD"], reset_to_zero=["DMask"]
 )
-_TUNED_DQ = launch.autotuned(attention_dq_kernel, "backward_dq", extra_key=["ROWS_FROM_SCORES"])
+_TUNED_DQ = launch.autotuned(attention_dq_kernel, "backward_dq")
 
 
 def _mask_grad_buffer(problem: launch.Problem, deterministic: bool) -> tuple[torch.Tensor, dict, tuple[int, ...]]:
@@ -395,27 +354,13 @@ def _mask_grad_buffer(problem: launch.Problem, deterministic: bool) -> tuple[tor
 
 
 def attention_backward(
-    problem: launch.Problem, out, dout, lse, dq, dk, dv, need_mask_grad: bool, need_alibi_grad: bool
+    problem: launch.Problem, dout, lse, dq, dk, dv, need_mask_grad: bool, need_alibi_grad: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Writes ``dq``, ``dk``, ``dv`` (laid out like q, k, v); returns the float32 gradients of the mask
     (its broadcast shape) and of the ALiBi slopes (their shape) when asked for, else None."""
-    delta = torch.empty_like(lse)
-    # float32 inputs: delta and the row normalization from the scores in the dQ pass (see
-    # attention_dq_kernel; one more sweep of QK^T and dO V^T); 16-bit inputs: FA2's rowsum(dO * O)
-    rows_from_scores = problem.q.dtype == torch.float32
-    lse_fix = torch.empty_like(lse) if rows_from_scores else None
+    delta, lse_fix = torch.empty_like(lse), torch.empty_like(lse)  # written by the dQ pass
     dout_strides = problem.rows(dout)
-    if not rows_from_scores:
-        interpreted = launch.interpreted(attention_delta_kernel)
-        delta_rows = configs.INTERPRETER_DELTA_ROWS if interpreted else configs.DELTA_ROWS
-        with device_guard(problem.q):
-            attention_delta_kernel[problem.grid("backward_dq", delta_rows)](
-                out, dout, delta, problem.cu_seqlens_q, *problem.rows(out), *dout_strides, *problem.row_stats(lse),
-                problem.max_seqlen_q, problem.v.shape[-1],
-                BLOCK_M=delta_rows, BLOCK_DV=launch.padded_head_dim(problem.v.shape[-1]), VARLEN=problem.varlen,
-            )
-    shared = problem.shared_args() | {"DOut": dout, "Lse": lse, "Delta": delta, "LseFix": lse_fix,
-                                    "ROWS_FROM_SCORES": rows_from_scores}
+    shared = problem.shared_args() | {"DOut": dout, "Lse": lse, "Delta": delta, "LseFix": lse_fix}
     shared |= dict(zip(("stride_gb", "stride_gh", "stride_gm", "stride_gd"), dout_strides))
     shared |= dict(zip(("stride_lb", "stride_lh", "stride_lm"), problem.row_stats(lse)))
 

@@ -41,9 +41,6 @@ INTERPRETER_TILES = {
     "backward_dq": Tile(16, 32, 4, 1),
 }
 
-# The delta = rowsum(dO * O) preprocessing pass: rows per program (no tuning: it is memory bound).
-DELTA_ROWS = 64
-INTERPRETER_DELTA_ROWS = 16
 
 
 def arch_of(capability: tuple[int, int]) -> int:
