@@ -354,7 +354,7 @@ def _varlen_op_args(dropout: bool) -> tuple:
     v = rand(21, 2, 8, requires_grad=True)
     slopes = (torch.rand(3, 4) + 0.1).requires_grad_()
     seed = torch.tensor([7654321], dtype=torch.int64) if dropout else None
-    return (q, k, v, cu_q, cu_k, 11, 12, slopes, seed, 5, 0, 3.0, 0.25, 0.1 if dropout else 0.0)
+    return (q, k, v, cu_q, cu_k, slopes, seed, 5, 0, 3.0, 0.25, 0.1 if dropout else 0.0, 11, 12)
 
 
 @pytest.mark.parametrize("mask,dropout", [(True, False), (False, True)], ids=["mask+alibi", "dropout+alibi"])
@@ -375,7 +375,7 @@ def test_opcheck_backward_ops():
                           (torch.randn_like(out), q, k, v, mask, lengths, slopes, seed, lse, *options, True, True))
     args = [t.detach() if isinstance(t, torch.Tensor) else t for t in _varlen_op_args(False)]
     out, lse = ops.triton_varlen(*args)
-    q, k, v, cu_q, cu_k, max_q, max_k, slopes, seed, *options = args
+    q, k, v, cu_q, cu_k, slopes, seed, *options, max_q, max_k = args
     torch.library.opcheck(ops.triton_varlen_backward,
                           (torch.randn_like(out), q, k, v, cu_q, cu_k, slopes, seed, lse, max_q, max_k,
                            *options, True))

@@ -11,7 +11,7 @@ import torch
 
 from ..inputs import AttentionInputs, VarlenInputs
 from ..kernels.triton import triton_unavailable_reason
-from .base import ALL_FEATURES, Backend, Capabilities, draw_seed
+from .base import ALL_FEATURES, Backend, Capabilities, dense_op_args, varlen_op_args
 
 # The interpreter computes tl.dot on bfloat16 operands wrongly (on the raw 16-bit patterns), so on the
 # CPU bfloat16 would give wrong numbers; it is served (and tested) on GPUs only.
@@ -53,18 +53,10 @@ class TritonBackend(Backend):
         return torch.ops.fused_attention
 
     def attention(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._ops().triton_attention(
-            inputs.query, inputs.key, inputs.value, inputs.attn_mask, inputs.key_lengths, inputs.alibi_slopes,
-            draw_seed(inputs), inputs.causal, inputs.window_left, inputs.window_right, inputs.softcap,
-            inputs.scale, inputs.dropout_p,
-        )
+        return self._ops().triton_attention(*dense_op_args(inputs))
 
     def varlen_attention(self, inputs: VarlenInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._ops().triton_varlen(
-            inputs.query, inputs.key, inputs.value, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
-            inputs.max_seqlen_q, inputs.max_seqlen_k, inputs.alibi_slopes, draw_seed(inputs),
-            inputs.window_left, inputs.window_right, inputs.softcap, inputs.scale, inputs.dropout_p,
-        )
+        return self._ops().triton_varlen(*varlen_op_args(inputs), inputs.max_seqlen_q, inputs.max_seqlen_k)
 
 
 TRITON = TritonBackend()

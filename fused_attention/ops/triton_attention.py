@@ -3,8 +3,8 @@
 Same schemas and semantics as the ``torch`` backend's ops (:mod:`.torch_attention`, :mod:`.torch_varlen`)
 and the same fake rules (:mod:`.attention_rules`), except that the forward's log-sum-exp is saved for
 the backward (FlashAttention-2 style: ``P = exp(S - lse)``), so the backward ops also take ``lse``
-(after ``seed``), and varlen takes ``max_seqlen_q/k`` so that launching never reads ``cu_seqlens``
-back from the GPU. ``torch.compile`` sees each op as one node
+(after ``seed``), and varlen also takes ``max_seqlen_q/k`` (last) so that launching never reads
+``cu_seqlens`` back from the GPU. ``torch.compile`` sees each op as one node
 with an explicit fake implementation (``custom_op`` + ``register_fake``, which also works under
 ``TRITON_INTERPRET=1`` on CPU tensors) and a registered autograd formula.
 
@@ -146,8 +146,6 @@ def triton_varlen(
     v: Tensor,
     cu_seqlens_q: Tensor,
     cu_seqlens_k: Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
     alibi: Tensor | None,
     seed: Tensor | None,
     window_left: int,
@@ -155,6 +153,8 @@ def triton_varlen(
     softcap: float,
     scale: float,
     dropout_p: float,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
 ) -> tuple[Tensor, Tensor]:
     """Packed attention: q ``(total_q, Hq, E)``, k ``(total_k, Hkv, E)``, v ``(total_k, Hkv, Ev)``;
     sequence ``b`` is rows ``cu_seqlens[b]:cu_seqlens[b + 1]`` (none longer than ``max_seqlen``);
@@ -208,7 +208,7 @@ triton_varlen_backward.register_fake(attention_rules.varlen_backward_fake)
 
 
 def _varlen_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, alibi, seed, *options = inputs
+    q, k, v, cu_q, cu_k, alibi, seed, *options, max_q, max_k = inputs
     lse = output[1]
     ctx.lengths = (max_q, max_k)
     ctx.options = options
@@ -218,12 +218,12 @@ def _varlen_setup_context(ctx, inputs, output):
 
 def _varlen_backward(ctx, dout, _dlse):
     q, k, v, lse, cu_q, cu_k, alibi, seed = ctx.saved_tensors
-    need_alibi_grad = alibi is not None and ctx.needs_input_grad[7]
+    need_alibi_grad = alibi is not None and ctx.needs_input_grad[5]
     dq, dk, dv, dalibi = triton_varlen_backward(
         dout, q, k, v, cu_q, cu_k, alibi, seed, lse, *ctx.lengths, *ctx.options, need_alibi_grad
     )
-    return (dq, dk, dv, None, None, None, None, dalibi if need_alibi_grad else None, None,
-            *([None] * len(ctx.options)))
+    return (dq, dk, dv, None, None, dalibi if need_alibi_grad else None, None,
+            *([None] * (len(ctx.options) + 2)))
 
 
 triton_varlen.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
