@@ -12,7 +12,10 @@
 // the B vectors: the loads per FMA are few enough that the loop runs at the FMA ports' rate.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 #include "cpu/attention_simd.h"
 
@@ -80,24 +83,46 @@ inline void gemm_columns(int64_t m, int64_t depth, const T* a, int64_t a_row, in
 
 static_assert(kRows == 6, "gemm_columns' tail switch covers kRows - 1 rows");
 
+// Depth of one packed panel of B: kDepthChunk x (kVectors vectors) floats is 32 KiB, which stays in L1
+// while every row block of A streams past it.
+constexpr int64_t kDepthChunk = 128;
+
+// Copies B[0, depth) x [0, columns) (columns a whole number of vectors) into a contiguous panel. A panel
+// read row after row never misses L1, where B's own rows, a whole sequence apart in the transposed K,
+// all fall in the same few cache sets (and P V's 512 x 64 block of V is larger than L1).
+template <typename T>
+inline void pack_panel(int64_t depth, int64_t columns, const T* b, int64_t ldb, T* panel) {
+  for (int64_t k = 0; k < depth; ++k) std::memcpy(panel + k * columns, b + k * ldb, columns * sizeof(T));
+}
+
 template <typename T>
 inline void gemm(int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row, int64_t a_col,
                             const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
   constexpr int64_t width = simd::Traits<T>::width;
+  constexpr int64_t block = kVectors * width;
+  thread_local std::vector<T> panel(kDepthChunk * block);
   const int64_t vectors = (n + width - 1) / width;
-  int64_t v = 0;
-  for (; v + kVectors <= vectors; v += kVectors) {
-    gemm_columns<T, kVectors>(m, depth, a, a_row, a_col, b + v * width, ldb, c + v * width, ldc, accumulate);
-  }
-  const T* b_tail = b + v * width;
-  T* c_tail = c + v * width;
-  switch (vectors - v) {
-    case 1: return gemm_columns<T, 1>(m, depth, a, a_row, a_col, b_tail, ldb, c_tail, ldc, accumulate);
-    case 2: return gemm_columns<T, 2>(m, depth, a, a_row, a_col, b_tail, ldb, c_tail, ldc, accumulate);
-    case 3: return gemm_columns<T, 3>(m, depth, a, a_row, a_col, b_tail, ldb, c_tail, ldc, accumulate);
-    default: return;
+  for (int64_t k0 = 0; k0 < depth; k0 += kDepthChunk) {
+    const int64_t kc = std::min(kDepthChunk, depth - k0);
+    const T* a_k = a + k0 * a_col;
+    const bool add = accumulate || k0 > 0;
+    int64_t v = 0;
+    for (; v + kVectors <= vectors; v += kVectors) {
+      pack_panel(kc, block, b + k0 * ldb + v * width, ldb, panel.data());
+      gemm_columns<T, kVectors>(m, kc, a_k, a_row, a_col, panel.data(), block, c + v * width, ldc, add);
+    }
+    const int64_t tail = vectors - v;
+    if (tail == 0) continue;
+    pack_panel(kc, tail * width, b + k0 * ldb + v * width, ldb, panel.data());
+    T* c_tail = c + v * width;
+    const int64_t ld_tail = tail * width;
+    switch (tail) {
+      case 1: gemm_columns<T, 1>(m, kc, a_k, a_row, a_col, panel.data(), ld_tail, c_tail, ldc, add); break;
+      case 2: gemm_columns<T, 2>(m, kc, a_k, a_row, a_col, panel.data(), ld_tail, c_tail, ldc, add); break;
+      case 3: gemm_columns<T, 3>(m, kc, a_k, a_row, a_col, panel.data(), ld_tail, c_tail, ldc, add); break;
+      default: break;
+    }
   }
 }
 
 static_assert(kVectors == 4, "gemm's tail switch covers kVectors - 1 vectors");
-

@@ -107,7 +107,6 @@ inline acc_t exp_shifted_sum(acc_t* s, int64_t n_pad, acc_t shift, acc_t scale =
 
 template <typename acc_t>
 inline void scale_row(acc_t* x, int64_t n_pad, acc_t factor) {
-  using V = simd::Vec<acc_t>;
   constexpr int64_t width = simd::Traits<acc_t>::width;
   for (int64_t j = 0; j < n_pad; j += width) simd::store(x + j, simd::load(x + j) * factor);
 }

@@ -95,7 +95,7 @@ inline Vec<T> exp_nonpositive(Vec<T> x) {
     }
   }
   const Int exponent = (__builtin_convertvector(n, Int) + Tr::exponent_bias) << Tr::mantissa_bits;
-  const Vec<T> result = poly * reinterpret_cast<const Vec<T>&>(exponent);
+  const Vec<T> result = poly * (Vec<T>)exponent;  // a vector cast of equal size reinterprets the bits
   return x < Tr::underflow ? Vec<T>{} : result;
 }
 
