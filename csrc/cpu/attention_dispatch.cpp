@@ -1,6 +1,9 @@
 // Runs the CPU attention kernels compiled for the best instruction set this CPU supports.
 #include <c10/util/Exception.h>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -11,15 +14,30 @@
 namespace fused_attention::cpu {
 namespace {
 
-enum class Isa { baseline, avx2, avx512 };
+enum class Isa { baseline, avx2, avx512, amx };
+
+// Linux hands out AMX's tile data state only to processes that ask (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); without it the first tile instruction faults.
+bool amx_permitted() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
 
 Isa best_supported() {
 #if FUSED_ATTENTION_X86_VARIANTS
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512cd")) {
-    return Isa::avx512;
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512cd");
+  if (avx512 && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+      __builtin_cpu_supports("avx512bf16") && amx_permitted()) {
+    return Isa::amx;
   }
+  if (avx512) return Isa::avx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2")) {
     return Isa::avx2;
   }
@@ -33,9 +51,12 @@ Isa selected() {
     const char* requested = std::getenv("FUSED_ATTENTION_CPU_ISA");
     if (requested == nullptr || *requested == '\0') return best;
     const std::string name(requested);
-    const Isa wanted = name == "avx512" ? Isa::avx512 : name == "avx2" ? Isa::avx2 : Isa::baseline;
-    TORCH_CHECK(name == "avx512" || name == "avx2" || name == "baseline",
-                "FUSED_ATTENTION_CPU_ISA must be baseline, avx2 or avx512, got ", name);
+    const Isa wanted = name == "amx"      ? Isa::amx
+                       : name == "avx512" ? Isa::avx512
+                       : name == "avx2"   ? Isa::avx2
+                                          : Isa::baseline;
+    TORCH_CHECK(name == "amx" || name == "avx512" || name == "avx2" || name == "baseline",
+                "FUSED_ATTENTION_CPU_ISA must be baseline, avx2, avx512 or amx, got ", name);
     TORCH_CHECK(static_cast<int>(wanted) <= static_cast<int>(best),
                 "FUSED_ATTENTION_CPU_ISA=", name, " is not supported by this CPU or build");
     return wanted;
@@ -47,6 +68,7 @@ Isa selected() {
 
 const char* attention_isa() {
   switch (selected()) {
+    case Isa::amx: return "amx";
     case Isa::avx512: return "avx512";
     case Isa::avx2: return "avx2";
     default: return "baseline";
@@ -58,6 +80,9 @@ void attention_forward_kernel(const Problem<scalar_t>& problem, const Scoring<at
                               const Operand<scalar_t>& out, attn_acc_t<scalar_t>* lse, const RowIndex& lse_index) {
   switch (selected()) {
 #if FUSED_ATTENTION_X86_VARIANTS
+    case Isa::amx:
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return amx::forward_bf16(problem, scoring, out, lse, lse_index);
+      return avx512::forward<scalar_t>(problem, scoring, out, lse, lse_index);
     case Isa::avx512: return avx512::forward<scalar_t>(problem, scoring, out, lse, lse_index);
     case Isa::avx2: return avx2::forward<scalar_t>(problem, scoring, out, lse, lse_index);
 #endif
@@ -72,6 +97,7 @@ void attention_backward_kernel(const Problem<scalar_t>& problem, const Scoring<a
                                const ExtraGradients<attn_acc_t<scalar_t>>& extra) {
   switch (selected()) {
 #if FUSED_ATTENTION_X86_VARIANTS
+    case Isa::amx:
     case Isa::avx512: return avx512::backward<scalar_t>(problem, scoring, dout, dq, dk, dv, extra);
     case Isa::avx2: return avx2::backward<scalar_t>(problem, scoring, dout, dq, dk, dv, extra);
 #endif

@@ -36,7 +36,66 @@ struct ForwardBuffers {
   std::vector<acc_t> q, scores, out, row_max, row_sum;
   ForwardBuffers(int64_t head_dim, int64_t ldv)
       : q(kBlockQ * head_dim), scores(kBlockQ * kScoreStride), out(kBlockQ * ldv), row_max(kBlockQ), row_sum(kBlockQ) {}
+  void reset() {  // before each block of rows: nothing seen yet
+    std::fill(out.begin(), out.end(), acc_t(0));
+    std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<acc_t>::infinity());
+    std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
+  }
 };
+
+// The online softmax of one score block: scores[r * ld + j] holds q.k of row i0 + r and key j0 + j
+// (j < n). Makes them the block's probabilities (dropout applied), zero past n up to round_up(n, width),
+// and rescales the rows' running maximum, sum and output (out, row stride ldv) to the new maximum.
+template <typename acc_t>
+void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t head, int64_t i0, int64_t rows,
+                   int64_t j0, int64_t n, acc_t* scores, int64_t ld, acc_t* out, int64_t ldv, acc_t* row_max_,
+                   acc_t* row_sum) {
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  constexpr int64_t width = simd::Traits<acc_t>::width;
+  const int64_t n_pad = round_up(n, width);
+  const acc_t scale = static_cast<acc_t>(scoring.rules.scale);
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* s = scores + r * ld;
+    // Plain rows (the common case) skip the score pass: the scale is folded into the exp's argument.
+    const bool plain = plain_row(scoring, seq, head, i0 + r, j0, n);
+    const acc_t exp_scale = plain ? scale : acc_t(1);
+    if (plain) {
+      std::fill(s + n, s + n_pad, neg_inf);
+    } else {
+      score_row(scoring, seq, head, i0 + r, j0, n, n_pad, s, s /* softcap's tanh is not needed here */);
+    }
+    const acc_t old_max = row_max_[r];
+    const acc_t block_max = row_max(s, n_pad) * exp_scale;
+    const acc_t new_max = block_max > old_max || std::isnan(block_max) ? block_max : old_max;  // NaN spreads
+    if (new_max == neg_inf) {  // nothing visible yet: the row's probabilities are all 0
+      std::fill(s, s + n_pad, acc_t(0));
+      continue;
+    }
+    const acc_t rescale = std::exp(old_max - new_max);
+    row_sum[r] = row_sum[r] * rescale + exp_shifted_sum(s, n_pad, new_max, exp_scale);
+    row_max_[r] = new_max;
+    if (rescale != acc_t(1)) scale_row(out + r * ldv, ldv, rescale);
+    if (scoring.dropout.active()) {
+      dropout_row(scoring.dropout, scoring.dropout.row_key(seq.index, head, i0 + r), j0, n, s,
+                  static_cast<acc_t*>(nullptr));
+    }
+  }
+}
+
+// Normalises the rows' output by their sum, writes it and the log-sum-exp.
+template <typename scalar_t, typename acc_t>
+void finish_rows(const Sequence& seq, int64_t head, int64_t i0, int64_t rows, int64_t value_dim, acc_t* out,
+                 int64_t ldv, const acc_t* row_max_, const acc_t* row_sum, const Operand<scalar_t>& output,
+                 acc_t* lse, const RowIndex& lse_index) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t total = row_sum[r];
+    const acc_t inverse = total > 0 ? acc_t(1) / total : acc_t(0);  // a row that saw nothing stays 0
+    scale_row(out + r * ldv, ldv, inverse);
+    lse[lse_index.at(seq, head, i0 + r)] =
+        total > 0 ? row_max_[r] + std::log(total) : -std::numeric_limits<acc_t>::infinity();
+  }
+  store_rows(output, seq.batch, head, seq.q_start + i0, rows, value_dim, out, ldv);
+}
 
 // Rows [i0, i0 + rows) of one (sequence, query head).
 template <typename scalar_t, typename acc_t>
@@ -45,8 +104,6 @@ void forward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
                                                    const KeyTiles<acc_t>& tiles, ForwardBuffers<acc_t>& buf,
                                                    const Operand<scalar_t>& out, acc_t* lse,
                                                    const RowIndex& lse_index) {
-  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  constexpr int64_t width = simd::Traits<acc_t>::width;
   const Sequence& seq = problem.sequences[block.sequence];
   const int64_t i0 = block.row, rows = block.rows;
   const int64_t dim = problem.head_dim, value_dim = problem.value_dim, ldv = tiles.ld_v;
@@ -55,51 +112,18 @@ void forward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
   const int64_t ldk = tiles.ld_t[block.sequence];
   const acc_t* values = tiles.values(block.sequence, kv_head, seq.len_k);
   const auto [lo, hi] = scoring.rules.block_keys(seq, i0, i0 + rows);
-  std::fill(buf.out.begin(), buf.out.end(), acc_t(0));
-  std::fill(buf.row_max.begin(), buf.row_max.end(), neg_inf);
-  std::fill(buf.row_sum.begin(), buf.row_sum.end(), acc_t(0));
+  buf.reset();
   if (lo < hi) load_rows(problem.q, seq.batch, head, seq.q_start + i0, rows, dim, buf.q.data(), dim);
-  const bool dropout = scoring.dropout.active();
-  const acc_t scale = static_cast<acc_t>(scoring.rules.scale);
   for (int64_t j0 = lo; j0 < hi; j0 += kBlockK) {
-    const int64_t n = std::min(kBlockK, hi - j0), n_pad = round_up(n, width);
+    const int64_t n = std::min(kBlockK, hi - j0);
     acc_t* scores = buf.scores.data();
     gemm<acc_t>(rows, n, dim, buf.q.data(), dim, 1, kt + j0, ldk, scores, kScoreStride, false);
-    for (int64_t r = 0; r < rows; ++r) {
-      acc_t* s = scores + r * kScoreStride;
-      // Plain rows (the common case) skip the score pass: the scale is folded into the exp's argument.
-      const bool plain = plain_row(scoring, seq, head, i0 + r, j0, n);
-      const acc_t exp_scale = plain ? scale : acc_t(1);
-      if (plain) {
-        std::fill(s + n, s + n_pad, neg_inf);
-      } else {
-        score_row(scoring, seq, head, i0 + r, j0, n, n_pad, s, s /* softcap's tanh is not needed here */);
-      }
-      const acc_t old_max = buf.row_max[r];
-      const acc_t block_max = row_max(s, n_pad) * exp_scale;
-      const acc_t new_max = block_max > old_max || std::isnan(block_max) ? block_max : old_max;  // NaN spreads
-      if (new_max == neg_inf) {  // nothing visible yet: the row's probabilities are all 0
-        std::fill(s, s + n_pad, acc_t(0));
-        continue;
-      }
-      const acc_t rescale = std::exp(old_max - new_max);
-      buf.row_sum[r] = buf.row_sum[r] * rescale + exp_shifted_sum(s, n_pad, new_max, exp_scale);
-      buf.row_max[r] = new_max;
-      if (rescale != acc_t(1)) scale_row(buf.out.data() + r * ldv, ldv, rescale);
-      if (dropout) {
-        dropout_row(scoring.dropout, scoring.dropout.row_key(seq.index, head, i0 + r), j0, n, s,
-                    static_cast<acc_t*>(nullptr));
-      }
-    }
+    softmax_block(scoring, seq, head, i0, rows, j0, n, scores, kScoreStride, buf.out.data(), ldv,
+                  buf.row_max.data(), buf.row_sum.data());
     gemm<acc_t>(rows, value_dim, n, scores, kScoreStride, 1, values + j0 * ldv, ldv, buf.out.data(), ldv, true);
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    const acc_t total = buf.row_sum[r];
-    const acc_t inverse = total > 0 ? acc_t(1) / total : acc_t(0);  // a row that saw nothing stays 0
-    scale_row(buf.out.data() + r * ldv, ldv, inverse);
-    lse[lse_index.at(seq, head, i0 + r)] = total > 0 ? buf.row_max[r] + std::log(total) : neg_inf;
-  }
-  store_rows(out, seq.batch, head, seq.q_start + i0, rows, value_dim, buf.out.data(), ldv);
+  finish_rows(seq, head, i0, rows, value_dim, buf.out.data(), ldv, buf.row_max.data(), buf.row_sum.data(), out,
+              lse, lse_index);
 }
 
 template <typename scalar_t>

@@ -67,8 +67,13 @@ FUSED_ATTENTION_DECLARE_ISA(avx2)
 FUSED_ATTENTION_DECLARE_ISA(avx512)
 #undef FUSED_ATTENTION_DECLARE_ISA
 
+namespace amx {  // AMX tiles: only the bfloat16 forward (attention_isa_amx.cpp)
+void forward_bf16(const Problem<c10::BFloat16>& problem, const Scoring<float>& scoring,
+                  const Operand<c10::BFloat16>& out, float* lse, const RowIndex& lse_index);
+}
+
 // The instruction set the kernels run with: the best this CPU supports, or FUSED_ATTENTION_CPU_ISA
-// (baseline, avx2, avx512) if set and supported, so every variant can be tested on one machine.
+// (baseline, avx2, avx512, amx) if set and supported, so every variant can be tested on one machine.
 const char* attention_isa();
 
 }  // namespace fused_attention::cpu

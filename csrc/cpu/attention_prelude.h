@@ -26,6 +26,7 @@
 // The instruction-set variants need GCC's target pragmas on x86-64; elsewhere only the baseline is built.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define FUSED_ATTENTION_X86_VARIANTS 1
+#include <immintrin.h>
 #else
 #define FUSED_ATTENTION_X86_VARIANTS 0
 #endif

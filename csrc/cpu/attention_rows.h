@@ -74,17 +74,24 @@ inline void score_row(const Scoring<acc_t>& scoring, const Sequence& seq, int64_
   for (int64_t j = visible_hi; j < n_pad; ++j) s[j] = neg_inf;
 }
 
+// Four independent running maxima: one compare-and-select chain would wait on its own latency.
 template <typename acc_t>
 inline acc_t row_max(const acc_t* s, int64_t n_pad) {
   using V = simd::Vec<acc_t>;
   constexpr int64_t width = simd::Traits<acc_t>::width;
-  V best = simd::broadcast(-std::numeric_limits<acc_t>::infinity());
-  for (int64_t j = 0; j < n_pad; j += width) {
-    const V x = simd::load(s + j);
-    best = (x > best) | (x != x) ? x : best;  // a NaN score wins, so that it reaches the output
+  constexpr int chains = 4;
+  V best[chains];
+  for (int c = 0; c < chains; ++c) best[c] = simd::broadcast(-std::numeric_limits<acc_t>::infinity());
+  const auto take = [](V& b, const V& x) { b = (x > b) | (x != x) ? x : b; };  // a NaN score wins, so that it reaches the output
+  int64_t j = 0;
+  for (; j + chains * width <= n_pad; j += chains * width) {
+#pragma GCC unroll 4
+    for (int c = 0; c < chains; ++c) take(best[c], simd::load(s + j + c * width));
   }
-  acc_t result = best[0];
-  for (int64_t k = 1; k < width; ++k) result = best[k] > result || std::isnan(best[k]) ? best[k] : result;
+  for (; j < n_pad; j += width) take(best[0], simd::load(s + j));
+  for (int c = 1; c < chains; ++c) take(best[0], best[c]);
+  acc_t result = best[0][0];
+  for (int64_t k = 1; k < width; ++k) result = best[0][k] > result || std::isnan(best[0][k]) ? best[0][k] : result;
   return result;
 }
 
@@ -94,14 +101,24 @@ template <typename acc_t>
 inline acc_t exp_shifted_sum(acc_t* s, int64_t n_pad, acc_t shift, acc_t scale = acc_t(1)) {
   using V = simd::Vec<acc_t>;
   constexpr int64_t width = simd::Traits<acc_t>::width;
-  V total{};
-  for (int64_t j = 0; j < n_pad; j += width) {
-    const V p = simd::exp_nonpositive<acc_t>(simd::load(s + j) * scale - shift);
-    simd::store(s + j, p);
-    total += p;
+  V total[2] = {V{}, V{}};  // two sums: one add chain would wait on its own latency
+  int64_t j = 0;
+  for (; j + 2 * width <= n_pad; j += 2 * width) {
+#pragma GCC unroll 2
+    for (int c = 0; c < 2; ++c) {
+      const V p = simd::exp_affine<acc_t>(simd::load(s + j + c * width), scale, shift);
+      simd::store(s + j + c * width, p);
+      total[c] += p;
+    }
   }
+  if (j < n_pad) {
+    const V p = simd::exp_affine<acc_t>(simd::load(s + j), scale, shift);
+    simd::store(s + j, p);
+    total[0] += p;
+  }
+  const V both = total[0] + total[1];
   acc_t result = 0;
-  for (int64_t k = 0; k < width; ++k) result += total[k];
+  for (int64_t k = 0; k < width; ++k) result += both[k];
   return result;
 }
 

@@ -99,4 +99,31 @@ inline Vec<T> exp_nonpositive(Vec<T> x) {
   return x < Tr::underflow ? Vec<T>{} : result;
 }
 
+// exp(x * scale - shift) for arguments <= 0, as exp_nonpositive. The AVX-512 float version works in base
+// 2: t = x * (scale log2 e) - shift log2 e is one FMA, 2^t = 2^n 2^f with n = round(t) and f = t - n
+// exact, 2^f by a degree-6 fit (relative error 1e-7 as evaluated in float, under 2 ulp), and vscalefps
+// puts n into the exponent. 11 instructions a vector against the generic version's 18: the softmax
+// pass costs a fifth of the forward. Arguments below -125 (results below the smallest normal) give 0,
+// and NaN stays NaN.
+template <typename T>
+inline Vec<T> exp_affine(Vec<T> x, T scale, T shift) {
+#if FUSED_ATTENTION_ISA_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 t = _mm512_fmsub_ps(x, _mm512_set1_ps(scale * Traits<float>::log2e),
+                                     _mm512_set1_ps(shift * Traits<float>::log2e));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const Vec<T> f = t - n;
+    Vec<T> p = f * 1.5370704932138324e-04f + 1.3399848248809576e-03f;
+    p = p * f + 9.618373587727547e-03f;
+    p = p * f + 5.550329014658928e-02f;
+    p = p * f + 2.4022647738456726e-01f;
+    p = p * f + 6.931471824645996e-01f;
+    p = p * f + 1.0f;
+    const __mmask16 normal = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);  // NaN: kept
+    return _mm512_maskz_scalef_ps(normal, p, n);
+  }
+#endif
+  return exp_nonpositive<T>(x * scale - shift);
+}
+
 }  // namespace simd

@@ -1,0 +1,121 @@
+// Intel AMX tile products for the bfloat16 forward (Sapphire Rapids and later): one TDPBF16PS multiplies
+// a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16 floats, 16x the FMAs of an AVX-512 instruction.
+//
+// Every tile is configured 16 rows x 64 bytes: C tiles hold 16 x 16 floats; A tiles 16 rows x 32 bf16
+// of a row-major matrix; B tiles are packed (VNNI): row p holds, for each of 16 columns, the pair of
+// depth indices 2p and 2p + 1, so a B tile is 1 KiB contiguous and whoever packs it pads with zeros.
+// Tile registers: C in tmm0-3 (2 x 2), A in tmm4-5, B in tmm6-7. Only included in the AMX target region.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/attention_pack.h"
+
+
+namespace tiles {
+
+constexpr int64_t kRows = 16;     // rows of every tile; columns of a float C tile and of a B tile
+constexpr int64_t kDepth = 32;    // bf16 depth of one A tile / B tile
+constexpr int64_t kTileElems = kRows * kDepth;  // bf16 elements of a packed B tile
+
+// Loads the tile configuration for this thread and releases the tiles when it goes out of scope
+// (the tile state is per thread, and an unreleased one costs every later context switch).
+class Scope {
+ public:
+  Scope() {
+    Config config{};
+    config.palette = 1;
+    for (int t = 0; t < 8; ++t) {
+      config.colsb[t] = 64;
+      config.rows[t] = kRows;
+    }
+    _tile_loadconfig(&config);
+  }
+  ~Scope() { _tile_release(); }
+  Scope(const Scope&) = delete;
+  Scope& operator=(const Scope&) = delete;
+
+ private:
+  struct alignas(64) Config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  };
+};
+
+// C (row_tiles x col_tiles tiles of 16 x 16 floats, row stride ldc) = or += A x B: A tile (r, d) at
+// a + 16 r lda + 32 d (bf16, row stride lda); B tile (d, c) packed at b + d b_depth + c b_col.
+template <int row_tiles, int col_tiles>
+inline void product_block(int64_t depth_tiles, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b,
+                          int64_t b_depth, int64_t b_col, float* c, int64_t ldc, bool accumulate) {
+  const int64_t a_stride = lda * 2, c_stride = ldc * 4;
+  float* c1 = c + kRows;
+  float* c2 = c + kRows * ldc;
+  float* c3 = c2 + kRows;
+  if (accumulate) {
+    _tile_loadd(0, c, c_stride);
+    if constexpr (col_tiles > 1) _tile_loadd(1, c1, c_stride);
+    if constexpr (row_tiles > 1) _tile_loadd(2, c2, c_stride);
+    if constexpr (row_tiles > 1 && col_tiles > 1) _tile_loadd(3, c3, c_stride);
+  } else {
+    _tile_zero(0);
+    if constexpr (col_tiles > 1) _tile_zero(1);
+    if constexpr (row_tiles > 1) _tile_zero(2);
+    if constexpr (row_tiles > 1 && col_tiles > 1) _tile_zero(3);
+  }
+  for (int64_t d = 0; d < depth_tiles; ++d) {
+    _tile_loadd(4, a + d * kDepth, a_stride);
+    if constexpr (row_tiles > 1) _tile_loadd(5, a + kRows * lda + d * kDepth, a_stride);
+    _tile_loadd(6, b + d * b_depth, 64);
+    if constexpr (col_tiles > 1) _tile_loadd(7, b + d * b_depth + b_col, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (col_tiles > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (row_tiles > 1) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (row_tiles > 1 && col_tiles > 1) _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, c_stride);
+  if constexpr (col_tiles > 1) _tile_stored(1, c1, c_stride);
+  if constexpr (row_tiles > 1) _tile_stored(2, c2, c_stride);
+  if constexpr (row_tiles > 1 && col_tiles > 1) _tile_stored(3, c3, c_stride);
+}
+
+// The whole product, in 2 x 2 blocks of tiles (1-wide at odd edges).
+inline void product(int64_t row_tiles, int64_t col_tiles, int64_t depth_tiles, const c10::BFloat16* a,
+                    int64_t lda, const c10::BFloat16* b, int64_t b_depth, int64_t b_col, float* c, int64_t ldc,
+                    bool accumulate) {
+  for (int64_t r = 0; r < row_tiles; r += 2) {
+    const c10::BFloat16* a_r = a + r * kRows * lda;
+    float* c_r = c + r * kRows * ldc;
+    const bool two_rows = r + 1 < row_tiles;
+    for (int64_t t = 0; t < col_tiles; t += 2) {
+      const c10::BFloat16* b_t = b + t * b_col;
+      float* c_t = c_r + t * kRows;
+      const bool two_cols = t + 1 < col_tiles;
+      if (two_rows && two_cols) {
+        product_block<2, 2>(depth_tiles, a_r, lda, b_t, b_depth, b_col, c_t, ldc, accumulate);
+      } else if (two_rows) {
+        product_block<2, 1>(depth_tiles, a_r, lda, b_t, b_depth, b_col, c_t, ldc, accumulate);
+      } else if (two_cols) {
+        product_block<1, 2>(depth_tiles, a_r, lda, b_t, b_depth, b_col, c_t, ldc, accumulate);
+      } else {
+        product_block<1, 1>(depth_tiles, a_r, lda, b_t, b_depth, b_col, c_t, ldc, accumulate);
+      }
+    }
+  }
+}
+
+// dst[r * ld + j] = bf16(src[r * lds + j]) for j < n, 0 for n <= j < n_zero (n a whole number of vectors).
+inline void to_bf16_rows(const float* src, int64_t lds, int64_t rows, int64_t n, int64_t n_zero,
+                         c10::BFloat16* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = src + r * lds;
+    c10::BFloat16* d = dst + r * ld;
+    for (int64_t j = 0; j < n; j += 16) {
+      const __m256bh half = _mm512_cvtneps_pbh(_mm512_loadu_ps(s + j));  // round to nearest even, as c10
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + j), (__m256i)half);
+    }
+    std::fill(d + n, d + n_zero, c10::BFloat16(0.0f));
+  }
+}
+
+}  // namespace tiles

@@ -1,0 +1,149 @@
+// Forward of the CPU attention kernel for bfloat16 inputs on AMX: the same online softmax as
+// attention_forward.h (softmax_block and finish_rows, in float), with Q K^T and P V as tile products.
+// K and V of every (sequence, kv head) are packed once into B tiles; P is rounded to bfloat16 before
+// P V, as in torch's CPU flash kernel and FlashAttention.
+//
+// Key blocks start at multiples of 32 keys (one B tile of V): keys before a block's first visible one
+// get -inf scores from softmax_block like any hidden key.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/attention_amx.h"
+#include "cpu/attention_forward.h"
+
+
+// K packed for Q K^T (key tile t of 16 keys, feature chunk d of 32: tile (d, t) at (t * d_tiles + d) *
+// 512) and V for P V (key chunk c of 32, feature tile f of 16: tile (c, f) at (c * f_tiles + f) * 512),
+// zero past the sequence's keys (up to a multiple of 32) and features.
+struct PackedKeys {
+  int64_t heads_kv, d_tiles, f_tiles;
+  std::vector<int64_t> key_chunks, base;  // per sequence: 32-key chunks, offset of its head 0 in chunks
+  std::vector<c10::BFloat16> keys, values;
+
+  template <typename scalar_t>
+  explicit PackedKeys(const Problem<scalar_t>& problem)
+      : heads_kv(problem.heads_kv),
+        d_tiles((problem.head_dim + tiles::kDepth - 1) / tiles::kDepth),
+        f_tiles((problem.value_dim + tiles::kRows - 1) / tiles::kRows) {
+    int64_t chunks = 0;
+    for (const Sequence& seq : problem.sequences) {
+      key_chunks.push_back((seq.len_k + tiles::kDepth - 1) / tiles::kDepth);
+      base.push_back(chunks);
+      chunks += heads_kv * key_chunks.back();
+    }
+    keys.assign(chunks * 2 * d_tiles * tiles::kTileElems, c10::BFloat16(0.0f));
+    values.assign(chunks * f_tiles * tiles::kTileElems, c10::BFloat16(0.0f));
+    const int64_t count = static_cast<int64_t>(problem.sequences.size());
+    at::parallel_for(0, count * heads_kv, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t s = task / heads_kv, h = task % heads_kv;
+        const Sequence& seq = problem.sequences[s];
+        pack_keys(problem.k, seq, h, problem.head_dim, keys.data() + key_offset(s, h));
+        pack_values(problem.v, seq, h, problem.value_dim, values.data() + value_offset(s, h));
+      }
+    });
+  }
+
+  const c10::BFloat16* keys_at(int64_t s, int64_t h) const { return keys.data() + key_offset(s, h); }
+  const c10::BFloat16* values_at(int64_t s, int64_t h) const { return values.data() + value_offset(s, h); }
+
+ private:
+  int64_t key_offset(int64_t s, int64_t h) const {
+    return (base[s] + h * key_chunks[s]) * 2 * d_tiles * tiles::kTileElems;
+  }
+  int64_t value_offset(int64_t s, int64_t h) const { return (base[s] + h * key_chunks[s]) * f_tiles * tiles::kTileElems; }
+
+  // Tile (d, t) row p, column j, element e = K[16 t + j, 32 d + 2 p + e].
+  template <typename scalar_t>
+  void pack_keys(const Operand<scalar_t>& k, const Sequence& seq, int64_t h, int64_t dim, c10::BFloat16* dst) const {
+    for (int64_t key = 0; key < seq.len_k; ++key) {
+      const scalar_t* row = k.row(seq.batch, h, seq.k_start + key);
+      c10::BFloat16* tile_row = dst + (key / tiles::kRows) * d_tiles * tiles::kTileElems + (key % tiles::kRows) * 2;
+      for (int64_t f = 0; f < dim; ++f) {
+        const int64_t d = f / tiles::kDepth, p = (f % tiles::kDepth) / 2;
+        tile_row[d * tiles::kTileElems + p * 2 * tiles::kRows + f % 2] = static_cast<c10::BFloat16>(row[f * k.feature_stride]);
+      }
+    }
+  }
+
+  // Tile (c, f) row p, column j, element e = V[32 c + 2 p + e, 16 f + j].
+  template <typename scalar_t>
+  void pack_values(const Operand<scalar_t>& v, const Sequence& seq, int64_t h, int64_t value_dim,
+                   c10::BFloat16* dst) const {
+    for (int64_t key = 0; key < seq.len_k; ++key) {
+      const scalar_t* row = v.row(seq.batch, h, seq.k_start + key);
+      const int64_t c = key / tiles::kDepth, p = (key % tiles::kDepth) / 2, e = key % 2;
+      c10::BFloat16* chunk = dst + c * f_tiles * tiles::kTileElems + p * 2 * tiles::kRows + e;
+      for (int64_t f = 0; f < value_dim; ++f) {
+        chunk[(f / tiles::kRows) * tiles::kTileElems + (f % tiles::kRows) * 2] = static_cast<c10::BFloat16>(row[f * v.feature_stride]);
+      }
+    }
+  }
+};
+
+// P's row stride in bf16: a whole number of A tiles' depth, plus one so rows do not alias in L1.
+constexpr int64_t kProbStride = kBlockK + tiles::kDepth;
+
+struct AmxBuffers {
+  ForwardBuffers<float> f;  // scores, output, running max and sum (q unused)
+  std::vector<c10::BFloat16> q, p;
+  int64_t ldq;
+  AmxBuffers(int64_t head_dim, int64_t ldv)
+      : f(0, ldv),
+        q(kBlockQ * round_up(head_dim, tiles::kDepth), c10::BFloat16(0.0f)),
+        p(kBlockQ * kProbStride, c10::BFloat16(0.0f)),
+        ldq(round_up(head_dim, tiles::kDepth)) {}
+};
+
+template <typename scalar_t>
+void forward_rows_amx(const Problem<scalar_t>& problem, const Scoring<float>& scoring, const RowBlock& block,
+                      int64_t head, const PackedKeys& packed, AmxBuffers& buf, const Operand<scalar_t>& out,
+                      float* lse, const RowIndex& lse_index) {
+  const Sequence& seq = problem.sequences[block.sequence];
+  const int64_t i0 = block.row, rows = block.rows, row_tiles = (rows + tiles::kRows - 1) / tiles::kRows;
+  const int64_t ldv = packed.f_tiles * tiles::kRows;
+  const int64_t kv_head = head / (problem.heads_q / problem.heads_kv);
+  const c10::BFloat16* keys = packed.keys_at(block.sequence, kv_head);
+  const c10::BFloat16* values = packed.values_at(block.sequence, kv_head);
+  const auto [first, hi] = scoring.rules.block_keys(seq, i0, i0 + rows);
+  const int64_t lo = first / tiles::kDepth * tiles::kDepth;
+  float* scores = buf.f.scores.data();
+  float* acc = buf.f.out.data();
+  buf.f.reset();
+  if (first < hi) load_rows(problem.q, seq.batch, head, seq.q_start + i0, rows, problem.head_dim, buf.q.data(), buf.ldq);
+  for (int64_t j0 = lo; j0 < hi; j0 += kBlockK) {
+    const int64_t n = std::min(kBlockK, hi - j0), n_tiles = (n + tiles::kRows - 1) / tiles::kRows;
+    const int64_t chunks = (n + tiles::kDepth - 1) / tiles::kDepth;
+    tiles::product(row_tiles, 2 * chunks, packed.d_tiles, buf.q.data(), buf.ldq,
+                   keys + j0 / tiles::kRows * packed.d_tiles * tiles::kTileElems, tiles::kTileElems,
+                   packed.d_tiles * tiles::kTileElems, scores, kScoreStride, false);
+    softmax_block(scoring, seq, head, i0, rows, j0, n, scores, kScoreStride, acc, ldv, buf.f.row_max.data(),
+                  buf.f.row_sum.data());
+    tiles::to_bf16_rows(scores, kScoreStride, rows, n_tiles * tiles::kRows, chunks * tiles::kDepth, buf.p.data(),
+                        kProbStride);
+    tiles::product(row_tiles, packed.f_tiles, chunks, buf.p.data(), kProbStride,
+                   values + j0 / tiles::kDepth * packed.f_tiles * tiles::kTileElems,
+                   packed.f_tiles * tiles::kTileElems, tiles::kTileElems, acc, ldv, true);
+  }
+  finish_rows(seq, head, i0, rows, problem.value_dim, acc, ldv, buf.f.row_max.data(), buf.f.row_sum.data(), out, lse,
+              lse_index);
+}
+
+template <typename scalar_t>
+void forward_amx(const Problem<scalar_t>& problem, const Scoring<float>& scoring, const Operand<scalar_t>& out,
+                 float* lse, const RowIndex& lse_index) {
+  const PackedKeys packed(problem);
+  const std::vector<RowBlock> blocks = row_blocks(problem.sequences, kBlockQ);
+  const int64_t count = static_cast<int64_t>(blocks.size());
+  at::parallel_for(0, count * problem.heads_q, 1, [&](int64_t begin, int64_t end) {
+    AmxBuffers buf(problem.head_dim, packed.f_tiles * tiles::kRows);
+    const tiles::Scope scope;
+    for (int64_t task = begin; task < end; ++task) {
+      forward_rows_amx(problem, scoring, blocks[task % count], task / count, packed, buf, out, lse, lse_index);
+    }
+  });
+}
