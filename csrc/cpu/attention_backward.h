@@ -97,32 +97,27 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
     } else {
       scale_row(p, n_pad, acc_t(1) / exp_shifted_sum(p, n_pad, max, exp_scale));
     }
-    acc_t delta = 0;
     if (dropout) {
       acc_t* keep = buf.keep.data() + r * ld;
       acc_t* pk = buf.kept.data() + r * ld;
       std::copy(p, p + n_pad, pk);
+      std::fill(keep + n, keep + n_pad, acc_t(0));
       dropout_row(scoring.dropout, scoring.dropout.row_key(seq.index, head, i0 + r), lo, n, pk, keep);
-      for (int64_t j = 0; j < n; ++j) delta += pk[j] * dp[j];
-      for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] * keep[j] - delta);
+      softmax_backward_row(p, dp, keep, dot(pk, dp, n_pad), n_pad);
     } else {
-      for (int64_t j = 0; j < n; ++j) delta += p[j] * dp[j];
-      for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
+      softmax_backward_row(p, dp, static_cast<const acc_t*>(nullptr), dot(p, dp, n_pad), n_pad);
     }
     // dp now holds dS, the gradient of the final score: that of an added float mask, and minus the
     // distance times it for the slope.
     if (mask_sink) {
-      const Mask& mask = scoring.mask;
       acc_t* sink = mask_sink + seq.batch * extra.mask_stride[0] + head * extra.mask_stride[1] +
                     (i0 + r) * extra.mask_stride[2] + lo * extra.mask_stride[3];
       for (int64_t j = 0; j < n; ++j) sink[j * extra.mask_stride[3]] += dp[j];
-      (void)mask;
     }
     if (extra.alibi) {
       const int64_t position = i0 + r + seq.len_k - seq.len_q - lo;
-      acc_t total = 0;
-      for (int64_t j = 0; j < n; ++j) total += dp[j] * static_cast<acc_t>(std::abs(position - j));
-      extra.alibi[seq.index * problem.heads_q + head] -= total;
+      std::fill(dp + n, dp + n_pad, acc_t(0));
+      extra.alibi[seq.index * problem.heads_q + head] -= distance_dot(dp, position, n_pad);
     }
     if (softcap) {
       const acc_t* t = buf.tanh.data() + r * ld;

@@ -118,16 +118,26 @@ void forward_rows_amx(const Problem<scalar_t>& problem, const Scoring<float>& sc
   for (int64_t j0 = lo; j0 < hi; j0 += kBlockK) {
     const int64_t n = std::min(kBlockK, hi - j0), n_tiles = (n + tiles::kRows - 1) / tiles::kRows;
     const int64_t chunks = (n + tiles::kDepth - 1) / tiles::kDepth;
-    tiles::product(row_tiles, 2 * chunks, packed.d_tiles, buf.q.data(), buf.ldq,
-                   keys + j0 / tiles::kRows * packed.d_tiles * tiles::kTileElems, tiles::kTileElems,
-                   packed.d_tiles * tiles::kTileElems, scores, kScoreStride, false);
+    for (int64_t g = 0; g < rows; g += kGroupRows) {
+      const int64_t group_tiles = (std::min(kGroupRows, rows - g) + tiles::kRows - 1) / tiles::kRows;
+      const auto [b, e] = group_keys(scoring.rules, seq, i0 + g, std::min(kGroupRows, rows - g), j0, n, tiles::kDepth);
+      if (b >= e) continue;
+      tiles::product(group_tiles, (e - b) / tiles::kRows, packed.d_tiles, buf.q.data() + g * buf.ldq, buf.ldq,
+                     keys + (j0 + b) / tiles::kRows * packed.d_tiles * tiles::kTileElems, tiles::kTileElems,
+                     packed.d_tiles * tiles::kTileElems, scores + g * kScoreStride + b, kScoreStride, false);
+    }
     softmax_block(scoring, seq, head, i0, rows, j0, n, scores, kScoreStride, acc, ldv, buf.f.row_max.data(),
                   buf.f.row_sum.data());
     tiles::to_bf16_rows(scores, kScoreStride, rows, n_tiles * tiles::kRows, chunks * tiles::kDepth, buf.p.data(),
                         kProbStride);
-    tiles::product(row_tiles, packed.f_tiles, chunks, buf.p.data(), kProbStride,
-                   values + j0 / tiles::kDepth * packed.f_tiles * tiles::kTileElems,
-                   packed.f_tiles * tiles::kTileElems, tiles::kTileElems, acc, ldv, true);
+    for (int64_t g = 0; g < rows; g += kGroupRows) {
+      const int64_t group_tiles = (std::min(kGroupRows, rows - g) + tiles::kRows - 1) / tiles::kRows;
+      const auto [b, e] = group_keys(scoring.rules, seq, i0 + g, std::min(kGroupRows, rows - g), j0, n, tiles::kDepth);
+      if (b >= e) continue;
+      tiles::product(group_tiles, packed.f_tiles, (e - b) / tiles::kDepth, buf.p.data() + g * kProbStride + b,
+                     kProbStride, values + (j0 + b) / tiles::kDepth * packed.f_tiles * tiles::kTileElems,
+                     packed.f_tiles * tiles::kTileElems, tiles::kTileElems, acc + g * ldv, ldv, true);
+    }
   }
   finish_rows(seq, head, i0, rows, problem.value_dim, acc, ldv, buf.f.row_max.data(), buf.f.row_sum.data(), out, lse,
               lse_index);

@@ -128,6 +128,55 @@ inline void scale_row(acc_t* x, int64_t n_pad, acc_t factor) {
   for (int64_t j = 0; j < n_pad; j += width) simd::store(x + j, simd::load(x + j) * factor);
 }
 
+// sum_j a[j] b[j] over [0, n_pad), in four interleaved partial sums: one add chain would wait on its
+// own latency (and a scalar loop keeps the source's order, which the compiler may not vectorize).
+template <typename acc_t>
+inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n_pad) {
+  using V = simd::Vec<acc_t>;
+  constexpr int64_t width = simd::Traits<acc_t>::width;
+  V total[4] = {V{}, V{}, V{}, V{}};
+  int64_t j = 0;
+  for (; j + 4 * width <= n_pad; j += 4 * width) {
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) total[c] += simd::load(a + j + c * width) * simd::load(b + j + c * width);
+  }
+  for (; j < n_pad; j += width) total[0] += simd::load(a + j) * simd::load(b + j);
+  const V all = (total[0] + total[1]) + (total[2] + total[3]);
+  acc_t result = 0;
+  for (int64_t k = 0; k < width; ++k) result += all[k];
+  return result;
+}
+
+// sum_j dp[j] |position - j| over [0, n_pad): the gradient of an ALiBi slope, up to sign.
+template <typename acc_t>
+inline acc_t distance_dot(const acc_t* dp, int64_t position, int64_t n_pad) {
+  using V = simd::Vec<acc_t>;
+  constexpr int64_t width = simd::Traits<acc_t>::width;
+  V lane{};
+  for (int64_t k = 0; k < width; ++k) lane[k] = static_cast<acc_t>(k);
+  V total{};
+  for (int64_t j = 0; j < n_pad; j += width) {
+    const V offset = lane + static_cast<acc_t>(j - position);  // exact: integers far below 2^24
+    const V distance = offset < 0 ? -offset : offset;
+    total += simd::load(dp + j) * distance;
+  }
+  acc_t result = 0;
+  for (int64_t k = 0; k < width; ++k) result += total[k];
+  return result;
+}
+
+// The softmax's backward on one row: dp <- p (dp keep - delta), keep null meaning 1, over [0, n_pad).
+template <typename acc_t>
+inline void softmax_backward_row(const acc_t* p, acc_t* dp, const acc_t* keep, acc_t delta, int64_t n_pad) {
+  using V = simd::Vec<acc_t>;
+  constexpr int64_t width = simd::Traits<acc_t>::width;
+  for (int64_t j = 0; j < n_pad; j += width) {
+    V g = simd::load(dp + j);
+    if (keep) g *= simd::load(keep + j);
+    simd::store(dp + j, simd::load(p + j) * (g - delta));
+  }
+}
+
 // Whether score_row would only scale row i's products over keys [j0, j0 + n): no softcap, ALiBi or mask,
 // every key visible, and a positive scale (so the row maximum of the products gives that of the scores).
 template <typename acc_t>
