@@ -104,18 +104,13 @@ inline void product(int64_t row_tiles, int64_t col_tiles, int64_t depth_tiles, c
   }
 }
 
-// dst[r * ld + j] = bf16(src[r * lds + j]) for j < n, 0 for n <= j < n_zero (n a whole number of vectors).
-inline void to_bf16_rows(const float* src, int64_t lds, int64_t rows, int64_t n, int64_t n_zero,
-                         c10::BFloat16* dst, int64_t ld) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* s = src + r * lds;
-    c10::BFloat16* d = dst + r * ld;
-    for (int64_t j = 0; j < n; j += 16) {
-      const __m256bh half = _mm512_cvtneps_pbh(_mm512_loadu_ps(s + j));  // round to nearest even, as c10
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + j), (__m256i)half);
-    }
-    std::fill(d + n, d + n_zero, c10::BFloat16(0.0f));
+// dst[j] = bf16(src[j]) for j < n, 0 for n <= j < n_zero (n a whole number of vectors).
+inline void to_bf16_row(const float* src, int64_t n, int64_t n_zero, c10::BFloat16* dst) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m256bh half = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + j));  // round to nearest even, as c10
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), (__m256i)half);
   }
+  std::fill(dst + n, dst + n_zero, c10::BFloat16(0.0f));
 }
 
 }  // namespace tiles

@@ -46,10 +46,11 @@ struct ForwardBuffers {
 // The online softmax of one score block: scores[r * ld + j] holds q.k of row i0 + r and key j0 + j
 // (j < n). Makes them the block's probabilities (dropout applied), zero past n up to round_up(n, width),
 // and rescales the rows' running maximum, sum and output (out, row stride ldv) to the new maximum.
-template <typename acc_t>
+// on_row(r, p) sees each row's final probabilities while they are still in L1.
+template <typename acc_t, typename OnRow>
 void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t head, int64_t i0, int64_t rows,
                    int64_t j0, int64_t n, acc_t* scores, int64_t ld, acc_t* out, int64_t ldv, acc_t* row_max_,
-                   acc_t* row_sum) {
+                   acc_t* row_sum, const OnRow& on_row) {
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   constexpr int64_t width = simd::Traits<acc_t>::width;
   const int64_t n_pad = round_up(n, width);
@@ -69,6 +70,7 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
     const acc_t new_max = block_max > old_max || std::isnan(block_max) ? block_max : old_max;  // NaN spreads
     if (new_max == neg_inf) {  // nothing visible yet: the row's probabilities are all 0
       std::fill(s, s + n_pad, acc_t(0));
+      on_row(r, s);
       continue;
     }
     const acc_t rescale = std::exp(old_max - new_max);
@@ -79,6 +81,7 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
       dropout_row(scoring.dropout, scoring.dropout.row_key(seq.index, head, i0 + r), j0, n, s,
                   static_cast<acc_t*>(nullptr));
     }
+    on_row(r, s);
   }
 }
 
@@ -140,7 +143,7 @@ void forward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
       if (b < e) gemm<acc_t>(group, e - b, dim, buf.q.data() + g * dim, dim, 1, kt + j0 + b, ldk, scores + g * kScoreStride + b, kScoreStride, false);
     }
     softmax_block(scoring, seq, head, i0, rows, j0, n, scores, kScoreStride, acc, ldv, buf.row_max.data(),
-                  buf.row_sum.data());
+                  buf.row_sum.data(), [](int64_t, const acc_t*) {});
     for (int64_t g = 0; g < rows; g += kGroupRows) {
       const int64_t group = std::min(kGroupRows, rows - g);
       const auto [b, e] = group_keys(scoring.rules, seq, i0 + g, group, j0, n, 1);

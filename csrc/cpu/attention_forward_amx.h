@@ -126,10 +126,11 @@ void forward_rows_amx(const Problem<scalar_t>& problem, const Scoring<float>& sc
                      keys + (j0 + b) / tiles::kRows * packed.d_tiles * tiles::kTileElems, tiles::kTileElems,
                      packed.d_tiles * tiles::kTileElems, scores + g * kScoreStride + b, kScoreStride, false);
     }
+    c10::BFloat16* probs = buf.p.data();
     softmax_block(scoring, seq, head, i0, rows, j0, n, scores, kScoreStride, acc, ldv, buf.f.row_max.data(),
-                  buf.f.row_sum.data());
-    tiles::to_bf16_rows(scores, kScoreStride, rows, n_tiles * tiles::kRows, chunks * tiles::kDepth, buf.p.data(),
-                        kProbStride);
+                  buf.f.row_sum.data(), [&](int64_t r, const float* p) {
+                    tiles::to_bf16_row(p, n_tiles * tiles::kRows, chunks * tiles::kDepth, probs + r * kProbStride);
+                  });
     for (int64_t g = 0; g < rows; g += kGroupRows) {
       const int64_t group_tiles = (std::min(kGroupRows, rows - g) + tiles::kRows - 1) / tiles::kRows;
       const auto [b, e] = group_keys(scoring.rules, seq, i0 + g, std::min(kGroupRows, rows - g), j0, n, tiles::kDepth);
