@@ -21,7 +21,7 @@ class ExtensionStatus:
     loaded: bool
     reason: str
     has_cuda: bool
-    cpu_isa: str = ""  # instruction set the CPU attention kernels run with (baseline, avx2, avx512)
+    cpu_isa: str = ""  # instruction set the CPU attention kernels run with (baseline, avx2, avx512, amx)
 
 
 @functools.cache

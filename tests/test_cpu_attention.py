@@ -32,6 +32,8 @@ def _isas() -> list[str]:
             isas.append("avx2")
         if all(f" {f} " in flags for f in ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd")):
             isas.append("avx512")
+            if all(f" {f} " in flags for f in ("amx_tile", "amx_bf16", "avx512_bf16")):
+                isas.append("amx")  # the bfloat16 forward on AMX tiles; the rest as avx512
     return isas
 
 

@@ -79,10 +79,53 @@ inline void product_block(int64_t depth_tiles, const c10::BFloat16* a, int64_t l
   if constexpr (row_tiles > 1 && col_tiles > 1) _tile_stored(3, c3, c_stride);
 }
 
-// The whole product, in 2 x 2 blocks of tiles (1-wide at odd edges).
+// C = A x B for a depth of at most two tiles (head_dim <= 64), as Q K^T is: the B tiles of two columns
+// stay in tmm4-7 while all row tiles pass, one A load per two products where 2 x 2 blocks need one per
+// product (a tile load costs about as much as a product here). C in tmm0-1, A in tmm2-3.
+template <int depth_tiles, int col_tiles>
+inline void product_shallow_columns(int64_t row_tiles, const c10::BFloat16* a, int64_t lda,
+                                    const c10::BFloat16* b, int64_t b_depth, int64_t b_col, float* c,
+                                    int64_t ldc) {
+  static_assert(depth_tiles >= 1 && depth_tiles <= 2 && col_tiles >= 1 && col_tiles <= 2);
+  const int64_t a_stride = lda * 2, c_stride = ldc * 4;
+  _tile_loadd(4, b, 64);
+  if constexpr (depth_tiles > 1) _tile_loadd(5, b + b_depth, 64);
+  if constexpr (col_tiles > 1) _tile_loadd(6, b + b_col, 64);
+  if constexpr (depth_tiles > 1 && col_tiles > 1) _tile_loadd(7, b + b_col + b_depth, 64);
+  for (int64_t r = 0; r < row_tiles; ++r) {
+    const c10::BFloat16* a_r = a + r * kRows * lda;
+    float* c_r = c + r * kRows * ldc;
+    _tile_zero(0);
+    if constexpr (col_tiles > 1) _tile_zero(1);
+    _tile_loadd(2, a_r, a_stride);
+    if constexpr (depth_tiles > 1) _tile_loadd(3, a_r + kDepth, a_stride);
+    _tile_dpbf16ps(0, 2, 4);
+    if constexpr (depth_tiles > 1) _tile_dpbf16ps(0, 3, 5);
+    if constexpr (col_tiles > 1) _tile_dpbf16ps(1, 2, 6);
+    if constexpr (depth_tiles > 1 && col_tiles > 1) _tile_dpbf16ps(1, 3, 7);
+    _tile_stored(0, c_r, c_stride);
+    if constexpr (col_tiles > 1) _tile_stored(1, c_r + kRows, c_stride);
+  }
+}
+
+template <int depth_tiles>
+inline void product_shallow(int64_t row_tiles, int64_t col_tiles, const c10::BFloat16* a, int64_t lda,
+                            const c10::BFloat16* b, int64_t b_depth, int64_t b_col, float* c, int64_t ldc) {
+  int64_t t = 0;
+  for (; t + 2 <= col_tiles; t += 2) {
+    product_shallow_columns<depth_tiles, 2>(row_tiles, a, lda, b + t * b_col, b_depth, b_col, c + t * kRows, ldc);
+  }
+  if (t < col_tiles) {
+    product_shallow_columns<depth_tiles, 1>(row_tiles, a, lda, b + t * b_col, b_depth, b_col, c + t * kRows, ldc);
+  }
+}
+
+// The whole product, in 2 x 2 blocks of tiles (1-wide at odd edges); shallow ones column-stationary.
 inline void product(int64_t row_tiles, int64_t col_tiles, int64_t depth_tiles, const c10::BFloat16* a,
                     int64_t lda, const c10::BFloat16* b, int64_t b_depth, int64_t b_col, float* c, int64_t ldc,
                     bool accumulate) {
+  if (!accumulate && depth_tiles == 1) return product_shallow<1>(row_tiles, col_tiles, a, lda, b, b_depth, b_col, c, ldc);
+  if (!accumulate && depth_tiles == 2) return product_shallow<2>(row_tiles, col_tiles, a, lda, b, b_depth, b_col, c, ldc);
   for (int64_t r = 0; r < row_tiles; r += 2) {
     const c10::BFloat16* a_r = a + r * kRows * lda;
     float* c_r = c + r * kRows * ldc;

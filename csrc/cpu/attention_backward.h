@@ -95,7 +95,7 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
     if (max == -std::numeric_limits<acc_t>::infinity()) {
       std::fill(p, p + n_pad, acc_t(0));
     } else {
-      scale_row(p, n_pad, acc_t(1) / exp_shifted_sum(p, n_pad, max, exp_scale));
+      scale_row(p, n_pad, acc_t(1) / exp_shifted_sum(p, p, n_pad, max, exp_scale));
     }
     if (dropout) {
       acc_t* keep = buf.keep.data() + r * ld;

@@ -31,11 +31,21 @@ constexpr int64_t kBlockK = 512;
 // and the P V product reads six rows at once; the padding measured 1.3-1.5x faster for that product.
 constexpr int64_t kScoreStride = kBlockK + 16;
 
+// Rows per group in a block's products: each group multiplies only the keys it can see, so the part of
+// a block that a causal diagonal or a window's edge hides costs little (a 256-row block computed the
+// whole 256 x 256 square on the diagonal; 64-row groups compute 5/8 of it).
+constexpr int64_t kGroupRows = 64;
+
 template <typename acc_t>
 struct ForwardBuffers {
-  std::vector<acc_t> q, scores, out, row_max, row_sum;
-  ForwardBuffers(int64_t head_dim, int64_t ldv)
-      : q(kBlockQ * head_dim), scores(kBlockQ * kScoreStride), out(kBlockQ * ldv), row_max(kBlockQ), row_sum(kBlockQ) {}
+  std::vector<acc_t> q, scores, probs, out, row_max, row_sum;
+  ForwardBuffers(int64_t head_dim, int64_t ldv, int64_t prob_rows = kGroupRows)
+      : q(kBlockQ * head_dim),
+        scores(kBlockQ * kScoreStride),
+        probs(prob_rows * kScoreStride),
+        out(kBlockQ * ldv),
+        row_max(kBlockQ),
+        row_sum(kBlockQ) {}
   void reset() {  // before each block of rows: nothing seen yet
     std::fill(out.begin(), out.end(), acc_t(0));
     std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<acc_t>::infinity());
@@ -43,20 +53,31 @@ struct ForwardBuffers {
   }
 };
 
+// A row's running sum may grow to this before its reference maximum must move up (see softmax_block).
+template <typename acc_t>
+constexpr acc_t kLazySumLimit = acc_t(4294967296.0);  // 2^32
+
 // The online softmax of one score block: scores[r * ld + j] holds q.k of row i0 + r and key j0 + j
-// (j < n). Makes them the block's probabilities (dropout applied), zero past n up to round_up(n, width),
-// and rescales the rows' running maximum, sum and output (out, row stride ldv) to the new maximum.
-// on_row(r, p) sees each row's final probabilities while they are still in L1.
+// (j < n). Writes the block's probabilities (dropout applied) to probs[r * ldp + j], zero past n up to
+// round_up(n, width), and keeps the rows' reference maximum, running sum and output (out, row stride
+// ldv) consistent. on_row(r, p) sees each row's final probabilities while they are still in L1.
+//
+// The reference maximum moves lazily: a row that has one takes exp(score - reference) in a single pass
+// without the block's maximum, and keeps the result unless the running sum passes kLazySumLimit (a score
+// far above the reference, an overflow, or a NaN); only then, and on a row's first block, a maximum pass
+// sets a new reference and rescales. Terms above 1 lose nothing: float's relative precision does not
+// depend on magnitude, and the sum stays 30 binary orders below overflow.
 template <typename acc_t, typename OnRow>
 void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t head, int64_t i0, int64_t rows,
-                   int64_t j0, int64_t n, acc_t* scores, int64_t ld, acc_t* out, int64_t ldv, acc_t* row_max_,
-                   acc_t* row_sum, const OnRow& on_row) {
+                   int64_t j0, int64_t n, const acc_t* scores_in, int64_t ld, acc_t* probs, int64_t ldp,
+                   acc_t* out, int64_t ldv, acc_t* row_max_, acc_t* row_sum, const OnRow& on_row) {
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   constexpr int64_t width = simd::Traits<acc_t>::width;
   const int64_t n_pad = round_up(n, width);
   const acc_t scale = static_cast<acc_t>(scoring.rules.scale);
   for (int64_t r = 0; r < rows; ++r) {
-    acc_t* s = scores + r * ld;
+    acc_t* s = const_cast<acc_t*>(scores_in) + r * ld;  // score_row finishes the scores in place
+    acc_t* p = probs + r * ldp;
     // Plain rows (the common case) skip the score pass: the scale is folded into the exp's argument.
     const bool plain = plain_row(scoring, seq, head, i0 + r, j0, n);
     const acc_t exp_scale = plain ? scale : acc_t(1);
@@ -65,23 +86,33 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
     } else {
       score_row(scoring, seq, head, i0 + r, j0, n, n_pad, s, s /* softcap's tanh is not needed here */);
     }
-    const acc_t old_max = row_max_[r];
-    const acc_t block_max = row_max(s, n_pad) * exp_scale;
-    const acc_t new_max = block_max > old_max || std::isnan(block_max) ? block_max : old_max;  // NaN spreads
-    if (new_max == neg_inf) {  // nothing visible yet: the row's probabilities are all 0
-      std::fill(s, s + n_pad, acc_t(0));
-      on_row(r, s);
-      continue;
+    const acc_t reference = row_max_[r];
+    bool done = false;
+    if (reference > neg_inf) {  // false for a row with no reference yet, and for NaN
+      const acc_t total = row_sum[r] + exp_shifted_sum(s, p, n_pad, reference, exp_scale);
+      if (total <= kLazySumLimit<acc_t>) {  // false for NaN and inf
+        row_sum[r] = total;
+        done = true;
+      }
     }
-    const acc_t rescale = std::exp(old_max - new_max);
-    row_sum[r] = row_sum[r] * rescale + exp_shifted_sum(s, n_pad, new_max, exp_scale);
-    row_max_[r] = new_max;
-    if (rescale != acc_t(1)) scale_row(out + r * ldv, ldv, rescale);
+    if (!done) {
+      const acc_t block_max = row_max(s, n_pad) * exp_scale;
+      const acc_t new_max = block_max > reference || std::isnan(block_max) ? block_max : reference;  // NaN spreads
+      if (new_max == neg_inf) {  // nothing visible yet: the row's probabilities are all 0
+        std::fill(p, p + n_pad, acc_t(0));
+        on_row(r, p);
+        continue;
+      }
+      const acc_t rescale = std::exp(reference - new_max);
+      row_sum[r] = row_sum[r] * rescale + exp_shifted_sum(s, p, n_pad, new_max, exp_scale);
+      row_max_[r] = new_max;
+      if (rescale != acc_t(1)) scale_row(out + r * ldv, ldv, rescale);
+    }
     if (scoring.dropout.active()) {
-      dropout_row(scoring.dropout, scoring.dropout.row_key(seq.index, head, i0 + r), j0, n, s,
+      dropout_row(scoring.dropout, scoring.dropout.row_key(seq.index, head, i0 + r), j0, n, p,
                   static_cast<acc_t*>(nullptr));
     }
-    on_row(r, s);
+    on_row(r, p);
   }
 }
 
@@ -100,10 +131,6 @@ void finish_rows(const Sequence& seq, int64_t head, int64_t i0, int64_t rows, in
   store_rows(output, seq.batch, head, seq.q_start + i0, rows, value_dim, out, ldv);
 }
 
-// Rows per group in a block's products: each group multiplies only the keys it can see, so the part of
-// a block that a causal diagonal or a window's edge hides costs little (a 256-row block computed the
-// whole 256 x 256 square on the diagonal; 64-row groups compute 5/8 of it).
-constexpr int64_t kGroupRows = 64;
 
 // The keys [begin, end) of [j0, j0 + n), as offsets from j0, that rows [r0, r0 + rows) can see, begin
 // rounded down and end up to multiples of `align` (end at most round_up(n, align)). Keys in the range
@@ -142,12 +169,16 @@ void forward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
       const auto [b, e] = group_keys(scoring.rules, seq, i0 + g, group, j0, n, 1);
       if (b < e) gemm<acc_t>(group, e - b, dim, buf.q.data() + g * dim, dim, 1, kt + j0 + b, ldk, scores + g * kScoreStride + b, kScoreStride, false);
     }
-    softmax_block(scoring, seq, head, i0, rows, j0, n, scores, kScoreStride, acc, ldv, buf.row_max.data(),
-                  buf.row_sum.data(), [](int64_t, const acc_t*) {});
+    // Softmax and P V a group at a time: the group's probabilities (64 rows) stay in L1/L2 beside the
+    // block's scores, where a whole block of both would not fit in L2 at head_dim 128.
+    acc_t* probs = buf.probs.data();
     for (int64_t g = 0; g < rows; g += kGroupRows) {
       const int64_t group = std::min(kGroupRows, rows - g);
+      softmax_block(scoring, seq, head, i0 + g, group, j0, n, scores + g * kScoreStride, kScoreStride, probs,
+                    kScoreStride, acc + g * ldv, ldv, buf.row_max.data() + g, buf.row_sum.data() + g,
+                    [](int64_t, const acc_t*) {});
       const auto [b, e] = group_keys(scoring.rules, seq, i0 + g, group, j0, n, 1);
-      if (b < e) gemm<acc_t>(group, value_dim, e - b, scores + g * kScoreStride + b, kScoreStride, 1, values + (j0 + b) * ldv, ldv, acc + g * ldv, ldv, true);
+      if (b < e) gemm<acc_t>(group, value_dim, e - b, probs + b, kScoreStride, 1, values + (j0 + b) * ldv, ldv, acc + g * ldv, ldv, true);
     }
   }
   finish_rows(seq, head, i0, rows, value_dim, acc, ldv, buf.row_max.data(), buf.row_sum.data(), out, lse,

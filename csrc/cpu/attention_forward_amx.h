@@ -93,7 +93,7 @@ struct AmxBuffers {
   std::vector<c10::BFloat16> q, p;
   int64_t ldq;
   AmxBuffers(int64_t head_dim, int64_t ldv)
-      : f(0, ldv),
+      : f(0, ldv, 1),
         q(kBlockQ * round_up(head_dim, tiles::kDepth), c10::BFloat16(0.0f)),
         p(kBlockQ * kProbStride, c10::BFloat16(0.0f)),
         ldq(round_up(head_dim, tiles::kDepth)) {}
@@ -127,8 +127,9 @@ void forward_rows_amx(const Problem<scalar_t>& problem, const Scoring<float>& sc
                      packed.d_tiles * tiles::kTileElems, scores + g * kScoreStride + b, kScoreStride, false);
     }
     c10::BFloat16* probs = buf.p.data();
-    softmax_block(scoring, seq, head, i0, rows, j0, n, scores, kScoreStride, acc, ldv, buf.f.row_max.data(),
-                  buf.f.row_sum.data(), [&](int64_t r, const float* p) {
+    // Each row's float probabilities go to one scratch row (ldp = 0), rounded to P at once.
+    softmax_block(scoring, seq, head, i0, rows, j0, n, scores, kScoreStride, buf.f.probs.data(), 0, acc, ldv,
+                  buf.f.row_max.data(), buf.f.row_sum.data(), [&](int64_t r, const float* p) {
                     tiles::to_bf16_row(p, n_tiles * tiles::kRows, chunks * tiles::kDepth, probs + r * kProbStride);
                   });
     for (int64_t g = 0; g < rows; g += kGroupRows) {

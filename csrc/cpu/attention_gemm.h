@@ -108,8 +108,12 @@ inline void gemm(int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row,
     const bool add = accumulate || k0 > 0;
     int64_t v = 0;
     for (; v + kVectors <= vectors; v += kVectors) {
-      pack_panel(kc, block, b + k0 * ldb + v * width, ldb, panel.data());
-      gemm_columns<T, kVectors>(m, kc, a_k, a_row, a_col, panel.data(), block, c + v * width, ldc, add);
+      const T* b_panel = b + k0 * ldb + v * width;
+      if (ldb != block) {  // rows of exactly one panel's width (V with head_dim 64) are a panel already
+        pack_panel(kc, block, b_panel, ldb, panel.data());
+        b_panel = panel.data();
+      }
+      gemm_columns<T, kVectors>(m, kc, a_k, a_row, a_col, b_panel, block, c + v * width, ldc, add);
     }
     const int64_t tail = vectors - v;
     if (tail == 0) continue;

@@ -95,10 +95,10 @@ inline acc_t row_max(const acc_t* s, int64_t n_pad) {
   return result;
 }
 
-// s <- exp(s * scale - shift) in place over [0, n_pad) (one FMA, then exp); returns the sum. -inf
+// p <- exp(s * scale - shift) over [0, n_pad) (one FMA, then exp; p may be s); returns the sum. -inf
 // scores give 0.
 template <typename acc_t>
-inline acc_t exp_shifted_sum(acc_t* s, int64_t n_pad, acc_t shift, acc_t scale = acc_t(1)) {
+inline acc_t exp_shifted_sum(const acc_t* s, acc_t* p, int64_t n_pad, acc_t shift, acc_t scale = acc_t(1)) {
   using V = simd::Vec<acc_t>;
   constexpr int64_t width = simd::Traits<acc_t>::width;
   V total[2] = {V{}, V{}};  // two sums: one add chain would wait on its own latency
@@ -106,15 +106,15 @@ inline acc_t exp_shifted_sum(acc_t* s, int64_t n_pad, acc_t shift, acc_t scale =
   for (; j + 2 * width <= n_pad; j += 2 * width) {
 #pragma GCC unroll 2
     for (int c = 0; c < 2; ++c) {
-      const V p = simd::exp_affine<acc_t>(simd::load(s + j + c * width), scale, shift);
-      simd::store(s + j + c * width, p);
-      total[c] += p;
+      const V e = simd::exp_affine<acc_t>(simd::load(s + j + c * width), scale, shift);
+      simd::store(p + j + c * width, e);
+      total[c] += e;
     }
   }
   if (j < n_pad) {
-    const V p = simd::exp_affine<acc_t>(simd::load(s + j), scale, shift);
-    simd::store(s + j, p);
-    total[0] += p;
+    const V e = simd::exp_affine<acc_t>(simd::load(s + j), scale, shift);
+    simd::store(p + j, e);
+    total[0] += e;
   }
   const V both = total[0] + total[1];
   acc_t result = 0;
