@@ -24,17 +24,19 @@
 
 
 // Query rows per task and keys per step. Each K / V block is reused by kBlockQ rows and the block's
-// scores (kBlockQ x kBlockK) stay in L2: torch's CPU flash kernel measured best with the same sizes.
-constexpr int64_t kBlockQ = 256;
+// scores (kBlockQ x kBlockK) stay in L2: torch's CPU flash kernel measured best with 256 x 512; 240 is
+// five groups (below).
+constexpr int64_t kBlockQ = 240;
 constexpr int64_t kBlockK = 512;
 // Row stride of the score block: 512 floats would put every row in the same few L1 sets (2 KiB apart),
 // and the P V product reads six rows at once; the padding measured 1.3-1.5x faster for that product.
 constexpr int64_t kScoreStride = kBlockK + 16;
 
 // Rows per group in a block's products: each group multiplies only the keys it can see, so the part of
-// a block that a causal diagonal or a window's edge hides costs little (a 256-row block computed the
-// whole 256 x 256 square on the diagonal; 64-row groups compute 5/8 of it).
-constexpr int64_t kGroupRows = 64;
+// a block that a causal diagonal or a window's edge hides costs little (a 240-row block computed the
+// whole 240 x 240 square on the diagonal; 48-row groups compute 3/5 of it). 48 is a whole number of
+// register tiles (6 rows) and of AMX tiles (16 rows).
+constexpr int64_t kGroupRows = 48;
 
 template <typename acc_t>
 struct ForwardBuffers {
@@ -143,6 +145,23 @@ inline std::pair<int64_t, int64_t> group_keys(const Rules& rules, const Sequence
   return {begin / align * align, round_up(end, align)};
 }
 
+// Calls fn(first row, rows, begin, end) for each run of consecutive groups of rows [i0, i0 + rows) that
+// see the same keys [begin, end) of the block (group_keys), skipping runs that see none: off the
+// diagonal a whole block is one run, so a product packs its panels once for all groups.
+template <typename Fn>
+inline void for_each_run(const Rules& rules, const Sequence& seq, int64_t i0, int64_t rows, int64_t j0, int64_t n,
+                         int64_t align, const Fn& fn) {
+  const auto keys_of = [&](int64_t g) { return group_keys(rules, seq, i0 + g, std::min(kGroupRows, rows - g), j0, n, align); };
+  for (int64_t g = 0; g < rows;) {
+    const auto range = keys_of(g);
+    int64_t end = g + kGroupRows;
+    while (end < rows && keys_of(end) == range) end += kGroupRows;
+    end = std::min(end, rows);
+    if (range.first < range.second) fn(g, end - g, range.first, range.second);
+    g = end;
+  }
+}
+
 // Rows [i0, i0 + rows) of one (sequence, query head).
 template <typename scalar_t, typename acc_t>
 void forward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scoring,
@@ -164,11 +183,10 @@ void forward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
   if (lo < hi) load_rows(problem.q, seq.batch, head, seq.q_start + i0, rows, dim, buf.q.data(), dim);
   for (int64_t j0 = lo; j0 < hi; j0 += kBlockK) {
     const int64_t n = std::min(kBlockK, hi - j0);
-    for (int64_t g = 0; g < rows; g += kGroupRows) {
-      const int64_t group = std::min(kGroupRows, rows - g);
-      const auto [b, e] = group_keys(scoring.rules, seq, i0 + g, group, j0, n, 1);
-      if (b < e) gemm<acc_t>(group, e - b, dim, buf.q.data() + g * dim, dim, 1, kt + j0 + b, ldk, scores + g * kScoreStride + b, kScoreStride, false);
-    }
+    for_each_run(scoring.rules, seq, i0, rows, j0, n, 1, [&](int64_t g, int64_t group, int64_t b, int64_t e) {
+      gemm<acc_t>(group, e - b, dim, buf.q.data() + g * dim, dim, 1, kt + j0 + b, ldk, scores + g * kScoreStride + b,
+                  kScoreStride, false);
+    });
     // Softmax and P V a group at a time: the group's probabilities (64 rows) stay in L1/L2 beside the
     // block's scores, where a whole block of both would not fit in L2 at head_dim 128.
     acc_t* probs = buf.probs.data();

@@ -118,28 +118,24 @@ void forward_rows_amx(const Problem<scalar_t>& problem, const Scoring<float>& sc
   for (int64_t j0 = lo; j0 < hi; j0 += kBlockK) {
     const int64_t n = std::min(kBlockK, hi - j0), n_tiles = (n + tiles::kRows - 1) / tiles::kRows;
     const int64_t chunks = (n + tiles::kDepth - 1) / tiles::kDepth;
-    for (int64_t g = 0; g < rows; g += kGroupRows) {
-      const int64_t group_tiles = (std::min(kGroupRows, rows - g) + tiles::kRows - 1) / tiles::kRows;
-      const auto [b, e] = group_keys(scoring.rules, seq, i0 + g, std::min(kGroupRows, rows - g), j0, n, tiles::kDepth);
-      if (b >= e) continue;
-      tiles::product(group_tiles, (e - b) / tiles::kRows, packed.d_tiles, buf.q.data() + g * buf.ldq, buf.ldq,
+    for_each_run(scoring.rules, seq, i0, rows, j0, n, tiles::kDepth, [&](int64_t g, int64_t group, int64_t b, int64_t e) {
+      tiles::product((group + tiles::kRows - 1) / tiles::kRows, (e - b) / tiles::kRows, packed.d_tiles,
+                     buf.q.data() + g * buf.ldq, buf.ldq,
                      keys + (j0 + b) / tiles::kRows * packed.d_tiles * tiles::kTileElems, tiles::kTileElems,
                      packed.d_tiles * tiles::kTileElems, scores + g * kScoreStride + b, kScoreStride, false);
-    }
+    });
     c10::BFloat16* probs = buf.p.data();
     // Each row's float probabilities go to one scratch row (ldp = 0), rounded to P at once.
     softmax_block(scoring, seq, head, i0, rows, j0, n, scores, kScoreStride, buf.f.probs.data(), 0, acc, ldv,
                   buf.f.row_max.data(), buf.f.row_sum.data(), [&](int64_t r, const float* p) {
                     tiles::to_bf16_row(p, n_tiles * tiles::kRows, chunks * tiles::kDepth, probs + r * kProbStride);
                   });
-    for (int64_t g = 0; g < rows; g += kGroupRows) {
-      const int64_t group_tiles = (std::min(kGroupRows, rows - g) + tiles::kRows - 1) / tiles::kRows;
-      const auto [b, e] = group_keys(scoring.rules, seq, i0 + g, std::min(kGroupRows, rows - g), j0, n, tiles::kDepth);
-      if (b >= e) continue;
-      tiles::product(group_tiles, packed.f_tiles, (e - b) / tiles::kDepth, buf.p.data() + g * kProbStride + b,
-                     kProbStride, values + (j0 + b) / tiles::kDepth * packed.f_tiles * tiles::kTileElems,
+    for_each_run(scoring.rules, seq, i0, rows, j0, n, tiles::kDepth, [&](int64_t g, int64_t group, int64_t b, int64_t e) {
+      tiles::product((group + tiles::kRows - 1) / tiles::kRows, packed.f_tiles, (e - b) / tiles::kDepth,
+                     buf.p.data() + g * kProbStride + b, kProbStride,
+                     values + (j0 + b) / tiles::kDepth * packed.f_tiles * tiles::kTileElems,
                      packed.f_tiles * tiles::kTileElems, tiles::kTileElems, acc + g * ldv, ldv, true);
-    }
+    });
   }
   finish_rows(seq, head, i0, rows, problem.value_dim, acc, ldv, buf.f.row_max.data(), buf.f.row_sum.data(), out, lse,
               lse_index);
