@@ -47,8 +47,8 @@ struct BackwardBuffers {
 
 template <typename acc_t>
 struct BackwardTask {
-  int64_t sequence, kv_head, ld_t;
-  const acc_t *keys_t, *keys, *values_t;
+  int64_t sequence, kv_head;
+  const KeyTiles<acc_t>& tiles;
 };
 
 // Gradients of rows [i0, i0 + rows) of query head `head`: writes their dq, adds to the task's dk / dv
@@ -63,20 +63,23 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
   constexpr int64_t width = simd::Traits<acc_t>::width;
   const Sequence& seq = problem.sequences[task.sequence];
   const int64_t dim = problem.head_dim, value_dim = problem.value_dim;
-  const int64_t ld_k = round_up(dim, width), ld_v = round_up(value_dim, width), ld = buf.ld;
-  const auto [lo, hi] = scoring.rules.block_keys(seq, i0, i0 + rows);
-  if (lo >= hi) {  // the rows see nothing: their output was 0 whatever q, so dq = 0
+  const int64_t ld_k = task.tiles.ld_k, ld_v = task.tiles.ld_v, ld = buf.ld;
+  const auto [first, hi] = scoring.rules.block_keys(seq, i0, i0 + rows);
+  if (first >= hi) {  // the rows see nothing: their output was 0 whatever q, so dq = 0
     std::fill(buf.dq.begin(), buf.dq.end(), acc_t(0));
     store_rows(dq, seq.batch, head, seq.q_start + i0, rows, dim, buf.dq.data(), ld_k);
     return;
   }
+  // From a whole panel of the transposed K and V: keys before the first visible one get p = 0.
+  const int64_t lo = first / kPanel<acc_t> * kPanel<acc_t>;
   const int64_t n = hi - lo, n_pad = round_up(n, width);
+  const int64_t s = task.sequence, h = task.kv_head;
   load_rows(problem.q, seq.batch, head, seq.q_start + i0, rows, dim, buf.q.data(), ld_k);
   load_rows(dout, seq.batch, head, seq.q_start + i0, rows, value_dim, buf.dout.data(), ld_v);
   acc_t* probs = buf.probs.data();
   acc_t* dprobs = buf.dprobs.data();
-  gemm<acc_t>(rows, n, dim, buf.q.data(), ld_k, 1, task.keys_t + lo, task.ld_t, probs, ld, false);
-  gemm<acc_t>(rows, n, value_dim, buf.dout.data(), ld_v, 1, task.values_t + lo, task.ld_t, dprobs, ld, false);
+  gemm<acc_t>(rows, n, dim, buf.q.data(), ld_k, 1, task.tiles.keys_t(s, h, lo), probs, ld, false);
+  gemm<acc_t>(rows, n, value_dim, buf.dout.data(), ld_v, 1, task.tiles.values_t(s, h, lo), dprobs, ld, false);
   const bool softcap = scoring.rules.softcap > 0, dropout = scoring.dropout.active();
   const acc_t* kept = dropout ? buf.kept.data() : probs;  // P with dropout applied: what multiplied V
   const acc_t scale = static_cast<acc_t>(scoring.rules.scale);
@@ -128,7 +131,7 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
     for (int64_t j = n; j < n_pad; ++j) dp[j] = acc_t(0);
   }
   gemm<acc_t>(n, value_dim, rows, kept, 1, ld, buf.dout.data(), ld_v, buf.dv.data() + lo * ld_v, ld_v, true);
-  gemm<acc_t>(rows, dim, n, dprobs, ld, 1, task.keys + lo * ld_k, ld_k, buf.dq.data(), ld_k, false);
+  gemm<acc_t>(rows, dim, n, dprobs, ld, 1, task.tiles.keys(s, h, lo), buf.dq.data(), ld_k, false);
   store_rows(dq, seq.batch, head, seq.q_start + i0, rows, dim, buf.dq.data(), ld_k);
   gemm<acc_t>(n, dim, rows, dprobs, 1, ld, buf.q.data(), ld_k, buf.dk.data() + lo * ld_k, ld_k, true);
 }
@@ -149,9 +152,10 @@ void backward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_
     for (int64_t index = begin; index < end; ++index) {
       const int64_t s = index / heads_kv, kv_head = index % heads_kv;
       const Sequence& seq = problem.sequences[s];
-      const BackwardTask<acc_t> task{s, kv_head, tiles.ld_t[s], tiles.keys_t(s, kv_head),
-                                     tiles.keys(s, kv_head, seq.len_k), tiles.values_t(s, kv_head)};
-      BackwardBuffers<acc_t> buf(tiles.ld_t[s], tiles.ld_k, tiles.ld_v, seq.len_k, scoring.rules.softcap > 0,
+      const BackwardTask<acc_t> task{s, kv_head, tiles};
+      // Score rows cover the panels of keys, plus a vector so that rows do not alias in L1.
+      const int64_t ld = tiles.key_panels[s] * Tiles::panel + simd::Traits<acc_t>::width;
+      BackwardBuffers<acc_t> buf(ld, tiles.ld_k, tiles.ld_v, seq.len_k, scoring.rules.softcap > 0,
                                  scoring.dropout.active());
       for (int64_t g = 0; g < group; ++g) {
         for (int64_t i0 = 0; i0 < seq.len_q; i0 += kBackwardRows) {

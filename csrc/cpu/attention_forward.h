@@ -173,22 +173,22 @@ void forward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
   const int64_t i0 = block.row, rows = block.rows;
   const int64_t dim = problem.head_dim, value_dim = problem.value_dim, ldv = tiles.ld_v;
   const int64_t kv_head = head / (problem.heads_q / problem.heads_kv);
-  const acc_t* kt = tiles.keys_t(block.sequence, kv_head);
-  const int64_t ldk = tiles.ld_t[block.sequence];
-  const acc_t* values = tiles.values(block.sequence, kv_head, seq.len_k);
-  const auto [lo, hi] = scoring.rules.block_keys(seq, i0, i0 + rows);
+  // Key blocks start at whole panels of the transposed K; keys before the first visible one get -inf.
+  constexpr int64_t panel = kPanel<acc_t>;
+  const auto [first, hi] = scoring.rules.block_keys(seq, i0, i0 + rows);
+  const int64_t lo = first / panel * panel;
   acc_t* scores = buf.scores.data();
   acc_t* acc = buf.out.data();
   buf.reset();
-  if (lo < hi) load_rows(problem.q, seq.batch, head, seq.q_start + i0, rows, dim, buf.q.data(), dim);
+  if (first < hi) load_rows(problem.q, seq.batch, head, seq.q_start + i0, rows, dim, buf.q.data(), dim);
   for (int64_t j0 = lo; j0 < hi; j0 += kBlockK) {
     const int64_t n = std::min(kBlockK, hi - j0);
-    for_each_run(scoring.rules, seq, i0, rows, j0, n, 1, [&](int64_t g, int64_t group, int64_t b, int64_t e) {
-      gemm<acc_t>(group, e - b, dim, buf.q.data() + g * dim, dim, 1, kt + j0 + b, ldk, scores + g * kScoreStride + b,
-                  kScoreStride, false);
+    for_each_run(scoring.rules, seq, i0, rows, j0, n, panel, [&](int64_t g, int64_t group, int64_t b, int64_t e) {
+      gemm<acc_t>(group, e - b, dim, buf.q.data() + g * dim, dim, 1, tiles.keys_t(block.sequence, kv_head, j0 + b),
+                  scores + g * kScoreStride + b, kScoreStride, false);
     });
-    // Softmax and P V a group at a time: the group's probabilities (64 rows) stay in L1/L2 beside the
-    // block's scores, where a whole block of both would not fit in L2 at head_dim 128.
+    // Softmax and P V a group at a time: the group's probabilities stay in L1/L2 beside the block's
+    // scores, where a whole block of both would not fit in L2 at head_dim 128.
     acc_t* probs = buf.probs.data();
     for (int64_t g = 0; g < rows; g += kGroupRows) {
       const int64_t group = std::min(kGroupRows, rows - g);
@@ -196,7 +196,10 @@ void forward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
                     kScoreStride, acc + g * ldv, ldv, buf.row_max.data() + g, buf.row_sum.data() + g,
                     [](int64_t, const acc_t*) {});
       const auto [b, e] = group_keys(scoring.rules, seq, i0 + g, group, j0, n, 1);
-      if (b < e) gemm<acc_t>(group, value_dim, e - b, probs + b, kScoreStride, 1, values + (j0 + b) * ldv, ldv, acc + g * ldv, ldv, true);
+      if (b < e) {
+        gemm<acc_t>(group, value_dim, e - b, probs + b, kScoreStride, 1, tiles.values(block.sequence, kv_head, j0 + b),
+                    acc + g * ldv, ldv, true);
+      }
     }
   }
   finish_rows(seq, head, i0, rows, value_dim, acc, ldv, buf.row_max.data(), buf.row_sum.data(), out, lse,

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "cpu/attention_simd.h"
@@ -83,24 +84,37 @@ inline void gemm_columns(int64_t m, int64_t depth, const T* a, int64_t a_row, in
 
 static_assert(kRows == 6, "gemm_columns' tail switch covers kRows - 1 rows");
 
-// Depth of one packed panel of B: kDepthChunk x (kVectors vectors) floats is 32 KiB, which stays in L1
-// while every row block of A streams past it.
+// Depth of one panel of B in a product: kDepthChunk x (kVectors vectors) floats is 32 KiB, which stays
+// in L1 while every row block of A streams past it.
 constexpr int64_t kDepthChunk = 128;
 
+// Columns of one panel: the register tile's width.
+template <typename T>
+constexpr int64_t kPanel = kVectors * simd::Traits<T>::width;
+
+// B stored as panels of kPanel<T> columns, zero-padded: row k of column block v at
+// data + v * block_stride + k * kPanel<T>. KeyTiles keeps K and V this way, so the products that read
+// them every step never copy them (copying cost 10-20% of the backward at head_dim 128).
+template <typename T>
+struct Panels {
+  const T* data;
+  int64_t block_stride;
+};
+
 // Copies B[0, depth) x [0, columns) (columns a whole number of vectors) into a contiguous panel. A panel
-// read row after row never misses L1, where B's own rows, a whole sequence apart in the transposed K,
-// all fall in the same few cache sets (and P V's 512 x 64 block of V is larger than L1).
+// read row after row never misses L1, where B's own rows, a whole sequence apart in a transposed K,
+// all fall in the same few cache sets.
 template <typename T>
 inline void pack_panel(int64_t depth, int64_t columns, const T* b, int64_t ldb, T* panel) {
   for (int64_t k = 0; k < depth; ++k) std::memcpy(panel + k * columns, b + k * ldb, columns * sizeof(T));
 }
 
-template <typename T>
-inline void gemm(int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row, int64_t a_col,
-                            const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
+// The product over depth chunks and column blocks; panel(k0, kc, v, vectors) returns the B panel (and
+// its row stride) of rows [k0, k0 + kc) and `vectors` vectors from column vector v.
+template <typename T, typename PanelOf>
+inline void gemm_blocks(int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row, int64_t a_col,
+                        const PanelOf& panel_of, T* c, int64_t ldc, bool accumulate) {
   constexpr int64_t width = simd::Traits<T>::width;
-  constexpr int64_t block = kVectors * width;
-  thread_local std::vector<T> panel(kDepthChunk * block);
   const int64_t vectors = (n + width - 1) / width;
   for (int64_t k0 = 0; k0 < depth; k0 += kDepthChunk) {
     const int64_t kc = std::min(kDepthChunk, depth - k0);
@@ -108,25 +122,45 @@ inline void gemm(int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row,
     const bool add = accumulate || k0 > 0;
     int64_t v = 0;
     for (; v + kVectors <= vectors; v += kVectors) {
-      const T* b_panel = b + k0 * ldb + v * width;
-      if (ldb != block) {  // rows of exactly one panel's width (V with head_dim 64) are a panel already
-        pack_panel(kc, block, b_panel, ldb, panel.data());
-        b_panel = panel.data();
-      }
-      gemm_columns<T, kVectors>(m, kc, a_k, a_row, a_col, b_panel, block, c + v * width, ldc, add);
+      const auto [b, ldb] = panel_of(k0, kc, v, kVectors);
+      gemm_columns<T, kVectors>(m, kc, a_k, a_row, a_col, b, ldb, c + v * width, ldc, add);
     }
     const int64_t tail = vectors - v;
     if (tail == 0) continue;
-    pack_panel(kc, tail * width, b + k0 * ldb + v * width, ldb, panel.data());
+    const auto [b, ldb] = panel_of(k0, kc, v, tail);
     T* c_tail = c + v * width;
-    const int64_t ld_tail = tail * width;
     switch (tail) {
-      case 1: gemm_columns<T, 1>(m, kc, a_k, a_row, a_col, panel.data(), ld_tail, c_tail, ldc, add); break;
-      case 2: gemm_columns<T, 2>(m, kc, a_k, a_row, a_col, panel.data(), ld_tail, c_tail, ldc, add); break;
-      case 3: gemm_columns<T, 3>(m, kc, a_k, a_row, a_col, panel.data(), ld_tail, c_tail, ldc, add); break;
+      case 1: gemm_columns<T, 1>(m, kc, a_k, a_row, a_col, b, ldb, c_tail, ldc, add); break;
+      case 2: gemm_columns<T, 2>(m, kc, a_k, a_row, a_col, b, ldb, c_tail, ldc, add); break;
+      case 3: gemm_columns<T, 3>(m, kc, a_k, a_row, a_col, b, ldb, c_tail, ldc, add); break;
       default: break;
     }
   }
 }
 
-static_assert(kVectors == 4, "gemm's tail switch covers kVectors - 1 vectors");
+static_assert(kVectors == 4, "gemm_blocks' tail switch covers kVectors - 1 vectors");
+
+// B row-major with row stride ldb (rows padded to whole vectors): packed panel by panel as it is used.
+template <typename T>
+inline void gemm(int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row, int64_t a_col,
+                            const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
+  constexpr int64_t width = simd::Traits<T>::width;
+  thread_local std::vector<T> panel(kDepthChunk * kPanel<T>);
+  const auto panel_of = [&](int64_t k0, int64_t kc, int64_t v, int64_t vectors) {
+    const T* start = b + k0 * ldb + v * width;
+    if (ldb == kPanel<T>) return std::pair<const T*, int64_t>(start, ldb);  // rows one panel wide are one
+    pack_panel(kc, vectors * width, start, ldb, panel.data());
+    return std::pair<const T*, int64_t>(panel.data(), vectors * width);
+  };
+  gemm_blocks(m, n, depth, a, a_row, a_col, panel_of, c, ldc, accumulate);
+}
+
+// B already in panels.
+template <typename T>
+inline void gemm(int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row, int64_t a_col, Panels<T> b,
+                 T* c, int64_t ldc, bool accumulate) {
+  const auto panel_of = [&](int64_t k0, int64_t, int64_t v, int64_t) {
+    return std::pair<const T*, int64_t>(b.data + v / kVectors * b.block_stride + k0 * kPanel<T>, kPanel<T>);
+  };
+  gemm_blocks(m, n, depth, a, a_row, a_col, panel_of, c, ldc, accumulate);
+}

@@ -26,18 +26,32 @@ inline void load_rows(const Operand<scalar_t>& x, int64_t batch, int64_t head, i
   }
 }
 
-// The transpose: dst[f * ld + r] = x[token0 + r, f]; columns past `rows` are left as they are. In blocks
-// of 16 rows, so that each feature's writes fill whole cache lines instead of touching one line per
-// element (which made this copy cost as much as a windowed attention's whole compute).
+// Rows as panels of `panel` features: dst[(f / panel) * rows * panel + r * panel + f % panel] = x[token0 + r, f]
+// (the padding of the last panel is left as it is: zero).
 template <typename scalar_t, typename acc_t>
-inline void load_columns(const Operand<scalar_t>& x, int64_t batch, int64_t head, int64_t token0, int64_t rows,
-                         int64_t features, acc_t* dst, int64_t ld) {
-  constexpr int64_t block = 16;
-  for (int64_t r0 = 0; r0 < rows; r0 += block) {
-    const int64_t r1 = std::min(rows, r0 + block);
+inline void load_row_panels(const Operand<scalar_t>& x, int64_t batch, int64_t head, int64_t token0, int64_t rows,
+                            int64_t features, acc_t* dst, int64_t panel) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* src = x.row(batch, head, token0 + r);
     for (int64_t f = 0; f < features; ++f) {
-      acc_t* out = dst + f * ld;
-      for (int64_t r = r0; r < r1; ++r) out[r] = static_cast<acc_t>(x.row(batch, head, token0 + r)[f * x.feature_stride]);
+      dst[(f / panel) * rows * panel + r * panel + f % panel] = static_cast<acc_t>(src[f * x.feature_stride]);
+    }
+  }
+}
+
+// The transpose as panels of `panel` rows (keys): dst[(r / panel) * features * panel + f * panel + r % panel] =
+// x[token0 + r, f]. In runs of 16 rows, so that each feature's writes fill whole cache lines instead of
+// touching one line per element (which made this copy cost as much as a windowed attention's compute).
+template <typename scalar_t, typename acc_t>
+inline void load_transposed_panels(const Operand<scalar_t>& x, int64_t batch, int64_t head, int64_t token0,
+                                   int64_t rows, int64_t features, acc_t* dst, int64_t panel) {
+  constexpr int64_t run = 16;  // divides every panel width
+  for (int64_t r0 = 0; r0 < rows; r0 += run) {
+    const int64_t r1 = std::min(rows, r0 + run);
+    acc_t* base = dst + (r0 / panel) * features * panel + r0 % panel;
+    for (int64_t f = 0; f < features; ++f) {
+      acc_t* out = base + f * panel;
+      for (int64_t r = r0; r < r1; ++r) out[r - r0] = static_cast<acc_t>(x.row(batch, head, token0 + r)[f * x.feature_stride]);
     }
   }
 }

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/attention_gemm.h"
 #include "cpu/attention_kernels.h"
 #include "cpu/attention_pack.h"
 #include "cpu/attention_simd.h"
@@ -32,38 +33,39 @@ inline std::vector<RowBlock> row_blocks(const std::vector<Sequence>& sequences, 
   return blocks;
 }
 
-// K and V of every (sequence, kv head) in acc_t, in the layouts the products read:
-//   keys_t:   (head_dim, ld_t) transposed, for Q K^T;      keys:   (len_k, ld_k) rows, for dS K;
-//   values_t: (value_dim, ld_t) transposed, for dO V^T;    values: (len_k, ld_v) rows, for P V.
-// ld_t leaves a vector of slack past the padded length, so a product starting at any key offset may
-// read whole vectors. Padding is zero: no garbage (or subnormal) lanes reach the FMA units.
+// K and V of every (sequence, kv head) in acc_t, as panels (attention_gemm.h) of the products that read
+// them, so no product copies them again:
+//   keys_t, values_t: transposed (features x keys), a panel per kPanel keys, for Q K^T and dO V^T;
+//   keys, values:     rows (keys x features), a panel per kPanel features, for dS K and P V.
+// Padding is zero: no garbage (or subnormal) lanes reach the FMA units.
 template <typename acc_t>
 struct KeyTiles {
   enum Layout { kKeysT = 1, kKeys = 2, kValuesT = 4, kValues = 8 };
-  static constexpr int64_t width = simd::Traits<acc_t>::width;
+  static constexpr int64_t panel = kPanel<acc_t>;
 
   int64_t heads_kv, head_dim, value_dim, ld_k, ld_v;
-  std::vector<int64_t> ld_t;                   // per sequence: row stride of its transposed tiles
-  std::vector<int64_t> transposed_base, rows_base;  // per sequence: offset of head 0, in columns / rows
+  std::vector<int64_t> len_k, key_panels;           // per sequence: keys, and panels of keys
+  std::vector<int64_t> transposed_base, rows_base;  // per sequence: offset of head 0, in key panels / keys
 
   template <typename scalar_t>
   KeyTiles(const Problem<scalar_t>& problem, int layouts)
       : heads_kv(problem.heads_kv),
         head_dim(problem.head_dim),
         value_dim(problem.value_dim),
-        ld_k(round_up(problem.head_dim, width)),
-        ld_v(round_up(problem.value_dim, width)) {
+        ld_k(round_up(problem.head_dim, panel)),
+        ld_v(round_up(problem.value_dim, panel)) {
     const auto& seqs = problem.sequences;
-    int64_t columns = 0, rows = 0;
+    int64_t panels = 0, rows = 0;
     for (const Sequence& seq : seqs) {
-      ld_t.push_back(round_up(seq.len_k, width) + width);
-      transposed_base.push_back(columns);
+      len_k.push_back(seq.len_k);
+      key_panels.push_back((seq.len_k + panel - 1) / panel);
+      transposed_base.push_back(panels);
       rows_base.push_back(rows);
-      columns += heads_kv * ld_t.back();
+      panels += heads_kv * key_panels.back();
       rows += heads_kv * seq.len_k;
     }
-    if (layouts & kKeysT) keys_t_.assign(columns * head_dim, acc_t(0));
-    if (layouts & kValuesT) values_t_.assign(columns * value_dim, acc_t(0));
+    if (layouts & kKeysT) keys_t_.assign(panels * panel * head_dim, acc_t(0));
+    if (layouts & kValuesT) values_t_.assign(panels * panel * value_dim, acc_t(0));
     if (layouts & kKeys) keys_.assign(rows * ld_k, acc_t(0));
     if (layouts & kValues) values_.assign(rows * ld_v, acc_t(0));
     const int64_t count = static_cast<int64_t>(seqs.size());
@@ -72,34 +74,38 @@ struct KeyTiles {
         const int64_t s = task / heads_kv, h = task % heads_kv;
         const Sequence& seq = seqs[s];
         const int64_t b = seq.batch, t0 = seq.k_start, n = seq.len_k;
-        if (layouts & kKeysT) load_columns(problem.k, b, h, t0, n, head_dim, mutable_at(keys_t_, s, h, head_dim), ld_t[s]);
-        if (layouts & kValuesT) {
-          load_columns(problem.v, b, h, t0, n, value_dim, mutable_at(values_t_, s, h, value_dim), ld_t[s]);
+        if (layouts & kKeysT) {
+          load_transposed_panels(problem.k, b, h, t0, n, head_dim, keys_t_.data() + transposed_offset(s, h, head_dim), panel);
         }
-        if (layouts & kKeys) load_rows(problem.k, b, h, t0, n, head_dim, keys_.data() + row_offset(s, h, n, ld_k), ld_k);
+        if (layouts & kValuesT) {
+          load_transposed_panels(problem.v, b, h, t0, n, value_dim, values_t_.data() + transposed_offset(s, h, value_dim), panel);
+        }
+        if (layouts & kKeys) load_row_panels(problem.k, b, h, t0, n, head_dim, keys_.data() + row_offset(s, h, ld_k), panel);
         if (layouts & kValues) {
-          load_rows(problem.v, b, h, t0, n, value_dim, values_.data() + row_offset(s, h, n, ld_v), ld_v);
+          load_row_panels(problem.v, b, h, t0, n, value_dim, values_.data() + row_offset(s, h, ld_v), panel);
         }
       }
     });
   }
 
-  const acc_t* keys_t(int64_t s, int64_t h) const { return keys_t_.data() + transposed_offset(s, h, head_dim); }
-  const acc_t* values_t(int64_t s, int64_t h) const { return values_t_.data() + transposed_offset(s, h, value_dim); }
-  const acc_t* keys(int64_t s, int64_t h, int64_t len_k) const { return keys_.data() + row_offset(s, h, len_k, ld_k); }
-  const acc_t* values(int64_t s, int64_t h, int64_t len_k) const {
-    return values_.data() + row_offset(s, h, len_k, ld_v);
-  }
+  // Keys from `key` on (a multiple of the panel width), as the B of Q K^T / dO V^T.
+  Panels<acc_t> keys_t(int64_t s, int64_t h, int64_t key) const { return transposed(keys_t_, s, h, head_dim, key); }
+  Panels<acc_t> values_t(int64_t s, int64_t h, int64_t key) const { return transposed(values_t_, s, h, value_dim, key); }
+  // Rows from `key` on, as the B of dS K / P V.
+  Panels<acc_t> keys(int64_t s, int64_t h, int64_t key) const { return by_rows(keys_, s, h, ld_k, key); }
+  Panels<acc_t> values(int64_t s, int64_t h, int64_t key) const { return by_rows(values_, s, h, ld_v, key); }
 
  private:
   std::vector<acc_t> keys_t_, keys_, values_t_, values_;
 
   int64_t transposed_offset(int64_t s, int64_t h, int64_t features) const {
-    return (transposed_base[s] + h * ld_t[s]) * features;
+    return (transposed_base[s] + h * key_panels[s]) * panel * features;
   }
-  int64_t row_offset(int64_t s, int64_t h, int64_t len_k, int64_t ld) const { return (rows_base[s] + h * len_k) * ld; }
-  acc_t* mutable_at(std::vector<acc_t>& storage, int64_t s, int64_t h, int64_t features) {
-    return storage.data() + transposed_offset(s, h, features);
+  int64_t row_offset(int64_t s, int64_t h, int64_t ld) const { return (rows_base[s] + h * len_k[s]) * ld; }
+  Panels<acc_t> transposed(const std::vector<acc_t>& storage, int64_t s, int64_t h, int64_t features, int64_t key) const {
+    return {storage.data() + transposed_offset(s, h, features) + key / panel * panel * features, panel * features};
+  }
+  Panels<acc_t> by_rows(const std::vector<acc_t>& storage, int64_t s, int64_t h, int64_t ld, int64_t key) const {
+    return {storage.data() + row_offset(s, h, ld) + key * panel, len_k[s] * panel};
   }
 };
-
