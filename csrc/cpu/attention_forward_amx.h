@@ -104,7 +104,7 @@ void forward_rows_amx(const Problem<scalar_t>& problem, const Scoring<float>& sc
                       int64_t head, const PackedKeys& packed, AmxBuffers& buf, const Operand<scalar_t>& out,
                       float* lse, const RowIndex& lse_index) {
   const Sequence& seq = problem.sequences[block.sequence];
-  const int64_t i0 = block.row, rows = block.rows, row_tiles = (rows + tiles::kRows - 1) / tiles::kRows;
+  const int64_t i0 = block.row, rows = block.rows;
   const int64_t ldv = packed.f_tiles * tiles::kRows;
   const int64_t kv_head = head / (problem.heads_q / problem.heads_kv);
   const c10::BFloat16* keys = packed.keys_at(block.sequence, kv_head);

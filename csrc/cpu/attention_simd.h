@@ -111,7 +111,8 @@ inline Vec<T> exp_affine(Vec<T> x, T scale, T shift) {
   if constexpr (std::is_same_v<T, float>) {
     const __m512 t = _mm512_fmsub_ps(x, _mm512_set1_ps(scale * Traits<float>::log2e),
                                      _mm512_set1_ps(shift * Traits<float>::log2e));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    // (the masked form: the plain one passes an undefined vector that GCC 12 warns about)
+    const __m512 n = _mm512_mask_roundscale_ps(t, __mmask16(0xffff), t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const Vec<T> f = t - n;
     Vec<T> p = f * 1.5370704932138324e-04f + 1.3399848248809576e-03f;
     p = p * f + 9.618373587727547e-03f;
