@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import rand
+from conftest import check_attention, rand
 
 import fused_attention
 from fused_attention.backends import BACKENDS
@@ -94,3 +94,18 @@ def test_results_are_deterministic_and_independent_of_the_thread_count():
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("jump", [30.0, 200.0, -200.0])
+def test_scores_far_from_earlier_blocks_maximum(dtype, jump):
+    """The forward reuses a row's running maximum for later key blocks: scores far above it (a running
+    sum past the limit at +30, an overflow at +200) must fall back to an exact rescale, and scores far
+    below it must simply vanish. Keys come in blocks of 512, so the jump sits in the second block."""
+    gen = torch.Generator().manual_seed(5)
+    q = rand(1, 2, 3, 64, gen=gen) * 0.1
+    k = rand(1, 2, 1100, 64, gen=gen) * 0.1
+    v = rand(1, 2, 1100, 64, gen=gen)
+    q[..., 0] = 1.0
+    k[:, :, 700:, 0] += jump  # scale 1: q.k jumps by `jump` from key 700 on
+    check_attention("cpu", q.to(dtype), k.to(dtype), v.to(dtype), grad=False, scale=1.0)

@@ -41,7 +41,7 @@ constexpr int64_t kGroupRows = 48;
 template <typename acc_t>
 struct ForwardBuffers {
   std::vector<acc_t> q, scores, probs, out, row_max, row_sum;
-  ForwardBuffers(int64_t head_dim, int64_t ldv, int64_t prob_rows = kGroupRows)
+  ForwardBuffers(int64_t head_dim, int64_t ldv, int64_t prob_rows = 0)  // probs: rows apart from the scores
       : q(kBlockQ * head_dim),
         scores(kBlockQ * kScoreStride),
         probs(prob_rows * kScoreStride),
@@ -60,34 +60,39 @@ template <typename acc_t>
 constexpr acc_t kLazySumLimit = acc_t(4294967296.0);  // 2^32
 
 // The online softmax of one score block: scores[r * ld + j] holds q.k of row i0 + r and key j0 + j
-// (j < n). Writes the block's probabilities (dropout applied) to probs[r * ldp + j], zero past n up to
-// round_up(n, width), and keeps the rows' reference maximum, running sum and output (out, row stride
-// ldv) consistent. on_row(r, p) sees each row's final probabilities while they are still in L1.
+// (j < n). Writes the block's probabilities (dropout applied) to probs[r * ldp + j] (which may be the
+// scores themselves), zero past n up to round_up(n, width), and keeps the rows' reference maximum,
+// running sum and output (out, row stride ldv) consistent. on_row(r, p) sees each row's final
+// probabilities while they are still in L1; rescore(r, s) writes row r's q.k again (only called when
+// probs are the scores and a row's first attempt below overwrote them).
 //
 // The reference maximum moves lazily: a row that has one takes exp(score - reference) in a single pass
 // without the block's maximum, and keeps the result unless the running sum passes kLazySumLimit (a score
 // far above the reference, an overflow, or a NaN); only then, and on a row's first block, a maximum pass
 // sets a new reference and rescales. Terms above 1 lose nothing: float's relative precision does not
 // depend on magnitude, and the sum stays 30 binary orders below overflow.
-template <typename acc_t, typename OnRow>
+template <typename acc_t, typename OnRow, typename Rescore>
 void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t head, int64_t i0, int64_t rows,
-                   int64_t j0, int64_t n, const acc_t* scores_in, int64_t ld, acc_t* probs, int64_t ldp,
-                   acc_t* out, int64_t ldv, acc_t* row_max_, acc_t* row_sum, const OnRow& on_row) {
+                   int64_t j0, int64_t n, acc_t* scores, int64_t ld, acc_t* probs, int64_t ldp, acc_t* out,
+                   int64_t ldv, acc_t* row_max_, acc_t* row_sum, const OnRow& on_row, const Rescore& rescore) {
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   constexpr int64_t width = simd::Traits<acc_t>::width;
   const int64_t n_pad = round_up(n, width);
   const acc_t scale = static_cast<acc_t>(scoring.rules.scale);
   for (int64_t r = 0; r < rows; ++r) {
-    acc_t* s = const_cast<acc_t*>(scores_in) + r * ld;  // score_row finishes the scores in place
+    acc_t* s = scores + r * ld;
     acc_t* p = probs + r * ldp;
     // Plain rows (the common case) skip the score pass: the scale is folded into the exp's argument.
     const bool plain = plain_row(scoring, seq, head, i0 + r, j0, n);
     const acc_t exp_scale = plain ? scale : acc_t(1);
-    if (plain) {
-      std::fill(s + n, s + n_pad, neg_inf);
-    } else {
-      score_row(scoring, seq, head, i0 + r, j0, n, n_pad, s, s /* softcap's tanh is not needed here */);
-    }
+    const auto finish_scores = [&] {
+      if (plain) {
+        std::fill(s + n, s + n_pad, neg_inf);
+      } else {
+        score_row(scoring, seq, head, i0 + r, j0, n, n_pad, s, s /* softcap's tanh is not needed here */);
+      }
+    };
+    finish_scores();
     const acc_t reference = row_max_[r];
     bool done = false;
     if (reference > neg_inf) {  // false for a row with no reference yet, and for NaN
@@ -95,6 +100,9 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
       if (total <= kLazySumLimit<acc_t>) {  // false for NaN and inf
         row_sum[r] = total;
         done = true;
+      } else if (p == s) {
+        rescore(r, s);
+        finish_scores();
       }
     }
     if (!done) {
@@ -187,20 +195,17 @@ void forward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
       gemm<acc_t>(group, e - b, dim, buf.q.data() + g * dim, dim, 1, tiles.keys_t(block.sequence, kv_head, j0 + b),
                   scores + g * kScoreStride + b, kScoreStride, false);
     });
-    // Softmax and P V a group at a time: the group's probabilities stay in L1/L2 beside the block's
-    // scores, where a whole block of both would not fit in L2 at head_dim 128.
-    acc_t* probs = buf.probs.data();
-    for (int64_t g = 0; g < rows; g += kGroupRows) {
-      const int64_t group = std::min(kGroupRows, rows - g);
-      softmax_block(scoring, seq, head, i0 + g, group, j0, n, scores + g * kScoreStride, kScoreStride, probs,
-                    kScoreStride, acc + g * ldv, ldv, buf.row_max.data() + g, buf.row_sum.data() + g,
-                    [](int64_t, const acc_t*) {});
-      const auto [b, e] = group_keys(scoring.rules, seq, i0 + g, group, j0, n, 1);
-      if (b < e) {
-        gemm<acc_t>(group, value_dim, e - b, probs + b, kScoreStride, 1, tiles.values(block.sequence, kv_head, j0 + b),
-                    acc + g * ldv, ldv, true);
-      }
-    }
+    // The probabilities replace the scores; a row whose lazy attempt overflowed gets its q.k again.
+    const auto rescore = [&](int64_t r, acc_t* s) {
+      gemm<acc_t>(1, n, dim, buf.q.data() + r * dim, dim, 1, tiles.keys_t(block.sequence, kv_head, j0), s,
+                  kScoreStride, false);
+    };
+    softmax_block(scoring, seq, head, i0, rows, j0, n, scores, kScoreStride, scores, kScoreStride, acc, ldv,
+                  buf.row_max.data(), buf.row_sum.data(), [](int64_t, const acc_t*) {}, rescore);
+    for_each_run(scoring.rules, seq, i0, rows, j0, n, 1, [&](int64_t g, int64_t group, int64_t b, int64_t e) {
+      gemm<acc_t>(group, value_dim, e - b, scores + g * kScoreStride + b, kScoreStride, 1,
+                  tiles.values(block.sequence, kv_head, j0 + b), acc + g * ldv, ldv, true);
+    });
   }
   finish_rows(seq, head, i0, rows, value_dim, acc, ldv, buf.row_max.data(), buf.row_sum.data(), out, lse,
               lse_index);

@@ -129,7 +129,8 @@ void forward_rows_amx(const Problem<scalar_t>& problem, const Scoring<float>& sc
     softmax_block(scoring, seq, head, i0, rows, j0, n, scores, kScoreStride, buf.f.probs.data(), 0, acc, ldv,
                   buf.f.row_max.data(), buf.f.row_sum.data(), [&](int64_t r, const float* p) {
                     tiles::to_bf16_row(p, n_tiles * tiles::kRows, chunks * tiles::kDepth, probs + r * kProbStride);
-                  });
+                  },
+                  [](int64_t, float*) {} /* the scores are never overwritten */);
     for_each_run(scoring.rules, seq, i0, rows, j0, n, tiles::kDepth, [&](int64_t g, int64_t group, int64_t b, int64_t e) {
       tiles::product((group + tiles::kRows - 1) / tiles::kRows, packed.f_tiles, (e - b) / tiles::kDepth,
                      buf.p.data() + g * kProbStride + b, kProbStride,
