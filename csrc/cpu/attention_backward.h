@@ -6,12 +6,8 @@
 // their softmax exactly (max, exp, sum), as the torch backend does: the rows' delta is then
 // sum_j p_ij dp_ij over that range, which keeps gradients that vanish exactly at 0 (a row that sees one
 // key has dq = 0) instead of the rounding noise of rowsum(dO * O). Memory: the converted K and V, plus
-// O(kBackwardRows x S) per thread.
+// O(rows x S) per thread (backward_rows_per_step).
 
-// Query rows per step: a step holds kBackwardRows x S scores and their gradients (1.6 MB at S = 2048,
-// in L2), and every step reads all of K and V and reads and writes all of dK and dV, so fewer, larger
-// steps move less; 96 is also a whole number of register tiles (6 rows).
-constexpr int64_t kBackwardRows = 96;
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -27,22 +23,37 @@ constexpr int64_t kBackwardRows = 96;
 #include "cpu/attention_rows.h"
 #include "cpu/attention_tasks.h"
 
+// Query rows per step. A step holds its rows' scores and their gradients over the whole key range, which
+// should stay in L2 (about 1.6 MB of both), and every step reads all of K and V and reads and writes all
+// of dK and dV, so within that budget fewer, larger steps move less: 96 rows at S = 2048, 48 at 4096
+// (measured 0.90x -> 0.96x of torch there). A whole number of register tiles (6 rows), at least 12.
+constexpr int64_t kBackwardScoreBytes = 1600 * 1024;
+constexpr int64_t kBackwardRowsMax = 96;
+
+template <typename acc_t>
+inline int64_t backward_rows_per_step(int64_t ld) {
+  const int64_t fit = kBackwardScoreBytes / (2 * ld * static_cast<int64_t>(sizeof(acc_t)));
+  return std::clamp<int64_t>(fit / kRows * kRows, 2 * kRows, kBackwardRowsMax);
+}
+
 
 template <typename acc_t>
 struct BackwardBuffers {
-  int64_t ld;  // score rows: the sequence's whole key range, padded
+  int64_t ld;    // score rows: the sequence's whole key range, padded
+  int64_t rows;  // query rows per step
   std::vector<acc_t> q, dout, dq, probs, dprobs, tanh, keep, kept;
   std::vector<acc_t> dk, dv;
   BackwardBuffers(int64_t ld_t, int64_t ld_k, int64_t ld_v, int64_t len_k, bool softcap, bool dropout)
       : ld(ld_t),
-        q(kBackwardRows * ld_k),
-        dout(kBackwardRows * ld_v),
-        dq(kBackwardRows * ld_k),
-        probs(kBackwardRows * ld_t),
-        dprobs(kBackwardRows * ld_t),
-        tanh(softcap ? kBackwardRows * ld_t : 0),
-        keep(dropout ? kBackwardRows * ld_t : 0),
-        kept(dropout ? kBackwardRows * ld_t : 0),
+        rows(backward_rows_per_step<acc_t>(ld_t)),
+        q(rows * ld_k),
+        dout(rows * ld_v),
+        dq(rows * ld_k),
+        probs(rows * ld_t),
+        dprobs(rows * ld_t),
+        tanh(softcap ? rows * ld_t : 0),
+        keep(dropout ? rows * ld_t : 0),
+        kept(dropout ? rows * ld_t : 0),
         dk(len_k * ld_k),
         dv(len_k * ld_v) {}
 };
@@ -160,8 +171,8 @@ void backward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_
       BackwardBuffers<acc_t> buf(ld, tiles.ld_k, tiles.ld_v, seq.len_k, scoring.rules.softcap > 0,
                                  scoring.dropout.active());
       for (int64_t g = 0; g < group; ++g) {
-        for (int64_t i0 = 0; i0 < seq.len_q; i0 += kBackwardRows) {
-          backward_rows(problem, scoring, task, kv_head * group + g, i0, std::min(kBackwardRows, seq.len_q - i0), dout,
+        for (int64_t i0 = 0; i0 < seq.len_q; i0 += buf.rows) {
+          backward_rows(problem, scoring, task, kv_head * group + g, i0, std::min(buf.rows, seq.len_q - i0), dout,
                         dq, extra, mask_sink, buf);
         }
       }
