@@ -16,6 +16,7 @@ namespace {
 
 enum class Isa { baseline, avx2, avx512, amx };
 
+#if FUSED_ATTENTION_AMX
 // Linux hands out AMX's tile data state only to processes that ask (arch_prctl ARCH_REQ_XCOMP_PERM for
 // XFEATURE_XTILEDATA); without it the first tile instruction faults.
 bool amx_permitted() {
@@ -26,6 +27,7 @@ bool amx_permitted() {
   return false;
 #endif
 }
+#endif
 
 Isa best_supported() {
 #if FUSED_ATTENTION_X86_VARIANTS
@@ -33,10 +35,12 @@ Isa best_supported() {
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
                       __builtin_cpu_supports("avx512cd");
+#if FUSED_ATTENTION_AMX
   if (avx512 && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
       __builtin_cpu_supports("avx512bf16") && amx_permitted()) {
     return Isa::amx;
   }
+#endif
   if (avx512) return Isa::avx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2")) {
     return Isa::avx2;
@@ -81,7 +85,9 @@ void attention_forward_kernel(const Problem<scalar_t>& problem, const Scoring<at
   switch (selected()) {
 #if FUSED_ATTENTION_X86_VARIANTS
     case Isa::amx:
+#if FUSED_ATTENTION_AMX
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return amx::forward_bf16(problem, scoring, out, lse, lse_index);
+#endif
       return avx512::forward<scalar_t>(problem, scoring, out, lse, lse_index);
     case Isa::avx512: return avx512::forward<scalar_t>(problem, scoring, out, lse, lse_index);
     case Isa::avx2: return avx2::forward<scalar_t>(problem, scoring, out, lse, lse_index);

@@ -1,7 +1,7 @@
 // The bfloat16 forward on Intel AMX (see attention_forward_amx.h); everything else runs the AVX-512 kernels.
 #include "cpu/attention_prelude.h"
 
-#if FUSED_ATTENTION_X86_VARIANTS
+#if FUSED_ATTENTION_AMX
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4,amx-tile,amx-bf16,avx512bf16")
 #define FUSED_ATTENTION_ISA_AVX512 1

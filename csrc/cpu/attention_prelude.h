@@ -30,3 +30,10 @@
 #else
 #define FUSED_ATTENTION_X86_VARIANTS 0
 #endif
+
+// The AMX variant (bfloat16 forward) needs GCC 12 or later (amx-tile / amx-bf16 targets and CPU checks).
+#if FUSED_ATTENTION_X86_VARIANTS && __GNUC__ >= 12
+#define FUSED_ATTENTION_AMX 1
+#else
+#define FUSED_ATTENTION_AMX 0
+#endif
