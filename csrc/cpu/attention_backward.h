@@ -160,6 +160,7 @@ void backward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_
   const int64_t heads_kv = problem.heads_kv, group = problem.heads_q / heads_kv;
   const int64_t count = static_cast<int64_t>(problem.sequences.size());
   at::parallel_for(0, count * heads_kv, 1, [&](int64_t begin, int64_t end) {
+    const simd::FlushDenormals flush;
     acc_t* mask_sink = extra.mask;
     if (mask_sink && extra.mask_per_thread) mask_sink += at::get_thread_num() * extra.mask_numel;
     for (int64_t index = begin; index < end; ++index) {

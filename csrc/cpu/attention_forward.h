@@ -41,23 +41,29 @@ constexpr int64_t kGroupRows = 48;
 template <typename acc_t>
 struct ForwardBuffers {
   std::vector<acc_t> q, scores, probs, out, row_max, row_sum;
+  std::vector<uint8_t> lazy;
   ForwardBuffers(int64_t head_dim, int64_t ldv, int64_t prob_rows = 0)  // probs: rows apart from the scores
       : q(kBlockQ * head_dim),
         scores(kBlockQ * kScoreStride),
         probs(prob_rows * kScoreStride),
         out(kBlockQ * ldv),
         row_max(kBlockQ),
-        row_sum(kBlockQ) {}
+        row_sum(kBlockQ),
+        lazy(kBlockQ) {}
   void reset() {  // before each block of rows: nothing seen yet
     std::fill(out.begin(), out.end(), acc_t(0));
     std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<acc_t>::infinity());
     std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
+    std::fill(lazy.begin(), lazy.end(), uint8_t(1));
   }
 };
 
 // A row's running sum may grow to this before its reference maximum must move up (see softmax_block).
 template <typename acc_t>
 constexpr acc_t kLazySumLimit = acc_t(4294967296.0);  // 2^32
+// A block that moves a row's maximum up by more than this makes its next block skip the lazy attempt.
+template <typename acc_t>
+constexpr acc_t kLazyMargin = acc_t(8);
 
 // The online softmax of one score block: scores[r * ld + j] holds q.k of row i0 + r and key j0 + j
 // (j < n). Writes the block's probabilities (dropout applied) to probs[r * ldp + j] (which may be the
@@ -69,16 +75,18 @@ constexpr acc_t kLazySumLimit = acc_t(4294967296.0);  // 2^32
 // The reference maximum moves lazily: a row that has one takes exp(score - reference) in a single pass
 // without the block's maximum, and keeps the result unless the running sum passes kLazySumLimit (a score
 // far above the reference, an overflow, or a NaN); only then, and on a row's first block, a maximum pass
-// sets a new reference and rescales. Terms above 1 lose nothing: float's relative precision does not
+// sets a new reference and rescales (lazy[r] says whether row r tries; see kLazyMargin). Terms above 1 lose nothing: float's relative precision does not
 // depend on magnitude, and the sum stays 30 binary orders below overflow.
 template <typename acc_t, typename OnRow, typename Rescore>
 void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t head, int64_t i0, int64_t rows,
                    int64_t j0, int64_t n, acc_t* scores, int64_t ld, acc_t* probs, int64_t ldp, acc_t* out,
-                   int64_t ldv, acc_t* row_max_, acc_t* row_sum, const OnRow& on_row, const Rescore& rescore) {
+                   int64_t ldv, acc_t* row_max_, acc_t* row_sum, uint8_t* lazy, const OnRow& on_row,
+                   const Rescore& rescore) {
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   constexpr int64_t width = simd::Traits<acc_t>::width;
   const int64_t n_pad = round_up(n, width);
   const acc_t scale = static_cast<acc_t>(scoring.rules.scale);
+  const acc_t slope = scoring.slope(seq, head);
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* s = scores + r * ld;
     acc_t* p = probs + r * ldp;
@@ -95,11 +103,15 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
     finish_scores();
     const acc_t reference = row_max_[r];
     bool done = false;
-    if (reference > neg_inf) {  // false for a row with no reference yet, and for NaN
-      const acc_t total = row_sum[r] + exp_shifted_sum(s, p, n_pad, reference, exp_scale);
+    if (lazy[r] && reference > neg_inf) {  // false for a row with no reference yet, and for NaN
+      const acc_t block_sum = exp_shifted_sum(s, p, n_pad, reference, exp_scale);
+      const acc_t total = row_sum[r] + block_sum;
       if (total <= kLazySumLimit<acc_t>) {  // false for NaN and inf
         row_sum[r] = total;
         done = true;
+        // Terms well above 1: the maximum has climbed past the reference, so let the next block move it
+        // (else a steady climb, ALiBi's, would drift until an attempt fails).
+        lazy[r] = block_sum <= std::exp(kLazyMargin<acc_t>);
       } else if (p == s) {
         rescore(r, s);
         finish_scores();
@@ -116,6 +128,10 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
       const acc_t rescale = std::exp(reference - new_max);
       row_sum[r] = row_sum[r] * rescale + exp_shifted_sum(s, p, n_pad, new_max, exp_scale);
       row_max_[r] = new_max;
+      // A row whose maximum climbs block after block (ALiBi's, up to the diagonal) would fail every lazy
+      // attempt: it takes the maximum pass first until a block moves its maximum little. ALiBi rows start
+      // that way; others start lazy.
+      lazy[r] = reference == neg_inf ? slope == acc_t(0) : new_max <= reference + kLazyMargin<acc_t>;
       if (rescale != acc_t(1)) scale_row(out + r * ldv, ldv, rescale);
     }
     if (scoring.dropout.active()) {
@@ -201,7 +217,7 @@ void forward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
                   kScoreStride, false);
     };
     softmax_block(scoring, seq, head, i0, rows, j0, n, scores, kScoreStride, scores, kScoreStride, acc, ldv,
-                  buf.row_max.data(), buf.row_sum.data(), [](int64_t, const acc_t*) {}, rescore);
+                  buf.row_max.data(), buf.row_sum.data(), buf.lazy.data(), [](int64_t, const acc_t*) {}, rescore);
     for_each_run(scoring.rules, seq, i0, rows, j0, n, 1, [&](int64_t g, int64_t group, int64_t b, int64_t e) {
       gemm<acc_t>(group, value_dim, e - b, scores + g * kScoreStride + b, kScoreStride, 1,
                   tiles.values(block.sequence, kv_head, j0 + b), acc + g * ldv, ldv, true);
@@ -220,6 +236,7 @@ void forward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t
   const std::vector<RowBlock> blocks = row_blocks(problem.sequences, kBlockQ);
   const int64_t heads = problem.heads_q;
   at::parallel_for(0, static_cast<int64_t>(blocks.size()) * heads, 1, [&](int64_t begin, int64_t end) {
+    const simd::FlushDenormals flush;
     ForwardBuffers<acc_t> buf(problem.head_dim, tiles.ld_v);
     const int64_t count = static_cast<int64_t>(blocks.size());
     for (int64_t task = begin; task < end; ++task) {

@@ -24,8 +24,9 @@
 constexpr int kRows = 6;
 constexpr int kVectors = 4;
 
+// Never inlined: inlined into the attention loops it measured with accumulators spilled to the stack.
 template <typename T, int rows, int vectors>
-inline void gemm_tile(int64_t depth, const T* a, int64_t a_row, int64_t a_col, const T* b,
+__attribute__((noinline)) void gemm_tile(int64_t depth, const T* a, int64_t a_row, int64_t a_col, const T* b,
                                  int64_t ldb, T* c, int64_t ldc, bool accumulate) {
   using V = simd::Vec<T>;
   constexpr int64_t width = simd::Traits<T>::width;

@@ -43,6 +43,20 @@ inline void apply_mask_row(const Mask& mask, int64_t batch, int64_t head, int64_
   }
 }
 
+// s[j] <- s[j] scale - slope |position - j| over [0, n_pad): scale and ALiBi bias in one vector pass.
+template <typename acc_t>
+inline void scale_add_distance(acc_t* s, int64_t n_pad, acc_t scale, acc_t slope, int64_t position) {
+  using V = simd::Vec<acc_t>;
+  constexpr int64_t width = simd::Traits<acc_t>::width;
+  V lane{};
+  for (int64_t k = 0; k < width; ++k) lane[k] = static_cast<acc_t>(k);
+  for (int64_t j = 0; j < n_pad; j += width) {
+    const V offset = lane + static_cast<acc_t>(j - position);  // exact: integers far below 2^24
+    const V distance = offset < 0 ? -offset : offset;
+    simd::store(s + j, simd::load(s + j) * scale - distance * slope);
+  }
+}
+
 // s[0, n) holds q.k for keys [j0, j0 + n) of query row i (query head `head`); makes them final scores,
 // -inf where hidden, and -inf in the padding up to n_pad. With softcap, tanh_out receives the tanh
 // values (the backward's derivative); it may be null otherwise.
@@ -52,19 +66,20 @@ inline void score_row(const Scoring<acc_t>& scoring, const Sequence& seq, int64_
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const Rules& rules = scoring.rules;
   const acc_t scale = static_cast<acc_t>(rules.scale);
-  for (int64_t j = 0; j < n; ++j) s[j] *= scale;
+  const acc_t slope = scoring.slope(seq, head);
+  const int64_t position = i + seq.len_k - seq.len_q - j0;
   if (rules.softcap > 0) {
     const acc_t cap = static_cast<acc_t>(rules.softcap);
     for (int64_t j = 0; j < n; ++j) {
-      const acc_t t = std::tanh(s[j] / cap);
+      const acc_t t = std::tanh(s[j] * scale / cap);
       tanh_out[j] = t;
       s[j] = cap * t;
     }
-  }
-  const acc_t slope = scoring.slope(seq, head);
-  if (slope != acc_t(0)) {
-    const int64_t position = i + seq.len_k - seq.len_q - j0;
-    for (int64_t j = 0; j < n; ++j) s[j] -= slope * static_cast<acc_t>(std::abs(position - j));
+    if (slope != acc_t(0)) scale_add_distance(s, n_pad, acc_t(1), slope, position);
+  } else if (slope != acc_t(0)) {
+    scale_add_distance(s, n_pad, scale, slope, position);
+  } else {
+    for (int64_t j = 0; j < n; ++j) s[j] *= scale;
   }
   if (scoring.mask.present()) apply_mask_row(scoring.mask, seq.batch, head, i, j0, n, s);
   const auto [lo, hi] = rules.keys(seq, i);

@@ -127,4 +127,24 @@ inline Vec<T> exp_affine(Vec<T> x, T scale, T shift) {
   return exp_nonpositive<T>(x * scale - shift);
 }
 
+// Flushes subnormal results to zero and reads subnormal inputs as zero (MXCSR FTZ and DAZ) on this
+// thread while in scope. Probabilities far below the row's maximum (ALiBi's distant keys) times small
+// values make subnormal products, and each one costs an FMA microcode assist of ~100 cycles: that made
+// ALiBi 1.5x slower than plain attention. What is flushed lies below 1.2e-38 (float), far below any
+// tolerance. Elsewhere a no-op.
+class FlushDenormals {
+ public:
+#if FUSED_ATTENTION_X86_VARIANTS
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFlushToZero | kDenormalsAreZero); }
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  static constexpr unsigned kFlushToZero = 0x8000, kDenormalsAreZero = 0x0040;
+  unsigned saved_;
+#endif
+ public:
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+};
+
 }  // namespace simd
