@@ -90,9 +90,11 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* s = scores + r * ld;
     acc_t* p = probs + r * ldp;
-    // Plain rows (the common case) skip the score pass: the scale is folded into the exp's argument.
-    const bool plain = plain_row(scoring, seq, head, i0 + r, j0, n);
-    const acc_t exp_scale = plain ? scale : acc_t(1);
+    // Plain rows (the common case) skip the score pass: the scale is folded into the exp's argument, and
+    // ALiBi's bias into both passes (ScaledDistance).
+    const bool plain = plain_row(scoring, seq, head, i0 + r, j0, n, /*with_alibi=*/true);
+    const bool alibi = plain && slope != acc_t(0);
+    const acc_t exp_scale = plain && !alibi ? scale : acc_t(1);
     const auto finish_scores = [&] {
       if (plain) {
         std::fill(s + n, s + n_pad, neg_inf);
@@ -101,10 +103,15 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
       }
     };
     finish_scores();
+    const ScaledDistance<acc_t> bias(scale, slope, i0 + r + seq.len_k - seq.len_q - j0);
+    const auto row_max_of = [&] { return alibi ? row_max(s, n_pad, bias) : row_max(s, n_pad) * exp_scale; };
+    const auto exp_sum = [&](acc_t shift) {
+      return alibi ? exp_shifted_sum(s, p, n_pad, shift, acc_t(1), bias) : exp_shifted_sum(s, p, n_pad, shift, exp_scale);
+    };
     const acc_t reference = row_max_[r];
     bool done = false;
     if (lazy[r] && reference > neg_inf) {  // false for a row with no reference yet, and for NaN
-      const acc_t block_sum = exp_shifted_sum(s, p, n_pad, reference, exp_scale);
+      const acc_t block_sum = exp_sum(reference);
       const acc_t total = row_sum[r] + block_sum;
       if (total <= kLazySumLimit<acc_t>) {  // false for NaN and inf
         row_sum[r] = total;
@@ -118,7 +125,7 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
       }
     }
     if (!done) {
-      const acc_t block_max = row_max(s, n_pad) * exp_scale;
+      const acc_t block_max = row_max_of();
       const acc_t new_max = block_max > reference || std::isnan(block_max) ? block_max : reference;  // NaN spreads
       if (new_max == neg_inf) {  // nothing visible yet: the row's probabilities are all 0
         std::fill(p, p + n_pad, acc_t(0));
@@ -126,7 +133,7 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
         continue;
       }
       const acc_t rescale = std::exp(reference - new_max);
-      row_sum[r] = row_sum[r] * rescale + exp_shifted_sum(s, p, n_pad, new_max, exp_scale);
+      row_sum[r] = row_sum[r] * rescale + exp_sum(new_max);
       row_max_[r] = new_max;
       // A row whose maximum climbs block after block (ALiBi's, up to the diagonal) would fail every lazy
       // attempt: it takes the maximum pass first until a block moves its maximum little. ALiBi rows start

@@ -43,18 +43,35 @@ inline void apply_mask_row(const Mask& mask, int64_t batch, int64_t head, int64_
   }
 }
 
+// What the row passes below apply to each vector of raw products before using it (lanes j .. j + width).
+struct Unchanged {
+  template <typename V>
+  V operator()(const V& x, int64_t) const { return x; }
+};
+
+// x scale - slope |position - j|: the final score of a row that has only a scale and ALiBi.
+template <typename acc_t>
+struct ScaledDistance {
+  using V = simd::Vec<acc_t>;
+  acc_t scale, slope;
+  int64_t position;
+  V lane{};
+  ScaledDistance(acc_t scale_, acc_t slope_, int64_t position_) : scale(scale_), slope(slope_), position(position_) {
+    for (int64_t k = 0; k < simd::Traits<acc_t>::width; ++k) lane[k] = static_cast<acc_t>(k);
+  }
+  V operator()(const V& x, int64_t j) const {
+    const V offset = lane + static_cast<acc_t>(j - position);  // exact: integers far below 2^24
+    const V distance = offset < 0 ? -offset : offset;
+    return x * scale - distance * slope;
+  }
+};
+
 // s[j] <- s[j] scale - slope |position - j| over [0, n_pad): scale and ALiBi bias in one vector pass.
 template <typename acc_t>
 inline void scale_add_distance(acc_t* s, int64_t n_pad, acc_t scale, acc_t slope, int64_t position) {
-  using V = simd::Vec<acc_t>;
   constexpr int64_t width = simd::Traits<acc_t>::width;
-  V lane{};
-  for (int64_t k = 0; k < width; ++k) lane[k] = static_cast<acc_t>(k);
-  for (int64_t j = 0; j < n_pad; j += width) {
-    const V offset = lane + static_cast<acc_t>(j - position);  // exact: integers far below 2^24
-    const V distance = offset < 0 ? -offset : offset;
-    simd::store(s + j, simd::load(s + j) * scale - distance * slope);
-  }
+  const ScaledDistance<acc_t> bias(scale, slope, position);
+  for (int64_t j = 0; j < n_pad; j += width) simd::store(s + j, bias(simd::load(s + j), j));
 }
 
 // s[0, n) holds q.k for keys [j0, j0 + n) of query row i (query head `head`); makes them final scores,
@@ -90,8 +107,8 @@ inline void score_row(const Scoring<acc_t>& scoring, const Sequence& seq, int64_
 }
 
 // Four independent running maxima: one compare-and-select chain would wait on its own latency.
-template <typename acc_t>
-inline acc_t row_max(const acc_t* s, int64_t n_pad) {
+template <typename acc_t, typename F = Unchanged>
+inline acc_t row_max(const acc_t* s, int64_t n_pad, const F& f = F{}) {
   using V = simd::Vec<acc_t>;
   constexpr int64_t width = simd::Traits<acc_t>::width;
   constexpr int chains = 4;
@@ -101,19 +118,20 @@ inline acc_t row_max(const acc_t* s, int64_t n_pad) {
   int64_t j = 0;
   for (; j + chains * width <= n_pad; j += chains * width) {
 #pragma GCC unroll 4
-    for (int c = 0; c < chains; ++c) take(best[c], simd::load(s + j + c * width));
+    for (int c = 0; c < chains; ++c) take(best[c], f(simd::load(s + j + c * width), j + c * width));
   }
-  for (; j < n_pad; j += width) take(best[0], simd::load(s + j));
+  for (; j < n_pad; j += width) take(best[0], f(simd::load(s + j), j));
   for (int c = 1; c < chains; ++c) take(best[0], best[c]);
   acc_t result = best[0][0];
   for (int64_t k = 1; k < width; ++k) result = best[0][k] > result || std::isnan(best[0][k]) ? best[0][k] : result;
   return result;
 }
 
-// p <- exp(s * scale - shift) over [0, n_pad) (one FMA, then exp; p may be s); returns the sum. -inf
+// p <- exp(f(s) * scale - shift) over [0, n_pad) (one FMA, then exp; p may be s); returns the sum. -inf
 // scores give 0.
-template <typename acc_t>
-inline acc_t exp_shifted_sum(const acc_t* s, acc_t* p, int64_t n_pad, acc_t shift, acc_t scale = acc_t(1)) {
+template <typename acc_t, typename F = Unchanged>
+inline acc_t exp_shifted_sum(const acc_t* s, acc_t* p, int64_t n_pad, acc_t shift, acc_t scale = acc_t(1),
+                             const F& f = F{}) {
   using V = simd::Vec<acc_t>;
   constexpr int64_t width = simd::Traits<acc_t>::width;
   V total[2] = {V{}, V{}};  // two sums: one add chain would wait on its own latency
@@ -121,13 +139,13 @@ inline acc_t exp_shifted_sum(const acc_t* s, acc_t* p, int64_t n_pad, acc_t shif
   for (; j + 2 * width <= n_pad; j += 2 * width) {
 #pragma GCC unroll 2
     for (int c = 0; c < 2; ++c) {
-      const V e = simd::exp_affine<acc_t>(simd::load(s + j + c * width), scale, shift);
+      const V e = simd::exp_affine<acc_t>(f(simd::load(s + j + c * width), j + c * width), scale, shift);
       simd::store(p + j + c * width, e);
       total[c] += e;
     }
   }
   if (j < n_pad) {
-    const V e = simd::exp_affine<acc_t>(simd::load(s + j), scale, shift);
+    const V e = simd::exp_affine<acc_t>(f(simd::load(s + j), j), scale, shift);
     simd::store(p + j, e);
     total[0] += e;
   }
@@ -192,13 +210,15 @@ inline void softmax_backward_row(const acc_t* p, acc_t* dp, const acc_t* keep, a
   }
 }
 
-// Whether score_row would only scale row i's products over keys [j0, j0 + n): no softcap, ALiBi or mask,
-// every key visible, and a positive scale (so the row maximum of the products gives that of the scores).
+// Whether score_row would only scale row i's products over keys [j0, j0 + n) (and add ALiBi's bias, if
+// with_alibi): no softcap or mask, every key visible, and a positive scale (so the row maximum of the
+// products gives that of the scores, and -inf padding stays -inf).
 template <typename acc_t>
 inline bool plain_row(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t head, int64_t i, int64_t j0,
-                      int64_t n) {
+                      int64_t n, bool with_alibi = false) {
   const Rules& rules = scoring.rules;
-  if (rules.softcap > 0 || scoring.mask.present() || rules.scale <= 0 || scoring.slope(seq, head) != acc_t(0)) {
+  if (rules.softcap > 0 || scoring.mask.present() || rules.scale <= 0 ||
+      (!with_alibi && scoring.slope(seq, head) != acc_t(0))) {
     return false;
   }
   const auto [lo, hi] = rules.keys(seq, i);
