@@ -109,3 +109,14 @@ def test_scores_far_from_earlier_blocks_maximum(dtype, jump):
     q[..., 0] = 1.0
     k[:, :, 700:, 0] += jump  # scale 1: q.k jumps by `jump` from key 700 on
     check_attention("cpu", q.to(dtype), k.to(dtype), v.to(dtype), grad=False, scale=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_alibi_rows_across_many_key_blocks(dtype, causal):
+    """ALiBi rows move their softmax reference with the bias from key block to key block (blocks of 512):
+    steep, shallow and negative slopes over 1300 keys, against the float64 reference."""
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (rand(1, 4, 1300, 64, gen=gen).to(dtype) for _ in range(3))
+    slopes = torch.tensor([2.0, 0.3, 0.004, -0.01])
+    check_attention("cpu", q, k, v, grad=False, alibi_slopes=slopes, is_causal=causal)

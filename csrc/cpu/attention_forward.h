@@ -38,9 +38,18 @@ constexpr int64_t kScoreStride = kBlockK + 16;
 // register tiles (6 rows) and of AMX tiles (16 rows).
 constexpr int64_t kGroupRows = 48;
 
+// The online softmax's state of each row of a block (see softmax_block).
+template <typename acc_t>
+struct RowState {
+  acc_t* max;      // reference maximum (-inf before the row's first visible key)
+  acc_t* sum;      // running sum of exp(score - reference)
+  acc_t* anchor;   // ALiBi rows: the bias's largest value in the block that last set the reference
+  uint8_t* lazy;   // whether the next block tries the reference without a maximum pass
+};
+
 template <typename acc_t>
 struct ForwardBuffers {
-  std::vector<acc_t> q, scores, probs, out, row_max, row_sum;
+  std::vector<acc_t> q, scores, probs, out, row_max, row_sum, anchor;
   std::vector<uint8_t> lazy;
   ForwardBuffers(int64_t head_dim, int64_t ldv, int64_t prob_rows = 0)  // probs: rows apart from the scores
       : q(kBlockQ * head_dim),
@@ -49,12 +58,16 @@ struct ForwardBuffers {
         out(kBlockQ * ldv),
         row_max(kBlockQ),
         row_sum(kBlockQ),
+        anchor(kBlockQ),
         lazy(kBlockQ) {}
   void reset() {  // before each block of rows: nothing seen yet
     std::fill(out.begin(), out.end(), acc_t(0));
     std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<acc_t>::infinity());
     std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
     std::fill(lazy.begin(), lazy.end(), uint8_t(1));
+  }
+  RowState<acc_t> state(int64_t first_row) {
+    return {row_max.data() + first_row, row_sum.data() + first_row, anchor.data() + first_row, lazy.data() + first_row};
   }
 };
 
@@ -75,13 +88,13 @@ constexpr acc_t kLazyMargin = acc_t(8);
 // The reference maximum moves lazily: a row that has one takes exp(score - reference) in a single pass
 // without the block's maximum, and keeps the result unless the running sum passes kLazySumLimit (a score
 // far above the reference, an overflow, or a NaN); only then, and on a row's first block, a maximum pass
-// sets a new reference and rescales (lazy[r] says whether row r tries; see kLazyMargin). Terms above 1 lose nothing: float's relative precision does not
-// depend on magnitude, and the sum stays 30 binary orders below overflow.
+// sets a new reference and rescales (state.lazy says whether a row tries; see kLazyMargin; ALiBi rows
+// always try, their reference moved up with the bias). Terms above 1 lose nothing: float's relative
+// precision does not depend on magnitude, and the sum stays 30 binary orders below overflow.
 template <typename acc_t, typename OnRow, typename Rescore>
 void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t head, int64_t i0, int64_t rows,
                    int64_t j0, int64_t n, acc_t* scores, int64_t ld, acc_t* probs, int64_t ldp, acc_t* out,
-                   int64_t ldv, acc_t* row_max_, acc_t* row_sum, uint8_t* lazy, const OnRow& on_row,
-                   const Rescore& rescore) {
+                   int64_t ldv, const RowState<acc_t>& state, const OnRow& on_row, const Rescore& rescore) {
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   constexpr int64_t width = simd::Traits<acc_t>::width;
   const int64_t n_pad = round_up(n, width);
@@ -103,22 +116,33 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
       }
     };
     finish_scores();
-    const ScaledDistance<acc_t> bias(scale, slope, i0 + r + seq.len_k - seq.len_q - j0);
+    const int64_t position = i0 + r + seq.len_k - seq.len_q - j0;
+    const ScaledDistance<acc_t> bias(scale, slope, position);
     const auto row_max_of = [&] { return alibi ? row_max(s, n_pad, bias) : row_max(s, n_pad) * exp_scale; };
     const auto exp_sum = [&](acc_t shift) {
       return alibi ? exp_shifted_sum(s, p, n_pad, shift, acc_t(1), bias) : exp_shifted_sum(s, p, n_pad, shift, exp_scale);
     };
-    const acc_t reference = row_max_[r];
+    // ALiBi's bias at its largest in this block: the reference follows it exactly, so that the scores'
+    // climb toward the diagonal never forces a maximum pass (what is left, q.k, barely moves).
+    const acc_t bias_top = alibi ? max_distance_bias(slope, position, n) : acc_t(0);
+    acc_t& reference = state.max[r];
+    acc_t& total = state.sum[r];
     bool done = false;
-    if (lazy[r] && reference > neg_inf) {  // false for a row with no reference yet, and for NaN
+    if ((alibi || state.lazy[r]) && reference > neg_inf) {  // false for a row with no reference yet, and for NaN
+      if (alibi && bias_top > state.anchor[r]) {
+        const acc_t rescale = std::exp(state.anchor[r] - bias_top);
+        reference += bias_top - state.anchor[r];
+        state.anchor[r] = bias_top;
+        total *= rescale;
+        scale_row(out + r * ldv, ldv, rescale);
+      }
       const acc_t block_sum = exp_sum(reference);
-      const acc_t total = row_sum[r] + block_sum;
-      if (total <= kLazySumLimit<acc_t>) {  // false for NaN and inf
-        row_sum[r] = total;
+      if (total + block_sum <= kLazySumLimit<acc_t>) {  // false for NaN and inf
+        total += block_sum;
         done = true;
         // Terms well above 1: the maximum has climbed past the reference, so let the next block move it
-        // (else a steady climb, ALiBi's, would drift until an attempt fails).
-        lazy[r] = block_sum <= std::exp(kLazyMargin<acc_t>);
+        // (else a steady climb would drift until an attempt fails).
+        state.lazy[r] = block_sum <= std::exp(kLazyMargin<acc_t>);
       } else if (p == s) {
         rescore(r, s);
         finish_scores();
@@ -126,19 +150,18 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
     }
     if (!done) {
       const acc_t block_max = row_max_of();
-      const acc_t new_max = block_max > reference || std::isnan(block_max) ? block_max : reference;  // NaN spreads
+      const acc_t old_max = reference;
+      const acc_t new_max = block_max > old_max || std::isnan(block_max) ? block_max : old_max;  // NaN spreads
       if (new_max == neg_inf) {  // nothing visible yet: the row's probabilities are all 0
         std::fill(p, p + n_pad, acc_t(0));
         on_row(r, p);
         continue;
       }
-      const acc_t rescale = std::exp(reference - new_max);
-      row_sum[r] = row_sum[r] * rescale + exp_sum(new_max);
-      row_max_[r] = new_max;
-      // A row whose maximum climbs block after block (ALiBi's, up to the diagonal) would fail every lazy
-      // attempt: it takes the maximum pass first until a block moves its maximum little. ALiBi rows start
-      // that way; others start lazy.
-      lazy[r] = reference == neg_inf ? slope == acc_t(0) : new_max <= reference + kLazyMargin<acc_t>;
+      const acc_t rescale = std::exp(old_max - new_max);
+      total = total * rescale + exp_sum(new_max);
+      reference = new_max;
+      state.anchor[r] = bias_top;
+      state.lazy[r] = old_max == neg_inf || new_max <= old_max + kLazyMargin<acc_t>;
       if (rescale != acc_t(1)) scale_row(out + r * ldv, ldv, rescale);
     }
     if (scoring.dropout.active()) {
@@ -224,7 +247,7 @@ void forward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
                   kScoreStride, false);
     };
     softmax_block(scoring, seq, head, i0, rows, j0, n, scores, kScoreStride, scores, kScoreStride, acc, ldv,
-                  buf.row_max.data(), buf.row_sum.data(), buf.lazy.data(), [](int64_t, const acc_t*) {}, rescore);
+                  buf.state(0), [](int64_t, const acc_t*) {}, rescore);
     for_each_run(scoring.rules, seq, i0, rows, j0, n, 1, [&](int64_t g, int64_t group, int64_t b, int64_t e) {
       gemm<acc_t>(group, value_dim, e - b, scores + g * kScoreStride + b, kScoreStride, 1,
                   tiles.values(block.sequence, kv_head, j0 + b), acc + g * ldv, ldv, true);

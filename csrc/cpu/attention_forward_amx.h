@@ -127,7 +127,7 @@ void forward_rows_amx(const Problem<scalar_t>& problem, const Scoring<float>& sc
     c10::BFloat16* probs = buf.p.data();
     // Each row's float probabilities go to one scratch row (ldp = 0), rounded to P at once.
     softmax_block(scoring, seq, head, i0, rows, j0, n, scores, kScoreStride, buf.f.probs.data(), 0, acc, ldv,
-                  buf.f.row_max.data(), buf.f.row_sum.data(), buf.f.lazy.data(), [&](int64_t r, const float* p) {
+                  buf.f.state(0), [&](int64_t r, const float* p) {
                     tiles::to_bf16_row(p, n_tiles * tiles::kRows, chunks * tiles::kDepth, probs + r * kProbStride);
                   },
                   [](int64_t, float*) {} /* the scores are never overwritten */);

@@ -66,6 +66,14 @@ struct ScaledDistance {
   }
 };
 
+// The largest ALiBi bias -slope |position - j| over keys j in [0, n).
+template <typename acc_t>
+inline acc_t max_distance_bias(acc_t slope, int64_t position, int64_t n) {
+  const int64_t nearest = position < 0 ? -position : position >= n ? position - (n - 1) : 0;
+  const int64_t farthest = std::max(std::abs(position), std::abs(position - (n - 1)));
+  return -slope * static_cast<acc_t>(slope > 0 ? nearest : farthest);
+}
+
 // s[j] <- s[j] scale - slope |position - j| over [0, n_pad): scale and ALiBi bias in one vector pass.
 template <typename acc_t>
 inline void scale_add_distance(acc_t* s, int64_t n_pad, acc_t scale, acc_t slope, int64_t position) {
