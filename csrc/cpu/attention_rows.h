@@ -61,7 +61,7 @@ struct ScaledDistance {
   }
   V operator()(const V& x, int64_t j) const {
     const V offset = lane + static_cast<acc_t>(j - position);  // exact: integers far below 2^24
-    const V distance = offset < 0 ? -offset : offset;
+    const V distance = simd::abs<acc_t>(offset);
     return x * scale - distance * slope;
   }
 };
@@ -198,7 +198,7 @@ inline acc_t distance_dot(const acc_t* dp, int64_t position, int64_t n_pad) {
   V total{};
   for (int64_t j = 0; j < n_pad; j += width) {
     const V offset = lane + static_cast<acc_t>(j - position);  // exact: integers far below 2^24
-    const V distance = offset < 0 ? -offset : offset;
+    const V distance = simd::abs<acc_t>(offset);
     total += simd::load(dp + j) * distance;
   }
   acc_t result = 0;

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 namespace simd {
@@ -68,6 +69,14 @@ inline void store(T* dst, const Vec<T>& v) {
 template <typename T>
 inline Vec<T> broadcast(T value) {
   return value - Vec<T>{};
+}
+
+// |x| as one AND of the sign bit (a compare, select and negate otherwise).
+template <typename T>
+inline Vec<T> abs(Vec<T> x) {
+  using Int = typename Traits<T>::Int;
+  constexpr auto magnitude = std::numeric_limits<std::remove_reference_t<decltype(Int{}[0])>>::max();
+  return (Vec<T>)((Int)x & magnitude);
 }
 
 // exp(x) for x <= 0 (scores minus their row maximum), results below the smallest normal number flushed
