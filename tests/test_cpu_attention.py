@@ -50,6 +50,14 @@ def test_every_instruction_set_variant_passes_the_feature_tests(isa):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout
+    # The softmax's overflow and underflow paths, which lean on each variant's exp.
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cpu_attention.py", "-k",
+         "far_from or alibi_rows or overshoots"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
 
 
 def _median_seconds(fn, repeats: int = 3) -> float:
@@ -120,3 +128,21 @@ def test_alibi_rows_across_many_key_blocks(dtype, causal):
     q, k, v = (rand(1, 4, 1300, 64, gen=gen).to(dtype) for _ in range(3))
     slopes = torch.tensor([2.0, 0.3, 0.004, -0.01])
     check_attention("cpu", q, k, v, grad=False, alibi_slopes=slopes, is_causal=causal)
+
+
+def test_alibi_reference_never_overshoots_the_scores():
+    """Found in review: a window's edge (a row that is not plain) followed by plain ALiBi blocks with a
+    negative slope, and a positive slope whose q.k falls as the bias rises, once moved the reference
+    far above every score, so the row's sum underflowed to 0."""
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = (rand(1, 1, 2048, 16, gen=gen) for _ in range(3))
+    check_attention("cpu", q, k, v, grad=False, window_size=(1024, 2048), alibi_slopes=torch.tensor([-0.2]))
+    q = torch.zeros(1, 1, 1, 16, dtype=torch.float64)
+    q[..., 0] = 1.0
+    k = rand(1, 1, 1024, 16, gen=gen) * 0.01
+    k[..., 0] = 0.0
+    k[:, :, 512:, 0] = -150.0  # q.k = 0 on the first 512 keys, -150 after
+    v = rand(1, 1, 1024, 16, gen=gen)
+    for dtype in (torch.float32, torch.float64):
+        check_attention("cpu", q.to(dtype), k.to(dtype), v.to(dtype), grad=False, scale=1.0,
+                        alibi_slopes=torch.tensor([0.5]))

@@ -71,7 +71,8 @@ struct ForwardBuffers {
   }
 };
 
-// A row's running sum may grow to this before its reference maximum must move up (see softmax_block).
+// A row's running sum may grow to this before its reference maximum must move up, and a lazy attempt that
+// leaves it below the inverse is refused (see softmax_block).
 template <typename acc_t>
 constexpr acc_t kLazySumLimit = acc_t(4294967296.0);  // 2^32
 // A block that moves a row's maximum up by more than this makes its next block skip the lazy attempt.
@@ -129,16 +130,20 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
     acc_t& total = state.sum[r];
     bool done = false;
     if ((alibi || state.lazy[r]) && reference > neg_inf) {  // false for a row with no reference yet, and for NaN
-      if (alibi && bias_top > state.anchor[r]) {
-        const acc_t rescale = std::exp(state.anchor[r] - bias_top);
-        reference += bias_top - state.anchor[r];
-        state.anchor[r] = bias_top;
-        total *= rescale;
-        scale_row(out + r * ldv, ldv, rescale);
-      }
-      const acc_t block_sum = exp_sum(reference);
-      if (total + block_sum <= kLazySumLimit<acc_t>) {  // false for NaN and inf
-        total += block_sum;
+      // ALiBi rows try the reference moved up by the bias's climb since a maximum pass set it.
+      const acc_t shift = alibi && bias_top > state.anchor[r] ? bias_top - state.anchor[r] : acc_t(0);
+      const acc_t carried = shift > 0 ? total * std::exp(-shift) : total;
+      const acc_t block_sum = exp_sum(reference + shift);
+      const acc_t sum = carried + block_sum;
+      // Too large: a score far above the reference (or inf, or NaN). Too small: the moved reference
+      // overshot the scores (their q.k fell as the bias rose) and the terms are underflowing.
+      if (sum <= kLazySumLimit<acc_t> && sum >= acc_t(1) / kLazySumLimit<acc_t>) {
+        if (shift > 0) {
+          scale_row(out + r * ldv, ldv, std::exp(-shift));
+          reference += shift;
+          state.anchor[r] = bias_top;
+        }
+        total = sum;
         done = true;
         // Terms well above 1: the maximum has climbed past the reference, so let the next block move it
         // (else a steady climb would drift until an attempt fails).
@@ -160,7 +165,9 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
       const acc_t rescale = std::exp(old_max - new_max);
       total = total * rescale + exp_sum(new_max);
       reference = new_max;
-      state.anchor[r] = bias_top;
+      // Only a maximum pass over a plain ALiBi row knows the bias part of the reference; other rows'
+      // references never move with the bias (an anchor of +inf).
+      state.anchor[r] = alibi ? bias_top : std::numeric_limits<acc_t>::infinity();
       state.lazy[r] = old_max == neg_inf || new_max <= old_max + kLazyMargin<acc_t>;
       if (rescale != acc_t(1)) scale_row(out + r * ldv, ldv, rescale);
     }

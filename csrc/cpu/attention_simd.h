@@ -29,6 +29,7 @@ struct Traits<float> {
   static constexpr float ln2_lo = 1.428606765330187e-06f;
   static constexpr float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   static constexpr float underflow = -87.3f;  // below it exp(x) is subnormal: flushed to 0
+  static constexpr float overflow = 88.7f;    // above it exp(x) is past float's largest value
   static constexpr int mantissa_bits = 23;
   static constexpr int exponent_bias = 127;
 };
@@ -43,6 +44,7 @@ struct Traits<double> {
   static constexpr double ln2_lo = 1.9082149292705877e-10;
   static constexpr double round_magic = 6755399441055744.0;  // 1.5 * 2^52
   static constexpr double underflow = -708.3;
+  static constexpr double overflow = 709.7;
   static constexpr int mantissa_bits = 52;
   static constexpr int exponent_bias = 1023;
   static constexpr int taylor_terms = 14;
@@ -105,7 +107,10 @@ inline Vec<T> exp_nonpositive(Vec<T> x) {
   }
   const Int exponent = (__builtin_convertvector(n, Int) + Tr::exponent_bias) << Tr::mantissa_bits;
   const Vec<T> result = poly * (Vec<T>)exponent;  // a vector cast of equal size reinterprets the bits
-  return x < Tr::underflow ? Vec<T>{} : result;
+  // Above the overflow bound the exponent bits would wrap into the sign: +inf, as exp gives (the lazy
+  // softmax tries arguments above 0 and relies on an overflow showing as inf).
+  const Vec<T> capped = x > Tr::overflow ? broadcast<T>(std::numeric_limits<T>::infinity()) : result;
+  return x < Tr::underflow ? Vec<T>{} : capped;
 }
 
 // exp(x * scale - shift) for arguments <= 0, as exp_nonpositive. The AVX-512 float version works in base
