@@ -101,6 +101,7 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
   const int64_t n_pad = round_up(n, width);
   const acc_t scale = static_cast<acc_t>(scoring.rules.scale);
   const acc_t slope = scoring.slope(seq, head);
+  const acc_t lazy_sum_margin = std::exp(kLazyMargin<acc_t>);
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* s = scores + r * ld;
     acc_t* p = probs + r * ldp;
@@ -147,7 +148,7 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
         done = true;
         // Terms well above 1: the maximum has climbed past the reference, so let the next block move it
         // (else a steady climb would drift until an attempt fails).
-        state.lazy[r] = block_sum <= std::exp(kLazyMargin<acc_t>);
+        state.lazy[r] = block_sum <= lazy_sum_margin;
       } else if (p == s) {
         rescore(r, s);
         finish_scores();

@@ -49,21 +49,26 @@ struct Unchanged {
   V operator()(const V& x, int64_t) const { return x; }
 };
 
+// |position - j| for the lanes j .. j + width: ALiBi's distance, exact (integers far below 2^24).
+template <typename acc_t>
+struct Distance {
+  using V = simd::Vec<acc_t>;
+  int64_t position;
+  V lane{};
+  explicit Distance(int64_t position_) : position(position_) {
+    for (int64_t k = 0; k < simd::Traits<acc_t>::width; ++k) lane[k] = static_cast<acc_t>(k);
+  }
+  V operator()(int64_t j) const { return simd::abs<acc_t>(lane + static_cast<acc_t>(j - position)); }
+};
+
 // x scale - slope |position - j|: the final score of a row that has only a scale and ALiBi.
 template <typename acc_t>
 struct ScaledDistance {
   using V = simd::Vec<acc_t>;
   acc_t scale, slope;
-  int64_t position;
-  V lane{};
-  ScaledDistance(acc_t scale_, acc_t slope_, int64_t position_) : scale(scale_), slope(slope_), position(position_) {
-    for (int64_t k = 0; k < simd::Traits<acc_t>::width; ++k) lane[k] = static_cast<acc_t>(k);
-  }
-  V operator()(const V& x, int64_t j) const {
-    const V offset = lane + static_cast<acc_t>(j - position);  // exact: integers far below 2^24
-    const V distance = simd::abs<acc_t>(offset);
-    return x * scale - distance * slope;
-  }
+  Distance<acc_t> distance;
+  ScaledDistance(acc_t scale_, acc_t slope_, int64_t position) : scale(scale_), slope(slope_), distance(position) {}
+  V operator()(const V& x, int64_t j) const { return x * scale - distance(j) * slope; }
 };
 
 // The largest ALiBi bias -slope |position - j| over keys j in [0, n).
@@ -193,14 +198,9 @@ template <typename acc_t>
 inline acc_t distance_dot(const acc_t* dp, int64_t position, int64_t n_pad) {
   using V = simd::Vec<acc_t>;
   constexpr int64_t width = simd::Traits<acc_t>::width;
-  V lane{};
-  for (int64_t k = 0; k < width; ++k) lane[k] = static_cast<acc_t>(k);
+  const Distance<acc_t> distance(position);
   V total{};
-  for (int64_t j = 0; j < n_pad; j += width) {
-    const V offset = lane + static_cast<acc_t>(j - position);  // exact: integers far below 2^24
-    const V distance = simd::abs<acc_t>(offset);
-    total += simd::load(dp + j) * distance;
-  }
+  for (int64_t j = 0; j < n_pad; j += width) total += simd::load(dp + j) * distance(j);
   acc_t result = 0;
   for (int64_t k = 0; k < width; ++k) result += total[k];
   return result;
