@@ -1,0 +1,215 @@
+"""Public context-parallel attention: :func:`ring_attention` and :func:`ulysses_attention`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..errors import AttentionArgumentError
+from ..functional import scaled_dot_product_attention
+from ..inputs import canonicalize
+from .all_to_all import Resharder
+from .blocks import Rules
+from .groups import resolve_group
+from .layout import LAYOUTS, check_divisible, check_layout, shard_segments
+from .ring import Ring, RingAttentionFunction
+from .validate import exchange_signatures
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FIELDS = (
+    "batch", "query heads", "key/value heads", "shard length", "head dim", "value head dim", "dtype",
+    "is_causal", "window left", "window right", "alibi_slopes", "sum of alibi_slopes", "softcap", "scale",
+    "layout", "enable_gqa", "requires grad",
+)
+
+
+def _prepare(
+    what: str, query: Any, key: Any, value: Any, group: Any, is_causal: Any, scale: Any, enable_gqa: Any,
+    window_size: Any, alibi_slopes: Any, softcap: Any, layout: Any,
+) -> tuple[dist.ProcessGroup, Rules, list, str]:
+    """Checks the arguments on this rank and collectively; returns the group, rules, segments, layout."""
+    pg = resolve_group(group)
+    world = dist.get_world_size(pg)
+    canonical = {}
+
+    def local() -> dict[str, float]:
+        lay = check_layout(layout)
+        inputs = canonicalize(
+            query, key, value, None, 0.0, is_causal, scale, enable_gqa, window_size=window_size,
+            alibi_slopes=alibi_slopes, softcap=softcap,
+        )
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.dim() != 4:
+                raise AttentionArgumentError(f"{name} must be (batch, heads, seq shard, head_dim), got {t.dim()}-D")
+        if not query.shape[0] == key.shape[0] == value.shape[0] or key.shape[:3] != value.shape[:3]:
+            raise AttentionArgumentError(
+                f"query {tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)} must share "
+                "batch, and key/value their heads and length (no broadcasting under context parallelism)"
+            )
+        if key.shape[2] != query.shape[2]:
+            raise AttentionArgumentError(
+                f"key shard length {key.shape[2]} must equal the query shard length {query.shape[2]} "
+                "(context parallelism shards one sequence of queries, keys and values alike)"
+            )
+        if key.shape[1] != query.shape[1] and not enable_gqa:
+            raise AttentionArgumentError(
+                f"key heads ({key.shape[1]}) differ from query heads ({query.shape[1]}): pass enable_gqa=True"
+            )
+        if alibi_slopes is not None and alibi_slopes.requires_grad:
+            raise AttentionArgumentError("alibi_slopes: gradients of the slopes are not supported here")
+        canonical["inputs"] = inputs
+        alibi = inputs.alibi_slopes
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        return {
+            "batch": query.shape[0], "query heads": query.shape[1], "key/value heads": key.shape[1],
+            "shard length": query.shape[2], "head dim": query.shape[3], "value head dim": value.shape[3],
+            "dtype": _DTYPES.index(query.dtype), "is_causal": inputs.causal,
+            "window left": inputs.window_left, "window right": inputs.window_right,
+            "alibi_slopes": alibi is not None,
+            "sum of alibi_slopes": 0.0 if alibi is None else float(alibi.double().sum()),
+            "softcap": inputs.softcap, "scale": inputs.scale, "layout": LAYOUTS.index(lay),
+            "enable_gqa": bool(enable_gqa), "requires grad": grad,
+        }
+
+    lay = layout if layout in LAYOUTS else "contiguous"
+    may_differ = frozenset({"shard length"}) if lay == "contiguous" else frozenset()
+    signatures = exchange_signatures(pg, what, _FIELDS, local, may_differ)
+    lengths = [int(s["shard length"]) for s in signatures]
+    check_divisible(lay, sum(lengths), world)
+    inputs = canonical["inputs"]
+    rules = Rules(
+        causal=inputs.causal, window_left=inputs.window_left, window_right=inputs.window_right,
+        alibi=inputs.alibi_slopes, softcap=inputs.softcap, scale=inputs.scale, enable_gqa=bool(enable_gqa),
+        backend=None,
+    )
+    return pg, rules, shard_segments(lay, lengths), lay
+
+
+_SHARED_DOC = """
+    Every rank of ``group`` calls it at the same time with its shard of one sequence (see
+    :func:`shard_sequence`); shapes, dtype and options must agree across ranks (checked collectively:
+    a bad argument on any rank raises on every rank, never hangs).
+
+    Args:
+        query: ``(B, Hq, L_shard, E)``: this rank's shard of the queries, in ``layout`` order.
+        key: ``(B, Hkv, L_shard, E)``; the same positions as ``query`` (self-attention over one sequence).
+        value: ``(B, Hkv, L_shard, Ev)``.
+        group: a ``ProcessGroup``, a 1-D ``DeviceMesh``, or None for the default group. Gloo with CPU
+            tensors, NCCL with CUDA tensors.
+        is_causal: causal mask over global positions (query ``p`` sees keys ``t <= p``).
+        scale: score scale; default ``1 / sqrt(E)``.
+        enable_gqa: grouped-query attention (``Hq`` a multiple of ``Hkv``).
+        window_size: ``(left, right)`` over global positions: key ``t`` is visible from query ``p`` iff
+            ``p - left <= t <= p + right`` (-1: unbounded), as in
+            :func:`fused_attention.scaled_dot_product_attention` on the whole sequence (``L == S``).
+        alibi_slopes: float32 ``(Hq,)`` or ``(B, Hq)``; adds ``-slope * |p - t|`` with global positions.
+            Not differentiable here.
+        softcap: ``score = softcap * tanh(score / softcap)``.
+        layout: ``"zigzag"`` (chunks ``r`` and ``2P - 1 - r`` of ``2P`` equal chunks; the sequence length
+            must be divisible by ``2P``) or ``"contiguous"`` (consecutive pieces; any lengths, one per
+            rank, uneven allowed).
+        return_lse: also return the log-sum-exp ``(B, Hq, L_shard)``, float32 (float64 for float64).
+        backend: force one of our backends for the per-rank attention calls (as in
+            :func:`fused_attention.scaled_dot_product_attention`).
+
+    Not supported under context parallelism: ``attn_mask``, ``key_lengths``, dropout, gradients of
+    ``alibi_slopes``. Every rank must run the backward (it is collective) when inputs require grad.
+
+    Returns:
+        ``out (B, Hq, L_shard, Ev)`` in the query dtype, this rank's shard of the attention output over
+        the whole sequence; with ``return_lse=True``, ``(out, lse)``.
+"""
+
+
+def ring_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    group: Any = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    window_size: tuple[int, int] | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    softcap: float | None = None,
+    layout: str = "zigzag",
+    return_lse: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Ring attention over a sequence sharded across ranks: equals attention on the whole sequence.
+
+    Each rank keeps its queries; key/value shards travel around the ring with asynchronous
+    point-to-point transfers posted before each step's compute, so communication overlaps compute.
+    Partial results merge through their log-sum-exp in float32 (float64 for float64 inputs). The
+    backward sends the key/value shards around again and the dK/dV partial sums around a second ring
+    (float32 / float64). Per-rank memory is O(L / P). Each step's attention runs on our kernels through
+    :func:`fused_attention.scaled_dot_product_attention`; the backward's exact global-softmax gradient is
+    explained in ``fused_attention/distributed/anchor.py`` (it costs one extra forward per step).
+    With ``layout="zigzag"`` and ``is_causal=True`` every rank does the same work at every step.
+    """
+    pg, rules, segments, _ = _prepare(
+        "ring_attention", query, key, value, group, is_causal, scale, enable_gqa, window_size, alibi_slopes,
+        softcap, layout,
+    )
+    rules = Rules(**{**rules.__dict__, "backend": backend})
+    ring = Ring(pg, dist.get_rank(pg), dist.get_world_size(pg), segments, rules)
+    out, lse = RingAttentionFunction.apply(query, key, value, ring)
+    return (out, lse) if return_lse else out
+
+
+def ulysses_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    group: Any = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    window_size: tuple[int, int] | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    softcap: float | None = None,
+    layout: str = "contiguous",
+    return_lse: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Ulysses (DeepSpeed) sequence parallelism: all-to-all from sequence shards to head shards.
+
+    One all-to-all gives each rank ``H / P`` heads of the whole sequence; our attention runs on them
+    (every option works as on one device, positions are already global), and one all-to-all returns
+    the output to sequence shards. Query heads and key/value heads must both be divisible by the group
+    size (else a clear error; use :func:`ring_attention`). Per-rank activation memory is O(L / P), but
+    each rank holds whole-sequence K/V for its heads during the call.
+    """
+    pg, rules, segments, _ = _prepare(
+        "ulysses_attention", query, key, value, group, is_causal, scale, enable_gqa, window_size, alibi_slopes,
+        softcap, layout,
+    )
+    world, rank = dist.get_world_size(pg), dist.get_rank(pg)
+    for name, heads in (("query", query.shape[1]), ("key/value", key.shape[1])):
+        if heads % world:
+            raise AttentionArgumentError(
+                f"ulysses_attention: {name} heads ({heads}) must be divisible by the group size ({world}); "
+                "use ring_attention"
+            )
+    heads = query.shape[1] // world
+    alibi = None if rules.alibi is None else rules.alibi[:, rank * heads : (rank + 1) * heads]
+    reshard = Resharder(pg, segments, query.device)
+    out, lse = scaled_dot_product_attention(
+        reshard.to_heads(query), reshard.to_heads(key), reshard.to_heads(value), is_causal=rules.causal,
+        scale=rules.scale, enable_gqa=enable_gqa, window_size=(rules.window_left, rules.window_right),
+        alibi_slopes=alibi, softcap=rules.softcap or None, return_lse=True, backend=backend,
+    )
+    out = reshard.to_sequence(out)
+    if not return_lse:
+        return out
+    with torch.no_grad():
+        lse = reshard.to_sequence(lse.unsqueeze(-1)).squeeze(-1)
+    return out, lse
+
+
+ring_attention.__doc__ = (ring_attention.__doc__ or "") + _SHARED_DOC
+ulysses_attention.__doc__ = (ulysses_attention.__doc__ or "") + _SHARED_DOC

@@ -1,0 +1,139 @@
+"""Ring attention: each rank keeps its query shard while key/value shards travel around the ring.
+
+Forward: at each of the ``P`` steps a rank posts the asynchronous send of the key/value shard it holds
+(to the next rank) and the receive of the next one (from the previous rank), attends its queries to the
+shard it holds (:mod:`.blocks`), merges the partial result through the lse (:mod:`.merge`), then waits
+for the transfer. Backward: the key/value shards go around again; each step's block gradients come from
+:mod:`.anchor` (exact through the global softmax); dQ stays local, and the dK/dV partial sums of a shard
+follow it one step behind, in float32 (float64 for float64 inputs), back to its owner.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .anchor import AnchoredQueries, block_backward
+from .blocks import Rules, block_mask, call_attention, plan_step
+from .layout import Segments
+from .merge import accumulation_dtype, merge_into_
+from .p2p import RingExchange
+
+# Test/benchmark hook: called as step_timer(phase, step, compute_seconds, wait_seconds) after each ring
+# step ("forward" / "backward"); wait_seconds is the time spent waiting for that step's receives.
+step_timer: Callable[[str, int, float, float], None] | None = None
+
+
+@dataclass(frozen=True)
+class Ring:
+    """Who holds what: the group, this rank, and every rank's segments of the sequence."""
+
+    group: dist.ProcessGroup
+    rank: int
+    world: int
+    segments: list[Segments]
+    rules: Rules
+
+    def source(self, step: int) -> int:
+        """The rank whose key/value shard this rank holds at ``step``."""
+        return (self.rank - step) % self.world
+
+    def blocks(self, step: int):
+        src = self.source(step)
+        return plan_step(self.rules, self.segments[self.rank], self.segments[src], src == self.rank)
+
+    def shard_shape(self, like: torch.Tensor, owner: int) -> torch.Size:
+        return torch.Size((*like.shape[:2], sum(n for _, n in self.segments[owner]), like.shape[-1]))
+
+
+def _report(phase: str, step: int, compute: float, wait: float) -> None:
+    if step_timer is not None:
+        step_timer(phase, step, compute, wait)
+
+
+class RingAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring):
+        cd = accumulation_dtype(q.dtype)
+        acc_out = q.new_zeros(*q.shape[:-1], v.shape[-1], dtype=cd)
+        acc_lse = q.new_full(q.shape[:-1], float("-inf"), dtype=cd)
+        mask_dtype = cd
+        k_cur, v_cur = k, v
+        for step in range(ring.world):
+            exchange = None
+            if step < ring.world - 1:
+                nxt = ring.source(step + 1)
+                exchange = RingExchange(
+                    ring.group, [k_cur, v_cur], [ring.shard_shape(k, nxt), ring.shard_shape(v, nxt)]
+                )
+            start = time.perf_counter()
+            for block in ring.blocks(step):
+                mask = block_mask(ring.rules, block, q.device, mask_dtype) if block.form == "mask" else None
+                out, lse = call_attention(
+                    ring.rules, block, q[:, :, block.q0 : block.q1], k_cur[:, :, block.k0 : block.k1],
+                    v_cur[:, :, block.k0 : block.k1], mask,
+                )
+                merge_into_(acc_out[:, :, block.q0 : block.q1], acc_lse[:, :, block.q0 : block.q1], out, lse)
+            compute = time.perf_counter() - start
+            wait = 0.0
+            if exchange is not None:
+                (k_cur, v_cur), wait = exchange.wait()
+            _report("forward", step, compute, wait)
+        out = acc_out.to(q.dtype)
+        ctx.ring = ring
+        ctx.save_for_backward(q, k, v, out, acc_lse)
+        ctx.mark_non_differentiable(acc_lse)
+        return out, acc_lse
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor, _dlse: torch.Tensor):
+        ring: Ring = ctx.ring
+        q, k, v, out, lse = ctx.saved_tensors
+        cd = accumulation_dtype(q.dtype)
+        delta = (dout.to(cd) * out.to(cd)).sum(-1)
+        anchored = AnchoredQueries(q, lse, ring.rules)
+        dq = torch.zeros(q.shape, dtype=cd, device=q.device)
+        k_cur, v_cur = k, v
+        grads_in: RingExchange | None = None
+        for step in range(ring.world):
+            exchange = None
+            if step < ring.world - 1:
+                nxt = ring.source(step + 1)
+                exchange = RingExchange(
+                    ring.group, [k_cur, v_cur], [ring.shard_shape(k, nxt), ring.shard_shape(v, nxt)]
+                )
+            start = time.perf_counter()
+            dk_step = torch.zeros(k_cur.shape, dtype=cd, device=q.device)
+            dv_step = torch.zeros(v_cur.shape, dtype=cd, device=q.device)
+            for block in ring.blocks(step):
+                dq_b, dk_b, dv_b = block_backward(ring.rules, block, anchored, k_cur, v_cur, dout, lse, delta)
+                dq[:, :, block.q0 : block.q1] += dq_b
+                dk_step[:, :, block.k0 : block.k1] += dk_b
+                dv_step[:, :, block.k0 : block.k1] += dv_b
+            compute = time.perf_counter() - start
+            wait = 0.0
+            if grads_in is not None:  # the partial sums of shard `src` from the ranks before this one
+                (dk_in, dv_in), wait_grads = grads_in.wait()
+                dk_step += dk_in
+                dv_step += dv_in
+                wait += wait_grads
+            if ring.world > 1:
+                # Forward the sums one step along; after the last step they reach the shard's owner.
+                owner_next = ring.source(step + 1)
+                grads_in = RingExchange(
+                    ring.group, [dk_step, dv_step],
+                    [ring.shard_shape(dk_step, owner_next), ring.shard_shape(dv_step, owner_next)],
+                )
+            if exchange is not None:
+                (k_cur, v_cur), wait_kv = exchange.wait()
+                wait += wait_kv
+            _report("backward", step, compute, wait)
+        if grads_in is not None:
+            (dk, dv), _ = grads_in.wait()
+        else:
+            dk, dv = dk_step, dv_step
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None

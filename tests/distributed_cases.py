@@ -1,0 +1,155 @@
+"""Cases run inside spawned gloo ranks by ``test_distributed.py`` (a module the children can import).
+
+Every rank builds the same whole-sequence inputs from one seed, runs the context-parallel function on
+its shard, and checks its shard of the output, lse and gradients against the reference on the whole
+sequence by DESIGN.md's tolerance policy (the reference in the input dtype and in float64).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from fused_attention.check import within_tolerance
+from fused_attention.distributed import ring_attention, shard_sequence, ulysses_attention, unshard_sequence
+from fused_attention.reference import reference_attention
+
+
+def _policy(out, ref_dt, ref64, factor, what):
+    inf = torch.isinf(ref64)
+    assert torch.equal(torch.isinf(out), inf), f"{what}: infinities differ"
+    out, ref_dt, ref64 = (t.detach().double().masked_fill(inf, 0.0) for t in (out, ref_dt, ref64))
+    ok, err, bound = within_tolerance(out, ref_dt, ref64, factor)
+    assert ok, f"{what}: max error {err:.3e} > bound {bound:.3e}"
+
+
+def check_against_whole(world: int, fn: str, layout: str, dtype: torch.dtype, length: int, heads=(4, 4),
+                        head_dim=16, batch=1, alibi=False, **kwargs) -> None:
+    """Outputs, lse and gradients of ``fn`` on shards equal attention on the whole sequence."""
+    gen = torch.Generator().manual_seed(1234)
+    hq, hkv = heads
+    whole = [torch.randn(batch, h, length, head_dim, generator=gen, dtype=torch.float64) for h in (hq, hkv, hkv)]
+    upstream = torch.randn(batch, hq, length, head_dim, generator=gen, dtype=torch.float64)
+    if alibi:
+        kwargs["alibi_slopes"] = torch.rand(hq, generator=gen) * 0.5 + 0.05
+    if hq != hkv:
+        kwargs["enable_gqa"] = True
+    refs = {}
+    for dt in (dtype, torch.float64):
+        leaves = [t.to(dt).requires_grad_() for t in whole]
+        ref_kwargs = dict(kwargs)
+        out, lse = reference_attention(*leaves, **ref_kwargs)
+        grads = torch.autograd.grad(out, leaves, upstream.to(dt))
+        refs[dt] = [out, lse, *grads]
+    shard = [shard_sequence(t.to(dtype), layout=layout).requires_grad_() for t in whole]
+    attention = ring_attention if fn == "ring" else ulysses_attention
+    out, lse = attention(*shard, layout=layout, return_lse=True, **kwargs)
+    grads = torch.autograd.grad(out, shard, shard_sequence(upstream.to(dtype), layout=layout))
+    assert out.dtype == dtype and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    for name, mine, factor, i in (("out", out, 2, 0), ("lse", lse, 2, 1), ("dq", grads[0], 3, 2),
+                                  ("dk", grads[1], 3, 3), ("dv", grads[2], 3, 4)):
+        ref_dt, ref64 = (shard_sequence(refs[dt][i].detach(), layout=layout, dim=2) for dt in (dtype, torch.float64))
+        _policy(mine, ref_dt, ref64, factor, name)
+
+
+def expect_error(fn, match: str) -> None:
+    try:
+        fn()
+    except (ValueError, TypeError, RuntimeError) as e:
+        assert match in str(e), f"error {e!s} does not mention {match!r}"
+        return
+    raise AssertionError("no error raised")
+
+
+def bad_shape_on_one_rank(world: int) -> None:
+    """Rank 1 passes a wrong head dim: every rank raises (nobody waits in the ring)."""
+    rank = dist.get_rank()
+    dim = 8 if rank == 1 else 16
+    q, k, v = (torch.randn(1, 2, 4, dim) for _ in range(3))
+    if rank == 1:
+        expect_error(lambda: ring_attention(q, k, v[..., :3, :]), "value sequence length")
+    else:
+        expect_error(lambda: ring_attention(q, k, v), "invalid arguments")
+    # Same valid shapes locally but different across ranks: all raise, naming the field.
+    expect_error(lambda: ring_attention(q, k, v, layout="contiguous"), "head dim differs across ranks")
+
+
+def round_trip(world: int) -> None:
+    gen = torch.Generator().manual_seed(7)
+    for layout, length in (("zigzag", 8 * world), ("contiguous", 5 * world + 3)):
+        x = torch.randn(2, 3, length, 5, generator=gen)
+        labels = torch.randint(0, 100, (2, length), generator=gen)
+        assert torch.equal(unshard_sequence(shard_sequence(x, layout=layout), layout=layout), x)
+        assert torch.equal(unshard_sequence(shard_sequence(labels, layout=layout, dim=1), layout=layout, dim=1), labels)
+    expect_error(lambda: shard_sequence(torch.randn(1, 1, 2 * world + 1, 4), layout="zigzag"), "divisible by 2")
+
+
+def _cases(world: int) -> dict:
+    zz = 8 * world * 2 if world < 4 else 48  # divisible by 2P; chunks of 4-8 tokens
+    f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
+    c = {
+        "ring_zigzag_f64_causal": lambda: check_against_whole(world, "ring", "zigzag", f64, zz, is_causal=True),
+        "ring_zigzag_f64_full": lambda: check_against_whole(world, "ring", "zigzag", f64, zz),
+        "ring_contiguous_f64_causal": lambda: check_against_whole(world, "ring", "contiguous", f64, zz, is_causal=True),
+        "ring_zigzag_f32_causal_gqa": lambda: check_against_whole(world, "ring", "zigzag", f32, zz, heads=(4, 2),
+                                                                  is_causal=True, batch=2),
+        "ring_zigzag_bf16_causal": lambda: check_against_whole(world, "ring", "zigzag", bf16, zz, is_causal=True),
+        "ring_zigzag_f32_window_causal": lambda: check_against_whole(world, "ring", "zigzag", f32, zz,
+                                                                     is_causal=True, window_size=(5, 0)),
+        "ring_contiguous_f32_window": lambda: check_against_whole(world, "ring", "contiguous", f32, zz,
+                                                                  window_size=(6, 3)),
+        "ring_zigzag_f64_alibi_causal": lambda: check_against_whole(world, "ring", "zigzag", f64, zz, alibi=True,
+                                                                    is_causal=True),
+        "ring_contiguous_f32_alibi_softcap": lambda: check_against_whole(world, "ring", "contiguous", f32, zz,
+                                                                         alibi=True, softcap=3.0),
+        "ring_zigzag_f32_softcap_causal": lambda: check_against_whole(world, "ring", "zigzag", f32, zz,
+                                                                      softcap=2.0, is_causal=True),
+        "ring_contiguous_uneven_f32_causal_window": lambda: check_against_whole(
+            world, "ring", "contiguous", f32, zz + world - 1, is_causal=True, window_size=(7, 0)),
+        "ring_zigzag_not_divisible": lambda: expect_error(
+            lambda: ring_attention(*(torch.randn(1, 2, 3, 8) for _ in range(3))), "divisible by 2 * group size"),
+        "ulysses_contiguous_f32_causal": lambda: check_against_whole(world, "ulysses", "contiguous", f32, zz,
+                                                                     heads=(12, 12), is_causal=True),
+        "ulysses_zigzag_f64_alibi_window": lambda: check_against_whole(world, "ulysses", "zigzag", f64, zz,
+                                                                       heads=(12, 12), alibi=True,
+                                                                       window_size=(5, 2), is_causal=True),
+        "ulysses_contiguous_uneven_bf16_softcap": lambda: check_against_whole(
+            world, "ulysses", "contiguous", bf16, zz + 1, heads=(12, 12), softcap=2.0),
+        "ulysses_heads_not_divisible": lambda: expect_error(
+            lambda: ulysses_attention(*(torch.randn(1, 12 * world + 1, 2 * world, 8) for _ in range(3))),
+            "must be divisible by the group size"),
+        "bad_shape_on_one_rank": lambda: bad_shape_on_one_rank(world),
+        "shard_round_trip": lambda: round_trip(world),
+    }
+    if world == 2:
+        c["ulysses_f32_gqa"] = lambda: check_against_whole(world, "ulysses", "zigzag", f32, zz, heads=(4, 2),
+                                                           is_causal=True)
+    return c
+
+
+CASE_NAMES = sorted(_cases(3))  # world 2 adds ulysses_f32_gqa (heads divisible by 2 only)
+
+
+def worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Runs every case on this rank; writes ``{case: "ok" | error}`` and the seconds taken to a json file."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    results = {}
+    for name, case in sorted(_cases(world).items()):
+        start = time.perf_counter()
+        try:
+            case()
+            results[name] = ["ok", time.perf_counter() - start]
+        except Exception:  # noqa: BLE001 - reported to the parent test
+            results[name] = [traceback.format_exc(limit=4), time.perf_counter() - start]
+        dist.barrier()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()

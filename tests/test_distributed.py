@@ -1,0 +1,77 @@
+"""Context parallelism on gloo: 2, 3 and 4 spawned ranks (one spawn per group size runs every case)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fused_attention.distributed import merge_attention_states
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available() or sys.platform == "win32",
+    reason="needs torch.distributed with gloo",
+)
+
+_TIMEOUT_S = 150  # per group size; a hang anywhere fails the test instead of blocking CI
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """``{world: [per-rank {case: [status, seconds]}]}``, spawned lazily once per group size."""
+    import distributed_cases
+
+    cache: dict[int, list[dict]] = {}
+
+    def run(world: int) -> list[dict]:
+        if world not in cache:
+            out_dir = tmp_path_factory.mktemp(f"ranks{world}")
+            ctx = mp.start_processes(distributed_cases.worker, args=(world, _free_port(), str(out_dir)),
+                                     nprocs=world, join=False, start_method="spawn")
+            deadline = time.monotonic() + _TIMEOUT_S
+            while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        p.kill()
+                    pytest.fail(f"{world} ranks did not finish within {_TIMEOUT_S} s")
+            cache[world] = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
+        return cache[world]
+
+    return run
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("case", __import__("distributed_cases").CASE_NAMES)
+def test_case(spawned, world, case):
+    results = spawned(world)
+    for rank, per_rank in enumerate(results):
+        status, _ = per_rank[case]
+        assert status == "ok", f"rank {rank} of {world}: {status}"
+
+
+def test_ulysses_gqa_two_ranks(spawned):
+    for rank, per_rank in enumerate(spawned(2)):
+        assert per_rank["ulysses_f32_gqa"][0] == "ok", f"rank {rank}: {per_rank['ulysses_f32_gqa'][0]}"
+
+
+def test_merge_states_empty_sides():
+    out = torch.randn(2, 3, 4)
+    lse = torch.randn(2, 3)
+    lse[0, 1] = float("-inf")
+    empty_out, empty_lse = torch.zeros_like(out), torch.full_like(lse, float("-inf"))
+    merged, merged_lse = merge_attention_states([out, empty_out], [lse, empty_lse])
+    assert torch.equal(merged_lse, lse) and torch.allclose(merged[lse.isfinite()], out[lse.isfinite()])
+    both, both_lse = merge_attention_states([empty_out, empty_out], [empty_lse, empty_lse])
+    assert not both.isnan().any() and torch.equal(both, empty_out) and torch.isneginf(both_lse).all()
