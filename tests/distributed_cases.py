@@ -36,8 +36,8 @@ def check_against_whole(world: int, fn: str, layout: str, dtype: torch.dtype, le
     hq, hkv = heads
     whole = [torch.randn(batch, h, length, head_dim, generator=gen, dtype=torch.float64) for h in (hq, hkv, hkv)]
     upstream = torch.randn(batch, hq, length, head_dim, generator=gen, dtype=torch.float64)
-    if alibi:
-        kwargs["alibi_slopes"] = torch.rand(hq, generator=gen) * 0.5 + 0.05
+    if alibi:  # per head, or per batch and head when batch > 1
+        kwargs["alibi_slopes"] = torch.rand(*((batch,) if batch > 1 else ()), hq, generator=gen) * 0.5 + 0.05
     if hq != hkv:
         kwargs["enable_gqa"] = True
     refs = {}
@@ -90,6 +90,22 @@ def round_trip(world: int) -> None:
     expect_error(lambda: shard_sequence(torch.randn(1, 1, 2 * world + 1, 4), layout="zigzag"), "divisible by 2")
 
 
+def device_mesh_group(world: int) -> None:
+    """A 1-D DeviceMesh is a group; a 2-D one is refused on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 4 * world, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    shards = [shard_sequence(t, group=mesh) for t in (q, k, v)]
+    out = unshard_sequence(ring_attention(*shards, group=mesh, is_causal=True), group=mesh)
+    ref, _ = reference_attention(q, k, v, is_causal=True)
+    assert (out - ref).abs().max() < 1e-12
+    if world == 4:
+        square = init_device_mesh("cpu", (2, 2))
+        expect_error(lambda: ring_attention(*shards, group=square), "must be 1-D")
+
+
 def _cases(world: int) -> dict:
     zz = 8 * world * 2 if world < 4 else 48  # divisible by 2P; chunks of 4-8 tokens
     f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
@@ -110,6 +126,13 @@ def _cases(world: int) -> dict:
                                                                          alibi=True, softcap=3.0),
         "ring_zigzag_f32_softcap_causal": lambda: check_against_whole(world, "ring", "zigzag", f32, zz,
                                                                       softcap=2.0, is_causal=True),
+        "ring_zigzag_f32_right_window": lambda: check_against_whole(world, "ring", "zigzag", f32, zz,
+                                                                    window_size=(-1, 2)),
+        "ring_zigzag_bf16_causal_wide_window": lambda: check_against_whole(world, "ring", "zigzag", bf16, zz,
+                                                                           is_causal=True, window_size=(20, -1)),
+        "ring_contiguous_f64_gqa_alibi_batch_softcap_window": lambda: check_against_whole(
+            world, "ring", "contiguous", f64, zz, heads=(4, 2), batch=2, alibi=True, softcap=1.5,
+            window_size=(9, 4)),
         "ring_contiguous_uneven_f32_causal_window": lambda: check_against_whole(
             world, "ring", "contiguous", f32, zz + world - 1, is_causal=True, window_size=(7, 0)),
         "ring_zigzag_not_divisible": lambda: expect_error(
@@ -126,6 +149,7 @@ def _cases(world: int) -> dict:
             "must be divisible by the group size"),
         "bad_shape_on_one_rank": lambda: bad_shape_on_one_rank(world),
         "shard_round_trip": lambda: round_trip(world),
+        "device_mesh_group": lambda: device_mesh_group(world),
     }
     if world == 2:
         c["ulysses_f32_gqa"] = lambda: check_against_whole(world, "ulysses", "zigzag", f32, zz, heads=(4, 2),

@@ -27,6 +27,8 @@ from .p2p import RingExchange
 # step ("forward" / "backward"); wait_seconds is the time spent waiting for that step's receives.
 step_timer: Callable[[str, int, float, float], None] | None = None
 
+_GRADS_TAG = 1  # dK/dV sums are in flight together with the next key/value shard (tag 0)
+
 
 @dataclass(frozen=True)
 class Ring:
@@ -126,7 +128,7 @@ class RingAttentionFunction(torch.autograd.Function):
                 owner_next = ring.source(step + 1)
                 grads_in = RingExchange(
                     ring.group, [dk_step, dv_step],
-                    [ring.shard_shape(dk_step, owner_next), ring.shard_shape(dv_step, owner_next)],
+                    [ring.shard_shape(dk_step, owner_next), ring.shard_shape(dv_step, owner_next)], tag=_GRADS_TAG,
                 )
             if exchange is not None:
                 (k_cur, v_cur), wait_kv = exchange.wait()
