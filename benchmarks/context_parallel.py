@@ -134,6 +134,11 @@ def main() -> None:
     parser.add_argument("--configs", default="single,zigzag,contiguous,ulysses")
     parser.add_argument("--json", default=None, help="also write the raw per-rank results here")
     args = parser.parse_args()
+    # Fixed glibc thresholds (read at process start, so set before spawning): every large buffer is its
+    # own mapping, returned to the OS when freed, so RSS follows live memory instead of the heap's
+    # high-water mark, and peaks compare across configurations.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 16))
+    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 16))
     settings = {"length": args.length, "heads": args.heads, "dim": args.dim, "repeats": args.repeats}
     configs = args.configs.split(",")
     print(f"B=1 H={args.heads} L={args.length} D={args.dim} float32 causal fwd+bwd; {args.ranks} ranks x 1 thread "

@@ -30,7 +30,7 @@ def _policy(out, ref_dt, ref64, factor, what):
 
 
 def check_against_whole(world: int, fn: str, layout: str, dtype: torch.dtype, length: int, heads=(4, 4),
-                        head_dim=16, batch=1, alibi=False, **kwargs) -> None:
+                        head_dim=16, batch=1, alibi=False, strided=False, **kwargs) -> None:
     """Outputs, lse and gradients of ``fn`` on shards equal attention on the whole sequence."""
     gen = torch.Generator().manual_seed(1234)
     hq, hkv = heads
@@ -47,10 +47,15 @@ def check_against_whole(world: int, fn: str, layout: str, dtype: torch.dtype, le
         out, lse = reference_attention(*leaves, **ref_kwargs)
         grads = torch.autograd.grad(out, leaves, upstream.to(dt))
         refs[dt] = [out, lse, *grads]
-    shard = [shard_sequence(t.to(dtype), layout=layout).requires_grad_() for t in whole]
+    shard = [shard_sequence(t.to(dtype), layout=layout) for t in whole]
+    if strided:  # (B, L, H, D) memory seen as (B, H, L, D): not contiguous
+        shard = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in shard]
+    before = [t.clone() for t in shard]
+    shard = [t.requires_grad_() for t in shard]
     attention = ring_attention if fn == "ring" else ulysses_attention
     out, lse = attention(*shard, layout=layout, return_lse=True, **kwargs)
     grads = torch.autograd.grad(out, shard, shard_sequence(upstream.to(dtype), layout=layout))
+    assert all(torch.equal(t, b) for t, b in zip(shard, before, strict=True)), "inputs were modified"
     assert out.dtype == dtype and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     for name, mine, factor, i in (("out", out, 2, 0), ("lse", lse, 2, 1), ("dq", grads[0], 3, 2),
                                   ("dk", grads[1], 3, 3), ("dv", grads[2], 3, 4)):
@@ -115,6 +120,8 @@ def _cases(world: int) -> dict:
         "ring_contiguous_f64_causal": lambda: check_against_whole(world, "ring", "contiguous", f64, zz, is_causal=True),
         "ring_zigzag_f32_causal_gqa": lambda: check_against_whole(world, "ring", "zigzag", f32, zz, heads=(4, 2),
                                                                   is_causal=True, batch=2),
+        "ring_zigzag_f16_causal_strided": lambda: check_against_whole(world, "ring", "zigzag", torch.float16, zz,
+                                                                      is_causal=True, strided=True),
         "ring_zigzag_bf16_causal": lambda: check_against_whole(world, "ring", "zigzag", bf16, zz, is_causal=True),
         "ring_zigzag_f32_window_causal": lambda: check_against_whole(world, "ring", "zigzag", f32, zz,
                                                                      is_causal=True, window_size=(5, 0)),

@@ -95,5 +95,6 @@ def block_backward(
     upstream = torch.cat(
         [do * beta.unsqueeze(-1), g.unsqueeze(-1), do.new_zeros(*g.shape, anchored.width - 1)], dim=-1
     ).to(out.dtype)
+    del do, real, g, beta, p_anchor
     dq, dk, dv = torch.autograd.grad(out, (q_aug, k_aug, v_aug), upstream)
     return dq[..., :head_dim], dk[:, :, 1:, :head_dim], dv[:, :, 1:, :value_dim]

@@ -116,6 +116,7 @@ class RingAttentionFunction(torch.autograd.Function):
                 dq[:, :, block.q0 : block.q1] += dq_b
                 dk_step[:, :, block.k0 : block.k1] += dk_b
                 dv_step[:, :, block.k0 : block.k1] += dv_b
+                del dq_b, dk_b, dv_b  # before the next block allocates its own
             compute = time.perf_counter() - start
             wait = 0.0
             if grads_in is not None:  # the partial sums of shard `src` from the ranks before this one
