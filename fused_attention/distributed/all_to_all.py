@@ -1,8 +1,10 @@
 """Ulysses' re-sharding: sequence-sharded ``(B, H, L/P, D)`` <-> head-sharded ``(B, H/P, L, D)``.
 
 One ``all_to_all_single`` each way (uneven shard lengths go as split sizes). Differentiable: the
-gradient of an all-to-all is the all-to-all back. Gloo has ``all_to_all_single`` with split sizes in
-the torch versions this package supports (checked on 2.14); NCCL has had it since torch 1.8.
+gradient of an all-to-all is the all-to-all back. Gloo implements ``all_to_all_single`` with split
+sizes (alltoall/alltoallv, since torch 1.7: pytorch/pytorch#41424) but not the list form
+``all_to_all`` (pytorch/pytorch#88245), so only the single-tensor form is used; checked on gloo with
+torch 2.14, and the package needs torch >= 2.6 anyway.
 """
 
 from __future__ import annotations

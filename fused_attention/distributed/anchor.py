@@ -43,7 +43,9 @@ class AnchoredQueries:
         cap = rules.softcap
         if cap > 0:  # the anchor's score is capped too: aim inside the cap, where tanh is invertible
             target = torch.atanh(target.clamp(-cap / 2, cap / 2) / cap) * cap
-        column = (target / rules.scale).to(q.dtype)
+        # Clamped into the dtype's range (float16): sigma below is what the kernel will see either way.
+        limit = torch.finfo(q.dtype).max / 4
+        column = (target / rules.scale).clamp(-limit, limit).to(q.dtype)
         sigma = column.to(cd) * rules.scale
         if cap > 0:
             sigma = torch.tanh(sigma / cap) * cap
