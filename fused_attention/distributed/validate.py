@@ -33,7 +33,7 @@ def exchange_signatures(
     try:
         mine = local()
         values = [1.0, *(float(mine[f]) for f in fields)]
-    except (ValueError, TypeError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - any local failure must reach the other ranks, not strand them
         error = e
         values = [0.0] * (len(fields) + 1)
     world = dist.get_world_size(pg)
