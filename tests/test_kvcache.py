@@ -4,6 +4,7 @@ no masking code with the batched implementation)."""
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from conftest import assert_policy, cpu_backends
 
 import fused_attention as fa
+from fused_attention.kvcache import PagedKVCache, StaticKVCache
 from fused_attention.reference import reference_attention
 
 BACKENDS = [b for b in cpu_backends() if b in ("cpu", "torch")]
@@ -387,3 +389,154 @@ def test_merge_bad_input():
         fa.merge_attention_states(o, s, o, s, layout="x")
     with pytest.raises(ValueError, match="outs\\[1\\]"):
         fa.merge_attention_states(o, s, o[:1], s)
+
+
+# --- torch.compile ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_compiled_decode_step_fullgraph(paged):
+    gen = torch.Generator().manual_seed(0)
+    kc, vc = torch.randn(6, 3, 2, 16, generator=gen), torch.randn(6, 3, 2, 16, generator=gen)
+    table = torch.tensor([[4, 0, 2], [1, 5, 3]], dtype=torch.int32) if paged else None
+    if not paged:
+        kc, vc = kc.view(2, 9, 2, 16), vc.view(2, 9, 2, 16)
+    cos, sin = fa.rotary_cos_sin(16, 16)
+    slopes = fa.alibi_slopes(4)
+
+    def step(q, k, v, kc, vc, seqlens):
+        return fa.attention_with_kvcache(
+            q, kc, vc, k, v, cache_seqlens=seqlens, block_table=table, rotary_cos=cos, rotary_sin=sin,
+            is_causal=True, alibi_slopes=slopes, num_splits=2, return_lse=True,
+        )
+
+    q, k, v = torch.randn(2, 2, 4, 16), torch.randn(2, 2, 2, 16), torch.randn(2, 2, 2, 16)
+    seqlens = torch.tensor([3, 6], dtype=torch.int32)
+    eager_k, eager_v = kc.clone(), vc.clone()
+    out, lse = step(q, k, v, eager_k, eager_v, seqlens)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    c_out, c_lse = compiled(q, k, v, kc, vc, seqlens)
+    assert torch.equal(kc, eager_k) and torch.equal(vc, eager_v), "the compiled call must append in place"
+    torch.testing.assert_close(c_out, out)
+    torch.testing.assert_close(c_lse, lse)
+
+
+# --- a generation loop --------------------------------------------------------------------------------
+
+
+class TinyLlama:
+    """A few Llama-style layers (RMSNorm, RoPE, GQA attention, SiLU MLP) with random float64 weights."""
+
+    def __init__(self, vocab=61, dim=48, layers=3, hq=6, hkv=2, head_dim=8, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        w = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64) / s[0] ** 0.5
+        self.hq, self.hkv, self.hd, self.layers = hq, hkv, head_dim, layers
+        self.emb, self.head = w(vocab, dim) * dim**0.5, w(dim, vocab)
+        self.w = [(w(dim, hq * head_dim), w(dim, hkv * head_dim), w(dim, hkv * head_dim), w(hq * head_dim, dim),
+                   w(dim, 96), w(96, dim)) for _ in range(layers)]
+        self.cos, self.sin = fa.rotary_cos_sin(128, 6, dtype=torch.float64)  # partial rotary dim
+
+    @staticmethod
+    def norm(x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    def logits(self, tokens, attend):
+        """``attend(layer, q, k, v)`` gets (B, L, H, D) projections (k, v not rotated) and returns (B, L, Hq, D)."""
+        x = self.emb[tokens]
+        b, seq = tokens.shape
+        for layer, (wq, wk, wv, wo, w1, w2) in enumerate(self.w):
+            h = self.norm(x)
+            q = (h @ wq).view(b, seq, self.hq, self.hd)
+            k = (h @ wk).view(b, seq, self.hkv, self.hd)
+            v = (h @ wv).view(b, seq, self.hkv, self.hd)
+            x = x + attend(layer, q, k, v).reshape(b, seq, -1) @ wo
+            x = x + torch.nn.functional.silu(self.norm(x) @ w1) @ w2
+        return self.norm(x) @ self.head
+
+    def full(self, tokens):
+        def attend(layer, q, k, v):
+            q, k = (fa.apply_rotary_emb(t, self.cos, self.sin, layout="bshd") for t in (q, k))
+            out = fa.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+            )
+            return out.transpose(1, 2)
+
+        return self.logits(tokens, attend)
+
+
+def _prompt_and_pick(steps):
+    prompt = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(1))
+    # Random weights collapse onto one token under greedy decoding; fixed Gumbel noise (the same in both
+    # loops) keeps the sampled tokens varied and the comparison deterministic.
+    uniform = torch.rand(steps, 2, 61, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    noise = -torch.log(-torch.log(uniform))
+    return prompt, lambda logits, i: (logits + 3 * noise[i]).argmax(-1, keepdim=True)
+
+
+@functools.cache
+def _full_recomputation_tokens(steps):
+    """The tokens the model generates through the regular attention, recomputing everything each step."""
+    model = TinyLlama()
+    tokens, pick = _prompt_and_pick(steps)
+    with torch.no_grad():
+        for i in range(steps):
+            tokens = torch.cat([tokens, pick(model.full(tokens)[:, -1], i)], dim=1)
+    return tokens
+
+
+@pytest.mark.parametrize("kind", ["function", "static", "paged-bshd", "paged-bhsd"])
+def test_generation_loop_matches_full_recomputation(kind):
+    model = TinyLlama()
+    steps = 16
+    prompt, pick = _prompt_and_pick(steps)
+    layout = "bhsd" if kind == "paged-bhsd" else "bshd"
+    if kind == "function":
+        caches = [tuple(torch.zeros(2, 32, model.hkv, model.hd, dtype=torch.float64) for _ in "kv")
+                  for _ in range(model.layers)]
+        seqlens = torch.zeros(2, dtype=torch.int32)
+    elif kind == "static":
+        caches = [StaticKVCache(2, 32, model.hkv, model.hd, dtype=torch.float64) for _ in range(model.layers)]
+    else:
+        caches = [PagedKVCache(24, 3, model.hkv, model.hd, max_batch=3, layout=layout, dtype=torch.float64)
+                  for _ in range(model.layers)]
+    slots = [2, 0]  # paged: sequences in slots other than 0, 1
+
+    def attend(layer, q, k, v):
+        rope = {"rotary_cos": model.cos, "rotary_sin": model.sin, "is_causal": True}
+        if kind == "function":
+            kc, vc = caches[layer]
+            return fa.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=seqlens, **rope)
+        if kind == "static":
+            return caches[layer].append(q, k, v, **rope)
+        q, k, v = (to_layout(t, layout) for t in (q, k, v))
+        return from_layout(caches[layer].append(q, k, v, batch_idx=slots, **rope), layout)
+
+    tokens = prompt
+    with torch.no_grad():
+        step_logits = model.logits(prompt, attend)
+        for i in range(steps):
+            if kind == "function":
+                seqlens += step_logits.shape[1]
+            nxt = pick(step_logits[:, -1], i)
+            full = model.full(tokens)[:, -1]
+            torch.testing.assert_close(step_logits[:, -1], full, rtol=0, atol=1e-9)
+            tokens = torch.cat([tokens, nxt], dim=1)
+            step_logits = model.logits(nxt, attend)
+    reference = _full_recomputation_tokens(steps)
+    assert torch.equal(tokens, reference)
+    assert len(set(tokens[0, 5:].tolist())) > 4, "degenerate generation would not test much"
+    if kind.startswith("paged"):
+        cache = caches[0]
+        assert cache.seqlens[2] == cache.seqlens[0] == tokens.shape[1] and cache.seqlens[1] == 0
+        used = 2 * -(-tokens.shape[1] // 3)
+        assert cache.free_pages == 24 - used
+        cache.free(2)
+        assert cache.free_pages == 24 - used // 2 and cache.seqlens[2] == 0
+
+
+def test_paged_cache_reserve_raises_when_the_pool_is_exhausted():
+    cache = PagedKVCache(4, 2, 1, 8, max_batch=2)
+    cache.reserve(0, 6)
+    with pytest.raises(ValueError, match="cannot reserve"):
+        cache.reserve(1, 3)
+    assert cache.free_pages == 1
