@@ -8,6 +8,8 @@ from . import _extension
 from .diagnostics import info, support_table
 from .functional import scaled_dot_product_attention, varlen_attention
 from .integrations import patch_model
+from .kvcache import attention_with_kvcache
+from .merge import merge_attention_states, merge_attention_states_list
 from .position import (
     RopeScaling,
     add_sinusoidal_position_encoding,
@@ -26,7 +28,10 @@ __all__ = [
     "alibi_slopes",
     "apply_rotary_emb",
     "apply_rotary_emb_qk",
+    "attention_with_kvcache",
     "info",
+    "merge_attention_states",
+    "merge_attention_states_list",
     "patch_model",
     "rotary_cos_sin",
     "scaled_dot_product_attention",

@@ -1,0 +1,45 @@
+"""The in-place append of new keys and values (with RoPE) into contiguous or paged caches."""
+
+from __future__ import annotations
+
+import torch
+
+from ..position import apply_rotary_emb
+from .validate import KVCacheCall
+
+
+def rotate_new(call: KVCacheCall, backend: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(q, k)`` with RoPE applied as FlashAttention does it (new tensors; the arguments are kept).
+
+    New key ``i`` of batch entry ``b`` sits at position ``cache_seqlens[b] + i``; so does query row ``i``
+    when the mask depends on positions (causal or windowed), else every query row sits at
+    ``cache_seqlens[b]``.
+    """
+    if call.rotary is None or call.k is None:
+        return call.q, call.k
+    cos, sin = call.rotary
+    rope = {"interleaved": call.rotary_interleaved, "layout": "bshd", "backend": backend}
+    k = apply_rotary_emb(call.k, cos, sin, seqlen_offsets=call.seqlens, **rope)
+    if call.is_causal or call.window != (-1, -1):
+        q = apply_rotary_emb(call.q, cos, sin, seqlen_offsets=call.seqlens, **rope)
+    else:
+        positions = call.seqlens.unsqueeze(1).expand(-1, call.q.shape[1])
+        q = apply_rotary_emb(call.q, cos, sin, position_ids=positions, **rope)
+    return q, k
+
+
+def write_index(call: KVCacheCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first, second)`` index of every new token into the ``(B_or_pages, S_or_page, H, D)`` cache view."""
+    positions = call.seqlens.unsqueeze(1) + torch.arange(call.new_len, device=call.seqlens.device)
+    if call.block_table is not None:
+        page_size = call.k_cache.shape[1]
+        pages = torch.gather(call.block_table, 1, positions // page_size)
+        return pages, positions % page_size
+    rows = call.batch_idx if call.batch_idx is not None else torch.arange(positions.shape[0], device=positions.device)
+    return rows.unsqueeze(1).expand_as(positions), positions
+
+
+def append_(call: KVCacheCall, index: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> None:
+    """Writes ``k``, ``v`` ``(B, Lnew, Hkv, D)`` into the caches at ``index`` (the caches' storage)."""
+    call.k_cache.index_put_(index, k)
+    call.v_cache.index_put_(index, v)

@@ -1,0 +1,163 @@
+"""``attention_with_kvcache``: append to a (paged) KV cache and attend, on any backend.
+
+The plain path: validate everything (:mod:`.validate`), rotate and write the new keys into the caches
+(:mod:`.append`), view or gather each entry's keys (:mod:`.paged`), then call the regular
+:func:`fused_attention.scaled_dot_product_attention` once per key split and merge the splits through
+their lse (:mod:`fused_attention.merge`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..functional import scaled_dot_product_attention
+from ..merge import _merge_aligned
+from .append import append_, rotate_new, write_index
+from .masks import needs_positions, position_mask
+from .paged import gather_keys_values
+from .validate import KVCacheCall, canonicalize_kvcache_call
+
+
+def _split_bounds(seq_k: int, num_splits: int) -> list[tuple[int, int]]:
+    """Key ranges of the splits; ``num_splits = 0`` picks 1 (this plain path's regular-attention call
+    already parallelizes over its batch and heads; a split schedule belongs to a specialized kernel)."""
+    splits = max(1, min(num_splits or 1, seq_k))
+    chunk = -(-seq_k // splits) if seq_k else 0
+    return [(s, min(s + chunk, seq_k)) for s in range(0, seq_k, chunk)] if chunk else [(0, 0)]
+
+
+def _attend(call: KVCacheCall, q: torch.Tensor, backend: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` over the caches (already holding the new keys)."""
+    keys, values = gather_keys_values(call)
+    seq_k = keys.shape[2]
+    total = call.seqlens + call.new_len
+    mask_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    mask = position_mask(call, total, seq_k, mask_dtype) if needs_positions(call) else None
+    qh = q.transpose(1, 2)
+    common = {
+        "scale": call.scale, "enable_gqa": qh.shape[1] != keys.shape[1], "softcap": call.softcap,
+        "return_lse": True, "backend": backend,
+    }
+    outs, lses = [], []
+    for start, stop in _split_bounds(seq_k, call.num_splits):
+        part = {"attn_mask": mask[..., start:stop]} if mask is not None else {
+            "key_lengths": (total - start).clamp(0, stop - start)
+        }
+        out, lse = scaled_dot_product_attention(
+            qh, keys[:, :, start:stop], values[:, :, start:stop], **part, **common
+        )
+        outs.append(out)
+        lses.append(lse)
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    out, lse = _merge_aligned(outs, lses)
+    return out.to(q.dtype), lse
+
+
+def attention_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    *,
+    cache_seqlens: int | torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
+    rotary_interleaved: bool = False,
+    is_causal: bool = False,
+    window_size: tuple[int, int] | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    num_splits: int = 0,
+    layout: str = "bshd",
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    r"""Mutates ``k_cache`` and ``v_cache`` in place (when ``k``, ``v`` are given), then attends over them.
+
+    FlashAttention's ``flash_attn_with_kvcache`` (same argument names and meanings), on every backend:
+    when ``k``, ``v`` are given they are written into the caches at positions ``cache_seqlens[b] ..``
+    (RoPE applied first when ``rotary_cos``/``rotary_sin`` are given), then ``q`` attends over the
+    ``cache_seqlens[b] + Lnew`` keys of each batch entry, all in one call. The caches are the only tensors
+    modified; every check runs before they are written, and they are restored if the attention fails.
+
+    Args:
+        q: ``(B, Lq, Hq, D)`` (``layout="bshd"``, FlashAttention's) or ``(B, Hq, Lq, D)`` (``"bhsd"``);
+            any ``Lq >= 1`` (speculative decoding verifies several tokens with ``is_causal``).
+            float16, bfloat16, float32 or float64.
+        k_cache, v_cache: contiguous ``(B_cache, S_max, Hkv, D)`` (``"bshd"``) / ``(B_cache, Hkv, S_max, D)``
+            (``"bhsd"``); or paged, with ``block_table``: ``(num_pages, page_size, Hkv, D)`` /
+            ``(num_pages, Hkv, page_size, D)``, any ``page_size >= 1``. q's dtype and device; any
+            strides. ``v_cache`` may have another head dim ``Dv``. ``Hq`` must be a multiple of ``Hkv``
+            (GQA of any group size; K and V are not repeated).
+        k, v: optional new keys and values ``(B, Lnew, Hkv, D)`` / ``(B, Lnew, Hkv, Dv)`` (``"bshd"``;
+            ``(B, Hkv, Lnew, D)`` for ``"bhsd"``) to append. Not modified.
+        cache_seqlens: keys already in each cache: an int, an int32/int64 ``(B,)`` tensor, or None (every
+            cache full: ``S_max`` keys, or all of the block table's pages). An append past a cache's
+            capacity raises (checked on the host for CPU tensors; off the CPU under
+            ``FUSED_ATTENTION_CHECKS=1``).
+        cache_batch_idx: int ``(B,)``: the cache row each batch entry uses (default ``b``); rows may not
+            repeat when appending. Not with ``block_table``. Selected rows are copied for the attention.
+        cache_leftpad: int ``(B,)``: the cache of entry ``b`` starts at ``cache_leftpad[b]``; keys before it
+            are masked. Must lie in ``[0, cache_seqlens[b]]``. Positions (masks, RoPE, ALiBi) are cache
+            indices either way.
+        block_table: int32 ``(B, max_pages)``: page ``i`` of entry ``b``'s sequence is
+            ``k_cache[block_table[b, i]]``. Only entries of pages in use are read (others may be -1).
+        rotary_cos, rotary_sin: ``(S_ro, rotary_dim / 2)`` tables (:func:`fused_attention.rotary_cos_sin`),
+            used only when ``k``, ``v`` are given (as in FlashAttention): new key ``i`` is rotated at
+            position ``cache_seqlens[b] + i``; query row ``i`` at ``cache_seqlens[b] + i`` when causal or
+            windowed, else every query row at ``cache_seqlens[b]``. The first ``rotary_dim`` features
+            rotate, the rest pass through.
+        rotary_interleaved: pairs ``(2i, 2i + 1)`` (GPT-J) instead of half-split (GPT-NeoX / Llama).
+        is_causal: causal mask aligned bottom-right: query row ``i`` of ``Lq`` sits at key position
+            ``cache_seqlens[b] + Lnew - Lq + i`` and sees keys up to it.
+        window_size: ``(left, right)``: a query at position ``p`` sees keys ``p - left .. p + right``;
+            -1 leaves a side unbounded. ``None`` or ``(-1, -1)``: no window.
+        alibi_slopes: float32 ``(Hq,)`` or ``(B, Hq)``: adds ``-slope * |p - j|`` to the score of key ``j``.
+        softcap: ``score = softcap * tanh(score / softcap)``; ``None`` or 0 disables it.
+        scale: score scale, default ``1 / sqrt(D)``.
+        return_lse: also return the natural-log log-sum-exp ``(B, Hq, Lq)`` in both layouts, float32
+            (float64 for float64 inputs).
+        num_splits: split the keys into this many chunks, attend to each, and merge exactly through the
+            lse (:func:`fused_attention.merge_attention_states_list`); 1 disables splitting, 0 chooses
+            (currently 1: this is the plain path; a specialized split-KV kernel is not built yet). The
+            result is deterministic for a given ``num_splits``.
+        layout: ``"bshd"`` (default, FlashAttention's) or ``"bhsd"`` (torch's and Hugging Face's).
+        backend: the attention backend (``"triton"``, ``"cpu"``, ``"torch"``; else automatic), as in
+            :func:`fused_attention.scaled_dot_product_attention`, which this calls.
+
+    Forward only: a call that would need a gradient (an input requiring grad with grad mode on) raises.
+    A query row that sees no key gives output 0 and lse ``-inf``.
+
+    Returns:
+        ``out`` in q's layout, shape and dtype; with ``return_lse=True``, ``(out, lse)``.
+
+    Raises:
+        ValueError / TypeError naming the bad argument, the caches untouched.
+    """
+    call = canonicalize_kvcache_call(
+        q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
+        cache_leftpad=cache_leftpad, block_table=block_table, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+        rotary_interleaved=rotary_interleaved, is_causal=is_causal, window_size=window_size,
+        alibi_slopes=alibi_slopes, softcap=softcap, scale=scale, return_lse=return_lse,
+        num_splits=num_splits, layout=layout,
+    )
+    q_rot, k_rot = rotate_new(call, backend)
+    if k_rot is None or call.v is None:
+        out, lse = _attend(call, q_rot, backend)
+    else:
+        index = write_index(call)
+        saved = (call.k_cache[index].clone(), call.v_cache[index].clone())
+        append_(call, index, k_rot, call.v)
+        try:
+            out, lse = _attend(call, q_rot, backend)
+        except Exception:
+            append_(call, index, *saved)  # leave the caches as they were
+            raise
+    out = out.transpose(1, 2).contiguous() if layout == "bshd" else out
+    return (out, lse) if return_lse else out

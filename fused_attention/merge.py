@@ -1,0 +1,146 @@
+"""Merging partial attention results through their log-sum-exp.
+
+Two partial results over disjoint key sets, ``(out_a, lse_a)`` and ``(out_b, lse_b)``, combine exactly:
+``lse = log(exp(lse_a) + exp(lse_b))``, ``out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b``.
+Split-KV decoding (:mod:`fused_attention.kvcache`), context parallelism (:mod:`fused_attention.distributed`)
+and users (cascade / shared-prefix attention) all merge through this module.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import AttentionArgumentError, AttentionTypeError
+
+__all__ = ["accumulation_dtype", "merge_attention_states", "merge_attention_states_list", "merge_into_"]
+
+_LAYOUTS = ("bhsd", "bshd")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for float64 inputs: the precision partial results are merged in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def merge_into_(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Merges ``(out (..., L, Ev), lse (..., L))`` into the accumulators, in place.
+
+    The accumulators are in :func:`accumulation_dtype`; ``out`` may be lower precision. A side whose lse
+    is -inf (it saw no key) contributes nothing; when both are -inf the row stays 0 with lse -inf (no NaN).
+    """
+    lse = lse.to(acc_lse.dtype)
+    top = torch.maximum(acc_lse, lse)
+    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
+    w_acc = torch.exp(acc_lse - top)
+    w_new = torch.exp(lse - top)
+    total = w_acc + w_new
+    safe = torch.where(total == 0, torch.ones_like(total), total)
+    acc_out.mul_((w_acc / safe).unsqueeze(-1)).add_(out.to(acc_out.dtype) * (w_new / safe).unsqueeze(-1))
+    acc_lse.copy_(top + torch.log(total))
+
+
+def _merge_aligned(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge of ``out (..., Ev)`` with ``lse`` shaped ``out.shape[:-1]``; results in accumulation dtype."""
+    acc_dtype = accumulation_dtype(outs[0].dtype)
+    acc_out = outs[0].to(acc_dtype, copy=True)
+    acc_lse = lses[0].to(acc_dtype, copy=True)
+    for out, lse in zip(outs[1:], lses[1:], strict=True):
+        merge_into_(acc_out, acc_lse, out, lse)
+    return acc_out, acc_lse
+
+
+def _check_states(outs: object, lses: object, layout: object) -> None:
+    if layout not in _LAYOUTS:
+        raise AttentionArgumentError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+    if not isinstance(outs, (list, tuple)) or not isinstance(lses, (list, tuple)):
+        raise AttentionTypeError("outs and lses must be lists (or tuples) of tensors")
+    if not outs or len(outs) != len(lses):
+        raise AttentionArgumentError(
+            f"outs and lses must be non-empty and equally long, got {len(outs)} and {len(lses)}"
+        )
+    first_out, first_lse = outs[0], lses[0]
+    for i, (out, lse) in enumerate(zip(outs, lses, strict=True)):
+        for name, t in ((f"outs[{i}]", out), (f"lses[{i}]", lse)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise AttentionTypeError(f"{name} must be a floating-point torch.Tensor, got {t!r:.60}")
+        if out.shape != first_out.shape or out.dtype != first_out.dtype or out.device != first_out.device:
+            raise AttentionArgumentError(
+                f"outs[{i}] must match outs[0] in shape, dtype and device, got {tuple(out.shape)} {out.dtype} "
+                f"{out.device} vs {tuple(first_out.shape)} {first_out.dtype} {first_out.device}"
+            )
+        if lse.shape != first_lse.shape or lse.dtype != first_lse.dtype or lse.device != first_out.device:
+            raise AttentionArgumentError(
+                f"lses[{i}] must match lses[0] in shape and dtype and be on {first_out.device}, got "
+                f"{tuple(lse.shape)} {lse.dtype} {lse.device}"
+            )
+    if layout == "bhsd":
+        expected = tuple(first_out.shape[:-1])
+        if first_out.dim() < 2 or tuple(first_lse.shape) != expected:
+            raise AttentionArgumentError(
+                f"layout='bhsd': lse must have out's shape without its last dim {expected}, got "
+                f"{tuple(first_lse.shape)}"
+            )
+    else:
+        if first_out.dim() != 4:
+            raise AttentionArgumentError(f"layout='bshd': out must be 4-D (B, L, H, D), got {first_out.dim()}-D")
+        b, seq, h, _ = first_out.shape
+        if tuple(first_lse.shape) != (b, h, seq):
+            raise AttentionArgumentError(
+                f"layout='bshd': lse must be (B, H, L) = {(b, h, seq)} for out (B, L, H, D), got "
+                f"{tuple(first_lse.shape)}"
+            )
+
+
+def merge_attention_states_list(
+    outs: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    lses: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    *,
+    layout: str = "bhsd",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention over the union of disjoint key sets, from each set's ``(out, lse)``.
+
+    Exact: ``lse = log(sum_i exp(lse_i))`` and ``out = sum_i exp(lse_i - lse) out_i``, computed in float32
+    (float64 for float64 outputs) with the running maximum subtracted, so large lse values do not
+    overflow. A part whose lse is ``-inf`` (it saw no key) contributes nothing; a row that no part saw
+    gives output 0 and lse ``-inf`` (never NaN). The inputs are not modified.
+
+    Args:
+        outs: partial outputs, all of one shape, dtype and device.
+            ``layout="bhsd"``: any shape ``(..., Ev)``, e.g. ``(B, H, L, Ev)`` as
+            :func:`fused_attention.scaled_dot_product_attention` returns it, or packed ``(T, H, Ev)``.
+            ``layout="bshd"``: ``(B, L, H, Ev)``, as :func:`fused_attention.attention_with_kvcache`
+            returns it in its default layout.
+        lses: their natural-log log-sum-exps (``return_lse=True``), all of one shape and dtype:
+            ``out.shape[:-1]`` for ``"bhsd"``; ``(B, H, L)`` for ``"bshd"``.
+        layout: ``"bhsd"`` (default) or ``"bshd"``, as above.
+
+    Returns:
+        ``(out, lse)`` shaped like the inputs, ``out`` in the outputs' dtype and ``lse`` in the lses'
+        dtype.
+    """
+    _check_states(outs, lses, layout)
+    outs, lses = list(outs), list(lses)
+    if layout == "bshd":  # (B, L, H, D) with (B, H, L): merge in the (B, H, L, D) view.
+        outs = [o.transpose(1, 2) for o in outs]
+    acc_out, acc_lse = _merge_aligned(outs, lses)
+    out = acc_out.to(outs[0].dtype)
+    if layout == "bshd":
+        out = out.transpose(1, 2).contiguous()
+    return out, acc_lse.to(lses[0].dtype)
+
+
+def merge_attention_states(
+    out_a: torch.Tensor,
+    lse_a: torch.Tensor,
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,
+    *,
+    layout: str = "bhsd",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merges two partial attention results over disjoint key sets into the attention over both.
+
+    ``lse = log(exp(lse_a) + exp(lse_b))``, ``out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b``:
+    see :func:`merge_attention_states_list` for shapes (``layout="bhsd"``: lse is ``out.shape[:-1]``;
+    ``"bshd"``: out ``(B, L, H, Ev)`` with lse ``(B, H, L)``), precision, ``-inf`` handling and dtypes.
+    """
+    return merge_attention_states_list([out_a, out_b], [lse_a, lse_b], layout=layout)

@@ -1,0 +1,542 @@
+"""attention_with_kvcache, the KV-cache classes and merge_attention_states against a per-sequence reference
+built from reference.py (keys sliced out of the cache one sequence at a time, so the reference shares
+no masking code with the batched implementation)."""
+
+from __future__ import annotations
+
+import functools
+import random
+
+import pytest
+import torch
+from conftest import assert_policy, cpu_backends
+
+import fused_attention as fa
+from fused_attention.kvcache import PagedKVCache, StaticKVCache
+from fused_attention.reference import reference_attention
+
+BACKENDS = [b for b in cpu_backends() if b in ("cpu", "torch")]
+
+
+# --- reference ----------------------------------------------------------------------------------------
+
+
+def ref_rope(x, cos, sin, positions, interleaved):
+    """x (L, H, D) rotated at int positions (L,), in x's dtype."""
+    half = cos.shape[1]
+    c, s = cos[positions].to(x.dtype).unsqueeze(1), sin[positions].to(x.dtype).unsqueeze(1)
+    rot, rest = x[..., : 2 * half], x[..., 2 * half :]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rot = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+        rot = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return torch.cat((rot, rest), dim=-1)
+
+
+def reference_kvcache(c, dtype):
+    """(out (B, Lq, Hq, Dv), lse (B, Hq, Lq)) of case ``c`` (canonical bshd tensors) computed in dtype."""
+    kc, vc = c["k_cache"].to(dtype).clone(), c["v_cache"].to(dtype).clone()
+    q = c["q"].to(dtype)
+    seqlens, bt, rows = c["seqlens"], c["block_table"], c["batch_idx"]
+    page = kc.shape[1]
+    rope, causal, window = c["rope"], c["is_causal"], c["window_size"] or (-1, -1)
+    outs, lses = [], []
+    for b in range(q.shape[0]):
+        s = int(seqlens[b])
+        qb = q[b]
+        if c["k"] is not None:
+            kn, vn = c["k"][b].to(dtype), c["v"][b].to(dtype)
+            new = kn.shape[0]
+            if rope is not None:
+                cos, sin, inter = rope
+                kn = ref_rope(kn, cos, sin, torch.arange(s, s + new), inter)
+                qpos = torch.arange(s, s + qb.shape[0]) if causal or window != (-1, -1) else torch.full((qb.shape[0],), s)
+                qb = ref_rope(qb, cos, sin, qpos, inter)
+            for i in range(new):
+                t = s + i
+                idx = (int(bt[b, t // page]), t % page) if bt is not None else (int(rows[b]) if rows is not None else b, t)
+                kc[idx], vc[idx] = kn[i], vn[i]
+            s += new
+        if bt is not None:
+            keys = torch.cat([kc[int(p)] for p in bt[b]])[:s]
+            values = torch.cat([vc[int(p)] for p in bt[b]])[:s]
+        else:
+            row = int(rows[b]) if rows is not None else b
+            keys, values = kc[row, :s], vc[row, :s]
+        lp = int(c["leftpad"][b]) if c["leftpad"] is not None else 0
+        keys, values = keys[lp:], values[lp:]
+        left, right = window
+        if causal:
+            right = 0 if right < 0 else min(right, 0)
+        slopes = c["alibi_slopes"]
+        if slopes is not None and slopes.dim() == 2:
+            slopes = slopes[b]
+        out, lse = reference_attention(
+            qb.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None], enable_gqa=True,
+            window_size=(left, right), alibi_slopes=slopes, softcap=c["softcap"], scale=c["scale"],
+        )
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.stack(outs), torch.stack(lses)
+
+
+# --- cases --------------------------------------------------------------------------------------------
+
+
+def make_case(seed, *, layout, page_size, seq_q, append, group, num_splits, dtype, features=()):
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    batch, hkv, dim, dim_v = 3, 2, rng.choice([16, 40]), rng.choice([16, 24])
+    hq = hkv * group
+    new = seq_q if append else 0
+    if page_size is None:
+        s_max = rng.choice([23, 40])
+        capacity, bt = s_max, None
+    else:
+        pages_per_seq = -(-rng.choice([23, 40]) // page_size)
+        num_pages = batch * pages_per_seq + 2
+        bt = torch.randperm(num_pages, generator=gen)[: batch * pages_per_seq].view(batch, pages_per_seq)
+        capacity = pages_per_seq * page_size
+        bt = bt.to(torch.int32)
+    # lengths: empty, mid-page / mid-cache, and full (when nothing is appended)
+    lengths = [0, rng.randrange(1, capacity - new), capacity - new]
+    if "leftpad" in features:
+        lengths[0] = rng.randrange(1, capacity - new)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+    rows_cache = batch + 2 if "batch_idx" in features else batch
+    if bt is None:
+        k_cache, v_cache = randn(rows_cache, capacity, hkv, dim), randn(rows_cache, capacity, hkv, dim_v)
+    else:
+        k_cache, v_cache = randn(num_pages, page_size, hkv, dim), randn(num_pages, page_size, hkv, dim_v)
+    rope = None
+    if append and ("rope" in features or "rope_interleaved" in features):
+        rdim = dim if "rope_partial" not in features else dim // 2
+        cos, sin = fa.rotary_cos_sin(capacity + seq_q, rdim, dtype=torch.float32)
+        rope = (cos, sin, "rope_interleaved" in features)
+    case = {
+        "q": randn(batch, seq_q, hq, dim),
+        "k_cache": k_cache, "v_cache": v_cache,
+        "k": randn(batch, new, hkv, dim) if append else None,
+        "v": randn(batch, new, hkv, dim_v) if append else None,
+        "seqlens": seqlens, "block_table": bt,
+        "batch_idx": torch.randperm(rows_cache, generator=gen)[:batch].to(torch.int32) if "batch_idx" in features else None,
+        "leftpad": torch.tensor([rng.randrange(0, n + 1) for n in lengths], dtype=torch.int32) if "leftpad" in features else None,
+        "rope": rope,
+        "is_causal": "causal" in features,
+        "window_size": (rng.randrange(0, 5), rng.choice([-1, 0, 2])) if "window" in features else None,
+        "alibi_slopes": fa.alibi_slopes(hq) if "alibi" in features else None,
+        "softcap": 1.5 if "softcap" in features else None,
+        "scale": 0.3 if "scale" in features else None,
+        "layout": layout, "num_splits": num_splits,
+    }
+    return case
+
+
+def to_layout(t, layout):
+    """The caller's tensor for canonical bshd ``t``: bhsd callers hold (B, H, S, D) memory."""
+    return t if t is None or layout == "bshd" else t.transpose(1, 2).contiguous()
+
+
+def from_layout(t, layout):
+    return t if layout == "bshd" else t.transpose(1, 2)
+
+
+def run_case(c, backend=None):
+    """Calls attention_with_kvcache; returns (out, lse, k_cache, v_cache) canonical (bshd)."""
+    layout = c["layout"]
+    kc, vc = to_layout(c["k_cache"].clone(), layout), to_layout(c["v_cache"].clone(), layout)
+    rope = c["rope"]
+    out, lse = fa.attention_with_kvcache(
+        to_layout(c["q"], layout), kc, vc, to_layout(c["k"], layout), to_layout(c["v"], layout),
+        cache_seqlens=c["seqlens"], cache_batch_idx=c["batch_idx"], cache_leftpad=c["leftpad"],
+        block_table=c["block_table"], rotary_cos=rope[0] if rope else None, rotary_sin=rope[1] if rope else None,
+        rotary_interleaved=rope[2] if rope else False, is_causal=c["is_causal"], window_size=c["window_size"],
+        alibi_slopes=c["alibi_slopes"], softcap=c["softcap"], scale=c["scale"], return_lse=True,
+        num_splits=c["num_splits"], layout=layout, backend=backend,
+    )
+    return from_layout(out, layout), lse, from_layout(kc, layout), from_layout(vc, layout)
+
+
+def expected_caches(c, backend=None):
+    """The caches after the call: the originals with exactly the new (rotated) tokens written."""
+    kc, vc = c["k_cache"].clone(), c["v_cache"].clone()
+    if c["k"] is None:
+        return kc, vc
+    k = c["k"]
+    if c["rope"] is not None:
+        cos, sin, inter = c["rope"]
+        k = fa.apply_rotary_emb(k, cos, sin, interleaved=inter, seqlen_offsets=c["seqlens"], layout="bshd",
+                                backend=backend)
+    page = kc.shape[1]
+    for b in range(k.shape[0]):
+        for i in range(k.shape[1]):
+            t = int(c["seqlens"][b]) + i
+            if c["block_table"] is not None:
+                idx = (int(c["block_table"][b, t // page]), t % page)
+            else:
+                idx = (int(c["batch_idx"][b]) if c["batch_idx"] is not None else b, t)
+            kc[idx], vc[idx] = k[b, i], c["v"][b, i]
+    return kc, vc
+
+
+def check_case(c, backend=None):
+    originals = {name: c[name].clone() for name in ("q", "k", "v") if c[name] is not None}
+    out, lse, kc, vc = run_case(c, backend)
+    for name, t in originals.items():
+        assert torch.equal(c[name], t), f"{name} was modified"
+    ek, ev = expected_caches(c, backend)
+    assert torch.equal(kc, ek) and torch.equal(vc, ev), "caches differ from the expected append (or a guard slot)"
+    ref64, lse64 = reference_kvcache(c, torch.float64)
+    ref_dt, lse_dt = reference_kvcache(c, c["q"].dtype)
+    assert out.dtype == c["q"].dtype and lse.dtype == (torch.float64 if out.dtype == torch.float64 else torch.float32)
+    assert_policy(out, ref_dt, ref64, 2.0, "out")
+    assert_policy(lse, lse_dt, lse64, 2.0, "lse")
+    return out, lse
+
+
+FEATURE_SETS = [
+    (), ("causal",), ("causal", "rope"), ("rope_interleaved", "rope_partial"), ("window",), ("causal", "window"),
+    ("alibi", "causal"), ("softcap", "scale"), ("leftpad", "causal"), ("batch_idx", "rope", "rope_partial"),
+    ("alibi", "window", "softcap", "rope_interleaved"), ("causal", "leftpad", "alibi", "rope"),
+]
+PAGE_SIZES = [None, 1, 3, 16]
+SEQ_Q = [1, 4, 17]
+GROUPS = [1, 3, 4]
+SPLITS = [0, 1, 3]
+
+
+def _matrix(count):
+    """Each block of len(FEATURE_SETS) cases shifts every other axis differently, so each feature set
+    meets each value of each axis across the blocks."""
+    for i in range(count):
+        blk, f = divmod(i, len(FEATURE_SETS))
+        features = FEATURE_SETS[f]
+        page = PAGE_SIZES[(f + blk) % 4] if "batch_idx" not in features else None
+        yield pytest.param(
+            i, {
+                "layout": ("bshd", "bhsd")[blk % 2], "page_size": page, "seq_q": SEQ_Q[(f + blk) % 3],
+                "append": (f + 2 * blk) % 3 != 2, "group": GROUPS[(f // 3 + blk) % 3],
+                "num_splits": SPLITS[(f + blk // 2) % 3], "dtype": (torch.float32, torch.float64)[(f + blk // 2) % 2],
+                "features": features,
+            }, id=f"{i}-{'-'.join(features) or 'plain'}-p{page}",
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed,config", list(_matrix(48)))
+def test_against_reference(backend, seed, config):
+    with torch.no_grad():
+        check_case(make_case(seed, **config), backend)
+
+
+@pytest.mark.parametrize("features", [("causal", "rope"), ("alibi", "window", "leftpad")])
+@pytest.mark.parametrize("page_size", [None, 3])
+def test_bfloat16_cpu_backend(features, page_size):
+    if "cpu" not in BACKENDS:
+        pytest.skip("the cpu backend is not built")
+    c = make_case(7, layout="bshd", page_size=page_size, seq_q=4, append=True, group=4, num_splits=3,
+                  dtype=torch.bfloat16, features=features)
+    check_case(c, "cpu")
+
+
+def test_splits_are_deterministic_and_match_unsplit():
+    c = make_case(3, layout="bshd", page_size=3, seq_q=4, append=False, group=3, num_splits=3,
+                  dtype=torch.float64, features=("causal", "alibi"))
+    a, lse_a, *_ = run_case(c)
+    b, lse_b, *_ = run_case(c)
+    assert torch.equal(a, b) and torch.equal(lse_a, lse_b)
+    c["num_splits"] = 1
+    one, lse_one, *_ = run_case(c)
+    torch.testing.assert_close(a, one, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lse_a, lse_one, rtol=0, atol=1e-12)
+
+
+def test_rows_without_keys_give_zero_and_neg_inf():
+    c = make_case(5, layout="bshd", page_size=None, seq_q=4, append=False, group=1, num_splits=0,
+                  dtype=torch.float32, features=("causal",))
+    out, lse, *_ = run_case(c)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0]).all()  # cache_seqlens 0
+    assert not out.isnan().any()
+
+
+def test_int_and_default_seqlens_and_no_lse():
+    q, kc, vc = torch.randn(2, 1, 4, 8), torch.randn(2, 6, 2, 8), torch.randn(2, 6, 2, 8)
+    full = fa.attention_with_kvcache(q, kc, vc)
+    as_int = fa.attention_with_kvcache(q, kc, vc, cache_seqlens=6)
+    assert isinstance(full, torch.Tensor) and torch.equal(full, as_int)
+    ref, _ = reference_attention(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), enable_gqa=True)
+    torch.testing.assert_close(full, ref.transpose(1, 2))
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+
+def _small(**overrides):
+    c = make_case(11, layout="bshd", page_size=3, seq_q=2, append=True, group=2, num_splits=0,
+                  dtype=torch.float32, features=())
+    c.update(overrides)
+    return c
+
+
+def _bad(c, match, exc=(ValueError, TypeError), **kwargs):
+    kc, vc = c["k_cache"].clone(), c["v_cache"].clone()
+    args = {"cache_seqlens": c["seqlens"], "block_table": c["block_table"]}
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        fa.attention_with_kvcache(c["q"], kc, vc, c["k"], c["v"], **args)
+    assert torch.equal(kc, c["k_cache"]) and torch.equal(vc, c["v_cache"]), "a rejected call wrote the caches"
+
+
+def test_bad_input_raises_and_leaves_caches_untouched():
+    c = _small()
+    _bad(c, "layout", layout="sbhd")
+    _bad(c, "cache_seqlens must be >= 0", cache_seqlens=torch.tensor([0, -1, 2], dtype=torch.int32))
+    _bad(c, "capacity", cache_seqlens=c["seqlens"] + 3)
+    bt = c["block_table"].clone()
+    bt[1, 0] = 10_000
+    _bad(c, "block_table", block_table=bt)
+    _bad(c, "block_table must be an int32", block_table=c["block_table"].long())
+    c2 = dict(c, q=torch.randn(3, 2, 3, c["q"].shape[-1]))
+    _bad(c2, "multiple of the caches")
+    _bad(dict(c, k=c["k"][:, :1]), "k and v")
+    _bad(dict(c, v=None), "both k and v")
+    _bad(c, "rotary_cos", rotary_cos=torch.ones(2, 4), rotary_sin=torch.ones(2, 4))  # table too short
+    _bad(c, "num_splits", num_splits=-1)
+    _bad(c, "window_size", window_size=(1,))
+    _bad(c, "softcap", softcap=-1.0)
+    _bad(c, "cache_batch_idx", cache_batch_idx=torch.zeros(3, dtype=torch.int32))
+    c3 = make_case(12, layout="bshd", page_size=None, seq_q=1, append=True, group=1, num_splits=0,
+                   dtype=torch.float32, features=("batch_idx",))
+    _bad(c3, "must not repeat", cache_batch_idx=torch.tensor([0, 1, 0], dtype=torch.int32), block_table=None)
+    _bad(c3, r"\[0, 5\)", cache_batch_idx=torch.tensor([0, 1, 5], dtype=torch.int32), block_table=None)
+    _bad(c3, "cache_leftpad", cache_leftpad=torch.tensor([0, 0, 10**6], dtype=torch.int32), block_table=None,
+         cache_batch_idx=c3["batch_idx"])
+    _bad(c, "cache_seqlens", cache_seqlens=torch.zeros(2, dtype=torch.int32))
+    _bad(dict(c, q=c["q"].double()), "dtype")
+
+
+def test_gradients_requested_raise():
+    c = _small()
+    _bad(dict(c, q=c["q"].clone().requires_grad_()), "forward only")
+    kc = c["k_cache"].clone().requires_grad_()
+    with pytest.raises(ValueError, match="k_cache"):
+        fa.attention_with_kvcache(c["q"], kc, c["v_cache"], cache_seqlens=c["seqlens"], block_table=c["block_table"])
+    with torch.no_grad():
+        fa.attention_with_kvcache(c["q"].requires_grad_(), c["k_cache"].clone(), c["v_cache"].clone(), c["k"],
+                                  c["v"], cache_seqlens=c["seqlens"], block_table=c["block_table"])
+
+
+def test_a_failing_attention_restores_the_caches():
+    c = _small()
+    kc, vc = c["k_cache"].clone(), c["v_cache"].clone()
+    with pytest.raises(ValueError):  # a backend that does not exist fails after the append
+        fa.attention_with_kvcache(c["q"], kc, vc, c["k"], c["v"], cache_seqlens=c["seqlens"],
+                                  block_table=c["block_table"], backend="no-such-backend")
+    assert torch.equal(kc, c["k_cache"]) and torch.equal(vc, c["v_cache"])
+
+
+# --- merge --------------------------------------------------------------------------------------------
+
+
+def _part(q, k, v, **kw):
+    return fa.scaled_dot_product_attention(q, k, v, return_lse=True, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_merge_attention_states_equals_attention_over_the_union(dtype):
+    q, k, v = (torch.randn(2, 3, 5, 8, dtype=torch.float64) for _ in range(3))
+    k, v = torch.randn(2, 3, 11, 8, dtype=torch.float64), torch.randn(2, 3, 11, 8, dtype=torch.float64)
+    whole64, lse64 = reference_attention(q, k, v)
+    whole_dt, lse_dt = reference_attention(q.to(dtype), k.to(dtype), v.to(dtype))
+    parts = [_part(q.to(dtype), k[:, :, a:b].to(dtype), v[:, :, a:b].to(dtype)) for a, b in ((0, 4), (4, 9), (9, 11))]
+    copies = [(o.clone(), s.clone()) for o, s in parts]
+    out, lse = fa.merge_attention_states_list([o for o, _ in parts], [s for _, s in parts])
+    assert all(torch.equal(o, oc) and torch.equal(s, sc) for (o, s), (oc, sc) in zip(parts, copies))
+    assert out.dtype == dtype and lse.dtype == parts[0][1].dtype
+    assert_policy(out, whole_dt, whole64, 2.0, "merged out")
+    assert_policy(lse, lse_dt, lse64, 2.0, "merged lse")
+    two, two_lse = fa.merge_attention_states(*parts[0], *fa.merge_attention_states(*parts[1], *parts[2]))
+    assert_policy(two, whole_dt, whole64, 2.0, "pairwise out")
+    assert_policy(two_lse, lse_dt, lse64, 2.0, "pairwise lse")
+    # bshd: out (B, L, H, D) with lse (B, H, L)
+    outs = [o.transpose(1, 2).contiguous() for o, _ in parts]
+    b_out, b_lse = fa.merge_attention_states_list(outs, [s for _, s in parts], layout="bshd")
+    assert b_out.shape == (2, 5, 3, 8) and torch.equal(b_out, out.transpose(1, 2)) and torch.equal(b_lse, lse)
+
+
+def test_merge_neg_inf_sides():
+    out = torch.randn(4, 3, 8)
+    lse = torch.randn(4, 3)
+    lse[1, 2] = float("-inf")
+    out[1, 2] = 0
+    empty_out, empty_lse = torch.randn(4, 3, 8), torch.full_like(lse, float("-inf"))
+    merged, merged_lse = fa.merge_attention_states(out, lse, empty_out, empty_lse)
+    assert torch.equal(merged_lse, lse) and torch.allclose(merged, out)
+    both, both_lse = fa.merge_attention_states(empty_out * 0, empty_lse, empty_out * 0, empty_lse)
+    assert not both.isnan().any() and torch.equal(both, torch.zeros_like(both)) and torch.isneginf(both_lse).all()
+
+
+def test_merge_bad_input():
+    o, s = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="lse must have out's shape"):
+        fa.merge_attention_states(o, s[..., :2], o, s[..., :2])
+    with pytest.raises(ValueError, match=r"\(B, H, L\)"):
+        fa.merge_attention_states(o, s, o, s, layout="bshd")
+    with pytest.raises(ValueError, match="layout"):
+        fa.merge_attention_states(o, s, o, s, layout="x")
+    with pytest.raises(ValueError, match="outs\\[1\\]"):
+        fa.merge_attention_states(o, s, o[:1], s)
+
+
+# --- torch.compile ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_compiled_decode_step_fullgraph(paged):
+    gen = torch.Generator().manual_seed(0)
+    kc, vc = torch.randn(6, 3, 2, 16, generator=gen), torch.randn(6, 3, 2, 16, generator=gen)
+    table = torch.tensor([[4, 0, 2], [1, 5, 3]], dtype=torch.int32) if paged else None
+    if not paged:
+        kc, vc = kc.view(2, 9, 2, 16), vc.view(2, 9, 2, 16)
+    cos, sin = fa.rotary_cos_sin(16, 16)
+    slopes = fa.alibi_slopes(4)
+
+    def step(q, k, v, kc, vc, seqlens):
+        return fa.attention_with_kvcache(
+            q, kc, vc, k, v, cache_seqlens=seqlens, block_table=table, rotary_cos=cos, rotary_sin=sin,
+            is_causal=True, alibi_slopes=slopes, num_splits=2, return_lse=True,
+        )
+
+    q, k, v = torch.randn(2, 2, 4, 16), torch.randn(2, 2, 2, 16), torch.randn(2, 2, 2, 16)
+    seqlens = torch.tensor([3, 6], dtype=torch.int32)
+    eager_k, eager_v = kc.clone(), vc.clone()
+    out, lse = step(q, k, v, eager_k, eager_v, seqlens)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    c_out, c_lse = compiled(q, k, v, kc, vc, seqlens)
+    assert torch.equal(kc, eager_k) and torch.equal(vc, eager_v), "the compiled call must append in place"
+    torch.testing.assert_close(c_out, out)
+    torch.testing.assert_close(c_lse, lse)
+
+
+# --- a generation loop --------------------------------------------------------------------------------
+
+
+class TinyLlama:
+    """A few Llama-style layers (RMSNorm, RoPE, GQA attention, SiLU MLP) with random float64 weights."""
+
+    def __init__(self, vocab=61, dim=48, layers=3, hq=6, hkv=2, head_dim=8, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        w = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64) / s[0] ** 0.5
+        self.hq, self.hkv, self.hd, self.layers = hq, hkv, head_dim, layers
+        self.emb, self.head = w(vocab, dim) * dim**0.5, w(dim, vocab)
+        self.w = [(w(dim, hq * head_dim), w(dim, hkv * head_dim), w(dim, hkv * head_dim), w(hq * head_dim, dim),
+                   w(dim, 96), w(96, dim)) for _ in range(layers)]
+        self.cos, self.sin = fa.rotary_cos_sin(128, 6, dtype=torch.float64)  # partial rotary dim
+
+    @staticmethod
+    def norm(x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    def logits(self, tokens, attend):
+        """``attend(layer, q, k, v)`` gets (B, L, H, D) projections (k, v not rotated) and returns (B, L, Hq, D)."""
+        x = self.emb[tokens]
+        b, seq = tokens.shape
+        for layer, (wq, wk, wv, wo, w1, w2) in enumerate(self.w):
+            h = self.norm(x)
+            q = (h @ wq).view(b, seq, self.hq, self.hd)
+            k = (h @ wk).view(b, seq, self.hkv, self.hd)
+            v = (h @ wv).view(b, seq, self.hkv, self.hd)
+            x = x + attend(layer, q, k, v).reshape(b, seq, -1) @ wo
+            x = x + torch.nn.functional.silu(self.norm(x) @ w1) @ w2
+        return self.norm(x) @ self.head
+
+    def full(self, tokens):
+        def attend(layer, q, k, v):
+            q, k = (fa.apply_rotary_emb(t, self.cos, self.sin, layout="bshd") for t in (q, k))
+            out = fa.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+            )
+            return out.transpose(1, 2)
+
+        return self.logits(tokens, attend)
+
+
+def _prompt_and_pick(steps):
+    prompt = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(1))
+    # Random weights collapse onto one token under greedy decoding; fixed Gumbel noise (the same in both
+    # loops) keeps the sampled tokens varied and the comparison deterministic.
+    uniform = torch.rand(steps, 2, 61, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    noise = -torch.log(-torch.log(uniform))
+    return prompt, lambda logits, i: (logits + 3 * noise[i]).argmax(-1, keepdim=True)
+
+
+@functools.cache
+def _full_recomputation_tokens(steps):
+    """The tokens the model generates through the regular attention, recomputing everything each step."""
+    model = TinyLlama()
+    tokens, pick = _prompt_and_pick(steps)
+    with torch.no_grad():
+        for i in range(steps):
+            tokens = torch.cat([tokens, pick(model.full(tokens)[:, -1], i)], dim=1)
+    return tokens
+
+
+@pytest.mark.parametrize("kind", ["function", "static", "paged-bshd", "paged-bhsd"])
+def test_generation_loop_matches_full_recomputation(kind):
+    model = TinyLlama()
+    steps = 16
+    prompt, pick = _prompt_and_pick(steps)
+    layout = "bhsd" if kind == "paged-bhsd" else "bshd"
+    if kind == "function":
+        caches = [tuple(torch.zeros(2, 32, model.hkv, model.hd, dtype=torch.float64) for _ in "kv")
+                  for _ in range(model.layers)]
+        seqlens = torch.zeros(2, dtype=torch.int32)
+    elif kind == "static":
+        caches = [StaticKVCache(2, 32, model.hkv, model.hd, dtype=torch.float64) for _ in range(model.layers)]
+    else:
+        caches = [PagedKVCache(24, 3, model.hkv, model.hd, max_batch=3, layout=layout, dtype=torch.float64)
+                  for _ in range(model.layers)]
+    slots = [2, 0]  # paged: sequences in slots other than 0, 1
+
+    def attend(layer, q, k, v):
+        rope = {"rotary_cos": model.cos, "rotary_sin": model.sin, "is_causal": True}
+        if kind == "function":
+            kc, vc = caches[layer]
+            return fa.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=seqlens, **rope)
+        if kind == "static":
+            return caches[layer].append(q, k, v, **rope)
+        q, k, v = (to_layout(t, layout) for t in (q, k, v))
+        return from_layout(caches[layer].append(q, k, v, batch_idx=slots, **rope), layout)
+
+    tokens = prompt
+    with torch.no_grad():
+        step_logits = model.logits(prompt, attend)
+        for i in range(steps):
+            if kind == "function":
+                seqlens += step_logits.shape[1]
+            nxt = pick(step_logits[:, -1], i)
+            full = model.full(tokens)[:, -1]
+            torch.testing.assert_close(step_logits[:, -1], full, rtol=0, atol=1e-9)
+            tokens = torch.cat([tokens, nxt], dim=1)
+            step_logits = model.logits(nxt, attend)
+    reference = _full_recomputation_tokens(steps)
+    assert torch.equal(tokens, reference)
+    assert len(set(tokens[0, 5:].tolist())) > 4, "degenerate generation would not test much"
+    if kind.startswith("paged"):
+        cache = caches[0]
+        assert cache.seqlens[2] == cache.seqlens[0] == tokens.shape[1] and cache.seqlens[1] == 0
+        used = 2 * -(-tokens.shape[1] // 3)
+        assert cache.free_pages == 24 - used
+        cache.free(2)
+        assert cache.free_pages == 24 - used // 2 and cache.seqlens[2] == 0
+
+
+def test_paged_cache_reserve_raises_when_the_pool_is_exhausted():
+    cache = PagedKVCache(4, 2, 1, 8, max_batch=2)
+    cache.reserve(0, 6)
+    with pytest.raises(ValueError, match="cannot reserve"):
+        cache.reserve(1, 3)
+    assert cache.free_pages == 1
