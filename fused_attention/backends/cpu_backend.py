@@ -22,7 +22,8 @@ class CpuBackend(Backend):
     capabilities = Capabilities(
         device_types=frozenset({"cpu"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
-        features=ALL_FEATURES,
+        features=ALL_FEATURES - {"sinks"},
+        missing_reasons=(("sinks", "not in the C++ kernels yet; the torch backend serves them"),),
     )
 
     def unavailable_reason(self) -> str | None:

@@ -24,7 +24,8 @@ class TritonBackend(Backend):
     capabilities = Capabilities(
         device_types=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-        features=ALL_FEATURES,
+        features=ALL_FEATURES - {"sinks"},
+        missing_reasons=(("sinks", "not in the Triton kernels yet; the torch backend serves them"),),
         max_head_dim=256,
         head_dim_multiple=8,
     )
