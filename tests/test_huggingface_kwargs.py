@@ -18,6 +18,15 @@ _DECODER = {
 }
 _ENCODER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 101}
 
+def _gpt_oss_config():
+    config = T.GptOssConfig(
+        **_DECODER, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    config._experts_implementation = "eager"  # the grouped matmul has no float64
+    return config
+
+
 # (config, model class, generates): the decoder families whose attention call sites the issue lists.
 MODELS = {
     "llama": (lambda: T.LlamaConfig(**_DECODER), T.LlamaForCausalLM, True),
@@ -28,6 +37,7 @@ MODELS = {
     "gemma3": (lambda: T.Gemma3TextConfig(**_DECODER, head_dim=8, sliding_window=4), T.Gemma3ForCausalLM, True),
     "phi3": (lambda: T.Phi3Config(**_DECODER), T.Phi3ForCausalLM, True),
     "gpt2": (lambda: T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=128), T.GPT2LMHeadModel, True),
+    "gpt_oss": (_gpt_oss_config, T.GptOssForCausalLM, True),
     "bert": (lambda: T.BertConfig(**_ENCODER), T.BertForMaskedLM, False),
     "modernbert": (
         lambda: T.ModernBertConfig(**_ENCODER, local_attention=4, global_attn_every_n_layers=2, pad_token_id=0),
@@ -87,7 +97,7 @@ def test_model_keywords_are_used_or_harmless(name):
     if MODELS[name][2]:
         model = _build(name, "fused_attention_recorder")
         model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
-    named = {"dropout", "scaling", "sliding_window", "softcap", "is_causal", "position_bias"}
+    named = {"dropout", "scaling", "sliding_window", "softcap", "is_causal", "position_bias", "s_aux", "sinks"}
     assert recorder.seen - named <= huggingface._HARMLESS_KWARGS, recorder.seen
 
 

@@ -164,6 +164,8 @@ def fused_attention_forward(
     softcap: float | None = None,
     is_causal: bool | None = None,
     position_bias: torch.Tensor | None = None,
+    s_aux: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function for ``"fused_attention"``.
@@ -182,6 +184,10 @@ def fused_attention_forward(
             already holds the pattern.
         softcap: logit soft-capping (Gemma-2), before masking.
         position_bias: float bias ``(B or 1, Hq or 1, L, S)`` added to the scores (T5 style).
+        s_aux, sinks: learned attention-sink logits ``(Hq,)`` (gpt-oss passes ``s_aux``; ``sinks`` is the
+            newer name), one per query head, joining each row's softmax denominator (see the ``sinks``
+            argument of :func:`fused_attention.scaled_dot_product_attention`); cast to float32 (with
+            its gradient) when the model runs in 16-bit.
         kwargs: only keywords known not to change the math (``_HARMLESS_KWARGS``: ``position_ids``,
             ``use_cache``, ``output_attentions``, ...); any other raises ``TypeError`` naming it and the
             calling module's class, so a model whose attention needs something we lack never runs wrong.
@@ -190,6 +196,11 @@ def fused_attention_forward(
         ``(attn_output, None)``: ``attn_output`` is ``(B, L, Hq, D)``, contiguous; no attention weights.
     """
     _check_kwargs(module, query, attention_mask, kwargs)
+    if s_aux is not None and sinks is not None:
+        raise AttentionTypeError(f"fused_attention got both 's_aux' and 'sinks' from {type(module).__name__}")
+    sink_logits = s_aux if s_aux is not None else sinks
+    if sink_logits is not None and sink_logits.dtype not in (torch.float32, torch.float64):
+        sink_logits = sink_logits.float()
     q_length, kv_length = query.shape[2], key.shape[2]
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     mask, key_lengths, window = attention_mask, None, None
@@ -213,7 +224,7 @@ def fused_attention_forward(
     out = scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling,
         enable_gqa=query.shape[1] != key.shape[1], window_size=window, softcap=softcap or None,
-        key_lengths=key_lengths,
+        key_lengths=key_lengths, sinks=sink_logits,
     )
     return out.transpose(1, 2).contiguous(), None
 
