@@ -22,18 +22,17 @@ class CpuBackend(Backend):
     capabilities = Capabilities(
         device_types=frozenset({"cpu"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
-        features=ALL_FEATURES - {"sinks"},
-        missing_reasons=(("sinks", "not in the C++ kernels yet; the torch backend serves them"),),
+        features=ALL_FEATURES,
     )
 
     def unavailable_reason(self) -> str | None:
         return None if _EXTENSION.loaded else _EXTENSION.reason
 
     def attention(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.ops.fused_attention.attention(*dense_op_args(inputs))
+        return torch.ops.fused_attention.attention(*dense_op_args(inputs, sinks=True))
 
     def varlen_attention(self, inputs: VarlenInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.ops.fused_attention.varlen_attention(*varlen_op_args(inputs))
+        return torch.ops.fused_attention.varlen_attention(*varlen_op_args(inputs, sinks=True))
 
 
 CPU = CpuBackend()
