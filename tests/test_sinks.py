@@ -228,19 +228,23 @@ def test_gradcheck_float64_dropout_and_gqa(sinks_backend):
 
 
 def test_dropout_matches_reference_with_the_same_mask(sinks_backend):
+    check_dropout(sinks_backend, S)
+
+
+def check_dropout(backend: str, seq_k: int) -> None:
     """The keep-mask recovered by attending to identity values (the sink has no value, so output row i
     is the row's dropped probabilities), then output and gradients with that mask."""
     torch.manual_seed(9)
-    q, k, v, kwargs = _inputs({"gqa", "window"}, seq_k=S)
-    v = rand(B, HQ // 2, S, S, requires_grad=True)
+    q, k, v, kwargs = _inputs({"gqa", "window"}, seq_k=seq_k)
+    v = rand(B, HQ // 2, seq_k, seq_k, requires_grad=True)
     p = 0.25
-    eye = torch.eye(S).expand(B, HQ // 2, S, S)
+    eye = torch.eye(seq_k).expand(B, HQ // 2, seq_k, seq_k)
     torch.manual_seed(77)
     keep = fused_attention.scaled_dot_product_attention(
-        q.detach(), k.detach(), eye, dropout_p=p, backend=sinks_backend, **kwargs
+        q.detach(), k.detach(), eye, dropout_p=p, backend=backend, **kwargs
     ) != 0
     torch.manual_seed(77)
-    out = fused_attention.scaled_dot_product_attention(q, k, v, dropout_p=p, backend=sinks_backend, **kwargs)
+    out = fused_attention.scaled_dot_product_attention(q, k, v, dropout_p=p, backend=backend, **kwargs)
     named = {"q": q, "k": k, "v": v, "sinks": kwargs["sinks"]}
     upstream = torch.randn(out.shape, dtype=torch.float64)
     grads = torch.autograd.grad(out, list(named.values()), upstream.float())
@@ -379,3 +383,100 @@ def test_opcheck_torch_ops_with_sinks():
     detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in varlen_args]
     out, _ = ops.torch_varlen(*detached)
     torch.library.opcheck(ops.torch_varlen_backward, (torch.randn_like(out), *detached, False, True))
+
+
+def test_every_cpu_instruction_set_variant_serves_sinks():
+    """The best variant runs this whole file (the ``cpu`` parameter of every test above); each other one
+    runs a slice of it in its own process (the variable is read once per process)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if BACKENDS["cpu"].unavailable_reason() is not None or not _serves_sinks("cpu"):
+        pytest.skip("the cpu backend is not built or does not claim sinks")
+    from test_cpu_attention import _isas
+
+    root = Path(__file__).resolve().parents[1]
+    selection = "cpu and (each_feature and float32 or odd_lengths or minus_inf or large or varlen or dropout)"
+    for isa in _isas()[:-1]:
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_sinks.py", "-k", selection],
+            cwd=root, env=dict(os.environ, FUSED_ATTENTION_CPU_ISA=isa), capture_output=True, text=True,
+            timeout=900, check=False,
+        )
+        assert result.returncode == 0, isa + ": " + result.stdout[-3000:] + result.stderr[-2000:]
+        assert " passed" in result.stdout
+
+
+# --- triton: under the interpreter on the CPU (float32, float16), compiled on a GPU ---------------------
+
+TRITON_CASES = [
+    ("plain",), ("causal", "gqa"), ("window", "alibi", "softcap"), ("key_lengths", "bool_mask"), ("float_mask",),
+    ("causal_lower_right", "value_head_dim"),
+]
+
+
+def _triton_or_skip():
+    pytest.importorskip("triton")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reasons = BACKENDS["triton"].serves_device_reason(device) or BACKENDS["triton"].unavailable_reason()
+    if device.type == "cpu" and reasons:
+        pytest.skip(f"triton cannot run here: {reasons}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("features", TRITON_CASES, ids="+".join)
+def test_triton_sinks(features, dtype):
+    _triton_or_skip()
+    torch.manual_seed(13)
+    q, k, v, kwargs = _inputs(set(features), dtype)
+    check_sinks("triton", q, k, v, **kwargs)
+
+
+def test_triton_sinks_dropout():
+    _triton_or_skip()
+    check_dropout("triton", 48)  # identity values: the key length is the value head dim (a multiple of 8)
+
+
+@pytest.mark.parametrize("value", [float("-inf"), 1e4], ids=["minus_inf", "large"])
+def test_triton_extreme_sinks(value):
+    _triton_or_skip()
+    torch.manual_seed(14)
+    q, k, v, _ = _inputs({"causal"})
+    sinks = torch.full((HQ,), value, requires_grad=True)
+    out = fused_attention.scaled_dot_product_attention(q, k, v, is_causal=True, sinks=sinks, backend="triton")
+    grads = torch.autograd.grad(out, (q, k, v, sinks), torch.randn_like(out))
+    assert all(torch.isfinite(g).all() for g in grads)
+    if value > 0:
+        assert torch.equal(out, torch.zeros_like(out)) and all(g.abs().max() == 0 for g in grads)
+    else:
+        plain = fused_attention.scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton")
+        assert torch.equal(out, plain)
+        assert torch.equal(grads[3], torch.zeros(HQ))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_varlen_sinks(dtype):
+    _triton_or_skip()
+    test_varlen_sinks("triton", {"window_size": (3, 0), "alibi": True}, dtype)
+
+
+def test_opcheck_triton_ops_with_sinks():
+    _triton_or_skip()
+    from fused_attention.ops import triton_attention  # noqa: F401  (registers the triton ops)
+
+    ops = torch.ops.fused_attention
+    gen = torch.Generator().manual_seed(15)
+    q = rand(2, 4, 5, 16, gen=gen, requires_grad=True)
+    k, v = (rand(2, 2, 7, 16, gen=gen, requires_grad=True) for _ in range(2))
+    sinks = _sinks(gen=gen)
+    args = (q, k, v, None, torch.tensor([7, 3]), None, None, True, -1, -1, 0.0, 0.35, 0.0, sinks)
+    torch.library.opcheck(ops.triton_attention, args)
+    detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in args]
+    out, lse = ops.triton_attention(*detached)
+    q_, k_, v_, mask, lengths, alibi, seed, *options, sinks_ = detached
+    torch.library.opcheck(
+        ops.triton_attention_backward,
+        (torch.randn_like(out), q_, k_, v_, mask, lengths, alibi, seed, lse, *options, False, False, sinks_, True),
+    )

@@ -24,8 +24,7 @@ class TritonBackend(Backend):
     capabilities = Capabilities(
         device_types=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-        features=ALL_FEATURES - {"sinks"},
-        missing_reasons=(("sinks", "not in the Triton kernels yet; the torch backend serves them"),),
+        features=ALL_FEATURES,
         max_head_dim=256,
         head_dim_multiple=8,
     )
@@ -54,10 +53,12 @@ class TritonBackend(Backend):
         return torch.ops.fused_attention
 
     def attention(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._ops().triton_attention(*dense_op_args(inputs))
+        return self._ops().triton_attention(*dense_op_args(inputs), inputs.sinks)
 
     def varlen_attention(self, inputs: VarlenInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._ops().triton_varlen(*varlen_op_args(inputs), inputs.max_seqlen_q, inputs.max_seqlen_k)
+        return self._ops().triton_varlen(
+            *varlen_op_args(inputs), inputs.max_seqlen_q, inputs.max_seqlen_k, inputs.sinks
+        )
 
 
 TRITON = TritonBackend()
