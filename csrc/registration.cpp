@@ -37,27 +37,29 @@ TORCH_LIBRARY(fused_attention, m) {
   // v (B, Hkv, S, Ev), any strides, Hq a multiple of Hkv (GQA); mask 4-D, each dim full or 1 (bool hides,
   // float adds); key_lengths int (B,); alibi (1 or B, Hq); seed int64 (1,), needed when dropout_p > 0.
   // Causal is top-left, windows bottom-right (-1 = unbounded). Returns out (B, Hq, L, Ev) and lse
-  // (B, Hq, L) in float32 (float64 for float64 inputs); rows that see no key give 0 and -inf.
+  // (B, Hq, L) in float32 (float64 for float64 inputs); rows that see no key give 0 and -inf. sinks
+  // (Hq,): learned sink logits that join each row's softmax denominator (lse includes them).
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? key_lengths, Tensor? alibi, "
-        "Tensor? seed, bool causal, int window_left, int window_right, float softcap, float scale, "
-        "float dropout_p) -> (Tensor, Tensor)",
+        "Tensor? seed, Tensor? sinks, bool causal, int window_left, int window_right, float softcap, "
+        "float scale, float dropout_p) -> (Tensor, Tensor)",
         tags);
-  // Gradients (dq, dk, dv, dmask, dalibi) of `attention` for upstream dout (B, Hq, L, Ev); dmask and
-  // dalibi are empty unless asked for. Recomputes the softmax: no saved activations needed.
+  // Gradients (dq, dk, dv, dmask, dalibi, dsinks) of `attention` for upstream dout (B, Hq, L, Ev); dmask,
+  // dalibi and dsinks are empty unless asked for. Recomputes the softmax: no saved activations needed.
   m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? key_lengths, "
-        "Tensor? alibi, Tensor? seed, bool causal, int window_left, int window_right, float softcap, "
-        "float scale, float dropout_p, bool need_mask_grad, bool need_alibi_grad) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        "Tensor? alibi, Tensor? seed, Tensor? sinks, bool causal, int window_left, int window_right, "
+        "float softcap, float scale, float dropout_p, bool need_mask_grad, bool need_alibi_grad, "
+        "bool need_sinks_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
         tags);
   // Packed sequences: q (total_q, Hq, E), k/v (total_k, Hkv, E/Ev), cu_seqlens int (n + 1,); windows
   // bottom-right per sequence (causal is window_right = 0). Returns out (total_q, Hq, Ev), lse (Hq, total_q).
   m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-        "Tensor? alibi, Tensor? seed, int window_left, int window_right, float softcap, float scale, "
-        "float dropout_p) -> (Tensor, Tensor)",
+        "Tensor? alibi, Tensor? seed, Tensor? sinks, int window_left, int window_right, float softcap, "
+        "float scale, float dropout_p) -> (Tensor, Tensor)",
         tags);
   m.def("varlen_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
-        "Tensor cu_seqlens_k, Tensor? alibi, Tensor? seed, int window_left, int window_right, float softcap, "
-        "float scale, float dropout_p, bool need_alibi_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+        "Tensor cu_seqlens_k, Tensor? alibi, Tensor? seed, Tensor? sinks, int window_left, int window_right, "
+        "float softcap, float scale, float dropout_p, bool need_alibi_grad, bool need_sinks_grad) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
         tags);
 }
 // clang-format on

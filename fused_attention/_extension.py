@@ -123,8 +123,12 @@ def _register_attention_rules() -> None:
 
     ops = torch.ops.fused_attention
     torch.library.register_fake("fused_attention::attention")(attention_rules.dense_fake)
-    torch.library.register_fake("fused_attention::attention_backward")(attention_rules.dense_backward_fake)
+    torch.library.register_fake("fused_attention::attention_backward")(attention_rules.dense_sinks_backward_fake)
     torch.library.register_fake("fused_attention::varlen_attention")(attention_rules.varlen_fake)
-    torch.library.register_fake("fused_attention::varlen_attention_backward")(attention_rules.varlen_backward_fake)
-    attention_rules.register_dense_autograd("fused_attention::attention", ops.attention_backward)
-    attention_rules.register_varlen_autograd("fused_attention::varlen_attention", ops.varlen_attention_backward)
+    torch.library.register_fake("fused_attention::varlen_attention_backward")(
+        attention_rules.varlen_sinks_backward_fake
+    )
+    attention_rules.register_dense_autograd("fused_attention::attention", ops.attention_backward, sinks=True)
+    attention_rules.register_varlen_autograd(
+        "fused_attention::varlen_attention", ops.varlen_attention_backward, sinks=True
+    )

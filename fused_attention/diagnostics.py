@@ -69,6 +69,7 @@ _FEATURE_COLUMNS = (
     ("gqa", "GQA"),
     ("lse", "lse"),
     ("varlen", "varlen"),
+    ("sinks", "sinks"),
 )
 
 

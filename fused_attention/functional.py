@@ -48,6 +48,7 @@ def scaled_dot_product_attention(
     softcap: float | None = None,
     key_lengths: torch.Tensor | None = None,
     return_lse: bool = False,
+    sinks: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Scaled dot-product attention: a drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
@@ -89,6 +90,12 @@ def scaled_dot_product_attention(
         key_lengths: int32/int64 ``(B,)``: keys ``j >= key_lengths[b]`` are masked (padding without a
             dense mask). Values must lie in ``[0, S]``.
         return_lse: also return the log-sum-exp.
+        sinks: learned attention sinks (gpt-oss, StreamingLLM): float32 ``(Hq,)`` (float64 accepted),
+            one logit per query head. Each row's softmax gains one more "key" with score ``sinks[h]``
+            and no value: ``out = sum_j exp(s_j) v_j / (exp(sinks[h]) + sum_j exp(s_j))``. The sink is
+            not scaled, capped, biased, masked or dropped; a row that sees no key outputs 0. It gets an
+            exact gradient (summed over batch and rows) when it requires grad. ``-inf`` turns a head's
+            sink off; NaN or ``+inf`` raise.
         backend: force ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"torch"`` (else
             ``FUSED_ATTENTION_BACKEND``, else automatic); a forced backend that cannot serve the call
             raises ``ValueError`` listing its reasons.
@@ -101,6 +108,9 @@ def scaled_dot_product_attention(
         ``out`` of shape ``(N, ..., Hq, L, Ev)`` in the query dtype; with ``return_lse=True``,
         ``(out, lse)`` where ``lse`` has shape ``out.shape[:-1]``, float32 (float64 for float64
         inputs), natural log of the softmax denominator over visible keys before dropout, detached.
+        With ``sinks`` the denominator includes the sink's ``exp(sinks[h])`` (so an empty row's lse is
+        ``sinks[h]``): attention over two key sets merges from their lses as usual, with the sink
+        counted once.
 
     Raises:
         ValueError / TypeError naming the bad argument (the classes also derive from RuntimeError, so
@@ -110,7 +120,7 @@ def scaled_dot_product_attention(
     inputs = canonicalize(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
         window_size=window_size, alibi_slopes=alibi_slopes, softcap=softcap, key_lengths=key_lengths,
-        return_lse=return_lse,
+        return_lse=return_lse, sinks=sinks,
     )
     out, lse = select(inputs, backend).attention(inputs)
     out = out.reshape(inputs.out_shape)
@@ -136,6 +146,7 @@ def varlen_attention(
     alibi_slopes: torch.Tensor | None = None,
     softcap: float | None = None,
     return_lse: bool = False,
+    sinks: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Attention over packed variable-length sequences (FlashAttention's varlen API).
@@ -157,7 +168,8 @@ def varlen_attention(
         window_size: ``(left, right)``, bottom-right aligned per sequence; -1 = unbounded.
         alibi_slopes: float32 ``(Hq,)`` or ``(B, Hq)``.
         softcap: ``score = softcap * tanh(score / softcap)``; must be > 0.
-        return_lse: also return the log-sum-exp.
+        return_lse: also return the log-sum-exp (including the sink's term with ``sinks``).
+        sinks: float32 ``(Hq,)`` learned sink logits, as in :func:`scaled_dot_product_attention`.
         backend: force a backend (see :func:`scaled_dot_product_attention`).
 
     Values of ``cu_seqlens`` are checked for CPU tensors, and for CUDA tensors only when
@@ -172,7 +184,7 @@ def varlen_attention(
     inputs = canonicalize_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=dropout_p, scale=scale,
         is_causal=is_causal, window_size=window_size, alibi_slopes=alibi_slopes, softcap=softcap,
-        return_lse=return_lse,
+        return_lse=return_lse, sinks=sinks,
     )
     out, lse = select(inputs, backend).varlen_attention(inputs)
     return (out, lse.detach()) if return_lse else out

@@ -72,6 +72,7 @@ class AttentionInputs(_QueryFacts):
     out_shape: tuple[int, ...]
     lse_shape: tuple[int, ...]
     features: frozenset[str] = field(default_factory=frozenset)
+    sinks: torch.Tensor | None = None  # (Hq,) float32/64 sink logits (see check_sinks)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class VarlenInputs(_QueryFacts):
     scale: float
     return_lse: bool
     features: frozenset[str] = field(default_factory=frozenset)
+    sinks: torch.Tensor | None = None  # (Hq,) float32/64 sink logits (see check_sinks)
 
 
 def content_checks_enabled(t: torch.Tensor) -> bool:
@@ -196,6 +198,25 @@ def check_alibi(alibi_slopes: object, batch: int, heads: int, device: torch.devi
     )
 
 
+def check_sinks(sinks: object, heads: int, device: torch.device) -> torch.Tensor | None:
+    """Attention sinks: a float32 (or float64) ``(Hq,)`` tensor of per-query-head logits, never +inf/NaN."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor):
+        raise AttentionTypeError(f"sinks must be a torch.Tensor, got {type(sinks).__name__}")
+    if sinks.dtype not in (torch.float32, torch.float64):
+        raise AttentionTypeError(f"sinks must be float32 (or float64), got {sinks.dtype}")
+    if sinks.device != device:
+        raise AttentionArgumentError(f"sinks must be on {device}, got {sinks.device}")
+    if tuple(sinks.shape) != (heads,):
+        raise AttentionArgumentError(
+            f"sinks must have shape ({heads},) (one logit per query head), got {tuple(sinks.shape)}"
+        )
+    if content_checks_enabled(sinks) and bool((torch.isnan(sinks) | (sinks == float("inf"))).any()):
+        raise AttentionArgumentError("sinks must not be NaN or +inf (-inf turns a sink off)")
+    return sinks
+
+
 def check_int_vector(name: str, t: object, length: int, device: torch.device) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -285,6 +306,7 @@ def canonicalize(
     softcap: object = None,
     key_lengths: object = None,
     return_lse: object = False,
+    sinks: object = None,
 ) -> AttentionInputs:
     """Validates ``scaled_dot_product_attention`` arguments into an :class:`AttentionInputs`."""
     check_qkv_types(query, key, value)
@@ -389,7 +411,8 @@ def canonicalize(
     out_shape = out_shape[len(out_shape) - user_ndim :]
     alibi = check_alibi(alibi_slopes, batch, heads, qc.device)
     lengths = check_key_lengths(key_lengths, batch, seq_k, qc.device)
-    features = set()
+    sink_logits = check_sinks(sinks, heads, qc.device)
+    features = {"sinks"} if sink_logits is not None else set()
     for name, on in (
         ("causal", causal),
         ("window", window_left >= 0 or window_right >= 0),
@@ -423,6 +446,7 @@ def canonicalize(
         out_shape=out_shape,
         lse_shape=out_shape[:-1],
         features=frozenset(features),
+        sinks=sink_logits,
     )
 
 
@@ -467,6 +491,7 @@ def canonicalize_varlen(
     alibi_slopes: object = None,
     softcap: object = None,
     return_lse: object = False,
+    sinks: object = None,
 ) -> VarlenInputs:
     """Validates ``varlen_attention`` arguments into a :class:`VarlenInputs`."""
     check_qkv_types(q, k, v)
@@ -498,7 +523,8 @@ def canonicalize_varlen(
     batch = cu_q.numel() - 1
     alibi = check_alibi(alibi_slopes, batch, q.shape[1], q.device)
     dropout = check_dropout(dropout_p)
-    features = {"varlen"}
+    sink_logits = check_sinks(sinks, q.shape[1], q.device)
+    features = {"varlen", "sinks"} if sink_logits is not None else {"varlen"}
     for name, on in (
         ("window", window_left >= 0 or window_right >= 0),
         ("alibi", alibi is not None),
@@ -527,4 +553,5 @@ def canonicalize_varlen(
         scale=check_scale(scale, q.shape[-1]),
         return_lse=return_lse,
         features=frozenset(features),
+        sinks=sink_logits,
     )

@@ -67,12 +67,16 @@ def reference_attention(
     softcap: float | None = None,
     key_lengths: torch.Tensor | None = None,
     dropout_mask: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out, lse)`` computed in the inputs' dtype.
 
     ``dropout_mask`` is a bool keep-mask broadcastable to the score shape; kept probabilities are scaled
     by ``1 / (1 - dropout_p)``. Without it, ``dropout_p`` is ignored (the oracle has no RNG).
-    ``lse`` is the natural log of the softmax denominator over visible keys, ``-inf`` for an empty row.
+    ``sinks`` ``(Hq,)``: one extra key per row with score ``sinks[h]`` and no value (not scaled, capped,
+    biased, masked or dropped), so it only joins the softmax denominator; gradients reach it by autograd.
+    ``lse`` is the natural log of the softmax denominator over visible keys (and the sink),
+    ``-inf`` for an empty row without a sink.
     """
     dtype = query.dtype
     seq_q, seq_k = query.shape[-2], key.shape[-2]
@@ -113,6 +117,9 @@ def reference_attention(
         else:
             scores = scores + attn_mask.to(dtype)
     scores = scores.masked_fill(~vis, float("-inf"))
+    if sinks is not None:  # the sink is one more column, dropped from the probabilities below
+        sink = sinks.to(dtype).reshape(-1, 1, 1).expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, sink], dim=-1)
 
     # A row with no visible key has lse -inf and probabilities 0; zeroing its scores first keeps the
     # logsumexp backward free of (-inf) - (-inf) = NaN.
@@ -122,6 +129,8 @@ def reference_attention(
     safe = scores.masked_fill(empty, 0.0)
     probs = torch.softmax(safe, dim=-1).masked_fill(empty, 0.0)
     lse = torch.logsumexp(safe, dim=-1).masked_fill(empty.squeeze(-1), float("-inf"))
+    if sinks is not None:
+        probs = probs[..., :-1]
     if dropout_mask is not None:
         probs = probs * dropout_mask / (1.0 - dropout_p)
     return probs @ value, lse
@@ -139,6 +148,7 @@ def reference_varlen_attention(
     window_size: tuple[int, int] | None = None,
     alibi_slopes: torch.Tensor | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed ``(total, H, D)`` attention, one sequence at a time; ``is_causal`` is bottom-right.
 
@@ -158,7 +168,7 @@ def reference_varlen_attention(
             slopes = slopes[b]
         out, lse = reference_attention(
             qs, ks, vs, scale=scale, enable_gqa=True, window_size=(left, right), alibi_slopes=slopes,
-            softcap=softcap,
+            softcap=softcap, sinks=sinks,
         )
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0])

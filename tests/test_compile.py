@@ -73,6 +73,7 @@ def _dense_values(
         "key_lengths": torch.tensor([S, 7], dtype=torch.int32),
         "alibi": alibi_slopes(HQ).unsqueeze(0).requires_grad_(True) if alibi else None,
         "seed": _seed() if dropout else None,
+        "sinks": None,  # the torch ops' sink logits (tests/test_sinks.py opchecks them)
         "causal": causal,
         "window_left": window[0],
         "window_right": window[1],
@@ -125,6 +126,7 @@ def test_opcheck_attention_backward(config, names):
         "lse": lse,
         "need_mask_grad": values["mask"] is not None,
         "need_alibi_grad": values["alibi"] is not None,
+        "need_sinks_grad": False,
     }
     torch.library.opcheck(backward, _args(backward, values))
 
@@ -146,6 +148,7 @@ def _varlen_values(alibi_batched: bool, dropout: bool) -> dict:
         "cu_seqlens_k": torch.tensor(CU_K, dtype=torch.int32),
         "alibi": slopes.requires_grad_(True),
         "seed": _seed() if dropout else None,
+        "sinks": None,
         "window_left": 5,
         "window_right": 0,
         "softcap": 3.0,
@@ -172,7 +175,7 @@ def test_opcheck_varlen_backward(config, names):
     values = _detached(_varlen_values(*VARLEN_CONFIGS[config]))
     with torch.no_grad():
         out, lse = op(*_args(op, values))
-    values |= {"dout": torch.randn_like(out), "out": out, "lse": lse, "need_alibi_grad": True}
+    values |= {"dout": torch.randn_like(out), "out": out, "lse": lse, "need_alibi_grad": True, "need_sinks_grad": False}
     torch.library.opcheck(backward, _args(backward, values))
 
 

@@ -45,7 +45,9 @@ class Spec:
     deterministic: bool = False
 
 
-ALL_FEATURES = frozenset({"causal", "window", "softcap", "alibi", "float_mask", "mask_grad", "key_lengths", "dropout"})
+ALL_FEATURES = frozenset(
+    {"causal", "window", "softcap", "alibi", "float_mask", "mask_grad", "key_lengths", "dropout", "sinks"}
+)
 
 
 def specs() -> list[tuple[Spec, tuple[int, ...]]]:
@@ -61,7 +63,7 @@ def specs() -> list[tuple[Spec, tuple[int, ...]]]:
     out += [
         (Spec("float32", True, 64, 64, frozenset(), all_tiles=False), hopper),
         (Spec("bfloat16", False, 32, 32, frozenset({"bool_mask", "causal"}), all_tiles=False), hopper),
-        (Spec("bfloat16", False, 64, 128, frozenset({"varlen", "window", "softcap", "alibi", "dropout"}),
+        (Spec("bfloat16", False, 64, 128, frozenset({"varlen", "window", "softcap", "alibi", "dropout", "sinks"}),
               all_tiles=False), hopper),
         (Spec("float32", False, 128, 128, frozenset({"float_mask", "mask_grad", "mask_cols", "alibi"}),
               all_tiles=False, deterministic=True), hopper),
@@ -108,6 +110,7 @@ def _launches(spec: Spec, arch: int) -> list[tuple[str, str, dict]]:
         causal="causal" in f, window_left=64 if "window" in f else -1, window_right=3 if "window" in f else -1,
         softcap=30.0 if "softcap" in f else 0.0, scale=0.1, dropout_p=0.1 if "dropout" in f else 0.0,
         seed=(1 << 40) + 12345 if "dropout" in f else 0,
+        sinks=torch.empty(hq, device="meta") if "sinks" in f else None,
     )
     launches = []
 
@@ -120,7 +123,7 @@ def _launches(spec: Spec, arch: int) -> list[tuple[str, str, dict]]:
     attention_launch.torch.cuda.get_device_capability = lambda *a: divmod(arch, 10)
     attention_forward(problem, out, lse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    attention_backward.attention_backward(problem, out, lse, dq, dk, dv, "mask_grad" in f, "alibi" in f)
+    attention_backward.attention_backward(problem, out, lse, dq, dk, dv, "mask_grad" in f, "alibi" in f, "sinks" in f)
     return launches
 
 

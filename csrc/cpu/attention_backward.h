@@ -96,6 +96,7 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
   const bool softcap = scoring.rules.softcap > 0, dropout = scoring.dropout.active();
   const acc_t* kept = dropout ? buf.kept.data() : probs;  // P with dropout applied: what multiplied V
   const acc_t scale = static_cast<acc_t>(scoring.rules.scale);
+  const acc_t sink = scoring.sink(head), neg_inf = -std::numeric_limits<acc_t>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* p = probs + r * ld;
     acc_t* dp = dprobs + r * ld;
@@ -107,22 +108,32 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
     } else {
       score_row(scoring, seq, head, i0 + r, lo, n, n_pad, p, softcap ? buf.tanh.data() + r * ld : nullptr);
     }
-    const acc_t max = row_max(p, n_pad) * exp_scale;
-    if (max == -std::numeric_limits<acc_t>::infinity()) {
+    // The sink joins the denominator (and the shift, when it is the larger term); it has no value.
+    const acc_t max = std::max(row_max(p, n_pad) * exp_scale, sink);
+    acc_t p_sink = 0;
+    if (max == neg_inf) {
       std::fill(p, p + n_pad, acc_t(0));
     } else {
-      scale_row(p, n_pad, acc_t(1) / exp_shifted_sum(p, p, n_pad, max, exp_scale));
+      const acc_t sink_term = sink > neg_inf ? std::exp(sink - max) : acc_t(0);
+      const acc_t inverse = acc_t(1) / (exp_shifted_sum(p, p, n_pad, max, exp_scale) + sink_term);
+      scale_row(p, n_pad, inverse);
+      p_sink = sink_term * inverse;
     }
+    acc_t delta;
     if (dropout) {
       acc_t* keep = buf.keep.data() + r * ld;
       acc_t* pk = buf.kept.data() + r * ld;
       std::copy(p, p + n_pad, pk);
       std::fill(keep + n, keep + n_pad, acc_t(0));
       dropout_row(scoring.dropout, scoring.dropout.row_key(seq.index, head, i0 + r), lo, n, pk, keep);
-      softmax_backward_row(p, dp, keep, dot(pk, dp, n_pad), n_pad);
+      delta = dot(pk, dp, n_pad);
+      softmax_backward_row(p, dp, keep, delta, n_pad);
     } else {
-      softmax_backward_row(p, dp, static_cast<const acc_t*>(nullptr), dot(p, dp, n_pad), n_pad);
+      delta = dot(p, dp, n_pad);
+      softmax_backward_row(p, dp, static_cast<const acc_t*>(nullptr), delta, n_pad);
     }
+    // d sink = -p_sink * delta: raising the sink scales the row's output by 1 - p_sink.
+    if (extra.sinks) extra.sinks[seq.index * problem.heads_q + head] -= p_sink * delta;
     // dp now holds dS, the gradient of the final score: that of an added float mask, and minus the
     // distance times it for the slope.
     if (mask_sink) {

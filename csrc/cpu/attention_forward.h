@@ -180,17 +180,27 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
   }
 }
 
-// Normalises the rows' output by their sum, writes it and the log-sum-exp.
+// Normalises the rows' output by their sum (plus the head's sink term exp(sink), -inf: none), writes it
+// and the log-sum-exp.
 template <typename scalar_t, typename acc_t>
 void finish_rows(const Sequence& seq, int64_t head, int64_t i0, int64_t rows, int64_t value_dim, acc_t* out,
                  int64_t ldv, const acc_t* row_max_, const acc_t* row_sum, const Operand<scalar_t>& output,
-                 acc_t* lse, const RowIndex& lse_index) {
+                 acc_t* lse, const RowIndex& lse_index, acc_t sink) {
   for (int64_t r = 0; r < rows; ++r) {
-    const acc_t total = row_sum[r];
-    const acc_t inverse = total > 0 ? acc_t(1) / total : acc_t(0);  // a row that saw nothing stays 0
+    acc_t total = row_sum[r], shift = row_max_[r], factor = 1;
+    if (sink > -std::numeric_limits<acc_t>::infinity()) {
+      if (total > 0 && sink <= shift) {
+        total += std::exp(sink - shift);
+      } else {  // the sink is the larger term (or the only one): shift the row's sum to it
+        factor = total > 0 ? std::exp(shift - sink) : acc_t(0);
+        total = total * factor + acc_t(1);
+        shift = sink;
+      }
+    }
+    const acc_t inverse = total > 0 ? factor / total : acc_t(0);  // a row that saw nothing stays 0
     scale_row(out + r * ldv, ldv, inverse);
     lse[lse_index.at(seq, head, i0 + r)] =
-        total > 0 ? row_max_[r] + std::log(total) : -std::numeric_limits<acc_t>::infinity();
+        total > 0 ? shift + std::log(total) : -std::numeric_limits<acc_t>::infinity();
   }
   store_rows(output, seq.batch, head, seq.q_start + i0, rows, value_dim, out, ldv);
 }
@@ -262,7 +272,7 @@ void forward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
     });
   }
   finish_rows(seq, head, i0, rows, value_dim, acc, ldv, buf.row_max.data(), buf.row_sum.data(), out, lse,
-              lse_index);
+              lse_index, scoring.sink(head));
 }
 
 template <typename scalar_t>

@@ -139,7 +139,7 @@ void forward_rows_amx(const Problem<scalar_t>& problem, const Scoring<float>& sc
     });
   }
   finish_rows(seq, head, i0, rows, problem.value_dim, acc, ldv, buf.f.row_max.data(), buf.f.row_sum.data(), out, lse,
-              lse_index);
+              lse_index, scoring.sink(head));
 }
 
 template <typename scalar_t>

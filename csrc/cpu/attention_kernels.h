@@ -44,6 +44,7 @@ struct ExtraGradients {
   int64_t mask_numel = 0;
   bool mask_per_thread = false;  // tasks share mask entries: one partial buffer per thread, summed after
   acc_t* alibi = nullptr;        // (number of sequences, Hq) contiguous: summed to the slopes' shape after
+  acc_t* sinks = nullptr;        // (number of sequences, Hq) contiguous: summed over sequences after
 };
 
 template <typename scalar_t>

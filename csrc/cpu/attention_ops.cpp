@@ -65,10 +65,18 @@ std::pair<at::Tensor, int64_t> slopes(const c10::optional<at::Tensor>& alibi, at
   return {s, s.size(0) == 1 ? 0 : s.size(1)};
 }
 
+// (Hq,) sink logits in the compute dtype, contiguous (undefined without sinks).
+at::Tensor sink_logits(const c10::optional<at::Tensor>& sinks, int64_t heads, at::ScalarType acc) {
+  if (!sinks) return at::Tensor();
+  TORCH_CHECK(sinks->dim() == 1 && sinks->size(0) == heads, "fused_attention: sinks must be (Hq,), got ",
+              sinks->sizes());
+  return sinks->to(acc).contiguous();
+}
+
 template <typename acc_t>
 Scoring<acc_t> scoring(const at::Tensor& alibi, int64_t alibi_stride, const c10::optional<at::Tensor>& mask,
-                       const c10::optional<at::Tensor>& seed, bool causal, int64_t window_left,
-                       int64_t window_right, double softcap, double scale, double dropout_p) {
+                       const c10::optional<at::Tensor>& seed, const at::Tensor& sinks, bool causal,
+                       int64_t window_left, int64_t window_right, double softcap, double scale, double dropout_p) {
   TORCH_CHECK(dropout_p >= 0 && dropout_p <= 1, "fused_attention: dropout_p must be in [0, 1]");
   TORCH_CHECK(dropout_p == 0 || seed.has_value(), "fused_attention: dropout needs a seed");
   const uint64_t seed_value = seed ? static_cast<uint64_t>(seed->to(at::kLong).item<int64_t>()) : 0;
@@ -78,6 +86,7 @@ Scoring<acc_t> scoring(const at::Tensor& alibi, int64_t alibi_stride, const c10:
   s.mask = Mask::from(mask);
   s.alibi = alibi.defined() ? alibi.data_ptr<acc_t>() : nullptr;
   s.alibi_batch_stride = alibi_stride;
+  s.sinks = sinks.defined() ? sinks.data_ptr<acc_t>() : nullptr;
   return s;
 }
 
@@ -112,7 +121,8 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
                                                  const c10::optional<at::Tensor>& mask,
                                                  const c10::optional<at::Tensor>& key_lengths,
                                                  const c10::optional<at::Tensor>& alibi,
-                                                 const c10::optional<at::Tensor>& seed, bool causal,
+                                                 const c10::optional<at::Tensor>& seed,
+                                                 const c10::optional<at::Tensor>& sinks, bool causal,
                                                  int64_t window_left, int64_t window_right, double softcap,
                                                  double scale, double dropout_p) {
   check_inputs(q, k, v, 4);
@@ -120,14 +130,15 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   const int64_t batch = q.size(0), heads = q.size(1), len_q = q.size(2);
   at::Tensor out = at::empty({batch, heads, len_q, v.size(3)}, q.options());
   at::Tensor lse = at::empty({batch, heads, len_q}, q.options().dtype(acc_dtype(q)));
+  const at::Tensor sink_tensor = sink_logits(sinks, heads, acc_dtype(q));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::attention", [&] {
     using acc_t = attn_acc_t<scalar_t>;
     const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc_dtype(q));
     const Problem<scalar_t> problem = dense_problem<scalar_t>(q, k, v, key_lengths);
     attention_forward_kernel<scalar_t>(
         problem,
-        scoring<acc_t>(slope_tensor, slope_stride, mask, seed, causal, window_left, window_right, softcap, scale,
-                       dropout_p),
+        scoring<acc_t>(slope_tensor, slope_stride, mask, seed, sink_tensor, causal, window_left, window_right,
+                       softcap, scale, dropout_p),
         Operand<scalar_t>::dense(out), lse.data_ptr<acc_t>(), RowIndex{heads * len_q, len_q});
   });
   return {out, lse};
@@ -153,7 +164,8 @@ struct MaskGradient {
 };
 
 template <typename acc_t>
-ExtraGradients<acc_t> extra_gradients(const MaskGradient* mask, const at::Tensor& alibi_buffer) {
+ExtraGradients<acc_t> extra_gradients(const MaskGradient* mask, const at::Tensor& alibi_buffer,
+                                      const at::Tensor& sink_buffer) {
   ExtraGradients<acc_t> extra;
   if (mask) {
     extra.mask = mask->buffer.data_ptr<acc_t>();
@@ -162,6 +174,7 @@ ExtraGradients<acc_t> extra_gradients(const MaskGradient* mask, const at::Tensor
     extra.mask_per_thread = mask->per_thread;
   }
   if (alibi_buffer.defined()) extra.alibi = alibi_buffer.data_ptr<acc_t>();
+  if (sink_buffer.defined()) extra.sinks = sink_buffer.data_ptr<acc_t>();
   return extra;
 }
 
@@ -170,12 +183,23 @@ at::Tensor slope_gradient(const at::Tensor& buffer, const at::Tensor& alibi) {
   return (alibi.size(0) == 1 ? buffer.sum(0, true) : buffer).to(alibi.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+// (sequences, Hq) per-sequence sink gradients -> the sinks' (Hq,) and dtype; empty when not asked for.
+at::Tensor sink_gradient(const at::Tensor& buffer, const c10::optional<at::Tensor>& sinks, const at::Tensor& like) {
+  return buffer.defined() ? buffer.sum(0).to(sinks->scalar_type()) : like.new_empty({0});
+}
+
+at::Tensor sink_buffer(bool need, const c10::optional<at::Tensor>& sinks, int64_t sequences, int64_t heads,
+                       const at::Tensor& q, at::ScalarType acc) {
+  TORCH_CHECK(!need || sinks, "fused_attention: no sinks to differentiate");
+  return need ? at::zeros({sequences, heads}, q.options().dtype(acc)) : at::Tensor();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& key_lengths,
-    const c10::optional<at::Tensor>& alibi, const c10::optional<at::Tensor>& seed, bool causal, int64_t window_left,
-    int64_t window_right, double softcap, double scale, double dropout_p, bool need_mask_grad,
-    bool need_alibi_grad) {
+    const c10::optional<at::Tensor>& alibi, const c10::optional<at::Tensor>& seed,
+    const c10::optional<at::Tensor>& sinks, bool causal, int64_t window_left, int64_t window_right, double softcap,
+    double scale, double dropout_p, bool need_mask_grad, bool need_alibi_grad, bool need_sinks_grad) {
   check_inputs(q, k, v, 4);
   check_mask(mask, q);
   TORCH_CHECK(!need_mask_grad || (mask && mask->is_floating_point()), "fused_attention: no float mask to differentiate");
@@ -187,31 +211,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   const c10::optional<MaskGradient> mask_grad =
       need_mask_grad ? c10::make_optional(MaskGradient(*mask, batch, k.size(1), acc)) : c10::nullopt;
   const at::Tensor alibi_buffer = need_alibi_grad ? at::zeros({batch, heads}, q.options().dtype(acc)) : at::Tensor();
+  const at::Tensor sink_tensor = sink_logits(sinks, heads, acc);
+  const at::Tensor sinks_buffer = sink_buffer(need_sinks_grad, sinks, batch, heads, q, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::attention_backward", [&] {
     using acc_t = attn_acc_t<scalar_t>;
     const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc);
     const Problem<scalar_t> problem = dense_problem<scalar_t>(q, k, v, key_lengths);
     attention_backward_kernel<scalar_t>(
         problem,
-        scoring<acc_t>(slope_tensor, slope_stride, mask, seed, causal, window_left, window_right, softcap, scale,
-                       dropout_p),
+        scoring<acc_t>(slope_tensor, slope_stride, mask, seed, sink_tensor, causal, window_left, window_right,
+                       softcap, scale, dropout_p),
         Operand<scalar_t>::dense(dout), Operand<scalar_t>::dense(dq), Operand<scalar_t>::dense(dk),
-        Operand<scalar_t>::dense(dv), extra_gradients<acc_t>(mask_grad ? &*mask_grad : nullptr, alibi_buffer));
+        Operand<scalar_t>::dense(dv),
+        extra_gradients<acc_t>(mask_grad ? &*mask_grad : nullptr, alibi_buffer, sinks_buffer));
   });
   const at::Tensor none = q.new_empty({0});
   return {dq, dk, dv, mask_grad ? mask_grad->result(*mask) : none,
-          need_alibi_grad ? slope_gradient(alibi_buffer, *alibi) : none};
+          need_alibi_grad ? slope_gradient(alibi_buffer, *alibi) : none, sink_gradient(sinks_buffer, sinks, q)};
 }
 
 std::tuple<at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& v, const at::Tensor& cu_seqlens_q,
                                                         const at::Tensor& cu_seqlens_k,
                                                         const c10::optional<at::Tensor>& alibi,
-                                                        const c10::optional<at::Tensor>& seed, int64_t window_left,
+                                                        const c10::optional<at::Tensor>& seed,
+                                                        const c10::optional<at::Tensor>& sinks, int64_t window_left,
                                                         int64_t window_right, double softcap, double scale,
                                                         double dropout_p) {
   check_inputs(q, k, v, 3);
   const int64_t total = q.size(0), heads = q.size(1);
+  const at::Tensor sink_tensor = sink_logits(sinks, heads, acc_dtype(q));
   // Tokens outside every sequence stay 0 (-inf lse), as in the torch backend.
   at::Tensor out = at::zeros({total, heads, v.size(2)}, q.options());
   at::Tensor lse = at::full({heads, total}, -std::numeric_limits<double>::infinity(), q.options().dtype(acc_dtype(q)));
@@ -221,18 +250,19 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& q, con
     const Problem<scalar_t> problem = packed_problem<scalar_t>(q, k, v, cu_seqlens_q, cu_seqlens_k);
     attention_forward_kernel<scalar_t>(
         problem,
-        scoring<acc_t>(slope_tensor, slope_stride, c10::nullopt, seed, false, window_left, window_right, softcap,
-                       scale, dropout_p),
+        scoring<acc_t>(slope_tensor, slope_stride, c10::nullopt, seed, sink_tensor, false, window_left, window_right,
+                       softcap, scale, dropout_p),
         Operand<scalar_t>::packed(out), lse.data_ptr<acc_t>(), RowIndex{0, total});
   });
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const c10::optional<at::Tensor>& alibi,
-    const c10::optional<at::Tensor>& seed, int64_t window_left, int64_t window_right, double softcap, double scale,
-    double dropout_p, bool need_alibi_grad) {
+    const c10::optional<at::Tensor>& seed, const c10::optional<at::Tensor>& sinks, int64_t window_left,
+    int64_t window_right, double softcap, double scale, double dropout_p, bool need_alibi_grad,
+    bool need_sinks_grad) {
   check_inputs(q, k, v, 3);
   TORCH_CHECK(!need_alibi_grad || alibi, "fused_attention: no alibi slopes to differentiate");
   const at::ScalarType acc = acc_dtype(q);
@@ -241,18 +271,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_back
   const int64_t sequences = cu_seqlens_q.numel() - 1;
   const at::Tensor alibi_buffer =
       need_alibi_grad ? at::zeros({sequences, q.size(1)}, q.options().dtype(acc)) : at::Tensor();
+  const at::Tensor sink_tensor = sink_logits(sinks, q.size(1), acc);
+  const at::Tensor sinks_buffer = sink_buffer(need_sinks_grad, sinks, sequences, q.size(1), q, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::varlen_attention_backward", [&] {
     using acc_t = attn_acc_t<scalar_t>;
     const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc);
     const Problem<scalar_t> problem = packed_problem<scalar_t>(q, k, v, cu_seqlens_q, cu_seqlens_k);
     attention_backward_kernel<scalar_t>(
         problem,
-        scoring<acc_t>(slope_tensor, slope_stride, c10::nullopt, seed, false, window_left, window_right, softcap,
-                       scale, dropout_p),
+        scoring<acc_t>(slope_tensor, slope_stride, c10::nullopt, seed, sink_tensor, false, window_left, window_right,
+                       softcap, scale, dropout_p),
         Operand<scalar_t>::packed(dout), Operand<scalar_t>::packed(dq), Operand<scalar_t>::packed(dk),
-        Operand<scalar_t>::packed(dv), extra_gradients<acc_t>(nullptr, alibi_buffer));
+        Operand<scalar_t>::packed(dv), extra_gradients<acc_t>(nullptr, alibi_buffer, sinks_buffer));
   });
-  return {dq, dk, dv, need_alibi_grad ? slope_gradient(alibi_buffer, *alibi) : q.new_empty({0})};
+  return {dq, dk, dv, need_alibi_grad ? slope_gradient(alibi_buffer, *alibi) : q.new_empty({0}),
+          sink_gradient(sinks_buffer, sinks, q)};
 }
 
 }  // namespace

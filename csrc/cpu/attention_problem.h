@@ -7,6 +7,8 @@
 // i + len_k - len_q); key j is visible only below the sequence's key limit (key_lengths); the score is
 // scale * q.k, then softcap * tanh(score / softcap), minus slope * |position - j| (ALiBi), plus a float
 // mask; a false bool mask entry hides the key. A row with no visible key gives output 0 and lse -inf.
+// Learned sinks add exp(sinks[head]) to each row's softmax denominator (a key without value; lse
+// includes it, so a row with no visible key then has lse = sinks[head]).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -135,6 +137,9 @@ struct Scoring {
   Mask mask;
   const acc_t* alibi = nullptr;  // (1 or B, Hq) contiguous, in acc_t
   int64_t alibi_batch_stride = 0;
+  const acc_t* sinks = nullptr;  // (Hq,) contiguous, in acc_t
+
+  acc_t sink(int64_t head) const { return sinks ? sinks[head] : -std::numeric_limits<acc_t>::infinity(); }
 
   acc_t slope(const Sequence& seq, int64_t head) const {
     return alibi ? alibi[seq.index * alibi_batch_stride + head] : acc_t(0);

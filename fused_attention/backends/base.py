@@ -27,6 +27,7 @@ ALL_FEATURES = frozenset(
         "lse",
         "value_head_dim",
         "varlen",
+        "sinks",
     }
 )
 
@@ -41,6 +42,8 @@ class Capabilities:
     max_head_dim: int | None = None
     head_dim_multiple: int = 1
     backward: bool = True
+    # (feature, why it is missing) for features left out of ``features``: the refusal says why
+    missing_reasons: tuple[tuple[str, str], ...] = ()
 
 
 class Backend:
@@ -82,7 +85,10 @@ class Backend:
                 reasons.append(f"{dim_name} {dim} is not a multiple of {caps.head_dim_multiple}")
         missing = sorted(inputs.features - caps.features)
         if missing:
-            reasons.append(f"features not supported: {', '.join(missing)}")
+            why = dict(caps.missing_reasons)
+            reasons.append(
+                "features not supported: " + ", ".join(f"{f} ({why[f]})" if f in why else f for f in missing)
+            )
         if not caps.backward and requires_grad(inputs):
             reasons.append("backward not supported (an input requires grad)")
         return reasons
@@ -103,25 +109,26 @@ def draw_seed(inputs: AttentionInputs | VarlenInputs) -> torch.Tensor | None:
     return torch.randint(0, 1 << 62, (1,), dtype=torch.int64)
 
 
-def dense_op_args(inputs: AttentionInputs) -> tuple:
+def dense_op_args(inputs: AttentionInputs, sinks: bool = False) -> tuple:
     """The arguments of a dense attention op with the canonical signature (``ops/attention_rules.py``),
-    with a fresh dropout seed."""
+    with a fresh dropout seed; ``sinks``: the op's signature has the sink logits after the seed."""
     return (
         inputs.query, inputs.key, inputs.value, inputs.attn_mask, inputs.key_lengths, inputs.alibi_slopes,
-        draw_seed(inputs), inputs.causal, inputs.window_left, inputs.window_right, inputs.softcap, inputs.scale,
-        inputs.dropout_p,
+        draw_seed(inputs), *((inputs.sinks,) if sinks else ()), inputs.causal, inputs.window_left,
+        inputs.window_right, inputs.softcap, inputs.scale, inputs.dropout_p,
     )
 
 
-def varlen_op_args(inputs: VarlenInputs) -> tuple:
+def varlen_op_args(inputs: VarlenInputs, sinks: bool = False) -> tuple:
     """The arguments of a packed attention op with the canonical signature, with a fresh dropout seed."""
     return (
         inputs.query, inputs.key, inputs.value, inputs.cu_seqlens_q, inputs.cu_seqlens_k, inputs.alibi_slopes,
-        draw_seed(inputs), inputs.window_left, inputs.window_right, inputs.softcap, inputs.scale, inputs.dropout_p,
+        draw_seed(inputs), *((inputs.sinks,) if sinks else ()), inputs.window_left, inputs.window_right,
+        inputs.softcap, inputs.scale, inputs.dropout_p,
     )
 
 
 def requires_grad(inputs: AttentionInputs | VarlenInputs) -> bool:
     """Whether the call will need a backward: grad mode on and an input (or a float mask) requires grad."""
-    tensors = (inputs.query, inputs.key, inputs.value, getattr(inputs, "attn_mask", None))
+    tensors = (inputs.query, inputs.key, inputs.value, getattr(inputs, "attn_mask", None), inputs.sinks)
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

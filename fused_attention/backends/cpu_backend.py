@@ -29,10 +29,10 @@ class CpuBackend(Backend):
         return None if _EXTENSION.loaded else _EXTENSION.reason
 
     def attention(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.ops.fused_attention.attention(*dense_op_args(inputs))
+        return torch.ops.fused_attention.attention(*dense_op_args(inputs, sinks=True))
 
     def varlen_attention(self, inputs: VarlenInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.ops.fused_attention.varlen_attention(*varlen_op_args(inputs))
+        return torch.ops.fused_attention.varlen_attention(*varlen_op_args(inputs, sinks=True))
 
 
 CPU = CpuBackend()

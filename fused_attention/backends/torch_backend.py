@@ -50,10 +50,10 @@ class TorchBackend(Backend):
                     is_causal=inputs.causal, scale=inputs.scale, enable_gqa="gqa" in inputs.features,
                 )
             return out, None
-        return torch.ops.fused_attention.torch_attention(*dense_op_args(inputs))
+        return torch.ops.fused_attention.torch_attention(*dense_op_args(inputs, sinks=True))
 
     def varlen_attention(self, inputs: VarlenInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.ops.fused_attention.torch_varlen(*varlen_op_args(inputs))
+        return torch.ops.fused_attention.torch_varlen(*varlen_op_args(inputs, sinks=True))
 
 
 TORCH = TorchBackend()

@@ -53,10 +53,12 @@ class TritonBackend(Backend):
         return torch.ops.fused_attention
 
     def attention(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._ops().triton_attention(*dense_op_args(inputs))
+        return self._ops().triton_attention(*dense_op_args(inputs), inputs.sinks)
 
     def varlen_attention(self, inputs: VarlenInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._ops().triton_varlen(*varlen_op_args(inputs), inputs.max_seqlen_q, inputs.max_seqlen_k)
+        return self._ops().triton_varlen(
+            *varlen_op_args(inputs), inputs.max_seqlen_q, inputs.max_seqlen_k, inputs.sinks
+        )
 
 
 TRITON = TritonBackend()

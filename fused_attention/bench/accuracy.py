@@ -77,7 +77,7 @@ def _reference_out(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         return torch.cat(outs, dim=0)
     if rows is None:
         kwargs = dict(case.kwargs)
-        for name in ("alibi_slopes", "attn_mask"):
+        for name in ("alibi_slopes", "attn_mask", "sinks"):
             if name in kwargs:
                 kwargs[name] = kwargs[name].detach().cpu().double()
         if "key_lengths" in kwargs:
@@ -87,6 +87,8 @@ def _reference_out(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     # rules (and its masks) come in as the equivalent dense mask for exactly these rows.
     mask = dense_mask(case, torch.float64, "cpu", rows)
     kept = {n: case.kwargs[n] for n in ("softcap", "enable_gqa") if n in case.kwargs}
+    if "sinks" in case.kwargs:
+        kept["sinks"] = case.kwargs["sinks"].detach().cpu().double()
     return reference_attention(q[:, :, rows], k, v, attn_mask=mask, **kept)[0]
 
 

@@ -41,7 +41,7 @@ class Case:
 
     @property
     def is_causal(self) -> bool:
-        return self.spec.op == "causal"
+        return self.spec.op in ("causal", "sinks")
 
     @property
     def is_varlen(self) -> bool:
@@ -96,11 +96,11 @@ def dense_mask(
         distance = (i.unsqueeze(1) + seq_k - seq_q - j.unsqueeze(0)).abs().to(torch.float64)
         bias = -slopes.to(device, torch.float64).reshape(1, -1, 1, 1) * distance
         return bias.to(dtype)
-    if spec.op in ("window", "causal") and (spec.op == "window" or rows is not None):
+    if spec.op in ("window", "causal", "sinks") and (spec.op == "window" or rows is not None):
         # Row by row, never the full L x S for sampled rows (the causal mask is only needed dense then).
         pos = i.unsqueeze(1) + seq_k - seq_q
         j = torch.arange(seq_k, device=device).unsqueeze(0)
-        if spec.op == "causal":
+        if spec.op in ("causal", "sinks"):
             return j <= i.unsqueeze(1)
         return (j <= pos) & (j >= pos - spec.window_size[0])
     if spec.op == "padding":
@@ -141,4 +141,7 @@ def make_case(spec: Spec, seed: int = 0) -> Case:
         kwargs["attn_mask"] = random_tensor((1, 1, seq_q, seq_k), spec, gen)
     elif spec.op == "gqa":
         kwargs["enable_gqa"] = True
+    elif spec.op == "sinks":  # causal, as gpt-oss uses its learned sinks
+        kwargs["is_causal"] = True
+        kwargs["sinks"] = torch.randn(h, generator=gen, dtype=torch.float64).to(spec.device, torch.float32)
     return Case(spec, query, key, value, kwargs)

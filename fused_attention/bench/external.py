@@ -50,6 +50,8 @@ def _flash_attn_reasons(case: Case) -> list[str]:
         reasons.append(f"flash_attn takes float16/bfloat16, got {case.query.dtype}")
     if case.spec.op in ("padding", "mask"):
         reasons.append(f"flash_attn has no {'key_lengths' if case.spec.op == 'padding' else 'dense float mask'}")
+    if case.spec.op == "sinks":
+        reasons.append("the flash-attn provider does not express sinks")
     return reasons
 
 
@@ -73,7 +75,7 @@ def _xformers(case: Case) -> torch.Tensor:
 
 
 def _xformers_reasons(case: Case) -> list[str]:
-    if case.spec.op in ("softcap", "gqa"):
+    if case.spec.op in ("softcap", "gqa", "sinks"):
         return [f"the xformers provider does not express {case.spec.op}"]
     return []
 

@@ -82,4 +82,9 @@ def flex_provider() -> list[Provider]:
         import torch.nn.attention.flex_attention  # noqa: F401
     except ImportError:
         return []
-    return [Provider("flex", _call, slow_warmup=True)]
+    return [Provider("flex", _call, _reasons, slow_warmup=True)]
+
+
+def _reasons(case: Case) -> list[str]:
+    # a sink is a column no score_mod can add (it would need the lse), so it is not expressed here
+    return ["the flex provider does not express sinks"] if case.spec.op == "sinks" else []

@@ -91,8 +91,10 @@ def naive_attention(
     is_causal: bool = False,
     softcap: float | None = None,
     enable_gqa: bool = False,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(d) + bias) v``, written out as in the classic tutorials (materializes L x S)."""
+    """``softmax(q k^T / sqrt(d) + bias) v``, written out as in the classic tutorials (materializes L x S);
+    ``sinks`` as in gpt-oss's eager attention: one more score column per head, dropped after the softmax."""
     if enable_gqa:
         group = query.shape[-3] // key.shape[-3]
         key, value = key.repeat_interleave(group, dim=-3), value.repeat_interleave(group, dim=-3)
@@ -104,6 +106,9 @@ def naive_attention(
         mask = torch.ones(seq_q, seq_k, dtype=torch.bool, device=scores.device).tril()
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    if sinks is not None:
+        sink = sinks.to(scores.dtype).reshape(-1, 1, 1).expand(*scores.shape[:-1], 1)
+        return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1] @ value
     return torch.softmax(scores, dim=-1) @ value
 
 
@@ -131,8 +136,8 @@ def dense_memory_reasons(case: Case, score_copies: int) -> list[str]:
 
 def naive() -> Provider:
     def fn(case: Case) -> torch.Tensor:
-        softcap = case.kwargs.get("softcap")
-        return _dense_call(case, lambda q, k, v, m, c, g: naive_attention(q, k, v, m, c, softcap, g))
+        softcap, sinks = case.kwargs.get("softcap"), case.kwargs.get("sinks")
+        return _dense_call(case, lambda q, k, v, m, c, g: naive_attention(q, k, v, m, c, softcap, g, sinks))
 
     return Provider("naive", fn, lambda c: dense_memory_reasons(c, 3), extra_bytes=Case.extra_bytes)
 
@@ -154,8 +159,8 @@ def torch_sdpa(name: str = BASELINE, sdp_backend: object = None) -> Provider:
             )
 
     def reasons(case: Case) -> list[str]:
-        if case.spec.op == "softcap":
-            return ["torch's SDPA has no softcap"]
+        if case.spec.op in ("softcap", "sinks"):
+            return [f"torch's SDPA has no {case.spec.op}"]
         return dense_memory_reasons(case, 3) if name == "torch-math" else []
 
     return Provider(name, lambda c: _dense_call(c, attend), reasons, extra_bytes=Case.extra_bytes)

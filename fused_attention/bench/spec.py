@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-ATTENTION_OPS = ("plain", "causal", "alibi", "window", "softcap", "padding", "mask", "gqa", "varlen")
+ATTENTION_OPS = ("plain", "causal", "alibi", "window", "softcap", "padding", "mask", "gqa", "varlen", "sinks")
 POSITION_OPS = ("rope", "sinusoidal")
 OPS = ATTENTION_OPS + POSITION_OPS
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -97,7 +97,7 @@ class Spec:
         as FlashAttention counts), the exact count for the causal window, the unpadded keys for
         ``padding``, and ``sum(len**2) / 2`` for the (causal) packed ``varlen`` sequences."""
         b, h, seq_q, seq_k, _ = self.shape
-        if self.op == "causal":
+        if self.op in ("causal", "sinks"):  # sinks: causal, as gpt-oss
             return b * h * seq_q * seq_k / 2
         if self.op == "window":
             return b * h * _window_pairs(seq_q, seq_k, WINDOW_LEFT)

@@ -46,6 +46,7 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
         "pip install 'fused-attention[hf]' (or pip install transformers)"
     ) from error
 
+from ..errors import AttentionTypeError
 from ..functional import scaled_dot_product_attention
 
 __all__ = ["NAME", "fused_attention_forward", "fused_attention_mask", "register"]
@@ -109,6 +110,48 @@ def fused_attention_mask(
     )
 
 
+# Keywords transformers' models pass that leave our math unchanged (checked against the attention call
+# sites and ``TransformersKwargs`` of transformers 5.24: Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, GPT-2,
+# BERT, gpt-oss, ModernBERT, T5). Any other keyword raises: one that changes the math must not be dropped.
+_HARMLESS_KWARGS = frozenset(
+    {
+        "position_ids",  # already applied to q/k (RoPE); packed sequences reach us as the mask built from them
+        "use_cache",  # the cache is updated before attention is called
+        "output_attentions",  # we return no weights (None), as transformers' sdpa does
+        "output_hidden_states",
+        "output_router_logits",  # MoE router outputs (gpt-oss)
+        "num_items_in_batch",  # loss normalisation
+        "deterministic",  # ModernBERT: flash-attention's deterministic backward; ours is deterministic
+        "encoder_hidden_states",  # BERT: keys and values are already projected from it
+        "seq_idx",  # state-space layers' packing index; attention gets the packing as its mask
+        # flash-attention's packed-sequence descriptors: harmless when the packing came as a mask
+        # (checked in _check_kwargs); max lengths only size flash-attention's launch
+        "cu_seq_lens_q",
+        "cu_seq_lens_k",
+        "max_length_q",
+        "max_length_k",
+    }
+)
+
+
+def _check_kwargs(module: torch.nn.Module, query: torch.Tensor, attention_mask: Any, kwargs: dict[str, Any]) -> None:
+    """Raises ``TypeError`` for a keyword that is neither used nor known harmless (see ``_HARMLESS_KWARGS``)."""
+    unknown = sorted(set(kwargs) - _HARMLESS_KWARGS)
+    if unknown:
+        raise AttentionTypeError(
+            f"fused_attention (Hugging Face attention function) got keyword(s) {', '.join(map(repr, unknown))} "
+            f"from {type(module).__name__} that it does not implement; refusing rather than computing "
+            "something else (use attn_implementation='eager' for this model)"
+        )
+    cu = kwargs.get("cu_seq_lens_q")
+    packed = isinstance(cu, torch.Tensor) and cu.numel() > query.shape[0] + 1
+    if packed and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4):
+        raise AttentionTypeError(
+            f"fused_attention got packed sequences as 'cu_seq_lens_q' from {type(module).__name__} without "
+            "a mask that separates them; pass position_ids as well (transformers then builds that mask)"
+        )
+
+
 def fused_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -121,6 +164,8 @@ def fused_attention_forward(
     softcap: float | None = None,
     is_causal: bool | None = None,
     position_bias: torch.Tensor | None = None,
+    s_aux: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function for ``"fused_attention"``.
@@ -139,10 +184,23 @@ def fused_attention_forward(
             already holds the pattern.
         softcap: logit soft-capping (Gemma-2), before masking.
         position_bias: float bias ``(B or 1, Hq or 1, L, S)`` added to the scores (T5 style).
+        s_aux, sinks: learned attention-sink logits ``(Hq,)`` (gpt-oss passes ``s_aux``; ``sinks`` is the
+            newer name), one per query head, joining each row's softmax denominator (see the ``sinks``
+            argument of :func:`fused_attention.scaled_dot_product_attention`); cast to float32 (with
+            its gradient) when the model runs in 16-bit.
+        kwargs: only keywords known not to change the math (``_HARMLESS_KWARGS``: ``position_ids``,
+            ``use_cache``, ``output_attentions``, ...); any other raises ``TypeError`` naming it and the
+            calling module's class, so a model whose attention needs something we lack never runs wrong.
 
     Returns:
         ``(attn_output, None)``: ``attn_output`` is ``(B, L, Hq, D)``, contiguous; no attention weights.
     """
+    _check_kwargs(module, query, attention_mask, kwargs)
+    if s_aux is not None and sinks is not None:
+        raise AttentionTypeError(f"fused_attention got both 's_aux' and 'sinks' from {type(module).__name__}")
+    sink_logits = s_aux if s_aux is not None else sinks
+    if sink_logits is not None and sink_logits.dtype not in (torch.float32, torch.float64):
+        sink_logits = sink_logits.float()
     q_length, kv_length = query.shape[2], key.shape[2]
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     mask, key_lengths, window = attention_mask, None, None
@@ -166,7 +224,7 @@ def fused_attention_forward(
     out = scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling,
         enable_gqa=query.shape[1] != key.shape[1], window_size=window, softcap=softcap or None,
-        key_lengths=key_lengths,
+        key_lengths=key_lengths, sinks=sink_logits,
     )
     return out.transpose(1, 2).contiguous(), None
 

@@ -6,7 +6,8 @@ see, so a window of width ``w`` costs ``O(L * w)``. The backward recomputes scor
 log-sum-exp (as FlashAttention does), and regenerates the dropout mask from the same per-chunk seeds.
 
 All tensors are canonical (see :mod:`fused_attention.inputs`): q ``(B, Hq, L, E)``, k ``(B, Hkv, S, E)``,
-v ``(B, Hkv, S, Ev)``, mask 4-D broadcastable, alibi ``(1 or B, Hq)``, key_lengths ``(B,)``.
+v ``(B, Hkv, S, Ev)``, mask 4-D broadcastable, alibi ``(1 or B, Hq)``, key_lengths ``(B,)``, sinks ``(Hq,)``
+(one more key per row with score ``sinks[h]`` and no value: it only joins the softmax denominator).
 Arithmetic is float32 (float64 for float64 inputs). No autograd here: the custom op wires these up.
 """
 
@@ -127,13 +128,26 @@ class _Chunk:
         b, hq = t.shape[:2]
         return t.reshape(b, hq // self.groups, self.groups * self.rows, t.shape[-1])
 
-    def take_softmax(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(probs, lse)`` of the scores, in place (one exp per score); empty rows give 0 and -inf."""
+    def take_softmax(self, sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(probs, lse)`` of the scores, in place (one exp per score); empty rows give 0 and -inf.
+
+        With ``sinks`` the denominator gains ``exp(sinks[h])`` (lse includes it; an empty row's lse is
+        the sink) and ``self.sink_probs`` ``(B, Hq, rows, 1)`` keeps the sink's probability."""
         row_max = self.scores.amax(dim=-1, keepdim=True)
+        sink = None
+        if sinks is not None:
+            sink = sinks.to(row_max.dtype).reshape(1, -1, 1, 1)
+            row_max = torch.maximum(row_max, sink)
         row_max.masked_fill_(row_max == float("-inf"), 0.0)
         probs, self.scores = _exp_(self.scores.sub_(row_max)), None
         total = probs.sum(dim=-1, keepdim=True)
-        probs.div_(total.clamp(min=torch.finfo(probs.dtype).tiny))
+        if sink is not None:
+            self.sink_probs = _exp_(sink - row_max)
+            total.add_(self.sink_probs)
+        total_safe = total.clamp(min=torch.finfo(probs.dtype).tiny)
+        probs.div_(total_safe)
+        if sink is not None:
+            self.sink_probs.div_(total_safe)
         return probs, (row_max + total.log()).squeeze(-1)
 
 
@@ -200,17 +214,21 @@ def _no_autocast(fn):
 
 
 @_no_autocast
-def attention_forward(q, k, v, mask, key_lengths, alibi, rules: Rules) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_forward(
+    q, k, v, mask, key_lengths, alibi, rules: Rules, sinks=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``out (B, Hq, L, Ev)`` in q's dtype and ``lse (B, Hq, L)`` in the compute dtype."""
     batch, hq, seq_q, _ = q.shape
     cd = compute_dtype(q.dtype)
     out = q.new_zeros(batch, hq, seq_q, v.shape[-1])
     lse = q.new_full((batch, hq, seq_q), float("-inf"), dtype=cd)
+    if sinks is not None:  # rows that see no key: the denominator is the sink alone
+        lse.copy_(sinks.to(cd)[None, :, None].expand(lse.shape))
     for i0, i1, j0, j1 in _chunks(q, k, rules):
         if j0 >= j1:
-            continue  # nothing visible: out stays 0 and lse -inf
+            continue  # nothing visible: out stays 0 and lse -inf (the sink with sinks)
         c = _Chunk(q, k, mask, key_lengths, alibi, rules, i0, i1, j0, j1)
-        p, chunk_lse = c.take_softmax()
+        p, chunk_lse = c.take_softmax(sinks)
         if c.keep is not None:
             p.mul_(c.keep)
         o = c.per_kv_head(p) @ v[:, :, j0:j1].to(cd)
@@ -227,9 +245,13 @@ def _reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 @_no_autocast
 def attention_backward(
-    dout, q, k, v, mask, key_lengths, alibi, rules: Rules, need_mask_grad: bool, need_alibi_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients ``(dq, dk, dv, dmask, dalibi)``; dmask/dalibi are None unless asked for."""
+    dout, q, k, v, mask, key_lengths, alibi, rules: Rules, need_mask_grad: bool, need_alibi_grad: bool,
+    sinks=None, need_sinks_grad: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients ``(dq, dk, dv, dmask, dalibi, dsinks)``; dmask/dalibi/dsinks are None unless asked for.
+
+    A sink's gradient is ``-sum over batch and rows of p_sink * delta`` (``delta = rowsum(dout * out)``):
+    raising the sink scales the row's output by ``1 - p_sink``."""
     batch, hq = q.shape[:2]
     cd = compute_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=cd, device=q.device)
@@ -237,13 +259,14 @@ def attention_backward(
     dv = torch.zeros(v.shape, dtype=cd, device=q.device)
     dmask = torch.zeros(mask.shape, dtype=cd, device=q.device) if need_mask_grad else None
     dalibi = torch.zeros(alibi.shape, dtype=cd, device=q.device) if need_alibi_grad else None
+    dsinks = torch.zeros(sinks.shape, dtype=cd, device=q.device) if need_sinks_grad else None
     for i0, i1, j0, j1 in _chunks(q, k, rules):
         if j0 >= j1:
-            continue
+            continue  # out is 0 there, so delta and every gradient (the sink's too) vanish
         c = _Chunk(q, k, mask, key_lengths, alibi, rules, i0, i1, j0, j1)
         # Recompute the softmax of the whole row (the chunk holds every key the row can see) rather than
         # exp(s - lse): its error does not grow with |lse|, as in torch's own softmax backward.
-        p, _ = c.take_softmax()
+        p, _ = c.take_softmax(sinks)
         do = c.per_kv_head(dout[:, :, i0:i1].to(cd))
         vs = v[:, :, j0:j1].to(cd)
         p_kept = p if c.keep is None else p * c.keep
@@ -252,6 +275,8 @@ def attention_backward(
         # delta = rowsum(dout * out) in exact arithmetic; summing p * dp over the row (which the chunk
         # holds whole) is what the softmax backward rounds, so gradients that vanish exactly stay 0.
         delta = (p_kept * dp).sum(-1, keepdim=True)
+        if dsinks is not None:
+            dsinks -= (c.sink_probs * delta).sum((0, 2, 3))
         if c.keep is not None:
             dp.mul_(c.keep)
         ds = dp.sub_(delta).mul_(p)  # gradient of the final (biased) score
@@ -272,4 +297,5 @@ def attention_backward(
         dv.to(v.dtype),
         None if dmask is None else dmask.to(mask.dtype),
         None if dalibi is None else dalibi.to(alibi.dtype),
+        None if dsinks is None else dsinks.to(sinks.dtype),
     )

@@ -199,6 +199,32 @@ def _safe_softmax(scores: Tensor, may_hide_rows: bool = True) -> Tensor:
     return weights.masked_fill(torch.isneginf(scores.amax(-1, keepdim=True)), 0.0)
 
 
+def _softmax_with_sinks(scores: Tensor, sinks: Tensor) -> Tensor:
+    """The attention weights with learned sinks: the softmax over the scores and one more column per
+    row, the head's sink logit, which is then dropped (so a row sums to ``1 - p_sink``)."""
+    sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    return _safe_softmax(torch.cat([scores, sink], dim=-1))[..., :-1]
+
+
+def _check_sinks_flag(enabled: object) -> None:
+    if not isinstance(enabled, bool):
+        raise ModuleTypeError(f"sinks must be a bool, got {type(enabled).__name__}")
+
+
+def _sink_parameter(enabled: object, num_heads: int, device) -> nn.Parameter | None:
+    """A learned sink logit per head (float32, zero-initialised), or None: off, it is no parameter at
+    all, so state_dicts stay those of the modules without sinks."""
+    _check_sinks_flag(enabled)
+    return nn.Parameter(torch.zeros(num_heads, device=device, dtype=torch.float32)) if enabled else None
+
+
+def _sink_logits(sinks: nn.Parameter | None) -> Tensor | None:
+    """The sinks as the functional API takes them (float32 or float64, even in a 16-bit module)."""
+    if sinks is None or sinks.dtype in (torch.float32, torch.float64):
+        return sinks
+    return sinks.float()
+
+
 def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     return len(shape) <= len(target) and all(d in (1, t) for d, t in zip(reversed(shape), reversed(target)))
 
@@ -322,6 +348,11 @@ class MultiheadAttention(nn.MultiheadAttention):
             from 0; needs ``L == S``) or ``"alibi"`` (ALiBi slopes of ``num_heads`` heads). For new
             models; the state_dict is unchanged (the tables are non-persistent buffers).
         backend: force an attention backend (see :func:`fused_attention.scaled_dot_product_attention`).
+        sinks: learned attention sinks (gpt-oss): a float32 parameter ``sinks`` of ``num_heads`` logits,
+            zero-initialised, that joins every row's softmax as a key without value (see the ``sinks``
+            argument of :func:`fused_attention.scaled_dot_product_attention`); returned weights then sum
+            to ``1 - p_sink`` per row. Off (the default) there is no such parameter, so torch's
+            state_dicts load as they are.
     """
 
     def __init__(
@@ -340,6 +371,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         *,
         positional: str | None = None,
         backend: str | None = None,
+        sinks: bool = False,
     ) -> None:
         _check_heads(embed_dim, num_heads)
         super().__init__(
@@ -347,30 +379,33 @@ class MultiheadAttention(nn.MultiheadAttention):
             add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first, device=device,
             dtype=dtype,
         )
-        self._init_fused(positional, backend)
+        self._init_fused(positional, backend, sinks)
 
     @classmethod
     def from_torch_(
-        cls, module: nn.MultiheadAttention, *, positional: str | None = None, backend: str | None = None
+        cls, module: nn.MultiheadAttention, *, positional: str | None = None, backend: str | None = None,
+        sinks: bool = False,
     ) -> MultiheadAttention:
         """Turns ``module`` (a ``torch.nn.MultiheadAttention``) into this class in place and returns it: the
         same object, with the same parameter tensors (optimizers holding them keep working), device,
-        dtype, training mode and hooks."""
+        dtype, training mode and hooks; ``sinks=True`` adds the zero-initialised sink parameter."""
         if not isinstance(module, nn.MultiheadAttention):
             raise AttentionTypeError(
                 f"module must be a torch.nn.MultiheadAttention, got {type(module).__name__}"
             )
         _check_options(module, positional, backend)  # before the class changes: a failure leaves it as it was
+        _check_sinks_flag(sinks)
         if not isinstance(module, cls):
             module.__class__ = cls
         assert isinstance(module, cls)
-        module._init_fused(positional, backend)
+        module._init_fused(positional, backend, sinks)
         return module
 
-    def _init_fused(self, positional: str | None, backend: str | None) -> None:
+    def _init_fused(self, positional: str | None, backend: str | None, sinks: bool = False) -> None:
         _check_options(self, positional, backend)
         self.positional, self.backend = positional, backend
         device = self.out_proj.weight.device
+        self.sinks = _sink_parameter(sinks, self.num_heads, device)
         self.rotary = RotaryEmbedding(self.head_dim).to(device) if positional == "rope" else None
         self.alibi = ALiBi(self.num_heads).to(device) if positional == "alibi" else None
         if _keep_torch_fast_paths_off not in self._forward_pre_hooks.values():
@@ -524,16 +559,21 @@ class MultiheadAttention(nn.MultiheadAttention):
 
         dropout_p = self.dropout if self.training else 0.0
         slopes = self._slopes()
+        sinks = _sink_logits(self.sinks)
         weights = None
         # Weights that nothing differentiates (inference) or that dropout must perturb are the
         # softmax itself, and out their product with v: one L x S pass fewer than the fused kernel plus
         # rebuilding them from its lse. With gradients, the fused kernel's backward is the cheaper one.
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        if need_weights and (dropout_p > 0 or not needs_grad):
+        # With sinks the weights are the formula's too (rebuilding them from the lse renormalises rows).
+        if need_weights and (dropout_p > 0 or not needs_grad or sinks is not None):
             with torch.profiler.record_function("fused_attention::attention_with_weights"):
                 scores = _attention_scores(q, k, mask, key_lengths, causal, slopes)
                 may_hide_rows = mask is not None or key_lengths is not None or causal
-                weights = _safe_softmax(scores, may_hide_rows).to(q.dtype)
+                if sinks is not None:
+                    weights = _softmax_with_sinks(scores, sinks).to(q.dtype)
+                else:
+                    weights = _safe_softmax(scores, may_hide_rows).to(q.dtype)
                 if dropout_p > 0:
                     weights = F.dropout(weights, p=dropout_p)
                 out = torch.matmul(weights, v)
@@ -541,7 +581,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             kwargs, kernel_mask = _causal_kwargs(mask, seq_q, seq_k, q.device) if causal else ({}, mask)
             result = scaled_dot_product_attention(
                 q, k, v, attn_mask=kernel_mask, dropout_p=dropout_p, key_lengths=key_lengths,
-                alibi_slopes=slopes, return_lse=need_weights, backend=self.backend, **kwargs,
+                alibi_slopes=slopes, return_lse=need_weights, sinks=sinks, backend=self.backend, **kwargs,
             )
             if need_weights:
                 out, lse = result
@@ -603,7 +643,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             q, k = apply_rotary_emb_qk(q, k, cos, sin, cu_seqlens=offsets, max_seqlen=max_len)
         out = varlen_attention(
             q, k, v, offsets, offsets, max_len, max_len, dropout_p=self.dropout if self.training else 0.0,
-            alibi_slopes=self._slopes(), backend=self.backend,
+            alibi_slopes=self._slopes(), sinks=_sink_logits(self.sinks), backend=self.backend,
         )
         out = F.linear(out.flatten(-2), self.out_proj.weight, self.out_proj.bias)
         if query.layout == torch.jagged:
@@ -635,6 +675,9 @@ class SelfAttention(nn.Module):
         alibi: add ALiBi biases (:class:`~fused_attention.nn.ALiBi` slopes of ``num_heads`` heads).
         device, dtype: of the parameters.
         backend: force an attention backend.
+        sinks: learned attention sinks (gpt-oss): a float32 parameter ``sinks`` of ``num_heads`` logits,
+            zero-initialised (see :class:`MultiheadAttention`); off, there is no such parameter and the
+            state_dict is the tutorial class's.
 
     Mask conventions of ``forward(x, attn_mask=None, is_causal=False, key_padding_mask=None)``:
         attn_mask: SDPA's convention (as the tutorials' ``masked_fill(mask == 0, -inf)``): bool True =
@@ -658,6 +701,7 @@ class SelfAttention(nn.Module):
         device=None,
         dtype=None,
         backend: str | None = None,
+        sinks: bool = False,
     ) -> None:
         super().__init__()
         if d_model <= 0 or num_heads <= 0:
@@ -677,6 +721,7 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model, bias=bias, **factory)
         self.rotary = RotaryEmbedding(self.head_dim).to(device) if rotary else None
         self.alibi = ALiBi(num_heads).to(device) if alibi else None
+        self.sinks = _sink_parameter(sinks, num_heads, device)
 
     def forward(
         self,
@@ -714,7 +759,7 @@ class SelfAttention(nn.Module):
         out = scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
             key_lengths=key_lengths, alibi_slopes=None if self.alibi is None else self.alibi(),
-            backend=self.backend, **kwargs,
+            sinks=_sink_logits(self.sinks), backend=self.backend, **kwargs,
         )
         return self.out(out.transpose(1, 2).reshape(batch, seq, self.d_model))
 

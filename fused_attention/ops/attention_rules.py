@@ -6,6 +6,9 @@ need_mask_grad, need_alibi_grad) -> (dq, dk, dv, dmask, dalibi)``. Varlen: ``op(
 cu_seqlens_k, alibi, seed, window_left, window_right, softcap, scale, dropout_p) -> (out, lse)`` with
 ``backward(dout, q, k, v, cu_q, cu_k, alibi, seed, <options>, need_alibi_grad) -> (dq, dk, dv, dalibi)``.
 The torch backend's Python ops and the extension's C++ ops both follow them.
+
+Ops that take attention sinks (``sinks=True`` below) have one more tensor, ``sinks`` (Hq,), right after
+``seed``; their backward takes it there too, ends with ``need_sinks_grad`` and returns ``dsinks`` last.
 """
 
 from __future__ import annotations
@@ -36,6 +39,15 @@ def dense_backward_fake(dout, q, k, v, mask, key_lengths, alibi, *rest) -> tuple
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask, dalibi
 
 
+def _sinks_grad_fake(q: Tensor, sinks: Tensor | None, need: bool) -> Tensor:
+    return sinks.new_empty(sinks.shape) if need else q.new_empty(0)
+
+
+def dense_sinks_backward_fake(dout, q, k, v, mask, key_lengths, alibi, seed, sinks, *rest) -> tuple[Tensor, ...]:
+    grads = dense_backward_fake(dout, q, k, v, mask, key_lengths, alibi, *rest[:-1])
+    return *grads, _sinks_grad_fake(q, sinks, rest[-1])
+
+
 def varlen_fake(q: Tensor, k: Tensor, v: Tensor, *_args) -> tuple[Tensor, Tensor]:
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
     return out, q.new_empty(q.shape[1], q.shape[0], dtype=lse_dtype(q.dtype))
@@ -46,41 +58,64 @@ def varlen_backward_fake(dout, q, k, v, cu_q, cu_k, alibi, *rest) -> tuple[Tenso
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dalibi
 
 
-def _save(ctx, inputs, output) -> None:
-    """Saves the tensors (the first 7 inputs: q, k, v, then mask/key_lengths/alibi/seed or
-    cu_q/cu_k/alibi/seed) and the non-tensor options; lse is returned detached."""
-    ctx.options = inputs[7:]
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(*inputs[:7])
+def varlen_sinks_backward_fake(dout, q, k, v, cu_q, cu_k, alibi, seed, sinks, *rest) -> tuple[Tensor, ...]:
+    grads = varlen_backward_fake(dout, q, k, v, cu_q, cu_k, alibi, *rest[:-1])
+    return *grads, _sinks_grad_fake(q, sinks, rest[-1])
 
 
-def register_dense_autograd(op: object, backward_op: Callable[..., tuple[Tensor, ...]]) -> None:
-    """Registers the gradient of a dense attention op (a custom op or an op name) through ``backward_op``."""
+def _saver(tensors: int) -> Callable[..., None]:
+    """Saves the first ``tensors`` inputs (q, k, v, then mask/key_lengths/alibi/seed or cu_q/cu_k/alibi/seed,
+    then sinks if the op has them) and keeps the non-tensor options; lse is returned detached."""
+
+    def save(ctx, inputs, output) -> None:
+        ctx.options = inputs[tensors:]
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(*inputs[:tensors])
+
+    return save
+
+
+def _sinks_needs(ctx, sinks: bool) -> tuple[bool, ...]:
+    """``(need_sinks_grad,)`` for ops with sinks (input 7), else ``()``."""
+    return (ctx.saved_tensors[7] is not None and ctx.needs_input_grad[7],) if sinks else ()
+
+
+def register_dense_autograd(op: object, backward_op: Callable[..., tuple[Tensor, ...]], sinks: bool = False) -> None:
+    """Registers the gradient of a dense attention op (a custom op or an op name) through ``backward_op``;
+    ``sinks``: the ops take sink logits (see the module docstring)."""
 
     def backward(ctx, dout, _dlse):
-        q, k, v, mask, key_lengths, alibi, seed = ctx.saved_tensors
+        q, k, v, mask, key_lengths, alibi, seed, *sink = ctx.saved_tensors
         need_mask_grad = mask is not None and ctx.needs_input_grad[3]
         need_alibi_grad = alibi is not None and ctx.needs_input_grad[5]
-        dq, dk, dv, dmask, dalibi = backward_op(
-            dout.contiguous(), q, k, v, mask, key_lengths, alibi, seed, *ctx.options, need_mask_grad, need_alibi_grad
+        need_sinks = _sinks_needs(ctx, sinks)
+        dq, dk, dv, dmask, dalibi, *dsinks = backward_op(
+            dout.contiguous(), q, k, v, mask, key_lengths, alibi, seed, *sink, *ctx.options, need_mask_grad,
+            need_alibi_grad, *need_sinks,
         )
         return (
             dq, dk, dv, dmask if need_mask_grad else None, None, dalibi if need_alibi_grad else None, None,
-            *([None] * DENSE_OPTIONS),
+            *(dsinks[0] if need else None for need in need_sinks), *([None] * DENSE_OPTIONS),
         )
 
-    torch.library.register_autograd(op, backward, setup_context=_save)
+    torch.library.register_autograd(op, backward, setup_context=_saver(8 if sinks else 7))
 
 
-def register_varlen_autograd(op: object, backward_op: Callable[..., tuple[Tensor, ...]]) -> None:
-    """Registers the gradient of a packed attention op through ``backward_op``."""
+def register_varlen_autograd(
+    op: object, backward_op: Callable[..., tuple[Tensor, ...]], sinks: bool = False
+) -> None:
+    """Registers the gradient of a packed attention op through ``backward_op`` (``sinks`` as for dense)."""
 
     def backward(ctx, dout, _dlse):
-        q, k, v, cu_q, cu_k, alibi, seed = ctx.saved_tensors
+        q, k, v, cu_q, cu_k, alibi, seed, *sink = ctx.saved_tensors
         need_alibi_grad = alibi is not None and ctx.needs_input_grad[5]
-        dq, dk, dv, dalibi = backward_op(
-            dout.contiguous(), q, k, v, cu_q, cu_k, alibi, seed, *ctx.options, need_alibi_grad
+        need_sinks = _sinks_needs(ctx, sinks)
+        dq, dk, dv, dalibi, *dsinks = backward_op(
+            dout.contiguous(), q, k, v, cu_q, cu_k, alibi, seed, *sink, *ctx.options, need_alibi_grad, *need_sinks
         )
-        return dq, dk, dv, None, None, dalibi if need_alibi_grad else None, None, *([None] * VARLEN_OPTIONS)
+        return (
+            dq, dk, dv, None, None, dalibi if need_alibi_grad else None, None,
+            *(dsinks[0] if need else None for need in need_sinks), *([None] * VARLEN_OPTIONS),
+        )
 
-    torch.library.register_autograd(op, backward, setup_context=_save)
+    torch.library.register_autograd(op, backward, setup_context=_saver(8 if sinks else 7))

@@ -22,6 +22,7 @@ def torch_attention(
     key_lengths: Tensor | None,
     alibi: Tensor | None,
     seed: Tensor | None,
+    sinks: Tensor | None,
     causal: bool,
     window_left: int,
     window_right: int,
@@ -31,7 +32,7 @@ def torch_attention(
 ) -> tuple[Tensor, Tensor]:
     """Canonical dense attention; returns ``(out, lse)`` (see :mod:`fused_attention.kernels.chunked`)."""
     rules = chunked.rules_from_op(causal, window_left, window_right, softcap, scale, dropout_p, seed)
-    return chunked.attention_forward(q, k, v, mask, key_lengths, alibi, rules)
+    return chunked.attention_forward(q, k, v, mask, key_lengths, alibi, rules, sinks)
 
 
 torch_attention.register_fake(attention_rules.dense_fake)
@@ -47,6 +48,7 @@ def torch_attention_backward(
     key_lengths: Tensor | None,
     alibi: Tensor | None,
     seed: Tensor | None,
+    sinks: Tensor | None,
     causal: bool,
     window_left: int,
     window_right: int,
@@ -55,18 +57,19 @@ def torch_attention_backward(
     dropout_p: float,
     need_mask_grad: bool,
     need_alibi_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv, dmask, dalibi)``; dmask/dalibi are empty tensors unless asked for."""
+    need_sinks_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv, dmask, dalibi, dsinks)``; dmask/dalibi/dsinks are empty tensors unless asked for."""
     rules = chunked.rules_from_op(causal, window_left, window_right, softcap, scale, dropout_p, seed)
-    dq, dk, dv, dmask, dalibi = chunked.attention_backward(
-        dout, q, k, v, mask, key_lengths, alibi, rules, need_mask_grad, need_alibi_grad
+    dq, dk, dv, dmask, dalibi, dsinks = chunked.attention_backward(
+        dout, q, k, v, mask, key_lengths, alibi, rules, need_mask_grad, need_alibi_grad, sinks, need_sinks_grad
     )
-    return dq, dk, dv, _or_empty(dmask, q), _or_empty(dalibi, q)
+    return dq, dk, dv, _or_empty(dmask, q), _or_empty(dalibi, q), _or_empty(dsinks, q)
 
 
 def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t
 
 
-torch_attention_backward.register_fake(attention_rules.dense_backward_fake)
-attention_rules.register_dense_autograd(torch_attention, torch_attention_backward)
+torch_attention_backward.register_fake(attention_rules.dense_sinks_backward_fake)
+attention_rules.register_dense_autograd(torch_attention, torch_attention_backward, sinks=True)

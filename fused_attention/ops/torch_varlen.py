@@ -39,6 +39,7 @@ def torch_varlen(
     cu_seqlens_k: Tensor,
     alibi: Tensor | None,
     seed: Tensor | None,
+    sinks: Tensor | None,
     window_left: int,
     window_right: int,
     softcap: float,
@@ -51,7 +52,7 @@ def torch_varlen(
     for b, rows, cols in _sequences(cu_seqlens_q, cu_seqlens_k):
         rules = chunked.rules_from_op(False, window_left, window_right, softcap, scale, dropout_p, seed, stream=b)
         o, s = chunked.attention_forward(
-            _as_dense(q, rows), _as_dense(k, cols), _as_dense(v, cols), None, None, _slopes(alibi, b), rules
+            _as_dense(q, rows), _as_dense(k, cols), _as_dense(v, cols), None, None, _slopes(alibi, b), rules, sinks
         )
         out[rows] = o[0].transpose(0, 1)
         lse[:, rows] = s[0]
@@ -71,29 +72,34 @@ def torch_varlen_backward(
     cu_seqlens_k: Tensor,
     alibi: Tensor | None,
     seed: Tensor | None,
+    sinks: Tensor | None,
     window_left: int,
     window_right: int,
     softcap: float,
     scale: float,
     dropout_p: float,
     need_alibi_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv, dalibi)``; dalibi is empty unless asked for."""
+    need_sinks_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv, dalibi, dsinks)``; dalibi/dsinks are empty unless asked for."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dalibi = torch.zeros_like(alibi) if need_alibi_grad else q.new_empty(0)
+    dsinks = torch.zeros_like(sinks) if need_sinks_grad else q.new_empty(0)
     for b, rows, cols in _sequences(cu_seqlens_q, cu_seqlens_k):
         rules = chunked.rules_from_op(False, window_left, window_right, softcap, scale, dropout_p, seed, stream=b)
         slopes = _slopes(alibi, b)
         grads = chunked.attention_backward(
             _as_dense(dout, rows), _as_dense(q, rows), _as_dense(k, cols), _as_dense(v, cols),
-            None, None, slopes, rules, False, need_alibi_grad,
+            None, None, slopes, rules, False, need_alibi_grad, sinks, need_sinks_grad,
         )
         for grad, target, index in ((grads[0], dq, rows), (grads[1], dk, cols), (grads[2], dv, cols)):
             target[index] = grad[0].transpose(0, 1)
         if need_alibi_grad:
             dalibi[b if alibi.shape[0] > 1 else 0] += grads[4][0]
-    return dq, dk, dv, dalibi
+        if need_sinks_grad:
+            dsinks += grads[5]
+    return dq, dk, dv, dalibi, dsinks
 
 
-torch_varlen_backward.register_fake(attention_rules.varlen_backward_fake)
-attention_rules.register_varlen_autograd(torch_varlen, torch_varlen_backward)
+torch_varlen_backward.register_fake(attention_rules.varlen_sinks_backward_fake)
+attention_rules.register_varlen_autograd(torch_varlen, torch_varlen_backward, sinks=True)

@@ -24,8 +24,9 @@ from . import attention_rules
 
 
 def _problem(q, k, v, mask, key_lengths, alibi, cu_q, cu_k, max_q, max_k, seed, causal, window_left,
-             window_right, softcap, scale, dropout_p) -> Problem:
+             window_right, softcap, scale, dropout_p, sinks=None) -> Problem:
     return Problem(
+        sinks=sinks,
         q=q, k=k, v=v, mask=mask, key_lengths=key_lengths, alibi=alibi, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
         max_seqlen_q=max_q, max_seqlen_k=max_k, causal=causal, window_left=window_left,
         window_right=window_right, softcap=softcap, scale=scale, dropout_p=dropout_p,
@@ -55,18 +56,19 @@ def triton_attention(
     softcap: float,
     scale: float,
     dropout_p: float,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Canonical dense attention (see :mod:`fused_attention.inputs`): q ``(B, Hq, L, E)``,
     k ``(B, Hkv, S, E)``, v ``(B, Hkv, S, Ev)`` of one dtype (float16/bfloat16/float32), any strides;
     mask 4-D broadcastable (bool: True attends; float: added); key_lengths ``(B,)``; alibi float32
-    ``(1 or B, Hq)``; seed int64 ``(1,)`` (dropout). Returns ``out (B, Hq, L, Ev)`` in q's dtype and
+    ``(1 or B, Hq)``; seed int64 ``(1,)`` (dropout); sinks float32 ``(Hq,)`` (lse includes them). Returns ``out (B, Hq, L, Ev)`` in q's dtype and
     ``lse (B, Hq, L)`` float32 (``-inf`` and output 0 for a row that sees no key)."""
     batch, heads, seq_q, _ = q.shape
     out = q.new_empty(batch, heads, seq_q, v.shape[-1])
     lse = q.new_empty(batch, heads, seq_q, dtype=attention_rules.lse_dtype(q.dtype))
     if out.numel() or lse.numel():
         problem = _problem(q, k, v, mask, key_lengths, alibi, None, None, seq_q, k.shape[2], seed, causal,
-                           window_left, window_right, softcap, scale, dropout_p)
+                           window_left, window_right, softcap, scale, dropout_p, sinks)
         attention_forward(problem, out, lse)
     return out, lse
 
@@ -93,43 +95,69 @@ def triton_attention_backward(
     dropout_p: float,
     need_mask_grad: bool,
     need_alibi_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv, dmask, dalibi)`` from the forward's ``lse``; dmask (the mask's
-    broadcast shape and dtype) and dalibi are empty tensors unless asked for."""
+    sinks: Tensor | None = None,
+    need_sinks_grad: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv, dmask, dalibi, dsinks)`` from the forward's ``lse``; dmask (the mask's
+    broadcast shape and dtype), dalibi and dsinks are empty tensors unless asked for."""
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-    dmask = dalibi = None
+    dmask = dalibi = dsinks = None
     if dq.numel() or dk.numel() or dv.numel():
         problem = _problem(q, k, v, mask, key_lengths, alibi, None, None, q.shape[2], k.shape[2], seed, causal,
-                           window_left, window_right, softcap, scale, dropout_p)
-        dmask, dalibi = attention_backward(problem, dout, lse, dq, dk, dv, need_mask_grad, need_alibi_grad)
+                           window_left, window_right, softcap, scale, dropout_p, sinks)
+        dmask, dalibi, dsinks = attention_backward(
+            problem, dout, lse, dq, dk, dv, need_mask_grad, need_alibi_grad, need_sinks_grad
+        )
     if need_mask_grad:
         dmask = mask.new_zeros(mask.shape) if dmask is None else dmask.to(mask.dtype)
     if need_alibi_grad:
         dalibi = alibi.new_zeros(alibi.shape) if dalibi is None else dalibi.to(alibi.dtype)
-    return dq, dk, dv, _or_empty(dmask, q), _or_empty(dalibi, q)
+    return dq, dk, dv, _or_empty(dmask, q), _or_empty(dalibi, q), _sinks_grad(dsinks, sinks, need_sinks_grad, q)
 
 
-triton_attention_backward.register_fake(attention_rules.dense_backward_fake)
+def _sinks_grad(dsinks: Tensor | None, sinks: Tensor | None, need: bool, like: Tensor) -> Tensor:
+    if not need:
+        return like.new_empty(0)
+    return sinks.new_zeros(sinks.shape) if dsinks is None else dsinks.to(sinks.dtype)
+
+
+# The trailing sink arguments have defaults, so callers (and fakes, and setup_context) may omit them.
+_DENSE_INPUTS = 13  # q .. dropout_p of triton_attention, before sinks
+_VARLEN_INPUTS = 14  # q .. max_seqlen_k of triton_varlen, before sinks
+
+
+def _dense_backward_fake(dout, q, k, v, mask, key_lengths, alibi, seed, lse, causal, window_left, window_right,
+                         softcap, scale, dropout_p, need_mask_grad, need_alibi_grad, sinks=None,
+                         need_sinks_grad=False):
+    grads = attention_rules.dense_backward_fake(dout, q, k, v, mask, key_lengths, alibi, need_mask_grad, need_alibi_grad)
+    return *grads, (sinks.new_empty(sinks.shape) if need_sinks_grad else q.new_empty(0))
+
+
+triton_attention_backward.register_fake(_dense_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, key_lengths, alibi, seed, *options = inputs
+    q, k, v, mask, key_lengths, alibi, seed, *options = inputs[:_DENSE_INPUTS]
+    sinks = inputs[_DENSE_INPUTS] if len(inputs) > _DENSE_INPUTS else None
     lse = output[1]
     ctx.options = options
     ctx.mark_non_differentiable(lse)  # returned detached, as the public function documents
-    ctx.save_for_backward(q, k, v, lse, mask, key_lengths, alibi, seed)
+    ctx.with_sinks = len(inputs) > _DENSE_INPUTS
+    ctx.save_for_backward(q, k, v, lse, mask, key_lengths, alibi, seed, sinks)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, lse, mask, key_lengths, alibi, seed = ctx.saved_tensors
+    q, k, v, lse, mask, key_lengths, alibi, seed, sinks = ctx.saved_tensors
     need_mask_grad = mask is not None and ctx.needs_input_grad[3]
     need_alibi_grad = alibi is not None and ctx.needs_input_grad[5]
-    dq, dk, dv, dmask, dalibi = triton_attention_backward(
-        dout, q, k, v, mask, key_lengths, alibi, seed, lse, *ctx.options, need_mask_grad, need_alibi_grad
+    need_sinks_grad = sinks is not None and ctx.needs_input_grad[_DENSE_INPUTS]
+    dq, dk, dv, dmask, dalibi, dsinks = triton_attention_backward(
+        dout, q, k, v, mask, key_lengths, alibi, seed, lse, *ctx.options, need_mask_grad, need_alibi_grad, sinks,
+        need_sinks_grad,
     )
     return (
         dq, dk, dv, dmask if need_mask_grad else None, None, dalibi if need_alibi_grad else None, None,
-        *([None] * len(ctx.options)),
+        *([None] * len(ctx.options)), *([dsinks if need_sinks_grad else None] if ctx.with_sinks else []),
     )
 
 
@@ -155,6 +183,7 @@ def triton_varlen(
     dropout_p: float,
     max_seqlen_q: int,
     max_seqlen_k: int,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Packed attention: q ``(total_q, Hq, E)``, k ``(total_k, Hkv, E)``, v ``(total_k, Hkv, Ev)``;
     sequence ``b`` is rows ``cu_seqlens[b]:cu_seqlens[b + 1]`` (none longer than ``max_seqlen``);
@@ -164,7 +193,7 @@ def triton_varlen(
     lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32)
     if cu_seqlens_q.numel() > 1 and out.numel():
         problem = _problem(q, k, v, None, None, alibi, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           seed, False, window_left, window_right, softcap, scale, dropout_p)
+                           seed, False, window_left, window_right, softcap, scale, dropout_p, sinks)
         attention_forward(problem, out, lse)
     return out, lse
 
@@ -191,39 +220,51 @@ def triton_varlen_backward(
     scale: float,
     dropout_p: float,
     need_alibi_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv, dalibi)``; dalibi is empty unless asked for."""
+    sinks: Tensor | None = None,
+    need_sinks_grad: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv, dalibi, dsinks)``; dalibi and dsinks are empty unless asked for."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    dalibi = None
+    dalibi = dsinks = None
     if cu_seqlens_q.numel() > 1 and (dq.numel() or dk.numel() or dv.numel()):
         problem = _problem(q, k, v, None, None, alibi, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           seed, False, window_left, window_right, softcap, scale, dropout_p)
-        _, dalibi = attention_backward(problem, dout, lse, dq, dk, dv, False, need_alibi_grad)
+                           seed, False, window_left, window_right, softcap, scale, dropout_p, sinks)
+        _, dalibi, dsinks = attention_backward(problem, dout, lse, dq, dk, dv, False, need_alibi_grad, need_sinks_grad)
     if need_alibi_grad:
         dalibi = torch.zeros_like(alibi) if dalibi is None else dalibi.to(alibi.dtype)
-    return dq, dk, dv, _or_empty(dalibi, q)
+    return dq, dk, dv, _or_empty(dalibi, q), _sinks_grad(dsinks, sinks, need_sinks_grad, q)
 
 
-triton_varlen_backward.register_fake(attention_rules.varlen_backward_fake)
+def _varlen_backward_fake(dout, q, k, v, cu_q, cu_k, alibi, seed, lse, max_seqlen_q, max_seqlen_k, window_left,
+                          window_right, softcap, scale, dropout_p, need_alibi_grad, sinks=None, need_sinks_grad=False):
+    grads = attention_rules.varlen_backward_fake(dout, q, k, v, cu_q, cu_k, alibi, need_alibi_grad)
+    return *grads, (sinks.new_empty(sinks.shape) if need_sinks_grad else q.new_empty(0))
+
+
+triton_varlen_backward.register_fake(_varlen_backward_fake)
 
 
 def _varlen_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, alibi, seed, *options, max_q, max_k = inputs
+    q, k, v, cu_q, cu_k, alibi, seed, *options, max_q, max_k = inputs[:_VARLEN_INPUTS]
+    sinks = inputs[_VARLEN_INPUTS] if len(inputs) > _VARLEN_INPUTS else None
+    ctx.with_sinks = len(inputs) > _VARLEN_INPUTS
     lse = output[1]
     ctx.lengths = (max_q, max_k)
     ctx.options = options
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, lse, cu_q, cu_k, alibi, seed)
+    ctx.save_for_backward(q, k, v, lse, cu_q, cu_k, alibi, seed, sinks)
 
 
 def _varlen_backward(ctx, dout, _dlse):
-    q, k, v, lse, cu_q, cu_k, alibi, seed = ctx.saved_tensors
+    q, k, v, lse, cu_q, cu_k, alibi, seed, sinks = ctx.saved_tensors
     need_alibi_grad = alibi is not None and ctx.needs_input_grad[5]
-    dq, dk, dv, dalibi = triton_varlen_backward(
-        dout, q, k, v, cu_q, cu_k, alibi, seed, lse, *ctx.lengths, *ctx.options, need_alibi_grad
+    need_sinks_grad = sinks is not None and ctx.needs_input_grad[_VARLEN_INPUTS]
+    dq, dk, dv, dalibi, dsinks = triton_varlen_backward(
+        dout, q, k, v, cu_q, cu_k, alibi, seed, lse, *ctx.lengths, *ctx.options, need_alibi_grad, sinks,
+        need_sinks_grad,
     )
     return (dq, dk, dv, None, None, dalibi if need_alibi_grad else None, None,
-            *([None] * (len(ctx.options) + 2)))
+            *([None] * (len(ctx.options) + 2)), *([dsinks if need_sinks_grad else None] if ctx.with_sinks else []))
 
 
 triton_varlen.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)

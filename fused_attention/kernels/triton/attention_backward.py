@@ -216,7 +216,7 @@ def _dq_tile(
 
 @triton.jit
 def attention_dq_kernel(
-    Q, K, V, Mask, KeyLengths, Alibi, CuQ, CuK, DOut, Lse, Delta, LseFix, DQ,
+    Q, K, V, Mask, KeyLengths, Alibi, CuQ, CuK, DOut, Lse, Delta, LseFix, DQ, Sinks,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -230,7 +230,7 @@ def attention_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, MASK: tl.constexpr, KEY_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, SINKS: tl.constexpr,
 ):
     m0 = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
@@ -293,6 +293,9 @@ def attention_dq_kernel(
         )
         total += tl.sum(e, 1)
         weighted += tl.sum(e * dp, 1)
+    if SINKS:  # the lse includes the sink: so does the row's total (the sink has no value, so no dP)
+        sink = tl.load(Sinks + h).to(tl.float32)
+        total += tl.exp(sink - tl.where(row_ok, lse, sink))  # rows past the end: exp(0), never inf
     seen = total > 0
     lse_fix = tl.where(seen, tl.log(tl.where(seen, total, 1.0)), 0.0)
     delta = tl.where(seen, weighted / tl.where(seen, total, 1.0), 0.0)
@@ -354,17 +357,21 @@ def _mask_grad_buffer(problem: launch.Problem, deterministic: bool) -> tuple[tor
 
 
 def attention_backward(
-    problem: launch.Problem, dout, lse, dq, dk, dv, need_mask_grad: bool, need_alibi_grad: bool
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    problem: launch.Problem, dout, lse, dq, dk, dv, need_mask_grad: bool, need_alibi_grad: bool,
+    need_sinks_grad: bool = False,
+) -> tuple[torch.Tensor | None, ...]:
     """Writes ``dq``, ``dk``, ``dv`` (laid out like q, k, v); returns the float32 gradients of the mask
-    (its broadcast shape) and of the ALiBi slopes (their shape) when asked for, else None."""
+    (its broadcast shape), of the ALiBi slopes (their shape) and of the sinks ``(Hq,)`` when asked for,
+    else None. With sinks the dQ pass's row totals include the sink, so its ``delta`` and ``lse_fix``
+    give the sink-inclusive probabilities to both passes; the sink's own gradient,
+    ``-sum p_sink * delta``, is reduced here from those row statistics."""
     delta, lse_fix = torch.empty_like(lse), torch.empty_like(lse)  # written by the dQ pass
     dout_strides = problem.rows(dout)
     shared = problem.shared_args() | {"DOut": dout, "Lse": lse, "Delta": delta, "LseFix": lse_fix}
     shared |= dict(zip(("stride_gb", "stride_gh", "stride_gm", "stride_gd"), dout_strides))
     shared |= dict(zip(("stride_lb", "stride_lh", "stride_lm"), problem.row_stats(lse)))
 
-    dq_args = shared | {"DQ": dq}
+    dq_args = shared | {"DQ": dq} | problem.sink_args()
     dq_args |= dict(zip(("stride_dqb", "stride_dqh", "stride_dqm", "stride_dqd"), problem.rows(dq)))
     launch.run(attention_dq_kernel, _TUNED_DQ, "backward_dq", problem, dq_args)
 
@@ -397,4 +404,19 @@ def attention_backward(
         slope_grad = dalibi.sum(-1)
         if problem.alibi.shape[0] == 1:
             slope_grad = slope_grad.sum(0, keepdim=True)
-    return mask_grad, slope_grad
+    sink_grad = None
+    if need_sinks_grad and problem.sinks is not None:
+        sink_grad = _sink_gradient(problem, lse, lse_fix, delta)
+    return mask_grad, slope_grad, sink_grad
+
+
+def _sink_gradient(problem: launch.Problem, lse, lse_fix, delta) -> torch.Tensor:
+    """``d sinks[h] = -sum over batch and rows of p_sink * delta``, ``p_sink = exp(sink - lse - lse_fix)``
+    (a row whose lse is -inf saw nothing and had no sink: it contributes 0)."""
+    heads_dim = 0 if problem.varlen else 1  # lse is (Hq, total) packed, (B, Hq, L) dense
+    shape = [1] * lse.dim()
+    shape[heads_dim] = -1
+    sinks = problem.sinks.to(torch.float32).view(shape)
+    p_sink = torch.exp(sinks - lse.masked_fill(torch.isneginf(lse), 0.0) - lse_fix)
+    dims = [d for d in range(lse.dim()) if d != heads_dim]
+    return -(p_sink * delta).sum(dims)

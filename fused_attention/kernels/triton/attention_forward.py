@@ -2,8 +2,9 @@
 
 One program per (query block, head, batch). It walks only the key tiles its causal/window/key-length
 rules can see, keeps a running row max and row sum in float32, and writes ``out`` (in the input dtype)
-and ``lse`` (float32, ``-inf`` for a row that sees nothing; its output is 0). Dense and packed (varlen)
-inputs share the kernel: a varlen program reads its sequence's bounds from ``cu_seqlens``.
+and ``lse`` (float32, ``-inf`` for a row that sees nothing; its output is 0). Learned sinks join each
+row's denominator after the last tile (lse includes them). Dense and packed (varlen) inputs share the
+kernel: a varlen program reads its sequence's bounds from ``cu_seqlens``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .attention_tiles import dropout_keep, key_range, scores
 
 @triton.jit
 def attention_forward_kernel(
-    Q, K, V, Mask, KeyLengths, Alibi, CuQ, CuK, Out, Lse,
+    Q, K, V, Mask, KeyLengths, Alibi, CuQ, CuK, Out, Lse, Sinks,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -30,7 +31,7 @@ def attention_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, MASK: tl.constexpr, KEY_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, SINKS: tl.constexpr,
 ):
     m0 = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
@@ -104,6 +105,14 @@ def attention_forward_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         row_max = new_max
 
+    if SINKS:  # one more term exp(sink) in the denominator, with no value
+        sink = tl.load(Sinks + h).to(tl.float32)
+        new_max = tl.maximum(row_max, sink)
+        base = tl.where(new_max == float("-inf"), 0.0, new_max)
+        alpha = tl.exp(row_max - base)
+        row_sum = row_sum * alpha + tl.exp(sink - base)
+        acc = acc * alpha[:, None]
+        row_max = new_max
     seen = row_sum > 0
     out = acc / tl.where(seen, row_sum, 1.0)[:, None]
     lse = tl.where(seen, row_max + tl.log(tl.where(seen, row_sum, 1.0)), float("-inf"))

@@ -59,6 +59,7 @@ class Problem:
     scale: float
     dropout_p: float
     seed: int
+    sinks: torch.Tensor | None = None  # (Hq,) float32 sink logits: the forward and the dQ pass take them
 
     @property
     def varlen(self) -> bool:
@@ -126,10 +127,13 @@ class Problem:
 
     def forward_args(self, out: torch.Tensor, lse: torch.Tensor) -> dict[str, Any]:
         args = self.shared_args()
-        args |= {"Out": out, "Lse": lse}
+        args |= {"Out": out, "Lse": lse} | self.sink_args()
         args |= dict(zip(("stride_ob", "stride_oh", "stride_om", "stride_od"), self.rows(out)))
         args |= dict(zip(("stride_lb", "stride_lh", "stride_lm"), self.row_stats(lse)))
         return args
+
+    def sink_args(self) -> dict[str, Any]:
+        return {"Sinks": self.sinks, "SINKS": self.sinks is not None}
 
     def grid(self, pass_name: str, block: int) -> tuple[int, int, int]:
         """(blocks along the pass's own sequence, query or key/value heads, batch)."""
