@@ -17,6 +17,8 @@ def _autocast(*tensors: Any) -> list[Any]:
     first = tensors[0]
     if not isinstance(first, torch.Tensor):
         return list(tensors)
+    if not torch.compiler.is_compiling() and not torch._C._is_any_autocast_enabled():
+        return list(tensors)  # the common case, in one C call
     device_type = first.device.type
     # is_autocast_enabled raises for device types without autocast (meta): those are never autocast.
     if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
@@ -113,7 +115,8 @@ def scaled_dot_product_attention(
         return_lse=return_lse,
     )
     out, lse = select(inputs, backend).attention(inputs)
-    out = out.reshape(inputs.out_shape)
+    if out.shape != inputs.out_shape:
+        out = out.reshape(inputs.out_shape)
     if not return_lse:
         return out
     assert lse is not None, "backends compute lse whenever 'lse' is among the features"

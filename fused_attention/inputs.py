@@ -428,7 +428,7 @@ def canonicalize(
         v = v.expand(*v.shape[:-3], heads, seq_k, v.shape[-1])
 
     batch = math.prod(batch_shape)
-    qc, kc, vc = (_batch_view(t, batch_shape, batch) for t in (q, k, v))
+    qc, kc, vc = _batch_view(q, batch_shape, batch), _batch_view(k, batch_shape, batch), _batch_view(v, batch_shape, batch)
 
     out_heads = () if ndim == 3 and not gqa_on_dim0 else (heads,)
     causal = is_causal

@@ -43,11 +43,25 @@ class Capabilities:
     backward: bool = True
 
 
+# Automatic dispatch decisions by call signature (see ``dispatch.select``). A backend's answer depends on
+# its capabilities and its availability, both fixed for the process; setting any attribute of a backend
+# (tests replace capabilities and methods) forgets every decision.
+decision_cache: dict[tuple, Backend] = {}
+
+
 class Backend:
     """Base class. Subclasses set ``name`` and ``capabilities`` and implement availability and launch."""
 
     name: str = ""
     capabilities: Capabilities = Capabilities(frozenset(), frozenset(), frozenset())
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        decision_cache.clear()
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        decision_cache.clear()
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run at all on this machine (missing build, package, device), or None."""

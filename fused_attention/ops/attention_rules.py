@@ -54,8 +54,8 @@ def _save(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs[:7])
 
 
-def register_dense_autograd(op: object, backward_op: Callable[..., tuple[Tensor, ...]]) -> None:
-    """Registers the gradient of a dense attention op (a custom op or an op name) through ``backward_op``."""
+def dense_autograd_rules(backward_op: Callable[..., tuple[Tensor, ...]]) -> tuple[Callable, Callable]:
+    """``(setup_context, backward)`` of a dense attention op whose gradients ``backward_op`` computes."""
 
     def backward(ctx, dout, _dlse):
         q, k, v, mask, key_lengths, alibi, seed = ctx.saved_tensors
@@ -69,11 +69,17 @@ def register_dense_autograd(op: object, backward_op: Callable[..., tuple[Tensor,
             *([None] * DENSE_OPTIONS),
         )
 
-    torch.library.register_autograd(op, backward, setup_context=_save)
+    return _save, backward
 
 
-def register_varlen_autograd(op: object, backward_op: Callable[..., tuple[Tensor, ...]]) -> None:
-    """Registers the gradient of a packed attention op through ``backward_op``."""
+def register_dense_autograd(op: object, backward_op: Callable[..., tuple[Tensor, ...]]) -> None:
+    """Registers the gradient of a dense attention op (a custom op or an op name) through ``backward_op``."""
+    setup_context, backward = dense_autograd_rules(backward_op)
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+def varlen_autograd_rules(backward_op: Callable[..., tuple[Tensor, ...]]) -> tuple[Callable, Callable]:
+    """``(setup_context, backward)`` of a packed attention op whose gradients ``backward_op`` computes."""
 
     def backward(ctx, dout, _dlse):
         q, k, v, cu_q, cu_k, alibi, seed = ctx.saved_tensors
@@ -83,4 +89,10 @@ def register_varlen_autograd(op: object, backward_op: Callable[..., tuple[Tensor
         )
         return dq, dk, dv, None, None, dalibi if need_alibi_grad else None, None, *([None] * VARLEN_OPTIONS)
 
-    torch.library.register_autograd(op, backward, setup_context=_save)
+    return _save, backward
+
+
+def register_varlen_autograd(op: object, backward_op: Callable[..., tuple[Tensor, ...]]) -> None:
+    """Registers the gradient of a packed attention op through ``backward_op``."""
+    setup_context, backward = varlen_autograd_rules(backward_op)
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
