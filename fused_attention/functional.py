@@ -73,7 +73,8 @@ def scaled_dot_product_attention(
             its gradient, reduced over its broadcast dimensions.
         dropout_p: dropout probability in [0, 1) on the attention weights, applied whenever > 0 (as
             torch's functional form does; pass 0.0 in eval). Drawn from torch's default generator:
-            ``torch.manual_seed`` reproduces it.
+            ``torch.manual_seed`` reproduces it. The seed is drawn on the host per call, so a call
+            captured in a CUDA graph (``torch.cuda.graph``) replays the mask it was captured with.
         is_causal: causal mask aligned top-left as in torch (query ``i`` sees keys ``j <= i``). As in
             torch, it cannot be combined with ``attn_mask``; it combines (AND) with every extension.
         scale: score scale; default ``1 / sqrt(E)``.
