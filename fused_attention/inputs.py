@@ -331,55 +331,20 @@ def _features(
 _NO_FEATURES: frozenset[str] = frozenset()
 
 
-def canonicalize(
-    query: object,
-    key: object,
-    value: object,
-    attn_mask: object = None,
-    dropout_p: object = 0.0,
-    is_causal: object = False,
-    scale: object = None,
-    enable_gqa: object = False,
-    *,
-    window_size: object = None,
-    alibi_slopes: object = None,
-    softcap: object = None,
-    key_lengths: object = None,
-    return_lse: object = False,
-) -> AttentionInputs:
-    """Validates ``scaled_dot_product_attention`` arguments into an :class:`AttentionInputs`.
-
-    Shaped for the common call (4-D tensors with equal batch sizes, already canonical): then it costs
-    integer comparisons and no tensor op; broadcasts, reshapes and expands happen only when needed.
-    """
-    check_qkv_types(query, key, value)
-    assert isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)
-    qdim, kdim, vdim = query.dim(), key.dim(), value.dim()
-    if qdim < 2 or kdim < 2 or vdim < 2:
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if t.dim() < 2:
-                raise AttentionArgumentError(
-                    f"{name} must have at least 2 dimensions (..., seq, dim), got {t.dim()}"
-                )
-    if query.shape[-1] != key.shape[-1]:
-        raise AttentionArgumentError(
-            f"key head dim {key.shape[-1]} must equal query head dim {query.shape[-1]}"
-        )
-    if key.shape[-2] != value.shape[-2]:
-        raise AttentionArgumentError(
-            f"value sequence length {value.shape[-2]} must equal key sequence length {key.shape[-2]}"
-        )
-    dropout = check_dropout(dropout_p)
-    if not isinstance(is_causal, bool):
-        raise AttentionTypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    if not isinstance(enable_gqa, bool):
-        raise AttentionTypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
-    if not isinstance(return_lse, bool):
-        raise AttentionTypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-
+def _canonical_qkv(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, enable_gqa: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...], int, bool]:
+    """``(q, k, v, batch_shape, heads, headless)``: the canonical 4-D views, the user's broadcast batch
+    dims, the number of query heads, and whether the user's tensors had no heads dim (3-D, no GQA)."""
+    qs, ks, vs = query.shape, key.shape, value.shape
+    if len(qs) == 4 and len(ks) == 4 and len(vs) == 4 and qs[0] == ks[0] == vs[0]:
+        # The common call, already canonical: one batch dim, equal or grouped heads.
+        hq, hk, hv = qs[1], ks[1], vs[1]
+        if hq == hk == hv or (enable_gqa and hk == hv and hq % hk == 0):
+            return query, key, value, (qs[0],), hq, False
+    qdim, kdim, vdim = len(qs), len(ks), len(vs)
     # Torch aligns ranks from the right (matmul broadcasting); so do we.
-    user_ndim = max(qdim, kdim, vdim)
-    ndim = max(user_ndim, 3)
+    ndim = max(qdim, kdim, vdim, 3)
     q, k, v = query, key, value
     if not qdim == kdim == vdim == ndim:
         q, k, v = (t if t.dim() == ndim else t.reshape((1,) * (ndim - t.dim()) + tuple(t.shape)) for t in (q, k, v))
@@ -429,8 +394,60 @@ def canonicalize(
 
     batch = math.prod(batch_shape)
     qc, kc, vc = _batch_view(q, batch_shape, batch), _batch_view(k, batch_shape, batch), _batch_view(v, batch_shape, batch)
+    return qc, kc, vc, batch_shape, heads, ndim == 3 and not gqa_on_dim0
 
-    out_heads = () if ndim == 3 and not gqa_on_dim0 else (heads,)
+
+def canonicalize(
+    query: object,
+    key: object,
+    value: object,
+    attn_mask: object = None,
+    dropout_p: object = 0.0,
+    is_causal: object = False,
+    scale: object = None,
+    enable_gqa: object = False,
+    *,
+    window_size: object = None,
+    alibi_slopes: object = None,
+    softcap: object = None,
+    key_lengths: object = None,
+    return_lse: object = False,
+) -> AttentionInputs:
+    """Validates ``scaled_dot_product_attention`` arguments into an :class:`AttentionInputs`.
+
+    Shaped for the common call (4-D tensors with equal batch sizes, already canonical): then it costs
+    integer comparisons and no tensor op; broadcasts, reshapes and expands happen only when needed.
+    """
+    check_qkv_types(query, key, value)
+    assert isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)
+    qdim, kdim, vdim = query.dim(), key.dim(), value.dim()
+    if qdim < 2 or kdim < 2 or vdim < 2:
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.dim() < 2:
+                raise AttentionArgumentError(
+                    f"{name} must have at least 2 dimensions (..., seq, dim), got {t.dim()}"
+                )
+    if query.shape[-1] != key.shape[-1]:
+        raise AttentionArgumentError(
+            f"key head dim {key.shape[-1]} must equal query head dim {query.shape[-1]}"
+        )
+    if key.shape[-2] != value.shape[-2]:
+        raise AttentionArgumentError(
+            f"value sequence length {value.shape[-2]} must equal key sequence length {key.shape[-2]}"
+        )
+    dropout = check_dropout(dropout_p)
+    if not isinstance(is_causal, bool):
+        raise AttentionTypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if not isinstance(enable_gqa, bool):
+        raise AttentionTypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    if not isinstance(return_lse, bool):
+        raise AttentionTypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+
+    qc, kc, vc, batch_shape, heads, headless = _canonical_qkv(query, key, value, enable_gqa)
+    batch = qc.shape[0]
+    seq_q, seq_k, head_dim = qc.shape[2], kc.shape[2], qc.shape[3]
+
+    out_heads = () if headless else (heads,)
     causal = is_causal
     window_left, window_right = check_window(window_size)
     mask = None
@@ -458,7 +475,7 @@ def canonicalize(
 
     value_dim = vc.shape[-1]
     out_shape = (*batch_shape, *out_heads, seq_q, value_dim)
-    out_shape = out_shape[len(out_shape) - user_ndim :]
+    out_shape = out_shape[len(out_shape) - max(qdim, kdim, vdim) :]
     alibi = check_alibi(alibi_slopes, batch, heads, qc.device)
     lengths = check_key_lengths(key_lengths, batch, seq_k, qc.device)
     features = _features(

@@ -11,6 +11,7 @@ import torch
 
 from ..inputs import AttentionInputs, VarlenInputs
 from ..kernels.triton import triton_unavailable_reason
+from ..ops.eager import EagerOp
 from .base import ALL_FEATURES, Backend, Capabilities, dense_op_args, varlen_op_args
 
 # The interpreter computes tl.dot on bfloat16 operands wrongly (on the raw 16-bit patterns), so on the
@@ -46,17 +47,25 @@ class TritonBackend(Backend):
             reasons.append(_INTERPRETER_BF16)
         return reasons
 
-    @staticmethod
-    def _ops():
-        from ..ops import triton_attention  # noqa: F401  (registers the triton_* attention ops on first use)
+    _eager: tuple[EagerOp, EagerOp] | None = None
 
-        return torch.ops.fused_attention
+    def _ops(self) -> tuple[EagerOp, EagerOp]:
+        """The dense and packed ops, registered (Triton imported) on first use."""
+        if self._eager is None:
+            from ..ops import triton_attention as rules
+
+            ops = torch.ops.fused_attention
+            self._eager = (
+                EagerOp(ops.triton_attention.default, rules._setup_context, rules._backward),
+                EagerOp(ops.triton_varlen.default, rules._varlen_setup_context, rules._varlen_backward),
+            )
+        return self._eager
 
     def attention(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._ops().triton_attention(*dense_op_args(inputs))
+        return self._ops()[0](*dense_op_args(inputs))
 
     def varlen_attention(self, inputs: VarlenInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._ops().triton_varlen(*varlen_op_args(inputs), inputs.max_seqlen_q, inputs.max_seqlen_k)
+        return self._ops()[1](*varlen_op_args(inputs), inputs.max_seqlen_q, inputs.max_seqlen_k)
 
 
 TRITON = TritonBackend()
