@@ -28,10 +28,10 @@ from collections.abc import Callable
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are imported
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-import fused_attention  # noqa: E402
+import fused_attention
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, calls: int, clock) -> dict[str, float]:

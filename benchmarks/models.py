@@ -114,8 +114,10 @@ def _hf_decoder(kind: str, s: Sizes):
 
     import fused_attention.integrations.huggingface  # noqa: F401  (registers "fused_attention")
 
-    common = {"hidden_size": s.hidden, "intermediate_size": 2 * s.hidden, "num_hidden_layers": s.layers,
-                  "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000, "max_position_embeddings": 4096}
+    common = {
+        "hidden_size": s.hidden, "intermediate_size": 2 * s.hidden, "num_hidden_layers": s.layers,
+        "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000, "max_position_embeddings": 4096,
+    }
     if kind == "llama":
         config = transformers.LlamaConfig(**common)
         model = transformers.LlamaForCausalLM(config)
@@ -191,12 +193,13 @@ def hf_bert(s: Sizes, rounds: int, wanted: set[str]) -> list[Row]:
 
     rows = []
     gen = torch.Generator().manual_seed(0)
+    bert_base = {"hidden_size": s.bert_hidden, "num_hidden_layers": s.bert_layers, "num_attention_heads": 12,
+                 "intermediate_size": 4 * s.bert_hidden}
+    minilm = {"hidden_size": max(s.bert_hidden // 2, 48), "num_hidden_layers": min(6, s.bert_layers),
+              "num_attention_heads": 12, "intermediate_size": 2 * s.bert_hidden}
     configs = {
-        "bert-base": ({"hidden_size": s.bert_hidden, "num_hidden_layers": s.bert_layers, "num_attention_heads": 12,
-                           "intermediate_size": 4 * s.bert_hidden}, s.bert_batch, s.bert_max_len, "BERT-base sizes (HF)"),
-        "minilm": ({"hidden_size": max(s.bert_hidden // 2, 48), "num_hidden_layers": min(6, s.bert_layers),
-                        "num_attention_heads": 12, "intermediate_size": 2 * s.bert_hidden},
-                   s.minilm_batch, s.minilm_max_len, "all-MiniLM-L6-v2 sizes (HF BERT)"),
+        "bert-base": (bert_base, s.bert_batch, s.bert_max_len, "BERT-base sizes (HF)"),
+        "minilm": (minilm, s.minilm_batch, s.minilm_max_len, "all-MiniLM-L6-v2 sizes (HF BERT)"),
     }
     for name, (kwargs, batch, max_len, title) in configs.items():
         if name not in wanted:
