@@ -47,14 +47,20 @@ class TritonBackend(Backend):
             reasons.append(_INTERPRETER_BF16)
         return reasons
 
+    @staticmethod
+    def _registered():
+        from ..ops import triton_attention  # noqa: F401  (registers the triton_* attention ops on first use)
+
+        return torch.ops.fused_attention
+
     _eager: tuple[EagerOp, EagerOp] | None = None
 
-    def _ops(self) -> tuple[EagerOp, EagerOp]:
-        """The dense and packed ops, registered (Triton imported) on first use."""
+    def _eager_ops(self) -> tuple[EagerOp, EagerOp]:
+        """The dense and packed ops through :class:`EagerOp`, built on the first eager call."""
         if self._eager is None:
             from ..ops import triton_attention as rules
 
-            ops = torch.ops.fused_attention
+            ops = self._registered()
             self._eager = (
                 EagerOp(ops.triton_attention.default, rules._setup_context, rules._backward),
                 EagerOp(ops.triton_varlen.default, rules._varlen_setup_context, rules._varlen_backward),
@@ -62,10 +68,15 @@ class TritonBackend(Backend):
         return self._eager
 
     def attention(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._ops()[0](*dense_op_args(inputs))
+        if torch.compiler.is_compiling():  # the registered op is what the compiler traces
+            return self._registered().triton_attention(*dense_op_args(inputs))
+        return self._eager_ops()[0](*dense_op_args(inputs))
 
     def varlen_attention(self, inputs: VarlenInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._ops()[1](*varlen_op_args(inputs), inputs.max_seqlen_q, inputs.max_seqlen_k)
+        args = (*varlen_op_args(inputs), inputs.max_seqlen_q, inputs.max_seqlen_k)
+        if torch.compiler.is_compiling():
+            return self._registered().triton_varlen(*args)
+        return self._eager_ops()[1](*args)
 
 
 TRITON = TritonBackend()
