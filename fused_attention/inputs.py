@@ -420,20 +420,19 @@ def canonicalize(
     """
     check_qkv_types(query, key, value)
     assert isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)
-    qdim, kdim, vdim = query.dim(), key.dim(), value.dim()
+    qs, ks, vs = query.shape, key.shape, value.shape
+    qdim, kdim, vdim = len(qs), len(ks), len(vs)
     if qdim < 2 or kdim < 2 or vdim < 2:
         for name, t in (("query", query), ("key", key), ("value", value)):
             if t.dim() < 2:
                 raise AttentionArgumentError(
                     f"{name} must have at least 2 dimensions (..., seq, dim), got {t.dim()}"
                 )
-    if query.shape[-1] != key.shape[-1]:
+    if qs[-1] != ks[-1]:
+        raise AttentionArgumentError(f"key head dim {ks[-1]} must equal query head dim {qs[-1]}")
+    if ks[-2] != vs[-2]:
         raise AttentionArgumentError(
-            f"key head dim {key.shape[-1]} must equal query head dim {query.shape[-1]}"
-        )
-    if key.shape[-2] != value.shape[-2]:
-        raise AttentionArgumentError(
-            f"value sequence length {value.shape[-2]} must equal key sequence length {key.shape[-2]}"
+            f"value sequence length {vs[-2]} must equal key sequence length {ks[-2]}"
         )
     dropout = check_dropout(dropout_p)
     if not isinstance(is_causal, bool):
@@ -444,8 +443,9 @@ def canonicalize(
         raise AttentionTypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
 
     qc, kc, vc, batch_shape, heads, headless = _canonical_qkv(query, key, value, enable_gqa)
-    batch = qc.shape[0]
-    seq_q, seq_k, head_dim = qc.shape[2], kc.shape[2], qc.shape[3]
+    if qc is not query:
+        qs, ks, vs = qc.shape, kc.shape, vc.shape
+    batch, seq_q, seq_k, head_dim, value_dim = qs[0], qs[2], ks[2], qs[3], vs[3]
 
     out_heads = () if headless else (heads,)
     causal = is_causal
@@ -473,14 +473,13 @@ def canonicalize(
             raise AttentionArgumentError("attn_mask should not be set when is_causal=True (as in torch)")
         mask = _canonical_mask(attn_mask, query, (*batch_shape, *out_heads, seq_q, seq_k), batch_shape)
 
-    value_dim = vc.shape[-1]
     out_shape = (*batch_shape, *out_heads, seq_q, value_dim)
     out_shape = out_shape[len(out_shape) - max(qdim, kdim, vdim) :]
-    alibi = check_alibi(alibi_slopes, batch, heads, qc.device)
-    lengths = check_key_lengths(key_lengths, batch, seq_k, qc.device)
+    alibi = None if alibi_slopes is None else check_alibi(alibi_slopes, batch, heads, qc.device)
+    lengths = None if key_lengths is None else check_key_lengths(key_lengths, batch, seq_k, qc.device)
     features = _features(
         causal, window_left >= 0 or window_right >= 0, alibi is not None, softcap is not None,
-        lengths is not None, mask, dropout > 0, kc.shape[1] != heads, return_lse, value_dim != head_dim,
+        lengths is not None, mask, dropout > 0, ks[1] != heads, return_lse, value_dim != head_dim,
     )
     return AttentionInputs(
         query=qc,

@@ -137,5 +137,10 @@ def varlen_op_args(inputs: VarlenInputs) -> tuple:
 
 def requires_grad(inputs: AttentionInputs | VarlenInputs) -> bool:
     """Whether the call will need a backward: grad mode on and an input (or a float mask) requires grad."""
-    tensors = (inputs.query, inputs.key, inputs.value, getattr(inputs, "attn_mask", None))
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    mask = getattr(inputs, "attn_mask", None)
+    return (
+        inputs.query.requires_grad or inputs.key.requires_grad or inputs.value.requires_grad
+        or (mask is not None and mask.requires_grad)
+    )
