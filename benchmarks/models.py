@@ -24,7 +24,7 @@ table (and written with ``--out``), because the CPU may be shared.
   ``TransformerEncoderLayer``, d_model 512, 8 heads, (seq, batch, d) layout, 8 x 256 tokens) built from
   ``fused_attention.nn`` against the same model from torch modules (the tutorial's positional encoding).
 
-    python benchmarks/models.py [--rounds 5] [--models llama-decode,bert-base] [--out DIR] [--quick]
+    python benchmarks/models.py [--rounds 5] [--models llama-decode,bert-base] [--threads N] [--out DIR] [--quick]
 
 ``--quick`` runs every model at toy sizes with two rounds (seconds; for the smoke test).
 """
@@ -301,7 +301,7 @@ MODELS = ("llama-decode", "llama-prefill", "gemma2-decode", "bert-base", "minilm
 HF_MODELS = {"llama-decode", "llama-prefill", "gemma2-decode", "bert-base", "minilm"}
 
 
-def machine() -> dict[str, object]:
+def machine(argv: list[str]) -> dict[str, object]:
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -319,7 +319,7 @@ def machine() -> dict[str, object]:
         "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "transformers": hf, "fused_attention": fused_attention.__version__,
         "python": platform.python_version(), "load_before": os.getloadavg(),
-        "command": " ".join(["python", *sys.argv]),
+        "command": " ".join(["python", "benchmarks/models.py", *argv]),
     }
 
 
@@ -351,12 +351,15 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="toy sizes, two rounds (a smoke test)")
     parser.add_argument("--out", type=Path, help="write models.md and models.json here")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     models = [m for m in args.models.split(",") if m]
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
-    info = machine()
+    info = machine(sys.argv[1:] if argv is None else argv)
     rows = run(models, QUICK if args.quick else Sizes(), 2 if args.quick else args.rounds)
     info["load_after"] = os.getloadavg()
     table = markdown(rows)
