@@ -127,4 +127,4 @@ def test_models_benchmark_quick(capsys, tmp_path):
     assert len(rows) == len(wanted) and all(r.torch_ms > 0 and r.ours_ms > 0 for r in rows)
     text = capsys.readouterr().out
     assert "| model | workload |" in text and "--quick" in text
-    assert (tmp_path / "models.md").read_text().count("\n|") == len(wanted) + 1
+    assert (tmp_path / "models.md").read_text().count("\n|") == len(wanted) + 2  # header, rule, rows
