@@ -36,6 +36,7 @@ run check 60 python -m fused_attention check
 run tests_gpu 150 python -m pytest -q -x tests/test_extension.py tests/test_position.py tests/test_position_modules.py \
   tests/test_triton_positional.py tests/test_attention.py -k "cuda or triton or not cpu"
 run tests_gpu_triton_attention 150 python -m pytest -q tests/test_triton_attention.py -k gpu
+run tests_gpu_graphs 60 python -m pytest -q tests/test_cuda_graphs.py
 
 # Sweeps: position kernels, FlashAttention's published sweep (no FlexAttention: a compile per shape),
 # then the full preset, FlexAttention included, for whatever time is left.

@@ -17,6 +17,8 @@ def _autocast(*tensors: Any) -> list[Any]:
     first = tensors[0]
     if not isinstance(first, torch.Tensor):
         return list(tensors)
+    if not torch.compiler.is_compiling() and not torch._C._is_any_autocast_enabled():
+        return list(tensors)  # the common case, in one C call
     device_type = first.device.type
     # is_autocast_enabled raises for device types without autocast (meta): those are never autocast.
     if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
@@ -72,7 +74,8 @@ def scaled_dot_product_attention(
             its gradient, reduced over its broadcast dimensions.
         dropout_p: dropout probability in [0, 1) on the attention weights, applied whenever > 0 (as
             torch's functional form does; pass 0.0 in eval). Drawn from torch's default generator:
-            ``torch.manual_seed`` reproduces it.
+            ``torch.manual_seed`` reproduces it. The seed is drawn on the host per call, so a call
+            captured in a CUDA graph (``torch.cuda.graph``) replays the mask it was captured with.
         is_causal: causal mask aligned top-left as in torch (query ``i`` sees keys ``j <= i``). As in
             torch, it cannot be combined with ``attn_mask``; it combines (AND) with every extension.
         scale: score scale; default ``1 / sqrt(E)``.
@@ -123,7 +126,8 @@ def scaled_dot_product_attention(
         return_lse=return_lse, sinks=sinks,
     )
     out, lse = select(inputs, backend).attention(inputs)
-    out = out.reshape(inputs.out_shape)
+    if out.shape != inputs.out_shape:
+        out = out.reshape(inputs.out_shape)
     if not return_lse:
         return out
     assert lse is not None, "backends compute lse whenever 'lse' is among the features"

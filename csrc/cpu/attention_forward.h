@@ -51,15 +51,17 @@ template <typename acc_t>
 struct ForwardBuffers {
   std::vector<acc_t> q, scores, probs, out, row_max, row_sum, anchor;
   std::vector<uint8_t> lazy;
-  ForwardBuffers(int64_t head_dim, int64_t ldv, int64_t prob_rows = 0)  // probs: rows apart from the scores
-      : q(kBlockQ * head_dim),
-        scores(kBlockQ * kScoreStride),
+  // probs: rows apart from the scores. block_rows: the most rows a block of this call has; sized to it,
+  // a short call does not zero a kBlockQ x kScoreStride scores buffer (half a MiB) on every call.
+  ForwardBuffers(int64_t head_dim, int64_t ldv, int64_t prob_rows = 0, int64_t block_rows = kBlockQ)
+      : q(block_rows * head_dim),
+        scores(block_rows * kScoreStride),
         probs(prob_rows * kScoreStride),
-        out(kBlockQ * ldv),
-        row_max(kBlockQ),
-        row_sum(kBlockQ),
-        anchor(kBlockQ),
-        lazy(kBlockQ) {}
+        out(block_rows * ldv),
+        row_max(block_rows),
+        row_sum(block_rows),
+        anchor(block_rows),
+        lazy(block_rows) {}
   void reset() {  // before each block of rows: nothing seen yet
     std::fill(out.begin(), out.end(), acc_t(0));
     std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<acc_t>::infinity());
@@ -283,9 +285,11 @@ void forward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t
   const KeyTiles<acc_t> tiles(problem, KeyTiles<acc_t>::kKeysT | KeyTiles<acc_t>::kValues);
   const std::vector<RowBlock> blocks = row_blocks(problem.sequences, kBlockQ);
   const int64_t heads = problem.heads_q;
+  int64_t block_rows = 0;
+  for (const RowBlock& block : blocks) block_rows = std::max(block_rows, block.rows);
   at::parallel_for(0, static_cast<int64_t>(blocks.size()) * heads, 1, [&](int64_t begin, int64_t end) {
     const simd::FlushDenormals flush;
-    ForwardBuffers<acc_t> buf(problem.head_dim, tiles.ld_v);
+    ForwardBuffers<acc_t> buf(problem.head_dim, tiles.ld_v, 0, block_rows);
     const int64_t count = static_cast<int64_t>(blocks.size());
     for (int64_t task = begin; task < end; ++task) {
       forward_rows(problem, scoring, blocks[task % count], task / count, tiles, buf, out, lse, lse_index);

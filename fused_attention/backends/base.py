@@ -46,11 +46,25 @@ class Capabilities:
     missing_reasons: tuple[tuple[str, str], ...] = ()
 
 
+# Automatic dispatch decisions by call signature (see ``dispatch.select``). A backend's answer depends on
+# its capabilities and its availability, both fixed for the process; setting any attribute of a backend
+# (tests replace capabilities and methods) forgets every decision.
+decision_cache: dict[tuple, Backend] = {}
+
+
 class Backend:
     """Base class. Subclasses set ``name`` and ``capabilities`` and implement availability and launch."""
 
     name: str = ""
     capabilities: Capabilities = Capabilities(frozenset(), frozenset(), frozenset())
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        decision_cache.clear()
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        decision_cache.clear()
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run at all on this machine (missing build, package, device), or None."""
@@ -130,5 +144,10 @@ def varlen_op_args(inputs: VarlenInputs, sinks: bool = False) -> tuple:
 
 def requires_grad(inputs: AttentionInputs | VarlenInputs) -> bool:
     """Whether the call will need a backward: grad mode on and an input (or a float mask) requires grad."""
-    tensors = (inputs.query, inputs.key, inputs.value, getattr(inputs, "attn_mask", None), inputs.sinks)
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    mask = getattr(inputs, "attn_mask", None)
+    return (
+        inputs.query.requires_grad or inputs.key.requires_grad or inputs.value.requires_grad
+        or (mask is not None and mask.requires_grad) or (inputs.sinks is not None and inputs.sinks.requires_grad)
+    )

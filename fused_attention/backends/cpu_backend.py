@@ -11,10 +11,26 @@ import torch
 
 from .. import _extension
 from ..inputs import AttentionInputs, VarlenInputs
+from ..ops.attention_rules import dense_autograd_rules, varlen_autograd_rules
+from ..ops.eager import EagerOp
 from .base import ALL_FEATURES, Backend, Capabilities, dense_op_args, varlen_op_args
 
 # Loaded once at import: a plain value that torch.compile can read while tracing dispatch.
 _EXTENSION = _extension.load_extension()
+
+
+class _Ops:
+    """The extension's attention ops, called through :class:`EagerOp` (no per-call Python autograd)."""
+
+    def __init__(self) -> None:
+        ops = torch.ops.fused_attention
+        self.attention = EagerOp(ops.attention.default, *dense_autograd_rules(ops.attention_backward.default, sinks=True))
+        self.varlen_attention = EagerOp(
+            ops.varlen_attention.default, *varlen_autograd_rules(ops.varlen_attention_backward.default, sinks=True)
+        )
+
+
+_OPS = _Ops() if _EXTENSION.loaded else None
 
 
 class CpuBackend(Backend):
@@ -29,10 +45,12 @@ class CpuBackend(Backend):
         return None if _EXTENSION.loaded else _EXTENSION.reason
 
     def attention(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.ops.fused_attention.attention(*dense_op_args(inputs, sinks=True))
+        assert _OPS is not None, "dispatch only picks the cpu backend when the extension loaded"
+        return _OPS.attention(*dense_op_args(inputs, sinks=True))
 
     def varlen_attention(self, inputs: VarlenInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.ops.fused_attention.varlen_attention(*varlen_op_args(inputs, sinks=True))
+        assert _OPS is not None, "dispatch only picks the cpu backend when the extension loaded"
+        return _OPS.varlen_attention(*varlen_op_args(inputs, sinks=True))
 
 
 CPU = CpuBackend()

@@ -10,9 +10,11 @@ import os
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
+import torch
+
 from ..errors import AttentionArgumentError
 from ..inputs import AttentionInputs, VarlenInputs
-from .base import Backend
+from .base import Backend, decision_cache, requires_grad
 from .cpu_backend import CPU
 from .pending import CUDA
 from .torch_backend import TORCH
@@ -79,4 +81,16 @@ def choose(
 
 
 def select(inputs: AttentionInputs | VarlenInputs, backend: object = None) -> Backend:
+    """The backend for this call. Automatic choices are remembered by the call's signature (everything
+    a backend's reasons read: device, dtype, head dims, features, whether a backward will be needed), so
+    a repeated call costs one dict lookup; forced backends are checked every time."""
+    if backend is None and not torch.compiler.is_compiling() and not os.environ.get("FUSED_ATTENTION_BACKEND"):
+        query = inputs.query
+        key = (query.device, query.dtype, query.shape[-1], inputs.value.shape[-1], inputs.features,
+               requires_grad(inputs))
+        chosen = decision_cache.get(key)
+        if chosen is None:
+            chosen = choose(BACKENDS, lambda b: b.not_supported_reasons(inputs), priority(query.device.type), None)
+            decision_cache[key] = chosen
+        return chosen
     return choose(BACKENDS, lambda b: b.not_supported_reasons(inputs), priority(inputs.device.type), backend)

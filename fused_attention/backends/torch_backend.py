@@ -12,11 +12,21 @@ import torch.nn.functional as F
 from ..inputs import AttentionInputs, VarlenInputs
 from ..ops import torch_attention as _ops  # noqa: F401  (registers fused_attention::torch_attention)
 from ..ops import torch_varlen as _varlen_ops  # noqa: F401  (registers fused_attention::torch_varlen)
+from ..ops.attention_rules import dense_autograd_rules, varlen_autograd_rules
+from ..ops.eager import EagerOp
 from .base import ALL_FEATURES, Backend, Capabilities, dense_op_args, requires_grad, varlen_op_args
 
 # Features torch's SDPA expresses natively; anything else needs the chunked op.
 _NATIVE_FEATURES = frozenset({"causal", "bool_mask", "float_mask", "gqa", "value_head_dim"})
 _SDPA_MATH = 0  # torch's SDPBackend.MATH: torch would materialize L x S, so the chunked op is leaner
+_ATTENTION = EagerOp(
+    torch.ops.fused_attention.torch_attention.default,
+    *dense_autograd_rules(torch.ops.fused_attention.torch_attention_backward.default, sinks=True),
+)
+_VARLEN = EagerOp(
+    torch.ops.fused_attention.torch_varlen.default,
+    *varlen_autograd_rules(torch.ops.fused_attention.torch_varlen_backward.default, sinks=True),
+)
 
 
 def _torch_serves_fused(inputs: AttentionInputs) -> bool:
@@ -50,10 +60,10 @@ class TorchBackend(Backend):
                     is_causal=inputs.causal, scale=inputs.scale, enable_gqa="gqa" in inputs.features,
                 )
             return out, None
-        return torch.ops.fused_attention.torch_attention(*dense_op_args(inputs, sinks=True))
+        return _ATTENTION(*dense_op_args(inputs, sinks=True))
 
     def varlen_attention(self, inputs: VarlenInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.ops.fused_attention.torch_varlen(*varlen_op_args(inputs, sinks=True))
+        return _VARLEN(*varlen_op_args(inputs, sinks=True))
 
 
 TORCH = TorchBackend()

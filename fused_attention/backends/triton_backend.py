@@ -11,6 +11,7 @@ import torch
 
 from ..inputs import AttentionInputs, VarlenInputs
 from ..kernels.triton import triton_unavailable_reason
+from ..ops.eager import EagerOp
 from .base import ALL_FEATURES, Backend, Capabilities, dense_op_args, varlen_op_args
 
 # The interpreter computes tl.dot on bfloat16 operands wrongly (on the raw 16-bit patterns), so on the
@@ -47,18 +48,36 @@ class TritonBackend(Backend):
         return reasons
 
     @staticmethod
-    def _ops():
+    def _registered():
         from ..ops import triton_attention  # noqa: F401  (registers the triton_* attention ops on first use)
 
         return torch.ops.fused_attention
 
+    _eager: tuple[EagerOp, EagerOp] | None = None
+
+    def _eager_ops(self) -> tuple[EagerOp, EagerOp]:
+        """The dense and packed ops through :class:`EagerOp`, built on the first eager call."""
+        if self._eager is None:
+            from ..ops import triton_attention as rules
+
+            ops = self._registered()
+            self._eager = (
+                EagerOp(ops.triton_attention.default, rules._setup_context, rules._backward),
+                EagerOp(ops.triton_varlen.default, rules._varlen_setup_context, rules._varlen_backward),
+            )
+        return self._eager
+
     def attention(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._ops().triton_attention(*dense_op_args(inputs), inputs.sinks)
+        args = (*dense_op_args(inputs), inputs.sinks)
+        if torch.compiler.is_compiling():  # the registered op is what the compiler traces
+            return self._registered().triton_attention(*args)
+        return self._eager_ops()[0](*args)
 
     def varlen_attention(self, inputs: VarlenInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._ops().triton_varlen(
-            *varlen_op_args(inputs), inputs.max_seqlen_q, inputs.max_seqlen_k, inputs.sinks
-        )
+        args = (*varlen_op_args(inputs), inputs.max_seqlen_q, inputs.max_seqlen_k, inputs.sinks)
+        if torch.compiler.is_compiling():
+            return self._registered().triton_varlen(*args)
+        return self._eager_ops()[1](*args)
 
 
 TRITON = TritonBackend()

@@ -80,8 +80,10 @@ def _sinks_needs(ctx, sinks: bool) -> tuple[bool, ...]:
     return (ctx.saved_tensors[7] is not None and ctx.needs_input_grad[7],) if sinks else ()
 
 
-def register_dense_autograd(op: object, backward_op: Callable[..., tuple[Tensor, ...]], sinks: bool = False) -> None:
-    """Registers the gradient of a dense attention op (a custom op or an op name) through ``backward_op``;
+def dense_autograd_rules(
+    backward_op: Callable[..., tuple[Tensor, ...]], sinks: bool = False
+) -> tuple[Callable, Callable]:
+    """``(setup_context, backward)`` of a dense attention op whose gradients ``backward_op`` computes;
     ``sinks``: the ops take sink logits (see the module docstring)."""
 
     def backward(ctx, dout, _dlse):
@@ -98,13 +100,20 @@ def register_dense_autograd(op: object, backward_op: Callable[..., tuple[Tensor,
             *(dsinks[0] if need else None for need in need_sinks), *([None] * DENSE_OPTIONS),
         )
 
-    torch.library.register_autograd(op, backward, setup_context=_saver(8 if sinks else 7))
+    return _saver(8 if sinks else 7), backward
 
 
-def register_varlen_autograd(
-    op: object, backward_op: Callable[..., tuple[Tensor, ...]], sinks: bool = False
-) -> None:
-    """Registers the gradient of a packed attention op through ``backward_op`` (``sinks`` as for dense)."""
+def register_dense_autograd(op: object, backward_op: Callable[..., tuple[Tensor, ...]], sinks: bool = False) -> None:
+    """Registers the gradient of a dense attention op (a custom op or an op name) through ``backward_op``."""
+    setup_context, backward = dense_autograd_rules(backward_op, sinks)
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+def varlen_autograd_rules(
+    backward_op: Callable[..., tuple[Tensor, ...]], sinks: bool = False
+) -> tuple[Callable, Callable]:
+    """``(setup_context, backward)`` of a packed attention op whose gradients ``backward_op`` computes
+    (``sinks`` as for dense)."""
 
     def backward(ctx, dout, _dlse):
         q, k, v, cu_q, cu_k, alibi, seed, *sink = ctx.saved_tensors
@@ -118,4 +127,12 @@ def register_varlen_autograd(
             *(dsinks[0] if need else None for need in need_sinks), *([None] * VARLEN_OPTIONS),
         )
 
-    torch.library.register_autograd(op, backward, setup_context=_saver(8 if sinks else 7))
+    return _saver(8 if sinks else 7), backward
+
+
+def register_varlen_autograd(
+    op: object, backward_op: Callable[..., tuple[Tensor, ...]], sinks: bool = False
+) -> None:
+    """Registers the gradient of a packed attention op through ``backward_op`` (``sinks`` as for dense)."""
+    setup_context, backward = varlen_autograd_rules(backward_op, sinks)
+    torch.library.register_autograd(op, backward, setup_context=setup_context)

@@ -25,8 +25,13 @@ from . import device_guard
 _MIN_BLOCK_D = 16  # tl.dot needs K >= 16
 
 
+def _next_power_of_2(n: int) -> int:
+    """``triton.next_power_of_2`` without its wrapper (~1.5 us a call, four calls per launch)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def padded_head_dim(dim: int) -> int:
-    return max(_MIN_BLOCK_D, triton.next_power_of_2(dim))
+    return max(_MIN_BLOCK_D, _next_power_of_2(dim))
 
 
 def _broadcast_strides(t: torch.Tensor) -> list[int]:
@@ -116,8 +121,7 @@ class Problem:
             "window_left": self.window_left, "window_right": self.window_right,
             "dropout_p": self.dropout_p, "seed": self.seed,
             # the autotuner's shape bucket: powers of two of the lengths
-            "tune_key": triton.next_power_of_2(max(self.max_seqlen_q, 1)) * (1 << 24)
-            + triton.next_power_of_2(max(self.max_seqlen_k, 1)),
+            "tune_key": _next_power_of_2(self.max_seqlen_q) * (1 << 24) + _next_power_of_2(self.max_seqlen_k),
             "BLOCK_D": padded_head_dim(self.q.shape[-1]), "BLOCK_DV": padded_head_dim(self.v.shape[-1]),
             "CAUSAL": self.causal, "WINDOW_LEFT": self.window_left >= 0, "WINDOW_RIGHT": self.window_right >= 0,
             "SOFTCAP": self.softcap > 0, "ALIBI": self.alibi is not None, "MASK": mask_kind,

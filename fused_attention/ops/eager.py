@@ -1,0 +1,51 @@
+"""Eager calls of the attention custom ops without torch.library's per-call Python autograd layer.
+
+An op whose autograd is registered from Python runs Python on every call: with nothing requiring grad
+it redispatches from Python (~5 us), and with an input that requires grad it builds the graph node
+through a generic, pytree-based ``autograd.Function`` (~40 us for a small call). At decode shapes that
+is more than the kernel. :class:`EagerOp` calls the same op below autograd when no input needs a
+gradient, and otherwise through a plain ``autograd.Function`` with the op's own ``setup_context`` and
+``backward`` rules (the registered ones), so gradients are the same. While ``torch.compile`` traces, or
+under functorch transforms, it calls the op itself: its registered autograd is what they understand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+_BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
+
+
+def _function(op: Callable[..., Any], setup_context: Callable[..., None], backward: Callable[..., Any]) -> type:
+    class EagerAttention(torch.autograd.Function):
+        # The old-style forward (ctx first) costs ~12 us less per call than forward + setup_context; the
+        # latter is only needed for functorch transforms, which take the registered path.
+        @staticmethod
+        def forward(ctx, *inputs):
+            with _BELOW_AUTOGRAD():
+                output = op(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+    EagerAttention.backward = staticmethod(backward)  # type: ignore[method-assign]
+    return EagerAttention
+
+
+class EagerOp:
+    """``op`` (an ``OpOverload`` whose autograd is registered with ``setup_context`` and ``backward``),
+    callable with the op's positional arguments."""
+
+    def __init__(self, op: Callable[..., Any], setup_context: Callable[..., None], backward: Callable[..., Any]):
+        self.op = op
+        self.function = _function(op, setup_context, backward)
+
+    def __call__(self, *args: Any) -> Any:
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            return self.op(*args)
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return self.function.apply(*args)
+        with _BELOW_AUTOGRAD():
+            return self.op(*args)
