@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .errors import AttentionArgumentError, AttentionTypeError
+from .inputs import check_sinks
 
 __all__ = ["accumulation_dtype", "merge_attention_states", "merge_attention_states_list", "merge_into_"]
 
@@ -47,6 +48,12 @@ def _merge_aligned(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[
     for out, lse in zip(outs[1:], lses[1:], strict=True):
         merge_into_(acc_out, acc_lse, out, lse)
     return acc_out, acc_lse
+
+
+def fold_sinks_(acc_out: torch.Tensor, acc_lse: torch.Tensor, sinks: torch.Tensor) -> None:
+    """Adds attention sinks to merged states ``out (B, H, L, Ev)``, ``lse (B, H, L)``, in place: a sink
+    is one more part whose lse is ``sinks[h]`` and whose output is 0."""
+    merge_into_(acc_out, acc_lse, acc_out.new_zeros(()), sinks[:, None].expand_as(acc_lse))
 
 
 def _check_states(outs: object, lses: object, layout: object) -> None:
@@ -96,6 +103,7 @@ def merge_attention_states_list(
     lses: list[torch.Tensor] | tuple[torch.Tensor, ...],
     *,
     layout: str = "bhsd",
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention over the union of disjoint key sets, from each set's ``(out, lse)``.
 
@@ -113,6 +121,9 @@ def merge_attention_states_list(
         lses: their natural-log log-sum-exps (``return_lse=True``), all of one shape and dtype:
             ``out.shape[:-1]`` for ``"bhsd"``; ``(B, H, L)`` for ``"bshd"``.
         layout: ``"bhsd"`` (default) or ``"bshd"``, as above.
+        sinks: attention sinks ``(H,)`` (float32), joined once to the merged result, for parts computed
+            without them (split-KV); needs 4-D outputs (``(B, H, L, Ev)`` or ``(B, L, H, Ev)``). The
+            returned lse then includes the sink, as ``scaled_dot_product_attention(..., sinks=)``'s does.
 
     Returns:
         ``(out, lse)`` shaped like the inputs, ``out`` in the outputs' dtype and ``lse`` in the lses'
@@ -123,6 +134,12 @@ def merge_attention_states_list(
     if layout == "bshd":  # (B, L, H, D) with (B, H, L): merge in the (B, H, L, D) view.
         outs = [o.transpose(1, 2) for o in outs]
     acc_out, acc_lse = _merge_aligned(outs, lses)
+    if sinks is not None:
+        if acc_out.dim() != 4:
+            raise AttentionArgumentError(
+                f"sinks need 4-D outputs (B, H, L, Ev) or (B, L, H, Ev), got {acc_out.dim()}-D"
+            )
+        fold_sinks_(acc_out, acc_lse, check_sinks(sinks, acc_out.shape[1], acc_out.device))
     out = acc_out.to(outs[0].dtype)
     if layout == "bshd":
         out = out.transpose(1, 2).contiguous()
@@ -136,11 +153,12 @@ def merge_attention_states(
     lse_b: torch.Tensor,
     *,
     layout: str = "bhsd",
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merges two partial attention results over disjoint key sets into the attention over both.
 
     ``lse = log(exp(lse_a) + exp(lse_b))``, ``out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b``:
     see :func:`merge_attention_states_list` for shapes (``layout="bhsd"``: lse is ``out.shape[:-1]``;
-    ``"bshd"``: out ``(B, L, H, Ev)`` with lse ``(B, H, L)``), precision, ``-inf`` handling and dtypes.
+    ``"bshd"``: out ``(B, L, H, Ev)`` with lse ``(B, H, L)``), precision, ``-inf`` handling, dtypes and ``sinks``.
     """
-    return merge_attention_states_list([out_a, out_b], [lse_a, lse_b], layout=layout)
+    return merge_attention_states_list([out_a, out_b], [lse_a, lse_b], layout=layout, sinks=sinks)

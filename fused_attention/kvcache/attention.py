@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..functional import scaled_dot_product_attention
-from ..merge import _merge_aligned
+from ..merge import _merge_aligned, fold_sinks_
 from .append import append_, rotate_new, write_index
 from .masks import needs_positions, position_mask
 from .paged import gather_keys_values
@@ -43,14 +43,18 @@ def _attend(call: KVCacheCall, q: torch.Tensor, backend: str | None) -> tuple[to
         part = {"attn_mask": mask[..., start:stop]} if mask is not None else {
             "key_lengths": (total - start).clamp(0, stop - start)
         }
+        # One split takes the sinks in the kernel; several take them once, at the merge.
+        sinks = {"sinks": call.sinks} if call.num_splits <= 1 else {}
         out, lse = scaled_dot_product_attention(
-            qh, keys[:, :, start:stop], values[:, :, start:stop], **part, **common
+            qh, keys[:, :, start:stop], values[:, :, start:stop], **part, **common, **sinks
         )
         outs.append(out)
         lses.append(lse)
-    if len(outs) == 1:
+    if len(outs) == 1 and (call.sinks is None or call.num_splits <= 1):
         return outs[0], lses[0]
     out, lse = _merge_aligned(outs, lses)
+    if call.sinks is not None:
+        fold_sinks_(out, lse, call.sinks)
     return out.to(q.dtype), lse
 
 
@@ -76,6 +80,7 @@ def attention_with_kvcache(
     return_lse: bool = False,
     num_splits: int = 0,
     layout: str = "bshd",
+    sinks: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Mutates ``k_cache`` and ``v_cache`` in place (when ``k``, ``v`` are given), then attends over them.
@@ -128,11 +133,14 @@ def attention_with_kvcache(
             (currently 1: this is the plain path; a specialized split-KV kernel is not built yet). The
             result is deterministic for a given ``num_splits``.
         layout: ``"bshd"`` (default, FlashAttention's) or ``"bhsd"`` (torch's and Hugging Face's).
+        sinks: learned attention sinks, float32 ``(Hq,)``, as in
+            :func:`fused_attention.scaled_dot_product_attention` (the lse then includes the sink; key
+            splits are computed without it and the sink joins once, at their merge).
         backend: the attention backend (``"triton"``, ``"cpu"``, ``"torch"``; else automatic), as in
             :func:`fused_attention.scaled_dot_product_attention`, which this calls.
 
     Forward only: a call that would need a gradient (an input requiring grad with grad mode on) raises.
-    A query row that sees no key gives output 0 and lse ``-inf``.
+    A query row that sees no key gives output 0 and lse ``-inf`` (the sink's logit with ``sinks``).
 
     Returns:
         ``out`` in q's layout, shape and dtype; with ``return_lse=True``, ``(out, lse)``.
@@ -145,7 +153,7 @@ def attention_with_kvcache(
         cache_leftpad=cache_leftpad, block_table=block_table, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
         rotary_interleaved=rotary_interleaved, is_causal=is_causal, window_size=window_size,
         alibi_slopes=alibi_slopes, softcap=softcap, scale=scale, return_lse=return_lse,
-        num_splits=num_splits, layout=layout,
+        num_splits=num_splits, layout=layout, sinks=sinks,
     )
     q_rot, k_rot = rotate_new(call, backend)
     if k_rot is None or call.v is None:

@@ -16,6 +16,7 @@ from ..inputs import (
     check_alibi,
     check_int_vector,
     check_scale,
+    check_sinks,
     check_softcap,
     check_window,
     content_checks_enabled,
@@ -48,6 +49,7 @@ class KVCacheCall:
     return_lse: bool
     num_splits: int
     layout: str
+    sinks: torch.Tensor | None = None  # (Hq,) float32 sink logits
 
     @property
     def new_len(self) -> int:
@@ -98,7 +100,7 @@ def _check_grad(tensors: dict[str, torch.Tensor | None]) -> None:
 def canonicalize_kvcache_call(
     q, k_cache, v_cache, k, v, *, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, rotary_cos,
     rotary_sin, rotary_interleaved, is_causal, window_size, alibi_slopes, softcap, scale, return_lse,
-    num_splits, layout,
+    num_splits, layout, sinks=None,
 ) -> KVCacheCall:
     if layout not in LAYOUTS:
         raise AttentionArgumentError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -183,6 +185,7 @@ def canonicalize_kvcache_call(
         rotary_interleaved=rotary_interleaved, is_causal=is_causal, window=check_window(window_size),
         alibi_slopes=check_alibi(alibi_slopes, batch, heads_q, device), softcap=softcap,
         scale=check_scale(scale, dim), return_lse=return_lse, num_splits=num_splits, layout=layout,
+        sinks=check_sinks(sinks, heads_q, device),
     )
     if content_checks_enabled(seqlens):
         _check_contents(call)
