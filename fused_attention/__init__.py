@@ -5,6 +5,7 @@ backend unavailable, with a reason (``python -m fused_attention info``).
 """
 
 from . import _extension
+from ._version import __version__
 from .diagnostics import info, support_table
 from .functional import scaled_dot_product_attention, varlen_attention
 from .integrations import patch_model
@@ -18,7 +19,6 @@ from .position import (
     sinusoidal_position_encoding,
 )
 
-__version__ = "0.1.0"
 __all__ = [
     "RopeScaling",
     "__version__",
