@@ -4,7 +4,7 @@
 backend unavailable, with a reason (``python -m fused_attention info``).
 """
 
-from . import _extension
+from . import _extension, compile_cache
 from ._version import __version__
 from .diagnostics import info, support_table
 from .functional import scaled_dot_product_attention, varlen_attention
@@ -36,3 +36,4 @@ __all__ = [
 ]
 
 _extension.load_extension()
+compile_cache.tag_compile_caches()

@@ -9,8 +9,8 @@ from collections.abc import Callable
 import torch
 
 from .backends.positional import POSITION_BACKENDS
-from .tolerance import FORWARD_FACTOR, within_tolerance
 from .position import add_sinusoidal_position_encoding, apply_rotary_emb, rotary_cos_sin
+from .tolerance import FORWARD_FACTOR, within_tolerance
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
