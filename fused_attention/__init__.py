@@ -4,7 +4,8 @@
 backend unavailable, with a reason (``python -m fused_attention info``).
 """
 
-from . import _extension
+from . import _extension, compile_cache
+from ._version import __version__
 from .diagnostics import info, support_table
 from .functional import scaled_dot_product_attention, varlen_attention
 from .integrations import patch_model
@@ -20,7 +21,6 @@ from .position import (
     sinusoidal_position_encoding,
 )
 
-__version__ = "0.1.0"
 __all__ = [
     "RopeScaling",
     "__version__",
@@ -41,3 +41,4 @@ __all__ = [
 ]
 
 _extension.load_extension()
+compile_cache.tag_compile_caches()

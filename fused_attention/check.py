@@ -20,37 +20,14 @@ from typing import Any
 import torch
 
 from .backends import BACKENDS, Backend
+from .check_positions import run_position_check
 from .functional import scaled_dot_product_attention, varlen_attention
 from .inputs import canonicalize, canonicalize_varlen
 from .position import alibi_slopes
 from .reference import reference_attention, reference_varlen_attention
+from .tolerance import FORWARD_FACTOR, GRAD_FACTOR, within_tolerance
 
-FORWARD_FACTOR = 2.0
-GRAD_FACTOR = 3.0
-_ABSOLUTE_SLACK = 1e-6
 DTYPES = (torch.float32, torch.bfloat16)
-
-
-def within_tolerance(
-    out: torch.Tensor, ref_dt: torch.Tensor, ref64: torch.Tensor, factor: float
-) -> tuple[bool, float, float]:
-    """DESIGN.md's policy: ``(ok, err, bound)`` with ``err = max|out - ref64|`` and
-    ``bound = factor * max|ref_dt - ref64| + 1e-6``. Equal entries (matching infinities, such as the
-    ``-inf`` lse of a row that sees no key) count as error 0; a NaN never passes."""
-    ref64 = ref64.detach().cpu().double()
-
-    def max_diff(t: torch.Tensor) -> float:
-        t = t.detach().cpu().double()
-        if t.shape != ref64.shape:
-            raise ValueError(f"shape {tuple(t.shape)} does not match the reference {tuple(ref64.shape)}")
-        if t.numel() == 0:
-            return 0.0
-        diff = torch.where(t == ref64, 0.0, (t - ref64).abs())
-        return float(diff.max())
-
-    err = max_diff(out)
-    bound = factor * max_diff(ref_dt) + _ABSOLUTE_SLACK
-    return err <= bound, err, bound  # NaN compares False
 
 
 @dataclass(frozen=True)
@@ -345,7 +322,6 @@ def run_check(print_fn: Callable[[str], None] = print) -> bool:
                     line += f"{_fmt(row.forward):19s} {_fmt(row.grad):19s} {row.status}"
                     print_fn(line + (f"  ({row.note})" if row.note else ""))
     counts = {s: sum(r.status == s for r in rows) for s in ("PASS", "FAIL", "SKIP")}
-    from .check_positions import run_position_check  # imports this module's policy
 
     print_fn("\nposition kernels (forward) vs the float64 formulas:")
     devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]

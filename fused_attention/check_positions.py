@@ -1,6 +1,6 @@
 """Self-test of every available position-encoding backend (RoPE and the sinusoidal add), part of
 ``python -m fused_attention check``: each backend against the textbook formulas evaluated here in float64
-and in the tested dtype, by the same tolerance policy as attention (:func:`.check.within_tolerance`)."""
+and in the tested dtype, by the same tolerance policy as attention (:func:`.tolerance.within_tolerance`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from collections.abc import Callable
 import torch
 
 from .backends.positional import POSITION_BACKENDS
-from .check import FORWARD_FACTOR, within_tolerance
 from .position import add_sinusoidal_position_encoding, apply_rotary_emb, rotary_cos_sin
+from .tolerance import FORWARD_FACTOR, within_tolerance
 
 _DTYPES = (torch.float32, torch.bfloat16)
 

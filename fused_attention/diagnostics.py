@@ -7,6 +7,7 @@ import platform
 import torch
 
 from . import _extension
+from ._version import __version__
 from .backends import BACKENDS
 from .backends.positional import POSITION_BACKENDS
 
@@ -23,7 +24,7 @@ def info() -> str:
     """A human-readable report of versions, the compiled extension and each backend's availability."""
     ext = _extension.load_extension()
     lines = [
-        f"fused_attention {_version()}",
+        f"fused_attention {__version__}",
         f"python {platform.python_version()} on {platform.machine()} ({platform.system()})",
         (
             f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'}, "
@@ -48,12 +49,6 @@ def info() -> str:
             per_device.append(f"{device}: {'available' if reason is None else reason}")
         lines.append(f"  {name:7s} " + "; ".join(per_device))
     return "\n".join(lines)
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 _FEATURE_COLUMNS = (

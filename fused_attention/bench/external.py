@@ -9,7 +9,7 @@ import importlib.util
 import torch
 
 from .case import Case
-from .providers import Provider
+from .provider import Provider
 
 _HALF = (torch.float16, torch.bfloat16)
 

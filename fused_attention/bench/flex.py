@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .case import Case
-from .providers import Provider
+from .provider import Provider
 
 _COMPILED: dict[str, Any] = {}
 RECOMPILE_LIMIT = 256  # one compile per shape and mode; dynamo's default (8) would fall back to eager

@@ -8,7 +8,7 @@ import torch
 from ..backends.positional import POSITION_BACKENDS
 from ..position import add_sinusoidal_position_encoding, apply_rotary_emb
 from .position_case import PositionCase, naive_position
-from .providers import Provider
+from .provider import Provider
 
 
 def ours_position(name: str, interpreted: bool = False) -> Provider:

@@ -11,7 +11,6 @@ import contextlib
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -19,30 +18,11 @@ from ..backends import BACKENDS
 from ..functional import scaled_dot_product_attention, varlen_attention
 from ..inputs import canonicalize, canonicalize_varlen
 from .case import Case
+from .external import external_providers
+from .flex import flex_provider
 from .memory import available_bytes
-
-BASELINE = "torch-sdpa"  # speedups are measured against this provider, in the same run
-
-
-@dataclass(frozen=True)
-class Provider:
-    """``family``: the spec family it serves (``"attention"`` or ``"position"``). ``slow_warmup``:
-    left out of ``--quick`` (a compile or an interpreter before the first timed call).
-    ``extra_bytes(case)``: memory it holds beyond the shared inputs (a dense mask built outside the
-    timing), added to its peak-memory column."""
-
-    name: str
-    fn: Callable[[Case], torch.Tensor]
-    reasons: Callable[[Case], list[str]] | None = None
-    family: str = "attention"
-    slow_warmup: bool = False
-    extra_bytes: Callable[[Case], int] | None = None
-
-    def why_not(self, case: Case) -> list[str]:
-        return list(self.reasons(case)) if self.reasons is not None else []
-
-    def held_bytes(self, case: Case) -> int:
-        return self.extra_bytes(case) if self.extra_bytes is not None else 0
+from .position_providers import position_providers
+from .provider import BASELINE, Provider
 
 
 def ours(name: str) -> Provider:
@@ -196,10 +176,6 @@ def default_providers(device: str = "cpu", *, quick: bool = False) -> list[Provi
     """Every provider for ``device``: our available attention and position backends, torch's SDPA
     backends, FlexAttention, FlashAttention and xformers when installed, and the naive formulas.
     ``quick`` leaves out providers that are slow to warm up."""
-    from .external import external_providers
-    from .flex import flex_provider
-    from .position_providers import position_providers
-
     providers = [
         *our_providers(device),
         *torch_providers(device),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .._version import __version__
 from . import memory
 from .row import COLUMNS, Row
 
@@ -57,8 +58,6 @@ def load_average() -> float | None:
 def machine(device: str = "cpu") -> dict[str, object]:
     """Hardware and software of this run."""
     import os
-
-    from .. import __version__
 
     info: dict[str, object] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

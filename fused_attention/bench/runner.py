@@ -14,7 +14,8 @@ from .accuracy import Expected, case_rows, max_error, max_grad_error, only_rows,
 from .case import Case, make_case
 from .memory import peak_bytes
 from .position_case import PositionCase, make_position_case, position_reference
-from .providers import BASELINE, Provider, default_providers
+from .provider import BASELINE, Provider
+from .providers import default_providers
 from .roofline import roofline_fraction
 from .row import Row
 from .spec import Spec

@@ -12,7 +12,7 @@ from pathlib import Path
 from . import report
 from .plot import plot
 from .progress import Progress
-from .providers import Provider
+from .provider import Provider
 from .roofline import best_peaks, measure_peaks, roofline_fraction
 from .row import Row
 from .runner import run

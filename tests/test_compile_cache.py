@@ -1,0 +1,57 @@
+"""An upgrade that changes an op's schema does not reuse graphs compiled against the old one: our
+component of ``torch.compiler.config.cache_key_tag`` follows the op schemas, and torch's FX graph
+cache key follows the tag (torch does not key on custom-op schemas itself)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+import fused_attention
+from fused_attention import compile_cache
+
+
+def test_import_tags_the_compile_caches_with_version_and_schemas():
+    tag = torch.compiler.config.cache_key_tag
+    assert compile_cache.cache_tag() in tag.split("|")
+    assert f"fused_attention={fused_attention.__version__}+" in tag
+    assert any(s.startswith("fused_attention::attention(") for s in compile_cache.op_schemas())
+
+
+def test_tagging_keeps_the_users_tag_and_replaces_ours():
+    with torch.compiler.config.patch(cache_key_tag="mine|fused_attention=0.0.1+stale"):
+        compile_cache.tag_compile_caches()
+        compile_cache.tag_compile_caches()
+        assert torch.compiler.config.cache_key_tag == "mine|" + compile_cache.cache_tag()
+
+
+def test_changed_op_schema_changes_the_tag():
+    # A fresh process, so the extra op does not outlive the test.
+    script = """
+import torch, fused_attention
+from fused_attention import compile_cache
+before = compile_cache.cache_tag()
+lib = torch.library.Library("fused_attention", "FRAGMENT")
+lib.define("schema_probe(Tensor x, int n) -> Tensor")
+print(before != compile_cache.cache_tag())
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
+
+
+def test_fx_graph_cache_key_follows_the_tag():
+    from torch._inductor.codecache import compiled_fx_graph_hash  # what Inductor keys its cache with
+
+    gm = torch.fx.symbolic_trace(lambda x: x + 1)
+    x = torch.randn(3)
+
+    def key(tag: str) -> str:
+        with torch.compiler.config.patch(cache_key_tag=tag):
+            return compiled_fx_graph_hash(gm, [x], {}, [])[0]
+
+    assert key("fused_attention=1+a") == key("fused_attention=1+a")
+    assert key("fused_attention=1+a") != key("fused_attention=1+b")
