@@ -28,6 +28,8 @@ def _import_error() -> str | None:
     except ModuleNotFoundError as error:
         if error.name == "triton":
             return "triton is not installed"
+        if error.name == "numpy":  # under TRITON_INTERPRET=1 even `import triton` runs the interpreter
+            return "triton cannot be imported: the Triton interpreter (TRITON_INTERPRET=1) needs numpy"
         return f"triton cannot be imported ({error})"
     except (ImportError, OSError, RuntimeError) as error:  # a broken install: unavailable, not a crash
         return f"triton cannot be imported ({type(error).__name__}: {error})"
