@@ -182,8 +182,8 @@ class OptionalBuildExtension(cpp_extension.BuildExtension):
             raise failure
         reason = (
             f"the compiled extension fused_attention._C could not be built ({_first_line(failure)}), so "
-            "the 'cpu' and 'cuda' backends are unavailable; the 'torch' and 'triton' backends work. Rebuild "
-            "with FUSED_ATTENTION_FORCE_CPP_BUILD=1 and pip's -v to see the compiler's error."
+            "the 'cpu' and 'cuda' backends are unavailable (the 'torch' backend, and 'triton' on a GPU, "
+            "work). Rebuild with FUSED_ATTENTION_FORCE_CPP_BUILD=1 and pip's -v to see the compiler's error."
         )
         _warn(reason + " Installing the Python package without it.")
         stale = self.get_ext_fullpath(ext.name)

@@ -35,10 +35,11 @@ git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t 
 
 # The build tools the README's commands install (an older torch pulls no setuptools with bdist_wheel).
 "$PY" -m pip install -q setuptools wheel ninja
-wheel_build() { (cd "$SRC" && "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$1" .); }
+wheel_build() { (cd "$SRC" && "$PY" -m pip wheel --no-build-isolation --no-deps -w "$@" .); }
 
 step "a failing C++ build (CXX=false) installs without the extension"
-CXX=false wheel_build "$WORK/dist-failed" 2> "$WORK/failed-build.log"
+# -v: pip shows a successful build's output (where the warning is) only when asked.
+CXX=false wheel_build "$WORK/dist-failed" -v > "$WORK/failed-build.log" 2>&1
 grep -q "fused_attention WARNING: the compiled extension fused_attention._C could not be built" \
   "$WORK/failed-build.log" || { cat "$WORK/failed-build.log"; exit 1; }
 contents=$(unzip -l "$WORK"/dist-failed/fused_attention-*.whl)
@@ -46,13 +47,13 @@ if echo "$contents" | grep -q "_C\..*so" || ! echo "$contents" | grep -q "_C_bui
   echo "$contents"; exit 1
 fi
 step "... and fails with FUSED_ATTENTION_FORCE_CPP_BUILD=1"
-if CXX=false FUSED_ATTENTION_FORCE_CPP_BUILD=1 wheel_build "$WORK/dist-forced" > /dev/null 2>&1; then
+if CXX=false FUSED_ATTENTION_FORCE_CPP_BUILD=1 wheel_build "$WORK/dist-forced" -q > /dev/null 2>&1; then
   echo "a forced C++ build succeeded with CXX=false"; exit 1
 fi
 
 step "wheel against torch $OLDEST_TORCH (FUSED_ATTENTION_FORCE_CPP_BUILD=1, MAX_JOBS=${MAX_JOBS:-})"
 rm -rf "$WORK/dist" "$SRC/build"
-FUSED_ATTENTION_FORCE_CPP_BUILD=1 wheel_build "$WORK/dist"
+FUSED_ATTENTION_FORCE_CPP_BUILD=1 wheel_build "$WORK/dist" -q
 
 step "the wheel in the venv with only torch: info, check, bench"
 "$PY" -m pip uninstall -q -y wheel ninja  # back to a fresh venv's tools (pip, setuptools)
@@ -62,8 +63,8 @@ cd "$WORK"  # away from the source tree: the installed package is what runs
 "$PY" -m fused_attention info | tee "$WORK/info.txt"
 grep -E "^  cpu +available" "$WORK/info.txt" > /dev/null || { echo "the cpu backend is not available"; exit 1; }
 "$PY" -m fused_attention check
-"$PY" -m fused_attention bench --ops plain rope --seq 64 --batch 1 --heads 2 --dim 32 --modes fwd \
-  --min-run-time 0.01 --out "$WORK/bench"
+"$PY" -m fused_attention bench --ops plain rope --providers cpu torch-sdpa naive --seq 64 --batch 1 --heads 2 \
+  --dim 32 --modes fwd --min-run-time 0.01 --out "$WORK/bench"
 
 step "test slice on torch $OLDEST_TORCH"
 "$PY" -m pip install -q pytest hypothesis numpy "transformers==${OLDEST_TRANSFORMERS:-4.49.0}"
@@ -72,7 +73,7 @@ cp "$SRC"/build/lib*/fused_attention/_C*.so "$SRC/fused_attention/"
 cd "$SRC"
 "$PY" -m pytest -q -p no:cacheprovider \
   tests/test_attention.py tests/test_varlen.py tests/test_position.py tests/test_extension.py \
-  tests/test_dispatch.py tests/test_huggingface.py tests/test_platform.py \
+  tests/test_dispatch.py tests/test_huggingface.py tests/test_platform.py tests/test_patching.py \
   tests/test_compile.py -k "not inductor"
 cd "$REPO"
 step "done"
