@@ -67,7 +67,7 @@ grep -E "^  cpu +available" "$WORK/info.txt" > /dev/null || { echo "the cpu back
   --dim 32 --modes fwd --min-run-time 0.01 --out "$WORK/bench"
 
 step "test slice on torch $OLDEST_TORCH"
-"$PY" -m pip install -q pytest hypothesis numpy "transformers==${OLDEST_TRANSFORMERS:-4.49.0}"
+"$PY" -m pip install -q pytest hypothesis numpy transformers  # the newest transformers still takes torch 2.6
 # Tests run the copied tree with the extension built for this torch (some start subprocesses on it).
 cp "$SRC"/build/lib*/fused_attention/_C*.so "$SRC/fused_attention/"
 cd "$SRC"

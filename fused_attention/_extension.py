@@ -61,7 +61,11 @@ def _build_failure() -> str | None:
 
 
 def _import_failure(exc: BaseException) -> str:
-    if importlib.util.find_spec(f"{__package__}._C") is None:
+    try:
+        missing = importlib.util.find_spec(f"{__package__}._C") is None
+    except (ImportError, ValueError):  # an import hook that refuses it: report its own error below
+        missing = False
+    if missing:
         return (
             f"compiled extension fused_attention._C is not built (no _C library in {Path(__file__).parent}); "
             "build it with `pip install --no-build-isolation .`"
