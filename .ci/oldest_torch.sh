@@ -5,7 +5,8 @@
 #   3. installed into a venv that has only torch (with its Triton, and no numpy), `info`, `check` and a
 #      tiny `bench` work;
 #   4. with the test tools added, a representative slice of the suite passes.
-# Usage: .ci/oldest_torch.sh WORKDIR
+# Usage: .ci/oldest_torch.sh WORKDIR [--prepare]   (--prepare: only step 0, the venv with torch, which
+# .ci/run starts early in the background)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -23,10 +24,21 @@ export FUSED_ATTENTION_SKIP_CUDA_BUILD=1
 
 step() { echo "--- $* (${SECONDS}s)"; }
 
-step "fresh venv with torch==$OLDEST_TORCH only"
-python3 -m venv --clear "$VENV"
-"$PY" -m pip install -q "torch==$OLDEST_TORCH"
-"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+prepare() {
+  rm -f "$VENV.prepared"
+  python3 -m venv --clear "$VENV"
+  "$PY" -m pip install -q "torch==$OLDEST_TORCH"
+  touch "$VENV.prepared"
+}
+if [ "${2:-}" = "--prepare" ]; then
+  prepare
+  exit
+fi
+if [ ! -f "$VENV.prepared" ]; then
+  step "fresh venv with torch==$OLDEST_TORCH only"
+  prepare
+fi
+"$PY" -W ignore -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 # A copy of the tree (tracked and new files, no build outputs), so this build shares nothing with the
 # main one: not its build/ directory, not the extension built in place for the main venv's torch.
@@ -67,7 +79,10 @@ grep -E "^  cpu +available" "$WORK/info.txt" > /dev/null || { echo "the cpu back
   --dim 32 --modes fwd --min-run-time 0.01 --out "$WORK/bench"
 
 step "test slice on torch $OLDEST_TORCH"
-"$PY" -m pip install -q pytest hypothesis numpy transformers  # the newest transformers still takes torch 2.6
+# numpy < 2.3: Triton 3.2's interpreter converts 1-element arrays to scalars, which the newest numpy
+# refuses (2.2 still accepts it).
+# The newest transformers still takes torch 2.6.
+"$PY" -m pip install -q pytest hypothesis "numpy<2.3" transformers
 # Tests run the copied tree with the extension built for this torch (some start subprocesses on it).
 cp "$SRC"/build/lib*/fused_attention/_C*.so "$SRC/fused_attention/"
 cd "$SRC"
