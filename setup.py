@@ -7,6 +7,13 @@ nvcc is found; no GPU is needed to compile them. Environment variables:
 - ``MAX_JOBS``: parallel compile jobs (read by torch's ``BuildExtension``).
 - ``FUSED_ATTENTION_SKIP_CUDA_BUILD=1``: build the C++ kernels only.
 - ``FUSED_ATTENTION_FORCE_CUDA_BUILD=1``: fail instead of falling back to C++ only when CUDA can't be built.
+- ``FUSED_ATTENTION_FORCE_CPP_BUILD=1``: fail instead of installing without the extension when the C++
+  kernels can't be built.
+
+A native build that fails never fails the install (unless forced as above): a CUDA compile error falls
+back to the C++ kernels only, a C++ one to no extension at all (the ``triton`` and ``torch`` backends
+still work). Either prints a warning, and the reason is installed beside the package
+(``fused_attention/_C_build_failure.txt``), where ``python -m fused_attention info`` reports it.
 
 Install with ``pip install --no-build-isolation .`` (or ``-e .``).
 """
@@ -94,6 +101,11 @@ def _build_cuda() -> bool:
     return True
 
 
+CUDA_DEFINE = "-DFUSED_ATTENTION_WITH_CUDA"
+# Written next to the extension when it could not be built; read by fused_attention/_extension.py.
+BUILD_FAILURE_NOTE = "_C_build_failure.txt"
+
+
 def _extension():
     with_cuda = _build_cuda()
     # No -std flag: BuildExtension adds the standard this torch's headers expect (C++20 for recent
@@ -118,7 +130,7 @@ def _extension():
         )
     # Without a list torch targets the visible GPU or, with none, every architecture it knows (slow).
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
-    define = "-DFUSED_ATTENTION_WITH_CUDA"
+    define = CUDA_DEFINE
     return cpp_extension.CUDAExtension(
         "fused_attention._C",
         sources + _sources(os.path.join("cuda", "*.cu")),
@@ -128,10 +140,70 @@ def _extension():
     )
 
 
+def _warn(message: str) -> None:
+    bar = "=" * 100
+    print(f"\n{bar}\nfused_attention WARNING: {message}\n{bar}\n", file=sys.stderr, flush=True)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+class OptionalBuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, except that a failed native build does not fail the install.
+
+    A failed CUDA build is retried with the C++ kernels only (unless FUSED_ATTENTION_FORCE_CUDA_BUILD);
+    a failed C++ build leaves the package without ``fused_attention._C`` (unless
+    FUSED_ATTENTION_FORCE_CPP_BUILD) and records why in BUILD_FAILURE_NOTE beside where it would be.
+    """
+
+    def build_extensions(self) -> None:
+        (ext,) = self.extensions
+        note = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), BUILD_FAILURE_NOTE)
+        if os.path.exists(note):
+            os.remove(note)
+        try:
+            super().build_extensions()
+            return
+        except Exception as error:  # noqa: BLE001 - compiler errors surface as several exception types
+            failure = error
+        if CUDA_DEFINE in ext.extra_compile_args.get("cxx", []) and not _env_flag(
+            "FUSED_ATTENTION_FORCE_CUDA_BUILD"
+        ):
+            _warn(f"the CUDA kernels failed to build ({_first_line(failure)}); building the C++ kernels only")
+            _drop_cuda(ext)
+            try:
+                super().build_extensions()
+                return
+            except Exception as error:  # noqa: BLE001
+                failure = error
+        if _env_flag("FUSED_ATTENTION_FORCE_CPP_BUILD") or _env_flag("FUSED_ATTENTION_FORCE_CUDA_BUILD"):
+            raise failure
+        reason = (
+            f"the compiled extension fused_attention._C could not be built ({_first_line(failure)}), so "
+            "the 'cpu' and 'cuda' backends are unavailable (the 'torch' backend, and 'triton' on a GPU, "
+            "work). Rebuild with FUSED_ATTENTION_FORCE_CPP_BUILD=1 and pip's -v to see the compiler's error."
+        )
+        _warn(reason + " Installing the Python package without it.")
+        stale = self.get_ext_fullpath(ext.name)
+        if os.path.exists(stale):  # an older build's library would load in place of the failed one
+            os.remove(stale)
+        os.makedirs(os.path.dirname(note), exist_ok=True)
+        with open(note, "w") as file:
+            file.write(reason + "\n")
+
+
+def _drop_cuda(ext) -> None:
+    # Keeps the flags torch's BuildExtension already added (C++ standard, ABI, extension name).
+    ext.sources = [source for source in ext.sources if not source.endswith(".cu")]
+    ext.extra_compile_args = {"cxx": [flag for flag in ext.extra_compile_args["cxx"] if flag != CUDA_DEFINE]}
+
+
 setup(
     packages=find_packages(include=["fused_attention", "fused_attention.*"]),
     package_data={"fused_attention": ["py.typed"]},
     ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": OptionalBuildExtension.with_options(use_ninja=True)},
     zip_safe=False,
 )

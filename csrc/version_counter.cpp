@@ -2,6 +2,7 @@
 // after the rotation, as torch's own in-place ops do, so autograd refuses a backward that would read
 // an x it saved before the rotation. Without it the op would mutate x silently: a custom op's default
 // autograd fallback only bumps mutated *returns*, and rotary_ returns nothing. Device-independent.
+#include <ATen/core/LegacyTypeDispatch.h>  // at::AutoDispatchBelowADInplaceOrView (torch < 2.14 needs it named)
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DispatchKeySet.h>

@@ -9,7 +9,9 @@ under ``torch.ops.fused_attention``. Their fake (meta) and autograd rules live h
 from __future__ import annotations
 
 import functools
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -30,7 +32,7 @@ def load_extension() -> ExtensionStatus:
     try:
         from . import _C
     except (ImportError, OSError) as exc:
-        return ExtensionStatus(False, f"compiled extension fused_attention._C not built: {exc}", False)
+        return ExtensionStatus(False, _build_failure() or _import_failure(exc), False)
     except Exception as exc:  # noqa: BLE001 - a broken build must not break `import fused_attention`
         return ExtensionStatus(
             False, f"compiled extension fused_attention._C failed to load: {type(exc).__name__}: {exc}", False
@@ -44,6 +46,31 @@ def load_extension() -> ExtensionStatus:
     has_cuda = bool(getattr(_C, "with_cuda", False))
     kernels = "C++ and CUDA kernels" if has_cuda else "C++ kernels only (built without CUDA)"
     return ExtensionStatus(True, f"loaded from {_C.__file__}: {kernels}", has_cuda, _C.cpu_attention_isa())
+
+
+# Where setup.py records why it built no extension (a build failure never fails the install).
+_BUILD_FAILURE_NOTE = Path(__file__).with_name("_C_build_failure.txt")
+
+
+def _build_failure() -> str | None:
+    """Why the install built no extension, as setup.py recorded it (None: no record)."""
+    try:
+        return _BUILD_FAILURE_NOTE.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _import_failure(exc: BaseException) -> str:
+    try:
+        missing = importlib.util.find_spec(f"{__package__}._C") is None
+    except (ImportError, ValueError):  # an import hook that refuses it: report its own error below
+        missing = False
+    if missing:
+        return (
+            f"compiled extension fused_attention._C is not built (no _C library in {Path(__file__).parent}); "
+            "build it with `pip install --no-build-isolation .`"
+        )
+    return f"compiled extension fused_attention._C cannot be loaded (built for another torch?): {exc}"
 
 
 def _register_python_rules() -> None:

@@ -12,6 +12,22 @@ from .inputs import canonicalize, canonicalize_varlen
 __all__ = ["scaled_dot_product_attention", "varlen_attention"]
 
 
+def _autocast_device_types() -> frozenset[str]:
+    names = ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia", "ipu", torch._C._get_privateuse1_backend_name())
+    available = set()
+    for name in names:
+        try:
+            if torch.amp.is_autocast_available(name):
+                available.add(name)
+        except RuntimeError:  # a device type this torch does not know
+            pass
+    return frozenset(available)
+
+
+# Asked once here: torch.compile on torch 2.6 cannot trace torch.amp.is_autocast_available (a graph break).
+_AUTOCAST_DEVICE_TYPES = _autocast_device_types()
+
+
 def _autocast(*tensors: Any) -> list[Any]:
     """Under autocast, cast as torch's SDPA does (a lower-precision op): float32/16 tensors to the autocast dtype."""
     first = tensors[0]
@@ -21,7 +37,7 @@ def _autocast(*tensors: Any) -> list[Any]:
         return list(tensors)  # the common case, in one C call
     device_type = first.device.type
     # is_autocast_enabled raises for device types without autocast (meta): those are never autocast.
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    if device_type not in _AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type):
         return list(tensors)
     from torch.nn.attention.bias import CausalBias  # lazy: it imports torch._dynamo (seconds)
 

@@ -87,7 +87,9 @@ def check_attention(backend: str, q, k, v, *, grad: bool = True, **kwargs) -> No
     grads = torch.autograd.grad(out, leaves, upstream.to(out.dtype))
     ref_grads = {}
     for dtype, (args, ref_kwargs, ref_out, _) in results.items():
-        ref_leaves = [t for t in (*args, ref_kwargs.get("attn_mask")) if isinstance(t, torch.Tensor) and t.requires_grad]
+        # (a CausalBias is never a leaf; on torch 2.6 even reading its requires_grad raises)
+        ref_leaves = [t for t in (*args, ref_kwargs.get("attn_mask"))
+                      if isinstance(t, torch.Tensor) and not isinstance(t, CausalBias) and t.requires_grad]
         ref_grads[dtype] = torch.autograd.grad(ref_out, ref_leaves, upstream.to(ref_out.dtype))
     for name, g, g_dt, g64 in zip(names, grads, ref_grads[q.dtype], ref_grads[torch.float64]):
         assert_policy(g, g_dt, g64, 3, f"grad {name}")

@@ -1,15 +1,17 @@
 // Runs the CPU attention kernels compiled for the best instruction set this CPU supports.
 #include <c10/util/Exception.h>
 
-#include <sys/syscall.h>
-#include <unistd.h>
-
 #include <cstdlib>
 #include <cstring>
 #include <string>
 
 #include "cpu/attention_kernels.h"
 #include "cpu/attention_prelude.h"
+
+#if FUSED_ATTENTION_AMX && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace fused_attention::cpu {
 namespace {

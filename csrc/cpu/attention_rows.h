@@ -127,7 +127,7 @@ inline acc_t row_max(const acc_t* s, int64_t n_pad, const F& f = F{}) {
   constexpr int chains = 4;
   V best[chains];
   for (int c = 0; c < chains; ++c) best[c] = simd::broadcast(-std::numeric_limits<acc_t>::infinity());
-  const auto take = [](V& b, const V& x) { b = (x > b) | (x != x) ? x : b; };  // a NaN score wins, so that it reaches the output
+  const auto take = [](V& b, const V& x) { b = ((x > b) | (x != x)) ? x : b; };  // a NaN score wins, so that it reaches the output
   int64_t j = 0;
   for (; j + chains * width <= n_pad; j += chains * width) {
 #pragma GCC unroll 4

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
+import os
 import sys
 import types
 from collections.abc import Iterator
@@ -26,6 +28,8 @@ def _import_error() -> str | None:
     except ModuleNotFoundError as error:
         if error.name == "triton":
             return "triton is not installed"
+        if error.name == "numpy":  # under TRITON_INTERPRET=1 even `import triton` runs the interpreter
+            return "triton cannot be imported: the Triton interpreter (TRITON_INTERPRET=1) needs numpy"
         return f"triton cannot be imported ({error})"
     except (ImportError, OSError, RuntimeError) as error:  # a broken install: unavailable, not a crash
         return f"triton cannot be imported ({type(error).__name__}: {error})"
@@ -33,21 +37,28 @@ def _import_error() -> str | None:
 
 
 def _interpreting_now() -> bool:
+    """Whether ``@triton.jit`` would make interpreted kernels now."""
     import triton
 
-    return bool(triton.knobs.runtime.interpret)
+    knobs = getattr(triton, "knobs", None)  # Triton 3.4+; older releases read the variable in @jit
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"  # exactly Triton 3.2/3.3's own test
 
 
 def _defined_kernel_modes() -> set[bool]:
     """Interpreter mode (True: interpreted) of every kernel in the kernel modules imported so far."""
-    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
+    # Not imported here: triton.runtime.interpreter needs numpy, which neither torch nor Triton installs.
+    # An interpreted kernel exists only once @triton.jit has imported that module itself.
+    interpreter = sys.modules.get("triton.runtime.interpreter")
+    interpreted = getattr(interpreter, "InterpretedFunction", ())
     modes = set()
     for module in vars(sys.modules[__name__]).values():
         if isinstance(module, types.ModuleType) and module.__name__.startswith(__name__ + "."):
             for obj in vars(module).values():
-                if isinstance(obj, InterpretedFunction):
+                if isinstance(obj, interpreted):
                     modes.add(True)
                 elif isinstance(obj, JITFunction):
                     modes.add(False)
@@ -76,7 +87,14 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
         )
     if not modes and not _interpreting_now():
         return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
+    if not modes and _numpy_missing():
+        return "CPU tensors need the Triton interpreter, which needs numpy (not installed)"
     return None
+
+
+@functools.cache
+def _numpy_missing() -> bool:
+    return importlib.util.find_spec("numpy") is None
 
 
 @contextlib.contextmanager
