@@ -43,7 +43,7 @@ def test_every_instruction_set_variant_passes_the_feature_tests(isa):
     (the variable is read once per process)."""
     env = dict(os.environ, FUSED_ATTENTION_CPU_ISA=isa)
     tests = "tests/test_attention.py"
-    selection = "cpu and (single_feature or odd_sizes or gqa or fully_masked or dropout_matches)"
+    selection = "cpu and (single_feature or odd_sizes or gqa or fully_masked or dropout_keeps)"
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", tests, "-k", selection],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False,
