@@ -74,6 +74,7 @@ def _sample(items: list, keep: int) -> list:
     return [item for item in items if id(item) in chosen]
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m deselection: samples what was selected
 def pytest_collection_modifyitems(config, items):
     """Triton (interpreted, ~3 s a case) runs a sample of each shared test family; ``--sample-per-test``
     samples every family (the CPU instruction-set variants use it)."""

@@ -279,6 +279,29 @@ def test_dropout_keeps_one_minus_p_of_visible_entries_and_matches_reference(back
     check_dropout_against_reference(backend, features, seq_k=multiple_for(backend, S))
 
 
+def test_torch_dropout_mask_regenerated_independently_from_its_seed():
+    """The torch backend's keep-mask (recovered with identity values) equals the mask regenerated here
+    from its documented stream: the seed drawn from torch's default generator, then per query chunk a
+    generator seeded ``(seed + i0 * golden) mod 2**63`` drawing uniforms over (B, H, rows, the chunk's
+    key range), kept where >= p; hidden entries are never kept."""
+    from fused_attention.kernels import chunked
+
+    q, k, _, kwargs = _inputs({"window", "gqa"}, seq_k=S)
+    p = 0.3
+    keep = _dropout_keep_mask("torch", q.detach(), k.detach(), p, **kwargs)
+    torch.manual_seed(77)  # as _dropout_keep_mask does before its call
+    seed = int(torch.randint(0, 1 << 62, (1,)))
+    rules = chunked.Rules(False, *kwargs["window_size"], 0.0, 1.0, p, seed)
+    expected = torch.zeros_like(keep)
+    step = chunked.chunk_rows(B, HQ, L, S)
+    for i0 in range(0, L, step):
+        i1 = min(i0 + step, L)
+        j0, j1 = chunked.key_range(i0, i1, L, S, rules)
+        gen = torch.Generator().manual_seed((seed + i0 * 0x9E3779B97F4A7C15) % (1 << 63))
+        expected[:, :, i0:i1, j0:j1] = torch.rand(B, HQ, i1 - i0, j1 - j0, generator=gen) >= p
+    assert torch.equal(keep, expected & _visible(q, k, **kwargs))
+
+
 def check_dropout_against_reference(backend, features, seq_k=S):
     """The keep-mask recovered with identity values (so ``seq_k`` is also the value head dim), the
     kept fraction over the entries the reference sees, and output and gradients against the reference
