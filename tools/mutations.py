@@ -64,7 +64,7 @@ MUTATIONS = [
         "planted-2 sdpa-drops-scale", "fused_attention/backends/torch_backend.py",
         "is_causal=inputs.causal, scale=inputs.scale, enable_gqa=",
         "is_causal=inputs.causal, enable_gqa=",
-        _k(ATT, "torch and single_feature and scale"),
+        _k("tests/test_dispatch.py", "forced_torch_backend_matches_torch"),
         "torch backend: the inference call to torch's SDPA drops scale=",
     ),
     Mutation(
@@ -78,7 +78,7 @@ MUTATIONS = [
         "planted-4 chunked-16bit-arithmetic", CHUNKED_PY,
         "return torch.float64 if dtype == torch.float64 else torch.float32",
         "return dtype",
-        _k(ATT, "torch and single_feature and (bfloat16 or float16)"),
+        _k(ATT, "torch and float32_arithmetic_bound"),
         "torch backend: 16-bit inputs computed in 16-bit (the docstring promises float32)",
     ),
     Mutation(
