@@ -173,18 +173,19 @@ MUTATIONS = [
     Mutation(
         "hf-dropout-in-eval", "fused_attention/integrations/huggingface.py",
         "dropout_p=dropout if module.training else 0.0", "dropout_p=dropout",
-        ("tests/test_huggingface.py",), "attention dropout applied in eval mode",
+        _k("tests/test_huggingface.py", "dropout"), "attention dropout applied in eval mode",
     ),
     Mutation(
         "patching-skips-backend", "fused_attention/integrations/patching.py",
         "MultiheadAttention.from_torch_(module, backend=backend)", "MultiheadAttention.from_torch_(module)",
-        ("tests/test_patching.py",), "patch_model forgets the forced backend",
+        _k("tests/test_patching.py", "backend"), "patch_model forgets the forced backend",
     ),
     Mutation(
         "nn-weights-summed-over-heads", "fused_attention/nn/attention.py",
         "weights = (weights.mean(dim=1) if average_attn_weights else weights)",
         "weights = (weights.sum(dim=1) if average_attn_weights else weights)",
-        _k("tests/test_nn_attention.py", "weights"), "need_weights averages nothing (sums over heads)",
+        _k("tests/test_nn_attention.py", "multihead_attention_matches_torch"),
+        "need_weights sums the weights over heads instead of averaging",
     ),
     # --- position encodings ---
     Mutation(
