@@ -11,7 +11,7 @@ Not part of the default CI run (minutes per mutation on a small machine). Run fr
     python tools/mutations.py                   # the Python mutations
     python tools/mutations.py --cpp             # and the C++ ones (scratch builds)
     python tools/mutations.py --cpp-only        # only the C++ ones
-    python tools/mutations.py --only planted    # names containing "planted"
+    python tools/mutations.py --only planted,hf  # names containing "planted" or "hf"
     python tools/mutations.py --out benchmarks/results/mutations.md
 
 The first five are the bugs planted by the audit of issue 19; each names the test that now catches it.
@@ -299,11 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpp", action="store_true", help="also the C++ mutations (a scratch build each)")
     parser.add_argument("--cpp-only", action="store_true", help="only the C++ mutations")
-    parser.add_argument("--only", default="", help="run mutations whose name contains this")
+    parser.add_argument("--only", default="", help="run mutations whose name contains one of these (comma-separated)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mutation's tests")
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
     args = parser.parse_args(argv)
-    chosen = [m for m in MUTATIONS if args.only in m.name and (args.cpp or args.cpp_only or not m.cpp)]
+    wanted = args.only.split(",")
+    chosen = [m for m in MUTATIONS if any(w in m.name for w in wanted) and (args.cpp or args.cpp_only or not m.cpp)]
     chosen = [m for m in chosen if m.cpp or not args.cpp_only]
     rows = []
     with tempfile.TemporaryDirectory(prefix="fa-mutations-") as tmp:
