@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [m for m in MUTATIONS if any(w in m.name for w in wanted) and (args.cpp or args.cpp_only or not m.cpp)]
     chosen = [m for m in chosen if m.cpp or not args.cpp_only]
     rows = []
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True, check=False).stdout.strip()  # what the copy is made of
     with tempfile.TemporaryDirectory(prefix="fa-mutations-") as tmp:
         copy = Path(tmp)
         _copy_repo(copy)
@@ -315,8 +317,6 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((m, status, seconds, detail))
             print(f"{status:9s} {seconds:6.0f} s  {m.name}: {detail}", flush=True)
     caught = sum(r[1] == "caught" for r in rows)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True, check=False).stdout.strip()
     lines = [
         f"# Mutation check: {caught} of {len(rows)} caught",
         "",
