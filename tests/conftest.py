@@ -9,7 +9,6 @@ name, so its data does not depend on which tests ran before it or on ``-k``.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import zlib
@@ -63,14 +62,16 @@ def pytest_configure(config):
 
 
 def _sample(items: list, keep: int) -> list:
-    """At most ``keep`` evenly spaced items of each test function (module + name), in order."""
+    """At most ``keep`` evenly spaced items of each test function (module + name), the first and the
+    last included, in order."""
     families: dict[tuple, list] = {}
     for item in items:
         families.setdefault((item.module.__name__ if item.module else "", item.originalname), []).append(item)
     chosen = set()
     for members in families.values():
-        step = max(1, math.ceil(len(members) / keep))
-        chosen.update(id(m) for m in members[::step])
+        n = len(members)
+        picks = range(n) if n <= keep else {round(i * (n - 1) / (keep - 1)) for i in range(keep)} if keep > 1 else [0]
+        chosen.update(id(members[i]) for i in picks)
     return [item for item in items if id(item) in chosen]
 
 
@@ -80,6 +81,11 @@ def pytest_collection_modifyitems(config, items):
     samples every family (the CPU instruction-set variants use it)."""
     deselected = []
     triton = [i for i in items if getattr(i, "callspec", None) and i.callspec.params.get("backend") == "triton"]
+    # Cases whose dtype triton does not serve here would only skip: the sample is drawn from the others.
+    unserved = [i for i in triton if isinstance(i.callspec.params.get("dtype"), torch.dtype)
+                and not serves("triton", i.callspec.params["dtype"])]
+    deselected += unserved
+    triton = [i for i in triton if i not in unserved]
     if triton:
         kept = {id(i) for i in _sample(triton, TRITON_SAMPLE_PER_TEST)}
         deselected += [i for i in triton if id(i) not in kept]
