@@ -1,8 +1,8 @@
 """Shared test machinery: which backends run here, input factories, the tolerance policy and the shared
 checks every backend goes through.
 
-The session is made reproducible and independent of the caller's shell: every ``FUSED_ATTENTION_*``
-variable is removed before the package is imported (a stray ``FUSED_ATTENTION_BACKEND`` would silently
+The session is made reproducible and independent of the caller's shell: every runtime
+``FUSED_ATTENTION_*`` variable is removed before the package is imported (a stray ``FUSED_ATTENTION_BACKEND`` would silently
 reroute every automatically dispatched call), and every test starts from a seed derived from its own
 name, so its data does not depend on which tests ran before it or on ``-k``.
 """
@@ -19,7 +19,9 @@ import torch
 # The CPU instruction-set variant a child run of the suite is asked to use (tests/test_cpu_attention.py):
 # passed under a name of its own because every FUSED_ATTENTION_* variable is dropped just below.
 ISA_REQUEST = "FA_TESTS_CPU_ISA"
-for _name in [n for n in os.environ if n.startswith("FUSED_ATTENTION_")]:
+# Build-time switches (read by setup.py, and by test_extension to know what was built) are kept.
+BUILD_VARIABLES = ("FUSED_ATTENTION_SKIP_CUDA_BUILD", "FUSED_ATTENTION_FORCE_CUDA_BUILD")
+for _name in [n for n in os.environ if n.startswith("FUSED_ATTENTION_") and n not in BUILD_VARIABLES]:
     del os.environ[_name]
 if os.environ.get(ISA_REQUEST):
     os.environ["FUSED_ATTENTION_CPU_ISA"] = os.environ[ISA_REQUEST]

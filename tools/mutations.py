@@ -250,7 +250,7 @@ def _copy_repo(dest: Path) -> None:
 
 
 def _env(copy: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSED_ATTENTION_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSED_ATTENTION_") or k.endswith("_CUDA_BUILD")}
     env["PYTHONPATH"] = str(copy)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
