@@ -1,11 +1,30 @@
-"""Shared test machinery: which backends run here, input factories, the tolerance policy."""
+"""Shared test machinery: which backends run here, input factories, the tolerance policy and the shared
+checks every backend goes through.
+
+The session is made reproducible and independent of the caller's shell: every runtime
+``FUSED_ATTENTION_*`` variable is removed before the package is imported (a stray ``FUSED_ATTENTION_BACKEND`` would silently
+reroute every automatically dispatched call), and every test starts from a seed derived from its own
+name, so its data does not depend on which tests ran before it or on ``-k``.
+"""
 
 from __future__ import annotations
 
 import os
+import random
+import zlib
 
 import pytest
 import torch
+
+# The CPU instruction-set variant a child run of the suite is asked to use (tests/test_cpu_attention.py):
+# passed under a name of its own because every FUSED_ATTENTION_* variable is dropped just below.
+ISA_REQUEST = "FA_TESTS_CPU_ISA"
+# Build-time switches (read by setup.py, and by test_extension to know what was built) are kept.
+BUILD_VARIABLES = ("FUSED_ATTENTION_SKIP_CUDA_BUILD", "FUSED_ATTENTION_FORCE_CUDA_BUILD")
+for _name in [n for n in os.environ if n.startswith("FUSED_ATTENTION_") and n not in BUILD_VARIABLES]:
+    del os.environ[_name]
+if os.environ.get(ISA_REQUEST):
+    os.environ["FUSED_ATTENTION_CPU_ISA"] = os.environ[ISA_REQUEST]
 
 # Without a GPU, Triton kernels run under the interpreter on CPU tensors. Triton reads this when a
 # kernel is defined, so it is set before fused_attention (and its kernels) are imported.
@@ -14,13 +33,86 @@ if not torch.cuda.is_available():
 from torch.nn.attention.bias import CausalBias
 
 import fused_attention
+from fused_attention import _extension
 from fused_attention.backends import BACKENDS
-from fused_attention.check import within_tolerance
-from fused_attention.reference import reference_attention
+from fused_attention.tolerance import within_tolerance
+from fused_attention.reference import reference_attention, reference_varlen_attention
+
+torch.manual_seed(0)  # parametrize lists that draw random tensors at collection
+
+# Backends whose docstrings promise float32 arithmetic for 16-bit inputs (the torch backend's chunked op,
+# the cpu backend's C++ kernels outside the AMX bfloat16 forward): their 16-bit results are held to a
+# bound built from the reference computed with float32 intermediates, which 16-bit arithmetic exceeds.
+FLOAT32_ARITHMETIC = frozenset({"torch", "cpu"})
+# Triton joins the shared suite under the interpreter on a sample: at most this many cases of each
+# parametrized test function (evenly spaced), so CI stays in budget; see pytest_collection_modifyitems.
+TRITON_SAMPLE_PER_TEST = 3
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--sample-per-test", type=int, default=0,
+        help="keep at most N evenly spaced cases of every parametrized test function (0: all)",
+    )
+
+
+def pytest_configure(config):
+    requested = os.environ.get(ISA_REQUEST)
+    status = _extension.load_extension()
+    if requested and status.loaded and status.cpu_isa != requested:
+        raise pytest.UsageError(f"{ISA_REQUEST}={requested} asked for, the kernels run {status.cpu_isa}")
+
+
+def _sample(items: list, keep: int) -> list:
+    """At most ``keep`` evenly spaced items of each test function (module + name), the first and the
+    last included, in order."""
+    families: dict[tuple, list] = {}
+    for item in items:
+        families.setdefault((item.module.__name__ if item.module else "", item.originalname), []).append(item)
+    chosen = set()
+    for members in families.values():
+        n = len(members)
+        picks = range(n) if n <= keep else {round(i * (n - 1) / (keep - 1)) for i in range(keep)} if keep > 1 else [0]
+        chosen.update(id(members[i]) for i in picks)
+    return [item for item in items if id(item) in chosen]
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m deselection: samples what was selected
+def pytest_collection_modifyitems(config, items):
+    """Triton (interpreted, ~3 s a case) runs a sample of each shared test family; ``--sample-per-test``
+    samples every family (the CPU instruction-set variants use it)."""
+    deselected = []
+    triton = [i for i in items if getattr(i, "callspec", None) and i.callspec.params.get("backend") == "triton"]
+    # Cases whose dtype triton does not serve here would only skip: the sample is drawn from the others.
+    unserved = [i for i in triton if isinstance(i.callspec.params.get("dtype"), torch.dtype)
+                and not serves("triton", i.callspec.params["dtype"])]
+    deselected += unserved
+    triton = [i for i in triton if i not in unserved]
+    if triton:
+        kept = {id(i) for i in _sample(triton, TRITON_SAMPLE_PER_TEST)}
+        deselected += [i for i in triton if id(i) not in kept]
+    keep = config.getoption("--sample-per-test")
+    remaining = [i for i in items if i not in deselected]
+    if keep:
+        kept = {id(i) for i in _sample(remaining, keep)}
+        deselected += [i for i in remaining if id(i) not in kept]
+    if deselected:
+        gone = {id(i) for i in deselected}
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [i for i in items if id(i) not in gone]
+
+
+@pytest.fixture(autouse=True)
+def _seed_from_test_name(request):
+    """Every test starts from its own seed: its data does not depend on test order or on ``-k``."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(seed)
+    random.seed(seed)
 
 
 def cpu_backends() -> list[str]:
-    """Backends that serve CPU tensors on this machine: every one of them runs the shared suite."""
+    """Backends that serve CPU tensors natively on this machine (the interpreted triton backend is not
+    one of them: see :func:`shared_backends`)."""
     names = []
     for name, backend in BACKENDS.items():
         devices = backend.capabilities.device_types
@@ -29,9 +121,48 @@ def cpu_backends() -> list[str]:
     return names
 
 
-@pytest.fixture(params=cpu_backends())
+def shared_backends() -> list[str]:
+    """Every backend that can compute on CPU tensors here, triton included under the interpreter: each one
+    runs the shared suite (triton on a sample, see ``TRITON_SAMPLE_PER_TEST``)."""
+    names = cpu_backends()
+    if BACKENDS["triton"].serves_device_reason(torch.device("cpu")) is None:
+        names.append("triton")
+    return names
+
+
+@pytest.fixture(params=shared_backends())
 def backend(request) -> str:
     return request.param
+
+
+def serves(backend: str, dtype: torch.dtype) -> bool:
+    return dtype in BACKENDS[backend].capabilities.dtypes and not (
+        backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available()
+    )
+
+
+def require(backend: str, *dtypes: torch.dtype) -> None:
+    """Skips (with the reason) a case whose dtype the backend does not serve on this machine, e.g.
+    float64 or (interpreted) bfloat16 on triton."""
+    for dtype in dtypes:
+        if not serves(backend, dtype):
+            pytest.skip(f"{backend} does not serve {dtype} here")
+
+
+def require_call(backend: str, q, k, v, **kwargs) -> None:
+    """Skips (with the backend's own reasons) a dense call the backend cannot serve, e.g. triton with a
+    head dim that is not a multiple of 8; every other backend serves every call of the shared suite."""
+    from fused_attention.inputs import canonicalize
+
+    reasons = BACKENDS[backend].not_supported_reasons(canonicalize(q, k, v, **kwargs))
+    if reasons and backend == "triton":
+        pytest.skip(f"{backend}: {'; '.join(reasons)}")
+
+
+def multiple_for(backend: str, n: int) -> int:
+    """The smallest head dim >= n the backend serves (identity values need head dim = key count)."""
+    m = BACKENDS[backend].capabilities.head_dim_multiple
+    return -(-n // m) * m
 
 
 def rand(*shape, dtype=torch.float32, requires_grad=False, gen=None) -> torch.Tensor:
@@ -40,12 +171,14 @@ def rand(*shape, dtype=torch.float32, requires_grad=False, gen=None) -> torch.Te
 
 
 def assert_policy(out: torch.Tensor, ref_dt: torch.Tensor, ref64: torch.Tensor, factor: float, what: str) -> None:
-    """DESIGN.md's policy; infinities (lse of empty rows) must match exactly and are then left out."""
+    """DESIGN.md's policy; infinities (lse of empty rows) must match exactly, sign included, and are then
+    left out."""
     out, ref_dt, ref64 = out.detach(), ref_dt.detach(), ref64.detach()
     assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     inf = torch.isinf(ref64)
     assert torch.equal(torch.isinf(out), inf), f"{what}: infinities differ from the reference"
     if inf.any():
+        assert torch.equal(out[inf].double(), ref64[inf].double()), f"{what}: infinities of the wrong sign"
         out, ref_dt, ref64 = (t.masked_fill(inf, 0.0) for t in (out, ref_dt.to(out.dtype), ref64))
     ok, err, bound = within_tolerance(out, ref_dt, ref64, factor)
     assert ok, f"{what}: max error {err:.3e} > bound {bound:.3e}"
@@ -57,39 +190,103 @@ def _leaf(t, dtype):
     return t.detach().to(dtype).requires_grad_(t.requires_grad)
 
 
-def check_attention(backend: str, q, k, v, *, grad: bool = True, **kwargs) -> None:
-    """Runs ``backend`` and the reference (in q's dtype and in float64) and applies the policy to the
-    output, the lse and the gradients of every input that requires grad (q, k, v, a float mask)."""
-    mask = kwargs.get("attn_mask")
-    out, lse = fused_attention.scaled_dot_product_attention(q, k, v, return_lse=True, backend=backend, **kwargs)
-    results = {}
-    for dtype in (q.dtype, torch.float64):
-        args = [_leaf(t, dtype) for t in (q, k, v)]
+def _is_16bit(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def _float_tensors(kwargs: dict, names=("attn_mask", "alibi_slopes")) -> list[str]:
+    return [
+        n for n in names
+        if isinstance(kwargs.get(n), torch.Tensor) and not isinstance(kwargs[n], CausalBias)
+        and kwargs[n].is_floating_point()
+    ]
+
+
+def _reference_runs(ref_fn, args, kwargs, roles, upstream):
+    """``{role: (out, lse, {name: grad})}`` for roles ``"64"`` (the oracle: float64, exact), ``"dt"`` (every
+    intermediate in the inputs' dtype) and ``"32"`` (float32 intermediates), with every float argument as
+    a fresh leaf. Every run but the oracle gets the upstream gradient in the inputs' dtype, as the backend
+    does, and stores its results as the backend does (output in the inputs' dtype, the gradient of an
+    extra float argument such as float32 ALiBi slopes in that argument's dtype)."""
+    in_dtype = args["q"].dtype
+    runs = {}
+    for role in roles:
+        dtype = {"64": torch.float64, "dt": in_dtype, "32": torch.float32}[role]
+        leaves = {n: _leaf(t, dtype) for n, t in args.items()}
         ref_kwargs = dict(kwargs)
-        if isinstance(mask, torch.Tensor) and not isinstance(mask, CausalBias) and mask.is_floating_point():
-            ref_kwargs["attn_mask"] = _leaf(mask, dtype if mask.dtype == q.dtype else torch.float64)
-        results[dtype] = (args, ref_kwargs, *reference_attention(*args, **ref_kwargs))
-    (_, _, ref_dt, lse_dt), (_, _, ref64, lse64) = results[q.dtype], results[torch.float64]
-    assert out.dtype == q.dtype
-    assert lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
-    assert_policy(out, ref_dt, ref64, 2, "output")
-    assert_policy(lse, lse_dt, lse64, 2, "lse")
-    if not grad:
+        for n in _float_tensors(kwargs):
+            # Extra float arguments keep full precision unless they come in the inputs' dtype.
+            ref_kwargs[n] = _leaf(kwargs[n], dtype if kwargs[n].dtype == in_dtype else torch.float64)
+        out, lse = ref_fn(*leaves.values(), **ref_kwargs)
+        wrt = {n: t for n, t in (*leaves.items(), *((n, ref_kwargs[n]) for n in _float_tensors(kwargs)))
+               if t.requires_grad}
+        grads = {}
+        if wrt and upstream is not None:
+            # The backend gets the upstream gradient in the input dtype: so does every run but float64.
+            dout = upstream if role == "64" else upstream.to(in_dtype).to(out.dtype)
+            grads = dict(zip(wrt, torch.autograd.grad(out, list(wrt.values()), dout)))
+        if role != "64":
+            out = out.to(in_dtype)
+            grads = {n: g.to(kwargs[n].dtype if n in kwargs else in_dtype) for n, g in grads.items()}
+        runs[role] = (out.detach(), lse.detach(), grads)
+    return runs
+
+
+def _check_against_reference(backend, call, ref_fn, args: dict, kwargs: dict, grad: bool) -> None:
+    """The policy applied to one backend call, three ways: trained (return_lse, gradients of every input
+    that requires grad: q, k, v, a float mask, ALiBi slopes), and for inference under ``no_grad``
+    without ``return_lse`` (which may take another path, e.g. the torch backend's call to torch's SDPA).
+
+    A backend in ``FLOAT32_ARITHMETIC`` is held, for 16-bit inputs on the trained path, to the reference
+    computed with float32 intermediates (``ref_dt`` in 16-bit bounds any 16-bit arithmetic)."""
+    dtype = args["q"].dtype
+    out, lse = call(return_lse=True)
+    with torch.no_grad():
+        inference = call(return_lse=False)
+    assert not isinstance(inference, tuple), "return_lse=False must return the output alone"
+    assert out.dtype == inference.dtype == dtype
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    named = {**args, **{n: kwargs[n] for n in _float_tensors(kwargs)}}
+    wrt = {n: t for n, t in named.items() if t.requires_grad} if grad else {}
+    upstream = torch.randn(out.shape, dtype=torch.float64) if wrt else None
+    strict = backend in FLOAT32_ARITHMETIC and _is_16bit(dtype)
+    runs = _reference_runs(ref_fn, args, kwargs, ["dt", "64"] + (["32"] if strict else []), upstream)
+    (ref_dt, lse_dt, g_dt), (ref64, lse64, g64) = runs["dt"], runs["64"]
+    assert_policy(inference, ref_dt, ref64, 2, "output (no_grad, no lse)")
+    bound_out, bound_lse, bound_g = runs["32"] if strict else (ref_dt, lse_dt, g_dt)
+    label = " (bound: float32 intermediates)" if strict else ""
+    assert_policy(out, bound_out, ref64, 2, "output" + label)
+    assert_policy(lse, bound_lse, lse64, 2, "lse" + label)
+    if not wrt:
         return
-    named = [(n, t) for n, t in zip("qkv", (q, k, v))]
-    if not isinstance(mask, CausalBias):
-        named.append(("attn_mask", mask))
-    names = [n for n, t in named if isinstance(t, torch.Tensor) and t.requires_grad]
-    leaves = [t for n, t in named if n in names]
-    if not leaves:
-        return
-    upstream = torch.randn(out.shape, dtype=torch.float64)
-    grads = torch.autograd.grad(out, leaves, upstream.to(out.dtype))
-    ref_grads = {}
-    for dtype, (args, ref_kwargs, ref_out, _) in results.items():
-        # (a CausalBias is never a leaf; on torch 2.6 even reading its requires_grad raises)
-        ref_leaves = [t for t in (*args, ref_kwargs.get("attn_mask"))
-                      if isinstance(t, torch.Tensor) and not isinstance(t, CausalBias) and t.requires_grad]
-        ref_grads[dtype] = torch.autograd.grad(ref_out, ref_leaves, upstream.to(ref_out.dtype))
-    for name, g, g_dt, g64 in zip(names, grads, ref_grads[q.dtype], ref_grads[torch.float64]):
-        assert_policy(g, g_dt, g64, 3, f"grad {name}")
+    grads = torch.autograd.grad(out, list(wrt.values()), upstream.to(out.dtype))
+    for name, g in zip(wrt, grads):
+        assert g.dtype == wrt[name].dtype, f"grad {name}: dtype {g.dtype}"
+        assert_policy(g, bound_g[name], g64[name], 3, f"grad {name}{label}")
+
+
+def check_attention(backend: str, q, k, v, *, grad: bool = True, **kwargs) -> None:
+    """Runs ``backend`` and the reference (in q's dtype and in float64; in float32 too where the backend
+    promises float32 arithmetic) and applies the policy to the output (with and without ``return_lse``,
+    with and without grad mode), the lse and the gradients of every input that requires grad (q, k, v, a
+    float mask, ALiBi slopes)."""
+    require_call(backend, q, k, v, **{n: t for n, t in kwargs.items() if n != "dropout_p"})
+
+    def call(**extra):
+        return fused_attention.scaled_dot_product_attention(q, k, v, backend=backend, **kwargs, **extra)
+
+    _check_against_reference(backend, call, reference_attention, {"q": q, "k": k, "v": v}, kwargs, grad)
+
+
+def check_varlen(backend: str, q, k, v, cu_q, cu_k, *, grad: bool = True, **kwargs) -> None:
+    """:func:`check_attention` for packed sequences (``(total, H, D)`` with ``cu_seqlens``)."""
+    require(backend, q.dtype)
+    max_q, max_k = int((cu_q[1:] - cu_q[:-1]).max()), int((cu_k[1:] - cu_k[:-1]).max())
+
+    def call(**extra):
+        return fused_attention.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, backend=backend, **kwargs, **extra)
+
+    def ref_fn(q, k, v, **ref_kwargs):
+        return reference_varlen_attention(q, k, v, cu_q, cu_k, **ref_kwargs)
+
+    _check_against_reference(backend, call, ref_fn, {"q": q, "k": k, "v": v}, kwargs, grad)

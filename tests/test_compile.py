@@ -349,5 +349,10 @@ def test_cli_info(capsys):
 
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert out.strip() == fused_attention.info().strip()
-    assert "torch   available" in out
+    assert torch.__version__ in out and fused_attention.__version__ in out
+    from fused_attention.backends import BACKENDS
+
+    for name, backend in BACKENDS.items():  # one line per backend, saying whether it is available and why not
+        line = next(line for line in out.split("attention backends:")[1].splitlines() if line.split()[:1] == [name])
+        reason = backend.unavailable_reason()
+        assert ("unavailable" in line and reason in line) if reason else ("available" in line and "unavailable" not in line)

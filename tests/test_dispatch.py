@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_attention
-from fused_attention import backends
+from fused_attention import _extension, backends
 from fused_attention.backends import BACKENDS, Backend, Capabilities
 from fused_attention.inputs import canonicalize, canonicalize_varlen
 
@@ -77,11 +77,18 @@ def test_automatic_dispatch_of_varlen(spy):
     assert spy == [expected]
 
 
-def test_forced_torch_backend_matches_torch(spy):
-    q, k, v = _qkv()
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_forced_torch_backend_matches_torch(spy, grad):
+    """Both paths of the torch backend (inference: torch's own fused SDPA; training: the chunked op) with a
+    non-default scale, GQA and a mask, against torch's SDPA in float64 (its math kernel, not the one the
+    backend calls)."""
+    q = torch.randn(B, H, L, E, requires_grad=grad)
+    k, v = (torch.randn(B, H // 2, S, E, requires_grad=grad) for _ in range(2))
     mask = torch.rand(L, S) > 0.3
-    out = fused_attention.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="torch")
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    kwargs = {"attn_mask": mask, "scale": 0.3, "enable_gqa": True}
+    out = fused_attention.scaled_dot_product_attention(q, k, v, backend="torch", **kwargs)
+    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), **kwargs)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     assert spy == ["torch"]
 
 
@@ -168,7 +175,9 @@ def test_info_lists_versions_and_every_backend():
             assert "available" in line and "unavailable" not in line
         else:
             assert "unavailable" in line and reason in line
-    assert any(BACKENDS[n].unavailable_reason() for n in ("triton", "cuda", "cpu"))  # pending this wave
+    status = _extension.load_extension()
+    extension_line = next(line for line in text.splitlines() if "fused_attention._C:" in line)
+    assert ("not loaded: " not in extension_line) == status.loaded
 
 
 # One fresh interpreter (each spends ~10 s importing torch on 2 cores): block fused_attention._C, compute,
@@ -209,6 +218,49 @@ def test_python_m_info_without_the_compiled_extension():
     torch_line = next(line for line in out.split("attention backends:")[1].splitlines()
                       if line.split()[:1] == ["torch"])
     assert "available" in torch_line and "unavailable" not in torch_line
+
+
+# Fresh interpreters for the two refusals the session cannot show (it has the extension and
+# TRITON_INTERPRET=1): triton without the interpreter refuses CPU tensors; cpu without _C is unavailable.
+_REFUSALS = """
+import sys
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "fused_attention._C":
+            raise ImportError("blocked by the test")
+        return None
+
+sys.meta_path.insert(0, Block())
+import torch
+import fused_attention
+from fused_attention.backends import BACKENDS
+
+q = torch.randn(1, 2, 3, 8)
+for name in ("triton", "cpu"):
+    try:
+        fused_attention.scaled_dot_product_attention(q, q, q, backend=name)
+    except ValueError as exc:
+        print(name, "refused:", str(exc).replace(chr(10), " "))
+    else:
+        print(name, "served the call")
+print("auto:", fused_attention.scaled_dot_product_attention(q, q, q).shape == q.shape)
+"""
+
+
+def test_forced_triton_without_interpreter_and_cpu_without_extension_raise_with_reasons():
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSED_ATTENTION_BACKEND")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-c", _REFUSALS], check=False,
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.split()}
+    if not torch.cuda.is_available():
+        assert "triton refused: backend 'triton' cannot serve" in lines["triton"], result.stdout
+        assert "TRITON_INTERPRET" in lines["triton"], result.stdout
+    assert "cpu refused: backend 'cpu' cannot serve" in lines["cpu"], result.stdout
+    assert "fused_attention._C not built" in lines["cpu"] and "blocked by the test" in lines["cpu"], result.stdout
+    assert lines["auto:"] == "auto: True"
 
 
 def _profiled_names(**kwargs) -> list[str]:

@@ -193,3 +193,16 @@ def test_dropout_only_in_training():
         assert torch.equal(model(ids).logits, model(ids).logits)
         model.train()
         assert not torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_attention_function_applies_dropout_only_while_the_module_trains():
+    """The attention function itself gates dropout by ``module.training`` (models that pass their dropout
+    ungated, as some do, get no dropout in eval mode)."""
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    module.eval()
+    plain = huggingface.fused_attention_forward(module, q, k, v, None, dropout=0.0)[0]
+    assert torch.equal(huggingface.fused_attention_forward(module, q, k, v, None, dropout=0.5)[0], plain)
+    module.train()
+    assert not torch.equal(huggingface.fused_attention_forward(module, q, k, v, None, dropout=0.5)[0], plain)

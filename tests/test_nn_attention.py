@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import assert_policy
 from torch import nn
 from torch.profiler import profile
@@ -665,13 +666,58 @@ def test_encoder_stack_nested_fast_path_runs_varlen():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # padded positions are 0 in both
 
 
+class _FormulaAttention(nn.Module):
+    """Self-attention by the formulas, for an expected output: torch's in/out projections of ``mha``, RoPE
+    (half split, base 10000, positions from 0) or ALiBi (the module's slopes) and the float64 reference."""
+
+    def __init__(self, mha, positional: str):
+        super().__init__()
+        self.mha, self.positional = mha, positional
+
+    def forward(self, x, *_args, is_causal=False, **_kwargs):
+        from fused_attention.reference import reference_attention
+
+        mha, (n, seq, e) = self.mha, x.shape
+        q, k, v = (t.double().reshape(n, seq, mha.num_heads, -1).transpose(1, 2)
+                   for t in F.linear(x.double(), mha.in_proj_weight.double(), mha.in_proj_bias.double()).chunk(3, -1))
+        slopes = None
+        if self.positional == "rope":
+            d = q.shape[-1]
+            inv = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+            angles = torch.arange(seq, dtype=torch.float64)[:, None] * inv
+            cos, sin = torch.cat((angles.cos(), angles.cos()), -1), torch.cat((angles.sin(), angles.sin()), -1)
+
+            def rotate(t):
+                return t * cos + torch.cat((-t[..., d // 2:], t[..., : d // 2]), -1) * sin
+
+            q, k = rotate(q), rotate(k)
+        else:
+            slopes = mha.alibi().double()
+        out, _ = reference_attention(q, k, v, is_causal=is_causal, alibi_slopes=slopes)
+        out = out.transpose(1, 2).reshape(n, seq, e)
+        return F.linear(out, mha.out_proj.weight.double(), mha.out_proj.bias.double()).to(x.dtype), None
+
+
+def _formula_layer(layer: nn.Module, positional: str) -> nn.Module:
+    """A deep copy of ``layer`` whose self-attention is :class:`_FormulaAttention`."""
+    import copy
+
+    expected = copy.deepcopy(layer)
+    expected.self_attn = _FormulaAttention(expected.self_attn, positional)
+    return expected
+
+
 @pytest.mark.parametrize("positional", ["rope", "alibi"])
 def test_encoder_layer_positional_and_compile(positional):
+    """The layer with RoPE / ALiBi equals the formulas (eager and compiled, output and input gradient),
+    and differs from the plain layer."""
     gen = torch.Generator().manual_seed(18)
     layer = randomize_(TransformerEncoderLayer(E, H, 40, dropout=0.0, batch_first=True, positional=positional), gen, 0.2)
     x = torch.randn(N, L, E, requires_grad=True)
     causal = nn.Transformer.generate_square_subsequent_mask(L)
     out = layer(x, src_mask=causal, is_causal=True)
+    expected = _formula_layer(layer, positional)(x, src_mask=causal, is_causal=True)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     plain = TransformerEncoderLayer(E, H, 40, dropout=0.0, batch_first=True)
     plain.load_state_dict(layer.state_dict())
     assert not torch.allclose(out, plain(x, src_mask=causal, is_causal=True))  # the scheme does something
@@ -679,9 +725,21 @@ def test_encoder_layer_positional_and_compile(positional):
     got = compiled(x, src_mask=causal, is_causal=True)
     torch.testing.assert_close(got, out)
     (g,) = torch.autograd.grad(got.sum(), x)
-    (want,) = torch.autograd.grad(out.sum(), x)
-    torch.testing.assert_close(g, want)
+    (want,) = torch.autograd.grad(expected.sum(), x)
+    torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
 
 
 def test_encoder_stack_of_rope_layers():
-    nn.TransformerEncoder(TransformerEncoderLayer(E, H, 40, batch_first=True, positional="rope"), 2)
+    """Every layer of a stack rotates its own q and k from position 0: the stack equals the formulas
+    applied layer by layer."""
+    gen = torch.Generator().manual_seed(19)
+    layer = randomize_(TransformerEncoderLayer(E, H, 40, dropout=0.0, batch_first=True, positional="rope"), gen, 0.2)
+    stack = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(N, L, E)
+    with torch.no_grad():
+        got = stack(x)
+        expected = x
+        for member in stack.layers:
+            expected = _formula_layer(member, "rope")(expected)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -167,6 +167,15 @@ def test_optimizer_built_before_patching_keeps_training():
     assert not torch.equal(before, weight.detach())
 
 
+def test_patch_model_forwards_the_backend_to_every_converted_module():
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, HEADS, 24, batch_first=True), 2,
+                                  enable_nested_tensor=False)
+    assert patch_model(model, backend="torch") == 2
+    assert [layer.self_attn.backend for layer in model.layers] == ["torch", "torch"]
+    plain = nn.TransformerEncoderLayer(D, HEADS, 24, batch_first=True)
+    assert patch_model(plain) == 1 and plain.self_attn.backend is None  # automatic dispatch
+
+
 def test_patch_model_bad_input_and_compile():
     with pytest.raises(TypeError, match="model"):
         patch_model("not a module")  # type: ignore[arg-type]

@@ -137,21 +137,27 @@ def test_rope_packed_varlen(pbackend):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+def _as_bshd(t, layout):
+    return t.transpose(1, 2) if layout == "bhsd" else t
+
+
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 def test_rope_qk_gqa_one_call(pbackend, layout):
+    """q and k (GQA: 8 and 2 heads) rotated in one call equal the textbook formula at positions 3..13,
+    and both gradients are the inverse rotation of the upstream gradient (computed by the formula)."""
     torch.manual_seed(5)
     cos, sin = table(32, 32)
     shape = (lambda h: (2, h, 11, 32)) if layout == "bhsd" else (lambda h: (2, 11, h, 32))
     q, k = rand(*shape(8), requires_grad=True), rand(*shape(2), requires_grad=True)
     q_out, k_out = fused_attention.apply_rotary_emb_qk(q, k, cos, sin, layout=layout, seqlen_offsets=3, backend=pbackend)
+    positions = (torch.arange(11) + 3).unsqueeze(0).expand(2, -1)
     for a, b in ((q_out, q), (k_out, k)):
-        expected = fused_attention.apply_rotary_emb(b, cos, sin, layout=layout, seqlen_offsets=3, backend="torch")
-        torch.testing.assert_close(a, expected, rtol=1e-6, atol=1e-6)
+        expected = rope_formula(_as_bshd(b.detach(), layout).double(), cos, sin, positions, False)
+        torch.testing.assert_close(_as_bshd(a, layout).double(), expected, rtol=1e-5, atol=1e-5)
     gq, gk = torch.autograd.grad((q_out * 2 + 1).sum() + k_out.pow(2).sum(), (q, k))
-    inverse = torch.ones_like(q_out) * 2
-    expected_gq = fused_attention.apply_rotary_emb(inverse, cos, -sin, layout=layout, seqlen_offsets=3, backend="torch")
-    torch.testing.assert_close(gq, expected_gq, rtol=1e-5, atol=1e-5)
-    assert torch.isfinite(gk).all()
+    for g, upstream in ((gq, torch.full_like(q_out, 2.0)), (gk, 2 * k_out.detach())):
+        expected = rope_formula(_as_bshd(upstream, layout).double(), cos, -sin, positions, False)
+        torch.testing.assert_close(_as_bshd(g, layout).double(), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
@@ -159,7 +165,8 @@ def test_rope_inplace(pbackend, requires_grad):
     torch.manual_seed(6)
     cos, sin = table(32, 24)
     x = rand(2, 4, 9, 24)
-    expected = fused_attention.apply_rotary_emb(x, cos, sin, interleaved=True, backend="torch")
+    positions = torch.arange(9).unsqueeze(0).expand(2, -1)
+    expected = rope_formula(x.transpose(1, 2).double(), cos, sin, positions, True).transpose(1, 2).float()
     y = x.clone().requires_grad_(requires_grad)
     target = y * 1.0 if requires_grad else y  # in-place needs a non-leaf when it requires grad
     out = fused_attention.apply_rotary_emb(target, cos, sin, interleaved=True, inplace=True, backend=pbackend)
@@ -168,9 +175,8 @@ def test_rope_inplace(pbackend, requires_grad):
     if requires_grad:
         (g,) = torch.autograd.grad(out.sum(), y)
         ones = torch.ones_like(x)
-        torch.testing.assert_close(
-            g, fused_attention.apply_rotary_emb(ones, cos, -sin, interleaved=True, backend="torch"), rtol=1e-5, atol=1e-5
-        )
+        expected_g = rope_formula(ones.transpose(1, 2).double(), cos, -sin, positions, True).transpose(1, 2)
+        torch.testing.assert_close(g.double(), expected_g, rtol=1e-5, atol=1e-5)
 
 
 def test_rope_gradient_is_inverse_rotation(pbackend):

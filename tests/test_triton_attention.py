@@ -2,9 +2,10 @@
 
 Without a GPU the kernels run under the Triton interpreter on CPU tensors (conftest sets
 ``TRITON_INTERPRET=1``), in float32 and float16: the interpreter computes ``tl.dot`` on bfloat16 wrongly,
-so bfloat16 is covered by the GPU tests at the end (skipped without one). The shared suite's tests that
-fit the backend (float32, head dims that are multiples of 8) run here with ``backend = "triton"``; the
-rest are the same checks at the sizes and dtypes this backend serves.
+so bfloat16 is covered by the GPU tests at the end (skipped without one). The shared suite
+(tests/test_attention.py, tests/test_varlen.py) runs triton through its ``backend`` fixture, on a sample
+of each test family (conftest.TRITON_SAMPLE_PER_TEST); these are the same checks at the sizes and dtypes
+this backend serves, and what only it promises.
 """
 
 from __future__ import annotations
@@ -14,29 +15,9 @@ import itertools
 import pytest
 import torch
 from conftest import assert_policy, check_attention, rand
-from test_attention import (  # noqa: F401  (shared tests, collected here with backend = "triton")
-    DROPOUT_FEATURES,
-    FEATURES,
-    TRIPLES,
-    _inputs,
-    check_dropout_against_reference,
-    test_alibi_twelve_heads_per_batch_slopes,
-    test_broadcast_float_mask_gradient,
-    test_dropout_reproducible_with_manual_seed,
-    test_extra_batch_dims_and_broadcast,
-    test_gqa_and_mqa,
-    test_head_broadcast_without_gqa,
-    test_inputs_not_mutated,
-    test_non_contiguous_inputs,
-    test_three_dim_inputs,
-)
+from test_attention import DROPOUT_FEATURES, FEATURES, TRIPLES, _inputs, check_dropout_against_reference
 from test_attention import test_fully_masked_rows_are_zero_with_finite_gradients as fully_masked_rows_check
-from test_varlen import (  # noqa: F401
-    _check,
-    test_varlen_dropout_reproducible,
-    test_varlen_equals_padded_dense_attention,
-    test_varlen_gqa_and_value_head_dim,
-)
+from test_varlen import _check
 
 import fused_attention
 from fused_attention.backends import BACKENDS
@@ -417,42 +398,25 @@ def test_compile_fullgraph_varlen():
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _cuda(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().cuda().requires_grad_(t.requires_grad)
-
-
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(
     "features", [(), ("causal",), ("gqa", "alibi", "window"), ("softcap", "key_lengths"), ("float_mask",)], ids=str
 )
 def test_gpu_large_shapes(dtype, features):
-    """Large-ish shapes on the GPU, against the float64 reference on the CPU, by the policy."""
+    """Large-ish shapes on the GPU, against the float64 reference (on the GPU too), by the policy: output
+    (trained and inference), lse and the gradients of every input that requires grad."""
     torch.manual_seed(21)
     q, k, v, kwargs = _inputs(set(features), dtype, batch=2, hq=8, seq_q=1000, seq_k=1100, head_dim=128)
-    kwargs = {n: _cuda(t) if isinstance(t, torch.Tensor) else t for n, t in kwargs.items()}
-    _check_on_gpu(q, k, v, kwargs)
-
-
-def _check_on_gpu(q, k, v, kwargs):
-    out, lse = fused_attention.scaled_dot_product_attention(_cuda(q), _cuda(k), _cuda(v), return_lse=True,
-                                                             backend="triton", **kwargs)
-    cpu_kwargs = {n: t.detach().cpu() if isinstance(t, torch.Tensor) else t for n, t in kwargs.items()}
-    refs = {dt: reference_attention(*(t.detach().to(dt) for t in (q, k, v)), **cpu_kwargs) for dt in (q.dtype, torch.float64)}
-    assert_policy(out.cpu(), refs[q.dtype][0], refs[torch.float64][0], 2, "gpu output")
-    assert_policy(lse.cpu(), refs[q.dtype][1], refs[torch.float64][1], 2, "gpu lse")
+    check_attention("triton", q, k, v, **kwargs)  # on the GPU: this module's default device there
 
 
 @gpu
 def test_gpu_long_sequence_causal_bf16():
-    """A long causal bf16 sequence: finite, and equal to the torch backend within bf16 rounding."""
+    """A long causal bf16 sequence against the float64 reference by the policy, gradients included."""
     torch.manual_seed(22)
-    q, k, v = (torch.randn(1, 4, 8192, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    out = fused_attention.scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton")
-    expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
-    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
-    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
-    assert all(torch.isfinite(g).all() for g in grads)
+    q, k, v = (rand(1, 2, 8192, 128, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    check_attention("triton", q, k, v, is_causal=True)
 
 
 @gpu

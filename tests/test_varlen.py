@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_policy, rand
+from conftest import check_varlen, rand
 
 import fused_attention
-from fused_attention.reference import reference_varlen_attention
 
 LENS_Q = [5, 1, 0, 23]
 LENS_K = [9, 1, 4, 17]
@@ -22,22 +21,9 @@ def _check(backend, dtype, hq, hkv, ev, **kwargs):
     q = rand(int(cu_q[-1]), hq, 16, dtype=dtype, requires_grad=True)
     k = rand(int(cu_k[-1]), hkv, 16, dtype=dtype, requires_grad=True)
     v = rand(int(cu_k[-1]), hkv, ev, dtype=dtype, requires_grad=True)
-    out, lse = fused_attention.varlen_attention(
-        q, k, v, cu_q, cu_k, max(LENS_Q), max(LENS_K), return_lse=True, backend=backend, **kwargs
-    )
-    assert lse.shape == (hq, q.shape[0])
-    upstream = torch.randn(out.shape, dtype=torch.float64)
-    grads = torch.autograd.grad(out, (q, k, v), upstream.to(dtype))
-    refs = {}
-    for dt in (dtype, torch.float64):
-        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
-        ref_out, ref_lse = reference_varlen_attention(*leaves, cu_q, cu_k, **kwargs)
-        refs[dt] = (ref_out, ref_lse, torch.autograd.grad(ref_out, leaves, upstream.to(dt)))
-    (o_dt, l_dt, g_dt), (o64, l64, g64) = refs[dtype], refs[torch.float64]
-    assert_policy(out, o_dt, o64, 2, "output")
-    assert_policy(lse, l_dt, l64, 2, "lse")
-    for name, g, a, b in zip("qkv", grads, g_dt, g64):
-        assert_policy(g, a, b, 3, f"grad {name}")
+    if "alibi_slopes" in kwargs:  # its gradient is checked too
+        kwargs["alibi_slopes"] = kwargs["alibi_slopes"].clone().requires_grad_()
+    check_varlen(backend, q, k, v, cu_q, cu_k, **kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
@@ -56,6 +42,15 @@ def _check(backend, dtype, hq, hkv, ev, **kwargs):
 def test_varlen_matches_reference(backend, dtype, kwargs):
     torch.manual_seed(0)
     _check(backend, dtype, 4, 4, 16, **kwargs)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["slopes_H", "slopes_BH"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_varlen_alibi_slopes_gradient_matches_reference(backend, dtype, per_sequence, causal):
+    """d/d(slopes) of (H,) and per-sequence (B, H) slopes, with and without causal, under GQA."""
+    slopes = torch.rand(len(LENS_Q), 4) if per_sequence else torch.rand(4)
+    _check(backend, dtype, 4, 2, 16, alibi_slopes=slopes * 0.5 - 0.1, is_causal=causal, scale=0.3)
 
 
 def test_varlen_gqa_and_value_head_dim(backend):
