@@ -35,8 +35,8 @@ from torch.nn.attention.bias import CausalBias
 import fused_attention
 from fused_attention import _extension
 from fused_attention.backends import BACKENDS
-from fused_attention.tolerance import within_tolerance
 from fused_attention.reference import reference_attention, reference_varlen_attention
+from fused_attention.tolerance import within_tolerance
 
 torch.manual_seed(0)  # parametrize lists that draw random tensors at collection
 
