@@ -19,7 +19,7 @@ from torch import nn
 from torch.profiler import profile
 
 import fused_attention
-import fused_attention.nn.attention as attention_module
+import fused_attention.nn.multihead as multihead_module
 from fused_attention.nn import MultiheadAttention, SelfAttention, TransformerEncoderLayer
 
 E, H = 24, 3  # head dim 8
@@ -306,13 +306,13 @@ def test_mha_state_dict_both_ways_and_isinstance():
 class _Spy:
     def __init__(self, monkeypatch):
         self.calls = []
-        real = attention_module.scaled_dot_product_attention
+        real = multihead_module.scaled_dot_product_attention
 
         def spy(*args, **kwargs):
             self.calls.append(kwargs)
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(attention_module, "scaled_dot_product_attention", spy)
+        monkeypatch.setattr(multihead_module, "scaled_dot_product_attention", spy)
 
 
 def test_key_padding_mask_becomes_key_lengths_or_a_broadcast_mask(monkeypatch):

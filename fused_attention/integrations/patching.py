@@ -6,7 +6,7 @@ from torch import nn
 
 from ..backends import get_backend
 from ..errors import AttentionTypeError
-from ..nn.attention import MultiheadAttention
+from ..nn.multihead import MultiheadAttention
 
 
 def patch_model(model: nn.Module, *, backend: str | None = None) -> int:
