@@ -69,10 +69,10 @@ MUTATIONS = [
         "torch backend: the inference call to torch's SDPA drops scale=",
     ),
     Mutation(
-        "planted-3 cpu-varlen-slope-grad-negated", "fused_attention/_extension.py",
-        'register_varlen_autograd("fused_attention::varlen_attention", ops.varlen_attention_backward)',
-        'register_varlen_autograd("fused_attention::varlen_attention", '
-        "lambda *a: (lambda r: (*r[:3], -r[3]))(ops.varlen_attention_backward(*a)))",
+        "planted-3 cpu-varlen-slope-grad-negated", "fused_attention/backends/cpu_backend.py",
+        "*varlen_autograd_rules(ops.varlen_attention_backward.default, sinks=True)",
+        "*varlen_autograd_rules(lambda *a: (lambda r: (*r[:3], -r[3], *r[4:]))"
+        "(ops.varlen_attention_backward.default(*a)), sinks=True)",
         _k(VARLEN, "cpu and alibi_slopes_gradient"), "cpu backend: varlen ALiBi slope gradient negated",
     ),
     Mutation(
@@ -148,8 +148,8 @@ MUTATIONS = [
         _k(ATT, "cpu and single_feature and float_mask"), "the gradient of a float mask negated",
     ),
     Mutation(
-        "autograd-varlen-dq-scaled", RULES, "return dq, dk, dv, None, None, dalibi if need_alibi_grad",
-        "return dq * 1.001, dk, dv, None, None, dalibi if need_alibi_grad",
+        "autograd-varlen-dq-scaled", RULES, "            dq, dk, dv, None, None, dalibi if need_alibi_grad",
+        "            dq * 1.001, dk, dv, None, None, dalibi if need_alibi_grad",
         _k(VARLEN, "varlen_matches_reference and plain and float32"), "varlen dq off by 0.1%",
     ),
     # --- input canonicalization and dispatch ---
@@ -181,7 +181,7 @@ MUTATIONS = [
         _k("tests/test_patching.py", "backend"), "patch_model forgets the forced backend",
     ),
     Mutation(
-        "nn-weights-summed-over-heads", "fused_attention/nn/attention.py",
+        "nn-weights-summed-over-heads", "fused_attention/nn/multihead.py",
         "weights = (weights.mean(dim=1) if average_attn_weights else weights)",
         "weights = (weights.sum(dim=1) if average_attn_weights else weights)",
         _k("tests/test_nn_attention.py", "multihead_attention_matches_torch"),
