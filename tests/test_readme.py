@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 import fused_attention
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,3 +32,19 @@ def test_python_snippets_run():
     """Every ```python block of the README runs as written (in one namespace, top to bottom)."""
     code = "\n\n".join(re.findall(r"```python\n(.*?)\n```", README, flags=re.DOTALL))
     exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - running our own README is the point
+
+
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_docs_python_snippets_run(doc):
+    """Every ```python block of each page in docs/ runs as written (one namespace per page)."""
+    code = "\n\n".join(re.findall(r"```python\n(.*?)\n```", doc.read_text(), flags=re.DOTALL))
+    exec(compile(code, str(doc), "exec"), {})  # noqa: S102
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", *DOCS], ids=lambda p: p.name)
+def test_relative_links_resolve(page):
+    for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+        assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
