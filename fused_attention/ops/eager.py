@@ -19,6 +19,14 @@ import torch
 _BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
 
 
+def _any_requires_grad_py(*args: Any) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+# The C++ helper is faster; torch releases without it (2.6) get the same answer in Python.
+_any_requires_grad = getattr(torch._C, "_any_requires_grad", _any_requires_grad_py)
+
+
 def _function(op: Callable[..., Any], setup_context: Callable[..., None], backward: Callable[..., Any]) -> type:
     class EagerAttention(torch.autograd.Function):
         # The old-style forward (ctx first) costs ~12 us less per call than forward + setup_context; the
@@ -45,7 +53,7 @@ class EagerOp:
     def __call__(self, *args: Any) -> Any:
         if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
             return self.op(*args)
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        if torch.is_grad_enabled() and _any_requires_grad(*args):
             return self.function.apply(*args)
         with _BELOW_AUTOGRAD():
             return self.op(*args)
