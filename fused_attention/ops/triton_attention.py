@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import compile_cache
 from ..kernels.triton.attention_backward import attention_backward
 from ..kernels.triton.attention_forward import attention_forward
 from ..kernels.triton.attention_launch import Problem
@@ -268,3 +269,6 @@ def _varlen_backward(ctx, dout, _dlse):
 
 
 triton_varlen.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+# These ops register on first use, after import: the compile caches key on them too.
+compile_cache.tag_compile_caches()

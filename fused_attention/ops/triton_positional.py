@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import compile_cache
 from ..kernels.triton import rotary as rotary_kernels
 from ..kernels.triton import sinusoidal as sinusoidal_kernels
 
@@ -130,3 +131,6 @@ def _rotary_qk_backward(ctx, grad_q, grad_k):
 
 
 triton_rotary_qk.register_autograd(_rotary_qk_backward, setup_context=_rotary_qk_setup_context)
+
+# These ops register on first use, after import: the compile caches key on them too.
+compile_cache.tag_compile_caches()
