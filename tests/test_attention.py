@@ -273,7 +273,11 @@ def _visible(q, k, **kwargs) -> torch.Tensor:
     may drop. Computed from the formula, not from the backend under test."""
     q64, k64 = q.detach().double(), k.detach().double()
     eye = torch.eye(k.shape[-2], dtype=torch.float64).expand(*k.shape[:-1], k.shape[-2])
-    ref_kwargs = {n: (t.detach() if isinstance(t, torch.Tensor) and t.requires_grad else t) for n, t in kwargs.items()}
+    # (a CausalBias is never a leaf; on torch 2.6 even reading its requires_grad raises)
+    ref_kwargs = {
+        n: (t.detach() if isinstance(t, torch.Tensor) and not isinstance(t, CausalBias) and t.requires_grad else t)
+        for n, t in kwargs.items()
+    }
     return reference_attention(q64, k64, eye, **ref_kwargs)[0] != 0
 
 

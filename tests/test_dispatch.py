@@ -259,7 +259,7 @@ def test_forced_triton_without_interpreter_and_cpu_without_extension_raise_with_
         assert "triton refused: backend 'triton' cannot serve" in lines["triton"], result.stdout
         assert "TRITON_INTERPRET" in lines["triton"], result.stdout
     assert "cpu refused: backend 'cpu' cannot serve" in lines["cpu"], result.stdout
-    assert "fused_attention._C not built" in lines["cpu"] and "blocked by the test" in lines["cpu"], result.stdout
+    assert "fused_attention._C" in lines["cpu"] and "blocked by the test" in lines["cpu"], result.stdout
     assert lines["auto:"] == "auto: True"
 
 

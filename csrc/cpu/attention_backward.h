@@ -97,6 +97,9 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
   const acc_t* kept = dropout ? buf.kept.data() : probs;  // P with dropout applied: what multiplied V
   const acc_t scale = static_cast<acc_t>(scoring.rules.scale);
   const acc_t sink = scoring.sink(head), neg_inf = -std::numeric_limits<acc_t>::infinity();
+  // The sink and slope gradients sum one term per row: in double over the step, joining their float
+  // accumulators once per step, so their rounding does not grow with the sequence length.
+  double step_sink = 0, step_alibi = 0;
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* p = probs + r * ld;
     acc_t* dp = dprobs + r * ld;
@@ -133,7 +136,7 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
       softmax_backward_row(p, dp, static_cast<const acc_t*>(nullptr), delta, n_pad);
     }
     // d sink = -p_sink * delta: raising the sink scales the row's output by 1 - p_sink.
-    if (extra.sinks) extra.sinks[seq.index * problem.heads_q + head] -= p_sink * delta;
+    step_sink -= static_cast<double>(p_sink) * static_cast<double>(delta);
     // dp now holds dS, the gradient of the final score: that of an added float mask, and minus the
     // distance times it for the slope.
     if (mask_sink) {
@@ -144,7 +147,7 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
     if (extra.alibi) {
       const int64_t position = i0 + r + seq.len_k - seq.len_q - lo;
       std::fill(dp + n, dp + n_pad, acc_t(0));
-      extra.alibi[seq.index * problem.heads_q + head] -= distance_dot(dp, position, n_pad);
+      step_alibi -= static_cast<double>(distance_dot(dp, position, n_pad));
     }
     if (softcap) {
       const acc_t* t = buf.tanh.data() + r * ld;
@@ -154,6 +157,8 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
     }
     for (int64_t j = n; j < n_pad; ++j) dp[j] = acc_t(0);
   }
+  if (extra.sinks) extra.sinks[seq.index * problem.heads_q + head] += static_cast<acc_t>(step_sink);
+  if (extra.alibi) extra.alibi[seq.index * problem.heads_q + head] += static_cast<acc_t>(step_alibi);
   gemm<acc_t>(n, value_dim, rows, kept, 1, ld, buf.dout.data(), ld_v, buf.dv.data() + lo * ld_v, ld_v, true);
   gemm<acc_t>(rows, dim, n, dprobs, ld, 1, task.tiles.keys(s, h, lo), buf.dq.data(), ld_k, false);
   store_rows(dq, seq.batch, head, seq.q_start + i0, rows, dim, buf.dq.data(), ld_k);
