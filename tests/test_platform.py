@@ -22,6 +22,13 @@ def _run(script: str, *, pythonpath: Path | None = None, **env: str) -> subproce
     environ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env
     if pythonpath is not None:
         environ["PYTHONPATH"] = str(pythonpath)
+        # An editable install (`pip install -e .`, as CI does) adds a finder that maps the package back
+        # to the checkout, ahead of PYTHONPATH: without it the copy under test is what imports.
+        script = (
+            "import sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
+            + script
+        )
     return subprocess.run(
         [sys.executable, "-c", script], env=environ, cwd=pythonpath or PACKAGE.parent,
         capture_output=True, text=True, timeout=300, check=False,
