@@ -22,10 +22,11 @@ import torch
 from .backends import BACKENDS, Backend
 from .check_positions import run_position_check
 from .functional import scaled_dot_product_attention, varlen_attention
-from .inputs import canonicalize, canonicalize_varlen
+from .inputs import canonicalize
 from .position import alibi_slopes
 from .reference import reference_attention, reference_varlen_attention
 from .tolerance import FORWARD_FACTOR, GRAD_FACTOR, within_tolerance
+from .varlen_inputs import canonicalize_varlen
 
 DTYPES = (torch.float32, torch.bfloat16)
 

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from .backends import select
-from .inputs import canonicalize, canonicalize_varlen
+from .inputs import canonicalize
+from .varlen_inputs import canonicalize_varlen
 
 __all__ = ["scaled_dot_product_attention", "varlen_attention"]
 

@@ -17,13 +17,21 @@ Canonical dense form (all views, nothing is copied unless a stride pattern canno
 
 from __future__ import annotations
 
-import itertools
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
 
+from .argument_checks import (
+    check_alibi,
+    check_dropout,
+    check_key_lengths,
+    check_qkv_types,
+    check_scale,
+    check_sinks,
+    check_softcap,
+    check_window,
+)
 from .errors import AttentionArgumentError, AttentionTypeError
 
 _FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
@@ -98,148 +106,6 @@ class VarlenInputs(_QueryFacts):
     return_lse: bool
     features: frozenset[str] = field(default_factory=frozenset)
     sinks: torch.Tensor | None = None  # (Hq,) float32/64 sink logits (see check_sinks)
-
-
-def content_checks_enabled(t: torch.Tensor) -> bool:
-    """Checks of tensor values force a device sync, so off-CPU they run only when asked for. While
-    torch.compile or torch.export traces, values are unknown (a check would be a data-dependent branch
-    that breaks the graph), so they run in eager mode only."""
-    if torch.compiler.is_compiling():
-        return False
-    return t.device.type == "cpu" or os.environ.get("FUSED_ATTENTION_CHECKS", "0") == "1"
-
-
-def _check_tensor(name: str, t: object) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.is_nested:
-        raise AttentionTypeError(f"{name}: nested tensors are not supported yet; use varlen_attention")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise AttentionTypeError(
-            f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
-        )
-    return t
-
-
-def check_qkv_types(query: object, key: object, value: object) -> None:
-    """Types, dtypes and devices of q, k, v must agree (torch raises for the same cases)."""
-    q = _check_tensor("query", query)
-    k = _check_tensor("key", key)
-    v = _check_tensor("value", value)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise AttentionTypeError(
-            f"query, key and value must have the same dtype, got query {q.dtype}, key {k.dtype}, "
-            f"value {v.dtype}"
-        )
-    if not (q.device == k.device == v.device):
-        raise AttentionArgumentError(
-            f"query, key and value must be on the same device, got query {q.device}, key {k.device}, "
-            f"value {v.device}"
-        )
-
-
-def check_dropout(dropout_p: object) -> float:
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise AttentionTypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise AttentionArgumentError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    return float(dropout_p)
-
-
-def check_scale(scale: object, head_dim: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise AttentionTypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    return float(scale)
-
-
-def check_window(window_size: object) -> tuple[int, int]:
-    if window_size is None:
-        return -1, -1
-    if (
-        not isinstance(window_size, (tuple, list))
-        or len(window_size) != 2
-        or any(isinstance(w, bool) or not isinstance(w, int) for w in window_size)
-    ):
-        raise AttentionTypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
-    left, right = window_size
-    if left < -1 or right < -1:
-        raise AttentionArgumentError(f"window_size entries must be >= -1 (-1 = unbounded), got {window_size}")
-    return left, right
-
-
-def check_softcap(softcap: object) -> float:
-    """Returns 0.0 for 'no softcap' (the value custom-op schemas carry)."""
-    if softcap is None:
-        return 0.0
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-        raise AttentionTypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
-    if not softcap > 0 or math.isinf(softcap):
-        raise AttentionArgumentError(f"softcap must be a finite float > 0, got {softcap}")
-    return float(softcap)
-
-
-def check_alibi(alibi_slopes: object, batch: int, heads: int, device: torch.device) -> torch.Tensor | None:
-    """ALiBi slopes: float32 ``(H,)`` or ``(B, H)``; canonical ``(1 or B, H)``."""
-    if alibi_slopes is None:
-        return None
-    if not isinstance(alibi_slopes, torch.Tensor):
-        raise AttentionTypeError(f"alibi_slopes must be a torch.Tensor, got {type(alibi_slopes).__name__}")
-    if alibi_slopes.dtype != torch.float32:
-        raise AttentionTypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
-    if alibi_slopes.device != device:
-        raise AttentionArgumentError(f"alibi_slopes must be on {device}, got {alibi_slopes.device}")
-    shape = tuple(alibi_slopes.shape)
-    if shape == (heads,):
-        return alibi_slopes.unsqueeze(0)
-    if shape == (batch, heads):
-        return alibi_slopes
-    raise AttentionArgumentError(
-        f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}) (query heads), got {shape}"
-    )
-
-
-def check_sinks(sinks: object, heads: int, device: torch.device) -> torch.Tensor | None:
-    """Attention sinks: a float32 (or float64) ``(Hq,)`` tensor of per-query-head logits, never +inf/NaN."""
-    if sinks is None:
-        return None
-    if not isinstance(sinks, torch.Tensor):
-        raise AttentionTypeError(f"sinks must be a torch.Tensor, got {type(sinks).__name__}")
-    if sinks.dtype not in (torch.float32, torch.float64):
-        raise AttentionTypeError(f"sinks must be float32 (or float64), got {sinks.dtype}")
-    if sinks.device != device:
-        raise AttentionArgumentError(f"sinks must be on {device}, got {sinks.device}")
-    if tuple(sinks.shape) != (heads,):
-        raise AttentionArgumentError(
-            f"sinks must have shape ({heads},) (one logit per query head), got {tuple(sinks.shape)}"
-        )
-    if content_checks_enabled(sinks) and bool((torch.isnan(sinks) | (sinks == float("inf"))).any()):
-        raise AttentionArgumentError("sinks must not be NaN or +inf (-inf turns a sink off)")
-    return sinks
-
-
-def check_int_vector(name: str, t: object, length: int, device: torch.device) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in (torch.int32, torch.int64):
-        raise AttentionTypeError(f"{name} must be int32 or int64, got {t.dtype}")
-    if t.device != device:
-        raise AttentionArgumentError(f"{name} must be on {device}, got {t.device}")
-    if tuple(t.shape) != (length,):
-        raise AttentionArgumentError(f"{name} must have shape ({length},), got {tuple(t.shape)}")
-    return t
-
-
-def check_key_lengths(key_lengths: object, batch: int, seq_k: int, device: torch.device) -> torch.Tensor | None:
-    if key_lengths is None:
-        return None
-    kl = check_int_vector("key_lengths", key_lengths, batch, device)
-    if content_checks_enabled(kl) and kl.numel() and (int(kl.min()) < 0 or int(kl.max()) > seq_k):
-        raise AttentionArgumentError(
-            f"key_lengths values must be in [0, {seq_k}] (the key length), got {kl.tolist()}"
-        )
-    return kl
 
 
 def _causal_bias_parts(attn_mask: object) -> tuple[str, int, int] | None:
@@ -420,6 +286,63 @@ def _canonical_qkv(
     return qc, kc, vc, batch_shape, heads, ndim == 3 and not gqa_on_dim0
 
 
+def _check_ranks_and_flags(
+    query: object, key: object, value: object, is_causal: object, enable_gqa: object, return_lse: object
+) -> None:
+    """Types, ranks, the head dims q/k and lengths k/v that must agree, and the bool flags."""
+    check_qkv_types(query, key, value)
+    assert isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)
+    qs, ks, vs = query.shape, key.shape, value.shape
+    if len(qs) < 2 or len(ks) < 2 or len(vs) < 2:
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.dim() < 2:
+                raise AttentionArgumentError(
+                    f"{name} must have at least 2 dimensions (..., seq, dim), got {t.dim()}"
+                )
+    if qs[-1] != ks[-1]:
+        raise AttentionArgumentError(f"key head dim {ks[-1]} must equal query head dim {qs[-1]}")
+    if ks[-2] != vs[-2]:
+        raise AttentionArgumentError(
+            f"value sequence length {vs[-2]} must equal key sequence length {ks[-2]}"
+        )
+    for name, flag in (("is_causal", is_causal), ("enable_gqa", enable_gqa), ("return_lse", return_lse)):
+        if not isinstance(flag, bool):
+            raise AttentionTypeError(f"{name} must be a bool, got {type(flag).__name__}")
+
+
+def _visibility(
+    attn_mask: object,
+    is_causal: bool,
+    window_size: object,
+    query: torch.Tensor,
+    scores_shape: tuple[int, ...],
+    batch_shape: tuple[int, ...],
+) -> tuple[bool, tuple[int, int], torch.Tensor | None]:
+    """``is_causal``, the window and ``attn_mask`` as (causal, (left, right), canonical mask): a
+    ``CausalBias`` becomes ``causal`` (upper left) or ``window_right = 0`` (lower right), never a tensor."""
+    window_left, window_right = check_window(window_size)
+    seq_q, seq_k = scores_shape[-2:]
+    bias_parts = _causal_bias_parts(attn_mask)
+    if bias_parts is not None:
+        if is_causal:
+            raise AttentionArgumentError("attn_mask: CausalBias should not be used with is_causal=True")
+        variant, bias_q, bias_k = bias_parts
+        if (bias_q, bias_k) != (seq_q, seq_k):
+            raise AttentionArgumentError(
+                f"attn_mask: CausalBias is for ({bias_q}, {bias_k}) but query/key lengths are ({seq_q}, {seq_k})"
+            )
+        if variant == "upper_left":
+            return True, (window_left, window_right), None
+        return is_causal, (window_left, 0 if window_right == -1 else min(window_right, 0)), None
+    if attn_mask is None:
+        return is_causal, (window_left, window_right), None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise AttentionTypeError(f"attn_mask must be a torch.Tensor or CausalBias, got {type(attn_mask).__name__}")
+    if is_causal:
+        raise AttentionArgumentError("attn_mask should not be set when is_causal=True (as in torch)")
+    return is_causal, (window_left, window_right), _canonical_mask(attn_mask, query, scores_shape, batch_shape)
+
+
 def canonicalize(
     query: object,
     key: object,
@@ -442,60 +365,18 @@ def canonicalize(
     Shaped for the common call (4-D tensors with equal batch sizes, already canonical): then it costs
     integer comparisons and no tensor op; broadcasts, reshapes and expands happen only when needed.
     """
-    check_qkv_types(query, key, value)
+    _check_ranks_and_flags(query, key, value, is_causal, enable_gqa, return_lse)
     assert isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)
-    qs, ks, vs = query.shape, key.shape, value.shape
-    qdim, kdim, vdim = len(qs), len(ks), len(vs)
-    if qdim < 2 or kdim < 2 or vdim < 2:
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if t.dim() < 2:
-                raise AttentionArgumentError(
-                    f"{name} must have at least 2 dimensions (..., seq, dim), got {t.dim()}"
-                )
-    if qs[-1] != ks[-1]:
-        raise AttentionArgumentError(f"key head dim {ks[-1]} must equal query head dim {qs[-1]}")
-    if ks[-2] != vs[-2]:
-        raise AttentionArgumentError(
-            f"value sequence length {vs[-2]} must equal key sequence length {ks[-2]}"
-        )
     dropout = check_dropout(dropout_p)
-    if not isinstance(is_causal, bool):
-        raise AttentionTypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    if not isinstance(enable_gqa, bool):
-        raise AttentionTypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
-    if not isinstance(return_lse, bool):
-        raise AttentionTypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    qdim, kdim, vdim = query.dim(), key.dim(), value.dim()
 
     qc, kc, vc, batch_shape, heads, headless = _canonical_qkv(query, key, value, enable_gqa)
-    if qc is not query:
-        qs, ks, vs = qc.shape, kc.shape, vc.shape
+    qs, ks, vs = qc.shape, kc.shape, vc.shape
     batch, seq_q, seq_k, head_dim, value_dim = qs[0], qs[2], ks[2], qs[3], vs[3]
-
     out_heads = () if headless else (heads,)
-    causal = is_causal
-    window_left, window_right = check_window(window_size)
-    mask = None
-    bias_parts = _causal_bias_parts(attn_mask)
-    if bias_parts is not None:
-        if is_causal:
-            raise AttentionArgumentError("attn_mask: CausalBias should not be used with is_causal=True")
-        variant, bias_q, bias_k = bias_parts
-        if (bias_q, bias_k) != (seq_q, seq_k):
-            raise AttentionArgumentError(
-                f"attn_mask: CausalBias is for ({bias_q}, {bias_k}) but query/key lengths are ({seq_q}, {seq_k})"
-            )
-        if variant == "upper_left":
-            causal = True
-        else:
-            window_right = 0 if window_right == -1 else min(window_right, 0)
-    elif attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor):
-            raise AttentionTypeError(
-                f"attn_mask must be a torch.Tensor or CausalBias, got {type(attn_mask).__name__}"
-            )
-        if is_causal:
-            raise AttentionArgumentError("attn_mask should not be set when is_causal=True (as in torch)")
-        mask = _canonical_mask(attn_mask, query, (*batch_shape, *out_heads, seq_q, seq_k), batch_shape)
+    causal, (window_left, window_right), mask = _visibility(
+        attn_mask, is_causal, window_size, query, (*batch_shape, *out_heads, seq_q, seq_k), batch_shape
+    )
 
     out_shape = (*batch_shape, *out_heads, seq_q, value_dim)
     out_shape = out_shape[len(out_shape) - max(qdim, kdim, vdim) :]
@@ -524,112 +405,5 @@ def canonicalize(
         out_shape=out_shape,
         lse_shape=out_shape[:-1],
         features=features,
-        sinks=sink_logits,
-    )
-
-
-def check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) -> torch.Tensor:
-    if not isinstance(cu, torch.Tensor):
-        raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
-    if cu.dim() != 1 or cu.numel() < 1:
-        raise AttentionArgumentError(f"{name} must be 1-D with batch + 1 entries, got shape {tuple(cu.shape)}")
-    cu = check_int_vector(name, cu, cu.numel(), device)
-    if content_checks_enabled(cu):
-        values = cu.tolist()
-        if values[0] != 0 or any(b < a for a, b in itertools.pairwise(values)):
-            raise AttentionArgumentError(f"{name} must start at 0 and be non-decreasing, got {values}")
-        if values[-1] != total:
-            raise AttentionArgumentError(
-                f"{name} must end at the number of packed tokens ({total}), got {values[-1]}"
-            )
-    return cu
-
-
-def check_max_seqlen(name: str, value: object, cu: torch.Tensor) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise AttentionArgumentError(f"{name} must be a non-negative int, got {value!r}")
-    if content_checks_enabled(cu) and cu.numel() > 1 and int((cu[1:] - cu[:-1]).max()) > value:
-        raise AttentionArgumentError(f"{name}={value} is smaller than the longest sequence")
-    return value
-
-
-def canonicalize_varlen(
-    q: object,
-    k: object,
-    v: object,
-    cu_seqlens_q: object,
-    cu_seqlens_k: object,
-    max_seqlen_q: object,
-    max_seqlen_k: object,
-    *,
-    dropout_p: object = 0.0,
-    scale: object = None,
-    is_causal: object = False,
-    window_size: object = None,
-    alibi_slopes: object = None,
-    softcap: object = None,
-    return_lse: object = False,
-    sinks: object = None,
-) -> VarlenInputs:
-    """Validates ``varlen_attention`` arguments into a :class:`VarlenInputs`."""
-    check_qkv_types(q, k, v)
-    assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 3:
-            raise AttentionArgumentError(f"{name} must be packed (total, heads, dim), got {t.dim()} dimensions")
-    if q.shape[-1] != k.shape[-1]:
-        raise AttentionArgumentError(f"k head dim {k.shape[-1]} must equal q head dim {q.shape[-1]}")
-    if k.shape[:2] != v.shape[:2]:
-        raise AttentionArgumentError(
-            f"v must have the tokens and heads of k {tuple(k.shape[:2])}, got {tuple(v.shape[:2])}"
-        )
-    if q.shape[1] % k.shape[1]:
-        raise AttentionArgumentError(f"k heads ({k.shape[1]}) must divide q heads ({q.shape[1]})")
-    cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-    cu_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
-    if cu_q.numel() != cu_k.numel():
-        raise AttentionArgumentError(
-            f"cu_seqlens_q and cu_seqlens_k must have the same length, got {cu_q.numel()} and {cu_k.numel()}"
-        )
-    if not isinstance(is_causal, bool):
-        raise AttentionTypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    if not isinstance(return_lse, bool):
-        raise AttentionTypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    window_left, window_right = check_window(window_size)
-    if is_causal:
-        window_right = 0 if window_right == -1 else min(window_right, 0)
-    batch = cu_q.numel() - 1
-    alibi = check_alibi(alibi_slopes, batch, q.shape[1], q.device)
-    dropout = check_dropout(dropout_p)
-    sink_logits = check_sinks(sinks, q.shape[1], q.device)
-    features = {"varlen", "sinks"} if sink_logits is not None else {"varlen"}
-    for name, on in (
-        ("window", window_left >= 0 or window_right >= 0),
-        ("alibi", alibi is not None),
-        ("softcap", softcap is not None),
-        ("dropout", dropout > 0),
-        ("gqa", k.shape[1] != q.shape[1]),
-        ("lse", return_lse),
-        ("value_head_dim", v.shape[-1] != q.shape[-1]),
-    ):
-        if on:
-            features.add(name)
-    return VarlenInputs(
-        query=q,
-        key=k,
-        value=v,
-        cu_seqlens_q=cu_q,
-        cu_seqlens_k=cu_k,
-        max_seqlen_q=check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_q),
-        max_seqlen_k=check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_k),
-        causal_lower_right=is_causal,
-        window_left=window_left,
-        window_right=window_right,
-        alibi_slopes=alibi,
-        softcap=check_softcap(softcap),
-        dropout_p=dropout,
-        scale=check_scale(scale, q.shape[-1]),
-        return_lse=return_lse,
-        features=frozenset(features),
         sinks=sink_logits,
     )

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .argument_checks import check_sinks
 from .errors import AttentionArgumentError, AttentionTypeError
-from .inputs import check_sinks
 
 __all__ = ["accumulation_dtype", "merge_attention_states", "merge_attention_states_list", "merge_into_"]
 

@@ -11,9 +11,9 @@ import math
 
 import torch
 
+from .argument_checks import check_cu_seqlens, check_int_vector, check_max_seqlen, content_checks_enabled
 from .backends.positional import PositionBackend, select_position_backend
 from .errors import AttentionArgumentError, AttentionTypeError
-from .inputs import check_cu_seqlens, check_int_vector, check_max_seqlen, content_checks_enabled
 from .kernels.position_torch import sinusoidal_table
 from .rope_scaling import RopeScaling, rotary_cos_sin
 

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 import fused_attention
 from fused_attention import _extension, backends
 from fused_attention.backends import BACKENDS, Backend, Capabilities
-from fused_attention.inputs import canonicalize, canonicalize_varlen
+from fused_attention.inputs import canonicalize
+from fused_attention.varlen_inputs import canonicalize_varlen
 
 REPO = Path(fused_attention.__file__).resolve().parents[1]
 B, H, L, S, E = 2, 4, 6, 9, 16

@@ -48,3 +48,15 @@ def test_docs_python_snippets_run(doc):
 def test_relative_links_resolve(page):
     for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
         assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+
+
+def test_measured_tables_equal_their_records():
+    """Every table marked as copied from benchmarks/results/ equals its record (tools/results_tables.py)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "results_tables.py"), "--check"],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

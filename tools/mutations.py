@@ -154,7 +154,7 @@ MUTATIONS = [
     ),
     # --- input canonicalization and dispatch ---
     Mutation(
-        "inputs-default-scale", "fused_attention/inputs.py",
+        "inputs-default-scale", "fused_attention/argument_checks.py",
         "return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0",
         "return 1.0 / math.sqrt(head_dim + 1) if head_dim > 0 else 1.0",
         _k(ATT, "single_feature and plain and float32"), "the default scale is not 1/sqrt(E)",

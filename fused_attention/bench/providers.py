@@ -16,7 +16,8 @@ import torch
 
 from ..backends import BACKENDS
 from ..functional import scaled_dot_product_attention, varlen_attention
-from ..inputs import canonicalize, canonicalize_varlen
+from ..inputs import canonicalize
+from ..varlen_inputs import canonicalize_varlen
 from .case import Case
 from .external import external_providers
 from .flex import flex_provider

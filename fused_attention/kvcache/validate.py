@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import AttentionArgumentError, AttentionTypeError
-from ..inputs import (
+from ..argument_checks import (
     check_alibi,
     check_int_vector,
     check_scale,
@@ -21,6 +20,7 @@ from ..inputs import (
     check_window,
     content_checks_enabled,
 )
+from ..errors import AttentionArgumentError, AttentionTypeError
 
 LAYOUTS = ("bshd", "bhsd")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -308,18 +308,7 @@ class MultiheadAttention(nn.MultiheadAttention):
                     f"positional='rope' needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}"
                 )
             q, k = self.rotary(q, k)
-        extra = 0
-        if self.bias_k is not None or self.bias_v is not None:
-            if self.bias_k is None or self.bias_v is None:
-                raise ModuleInputError("bias_k and bias_v must be set together")
-            bias_shape = (1, self.num_heads, 1, self.head_dim)
-            k = torch.cat([k, self.bias_k.view(bias_shape).expand(batch, -1, -1, -1)], 2)
-            v = torch.cat([v, self.bias_v.view(bias_shape).expand(batch, -1, -1, -1)], 2)
-            extra += 1
-        if self.add_zero_attn:
-            k = torch.cat([k, k.new_zeros(batch, self.num_heads, 1, self.head_dim)], 2)
-            v = torch.cat([v, v.new_zeros(batch, self.num_heads, 1, self.head_dim)], 2)
-            extra += 1
+        k, v, extra = self._append_extra_keys(k, v, batch)
         seq_k = k.shape[2]
 
         # torch trusts the hint only without padding or weights; without extra keys its meaning is the same
@@ -378,6 +367,23 @@ class MultiheadAttention(nn.MultiheadAttention):
             out = out.permute(2, 0, 1, 3).reshape(seq_q, batch, -1)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
         return (out if batched else out.squeeze(0)), weights
+
+    def _append_extra_keys(self, k: Tensor, v: Tensor, batch: int) -> tuple[Tensor, Tensor, int]:
+        """torch's ``add_bias_kv`` (a learned key/value) and ``add_zero_attn`` (a zero key/value), each
+        appended after the keys; returns the new k, v and how many keys were appended."""
+        extra = 0
+        if self.bias_k is not None or self.bias_v is not None:
+            if self.bias_k is None or self.bias_v is None:
+                raise ModuleInputError("bias_k and bias_v must be set together")
+            bias_shape = (1, self.num_heads, 1, self.head_dim)
+            k = torch.cat([k, self.bias_k.view(bias_shape).expand(batch, -1, -1, -1)], 2)
+            v = torch.cat([v, self.bias_v.view(bias_shape).expand(batch, -1, -1, -1)], 2)
+            extra += 1
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(batch, self.num_heads, 1, self.head_dim)], 2)
+            v = torch.cat([v, v.new_zeros(batch, self.num_heads, 1, self.head_dim)], 2)
+            extra += 1
+        return k, v, extra
 
     def _forward_nested(
         self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask, need_weights: bool, attn_mask,

@@ -1,0 +1,184 @@
+"""Checks of single attention arguments: each validates one user argument and names it in its error.
+
+Shared by :mod:`.inputs` (dense calls), :mod:`.varlen_inputs` (packed calls), the KV-cache API and the
+merge helpers, so every entry point rejects bad input with the same words.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+import torch
+
+from .errors import AttentionArgumentError, AttentionTypeError
+
+_FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+def content_checks_enabled(t: torch.Tensor) -> bool:
+    """Checks of tensor values force a device sync, so off-CPU they run only when asked for. While
+    torch.compile or torch.export traces, values are unknown (a check would be a data-dependent branch
+    that breaks the graph), so they run in eager mode only."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == "cpu" or os.environ.get("FUSED_ATTENTION_CHECKS", "0") == "1"
+
+
+def _check_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested:
+        raise AttentionTypeError(f"{name}: nested tensors are not supported yet; use varlen_attention")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise AttentionTypeError(
+            f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
+        )
+    return t
+
+
+def check_qkv_types(query: object, key: object, value: object) -> None:
+    """Types, dtypes and devices of q, k, v must agree (torch raises for the same cases)."""
+    q = _check_tensor("query", query)
+    k = _check_tensor("key", key)
+    v = _check_tensor("value", value)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise AttentionTypeError(
+            f"query, key and value must have the same dtype, got query {q.dtype}, key {k.dtype}, "
+            f"value {v.dtype}"
+        )
+    if not (q.device == k.device == v.device):
+        raise AttentionArgumentError(
+            f"query, key and value must be on the same device, got query {q.device}, key {k.device}, "
+            f"value {v.device}"
+        )
+
+
+def check_dropout(dropout_p: object) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise AttentionTypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise AttentionArgumentError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return float(dropout_p)
+
+
+def check_scale(scale: object, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise AttentionTypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    return float(scale)
+
+
+def check_window(window_size: object) -> tuple[int, int]:
+    if window_size is None:
+        return -1, -1
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or any(isinstance(w, bool) or not isinstance(w, int) for w in window_size)
+    ):
+        raise AttentionTypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    left, right = window_size
+    if left < -1 or right < -1:
+        raise AttentionArgumentError(f"window_size entries must be >= -1 (-1 = unbounded), got {window_size}")
+    return left, right
+
+
+def check_softcap(softcap: object) -> float:
+    """Returns 0.0 for 'no softcap' (the value custom-op schemas carry)."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise AttentionTypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
+    if not softcap > 0 or math.isinf(softcap):
+        raise AttentionArgumentError(f"softcap must be a finite float > 0, got {softcap}")
+    return float(softcap)
+
+
+def check_alibi(alibi_slopes: object, batch: int, heads: int, device: torch.device) -> torch.Tensor | None:
+    """ALiBi slopes: float32 ``(H,)`` or ``(B, H)``; canonical ``(1 or B, H)``."""
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise AttentionTypeError(f"alibi_slopes must be a torch.Tensor, got {type(alibi_slopes).__name__}")
+    if alibi_slopes.dtype != torch.float32:
+        raise AttentionTypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+    if alibi_slopes.device != device:
+        raise AttentionArgumentError(f"alibi_slopes must be on {device}, got {alibi_slopes.device}")
+    shape = tuple(alibi_slopes.shape)
+    if shape == (heads,):
+        return alibi_slopes.unsqueeze(0)
+    if shape == (batch, heads):
+        return alibi_slopes
+    raise AttentionArgumentError(
+        f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}) (query heads), got {shape}"
+    )
+
+
+def check_sinks(sinks: object, heads: int, device: torch.device) -> torch.Tensor | None:
+    """Attention sinks: a float32 (or float64) ``(Hq,)`` tensor of per-query-head logits, never +inf/NaN."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor):
+        raise AttentionTypeError(f"sinks must be a torch.Tensor, got {type(sinks).__name__}")
+    if sinks.dtype not in (torch.float32, torch.float64):
+        raise AttentionTypeError(f"sinks must be float32 (or float64), got {sinks.dtype}")
+    if sinks.device != device:
+        raise AttentionArgumentError(f"sinks must be on {device}, got {sinks.device}")
+    if tuple(sinks.shape) != (heads,):
+        raise AttentionArgumentError(
+            f"sinks must have shape ({heads},) (one logit per query head), got {tuple(sinks.shape)}"
+        )
+    if content_checks_enabled(sinks) and bool((torch.isnan(sinks) | (sinks == float("inf"))).any()):
+        raise AttentionArgumentError("sinks must not be NaN or +inf (-inf turns a sink off)")
+    return sinks
+
+
+def check_int_vector(name: str, t: object, length: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise AttentionTypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    if t.device != device:
+        raise AttentionArgumentError(f"{name} must be on {device}, got {t.device}")
+    if tuple(t.shape) != (length,):
+        raise AttentionArgumentError(f"{name} must have shape ({length},), got {tuple(t.shape)}")
+    return t
+
+
+def check_key_lengths(key_lengths: object, batch: int, seq_k: int, device: torch.device) -> torch.Tensor | None:
+    if key_lengths is None:
+        return None
+    kl = check_int_vector("key_lengths", key_lengths, batch, device)
+    if content_checks_enabled(kl) and kl.numel() and (int(kl.min()) < 0 or int(kl.max()) > seq_k):
+        raise AttentionArgumentError(
+            f"key_lengths values must be in [0, {seq_k}] (the key length), got {kl.tolist()}"
+        )
+    return kl
+
+
+def check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(cu, torch.Tensor):
+        raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dim() != 1 or cu.numel() < 1:
+        raise AttentionArgumentError(f"{name} must be 1-D with batch + 1 entries, got shape {tuple(cu.shape)}")
+    cu = check_int_vector(name, cu, cu.numel(), device)
+    if content_checks_enabled(cu):
+        values = cu.tolist()
+        if values[0] != 0 or any(b < a for a, b in itertools.pairwise(values)):
+            raise AttentionArgumentError(f"{name} must start at 0 and be non-decreasing, got {values}")
+        if values[-1] != total:
+            raise AttentionArgumentError(
+                f"{name} must end at the number of packed tokens ({total}), got {values[-1]}"
+            )
+    return cu
+
+
+def check_max_seqlen(name: str, value: object, cu: torch.Tensor) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise AttentionArgumentError(f"{name} must be a non-negative int, got {value!r}")
+    if content_checks_enabled(cu) and cu.numel() > 1 and int((cu[1:] - cu[:-1]).max()) > value:
+        raise AttentionArgumentError(f"{name}={value} is smaller than the longest sequence")
+    return value
