@@ -30,8 +30,9 @@ def _policy(out, ref_dt, ref64, factor, what):
 
 
 def check_against_whole(world: int, fn: str, layout: str, dtype: torch.dtype, length: int, heads=(4, 4),
-                        head_dim=16, batch=1, alibi=False, strided=False, **kwargs) -> None:
-    """Outputs, lse and gradients of ``fn`` on shards equal attention on the whole sequence."""
+                        head_dim=16, batch=1, alibi=False, strided=False, sinks=False, **kwargs) -> None:
+    """Outputs, lse and gradients of ``fn`` on shards equal attention on the whole sequence; with
+    ``sinks``, also the sinks' gradient summed over the ranks (each rank holds its share)."""
     gen = torch.Generator().manual_seed(1234)
     hq, hkv = heads
     whole = [torch.randn(batch, h, length, head_dim, generator=gen, dtype=torch.float64) for h in (hq, hkv, hkv)]
@@ -40,13 +41,18 @@ def check_against_whole(world: int, fn: str, layout: str, dtype: torch.dtype, le
         kwargs["alibi_slopes"] = torch.rand(*((batch,) if batch > 1 else ()), hq, generator=gen) * 0.5 + 0.05
     if hq != hkv:
         kwargs["enable_gqa"] = True
+    sinks64 = 2 * torch.randn(hq, generator=gen, dtype=torch.float64) if sinks else None
     refs = {}
     for dt in (dtype, torch.float64):
         leaves = [t.to(dt).requires_grad_() for t in whole]
         ref_kwargs = dict(kwargs)
+        if sinks:
+            ref_kwargs["sinks"] = sinks64.to(dt).requires_grad_()
         out, lse = reference_attention(*leaves, **ref_kwargs)
-        grads = torch.autograd.grad(out, leaves, upstream.to(dt))
+        grads = torch.autograd.grad(out, leaves + ([ref_kwargs["sinks"]] if sinks else []), upstream.to(dt))
         refs[dt] = [out, lse, *grads]
+    if sinks:
+        kwargs["sinks"] = sinks64.to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()
     shard = [shard_sequence(t.to(dtype), layout=layout) for t in whole]
     if strided:  # (B, L, H, D) memory seen as (B, H, L, D): not contiguous
         shard = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in shard]
@@ -54,13 +60,18 @@ def check_against_whole(world: int, fn: str, layout: str, dtype: torch.dtype, le
     shard = [t.requires_grad_() for t in shard]
     attention = ring_attention if fn == "ring" else ulysses_attention
     out, lse = attention(*shard, layout=layout, return_lse=True, **kwargs)
-    grads = torch.autograd.grad(out, shard, shard_sequence(upstream.to(dtype), layout=layout))
+    grads = torch.autograd.grad(out, shard + ([kwargs["sinks"]] if sinks else []),
+                                shard_sequence(upstream.to(dtype), layout=layout))
     assert all(torch.equal(t, b) for t, b in zip(shard, before, strict=True)), "inputs were modified"
     assert out.dtype == dtype and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     for name, mine, factor, i in (("out", out, 2, 0), ("lse", lse, 2, 1), ("dq", grads[0], 3, 2),
                                   ("dk", grads[1], 3, 3), ("dv", grads[2], 3, 4)):
         ref_dt, ref64 = (shard_sequence(refs[dt][i].detach(), layout=layout, dim=2) for dt in (dtype, torch.float64))
         _policy(mine, ref_dt, ref64, factor, name)
+    if sinks:
+        dsinks = grads[3].double()
+        dist.all_reduce(dsinks)
+        _policy(dsinks, refs[dtype][5], refs[torch.float64][5], 3, "dsinks (sum over ranks)")
 
 
 def expect_error(fn, match: str) -> None:
@@ -142,6 +153,10 @@ def _cases(world: int) -> dict:
             window_size=(9, 4)),
         "ring_contiguous_uneven_f32_causal_window": lambda: check_against_whole(
             world, "ring", "contiguous", f32, zz + world - 1, is_causal=True, window_size=(7, 0)),
+        "ring_zigzag_f32_causal_gqa_sinks": lambda: check_against_whole(world, "ring", "zigzag", f32, zz,
+                                                                        heads=(4, 2), is_causal=True, sinks=True),
+        "ring_contiguous_f64_alibi_softcap_window_sinks": lambda: check_against_whole(
+            world, "ring", "contiguous", f64, zz + 1, alibi=True, softcap=2.0, window_size=(6, 3), sinks=True),
         "ring_zigzag_not_divisible": lambda: expect_error(
             lambda: ring_attention(*(torch.randn(1, 2, 3, 8) for _ in range(3))), "divisible by 2 * group size"),
         "ulysses_contiguous_f32_causal": lambda: check_against_whole(world, "ulysses", "contiguous", f32, zz,
@@ -151,6 +166,8 @@ def _cases(world: int) -> dict:
                                                                        window_size=(5, 2), is_causal=True),
         "ulysses_contiguous_uneven_bf16_softcap": lambda: check_against_whole(
             world, "ulysses", "contiguous", bf16, zz + 1, heads=(12, 12), softcap=2.0),
+        "ulysses_zigzag_f32_causal_sinks": lambda: check_against_whole(world, "ulysses", "zigzag", f32, zz,
+                                                                       heads=(12, 12), is_causal=True, sinks=True),
         "ulysses_heads_not_divisible": lambda: expect_error(
             lambda: ulysses_attention(*(torch.randn(1, 12 * world + 1, 2 * world, 8) for _ in range(3))),
             "must be divisible by the group size"),
