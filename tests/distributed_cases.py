@@ -45,7 +45,7 @@ def check_against_whole(world: int, fn: str, layout: str, dtype: torch.dtype, le
     refs = {}
     for dt in (dtype, torch.float64):
         leaves = [t.to(dt).requires_grad_() for t in whole]
-        ref_kwargs = dict(kwargs)
+        ref_kwargs = {name: value for name, value in kwargs.items() if name != "backend"}
         if sinks:
             ref_kwargs["sinks"] = sinks64.to(dt).requires_grad_()
         out, lse = reference_attention(*leaves, **ref_kwargs)
@@ -157,6 +157,9 @@ def _cases(world: int) -> dict:
                                                                         heads=(4, 2), is_causal=True, sinks=True),
         "ring_contiguous_f64_alibi_softcap_window_sinks": lambda: check_against_whole(
             world, "ring", "contiguous", f64, zz + 1, alibi=True, softcap=2.0, window_size=(6, 3), sinks=True),
+        "ring_zigzag_f32_window_softcap_torch_backend": lambda: check_against_whole(
+            world, "ring", "zigzag", f32, zz, heads=(4, 2), is_causal=True, window_size=(5, 0), softcap=2.0,
+            sinks=True, backend="torch"),
         "ring_zigzag_not_divisible": lambda: expect_error(
             lambda: ring_attention(*(torch.randn(1, 2, 3, 8) for _ in range(3))), "divisible by 2 * group size"),
         "ulysses_contiguous_f32_causal": lambda: check_against_whole(world, "ulysses", "contiguous", f32, zz,

@@ -67,11 +67,12 @@ def block_backward(
     lse_g = torch.where(seen, lse_g, 0)
     beta = torch.exp(block_lse.to(cd) - lse_g)  # 0 where the block saw nothing (lse_b = -inf)
     c = 1 + beta
-    do = dout[:, :, rows].to(cd)
-    rho = beta * (do * block_out.to(cd)).sum(-1)
-    t = torch.where(seen, c * (rho - c * delta[:, :, rows]), 0)
-    upstream = torch.cat([do * c.unsqueeze(-1), t.unsqueeze(-1)], dim=-1).to(q.dtype)
-    del do, rho, t
+    do = dout[:, :, rows]
+    rho = beta * (do.to(cd) * block_out.to(cd)).sum(-1)
+    upstream = do.new_empty(*do.shape[:-1], do.shape[-1] + 1)  # [c dO, t], written in place
+    torch.mul(do, c.unsqueeze(-1), out=upstream[..., :-1])
+    upstream[..., -1] = torch.where(seen, c * (rho - c * delta[:, :, rows]), 0)
+    del rho
     mask_dtype = cd if cd == torch.float64 else torch.float32
     shift = (-lse_g).to(mask_dtype).unsqueeze(-1)  # (B, H, Lq, 1)
     kwargs: dict = {}

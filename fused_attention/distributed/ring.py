@@ -59,6 +59,11 @@ def _report(phase: str, step: int, compute: float, wait: float) -> None:
         step_timer(phase, step, compute, wait)
 
 
+def _zero_sums(k: torch.Tensor, v_ones: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero dK/dV sums for a key shard (``v_ones`` carries the extra ones column, which has no gradient)."""
+    return k.new_zeros(k.shape, dtype=dtype), v_ones.new_zeros(*v_ones.shape[:-1], v_ones.shape[-1] - 1, dtype=dtype)
+
+
 class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None, ring: Ring):
@@ -124,17 +129,23 @@ class RingAttentionFunction(torch.autograd.Function):
                 )
             start = time.perf_counter()
             step_saved, saved_blocks[step] = saved_blocks[step], None
-            dk_step = torch.zeros(k_cur.shape, dtype=cd, device=q.device)
-            dv_step = torch.zeros(*v_cur.shape[:-1], v.shape[-1], dtype=cd, device=q.device)
+            dk_step = dv_step = None
             for block in ring.blocks(step):
                 block_out, block_lse = step_saved.pop(0)  # freed once used
                 dq_b, dk_b, dv_b = block_backward(
                     ring.rules, block, q, k_cur, v_cur, dout, lse, delta, block_out, block_lse
                 )
                 dq[:, :, block.q0 : block.q1] += dq_b
-                dk_step[:, :, block.k0 : block.k1] += dk_b
-                dv_step[:, :, block.k0 : block.k1] += dv_b
+                if dk_step is None and block.k1 - block.k0 == k_cur.shape[2]:  # the whole shard: no copy
+                    dk_step, dv_step = dk_b.to(cd), dv_b.to(cd)
+                else:
+                    if dk_step is None:
+                        dk_step, dv_step = _zero_sums(k_cur, v_cur, cd)
+                    dk_step[:, :, block.k0 : block.k1] += dk_b
+                    dv_step[:, :, block.k0 : block.k1] += dv_b
                 del dq_b, dk_b, dv_b, block_out, block_lse  # before the next block allocates its own
+            if dk_step is None:  # nothing visible at this step: zero sums still travel on
+                dk_step, dv_step = _zero_sums(k_cur, v_cur, cd)
             compute = time.perf_counter() - start
             wait = 0.0
             if grads_in is not None:  # the partial sums of shard `src` from the ranks before this one
