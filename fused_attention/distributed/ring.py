@@ -72,6 +72,7 @@ class RingAttentionFunction(torch.autograd.Function):
         acc_lse = q.new_full(q.shape[:-1], float("-inf"), dtype=cd)
         mask_dtype = cd
         k_cur, v_cur = k, v
+        keep = any(ctx.needs_input_grad[:4])  # inference keeps no block outputs
         saved_blocks = []  # every block's (out, lse), for its backward
         for step in range(ring.world):
             exchange = None
@@ -89,7 +90,8 @@ class RingAttentionFunction(torch.autograd.Function):
                     v_cur[:, :, block.k0 : block.k1], mask,
                 )
                 merge_into_(acc_out[:, :, block.q0 : block.q1], acc_lse[:, :, block.q0 : block.q1], out, lse)
-                step_blocks.append((out, lse))
+                if keep:
+                    step_blocks.append((out, lse))
             saved_blocks.append(step_blocks)
             compute = time.perf_counter() - start
             wait = 0.0
