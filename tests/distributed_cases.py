@@ -94,6 +94,12 @@ def bad_shape_on_one_rank(world: int) -> None:
         expect_error(lambda: ring_attention(q, k, v), "invalid arguments")
     # Same valid shapes locally but different across ranks: all raise, naming the field.
     expect_error(lambda: ring_attention(q, k, v, layout="contiguous"), "head dim differs across ranks")
+    q, k, v = (torch.randn(1, 2 * world, 4, 8) for _ in range(3))
+    sinks = torch.full((2 * world,), float(rank))  # sinks must be the same parameter on every rank
+    for attention in (ring_attention, ulysses_attention):
+        expect_error(lambda fn=attention: fn(q, k, v, sinks=sinks), "sum of sinks differs across ranks")
+    wrong = torch.zeros(3) if rank == 0 else torch.zeros(2 * world)
+    expect_error(lambda: ring_attention(q, k, v, sinks=wrong), "sinks must have shape" if rank == 0 else "invalid")
 
 
 def round_trip(world: int) -> None:
