@@ -166,6 +166,8 @@ def _cases(world: int) -> dict:
         "ring_zigzag_f32_window_softcap_torch_backend": lambda: check_against_whole(
             world, "ring", "zigzag", f32, zz, heads=(4, 2), is_causal=True, window_size=(5, 0), softcap=2.0,
             sinks=True, backend="torch"),
+        "ring_zigzag_f32_causal_triton_backend": lambda: check_against_whole(
+            world, "ring", "zigzag", f32, 4 * world, head_dim=8, is_causal=True, backend="triton"),
         "ring_zigzag_not_divisible": lambda: expect_error(
             lambda: ring_attention(*(torch.randn(1, 2, 3, 8) for _ in range(3))), "divisible by 2 * group size"),
         "ulysses_contiguous_f32_causal": lambda: check_against_whole(world, "ulysses", "contiguous", f32, zz,

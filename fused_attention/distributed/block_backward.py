@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends.dispatch import select
+from ..backends.dispatch import forced_backend_name, get_backend, select
 from ..backends.torch_backend import TORCH
 from ..inputs import canonicalize
 from .blocks import Block, Rules, block_mask
@@ -88,8 +88,12 @@ def block_backward(
         softcap=rules.softcap or None, sinks=torch.zeros(q.shape[1], dtype=torch.float32, device=q.device),
         **kwargs,
     )
-    grads = select(inputs, rules.backend).attention_backward(inputs, upstream)
-    if grads is None:  # a backend whose backward needs its own forward (triton): the chunked math
+    forced = forced_backend_name(rules.backend)
+    backend = get_backend(forced) if forced else select(inputs)
+    # A backend whose backward needs its own forward (triton), or that cannot take this call (the
+    # extra value column), leaves it to the chunked math of the torch backend.
+    grads = None if backend.not_supported_reasons(inputs) else backend.attention_backward(inputs, upstream)
+    if grads is None:
         grads = TORCH.attention_backward(inputs, upstream)
     dq, dk, dv = grads
     return dq, dk, dv[..., :-1]
