@@ -32,27 +32,32 @@ def _policy(out, ref_dt, ref64, factor, what):
 def check_against_whole(world: int, fn: str, layout: str, dtype: torch.dtype, length: int, heads=(4, 4),
                         head_dim=16, batch=1, alibi=False, strided=False, sinks=False, **kwargs) -> None:
     """Outputs, lse and gradients of ``fn`` on shards equal attention on the whole sequence; with
-    ``sinks``, also the sinks' gradient summed over the ranks (each rank holds its share)."""
+    ``alibi`` / ``sinks``, also the gradients of the slopes / sinks summed over the ranks (each rank
+    holds its share)."""
     gen = torch.Generator().manual_seed(1234)
     hq, hkv = heads
     whole = [torch.randn(batch, h, length, head_dim, generator=gen, dtype=torch.float64) for h in (hq, hkv, hkv)]
     upstream = torch.randn(batch, hq, length, head_dim, generator=gen, dtype=torch.float64)
-    if alibi:  # per head, or per batch and head when batch > 1
-        kwargs["alibi_slopes"] = torch.rand(*((batch,) if batch > 1 else ()), hq, generator=gen) * 0.5 + 0.05
+    params = {}  # replicated parameters: float64 values; (ours, the reference in dtype) dtypes
+    if alibi:  # per head, or per batch and head when batch > 1; float32 whatever the inputs
+        slopes = torch.rand(*((batch,) if batch > 1 else ()), hq, generator=gen, dtype=torch.float64) * 0.5 + 0.05
+        params["alibi_slopes"] = (slopes, torch.float32, torch.float32)
     if hq != hkv:
         kwargs["enable_gqa"] = True
-    sinks64 = 2 * torch.randn(hq, generator=gen, dtype=torch.float64) if sinks else None
+    if sinks:
+        sink_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        params["sinks"] = (2 * torch.randn(hq, generator=gen, dtype=torch.float64), sink_dtype, dtype)
     refs = {}
-    for dt in (dtype, torch.float64):
+    for label, dt in (("dt", dtype), ("64", torch.float64)):
         leaves = [t.to(dt).requires_grad_() for t in whole]
         ref_kwargs = {name: value for name, value in kwargs.items() if name != "backend"}
-        if sinks:
-            ref_kwargs["sinks"] = sinks64.to(dt).requires_grad_()
+        extra = [value.to(torch.float64 if label == "64" else ref_dt).requires_grad_()
+                 for value, _, ref_dt in params.values()]
+        ref_kwargs |= dict(zip(params, extra))
         out, lse = reference_attention(*leaves, **ref_kwargs)
-        grads = torch.autograd.grad(out, leaves + ([ref_kwargs["sinks"]] if sinks else []), upstream.to(dt))
-        refs[dt] = [out, lse, *grads]
-    if sinks:
-        kwargs["sinks"] = sinks64.to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()
+        refs[label] = [out, lse, *torch.autograd.grad(out, leaves + extra, upstream.to(dt))]
+    mine = [value.to(ours).requires_grad_() for value, ours, _ in params.values()]
+    kwargs |= dict(zip(params, mine))
     shard = [shard_sequence(t.to(dtype), layout=layout) for t in whole]
     if strided:  # (B, L, H, D) memory seen as (B, H, L, D): not contiguous
         shard = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in shard]
@@ -60,18 +65,17 @@ def check_against_whole(world: int, fn: str, layout: str, dtype: torch.dtype, le
     shard = [t.requires_grad_() for t in shard]
     attention = ring_attention if fn == "ring" else ulysses_attention
     out, lse = attention(*shard, layout=layout, return_lse=True, **kwargs)
-    grads = torch.autograd.grad(out, shard + ([kwargs["sinks"]] if sinks else []),
-                                shard_sequence(upstream.to(dtype), layout=layout))
+    grads = torch.autograd.grad(out, shard + mine, shard_sequence(upstream.to(dtype), layout=layout))
     assert all(torch.equal(t, b) for t, b in zip(shard, before, strict=True)), "inputs were modified"
     assert out.dtype == dtype and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    for name, mine, factor, i in (("out", out, 2, 0), ("lse", lse, 2, 1), ("dq", grads[0], 3, 2),
-                                  ("dk", grads[1], 3, 3), ("dv", grads[2], 3, 4)):
-        ref_dt, ref64 = (shard_sequence(refs[dt][i].detach(), layout=layout, dim=2) for dt in (dtype, torch.float64))
-        _policy(mine, ref_dt, ref64, factor, name)
-    if sinks:
-        dsinks = grads[3].double()
-        dist.all_reduce(dsinks)
-        _policy(dsinks, refs[dtype][5], refs[torch.float64][5], 3, "dsinks (sum over ranks)")
+    for name, mine_t, factor, i in (("out", out, 2, 0), ("lse", lse, 2, 1), ("dq", grads[0], 3, 2),
+                                    ("dk", grads[1], 3, 3), ("dv", grads[2], 3, 4)):
+        ref_dt, ref64 = (shard_sequence(refs[label][i].detach(), layout=layout, dim=2) for label in ("dt", "64"))
+        _policy(mine_t, ref_dt, ref64, factor, name)
+    for j, name in enumerate(params):
+        total = grads[3 + j].double()
+        dist.all_reduce(total)
+        _policy(total, refs["dt"][5 + j], refs["64"][5 + j], 3, f"d{name} (sum over ranks)")
 
 
 def expect_error(fn, match: str) -> None:

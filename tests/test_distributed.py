@@ -95,14 +95,15 @@ def test_backend_attention_backward_matches_autograd(backend):
     inputs = canonicalize(q, k, v, shift, 0.0, False, None, True, **kwargs)
     if chosen.not_supported_reasons(inputs):
         pytest.skip(f"{backend}: {chosen.not_supported_reasons(inputs)}")
-    grads = chosen.attention_backward(inputs, dout)
+    grads = chosen.attention_backward(inputs, dout, need_mask_grad=True)
     if backend == "triton":
         assert grads is None
         return
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, shift)]
     out = fused_attention.scaled_dot_product_attention(
-        *leaves, attn_mask=shift, enable_gqa=True, backend=backend, **kwargs
+        *leaves[:3], attn_mask=leaves[3], enable_gqa=True, backend=backend, **kwargs
     )
     expected = torch.autograd.grad(out, leaves, dout)
-    for name, mine, ref in zip("qkv", grads, expected, strict=True):
-        assert torch.equal(mine, ref), f"d{name} differs from autograd's"
+    for name, mine, ref in zip(("dq", "dk", "dv", "dmask"), grads, expected, strict=True):
+        assert torch.equal(mine, ref), f"{name} differs from autograd's"
+    assert chosen.attention_backward(inputs, dout)[3] is None

@@ -116,11 +116,12 @@ class Backend:
         raise NotImplementedError
 
     def attention_backward(
-        self, inputs: AttentionInputs, dout: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """``(dq, dk, dv)`` of :meth:`attention` on canonical inputs for the upstream gradient ``dout``,
-        computed from the inputs alone (no forward call, nothing saved), or None when this backend's
-        backward needs its forward's results. No dropout, no mask/slope/sink gradients."""
+        self, inputs: AttentionInputs, dout: torch.Tensor, need_mask_grad: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """``(dq, dk, dv, dmask)`` of :meth:`attention` on canonical inputs for the upstream gradient
+        ``dout``, computed from the inputs alone (no forward call, nothing saved), or None when this
+        backend's backward needs its forward's results. ``dmask`` (the float mask's gradient, in its
+        shape) only with ``need_mask_grad``, else None. No dropout, no slope or sink gradients."""
         return None
 
 
@@ -150,13 +151,17 @@ def varlen_op_args(inputs: VarlenInputs, sinks: bool = False) -> tuple:
     )
 
 
-def recomputing_backward(backward_op, inputs: AttentionInputs, dout: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``(dq, dk, dv)`` from a backward op with the canonical sinks signature (``ops/attention_rules.py``)
-    that recomputes its softmax from the inputs."""
+def recomputing_backward(
+    backward_op, inputs: AttentionInputs, dout: torch.Tensor, need_mask_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(dq, dk, dv, dmask)`` from a backward op with the canonical sinks signature
+    (``ops/attention_rules.py``) that recomputes its softmax from the inputs."""
     if inputs.dropout_p:
         raise ValueError("attention_backward: no dropout (the forward's mask would be needed)")
-    dq, dk, dv, *_ = backward_op(dout.contiguous(), *dense_op_args(inputs, sinks=True), False, False, False)
-    return dq, dk, dv
+    dq, dk, dv, dmask, *_ = backward_op(
+        dout.contiguous(), *dense_op_args(inputs, sinks=True), need_mask_grad, False, False
+    )
+    return dq, dk, dv, dmask if need_mask_grad else None
 
 
 def requires_grad(inputs: AttentionInputs | VarlenInputs) -> bool:

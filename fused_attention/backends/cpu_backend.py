@@ -53,9 +53,9 @@ class CpuBackend(Backend):
         return _OPS.varlen_attention(*varlen_op_args(inputs, sinks=True))
 
     def attention_backward(
-        self, inputs: AttentionInputs, dout: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return recomputing_backward(torch.ops.fused_attention.attention_backward.default, inputs, dout)
+        self, inputs: AttentionInputs, dout: torch.Tensor, need_mask_grad: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return recomputing_backward(torch.ops.fused_attention.attention_backward.default, inputs, dout, need_mask_grad)
 
 
 CPU = CpuBackend()

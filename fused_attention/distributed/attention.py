@@ -57,12 +57,10 @@ def _prepare(
             raise AttentionArgumentError(
                 f"key heads ({key.shape[1]}) differ from query heads ({query.shape[1]}): pass enable_gqa=True"
             )
-        if alibi_slopes is not None and alibi_slopes.requires_grad:
-            raise AttentionArgumentError("alibi_slopes: gradients of the slopes are not supported here")
         canonical["inputs"] = inputs
         alibi = inputs.alibi_slopes
         grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (query, key, value, inputs.sinks)
+            t is not None and t.requires_grad for t in (query, key, value, inputs.sinks, inputs.alibi_slopes)
         )
         return {
             "batch": query.shape[0], "query heads": query.shape[1], "key/value heads": key.shape[1],
@@ -70,7 +68,7 @@ def _prepare(
             "dtype": _DTYPES.index(query.dtype), "is_causal": inputs.causal,
             "window left": inputs.window_left, "window right": inputs.window_right,
             "alibi_slopes": alibi is not None,
-            "sum of alibi_slopes": 0.0 if alibi is None else float(alibi.double().sum()),
+            "sum of alibi_slopes": 0.0 if alibi is None else float(alibi.detach().double().sum()),
             "softcap": inputs.softcap, "scale": inputs.scale, "layout": LAYOUTS.index(lay),
             "enable_gqa": bool(enable_gqa), "requires grad": grad, "sinks": inputs.sinks is not None,
             "sum of sinks": 0.0 if inputs.sinks is None else float(inputs.sinks.detach().double().sum()),
@@ -108,7 +106,7 @@ _SHARED_DOC = """
             ``p - left <= t <= p + right`` (-1: unbounded), as in
             :func:`fused_attention.scaled_dot_product_attention` on the whole sequence (``L == S``).
         alibi_slopes: float32 ``(Hq,)`` or ``(B, Hq)``; adds ``-slope * |p - t|`` with global positions.
-            Not differentiable here.
+            Differentiable; the gradient on each rank is its share, as for ``sinks``.
         softcap: ``score = softcap * tanh(score / softcap)``.
         sinks: learned attention sinks, float32 (or float64) ``(Hq,)``, the same on every rank: each
             row's softmax over the whole sequence gains one more "key" with score ``sinks[h]`` and no
@@ -124,8 +122,7 @@ _SHARED_DOC = """
         backend: force one of our backends for the per-rank attention calls (as in
             :func:`fused_attention.scaled_dot_product_attention`).
 
-    Not supported under context parallelism: ``attn_mask``, ``key_lengths``, dropout, gradients of
-    ``alibi_slopes``. Every rank must run the backward (it is collective) when inputs require grad.
+    Not supported under context parallelism: ``attn_mask``, ``key_lengths``, dropout. Every rank must run the backward (it is collective) when inputs require grad.
 
     Returns:
         ``out (B, Hq, L_shard, Ev)`` in the query dtype, this rank's shard of the attention output over
@@ -170,7 +167,7 @@ def ring_attention(
     )
     rules = Rules(**{**rules.__dict__, "backend": backend})
     ring = Ring(pg, dist.get_rank(pg), dist.get_world_size(pg), segments, rules)
-    out, lse = RingAttentionFunction.apply(query, key, value, sinks, ring)
+    out, lse = RingAttentionFunction.apply(query, key, value, sinks, rules.alibi, ring)
     return (out, lse) if return_lse else out
 
 

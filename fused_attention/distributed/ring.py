@@ -66,13 +66,16 @@ def _zero_sums(k: torch.Tensor, v_ones: torch.Tensor, dtype: torch.dtype) -> tup
 
 class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None, ring: Ring):
+    def forward(
+        ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None,
+        alibi: torch.Tensor | None, ring: Ring,
+    ):
         cd = accumulation_dtype(q.dtype)
         acc_out = q.new_zeros(*q.shape[:-1], v.shape[-1], dtype=cd)
         acc_lse = q.new_full(q.shape[:-1], float("-inf"), dtype=cd)
         mask_dtype = cd
         k_cur, v_cur = k, v
-        keep = any(ctx.needs_input_grad[:4])  # inference keeps no block outputs
+        keep = any(ctx.needs_input_grad[:5])  # inference keeps no block outputs
         saved_blocks = []  # every block's (out, lse), for its backward
         for step in range(ring.world):
             exchange = None
@@ -119,6 +122,9 @@ class RingAttentionFunction(torch.autograd.Function):
             # This rank's rows: raising a sink scales each row's output by 1 - p_sink.
             p_sink = torch.exp(sinks.to(cd)[:, None] - torch.where(torch.isfinite(lse), lse, 0))
             dsinks = -(p_sink * delta).sum((0, 2)).to(sinks.dtype)
+        alibi = ring.rules.alibi
+        alibi_grad = alibi is not None and ctx.needs_input_grad[4]
+        dslopes = q.new_zeros(*q.shape[:2], dtype=cd) if alibi_grad else None  # (B, Hq), this rank's rows
         dq = torch.zeros(q.shape, dtype=cd, device=q.device)
         k_cur, v_cur = k, with_ones_column(v)  # the values travel with their ones column
         grads_in: RingExchange | None = None
@@ -134,9 +140,11 @@ class RingAttentionFunction(torch.autograd.Function):
             dk_step = dv_step = None
             for block in ring.blocks(step):
                 block_out, block_lse = step_saved.pop(0)  # freed once used
-                dq_b, dk_b, dv_b = block_backward(
-                    ring.rules, block, q, k_cur, v_cur, dout, lse, delta, block_out, block_lse
+                dq_b, dk_b, dv_b, dslopes_b = block_backward(
+                    ring.rules, block, q, k_cur, v_cur, dout, lse, delta, block_out, block_lse, alibi_grad
                 )
+                if dslopes_b is not None:
+                    dslopes += dslopes_b
                 dq[:, :, block.q0 : block.q1] += dq_b
                 if dk_step is None and block.k1 - block.k0 == k_cur.shape[2]:  # the whole shard: no copy
                     dk_step, dv_step = dk_b.to(cd), dv_b.to(cd)
@@ -170,4 +178,7 @@ class RingAttentionFunction(torch.autograd.Function):
             (dk, dv), _ = grads_in.wait()
         else:
             dk, dv = dk_step, dv_step
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None
+        if dslopes is not None:
+            dslopes = dslopes.sum(0, keepdim=True) if alibi.shape[0] == 1 else dslopes
+            dslopes = dslopes.to(alibi.dtype)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, dslopes, None
