@@ -12,8 +12,12 @@ iterations over the RSS after the warm-up (Linux VmHWM, reset after the warm-up;
 gradients and communication buffers included). For the rings, the last iteration's per-step compute time and the time each step waited
 for its receives (the overlap: near 0 when transfers hide behind compute).
 
+With ``--rounds N`` the configurations run N times in turn (single, zigzag, ..., single, zigzag, ...), so
+a change of the machine's load spreads over all of them; times are medians over every timed iteration
+of every round, memory the median over rounds.
+
     python benchmarks/context_parallel.py [--length 8192] [--heads 8] [--dim 64] [--ranks 2] [--repeats 3]
-        [--configs single,zigzag,contiguous,ulysses] [--json out.json]
+        [--rounds 1] [--configs single,zigzag,contiguous,ulysses] [--json out.json]
 """
 
 from __future__ import annotations
@@ -124,6 +128,15 @@ def _uptime() -> str:
         return " ".join(f.read().split()[:3])
 
 
+def _summarize(rounds: list[list[dict]]) -> tuple[float, float, list[float]]:
+    """Median wall and CPU seconds of the slowest rank over every iteration of every round, and each
+    rank's median peak memory over the rounds."""
+    walls = [max(r["wall_s"][i] for r in ranks) for ranks in rounds for i in range(len(ranks[0]["wall_s"]))]
+    cpus = [max(r["cpu_s"][i] for r in ranks) for ranks in rounds for i in range(len(ranks[0]["cpu_s"]))]
+    peaks = [statistics.median(ranks[rank]["peak_mb"] for ranks in rounds) for rank in range(len(rounds[0]))]
+    return statistics.median(walls), statistics.median(cpus), peaks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=8192)
@@ -131,6 +144,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="run the configurations this many times, in turn")
     parser.add_argument("--configs", default="single,zigzag,contiguous,ulysses")
     parser.add_argument("--json", default=None, help="also write the raw per-rank results here")
     args = parser.parse_args()
@@ -143,38 +157,33 @@ def main() -> None:
     configs = args.configs.split(",")
     print(f"B=1 H={args.heads} L={args.length} D={args.dim} float32 causal fwd+bwd; {args.ranks} ranks x 1 thread "
           f"vs 1 process x 1 thread; torch {torch.__version__}")
-    raw = {}
-    for config in configs:
-        load_before = _uptime()
-        raw[config] = {"ranks": run_config(config, args.ranks, settings), "load_before": load_before,
-                       "load_after": _uptime()}
-    single = raw.get("single")
-    base_wall = statistics.median(single["ranks"][0]["wall_s"]) if single else None
-    base_cpu = statistics.median(single["ranks"][0]["cpu_s"]) if single else None
-    base_mem = single["ranks"][0]["peak_mb"] if single else None
+    raw: dict = {config: {"rounds": [], "loads": []} for config in configs}
+    for _ in range(args.rounds):
+        for config in configs:
+            raw[config]["loads"].append(_uptime().split()[0])
+            raw[config]["rounds"].append(run_config(config, args.ranks, settings))
+    summary = {config: _summarize(raw[config]["rounds"]) for config in configs}
+    base = summary.get("single")
+
+    def ratio(base_value: float | None, x: float) -> str:
+        return f"{base_value / x:.2f}x" if base_value else "-"
+
     print("\n| config | wall (s) | speedup (wall) | slowest rank CPU (s) | speedup (CPU) | peak RSS per rank (MB) "
-          "| vs single | load (1-min avg) before/after |")
+          "| vs single | load (1-min avg) at each start |")
     print("|---|---|---|---|---|---|---|---|")
     for config in configs:
-        ranks = raw[config]["ranks"]
-        wall = statistics.median(max(r["wall_s"][i] for r in ranks) for i in range(len(ranks[0]["wall_s"])))
-        cpu = statistics.median(max(r["cpu_s"][i] for r in ranks) for i in range(len(ranks[0]["cpu_s"])))
-        mem = max(r["peak_mb"] for r in ranks)
-        def ratio(base, x):
-            return f"{base / x:.2f}x" if base else "-"
-
-        peaks = ", ".join(f"{r['peak_mb']:.0f}" for r in ranks)
-        mem_ratio = f"{mem / base_mem:.2f}x" if base_mem else "-"
-        load = f"{raw[config]['load_before'].split()[0]} / {raw[config]['load_after'].split()[0]}"
-        print(f"| {config} | {wall:.2f} | {ratio(base_wall, wall)} | {cpu:.2f} | {ratio(base_cpu, cpu)} | "
-              f"{peaks} | {mem_ratio} | {load} |")
+        wall, cpu, peaks = summary[config]
+        peak_text = ", ".join(f"{p:.0f}" for p in peaks)
+        mem_ratio = f"{max(peaks) / max(base[2]):.2f}x" if base else "-"
+        print(f"| {config} | {wall:.2f} | {ratio(base and base[0], wall)} | {cpu:.2f} | "
+              f"{ratio(base and base[1], cpu)} | {peak_text} | {mem_ratio} | {', '.join(raw[config]['loads'])} |")
     for config in configs:
         if config not in ("zigzag", "contiguous"):
             continue
         print(f"\n{config}: per ring step, last iteration (compute s / wait for receives s), per rank")
         print("| phase | step | " + " | ".join(f"rank {r}" for r in range(args.ranks)) + " |")
         print("|---|---|" + "---|" * args.ranks)
-        per_rank = [r["steps"] for r in raw[config]["ranks"]]
+        per_rank = [r["steps"] for r in raw[config]["rounds"][-1]]
         for index, (phase, step, _, _) in enumerate(per_rank[0]):
             cells = " | ".join(f"{s[index][2]:.3f} / {s[index][3]:.3f}" for s in per_rank)
             print(f"| {phase} | {step} | {cells} |")

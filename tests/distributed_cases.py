@@ -30,23 +30,34 @@ def _policy(out, ref_dt, ref64, factor, what):
 
 
 def check_against_whole(world: int, fn: str, layout: str, dtype: torch.dtype, length: int, heads=(4, 4),
-                        head_dim=16, batch=1, alibi=False, strided=False, **kwargs) -> None:
-    """Outputs, lse and gradients of ``fn`` on shards equal attention on the whole sequence."""
+                        head_dim=16, batch=1, alibi=False, strided=False, sinks=False, **kwargs) -> None:
+    """Outputs, lse and gradients of ``fn`` on shards equal attention on the whole sequence; with
+    ``alibi`` / ``sinks``, also the gradients of the slopes / sinks summed over the ranks (each rank
+    holds its share)."""
     gen = torch.Generator().manual_seed(1234)
     hq, hkv = heads
     whole = [torch.randn(batch, h, length, head_dim, generator=gen, dtype=torch.float64) for h in (hq, hkv, hkv)]
     upstream = torch.randn(batch, hq, length, head_dim, generator=gen, dtype=torch.float64)
-    if alibi:  # per head, or per batch and head when batch > 1
-        kwargs["alibi_slopes"] = torch.rand(*((batch,) if batch > 1 else ()), hq, generator=gen) * 0.5 + 0.05
+    params = {}  # replicated parameters: float64 values; (ours, the reference in dtype) dtypes
+    if alibi:  # per head, or per batch and head when batch > 1; float32 whatever the inputs
+        slopes = torch.rand(*((batch,) if batch > 1 else ()), hq, generator=gen, dtype=torch.float64) * 0.5 + 0.05
+        params["alibi_slopes"] = (slopes, torch.float32, torch.float32)
     if hq != hkv:
         kwargs["enable_gqa"] = True
+    if sinks:
+        sink_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        params["sinks"] = (2 * torch.randn(hq, generator=gen, dtype=torch.float64), sink_dtype, dtype)
     refs = {}
-    for dt in (dtype, torch.float64):
+    for label, dt in (("dt", dtype), ("64", torch.float64)):
         leaves = [t.to(dt).requires_grad_() for t in whole]
-        ref_kwargs = dict(kwargs)
+        ref_kwargs = {name: value for name, value in kwargs.items() if name != "backend"}
+        extra = [value.to(torch.float64 if label == "64" else ref_dt).requires_grad_()
+                 for value, _, ref_dt in params.values()]
+        ref_kwargs |= dict(zip(params, extra))
         out, lse = reference_attention(*leaves, **ref_kwargs)
-        grads = torch.autograd.grad(out, leaves, upstream.to(dt))
-        refs[dt] = [out, lse, *grads]
+        refs[label] = [out, lse, *torch.autograd.grad(out, leaves + extra, upstream.to(dt))]
+    mine = [value.to(ours).requires_grad_() for value, ours, _ in params.values()]
+    kwargs |= dict(zip(params, mine))
     shard = [shard_sequence(t.to(dtype), layout=layout) for t in whole]
     if strided:  # (B, L, H, D) memory seen as (B, H, L, D): not contiguous
         shard = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in shard]
@@ -54,13 +65,17 @@ def check_against_whole(world: int, fn: str, layout: str, dtype: torch.dtype, le
     shard = [t.requires_grad_() for t in shard]
     attention = ring_attention if fn == "ring" else ulysses_attention
     out, lse = attention(*shard, layout=layout, return_lse=True, **kwargs)
-    grads = torch.autograd.grad(out, shard, shard_sequence(upstream.to(dtype), layout=layout))
+    grads = torch.autograd.grad(out, shard + mine, shard_sequence(upstream.to(dtype), layout=layout))
     assert all(torch.equal(t, b) for t, b in zip(shard, before, strict=True)), "inputs were modified"
     assert out.dtype == dtype and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    for name, mine, factor, i in (("out", out, 2, 0), ("lse", lse, 2, 1), ("dq", grads[0], 3, 2),
-                                  ("dk", grads[1], 3, 3), ("dv", grads[2], 3, 4)):
-        ref_dt, ref64 = (shard_sequence(refs[dt][i].detach(), layout=layout, dim=2) for dt in (dtype, torch.float64))
-        _policy(mine, ref_dt, ref64, factor, name)
+    for name, mine_t, factor, i in (("out", out, 2, 0), ("lse", lse, 2, 1), ("dq", grads[0], 3, 2),
+                                    ("dk", grads[1], 3, 3), ("dv", grads[2], 3, 4)):
+        ref_dt, ref64 = (shard_sequence(refs[label][i].detach(), layout=layout, dim=2) for label in ("dt", "64"))
+        _policy(mine_t, ref_dt, ref64, factor, name)
+    for j, name in enumerate(params):
+        total = grads[3 + j].double()
+        dist.all_reduce(total)
+        _policy(total, refs["dt"][5 + j], refs["64"][5 + j], 3, f"d{name} (sum over ranks)")
 
 
 def expect_error(fn, match: str) -> None:
@@ -83,6 +98,12 @@ def bad_shape_on_one_rank(world: int) -> None:
         expect_error(lambda: ring_attention(q, k, v), "invalid arguments")
     # Same valid shapes locally but different across ranks: all raise, naming the field.
     expect_error(lambda: ring_attention(q, k, v, layout="contiguous"), "head dim differs across ranks")
+    q, k, v = (torch.randn(1, 2 * world, 4, 8) for _ in range(3))
+    sinks = torch.full((2 * world,), float(rank))  # sinks must be the same parameter on every rank
+    for attention in (ring_attention, ulysses_attention):
+        expect_error(lambda fn=attention: fn(q, k, v, sinks=sinks), "sum of sinks differs across ranks")
+    wrong = torch.zeros(3) if rank == 0 else torch.zeros(2 * world)
+    expect_error(lambda: ring_attention(q, k, v, sinks=wrong), "sinks must have shape" if rank == 0 else "invalid")
 
 
 def round_trip(world: int) -> None:
@@ -142,6 +163,15 @@ def _cases(world: int) -> dict:
             window_size=(9, 4)),
         "ring_contiguous_uneven_f32_causal_window": lambda: check_against_whole(
             world, "ring", "contiguous", f32, zz + world - 1, is_causal=True, window_size=(7, 0)),
+        "ring_zigzag_f32_causal_gqa_sinks": lambda: check_against_whole(world, "ring", "zigzag", f32, zz,
+                                                                        heads=(4, 2), is_causal=True, sinks=True),
+        "ring_contiguous_f64_alibi_softcap_window_sinks": lambda: check_against_whole(
+            world, "ring", "contiguous", f64, zz + 1, alibi=True, softcap=2.0, window_size=(6, 3), sinks=True),
+        "ring_zigzag_f32_window_softcap_torch_backend": lambda: check_against_whole(
+            world, "ring", "zigzag", f32, zz, heads=(4, 2), is_causal=True, window_size=(5, 0), softcap=2.0,
+            sinks=True, backend="torch"),
+        "ring_zigzag_f32_causal_triton_backend": lambda: check_against_whole(
+            world, "ring", "zigzag", f32, 4 * world, head_dim=8, is_causal=True, backend="triton"),
         "ring_zigzag_not_divisible": lambda: expect_error(
             lambda: ring_attention(*(torch.randn(1, 2, 3, 8) for _ in range(3))), "divisible by 2 * group size"),
         "ulysses_contiguous_f32_causal": lambda: check_against_whole(world, "ulysses", "contiguous", f32, zz,
@@ -151,6 +181,8 @@ def _cases(world: int) -> dict:
                                                                        window_size=(5, 2), is_causal=True),
         "ulysses_contiguous_uneven_bf16_softcap": lambda: check_against_whole(
             world, "ulysses", "contiguous", bf16, zz + 1, heads=(12, 12), softcap=2.0),
+        "ulysses_zigzag_f32_causal_sinks": lambda: check_against_whole(world, "ulysses", "zigzag", f32, zz,
+                                                                       heads=(12, 12), is_causal=True, sinks=True),
         "ulysses_heads_not_divisible": lambda: expect_error(
             lambda: ulysses_attention(*(torch.randn(1, 12 * world + 1, 2 * world, 8) for _ in range(3))),
             "must be divisible by the group size"),

@@ -51,6 +51,7 @@ def _k(files: str | tuple[str, ...], selection: str) -> tuple[str, ...]:
 
 
 ATT, VARLEN, CHUNKED = "tests/test_attention.py", "tests/test_varlen.py", "tests/test_chunked.py"
+DIST = "tests/test_distributed.py"
 CHUNKED_PY, RULES = "fused_attention/kernels/chunked.py", "fused_attention/ops/attention_rules.py"
 
 MUTATIONS = [
@@ -213,6 +214,22 @@ MUTATIONS = [
         "triton-dropout-never-drops", "fused_attention/kernels/triton/attention_tiles.py",
         "return tl.uint_to_uniform_float(r) >= dropout_p", "return tl.uint_to_uniform_float(r) >= 0.0",
         _k(ATT, "triton and dropout_keeps"), "Triton: dropout rescales but never drops",
+    ),
+    # --- context parallelism (spawned gloo ranks, one group size) ---
+    Mutation(
+        "ring-block-backward-delta", "fused_attention/distributed/block_backward.py",
+        "torch.where(seen, c * (rho - c * delta[:, :, rows]), 0)", "torch.where(seen, c * (rho - delta[:, :, rows]), 0)",
+        _k(DIST, "ring_zigzag_f64_causal and 2"), "ring backward: the upstream's t misses a factor c on D",
+    ),
+    Mutation(
+        "ring-sink-grad-sign", "fused_attention/distributed/ring.py",
+        "dsinks = -(p_sink * delta)", "dsinks = (p_sink * delta)",
+        _k(DIST, "ring_zigzag_f32_causal_gqa_sinks and 2"), "ring: the sinks' gradient negated",
+    ),
+    Mutation(
+        "ring-slope-grad-sign", "fused_attention/distributed/block_backward.py",
+        "dslopes = -(dmask * distance)", "dslopes = (dmask * distance)",
+        _k(DIST, "ring_zigzag_f64_alibi_causal and 2"), "ring: the ALiBi slopes' gradient negated",
     ),
     # --- C++ kernels (--cpp: a scratch build each) ---
     Mutation(

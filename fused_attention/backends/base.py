@@ -115,6 +115,15 @@ class Backend:
         """Returns ``(out (total_q, H, Dv), lse (H, total_q))``."""
         raise NotImplementedError
 
+    def attention_backward(
+        self, inputs: AttentionInputs, dout: torch.Tensor, need_mask_grad: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """``(dq, dk, dv, dmask)`` of :meth:`attention` on canonical inputs for the upstream gradient
+        ``dout``, computed from the inputs alone (no forward call, nothing saved), or None when this
+        backend's backward needs its forward's results. ``dmask`` (the float mask's gradient, in its
+        shape) only with ``need_mask_grad``, else None. No dropout, no slope or sink gradients."""
+        return None
+
 
 def draw_seed(inputs: AttentionInputs | VarlenInputs) -> torch.Tensor | None:
     """A dropout seed from torch's default CPU generator, so ``torch.manual_seed`` reproduces it."""
@@ -140,6 +149,19 @@ def varlen_op_args(inputs: VarlenInputs, sinks: bool = False) -> tuple:
         draw_seed(inputs), *((inputs.sinks,) if sinks else ()), inputs.window_left, inputs.window_right,
         inputs.softcap, inputs.scale, inputs.dropout_p,
     )
+
+
+def recomputing_backward(
+    backward_op, inputs: AttentionInputs, dout: torch.Tensor, need_mask_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(dq, dk, dv, dmask)`` from a backward op with the canonical sinks signature
+    (``ops/attention_rules.py``) that recomputes its softmax from the inputs."""
+    if inputs.dropout_p:
+        raise ValueError("attention_backward: no dropout (the forward's mask would be needed)")
+    dq, dk, dv, dmask, *_ = backward_op(
+        dout.contiguous(), *dense_op_args(inputs, sinks=True), need_mask_grad, False, False
+    )
+    return dq, dk, dv, dmask if need_mask_grad else None
 
 
 def requires_grad(inputs: AttentionInputs | VarlenInputs) -> bool:

@@ -13,7 +13,7 @@ from .. import _extension
 from ..inputs import AttentionInputs, VarlenInputs
 from ..ops.attention_rules import dense_autograd_rules, varlen_autograd_rules
 from ..ops.eager import EagerOp
-from .base import ALL_FEATURES, Backend, Capabilities, dense_op_args, varlen_op_args
+from .base import ALL_FEATURES, Backend, Capabilities, dense_op_args, recomputing_backward, varlen_op_args
 
 # Loaded once at import: a plain value that torch.compile can read while tracing dispatch.
 _EXTENSION = _extension.load_extension()
@@ -51,6 +51,11 @@ class CpuBackend(Backend):
     def varlen_attention(self, inputs: VarlenInputs) -> tuple[torch.Tensor, torch.Tensor]:
         assert _OPS is not None, "dispatch only picks the cpu backend when the extension loaded"
         return _OPS.varlen_attention(*varlen_op_args(inputs, sinks=True))
+
+    def attention_backward(
+        self, inputs: AttentionInputs, dout: torch.Tensor, need_mask_grad: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return recomputing_backward(torch.ops.fused_attention.attention_backward.default, inputs, dout, need_mask_grad)
 
 
 CPU = CpuBackend()

@@ -14,7 +14,15 @@ from ..ops import torch_attention as _ops  # noqa: F401  (registers fused_attent
 from ..ops import torch_varlen as _varlen_ops  # noqa: F401  (registers fused_attention::torch_varlen)
 from ..ops.attention_rules import dense_autograd_rules, varlen_autograd_rules
 from ..ops.eager import EagerOp
-from .base import ALL_FEATURES, Backend, Capabilities, dense_op_args, requires_grad, varlen_op_args
+from .base import (
+    ALL_FEATURES,
+    Backend,
+    Capabilities,
+    dense_op_args,
+    recomputing_backward,
+    requires_grad,
+    varlen_op_args,
+)
 
 # Features torch's SDPA expresses natively; anything else needs the chunked op.
 _NATIVE_FEATURES = frozenset({"causal", "bool_mask", "float_mask", "gqa", "value_head_dim"})
@@ -64,6 +72,11 @@ class TorchBackend(Backend):
 
     def varlen_attention(self, inputs: VarlenInputs) -> tuple[torch.Tensor, torch.Tensor]:
         return _VARLEN(*varlen_op_args(inputs, sinks=True))
+
+    def attention_backward(
+        self, inputs: AttentionInputs, dout: torch.Tensor, need_mask_grad: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return recomputing_backward(torch.ops.fused_attention.torch_attention_backward.default, inputs, dout, need_mask_grad)
 
 
 TORCH = TorchBackend()

@@ -21,13 +21,13 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FIELDS = (
     "batch", "query heads", "key/value heads", "shard length", "head dim", "value head dim", "dtype",
     "is_causal", "window left", "window right", "alibi_slopes", "sum of alibi_slopes", "softcap", "scale",
-    "layout", "enable_gqa", "requires grad",
+    "layout", "enable_gqa", "requires grad", "sinks", "sum of sinks",
 )
 
 
 def _prepare(
     what: str, query: Any, key: Any, value: Any, group: Any, is_causal: Any, scale: Any, enable_gqa: Any,
-    window_size: Any, alibi_slopes: Any, softcap: Any, layout: Any,
+    window_size: Any, alibi_slopes: Any, softcap: Any, layout: Any, sinks: Any,
 ) -> tuple[dist.ProcessGroup, Rules, list, str]:
     """Checks the arguments on this rank and collectively; returns the group, rules, segments, layout."""
     pg = resolve_group(group)
@@ -38,7 +38,7 @@ def _prepare(
         lay = check_layout(layout)
         inputs = canonicalize(
             query, key, value, None, 0.0, is_causal, scale, enable_gqa, window_size=window_size,
-            alibi_slopes=alibi_slopes, softcap=softcap,
+            alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks,
         )
         for name, t in (("query", query), ("key", key), ("value", value)):
             if t.dim() != 4:
@@ -57,20 +57,21 @@ def _prepare(
             raise AttentionArgumentError(
                 f"key heads ({key.shape[1]}) differ from query heads ({query.shape[1]}): pass enable_gqa=True"
             )
-        if alibi_slopes is not None and alibi_slopes.requires_grad:
-            raise AttentionArgumentError("alibi_slopes: gradients of the slopes are not supported here")
         canonical["inputs"] = inputs
         alibi = inputs.alibi_slopes
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (query, key, value, inputs.sinks, inputs.alibi_slopes)
+        )
         return {
             "batch": query.shape[0], "query heads": query.shape[1], "key/value heads": key.shape[1],
             "shard length": query.shape[2], "head dim": query.shape[3], "value head dim": value.shape[3],
             "dtype": _DTYPES.index(query.dtype), "is_causal": inputs.causal,
             "window left": inputs.window_left, "window right": inputs.window_right,
             "alibi_slopes": alibi is not None,
-            "sum of alibi_slopes": 0.0 if alibi is None else float(alibi.double().sum()),
+            "sum of alibi_slopes": 0.0 if alibi is None else float(alibi.detach().double().sum()),
             "softcap": inputs.softcap, "scale": inputs.scale, "layout": LAYOUTS.index(lay),
-            "enable_gqa": bool(enable_gqa), "requires grad": grad,
+            "enable_gqa": bool(enable_gqa), "requires grad": grad, "sinks": inputs.sinks is not None,
+            "sum of sinks": 0.0 if inputs.sinks is None else float(inputs.sinks.detach().double().sum()),
         }
 
     lay = layout if layout in LAYOUTS else "contiguous"
@@ -105,17 +106,23 @@ _SHARED_DOC = """
             ``p - left <= t <= p + right`` (-1: unbounded), as in
             :func:`fused_attention.scaled_dot_product_attention` on the whole sequence (``L == S``).
         alibi_slopes: float32 ``(Hq,)`` or ``(B, Hq)``; adds ``-slope * |p - t|`` with global positions.
-            Not differentiable here.
+            Differentiable; the gradient on each rank is its share, as for ``sinks``.
         softcap: ``score = softcap * tanh(score / softcap)``.
+        sinks: learned attention sinks, float32 (or float64) ``(Hq,)``, the same on every rank: each
+            row's softmax over the whole sequence gains one more "key" with score ``sinks[h]`` and no
+            value, as in :func:`fused_attention.scaled_dot_product_attention`. Differentiable; like any
+            parameter replicated across the group, each rank's gradient is its share (its rows' in the
+            ring, its heads' in Ulysses), and the sum over ranks (the all-reduce that DDP / FSDP run over the context-parallel ranks) is the
+            whole sequence's gradient.
         layout: ``"zigzag"`` (chunks ``r`` and ``2P - 1 - r`` of ``2P`` equal chunks; the sequence length
             must be divisible by ``2P``) or ``"contiguous"`` (consecutive pieces; any lengths, one per
             rank, uneven allowed).
-        return_lse: also return the log-sum-exp ``(B, Hq, L_shard)``, float32 (float64 for float64).
+        return_lse: also return the log-sum-exp ``(B, Hq, L_shard)``, float32 (float64 for float64),
+            including the sink's term with ``sinks``.
         backend: force one of our backends for the per-rank attention calls (as in
             :func:`fused_attention.scaled_dot_product_attention`).
 
-    Not supported under context parallelism: ``attn_mask``, ``key_lengths``, dropout, gradients of
-    ``alibi_slopes``. Every rank must run the backward (it is collective) when inputs require grad.
+    Not supported under context parallelism: ``attn_mask``, ``key_lengths``, dropout. Every rank must run the backward (it is collective) when inputs require grad.
 
     Returns:
         ``out (B, Hq, L_shard, Ev)`` in the query dtype, this rank's shard of the attention output over
@@ -135,6 +142,7 @@ def ring_attention(
     window_size: tuple[int, int] | None = None,
     alibi_slopes: torch.Tensor | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     layout: str = "zigzag",
     return_lse: bool = False,
     backend: str | None = None,
@@ -145,18 +153,21 @@ def ring_attention(
     point-to-point transfers posted before each step's compute, so communication overlaps compute.
     Partial results merge through their log-sum-exp in float32 (float64 for float64 inputs). The
     backward sends the key/value shards around again and the dK/dV partial sums around a second ring
-    (float32 / float64). Per-rank memory is O(L / P). Each step's attention runs on our kernels through
-    :func:`fused_attention.scaled_dot_product_attention`; the backward's exact global-softmax gradient is
-    explained in ``fused_attention/distributed/anchor.py`` (it costs one extra forward per step).
+    (float32 / float64); sinks join the merged result once. Each step's attention runs on our kernels
+    through :func:`fused_attention.scaled_dot_product_attention`; each block's backward is one call of
+    its backend's backward, made exact through the global softmax from the global lse and the block's
+    saved output (``fused_attention/distributed/block_backward.py``). Per-rank memory: the O(L / P)
+    shards, plus the block outputs kept for the backward (together one output-sized tensor per ring
+    step, i.e. ``(B, Hq, L, Ev)`` in all).
     With ``layout="zigzag"`` and ``is_causal=True`` every rank does the same work at every step.
     """
     pg, rules, segments, _ = _prepare(
         "ring_attention", query, key, value, group, is_causal, scale, enable_gqa, window_size, alibi_slopes,
-        softcap, layout,
+        softcap, layout, sinks,
     )
     rules = Rules(**{**rules.__dict__, "backend": backend})
     ring = Ring(pg, dist.get_rank(pg), dist.get_world_size(pg), segments, rules)
-    out, lse = RingAttentionFunction.apply(query, key, value, ring)
+    out, lse = RingAttentionFunction.apply(query, key, value, sinks, rules.alibi, ring)
     return (out, lse) if return_lse else out
 
 
@@ -172,6 +183,7 @@ def ulysses_attention(
     window_size: tuple[int, int] | None = None,
     alibi_slopes: torch.Tensor | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     layout: str = "contiguous",
     return_lse: bool = False,
     backend: str | None = None,
@@ -186,7 +198,7 @@ def ulysses_attention(
     """
     pg, rules, segments, _ = _prepare(
         "ulysses_attention", query, key, value, group, is_causal, scale, enable_gqa, window_size, alibi_slopes,
-        softcap, layout,
+        softcap, layout, sinks,
     )
     world, rank = dist.get_world_size(pg), dist.get_rank(pg)
     for name, heads in (("query", query.shape[1]), ("key/value", key.shape[1])):
@@ -196,12 +208,14 @@ def ulysses_attention(
                 "use ring_attention"
             )
     heads = query.shape[1] // world
-    alibi = None if rules.alibi is None else rules.alibi[:, rank * heads : (rank + 1) * heads]
+    own = slice(rank * heads, (rank + 1) * heads)  # this rank's query heads after the all-to-all
+    alibi = None if rules.alibi is None else rules.alibi[:, own]
     reshard = Resharder(pg, segments, query.device)
     out, lse = scaled_dot_product_attention(
         reshard.to_heads(query), reshard.to_heads(key), reshard.to_heads(value), is_causal=rules.causal,
         scale=rules.scale, enable_gqa=enable_gqa, window_size=(rules.window_left, rules.window_right),
-        alibi_slopes=alibi, softcap=rules.softcap or None, return_lse=True, backend=backend,
+        alibi_slopes=alibi, softcap=rules.softcap or None, return_lse=True,
+        sinks=None if sinks is None else sinks[own], backend=backend,
     )
     out = reshard.to_sequence(out)
     if not return_lse:

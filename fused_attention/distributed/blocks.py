@@ -118,11 +118,16 @@ def plan_step(rules: Rules, q_segments: Segments, k_segments: Segments, same_sha
     return pairs
 
 
-def block_mask(rules: Rules, block: Block, device: torch.device, float_dtype: torch.dtype) -> torch.Tensor:
-    """The ``mask`` form: bool ``(1, 1, Lq, Lk)``, or with ALiBi a float ``(1 or B, Hq, Lq, Lk)`` bias."""
+def block_offsets(block: Block, device: torch.device) -> torch.Tensor:
+    """``key position - query position`` over a ``mask`` block, ``(Lq, Lk)`` int64."""
     q_pos = torch.arange(block.q_start, block.q_start + block.q1 - block.q0, device=device)
     k_pos = torch.arange(block.k_start, block.k_start + block.k1 - block.k0, device=device)
-    offset = k_pos[None, :] - q_pos[:, None]
+    return k_pos[None, :] - q_pos[:, None]
+
+
+def block_mask(rules: Rules, block: Block, device: torch.device, float_dtype: torch.dtype) -> torch.Tensor:
+    """The ``mask`` form: bool ``(1, 1, Lq, Lk)``, or with ALiBi a float ``(1 or B, Hq, Lq, Lk)`` bias."""
+    offset = block_offsets(block, device)
     lo, hi = rules.offset_bounds()
     visible = torch.ones_like(offset, dtype=torch.bool)
     if lo > -_INF:

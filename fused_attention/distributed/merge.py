@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from ..merge import accumulation_dtype, merge_into_
+from ..merge import accumulation_dtype, fold_sinks_, merge_into_
 from ..merge import merge_attention_states_list as merge_attention_states
 
-__all__ = ["accumulation_dtype", "merge_attention_states", "merge_into_"]
+__all__ = ["accumulation_dtype", "fold_sinks_", "merge_attention_states", "merge_into_"]

@@ -3,9 +3,11 @@
 Forward: at each of the ``P`` steps a rank posts the asynchronous send of the key/value shard it holds
 (to the next rank) and the receive of the next one (from the previous rank), attends its queries to the
 shard it holds (:mod:`.blocks`), merges the partial result through the lse (:mod:`.merge`), then waits
-for the transfer. Backward: the key/value shards go around again; each step's block gradients come from
-:mod:`.anchor` (exact through the global softmax); dQ stays local, and the dK/dV partial sums of a shard
-follow it one step behind, in float32 (float64 for float64 inputs), back to its owner.
+for the transfer; attention sinks join the merged result once, at the end. Backward: the key/value shards
+go around again; each step's block gradients come from one backward call per block
+(:mod:`.block_backward`, exact through the global softmax, from the global lse and each block's saved
+output); dQ stays local, and the dK/dV partial sums of a shard follow it one step behind, in float32
+(float64 for float64 inputs), back to its owner.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .anchor import AnchoredQueries, block_backward
+from .block_backward import block_backward, with_ones_column
 from .blocks import Rules, block_mask, call_attention, plan_step
 from .layout import Segments
-from .merge import accumulation_dtype, merge_into_
+from .merge import accumulation_dtype, fold_sinks_, merge_into_
 from .p2p import RingExchange
 
 # Test/benchmark hook: called as step_timer(phase, step, compute_seconds, wait_seconds) after each ring
@@ -57,14 +59,24 @@ def _report(phase: str, step: int, compute: float, wait: float) -> None:
         step_timer(phase, step, compute, wait)
 
 
+def _zero_sums(k: torch.Tensor, v_ones: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero dK/dV sums for a key shard (``v_ones`` carries the extra ones column, which has no gradient)."""
+    return k.new_zeros(k.shape, dtype=dtype), v_ones.new_zeros(*v_ones.shape[:-1], v_ones.shape[-1] - 1, dtype=dtype)
+
+
 class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Ring):
+    def forward(
+        ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None,
+        alibi: torch.Tensor | None, ring: Ring,
+    ):
         cd = accumulation_dtype(q.dtype)
         acc_out = q.new_zeros(*q.shape[:-1], v.shape[-1], dtype=cd)
         acc_lse = q.new_full(q.shape[:-1], float("-inf"), dtype=cd)
         mask_dtype = cd
         k_cur, v_cur = k, v
+        keep = any(ctx.needs_input_grad[:5])  # inference keeps no block outputs
+        saved_blocks = []  # every block's (out, lse), for its backward
         for step in range(ring.world):
             exchange = None
             if step < ring.world - 1:
@@ -73,6 +85,7 @@ class RingAttentionFunction(torch.autograd.Function):
                     ring.group, [k_cur, v_cur], [ring.shard_shape(k, nxt), ring.shard_shape(v, nxt)]
                 )
             start = time.perf_counter()
+            step_blocks = []
             for block in ring.blocks(step):
                 mask = block_mask(ring.rules, block, q.device, mask_dtype) if block.form == "mask" else None
                 out, lse = call_attention(
@@ -80,43 +93,69 @@ class RingAttentionFunction(torch.autograd.Function):
                     v_cur[:, :, block.k0 : block.k1], mask,
                 )
                 merge_into_(acc_out[:, :, block.q0 : block.q1], acc_lse[:, :, block.q0 : block.q1], out, lse)
+                if keep:
+                    step_blocks.append((out, lse))
+            saved_blocks.append(step_blocks)
             compute = time.perf_counter() - start
             wait = 0.0
             if exchange is not None:
                 (k_cur, v_cur), wait = exchange.wait()
             _report("forward", step, compute, wait)
+        if sinks is not None:
+            fold_sinks_(acc_out, acc_lse, sinks.to(cd))
         out = acc_out.to(q.dtype)
         ctx.ring = ring
-        ctx.save_for_backward(q, k, v, out, acc_lse)
+        ctx.saved_blocks = saved_blocks
+        ctx.save_for_backward(q, k, v, out, acc_lse, sinks)
         ctx.mark_non_differentiable(acc_lse)
         return out, acc_lse
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor, _dlse: torch.Tensor):
         ring: Ring = ctx.ring
-        q, k, v, out, lse = ctx.saved_tensors
+        saved_blocks, ctx.saved_blocks = ctx.saved_blocks, None
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         cd = accumulation_dtype(q.dtype)
         delta = (dout.to(cd) * out.to(cd)).sum(-1)
-        anchored = AnchoredQueries(q, lse, ring.rules)
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[3]:
+            # This rank's rows: raising a sink scales each row's output by 1 - p_sink.
+            p_sink = torch.exp(sinks.to(cd)[:, None] - torch.where(torch.isfinite(lse), lse, 0))
+            dsinks = -(p_sink * delta).sum((0, 2)).to(sinks.dtype)
+        alibi = ring.rules.alibi
+        alibi_grad = alibi is not None and ctx.needs_input_grad[4]
+        dslopes = q.new_zeros(*q.shape[:2], dtype=cd) if alibi_grad else None  # (B, Hq), this rank's rows
         dq = torch.zeros(q.shape, dtype=cd, device=q.device)
-        k_cur, v_cur = k, v
+        k_cur, v_cur = k, with_ones_column(v)  # the values travel with their ones column
         grads_in: RingExchange | None = None
         for step in range(ring.world):
             exchange = None
             if step < ring.world - 1:
                 nxt = ring.source(step + 1)
                 exchange = RingExchange(
-                    ring.group, [k_cur, v_cur], [ring.shard_shape(k, nxt), ring.shard_shape(v, nxt)]
+                    ring.group, [k_cur, v_cur], [ring.shard_shape(k, nxt), ring.shard_shape(v_cur, nxt)]
                 )
             start = time.perf_counter()
-            dk_step = torch.zeros(k_cur.shape, dtype=cd, device=q.device)
-            dv_step = torch.zeros(v_cur.shape, dtype=cd, device=q.device)
+            step_saved, saved_blocks[step] = saved_blocks[step], None
+            dk_step = dv_step = None
             for block in ring.blocks(step):
-                dq_b, dk_b, dv_b = block_backward(ring.rules, block, anchored, k_cur, v_cur, dout, lse, delta)
+                block_out, block_lse = step_saved.pop(0)  # freed once used
+                dq_b, dk_b, dv_b, dslopes_b = block_backward(
+                    ring.rules, block, q, k_cur, v_cur, dout, lse, delta, block_out, block_lse, alibi_grad
+                )
+                if dslopes_b is not None:
+                    dslopes += dslopes_b
                 dq[:, :, block.q0 : block.q1] += dq_b
-                dk_step[:, :, block.k0 : block.k1] += dk_b
-                dv_step[:, :, block.k0 : block.k1] += dv_b
-                del dq_b, dk_b, dv_b  # before the next block allocates its own
+                if dk_step is None and block.k1 - block.k0 == k_cur.shape[2]:  # the whole shard: no copy
+                    dk_step, dv_step = dk_b.to(cd), dv_b.to(cd)
+                else:
+                    if dk_step is None:
+                        dk_step, dv_step = _zero_sums(k_cur, v_cur, cd)
+                    dk_step[:, :, block.k0 : block.k1] += dk_b
+                    dv_step[:, :, block.k0 : block.k1] += dv_b
+                del dq_b, dk_b, dv_b, block_out, block_lse  # before the next block allocates its own
+            if dk_step is None:  # nothing visible at this step: zero sums still travel on
+                dk_step, dv_step = _zero_sums(k_cur, v_cur, cd)
             compute = time.perf_counter() - start
             wait = 0.0
             if grads_in is not None:  # the partial sums of shard `src` from the ranks before this one
@@ -139,4 +178,7 @@ class RingAttentionFunction(torch.autograd.Function):
             (dk, dv), _ = grads_in.wait()
         else:
             dk, dv = dk_step, dv_step
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        if dslopes is not None:
+            dslopes = dslopes.sum(0, keepdim=True) if alibi.shape[0] == 1 else dslopes
+            dslopes = dslopes.to(alibi.dtype)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, dslopes, None
