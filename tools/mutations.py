@@ -214,6 +214,11 @@ MUTATIONS = [
         "return tl.uint_to_uniform_float(r) >= dropout_p", "return tl.uint_to_uniform_float(r) >= 0.0",
         _k(ATT, "triton and dropout_keeps"), "Triton: dropout rescales but never drops",
     ),
+    Mutation(
+        "triton-split-kv-boundary", "fused_attention/kernels/triton/kvcache_decode.py",
+        "hi = tl.minimum(lo + per_split * BLOCK_N, total)", "hi = tl.minimum(lo + per_split * BLOCK_N - 1, total)",
+        _k("tests/test_kvcache_triton.py", "long_cache"), "Triton split-KV: the last key of each split is dropped",
+    ),
     # --- C++ kernels (--cpp: a scratch build each) ---
     Mutation(
         "cpp-slope-grad-sign", "csrc/cpu/attention_backward.h",
