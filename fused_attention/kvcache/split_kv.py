@@ -45,7 +45,7 @@ def split_kv_attention(call: KVCacheCall, q: torch.Tensor) -> tuple[torch.Tensor
     total = call.seqlens + call.new_len
     splits = call.num_splits or default_splits(batch, k_cache.shape[2], call.capacity, q.device)
     outs, lses = kvcache_decode(
-        q, k_cache, v_cache, table, total, num_splits=splits, scale=call.scale, is_causal=call.is_causal,
+        q, k_cache, v_cache, table, total, contiguous=call.block_table is None, num_splits=splits, scale=call.scale, is_causal=call.is_causal,
         window=call.window, softcap=call.softcap, alibi_slopes=call.alibi_slopes, leftpad=call.leftpad,
     )
     if splits == 1:
