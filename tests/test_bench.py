@@ -60,6 +60,23 @@ def test_byte_counts():
         Spec("plain", 1, 1, 8, 8, 4).bytes  # noqa: B018
 
 
+def test_decode_counts_the_cache_bytes_and_is_forward_only():
+    spec = Spec("decode", 2, 8, 1, 100, 16, "bfloat16")
+    assert spec.kv_heads == 2 and spec.counts_bytes
+    assert spec.bytes == 2 * (2 * 2 * 100 * 16) * 2  # K and V, read once
+    with pytest.raises(ValueError, match="forward only"):
+        Spec("decode", 1, 4, 1, 100, 16, mode="fwd+bwd")
+    specs = bench.sweep(["decode", "plain"], [64], modes=["fwd", "fwd+bwd"])
+    assert [(s.op, s.mode, s.seq_q, s.seq_k) for s in specs if s.op == "decode"] == [("decode", "fwd", 1, 64)]
+
+
+def test_paged_decode_provider_matches_the_reference_on_decode_rows_only():
+    paged = bench.providers.ours_paged()
+    rows = bench.run([small("decode", seq_q=1, seq_k=100), small("plain")], [paged], min_run_time=0.001)
+    assert [r.op for r in rows] == ["decode"]  # timed on decode rows only
+    assert rows[0].ok and rows[0].max_error < 1e-5 and rows[0].gbps > 0, rows[0]
+
+
 def test_bad_specs_name_the_argument():
     for kwargs, name in (({"op": "nope"}, "op"), ({"mode": "both"}, "mode"), ({"heads": 0}, "heads")):
         with pytest.raises(ValueError, match=name):
@@ -79,8 +96,8 @@ def test_flash_attention_sweep_shapes():
 
 def test_every_attention_op_and_mode_runs_and_is_accurate():
     providers = [bench.ours("torch"), bench.torch_providers("cpu")[0], bench.naive()]
-    specs = [small(op, "fwd+bwd") for op in bench.ATTENTION_OPS]
-    specs += [small("plain"), small("gqa", "bwd"), small("varlen", "bwd")]
+    specs = [small(op, "fwd+bwd") for op in bench.ATTENTION_OPS if op != "decode"]
+    specs += [small("plain"), small("gqa", "bwd"), small("varlen", "bwd"), small("decode", seq_q=1, seq_k=100)]
     rows = bench.run(specs, providers, min_run_time=0.001)
     assert len(rows) == len(specs) * len(providers)
     for row in rows:
@@ -88,7 +105,8 @@ def test_every_attention_op_and_mode_runs_and_is_accurate():
             assert row.reason == f"torch's SDPA has no {row.op}"
             continue
         assert row.ok, row
-        assert row.median_ms > 0 and row.iqr_ms >= 0 and row.tflops > 0 and row.peak_mem_mb >= 0
+        rate = row.gbps if row.op == "decode" else row.tflops  # decoding is bound by reading K and V
+        assert row.median_ms > 0 and row.iqr_ms >= 0 and rate > 0 and row.peak_mem_mb >= 0
         assert row.max_error < 1e-5, row
         assert (row.grad_error is None) == (row.mode == "fwd")
         if row.mode != "fwd":
@@ -148,7 +166,7 @@ def test_wrong_provider_shows_large_error(monkeypatch):
 def test_sampled_rows_match_full_reference(op):
     """The sampled-row reference (dense mask for the op, zero upstream gradient off the rows) agrees
     with the full oracle on those rows, gradients included."""
-    case = bench.make_case(Spec(op, 2, 4, 90, 90, 8, mode="fwd+bwd"))
+    case = bench.make_case(Spec(op, 2, 4, 90, 90, 8, mode="fwd" if op == "decode" else "fwd+bwd"))
     dim = case.row_dim
     rows = torch.tensor([0, 7, 45, 60, case.query.shape[dim] - 1])
     grad_out = bench.accuracy.only_rows(torch.randn(case.query.shape, dtype=torch.float64), rows, dim)

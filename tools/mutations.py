@@ -231,6 +231,11 @@ MUTATIONS = [
         "dslopes = -(dmask * distance)", "dslopes = (dmask * distance)",
         _k(DIST, "ring_zigzag_f64_alibi_causal and 2"), "ring: the ALiBi slopes' gradient negated",
     ),
+    Mutation(
+        "triton-split-kv-boundary", "fused_attention/kernels/triton/kvcache_decode.py",
+        "hi = tl.minimum(lo + per_split * BLOCK_N, total)", "hi = tl.minimum(lo + per_split * BLOCK_N - 1, total)",
+        _k("tests/test_kvcache_triton.py", "long_cache"), "Triton split-KV: the last key of each split is dropped",
+    ),
     # --- C++ kernels (--cpp: a scratch build each) ---
     Mutation(
         "cpp-slope-grad-sign", "csrc/cpu/attention_backward.h",

@@ -44,6 +44,11 @@ class Case:
         return self.spec.op in ("causal", "sinks")
 
     @property
+    def enable_gqa(self) -> bool:
+        """Whether query heads share key/value heads (torch's ``enable_gqa``)."""
+        return self.spec.op in ("gqa", "decode")
+
+    @property
     def is_varlen(self) -> bool:
         return self.cu_seqlens is not None
 
@@ -139,7 +144,7 @@ def make_case(spec: Spec, seed: int = 0) -> Case:
         kwargs["key_lengths"] = torch.tensor(spec.seq_lengths, dtype=torch.int64, device=spec.device)
     elif spec.op == "mask":
         kwargs["attn_mask"] = random_tensor((1, 1, seq_q, seq_k), spec, gen)
-    elif spec.op == "gqa":
+    elif spec.op in ("gqa", "decode"):  # decode: one new token sees the whole cache (no mask needed)
         kwargs["enable_gqa"] = True
     elif spec.op == "sinks":  # causal, as gpt-oss uses its learned sinks
         kwargs["is_causal"] = True

@@ -75,7 +75,7 @@ def _xformers(case: Case) -> torch.Tensor:
 
 
 def _xformers_reasons(case: Case) -> list[str]:
-    if case.spec.op in ("softcap", "gqa", "sinks"):
+    if case.spec.op in ("softcap", "gqa", "sinks", "decode"):
         return [f"the xformers provider does not express {case.spec.op}"]
     return []
 

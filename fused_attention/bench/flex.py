@@ -72,7 +72,7 @@ def _call(case: Case) -> torch.Tensor:
     config = torch._dynamo.config
     limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     with config.patch(**{limit_name: RECOMPILE_LIMIT}):
-        out = flex(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=case.spec.op == "gqa")
+        out = flex(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=case.enable_gqa)
     return out[0].transpose(0, 1) if case.is_varlen else out
 
 

@@ -26,6 +26,11 @@ def _pyplot():
     return plt
 
 
+def _length(r: Row) -> int:
+    """The swept length: the query length (``L = S``), or the cache's key length for ``decode``."""
+    return r.seq_k if r.op == "decode" else r.seq_q
+
+
 def _groups(rows: Sequence[Row]) -> dict[tuple, dict[str, list[Row]]]:
     """``{(op, mode, dtype, heads, head_dim, device): {line label: rows sorted by length}}``; a
     provider gets one line per batch size only when a length was swept at several batch sizes."""
@@ -37,10 +42,10 @@ def _groups(rows: Sequence[Row]) -> dict[tuple, dict[str, list[Row]]]:
     for key, group in groups.items():
         batches_per_length = defaultdict(set)
         for r in group:
-            batches_per_length[(r.provider, r.seq_q)].add(r.batch)
+            batches_per_length[(r.provider, _length(r))].add(r.batch)
         split = any(len(b) > 1 for b in batches_per_length.values())
         lines: dict[str, list[Row]] = defaultdict(list)
-        for r in sorted(group, key=lambda r: (r.seq_q, r.batch)):
+        for r in sorted(group, key=lambda r: (_length(r), r.batch)):
             lines[f"{r.provider} B={r.batch}" if split else r.provider].append(r)
         result[key] = dict(lines)
     return result
@@ -57,9 +62,9 @@ def plot(rows: Sequence[Row], out_dir: str | Path, title: str = "") -> list[Path
         attention = next(iter(lines.values()))[0].tflops is not None
         fig, (speed_ax, mem_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
         for label, line in lines.items():
-            seqs = [r.seq_q for r in line]
+            seqs = [_length(r) for r in line]
             speed_ax.plot(seqs, [r.tflops if attention else r.gbps for r in line], marker="o", label=label)
-            mem = [(r.seq_q, r.peak_mem_mb) for r in line if r.peak_mem_mb is not None and r.peak_mem_mb > 0]
+            mem = [(_length(r), r.peak_mem_mb) for r in line if r.peak_mem_mb is not None and r.peak_mem_mb > 0]
             if mem:
                 mem_ax.plot(*zip(*mem), marker="o", label=label)
         batches = sorted({r.batch for line in lines.values() for r in line})
@@ -67,7 +72,7 @@ def plot(rows: Sequence[Row], out_dir: str | Path, title: str = "") -> list[Path
         speed_ax.set_ylabel("TFLOP/s" if attention else "GB/s")
         mem_ax.set_ylabel("peak memory (MiB)")
         mem_ax.set_yscale("log")
-        lengths = sorted({r.seq_q for line in lines.values() for r in line})
+        lengths = sorted({_length(r) for line in lines.values() for r in line})
         for ax in (speed_ax, mem_ax):
             ax.set_xscale("log", base=2)
             ax.set_xticks(lengths, [str(n) for n in lengths])

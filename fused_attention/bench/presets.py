@@ -38,6 +38,17 @@ PRESETS: dict[str, dict[str, object]] = {
         "modes": list(MODES),
         "min_run_time": 0.2,
     },
+    # A decode step (one query per sequence, GQA 32/8, head dim 128) against caches of 4k to 32k keys,
+    # contiguous and paged (page 16): GB/s of K and V read, against the measured copy bandwidth.
+    "decode": {
+        "ops": ["decode"],
+        "seq": [4096, 16384, 32768],
+        "batch": [1],
+        "heads": [32],
+        "dim": [128],
+        "modes": ["fwd"],
+        "min_run_time": 0.2,
+    },
     # FlashAttention's published sweep: 16k tokens per batch (batch = 16384 // seq), hidden 2048
     # (heads = 2048 // head dim), head dims 64 and 128, causal and not, lengths 512 .. 16k.
     "flash": {

@@ -21,13 +21,15 @@ class Provider:
     """``family``: the spec family it serves (``"attention"`` or ``"position"``). ``slow_warmup``:
     left out of ``--quick`` (a compile or an interpreter before the first timed call).
     ``extra_bytes(case)``: memory it holds beyond the shared inputs (a dense mask built outside the
-    timing), added to its peak-memory column."""
+    timing), added to its peak-memory column. ``ops``: the only ops it is timed on (None: every op of
+    its family); other rows leave it out instead of listing a refusal."""
 
     name: str
     fn: Callable[[Case], torch.Tensor]
     reasons: Callable[[Case], list[str]] | None = None
     family: str = "attention"
     slow_warmup: bool = False
+    ops: frozenset[str] | None = None
     extra_bytes: Callable[[Case], int] | None = None
 
     def why_not(self, case: Case) -> list[str]:

@@ -17,6 +17,7 @@ import torch
 from ..backends import BACKENDS
 from ..functional import scaled_dot_product_attention, varlen_attention
 from ..inputs import canonicalize
+from ..kvcache import attention_with_kvcache
 from ..varlen_inputs import canonicalize_varlen
 from .case import Case
 from .external import external_providers
@@ -48,6 +49,42 @@ def ours(name: str) -> Provider:
 
     # Interpreted Triton on the CPU takes minutes per call at benchmark sizes.
     return Provider(name, fn, reasons, slow_warmup=name == "triton" and _interpreted_triton())
+
+
+PAGE_SIZE = 16  # the paged decode provider's page (vLLM's default block size)
+
+
+def _paged_cache(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The case's K and V as a paged cache (``"bhsd"`` pages ``(P, Hkv, PAGE_SIZE, D)`` in shuffled
+    order) and its int32 block table; built once per case, outside the timing."""
+    if "paged" not in case._dense:
+        batch, kv_heads, seq_k, dim = case.key.shape
+        pages = -(-seq_k // PAGE_SIZE)
+        gen = torch.Generator().manual_seed(0)
+        table = torch.randperm(batch * pages, generator=gen).view(batch, pages).to(case.key.device, torch.int32)
+        pools = []
+        for t in (case.key, case.value):
+            padded = torch.nn.functional.pad(t.detach(), (0, 0, 0, pages * PAGE_SIZE - seq_k))
+            blocks = padded.view(batch, kv_heads, pages, PAGE_SIZE, dim).transpose(1, 2).reshape(-1, kv_heads, PAGE_SIZE, dim)
+            pool = torch.empty_like(blocks)
+            pool[table.view(-1).long()] = blocks
+            pools.append(pool)
+        case._dense["paged"] = (*pools, table)  # type: ignore[assignment]
+    return case._dense["paged"]  # type: ignore[return-value]
+
+
+def ours_paged() -> Provider:
+    """``decode`` through :func:`fused_attention.attention_with_kvcache` on a paged copy of the cache
+    (pages of ``PAGE_SIZE`` keys in shuffled order), with automatic dispatch."""
+
+    def fn(case: Case) -> torch.Tensor:
+        k_pages, v_pages, table = _paged_cache(case)
+        seq_k = case.spec.seq_k  # the last page is padded past it
+        return attention_with_kvcache(case.query, k_pages, v_pages, cache_seqlens=seq_k, block_table=table, layout="bhsd")
+
+    return Provider(
+        "ours-paged", fn, extra_bytes=lambda c: 2 * c.key.numel() * c.key.element_size(), ops=frozenset({"decode"})
+    )
 
 
 def _interpreted_triton() -> bool:
@@ -97,7 +134,7 @@ def _dense_call(case: Case, attend: Callable[..., torch.Tensor]) -> torch.Tensor
     """``attend(q, k, v, mask, is_causal, gqa)`` on the case's dense form (per sequence for varlen)."""
     if case.is_varlen:
         return per_sequence(case, lambda q, k, v: attend(q, k, v, None, True, False))
-    return attend(case.query, case.key, case.value, case.dense_mask(), case.is_causal, case.spec.op == "gqa")
+    return attend(case.query, case.key, case.value, case.dense_mask(), case.is_causal, case.enable_gqa)
 
 
 def dense_memory_reasons(case: Case, score_copies: int) -> list[str]:
@@ -170,7 +207,7 @@ def our_providers(device: str) -> list[Provider]:
         ours(name)
         for name, backend in BACKENDS.items()
         if backend.unavailable_reason() is None and backend.serves_device_reason(dev) is None
-    ]
+    ] + [ours_paged()]
 
 
 def default_providers(device: str = "cpu", *, quick: bool = False) -> list[Provider]:

@@ -106,10 +106,10 @@ def measure(
     if peak is not None:
         row.peak_mem_mb = (peak + provider.held_bytes(case)) / 2**20
     row.median_ms, row.iqr_ms = median * 1e3, iqr * 1e3
-    if spec.family == "attention":
-        row.tflops = spec.flops / median / 1e12
-    else:
+    if spec.counts_bytes:
         row.gbps = spec.bytes / median / 1e9
+    else:
+        row.tflops = spec.flops / median / 1e12
     row.roofline = roofline_fraction(row, peaks)
     if rows is not None:
         row.error_rows = str(len(rows))
@@ -165,7 +165,7 @@ def run(
         candidates = fixed if fixed is not None else default_providers(spec.device)
         spec_rows = []
         for provider in candidates:
-            if provider.family != spec.family:
+            if provider.family != spec.family or (provider.ops is not None and spec.op not in provider.ops):
                 continue
             spec_rows.append(measure(provider, case, expected, sampled, grad_out, min_run_time, peaks))
             if progress is not None:

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-ATTENTION_OPS = ("plain", "causal", "alibi", "window", "softcap", "padding", "mask", "gqa", "varlen", "sinks")
+ATTENTION_OPS = (
+    "plain", "causal", "alibi", "window", "softcap", "padding", "mask", "gqa", "varlen", "sinks", "decode",
+)
 POSITION_OPS = ("rope", "sinusoidal")
 OPS = ATTENTION_OPS + POSITION_OPS
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -17,7 +19,8 @@ DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 WINDOW_LEFT = 256  # "window": window_size=(WINDOW_LEFT, 0), a causal sliding window
 SOFTCAP = 50.0  # "softcap": Gemma 2's attention logit cap
-GQA_GROUP = 4  # "gqa": query heads per key/value head (1 key/value head when heads do not divide)
+GQA_GROUP = 4  # "gqa", "decode": query heads per key/value head (1 key/value head when heads do not divide)
+DECODE_QUERIES = 1  # "decode": one new token per sequence against a cache of S keys (forward only)
 BACKWARD_FACTOR = 2.5  # backward FLOPs = 2.5x forward (FlashAttention's accounting)
 _MODE_FACTOR = {"fwd": 1.0, "bwd": BACKWARD_FACTOR, "fwd+bwd": 1.0 + BACKWARD_FACTOR}
 
@@ -53,6 +56,8 @@ class Spec:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.op in POSITION_OPS + ("varlen",) and self.seq_q != self.seq_k:
             raise ValueError(f"op {self.op!r} needs seq_q == seq_k, got {self.seq_q} and {self.seq_k}")
+        if self.op == "decode" and self.mode != "fwd":
+            raise ValueError(f"op 'decode' is forward only (inference), got mode {self.mode!r}")
         if self.op in POSITION_OPS and self.head_dim % 2:
             raise ValueError(f"head_dim must be even for op {self.op!r} (sin/cos pairs), got {self.head_dim}")
 
@@ -60,6 +65,12 @@ class Spec:
     def family(self) -> str:
         """``"attention"`` (timed in TFLOP/s) or ``"position"`` (timed in GB/s)."""
         return "position" if self.op in POSITION_OPS else "attention"
+
+    @property
+    def counts_bytes(self) -> bool:
+        """Whether the rate is GB/s of :attr:`bytes` (position kernels, and decoding, which is bound by
+        reading K and V) rather than TFLOP/s."""
+        return self.family == "position" or self.op == "decode"
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
@@ -71,7 +82,7 @@ class Spec:
 
     @property
     def kv_heads(self) -> int:
-        if self.op != "gqa":
+        if self.op not in ("gqa", "decode"):
             return self.heads
         kv = max(1, self.heads // GQA_GROUP)
         return kv if self.heads % kv == 0 else 1
@@ -116,11 +127,14 @@ class Spec:
 
     @property
     def bytes(self) -> float:
-        """Position kernels' minimum traffic: read x and write the result once per pass (the backward is
-        one more pass over the gradient), plus RoPE's float32 cos/sin tables ``(L, D/2)`` each."""
+        """Minimum traffic. Position kernels: read x and write the result once per pass (the backward is
+        one more pass over the gradient), plus RoPE's float32 cos/sin tables ``(L, D/2)`` each.
+        ``decode``: reading K and V once (``2 B Hkv S D`` elements), what bounds a decode step."""
+        itemsize = self.torch_dtype.itemsize
+        if self.op == "decode":
+            return float(2 * self.batch * self.kv_heads * self.seq_k * self.head_dim * itemsize)
         if self.family != "position":
             raise ValueError(f"op {self.op!r} is attention: it has flops, not bytes")
-        itemsize = self.torch_dtype.itemsize
         per_pass = 2 * self.batch * self.heads * self.seq_q * self.head_dim * itemsize
         if self.op == "rope":
             per_pass += 2 * self.seq_q * (self.head_dim // 2) * 4
@@ -157,7 +171,8 @@ def sweep(
     tokens: int | None = None,
     hidden: int | None = None,
 ) -> list[Spec]:
-    """Every combination, self-attention (``L = S``), ordered so one problem's modes sit together.
+    """Every combination, self-attention (``L = S``; ``decode``: ``DECODE_QUERIES`` rows against ``S``
+    keys, forward only, so its other modes are left out), ordered so one problem's modes sit together.
 
     ``tokens``: instead of ``batches``, ``batch = tokens // seq`` (FlashAttention's fixed tokens per
     batch). ``hidden``: instead of ``heads``, ``heads = hidden // dim`` for each head dim."""
@@ -169,5 +184,9 @@ def sweep(
     for dt, b, h, d, s, op, mode in itertools.product(dtypes, batches, heads, dims, seqs, ops, modes):
         b = b if tokens is None else max(1, tokens // s)
         h = h if hidden is None else max(1, hidden // d)
+        if op == "decode":
+            if mode == "fwd":
+                specs.append(Spec(op, b, h, DECODE_QUERIES, s, d, dt, mode, device))
+            continue
         specs.append(Spec(op, b, h, s, s, d, dt, mode, device))
     return list(dict.fromkeys(specs))  # tokens/hidden collapse the batch/heads axes: drop repeats

@@ -15,6 +15,7 @@ from ..merge import _merge_aligned, fold_sinks_
 from .append import append_, rotate_new, write_index
 from .masks import needs_positions, position_mask
 from .paged import gather_keys_values
+from .split_kv import attention_backend, split_kv_attention
 from .validate import KVCacheCall, canonicalize_kvcache_call
 
 
@@ -28,6 +29,8 @@ def _split_bounds(seq_k: int, num_splits: int) -> list[tuple[int, int]]:
 
 def _attend(call: KVCacheCall, q: torch.Tensor, backend: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` over the caches (already holding the new keys)."""
+    if attention_backend(call, q, backend).name == "triton":
+        return split_kv_attention(call, q)
     keys, values = gather_keys_values(call)
     seq_k = keys.shape[2]
     total = call.seqlens + call.new_len

@@ -1,0 +1,57 @@
+"""The split-KV decode kernel behind ``attention_with_kvcache`` where the ``triton`` backend serves the
+call: the cache is read in place (pages through the block table, nothing gathered), the query heads of a
+KV group share each K/V read, and the key splits merge exactly through their lse."""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends.base import Backend
+from ..backends.dispatch import select
+from ..inputs import canonicalize
+from ..merge import _merge_aligned, fold_sinks_
+from .validate import KVCacheCall
+
+
+def attention_backend(call: KVCacheCall, q: torch.Tensor, backend: str | None) -> Backend:
+    """The backend the regular attention would pick for this call (raising, as it would, when a forced
+    one cannot serve it). Dispatch reads only devices, dtypes, head dims and features, so a one-key view
+    of the cache stands in for the keys (a paged cache is never gathered for this)."""
+    k = call.k_cache[:1, :1].transpose(1, 2)
+    v = call.v_cache[:1, :1].transpose(1, 2)
+    slopes = call.alibi_slopes  # (1 or B, Hq); canonicalize wants (Hq,) or (B, Hq)
+    if slopes is not None and slopes.shape[0] == 1:
+        slopes = slopes[0]
+    probe = canonicalize(
+        q.transpose(1, 2), k, v, enable_gqa=q.shape[2] != k.shape[1], window_size=call.window,
+        alibi_slopes=slopes, softcap=call.softcap, scale=call.scale, return_lse=True,
+        sinks=call.sinks,
+    )
+    return select(probe, backend)
+
+
+def split_kv_attention(call: KVCacheCall, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` from the Triton split-KV kernel; ``q`` ``(B, Lq, Hq, D)``
+    rotated, the caches already holding the appended keys."""
+    from ..kernels.triton.kvcache_decode import default_splits, kvcache_decode
+
+    k_cache, v_cache = call.k_cache, call.v_cache
+    batch = q.shape[0]
+    if call.block_table is not None:
+        table = call.block_table
+    else:  # a contiguous cache: one page of S_max keys per batch entry, its cache row
+        rows = call.batch_idx if call.batch_idx is not None else torch.arange(batch, device=q.device)
+        table = rows.view(batch, 1)
+    total = call.seqlens + call.new_len
+    splits = call.num_splits or default_splits(batch, k_cache.shape[2], call.capacity, q.device)
+    outs, lses = kvcache_decode(
+        q, k_cache, v_cache, table, total, contiguous=call.block_table is None, num_splits=splits, scale=call.scale, is_causal=call.is_causal,
+        window=call.window, softcap=call.softcap, alibi_slopes=call.alibi_slopes, leftpad=call.leftpad,
+    )
+    if splits == 1:
+        out, lse = outs[0], lses[0]
+    else:
+        out, lse = _merge_aligned(list(outs.unbind(0)), list(lses.unbind(0)))
+    if call.sinks is not None:
+        fold_sinks_(out, lse, call.sinks)
+    return out.to(q.dtype), lse

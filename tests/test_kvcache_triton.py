@@ -1,0 +1,77 @@
+"""The Triton split-KV kernel behind ``attention_with_kvcache`` (backend ``"triton"``), under the Triton
+interpreter: against the per-sequence reference of test_kvcache.py, reading pages in place, deterministic
+for a given ``num_splits``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import shared_backends
+from test_kvcache import _matrix, check_case, make_case, run_case
+
+import fused_attention.kvcache.attention as kvcache_attention
+
+pytestmark = pytest.mark.skipif("triton" not in shared_backends(), reason="triton cannot run on CPU tensors here")
+
+# Every feature set of test_kvcache's matrix once (its first block) in float32, every third in float16
+# (the interpreter takes about a second a case).
+_CASES = [
+    pytest.param(seed, {**config, "dtype": dtype}, id=f"{str(dtype)[6:]}-{p.id}")
+    for p in _matrix(12)
+    for seed, config in [p.values]
+    for dtype in (torch.float32, torch.float16)
+    if dtype == torch.float32 or seed % 3 == 0
+]
+
+
+@pytest.mark.parametrize("seed,config", _CASES)
+def test_split_kv_kernel_matches_reference(seed, config):
+    with torch.no_grad():
+        check_case(make_case(seed, **config), "triton")
+
+
+def test_split_kv_reads_pages_in_place(monkeypatch):
+    """The kernel reads through the block table: the plain path's page gather is never called."""
+
+    def no_gather(call):
+        raise AssertionError("the triton path gathered the pages")
+
+    monkeypatch.setattr(kvcache_attention, "gather_keys_values", no_gather)
+    case = make_case(3, layout="bshd", page_size=3, seq_q=4, append=True, group=4, num_splits=3,
+                     dtype=torch.float32, features=("causal", "alibi"))
+    with torch.no_grad():
+        check_case(case, "triton")
+
+
+def _long_case(seq_q, page_size, num_splits, features=()):
+    """test_kvcache's case layout with a cache long enough (400 keys, 64-key tiles) for every split to
+    hold keys, including split boundaries inside a page."""
+    gen = torch.Generator().manual_seed(11)
+    batch, hkv, group, dim, capacity = 2, 2, 4, 32, 400
+    pages = capacity // page_size
+    table = torch.randperm(batch * pages + 3, generator=gen)[: batch * pages].view(batch, pages).to(torch.int32)
+    randn = lambda *shape: torch.randn(*shape, generator=gen)
+    return {
+        "q": randn(batch, seq_q, hkv * group, dim),
+        "k_cache": randn(batch * pages + 3, page_size, hkv, dim), "v_cache": randn(batch * pages + 3, page_size, hkv, dim),
+        "k": None, "v": None, "seqlens": torch.tensor([capacity, 333], dtype=torch.int32), "block_table": table,
+        "batch_idx": None, "leftpad": None, "rope": None, "is_causal": "causal" in features, "window_size": None,
+        "alibi_slopes": None, "softcap": None, "scale": None, "layout": "bshd", "num_splits": num_splits,
+    }
+
+
+@pytest.mark.parametrize("seq_q,num_splits", [(1, 3), (4, 5)])
+def test_split_kv_long_cache_every_split_holds_keys(seq_q, num_splits):
+    with torch.no_grad():
+        check_case(_long_case(seq_q, 16, num_splits, ("causal",)), "triton")
+
+
+def test_split_kv_is_deterministic_and_splits_agree():
+    case = _long_case(1, 16, 4)
+    with torch.no_grad():
+        first, again = run_case(case, "triton"), run_case(case, "triton")
+        one_split = run_case({**case, "num_splits": 1}, "triton")
+    for a, b in zip(first[:2], again[:2]):
+        assert torch.equal(a, b)
+    for a, b in zip(first[:2], one_split[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
