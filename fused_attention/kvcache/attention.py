@@ -1,6 +1,7 @@
 """``attention_with_kvcache``: append to a (paged) KV cache and attend, on any backend.
 
-The plain path: validate everything (:mod:`.validate`), rotate and write the new keys into the caches
+Where the ``triton`` backend serves the call, the split-KV kernel reads the caches in place
+(:mod:`.split_kv`). Elsewhere, the plain path: validate everything (:mod:`.validate`), rotate and write the new keys into the caches
 (:mod:`.append`), view or gather each entry's keys (:mod:`.paged`), then call the regular
 :func:`fused_attention.scaled_dot_product_attention` once per key split and merge the splits through
 their lse (:mod:`fused_attention.merge`).
@@ -132,9 +133,10 @@ def attention_with_kvcache(
         return_lse: also return the natural-log log-sum-exp ``(B, Hq, Lq)`` in both layouts, float32
             (float64 for float64 inputs).
         num_splits: split the keys into this many chunks, attend to each, and merge exactly through the
-            lse (:func:`fused_attention.merge_attention_states_list`); 1 disables splitting, 0 chooses
-            (currently 1: this is the plain path; a specialized split-KV kernel is not built yet). The
-            result is deterministic for a given ``num_splits``.
+            lse (:func:`fused_attention.merge_attention_states_list`); 1 disables splitting, 0 chooses:
+            on the ``triton`` backend's split-KV kernel enough splits to fill the GPU (1 on the CPU
+            interpreter), on the other backends 1. The result is deterministic for a given
+            ``num_splits`` on a given device.
         layout: ``"bshd"`` (default, FlashAttention's) or ``"bhsd"`` (torch's and Hugging Face's).
         sinks: learned attention sinks, float32 ``(Hq,)``, as in
             :func:`fused_attention.scaled_dot_product_attention` (the lse then includes the sink; key
