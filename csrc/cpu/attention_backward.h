@@ -41,25 +41,31 @@ inline int64_t backward_rows_per_step(int64_t ld) {
 }
 
 
+// One thread's work space, kept from task to task (a fresh one per task cost an allocation and a fill of
+// a quarter megabyte per (batch, head) at 128 tokens): only dK and dV must start at zero, every other
+// buffer is written before it is read.
 template <typename acc_t>
 struct BackwardBuffers {
-  int64_t ld;    // score rows: the sequence's whole key range, padded
-  int64_t rows;  // query rows per step
+  int64_t ld = 0;    // score rows: the sequence's whole key range, padded
+  int64_t rows = 0;  // query rows per step
   std::vector<acc_t> q, dout, dq, probs, dprobs, tanh, keep, kept;
   std::vector<acc_t> dk, dv;
-  BackwardBuffers(int64_t ld_t, int64_t ld_k, int64_t ld_v, int64_t len_k, bool softcap, bool dropout)
-      : ld(ld_t),
-        rows(backward_rows_per_step<acc_t>(ld_t)),
-        q(rows * ld_k),
-        dout(rows * ld_v),
-        dq(rows * ld_k),
-        probs(rows * ld_t),
-        dprobs(rows * ld_t),
-        tanh(softcap ? rows * ld_t : 0),
-        keep(dropout ? rows * ld_t : 0),
-        kept(dropout ? rows * ld_t : 0),
-        dk(len_k * ld_k),
-        dv(len_k * ld_v) {}
+  void start(int64_t ld_t, int64_t ld_k, int64_t ld_v, int64_t len_k, bool softcap, bool dropout) {
+    ld = ld_t;
+    rows = backward_rows_per_step<acc_t>(ld_t);
+    q.resize(rows * ld_k);
+    dout.resize(rows * ld_v);
+    dq.resize(rows * ld_k);
+    probs.resize(rows * ld_t);
+    dprobs.resize(rows * ld_t);
+    if (softcap) tanh.resize(rows * ld_t);
+    if (dropout) {
+      keep.resize(rows * ld_t);
+      kept.resize(rows * ld_t);
+    }
+    dk.assign(len_k * ld_k, acc_t(0));
+    dv.assign(len_k * ld_v, acc_t(0));
+  }
 };
 
 template <typename acc_t>
@@ -77,10 +83,14 @@ struct HeadGradients {
 
 // Parts per (sequence, kv head) task: 1 when the tasks divide evenly among the threads, or are many
 // enough that an uneven last round costs little; else enough parts that they divide evenly (the copy and
-// the final sum of one more dK and dV per part are small next to a part's products).
-inline int64_t backward_parts(int64_t tasks, int64_t threads) {
+// the final sum of one more dK and dV per part are small next to a part's products), as far as their
+// dK and dV fit in kBackwardPartsBytes (`part_bytes`: one part of every task): one KV head of 16k keys
+// on 64 threads gets 32 parts, 256 MiB, not 64.
+constexpr int64_t kBackwardPartsBytes = int64_t(256) << 20;
+
+inline int64_t backward_parts(int64_t tasks, int64_t threads, int64_t part_bytes) {
   if (threads <= 1 || tasks % threads == 0 || tasks >= 4 * threads) return 1;
-  return threads / std::gcd(tasks, threads);
+  return std::clamp<int64_t>(kBackwardPartsBytes / std::max<int64_t>(part_bytes, 1), 1, threads / std::gcd(tasks, threads));
 }
 
 // What one part of a split task keeps until the parts are summed.
@@ -224,12 +234,17 @@ void backward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_
   // Parts of one task write the same mask-gradient entries where the mask broadcasts over query heads
   // or rows, unless every thread has its own buffer.
   const bool shared_mask = extra.mask && !extra.mask_per_thread && (extra.mask_stride[1] == 0 || extra.mask_stride[2] == 0);
-  const int64_t parts = shared_mask ? 1 : backward_parts(tasks, at::get_num_threads());
+  int64_t part_bytes = 0;
+  for (const Sequence& seq : problem.sequences) {
+    part_bytes += heads_kv * seq.len_k * (tiles.ld_k + tiles.ld_v) * static_cast<int64_t>(sizeof(acc_t));
+  }
+  const int64_t parts = shared_mask ? 1 : backward_parts(tasks, at::get_num_threads(), part_bytes);
   std::vector<BackwardPartial<acc_t>> partials(parts > 1 ? tasks * parts : 0);
   at::parallel_for(0, tasks * parts, 1, [&](int64_t begin, int64_t end) {
     const simd::FlushDenormals flush;
     acc_t* mask_sink = extra.mask;
     if (mask_sink && extra.mask_per_thread) mask_sink += at::get_thread_num() * extra.mask_numel;
+    BackwardBuffers<acc_t> buf;
     for (int64_t index = begin; index < end; ++index) {
       const int64_t task_index = index / parts, part = index % parts;
       const int64_t s = task_index / heads_kv, kv_head = task_index % heads_kv;
@@ -237,8 +252,7 @@ void backward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_
       const BackwardTask<acc_t> task{s, kv_head, tiles};
       // Score rows cover the panels of keys, plus a vector so that rows do not alias in L1.
       const int64_t ld = tiles.key_panels[s] * Tiles::panel + simd::Traits<acc_t>::width;
-      BackwardBuffers<acc_t> buf(ld, tiles.ld_k, tiles.ld_v, seq.len_k, scoring.rules.softcap > 0,
-                                 scoring.dropout.active());
+      buf.start(ld, tiles.ld_k, tiles.ld_v, seq.len_k, scoring.rules.softcap > 0, scoring.dropout.active());
       BackwardPartial<acc_t>* partial = parts > 1 ? &partials[index] : nullptr;
       if (partial) {
         partial->slopes.assign(extra.alibi ? group : 0, acc_t(0));
