@@ -239,9 +239,15 @@ MUTATIONS = [
     # --- C++ kernels (--cpp: a scratch build each) ---
     Mutation(
         "cpp-slope-grad-sign", "csrc/cpu/attention_backward.h",
-        "step_alibi -= static_cast<double>(distance_dot(",
-        "step_alibi += static_cast<double>(distance_dot(",
+        "step_alibi -= static_cast<double>(distance_dot(dp,",
+        "step_alibi += static_cast<double>(distance_dot(dp,",
         _k((ATT, VARLEN), "cpu and alibi_slopes_gradient"), "C++: ALiBi slope gradient negated", cpp=True,
+    ),
+    Mutation(
+        "cpp-split-backward-drops-a-part", "csrc/cpu/attention_backward.h",
+        "for (size_t p = 1; p < parts.size(); ++p) {", "for (size_t p = 2; p < parts.size(); ++p) {",
+        _k("tests/test_cpu_backward_split.py", "matches_reference"),
+        "C++: a split backward task's dK, dV miss its second part", cpp=True,
     ),
     Mutation(
         "cpp-causal-hides-diagonal", "csrc/cpu/attention_problem.h",

@@ -2,7 +2,10 @@
 //
 // A task is (sequence, kv head): it owns that head's dK and dV (accumulated in acc_t) and the dQ of
 // every query head of its group, so no two threads write the same gradient and results do not depend
-// on scheduling. For each block of query rows it holds the rows' whole visible key range and recomputes
+// on scheduling. When the tasks cannot keep every thread busy (one sequence with one KV head), each is
+// cut into parts (backward_parts) that take its (query head, row step) units in turn and sum dK and dV
+// into their own buffers, which are then added in part order: results depend on the thread count, not
+// on scheduling. A unit holds all keys of its rows, so dQ is never split. For each block of query rows it holds the rows' whole visible key range and recomputes
 // their softmax exactly (max, exp, sum), as the torch backend does: the rows' delta is then
 // sum_j p_ij dp_ij over that range, which keeps gradients that vanish exactly at 0 (a row that sees one
 // key has dq = 0) instead of the rounding noise of rowsum(dO * O). Memory: the converted K and V, plus
@@ -14,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <limits>
 #include <vector>
 
@@ -37,31 +41,62 @@ inline int64_t backward_rows_per_step(int64_t ld) {
 }
 
 
+// One thread's work space, kept from task to task (a fresh one per task cost an allocation and a fill of
+// a quarter megabyte per (batch, head) at 128 tokens): only dK and dV must start at zero, every other
+// buffer is written before it is read.
 template <typename acc_t>
 struct BackwardBuffers {
-  int64_t ld;    // score rows: the sequence's whole key range, padded
-  int64_t rows;  // query rows per step
+  int64_t ld = 0;    // score rows: the sequence's whole key range, padded
+  int64_t rows = 0;  // query rows per step
   std::vector<acc_t> q, dout, dq, probs, dprobs, tanh, keep, kept;
   std::vector<acc_t> dk, dv;
-  BackwardBuffers(int64_t ld_t, int64_t ld_k, int64_t ld_v, int64_t len_k, bool softcap, bool dropout)
-      : ld(ld_t),
-        rows(backward_rows_per_step<acc_t>(ld_t)),
-        q(rows * ld_k),
-        dout(rows * ld_v),
-        dq(rows * ld_k),
-        probs(rows * ld_t),
-        dprobs(rows * ld_t),
-        tanh(softcap ? rows * ld_t : 0),
-        keep(dropout ? rows * ld_t : 0),
-        kept(dropout ? rows * ld_t : 0),
-        dk(len_k * ld_k),
-        dv(len_k * ld_v) {}
+  void start(int64_t ld_t, int64_t ld_k, int64_t ld_v, int64_t len_k, bool softcap, bool dropout) {
+    ld = ld_t;
+    rows = backward_rows_per_step<acc_t>(ld_t);
+    q.resize(rows * ld_k);
+    dout.resize(rows * ld_v);
+    dq.resize(rows * ld_k);
+    probs.resize(rows * ld_t);
+    dprobs.resize(rows * ld_t);
+    if (softcap) tanh.resize(rows * ld_t);
+    if (dropout) {
+      keep.resize(rows * ld_t);
+      kept.resize(rows * ld_t);
+    }
+    dk.assign(len_k * ld_k, acc_t(0));
+    dv.assign(len_k * ld_v, acc_t(0));
+  }
 };
 
 template <typename acc_t>
 struct BackwardTask {
   int64_t sequence, kv_head;
   const KeyTiles<acc_t>& tiles;
+};
+
+// Where one query head's slope and sink gradients go (null: not wanted).
+template <typename acc_t>
+struct HeadGradients {
+  acc_t* slope;
+  acc_t* sink;
+};
+
+// Parts per (sequence, kv head) task: 1 when the tasks divide evenly among the threads, or are many
+// enough that an uneven last round costs little; else enough parts that they divide evenly (the copy and
+// the final sum of one more dK and dV per part are small next to a part's products), as far as their
+// dK and dV fit in kBackwardPartsBytes (`part_bytes`: one part of every task): one KV head of 16k keys
+// on 64 threads gets 32 parts, 256 MiB, not 64.
+constexpr int64_t kBackwardPartsBytes = int64_t(256) << 20;
+
+inline int64_t backward_parts(int64_t tasks, int64_t threads, int64_t part_bytes) {
+  if (threads <= 1 || tasks % threads == 0 || tasks >= 4 * threads) return 1;
+  return std::clamp<int64_t>(kBackwardPartsBytes / std::max<int64_t>(part_bytes, 1), 1, threads / std::gcd(tasks, threads));
+}
+
+// What one part of a split task keeps until the parts are summed.
+template <typename acc_t>
+struct BackwardPartial {
+  std::vector<acc_t> dk, dv, slopes, sinks;  // slopes, sinks: per query head of the group
 };
 
 // Gradients of rows [i0, i0 + rows) of query head `head`: writes their dq, adds to the task's dk / dv
@@ -72,7 +107,7 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
                                                     int64_t rows, const Operand<scalar_t>& dout,
                                                     const Operand<scalar_t>& dq,
                                                     const ExtraGradients<acc_t>& extra, acc_t* mask_sink,
-                                                    BackwardBuffers<acc_t>& buf) {
+                                                    const HeadGradients<acc_t>& head_grads, BackwardBuffers<acc_t>& buf) {
   constexpr int64_t width = simd::Traits<acc_t>::width;
   const Sequence& seq = problem.sequences[task.sequence];
   const int64_t dim = problem.head_dim, value_dim = problem.value_dim;
@@ -144,10 +179,18 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
                     (i0 + r) * extra.mask_stride[2] + lo * extra.mask_stride[3];
       for (int64_t j = 0; j < n; ++j) sink[j * extra.mask_stride[3]] += dp[j];
     }
-    if (extra.alibi) {
+    if (head_grads.slope) {
+      // d slope = -sum_j dS_j d_j, whose terms cancel: sum_j dS_j = p_sink delta, 0 without a sink. The
+      // distances are measured from the row's mean distance c (under p), so that the rounding of every
+      // dS_j (and of delta, which shifts them all by p_j) is not multiplied by distances of up to the
+      // key range: -sum_j dS_j (d_j - c) - c p_sink delta. (Raw distances made the float32 slope
+      // gradient 2-3x the float32 reference's error at 53 keys.)
       const int64_t position = i0 + r + seq.len_k - seq.len_q - lo;
       std::fill(dp + n, dp + n_pad, acc_t(0));
-      step_alibi -= static_cast<double>(distance_dot(dp, position, n_pad));
+      const acc_t mass = acc_t(1) - p_sink;  // sum_j p_j
+      const acc_t center = mass > acc_t(0) ? distance_dot(p, position, n_pad) / mass : acc_t(0);
+      step_alibi -= static_cast<double>(distance_dot(dp, position, n_pad, center)) +
+                    static_cast<double>(center) * static_cast<double>(p_sink) * static_cast<double>(delta);
     }
     if (softcap) {
       const acc_t* t = buf.tanh.data() + r * ld;
@@ -157,12 +200,25 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
     }
     for (int64_t j = n; j < n_pad; ++j) dp[j] = acc_t(0);
   }
-  if (extra.sinks) extra.sinks[seq.index * problem.heads_q + head] += static_cast<acc_t>(step_sink);
-  if (extra.alibi) extra.alibi[seq.index * problem.heads_q + head] += static_cast<acc_t>(step_alibi);
+  if (head_grads.sink) *head_grads.sink += static_cast<acc_t>(step_sink);
+  if (head_grads.slope) *head_grads.slope += static_cast<acc_t>(step_alibi);
   gemm<acc_t>(n, value_dim, rows, kept, 1, ld, buf.dout.data(), ld_v, buf.dv.data() + lo * ld_v, ld_v, true);
   gemm<acc_t>(rows, dim, n, dprobs, ld, 1, task.tiles.keys(s, h, lo), buf.dq.data(), ld_k, false);
   store_rows(dq, seq.batch, head, seq.q_start + i0, rows, dim, buf.dq.data(), ld_k);
   gemm<acc_t>(n, dim, rows, dprobs, 1, ld, buf.q.data(), ld_k, buf.dk.data() + lo * ld_k, ld_k, true);
+}
+
+// dK (or dV) rows [r0, r1) of a split task: the parts' sums added in part order, stored.
+template <typename scalar_t, typename acc_t>
+void sum_parts(std::vector<BackwardPartial<acc_t>*> parts, std::vector<acc_t> BackwardPartial<acc_t>::*grad,
+               const Operand<scalar_t>& out, const Sequence& seq, int64_t kv_head, int64_t r0, int64_t r1,
+               int64_t features, int64_t ld) {
+  acc_t* total = (parts[0]->*grad).data();
+  for (size_t p = 1; p < parts.size(); ++p) {
+    const acc_t* add = (parts[p]->*grad).data();
+    for (int64_t x = r0 * ld; x < r1 * ld; ++x) total[x] += add[x];
+  }
+  store_rows(out, seq.batch, kv_head, seq.k_start + r0, r1 - r0, features, total + r0 * ld, ld);
 }
 
 template <typename scalar_t>
@@ -173,28 +229,86 @@ void backward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_
   using acc_t = attn_acc_t<scalar_t>;
   using Tiles = KeyTiles<acc_t>;
   const Tiles tiles(problem, Tiles::kKeysT | Tiles::kKeys | Tiles::kValuesT);
-  const int64_t heads_kv = problem.heads_kv, group = problem.heads_q / heads_kv;
-  const int64_t count = static_cast<int64_t>(problem.sequences.size());
-  at::parallel_for(0, count * heads_kv, 1, [&](int64_t begin, int64_t end) {
+  const int64_t heads_q = problem.heads_q, heads_kv = problem.heads_kv, group = heads_q / heads_kv;
+  const int64_t count = static_cast<int64_t>(problem.sequences.size()), tasks = count * heads_kv;
+  // Parts of one task write the same mask-gradient entries where the mask broadcasts over query heads
+  // or rows, unless every thread has its own buffer.
+  const bool shared_mask = extra.mask && !extra.mask_per_thread && (extra.mask_stride[1] == 0 || extra.mask_stride[2] == 0);
+  int64_t part_bytes = 0;
+  for (const Sequence& seq : problem.sequences) {
+    part_bytes += heads_kv * seq.len_k * (tiles.ld_k + tiles.ld_v) * static_cast<int64_t>(sizeof(acc_t));
+  }
+  const int64_t parts = shared_mask ? 1 : backward_parts(tasks, at::get_num_threads(), part_bytes);
+  std::vector<BackwardPartial<acc_t>> partials(parts > 1 ? tasks * parts : 0);
+  at::parallel_for(0, tasks * parts, 1, [&](int64_t begin, int64_t end) {
     const simd::FlushDenormals flush;
     acc_t* mask_sink = extra.mask;
     if (mask_sink && extra.mask_per_thread) mask_sink += at::get_thread_num() * extra.mask_numel;
+    BackwardBuffers<acc_t> buf;
     for (int64_t index = begin; index < end; ++index) {
-      const int64_t s = index / heads_kv, kv_head = index % heads_kv;
+      const int64_t task_index = index / parts, part = index % parts;
+      const int64_t s = task_index / heads_kv, kv_head = task_index % heads_kv;
       const Sequence& seq = problem.sequences[s];
       const BackwardTask<acc_t> task{s, kv_head, tiles};
       // Score rows cover the panels of keys, plus a vector so that rows do not alias in L1.
       const int64_t ld = tiles.key_panels[s] * Tiles::panel + simd::Traits<acc_t>::width;
-      BackwardBuffers<acc_t> buf(ld, tiles.ld_k, tiles.ld_v, seq.len_k, scoring.rules.softcap > 0,
-                                 scoring.dropout.active());
-      for (int64_t g = 0; g < group; ++g) {
-        for (int64_t i0 = 0; i0 < seq.len_q; i0 += buf.rows) {
-          backward_rows(problem, scoring, task, kv_head * group + g, i0, std::min(buf.rows, seq.len_q - i0), dout,
-                        dq, extra, mask_sink, buf);
-        }
+      buf.start(ld, tiles.ld_k, tiles.ld_v, seq.len_k, scoring.rules.softcap > 0, scoring.dropout.active());
+      BackwardPartial<acc_t>* partial = parts > 1 ? &partials[index] : nullptr;
+      if (partial) {
+        partial->slopes.assign(extra.alibi ? group : 0, acc_t(0));
+        partial->sinks.assign(extra.sinks ? group : 0, acc_t(0));
       }
-      store_rows(dk, seq.batch, kv_head, seq.k_start, seq.len_k, problem.head_dim, buf.dk.data(), tiles.ld_k);
-      store_rows(dv, seq.batch, kv_head, seq.k_start, seq.len_k, problem.value_dim, buf.dv.data(), tiles.ld_v);
+      // Units (query head g, row step), g-major, dealt to the parts in rounds of one each, every other
+      // round in reverse order: under a causal mask, where each step costs more than the one before, the
+      // parts get equal sums (a plain deal would give the last part the dearer step of every round).
+      const int64_t steps = (seq.len_q + buf.rows - 1) / buf.rows;
+      for (int64_t deal = 0; deal * parts < group * steps; ++deal) {
+        const int64_t unit = deal * parts + (deal % 2 == 0 ? part : parts - 1 - part);
+        if (unit >= group * steps) break;
+        const int64_t g = unit / steps, i0 = unit % steps * buf.rows, head = kv_head * group + g;
+        const int64_t slot = seq.index * heads_q + head;
+        HeadGradients<acc_t> head_grads{nullptr, nullptr};
+        if (extra.alibi) head_grads.slope = partial ? &partial->slopes[g] : extra.alibi + slot;
+        if (extra.sinks) head_grads.sink = partial ? &partial->sinks[g] : extra.sinks + slot;
+        backward_rows(problem, scoring, task, head, i0, std::min(buf.rows, seq.len_q - i0), dout, dq, extra,
+                      mask_sink, head_grads, buf);
+      }
+      if (partial) {
+        partial->dk = std::move(buf.dk);
+        partial->dv = std::move(buf.dv);
+      } else {
+        store_rows(dk, seq.batch, kv_head, seq.k_start, seq.len_k, problem.head_dim, buf.dk.data(), tiles.ld_k);
+        store_rows(dv, seq.batch, kv_head, seq.k_start, seq.len_k, problem.value_dim, buf.dv.data(), tiles.ld_v);
+      }
     }
   });
+  if (parts == 1) return;
+  // The parts' sums, in part order: over (task, block of keys) in parallel, the slope and sink
+  // gradients (one number per query head) in this thread.
+  constexpr int64_t key_block = 256;
+  std::vector<std::pair<int64_t, int64_t>> blocks;  // (task, first key)
+  for (int64_t t = 0; t < tasks; ++t) {
+    for (int64_t r0 = 0; r0 < problem.sequences[t / heads_kv].len_k; r0 += key_block) blocks.emplace_back(t, r0);
+  }
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const auto [t, r0] = blocks[b];
+      const Sequence& seq = problem.sequences[t / heads_kv];
+      const int64_t r1 = std::min(seq.len_k, r0 + key_block);
+      std::vector<BackwardPartial<acc_t>*> of_task;
+      for (int64_t p = 0; p < parts; ++p) of_task.push_back(&partials[t * parts + p]);
+      sum_parts(of_task, &BackwardPartial<acc_t>::dk, dk, seq, t % heads_kv, r0, r1, problem.head_dim, tiles.ld_k);
+      sum_parts(of_task, &BackwardPartial<acc_t>::dv, dv, seq, t % heads_kv, r0, r1, problem.value_dim, tiles.ld_v);
+    }
+  });
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t first = problem.sequences[t / heads_kv].index * heads_q + t % heads_kv * group;
+    for (int64_t p = 0; p < parts; ++p) {
+      const BackwardPartial<acc_t>& part = partials[t * parts + p];
+      for (int64_t g = 0; g < group; ++g) {
+        if (extra.alibi) extra.alibi[first + g] += part.slopes[g];
+        if (extra.sinks) extra.sinks[first + g] += part.sinks[g];
+      }
+    }
+  }
 }

@@ -193,14 +193,15 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n_pad) {
   return result;
 }
 
-// sum_j dp[j] |position - j| over [0, n_pad): the gradient of an ALiBi slope, up to sign.
+// sum_j dp[j] (|position - j| - center) over [0, n_pad): with dp = dS, the gradient of an ALiBi slope
+// (up to sign and the center's term, center sum_j dS_j).
 template <typename acc_t>
-inline acc_t distance_dot(const acc_t* dp, int64_t position, int64_t n_pad) {
+inline acc_t distance_dot(const acc_t* dp, int64_t position, int64_t n_pad, acc_t center = acc_t(0)) {
   using V = simd::Vec<acc_t>;
   constexpr int64_t width = simd::Traits<acc_t>::width;
   const Distance<acc_t> distance(position);
   V total{};
-  for (int64_t j = 0; j < n_pad; j += width) total += simd::load(dp + j) * distance(j);
+  for (int64_t j = 0; j < n_pad; j += width) total += simd::load(dp + j) * (distance(j) - center);
   acc_t result = 0;
   for (int64_t k = 0; k < width; ++k) result += total[k];
   return result;
