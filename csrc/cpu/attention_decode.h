@@ -100,20 +100,49 @@ struct TransposeSum {
   }
 };
 
-// out[j] = q . k_j for the `width` key rows at k (row stride ldk), over `vectors` vectors of features.
-// Never inlined, so that the accumulators stay in registers (as gemm_tile).
+// out[r * ldo + j] = q_r . k_j for rows r < rows (row stride ldq) and the `width` key rows at k (row
+// stride ldk), over `vectors` vectors of features. Never inlined, so that the accumulators stay in
+// registers (as gemm_tile).
 template <typename T>
-__attribute__((noinline)) void dot_keys(const T* q, const T* k, int64_t ldk, int64_t vectors, T* out) {
+__attribute__((noinline)) void dot_keys(const T* q, int64_t rows, int64_t ldq, const T* k, int64_t ldk,
+                                        int64_t vectors, T* out, int64_t ldo) {
   using S = TransposeSum<T>;
   using V = simd::Vec<T>;
   constexpr int width = S::width;
-  V acc[width] = {};
-  for (int64_t d = 0; d < vectors; ++d) {
-    const V qd = simd::load(q + d * width);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* qr = q + r * ldq;
+    V acc[width] = {};
+    for (int64_t d = 0; d < vectors; ++d) {
+      const V qd = simd::load(qr + d * width);
 #pragma GCC unroll 16
-    for (int j = 0; j < width; ++j) acc[S::bit_reverse(j)] += qd * simd::load(k + j * ldk + d * width);
+      for (int j = 0; j < width; ++j) acc[S::bit_reverse(j)] += qd * simd::load(k + j * ldk + d * width);
+    }
+    S::run(acc, out + r * ldo);
   }
-  S::run(acc, out);
+}
+
+// load_rows (attention_pack.h), with bfloat16 rows widened by a loop the compiler vectorizes (the
+// element-wise conversion cost more than reading the rows).
+template <typename scalar_t, typename acc_t>
+inline void decode_load_rows(const Operand<scalar_t>& x, int64_t batch, int64_t head, int64_t token0, int64_t rows,
+                             int64_t features, acc_t* dst, int64_t ld) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    if (x.feature_stride == 1) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const c10::BFloat16* src = x.row(batch, head, token0 + r);
+        float* out = dst + r * ld;
+        for (int64_t f = 0; f < features; ++f) {
+          uint16_t bits;
+          std::memcpy(&bits, src + f, sizeof(bits));
+          const uint32_t wide = uint32_t{bits} << 16;  // bfloat16 is the top half of a float
+          std::memcpy(out + f, &wide, sizeof(wide));
+        }
+        std::fill(out + features, out + ld, 0.0f);
+      }
+      return;
+    }
+  }
+  load_rows(x, batch, head, token0, rows, features, dst, ld);
 }
 
 // Whether rows of x can be read in place as acc_t rows of whole vectors (else they are converted).
@@ -163,10 +192,10 @@ void decode_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_
       keys = reinterpret_cast<const acc_t*>(k.row(seq.batch, kv_head, seq.k_start + j0 + b));
       ldk = k.token_stride;
     } else {
-      load_rows(k, seq.batch, kv_head, seq.k_start + j0 + b, count, dim, buf.keys.data(), buf.ldq);
+      decode_load_rows(k, seq.batch, kv_head, seq.k_start + j0 + b, count, dim, buf.keys.data(), buf.ldq);
       std::fill(buf.keys.begin() + count * buf.ldq, buf.keys.end(), acc_t(0));
     }
-    for (int64_t r = 0; r < rows; ++r) dot_keys(q + r * buf.ldq, keys, ldk, vectors, scores + r * buf.lds + b);
+    dot_keys(q, rows, buf.ldq, keys, ldk, vectors, scores + b, buf.lds);
   }
 }
 
@@ -177,19 +206,20 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
   constexpr int64_t width = simd::Traits<acc_t>::width;
   const Operand<scalar_t>& v = problem.v;
   const int64_t value_dim = problem.value_dim;
-  if (readable_in_place<scalar_t, acc_t>(v, value_dim)) {
-    const acc_t* base = reinterpret_cast<const acc_t*>(v.row(seq.batch, kv_head, seq.k_start + j0));
-    const int64_t ldb = v.token_stride;
+  // B rows (ldb apart, whole vectors) straight from where they are: no panel copy.
+  const auto product = [&](const acc_t* values, int64_t ldb, int64_t key, int64_t count) {
     const auto panel_of = [&](int64_t k0, int64_t, int64_t vec, int64_t) {
-      return std::pair<const acc_t*, int64_t>(base + k0 * ldb + vec * width, ldb);
+      return std::pair<const acc_t*, int64_t>(values + k0 * ldb + vec * width, ldb);
     };
-    gemm_blocks(rows, value_dim, n, p, buf.lds, 1, panel_of, acc, buf.ldv, true);
-    return;
+    gemm_blocks(rows, value_dim, count, p + key, buf.lds, 1, panel_of, acc, buf.ldv, true);
+  };
+  if (readable_in_place<scalar_t, acc_t>(v, value_dim)) {
+    return product(reinterpret_cast<const acc_t*>(v.row(seq.batch, kv_head, seq.k_start + j0)), v.token_stride, 0, n);
   }
   for (int64_t b = 0; b < n; b += kDecodeValueStep) {
     const int64_t count = std::min(kDecodeValueStep, n - b);
-    load_rows(v, seq.batch, kv_head, seq.k_start + j0 + b, count, value_dim, buf.values.data(), buf.ldv);
-    gemm(rows, value_dim, count, p + b, buf.lds, 1, buf.values.data(), buf.ldv, acc, buf.ldv, true);
+    decode_load_rows(v, seq.batch, kv_head, seq.k_start + j0 + b, count, value_dim, buf.values.data(), buf.ldv);
+    product(buf.values.data(), buf.ldv, b, count);
   }
 }
 
