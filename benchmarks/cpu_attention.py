@@ -4,10 +4,19 @@ Forward (float32 and bfloat16) and forward+backward (float32) at (B, H, L=S, D) 
 (1, 8, 4096, 64), (1, 16, 2048, 128)}, causal and not; then at L = S = 16384 (H=8, D=64) our plain,
 ALiBi and 256-wide window forward times, with peak RSS growth of each in a fresh process.
 
+With ``--shapes``, the shape-range table instead (the shapes models run): decode steps (B = 1, Hq = 32,
+Hkv = 8, D = 128, L = 1 and L = 8 bottom-right causal against S = 4096, 16384, 32768, float32 and
+bfloat16) in GB/s of K + V read, next to a ``torch.sum`` over as many bytes and torch's SDPA
+(``enable_gqa=True``; its L = 8 mask is a bool ``attn_mask``, as its ``is_causal`` is top-left); then
+short and medium sequences (B, H, L=S, D) in {(8, 12, 128, 64), (32, 12, 128, 64), (1, 12, 128, 64),
+(8, 12, 512, 64), (4, 16, 256, 128)}, forward, plain, right-padded (``key_lengths``; torch: a bool mask)
+and causal, as ratios against torch's SDPA.
+
 Timing: ``torch.utils.benchmark`` medians; torch and ours alternate ``--rounds`` times and each side
 keeps the median of its rounds, so load that comes and goes on a shared machine hits both alike.
 
     python benchmarks/cpu_attention.py [--rounds 3] [--out FILE.md]
+    python benchmarks/cpu_attention.py --shapes [--rounds 3] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -105,6 +114,121 @@ def long_sequences(min_run_time: float) -> list[dict]:
     return rows
 
 
+DECODE_SEQS = (4096, 16384, 32768)
+SHORT_SHAPES = [(8, 12, 128, 64), (32, 12, 128, 64), (1, 12, 128, 64), (8, 12, 512, 64), (4, 16, 256, 128)]
+
+
+def _interleaved(fns: dict, rounds: int, min_run_time: float) -> dict[str, float]:
+    """Median ms of each function over ``rounds`` alternations (each a ``blocked_autorange`` median)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(_median_ms(fn, min_run_time))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def decode_rows(rounds: int, min_run_time: float) -> list[dict]:
+    """GB/s of K + V read by a decode step: torch.sum over the same bytes, ours, torch's SDPA."""
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for lq in (1, 8):
+            for seq in DECODE_SEQS:
+                gen = torch.Generator().manual_seed(seq + lq)
+                q = torch.randn(1, 32, lq, 128, generator=gen).to(dtype)
+                k, v = (torch.randn(1, 8, seq, 128, generator=gen).to(dtype) for _ in range(2))
+                # L = 8: speculative decoding, query i at key position seq - 8 + i (bottom-right causal).
+                ours_kw = {"window_size": (-1, 0)} if lq > 1 else {}
+                mask = torch.ones(lq, seq, dtype=torch.bool).tril(seq - lq) if lq > 1 else None
+                fns = {
+                    "sum": lambda k=k, v=v: (k.sum(), v.sum()),
+                    "ours": lambda q=q, k=k, v=v, kw=ours_kw: fused_attention.scaled_dot_product_attention(
+                        q, k, v, enable_gqa=True, backend="cpu", **kw),
+                    "torch": lambda q=q, k=k, v=v, m=mask: F.scaled_dot_product_attention(
+                        q, k, v, attn_mask=m, enable_gqa=True),
+                }
+                ms = _interleaved(fns, rounds, min_run_time)
+                gb = 2 * k.numel() * k.element_size() / 1e9
+                row = {"dtype": str(dtype).removeprefix("torch."), "lq": lq, "seq": seq,
+                       **{f"{name}_gbs": gb / (t / 1e3) for name, t in ms.items()}}
+                row["of_sum"] = row["ours_gbs"] / row["sum_gbs"]
+                row["vs_torch"] = row["ours_gbs"] / row["torch_gbs"]
+                rows.append(row)
+                print(_decode_line(row), flush=True)
+    return rows
+
+
+def _decode_line(r: dict) -> str:
+    return (f"| {r['dtype']} | {r['lq']}{' causal' if r['lq'] > 1 else ''} | {r['seq']} | {r['sum_gbs']:.1f} | "
+            f"{r['ours_gbs']:.1f} | {r['torch_gbs']:.1f} | {r['of_sum']:.0%} | {r['vs_torch']:.2f}x |")
+
+
+def short_rows(rounds: int, min_run_time: float) -> list[dict]:
+    """Forward of short and medium sequences: plain, right-padded and causal, ours vs torch's SDPA."""
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in SHORT_SHAPES:
+            q, k, v = _inputs(shape, dtype, False)
+            b, _, n, _ = shape
+            lengths = torch.tensor([n - (i * n) // (2 * b) for i in range(b)])  # from n down to about n / 2
+            pad_mask = (torch.arange(n) < lengths[:, None])[:, None, None, :]
+            cases = {
+                "plain": ({}, {}),
+                "key_lengths": ({"key_lengths": lengths}, {"attn_mask": pad_mask}),
+                "causal": ({"is_causal": True}, {"is_causal": True}),
+            }
+            for case, (ours_kw, torch_kw) in cases.items():
+                fns = {
+                    "torch": lambda q=q, k=k, v=v, kw=torch_kw: F.scaled_dot_product_attention(q, k, v, **kw),
+                    "ours": lambda q=q, k=k, v=v, kw=ours_kw: fused_attention.scaled_dot_product_attention(
+                        q, k, v, backend="cpu", **kw),
+                }
+                ms = _interleaved(fns, rounds, min_run_time)
+                rows.append({"dtype": str(dtype).removeprefix("torch."), "shape": shape, "case": case,
+                             "torch_ms": ms["torch"], "ours_ms": ms["ours"], "speedup": ms["torch"] / ms["ours"]})
+                print(_short_line(rows[-1]), flush=True)
+    return rows
+
+
+def _short_line(r: dict) -> str:
+    b, h, n, d = r["shape"]
+    return (f"| {r['dtype']} | {b}x{h}x{n}x{d} | {r['case']} | {r['torch_ms']:.3f} | {r['ours_ms']:.3f} | "
+            f"{r['speedup']:.2f}x |")
+
+
+def shapes_report(decode: list[dict], short: list[dict], args) -> str:
+    lines = [
+        _header(),
+        (f"Command: python benchmarks/cpu_attention.py --shapes --rounds {args.rounds} "
+         f"--min-run-time {args.min_run_time}"),
+        "",
+        "Decode, B = 1, Hq = 32, Hkv = 8, D = 128: GB/s of K + V read (torch.sum: the same bytes)",
+        "",
+        "| dtype | L | S | torch.sum | ours | torch SDPA | ours / sum | ours / torch |",
+        "|---|---|---|---|---|---|---|---|",
+        *(_decode_line(r) for r in decode),
+        "",
+        "Short and medium sequences, forward (B x H x L=S x D)",
+        "",
+        "| dtype | shape | case | torch SDPA (ms) | ours (ms) | speedup |",
+        "|---|---|---|---|---|---|",
+        *(_short_line(r) for r in short),
+        "",
+    ]
+    for dtype in ("float32", "bfloat16"):
+        ratios = [r["speedup"] for r in short if r["dtype"] == dtype]
+        if ratios:
+            lines.append(f"- {dtype} forward: median speedup {statistics.median(ratios):.2f}x, min {min(ratios):.2f}x")
+    return "\n".join(lines) + "\n"
+
+
+def _header() -> str:
+    return (
+        f"CPU: {_cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), fused_attention {fused_attention.__version__}, "
+        f"CPU kernels: {_extension.load_extension().cpu_isa}; load: {os.getloadavg()[0]:.2f} (1 min)"
+    )
+
+
 def _row_line(r: dict) -> str:
     b, h, n, d = r["shape"]
     return (f"| {r['dtype']} | {r['mode']} | {b}x{h}x{n}x{d} | {'yes' if r['causal'] else 'no'} | "
@@ -151,10 +275,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternations of torch and ours per case")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per blocked_autorange")
     parser.add_argument("--skip-long", action="store_true", help="leave out the L = 16384 cases")
+    parser.add_argument("--shapes", action="store_true", help="the shape-range table (decode, short sequences)")
+    parser.add_argument("--skip-decode", action="store_true", help="with --shapes: leave out the decode rows")
     parser.add_argument("--out", help="also write the markdown report here")
     args = parser.parse_args()
     if fused_attention.backends.BACKENDS["cpu"].unavailable_reason():
         raise SystemExit(f"cpu backend unavailable: {fused_attention.backends.BACKENDS['cpu'].unavailable_reason()}")
+    if args.shapes:
+        decode = [] if args.skip_decode else decode_rows(args.rounds, args.min_run_time)
+        text = shapes_report(decode, short_rows(args.rounds, args.min_run_time), args)
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+        return
     rows = compare(args.rounds, args.min_run_time)
     long_rows = [] if args.skip_long else long_sequences(args.min_run_time)
     text = report(rows, long_rows, args)

@@ -259,6 +259,12 @@ MUTATIONS = [
         "dropout.keep(row_key, j0 + j) ? scale : acc_t(0);", "dropout.keep(row_key, j0 + j) ? scale : scale;",
         _k(ATT, "cpu and dropout_keeps"), "C++: dropout rescales but never drops", cpp=True,
     ),
+    Mutation(
+        "cpp-decode-merge-unscaled", "csrc/cpu/attention_decode.h",
+        "const acc_t factor = std::exp(m - top);", "const acc_t factor = acc_t(1);",
+        _k("tests/test_cpu_decode.py", "split_with_each_feature"),
+        "C++: decode key chunks merged without their log-sum-exp rescale", cpp=True,
+    ),
 ]
 
 

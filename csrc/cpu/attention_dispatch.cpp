@@ -84,6 +84,16 @@ const char* attention_isa() {
 template <typename scalar_t>
 void attention_forward_kernel(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring,
                               const Operand<scalar_t>& out, attn_acc_t<scalar_t>* lse, const RowIndex& lse_index) {
+  if (decode_serves(problem, scoring)) {
+    switch (selected()) {
+#if FUSED_ATTENTION_X86_VARIANTS
+      case Isa::amx:
+      case Isa::avx512: return avx512::decode<scalar_t>(problem, scoring, out, lse, lse_index);
+      case Isa::avx2: return avx2::decode<scalar_t>(problem, scoring, out, lse, lse_index);
+#endif
+      default: return baseline::decode<scalar_t>(problem, scoring, out, lse, lse_index);
+    }
+  }
   switch (selected()) {
 #if FUSED_ATTENTION_X86_VARIANTS
     case Isa::amx:

@@ -124,7 +124,8 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
     const ScaledDistance<acc_t> bias(scale, slope, position);
     const auto row_max_of = [&] { return alibi ? row_max(s, n_pad, bias) : row_max(s, n_pad) * exp_scale; };
     const auto exp_sum = [&](acc_t shift) {
-      return alibi ? exp_shifted_sum(s, p, n_pad, shift, acc_t(1), bias) : exp_shifted_sum(s, p, n_pad, shift, exp_scale);
+      return alibi ? exp_shifted_sum(s, p, n_pad, shift, acc_t(1), bias, true)
+                   : exp_shifted_sum(s, p, n_pad, shift, exp_scale, Unchanged{}, true);
     };
     // ALiBi's bias at its largest in this block: the reference follows it exactly, so that the scores'
     // climb toward the diagonal never forces a maximum pass (what is left, q.k, barely moves).

@@ -6,11 +6,14 @@
 // first, and some vector code (broadcasts above all) reaches the clone already lowered lane by lane,
 // which measured several times slower than code compiled for the target throughout.
 #include "cpu/attention_backward.h"
+#include "cpu/attention_decode.h"
 #include "cpu/attention_forward.h"
 
 #define FUSED_ATTENTION_INSTANTIATE(scalar_t)                                                            \
   template void forward<scalar_t>(const Problem<scalar_t>&, const Scoring<attn_acc_t<scalar_t>>&,       \
                                   const Operand<scalar_t>&, attn_acc_t<scalar_t>*, const RowIndex&);   \
+  template void decode<scalar_t>(const Problem<scalar_t>&, const Scoring<attn_acc_t<scalar_t>>&,        \
+                                 const Operand<scalar_t>&, attn_acc_t<scalar_t>*, const RowIndex&);    \
   template void backward<scalar_t>(const Problem<scalar_t>&, const Scoring<attn_acc_t<scalar_t>>&,      \
                                    const Operand<scalar_t>&, const Operand<scalar_t>&,                 \
                                    const Operand<scalar_t>&, const Operand<scalar_t>&,                 \

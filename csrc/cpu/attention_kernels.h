@@ -36,6 +36,20 @@ template <typename scalar_t>
 void attention_forward_kernel(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring,
                               const Operand<scalar_t>& out, attn_acc_t<scalar_t>* lse, const RowIndex& lse_index);
 
+// Calls with at most this many query rows per sequence take the decode forward (attention_decode.h):
+// K and V read once per kv head for the whole group, keys split across threads. Dropout stays on the
+// blocked forward.
+constexpr int64_t kDecodeMaxRows = 16;
+
+template <typename scalar_t>
+bool decode_serves(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring) {
+  if (scoring.dropout.active()) return false;
+  for (const Sequence& seq : problem.sequences) {
+    if (seq.len_q > kDecodeMaxRows) return false;
+  }
+  return true;
+}
+
 // Where the backward puts gradients of the float mask and of the ALiBi slopes (null when not wanted).
 template <typename acc_t>
 struct ExtraGradients {
@@ -58,6 +72,9 @@ void attention_backward_kernel(const Problem<scalar_t>& problem, const Scoring<a
   template <typename scalar_t>                                                                              \
   void forward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring,             \
                const Operand<scalar_t>& out, attn_acc_t<scalar_t>* lse, const RowIndex& lse_index);        \
+  template <typename scalar_t>                                                                              \
+  void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring,              \
+              const Operand<scalar_t>& out, attn_acc_t<scalar_t>* lse, const RowIndex& lse_index);         \
   template <typename scalar_t>                                                                              \
   void backward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring,            \
                 const Operand<scalar_t>& dout, const Operand<scalar_t>& dq, const Operand<scalar_t>& dk,   \

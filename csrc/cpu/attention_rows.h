@@ -144,7 +144,7 @@ inline acc_t row_max(const acc_t* s, int64_t n_pad, const F& f = F{}) {
 // scores give 0.
 template <typename acc_t, typename F = Unchanged>
 inline acc_t exp_shifted_sum(const acc_t* s, acc_t* p, int64_t n_pad, acc_t shift, acc_t scale = acc_t(1),
-                             const F& f = F{}) {
+                             const F& f = F{}, bool exact_shift = false) {
   using V = simd::Vec<acc_t>;
   constexpr int64_t width = simd::Traits<acc_t>::width;
   V total[2] = {V{}, V{}};  // two sums: one add chain would wait on its own latency
@@ -152,13 +152,13 @@ inline acc_t exp_shifted_sum(const acc_t* s, acc_t* p, int64_t n_pad, acc_t shif
   for (; j + 2 * width <= n_pad; j += 2 * width) {
 #pragma GCC unroll 2
     for (int c = 0; c < 2; ++c) {
-      const V e = simd::exp_affine<acc_t>(f(simd::load(s + j + c * width), j + c * width), scale, shift);
+      const V e = simd::exp_affine<acc_t>(f(simd::load(s + j + c * width), j + c * width), scale, shift, exact_shift);
       simd::store(p + j + c * width, e);
       total[c] += e;
     }
   }
   if (j < n_pad) {
-    const V e = simd::exp_affine<acc_t>(f(simd::load(s + j), j), scale, shift);
+    const V e = simd::exp_affine<acc_t>(f(simd::load(s + j), j), scale, shift, exact_shift);
     simd::store(p + j, e);
     total[0] += e;
   }

@@ -120,11 +120,19 @@ inline Vec<T> exp_nonpositive(Vec<T> x) {
 // pass costs a fifth of the forward. Arguments below -125 (results below the smallest normal) give 0,
 // and NaN stays NaN.
 template <typename T>
-inline Vec<T> exp_affine(Vec<T> x, T scale, T shift) {
+inline Vec<T> exp_affine(Vec<T> x, T scale, T shift, bool exact_shift = false) {
 #if FUSED_ATTENTION_ISA_AVX512
   if constexpr (std::is_same_v<T, float>) {
-    const __m512 t = _mm512_fmsub_ps(x, _mm512_set1_ps(scale * Traits<float>::log2e),
-                                     _mm512_set1_ps(shift * Traits<float>::log2e));
+    // exact_shift (the forward): shift log2 e rounded to float errs by up to half an ulp of it (1.5e-5 at
+    // scores near 200), the same for every term of a row, so its rounding error is taken off again and a
+    // large reference (and the lse built on it) keeps float's precision. (The backward keeps the plain
+    // form: its slope gradients were tuned and tested with it.)
+    const float shift_log2e = shift * Traits<float>::log2e;
+    const float shift_low =
+        exact_shift && std::isfinite(shift_log2e) ? std::fma(shift, Traits<float>::log2e, -shift_log2e) : 0.0f;
+    const __m512 t = _mm512_sub_ps(
+        _mm512_fmsub_ps(x, _mm512_set1_ps(scale * Traits<float>::log2e), _mm512_set1_ps(shift_log2e)),
+        _mm512_set1_ps(shift_low));
     // (the masked form: the plain one passes an undefined vector that GCC 12 warns about)
     const __m512 n = _mm512_mask_roundscale_ps(t, __mmask16(0xffff), t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const Vec<T> f = t - n;

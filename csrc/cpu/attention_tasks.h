@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "cpu/attention_gemm.h"
@@ -64,26 +65,32 @@ struct KeyTiles {
       panels += heads_kv * key_panels.back();
       rows += heads_kv * seq.len_k;
     }
-    if (layouts & kKeysT) keys_t_.assign(panels * panel * head_dim, acc_t(0));
-    if (layouts & kValuesT) values_t_.assign(panels * panel * value_dim, acc_t(0));
-    if (layouts & kKeys) keys_.assign(rows * ld_k, acc_t(0));
-    if (layouts & kValues) values_.assign(rows * ld_v, acc_t(0));
+    // Not zeroed here: each task zeroes its own padding (a serial fill of every tile, and the page faults
+    // of first touch, cost a third of a short sequence's forward).
+    if (layouts & kKeysT) keys_t_.reset(new acc_t[panels * panel * head_dim]);
+    if (layouts & kValuesT) values_t_.reset(new acc_t[panels * panel * value_dim]);
+    if (layouts & kKeys) keys_.reset(new acc_t[rows * ld_k]);
+    if (layouts & kValues) values_.reset(new acc_t[rows * ld_v]);
     const int64_t count = static_cast<int64_t>(seqs.size());
     at::parallel_for(0, count * heads_kv, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t s = task / heads_kv, h = task % heads_kv;
         const Sequence& seq = seqs[s];
         const int64_t b = seq.batch, t0 = seq.k_start, n = seq.len_k;
-        if (layouts & kKeysT) {
-          load_transposed_panels(problem.k, b, h, t0, n, head_dim, keys_t_.data() + transposed_offset(s, h, head_dim), panel);
-        }
-        if (layouts & kValuesT) {
-          load_transposed_panels(problem.v, b, h, t0, n, value_dim, values_t_.data() + transposed_offset(s, h, value_dim), panel);
-        }
-        if (layouts & kKeys) load_row_panels(problem.k, b, h, t0, n, head_dim, keys_.data() + row_offset(s, h, ld_k), panel);
-        if (layouts & kValues) {
-          load_row_panels(problem.v, b, h, t0, n, value_dim, values_.data() + row_offset(s, h, ld_v), panel);
-        }
+        // The padding is the last panel of keys (transposed) or of features (rows): zeroed, then loaded over.
+        const auto transposed = [&](const Operand<scalar_t>& x, int64_t features, acc_t* dst) {
+          if (key_panels[s] > 0) std::fill_n(dst + (key_panels[s] - 1) * panel * features, panel * features, acc_t(0));
+          load_transposed_panels(x, b, h, t0, n, features, dst, panel);
+        };
+        const auto by_rows = [&](const Operand<scalar_t>& x, int64_t features, acc_t* dst) {
+          const int64_t feature_panels = (features + panel - 1) / panel;
+          if (feature_panels > 0) std::fill_n(dst + (feature_panels - 1) * n * panel, n * panel, acc_t(0));
+          load_row_panels(x, b, h, t0, n, features, dst, panel);
+        };
+        if (layouts & kKeysT) transposed(problem.k, head_dim, keys_t_.get() + transposed_offset(s, h, head_dim));
+        if (layouts & kValuesT) transposed(problem.v, value_dim, values_t_.get() + transposed_offset(s, h, value_dim));
+        if (layouts & kKeys) by_rows(problem.k, head_dim, keys_.get() + row_offset(s, h, ld_k));
+        if (layouts & kValues) by_rows(problem.v, value_dim, values_.get() + row_offset(s, h, ld_v));
       }
     });
   }
@@ -96,16 +103,17 @@ struct KeyTiles {
   Panels<acc_t> values(int64_t s, int64_t h, int64_t key) const { return by_rows(values_, s, h, ld_v, key); }
 
  private:
-  std::vector<acc_t> keys_t_, keys_, values_t_, values_;
+  std::unique_ptr<acc_t[]> keys_t_, keys_, values_t_, values_;
 
   int64_t transposed_offset(int64_t s, int64_t h, int64_t features) const {
     return (transposed_base[s] + h * key_panels[s]) * panel * features;
   }
   int64_t row_offset(int64_t s, int64_t h, int64_t ld) const { return (rows_base[s] + h * len_k[s]) * ld; }
-  Panels<acc_t> transposed(const std::vector<acc_t>& storage, int64_t s, int64_t h, int64_t features, int64_t key) const {
-    return {storage.data() + transposed_offset(s, h, features) + key / panel * panel * features, panel * features};
+  Panels<acc_t> transposed(const std::unique_ptr<acc_t[]>& storage, int64_t s, int64_t h, int64_t features,
+                           int64_t key) const {
+    return {storage.get() + transposed_offset(s, h, features) + key / panel * panel * features, panel * features};
   }
-  Panels<acc_t> by_rows(const std::vector<acc_t>& storage, int64_t s, int64_t h, int64_t ld, int64_t key) const {
-    return {storage.data() + row_offset(s, h, ld) + key * panel, len_k[s] * panel};
+  Panels<acc_t> by_rows(const std::unique_ptr<acc_t[]>& storage, int64_t s, int64_t h, int64_t ld, int64_t key) const {
+    return {storage.get() + row_offset(s, h, ld) + key * panel, len_k[s] * panel};
   }
 };

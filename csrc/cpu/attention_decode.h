@@ -1,0 +1,354 @@
+// Forward of the CPU attention kernel for decode steps: a few query rows per sequence (decode_serves)
+// against many keys. Such a call is bound by reading K and V, so it reads them once, from the user's
+// tensors, for all the query heads that share them:
+//
+// - GQA packing: the rows of every query head of a kv head's group form one small matrix (G x L rows),
+//   so each key and value row read from memory serves all of them.
+// - No copy of K or V: products read the input rows directly where they are float (or double) rows of
+//   whole vectors; otherwise 16 keys (K) or 64 values (V) at a time are converted into an L1 buffer.
+// - Split-KV: a task is (sequence, kv head, chunk of keys). A sequence's visible keys are cut into
+//   chunks at fixed multiples of decode_chunk_keys (a function of the shape only), each task keeps its
+//   rows' unnormalised output, reference maximum and sum, and a merge combines the chunks in chunk
+//   order: results do not depend on the thread count or on scheduling. A group with one chunk writes its
+//   output directly.
+//
+// Scores go through softmax_block and finish_rows (attention_forward.h), so masks, key lengths, windows,
+// causal, ALiBi, softcap, sinks and the lse follow the same code as the blocked forward.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cpu/attention_forward.h"
+#include "cpu/attention_gemm.h"
+#include "cpu/attention_kernels.h"
+#include "cpu/attention_pack.h"
+#include "cpu/attention_rows.h"
+#include "cpu/attention_simd.h"
+
+// Keys per chunk (one task's key range): large enough that a task's setup and its partial result
+// (rows x value_dim) are small next to reading the chunk, small enough that S = 4096 keys of one kv
+// head feed 8 threads. Rows x keys of a chunk's scores stay under kDecodeScoreFloats (in L2).
+constexpr int64_t kDecodeChunkKeys = 512;
+constexpr int64_t kDecodeScoreFloats = 16384;
+// Values converted per step where V cannot be read in place (32 KiB of float at value_dim 128: L1).
+constexpr int64_t kDecodeValueStep = 64;
+
+inline int64_t decode_chunk_keys(int64_t rows) {
+  return std::clamp<int64_t>(kDecodeScoreFloats / std::max<int64_t>(rows, 1) / 64 * 64, 64, kDecodeChunkKeys);
+}
+
+// o[i] = sum of the lanes of a[i] for i < width. Pairs of vectors are combined by halves (each output
+// lane block gets the sum of one input's two half blocks), width - 1 shuffle-add steps in all; the
+// result holds a[bit_reverse(i)] in lane i, so callers accumulate key j in a[bit_reverse(j)].
+template <typename T>
+struct TransposeSum {
+  using V = simd::Vec<T>;
+  using Int = typename simd::Traits<T>::Int;
+  using Lane = std::remove_reference_t<decltype(Int{}[0])>;
+  static constexpr int width = static_cast<int>(simd::Traits<T>::width);
+
+  static constexpr int bit_reverse(int i) {
+    int r = 0;
+    for (int bit = 1; bit < width; bit <<= 1) r = (r << 1) | ((i & bit) ? 1 : 0);
+    return r;
+  }
+
+  template <int half, bool upper>
+  static constexpr std::array<Lane, width> mask() {
+    std::array<Lane, width> m{};
+    for (int l = 0; l < width; ++l) {
+      const int base = l / (2 * half) * (2 * half), t = l % (2 * half);
+      const int from_first = base + t + (upper ? half : 0), from_second = width + base + t - half + (upper ? half : 0);
+      m[l] = static_cast<Lane>(t < half ? from_first : from_second);
+    }
+    return m;
+  }
+
+  template <int half>
+  static void level(V* a) {
+    if constexpr (half >= 1) {
+      static constexpr std::array<Lane, width> lo_bits = mask<half, false>(), hi_bits = mask<half, true>();
+      Int lo, hi;
+      std::memcpy(&lo, lo_bits.data(), sizeof(lo));
+      std::memcpy(&hi, hi_bits.data(), sizeof(hi));
+#pragma GCC unroll 16
+      for (int m = 0; m < half; ++m) {  // 2 half vectors in, half out
+        a[m] = __builtin_shuffle(a[2 * m], a[2 * m + 1], lo) + __builtin_shuffle(a[2 * m], a[2 * m + 1], hi);
+      }
+      level<half / 2>(a);
+    }
+  }
+
+  static void run(V* a, T* out) {
+#if defined(__clang__)  // no __builtin_shuffle: lane by lane
+    for (int i = 0; i < width; ++i) {
+      T sum = 0;
+      for (int l = 0; l < width; ++l) sum += a[bit_reverse(i)][l];
+      out[i] = sum;
+    }
+#else
+    level<width / 2>(a);
+    simd::store(out, a[0]);
+#endif
+  }
+};
+
+// out[r * ldo + j] = q_r . k_j for rows r < rows (row stride ldq) and the `width` key rows at k (row
+// stride ldk), over `vectors` vectors of features. Never inlined, so that the accumulators stay in
+// registers (as gemm_tile).
+template <typename T>
+__attribute__((noinline)) void dot_keys(const T* q, int64_t rows, int64_t ldq, const T* k, int64_t ldk,
+                                        int64_t vectors, T* out, int64_t ldo) {
+  using S = TransposeSum<T>;
+  using V = simd::Vec<T>;
+  constexpr int width = S::width;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* qr = q + r * ldq;
+    V acc[width] = {};
+    for (int64_t d = 0; d < vectors; ++d) {
+      const V qd = simd::load(qr + d * width);
+#pragma GCC unroll 16
+      for (int j = 0; j < width; ++j) acc[S::bit_reverse(j)] += qd * simd::load(k + j * ldk + d * width);
+    }
+    S::run(acc, out + r * ldo);
+  }
+}
+
+// load_rows (attention_pack.h), with bfloat16 rows widened by a loop the compiler vectorizes (the
+// element-wise conversion cost more than reading the rows).
+template <typename scalar_t, typename acc_t>
+inline void decode_load_rows(const Operand<scalar_t>& x, int64_t batch, int64_t head, int64_t token0, int64_t rows,
+                             int64_t features, acc_t* dst, int64_t ld) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    if (x.feature_stride == 1) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const c10::BFloat16* src = x.row(batch, head, token0 + r);
+        float* out = dst + r * ld;
+        for (int64_t f = 0; f < features; ++f) {
+          uint16_t bits;
+          std::memcpy(&bits, src + f, sizeof(bits));
+          const uint32_t wide = uint32_t{bits} << 16;  // bfloat16 is the top half of a float
+          std::memcpy(out + f, &wide, sizeof(wide));
+        }
+        std::fill(out + features, out + ld, 0.0f);
+      }
+      return;
+    }
+  }
+  load_rows(x, batch, head, token0, rows, features, dst, ld);
+}
+
+// Whether rows of x can be read in place as acc_t rows of whole vectors (else they are converted).
+template <typename scalar_t, typename acc_t>
+inline bool readable_in_place(const Operand<scalar_t>& x, int64_t features) {
+  return std::is_same_v<scalar_t, acc_t> && x.feature_stride == 1 && features % simd::Traits<acc_t>::width == 0;
+}
+
+// Per-thread buffers of the decode tasks.
+template <typename acc_t>
+struct DecodeBuffers {
+  int64_t ldq, lds, ldv;
+  std::vector<acc_t> q, scores, out, row_max, row_sum, anchor, keys, values;
+  std::vector<uint8_t> lazy;
+  DecodeBuffers(int64_t rows, int64_t chunk, int64_t head_dim, int64_t value_dim)
+      : ldq(round_up<int64_t>(head_dim, simd::Traits<acc_t>::width)),
+        lds(round_up<int64_t>(chunk, simd::Traits<acc_t>::width) + 16),  // + 16: see kScoreStride
+        ldv(round_up<int64_t>(value_dim, simd::Traits<acc_t>::width)),
+        q(rows * ldq),
+        scores(rows * lds),
+        out(rows * ldv),
+        row_max(rows),
+        row_sum(rows),
+        anchor(rows),
+        keys(simd::Traits<acc_t>::width * ldq),
+        values(kDecodeValueStep * ldv),
+        lazy(rows) {}
+  RowState<acc_t> state(int64_t row) {
+    return {row_max.data() + row, row_sum.data() + row, anchor.data() + row, lazy.data() + row};
+  }
+};
+
+// scores[r * lds + j] = q_r . k_(j0 + j) for rows r < rows and keys j < n of (sequence, kv head), and
+// the same up to round_up(n, width) (zero keys past n).
+template <typename scalar_t, typename acc_t>
+void decode_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_t kv_head, int64_t j0, int64_t n,
+                   const acc_t* q, int64_t rows, DecodeBuffers<acc_t>& buf, acc_t* scores) {
+  constexpr int64_t width = simd::Traits<acc_t>::width;
+  const Operand<scalar_t>& k = problem.k;
+  const int64_t dim = problem.head_dim, vectors = buf.ldq / width;
+  const bool in_place = readable_in_place<scalar_t, acc_t>(k, dim);
+  for (int64_t b = 0; b < n; b += width) {
+    const int64_t count = std::min(width, n - b);
+    const acc_t* keys = buf.keys.data();
+    int64_t ldk = buf.ldq;
+    if (in_place && count == width) {
+      keys = reinterpret_cast<const acc_t*>(k.row(seq.batch, kv_head, seq.k_start + j0 + b));
+      ldk = k.token_stride;
+    } else {
+      decode_load_rows(k, seq.batch, kv_head, seq.k_start + j0 + b, count, dim, buf.keys.data(), buf.ldq);
+      std::fill(buf.keys.begin() + count * buf.ldq, buf.keys.end(), acc_t(0));
+    }
+    dot_keys(q, rows, buf.ldq, keys, ldk, vectors, scores + b, buf.lds);
+  }
+}
+
+// acc[r * ldv + f] += sum_j p[r * lds + j] v_(j0 + j)[f] over keys j < n.
+template <typename scalar_t, typename acc_t>
+void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_t kv_head, int64_t j0, int64_t n,
+                   const acc_t* p, int64_t rows, DecodeBuffers<acc_t>& buf, acc_t* acc) {
+  constexpr int64_t width = simd::Traits<acc_t>::width;
+  const Operand<scalar_t>& v = problem.v;
+  const int64_t value_dim = problem.value_dim;
+  // B rows (ldb apart, whole vectors) straight from where they are: no panel copy.
+  const auto product = [&](const acc_t* values, int64_t ldb, int64_t key, int64_t count) {
+    const auto panel_of = [&](int64_t k0, int64_t, int64_t vec, int64_t) {
+      return std::pair<const acc_t*, int64_t>(values + k0 * ldb + vec * width, ldb);
+    };
+    gemm_blocks(rows, value_dim, count, p + key, buf.lds, 1, panel_of, acc, buf.ldv, true);
+  };
+  if (readable_in_place<scalar_t, acc_t>(v, value_dim)) {
+    return product(reinterpret_cast<const acc_t*>(v.row(seq.batch, kv_head, seq.k_start + j0)), v.token_stride, 0, n);
+  }
+  for (int64_t b = 0; b < n; b += kDecodeValueStep) {
+    const int64_t count = std::min(kDecodeValueStep, n - b);
+    decode_load_rows(v, seq.batch, kv_head, seq.k_start + j0 + b, count, value_dim, buf.values.data(), buf.ldv);
+    product(buf.values.data(), buf.ldv, b, count);
+  }
+}
+
+// One task: keys [j0, j0 + n) of (sequence, kv head) for all rows of the group (row g * L + i is query
+// row i of head kv_head * G + g). Leaves the rows' unnormalised output in buf.out (row stride buf.ldv)
+// and their reference maximum and sum in buf.row_max / buf.row_sum.
+template <typename scalar_t, typename acc_t>
+void decode_chunk(const Problem<scalar_t>& problem, const Scoring<acc_t>& scoring, const Sequence& seq,
+                  int64_t kv_head, int64_t j0, int64_t n, DecodeBuffers<acc_t>& buf) {
+  const int64_t group = problem.heads_q / problem.heads_kv, len = seq.len_q, rows = group * len;
+  std::fill(buf.out.begin(), buf.out.begin() + rows * buf.ldv, acc_t(0));
+  std::fill(buf.row_max.begin(), buf.row_max.begin() + rows, -std::numeric_limits<acc_t>::infinity());
+  std::fill(buf.row_sum.begin(), buf.row_sum.begin() + rows, acc_t(0));
+  std::fill(buf.lazy.begin(), buf.lazy.begin() + rows, uint8_t(1));
+  if (n <= 0) return;
+  for (int64_t g = 0; g < group; ++g) {
+    load_rows(problem.q, seq.batch, kv_head * group + g, seq.q_start, len, problem.head_dim,
+              buf.q.data() + g * len * buf.ldq, buf.ldq);
+  }
+  acc_t* scores = buf.scores.data();
+  decode_scores(problem, seq, kv_head, j0, n, buf.q.data(), rows, buf, scores);
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t first = g * len;
+    // The probabilities replace the scores; a row whose lazy attempt overflowed gets its q.k again.
+    const auto rescore = [&](int64_t r, acc_t* s) {
+      decode_scores(problem, seq, kv_head, j0, n, buf.q.data() + (first + r) * buf.ldq, 1, buf, s);
+    };
+    softmax_block(scoring, seq, kv_head * group + g, 0, len, j0, n, scores + first * buf.lds, buf.lds,
+                  scores + first * buf.lds, buf.lds, buf.out.data() + first * buf.ldv, buf.ldv, buf.state(first),
+                  [](int64_t, const acc_t*) {}, rescore);
+  }
+  decode_values(problem, seq, kv_head, j0, n, scores, rows, buf, buf.out.data());
+}
+
+// A task: a chunk of one (sequence, kv head); slot -1 when it is the group's only chunk (written directly).
+struct DecodeTask {
+  int64_t sequence, kv_head, key, keys, slot;
+};
+
+template <typename scalar_t>
+void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring,
+            const Operand<scalar_t>& out, attn_acc_t<scalar_t>* lse, const RowIndex& lse_index) {
+  using acc_t = attn_acc_t<scalar_t>;
+  const int64_t group = problem.heads_q / problem.heads_kv;
+  const int64_t ldv = round_up<int64_t>(problem.value_dim, simd::Traits<acc_t>::width);
+  int64_t max_rows = 1;
+  for (const Sequence& seq : problem.sequences) max_rows = std::max(max_rows, group * seq.len_q);
+  const int64_t chunk = decode_chunk_keys(max_rows);
+
+  // Tasks in (sequence, kv head, chunk) order; partial results of split groups in slots of max_rows rows.
+  std::vector<DecodeTask> tasks;
+  struct Split {
+    int64_t sequence, kv_head, first_slot, chunks;
+  };
+  std::vector<Split> splits;
+  int64_t slots = 0;
+  for (int64_t s = 0; s < static_cast<int64_t>(problem.sequences.size()); ++s) {
+    const Sequence& seq = problem.sequences[s];
+    if (seq.len_q == 0) continue;
+    const auto [lo, hi] = scoring.rules.block_keys(seq, 0, seq.len_q);
+    const int64_t first = lo / chunk * chunk;
+    const int64_t chunks = lo < hi ? (hi - first + chunk - 1) / chunk : 1;
+    for (int64_t h = 0; h < problem.heads_kv; ++h) {
+      if (chunks > 1) splits.push_back({s, h, slots, chunks});
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t begin = std::max(lo, first + c * chunk), end = std::min(hi, first + (c + 1) * chunk);
+        tasks.push_back({s, h, begin, std::max<int64_t>(end - begin, 0), chunks > 1 ? slots++ : -1});
+      }
+    }
+  }
+  std::vector<acc_t> partial_out(slots * max_rows * ldv), partial_max(slots * max_rows), partial_sum(slots * max_rows);
+
+  const auto finish = [&](const Sequence& seq, int64_t kv_head, acc_t* acc, const acc_t* row_max, const acc_t* row_sum) {
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t head = kv_head * group + g, first = g * seq.len_q;
+      finish_rows(seq, head, 0, seq.len_q, problem.value_dim, acc + first * ldv, ldv, row_max + first,
+                  row_sum + first, out, lse, lse_index, scoring.sink(head));
+    }
+  };
+
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    const simd::FlushDenormals flush;
+    DecodeBuffers<acc_t> buf(max_rows, chunk, problem.head_dim, problem.value_dim);
+    for (int64_t t = begin; t < end; ++t) {
+      const DecodeTask& task = tasks[t];
+      const Sequence& seq = problem.sequences[task.sequence];
+      decode_chunk(problem, scoring, seq, task.kv_head, task.key, task.keys, buf);
+      const int64_t rows = group * seq.len_q;
+      if (task.slot < 0) {
+        finish(seq, task.kv_head, buf.out.data(), buf.row_max.data(), buf.row_sum.data());
+      } else {
+        std::copy_n(buf.out.data(), rows * ldv, partial_out.data() + task.slot * max_rows * ldv);
+        std::copy_n(buf.row_max.data(), rows, partial_max.data() + task.slot * max_rows);
+        std::copy_n(buf.row_sum.data(), rows, partial_sum.data() + task.slot * max_rows);
+      }
+    }
+  });
+
+  // The merge: each row's chunks rescaled to their largest reference and summed in chunk order.
+  at::parallel_for(0, static_cast<int64_t>(splits.size()), 1, [&](int64_t begin, int64_t end) {
+    constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+    const simd::FlushDenormals flush;
+    std::vector<acc_t> acc(max_rows * ldv), row_max(max_rows), row_sum(max_rows);
+    for (int64_t t = begin; t < end; ++t) {
+      const Split& split = splits[t];
+      const Sequence& seq = problem.sequences[split.sequence];
+      const int64_t rows = group * seq.len_q;
+      for (int64_t r = 0; r < rows; ++r) {
+        acc_t top = neg_inf;
+        for (int64_t c = 0; c < split.chunks; ++c) {
+          const acc_t m = partial_max[(split.first_slot + c) * max_rows + r];
+          top = m > top || std::isnan(m) ? m : top;  // NaN spreads
+        }
+        acc_t* o = acc.data() + r * ldv;
+        std::fill(o, o + ldv, acc_t(0));
+        acc_t total = 0;
+        for (int64_t c = 0; c < split.chunks; ++c) {
+          const int64_t slot = split.first_slot + c;
+          const acc_t m = partial_max[slot * max_rows + r];
+          if (m == neg_inf) continue;  // the chunk showed this row nothing
+          const acc_t factor = std::exp(m - top);
+          total += partial_sum[slot * max_rows + r] * factor;
+          const acc_t* part = partial_out.data() + (slot * max_rows + r) * ldv;
+          for (int64_t f = 0; f < ldv; ++f) o[f] += part[f] * factor;
+        }
+        row_max[r] = top;
+        row_sum[r] = total;
+      }
+      finish(seq, split.kv_head, acc.data(), row_max.data(), row_sum.data());
+    }
+  });
+}

@@ -1,0 +1,98 @@
+"""The ``cpu`` backend's decode forward (csrc/cpu/attention_decode.h): calls with at most 16 query rows per
+sequence read each KV head's K and V once for its whole query group and split the keys into chunks of at
+most 512 (merged by log-sum-exp in chunk order). These cases force the split (S past several chunks,
+several KV heads, one KV head) and every feature through it, against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import check_attention, check_varlen, rand
+
+import fused_attention
+from fused_attention.backends import BACKENDS
+
+pytestmark = pytest.mark.skipif(
+    BACKENDS["cpu"].unavailable_reason() is not None, reason=str(BACKENDS["cpu"].unavailable_reason())
+)
+
+FEATURES = {
+    "plain": {},
+    "bottom_right_causal": {"window_size": (-1, 0)},
+    "window": {"window_size": (300, 0)},
+    "top_left_causal": {"is_causal": True},
+    "alibi": {"alibi_slopes": torch.tensor([0.5, 0.1, 0.02, -0.01, 0.3, 0.05, 0.004, 1.0])},
+    "softcap": {"softcap": 4.0},
+    "key_lengths": {"key_lengths": torch.tensor([1100, 0])},
+    "bool_mask": {"attn_mask": torch.rand(2, 1, 8, 1100, generator=torch.Generator().manual_seed(1)) > 0.3},
+    "float_mask": {"attn_mask": torch.randn(1, 8, 1, 1100, generator=torch.Generator().manual_seed(2))},
+    "sinks": {"sinks": torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0, -3.0, 0.25, 4.0])},
+}
+
+
+def _inputs(lq, s=1100, hq=8, hkv=2, d=64, dtype=torch.float32, batch=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return rand(batch, hq, lq, d, gen=gen, dtype=dtype), *(rand(batch, hkv, s, d, gen=gen, dtype=dtype) for _ in range(2))
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+@pytest.mark.parametrize("lq", [1, 8])
+def test_decode_split_with_each_feature(feature, lq):
+    kwargs = dict(FEATURES[feature])
+    if "attn_mask" in kwargs and kwargs["attn_mask"].size(2) != 1:
+        kwargs["attn_mask"] = kwargs["attn_mask"][:, :, :lq]
+    q, k, v = _inputs(lq)
+    check_attention("cpu", q, k, v, grad=False, enable_gqa=True, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_decode_split_in_every_dtype(dtype):
+    q, k, v = _inputs(4, dtype=dtype)
+    check_attention("cpu", q, k, v, grad=False, enable_gqa=True, window_size=(-1, 0),
+                    alibi_slopes=FEATURES["alibi"]["alibi_slopes"])
+
+
+@pytest.mark.parametrize("head_dim", [40, 128])
+def test_decode_odd_head_dims_and_a_kv_cache_layout(head_dim):
+    """Head dim 40 converts K and V rows (not whole vectors); (B, S, H, D) caches read rows H * D apart."""
+    gen = torch.Generator().manual_seed(4)
+    q = rand(1, 6, 3, head_dim, gen=gen)
+    k, v = (rand(1, 777, 3, head_dim, gen=gen).transpose(1, 2) for _ in range(2))
+    check_attention("cpu", q, k, v, grad=False, enable_gqa=True, key_lengths=torch.tensor([700]))
+
+
+def test_decode_mqa_one_kv_head_many_threads_with_gradients():
+    """One KV head, small L, more threads than cores: the keys are the only parallelism. The gradients
+    (the blocked backward) check that the forward's output and lse agree with it."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        q, k, v = _inputs(5, s=1500, hq=4, hkv=1, d=32, batch=1)
+        check_attention("cpu", q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), enable_gqa=True,
+                        window_size=(-1, 0))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_decode_varlen_short_queries_long_keys():
+    gen = torch.Generator().manual_seed(6)
+    cu_q, cu_k = torch.tensor([0, 1, 9, 12], dtype=torch.int32), torch.tensor([0, 1300, 1301, 2000], dtype=torch.int32)
+    q = rand(12, 4, 64, gen=gen)
+    k, v = (rand(2000, 2, 64, gen=gen) for _ in range(2))
+    check_varlen("cpu", q, k, v, cu_q, cu_k, grad=False, is_causal=True)
+
+
+def test_decode_split_is_bit_identical_across_calls_and_thread_counts():
+    q, k, v = _inputs(8, s=2000, hq=8, hkv=1, batch=1, seed=7)
+    kwargs = {"enable_gqa": True, "window_size": (-1, 0), "alibi_slopes": FEATURES["alibi"]["alibi_slopes"],
+              "return_lse": True, "backend": "cpu"}
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (threads, threads, 1, 3):
+            torch.set_num_threads(n)
+            results.append(fused_attention.scaled_dot_product_attention(q, k, v, **kwargs))
+    finally:
+        torch.set_num_threads(threads)
+    for out, lse in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
