@@ -20,8 +20,8 @@ inputs so that the kernel's own arithmetic yields the global ``dS``:
   ``P (dP - D)``; its ``dV`` is ``p^T c dO = P^T dO``. ``c`` lies in [1, 2] and ``|t|`` is bounded by
   a few times ``|rho| + |D|``, so nothing is ill-conditioned.
 
-ALiBi slopes' gradient: the kernel's gradient of its float mask is ``dS`` itself, and the slope's is
-``-sum dS |p - t|`` over global positions (the ring's ALiBi blocks carry the bias in that mask).
+ALiBi slopes' gradient: not from here (the kernel's float-mask gradient is ``dS``, but its roundings
+times global distances are too coarse in float32); :mod:`.slope_grad` sums it in float64.
 
 ``rho`` needs the block's own output ``o_b``, which a kernel that recomputes ``delta`` cannot supply:
 the forward keeps every block's ``(o_b, lse_b)`` for the backward (one output-sized tensor per ring
@@ -36,7 +36,7 @@ import torch
 from ..backends.dispatch import forced_backend_name, get_backend, select
 from ..backends.torch_backend import TORCH
 from ..inputs import canonicalize
-from .blocks import Block, Rules, block_mask, block_offsets
+from .blocks import Block, Rules, block_mask
 from .merge import accumulation_dtype
 
 
@@ -56,10 +56,8 @@ def block_backward(
     delta: torch.Tensor,
     block_out: torch.Tensor,
     block_lse: torch.Tensor,
-    alibi_grad: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(dq, dk, dv, dslopes)`` of the block's rows ``q0:q1`` and keys ``k0:k1`` through the global
-    softmax; ``dslopes`` ``(B, Hq)`` with ``alibi_grad`` (ALiBi blocks are ``mask`` blocks), else None.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of the block's rows ``q0:q1`` and keys ``k0:k1`` through the global softmax.
 
     ``k``, ``v_ones`` (values with their ones column) are the whole key shard; ``dout``, ``lse`` and
     ``delta = rowsum(dO * out)`` are the local queries' (global ``lse``); ``block_out``/``block_lse``
@@ -97,15 +95,8 @@ def block_backward(
     backend = get_backend(forced) if forced else select(inputs)
     # A backend whose backward needs its own forward (triton), or that cannot take this call (the
     # extra value column), leaves it to the chunked math of the torch backend.
-    need_mask_grad = alibi_grad and block.form == "mask"
-    grads = (
-        None if backend.not_supported_reasons(inputs) else backend.attention_backward(inputs, upstream, need_mask_grad)
-    )
+    grads = None if backend.not_supported_reasons(inputs) else backend.attention_backward(inputs, upstream, False)
     if grads is None:
-        grads = TORCH.attention_backward(inputs, upstream, need_mask_grad)
-    dq, dk, dv, dmask = grads
-    dslopes = None
-    if need_mask_grad:
-        distance = block_offsets(block, q.device).abs().to(dmask.dtype)
-        dslopes = -(dmask * distance).sum((-2, -1))
-    return dq, dk, dv[..., :-1], dslopes
+        grads = TORCH.attention_backward(inputs, upstream, False)
+    dq, dk, dv, _ = grads
+    return dq, dk, dv[..., :-1]

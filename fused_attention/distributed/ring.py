@@ -24,6 +24,7 @@ from .blocks import Rules, block_mask, call_attention, plan_step
 from .layout import Segments
 from .merge import accumulation_dtype, fold_sinks_, merge_into_
 from .p2p import RingExchange
+from .slope_grad import SlopeSums
 
 # Test/benchmark hook: called as step_timer(phase, step, compute_seconds, wait_seconds) after each ring
 # step ("forward" / "backward"); wait_seconds is the time spent waiting for that step's receives.
@@ -124,7 +125,7 @@ class RingAttentionFunction(torch.autograd.Function):
             dsinks = -(p_sink * delta).sum((0, 2)).to(sinks.dtype)
         alibi = ring.rules.alibi
         alibi_grad = alibi is not None and ctx.needs_input_grad[4]
-        dslopes = q.new_zeros(*q.shape[:2], dtype=cd) if alibi_grad else None  # (B, Hq), this rank's rows
+        slope_sums = SlopeSums(q) if alibi_grad else None
         dq = torch.zeros(q.shape, dtype=cd, device=q.device)
         k_cur, v_cur = k, with_ones_column(v)  # the values travel with their ones column
         grads_in: RingExchange | None = None
@@ -140,11 +141,11 @@ class RingAttentionFunction(torch.autograd.Function):
             dk_step = dv_step = None
             for block in ring.blocks(step):
                 block_out, block_lse = step_saved.pop(0)  # freed once used
-                dq_b, dk_b, dv_b, dslopes_b = block_backward(
-                    ring.rules, block, q, k_cur, v_cur, dout, lse, delta, block_out, block_lse, alibi_grad
+                dq_b, dk_b, dv_b = block_backward(
+                    ring.rules, block, q, k_cur, v_cur, dout, lse, delta, block_out, block_lse
                 )
-                if dslopes_b is not None:
-                    dslopes += dslopes_b
+                if slope_sums is not None and block.form == "mask":
+                    slope_sums.add(ring.rules, block, q, k_cur, v_cur[..., :-1], dout, lse)
                 dq[:, :, block.q0 : block.q1] += dq_b
                 if dk_step is None and block.k1 - block.k0 == k_cur.shape[2]:  # the whole shard: no copy
                     dk_step, dv_step = dk_b.to(cd), dv_b.to(cd)
@@ -178,7 +179,9 @@ class RingAttentionFunction(torch.autograd.Function):
             (dk, dv), _ = grads_in.wait()
         else:
             dk, dv = dk_step, dv_step
-        if dslopes is not None:
+        dslopes = None
+        if slope_sums is not None:
+            dslopes = slope_sums.gradient(lse, sinks)
             dslopes = dslopes.sum(0, keepdim=True) if alibi.shape[0] == 1 else dslopes
             dslopes = dslopes.to(alibi.dtype)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, dslopes, None
