@@ -12,8 +12,8 @@ with the specialization Triton's JIT applies at run time.
 
 Shapes: B=2, Hq=16, Hkv=16 (GQA: 4), L=S=4096 (varlen: 2 sequences packed, 8192 tokens). The default
 sweep is a subset (``--sweep full`` is the whole product, hours on 2 cores): every feature at
-bf16/D=128 on both architectures, every dtype at D=64/128/256 plain and causal, and fp16 D=64 with
-dropout. Forward loops are listed in code order: the window's left-edge tiles (masked; window only),
+bf16/D=128 on sm_90; plain, causal, dropout, softcap and ALiBi at bf16/D=128 on sm_80; fp16/D=64 plain
+and causal with dropout, and fp32 (IEEE and TF32) D=128 plain, on both; bf16 D=64 and 256 plain on sm_90. Forward loops are listed in code order: the window's left-edge tiles (masked; window only),
 the interior tiles (no checks), then the masked tiles (diagonal, window right edge, ragged end).
 """
 
@@ -59,11 +59,11 @@ def jobs(sweep: str) -> list[tuple[int, str, int, str]]:
     """``(arch, dtype, head dim, feature set)`` to compile."""
     if sweep == "full":
         return list(itertools.product((80, 90), DTYPES, (64, 128, 256), FEATURE_SETS))
-    out = [(arch, "bf16", 128, feature) for arch in (80, 90) for feature in FEATURE_SETS]
-    out += [(arch, dtype, d, feature) for arch in (80, 90) for dtype in DTYPES for d in (64, 128, 256)
-            for feature in ("plain", "causal") if (dtype, d) != ("bf16", 128)]
-    out += [(arch, "fp16", 64, "dropout") for arch in (80, 90)]
-    out += [(arch, "bf16", 64, "dropout") for arch in (80, 90)]
+    out = [(90, "bf16", 128, feature) for feature in FEATURE_SETS]
+    out += [(80, "bf16", 128, feature) for feature in ("plain", "causal", "dropout", "softcap", "alibi")]
+    out += [(arch, "fp16", 64, feature) for arch in (80, 90) for feature in ("plain", "causal_dropout")]
+    out += [(arch, dtype, 128, "plain") for arch in (80, 90) for dtype in ("fp32", "tf32")]
+    out += [(90, "bf16", d, "plain") for d in (64, 256)]
     return out
 
 
