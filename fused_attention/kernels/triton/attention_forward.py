@@ -275,6 +275,6 @@ def attention_forward(problem: launch.Problem, out, lse) -> None:
     args["EVEN_D"] = args["BLOCK_D"] == args["head_dim"] and args["BLOCK_DV"] == args["value_head_dim"]
     args["FAST_TANH"] = _HW_TANH and problem.q.dtype != torch.float32
     # offsets inside a key tile in 32 bits unless a tile's span could pass 2**31 elements
-    span = 256 * max(abs(args[name]) for name in ("stride_kn", "stride_kd", "stride_vn", "stride_vd"))
+    span = 512 * max(abs(args[name]) for name in ("stride_kn", "stride_kd", "stride_vn", "stride_vd"))
     args["WIDE_TILES"] = span >= 2**31
     launch.run(attention_forward_kernel, _TUNED, "forward", problem, args)
