@@ -11,6 +11,10 @@ kernels) for both architectures, and every dtype (float32 with IEEE and TF32 mat
 (16 to 256) and feature variant (bool mask, mask-gradient reductions, varlen, a value head dim unlike
 the query's, deterministic mode) at least once.
 
+Compiled as the GPU runs them: ``tools/triton_aot.py`` takes the specialization from Triton's own JIT
+binder (16-byte-aligned pointers, ints divisible by 16, ints equal to 1 as constants). The forward must
+also not spill in 16-bit configs nor run ``mma.sync`` in an sm_90 loop (see :data:`STATIC_PASSES`).
+
 Run as a script (``python tests/test_triton_compile.py``) it compiles in parallel and prints failures;
 the test runs it in a fresh process without ``TRITON_INTERPRET`` (kernels must be real JIT functions).
 """
