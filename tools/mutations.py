@@ -207,7 +207,7 @@ MUTATIONS = [
     # --- Triton kernels (under the interpreter on CPU) ---
     Mutation(
         "triton-alibi-sign", "fused_attention/kernels/triton/attention_tiles.py",
-        "s = s - slope * tl.abs(i + shift - j).to(tl.float32)", "s = s + slope * tl.abs(i + shift - j).to(tl.float32)",
+        "return slope * tl.abs(i + shift - j).to(tl.float32)", "return -slope * tl.abs(i + shift - j).to(tl.float32)",
         _k("tests/test_triton_attention.py", "alibi"), "Triton: ALiBi bias added instead of subtracted",
     ),
     Mutation(

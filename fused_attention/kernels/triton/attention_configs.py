@@ -23,8 +23,9 @@ class Tile:
 
 
 _CANDIDATES: dict[tuple[str, int], tuple[Tile, ...]] = {
-    ("forward", 80): (Tile(128, 64, 4, 3), Tile(64, 64, 4, 3), Tile(64, 32, 4, 2)),
-    ("forward", 90): (Tile(128, 128, 8, 3), Tile(128, 64, 4, 3), Tile(64, 64, 4, 2)),
+    # forward: 8 warps for 128 query rows (4 spill on sm_80: 214 spill stores); benchmarks/triton_static.py
+    ("forward", 80): (Tile(128, 64, 8, 3), Tile(64, 64, 4, 3), Tile(64, 32, 4, 2)),
+    ("forward", 90): (Tile(128, 128, 8, 3), Tile(128, 64, 8, 3), Tile(64, 64, 4, 2)),
     # dK/dV: a program holds a key block and its dK/dV accumulators, and walks query blocks
     ("backward_dkdv", 80): (Tile(32, 128, 8, 2), Tile(32, 64, 4, 2), Tile(16, 64, 4, 2)),
     ("backward_dkdv", 90): (Tile(32, 128, 8, 3), Tile(64, 128, 8, 2), Tile(16, 64, 4, 2)),
@@ -48,8 +49,15 @@ def arch_of(capability: tuple[int, int]) -> int:
     return 90 if major * 10 + minor >= 90 else 80
 
 
-# Shared memory the compiler may use, bytes (A100: 164 KiB per block, H100: 228 KiB), less headroom.
+# Shared memory the compiler may use, bytes: A100 164 KiB per block less headroom; H100/H200 227 KiB, all
+# of it for the forward (its 128x128 tile at head dim 128 takes 224 KiB, which the estimate counts
+# exactly), less headroom for the backward passes (their estimate leaves out some buffers).
 _SHARED_BUDGET = {80: 150 * 1024, 90: 210 * 1024}
+_FORWARD_SHARED_BUDGET = {80: 150 * 1024, 90: 227 * 1024}
+
+# Tiles whose kernel spills registers when dropout's Philox streams or a mask's pointers are live
+# (benchmarks/triton_static.py; the compile test fails on a launchable 16-bit tile that spills).
+_SPILL_WHEN_HEAVY = {("forward", Tile(128, 128, 8, 3)), ("forward", Tile(128, 64, 8, 3))}
 
 
 def _shared_estimate(tile: Tile, pass_name: str, block_d: int, elem_bytes: int) -> int:
@@ -65,17 +73,20 @@ def _fits(tile: Tile, pass_name: str, arch: int, block_d: int, elem_bytes: int) 
     (at most 64 x 256 per 4 warps)."""
     held = tile.block_n if pass_name == "backward_dkdv" else tile.block_m
     registers_ok = held * block_d <= 64 * 256 * tile.num_warps // 4
-    return registers_ok and _shared_estimate(tile, pass_name, block_d, elem_bytes) <= _SHARED_BUDGET[arch]
+    budget = (_FORWARD_SHARED_BUDGET if pass_name == "forward" else _SHARED_BUDGET)[arch]
+    return registers_ok and _shared_estimate(tile, pass_name, block_d, elem_bytes) <= budget
 
 
 # Small enough for float32 at head dim 256 on sm_80 (the compile test checks it).
 _FALLBACK = {"forward": Tile(64, 16, 4, 1), "backward_dkdv": Tile(16, 32, 4, 1), "backward_dq": Tile(32, 16, 4, 1)}
 
 
-def candidates(pass_name: str, arch: int, block_d: int, elem_bytes: int) -> list[Tile]:
+def candidates(pass_name: str, arch: int, block_d: int, elem_bytes: int, heavy: bool = False) -> list[Tile]:
     """The tiles the autotuner may pick for ``pass_name`` on ``arch`` at padded head dim ``block_d``
-    (the larger of the q/k and v head dims) for inputs of ``elem_bytes`` bytes per element."""
-    tiles = [t for t in _CANDIDATES[pass_name, arch] if _fits(t, pass_name, arch, block_d, elem_bytes)]
+    (the larger of the q/k and v head dims) for inputs of ``elem_bytes`` bytes per element; ``heavy``:
+    dropout or a mask is used. The first is deterministic mode's."""
+    tiles = [t for t in _CANDIDATES[pass_name, arch] if _fits(t, pass_name, arch, block_d, elem_bytes)
+             and not (heavy and (pass_name, t) in _SPILL_WHEN_HEAVY)]
     return tiles or [_FALLBACK[pass_name]]
 
 

@@ -5,15 +5,141 @@ rules can see, keeps a running row max and row sum in float32, and writes ``out`
 and ``lse`` (float32, ``-inf`` for a row that sees nothing; its output is 0). Learned sinks join each
 row's denominator after the last tile (lse includes them). Dense and packed (varlen) inputs share the
 kernel: a varlen program reads its sequence's bounds from ``cu_seqlens``.
+
+Scores live in log2 units (``exp2``, with ``scale * log2(e)`` folded into the one multiply-add that
+also subtracts the row maximum). Key tiles come in up to three loops (:func:`interior_range`): the
+window's left-edge tiles and the masked tiles at the end (diagonal, window right edge, ragged last
+tile) check visibility per element; the interior tiles between them check nothing, so a causal
+interior tile costs what a non-causal one does. Without softcap, ALiBi or a float mask the row maximum
+is taken on the raw ``q . k`` (scaled once per row).
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
+from . import _interpreting_now
 from . import attention_launch as launch
-from .attention_tiles import dropout_keep, key_range, scores
+from .attention_tiles import (
+    alibi_bias,
+    dropout_keep,
+    interior_range,
+    key_range,
+    tanh,
+    tanh_approx,
+    visible_keys,
+)
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+# The GPU's tanh instruction for the softcap of 16-bit inputs; the interpreter (and float32) keep the exact one.
+_HW_TANH = not _interpreting_now()
+
+
+@triton.jit
+def tile_scores(
+    s, rows, cols, mask_base, stride_mm, stride_mn,
+    seq_q, seq_k, qk_scale, log2_softcap, slope2, window_left, window_right, key_length,
+    CHECKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK: tl.constexpr, KEY_LENGTHS: tl.constexpr,
+    FAST_TANH: tl.constexpr,
+):
+    """A tile's scores from ``s = q . k`` in log2 units, ``-inf`` where a key is hidden; left raw
+    (unscaled) when no softcap, ALiBi or float mask applies (see :func:`_key_tiles`)."""
+    shift = seq_k - seq_q
+    if SOFTCAP:  # softcap * tanh(qk * scale / softcap), in log2 units
+        if FAST_TANH:
+            s = log2_softcap * tanh_approx(s * qk_scale)
+        else:
+            s = log2_softcap * tanh(s * qk_scale)
+    elif ALIBI or MASK == 2:
+        s = s * qk_scale
+    if ALIBI:
+        s = s - alibi_bias(slope2, rows, cols, shift)
+    if MASK != 0:
+        m = tl.load(mask_base + rows.to(tl.int64) * stride_mm + cols.to(tl.int64) * stride_mn,
+                    mask=(rows < seq_q) & (cols < seq_k), other=0)
+        if MASK == 1:
+            s = tl.where(m != 0, s, float("-inf"))
+        else:
+            s = s + m.to(tl.float32) * _LOG2E
+    if CHECKED:
+        s = tl.where(visible_keys(rows, cols, seq_q, seq_k, window_left, window_right, key_length,
+                                  CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS), s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _key_tiles(
+    acc, row_max, row_sum, q, k_base, v_base, mask_base, lo, hi, rows, offs_d, offs_dv,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+    seq_q, seq_k, head_dim, value_head_dim, qk_scale, log2_softcap, slope2, window_left, window_right, key_length,
+    dropout_p, seed, stream,
+    CHECKED: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, WIDE_TILES: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, MASK: tl.constexpr, KEY_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr,
+):
+    """Online softmax over the key tiles ``[lo, hi)``; ``CHECKED`` tiles apply the visibility rules
+    per element, the others are fully visible (only the user's mask, if any, hides keys there)."""
+    # Scores that are not a positive multiple of q . k take their row maximum after the features.
+    raw_max: tl.constexpr = not SOFTCAP and not ALIBI and MASK != 2
+    # Only then can a row have seen nothing but -inf, whose exponent base must stay finite.
+    guard: tl.constexpr = CHECKED or MASK != 0
+    offs_tile = tl.arange(0, BLOCK_N)[:, None]
+    if WIDE_TILES:
+        offs_tile = offs_tile.to(tl.int64)
+    k_offsets = offs_tile * stride_kn + offs_d[None, :] * stride_kd
+    v_offsets = offs_tile * stride_vn + offs_dv[None, :] * stride_vd
+    k_tile = k_base + tl.cast(lo, tl.int64) * stride_kn
+    v_tile = v_base + tl.cast(lo, tl.int64) * stride_vn
+    k_step = BLOCK_N * stride_kn
+    v_step = BLOCK_N * stride_vn
+    if WIDE_TILES:
+        k_step = BLOCK_N * tl.cast(stride_kn, tl.int64)
+        v_step = BLOCK_N * tl.cast(stride_vn, tl.int64)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        cols = offs_n[None, :]
+        # a uniform tile base, advanced per tile, plus the loop-invariant offsets inside the tile
+        k_ptrs = k_tile + k_offsets
+        v_ptrs = v_tile + v_offsets
+        if CHECKED or not EVEN_D:
+            key_ok = (offs_n[:, None] < seq_k) | (not CHECKED)
+            k = tl.load(k_ptrs, mask=key_ok & ((offs_d[None, :] < head_dim) | EVEN_D), other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        s = tile_scores(
+            tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), rows, cols, mask_base, stride_mm, stride_mn,
+            seq_q, seq_k, qk_scale, log2_softcap, slope2, window_left, window_right, key_length,
+            CHECKED, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI, MASK, KEY_LENGTHS, FAST_TANH,
+        )
+        if raw_max:
+            new_max = tl.maximum(row_max, tl.max(s, 1) * qk_scale)
+        else:
+            new_max = tl.maximum(row_max, tl.max(s, 1))
+        base = new_max
+        if guard:  # exp2(-inf - 0) = 0, never NaN
+            base = tl.where(new_max == float("-inf"), 0.0, new_max)
+        alpha = tl.math.exp2(row_max - base)
+        if raw_max:
+            p = tl.math.exp2(s * qk_scale - base[:, None])
+        else:
+            p = tl.math.exp2(s - base[:, None])
+        row_sum = row_sum * alpha + tl.sum(p, 1)  # the softmax denominator is taken before dropout
+        if DROPOUT:  # the kept values' 1 / (1 - p) is applied to the output once, at the end
+            p = tl.where(dropout_keep(seed, stream, rows, cols, dropout_p), p, 0.0)
+        if CHECKED or not EVEN_D:
+            v = tl.load(v_ptrs, mask=key_ok & ((offs_dv[None, :] < value_head_dim) | EVEN_D), other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        row_max = new_max
+        k_tile += k_step
+        v_tile += v_step
+    return acc, row_max, row_sum
 
 
 @triton.jit
@@ -31,7 +157,8 @@ def attention_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, MASK: tl.constexpr, KEY_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, SINKS: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, SINKS: tl.constexpr, EVEN_D: tl.constexpr,
+    FAST_TANH: tl.constexpr, WIDE_TILES: tl.constexpr,
 ):
     m0 = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
@@ -48,9 +175,9 @@ def attention_forward_kernel(
     key_length = seq_k
     if KEY_LENGTHS:
         key_length = tl.load(KeyLengths + b).to(tl.int32)
-    slope = 0.0
+    slope2 = 0.0
     if ALIBI:
-        slope = tl.load(Alibi + b64 * stride_ab + h64 * stride_ah).to(tl.float32)
+        slope2 = tl.load(Alibi + b64 * stride_ab + h64 * stride_ah).to(tl.float32) * _LOG2E
     mask_base = Mask
     if MASK != 0:
         mask_base = Mask + b64 * stride_mb + h64 * stride_mh
@@ -66,56 +193,68 @@ def attention_forward_kernel(
         q_base + rows.to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
         mask=(rows < seq_q) & (offs_d[None, :] < head_dim), other=0.0,
     )
+    # log2 units: softcap's argument is qk * (scale / softcap), its result times softcap * log2(e)
+    qk_scale = scale * _LOG2E
+    log2_softcap = 0.0
+    if SOFTCAP:
+        qk_scale = scale / softcap
+        log2_softcap = softcap * _LOG2E
+    elif not ALIBI and MASK != 2:
+        # the row maximum is taken on raw q . k: a negative scale flips q (exactly) instead
+        q = tl.where(scale < 0, -q, q)
+        qk_scale = tl.abs(qk_scale)
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    keep_scale = 1.0 / (1.0 - dropout_p)
     stream = b * n_heads + h
     lo, hi = key_range(
         m0, seq_q, seq_k, window_left, window_right, key_length,
         BLOCK_M, BLOCK_N, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
     )
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        cols = offs_n[None, :]
-        k = tl.load(
-            k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
-            mask=(offs_n[:, None] < seq_k) & (offs_d[None, :] < head_dim), other=0.0,
+    a, z = interior_range(
+        m0, lo, hi, seq_q, seq_k, window_left, window_right, key_length,
+        BLOCK_M, BLOCK_N, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
+    )
+    if WINDOW_LEFT:
+        acc, row_max, row_sum = _key_tiles(
+            acc, row_max, row_sum, q, k_base, v_base, mask_base, lo, a, rows, offs_d, offs_dv,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+            seq_q, seq_k, head_dim, value_head_dim, qk_scale, log2_softcap, slope2, window_left, window_right,
+            key_length, dropout_p, seed, stream,
+            True, BLOCK_N, EVEN_D, WIDE_TILES, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI, MASK, KEY_LENGTHS, DROPOUT,
+            DOT_PRECISION, FAST_TANH,
         )
-        # the expression the backward passes recompute: the same scores, bit for bit, with equal tiles
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s, _ = scores(
-            qk, rows, cols, seq_q, seq_k, scale, softcap, slope, mask_base, stride_mm, stride_mn,
-            window_left, window_right, key_length,
-            SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
-        )
-        new_max = tl.maximum(row_max, tl.max(s, 1))
-        # A row that has seen only -inf so far keeps exponent base 0: exp(-inf - 0) = 0, never NaN.
-        base = tl.where(new_max == float("-inf"), 0.0, new_max)
-        alpha = tl.exp(row_max - base)
-        p = tl.exp(s - base[:, None])
-        row_sum = row_sum * alpha + tl.sum(p, 1)  # the softmax denominator is taken before dropout
-        if DROPOUT:
-            keep = dropout_keep(seed, stream, rows, cols, dropout_p)
-            p = tl.where(keep, p * keep_scale, 0.0)
-        v = tl.load(
-            v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
-            mask=(offs_n[:, None] < seq_k) & (offs_dv[None, :] < value_head_dim), other=0.0,
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        row_max = new_max
+    acc, row_max, row_sum = _key_tiles(
+        acc, row_max, row_sum, q, k_base, v_base, mask_base, a, z, rows, offs_d, offs_dv,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+        seq_q, seq_k, head_dim, value_head_dim, qk_scale, log2_softcap, slope2, window_left, window_right,
+        key_length, dropout_p, seed, stream,
+        False, BLOCK_N, EVEN_D, WIDE_TILES, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI, MASK, KEY_LENGTHS, DROPOUT,
+        DOT_PRECISION, FAST_TANH,
+    )
+    acc, row_max, row_sum = _key_tiles(
+        acc, row_max, row_sum, q, k_base, v_base, mask_base, z, hi, rows, offs_d, offs_dv,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+        seq_q, seq_k, head_dim, value_head_dim, qk_scale, log2_softcap, slope2, window_left, window_right,
+        key_length, dropout_p, seed, stream,
+        True, BLOCK_N, EVEN_D, WIDE_TILES, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI, MASK, KEY_LENGTHS, DROPOUT,
+        DOT_PRECISION, FAST_TANH,
+    )
 
     if SINKS:  # one more term exp(sink) in the denominator, with no value
-        sink = tl.load(Sinks + h).to(tl.float32)
+        sink = tl.load(Sinks + h).to(tl.float32) * _LOG2E
         new_max = tl.maximum(row_max, sink)
         base = tl.where(new_max == float("-inf"), 0.0, new_max)
-        alpha = tl.exp(row_max - base)
-        row_sum = row_sum * alpha + tl.exp(sink - base)
+        alpha = tl.math.exp2(row_max - base)
+        row_sum = row_sum * alpha + tl.math.exp2(sink - base)
         acc = acc * alpha[:, None]
         row_max = new_max
     seen = row_sum > 0
-    out = acc / tl.where(seen, row_sum, 1.0)[:, None]
-    lse = tl.where(seen, row_max + tl.log(tl.where(seen, row_sum, 1.0)), float("-inf"))
+    inverse = 1.0 / tl.where(seen, row_sum, 1.0)
+    if DROPOUT:
+        inverse = inverse / (1.0 - dropout_p)
+    out = acc * inverse[:, None]
+    lse = tl.where(seen, (row_max + tl.math.log2(tl.where(seen, row_sum, 1.0))) * _LN2, float("-inf"))
     out_base = Out + b64 * stride_ob + h64 * stride_oh + q_start * stride_om
     tl.store(
         out_base + rows.to(tl.int64) * stride_om + offs_dv[None, :] * stride_od,
@@ -132,4 +271,10 @@ _TUNED = launch.autotuned(attention_forward_kernel, "forward")
 def attention_forward(problem: launch.Problem, out, lse) -> None:
     """Writes ``out`` and ``lse`` (see :class:`~.attention_launch.Problem` for the layouts)."""
     args = problem.forward_args(out, lse)
+    # head dims equal to their padded tile width need no column masks
+    args["EVEN_D"] = args["BLOCK_D"] == args["head_dim"] and args["BLOCK_DV"] == args["value_head_dim"]
+    args["FAST_TANH"] = _HW_TANH and problem.q.dtype != torch.float32
+    # offsets inside a key tile in 32 bits unless a tile's span could pass 2**31 elements
+    span = 512 * max(abs(args[name]) for name in ("stride_kn", "stride_kd", "stride_vn", "stride_vd"))
+    args["WIDE_TILES"] = span >= 2**31
     launch.run(attention_forward_kernel, _TUNED, "forward", problem, args)
