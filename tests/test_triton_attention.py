@@ -198,6 +198,36 @@ def test_deterministic_backward_is_bitwise_reproducible():
         torch.use_deterministic_algorithms(previous)
 
 
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="fakes the SM count of the interpreter's device")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_dkdv_split_over_the_query_head_group(monkeypatch, deterministic):
+    """With few KV heads the dK/dV pass splits each query-head group over programs (here: as if the
+    device had 64 SMs) and sums their float32 partials in a fixed order: gradients, a mask's broadcast
+    over heads included, pass the policy, and come out bit for bit the same twice."""
+    from fused_attention.kernels.triton import attention_backward
+
+    monkeypatch.setattr(attention_backward, "_sm_count", lambda device: 64)
+    torch.manual_seed(23)
+    q, k, v, kwargs = _inputs({"gqa", "alibi"})
+    kwargs["attn_mask"] = rand(1, 1, q.shape[2], k.shape[2], requires_grad=True)
+    problem_splits = []
+    original = attention_backward.dkdv_splits
+    monkeypatch.setattr(attention_backward, "dkdv_splits", lambda *a: problem_splits.append(original(*a)) or
+                        problem_splits[-1])
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        check_attention("triton", q, k, v, **kwargs)
+        wrt = (q, k, v, kwargs["attn_mask"])
+        runs = [torch.autograd.grad(fused_attention.scaled_dot_product_attention(
+            q, k, v, backend="triton", **kwargs).sum(), wrt) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert problem_splits and all(n == q.shape[1] // k.shape[1] > 1 for n in problem_splits)
+    if deterministic:
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 @pytest.mark.parametrize("mask_shape", [(1, 1, 37, 53), (2, 1, 1, 53)], ids=str)
 def test_deterministic_broadcast_mask_gradient(mask_shape):
     """Summed in a fixed order over programs, a broadcast mask's gradient passes the policy (the atomic
@@ -383,12 +413,12 @@ def test_opcheck_backward_ops():
     out, lse = ops.triton_attention(*args)
     q, k, v, mask, lengths, slopes, seed, *options = args
     torch.library.opcheck(ops.triton_attention_backward,
-                          (torch.randn_like(out), q, k, v, mask, lengths, slopes, seed, lse, *options, True, True))
+                          (torch.randn_like(out), out, q, k, v, mask, lengths, slopes, seed, lse, *options, True, True))
     args = [t.detach() if isinstance(t, torch.Tensor) else t for t in _varlen_op_args(False)]
     out, lse = ops.triton_varlen(*args)
     q, k, v, cu_q, cu_k, slopes, seed, *options, max_q, max_k = args
     torch.library.opcheck(ops.triton_varlen_backward,
-                          (torch.randn_like(out), q, k, v, cu_q, cu_k, slopes, seed, lse, max_q, max_k,
+                          (torch.randn_like(out), out, q, k, v, cu_q, cu_k, slopes, seed, lse, max_q, max_k,
                            *options, True))
 
 
@@ -447,6 +477,18 @@ def test_gpu_long_sequence_causal_bf16():
     torch.manual_seed(22)
     q, k, v = (rand(1, 2, 8192, 128, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     check_attention("triton", q, k, v, is_causal=True)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("features", [(), ("causal", "gqa")], ids=str)
+def test_gpu_gradients_at_4096(dtype, features):
+    """bf16/fp16 gradients (q, k, v) at L = S = 4096 against the float64 reference by the policy: the
+    backward's delta = rowsum(dO * O), the (keys, queries) dK/dV tiles and, with GQA, the split of the
+    query-head group over programs, at a size where every tile config dispatch picks is full."""
+    torch.manual_seed(24)
+    q, k, v, kwargs = _inputs(set(features), dtype, batch=1, hq=4, seq_q=4096, seq_k=4096, head_dim=128)
+    check_attention("triton", q, k, v, **kwargs)
 
 
 @gpu

@@ -123,7 +123,8 @@ def _launches(spec: Spec, arch: int) -> list[tuple[str, str, dict]]:
     attention_launch.torch.cuda.get_device_capability = lambda *a: divmod(arch, 10)
     attention_forward(problem, out, lse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    attention_backward.attention_backward(problem, out, lse, dq, dk, dv, "mask_grad" in f, "alibi" in f, "sinks" in f)
+    attention_backward.attention_backward(problem, out, lse, dq, dk, dv, "mask_grad" in f, "alibi" in f, "sinks" in f,
+                                          out=out)
     return launches
 
 
