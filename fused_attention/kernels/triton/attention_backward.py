@@ -1,8 +1,9 @@
 """FlashAttention-2 backward in Triton: a dQ pass, then a dK/dV pass; 7 tile matmuls per (query tile,
-key tile) pair in all.
+key tile) pair in all (9 when a mask or slope gradient is asked for).
 
 - dQ: one program per (query block, query head, batch). It first takes ``delta = rowsum(dO * O)`` (the
-  softmax backward's row term; no matmul), stores it for the dK/dV pass, then walks the visible key
+  softmax backward's row term; no matmul; from a first sweep over the scores, ``sum_j P * dP``, when a
+  mask or slope gradient is asked for), stores it for the dK/dV pass, then walks the visible key
   blocks: ``S = Q K^T``, ``P = exp(S - lse)``, ``dP = dO V^T``, ``dQ += dS K`` (3 matmuls). It also
   flags the rows whose probability is one-hot (exactly 1 on one key, as the forward computed it: the
   same expression, tile for tile): their score gradients are exactly 0, which ``P * (dP - delta)``
@@ -194,6 +195,42 @@ def _add_mask_grad(base, ds, offs_m, offs_n, seq_q, seq_k, stride_m, stride_n,
 
 
 @triton.jit
+def _dq_tile(
+    q, do, lse, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim, value_head_dim,
+    stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, slope, mask_base, stride_mm, stride_mn,
+    window_left, window_right, key_length, dropout_p, keep_scale, seed, stream,
+    BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, KEY_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One (BLOCK_M, BLOCK_N) tile of the dQ pass: keys, ``P = exp(S - lse)``, ``dP`` (dropout applied)
+    and the softcap's tanh."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    cols = offs_n[None, :]
+    k = tl.load(
+        k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
+        mask=(offs_n[:, None] < seq_k) & (offs_d[None, :] < head_dim), other=0.0,
+    )
+    v = tl.load(
+        v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
+        mask=(offs_n[:, None] < seq_k) & (offs_dv[None, :] < value_head_dim), other=0.0,
+    )
+    # the forward's expression: the same scores, bit for bit, so P is exactly 1 where the forward's was
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    s, t = scores(
+        qk, rows, cols, seq_q, seq_k, scale, softcap, slope, mask_base, stride_mm, stride_mn,
+        window_left, window_right, key_length,
+        SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
+    )
+    p = tl.exp(s - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if DROPOUT:
+        keep = dropout_keep(seed, stream, rows, cols, dropout_p)
+        dp = tl.where(keep, dp * keep_scale, 0.0)
+    return k, p, dp, t
+
+
+@triton.jit
 def attention_dq_kernel(
     Q, K, V, Mask, KeyLengths, Alibi, CuQ, CuK, Out, DOut, Lse, Delta, OneHot, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -210,7 +247,7 @@ def attention_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, MASK: tl.constexpr, KEY_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, DELTA_FROM_SCORES: tl.constexpr,
 ):
     m0 = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
@@ -254,11 +291,7 @@ def attention_dq_kernel(
         Out + b64 * stride_ob + h64 * stride_oh + (q_start + rows.to(tl.int64)) * stride_om + offs_dv[None, :] * stride_od,
         mask=row_ok[:, None] & (offs_dv[None, :] < value_head_dim), other=0.0,
     )
-    # FlashAttention-2's delta = rowsum(dO * O), the softmax backward's row term (0 where O is: a row that
-    # sees nothing); with sinks, O and lse include the sink, which has no value and so no dP
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     stat_offset = b64 * stride_lb + h64 * stride_lh + (q_start + offs_m.to(tl.int64)) * stride_lm
-    tl.store(Delta + stat_offset, delta, mask=row_ok)  # for the dK/dV pass, which runs next
     lse = tl.load(Lse + stat_offset, mask=row_ok, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse)
     keep_scale = 1.0 / (1.0 - dropout_p)
@@ -267,32 +300,31 @@ def attention_dq_kernel(
         m0, seq_q, seq_k, window_left, window_right, key_length,
         BLOCK_M, BLOCK_N, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
     )
+    if DELTA_FROM_SCORES:  # a first sweep: delta = sum_j P * dP, free of the stored output's rounding
+        delta = tl.zeros([BLOCK_M], tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            _, p, dp, _ = _dq_tile(
+                q, do, lse, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim, value_head_dim,
+                stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, slope, mask_base, stride_mm, stride_mn,
+                window_left, window_right, key_length, dropout_p, keep_scale, seed, stream,
+                BLOCK_N, SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS, DROPOUT, DOT_PRECISION,
+            )
+            delta += tl.sum(p * dp, 1)
+    else:
+        # FlashAttention-2's delta = rowsum(dO * O), the softmax backward's row term (0 where O is: a row
+        # that sees nothing); with sinks, O and lse include the sink, which has no value and so no dP
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(Delta + stat_offset, delta, mask=row_ok)  # for the dK/dV pass, which runs next
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     peak = tl.zeros([BLOCK_M], tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        cols = offs_n[None, :]
-        k = tl.load(
-            k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
-            mask=(offs_n[:, None] < seq_k) & (offs_d[None, :] < head_dim), other=0.0,
+        k, p, dp, t = _dq_tile(
+            q, do, lse, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim, value_head_dim,
+            stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, slope, mask_base, stride_mm, stride_mn,
+            window_left, window_right, key_length, dropout_p, keep_scale, seed, stream,
+            BLOCK_N, SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS, DROPOUT, DOT_PRECISION,
         )
-        v = tl.load(
-            v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
-            mask=(offs_n[:, None] < seq_k) & (offs_dv[None, :] < value_head_dim), other=0.0,
-        )
-        # the forward's expression: the same scores, bit for bit, so P is exactly 1 where the forward's was
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s, t = scores(
-            qk, rows, cols, seq_q, seq_k, scale, softcap, slope, mask_base, stride_mm, stride_mn,
-            window_left, window_right, key_length,
-            SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
-        )
-        p = tl.exp(s - lse[:, None])
         peak = tl.maximum(peak, tl.max(p, 1))
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        if DROPOUT:
-            keep = dropout_keep(seed, stream, rows, cols, dropout_p)
-            dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
@@ -314,7 +346,7 @@ def attention_dq_kernel(
 _TUNED_DKDV = launch.autotuned(
     attention_dkdv_kernel, "backward_dkdv", extra_key=["MASK_GRAD", "ALIBI_GRAD"], reset_to_zero=["DMask"]
 )
-_TUNED_DQ = launch.autotuned(attention_dq_kernel, "backward_dq")
+_TUNED_DQ = launch.autotuned(attention_dq_kernel, "backward_dq", extra_key=["DELTA_FROM_SCORES"])
 
 
 def _mask_grad_buffer(problem: launch.Problem, deterministic: bool, splits: int
@@ -374,7 +406,13 @@ def attention_backward(
     shared |= dict(zip(("stride_gb", "stride_gh", "stride_gm", "stride_gd"), problem.rows(dout)))
     shared |= dict(zip(("stride_lb", "stride_lh", "stride_lm"), problem.row_stats(lse)))
 
-    dq_args = shared | {"DQ": dq, "Out": out}
+    need_mask_grad = need_mask_grad and problem.mask is not None
+    need_alibi_grad = need_alibi_grad and problem.alibi is not None
+    # A mask or slope gradient sums score gradients over keys, where delta's error does not average out:
+    # with 16-bit inputs delta comes from the scores then, not from the output stored in 16 bits (two
+    # more matmuls per tile; float32's stored output is precise enough, measured by the shared suite)
+    from_scores = (need_mask_grad or need_alibi_grad) and problem.q.dtype != torch.float32
+    dq_args = shared | {"DQ": dq, "Out": out, "DELTA_FROM_SCORES": from_scores}
     dq_args |= dict(zip(("stride_ob", "stride_oh", "stride_om", "stride_od"), problem.rows(out)))
     dq_args |= dict(zip(("stride_dqb", "stride_dqh", "stride_dqm", "stride_dqd"), problem.rows(dq)))
     launch.run(attention_dq_kernel, _TUNED_DQ, "backward_dq", problem, dq_args)
@@ -382,8 +420,6 @@ def attention_backward(
     deterministic = torch.are_deterministic_algorithms_enabled()
     block_n = launch.fixed_tile(attention_dkdv_kernel, "backward_dkdv", shared).block_n
     splits = dkdv_splits(problem, block_n, _sm_count(problem.q.device))
-    need_mask_grad = need_mask_grad and problem.mask is not None
-    need_alibi_grad = need_alibi_grad and problem.alibi is not None
     dmask, dmask_strides, dmask_summed = None, dict.fromkeys(
         ("stride_xb", "stride_xh", "stride_xk", "stride_xm", "stride_xn", "stride_xblock"), 0), ()
     if need_mask_grad:
