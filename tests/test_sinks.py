@@ -482,5 +482,5 @@ def test_opcheck_triton_ops_with_sinks():
     q_, k_, v_, mask, lengths, alibi, seed, *options, sinks_ = detached
     torch.library.opcheck(
         ops.triton_attention_backward,
-        (torch.randn_like(out), q_, k_, v_, mask, lengths, alibi, seed, lse, *options, False, False, sinks_, True),
+        (torch.randn_like(out), out, q_, k_, v_, mask, lengths, alibi, seed, lse, *options, False, False, sinks_, True),
     )

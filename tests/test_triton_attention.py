@@ -1,8 +1,8 @@
 """The ``triton`` attention backend against the float64 reference, by DESIGN.md's tolerance policy.
 
 Without a GPU the kernels run under the Triton interpreter on CPU tensors (conftest sets
-``TRITON_INTERPRET=1``), in float32 and float16: the interpreter computes ``tl.dot`` on bfloat16 wrongly,
-so bfloat16 is covered by the GPU tests at the end (skipped without one). The shared suite
+``TRITON_INTERPRET=1``), in float32, float16 and bfloat16 (conftest's shim widens the interpreter's
+bfloat16 ``tl.dot`` operands, which it would otherwise multiply as raw 16-bit patterns). The shared suite
 (tests/test_attention.py, tests/test_varlen.py) runs triton through its ``backend`` fixture, on a sample
 of each test family (conftest.TRITON_SAMPLE_PER_TEST); these are the same checks at the sizes and dtypes
 this backend serves, and what only it promises.
@@ -14,7 +14,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import assert_policy, check_attention, rand
+from conftest import assert_policy, check_attention, rand, serves
 from test_attention import DROPOUT_FEATURES, FEATURES, TRIPLES, _inputs, check_dropout_against_reference
 from test_attention import test_fully_masked_rows_are_zero_with_finite_gradients as fully_masked_rows_check
 from test_varlen import _check
@@ -27,8 +27,9 @@ from fused_attention.reference import reference_attention
 pytest.importorskip("triton")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# float32 and float16 everywhere; bfloat16 where tl.dot runs on hardware
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+# float32 and float16 everywhere; bfloat16 on GPUs, and under an interpreter whose bfloat16 dot is right
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" or serves("triton", torch.bfloat16)
+                                           else [])
 
 
 @pytest.fixture
@@ -50,8 +51,12 @@ def _on_the_gpu_when_there_is_one():
 
 
 # Every feature in float32, and in each 16-bit dtype the interpreter (or the GPU) computes right.
+# Interpreted bfloat16 (~6 s a case) runs a few here; the shared suite samples it too.
+_SIXTEEN_BIT = ("plain", "causal", "alibi", "softcap", "float_mask", "gqa")
+_CPU_BFLOAT16 = ("causal", "softcap", "float_mask")
 SINGLE = [(f, torch.float32) for f in ["plain", *FEATURES]] + [
-    (f, dt) for dt in DTYPES[1:] for f in ("plain", "causal", "alibi", "softcap", "float_mask", "gqa")
+    (f, dt) for dt in DTYPES[1:] for f in _SIXTEEN_BIT
+    if not (dt == torch.bfloat16 and DEVICE.type == "cpu" and f not in _CPU_BFLOAT16)
 ]
 
 
@@ -94,7 +99,8 @@ def test_odd_sizes(seq_q, seq_k, head_dim, features, plain):
     check_attention("triton", q, k, v, **kwargs)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+# interpreted bfloat16 (~40 s here) runs in the shared suite's sample of the same check
+@pytest.mark.parametrize("dtype", DTYPES if DEVICE.type == "cuda" else DTYPES[:2], ids=str)
 def test_fully_masked_rows_are_zero_with_finite_gradients(dtype):
     fully_masked_rows_check("triton", dtype)
 
@@ -124,16 +130,19 @@ def test_dropout_mask_is_the_same_in_forward_and_backward(features):
     check_dropout_against_reference("triton", features, seq_k=56)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+_VARLEN_KWARGS = [
+    {},
+    {"is_causal": True},
+    {"is_causal": True, "window_size": (4, -1), "softcap": 1.5},
+    {"alibi_slopes": torch.rand(4, 4), "scale": 0.2},
+]
+
+
 @pytest.mark.parametrize(
-    "kwargs",
-    [
-        {},
-        {"is_causal": True},
-        {"is_causal": True, "window_size": (4, -1), "softcap": 1.5},
-        {"alibi_slopes": torch.rand(4, 4), "scale": 0.2},
-    ],
-    ids=lambda kw: "+".join(kw) or "plain",
+    "dtype,kwargs",
+    [(dt, kw) for dt in DTYPES for i, kw in enumerate(_VARLEN_KWARGS)
+     if not (dt == torch.bfloat16 and DEVICE.type == "cpu" and i % 2 == 0)],  # interpreted bfloat16: two
+    ids=lambda x: str(x).removeprefix("torch.") if isinstance(x, torch.dtype) else "+".join(x) or "plain",
 )
 def test_varlen(dtype, kwargs):
     torch.manual_seed(0)
@@ -187,6 +196,36 @@ def test_deterministic_backward_is_bitwise_reproducible():
         check_attention("triton", q, k, v, attn_mask=mask, **kwargs)
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="fakes the SM count of the interpreter's device")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_dkdv_split_over_the_query_head_group(monkeypatch, deterministic):
+    """With few KV heads the dK/dV pass splits each query-head group over programs (here: as if the
+    device had 64 SMs) and sums their float32 partials in a fixed order: gradients, a mask's broadcast
+    over heads included, pass the policy, and come out bit for bit the same twice."""
+    from fused_attention.kernels.triton import attention_backward
+
+    monkeypatch.setattr(attention_backward, "_sm_count", lambda device: 64)
+    torch.manual_seed(23)
+    q, k, v, kwargs = _inputs({"gqa", "alibi"})
+    kwargs["attn_mask"] = rand(1, 1, q.shape[2], k.shape[2], requires_grad=True)
+    problem_splits = []
+    original = attention_backward.dkdv_splits
+    monkeypatch.setattr(attention_backward, "dkdv_splits", lambda *a: problem_splits.append(original(*a)) or
+                        problem_splits[-1])
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        check_attention("triton", q, k, v, **kwargs)
+        wrt = (q, k, v, kwargs["attn_mask"])
+        runs = [torch.autograd.grad(fused_attention.scaled_dot_product_attention(
+            q, k, v, backend="triton", **kwargs).sum(), wrt) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert problem_splits and all(n == q.shape[1] // k.shape[1] > 1 for n in problem_splits)
+    if deterministic:
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 @pytest.mark.parametrize("mask_shape", [(1, 1, 37, 53), (2, 1, 1, 53)], ids=str)
@@ -297,8 +336,6 @@ _REFUSED = [
     pytest.param(torch.float32, 16, 12, "value head dim 12 is not a multiple of 8", id="value_head_dim"),
     pytest.param(torch.float32, 264, 264, "head dim 264 > 256", id="head_dim_too_large"),
 ]
-if DEVICE.type == "cpu":
-    _REFUSED.append(pytest.param(torch.bfloat16, 16, 16, "computes tl.dot on bfloat16 wrongly", id="bfloat16"))
 
 
 @pytest.mark.parametrize("dtype,head_dim,value_head_dim,reason", _REFUSED)
@@ -308,6 +345,29 @@ def test_forced_triton_explains_what_it_cannot_serve(dtype, head_dim, value_head
     with pytest.raises(ValueError, match="backend 'triton' cannot serve") as info:
         fused_attention.scaled_dot_product_attention(q, q, v, backend="triton")
     assert reason in str(info.value)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="probes the interpreter")
+def test_bfloat16_on_cpu_follows_the_interpreter_probe(monkeypatch):
+    """bfloat16 on the CPU is served exactly when a bfloat16 tl.dot computes right: with conftest's shim
+    it does; with the interpreter's own dot (raw 16-bit patterns) the probe fails and forcing triton
+    raises with the reason."""
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    from fused_attention.kernels.triton import interpreter_probe
+
+    q = rand(1, 1, 4, 16, dtype=torch.bfloat16)
+    assert interpreter_probe.interpreter_bfloat16_dot_ok()
+    assert not BACKENDS["triton"].not_supported_reasons(canonicalize(q, q, q))
+    unpatched = getattr(InterpreterBuilder.create_dot, "unpatched", None)
+    if unpatched is None:
+        pytest.skip("this Triton's interpreter needs no shim")
+    monkeypatch.setattr(InterpreterBuilder, "create_dot", unpatched)
+    monkeypatch.setattr(interpreter_probe, "interpreter_bfloat16_dot_ok",
+                        interpreter_probe.interpreter_bfloat16_dot_ok.__wrapped__)
+    assert not interpreter_probe.interpreter_bfloat16_dot_ok()
+    with pytest.raises(ValueError, match="computes tl.dot on bfloat16 wrongly"):
+        fused_attention.scaled_dot_product_attention(q, q, q, backend="triton")
 
 
 # ------------------------------------------------------------------ torch.library and compile
@@ -353,12 +413,12 @@ def test_opcheck_backward_ops():
     out, lse = ops.triton_attention(*args)
     q, k, v, mask, lengths, slopes, seed, *options = args
     torch.library.opcheck(ops.triton_attention_backward,
-                          (torch.randn_like(out), q, k, v, mask, lengths, slopes, seed, lse, *options, True, True))
+                          (torch.randn_like(out), out, q, k, v, mask, lengths, slopes, seed, lse, *options, True, True))
     args = [t.detach() if isinstance(t, torch.Tensor) else t for t in _varlen_op_args(False)]
     out, lse = ops.triton_varlen(*args)
     q, k, v, cu_q, cu_k, slopes, seed, *options, max_q, max_k = args
     torch.library.opcheck(ops.triton_varlen_backward,
-                          (torch.randn_like(out), q, k, v, cu_q, cu_k, slopes, seed, lse, max_q, max_k,
+                          (torch.randn_like(out), out, q, k, v, cu_q, cu_k, slopes, seed, lse, max_q, max_k,
                            *options, True))
 
 
@@ -417,6 +477,18 @@ def test_gpu_long_sequence_causal_bf16():
     torch.manual_seed(22)
     q, k, v = (rand(1, 2, 8192, 128, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     check_attention("triton", q, k, v, is_causal=True)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("features", [(), ("causal", "gqa")], ids=str)
+def test_gpu_gradients_at_4096(dtype, features):
+    """bf16/fp16 gradients (q, k, v) at L = S = 4096 against the float64 reference by the policy: the
+    backward's delta = rowsum(dO * O), the (keys, queries) dK/dV tiles and, with GQA, the split of the
+    query-head group over programs, at a size where every tile config dispatch picks is full."""
+    torch.manual_seed(24)
+    q, k, v, kwargs = _inputs(set(features), dtype, batch=1, hq=4, seq_q=4096, seq_k=4096, head_dim=128)
+    check_attention("triton", q, k, v, **kwargs)
 
 
 @gpu

@@ -236,6 +236,17 @@ MUTATIONS = [
         "hi = tl.minimum(lo + per_split * BLOCK_N, total)", "hi = tl.minimum(lo + per_split * BLOCK_N - 1, total)",
         _k("tests/test_kvcache_triton.py", "long_cache"), "Triton split-KV: the last key of each split is dropped",
     ),
+    Mutation(
+        "triton-dkdv-split-repeats-heads", "fused_attention/kernels/triton/attention_backward.py",
+        "for g in range(split * per_split, (split + 1) * per_split):", "for g in range(0, per_split):",
+        _k("tests/test_triton_attention.py", "split"), "Triton: every dK/dV split walks the group's first heads",
+    ),
+    Mutation(
+        "triton-one-hot-rows-not-zeroed", "fused_attention/kernels/triton/attention_backward.py",
+        "dq = tl.where(one_hot[:, None], 0.0, dq * scale)", "dq = dq * scale",
+        _k("tests/test_triton_attention.py", "odd_sizes and 97-1-40"),
+        "Triton: rows that see one key keep delta's rounding noise in dQ",
+    ),
     # --- C++ kernels (--cpp: a scratch build each) ---
     Mutation(
         "cpp-slope-grad-sign", "csrc/cpu/attention_backward.h",

@@ -119,7 +119,7 @@ def launches(call: Call, arch: int) -> list[tuple[Any, str, dict[str, Any]]]:
         attention_forward(problem, out, lse)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         attention_backward.attention_backward(problem, out, lse, dq, dk, dv, "mask_grad" in f, "alibi" in f,
-                                              "sinks" in f)
+                                              "sinks" in f, out=out)
         for launcher in EXTRA_LAUNCHERS:
             launcher(problem, out, lse, capture)
     finally:

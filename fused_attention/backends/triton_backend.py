@@ -14,9 +14,12 @@ from ..kernels.triton import triton_unavailable_reason
 from ..ops.eager import EagerOp
 from .base import ALL_FEATURES, Backend, Capabilities, dense_op_args, varlen_op_args
 
-# The interpreter computes tl.dot on bfloat16 operands wrongly (on the raw 16-bit patterns), so on the
-# CPU bfloat16 would give wrong numbers; it is served (and tested) on GPUs only.
-_INTERPRETER_BF16 = "bfloat16 on the CPU: the Triton interpreter computes tl.dot on bfloat16 wrongly"
+# Triton's interpreter has computed tl.dot on bfloat16 operands wrongly (on their raw 16-bit patterns):
+# bfloat16 on the CPU is served only where a probe (one tiny dot, run once) finds it right.
+_INTERPRETER_BF16 = (
+    "bfloat16 on the CPU: this Triton interpreter computes tl.dot on bfloat16 wrongly "
+    "(a probe dot differs from float32)"
+)
 
 
 class TritonBackend(Backend):
@@ -44,7 +47,10 @@ class TritonBackend(Backend):
     def not_supported_reasons(self, inputs: AttentionInputs | VarlenInputs) -> list[str]:
         reasons = super().not_supported_reasons(inputs)
         if not reasons and inputs.device.type == "cpu" and inputs.dtype == torch.bfloat16:
-            reasons.append(_INTERPRETER_BF16)
+            from ..kernels.triton.interpreter_probe import interpreter_bfloat16_dot_ok
+
+            if not interpreter_bfloat16_dot_ok():
+                reasons.append(_INTERPRETER_BF16)
         return reasons
 
     @staticmethod

@@ -1,12 +1,13 @@
 """Custom ops for the ``triton`` backend's attention: dense and packed (varlen), forward and backward.
 
 Same schemas and semantics as the ``torch`` backend's ops (:mod:`.torch_attention`, :mod:`.torch_varlen`)
-and the same fake rules (:mod:`.attention_rules`), except that the forward's log-sum-exp is saved for
-the backward (FlashAttention-2 style: ``P = exp(S - lse)``), so the backward ops also take ``lse``
-(after ``seed``), and varlen also takes ``max_seqlen_q/k`` (last) so that launching never reads
-``cu_seqlens`` back from the GPU. ``torch.compile`` sees each op as one node
-with an explicit fake implementation (``custom_op`` + ``register_fake``, which also works under
-``TRITON_INTERPRET=1`` on CPU tensors) and a registered autograd formula.
+and the same fake rules (:mod:`.attention_rules`), except that the forward's output and log-sum-exp are
+saved for the backward (FlashAttention-2 style: ``P = exp(S - lse)``, ``delta = rowsum(dO * O)``), so
+the backward ops also take ``out`` (after ``dout``) and ``lse`` (after ``seed``), and varlen also takes
+``max_seqlen_q/k`` (last) so that launching never reads ``cu_seqlens`` back from the GPU.
+``torch.compile`` sees each op as one node with an explicit fake implementation (``custom_op`` +
+``register_fake``, which also works under ``TRITON_INTERPRET=1`` on CPU tensors) and a registered
+autograd formula.
 
 Importing this module imports Triton and defines the kernels: do it only when
 :func:`fused_attention.kernels.triton.triton_unavailable_reason` returns None.
@@ -80,6 +81,7 @@ triton_attention.register_fake(attention_rules.dense_fake)
 @torch.library.custom_op("fused_attention::triton_attention_backward", mutates_args=())
 def triton_attention_backward(
     dout: Tensor,
+    out: Tensor,
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -99,7 +101,7 @@ def triton_attention_backward(
     sinks: Tensor | None = None,
     need_sinks_grad: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv, dmask, dalibi, dsinks)`` from the forward's ``lse``; dmask (the mask's
+    """``(dq, dk, dv, dmask, dalibi, dsinks)`` from the forward's ``out`` and ``lse``; dmask (the mask's
     broadcast shape and dtype), dalibi and dsinks are empty tensors unless asked for."""
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     dmask = dalibi = dsinks = None
@@ -107,7 +109,7 @@ def triton_attention_backward(
         problem = _problem(q, k, v, mask, key_lengths, alibi, None, None, q.shape[2], k.shape[2], seed, causal,
                            window_left, window_right, softcap, scale, dropout_p, sinks)
         dmask, dalibi, dsinks = attention_backward(
-            problem, dout, lse, dq, dk, dv, need_mask_grad, need_alibi_grad, need_sinks_grad
+            problem, dout, lse, dq, dk, dv, need_mask_grad, need_alibi_grad, need_sinks_grad, out=out
         )
     if need_mask_grad:
         dmask = mask.new_zeros(mask.shape) if dmask is None else dmask.to(mask.dtype)
@@ -127,7 +129,7 @@ _DENSE_INPUTS = 13  # q .. dropout_p of triton_attention, before sinks
 _VARLEN_INPUTS = 14  # q .. max_seqlen_k of triton_varlen, before sinks
 
 
-def _dense_backward_fake(dout, q, k, v, mask, key_lengths, alibi, seed, lse, causal, window_left, window_right,
+def _dense_backward_fake(dout, out, q, k, v, mask, key_lengths, alibi, seed, lse, causal, window_left, window_right,
                          softcap, scale, dropout_p, need_mask_grad, need_alibi_grad, sinks=None,
                          need_sinks_grad=False):
     grads = attention_rules.dense_backward_fake(dout, q, k, v, mask, key_lengths, alibi, need_mask_grad, need_alibi_grad)
@@ -140,20 +142,20 @@ triton_attention_backward.register_fake(_dense_backward_fake)
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, key_lengths, alibi, seed, *options = inputs[:_DENSE_INPUTS]
     sinks = inputs[_DENSE_INPUTS] if len(inputs) > _DENSE_INPUTS else None
-    lse = output[1]
+    out, lse = output
     ctx.options = options
     ctx.mark_non_differentiable(lse)  # returned detached, as the public function documents
     ctx.with_sinks = len(inputs) > _DENSE_INPUTS
-    ctx.save_for_backward(q, k, v, lse, mask, key_lengths, alibi, seed, sinks)
+    ctx.save_for_backward(q, k, v, out, lse, mask, key_lengths, alibi, seed, sinks)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, lse, mask, key_lengths, alibi, seed, sinks = ctx.saved_tensors
+    q, k, v, out, lse, mask, key_lengths, alibi, seed, sinks = ctx.saved_tensors
     need_mask_grad = mask is not None and ctx.needs_input_grad[3]
     need_alibi_grad = alibi is not None and ctx.needs_input_grad[5]
     need_sinks_grad = sinks is not None and ctx.needs_input_grad[_DENSE_INPUTS]
     dq, dk, dv, dmask, dalibi, dsinks = triton_attention_backward(
-        dout, q, k, v, mask, key_lengths, alibi, seed, lse, *ctx.options, need_mask_grad, need_alibi_grad, sinks,
+        dout, out, q, k, v, mask, key_lengths, alibi, seed, lse, *ctx.options, need_mask_grad, need_alibi_grad, sinks,
         need_sinks_grad,
     )
     return (
@@ -205,6 +207,7 @@ triton_varlen.register_fake(attention_rules.varlen_fake)
 @torch.library.custom_op("fused_attention::triton_varlen_backward", mutates_args=())
 def triton_varlen_backward(
     dout: Tensor,
+    out: Tensor,
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -230,13 +233,14 @@ def triton_varlen_backward(
     if cu_seqlens_q.numel() > 1 and (dq.numel() or dk.numel() or dv.numel()):
         problem = _problem(q, k, v, None, None, alibi, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            seed, False, window_left, window_right, softcap, scale, dropout_p, sinks)
-        _, dalibi, dsinks = attention_backward(problem, dout, lse, dq, dk, dv, False, need_alibi_grad, need_sinks_grad)
+        _, dalibi, dsinks = attention_backward(problem, dout, lse, dq, dk, dv, False, need_alibi_grad, need_sinks_grad,
+                                               out=out)
     if need_alibi_grad:
         dalibi = torch.zeros_like(alibi) if dalibi is None else dalibi.to(alibi.dtype)
     return dq, dk, dv, _or_empty(dalibi, q), _sinks_grad(dsinks, sinks, need_sinks_grad, q)
 
 
-def _varlen_backward_fake(dout, q, k, v, cu_q, cu_k, alibi, seed, lse, max_seqlen_q, max_seqlen_k, window_left,
+def _varlen_backward_fake(dout, out, q, k, v, cu_q, cu_k, alibi, seed, lse, max_seqlen_q, max_seqlen_k, window_left,
                           window_right, softcap, scale, dropout_p, need_alibi_grad, sinks=None, need_sinks_grad=False):
     grads = attention_rules.varlen_backward_fake(dout, q, k, v, cu_q, cu_k, alibi, need_alibi_grad)
     return *grads, (sinks.new_empty(sinks.shape) if need_sinks_grad else q.new_empty(0))
@@ -249,19 +253,19 @@ def _varlen_setup_context(ctx, inputs, output):
     q, k, v, cu_q, cu_k, alibi, seed, *options, max_q, max_k = inputs[:_VARLEN_INPUTS]
     sinks = inputs[_VARLEN_INPUTS] if len(inputs) > _VARLEN_INPUTS else None
     ctx.with_sinks = len(inputs) > _VARLEN_INPUTS
-    lse = output[1]
+    out, lse = output
     ctx.lengths = (max_q, max_k)
     ctx.options = options
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, lse, cu_q, cu_k, alibi, seed, sinks)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi, seed, sinks)
 
 
 def _varlen_backward(ctx, dout, _dlse):
-    q, k, v, lse, cu_q, cu_k, alibi, seed, sinks = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, alibi, seed, sinks = ctx.saved_tensors
     need_alibi_grad = alibi is not None and ctx.needs_input_grad[5]
     need_sinks_grad = sinks is not None and ctx.needs_input_grad[_VARLEN_INPUTS]
     dq, dk, dv, dalibi, dsinks = triton_varlen_backward(
-        dout, q, k, v, cu_q, cu_k, alibi, seed, lse, *ctx.lengths, *ctx.options, need_alibi_grad, sinks,
+        dout, out, q, k, v, cu_q, cu_k, alibi, seed, lse, *ctx.lengths, *ctx.options, need_alibi_grad, sinks,
         need_sinks_grad,
     )
     return (dq, dk, dv, None, None, dalibi if need_alibi_grad else None, None,

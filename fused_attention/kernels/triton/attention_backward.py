@@ -1,16 +1,20 @@
-"""FlashAttention-2 backward in Triton: a dQ pass, then a dK/dV pass.
+"""FlashAttention-2 backward in Triton: a dQ pass, then a dK/dV pass; 7 tile matmuls per (query tile,
+key tile) pair in all (9 when a mask or slope gradient is asked for).
 
-- dQ: one program per (query block, query head, batch) walks the visible key blocks twice. The first
-  sweep recomputes the row's statistics from its scores: ``lse_fix = log(sum_j exp(S - lse))`` (the
-  stored lse's rounding, of |lse| magnitude, cancels) and ``delta = sum_j P * dP`` (the softmax
-  backward's row term, as torch's softmax backward rounds it; FlashAttention-2's ``rowsum(dO * O)``
-  carries the output's rounding, which leaves gradients that are exactly 0 -- a row with one visible
-  key, a mask constant along the keys -- visibly nonzero). The second sweep accumulates dQ.
-- dK/dV: one program per (key block, key/value head, batch) holds its keys and values and walks the
-  query blocks (of every query head of its GQA group) that can see them, recomputing
-  ``P = exp(S - lse - lse_fix)`` on (query, key) tiles built exactly as the dQ pass builds them, so that
-  ``dS = P * (dP - delta)`` sums to 0 over a row as it should; it also writes the float mask's
-  gradient and the ALiBi slopes' partial sums.
+- dQ: one program per (query block, query head, batch). It first takes ``delta = rowsum(dO * O)`` (the
+  softmax backward's row term; no matmul; from a first sweep over the scores, ``sum_j P * dP``, when a
+  mask or slope gradient is asked for), stores it for the dK/dV pass, then walks the visible key
+  blocks: ``S = Q K^T``, ``P = exp(S - lse)``, ``dP = dO V^T``, ``dQ += dS K`` (3 matmuls). It also
+  flags the rows whose probability is one-hot (exactly 1 on one key, as the forward computed it: the
+  same expression, tile for tile): their score gradients are exactly 0, which ``P * (dP - delta)``
+  would leave as rounding noise (delta sums the same products in another order), so both passes
+  write 0 there.
+- dK/dV: one program per (key block, key/value head, split of its query-head group, batch) holds its
+  keys and values and walks the query blocks that can see them, on (keys, queries) tiles so that all
+  4 matmuls (``S^T = K Q^T``, ``dP^T = V dO^T``, ``dV += P^T dO``, ``dK += dS^T Q``) have the held key
+  block as M (wgmma on sm_90 needs M >= 64); it also writes the float mask's gradient and the ALiBi
+  slopes' partial sums. With few KV heads the query-head group is split over programs (see
+  :func:`dkdv_splits`) whose float32 partial dK/dV are summed in a fixed order.
 
 Each output element is owned by one program, so dQ, dK and dV need no atomics and are deterministic.
 The mask gradient of a mask broadcast over batch, heads or keys sums over programs: with atomic adds,
@@ -31,7 +35,7 @@ from .attention_tiles import dropout_keep, key_range, query_range, scores
 
 @triton.jit
 def attention_dkdv_kernel(
-    Q, K, V, Mask, KeyLengths, Alibi, CuQ, CuK, DOut, Lse, Delta, LseFix, DK, DV, DMask, DAlibi,
+    Q, K, V, Mask, KeyLengths, Alibi, CuQ, CuK, DOut, Lse, Delta, OneHot, DK, DV, DMask, DAlibi,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -39,11 +43,11 @@ def attention_dkdv_kernel(
     stride_ab, stride_ah,
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_lb, stride_lh, stride_lm,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_dks, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvs, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_xb, stride_xh, stride_xk, stride_xm, stride_xn, stride_xblock,
     stride_yb, stride_yh, stride_yblock,
-    n_heads, groups, seq_q, seq_k, head_dim, value_head_dim,
+    n_heads, groups, splits, seq_q, seq_k, head_dim, value_head_dim,
     scale, softcap, window_left, window_right, dropout_p, seed, tune_key,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -53,7 +57,9 @@ def attention_dkdv_kernel(
 ):
     block = tl.program_id(0)
     n0 = block * BLOCK_N
-    hk = tl.program_id(1)
+    slot = tl.program_id(1)  # (key/value head, split of its query-head group)
+    hk = slot // splits
+    split = slot % splits
     b = tl.program_id(2)
     b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
     q_start = 0
@@ -70,8 +76,9 @@ def attention_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    cols = offs_n[:, None]  # the program's keys, as rows of k, v, dk, dv
-    key_cols = offs_n[None, :]  # and as columns of the score tiles
+    # Tiles are (keys, queries): every matmul has M = BLOCK_N, the key block this program holds
+    # (wgmma needs M >= 64; BLOCK_M, the streamed query block, stays small).
+    cols = offs_n[:, None]  # the program's keys: rows of k, v, dk, dv and of the score tiles
     k = tl.load(
         K + b64 * stride_kb + hk64 * stride_kh + (k_start + cols.to(tl.int64)) * stride_kn + offs_d[None, :] * stride_kd,
         mask=(cols < seq_k) & (offs_d[None, :] < head_dim), other=0.0,
@@ -87,7 +94,8 @@ def attention_dkdv_kernel(
         n0, seq_q, seq_k, window_left, window_right, key_length,
         BLOCK_M, BLOCK_N, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
     )
-    for g in range(groups):
+    per_split = groups // splits
+    for g in range(split * per_split, (split + 1) * per_split):
         h = hk * groups + g
         h64 = h.to(tl.int64)
         slope = 0.0
@@ -103,7 +111,7 @@ def attention_dkdv_kernel(
         slope_grad = tl.zeros([BLOCK_N], tl.float32)
         for m0 in range(lo, hi, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
-            rows = offs_m[:, None]
+            rows = offs_m[None, :]  # queries: columns of the score tiles
             row_ok = offs_m < seq_q
             q = tl.load(
                 q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
@@ -113,50 +121,58 @@ def attention_dkdv_kernel(
                 do_base + offs_m[:, None].to(tl.int64) * stride_gm + offs_dv[None, :] * stride_gd,
                 mask=row_ok[:, None] & (offs_dv[None, :] < value_head_dim), other=0.0,
             )
-            lse = tl.load(Lse + stat_offset + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=0.0)
+            stats = stat_offset + offs_m.to(tl.int64) * stride_lm
+            lse = tl.load(Lse + stats, mask=row_ok, other=0.0)
             lse = tl.where(lse == float("-inf"), 0.0, lse)  # a row that sees nothing: every score is -inf
-            delta = tl.load(Delta + stat_offset + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=0.0)
-            # (BLOCK_M, BLOCK_N) tiles computed by the same expressions as the dQ pass: scores and dP
-            # then agree bit for bit with those that gave lse_fix and delta, so a row's ds sums to 0
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            delta = tl.load(Delta + stats, mask=row_ok, other=0.0)
+            one_hot = tl.load(OneHot + stats, mask=row_ok, other=0) != 0
+            if DOT_PRECISION == "ieee":
+                # float32 gradients are held to float32 rounding: P must be the forward's, bit for bit
+                # (rows summing to 1 as the forward's lse says), so the scores come from the forward's
+                # expression, transposed (no tensor cores here, hence no wgmma to lose)
+                qk = tl.trans(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION))
+            else:
+                qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
             s, t = scores(
-                qk, rows, key_cols, seq_q, seq_k, scale, softcap, slope, mask_base, stride_mm, stride_mn,
+                qk, rows, cols, seq_q, seq_k, scale, softcap, slope, mask_base, stride_mm, stride_mn,
                 window_left, window_right, key_length,
                 SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
             )
-            lse_fix = tl.load(LseFix + stat_offset + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=0.0)
-            p = tl.exp((s - lse[:, None]) - lse_fix[:, None])
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            p = tl.exp(s - lse[None, :])
+            dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             p_kept = p
             if DROPOUT:
-                keep = dropout_keep(seed, stream, rows, key_cols, dropout_p)
+                keep = dropout_keep(seed, stream, rows, cols, dropout_p)
                 p_kept = tl.where(keep, p * keep_scale, 0.0)
                 dp = tl.where(keep, dp * keep_scale, 0.0)
-            dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])  # gradient of the final (biased, masked) score
+            dv += tl.dot(p_kept.to(do.dtype), do, input_precision=DOT_PRECISION)
+            # gradient of the final (biased, masked) score; 0 on a row that sees one key (see the dQ pass)
+            ds = tl.where(one_hot[None, :], 0.0, p * (dp - delta[None, :]))
             if MASK_GRAD:
                 _add_mask_grad(
-                    DMask + b64 * stride_xb + h64 * stride_xh + hk64 * stride_xk + block.to(tl.int64) * stride_xblock,
+                    DMask + b64 * stride_xb + h64 * stride_xh + slot.to(tl.int64) * stride_xk
+                    + block.to(tl.int64) * stride_xblock,
                     ds, offs_m, offs_n, seq_q, seq_k, stride_xm, stride_xn, MASK_SUM_ROWS, MASK_SUM_COLS,
                 )
             if ALIBI_GRAD:
-                slope_grad += tl.sum(ds * tl.abs(rows + (seq_k - seq_q) - key_cols).to(tl.float32), 0)
+                slope_grad += tl.sum(ds * tl.abs(rows + (seq_k - seq_q) - cols).to(tl.float32), 1)
             if SOFTCAP:
                 ds = ds * (1.0 - t * t)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+            dk += tl.dot(ds.to(q.dtype), q, input_precision=DOT_PRECISION)
         if ALIBI_GRAD:  # d score / d slope = -|distance|; one partial sum per (batch, head, key block)
             tl.store(DAlibi + b64 * stride_yb + h64 * stride_yh + block.to(tl.int64) * stride_yblock,
                      -tl.sum(slope_grad, 0))
 
     dk = dk * scale
     key_ok = cols < seq_k
+    split64 = split.to(tl.int64)
     tl.store(
-        DK + b64 * stride_dkb + hk64 * stride_dkh + (k_start + cols.to(tl.int64)) * stride_dkn
+        DK + split64 * stride_dks + b64 * stride_dkb + hk64 * stride_dkh + (k_start + cols.to(tl.int64)) * stride_dkn
         + offs_d[None, :] * stride_dkd,
         dk.to(DK.dtype.element_ty), mask=key_ok & (offs_d[None, :] < head_dim),
     )
     tl.store(
-        DV + b64 * stride_dvb + hk64 * stride_dvh + (k_start + cols.to(tl.int64)) * stride_dvn
+        DV + split64 * stride_dvs + b64 * stride_dvb + hk64 * stride_dvh + (k_start + cols.to(tl.int64)) * stride_dvn
         + offs_dv[None, :] * stride_dvd,
         dv.to(DV.dtype.element_ty), mask=key_ok & (offs_dv[None, :] < value_head_dim),
     )
@@ -165,31 +181,30 @@ def attention_dkdv_kernel(
 @triton.jit
 def _add_mask_grad(base, ds, offs_m, offs_n, seq_q, seq_k, stride_m, stride_n,
                    SUM_ROWS: tl.constexpr, SUM_COLS: tl.constexpr):
-    """Adds a ``(BLOCK_M, BLOCK_N)`` score-gradient tile to the mask gradient, summed first over the
-    dims the mask broadcasts along within the tile (rows: queries, cols: keys)."""
+    """Adds a ``(BLOCK_N, BLOCK_M)`` (keys, queries) score-gradient tile to the mask gradient, summed
+    first over the dims the mask broadcasts along within the tile (rows: queries, cols: keys)."""
     if SUM_ROWS and SUM_COLS:
         tl.atomic_add(base, tl.sum(tl.sum(ds, 1), 0))
     elif SUM_ROWS:
-        tl.atomic_add(base + offs_n.to(tl.int64) * stride_n, tl.sum(ds, 0), mask=offs_n < seq_k)
+        tl.atomic_add(base + offs_n.to(tl.int64) * stride_n, tl.sum(ds, 1), mask=offs_n < seq_k)
     elif SUM_COLS:
-        tl.atomic_add(base + offs_m.to(tl.int64) * stride_m, tl.sum(ds, 1), mask=offs_m < seq_q)
+        tl.atomic_add(base + offs_m.to(tl.int64) * stride_m, tl.sum(ds, 0), mask=offs_m < seq_q)
     else:
-        offsets = offs_m[:, None].to(tl.int64) * stride_m + offs_n[None, :].to(tl.int64) * stride_n
-        tl.atomic_add(base + offsets, ds, mask=(offs_m[:, None] < seq_q) & (offs_n[None, :] < seq_k))
+        offsets = offs_n[:, None].to(tl.int64) * stride_n + offs_m[None, :].to(tl.int64) * stride_m
+        tl.atomic_add(base + offsets, ds, mask=(offs_n[:, None] < seq_k) & (offs_m[None, :] < seq_q))
 
 
 @triton.jit
 def _dq_tile(
-    q, do, lse, lse_fix, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim, value_head_dim,
-    stride_kn, stride_kd, stride_vn, stride_vd,
-    scale, softcap, slope, mask_base, stride_mm, stride_mn, window_left, window_right, key_length,
-    dropout_p, keep_scale, seed, stream,
+    q, do, lse, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim, value_head_dim,
+    stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, slope, mask_base, stride_mm, stride_mn,
+    window_left, window_right, key_length, dropout_p, keep_scale, seed, stream,
     BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, KEY_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One (BLOCK_M, BLOCK_N) tile of the dQ pass: keys, ``P = exp(S - lse - lse_fix)`` (``lse_fix``
-    0 in the first sweep), ``dP`` (dropout applied) and the softcap's tanh."""
+    """One (BLOCK_M, BLOCK_N) tile of the dQ pass: keys, ``P = exp(S - lse)``, ``dP`` (dropout applied)
+    and the softcap's tanh."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     cols = offs_n[None, :]
     k = tl.load(
@@ -200,13 +215,14 @@ def _dq_tile(
         v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
         mask=(offs_n[:, None] < seq_k) & (offs_dv[None, :] < value_head_dim), other=0.0,
     )
+    # the forward's expression: the same scores, bit for bit, so P is exactly 1 where the forward's was
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     s, t = scores(
         qk, rows, cols, seq_q, seq_k, scale, softcap, slope, mask_base, stride_mm, stride_mn,
         window_left, window_right, key_length,
         SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
     )
-    p = tl.exp((s - lse[:, None]) - lse_fix[:, None])
+    p = tl.exp(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
         keep = dropout_keep(seed, stream, rows, cols, dropout_p)
@@ -216,12 +232,13 @@ def _dq_tile(
 
 @triton.jit
 def attention_dq_kernel(
-    Q, K, V, Mask, KeyLengths, Alibi, CuQ, CuK, DOut, Lse, Delta, LseFix, DQ, Sinks,
+    Q, K, V, Mask, KeyLengths, Alibi, CuQ, CuK, Out, DOut, Lse, Delta, OneHot, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ab, stride_ah,
+    stride_ob, stride_oh, stride_om, stride_od,
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_lb, stride_lh, stride_lm,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
@@ -230,7 +247,7 @@ def attention_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, MASK: tl.constexpr, KEY_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, SINKS: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, DELTA_FROM_SCORES: tl.constexpr,
 ):
     m0 = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
@@ -270,6 +287,10 @@ def attention_dq_kernel(
         + offs_dv[None, :] * stride_gd,
         mask=row_ok[:, None] & (offs_dv[None, :] < value_head_dim), other=0.0,
     )
+    o = tl.load(
+        Out + b64 * stride_ob + h64 * stride_oh + (q_start + rows.to(tl.int64)) * stride_om + offs_dv[None, :] * stride_od,
+        mask=row_ok[:, None] & (offs_dv[None, :] < value_head_dim), other=0.0,
+    )
     stat_offset = b64 * stride_lb + h64 * stride_lh + (q_start + offs_m.to(tl.int64)) * stride_lm
     lse = tl.load(Lse + stat_offset, mask=row_ok, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse)
@@ -279,43 +300,42 @@ def attention_dq_kernel(
         m0, seq_q, seq_k, window_left, window_right, key_length,
         BLOCK_M, BLOCK_N, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
     )
-    # first sweep: the row's statistics from its recomputed scores (see the module docstring)
-    lse_fix = tl.zeros([BLOCK_M], tl.float32)
-    total = tl.zeros([BLOCK_M], tl.float32)
-    weighted = tl.zeros([BLOCK_M], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        _, e, dp, _ = _dq_tile(
-            q, do, lse, lse_fix, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim,
-            value_head_dim, stride_kn, stride_kd, stride_vn, stride_vd,
-            scale, softcap, slope, mask_base, stride_mm, stride_mn, window_left, window_right, key_length,
-            dropout_p, keep_scale, seed, stream,
-            BLOCK_N, SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS, DROPOUT, DOT_PRECISION,
-        )
-        total += tl.sum(e, 1)
-        weighted += tl.sum(e * dp, 1)
-    if SINKS:  # the lse includes the sink: so does the row's total (the sink has no value, so no dP)
-        sink = tl.load(Sinks + h).to(tl.float32)
-        total += tl.exp(sink - tl.where(row_ok, lse, sink))  # rows past the end: exp(0), never inf
-    seen = total > 0
-    lse_fix = tl.where(seen, tl.log(tl.where(seen, total, 1.0)), 0.0)
-    delta = tl.where(seen, weighted / tl.where(seen, total, 1.0), 0.0)
-    tl.store(LseFix + stat_offset, lse_fix, mask=row_ok)  # for the dK/dV pass, which runs next
-    tl.store(Delta + stat_offset, delta, mask=row_ok)
+    if DELTA_FROM_SCORES:  # a first sweep: delta = sum_j P * dP, free of the stored output's rounding
+        delta = tl.zeros([BLOCK_M], tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            _, p, dp, _ = _dq_tile(
+                q, do, lse, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim, value_head_dim,
+                stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, slope, mask_base, stride_mm, stride_mn,
+                window_left, window_right, key_length, dropout_p, keep_scale, seed, stream,
+                BLOCK_N, SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS, DROPOUT, DOT_PRECISION,
+            )
+            delta += tl.sum(p * dp, 1)
+    else:
+        # FlashAttention-2's delta = rowsum(dO * O), the softmax backward's row term (0 where O is: a row
+        # that sees nothing); with sinks, O and lse include the sink, which has no value and so no dP
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(Delta + stat_offset, delta, mask=row_ok)  # for the dK/dV pass, which runs next
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    peak = tl.zeros([BLOCK_M], tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         k, p, dp, t = _dq_tile(
-            q, do, lse, lse_fix, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim,
-            value_head_dim, stride_kn, stride_kd, stride_vn, stride_vd,
-            scale, softcap, slope, mask_base, stride_mm, stride_mn, window_left, window_right, key_length,
-            dropout_p, keep_scale, seed, stream,
+            q, do, lse, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim, value_head_dim,
+            stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, slope, mask_base, stride_mm, stride_mn,
+            window_left, window_right, key_length, dropout_p, keep_scale, seed, stream,
             BLOCK_N, SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS, DROPOUT, DOT_PRECISION,
         )
+        peak = tl.maximum(peak, tl.max(p, 1))
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
-    dq = dq * scale
+    # A row whose probability is all on one key (it sees one key, or the rest underflow) has a constant
+    # softmax: its score gradients are exactly 0. dS = P * (dP - delta) would leave that key's dP minus
+    # the same sum taken in another order (delta): rounding noise where the gradient is exactly 0.
+    one_hot = peak == 1.0
+    tl.store(OneHot + stat_offset, one_hot.to(tl.uint8), mask=row_ok)  # for the dK/dV pass
+    dq = tl.where(one_hot[:, None], 0.0, dq * scale)
     tl.store(
         DQ + b64 * stride_dqb + h64 * stride_dqh + (q_start + rows.to(tl.int64)) * stride_dqm
         + offs_d[None, :] * stride_dqd,
@@ -326,10 +346,11 @@ def attention_dq_kernel(
 _TUNED_DKDV = launch.autotuned(
     attention_dkdv_kernel, "backward_dkdv", extra_key=["MASK_GRAD", "ALIBI_GRAD"], reset_to_zero=["DMask"]
 )
-_TUNED_DQ = launch.autotuned(attention_dq_kernel, "backward_dq")
+_TUNED_DQ = launch.autotuned(attention_dq_kernel, "backward_dq", extra_key=["DELTA_FROM_SCORES"])
 
 
-def _mask_grad_buffer(problem: launch.Problem, deterministic: bool) -> tuple[torch.Tensor, dict, tuple[int, ...]]:
+def _mask_grad_buffer(problem: launch.Problem, deterministic: bool, splits: int
+                      ) -> tuple[torch.Tensor, dict, tuple[int, ...]]:
     """A float32 buffer the dK/dV pass adds the mask gradient into, its strides for the kernel, and the
     dims torch sums afterwards. Broadcast dims summed across programs are widened to one slot per
     program when ``deterministic`` (so every slot has one writer); else programs add atomically."""
@@ -337,11 +358,11 @@ def _mask_grad_buffer(problem: launch.Problem, deterministic: bool) -> tuple[tor
     mb, mh, ml, ms = mask.shape
     block_n = launch.fixed_tile(attention_dkdv_kernel, "backward_dkdv", problem.shared_args()).block_n
     n_blocks = triton.cdiv(problem.max_seqlen_k, block_n)
+    slots = problem.kv_heads * splits  # programs along grid axis 1
     wide_b = deterministic and mb == 1 and problem.batch > 1
-    wide_kv = deterministic and mh == 1 and problem.kv_heads > 1
+    wide_kv = deterministic and mh == 1 and slots > 1
     wide_blocks = deterministic and ms == 1 and n_blocks > 1
-    shape = (problem.batch if wide_b else mb, problem.kv_heads if wide_kv else mh, ml, ms,
-             n_blocks if wide_blocks else 1)
+    shape = (problem.batch if wide_b else mb, slots if wide_kv else mh, ml, ms, n_blocks if wide_blocks else 1)
     buffer = torch.zeros(shape, dtype=torch.float32, device=mask.device)
     sb, sh, sm, sn, sblock = buffer.stride()
     strides = {
@@ -356,44 +377,74 @@ def _mask_grad_buffer(problem: launch.Problem, deterministic: bool) -> tuple[tor
     return buffer, strides, summed
 
 
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def dkdv_splits(problem: launch.Problem, block_n: int, sm_count: int) -> int:
+    """How many programs share each key block's query-head group (a divisor of the group size): enough
+    for about two programs per SM when key blocks x KV heads x batch alone would leave SMs idle (few KV
+    heads, short keys). Their float32 partial dK/dV are summed in a fixed order afterwards."""
+    groups = problem.heads // problem.kv_heads
+    programs = triton.cdiv(problem.max_seqlen_k, block_n) * problem.kv_heads * problem.batch
+    wanted = triton.cdiv(2 * sm_count, max(programs, 1))
+    return max(d for d in range(1, groups + 1) if groups % d == 0 and d <= wanted)
+
+
 def attention_backward(
     problem: launch.Problem, dout, lse, dq, dk, dv, need_mask_grad: bool, need_alibi_grad: bool,
-    need_sinks_grad: bool = False,
+    need_sinks_grad: bool = False, *, out: torch.Tensor,
 ) -> tuple[torch.Tensor | None, ...]:
-    """Writes ``dq``, ``dk``, ``dv`` (laid out like q, k, v); returns the float32 gradients of the mask
-    (its broadcast shape), of the ALiBi slopes (their shape) and of the sinks ``(Hq,)`` when asked for,
-    else None. With sinks the dQ pass's row totals include the sink, so its ``delta`` and ``lse_fix``
-    give the sink-inclusive probabilities to both passes; the sink's own gradient,
-    ``-sum p_sink * delta``, is reduced here from those row statistics."""
-    delta, lse_fix = torch.empty_like(lse), torch.empty_like(lse)  # written by the dQ pass
-    dout_strides = problem.rows(dout)
-    shared = problem.shared_args() | {"DOut": dout, "Lse": lse, "Delta": delta, "LseFix": lse_fix}
-    shared |= dict(zip(("stride_gb", "stride_gh", "stride_gm", "stride_gd"), dout_strides))
+    """Writes ``dq``, ``dk``, ``dv`` (laid out like q, k, v) from the forward's ``out`` and ``lse``;
+    returns the float32 gradients of the mask (its broadcast shape), of the ALiBi slopes (their shape)
+    and of the sinks ``(Hq,)`` when asked for, else None. With sinks, ``out`` and ``lse`` include the
+    sink, so ``delta`` gives the sink-inclusive probabilities to both passes; the sink's own gradient,
+    ``-sum p_sink * delta``, is reduced here."""
+    delta = torch.empty_like(lse)  # written by the dQ pass, with the rows whose probability is one-hot
+    one_hot = torch.empty(lse.shape, dtype=torch.uint8, device=lse.device)
+    shared = problem.shared_args() | {"DOut": dout, "Lse": lse, "Delta": delta, "OneHot": one_hot}
+    shared |= dict(zip(("stride_gb", "stride_gh", "stride_gm", "stride_gd"), problem.rows(dout)))
     shared |= dict(zip(("stride_lb", "stride_lh", "stride_lm"), problem.row_stats(lse)))
 
-    dq_args = shared | {"DQ": dq} | problem.sink_args()
+    need_mask_grad = need_mask_grad and problem.mask is not None
+    need_alibi_grad = need_alibi_grad and problem.alibi is not None
+    # A mask or slope gradient sums score gradients over keys, where delta's error does not average out:
+    # with 16-bit inputs delta comes from the scores then, not from the output stored in 16 bits (two
+    # more matmuls per tile; float32's stored output is precise enough, measured by the shared suite)
+    from_scores = (need_mask_grad or need_alibi_grad) and problem.q.dtype != torch.float32
+    dq_args = shared | {"DQ": dq, "Out": out, "DELTA_FROM_SCORES": from_scores}
+    dq_args |= dict(zip(("stride_ob", "stride_oh", "stride_om", "stride_od"), problem.rows(out)))
     dq_args |= dict(zip(("stride_dqb", "stride_dqh", "stride_dqm", "stride_dqd"), problem.rows(dq)))
     launch.run(attention_dq_kernel, _TUNED_DQ, "backward_dq", problem, dq_args)
 
     deterministic = torch.are_deterministic_algorithms_enabled()
-    need_mask_grad = need_mask_grad and problem.mask is not None
-    need_alibi_grad = need_alibi_grad and problem.alibi is not None
+    block_n = launch.fixed_tile(attention_dkdv_kernel, "backward_dkdv", shared).block_n
+    splits = dkdv_splits(problem, block_n, _sm_count(problem.q.device))
     dmask, dmask_strides, dmask_summed = None, dict.fromkeys(
         ("stride_xb", "stride_xh", "stride_xk", "stride_xm", "stride_xn", "stride_xblock"), 0), ()
     if need_mask_grad:
-        dmask, dmask_strides, dmask_summed = _mask_grad_buffer(problem, deterministic)
+        dmask, dmask_strides, dmask_summed = _mask_grad_buffer(problem, deterministic, splits)
     dalibi = None
     if need_alibi_grad:
         n_blocks = triton.cdiv(problem.max_seqlen_k, 16)  # every tile's key block is a multiple of 16
         dalibi = torch.zeros(problem.batch, problem.heads, n_blocks, dtype=torch.float32, device=problem.q.device)
-    dkdv = shared | {"DK": dk, "DV": dv, "DMask": dmask, "DAlibi": dalibi, **dmask_strides}
-    dkdv |= dict(zip(("stride_dkb", "stride_dkh", "stride_dkn", "stride_dkd"), problem.rows(dk)))
-    dkdv |= dict(zip(("stride_dvb", "stride_dvh", "stride_dvn", "stride_dvd"), problem.rows(dv)))
+    # split programs write float32 partials, one slice each (zeros: varlen leaves rows between sequences)
+    partial = torch.zeros if problem.varlen else torch.empty
+    dk_out, dv_out = (dk, dv) if splits == 1 else (partial((splits, *t.shape), dtype=torch.float32, device=t.device)
+                                                   for t in (dk, dv))
+    dkdv = shared | {"DK": dk_out, "DV": dv_out, "DMask": dmask, "DAlibi": dalibi, "splits": splits, **dmask_strides}
+    for name, t in (("dk", dk_out), ("dv", dv_out)):
+        inner = t if splits == 1 else t[0]
+        dkdv |= dict(zip((f"stride_{name}{c}" for c in "bhnd"), problem.rows(inner)))
+        dkdv[f"stride_{name}s"] = 0 if splits == 1 else t.stride(0)
     dkdv |= dict(zip(("stride_yb", "stride_yh", "stride_yblock"), dalibi.stride() if dalibi is not None else (0, 0, 0)))
     mask_shape = problem.mask.shape if problem.mask is not None else (1, 1, 1, 1)
     dkdv |= {"MASK_GRAD": need_mask_grad, "MASK_SUM_ROWS": mask_shape[2] == 1, "MASK_SUM_COLS": mask_shape[3] == 1,
              "ALIBI_GRAD": need_alibi_grad}
     launch.run(attention_dkdv_kernel, _TUNED_DKDV, "backward_dkdv", problem, dkdv)
+    if splits > 1:  # a fixed-order sum: deterministic
+        dk.copy_(dk_out.sum(0))
+        dv.copy_(dv_out.sum(0))
 
     mask_grad = None
     if dmask is not None:
@@ -406,17 +457,17 @@ def attention_backward(
             slope_grad = slope_grad.sum(0, keepdim=True)
     sink_grad = None
     if need_sinks_grad and problem.sinks is not None:
-        sink_grad = _sink_gradient(problem, lse, lse_fix, delta)
+        sink_grad = _sink_gradient(problem, lse, delta)
     return mask_grad, slope_grad, sink_grad
 
 
-def _sink_gradient(problem: launch.Problem, lse, lse_fix, delta) -> torch.Tensor:
-    """``d sinks[h] = -sum over batch and rows of p_sink * delta``, ``p_sink = exp(sink - lse - lse_fix)``
-    (a row whose lse is -inf saw nothing and had no sink: it contributes 0)."""
+def _sink_gradient(problem: launch.Problem, lse, delta) -> torch.Tensor:
+    """``d sinks[h] = -sum over batch and rows of p_sink * delta``, ``p_sink = exp(sink - lse)`` (a row
+    whose lse is -inf saw nothing and had no sink: it contributes 0)."""
     heads_dim = 0 if problem.varlen else 1  # lse is (Hq, total) packed, (B, Hq, L) dense
     shape = [1] * lse.dim()
     shape[heads_dim] = -1
     sinks = problem.sinks.to(torch.float32).view(shape)
-    p_sink = torch.exp(sinks - lse.masked_fill(torch.isneginf(lse), 0.0) - lse_fix)
+    p_sink = torch.exp(sinks - lse.masked_fill(torch.isneginf(lse), 0.0))
     dims = [d for d in range(lse.dim()) if d != heads_dim]
     return -(p_sink * delta).sum(dims)

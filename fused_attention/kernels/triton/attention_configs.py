@@ -26,9 +26,10 @@ _CANDIDATES: dict[tuple[str, int], tuple[Tile, ...]] = {
     # forward: 8 warps for 128 query rows (4 spill on sm_80: 214 spill stores); benchmarks/triton_static.py
     ("forward", 80): (Tile(128, 64, 8, 3), Tile(64, 64, 4, 3), Tile(64, 32, 4, 2)),
     ("forward", 90): (Tile(128, 128, 8, 3), Tile(128, 64, 8, 3), Tile(64, 64, 4, 2)),
-    # dK/dV: a program holds a key block and its dK/dV accumulators, and walks query blocks
+    # dK/dV: a program holds a key block and its dK/dV accumulators, and walks query blocks; the key
+    # block is every matmul's M (wgmma on sm_90: >= 64). 64 x 128 spills on sm_90 (bf16, head dim 128).
     ("backward_dkdv", 80): (Tile(32, 128, 8, 2), Tile(32, 64, 4, 2), Tile(16, 64, 4, 2)),
-    ("backward_dkdv", 90): (Tile(32, 128, 8, 3), Tile(64, 128, 8, 2), Tile(16, 64, 4, 2)),
+    ("backward_dkdv", 90): (Tile(32, 128, 8, 3), Tile(32, 128, 8, 2), Tile(16, 64, 4, 2)),
     # dQ: a program holds a query block and its dQ accumulator, and walks key blocks
     ("backward_dq", 80): (Tile(128, 32, 8, 2), Tile(64, 32, 4, 2), Tile(64, 16, 4, 2)),
     ("backward_dq", 90): (Tile(128, 64, 8, 2), Tile(128, 32, 8, 3), Tile(64, 16, 4, 2)),

@@ -139,10 +139,11 @@ class Problem:
     def sink_args(self) -> dict[str, Any]:
         return {"Sinks": self.sinks, "SINKS": self.sinks is not None}
 
-    def grid(self, pass_name: str, block: int) -> tuple[int, int, int]:
-        """(blocks along the pass's own sequence, query or key/value heads, batch)."""
+    def grid(self, pass_name: str, block: int, splits: int = 1) -> tuple[int, int, int]:
+        """(blocks along the pass's own sequence, query heads or key/value heads x ``splits`` of each
+        one's query-head group, batch)."""
         if pass_name == "backward_dkdv":
-            return triton.cdiv(self.max_seqlen_k, block), self.kv_heads, self.batch
+            return triton.cdiv(self.max_seqlen_k, block), self.kv_heads * splits, self.batch
         return triton.cdiv(self.max_seqlen_q, block), self.heads, self.batch
 
 
@@ -203,11 +204,12 @@ def run(kernel, tuned, pass_name: str, problem: Problem, args: dict[str, Any]) -
     """Launches one pass: a fixed tile under the interpreter or in deterministic mode (the autotuner's
     pick could differ between runs, and with it the rounding), else the autotuned kernel."""
     own = "BLOCK_N" if pass_name == "backward_dkdv" else "BLOCK_M"
+    splits = args.get("splits", 1)
     with device_guard(problem.q):
         if tuned is None or torch.are_deterministic_algorithms_enabled():
             tile = fixed_tile(kernel, pass_name, args)
-            grid = problem.grid(pass_name, tile.block_n if own == "BLOCK_N" else tile.block_m)
+            grid = problem.grid(pass_name, tile.block_n if own == "BLOCK_N" else tile.block_m, splits)
             kernel[grid](**args, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
                          num_warps=tile.num_warps, num_stages=tile.num_stages)
         else:
-            tuned[lambda meta: problem.grid(pass_name, meta[own])](**args)
+            tuned[lambda meta: problem.grid(pass_name, meta[own], splits)](**args)
