@@ -106,9 +106,18 @@ def _key_tiles(
         # a uniform tile base, advanced per tile, plus the loop-invariant offsets inside the tile
         k_ptrs = k_tile + k_offsets
         v_ptrs = v_tile + v_offsets
+        # Masks built in constexpr branches: Triton 3.2's interpreter cannot OR a constexpr into a tensor.
+        if CHECKED:
+            k_mask = offs_n[:, None] < seq_k
+            v_mask = k_mask
+            if not EVEN_D:
+                k_mask = k_mask & (offs_d[None, :] < head_dim)
+                v_mask = v_mask & (offs_dv[None, :] < value_head_dim)
+        elif not EVEN_D:
+            k_mask = offs_d[None, :] < head_dim
+            v_mask = offs_dv[None, :] < value_head_dim
         if CHECKED or not EVEN_D:
-            key_ok = (offs_n[:, None] < seq_k) | (not CHECKED)
-            k = tl.load(k_ptrs, mask=key_ok & ((offs_d[None, :] < head_dim) | EVEN_D), other=0.0)
+            k = tl.load(k_ptrs, mask=k_mask, other=0.0)
         else:
             k = tl.load(k_ptrs)
         s = tile_scores(
@@ -132,7 +141,7 @@ def _key_tiles(
         if DROPOUT:  # the kept values' 1 / (1 - p) is applied to the output once, at the end
             p = tl.where(dropout_keep(seed, stream, rows, cols, dropout_p), p, 0.0)
         if CHECKED or not EVEN_D:
-            v = tl.load(v_ptrs, mask=key_ok & ((offs_dv[None, :] < value_head_dim) | EVEN_D), other=0.0)
+            v = tl.load(v_ptrs, mask=v_mask, other=0.0)
         else:
             v = tl.load(v_ptrs)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
