@@ -272,19 +272,22 @@ def test_mask_gradient_summed_over_keys_vanishes(mask_shape, deterministic):
 # ------------------------------------------------------------------------------- tile skipping
 
 
-def _count_tiles(monkeypatch, module_name: str, helper: str = "scores") -> list[int]:
+def _count_tiles(monkeypatch, module_name: str, helpers: tuple[str, ...] = ("scores",)) -> list[int]:
     """Counts the score tiles a kernel module computes (the interpreter runs helpers as Python)."""
     import importlib
 
     module = importlib.import_module(f"fused_attention.kernels.triton.{module_name}")
     calls = [0]
-    original = getattr(module, helper)
 
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return original(*args, **kwargs)
+    def counting(original):
+        def count(*args, **kwargs):
+            calls[0] += 1
+            return original(*args, **kwargs)
 
-    monkeypatch.setattr(module, helper, counting)
+        return count
+
+    for helper in helpers:
+        monkeypatch.setattr(module, helper, counting(getattr(module, helper)))
     return calls
 
 
@@ -302,7 +305,8 @@ def _count_tiles(monkeypatch, module_name: str, helper: str = "scores") -> list[
     ids=["full", "causal", "window", "key_lengths"],
 )
 def test_forward_skips_hidden_tiles(monkeypatch, kwargs, expected):
-    calls = _count_tiles(monkeypatch, "attention_forward", "tile_scores")
+    # float32 takes the shared `scores` expression, 16-bit inputs the log2-unit `tile_scores`
+    calls = _count_tiles(monkeypatch, "attention_forward", ("tile_scores", "scores"))
     q = rand(1, 1, 128, 16)
     fused_attention.scaled_dot_product_attention(q, q, q, backend="triton", **kwargs)
     assert calls[0] == expected

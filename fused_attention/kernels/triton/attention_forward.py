@@ -27,6 +27,7 @@ from .attention_tiles import (
     dropout_keep,
     interior_range,
     key_range,
+    scores,
     tanh,
     tanh_approx,
     visible_keys,
@@ -36,6 +37,14 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 # The GPU's tanh instruction for the softcap of 16-bit inputs; the interpreter (and float32) keep the exact one.
 _HW_TANH = not _interpreting_now()
+
+
+@triton.jit
+def _exp(x, NATURAL: tl.constexpr):
+    if NATURAL:
+        return tl.exp(x)
+    else:
+        return tl.math.exp2(x)
 
 
 @triton.jit
@@ -80,14 +89,15 @@ def _key_tiles(
     CHECKED: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, WIDE_TILES: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, MASK: tl.constexpr, KEY_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, NATURAL: tl.constexpr,
 ):
     """Online softmax over the key tiles ``[lo, hi)``; ``CHECKED`` tiles apply the visibility rules
-    per element, the others are fully visible (only the user's mask, if any, hides keys there)."""
+    per element, the others are fully visible (only the user's mask, if any, hides keys there).
+    ``NATURAL``: natural-log units and the backward's own score expression (see the kernel)."""
     # Scores that are not a positive multiple of q . k take their row maximum after the features.
-    raw_max: tl.constexpr = not SOFTCAP and not ALIBI and MASK != 2
+    raw_max: tl.constexpr = not SOFTCAP and not ALIBI and MASK != 2 and not NATURAL
     # Only then can a row have seen nothing but -inf, whose exponent base must stay finite.
-    guard: tl.constexpr = CHECKED or MASK != 0
+    guard: tl.constexpr = CHECKED or MASK != 0 or NATURAL
     offs_tile = tl.arange(0, BLOCK_N)[:, None]
     if WIDE_TILES:
         offs_tile = offs_tile.to(tl.int64)
@@ -120,11 +130,18 @@ def _key_tiles(
             k = tl.load(k_ptrs, mask=k_mask, other=0.0)
         else:
             k = tl.load(k_ptrs)
-        s = tile_scores(
-            tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), rows, cols, mask_base, stride_mm, stride_mn,
-            seq_q, seq_k, qk_scale, log2_softcap, slope2, window_left, window_right, key_length,
-            CHECKED, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI, MASK, KEY_LENGTHS, FAST_TANH,
-        )
+        if NATURAL:  # qk_scale, log2_softcap, slope2 hold scale, softcap, slope here
+            s, _ = scores(
+                tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), rows, cols, seq_q, seq_k, qk_scale,
+                log2_softcap, slope2, mask_base, stride_mm, stride_mn, window_left, window_right, key_length,
+                SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
+            )
+        else:
+            s = tile_scores(
+                tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), rows, cols, mask_base, stride_mm, stride_mn,
+                seq_q, seq_k, qk_scale, log2_softcap, slope2, window_left, window_right, key_length,
+                CHECKED, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI, MASK, KEY_LENGTHS, FAST_TANH,
+            )
         if raw_max:
             new_max = tl.maximum(row_max, tl.max(s, 1) * qk_scale)
         else:
@@ -132,11 +149,11 @@ def _key_tiles(
         base = new_max
         if guard:  # exp2(-inf - 0) = 0, never NaN
             base = tl.where(new_max == float("-inf"), 0.0, new_max)
-        alpha = tl.math.exp2(row_max - base)
+        alpha = _exp(row_max - base, NATURAL)
         if raw_max:
             p = tl.math.exp2(s * qk_scale - base[:, None])
         else:
-            p = tl.math.exp2(s - base[:, None])
+            p = _exp(s - base[:, None], NATURAL)
         row_sum = row_sum * alpha + tl.sum(p, 1)  # the softmax denominator is taken before dropout
         if DROPOUT:  # the kept values' 1 / (1 - p) is applied to the output once, at the end
             p = tl.where(dropout_keep(seed, stream, rows, cols, dropout_p), p, 0.0)
@@ -169,6 +186,11 @@ def attention_forward_kernel(
     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, SINKS: tl.constexpr, EVEN_D: tl.constexpr,
     FAST_TANH: tl.constexpr, WIDE_TILES: tl.constexpr,
 ):
+    # float32 (IEEE products) keeps natural-log units and the shared `scores` expression: its backward
+    # recomputes P = exp(S - lse) with them, and float32 gradients are held to float32 rounding, which
+    # the log2 units' rounded constants (scale * log2(e), slope * log2(e)) would exceed by a
+    # distance-proportional, same-signed error in P (2-3x the float32 reference's gradient error).
+    NATURAL: tl.constexpr = DOT_PRECISION == "ieee"
     m0 = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -186,7 +208,9 @@ def attention_forward_kernel(
         key_length = tl.load(KeyLengths + b).to(tl.int32)
     slope2 = 0.0
     if ALIBI:
-        slope2 = tl.load(Alibi + b64 * stride_ab + h64 * stride_ah).to(tl.float32) * _LOG2E
+        slope2 = tl.load(Alibi + b64 * stride_ab + h64 * stride_ah).to(tl.float32)
+        if not NATURAL:
+            slope2 = slope2 * _LOG2E
     mask_base = Mask
     if MASK != 0:
         mask_base = Mask + b64 * stride_mb + h64 * stride_mh
@@ -205,7 +229,10 @@ def attention_forward_kernel(
     # log2 units: softcap's argument is qk * (scale / softcap), its result times softcap * log2(e)
     qk_scale = scale * _LOG2E
     log2_softcap = 0.0
-    if SOFTCAP:
+    if NATURAL:
+        qk_scale = scale
+        log2_softcap = softcap
+    elif SOFTCAP:
         qk_scale = scale / softcap
         log2_softcap = softcap * _LOG2E
     elif not ALIBI and MASK != 2:
@@ -231,7 +258,7 @@ def attention_forward_kernel(
             seq_q, seq_k, head_dim, value_head_dim, qk_scale, log2_softcap, slope2, window_left, window_right,
             key_length, dropout_p, seed, stream,
             True, BLOCK_N, EVEN_D, WIDE_TILES, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI, MASK, KEY_LENGTHS, DROPOUT,
-            DOT_PRECISION, FAST_TANH,
+            DOT_PRECISION, FAST_TANH, NATURAL,
         )
     acc, row_max, row_sum = _key_tiles(
         acc, row_max, row_sum, q, k_base, v_base, mask_base, a, z, rows, offs_d, offs_dv,
@@ -239,7 +266,7 @@ def attention_forward_kernel(
         seq_q, seq_k, head_dim, value_head_dim, qk_scale, log2_softcap, slope2, window_left, window_right,
         key_length, dropout_p, seed, stream,
         False, BLOCK_N, EVEN_D, WIDE_TILES, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI, MASK, KEY_LENGTHS, DROPOUT,
-        DOT_PRECISION, FAST_TANH,
+        DOT_PRECISION, FAST_TANH, NATURAL,
     )
     acc, row_max, row_sum = _key_tiles(
         acc, row_max, row_sum, q, k_base, v_base, mask_base, z, hi, rows, offs_d, offs_dv,
@@ -247,15 +274,17 @@ def attention_forward_kernel(
         seq_q, seq_k, head_dim, value_head_dim, qk_scale, log2_softcap, slope2, window_left, window_right,
         key_length, dropout_p, seed, stream,
         True, BLOCK_N, EVEN_D, WIDE_TILES, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI, MASK, KEY_LENGTHS, DROPOUT,
-        DOT_PRECISION, FAST_TANH,
+        DOT_PRECISION, FAST_TANH, NATURAL,
     )
 
     if SINKS:  # one more term exp(sink) in the denominator, with no value
-        sink = tl.load(Sinks + h).to(tl.float32) * _LOG2E
+        sink = tl.load(Sinks + h).to(tl.float32)
+        if not NATURAL:
+            sink = sink * _LOG2E
         new_max = tl.maximum(row_max, sink)
         base = tl.where(new_max == float("-inf"), 0.0, new_max)
-        alpha = tl.math.exp2(row_max - base)
-        row_sum = row_sum * alpha + tl.math.exp2(sink - base)
+        alpha = _exp(row_max - base, NATURAL)
+        row_sum = row_sum * alpha + _exp(sink - base, NATURAL)
         acc = acc * alpha[:, None]
         row_max = new_max
     seen = row_sum > 0
@@ -263,7 +292,10 @@ def attention_forward_kernel(
     if DROPOUT:
         inverse = inverse / (1.0 - dropout_p)
     out = acc * inverse[:, None]
-    lse = tl.where(seen, (row_max + tl.math.log2(tl.where(seen, row_sum, 1.0))) * _LN2, float("-inf"))
+    if NATURAL:
+        lse = tl.where(seen, row_max + tl.log(tl.where(seen, row_sum, 1.0)), float("-inf"))
+    else:
+        lse = tl.where(seen, (row_max + tl.math.log2(tl.where(seen, row_sum, 1.0))) * _LN2, float("-inf"))
     out_base = Out + b64 * stride_ob + h64 * stride_oh + q_start * stride_om
     tl.store(
         out_base + rows.to(tl.int64) * stride_om + offs_dv[None, :] * stride_od,
