@@ -227,8 +227,8 @@ MUTATIONS = [
         _k(DIST, "ring_zigzag_f32_causal_gqa_sinks and 2"), "ring: the sinks' gradient negated",
     ),
     Mutation(
-        "ring-slope-grad-sign", "fused_attention/distributed/block_backward.py",
-        "dslopes = -(dmask * distance)", "dslopes = (dmask * distance)",
+        "ring-slope-grad-sign", "fused_attention/distributed/slope_grad.py",
+        "return -((a - r / n * b) / n).sum(-1)", "return ((a - r / n * b) / n).sum(-1)",
         _k(DIST, "ring_zigzag_f64_alibi_causal and 2"), "ring: the ALiBi slopes' gradient negated",
     ),
     Mutation(
