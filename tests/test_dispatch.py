@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import fused_attention
 from fused_attention import _extension, backends
 from fused_attention.backends import BACKENDS, Backend, Capabilities
+from fused_attention.backends.dispatch import select
 from fused_attention.inputs import canonicalize
 from fused_attention.varlen_inputs import canonicalize_varlen
 
@@ -114,9 +115,17 @@ def test_unknown_backend_lists_the_known_names():
 
 def test_env_var_forces_a_backend(monkeypatch, spy):
     q, k, v = _qkv()
+    automatic = select(canonicalize(q, k, v)).name
     monkeypatch.setenv("FUSED_ATTENTION_BACKEND", "torch")
     fused_attention.scaled_dot_product_attention(q, k, v)
     assert spy == ["torch"]
+    # set and unset while running: read on every call (the dispatch reads CPython's environment dict)
+    monkeypatch.setenv("FUSED_ATTENTION_BACKEND", "")
+    fused_attention.scaled_dot_product_attention(q, k, v)
+    monkeypatch.delenv("FUSED_ATTENTION_BACKEND")
+    fused_attention.scaled_dot_product_attention(q, k, v)
+    assert spy == ["torch", automatic, automatic]
+    monkeypatch.setenv("FUSED_ATTENTION_BACKEND", "torch")
     unavailable = _unavailable(canonicalize(q, k, v))
     if unavailable:
         monkeypatch.setenv("FUSED_ATTENTION_BACKEND", unavailable[0])
