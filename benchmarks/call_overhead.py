@@ -4,7 +4,7 @@ What a decode step or a tiny batch pays on the host before (and around) the kern
 
 - ``sdpa``: ``scaled_dot_product_attention(q, k, v)`` with q, k, v ``(1, 1, 16, 64)`` float32, no grad,
   then with inputs that require grad (the forward timed); and a decode-shaped call (one query, GQA 8/2,
-  a 600-key cache);
+  a 600-key cache); the tiny call again with the CPU op's direct entry off (``ops/eager.py``);
 - ``varlen``: ``varlen_attention`` over two packed sequences of 8 tokens;
 - ``hf``: the Hugging Face attention function (``fused_attention_forward``) against transformers'
   ``sdpa_attention_forward`` on the tiny call;
@@ -63,6 +63,21 @@ def _rows(args) -> list[tuple[str, str, Callable, Callable]]:
         ("decode: 1 query, GQA 8/2, 600 keys", "torch sdpa", lambda: sdpa(dq, dk, dv, enable_gqa=True),
          lambda: ours(dq, dk, dv, enable_gqa=True)),
     ]
+    from fused_attention.backends import cpu_backend
+
+    eager_op = None if cpu_backend._OPS is None else cpu_backend._OPS.attention
+    if eager_op is not None and eager_op.direct is not None:
+        direct = eager_op.direct
+
+        def through_the_dispatcher():
+            eager_op.direct = None  # the op called below autograd, as before the direct entry
+            try:
+                return ours(q, k, v)
+            finally:
+                eager_op.direct = direct
+
+        rows.append(("tiny, no grad, direct entry off (the op through the dispatcher)", "torch sdpa",
+                     lambda: sdpa(q, k, v), through_the_dispatcher))
     pq, pk, pv = (torch.randn(16, 2, 64, generator=g) for _ in range(3))
     cu = torch.tensor([0, 8, 16], dtype=torch.int32)
     per_seq = [(t[:8].transpose(0, 1), t[8:].transpose(0, 1)) for t in (pq, pk, pv)]

@@ -2,10 +2,12 @@
 // these names from csrc/cpu and csrc/cuda; fake (meta) and autograd rules are registered from Python
 // (fused_attention/_extension.py) once this library has loaded.
 #include <pybind11/pybind11.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <vector>
 
+#include "cpu/attention_direct.h"
 #include "cpu/attention_kernels.h"
 
 // clang-format off: one schema per line reads best.
@@ -70,6 +72,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "fused_attention compiled kernels; ops live under torch.ops.fused_attention";
   module.def("cpu_attention_isa", &fused_attention::cpu::attention_isa,
              "Instruction set the CPU attention kernels run with (baseline, avx2 or avx512)");
+  // The attention op's CPU forward past the dispatcher (fused_attention/ops/eager.py); None when the
+  // dispatcher has work to do, and then the caller calls the op.
+  module.def(
+      "attention_direct",
+      [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
+         const c10::optional<at::Tensor>& key_lengths, const c10::optional<at::Tensor>& alibi,
+         const c10::optional<at::Tensor>& seed, const c10::optional<at::Tensor>& sinks, bool causal,
+         int64_t window_left, int64_t window_right, double softcap, double scale, double dropout_p) -> pybind11::object {
+        std::optional<std::tuple<at::Tensor, at::Tensor>> result;
+        {
+          pybind11::gil_scoped_release no_gil;  // as the dispatcher's Python entry does
+          result = fused_attention::cpu::attention_direct(q, k, v, mask, key_lengths, alibi, seed, sinks, causal,
+                                                          window_left, window_right, softcap, scale, dropout_p);
+        }
+        if (!result) return pybind11::none();
+        return pybind11::cast(*result);
+      });
 #ifdef FUSED_ATTENTION_WITH_CUDA
   module.attr("with_cuda") = true;
 #else

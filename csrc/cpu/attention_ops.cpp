@@ -3,16 +3,19 @@
 // Inputs arrive canonical from fused_attention/inputs.py; the checks here guard the op boundary.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
 #include <tuple>
 #include <vector>
 
+#include "cpu/attention_direct.h"
 #include "cpu/attention_kernels.h"
 
 namespace fused_attention::cpu {
@@ -288,7 +291,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_at
           sink_gradient(sinks_buffer, sinks, q)};
 }
 
+bool plain_cpu_tensor(const at::Tensor& t) {
+  static const c10::DispatchKeySet dispatcher_work({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+                                                    c10::DispatchKey::Functionalize, c10::DispatchKey::FuncTorchBatched,
+                                                    c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::ZeroTensor,
+                                                    c10::DispatchKey::Negative, c10::DispatchKey::Conjugate});
+  return t.device().is_cpu() && t.layout() == at::kStrided && !t.key_set().has_any(dispatcher_work);
+}
+
+bool plain_optional(const c10::optional<at::Tensor>& t) { return !t.has_value() || plain_cpu_tensor(*t); }
+
 }  // namespace
+
+std::optional<std::tuple<at::Tensor, at::Tensor>> attention_direct(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
+    const c10::optional<at::Tensor>& key_lengths, const c10::optional<at::Tensor>& alibi,
+    const c10::optional<at::Tensor>& seed, const c10::optional<at::Tensor>& sinks, bool causal, int64_t window_left,
+    int64_t window_right, double softcap, double scale, double dropout_p) {
+  // What a dispatch mode, functionalization or functorch adds to this thread's dispatch keys.
+  static const c10::DispatchKeySet thread_work({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+                                                c10::DispatchKey::Functionalize,
+                                                c10::DispatchKey::FuncTorchDynamicLayerFrontMode,
+                                                c10::DispatchKey::FuncTorchDynamicLayerBackMode});
+  if (c10::impl::tls_local_dispatch_key_set().included_.has_any(thread_work) || !plain_cpu_tensor(q) ||
+      !plain_cpu_tensor(k) || !plain_cpu_tensor(v) || !plain_optional(mask) || !plain_optional(key_lengths) ||
+      !plain_optional(alibi) || !plain_optional(seed) || !plain_optional(sinks)) {
+    return std::nullopt;
+  }
+  RECORD_FUNCTION("fused_attention::attention", std::vector<c10::IValue>());  // profilers still see the call
+  return attention_cpu(q, k, v, mask, key_lengths, alibi, seed, sinks, causal, window_left, window_right, softcap,
+                       scale, dropout_p);
+}
 
 TORCH_LIBRARY_IMPL(fused_attention, CPU, m) {
   m.impl("attention", &attention_cpu);

@@ -24,7 +24,13 @@ class _Ops:
 
     def __init__(self) -> None:
         ops = torch.ops.fused_attention
-        self.attention = EagerOp(ops.attention.default, *dense_autograd_rules(ops.attention_backward.default, sinks=True))
+        # past the dispatcher when nothing needs it (an extension built before that entry has none)
+        from .. import _C  # loaded: _OPS exists only then
+
+        direct = getattr(_C, "attention_direct", None)
+        self.attention = EagerOp(
+            ops.attention.default, *dense_autograd_rules(ops.attention_backward.default, sinks=True), direct=direct
+        )
         self.varlen_attention = EagerOp(
             ops.varlen_attention.default, *varlen_autograd_rules(ops.varlen_attention_backward.default, sinks=True)
         )

@@ -7,6 +7,13 @@ is more than the kernel. :class:`EagerOp` calls the same op below autograd when 
 gradient, and otherwise through a plain ``autograd.Function`` with the op's own ``setup_context`` and
 ``backward`` rules (the registered ones), so gradients are the same. While ``torch.compile`` traces, or
 under functorch transforms, it calls the op itself: its registered autograd is what they understand.
+
+Below autograd, the op's call from Python still parses its arguments against the schema and boxes them
+(~8 us for the 14 of attention, more than a tiny call's kernel). An op may come with a ``direct``
+entry (the extension's ``attention_direct``): the same kernel with the same arguments, which returns
+None whenever the dispatcher has work to do that it would skip (a dispatch mode, functionalization, a
+tensor subclass or view bit); torch function modes and ``__torch_function__`` subclasses are checked
+here.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from typing import Any
 import torch
 
 _BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
+# True when a torch function mode is on or an argument overrides __torch_function__ (~0.1 us).
+_has_torch_function = torch._C._has_torch_function
 
 
 def _any_requires_grad_py(*args: Any) -> bool:
@@ -46,14 +55,22 @@ class EagerOp:
     """``op`` (an ``OpOverload`` whose autograd is registered with ``setup_context`` and ``backward``),
     callable with the op's positional arguments."""
 
-    def __init__(self, op: Callable[..., Any], setup_context: Callable[..., None], backward: Callable[..., Any]):
+    def __init__(
+        self, op: Callable[..., Any], setup_context: Callable[..., None], backward: Callable[..., Any],
+        direct: Callable[..., Any] | None = None,
+    ):
         self.op = op
         self.function = _function(op, setup_context, backward)
+        self.direct = direct
 
     def __call__(self, *args: Any) -> Any:
         if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
             return self.op(*args)
         if torch.is_grad_enabled() and _any_requires_grad(*args):
             return self.function.apply(*args)
+        if self.direct is not None and not _has_torch_function(args):
+            result = self.direct(*args)
+            if result is not None:
+                return result
         with _BELOW_AUTOGRAD():
             return self.op(*args)

@@ -1,0 +1,23 @@
+// The dense CPU forward for a direct call from Python, past the dispatcher (see
+// fused_attention/ops/eager.py): a tiny call spends more in the dispatcher's boxing of its 14
+// arguments than in the kernel.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fused_attention::cpu {
+
+// attention's (out, lse), or nullopt when the dispatcher has work to do that this call would skip: a
+// dispatch mode, functionalization or a functorch transform on this thread, or a tensor that is not a
+// plain strided CPU tensor (a Python subclass, a negative or conjugate view, a functorch wrapper).
+std::optional<std::tuple<at::Tensor, at::Tensor>> attention_direct(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
+    const c10::optional<at::Tensor>& key_lengths, const c10::optional<at::Tensor>& alibi,
+    const c10::optional<at::Tensor>& seed, const c10::optional<at::Tensor>& sinks, bool causal, int64_t window_left,
+    int64_t window_right, double softcap, double scale, double dropout_p);
+
+}  // namespace fused_attention::cpu
