@@ -162,7 +162,7 @@ MUTATIONS = [
     ),
     Mutation(
         "dispatch-ignores-env-var", "fused_attention/backends/dispatch.py",
-        'return os.environ.get("FUSED_ATTENTION_BACKEND") or None', "return None",
+        "raw = _ENV_DATA.get(_ENV_KEY)", "raw = None",
         _k("tests/test_dispatch.py", "env_var"), "FUSED_ATTENTION_BACKEND is ignored",
     ),
     # --- integrations and modules ---
