@@ -276,6 +276,12 @@ MUTATIONS = [
         _k("tests/test_cpu_decode.py", "split_with_each_feature"),
         "C++: decode key chunks merged without their log-sum-exp rescale", cpp=True,
     ),
+    Mutation(
+        "cpp-direct-ignores-negative-views", "csrc/cpu/attention_ops.cpp",
+        "c10::DispatchKey::Negative, c10::DispatchKey::Conjugate});", "c10::DispatchKey::Conjugate});",
+        _k("tests/test_direct_call.py", "negative_view"),
+        "C++: the direct entry takes a negative view (reads q un-negated)", cpp=True,
+    ),
 ]
 
 
