@@ -95,6 +95,32 @@ def test_a_negative_view_is_declined_and_read_as_negated(direct_calls):
     assert torch.equal(out, fused_attention.scaled_dot_product_attention(q.neg(), k, v, backend="cpu"))
 
 
+def test_jit_trace_records_the_op(direct_calls):
+    """The tracer is a thread dispatch key: the direct entry declines, so the op lands in the graph
+    instead of its output being frozen as a constant."""
+    q, k, v = _qkv(1, 2, 6, 8)
+
+    def attend(q, k, v):
+        return fused_attention.scaled_dot_product_attention(q, k, v, backend="cpu")
+
+    with torch.no_grad(), _quiet():
+        traced = torch.jit.trace(attend, (q, k, v), check_trace=False)
+    assert "fused_attention::attention" in str(traced.graph) and direct_calls[0] == 0
+    q2 = torch.randn_like(q)
+    with torch.no_grad():
+        assert torch.equal(traced(q2, k, v), attend(q2, k, v))
+
+
+def _quiet():
+    import contextlib
+    import warnings
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")  # torch.jit.trace's deprecation notice
+    return stack
+
+
 def test_the_profiler_sees_a_direct_call(direct_calls):
     q, k, v = _qkv(1, 2, 6, 8)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

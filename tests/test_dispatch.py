@@ -125,6 +125,12 @@ def test_env_var_forces_a_backend(monkeypatch, spy):
     monkeypatch.delenv("FUSED_ATTENTION_BACKEND")
     fused_attention.scaled_dot_product_attention(q, k, v)
     assert spy == ["torch", automatic, automatic]
+    # os.environ replaced as a whole (mock.patch("os.environ", {...})): still read
+    environ = os.environ
+    monkeypatch.setattr(os, "environ", {**environ, "FUSED_ATTENTION_BACKEND": "torch"})
+    fused_attention.scaled_dot_product_attention(q, k, v)
+    assert spy[-1] == "torch"
+    monkeypatch.setattr(os, "environ", environ)
     monkeypatch.setenv("FUSED_ATTENTION_BACKEND", "torch")
     unavailable = _unavailable(canonicalize(q, k, v))
     if unavailable:

@@ -12,8 +12,9 @@
 namespace fused_attention::cpu {
 
 // attention's (out, lse), or nullopt when the dispatcher has work to do that this call would skip: a
-// dispatch mode, functionalization or a functorch transform on this thread, or a tensor that is not a
-// plain strided CPU tensor (a Python subclass, a negative or conjugate view, a functorch wrapper).
+// dispatch mode, the JIT tracer, functionalization or a functorch transform on this thread, or a tensor
+// that is not a plain strided CPU tensor (a Python subclass, a negative or conjugate view, a functorch
+// wrapper, sparse, quantized).
 std::optional<std::tuple<at::Tensor, at::Tensor>> attention_direct(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
     const c10::optional<at::Tensor>& key_lengths, const c10::optional<at::Tensor>& alibi,

@@ -291,12 +291,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_at
           sink_gradient(sinks_buffer, sinks, q)};
 }
 
+// The dispatch keys of a plain strided CPU tensor (any float dtype, inference or not): anything more (a
+// Python subclass, a negative or conjugate view, a functorch wrapper, sparse, quantized, nested, another
+// device) has the dispatcher do work that a direct call would skip.
 bool plain_cpu_tensor(const at::Tensor& t) {
-  static const c10::DispatchKeySet dispatcher_work({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
-                                                    c10::DispatchKey::Functionalize, c10::DispatchKey::FuncTorchBatched,
-                                                    c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::ZeroTensor,
-                                                    c10::DispatchKey::Negative, c10::DispatchKey::Conjugate});
-  return t.device().is_cpu() && t.layout() == at::kStrided && !t.key_set().has_any(dispatcher_work);
+  static const c10::DispatchKeySet plain({c10::DispatchKey::CPU, c10::DispatchKey::ADInplaceOrView,
+                                          c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutocastCPU});
+  return t.layout() == at::kStrided && plain.isSupersetOf(t.key_set());
 }
 
 bool plain_optional(const c10::optional<at::Tensor>& t) { return !t.has_value() || plain_cpu_tensor(*t); }
@@ -308,17 +309,16 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> attention_direct(
     const c10::optional<at::Tensor>& key_lengths, const c10::optional<at::Tensor>& alibi,
     const c10::optional<at::Tensor>& seed, const c10::optional<at::Tensor>& sinks, bool causal, int64_t window_left,
     int64_t window_right, double softcap, double scale, double dropout_p) {
-  // What a dispatch mode, functionalization or functorch adds to this thread's dispatch keys.
-  static const c10::DispatchKeySet thread_work({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
-                                                c10::DispatchKey::Functionalize,
-                                                c10::DispatchKey::FuncTorchDynamicLayerFrontMode,
-                                                c10::DispatchKey::FuncTorchDynamicLayerBackMode});
-  if (c10::impl::tls_local_dispatch_key_set().included_.has_any(thread_work) || !plain_cpu_tensor(q) ||
+  // A thread includes only these keys unless something intercepts calls: a dispatch mode, the JIT
+  // tracer, functionalization, functorch, the Python dispatcher.
+  static const c10::DispatchKeySet default_thread({c10::DispatchKey::BackendSelect, c10::DispatchKey::ADInplaceOrView});
+  if (!(c10::impl::tls_local_dispatch_key_set().included_ - default_thread).empty() || !plain_cpu_tensor(q) ||
       !plain_cpu_tensor(k) || !plain_cpu_tensor(v) || !plain_optional(mask) || !plain_optional(key_lengths) ||
       !plain_optional(alibi) || !plain_optional(seed) || !plain_optional(sinks)) {
     return std::nullopt;
   }
-  RECORD_FUNCTION("fused_attention::attention", std::vector<c10::IValue>());  // profilers still see the call
+  // profilers still see the call (the inputs are built only when one records them)
+  RECORD_FUNCTION("fused_attention::attention", std::vector<c10::IValue>({q, k, v}));
   return attention_cpu(q, k, v, mask, key_lengths, alibi, seed, sinks, causal, window_left, window_right, softcap,
                        scale, dropout_p);
 }

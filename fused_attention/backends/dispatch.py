@@ -50,13 +50,14 @@ def get_backend(name: object) -> Backend:
 # ``os.environ.get`` costs ~0.7 us (key encoding and a Python-level mapping): a tenth of a tiny call's
 # dispatch. CPython keeps the environment it maintains in ``os.environ._data`` (encoded keys), which
 # every assignment through ``os.environ`` updates; the lookup there costs ~50 ns.
+_ENVIRON = os.environ
 _ENV_DATA = getattr(os.environ, "_data", None)
 _ENV_KEY = os.environ.encodekey("FUSED_ATTENTION_BACKEND") if hasattr(os.environ, "encodekey") else None
 
 
 def _env_backend() -> str | None:
     """``FUSED_ATTENTION_BACKEND``, or None when unset or empty."""
-    if _ENV_DATA is None or _ENV_KEY is None:
+    if _ENV_DATA is None or _ENV_KEY is None or os.environ is not _ENVIRON:  # os.environ replaced (mocks)
         return os.environ.get("FUSED_ATTENTION_BACKEND") or None
     raw = _ENV_DATA.get(_ENV_KEY)
     return os.environ.get("FUSED_ATTENTION_BACKEND") or None if raw else None
