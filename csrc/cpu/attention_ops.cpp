@@ -309,10 +309,18 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> attention_direct(
     const c10::optional<at::Tensor>& key_lengths, const c10::optional<at::Tensor>& alibi,
     const c10::optional<at::Tensor>& seed, const c10::optional<at::Tensor>& sinks, bool causal, int64_t window_left,
     int64_t window_right, double softcap, double scale, double dropout_p) {
-  // A thread includes only these keys unless something intercepts calls: a dispatch mode, the JIT
-  // tracer, functionalization, functorch, the Python dispatcher.
-  static const c10::DispatchKeySet default_thread({c10::DispatchKey::BackendSelect, c10::DispatchKey::ADInplaceOrView});
-  if (!(c10::impl::tls_local_dispatch_key_set().included_ - default_thread).empty() || !plain_cpu_tensor(q) ||
+  // The keys a thread includes when something intercepts calls: a dispatch mode, the JIT tracer,
+  // functionalization, functorch, the Python dispatcher. Asked key by key through libc10's exported
+  // functions: the inline TLS accessor needs a thread-local init symbol that aarch64 builds lack.
+  static constexpr c10::DispatchKey intercepting[] = {
+      c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot, c10::DispatchKey::PythonDispatcher,
+      c10::DispatchKey::PreDispatch, c10::DispatchKey::Tracer, c10::DispatchKey::Functionalize,
+      c10::DispatchKey::FuncTorchDynamicLayerFrontMode, c10::DispatchKey::FuncTorchDynamicLayerBackMode,
+      c10::DispatchKey::FuncTorchVmapMode, c10::DispatchKey::VmapMode};
+  for (const c10::DispatchKey key : intercepting) {
+    if (c10::impl::tls_is_dispatch_key_included(key)) return std::nullopt;
+  }
+  if (!plain_cpu_tensor(q) ||
       !plain_cpu_tensor(k) || !plain_cpu_tensor(v) || !plain_optional(mask) || !plain_optional(key_lengths) ||
       !plain_optional(alibi) || !plain_optional(seed) || !plain_optional(sinks)) {
     return std::nullopt;
