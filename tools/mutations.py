@@ -277,6 +277,12 @@ MUTATIONS = [
         "C++: decode key chunks merged without their log-sum-exp rescale", cpp=True,
     ),
     Mutation(
+        "cpp-pair-tasks-pack-one-head", "csrc/cpu/attention_forward.h",
+        "tiles.load(problem, s, kv_head);", "tiles.load(problem, s, 0);",
+        _k("tests/test_cpu_forward_pairs.py", "match_the_reference"),
+        "C++: forward tasks that own a (sequence, kv head) pair pack the first kv head's K and V", cpp=True,
+    ),
+    Mutation(
         "cpp-direct-takes-any-tensor", "csrc/cpu/attention_ops.cpp",
         "plain.isSupersetOf(t.key_set())", "true",
         _k("tests/test_direct_call.py", "negative_view"),

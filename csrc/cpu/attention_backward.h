@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <optional>
 #include <limits>
 #include <vector>
 
@@ -228,7 +229,8 @@ void backward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_
                                const ExtraGradients<attn_acc_t<scalar_t>>& extra) {
   using acc_t = attn_acc_t<scalar_t>;
   using Tiles = KeyTiles<acc_t>;
-  const Tiles tiles(problem, Tiles::kKeysT | Tiles::kKeys | Tiles::kValuesT);
+  constexpr int layouts = Tiles::kKeysT | Tiles::kKeys | Tiles::kValuesT;
+  const int64_t ld_k = round_up(problem.head_dim, Tiles::panel), ld_v = round_up(problem.value_dim, Tiles::panel);
   const int64_t heads_q = problem.heads_q, heads_kv = problem.heads_kv, group = heads_q / heads_kv;
   const int64_t count = static_cast<int64_t>(problem.sequences.size()), tasks = count * heads_kv;
   // Parts of one task write the same mask-gradient entries where the mask broadcasts over query heads
@@ -236,19 +238,29 @@ void backward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_
   const bool shared_mask = extra.mask && !extra.mask_per_thread && (extra.mask_stride[1] == 0 || extra.mask_stride[2] == 0);
   int64_t part_bytes = 0;
   for (const Sequence& seq : problem.sequences) {
-    part_bytes += heads_kv * seq.len_k * (tiles.ld_k + tiles.ld_v) * static_cast<int64_t>(sizeof(acc_t));
+    part_bytes += heads_kv * seq.len_k * (ld_k + ld_v) * static_cast<int64_t>(sizeof(acc_t));
   }
   const int64_t parts = shared_mask ? 1 : backward_parts(tasks, at::get_num_threads(), part_bytes);
+  // Whole tasks pack their own pair's K and V just before using them (KeyTiles' local mode: they stay in
+  // the thread's cache, and short sequences never write them all to memory first); the parts of split
+  // tasks share tiles packed once.
+  const bool own_tiles = parts == 1;
+  std::optional<Tiles> shared;
+  if (!own_tiles) shared.emplace(problem, layouts);
   std::vector<BackwardPartial<acc_t>> partials(parts > 1 ? tasks * parts : 0);
   at::parallel_for(0, tasks * parts, 1, [&](int64_t begin, int64_t end) {
     const simd::FlushDenormals flush;
     acc_t* mask_sink = extra.mask;
     if (mask_sink && extra.mask_per_thread) mask_sink += at::get_thread_num() * extra.mask_numel;
     BackwardBuffers<acc_t> buf;
+    std::optional<Tiles> own;
+    if (own_tiles) own.emplace(problem, layouts, /*local=*/true);
+    const Tiles& tiles = own_tiles ? *own : *shared;
     for (int64_t index = begin; index < end; ++index) {
       const int64_t task_index = index / parts, part = index % parts;
       const int64_t s = task_index / heads_kv, kv_head = task_index % heads_kv;
       const Sequence& seq = problem.sequences[s];
+      if (own_tiles) own->load(problem, s, kv_head);
       const BackwardTask<acc_t> task{s, kv_head, tiles};
       // Score rows cover the panels of keys, plus a vector so that rows do not alias in L1.
       const int64_t ld = tiles.key_panels[s] * Tiles::panel + simd::Traits<acc_t>::width;
@@ -297,8 +309,8 @@ void backward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_
       const int64_t r1 = std::min(seq.len_k, r0 + key_block);
       std::vector<BackwardPartial<acc_t>*> of_task;
       for (int64_t p = 0; p < parts; ++p) of_task.push_back(&partials[t * parts + p]);
-      sum_parts(of_task, &BackwardPartial<acc_t>::dk, dk, seq, t % heads_kv, r0, r1, problem.head_dim, tiles.ld_k);
-      sum_parts(of_task, &BackwardPartial<acc_t>::dv, dv, seq, t % heads_kv, r0, r1, problem.value_dim, tiles.ld_v);
+      sum_parts(of_task, &BackwardPartial<acc_t>::dk, dk, seq, t % heads_kv, r0, r1, problem.head_dim, ld_k);
+      sum_parts(of_task, &BackwardPartial<acc_t>::dv, dv, seq, t % heads_kv, r0, r1, problem.value_dim, ld_v);
     }
   });
   for (int64_t t = 0; t < tasks; ++t) {

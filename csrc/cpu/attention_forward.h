@@ -2,8 +2,10 @@
 // query rows.
 //
 // K (transposed) and V of every (sequence, kv head) are converted once into float tiles that all query
-// blocks and all query heads of the group share. A task is (sequence, query head, block of rows): it
-// computes the block's scores against kBlockK keys at a time with the register-blocked product of
+// blocks and all query heads of the group share: up front for long sequences, where a task is (sequence,
+// query head, block of rows); by the task itself when many short pairs make a task (sequence, kv head)
+// (forward_owns_pairs), so the tiles are packed into the cache that reads them. Each block of rows
+// computes its scores against kBlockK keys at a time with the register-blocked product of
 // attention_gemm.h, turns them into probabilities with a running maximum and sum, and accumulates P V.
 // Key blocks outside the rows' visible range (causal, window, key_lengths) are never visited, so a
 // window of width w costs O(L w). Memory: the converted K and V, plus O(kBlockQ x kBlockK) per thread.
@@ -278,16 +280,53 @@ void forward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
               lse_index, scoring.sink(head));
 }
 
+// Whether forward tasks should own whole (sequence, kv head) pairs and pack each pair's tiles themselves
+// (KeyTiles' local mode): when there are enough pairs to keep every thread busy and one pair's tiles sit
+// well inside a core's L2. Many short sequences (an encoder's batch) then never write K and V to memory
+// and read them back; long sequences keep the shared tiles and the balanced order of row_blocks.
+template <typename scalar_t, typename acc_t>
+bool forward_owns_pairs(const Problem<scalar_t>& problem, int64_t ld_k, int64_t ld_v) {
+  constexpr int64_t kPairBytes = int64_t(512) << 10;
+  const int64_t pairs = static_cast<int64_t>(problem.sequences.size()) * problem.heads_kv;
+  if (pairs < 4 * static_cast<int64_t>(at::get_num_threads())) return false;
+  for (const Sequence& seq : problem.sequences) {
+    if (round_up(seq.len_k, kPanel<acc_t>) * (ld_k + ld_v) * int64_t(sizeof(acc_t)) > kPairBytes) return false;
+  }
+  return true;
+}
+
 template <typename scalar_t>
 void forward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring,
                               const Operand<scalar_t>& out, attn_acc_t<scalar_t>* lse,
                               const RowIndex& lse_index) {
   using acc_t = attn_acc_t<scalar_t>;
-  const KeyTiles<acc_t> tiles(problem, KeyTiles<acc_t>::kKeysT | KeyTiles<acc_t>::kValues);
-  const std::vector<RowBlock> blocks = row_blocks(problem.sequences, kBlockQ);
-  const int64_t heads = problem.heads_q;
+  constexpr int layouts = KeyTiles<acc_t>::kKeysT | KeyTiles<acc_t>::kValues;
+  const int64_t heads = problem.heads_q, group = problem.heads_q / problem.heads_kv;
   int64_t block_rows = 0;
-  for (const RowBlock& block : blocks) block_rows = std::max(block_rows, block.rows);
+  for (const Sequence& seq : problem.sequences) block_rows = std::max(block_rows, std::min(seq.len_q, kBlockQ));
+  const int64_t ld_k = round_up(problem.head_dim, kPanel<acc_t>), ld_v = round_up(problem.value_dim, kPanel<acc_t>);
+  if (forward_owns_pairs<scalar_t, acc_t>(problem, ld_k, ld_v)) {
+    const int64_t pairs = static_cast<int64_t>(problem.sequences.size()) * problem.heads_kv;
+    at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+      const simd::FlushDenormals flush;
+      KeyTiles<acc_t> tiles(problem, layouts, /*local=*/true);
+      ForwardBuffers<acc_t> buf(problem.head_dim, tiles.ld_v, 0, block_rows);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t s = task / problem.heads_kv, kv_head = task % problem.heads_kv;
+        tiles.load(problem, s, kv_head);
+        const int64_t len = problem.sequences[s].len_q;
+        for (int64_t row = 0; row < len; row += kBlockQ) {
+          const RowBlock block{s, row, std::min(kBlockQ, len - row)};
+          for (int64_t head = kv_head * group; head < (kv_head + 1) * group; ++head) {
+            forward_rows(problem, scoring, block, head, tiles, buf, out, lse, lse_index);
+          }
+        }
+      }
+    });
+    return;
+  }
+  const KeyTiles<acc_t> tiles(problem, layouts);
+  const std::vector<RowBlock> blocks = row_blocks(problem.sequences, kBlockQ);
   at::parallel_for(0, static_cast<int64_t>(blocks.size()) * heads, 1, [&](int64_t begin, int64_t end) {
     const simd::FlushDenormals flush;
     ForwardBuffers<acc_t> buf(problem.head_dim, tiles.ld_v, 0, block_rows);

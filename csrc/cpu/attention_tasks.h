@@ -48,13 +48,19 @@ struct KeyTiles {
   std::vector<int64_t> len_k, key_panels;           // per sequence: keys, and panels of keys
   std::vector<int64_t> transposed_base, rows_base;  // per sequence: offset of head 0, in key panels / keys
 
+  // local = false: every (sequence, kv head)'s tiles, loaded here in parallel. local = true: room for one
+  // pair at a time, which load() fills: a task that owns a pair packs it into its own cache, where the
+  // products read it, instead of a pass that first writes every pair to memory (many short sequences
+  // are more K and V than the caches hold, so the products would read it all back from memory).
   template <typename scalar_t>
-  KeyTiles(const Problem<scalar_t>& problem, int layouts)
+  KeyTiles(const Problem<scalar_t>& problem, int layouts, bool local = false)
       : heads_kv(problem.heads_kv),
         head_dim(problem.head_dim),
         value_dim(problem.value_dim),
         ld_k(round_up(problem.head_dim, panel)),
-        ld_v(round_up(problem.value_dim, panel)) {
+        ld_v(round_up(problem.value_dim, panel)),
+        layouts_(layouts),
+        local_(local) {
     const auto& seqs = problem.sequences;
     int64_t panels = 0, rows = 0;
     for (const Sequence& seq : seqs) {
@@ -62,37 +68,41 @@ struct KeyTiles {
       key_panels.push_back((seq.len_k + panel - 1) / panel);
       transposed_base.push_back(panels);
       rows_base.push_back(rows);
-      panels += heads_kv * key_panels.back();
-      rows += heads_kv * seq.len_k;
+      panels = local ? std::max(panels, key_panels.back()) : panels + heads_kv * key_panels.back();
+      rows = local ? std::max(rows, seq.len_k) : rows + heads_kv * seq.len_k;
     }
-    // Not zeroed here: each task zeroes its own padding (a serial fill of every tile, and the page faults
+    // Not zeroed here: each load zeroes its own padding (a serial fill of every tile, and the page faults
     // of first touch, cost a third of a short sequence's forward).
     if (layouts & kKeysT) keys_t_.reset(new acc_t[panels * panel * head_dim]);
     if (layouts & kValuesT) values_t_.reset(new acc_t[panels * panel * value_dim]);
     if (layouts & kKeys) keys_.reset(new acc_t[rows * ld_k]);
     if (layouts & kValues) values_.reset(new acc_t[rows * ld_v]);
+    if (local) return;
     const int64_t count = static_cast<int64_t>(seqs.size());
     at::parallel_for(0, count * heads_kv, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t s = task / heads_kv, h = task % heads_kv;
-        const Sequence& seq = seqs[s];
-        const int64_t b = seq.batch, t0 = seq.k_start, n = seq.len_k;
-        // The padding is the last panel of keys (transposed) or of features (rows): zeroed, then loaded over.
-        const auto transposed = [&](const Operand<scalar_t>& x, int64_t features, acc_t* dst) {
-          if (key_panels[s] > 0) std::fill_n(dst + (key_panels[s] - 1) * panel * features, panel * features, acc_t(0));
-          load_transposed_panels(x, b, h, t0, n, features, dst, panel);
-        };
-        const auto by_rows = [&](const Operand<scalar_t>& x, int64_t features, acc_t* dst) {
-          const int64_t feature_panels = (features + panel - 1) / panel;
-          if (feature_panels > 0) std::fill_n(dst + (feature_panels - 1) * n * panel, n * panel, acc_t(0));
-          load_row_panels(x, b, h, t0, n, features, dst, panel);
-        };
-        if (layouts & kKeysT) transposed(problem.k, head_dim, keys_t_.get() + transposed_offset(s, h, head_dim));
-        if (layouts & kValuesT) transposed(problem.v, value_dim, values_t_.get() + transposed_offset(s, h, value_dim));
-        if (layouts & kKeys) by_rows(problem.k, head_dim, keys_.get() + row_offset(s, h, ld_k));
-        if (layouts & kValues) by_rows(problem.v, value_dim, values_.get() + row_offset(s, h, ld_v));
-      }
+      for (int64_t task = begin; task < end; ++task) load(problem, task / heads_kv, task % heads_kv);
     });
+  }
+
+  // Converts K and V of (sequence s, kv head h) into their tiles (local tiles: replacing the pair before).
+  template <typename scalar_t>
+  void load(const Problem<scalar_t>& problem, int64_t s, int64_t h) {
+    const Sequence& seq = problem.sequences[s];
+    const int64_t b = seq.batch, t0 = seq.k_start, n = seq.len_k;
+    // The padding is the last panel of keys (transposed) or of features (rows): zeroed, then loaded over.
+    const auto transposed = [&](const Operand<scalar_t>& x, int64_t features, acc_t* dst) {
+      if (key_panels[s] > 0) std::fill_n(dst + (key_panels[s] - 1) * panel * features, panel * features, acc_t(0));
+      load_transposed_panels(x, b, h, t0, n, features, dst, panel);
+    };
+    const auto by_rows = [&](const Operand<scalar_t>& x, int64_t features, acc_t* dst) {
+      const int64_t feature_panels = (features + panel - 1) / panel;
+      if (feature_panels > 0) std::fill_n(dst + (feature_panels - 1) * n * panel, n * panel, acc_t(0));
+      load_row_panels(x, b, h, t0, n, features, dst, panel);
+    };
+    if (layouts_ & kKeysT) transposed(problem.k, head_dim, keys_t_.get() + transposed_offset(s, h, head_dim));
+    if (layouts_ & kValuesT) transposed(problem.v, value_dim, values_t_.get() + transposed_offset(s, h, value_dim));
+    if (layouts_ & kKeys) by_rows(problem.k, head_dim, keys_.get() + row_offset(s, h, ld_k));
+    if (layouts_ & kValues) by_rows(problem.v, value_dim, values_.get() + row_offset(s, h, ld_v));
   }
 
   // Keys from `key` on (a multiple of the panel width), as the B of Q K^T / dO V^T.
@@ -103,12 +113,14 @@ struct KeyTiles {
   Panels<acc_t> values(int64_t s, int64_t h, int64_t key) const { return by_rows(values_, s, h, ld_v, key); }
 
  private:
+  int layouts_;
+  bool local_;
   std::unique_ptr<acc_t[]> keys_t_, keys_, values_t_, values_;
 
   int64_t transposed_offset(int64_t s, int64_t h, int64_t features) const {
-    return (transposed_base[s] + h * key_panels[s]) * panel * features;
+    return local_ ? 0 : (transposed_base[s] + h * key_panels[s]) * panel * features;
   }
-  int64_t row_offset(int64_t s, int64_t h, int64_t ld) const { return (rows_base[s] + h * len_k[s]) * ld; }
+  int64_t row_offset(int64_t s, int64_t h, int64_t ld) const { return local_ ? 0 : (rows_base[s] + h * len_k[s]) * ld; }
   Panels<acc_t> transposed(const std::unique_ptr<acc_t[]>& storage, int64_t s, int64_t h, int64_t features,
                            int64_t key) const {
     return {storage.get() + transposed_offset(s, h, features) + key / panel * panel * features, panel * features};
