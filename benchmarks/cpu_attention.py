@@ -9,8 +9,9 @@ Hkv = 8, D = 128, L = 1 and L = 8 bottom-right causal against S = 4096, 16384, 3
 bfloat16) in GB/s of K + V read, next to a ``torch.sum`` over as many bytes and torch's SDPA
 (``enable_gqa=True``; its L = 8 mask is a bool ``attn_mask``, as its ``is_causal`` is top-left); then
 short and medium sequences (B, H, L=S, D) in {(8, 12, 128, 64), (32, 12, 128, 64), (1, 12, 128, 64),
-(8, 12, 512, 64), (4, 16, 256, 128)}, forward, plain, right-padded (``key_lengths``; torch: a bool mask)
-and causal, as ratios against torch's SDPA.
+(8, 12, 512, 64), (4, 16, 256, 128)}, forward and forward+backward, float32 and bfloat16, plain,
+right-padded (``key_lengths``; torch: a bool mask) and causal, as ratios against torch's SDPA; then MQA
+and GQA forward+backward (B = 1, Hq = 8, Hkv = 1 and 2, L = S = 2048, causal, float32).
 
 Timing: ``torch.utils.benchmark`` medians; torch and ours alternate ``--rounds`` times and each side
 keeps the median of its rounds, so load that comes and goes on a shared machine hits both alike.
@@ -162,40 +163,68 @@ def _decode_line(r: dict) -> str:
             f"{r['ours_gbs']:.1f} | {r['torch_gbs']:.1f} | {r['of_sum']:.0%} | {r['vs_torch']:.2f}x |")
 
 
+def _timed_pair(q, k, v, ours_kw: dict, torch_kw: dict, backward: bool) -> dict:
+    """Ours and torch's SDPA on the same inputs, as callables (a forward, or a forward and a backward)."""
+    def run(fn, kw):
+        def call():
+            out = fn(q, k, v, **kw)
+            if backward:
+                out.backward(torch.ones_like(out))
+        return call
+    return {"torch": run(F.scaled_dot_product_attention, torch_kw),
+            "ours": run(fused_attention.scaled_dot_product_attention, {"backend": "cpu", **ours_kw})}
+
+
 def short_rows(rounds: int, min_run_time: float) -> list[dict]:
-    """Forward of short and medium sequences: plain, right-padded and causal, ours vs torch's SDPA."""
+    """Short and medium sequences, forward and forward+backward: plain, right-padded and causal, ours vs
+    torch's SDPA."""
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for shape in SHORT_SHAPES:
-            q, k, v = _inputs(shape, dtype, False)
-            b, _, n, _ = shape
-            lengths = torch.tensor([n - (i * n) // (2 * b) for i in range(b)])  # from n down to about n / 2
-            pad_mask = (torch.arange(n) < lengths[:, None])[:, None, None, :]
-            cases = {
-                "plain": ({}, {}),
-                "key_lengths": ({"key_lengths": lengths}, {"attn_mask": pad_mask}),
-                "causal": ({"is_causal": True}, {"is_causal": True}),
-            }
-            for case, (ours_kw, torch_kw) in cases.items():
-                fns = {
-                    "torch": lambda q=q, k=k, v=v, kw=torch_kw: F.scaled_dot_product_attention(q, k, v, **kw),
-                    "ours": lambda q=q, k=k, v=v, kw=ours_kw: fused_attention.scaled_dot_product_attention(
-                        q, k, v, backend="cpu", **kw),
+    for mode in ("fwd", "fwd+bwd"):
+        for dtype in (torch.float32, torch.bfloat16):
+            for shape in SHORT_SHAPES:
+                q, k, v = _inputs(shape, dtype, mode == "fwd+bwd")
+                b, _, n, _ = shape
+                lengths = torch.tensor([n - (i * n) // (2 * b) for i in range(b)])  # from n down to about n / 2
+                pad_mask = (torch.arange(n) < lengths[:, None])[:, None, None, :]
+                cases = {
+                    "plain": ({}, {}),
+                    "key_lengths": ({"key_lengths": lengths}, {"attn_mask": pad_mask}),
+                    "causal": ({"is_causal": True}, {"is_causal": True}),
                 }
-                ms = _interleaved(fns, rounds, min_run_time)
-                rows.append({"dtype": str(dtype).removeprefix("torch."), "shape": shape, "case": case,
-                             "torch_ms": ms["torch"], "ours_ms": ms["ours"], "speedup": ms["torch"] / ms["ours"]})
-                print(_short_line(rows[-1]), flush=True)
+                for case, (ours_kw, torch_kw) in cases.items():
+                    ms = _interleaved(_timed_pair(q, k, v, ours_kw, torch_kw, mode == "fwd+bwd"), rounds, min_run_time)
+                    rows.append({"dtype": str(dtype).removeprefix("torch."), "mode": mode, "shape": shape,
+                                 "case": case, "torch_ms": ms["torch"], "ours_ms": ms["ours"],
+                                 "speedup": ms["torch"] / ms["ours"]})
+                    print(_short_line(rows[-1]), flush=True)
     return rows
 
 
 def _short_line(r: dict) -> str:
     b, h, n, d = r["shape"]
-    return (f"| {r['dtype']} | {b}x{h}x{n}x{d} | {r['case']} | {r['torch_ms']:.3f} | {r['ours_ms']:.3f} | "
-            f"{r['speedup']:.2f}x |")
+    return (f"| {r['dtype']} | {r['mode']} | {b}x{h}x{n}x{d} | {r['case']} | {r['torch_ms']:.3f} | "
+            f"{r['ours_ms']:.3f} | {r['speedup']:.2f}x |")
 
 
-def shapes_report(decode: list[dict], short: list[dict], args) -> str:
+def few_kv_head_rows(rounds: int, min_run_time: float) -> list[dict]:
+    """MQA and GQA forward+backward, B = 1, Hq = 8, Hkv = 1 and 2, L = S = 2048, causal, float32."""
+    rows = []
+    for hkv in (1, 2):
+        gen = torch.Generator().manual_seed(hkv)
+        q = torch.randn(1, 8, 2048, 64, generator=gen).requires_grad_()
+        k, v = (torch.randn(1, hkv, 2048, 64, generator=gen).requires_grad_() for _ in range(2))
+        kw = {"is_causal": True, "enable_gqa": True}
+        ms = _interleaved(_timed_pair(q, k, v, kw, kw, True), rounds, min_run_time)
+        rows.append({"hkv": hkv, "torch_ms": ms["torch"], "ours_ms": ms["ours"], "speedup": ms["torch"] / ms["ours"]})
+        print(_few_line(rows[-1]), flush=True)
+    return rows
+
+
+def _few_line(r: dict) -> str:
+    return f"| 8 / {r['hkv']} | {r['torch_ms']:.1f} | {r['ours_ms']:.1f} | {r['speedup']:.2f}x |"
+
+
+def shapes_report(decode: list[dict], short: list[dict], few: list[dict], args) -> str:
     lines = [
         _header(),
         (f"Command: python benchmarks/cpu_attention.py --shapes --rounds {args.rounds} "
@@ -207,17 +236,24 @@ def shapes_report(decode: list[dict], short: list[dict], args) -> str:
         "|---|---|---|---|---|---|---|---|",
         *(_decode_line(r) for r in decode),
         "",
-        "Short and medium sequences, forward (B x H x L=S x D)",
+        "Short and medium sequences (B x H x L=S x D); key_lengths: right padding from L down to about L / 2",
+        "(torch: the same as a bool mask)",
         "",
-        "| dtype | shape | case | torch SDPA (ms) | ours (ms) | speedup |",
-        "|---|---|---|---|---|---|",
+        "| dtype | mode | shape | case | torch SDPA (ms) | ours (ms) | speedup |",
+        "|---|---|---|---|---|---|---|",
         *(_short_line(r) for r in short),
         "",
     ]
-    for dtype in ("float32", "bfloat16"):
-        ratios = [r["speedup"] for r in short if r["dtype"] == dtype]
-        if ratios:
-            lines.append(f"- {dtype} forward: median speedup {statistics.median(ratios):.2f}x, min {min(ratios):.2f}x")
+    for mode in ("fwd", "fwd+bwd"):
+        for dtype in ("float32", "bfloat16"):
+            ratios = [r["speedup"] for r in short if r["dtype"] == dtype and r["mode"] == mode]
+            if ratios:
+                lines.append(f"- {dtype} {mode}: median speedup {statistics.median(ratios):.2f}x, "
+                             f"min {min(ratios):.2f}x")
+    if few:
+        lines += ["", "Few KV heads, forward+backward, B = 1, Hq = 8, L = S = 2048, D = 64, causal, float32", "",
+                  "| Hq / Hkv | torch SDPA (ms) | ours (ms) | speedup |", "|---|---|---|---|",
+                  *(_few_line(r) for r in few)]
     return "\n".join(lines) + "\n"
 
 
@@ -283,7 +319,8 @@ def main() -> None:
         raise SystemExit(f"cpu backend unavailable: {fused_attention.backends.BACKENDS['cpu'].unavailable_reason()}")
     if args.shapes:
         decode = [] if args.skip_decode else decode_rows(args.rounds, args.min_run_time)
-        text = shapes_report(decode, short_rows(args.rounds, args.min_run_time), args)
+        short = short_rows(args.rounds, args.min_run_time)
+        text = shapes_report(decode, short, few_kv_head_rows(args.rounds, args.min_run_time), args)
         print(text)
         if args.out:
             with open(args.out, "w") as f:

@@ -16,4 +16,4 @@ class PendingBackend(Backend):
         return self._reason
 
 
-CUDA = PendingBackend("cuda", "CUDA attention is not built yet (this wave's CUDA kernels are positional encodings)")
+CUDA = PendingBackend("cuda", "CUDA attention is not built yet (the CUDA extension holds the positional-encoding kernels)")
