@@ -421,6 +421,27 @@ def test_compiled_decode_step_fullgraph(paged):
     torch.testing.assert_close(c_lse, lse)
 
 
+@pytest.mark.parametrize("layout", ["bshd", "bhsd-view", "paged"])
+def test_append_op_declares_its_mutations(layout):
+    """``opcheck``: the append op's schema (caches ``Tensor(a!)``, ``Tensor(b!)``; nothing else written),
+    its fake implementation and its behaviour under functionalization agree, for contiguous caches, a
+    transposed view (``layout="bhsd"``) and pages."""
+    gen = torch.Generator().manual_seed(1)
+    kc, vc = torch.randn(4, 6, 2, 8, generator=gen), torch.randn(4, 6, 2, 5, generator=gen)
+    if layout == "bhsd-view":
+        kc, vc = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (kc, vc))
+    k, v = torch.randn(2, 3, 2, 8, generator=gen), torch.randn(2, 3, 2, 5, generator=gen)
+    if layout == "paged":  # token i of entry b: page table[b, i // 6], slot i % 6
+        pages, slots = torch.tensor([[3, 3, 0], [1, 2, 2]]), torch.tensor([[4, 5, 0], [5, 0, 1]])
+    else:
+        pages, slots = torch.tensor([[0, 0, 0], [1, 1, 1]]), torch.tensor([[2, 3, 4], [0, 1, 2]])
+    torch.library.opcheck(torch.ops.fused_attention.kvcache_append_.default, (kc, vc, k, v, pages, slots))
+    expected_k, expected_v = kc.clone(), vc.clone()
+    expected_k[pages, slots], expected_v[pages, slots] = k, v
+    torch.ops.fused_attention.kvcache_append_(kc, vc, k, v, pages, slots)
+    assert torch.equal(kc, expected_k) and torch.equal(vc, expected_v)
+
+
 # --- a generation loop --------------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.kvcache_append import kvcache_append_
 from ..position import apply_rotary_emb
 from .validate import KVCacheCall
 
@@ -40,6 +41,6 @@ def write_index(call: KVCacheCall) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def append_(call: KVCacheCall, index: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> None:
-    """Writes ``k``, ``v`` ``(B, Lnew, Hkv, D)`` into the caches at ``index`` (the caches' storage)."""
-    call.k_cache.index_put_(index, k)
-    call.v_cache.index_put_(index, v)
+    """Writes ``k``, ``v`` ``(B, Lnew, Hkv, D)`` into the caches at ``index`` (the caches' storage), through
+    the custom op that declares the caches as what it mutates."""
+    kvcache_append_(call.k_cache, call.v_cache, k, v, *index)
