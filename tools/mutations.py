@@ -247,6 +247,12 @@ MUTATIONS = [
         _k("tests/test_triton_attention.py", "odd_sizes and 97-1-40"),
         "Triton: rows that see one key keep delta's rounding noise in dQ",
     ),
+    Mutation(
+        "triton-decode-route-drops-window", "fused_attention/backends/triton_decode.py",
+        "window=(inputs.window_left, inputs.window_right)", "window=(-1, -1)",
+        _k("tests/test_triton_decode_route.py", "matches_the_reference"),
+        "Triton: decode steps sent to the split-KV kernel lose their window (and lower-right causal rule)",
+    ),
     # --- C++ kernels (--cpp: a scratch build each) ---
     Mutation(
         "cpp-slope-grad-sign", "csrc/cpu/attention_backward.h",

@@ -13,6 +13,7 @@ from ..inputs import AttentionInputs, VarlenInputs
 from ..kernels.triton import triton_unavailable_reason
 from ..ops.eager import EagerOp
 from .base import ALL_FEATURES, Backend, Capabilities, dense_op_args, varlen_op_args
+from .triton_decode import decode_attention, decode_serves
 
 # Triton's interpreter has computed tl.dot on bfloat16 operands wrongly (on their raw 16-bit patterns):
 # bfloat16 on the CPU is served only where a probe (one tiny dot, run once) finds it right.
@@ -74,8 +75,11 @@ class TritonBackend(Backend):
         return self._eager
 
     def attention(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        compiling = torch.compiler.is_compiling()
+        if not compiling and decode_serves(inputs):  # a decode step: the split-KV kernel
+            return decode_attention(inputs)
         args = (*dense_op_args(inputs), inputs.sinks)
-        if torch.compiler.is_compiling():  # the registered op is what the compiler traces
+        if compiling:  # the registered op is what the compiler traces
             return self._registered().triton_attention(*args)
         return self._eager_ops()[0](*args)
 
