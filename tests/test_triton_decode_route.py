@@ -101,3 +101,24 @@ def test_decode_route_declines_what_it_would_compute_differently(case):
         "key-lengths-alibi": {"key_lengths": torch.tensor([300, 131]), "alibi_slopes": torch.ones(HQ)},
     }.get(case, {})
     assert not triton_decode.decode_serves(canonicalize(q, k, v, enable_gqa=True, **kwargs))
+
+
+def test_decode_route_leaves_modes_the_registered_op():
+    """Under a dispatch mode (a tracer, fake tensors) the call goes through the registered op, which the
+    mode sees; the route launches its kernel directly and would hide it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = _qkv(2)
+    inputs = canonicalize(q, k, v, enable_gqa=True)
+    assert triton_decode.decode_serves(inputs)
+    with Record():
+        assert not triton_decode.decode_serves(inputs)
+        fused_attention.scaled_dot_product_attention(q, k, v, enable_gqa=True, backend="triton")
+    assert any("triton_attention" in name for name in seen), seen

@@ -9,12 +9,14 @@ to fill the GPU, merging the splits through their lse. This module hands it the 
 exactly as the regular kernel would: inference (no gradient wanted), at most ``MAX_ROWS`` query rows,
 at least ``MIN_KEYS`` keys, no mask, no dropout, no top-left causal rule, and ``key_lengths`` only
 without a window or ALiBi (the decode kernel measures positions from each entry's key count, the
-regular call from ``S``).
+regular call from ``S``), on plain tensors with no dispatch or torch function mode on (the kernel is
+launched directly, so tracers and fake tensors must see the registered op).
 """
 
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..inputs import AttentionInputs
 
@@ -30,11 +32,12 @@ def decode_serves(inputs: AttentionInputs) -> bool:
     positional = inputs.window_left >= 0 or inputs.window_right >= 0 or inputs.alibi_slopes is not None
     if inputs.key_lengths is not None and positional:
         return False
-    if torch.is_grad_enabled():
-        tensors = (inputs.query, inputs.key, inputs.value, inputs.alibi_slopes, inputs.sinks)
-        if any(t is not None and t.requires_grad for t in tensors):
-            return False
-    return True
+    tensors = tuple(t for t in (inputs.query, inputs.key, inputs.value, inputs.alibi_slopes, inputs.sinks) if t is not None)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    # The kernel launches directly: tracers, fake tensors and modes get the registered op instead.
+    plain = all(type(t) is torch.Tensor for t in tensors)
+    return plain and not torch._C._has_torch_function(tensors) and _get_current_dispatch_mode() is None
 
 
 def decode_attention(inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
