@@ -80,8 +80,10 @@ def test_decode_route_gives_the_regular_kernels_result(splits):
     routed = fused_attention.scaled_dot_product_attention(q, k, v, enable_gqa=True, backend="triton", return_lse=True)
     q.requires_grad_()
     regular = fused_attention.scaled_dot_product_attention(q, k, v, enable_gqa=True, backend="triton", return_lse=True)
-    torch.testing.assert_close(routed[0], regular[0].detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(routed[1], regular[1].detach(), rtol=1e-5, atol=1e-5)
+    # The two kernels sum the same float32 terms in another order: a few ulps apart (measured at most
+    # 1.5e-7 on outputs below 0.4 and 4.8e-7, one ulp, on lse near 6, with 1 and 3 splits).
+    torch.testing.assert_close(routed[0], regular[0].detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(routed[1], regular[1].detach(), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(

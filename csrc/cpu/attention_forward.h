@@ -285,8 +285,9 @@ void forward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
 // well inside a core's L2. Many short sequences (an encoder's batch) then never write K and V to memory
 // and read them back; long sequences keep the shared tiles and the balanced order of row_blocks.
 template <typename scalar_t, typename acc_t>
-bool forward_owns_pairs(const Problem<scalar_t>& problem, int64_t ld_k, int64_t ld_v) {
+bool forward_owns_pairs(const Problem<scalar_t>& problem) {
   constexpr int64_t kPairBytes = int64_t(512) << 10;
+  const int64_t ld_k = round_up(problem.head_dim, kPanel<acc_t>), ld_v = round_up(problem.value_dim, kPanel<acc_t>);
   const int64_t pairs = static_cast<int64_t>(problem.sequences.size()) * problem.heads_kv;
   if (pairs < 4 * static_cast<int64_t>(at::get_num_threads())) return false;
   for (const Sequence& seq : problem.sequences) {
@@ -304,8 +305,7 @@ void forward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t
   const int64_t heads = problem.heads_q, group = problem.heads_q / problem.heads_kv;
   int64_t block_rows = 0;
   for (const Sequence& seq : problem.sequences) block_rows = std::max(block_rows, std::min(seq.len_q, kBlockQ));
-  const int64_t ld_k = round_up(problem.head_dim, kPanel<acc_t>), ld_v = round_up(problem.value_dim, kPanel<acc_t>);
-  if (forward_owns_pairs<scalar_t, acc_t>(problem, ld_k, ld_v)) {
+  if (forward_owns_pairs<scalar_t, acc_t>(problem)) {
     const int64_t pairs = static_cast<int64_t>(problem.sequences.size()) * problem.heads_kv;
     at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
       const simd::FlushDenormals flush;

@@ -43,7 +43,7 @@ def decode_serves(inputs: AttentionInputs) -> bool:
 def decode_attention(inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L) float32)``, as the regular triton op returns."""
     from ..kernels.triton.kvcache_decode import default_splits, kvcache_decode
-    from ..merge import _merge_aligned, fold_sinks_
+    from ..merge import merge_splits
 
     q, k, v = inputs.query, inputs.key, inputs.value
     batch, kv_heads, seq_k = k.shape[0], k.shape[1], k.shape[2]
@@ -54,17 +54,11 @@ def decode_attention(inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tenso
         if inputs.key_lengths is not None
         else torch.full((batch,), seq_k, device=q.device, dtype=torch.int32)
     )
-    splits = default_splits(batch, kv_heads, seq_k, q.device)
     outs, lses = kvcache_decode(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), table, total, contiguous=True,
-        num_splits=splits, scale=inputs.scale, is_causal=False,
+        num_splits=default_splits(batch, kv_heads, seq_k, q.device), scale=inputs.scale, is_causal=False,
         window=(inputs.window_left, inputs.window_right), softcap=inputs.softcap or None,
         alibi_slopes=inputs.alibi_slopes, leftpad=None,
     )
-    if splits == 1:
-        out, lse = outs[0], lses[0]
-    else:
-        out, lse = _merge_aligned(list(outs.unbind(0)), list(lses.unbind(0)))
-    if inputs.sinks is not None:
-        fold_sinks_(out, lse, inputs.sinks.float())
+    out, lse = merge_splits(outs, lses, inputs.sinks)
     return out.to(q.dtype), lse

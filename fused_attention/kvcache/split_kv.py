@@ -9,7 +9,7 @@ import torch
 from ..backends.base import Backend
 from ..backends.dispatch import select
 from ..inputs import canonicalize
-from ..merge import _merge_aligned, fold_sinks_
+from ..merge import merge_splits
 from .validate import KVCacheCall
 
 
@@ -48,10 +48,5 @@ def split_kv_attention(call: KVCacheCall, q: torch.Tensor) -> tuple[torch.Tensor
         q, k_cache, v_cache, table, total, contiguous=call.block_table is None, num_splits=splits, scale=call.scale, is_causal=call.is_causal,
         window=call.window, softcap=call.softcap, alibi_slopes=call.alibi_slopes, leftpad=call.leftpad,
     )
-    if splits == 1:
-        out, lse = outs[0], lses[0]
-    else:
-        out, lse = _merge_aligned(list(outs.unbind(0)), list(lses.unbind(0)))
-    if call.sinks is not None:
-        fold_sinks_(out, lse, call.sinks)
+    out, lse = merge_splits(outs, lses, call.sinks)
     return out.to(q.dtype), lse
