@@ -63,6 +63,15 @@ TORCH_LIBRARY(fused_attention, m) {
         "float softcap, float scale, float dropout_p, bool need_alibi_grad, bool need_sinks_grad) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
         tags);
+  // Attention over a KV cache where it lies (forward only): q (B, Hq, Lq, D); caches (pages, Hkv,
+  // page_size, D / Dv), any strides, entry b's token t in page block_table[b, t / page_size] (int64 (B,
+  // pages); a contiguous cache is one page per entry). Query row i sits at position total[b] - Lq + i and
+  // sees keys [key_begin[b], key_end[b]) within windows measured from it (causal: window_right = 0).
+  // Returns out (B, Hq, Lq, Dv) and lse (B, Hq, Lq) as `attention`.
+  m.def("kvcache_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor total, "
+        "Tensor key_begin, Tensor key_end, Tensor? alibi, Tensor? sinks, int window_left, int window_right, "
+        "float softcap, float scale) -> (Tensor, Tensor)",
+        tags);
 }
 // clang-format on
 

@@ -85,17 +85,20 @@ def reference_kvcache(c, dtype):
 # --- cases --------------------------------------------------------------------------------------------
 
 
-def make_case(seed, *, layout, page_size, seq_q, append, group, num_splits, dtype, features=()):
+def make_case(seed, *, layout, page_size, seq_q, append, group, num_splits, dtype, features=(), length=None, dims=None):
+    """A random call; ``length`` (default 23 or 40) bounds each cache, ``dims`` fixes ``(D, Dv)``."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     batch, hkv, dim, dim_v = 3, 2, rng.choice([16, 40]), rng.choice([16, 24])
+    if dims is not None:
+        dim, dim_v = dims
     hq = hkv * group
     new = seq_q if append else 0
+    length = length or rng.choice([23, 40])
     if page_size is None:
-        s_max = rng.choice([23, 40])
-        capacity, bt = s_max, None
+        capacity, bt = length, None
     else:
-        pages_per_seq = -(-rng.choice([23, 40]) // page_size)
+        pages_per_seq = -(-length // page_size)
         num_pages = batch * pages_per_seq + 2
         bt = torch.randperm(num_pages, generator=gen)[: batch * pages_per_seq].view(batch, pages_per_seq)
         capacity = pages_per_seq * page_size

@@ -5,7 +5,8 @@
 // - GQA packing: the rows of every query head of a kv head's group form one small matrix (G x L rows),
 //   so each key and value row read from memory serves all of them.
 // - No copy of K or V: products read the input rows directly where they are float (or double) rows of
-//   whole vectors; otherwise 16 keys (K) or 64 values (V) at a time are converted into an L1 buffer.
+//   whole vectors (a paged cache's page by page); otherwise 16 keys (K) or 64 values (V) at a time are
+//   converted into an L1 buffer.
 // - Split-KV: a task is (sequence, kv head, chunk of keys). A sequence's visible keys are cut into
 //   chunks at fixed multiples of decode_chunk_keys (a function of the shape only), each task keeps its
 //   rows' unnormalised output, reference maximum and sum, and a merge combines the chunks in chunk
@@ -188,11 +189,12 @@ void decode_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_
     const int64_t count = std::min(width, n - b);
     const acc_t* keys = buf.keys.data();
     int64_t ldk = buf.ldq;
-    if (in_place && count == width) {
-      keys = reinterpret_cast<const acc_t*>(k.row(seq.batch, kv_head, seq.k_start + j0 + b));
+    const int64_t token = seq.k_start + j0 + b;
+    if (in_place && count == width && k.adjacent_rows(token) >= width) {
+      keys = reinterpret_cast<const acc_t*>(k.row(seq.batch, kv_head, token));
       ldk = k.token_stride;
     } else {
-      decode_load_rows(k, seq.batch, kv_head, seq.k_start + j0 + b, count, dim, buf.keys.data(), buf.ldq);
+      decode_load_rows(k, seq.batch, kv_head, token, count, dim, buf.keys.data(), buf.ldq);
       std::fill(buf.keys.begin() + count * buf.ldq, buf.keys.end(), acc_t(0));
     }
     dot_keys(q, rows, buf.ldq, keys, ldk, vectors, scores + b, buf.lds);
@@ -213,8 +215,13 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
     };
     gemm_blocks(rows, value_dim, count, p + key, buf.lds, 1, panel_of, acc, buf.ldv, true);
   };
-  if (readable_in_place<scalar_t, acc_t>(v, value_dim)) {
-    return product(reinterpret_cast<const acc_t*>(v.row(seq.batch, kv_head, seq.k_start + j0)), v.token_stride, 0, n);
+  if (readable_in_place<scalar_t, acc_t>(v, value_dim)) {  // run by run of adjacent rows (a page of a paged cache)
+    for (int64_t b = 0; b < n;) {
+      const int64_t token = seq.k_start + j0 + b, count = std::min(n - b, v.adjacent_rows(token));
+      product(reinterpret_cast<const acc_t*>(v.row(seq.batch, kv_head, token)), v.token_stride, b, count);
+      b += count;
+    }
+    return;
   }
   for (int64_t b = 0; b < n; b += kDecodeValueStep) {
     const int64_t count = std::min(kDecodeValueStep, n - b);

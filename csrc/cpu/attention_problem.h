@@ -30,11 +30,16 @@ constexpr T round_up(T value, T multiple) {
 }
 
 // A (batch, heads, tokens, features) view through its strides; packed (varlen) tensors use batch 0 and
-// a token offset per sequence.
+// a token offset per sequence. A paged one (a KV cache, kvcache_ops.cpp) holds pages of page_size tokens
+// at batch_stride apart: token t of batch entry b lies in page pages[b * table_stride + t / page_size].
+// Every reader goes through row(), so each kernel reads paged caches in place; only runs of tokens inside
+// one page are token_stride apart (adjacent_rows).
 template <typename scalar_t>
 struct Operand {
   scalar_t* data;
   int64_t batch_stride, head_stride, token_stride, feature_stride;
+  const int64_t* pages = nullptr;
+  int64_t page_size = 0, table_stride = 0;
 
   static Operand dense(const at::Tensor& t) {  // (B, H, N, D)
     return {t.data_ptr<scalar_t>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
@@ -43,7 +48,15 @@ struct Operand {
     return {t.data_ptr<scalar_t>(), 0, t.stride(1), t.stride(0), t.stride(2)};
   }
   scalar_t* row(int64_t batch, int64_t head, int64_t token) const {
+    if (pages) {
+      const int64_t page = pages[batch * table_stride + token / page_size];
+      return data + page * batch_stride + head * head_stride + token % page_size * token_stride;
+    }
     return data + batch * batch_stride + head * head_stride + token * token_stride;
+  }
+  // How many rows from `token` on lie token_stride apart (the rest of its page).
+  int64_t adjacent_rows(int64_t token) const {
+    return pages ? page_size - token % page_size : std::numeric_limits<int64_t>::max();
   }
 };
 

@@ -1,19 +1,24 @@
 """``attention_with_kvcache``: append to a (paged) KV cache and attend, on any backend.
 
-Where the ``triton`` backend serves the call, the split-KV kernel reads the caches in place
-(:mod:`.split_kv`). Elsewhere, the plain path: validate everything (:mod:`.validate`), rotate and write the new keys into the caches
-(:mod:`.append`), view or gather each entry's keys (:mod:`.paged`), then call the regular
-:func:`fused_attention.scaled_dot_product_attention` once per key split and merge the splits through
-their lse (:mod:`fused_attention.merge`).
+Every call validates everything (:mod:`.validate`), then rotates and writes the new keys into the caches
+(:mod:`.append`). Where the ``triton`` backend serves the call, its split-KV kernel reads the caches in
+place (:mod:`.split_kv`); where the ``cpu`` backend does, its C++ op does (:mod:`.cpu_cache`). Elsewhere
+(``torch``), the plain path views or gathers each entry's keys (:mod:`.paged`) and calls the regular
+:func:`fused_attention.scaled_dot_product_attention`. Explicit key splits (``num_splits > 1``) run one
+call per split and merge through their lse (:mod:`fused_attention.merge`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
 
 import torch
 
 from ..functional import scaled_dot_product_attention
 from ..merge import _merge_aligned, fold_sinks_
 from .append import append_, rotate_new, write_index
+from .cpu_cache import cache_attention
 from .masks import needs_positions, position_mask
 from .paged import gather_keys_values
 from .split_kv import attention_backend, split_kv_attention
@@ -21,42 +26,49 @@ from .validate import KVCacheCall, canonicalize_kvcache_call
 
 
 def _split_bounds(seq_k: int, num_splits: int) -> list[tuple[int, int]]:
-    """Key ranges of the splits; ``num_splits = 0`` picks 1 (this plain path's regular-attention call
-    already parallelizes over its batch and heads; a split schedule belongs to a specialized kernel)."""
+    """Key ranges of the splits; ``num_splits = 0`` picks 1 (the kernels below already parallelize: the
+    ``cpu`` op splits long key ranges itself, the regular attention runs over batch and heads)."""
     splits = max(1, min(num_splits or 1, seq_k))
     chunk = -(-seq_k // splits) if seq_k else 0
     return [(s, min(s + chunk, seq_k)) for s in range(0, seq_k, chunk)] if chunk else [(0, 0)]
 
 
-def _attend(call: KVCacheCall, q: torch.Tensor, backend: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` over the caches (already holding the new keys)."""
-    if attention_backend(call, q, backend).name == "triton":
-        return split_kv_attention(call, q)
+def _gathered(call: KVCacheCall, q: torch.Tensor, backend: str | None) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """Attention over key range ``[start, stop)`` of the gathered keys through the regular attention."""
     keys, values = gather_keys_values(call)
-    seq_k = keys.shape[2]
     total = call.seqlens + call.new_len
     mask_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    mask = position_mask(call, total, seq_k, mask_dtype) if needs_positions(call) else None
+    mask = position_mask(call, total, keys.shape[2], mask_dtype) if needs_positions(call) else None
     qh = q.transpose(1, 2)
     common = {
         "scale": call.scale, "enable_gqa": qh.shape[1] != keys.shape[1], "softcap": call.softcap,
         "return_lse": True, "backend": backend,
     }
-    outs, lses = [], []
-    for start, stop in _split_bounds(seq_k, call.num_splits):
+
+    def attend(start: int, stop: int, sinks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         part = {"attn_mask": mask[..., start:stop]} if mask is not None else {
             "key_lengths": (total - start).clamp(0, stop - start)
         }
-        # One split takes the sinks in the kernel; several take them once, at the merge.
-        sinks = {"sinks": call.sinks} if call.num_splits <= 1 else {}
-        out, lse = scaled_dot_product_attention(
-            qh, keys[:, :, start:stop], values[:, :, start:stop], **part, **common, **sinks
+        extra = {"sinks": sinks} if sinks is not None else {}
+        return scaled_dot_product_attention(
+            qh, keys[:, :, start:stop], values[:, :, start:stop], **part, **common, **extra
         )
-        outs.append(out)
-        lses.append(lse)
-    if len(outs) == 1 and (call.sinks is None or call.num_splits <= 1):
-        return outs[0], lses[0]
-    out, lse = _merge_aligned(outs, lses)
+
+    return attend
+
+
+def _attend(call: KVCacheCall, q: torch.Tensor, backend: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` over the caches (already holding the new keys)."""
+    chosen = attention_backend(call, q, backend)
+    if chosen.name == "triton":
+        return split_kv_attention(call, q)
+    attend = partial(cache_attention, call, q) if chosen.name == "cpu" else _gathered(call, q, backend)
+    # One split takes the sinks in the kernel; several take them once, at the merge.
+    sinks = call.sinks if call.num_splits <= 1 else None
+    parts = [attend(start, stop, sinks) for start, stop in _split_bounds(call.capacity, call.num_splits)]
+    if len(parts) == 1 and (call.sinks is None or call.num_splits <= 1):
+        return parts[0]
+    out, lse = _merge_aligned([o for o, _ in parts], [l for _, l in parts])
     if call.sinks is not None:
         fold_sinks_(out, lse, call.sinks)
     return out.to(q.dtype), lse

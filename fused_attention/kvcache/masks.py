@@ -18,6 +18,14 @@ def needs_positions(call: KVCacheCall) -> bool:
     return causal_matters or call.window != (-1, -1) or call.alibi_slopes is not None or call.leftpad is not None
 
 
+def visible_window(call: KVCacheCall) -> tuple[int, int]:
+    """``(left, right)`` keys a query sees around its own position, causal folded in (right at most 0)."""
+    left, right = call.window
+    if call.is_causal:
+        right = 0 if right < 0 else min(right, 0)
+    return left, right
+
+
 def position_mask(call: KVCacheCall, total: torch.Tensor, seq_k: int, dtype: torch.dtype) -> torch.Tensor:
     """Bool ``(B, 1, Lq, S_k)`` (True = attend), or with ALiBi a float ``(B, Hq, Lq, S_k)`` bias that is
     ``-inf`` where masked."""
@@ -28,9 +36,7 @@ def position_mask(call: KVCacheCall, total: torch.Tensor, seq_k: int, dtype: tor
     vis = j < total.view(-1, 1, 1)
     if call.leftpad is not None:
         vis = vis & (j >= call.leftpad.view(-1, 1, 1))
-    left, right = call.window
-    if call.is_causal:
-        right = 0 if right < 0 else min(right, 0)
+    left, right = visible_window(call)
     if left >= 0:
         vis = vis & (j >= p - left)
     if right >= 0:

@@ -1,0 +1,50 @@
+// Turning an op's optional tensors and flags into what the CPU kernels read (Scoring): shared by the
+// attention ops (attention_ops.cpp) and the KV-cache op (kvcache_ops.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <utility>
+
+#include "cpu/attention_kernels.h"
+
+namespace fused_attention::cpu {
+
+inline at::ScalarType acc_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Float copy of the slopes (1 or B, Hq) and the stride between their rows.
+template <typename acc_t>
+std::pair<at::Tensor, int64_t> slopes(const c10::optional<at::Tensor>& alibi, at::ScalarType acc) {
+  if (!alibi) return {at::Tensor(), 0};
+  TORCH_CHECK(alibi->dim() == 2, "fused_attention: alibi slopes must be canonical (1 or B, H)");
+  at::Tensor s = alibi->to(acc).contiguous();
+  return {s, s.size(0) == 1 ? 0 : s.size(1)};
+}
+
+// (Hq,) sink logits in the compute dtype, contiguous (undefined without sinks).
+inline at::Tensor sink_logits(const c10::optional<at::Tensor>& sinks, int64_t heads, at::ScalarType acc) {
+  if (!sinks) return at::Tensor();
+  TORCH_CHECK(sinks->dim() == 1 && sinks->size(0) == heads, "fused_attention: sinks must be (Hq,), got ",
+              sinks->sizes());
+  return sinks->to(acc).contiguous();
+}
+
+template <typename acc_t>
+Scoring<acc_t> scoring(const at::Tensor& alibi, int64_t alibi_stride, const c10::optional<at::Tensor>& mask,
+                       const c10::optional<at::Tensor>& seed, const at::Tensor& sinks, bool causal,
+                       int64_t window_left, int64_t window_right, double softcap, double scale, double dropout_p) {
+  TORCH_CHECK(dropout_p >= 0 && dropout_p <= 1, "fused_attention: dropout_p must be in [0, 1]");
+  TORCH_CHECK(dropout_p == 0 || seed.has_value(), "fused_attention: dropout needs a seed");
+  const uint64_t seed_value = seed ? static_cast<uint64_t>(seed->to(at::kLong).item<int64_t>()) : 0;
+  Scoring<acc_t> s;
+  s.rules = {causal, window_left, window_right, softcap, scale, dropout_p, seed_value};
+  s.dropout = Dropout::make(s.rules);
+  s.mask = Mask::from(mask);
+  s.alibi = alibi.defined() ? alibi.data_ptr<acc_t>() : nullptr;
+  s.alibi_batch_stride = alibi_stride;
+  s.sinks = sinks.defined() ? sinks.data_ptr<acc_t>() : nullptr;
+  return s;
+}
+
+}  // namespace fused_attention::cpu

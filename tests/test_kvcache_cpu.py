@@ -1,0 +1,87 @@
+"""The ``cpu`` backend's KV-cache op (``fused_attention::kvcache_attention``): caches read where they lie.
+
+Long caches, so that the decode kernel splits keys into several chunks and reads whole pages in place
+(float32 rows of whole vectors), next to page sizes whose runs cross its 16-key steps; more than 16
+query rows take the blocked forward through the same page table. Checked against the per-sequence
+reference of test_kvcache.py; and the call allocates nothing the size of the cache (nothing gathered).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import cpu_backends
+from test_kvcache import check_case, make_case
+
+import fused_attention as fa
+
+pytestmark = pytest.mark.skipif("cpu" not in cpu_backends(), reason="the cpu backend is not built")
+
+FEATURES = [(), ("causal",), ("window", "alibi"), ("leftpad", "causal", "softcap"), ("batch_idx",)]
+
+
+CASES = [
+    pytest.param(features, page, seq_q, id=f"{'-'.join(features) or 'plain'}-p{page}-q{seq_q}")
+    for features in FEATURES
+    for page in ([None] if "batch_idx" in features else [None, 1, 3, 16, 256])  # batch_idx: contiguous only
+    for seq_q in (1, 8, 17)
+]
+
+
+@pytest.mark.parametrize("features,page_size,seq_q", CASES)
+def test_long_caches_against_reference(features, page_size, seq_q):
+    c = make_case(11 * seq_q + (page_size or 0), layout="bshd", page_size=page_size, seq_q=seq_q, append=True,
+                  group=4, num_splits=0, dtype=torch.float32, features=features, length=1300, dims=(64, 32))
+    with torch.no_grad():
+        check_case(c, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_long_caches_other_dtypes(dtype, page_size):
+    c = make_case(5, layout="bhsd", page_size=page_size, seq_q=4, append=False, group=3, num_splits=0,
+                  dtype=dtype, features=("causal", "alibi"), length=1100, dims=(64, 64))
+    with torch.no_grad():
+        check_case(c, "cpu")
+
+
+def _decode_step(page_size: int | None):
+    """A decode step over caches of 8 MiB each: (B=2, S=4096, Hkv=4, D=64) float32."""
+    gen = torch.Generator().manual_seed(0)
+    batch, length, heads_kv, dim = 2, 4096, 4, 64
+    q = torch.randn(batch, 1, 4 * heads_kv, dim, generator=gen)
+    if page_size is None:
+        shape, table = (batch, length, heads_kv, dim), None
+    else:
+        pages = batch * length // page_size
+        shape, table = (pages, page_size, heads_kv, dim), torch.randperm(pages, generator=gen).view(batch, -1).int()
+    k, v = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    return q, k, v, table, torch.tensor([length - 100, length], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_nothing_is_gathered(page_size):
+    q, k, v, table, seqlens = _decode_step(page_size)
+    call = dict(cache_seqlens=seqlens, block_table=table, is_causal=True, return_lse=True, backend="cpu")
+    with torch.no_grad():
+        fa.attention_with_kvcache(q, k, v, **call)  # warm-up: first-call allocations are not the call's
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            out, _ = fa.attention_with_kvcache(q, k, v, **call)
+        expected, _ = fa.attention_with_kvcache(q, k, v, **{**call, "backend": "torch"})
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    allocated = max(e.cpu_memory_usage for e in prof.key_averages())
+    assert allocated < k.numel() * k.element_size() // 16, f"an op allocated {allocated} bytes for a {k.nbytes}-byte cache"
+
+
+def test_op_refuses_pages_outside_the_pool():
+    q = torch.randn(1, 2, 1, 16)
+    k = v = torch.randn(4, 2, 8, 16)  # (pages, Hkv, page_size, D)
+    total = torch.tensor([12])
+    table = torch.tensor([[1, 4]])  # page 4 does not exist
+    with pytest.raises(RuntimeError, match=r"block_table\[0, 1\] = 4 is outside the page pool"):
+        torch.ops.fused_attention.kvcache_attention(q, k, v, table, total, torch.tensor([0]), total, None, None,
+                                                    -1, -1, 0.0, 0.25)
+    with pytest.raises(RuntimeError, match="block_table row 0 has 2 pages, 3 needed"):
+        torch.ops.fused_attention.kvcache_attention(q, k, v, torch.tensor([[1, 2]]), torch.tensor([20]),
+                                                    torch.tensor([0]), torch.tensor([20]), None, None, -1, -1, 0.0,
+                                                    0.25)
