@@ -147,8 +147,9 @@ def attention_with_kvcache(
         num_splits: split the keys into this many chunks, attend to each, and merge exactly through the
             lse (:func:`fused_attention.merge_attention_states_list`); 1 disables splitting, 0 chooses:
             on the ``triton`` backend's split-KV kernel enough splits to fill the GPU (1 on the CPU
-            interpreter), on the other backends 1. The result is deterministic for a given
-            ``num_splits`` on a given device.
+            interpreter), on the other backends 1 (the ``cpu`` kernel still spreads a long cache's keys
+            over threads in fixed 512-key chunks, merged in order, whatever the thread count). The
+            result is deterministic for a given ``num_splits`` on a given device.
         layout: ``"bshd"`` (default, FlashAttention's) or ``"bhsd"`` (torch's and Hugging Face's).
         sinks: learned attention sinks, float32 ``(Hq,)``, as in
             :func:`fused_attention.scaled_dot_product_attention` (the lse then includes the sink; key
