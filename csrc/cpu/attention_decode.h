@@ -276,7 +276,7 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
   for (const Sequence& seq : problem.sequences) max_rows = std::max(max_rows, group * seq.len_q);
   const int64_t chunk = decode_chunk_keys(max_rows);
 
-  // Tasks in (sequence, kv head, chunk) order; partial results of split groups in slots of max_rows rows.
+  // Tasks in (sequence, chunk, kv head) order; partial results of split groups in slots of max_rows rows.
   std::vector<DecodeTask> tasks;
   struct Split {
     int64_t sequence, kv_head, first_slot, chunks;
@@ -289,13 +289,17 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
     const auto [lo, hi] = scoring.rules.block_keys(seq, 0, seq.len_q);
     const int64_t first = lo / chunk * chunk;
     const int64_t chunks = lo < hi ? (hi - first + chunk - 1) / chunk : 1;
-    for (int64_t h = 0; h < problem.heads_kv; ++h) {
-      if (chunks > 1) splits.push_back({s, h, slots, chunks});
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t begin = std::max(lo, first + c * chunk), end = std::min(hi, first + (c + 1) * chunk);
-        tasks.push_back({s, h, begin, std::max<int64_t>(end - begin, 0), chunks > 1 ? slots++ : -1});
+    // Chunk-major: consecutive tasks (one thread's share) read the same key rows of every kv head, so a
+    // cache that interleaves heads ((B, S, Hkv, D), FlashAttention's layout) is read line after line,
+    // not 1 / Hkv of each row region per pass. A (sequence, kv head)'s chunks keep consecutive slots.
+    for (int64_t h = 0; h < problem.heads_kv && chunks > 1; ++h) splits.push_back({s, h, slots + h * chunks, chunks});
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t begin = std::max(lo, first + c * chunk), end = std::min(hi, first + (c + 1) * chunk);
+      for (int64_t h = 0; h < problem.heads_kv; ++h) {
+        tasks.push_back({s, h, begin, std::max<int64_t>(end - begin, 0), chunks > 1 ? slots + h * chunks + c : -1});
       }
     }
+    if (chunks > 1) slots += problem.heads_kv * chunks;
   }
   std::vector<acc_t> partial_out(slots * max_rows * ldv), partial_max(slots * max_rows), partial_sum(slots * max_rows);
 
