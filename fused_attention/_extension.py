@@ -23,7 +23,7 @@ class ExtensionStatus:
     loaded: bool
     reason: str
     has_cuda: bool
-    cpu_isa: str = ""  # instruction set the CPU attention kernels run with (baseline, avx2, avx512, amx)
+    cpu_isa: str = ""  # instruction set the CPU attention kernels run with (baseline, avx2, avx512, avx512bf16, amx)
 
 
 @functools.cache

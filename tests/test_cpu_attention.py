@@ -32,8 +32,10 @@ def _isas() -> list[str]:
             isas.append("avx2")
         if all(f" {f} " in flags for f in ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd")):
             isas.append("avx512")
-            if all(f" {f} " in flags for f in ("amx_tile", "amx_bf16", "avx512_bf16")):
-                isas.append("amx")  # the bfloat16 forward on AMX tiles; the rest as avx512
+            if " avx512_bf16 " in flags:
+                isas.append("avx512bf16")  # the bfloat16 decode on vdpbf16ps; the rest as avx512
+                if all(f" {f} " in flags for f in ("amx_tile", "amx_bf16")):
+                    isas.append("amx")  # and the bfloat16 forward on AMX tiles
     return isas
 
 

@@ -85,3 +85,16 @@ def test_op_refuses_pages_outside_the_pool():
         torch.ops.fused_attention.kvcache_attention(q, k, v, torch.tensor([[1, 2]]), torch.tensor([20]),
                                                     torch.tensor([0]), torch.tensor([20]), None, None, -1, -1, 0.0,
                                                     0.25)
+
+
+@pytest.mark.parametrize("dims", [(32, 96), (64, 32), (128, 64), (40, 64)], ids=str)
+@pytest.mark.parametrize("seq_q", [1, 3, 5])
+@pytest.mark.parametrize("page_size", [None, 3])
+def test_bfloat16_decode_shapes(dims, seq_q, page_size):
+    """bfloat16 decode (on AVX512-BF16 CPUs the products run on vdpbf16ps): feature counts of 1 to 4
+    blocks of 32 and one that is not (40), 3 to 15 rows per group (register tiles of 1 to 4 rows), odd
+    key counts and pages of 3 (pairs of keys across pages)."""
+    c = make_case(seq_q, layout="bshd", page_size=page_size, seq_q=seq_q, append=True, group=3, num_splits=0,
+                  dtype=torch.bfloat16, features=("causal", "softcap"), length=1001, dims=dims)
+    with torch.no_grad():
+        check_case(c, "cpu")

@@ -289,6 +289,21 @@ MUTATIONS = [
         "C++: forward tasks that own a (sequence, kv head) pair pack the first kv head's K and V", cpp=True,
     ),
     Mutation(
+        "cpp-paged-rows-unpaged", "csrc/cpu/attention_problem.h",
+        "return pages ? page_size - token % page_size : std::numeric_limits<int64_t>::max();",
+        "return std::numeric_limits<int64_t>::max();",
+        _k("tests/test_kvcache_cpu.py", "long_caches"),
+        "C++: the decode kernel reads a paged cache's rows past the end of their page", cpp=True,
+    ),
+    Mutation(
+        "cpp-bf16-values-unpermuted", "csrc/cpu/attention_decode_bf16.h",
+        "_mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23)",
+        "_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)",
+        _k("tests/test_kvcache_cpu.py", "bfloat16_decode"),
+        "C++: the AVX512-BF16 p.V product adds its unpacked features in the wrong order (only on CPUs "
+        "with AVX512-BF16)", cpp=True,
+    ),
+    Mutation(
         "cpp-direct-takes-any-tensor", "csrc/cpu/attention_ops.cpp",
         "plain.isSupersetOf(t.key_set())", "true",
         _k("tests/test_direct_call.py", "negative_view"),

@@ -122,6 +122,10 @@ __attribute__((noinline)) void dot_keys(const T* q, int64_t rows, int64_t ldq, c
   }
 }
 
+#if defined(FUSED_ATTENTION_BF16_DOT)
+#include "cpu/attention_decode_bf16.h"
+#endif
+
 // load_rows (attention_pack.h), with bfloat16 rows widened by a loop the compiler vectorizes (the
 // element-wise conversion cost more than reading the rows).
 template <typename scalar_t, typename acc_t>
@@ -157,6 +161,8 @@ template <typename acc_t>
 struct DecodeBuffers {
   int64_t ldq, lds, ldv;
   std::vector<acc_t> q, scores, out, row_max, row_sum, anchor, keys, values;
+  std::vector<c10::BFloat16> q16;  // the query rows as they are, for dot_keys_bf16 (rows x head_dim)
+  std::vector<c10::BFloat16> p16;  // the probabilities rounded to bfloat16, for values_bf16
   std::vector<uint8_t> lazy;
   DecodeBuffers(int64_t rows, int64_t chunk, int64_t head_dim, int64_t value_dim)
       : ldq(round_up<int64_t>(head_dim, simd::Traits<acc_t>::width)),
@@ -178,18 +184,37 @@ struct DecodeBuffers {
 
 // scores[r * lds + j] = q_r . k_(j0 + j) for rows r < rows and keys j < n of (sequence, kv head), and
 // the same up to round_up(n, width) (zero keys past n).
+// Whether dot_keys_bf16 serves these keys (bfloat16 rows of whole 32-feature blocks; buf.q16 filled).
+template <typename scalar_t>
+constexpr bool bf16_dot(const Operand<scalar_t>& k, int64_t dim) {
+#if defined(FUSED_ATTENTION_BF16_DOT)
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return k.feature_stride == 1 && dim % 32 == 0;
+#endif
+  return false;
+}
+
 template <typename scalar_t, typename acc_t>
 void decode_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_t kv_head, int64_t j0, int64_t n,
-                   const acc_t* q, int64_t rows, DecodeBuffers<acc_t>& buf, acc_t* scores) {
+                   int64_t row0, int64_t rows, DecodeBuffers<acc_t>& buf, acc_t* scores) {
   constexpr int64_t width = simd::Traits<acc_t>::width;
   const Operand<scalar_t>& k = problem.k;
   const int64_t dim = problem.head_dim, vectors = buf.ldq / width;
+  const acc_t* q = buf.q.data() + row0 * buf.ldq;
   const bool in_place = readable_in_place<scalar_t, acc_t>(k, dim);
   for (int64_t b = 0; b < n; b += width) {
     const int64_t count = std::min(width, n - b);
     const acc_t* keys = buf.keys.data();
     int64_t ldk = buf.ldq;
     const int64_t token = seq.k_start + j0 + b;
+#if defined(FUSED_ATTENTION_BF16_DOT)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (bf16_dot(k, dim) && count == width && k.adjacent_rows(token) >= width) {
+        dot_keys_bf16(buf.q16.data() + row0 * dim, rows, dim, k.row(seq.batch, kv_head, token), k.token_stride,
+                      dim / 32, scores + b, buf.lds);
+        continue;
+      }
+    }
+#endif
     if (in_place && count == width && k.adjacent_rows(token) >= width) {
       keys = reinterpret_cast<const acc_t*>(k.row(seq.batch, kv_head, token));
       ldk = k.token_stride;
@@ -215,6 +240,15 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
     };
     gemm_blocks(rows, value_dim, count, p + key, buf.lds, 1, panel_of, acc, buf.ldv, true);
   };
+#if defined(FUSED_ATTENTION_BF16_DOT)
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (bf16_dot(v, value_dim)) {
+      bf16_pairs(p, rows, n, buf.lds, buf.p16);
+      const auto row_of = [&](int64_t j) { return v.row(seq.batch, kv_head, seq.k_start + j0 + j); };
+      return values_bf16(rows, n, buf.p16.data(), round_up<int64_t>(n, 32), row_of, value_dim, acc, buf.ldv);
+    }
+  }
+#endif
   if (readable_in_place<scalar_t, acc_t>(v, value_dim)) {  // run by run of adjacent rows (a page of a paged cache)
     for (int64_t b = 0; b < n;) {
       const int64_t token = seq.k_start + j0 + b, count = std::min(n - b, v.adjacent_rows(token));
@@ -247,12 +281,21 @@ void decode_chunk(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
               buf.q.data() + g * len * buf.ldq, buf.ldq);
   }
   acc_t* scores = buf.scores.data();
-  decode_scores(problem, seq, kv_head, j0, n, buf.q.data(), rows, buf, scores);
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (bf16_dot(problem.k, problem.head_dim)) {
+      buf.q16.resize(rows * problem.head_dim);
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* src = problem.q.row(seq.batch, kv_head * group + r / len, seq.q_start + r % len);
+        for (int64_t f = 0; f < problem.head_dim; ++f) buf.q16[r * problem.head_dim + f] = src[f * problem.q.feature_stride];
+      }
+    }
+  }
+  decode_scores(problem, seq, kv_head, j0, n, 0, rows, buf, scores);
   for (int64_t g = 0; g < group; ++g) {
     const int64_t first = g * len;
     // The probabilities replace the scores; a row whose lazy attempt overflowed gets its q.k again.
     const auto rescore = [&](int64_t r, acc_t* s) {
-      decode_scores(problem, seq, kv_head, j0, n, buf.q.data() + (first + r) * buf.ldq, 1, buf, s);
+      decode_scores(problem, seq, kv_head, j0, n, first + r, 1, buf, s);
     };
     softmax_block(scoring, seq, kv_head * group + g, 0, len, j0, n, scores + first * buf.lds, buf.lds,
                   scores + first * buf.lds, buf.lds, buf.out.data() + first * buf.ldv, buf.ldv, buf.state(first),

@@ -16,7 +16,7 @@
 namespace fused_attention::cpu {
 namespace {
 
-enum class Isa { baseline, avx2, avx512, amx };
+enum class Isa { baseline, avx2, avx512, avx512bf16, amx };
 
 #if FUSED_ATTENTION_AMX
 // Linux hands out AMX's tile data state only to processes that ask (arch_prctl ARCH_REQ_XCOMP_PERM for
@@ -43,6 +43,7 @@ Isa best_supported() {
     return Isa::amx;
   }
 #endif
+  if (avx512 && __builtin_cpu_supports("avx512bf16")) return Isa::avx512bf16;
   if (avx512) return Isa::avx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2")) {
     return Isa::avx2;
@@ -57,12 +58,13 @@ Isa selected() {
     const char* requested = std::getenv("FUSED_ATTENTION_CPU_ISA");
     if (requested == nullptr || *requested == '\0') return best;
     const std::string name(requested);
-    const Isa wanted = name == "amx"      ? Isa::amx
-                       : name == "avx512" ? Isa::avx512
-                       : name == "avx2"   ? Isa::avx2
-                                          : Isa::baseline;
-    TORCH_CHECK(name == "amx" || name == "avx512" || name == "avx2" || name == "baseline",
-                "FUSED_ATTENTION_CPU_ISA must be baseline, avx2, avx512 or amx, got ", name);
+    const Isa wanted = name == "amx"          ? Isa::amx
+                       : name == "avx512bf16" ? Isa::avx512bf16
+                       : name == "avx512"     ? Isa::avx512
+                       : name == "avx2"       ? Isa::avx2
+                                              : Isa::baseline;
+    TORCH_CHECK(name == "amx" || name == "avx512bf16" || name == "avx512" || name == "avx2" || name == "baseline",
+                "FUSED_ATTENTION_CPU_ISA must be baseline, avx2, avx512, avx512bf16 or amx, got ", name);
     TORCH_CHECK(static_cast<int>(wanted) <= static_cast<int>(best),
                 "FUSED_ATTENTION_CPU_ISA=", name, " is not supported by this CPU or build");
     return wanted;
@@ -75,6 +77,7 @@ Isa selected() {
 const char* attention_isa() {
   switch (selected()) {
     case Isa::amx: return "amx";
+    case Isa::avx512bf16: return "avx512bf16";
     case Isa::avx512: return "avx512";
     case Isa::avx2: return "avx2";
     default: return "baseline";
@@ -88,6 +91,11 @@ void attention_forward_kernel(const Problem<scalar_t>& problem, const Scoring<at
     switch (selected()) {
 #if FUSED_ATTENTION_X86_VARIANTS
       case Isa::amx:
+      case Isa::avx512bf16:
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          return avx512bf16::decode_bf16(problem, scoring, out, lse, lse_index);
+        }
+        return avx512::decode<scalar_t>(problem, scoring, out, lse, lse_index);
       case Isa::avx512: return avx512::decode<scalar_t>(problem, scoring, out, lse, lse_index);
       case Isa::avx2: return avx2::decode<scalar_t>(problem, scoring, out, lse, lse_index);
 #endif
@@ -101,6 +109,7 @@ void attention_forward_kernel(const Problem<scalar_t>& problem, const Scoring<at
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return amx::forward_bf16(problem, scoring, out, lse, lse_index);
 #endif
       return avx512::forward<scalar_t>(problem, scoring, out, lse, lse_index);
+    case Isa::avx512bf16:
     case Isa::avx512: return avx512::forward<scalar_t>(problem, scoring, out, lse, lse_index);
     case Isa::avx2: return avx2::forward<scalar_t>(problem, scoring, out, lse, lse_index);
 #endif
@@ -116,6 +125,7 @@ void attention_backward_kernel(const Problem<scalar_t>& problem, const Scoring<a
   switch (selected()) {
 #if FUSED_ATTENTION_X86_VARIANTS
     case Isa::amx:
+    case Isa::avx512bf16:
     case Isa::avx512: return avx512::backward<scalar_t>(problem, scoring, dout, dq, dk, dv, extra);
     case Isa::avx2: return avx2::backward<scalar_t>(problem, scoring, dout, dq, dk, dv, extra);
 #endif

@@ -90,8 +90,14 @@ void forward_bf16(const Problem<c10::BFloat16>& problem, const Scoring<float>& s
                   const Operand<c10::BFloat16>& out, float* lse, const RowIndex& lse_index);
 }
 
+namespace avx512bf16 {  // AVX512-BF16: only the bfloat16 decode (attention_isa_avx512bf16.cpp)
+void decode_bf16(const Problem<c10::BFloat16>& problem, const Scoring<float>& scoring,
+                 const Operand<c10::BFloat16>& out, float* lse, const RowIndex& lse_index);
+}
+
 // The instruction set the kernels run with: the best this CPU supports, or FUSED_ATTENTION_CPU_ISA
-// (baseline, avx2, avx512, amx) if set and supported, so every variant can be tested on one machine.
+// (baseline, avx2, avx512, avx512bf16, amx) if set and supported, so every variant can be tested on one
+// machine. avx512bf16 and amx run the avx512 kernels but for their bfloat16 ones.
 const char* attention_isa();
 
 }  // namespace fused_attention::cpu
