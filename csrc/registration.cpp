@@ -52,6 +52,12 @@ TORCH_LIBRARY(fused_attention, m) {
         "float softcap, float scale, float dropout_p, bool need_mask_grad, bool need_alibi_grad, "
         "bool need_sinks_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
         tags);
+  // (dq, dk, dv) of one block of a larger softmax, as FlashAttention's backward: lse and
+  // delta = rowsum(dO * O) (B, Hq, L) of the whole softmax are given, not recomputed (ring attention).
+  m.def("attention_backward_from_stats(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? mask, "
+        "Tensor? key_lengths, Tensor? alibi, Tensor lse, Tensor delta, bool causal, int window_left, "
+        "int window_right, float softcap, float scale) -> (Tensor, Tensor, Tensor)",
+        tags);
   // Packed sequences: q (total_q, Hq, E), k/v (total_k, Hkv, E/Ev), cu_seqlens int (n + 1,); windows
   // bottom-right per sequence (causal is window_right = 0). Returns out (total_q, Hq, Ev), lse (Hq, total_q).
   m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "

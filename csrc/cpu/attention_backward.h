@@ -147,29 +147,40 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
     } else {
       score_row(scoring, seq, head, i0 + r, lo, n, n_pad, p, softcap ? buf.tanh.data() + r * ld : nullptr);
     }
-    // The sink joins the denominator (and the shift, when it is the larger term); it has no value.
-    const acc_t max = std::max(row_max(p, n_pad) * exp_scale, sink);
-    acc_t p_sink = 0;
-    if (max == neg_inf) {
-      std::fill(p, p + n_pad, acc_t(0));
-    } else {
-      const acc_t sink_term = sink > neg_inf ? std::exp(sink - max) : acc_t(0);
-      const acc_t inverse = acc_t(1) / (exp_shifted_sum(p, p, n_pad, max, exp_scale) + sink_term);
-      scale_row(p, n_pad, inverse);
-      p_sink = sink_term * inverse;
-    }
-    acc_t delta;
-    if (dropout) {
-      acc_t* keep = buf.keep.data() + r * ld;
-      acc_t* pk = buf.kept.data() + r * ld;
-      std::copy(p, p + n_pad, pk);
-      std::fill(keep + n, keep + n_pad, acc_t(0));
-      dropout_row(scoring.dropout, scoring.dropout.row_key(seq.index, head, i0 + r), lo, n, pk, keep);
-      delta = dot(pk, dp, n_pad);
-      softmax_backward_row(p, dp, keep, delta, n_pad);
-    } else {
-      delta = dot(p, dp, n_pad);
+    acc_t p_sink = 0, delta = 0;
+    if (scoring.row_lse) {  // given statistics: p = exp(score - lse) of the whole softmax, delta as given
+      const int64_t at = seq.batch * scoring.row_batch_stride + head * scoring.row_head_stride + seq.q_start + i0 + r;
+      const acc_t lse = scoring.row_lse[at];
+      if (lse == neg_inf) {
+        std::fill(p, p + n_pad, acc_t(0));
+      } else {
+        exp_shifted_sum(p, p, n_pad, lse, exp_scale, Unchanged{}, true);  // lse is large where scores are
+      }
+      delta = scoring.row_delta[at];
       softmax_backward_row(p, dp, static_cast<const acc_t*>(nullptr), delta, n_pad);
+    } else {
+      // The sink joins the denominator (and the shift, when it is the larger term); it has no value.
+      const acc_t max = std::max(row_max(p, n_pad) * exp_scale, sink);
+      if (max == neg_inf) {
+        std::fill(p, p + n_pad, acc_t(0));
+      } else {
+        const acc_t sink_term = sink > neg_inf ? std::exp(sink - max) : acc_t(0);
+        const acc_t inverse = acc_t(1) / (exp_shifted_sum(p, p, n_pad, max, exp_scale) + sink_term);
+        scale_row(p, n_pad, inverse);
+        p_sink = sink_term * inverse;
+      }
+      if (dropout) {
+        acc_t* keep = buf.keep.data() + r * ld;
+        acc_t* pk = buf.kept.data() + r * ld;
+        std::copy(p, p + n_pad, pk);
+        std::fill(keep + n, keep + n_pad, acc_t(0));
+        dropout_row(scoring.dropout, scoring.dropout.row_key(seq.index, head, i0 + r), lo, n, pk, keep);
+        delta = dot(pk, dp, n_pad);
+        softmax_backward_row(p, dp, keep, delta, n_pad);
+      } else {
+        delta = dot(p, dp, n_pad);
+        softmax_backward_row(p, dp, static_cast<const acc_t*>(nullptr), delta, n_pad);
+      }
     }
     // d sink = -p_sink * delta: raising the sink scales the row's output by 1 - p_sink.
     step_sink -= static_cast<double>(p_sink) * static_cast<double>(delta);

@@ -198,6 +198,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           need_alibi_grad ? slope_gradient(alibi_buffer, *alibi) : none, sink_gradient(sinks_buffer, sinks, q)};
 }
 
+// The backward of one block of a larger softmax (ring attention): each row's lse and
+// delta = rowsum(dO * O) of the whole softmax are given, so p = exp(score - lse) and dS = p (dp - delta).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_from_stats_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& key_lengths,
+    const c10::optional<at::Tensor>& alibi, const at::Tensor& lse, const at::Tensor& delta, bool causal,
+    int64_t window_left, int64_t window_right, double softcap, double scale) {
+  check_inputs(q, k, v, 4);
+  check_mask(mask, q);
+  const int64_t batch = q.size(0), heads = q.size(1), len_q = q.size(2);
+  const at::ScalarType acc = acc_dtype(q);
+  for (const at::Tensor* t : {&lse, &delta}) {
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == batch && t->size(1) == heads && t->size(2) == len_q,
+                "fused_attention::attention_backward_from_stats: lse and delta must be (B, Hq, L) = (", batch, ", ",
+                heads, ", ", len_q, "), got ", t->sizes());
+  }
+  const at::Tensor row_lse = lse.to(acc).contiguous(), row_delta = delta.to(acc).contiguous();
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::attention_backward_from_stats", [&] {
+    using acc_t = attn_acc_t<scalar_t>;
+    const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc);
+    Scoring<acc_t> rules = scoring<acc_t>(slope_tensor, slope_stride, mask, c10::nullopt, at::Tensor(), causal,
+                                          window_left, window_right, softcap, scale, 0.0);
+    rules.row_lse = row_lse.data_ptr<acc_t>();
+    rules.row_delta = row_delta.data_ptr<acc_t>();
+    rules.row_batch_stride = heads * len_q;
+    rules.row_head_stride = len_q;
+    attention_backward_kernel<scalar_t>(dense_problem<scalar_t>(q, k, v, key_lengths), rules,
+                                        Operand<scalar_t>::dense(dout), Operand<scalar_t>::dense(dq),
+                                        Operand<scalar_t>::dense(dk), Operand<scalar_t>::dense(dv),
+                                        ExtraGradients<acc_t>{});
+  });
+  return {dq, dk, dv};
+}
+
 std::tuple<at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& v, const at::Tensor& cu_seqlens_q,
                                                         const at::Tensor& cu_seqlens_k,
@@ -299,6 +335,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> attention_direct(
 TORCH_LIBRARY_IMPL(fused_attention, CPU, m) {
   m.impl("attention", &attention_cpu);
   m.impl("attention_backward", &attention_backward_cpu);
+  m.impl("attention_backward_from_stats", &attention_backward_from_stats_cpu);
   m.impl("varlen_attention", &varlen_attention_cpu);
   m.impl("varlen_attention_backward", &varlen_attention_backward_cpu);
 }

@@ -151,6 +151,11 @@ struct Scoring {
   const acc_t* alibi = nullptr;  // (1 or B, Hq) contiguous, in acc_t
   int64_t alibi_batch_stride = 0;
   const acc_t* sinks = nullptr;  // (Hq,) contiguous, in acc_t
+  // The backward given each row's lse and delta = rowsum(dO * O) (FlashAttention's interface, for a
+  // block of a larger softmax: ring attention): (B, Hq, L) contiguous, in acc_t; null: recomputed.
+  const acc_t* row_lse = nullptr;
+  const acc_t* row_delta = nullptr;
+  int64_t row_batch_stride = 0, row_head_stride = 0;
 
   acc_t sink(int64_t head) const { return sinks ? sinks[head] : -std::numeric_limits<acc_t>::infinity(); }
 

@@ -124,6 +124,15 @@ class Backend:
         shape) only with ``need_mask_grad``, else None. No dropout, no slope or sink gradients."""
         return None
 
+    def attention_backward_from_stats(
+        self, inputs: AttentionInputs, dout: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(dq, dk, dv)`` of a block of a larger softmax (ring attention), FlashAttention's way: each
+        row's ``lse`` and ``delta = rowsum(dO * O)`` ``(B, Hq, L)`` of the whole softmax are given, so
+        ``P = exp(S - lse)`` and ``dS = P (dP - delta)``; or None where this backend has no such backward.
+        No dropout; no sinks (they belong to the whole softmax: its caller's)."""
+        return None
+
 
 def draw_seed(inputs: AttentionInputs | VarlenInputs) -> torch.Tensor | None:
     """A dropout seed from torch's default CPU generator, so ``torch.manual_seed`` reproduces it."""

@@ -63,5 +63,16 @@ class CpuBackend(Backend):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return recomputing_backward(torch.ops.fused_attention.attention_backward.default, inputs, dout, need_mask_grad)
 
+    def attention_backward_from_stats(
+        self, inputs: AttentionInputs, dout: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if inputs.dropout_p or inputs.sinks is not None:
+            raise ValueError("attention_backward_from_stats: no dropout, no sinks")
+        return torch.ops.fused_attention.attention_backward_from_stats.default(
+            dout.contiguous(), inputs.query, inputs.key, inputs.value, inputs.attn_mask, inputs.key_lengths,
+            inputs.alibi_slopes, lse, delta, inputs.causal, inputs.window_left, inputs.window_right,
+            inputs.softcap, inputs.scale,
+        )
+
 
 CPU = CpuBackend()

@@ -1,5 +1,10 @@
 """The gradient of one block of a ring through the *global* softmax, with one backward call per block.
 
+Where the backend has FlashAttention's backward interface
+(:meth:`~fused_attention.backends.base.Backend.attention_backward_from_stats`: the ``cpu`` backend), the
+block's call takes the global ``lse`` and ``D = rowsum(dO * out)`` and nothing else is needed
+(:func:`stats_backend`). Elsewhere, the method below.
+
 The ring's output is ``out = sum_b exp(lse_b - lse) o_b`` over key blocks ``b`` (``lse``: the global
 log-sum-exp, sinks included). A block's exact gradients need ``dS = P (dP - D)`` with the global
 ``P = exp(S - lse)``, ``dP = dO V^T`` and ``D = rowsum(dO * out)``. FlashAttention-style rings pass
@@ -33,11 +38,48 @@ from __future__ import annotations
 
 import torch
 
+from ..backends.base import Backend
 from ..backends.dispatch import forced_backend_name, get_backend, select
 from ..backends.torch_backend import TORCH
 from ..inputs import canonicalize
 from .blocks import Block, Rules, block_mask
 from .merge import accumulation_dtype
+
+
+def _backend(rules: Rules, inputs) -> Backend:
+    forced = forced_backend_name(rules.backend)
+    return get_backend(forced) if forced else select(inputs)
+
+
+def stats_backend(rules: Rules, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the blocks' backward takes the global statistics (the backend that serves these shards
+    overrides ``attention_backward_from_stats``): then the forward keeps no block outputs and the values
+    travel without their ones column."""
+    inputs = canonicalize(q, k, v, None, 0.0, False, rules.scale, rules.enable_gqa, softcap=rules.softcap or None)
+    backend = _backend(rules, inputs)
+    overrides = type(backend).attention_backward_from_stats is not Backend.attention_backward_from_stats
+    return overrides and not backend.not_supported_reasons(inputs)
+
+
+def block_backward_from_stats(
+    rules: Rules, block: Block, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
+    lse: torch.Tensor, delta: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of the block's rows and keys from one backward call given the global ``lse`` and
+    ``delta`` (:func:`stats_backend` said the backend has it); ``v`` the plain values."""
+    rows, cols = slice(block.q0, block.q1), slice(block.k0, block.k1)
+    mask_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    mask = block_mask(rules, block, q.device, mask_dtype) if block.form == "mask" else None
+    kwargs = {"window_size": (-1, block.window_right)} if block.form == "band" else {}
+    inputs = canonicalize(
+        q[:, :, rows], k[:, :, cols], v[:, :, cols], mask, 0.0, False, rules.scale, rules.enable_gqa,
+        softcap=rules.softcap or None, **kwargs,
+    )
+    grads = _backend(rules, inputs).attention_backward_from_stats(
+        inputs, dout[:, :, rows], lse[:, :, rows], delta[:, :, rows]
+    )
+    assert grads is not None, "stats_backend chose a backend with this backward"
+    return grads
 
 
 def with_ones_column(v: torch.Tensor) -> torch.Tensor:
@@ -91,8 +133,7 @@ def block_backward(
         softcap=rules.softcap or None, sinks=torch.zeros(q.shape[1], dtype=torch.float32, device=q.device),
         **kwargs,
     )
-    forced = forced_backend_name(rules.backend)
-    backend = get_backend(forced) if forced else select(inputs)
+    backend = _backend(rules, inputs)
     # A backend whose backward needs its own forward (triton), or that cannot take this call (the
     # extra value column), leaves it to the chunked math of the torch backend.
     grads = None if backend.not_supported_reasons(inputs) else backend.attention_backward(inputs, upstream, False)

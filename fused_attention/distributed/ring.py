@@ -5,8 +5,8 @@ Forward: at each of the ``P`` steps a rank posts the asynchronous send of the ke
 shard it holds (:mod:`.blocks`), merges the partial result through the lse (:mod:`.merge`), then waits
 for the transfer; attention sinks join the merged result once, at the end. Backward: the key/value shards
 go around again; each step's block gradients come from one backward call per block
-(:mod:`.block_backward`, exact through the global softmax, from the global lse and each block's saved
-output); dQ stays local, and the dK/dV partial sums of a shard follow it one step behind, in float32
+(:mod:`.block_backward`, exact through the global softmax: given the global lse and delta where the
+backend takes them, else from the global lse and each block's saved output); dQ stays local, and the dK/dV partial sums of a shard follow it one step behind, in float32
 (float64 for float64 inputs), back to its owner.
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .block_backward import block_backward, with_ones_column
+from .block_backward import block_backward, block_backward_from_stats, stats_backend, with_ones_column
 from .blocks import Rules, block_mask, call_attention, plan_step
 from .layout import Segments
 from .merge import accumulation_dtype, fold_sinks_, merge_into_
@@ -60,9 +60,9 @@ def _report(phase: str, step: int, compute: float, wait: float) -> None:
         step_timer(phase, step, compute, wait)
 
 
-def _zero_sums(k: torch.Tensor, v_ones: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero dK/dV sums for a key shard (``v_ones`` carries the extra ones column, which has no gradient)."""
-    return k.new_zeros(k.shape, dtype=dtype), v_ones.new_zeros(*v_ones.shape[:-1], v_ones.shape[-1] - 1, dtype=dtype)
+def _zero_sums(k: torch.Tensor, v: torch.Tensor, value_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero dK/dV sums for a key shard (``v`` may carry an extra ones column, which has no gradient)."""
+    return k.new_zeros(k.shape, dtype=dtype), v.new_zeros(*v.shape[:-1], value_dim, dtype=dtype)
 
 
 class RingAttentionFunction(torch.autograd.Function):
@@ -76,7 +76,9 @@ class RingAttentionFunction(torch.autograd.Function):
         acc_lse = q.new_full(q.shape[:-1], float("-inf"), dtype=cd)
         mask_dtype = cd
         k_cur, v_cur = k, v
-        keep = any(ctx.needs_input_grad[:5])  # inference keeps no block outputs
+        # Block outputs are kept for the backward only where its blocks cannot take the global statistics.
+        ctx.stats = stats_backend(ring.rules, q, k, v)
+        keep = any(ctx.needs_input_grad[:5]) and not ctx.stats
         saved_blocks = []  # every block's (out, lse), for its backward
         for step in range(ring.world):
             exchange = None
@@ -127,7 +129,8 @@ class RingAttentionFunction(torch.autograd.Function):
         alibi_grad = alibi is not None and ctx.needs_input_grad[4]
         slope_sums = SlopeSums(q) if alibi_grad else None
         dq = torch.zeros(q.shape, dtype=cd, device=q.device)
-        k_cur, v_cur = k, with_ones_column(v)  # the values travel with their ones column
+        value_dim = v.shape[-1]
+        k_cur, v_cur = (k, v) if ctx.stats else (k, with_ones_column(v))  # (the anchor method's ones column)
         grads_in: RingExchange | None = None
         for step in range(ring.world):
             exchange = None
@@ -140,23 +143,27 @@ class RingAttentionFunction(torch.autograd.Function):
             step_saved, saved_blocks[step] = saved_blocks[step], None
             dk_step = dv_step = None
             for block in ring.blocks(step):
-                block_out, block_lse = step_saved.pop(0)  # freed once used
-                dq_b, dk_b, dv_b = block_backward(
-                    ring.rules, block, q, k_cur, v_cur, dout, lse, delta, block_out, block_lse
-                )
+                if ctx.stats:
+                    dq_b, dk_b, dv_b = block_backward_from_stats(ring.rules, block, q, k_cur, v_cur, dout, lse, delta)
+                else:
+                    block_out, block_lse = step_saved.pop(0)  # freed once used
+                    dq_b, dk_b, dv_b = block_backward(
+                        ring.rules, block, q, k_cur, v_cur, dout, lse, delta, block_out, block_lse
+                    )
+                    del block_out, block_lse
                 if slope_sums is not None and block.form == "mask":
-                    slope_sums.add(ring.rules, block, q, k_cur, v_cur[..., :-1], dout, lse)
+                    slope_sums.add(ring.rules, block, q, k_cur, v_cur[..., :value_dim], dout, lse)
                 dq[:, :, block.q0 : block.q1] += dq_b
                 if dk_step is None and block.k1 - block.k0 == k_cur.shape[2]:  # the whole shard: no copy
                     dk_step, dv_step = dk_b.to(cd), dv_b.to(cd)
                 else:
                     if dk_step is None:
-                        dk_step, dv_step = _zero_sums(k_cur, v_cur, cd)
+                        dk_step, dv_step = _zero_sums(k_cur, v_cur, value_dim, cd)
                     dk_step[:, :, block.k0 : block.k1] += dk_b
                     dv_step[:, :, block.k0 : block.k1] += dv_b
-                del dq_b, dk_b, dv_b, block_out, block_lse  # before the next block allocates its own
+                del dq_b, dk_b, dv_b  # before the next block allocates its own
             if dk_step is None:  # nothing visible at this step: zero sums still travel on
-                dk_step, dv_step = _zero_sums(k_cur, v_cur, cd)
+                dk_step, dv_step = _zero_sums(k_cur, v_cur, value_dim, cd)
             compute = time.perf_counter() - start
             wait = 0.0
             if grads_in is not None:  # the partial sums of shard `src` from the ranks before this one
