@@ -304,6 +304,12 @@ MUTATIONS = [
         "with AVX512-BF16)", cpp=True,
     ),
     Mutation(
+        "cpp-stats-backward-drops-delta", "csrc/cpu/attention_backward.h",
+        "      delta = scoring.row_delta[at];", "      delta = 0;",
+        _k("tests/test_cpu_backward_stats.py", "matches_autograd"),
+        "C++: the backward given the rows' statistics ignores the given delta", cpp=True,
+    ),
+    Mutation(
         "cpp-direct-takes-any-tensor", "csrc/cpu/attention_ops.cpp",
         "plain.isSupersetOf(t.key_set())", "true",
         _k("tests/test_direct_call.py", "negative_view"),
