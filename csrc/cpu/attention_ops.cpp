@@ -172,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_mask(mask, q);
   TORCH_CHECK(!need_mask_grad || (mask && mask->is_floating_point()), "fused_attention: no float mask to differentiate");
   TORCH_CHECK(!need_alibi_grad || alibi, "fused_attention: no alibi slopes to differentiate");
-  const int64_t batch = q.size(0), heads = q.size(1), len_q = q.size(2);
+  const int64_t batch = q.size(0), heads = q.size(1);
   const at::ScalarType acc = acc_dtype(q);
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
