@@ -86,7 +86,7 @@ TORCH_LIBRARY(fused_attention, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "fused_attention compiled kernels; ops live under torch.ops.fused_attention";
   module.def("cpu_attention_isa", &fused_attention::cpu::attention_isa,
-             "Instruction set the CPU attention kernels run with (baseline, avx2 or avx512)");
+             "Instruction set the CPU attention kernels run with (baseline, avx2, avx512, avx512bf16 or amx)");
   // The attention op's CPU forward past the dispatcher (fused_attention/ops/eager.py); None when the
   // dispatcher has work to do, and then the caller calls the op.
   module.def(

@@ -86,3 +86,10 @@ def test_statistics_of_the_wrong_shape_are_refused():
     lse = torch.zeros(2, 4, 36, dtype=torch.float64)
     with pytest.raises(RuntimeError, match=r"lse and delta must be \(B, Hq, L\)"):
         CPU.attention_backward_from_stats(_inputs(q, k, v, kwargs), dout, lse, lse)
+
+
+def test_upstream_gradient_of_the_wrong_shape_is_refused():
+    q, k, v, dout, kwargs = _case("plain")
+    lse = torch.zeros(2, 4, 37, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"dout must be \(B, Hq, L, Ev\)"):
+        CPU.attention_backward_from_stats(_inputs(q, k, v, kwargs), dout[:, :, :1], lse, lse)

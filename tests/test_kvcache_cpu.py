@@ -98,3 +98,31 @@ def test_bfloat16_decode_shapes(dims, seq_q, page_size):
                   dtype=torch.bfloat16, features=("causal", "softcap"), length=1001, dims=dims)
     with torch.no_grad():
         check_case(c, "cpu")
+
+
+def test_strided_cache_batch_idx():
+    """A strided int64 index (a view) picks the same rows as its contiguous copy."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 1, 4, 16, generator=gen)
+    k, v = torch.randn(10, 40, 2, 16, generator=gen), torch.randn(10, 40, 2, 16, generator=gen)
+    index = torch.tensor([4, 9, 0, 9, 2, 9])[::2]
+    lengths = torch.tensor([5, 40, 17], dtype=torch.int32)
+    with torch.no_grad():
+        got = fa.attention_with_kvcache(q, k, v, cache_seqlens=lengths, cache_batch_idx=index, backend="cpu")
+        want = fa.attention_with_kvcache(q, k, v, cache_seqlens=lengths, cache_batch_idx=index.contiguous(),
+                                         backend="torch")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("keys", [33, 34])
+def test_bfloat16_decode_infinite_value_stays_infinite(keys):
+    """An infinite value in the last key gives an infinite output, not NaN, with odd and even key counts
+    (the AVX512-BF16 product pairs an odd last key with zeros)."""
+    gen = torch.Generator().manual_seed(keys)
+    q = torch.randn(1, 4, 1, 64, generator=gen).bfloat16()
+    k = torch.randn(1, 1, keys, 64, generator=gen).bfloat16()
+    v = torch.randn(1, 1, keys, 64, generator=gen).bfloat16()
+    v[0, 0, keys - 1, 0] = float("inf")
+    with torch.no_grad():
+        out = fa.scaled_dot_product_attention(q, k, v, enable_gqa=True, backend="cpu")
+    assert torch.isinf(out[..., 0]).all() and torch.isfinite(out[..., 1:]).all()

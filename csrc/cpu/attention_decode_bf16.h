@@ -66,10 +66,11 @@ __attribute__((noinline)) void values_tile(int64_t n, const c10::BFloat16* p16, 
   for (int r = 0; r < Rows; ++r) {
     for (int b = 0; b < Blocks; ++b) lo[r][b] = hi[r][b] = _mm512_setzero_ps();
   }
-  const uint32_t* pairs = reinterpret_cast<const uint32_t*>(p16);  // (p_2j, p_2j+1) per word
+  // An odd last key pairs with a row of zeros (its partner's probability is 0, but 0 x inf is NaN).
+  alignas(64) static const c10::BFloat16 zeros[64] = {};
   for (int64_t j = 0; j < n; j += 2) {
     const c10::BFloat16* a = row_of(j) + f0;
-    const c10::BFloat16* b = j + 1 < n ? row_of(j + 1) + f0 : a;  // its probability is 0 (bf16_pairs)
+    const c10::BFloat16* b = j + 1 < n ? row_of(j + 1) + f0 : zeros;
     __m512bh x[Blocks], y[Blocks];
     for (int blk = 0; blk < Blocks; ++blk) {
       const __m512i va = _mm512_loadu_si512(a + 32 * blk), vb = _mm512_loadu_si512(b + 32 * blk);
@@ -77,7 +78,9 @@ __attribute__((noinline)) void values_tile(int64_t n, const c10::BFloat16* p16, 
       y[blk] = (__m512bh)_mm512_unpackhi_epi16(va, vb);
     }
     for (int r = 0; r < Rows; ++r) {
-      const __m512bh pr = (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[r * ldp / 2 + j / 2]));
+      int32_t pair;  // (p_j, p_j+1): one 32-bit word of the row
+      std::memcpy(&pair, p16 + r * ldp + j, sizeof(pair));
+      const __m512bh pr = (__m512bh)_mm512_set1_epi32(pair);
       for (int blk = 0; blk < Blocks; ++blk) {
         lo[r][blk] = _mm512_dpbf16_ps(lo[r][blk], x[blk], pr);
         hi[r][blk] = _mm512_dpbf16_ps(hi[r][blk], y[blk], pr);

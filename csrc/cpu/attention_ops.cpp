@@ -214,6 +214,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_from_stats_cpu
                 "fused_attention::attention_backward_from_stats: lse and delta must be (B, Hq, L) = (", batch, ", ",
                 heads, ", ", len_q, "), got ", t->sizes());
   }
+  TORCH_CHECK(dout.dim() == 4 && dout.size(0) == batch && dout.size(1) == heads && dout.size(2) == len_q &&
+                  dout.size(3) == v.size(3),
+              "fused_attention::attention_backward_from_stats: dout must be (B, Hq, L, Ev), got ", dout.sizes());
   const at::Tensor row_lse = lse.to(acc).contiguous(), row_delta = delta.to(acc).contiguous();
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());

@@ -1,7 +1,8 @@
 // CPU implementation of fused_attention::kvcache_attention: attention over a KV cache read where it lies,
 // contiguous or paged (fused_attention/kvcache/cpu_cache.py). The caches become paged Operands
-// (attention_problem.h), so the kernels that serve the regular op (the decode forward for a few query
-// rows, the blocked forward beyond) read each page in place: nothing is gathered or copied.
+// (attention_problem.h), so the kernels that serve the regular op read each page in place: the decode
+// forward (up to 16 query rows) uses the rows where they lie; the blocked forward beyond packs each
+// sequence's keys into its tiles, as for any call. Nothing is gathered first.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

@@ -123,7 +123,8 @@ def attention_with_kvcache(
             capacity raises (checked on the host for CPU tensors; off the CPU under
             ``FUSED_ATTENTION_CHECKS=1``).
         cache_batch_idx: int ``(B,)``: the cache row each batch entry uses (default ``b``); rows may not
-            repeat when appending. Not with ``block_table``. Selected rows are copied for the attention.
+            repeat when appending. Not with ``block_table``. Selected rows are read in place (copied
+            on ``torch``).
         cache_leftpad: int ``(B,)``: the cache of entry ``b`` starts at ``cache_leftpad[b]``; keys before it
             are masked. Must lie in ``[0, cache_seqlens[b]]``. Positions (masks, RoPE, ALiBi) are cache
             indices either way.

@@ -23,7 +23,7 @@ def _pages(call: KVCacheCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         return k, v, call.block_table.contiguous()
     batch = call.q.shape[0]
     rows = call.batch_idx if call.batch_idx is not None else torch.arange(batch, device=k.device)
-    return k, v, rows.view(batch, 1)
+    return k, v, rows.reshape(batch, 1).contiguous()  # the op wants unit-stride table rows
 
 
 def cache_attention(
