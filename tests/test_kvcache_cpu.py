@@ -62,7 +62,7 @@ def _decode_step(page_size: int | None):
 @pytest.mark.parametrize("page_size", [None, 16])
 def test_nothing_is_gathered(page_size):
     q, k, v, table, seqlens = _decode_step(page_size)
-    call = dict(cache_seqlens=seqlens, block_table=table, is_causal=True, return_lse=True, backend="cpu")
+    call = {"cache_seqlens": seqlens, "block_table": table, "is_causal": True, "return_lse": True, "backend": "cpu"}
     with torch.no_grad():
         fa.attention_with_kvcache(q, k, v, **call)  # warm-up: first-call allocations are not the call's
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
