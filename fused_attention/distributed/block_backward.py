@@ -68,8 +68,7 @@ def block_backward_from_stats(
     """``(dq, dk, dv)`` of the block's rows and keys from one backward call given the global ``lse`` and
     ``delta`` (:func:`stats_backend` said the backend has it); ``v`` the plain values."""
     rows, cols = slice(block.q0, block.q1), slice(block.k0, block.k1)
-    mask_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    mask = block_mask(rules, block, q.device, mask_dtype) if block.form == "mask" else None
+    mask = block_mask(rules, block, q.device, accumulation_dtype(q.dtype)) if block.form == "mask" else None
     kwargs = {"window_size": (-1, block.window_right)} if block.form == "band" else {}
     inputs = canonicalize(
         q[:, :, rows], k[:, :, cols], v[:, :, cols], mask, 0.0, False, rules.scale, rules.enable_gqa,

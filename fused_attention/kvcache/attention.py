@@ -16,7 +16,7 @@ from functools import partial
 import torch
 
 from ..functional import scaled_dot_product_attention
-from ..merge import _merge_aligned, fold_sinks_
+from ..merge import _merge_aligned, accumulation_dtype, fold_sinks_
 from .append import append_, rotate_new, write_index
 from .cpu_cache import cache_attention
 from .masks import needs_positions, position_mask
@@ -37,8 +37,7 @@ def _gathered(call: KVCacheCall, q: torch.Tensor, backend: str | None) -> Callab
     """Attention over key range ``[start, stop)`` of the gathered keys through the regular attention."""
     keys, values = gather_keys_values(call)
     total = call.seqlens + call.new_len
-    mask_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    mask = position_mask(call, total, keys.shape[2], mask_dtype) if needs_positions(call) else None
+    mask = position_mask(call, total, keys.shape[2], accumulation_dtype(q.dtype)) if needs_positions(call) else None
     qh = q.transpose(1, 2)
     common = {
         "scale": call.scale, "enable_gqa": qh.shape[1] != keys.shape[1], "softcap": call.softcap,

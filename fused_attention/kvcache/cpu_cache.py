@@ -12,18 +12,8 @@ from __future__ import annotations
 import torch
 
 from .masks import visible_window
+from .paged import page_table
 from .validate import KVCacheCall
-
-
-def _pages(call: KVCacheCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(k, v, table)``: the caches as ``(pages, Hkv, page_size, D)`` views and the int64 ``(B, pages)``
-    table of each batch entry's pages."""
-    k, v = call.k_cache.transpose(1, 2), call.v_cache.transpose(1, 2)
-    if call.block_table is not None:
-        return k, v, call.block_table.contiguous()
-    batch = call.q.shape[0]
-    rows = call.batch_idx if call.batch_idx is not None else torch.arange(batch, device=k.device)
-    return k, v, rows.reshape(batch, 1).contiguous()  # the op wants unit-stride table rows
 
 
 def cache_attention(
@@ -31,11 +21,11 @@ def cache_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` of ``q`` ``(B, Lq, Hq, D)`` over the keys at cache
     positions ``[start, stop)`` (a key split; the caches already hold the appended keys)."""
-    k, v, table = _pages(call)
+    k, v = call.k_cache.transpose(1, 2), call.v_cache.transpose(1, 2)  # (pages, Hkv, page_size, D)
     total = call.seqlens + call.new_len
     begin = total.new_full(total.shape, start) if call.leftpad is None else call.leftpad.clamp(min=start)
     left, right = visible_window(call)
     return torch.ops.fused_attention.kvcache_attention(
-        q.transpose(1, 2), k, v, table, total, begin, total.clamp(max=stop), call.alibi_slopes, sinks, left,
+        q.transpose(1, 2), k, v, page_table(call), total, begin, total.clamp(max=stop), call.alibi_slopes, sinks, left,
         right, call.softcap or 0.0, call.scale,
     )

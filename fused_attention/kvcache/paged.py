@@ -7,6 +7,17 @@ import torch
 from .validate import KVCacheCall
 
 
+def page_table(call: KVCacheCall) -> torch.Tensor:
+    """Each batch entry's pages, int64 ``(B, pages)`` with unit-stride rows: the block table of a paged
+    cache, or for a contiguous one a single page of ``S_max`` keys per entry (its cache row, the
+    ``cache_batch_idx`` entry when given), so kernels that read pages read both kinds in place."""
+    if call.block_table is not None:
+        return call.block_table.contiguous()
+    batch = call.q.shape[0]
+    rows = call.batch_idx if call.batch_idx is not None else torch.arange(batch, device=call.q.device)
+    return rows.reshape(batch, 1).contiguous()
+
+
 def gather_keys_values(call: KVCacheCall) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, Hkv, S_k, D)`` keys and values: views of a contiguous cache (no copy), a copy of the rows
     ``cache_batch_idx`` selects, or, for a paged cache, its pages concatenated in block-table order.

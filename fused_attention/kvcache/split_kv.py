@@ -10,6 +10,7 @@ from ..backends.base import Backend
 from ..backends.dispatch import select
 from ..inputs import canonicalize
 from ..merge import merge_splits
+from .paged import page_table
 from .validate import KVCacheCall
 
 
@@ -37,11 +38,7 @@ def split_kv_attention(call: KVCacheCall, q: torch.Tensor) -> tuple[torch.Tensor
 
     k_cache, v_cache = call.k_cache, call.v_cache
     batch = q.shape[0]
-    if call.block_table is not None:
-        table = call.block_table
-    else:  # a contiguous cache: one page of S_max keys per batch entry, its cache row
-        rows = call.batch_idx if call.batch_idx is not None else torch.arange(batch, device=q.device)
-        table = rows.view(batch, 1)
+    table = page_table(call)
     total = call.seqlens + call.new_len
     splits = call.num_splits or default_splits(batch, k_cache.shape[2], call.capacity, q.device)
     outs, lses = kvcache_decode(
