@@ -217,6 +217,25 @@ def test_inputs_not_mutated(backend):
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, after))
 
 
+NONPOSITIVE_SCALE_FEATURES = [(), ("alibi",), ("alibi", "causal"), ("softcap",), ("alibi", "softcap", "window")]
+
+
+def check_nonpositive_scale(backend, features, scale):
+    """A scale <= 0 is the caller's right (torch takes any float): scores flip sign or vanish, and ALiBi's
+    bias then stands alone. In float16 the Triton forward takes its row maximum in units of the scale
+    (q flipped for a negative one, the bias divided by it), which these values must not break."""
+    require(backend, torch.float16)
+    torch.manual_seed(12)
+    q, k, v, kwargs = _inputs(set(features), torch.float16)
+    check_attention(backend, q, k, v, scale=scale, **kwargs)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0], ids=["negative", "zero"])
+@pytest.mark.parametrize("features", NONPOSITIVE_SCALE_FEATURES, ids=lambda f: "+".join(f) or "plain")
+def test_negative_and_zero_scale(backend, features, scale):
+    check_nonpositive_scale(backend, features, scale)
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("per_batch", [False, True], ids=["slopes_H", "slopes_BH"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)

@@ -15,7 +15,15 @@ import itertools
 import pytest
 import torch
 from conftest import assert_policy, check_attention, rand, serves
-from test_attention import DROPOUT_FEATURES, FEATURES, TRIPLES, _inputs, check_dropout_against_reference
+from test_attention import (
+    DROPOUT_FEATURES,
+    FEATURES,
+    NONPOSITIVE_SCALE_FEATURES,
+    TRIPLES,
+    _inputs,
+    check_dropout_against_reference,
+    check_nonpositive_scale,
+)
 from test_attention import test_fully_masked_rows_are_zero_with_finite_gradients as fully_masked_rows_check
 from test_varlen import _check
 
@@ -103,6 +111,14 @@ def test_odd_sizes(seq_q, seq_k, head_dim, features, plain):
 @pytest.mark.parametrize("dtype", DTYPES if DEVICE.type == "cuda" else DTYPES[:2], ids=str)
 def test_fully_masked_rows_are_zero_with_finite_gradients(dtype):
     fully_masked_rows_check("triton", dtype)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0], ids=["negative", "zero"])
+@pytest.mark.parametrize("features", NONPOSITIVE_SCALE_FEATURES, ids=lambda f: "+".join(f) or "plain")
+def test_negative_and_zero_scale(features, scale):
+    """Every case (the shared suite samples them): a 16-bit forward scales its row maximum, ALiBi's bias
+    and softcap's tanh by deferred positive factors, which a zero or negative scale must not break."""
+    check_nonpositive_scale("triton", features, scale)
 
 
 def test_empty_sequences():

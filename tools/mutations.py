@@ -207,12 +207,12 @@ MUTATIONS = [
     # --- Triton kernels (under the interpreter on CPU) ---
     Mutation(
         "triton-alibi-sign", "fused_attention/kernels/triton/attention_tiles.py",
-        "return slope * tl.abs(i + shift - j).to(tl.float32)", "return -slope * tl.abs(i + shift - j).to(tl.float32)",
+        "return slope * tl.abs((i + shift - j).to(tl.float32))", "return -slope * tl.abs((i + shift - j).to(tl.float32))",
         _k("tests/test_triton_attention.py", "alibi"), "Triton: ALiBi bias added instead of subtracted",
     ),
     Mutation(
         "triton-dropout-never-drops", "fused_attention/kernels/triton/attention_tiles.py",
-        "return tl.uint_to_uniform_float(r) >= dropout_p", "return tl.uint_to_uniform_float(r) >= 0.0",
+        "return r >= threshold", "return r >= 0",
         _k(ATT, "triton and dropout_keeps"), "Triton: dropout rescales but never drops",
     ),
     # --- context parallelism (spawned gloo ranks, one group size) ---

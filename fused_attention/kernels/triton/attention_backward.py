@@ -142,7 +142,7 @@ def attention_dkdv_kernel(
             dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             p_kept = p
             if DROPOUT:
-                keep = dropout_keep(seed, stream, rows, cols, dropout_p)
+                keep = tl.trans(dropout_keep(seed, stream, offs_m[:, None], n0, dropout_p, BLOCK_N))
                 p_kept = tl.where(keep, p * keep_scale, 0.0)
                 dp = tl.where(keep, dp * keep_scale, 0.0)
             dv += tl.dot(p_kept.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -225,7 +225,7 @@ def _dq_tile(
     p = tl.exp(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
-        keep = dropout_keep(seed, stream, rows, cols, dropout_p)
+        keep = dropout_keep(seed, stream, rows, n0, dropout_p, BLOCK_N)
         dp = tl.where(keep, dp * keep_scale, 0.0)
     return k, p, dp, t
 

@@ -26,11 +26,12 @@ from .attention_tiles import (
     alibi_bias,
     dropout_keep,
     interior_range,
+    key_bounds,
     key_range,
+    keys_within,
     scores,
     tanh,
     tanh_approx,
-    visible_keys,
 )
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -49,24 +50,26 @@ def _exp(x, NATURAL: tl.constexpr):
 
 @triton.jit
 def tile_scores(
-    s, rows, cols, mask_base, stride_mm, stride_mn,
-    seq_q, seq_k, qk_scale, log2_softcap, slope2, window_left, window_right, key_length,
-    CHECKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK: tl.constexpr, KEY_LENGTHS: tl.constexpr,
-    FAST_TANH: tl.constexpr,
+    s, rows, cols, first, last, mask_base, stride_mm, stride_mn,
+    seq_q, seq_k, qk_scale, log2_softcap, slope2,
+    CHECKED: tl.constexpr, WINDOW_LEFT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    MASK: tl.constexpr, FAST_TANH: tl.constexpr, DEFER: tl.constexpr,
 ):
-    """A tile's scores from ``s = q . k`` in log2 units, ``-inf`` where a key is hidden; left raw
-    (unscaled) when no softcap, ALiBi or float mask applies (see :func:`_key_tiles`)."""
-    shift = seq_k - seq_q
+    """A tile's scores from ``s = q . k`` in log2 units, ``-inf`` where a key is hidden. ``DEFER``: in
+    units of the positive factor :func:`_key_tiles` applies later (``softcap * log2(e)`` with a
+    softcap, else the scale), so that the factor joins the row maximum once per row and the exponent's
+    multiply-add; ``slope2`` is then in those units too."""
     if SOFTCAP:  # softcap * tanh(qk * scale / softcap), in log2 units
         if FAST_TANH:
-            s = log2_softcap * tanh_approx(s * qk_scale)
+            s = tanh_approx(s * qk_scale)
         else:
-            s = log2_softcap * tanh(s * qk_scale)
-    elif ALIBI or MASK == 2:
+            s = tanh(s * qk_scale)
+        if not DEFER:
+            s = s * log2_softcap
+    elif not DEFER:
         s = s * qk_scale
     if ALIBI:
-        s = s - alibi_bias(slope2, rows, cols, shift)
+        s = s - alibi_bias(slope2, rows, cols, seq_k - seq_q)
     if MASK != 0:
         m = tl.load(mask_base + rows.to(tl.int64) * stride_mm + cols.to(tl.int64) * stride_mn,
                     mask=(rows < seq_q) & (cols < seq_k), other=0)
@@ -74,28 +77,31 @@ def tile_scores(
             s = tl.where(m != 0, s, float("-inf"))
         else:
             s = s + m.to(tl.float32) * _LOG2E
-    if CHECKED:
-        s = tl.where(visible_keys(rows, cols, seq_q, seq_k, window_left, window_right, key_length,
-                                  CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS), s, float("-inf"))
+    if CHECKED:  # the row's key bounds (from key_bounds), one compare per element
+        s = tl.where(keys_within(cols, first, last, WINDOW_LEFT), s, float("-inf"))
     return s
 
 
 @triton.jit
 def _key_tiles(
-    acc, row_max, row_sum, q, k_base, v_base, mask_base, lo, hi, rows, offs_d, offs_dv,
+    acc, row_max, row_sum, q, k_base, v_base, mask_base, lo, hi, rows, first, last, offs_d, offs_dv,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
     seq_q, seq_k, head_dim, value_head_dim, qk_scale, log2_softcap, slope2, window_left, window_right, key_length,
     dropout_p, seed, stream,
-    CHECKED: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, WIDE_TILES: tl.constexpr,
+    CHECKED: tl.constexpr, RAGGED: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, WIDE_TILES: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, MASK: tl.constexpr, KEY_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, NATURAL: tl.constexpr,
 ):
     """Online softmax over the key tiles ``[lo, hi)``; ``CHECKED`` tiles apply the visibility rules
-    per element, the others are fully visible (only the user's mask, if any, hides keys there).
+    per element, the others are fully visible (only the user's mask, if any, hides keys there);
+    ``RAGGED`` tiles may reach past ``seq_k`` and load their key rows under a bound.
     ``NATURAL``: natural-log units and the backward's own score expression (see the kernel)."""
-    # Scores that are not a positive multiple of q . k take their row maximum after the features.
-    raw_max: tl.constexpr = not SOFTCAP and not ALIBI and MASK != 2 and not NATURAL
+    # Scores in units of a positive factor (see tile_scores) take it in the row maximum, once per row.
+    defer: tl.constexpr = MASK != 2 and not NATURAL
+    factor = qk_scale
+    if SOFTCAP:
+        factor = log2_softcap
     # Only then can a row have seen nothing but -inf, whose exponent base must stay finite.
     guard: tl.constexpr = CHECKED or MASK != 0 or NATURAL
     offs_tile = tl.arange(0, BLOCK_N)[:, None]
@@ -117,7 +123,7 @@ def _key_tiles(
         k_ptrs = k_tile + k_offsets
         v_ptrs = v_tile + v_offsets
         # Masks built in constexpr branches: Triton 3.2's interpreter cannot OR a constexpr into a tensor.
-        if CHECKED:
+        if RAGGED:
             k_mask = offs_n[:, None] < seq_k
             v_mask = k_mask
             if not EVEN_D:
@@ -126,7 +132,7 @@ def _key_tiles(
         elif not EVEN_D:
             k_mask = offs_d[None, :] < head_dim
             v_mask = offs_dv[None, :] < value_head_dim
-        if CHECKED or not EVEN_D:
+        if RAGGED or not EVEN_D:
             k = tl.load(k_ptrs, mask=k_mask, other=0.0)
         else:
             k = tl.load(k_ptrs)
@@ -138,26 +144,26 @@ def _key_tiles(
             )
         else:
             s = tile_scores(
-                tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), rows, cols, mask_base, stride_mm, stride_mn,
-                seq_q, seq_k, qk_scale, log2_softcap, slope2, window_left, window_right, key_length,
-                CHECKED, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI, MASK, KEY_LENGTHS, FAST_TANH,
+                tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), rows, cols, first, last, mask_base,
+                stride_mm, stride_mn, seq_q, seq_k, qk_scale, log2_softcap, slope2,
+                CHECKED, WINDOW_LEFT, SOFTCAP, ALIBI, MASK, FAST_TANH, defer,
             )
-        if raw_max:
-            new_max = tl.maximum(row_max, tl.max(s, 1) * qk_scale)
+        if defer:
+            new_max = tl.maximum(row_max, tl.max(s, 1) * factor)
         else:
             new_max = tl.maximum(row_max, tl.max(s, 1))
         base = new_max
         if guard:  # exp2(-inf - 0) = 0, never NaN
             base = tl.where(new_max == float("-inf"), 0.0, new_max)
         alpha = _exp(row_max - base, NATURAL)
-        if raw_max:
-            p = tl.math.exp2(s * qk_scale - base[:, None])
+        if defer:
+            p = tl.math.exp2(s * factor - base[:, None])
         else:
             p = _exp(s - base[:, None], NATURAL)
         row_sum = row_sum * alpha + tl.sum(p, 1)  # the softmax denominator is taken before dropout
         if DROPOUT:  # the kept values' 1 / (1 - p) is applied to the output once, at the end
-            p = tl.where(dropout_keep(seed, stream, rows, cols, dropout_p), p, 0.0)
-        if CHECKED or not EVEN_D:
+            p = tl.where(dropout_keep(seed, stream, rows, n0, dropout_p, BLOCK_N), p, 0.0)
+        if RAGGED or not EVEN_D:
             v = tl.load(v_ptrs, mask=v_mask, other=0.0)
         else:
             v = tl.load(v_ptrs)
@@ -235,10 +241,18 @@ def attention_forward_kernel(
     elif SOFTCAP:
         qk_scale = scale / softcap
         log2_softcap = softcap * _LOG2E
-    elif not ALIBI and MASK != 2:
-        # the row maximum is taken on raw q . k: a negative scale flips q (exactly) instead
+    elif MASK != 2:
+        # the row maximum is taken on q . k in units of the scale, which must be positive: a negative
+        # scale flips q (exactly) instead, a zero one becomes q = 0 in units of 1 (a hidden key's -inf
+        # times 0 would be NaN; ALiBi's bias then stands alone)
         q = tl.where(scale < 0, -q, q)
-        qk_scale = tl.abs(qk_scale)
+        q = tl.where(scale == 0, tl.zeros_like(q), q)
+        qk_scale = tl.where(scale == 0, 1.0, tl.abs(qk_scale))
+    if ALIBI and MASK != 2 and not NATURAL:  # the slope in units of the deferred factor (tile_scores)
+        if SOFTCAP:
+            slope2 = slope2 / log2_softcap
+        else:
+            slope2 = slope2 / qk_scale
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -251,29 +265,42 @@ def attention_forward_kernel(
         m0, lo, hi, seq_q, seq_k, window_left, window_right, key_length,
         BLOCK_M, BLOCK_N, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
     )
+    first, last = key_bounds(rows, seq_q, seq_k, window_left, window_right, key_length,
+                             CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS)
     if WINDOW_LEFT:
         acc, row_max, row_sum = _key_tiles(
-            acc, row_max, row_sum, q, k_base, v_base, mask_base, lo, a, rows, offs_d, offs_dv,
+            acc, row_max, row_sum, q, k_base, v_base, mask_base, lo, a, rows, first, last, offs_d, offs_dv,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
             seq_q, seq_k, head_dim, value_head_dim, qk_scale, log2_softcap, slope2, window_left, window_right,
             key_length, dropout_p, seed, stream,
-            True, BLOCK_N, EVEN_D, WIDE_TILES, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI, MASK, KEY_LENGTHS, DROPOUT,
+            True, True, BLOCK_N, EVEN_D, WIDE_TILES, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI, MASK, KEY_LENGTHS, DROPOUT,
             DOT_PRECISION, FAST_TANH, NATURAL,
         )
     acc, row_max, row_sum = _key_tiles(
-        acc, row_max, row_sum, q, k_base, v_base, mask_base, a, z, rows, offs_d, offs_dv,
+        acc, row_max, row_sum, q, k_base, v_base, mask_base, a, z, rows, first, last, offs_d, offs_dv,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
         seq_q, seq_k, head_dim, value_head_dim, qk_scale, log2_softcap, slope2, window_left, window_right,
         key_length, dropout_p, seed, stream,
-        False, BLOCK_N, EVEN_D, WIDE_TILES, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI, MASK, KEY_LENGTHS, DROPOUT,
+        False, False, BLOCK_N, EVEN_D, WIDE_TILES, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI, MASK, KEY_LENGTHS, DROPOUT,
         DOT_PRECISION, FAST_TANH, NATURAL,
     )
+    # the masked tiles: whole ones (diagonal, window right edge) load unbounded, a ragged end bounded
+    e = z + ((hi - z) // BLOCK_N) * BLOCK_N
     acc, row_max, row_sum = _key_tiles(
-        acc, row_max, row_sum, q, k_base, v_base, mask_base, z, hi, rows, offs_d, offs_dv,
+        acc, row_max, row_sum, q, k_base, v_base, mask_base, z, e, rows, first, last, offs_d, offs_dv,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
         seq_q, seq_k, head_dim, value_head_dim, qk_scale, log2_softcap, slope2, window_left, window_right,
         key_length, dropout_p, seed, stream,
-        True, BLOCK_N, EVEN_D, WIDE_TILES, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI, MASK, KEY_LENGTHS, DROPOUT,
+        True, False, BLOCK_N, EVEN_D, WIDE_TILES, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI, MASK, KEY_LENGTHS, DROPOUT,
+        DOT_PRECISION, FAST_TANH, NATURAL,
+    )
+
+    acc, row_max, row_sum = _key_tiles(
+        acc, row_max, row_sum, q, k_base, v_base, mask_base, e, hi, rows, first, last, offs_d, offs_dv,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+        seq_q, seq_k, head_dim, value_head_dim, qk_scale, log2_softcap, slope2, window_left, window_right,
+        key_length, dropout_p, seed, stream,
+        True, True, BLOCK_N, EVEN_D, WIDE_TILES, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI, MASK, KEY_LENGTHS, DROPOUT,
         DOT_PRECISION, FAST_TANH, NATURAL,
     )
 

@@ -123,8 +123,41 @@ def query_range(
 
 @triton.jit
 def alibi_bias(slope, i, j, shift):
-    """What ALiBi subtracts from a score: ``slope * |i + shift - j|`` (query ``i`` at key ``i + shift``)."""
-    return slope * tl.abs(i + shift - j).to(tl.float32)
+    """What ALiBi subtracts from a score: ``slope * |i + shift - j|`` (query ``i`` at key ``i + shift``).
+    The absolute value is taken in float (exactly the integer's): on the GPU it is then an operand
+    modifier of the multiply, not an instruction per distance."""
+    return slope * tl.abs((i + shift - j).to(tl.float32))
+
+
+@triton.jit
+def key_bounds(
+    i, seq_q, seq_k, window_left, window_right, key_length,
+    CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, KEY_LENGTHS: tl.constexpr,
+):
+    """``(first, last)``: query ``i`` may see keys ``first <= j <= last`` by the bounds, causal, window
+    and key-length rules (``first`` is only meaningful with a left window). Per query, so a masked tile
+    checks each element against one bound (two with a left window) instead of every rule."""
+    shift = seq_k - seq_q
+    last = i * 0 + (seq_k - 1)
+    if CAUSAL:
+        last = tl.minimum(last, i)
+    if WINDOW_RIGHT:
+        last = tl.minimum(last, i + shift + window_right)
+    if KEY_LENGTHS:
+        last = tl.minimum(last, key_length - 1)
+    first = i * 0
+    if WINDOW_LEFT:
+        first = i + shift - window_left
+    return first, last
+
+
+@triton.jit
+def keys_within(j, first, last, WINDOW_LEFT: tl.constexpr):
+    """Whether key ``j`` lies in ``[first, last]`` (from :func:`key_bounds`)."""
+    visible = j <= last
+    if WINDOW_LEFT:
+        visible = visible & (j >= first)
+    return visible
 
 
 @triton.jit
@@ -134,17 +167,9 @@ def visible_keys(
 ):
     """Whether query ``i`` may see key ``j`` by the bounds, causal, window and key-length rules (the
     query bound ``i < seq_q`` is the caller's: the forward never stores rows past it)."""
-    shift = seq_k - seq_q
-    visible = j < seq_k
-    if CAUSAL:
-        visible = visible & (j <= i)
-    if WINDOW_LEFT:
-        visible = visible & (j >= i + shift - window_left)
-    if WINDOW_RIGHT:
-        visible = visible & (j <= i + shift + window_right)
-    if KEY_LENGTHS:
-        visible = visible & (j < key_length)
-    return visible
+    first, last = key_bounds(i, seq_q, seq_k, window_left, window_right, key_length,
+                             CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS)
+    return keys_within(j, first, last, WINDOW_LEFT)
 
 
 @triton.jit
@@ -183,12 +208,20 @@ def scores(
 
 
 @triton.jit
-def dropout_keep(seed, stream, i, j, dropout_p):
-    """Keep-mask of a tile: Philox keyed by ``seed``, counted by (key, query, batch * heads + head).
+def dropout_keep(seed, stream, i, n0, dropout_p, BLOCK_N: tl.constexpr):
+    """Keep-mask of the ``(queries i, keys n0 .. n0 + BLOCK_N)`` tile (``i`` a ``(BLOCK_M, 1)`` column,
+    ``n0`` a multiple of 4; the dK/dV pass transposes the result).
 
-    A pure function of absolute indices, so the backward passes, whatever their tile shapes,
-    regenerate exactly the forward's mask without storing it.
+    Philox keyed by ``seed`` and counted by (key // 4, query, batch * heads + head): one call gives
+    the four keys of a quad their four outputs. A pure function of absolute indices, so the backward
+    passes, whatever their tile shapes, regenerate exactly the forward's mask without storing it.
+    An entry is kept when its 32-bit output is at least ``dropout_p * 2**32``.
     """
-    zero = (i * 0 + j * 0).to(tl.uint32)
-    r, _, _, _ = tl.philox(seed, (j + zero).to(tl.uint32), (i + zero).to(tl.uint32), zero + stream.to(tl.uint32), zero)
-    return tl.uint_to_uniform_float(r) >= dropout_p
+    quads = (n0 // 4 + tl.arange(0, BLOCK_N // 4))[None, :]
+    zero = (i * 0 + quads * 0).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, quads.to(tl.uint32) + zero, i.to(tl.uint32) + zero,
+                               zero + stream.to(tl.uint32), zero)
+    r = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # key 4q + w takes output w
+    # the largest float32 below 2**32 bounds the threshold (dropout_p < 1)
+    threshold = tl.minimum(dropout_p * 4294967296.0, 4294967040.0).to(tl.uint32)
+    return r >= threshold
