@@ -126,7 +126,9 @@ def main() -> int:
         for kernel, pass_name, args in _launches(dtype, opts.head_dim, features, arch, opts.batch, opts.heads,
                                                  opts.kv_heads, opts.seq):
             block_d = max(args["BLOCK_D"], args["BLOCK_DV"])
-            tiles = attention_configs.candidates(pass_name, arch, block_d, dtype.itemsize)
+            tiles = attention_configs.candidates(pass_name, arch, block_d, dtype.itemsize,
+                                                 bool(args["DROPOUT"] or args["MASK"]),
+                                                 ieee=args["DOT_PRECISION"] == "ieee")
             for tile in tiles if opts.all_tiles else tiles[:1]:
                 compiled = _compile(kernel, args, tile, arch)
                 ttgir = compiled.asm["ttgir"]

@@ -78,16 +78,34 @@ def _fits(tile: Tile, pass_name: str, arch: int, block_d: int, elem_bytes: int) 
     return registers_ok and _shared_estimate(tile, pass_name, block_d, elem_bytes) <= budget
 
 
+# float32 with IEEE products (torch's default): no tensor cores, so the products are FMA loops whose
+# operands live in registers, and only small tiles keep from spilling. Each tile with the padded head
+# dims at which it compiles spill-free (benchmarks/results/2026-12-03-triton-static-fp32.md).
+_IEEE_CANDIDATES: dict[tuple[str, int], tuple[tuple[Tile, int, int], ...]] = {
+    ("forward", 80): ((Tile(64, 32, 8, 2), 16, 64), (Tile(32, 16, 4, 2), 16, 128), (Tile(32, 16, 8, 2), 256, 256)),
+    ("forward", 90): ((Tile(64, 32, 8, 2), 16, 64), (Tile(32, 16, 4, 2), 16, 128), (Tile(32, 16, 8, 2), 256, 256)),
+    ("backward_dkdv", 80): ((Tile(16, 64, 8, 2), 16, 128), (Tile(16, 32, 8, 1), 256, 256)),
+    ("backward_dkdv", 90): ((Tile(16, 64, 8, 2), 16, 64), (Tile(16, 16, 4, 2), 128, 128), (Tile(16, 32, 8, 2), 256, 256)),
+    ("backward_dq", 80): ((Tile(64, 16, 8, 2), 16, 64), (Tile(32, 16, 4, 2), 16, 128), (Tile(16, 16, 4, 2), 256, 256)),
+    ("backward_dq", 90): ((Tile(32, 16, 4, 2), 16, 128), (Tile(16, 16, 4, 2), 256, 256)),
+}
+
 # Small enough for float32 at head dim 256 on sm_80 (the compile test checks it).
 _FALLBACK = {"forward": Tile(64, 16, 4, 1), "backward_dkdv": Tile(16, 32, 4, 1), "backward_dq": Tile(32, 16, 4, 1)}
 
 
-def candidates(pass_name: str, arch: int, block_d: int, elem_bytes: int, heavy: bool = False) -> list[Tile]:
+def candidates(
+    pass_name: str, arch: int, block_d: int, elem_bytes: int, heavy: bool = False, ieee: bool = False
+) -> list[Tile]:
     """The tiles the autotuner may pick for ``pass_name`` on ``arch`` at padded head dim ``block_d``
     (the larger of the q/k and v head dims) for inputs of ``elem_bytes`` bytes per element; ``heavy``:
-    dropout or a mask is used. The first is deterministic mode's."""
-    tiles = [t for t in _CANDIDATES[pass_name, arch] if _fits(t, pass_name, arch, block_d, elem_bytes)
-             and not (heavy and (pass_name, t) in _SPILL_WHEN_HEAVY)]
+    dropout or a mask is used; ``ieee``: float32 with IEEE products. The first is deterministic mode's."""
+    if ieee:
+        tiles = [t for t, narrowest, widest in _IEEE_CANDIDATES[pass_name, arch]
+                 if narrowest <= block_d <= widest and _fits(t, pass_name, arch, block_d, elem_bytes)]
+    else:
+        tiles = [t for t in _CANDIDATES[pass_name, arch] if _fits(t, pass_name, arch, block_d, elem_bytes)
+                 and not (heavy and (pass_name, t) in _SPILL_WHEN_HEAVY)]
     return tiles or [_FALLBACK[pass_name]]
 
 
@@ -97,4 +115,7 @@ def all_candidates(pass_name: str) -> list[Tile]:
     for arch in ARCHS:
         for tile in _CANDIDATES[pass_name, arch]:
             seen[tile] = None
+        for tile, _, _ in _IEEE_CANDIDATES[pass_name, arch]:
+            seen[tile] = None
+    seen[_FALLBACK[pass_name]] = None
     return list(seen)
