@@ -127,7 +127,7 @@ def main() -> int:
                                                  opts.kv_heads, opts.seq):
             block_d = max(args["BLOCK_D"], args["BLOCK_DV"])
             tiles = attention_configs.candidates(pass_name, arch, block_d, dtype.itemsize,
-                                                 bool(args["DROPOUT"] or args["MASK"]),
+                                                 attention_configs.features_of(args),
                                                  ieee=args["DOT_PRECISION"] == "ieee")
             for tile in tiles if opts.all_tiles else tiles[:1]:
                 compiled = _compile(kernel, args, tile, arch)

@@ -136,7 +136,7 @@ def tiles_for(pass_name: str, args: dict[str, Any], arch: int, deterministic: bo
 
     block_d = max(args["BLOCK_D"], args["BLOCK_DV"])
     tiles = attention_configs.candidates(pass_name, arch, block_d, args["Q"].element_size(),
-                                         bool(args["DROPOUT"] or args["MASK"]), ieee=args["DOT_PRECISION"] == "ieee")
+                                         attention_configs.features_of(args), ieee=args["DOT_PRECISION"] == "ieee")
     return tiles[:1] if deterministic else tiles
 
 

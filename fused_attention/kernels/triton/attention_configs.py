@@ -25,7 +25,8 @@ class Tile:
 _CANDIDATES: dict[tuple[str, int], tuple[Tile, ...]] = {
     # forward: 8 warps for 128 query rows (4 spill on sm_80: 214 spill stores); benchmarks/triton_static.py
     ("forward", 80): (Tile(128, 64, 8, 3), Tile(64, 64, 4, 3), Tile(64, 32, 4, 2)),
-    ("forward", 90): (Tile(128, 128, 8, 3), Tile(128, 64, 8, 3), Tile(64, 64, 4, 2)),
+    # 128x32 w8: TF32 at head dim 128 (64x64 w4 spills 267 stores there), bfloat16 at 256 (41 -> 7)
+    ("forward", 90): (Tile(128, 128, 8, 3), Tile(128, 64, 8, 3), Tile(128, 32, 8, 2), Tile(64, 64, 4, 2)),
     # dK/dV: a program holds a key block and its dK/dV accumulators, and walks query blocks; the key
     # block is every matmul's M (wgmma on sm_90: >= 64). 64 x 128 spills on sm_90 (bf16, head dim 128).
     ("backward_dkdv", 80): (Tile(32, 128, 8, 2), Tile(32, 64, 4, 2), Tile(16, 64, 4, 2)),
@@ -56,9 +57,27 @@ def arch_of(capability: tuple[int, int]) -> int:
 _SHARED_BUDGET = {80: 150 * 1024, 90: 210 * 1024}
 _FORWARD_SHARED_BUDGET = {80: 150 * 1024, 90: 227 * 1024}
 
-# Tiles whose kernel spills registers when dropout's Philox streams or a mask's pointers are live
-# (benchmarks/triton_static.py; the compile test fails on a launchable 16-bit tile that spills).
-_SPILL_WHEN_HEAVY = {("forward", Tile(128, 128, 8, 3)), ("forward", Tile(128, 64, 8, 3))}
+# Tiles whose kernel spills registers when one of these features is on (dropout's Philox streams, a
+# mask's pointers, ALiBi's or softcap's extra live values), per (pass, architecture); pruned then.
+# From benchmarks/results/2026-12-03-triton-static*.md; the compile test fails on a 16-bit forward that spills.
+_HEAVY = frozenset({"dropout", "mask"})
+_SPILL_WITH: dict[tuple[str, int, Tile], frozenset[str]] = {
+    ("forward", 80, Tile(128, 64, 8, 3)): _HEAVY,
+    ("forward", 90, Tile(128, 128, 8, 3)): _HEAVY,
+    ("forward", 90, Tile(128, 64, 8, 3)): _HEAVY,
+    ("forward", 90, Tile(128, 32, 8, 2)): _HEAVY,
+    # sm_80 dK/dV at head dim 128: 312 spill stores with dropout, 13 with ALiBi, 7 with softcap; 2-8 with
+    # a mask or dropout at 64. dQ: 2 with ALiBi.
+    ("backward_dkdv", 80, Tile(32, 128, 8, 2)): _HEAVY | {"alibi", "softcap"},
+    ("backward_dkdv", 80, Tile(32, 64, 4, 2)): _HEAVY | {"alibi", "softcap"},
+    ("backward_dq", 80, Tile(64, 32, 4, 2)): frozenset({"alibi"}),
+}
+
+
+def features_of(args: dict) -> frozenset[str]:
+    """The launch arguments' features that :data:`_SPILL_WITH` prunes tiles for."""
+    flags = {"dropout": "DROPOUT", "mask": "MASK", "alibi": "ALIBI", "softcap": "SOFTCAP"}
+    return frozenset(name for name, key in flags.items() if args.get(key))
 
 
 def _shared_estimate(tile: Tile, pass_name: str, block_d: int, elem_bytes: int) -> int:
@@ -95,17 +114,19 @@ _FALLBACK = {"forward": Tile(64, 16, 4, 1), "backward_dkdv": Tile(16, 32, 4, 1),
 
 
 def candidates(
-    pass_name: str, arch: int, block_d: int, elem_bytes: int, heavy: bool = False, ieee: bool = False
+    pass_name: str, arch: int, block_d: int, elem_bytes: int, features: frozenset[str] = frozenset(),
+    ieee: bool = False,
 ) -> list[Tile]:
     """The tiles the autotuner may pick for ``pass_name`` on ``arch`` at padded head dim ``block_d``
-    (the larger of the q/k and v head dims) for inputs of ``elem_bytes`` bytes per element; ``heavy``:
-    dropout or a mask is used; ``ieee``: float32 with IEEE products. The first is deterministic mode's."""
+    (the larger of the q/k and v head dims) for inputs of ``elem_bytes`` bytes per element; ``features``:
+    those of :func:`features_of` in use; ``ieee``: float32 with IEEE products. The first is deterministic
+    mode's."""
     if ieee:
         tiles = [t for t, narrowest, widest in _IEEE_CANDIDATES[pass_name, arch]
                  if narrowest <= block_d <= widest and _fits(t, pass_name, arch, block_d, elem_bytes)]
     else:
         tiles = [t for t in _CANDIDATES[pass_name, arch] if _fits(t, pass_name, arch, block_d, elem_bytes)
-                 and not (heavy and (pass_name, t) in _SPILL_WHEN_HEAVY)]
+                 and not features & _SPILL_WITH.get((pass_name, arch, t), frozenset())]
     return tiles or [_FALLBACK[pass_name]]
 
 

@@ -170,7 +170,7 @@ def _tile_config(tile: configs.Tile) -> triton.Config:
 def _current_candidates(pass_name: str, args: dict[str, Any]) -> list[configs.Tile]:
     arch = configs.arch_of(torch.cuda.get_device_capability(args["Q"].device))
     block_d = max(args["BLOCK_D"], args["BLOCK_DV"])
-    return configs.candidates(pass_name, arch, block_d, _elem_bytes(args), bool(args.get("DROPOUT") or args.get("MASK")),
+    return configs.candidates(pass_name, arch, block_d, _elem_bytes(args), configs.features_of(args),
                               ieee=args.get("DOT_PRECISION") == "ieee")
 
 
