@@ -14,7 +14,8 @@ Shapes: B=2, Hq=16, Hkv=16 (GQA: 4), L=S=4096 (varlen: 2 sequences packed, 8192 
 sweep is a subset (``--sweep full`` is the whole product, hours on 2 cores): every feature at
 bf16/D=128 on sm_90; plain, causal, dropout, softcap and ALiBi at bf16/D=128 on sm_80; fp16/D=64 plain
 and causal with dropout, and fp32 (IEEE and TF32) D=128 plain, on both; bf16 D=64 and 256 plain on sm_90. Forward loops are listed in code order: the window's left-edge tiles (masked; window only),
-the interior tiles (no checks), then the masked tiles (diagonal, window right edge, ragged end).
+the interior tiles (no checks), the whole masked tiles (diagonal, window right edge), then the ragged
+last tile (key rows loaded under a bound).
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def main() -> int:
               f"Compiled on {platform.machine()} without a GPU: triton {triton.__version__}, torch "
               f"{torch.__version__}. Spills: static STL/LDL counts in the whole kernel. Loops: SASS "
               f"instructions per iteration of each innermost loop, in code order (forward: [window left "
-              f"edge /] interior / masked tiles).\n\n")
+              f"edge /] interior / masked whole tiles / ragged last tile).\n\n")
     lines = ["| " + " | ".join(FIELDS) + " |", "|" + "---|" * len(FIELDS)]
     lines += ["| " + " | ".join(str(row.get(k, "")) for k in FIELDS) + " |" for row in rows]
     out.with_suffix(".md").write_text(header + "\n".join(lines) + "\n")
