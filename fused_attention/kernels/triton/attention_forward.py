@@ -267,42 +267,28 @@ def attention_forward_kernel(
     )
     first, last = key_bounds(rows, seq_q, seq_k, window_left, window_right, key_length,
                              CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS)
-    if WINDOW_LEFT:
-        acc, row_max, row_sum = _key_tiles(
-            acc, row_max, row_sum, q, k_base, v_base, mask_base, lo, a, rows, first, last, offs_d, offs_dv,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-            seq_q, seq_k, head_dim, value_head_dim, qk_scale, log2_softcap, slope2, window_left, window_right,
-            key_length, dropout_p, seed, stream,
-            True, True, BLOCK_N, EVEN_D, WIDE_TILES, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI, MASK, KEY_LENGTHS, DROPOUT,
-            DOT_PRECISION, FAST_TANH, NATURAL,
-        )
-    acc, row_max, row_sum = _key_tiles(
-        acc, row_max, row_sum, q, k_base, v_base, mask_base, a, z, rows, first, last, offs_d, offs_dv,
-        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-        seq_q, seq_k, head_dim, value_head_dim, qk_scale, log2_softcap, slope2, window_left, window_right,
-        key_length, dropout_p, seed, stream,
-        False, False, BLOCK_N, EVEN_D, WIDE_TILES, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI, MASK, KEY_LENGTHS, DROPOUT,
-        DOT_PRECISION, FAST_TANH, NATURAL,
-    )
-    # the masked tiles: whole ones (diagonal, window right edge) load unbounded, a ragged end bounded
+    # Four loops, each compile-time specialized: the window's left-edge tiles [lo, a) (checked, may be
+    # ragged), the interior [a, z) (no checks), the whole masked tiles [z, e) (diagonal, window right
+    # edge: checked, unbounded loads) and a ragged last tile [e, hi) (checked, bounded key rows).
     e = z + ((hi - z) // BLOCK_N) * BLOCK_N
-    acc, row_max, row_sum = _key_tiles(
-        acc, row_max, row_sum, q, k_base, v_base, mask_base, z, e, rows, first, last, offs_d, offs_dv,
-        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-        seq_q, seq_k, head_dim, value_head_dim, qk_scale, log2_softcap, slope2, window_left, window_right,
-        key_length, dropout_p, seed, stream,
-        True, False, BLOCK_N, EVEN_D, WIDE_TILES, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI, MASK, KEY_LENGTHS, DROPOUT,
-        DOT_PRECISION, FAST_TANH, NATURAL,
-    )
-
-    acc, row_max, row_sum = _key_tiles(
-        acc, row_max, row_sum, q, k_base, v_base, mask_base, e, hi, rows, first, last, offs_d, offs_dv,
-        stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-        seq_q, seq_k, head_dim, value_head_dim, qk_scale, log2_softcap, slope2, window_left, window_right,
-        key_length, dropout_p, seed, stream,
-        True, True, BLOCK_N, EVEN_D, WIDE_TILES, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SOFTCAP, ALIBI, MASK, KEY_LENGTHS, DROPOUT,
-        DOT_PRECISION, FAST_TANH, NATURAL,
-    )
+    for part in tl.static_range(4):
+        if part == 0:
+            start, stop = lo, a
+        elif part == 1:
+            start, stop = a, z
+        elif part == 2:
+            start, stop = z, e
+        else:
+            start, stop = e, hi
+        if part != 0 or WINDOW_LEFT:
+            acc, row_max, row_sum = _key_tiles(
+                acc, row_max, row_sum, q, k_base, v_base, mask_base, start, stop, rows, first, last, offs_d, offs_dv,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                seq_q, seq_k, head_dim, value_head_dim, qk_scale, log2_softcap, slope2, window_left, window_right,
+                key_length, dropout_p, seed, stream,
+                part != 1, part == 0 or part == 3, BLOCK_N, EVEN_D, WIDE_TILES, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
+                SOFTCAP, ALIBI, MASK, KEY_LENGTHS, DROPOUT, DOT_PRECISION, FAST_TANH, NATURAL,
+            )
 
     if SINKS:  # one more term exp(sink) in the denominator, with no value
         sink = tl.load(Sinks + h).to(tl.float32)
