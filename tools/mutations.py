@@ -215,6 +215,17 @@ MUTATIONS = [
         "return r >= threshold", "return r >= 0",
         _k(ATT, "triton and dropout_keeps"), "Triton: dropout rescales but never drops",
     ),
+    Mutation(
+        "triton-key-bound-past-length", "fused_attention/kernels/triton/attention_tiles.py",
+        "last = tl.minimum(last, key_length - 1)", "last = tl.minimum(last, key_length)",
+        _k("tests/test_triton_attention.py", "key_lengths"), "Triton: a masked tile shows each row one key past its length",
+    ),
+    Mutation(
+        "triton-zero-scale-kept", "fused_attention/kernels/triton/attention_forward.py",
+        "qk_scale = tl.where(scale == 0, 1.0, tl.abs(qk_scale))", "qk_scale = tl.abs(qk_scale)",
+        _k("tests/test_triton_attention.py", "negative_and_zero_scale"),
+        "Triton: a zero scale multiplies a hidden key's -inf (NaN)",
+    ),
     # --- context parallelism (spawned gloo ranks, one group size) ---
     Mutation(
         "ring-block-backward-delta", "fused_attention/distributed/block_backward.py",
