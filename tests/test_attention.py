@@ -217,6 +217,16 @@ def test_inputs_not_mutated(backend):
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, after))
 
 
+@pytest.mark.parametrize("window", [(2**31 - 1, 2**31 - 1), (-1, 2**31 - 1), (2**31 - 1, 0)], ids=str)
+def test_window_sizes_past_int32_positions(backend, window):
+    """A window side as wide as an int32 allows means unbounded on that side; kernels that add it to
+    int32 positions must not wrap around (the triton kernels did: rows saw no keys)."""
+    require(backend, torch.float32)
+    torch.manual_seed(13)
+    q, k, v, _ = _inputs(set(), torch.float32)
+    check_attention(backend, q, k, v, window_size=window)
+
+
 NONPOSITIVE_SCALE_FEATURES = [(), ("alibi",), ("alibi", "causal"), ("softcap",), ("alibi", "softcap", "window")]
 
 

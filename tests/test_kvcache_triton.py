@@ -66,6 +66,14 @@ def test_split_kv_long_cache_every_split_holds_keys(seq_q, num_splits):
         check_case(_long_case(seq_q, 16, num_splits, ("causal",)), "triton")
 
 
+@pytest.mark.parametrize("window", [(2**31 - 1, 0), (-1, 2**31 - 1)], ids=str)
+def test_split_kv_window_sizes_past_int32_positions(window):
+    """Window sides as wide as int32 allows: unbounded, not wrapped around in the kernel's positions."""
+    case = _long_case(4, 16, 2) | {"window_size": window}
+    with torch.no_grad():
+        check_case(case, "triton")
+
+
 def test_split_kv_is_deterministic_and_splits_agree():
     case = _long_case(1, 16, 4)
     with torch.no_grad():

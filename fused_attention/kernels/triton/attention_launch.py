@@ -25,6 +25,12 @@ from . import device_guard
 _MIN_BLOCK_D = 16  # tl.dot needs K >= 16
 
 
+def window_within(window: int, reach: int) -> int:
+    """A window side (-1: unbounded) no wider than ``reach``, the longest distance a call can span: the
+    kernels add it to int32 positions, where a caller's ``2**31 - 1`` would wrap around."""
+    return window if window < 0 else min(window, reach)
+
+
 def _next_power_of_2(n: int) -> int:
     """``triton.next_power_of_2`` without its wrapper (~1.5 us a call, four calls per launch)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
@@ -118,7 +124,8 @@ class Problem:
             "seq_q": self.max_seqlen_q, "seq_k": self.max_seqlen_k,
             "head_dim": self.q.shape[-1], "value_head_dim": self.v.shape[-1],
             "scale": self.scale, "softcap": self.softcap,
-            "window_left": self.window_left, "window_right": self.window_right,
+            "window_left": window_within(self.window_left, self.max_seqlen_q + self.max_seqlen_k),
+            "window_right": window_within(self.window_right, self.max_seqlen_q + self.max_seqlen_k),
             "dropout_p": self.dropout_p, "seed": self.seed,
             # the autotuner's shape bucket: powers of two of the lengths
             "tune_key": _next_power_of_2(self.max_seqlen_q) * (1 << 24) + _next_power_of_2(self.max_seqlen_k),

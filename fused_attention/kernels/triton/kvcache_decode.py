@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_launch import dot_precision, padded_head_dim
+from .attention_launch import dot_precision, padded_head_dim, window_within
 from .attention_tiles import tanh
 
 
@@ -178,6 +178,7 @@ def kvcache_decode(
     page_size, kv_heads, value_dim = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
     groups = heads // kv_heads
     left, right = window
+    reach = page_size * table.shape[1] + seq_q  # past any key position of the call
     if is_causal:
         right = 0 if right < 0 else min(right, 0)
     out = torch.empty(num_splits, batch, heads, seq_q, value_dim, device=q.device, dtype=torch.float32)
@@ -191,7 +192,7 @@ def kvcache_decode(
         *q.stride(), *k_cache.stride(), *v_cache.stride(), table.stride(0), *alibi_strides,
         *out.stride(), *lse.stride(),
         kv_heads, groups, seq_q, page_size, head_dim, value_dim, num_splits,
-        scale, softcap or 1.0, max(left, 0), max(right, 0),
+        scale, softcap or 1.0, max(window_within(left, reach), 0), max(window_within(right, reach), 0),
         BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=padded_head_dim(head_dim), BLOCK_DV=padded_head_dim(value_dim),
         WINDOW_LEFT=left >= 0, WINDOW_RIGHT=right >= 0, SOFTCAP=softcap is not None,
