@@ -125,10 +125,7 @@ def main() -> int:
     for arch in map(int, opts.arch.split(",")):
         for kernel, pass_name, args in _launches(dtype, opts.head_dim, features, arch, opts.batch, opts.heads,
                                                  opts.kv_heads, opts.seq):
-            block_d = max(args["BLOCK_D"], args["BLOCK_DV"])
-            tiles = attention_configs.candidates(pass_name, arch, block_d, dtype.itemsize,
-                                                 attention_configs.features_of(args),
-                                                 ieee=args["DOT_PRECISION"] == "ieee")
+            tiles = attention_configs.launch_candidates(pass_name, arch, args)
             for tile in tiles if opts.all_tiles else tiles[:1]:
                 compiled = _compile(kernel, args, tile, arch)
                 ttgir = compiled.asm["ttgir"]

@@ -134,9 +134,7 @@ def tiles_for(pass_name: str, args: dict[str, Any], arch: int, deterministic: bo
     fixed tile of deterministic mode."""
     from fused_attention.kernels.triton import attention_configs
 
-    block_d = max(args["BLOCK_D"], args["BLOCK_DV"])
-    tiles = attention_configs.candidates(pass_name, arch, block_d, args["Q"].element_size(),
-                                         attention_configs.features_of(args), ieee=args["DOT_PRECISION"] == "ieee")
+    tiles = attention_configs.launch_candidates(pass_name, arch, args)
     return tiles[:1] if deterministic else tiles
 
 

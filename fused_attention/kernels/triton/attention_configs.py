@@ -74,12 +74,6 @@ _SPILL_WITH: dict[tuple[str, int, Tile], frozenset[str]] = {
 }
 
 
-def features_of(args: dict) -> frozenset[str]:
-    """The launch arguments' features that :data:`_SPILL_WITH` prunes tiles for."""
-    flags = {"dropout": "DROPOUT", "mask": "MASK", "alibi": "ALIBI", "softcap": "SOFTCAP"}
-    return frozenset(name for name, key in flags.items() if args.get(key))
-
-
 def _shared_estimate(tile: Tile, pass_name: str, block_d: int, elem_bytes: int) -> int:
     """Shared memory of a tile: the block held for the whole program plus the pipelined stream of
     the other operand (q/k/v tiles of width ``block_d``; K and V, or Q and dO, travel together)."""
@@ -119,7 +113,7 @@ def candidates(
 ) -> list[Tile]:
     """The tiles the autotuner may pick for ``pass_name`` on ``arch`` at padded head dim ``block_d``
     (the larger of the q/k and v head dims) for inputs of ``elem_bytes`` bytes per element; ``features``:
-    those of :func:`features_of` in use; ``ieee``: float32 with IEEE products. The first is deterministic
+    those of :data:`_SPILL_WITH` in use; ``ieee``: float32 with IEEE products. The first is deterministic
     mode's."""
     if ieee:
         tiles = [t for t, narrowest, widest in _IEEE_CANDIDATES[pass_name, arch]
@@ -128,6 +122,15 @@ def candidates(
         tiles = [t for t in _CANDIDATES[pass_name, arch] if _fits(t, pass_name, arch, block_d, elem_bytes)
                  and not features & _SPILL_WITH.get((pass_name, arch, t), frozenset())]
     return tiles or [_FALLBACK[pass_name]]
+
+
+def launch_candidates(pass_name: str, arch: int, args: dict) -> list[Tile]:
+    """:func:`candidates` for a launch's arguments: its padded head dims, input width, the features
+    :data:`_SPILL_WITH` prunes for, and whether its products are float32 IEEE."""
+    flags = {"dropout": "DROPOUT", "mask": "MASK", "alibi": "ALIBI", "softcap": "SOFTCAP"}
+    features = frozenset(name for name, key in flags.items() if args.get(key))
+    return candidates(pass_name, arch, max(args["BLOCK_D"], args["BLOCK_DV"]), args["Q"].element_size(), features,
+                      ieee=args.get("DOT_PRECISION") == "ieee")
 
 
 def all_candidates(pass_name: str) -> list[Tile]:

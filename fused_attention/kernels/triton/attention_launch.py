@@ -165,10 +165,6 @@ def interpreted(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
-def _elem_bytes(args: dict[str, Any]) -> int:
-    return args["Q"].element_size()
-
-
 def _tile_config(tile: configs.Tile) -> triton.Config:
     return triton.Config({"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n},
                          num_warps=tile.num_warps, num_stages=tile.num_stages)
@@ -176,9 +172,7 @@ def _tile_config(tile: configs.Tile) -> triton.Config:
 
 def _current_candidates(pass_name: str, args: dict[str, Any]) -> list[configs.Tile]:
     arch = configs.arch_of(torch.cuda.get_device_capability(args["Q"].device))
-    block_d = max(args["BLOCK_D"], args["BLOCK_DV"])
-    return configs.candidates(pass_name, arch, block_d, _elem_bytes(args), configs.features_of(args),
-                              ieee=args.get("DOT_PRECISION") == "ieee")
+    return configs.launch_candidates(pass_name, arch, args)
 
 
 def autotuned(kernel, pass_name: str, extra_key: list[str] | None = None, reset_to_zero: list[str] | None = None):
