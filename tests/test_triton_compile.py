@@ -12,8 +12,9 @@ kernels) for both architectures, and every dtype (float32 with IEEE and TF32 mat
 the query's, deterministic mode) at least once.
 
 Compiled as the GPU runs them: ``tools/triton_aot.py`` takes the specialization from Triton's own JIT
-binder (16-byte-aligned pointers, ints divisible by 16, ints equal to 1 as constants). The forward must
-also not spill in 16-bit configs nor run ``mma.sync`` in an sm_90 loop (see :data:`STATIC_PASSES`).
+binder (16-byte-aligned pointers, ints divisible by 16, ints equal to 1 as constants). The tile dispatch
+launches first must also not spill in 16-bit configs nor run ``mma.sync`` in an sm_90 loop (see
+:func:`_static_failures`); the autotuner drops at run time the other tiles that spill.
 
 Run as a script (``python tests/test_triton_compile.py``) it compiles in parallel and prints failures;
 the test runs it in a fresh process without ``TRITON_INTERPRET`` (kernels must be real JIT functions).
@@ -35,13 +36,12 @@ sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
 import triton_aot  # tools/ is not a package
 
-# Passes whose 16-bit kernels must not spill nor run mma.sync on sm_90 where wgmma is possible. The
-# backward passes join once their kernels meet it (issue 14 stays open on it: some 16-bit dK/dV and dQ
-# tiles spill a few registers, benchmarks/results/2026-12-03-triton-static-*). float32 with IEEE
-# products (FMA loops: its own small tiles, attention_configs._IEEE_CANDIDATES) must not spill in any pass.
-STATIC_PASSES = ("forward",)
-# Not yet checked (issue 14 stays open on it): with a user mask the kernels spill (the mask tile's
-# pointers and loads are live across the tile's products), most with every feature on.
+# Static goals, checked on the tile deterministic mode launches (the first candidate left by
+# attention_configs' rules), which is also the spill-free tile the autotuner is guaranteed to keep
+# (attention_launch.without_spills drops the others that spill at run time): no spills in 16 bits at head
+# dims up to 128, and no mma.sync in an sm_90 loop where wgmma is possible. float32 with IEEE products (FMA
+# loops: its own small tiles, attention_configs._IEEE_CANDIDATES) must not spill in any tile, masks aside.
+SPILL_FREE_HEAD_DIM = 128
 _MASKS = frozenset({"bool_mask", "float_mask"})
 
 
@@ -87,28 +87,41 @@ def specs() -> list[tuple[Spec, tuple[int, ...]]]:
         (Spec("float16", False, 16, 16, frozenset({"float_mask", "mask_grad", "mask_rows", "key_lengths"}),
               all_tiles=False), hopper),
     ]
-    # the forward's static goals: every tile, 16-bit, head dims 64 and 128, with and without dropout
-    # the forward's static goals at the other head dim, with dropout (the largest 16-bit forward), every tile
+    # the static goals (no spills in 16 bits, head dims 64 and 128, with and without dropout) beyond the
+    # bfloat16 specs above: the forward's every tile at 64 with dropout; every pass's first tile in float16
+    # at 128 with dropout, and with a user mask at 64
     out.append((Spec("float16", False, 64, 64, frozenset({"dropout", "causal"}), all_tiles=True,
                      forward_only=True), both))
+    out.append((Spec("float16", False, 128, 128, frozenset({"dropout", "causal"}), all_tiles=False), both))
+    out.append((Spec("bfloat16", False, 64, 64, frozenset({"bool_mask", "window"}), all_tiles=False), both))
     return out
 
 
-def _static_failures(label: str, pass_name: str, spec: Spec, arch: int, compiled) -> list[str]:
-    """Spills in a config dispatch can launch (16-bit: :data:`STATIC_PASSES`; float32 with IEEE
-    products: every pass; neither with a user mask), and ``mma.sync`` in an sm_90 loop where wgmma is
-    possible (16-bit or TF32 operands, a warpgroup of 4 warps per 64 rows)."""
+def _wgmma_possible(pass_name: str, tile) -> bool:
+    """Whether a tile's matmuls can be warpgroup MMAs: each warp of a warpgroup takes 16 of the held
+    block's rows, so the block must have 16 rows per warp (the key block in dK/dV, the query block else)."""
+    held = tile.block_n if pass_name == "backward_dkdv" else tile.block_m
+    return held >= 16 * tile.num_warps
+
+
+def _static_failures(label: str, pass_name: str, spec: Spec, arch: int, tile, first: bool, compiled) -> list[str]:
+    """Spills in the tile dispatch launches first (16-bit at head dims up to :data:`SPILL_FREE_HEAD_DIM`)
+    or in any float32-IEEE tile (no user mask), and ``mma.sync`` in an sm_90 loop of the first tile where
+    wgmma is possible (16-bit or TF32 operands)."""
     ieee = spec.dtype == "float32" and not spec.tf32
-    if spec.features & _MASKS or not (ieee or pass_name in STATIC_PASSES):
+    sixteen_bit = spec.dtype != "float32"
+    check_spills = (ieee and not spec.features & _MASKS) or (
+        first and sixteen_bit and max(spec.head_dim, spec.value_head_dim) <= SPILL_FREE_HEAD_DIM)
+    check_mma = first and arch == 90 and (sixteen_bit or spec.tf32) and _wgmma_possible(pass_name, tile)
+    if not (check_spills or check_mma):
         return []
     failures = []
     stats = triton_aot.stats(compiled)
-    if (ieee or spec.dtype != "float32") and (stats.spill_stores or stats.spill_loads):
+    if check_spills and (stats.spill_stores or stats.spill_loads):
         failures.append(f"{label}: spills ({stats.spill_stores} stores, {stats.spill_loads} loads)")
-    if pass_name in STATIC_PASSES and arch == 90 and (spec.dtype != "float32" or spec.tf32):
-        mma_sync = [loop.instructions for loop in stats.loops if loop.mma_sync]
-        if mma_sync:
-            failures.append(f"{label}: mma.sync (HMMA) in the loops of {mma_sync} instructions")
+    mma_sync = [loop.instructions for loop in stats.loops if loop.mma_sync]
+    if check_mma and mma_sync:
+        failures.append(f"{label}: mma.sync (HMMA) in the loops of {mma_sync} instructions")
     return failures
 
 
@@ -122,7 +135,7 @@ def compile_spec(job: tuple[Spec, int]) -> list[str]:
         if spec.forward_only and pass_name != "forward":
             continue
         tiles = triton_aot.tiles_for(pass_name, args, arch, spec.deterministic)
-        for tile in tiles if spec.all_tiles else tiles[:1]:
+        for index, tile in enumerate(tiles if spec.all_tiles else tiles[:1]):
             label = f"sm_{arch} {kernel.__name__} {spec} {tile}"
             try:
                 compiled = triton_aot.compile_launch(kernel, args, arch, tile)
@@ -132,7 +145,7 @@ def compile_spec(job: tuple[Spec, int]) -> list[str]:
             if compiled.metadata.shared > triton_aot.SHARED_LIMIT[arch]:
                 failures.append(f"{label}: {compiled.metadata.shared} bytes of shared memory > "
                                 f"{triton_aot.SHARED_LIMIT[arch]}")
-            failures += _static_failures(label, pass_name, spec, arch, compiled)
+            failures += _static_failures(label, pass_name, spec, arch, tile, index == 0, compiled)
     return failures
 
 

@@ -226,6 +226,13 @@ MUTATIONS = [
         _k("tests/test_triton_attention.py", "negative_and_zero_scale"),
         "Triton: a zero scale multiplies a hidden key's -inf (NaN)",
     ),
+    Mutation(
+        "triton-spilling-tile-kept", "fused_attention/kernels/triton/attention_launch.py",
+        "        return [tile for tile, count in zip(tiles, counts) if count is None or count == 0]",
+        "        return tiles",
+        _k("tests/test_triton_tile_choice.py", "spill"),
+        "Triton: the autotuner keeps tiles the compiler spills for",
+    ),
     # --- context parallelism (spawned gloo ranks, one group size) ---
     Mutation(
         "ring-block-backward-delta", "fused_attention/distributed/block_backward.py",

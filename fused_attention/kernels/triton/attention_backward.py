@@ -349,14 +349,14 @@ _TUNED_DKDV = launch.autotuned(
 _TUNED_DQ = launch.autotuned(attention_dq_kernel, "backward_dq", extra_key=["DELTA_FROM_SCORES"])
 
 
-def _mask_grad_buffer(problem: launch.Problem, deterministic: bool, splits: int
+def _mask_grad_buffer(problem: launch.Problem, deterministic: bool, splits: int, block_n: int
                       ) -> tuple[torch.Tensor, dict, tuple[int, ...]]:
     """A float32 buffer the dK/dV pass adds the mask gradient into, its strides for the kernel, and the
     dims torch sums afterwards. Broadcast dims summed across programs are widened to one slot per
-    program when ``deterministic`` (so every slot has one writer); else programs add atomically."""
+    program when ``deterministic`` (so every slot has one writer, ``block_n`` keys per key block); else
+    programs add atomically."""
     mask = problem.mask
     mb, mh, ml, ms = mask.shape
-    block_n = launch.fixed_tile(attention_dkdv_kernel, "backward_dkdv", problem.shared_args()).block_n
     n_blocks = triton.cdiv(problem.max_seqlen_k, block_n)
     slots = problem.kv_heads * splits  # programs along grid axis 1
     wide_b = deterministic and mb == 1 and problem.batch > 1
@@ -418,12 +418,16 @@ def attention_backward(
     launch.run(attention_dq_kernel, _TUNED_DQ, "backward_dq", problem, dq_args)
 
     deterministic = torch.are_deterministic_algorithms_enabled()
-    block_n = launch.fixed_tile(attention_dkdv_kernel, "backward_dkdv", shared).block_n
+    mask_shape = problem.mask.shape if problem.mask is not None else (1, 1, 1, 1)
+    flags = {"MASK_GRAD": need_mask_grad, "MASK_SUM_ROWS": mask_shape[2] == 1, "MASK_SUM_COLS": mask_shape[3] == 1,
+             "ALIBI_GRAD": need_alibi_grad}
+    # the flags take part in the tile choice (a mask gradient prunes tiles that spill with it)
+    block_n = launch.fixed_tile(attention_dkdv_kernel, "backward_dkdv", shared | flags).block_n
     splits = dkdv_splits(problem, block_n, _sm_count(problem.q.device))
     dmask, dmask_strides, dmask_summed = None, dict.fromkeys(
         ("stride_xb", "stride_xh", "stride_xk", "stride_xm", "stride_xn", "stride_xblock"), 0), ()
     if need_mask_grad:
-        dmask, dmask_strides, dmask_summed = _mask_grad_buffer(problem, deterministic, splits)
+        dmask, dmask_strides, dmask_summed = _mask_grad_buffer(problem, deterministic, splits, block_n)
     dalibi = None
     if need_alibi_grad:
         n_blocks = triton.cdiv(problem.max_seqlen_k, 16)  # every tile's key block is a multiple of 16
@@ -438,9 +442,7 @@ def attention_backward(
         dkdv |= dict(zip((f"stride_{name}{c}" for c in "bhnd"), problem.rows(inner)))
         dkdv[f"stride_{name}s"] = 0 if splits == 1 else t.stride(0)
     dkdv |= dict(zip(("stride_yb", "stride_yh", "stride_yblock"), dalibi.stride() if dalibi is not None else (0, 0, 0)))
-    mask_shape = problem.mask.shape if problem.mask is not None else (1, 1, 1, 1)
-    dkdv |= {"MASK_GRAD": need_mask_grad, "MASK_SUM_ROWS": mask_shape[2] == 1, "MASK_SUM_COLS": mask_shape[3] == 1,
-             "ALIBI_GRAD": need_alibi_grad}
+    dkdv |= flags
     launch.run(attention_dkdv_kernel, _TUNED_DKDV, "backward_dkdv", problem, dkdv)
     if splits > 1:  # a fixed-order sum: deterministic
         dk.copy_(dk_out.sum(0))

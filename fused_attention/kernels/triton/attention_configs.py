@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 PASSES = ("forward", "backward_dkdv", "backward_dq")
 ARCHS = (80, 90)  # Ampere (A100) and Hopper (H100/H200); other GPUs use the nearest older list
 
@@ -26,7 +28,9 @@ _CANDIDATES: dict[tuple[str, int], tuple[Tile, ...]] = {
     # forward: 8 warps for 128 query rows (4 spill on sm_80: 214 spill stores); benchmarks/triton_static.py
     ("forward", 80): (Tile(128, 64, 8, 3), Tile(64, 64, 4, 3), Tile(64, 32, 4, 2)),
     # 128x32 w8: TF32 at head dim 128 (64x64 w4 spills 267 stores there), bfloat16 at 256 (41 -> 7)
-    ("forward", 90): (Tile(128, 128, 8, 3), Tile(128, 64, 8, 3), Tile(128, 32, 8, 2), Tile(64, 64, 4, 2)),
+    # 64x32 w4: a user mask (every larger tile spills with one)
+    ("forward", 90): (Tile(128, 128, 8, 3), Tile(128, 64, 8, 3), Tile(128, 32, 8, 2), Tile(64, 64, 4, 2),
+                      Tile(64, 32, 4, 2)),
     # dK/dV: a program holds a key block and its dK/dV accumulators, and walks query blocks; the key
     # block is every matmul's M (wgmma on sm_90: >= 64). 64 x 128 spills on sm_90 (bf16, head dim 128).
     ("backward_dkdv", 80): (Tile(32, 128, 8, 2), Tile(32, 64, 4, 2), Tile(16, 64, 4, 2)),
@@ -57,21 +61,53 @@ def arch_of(capability: tuple[int, int]) -> int:
 _SHARED_BUDGET = {80: 150 * 1024, 90: 210 * 1024}
 _FORWARD_SHARED_BUDGET = {80: 150 * 1024, 90: 227 * 1024}
 
-# Tiles whose kernel spills registers when one of these features is on (dropout's Philox streams, a
-# mask's pointers, ALiBi's or softcap's extra live values), per (pass, architecture); pruned then.
-# From benchmarks/results/2026-12-03-triton-static*.md; the compile test fails on a 16-bit forward that spills.
-_HEAVY = frozenset({"dropout", "mask"})
-_SPILL_WITH: dict[tuple[str, int, Tile], frozenset[str]] = {
+# Tiles whose kernel spills registers with some features on, per (pass, architecture): each rule is a
+# set of features that together make it spill (dropout's Philox streams, a mask's pointers, ALiBi's or
+# softcap's extra live values, the query-head group walked inside a dK/dV program, packed rows, a float
+# mask's gradient; "d128"/"d64": a padded head dim of 128 or more / 64 or less; "fp16": float16 operands). The first
+# candidate that no rule prunes is what deterministic mode launches; at run time the autotuner also drops
+# whatever the compiler reports spilling (attention_launch.without_spills).
+# From benchmarks/results/2026-12-03-triton-static*.md and 2026-12-03-triton-spill-rules.md.
+_HEAVY = (frozenset({"dropout"}), frozenset({"mask"}))
+
+
+def _rules(*sets: set[str]) -> tuple[frozenset[str], ...]:
+    return tuple(frozenset(s) for s in sets)
+
+
+_SPILL_WITH: dict[tuple[str, int, Tile], tuple[frozenset[str], ...]] = {
     ("forward", 80, Tile(128, 64, 8, 3)): _HEAVY,
-    ("forward", 90, Tile(128, 128, 8, 3)): _HEAVY,
+    ("forward", 80, Tile(64, 64, 4, 3)): _rules({"dropout", "d128"}),
+    # float16 at head dim 128: 4-24 spill stores (bfloat16 none)
+    ("forward", 90, Tile(128, 128, 8, 3)): _HEAVY + _rules({"fp16", "d128"}),
     ("forward", 90, Tile(128, 64, 8, 3)): _HEAVY,
     ("forward", 90, Tile(128, 32, 8, 2)): _HEAVY,
-    # sm_80 dK/dV at head dim 128: 312 spill stores with dropout, 13 with ALiBi, 7 with softcap; 2-8 with
-    # a mask or dropout at 64. dQ: 2 with ALiBi.
-    ("backward_dkdv", 80, Tile(32, 128, 8, 2)): _HEAVY | {"alibi", "softcap"},
-    ("backward_dkdv", 80, Tile(32, 64, 4, 2)): _HEAVY | {"alibi", "softcap"},
-    ("backward_dq", 80, Tile(64, 32, 4, 2)): frozenset({"alibi"}),
+    ("forward", 90, Tile(64, 64, 4, 2)): _rules({"mask"}),
+    # a user mask with dropout (with every feature: 28-42 spill stores; the fallback tile runs then)
+    ("forward", 80, Tile(64, 32, 4, 2)): _rules({"mask", "dropout"}),
+    ("forward", 90, Tile(64, 32, 4, 2)): _rules({"mask", "dropout"}),
+    # sm_80 dK/dV at head dim 128: 312 spill stores with dropout, 13 with ALiBi, 7 with softcap, 7-16
+    # with a query-head group or packed rows, 1 with a window; 2-8 with a mask or dropout at 64.
+    ("backward_dkdv", 80, Tile(32, 128, 8, 2)): _HEAVY + _rules({"alibi"}, {"softcap"}, {"gqa", "d128"},
+                                                                 {"varlen", "d128"}, {"window", "d128"}),
+    ("backward_dkdv", 80, Tile(32, 64, 4, 2)): _HEAVY + _rules({"alibi"}, {"softcap"}, {"gqa", "d128"},
+                                                                {"varlen", "d128"}),
+    ("backward_dkdv", 80, Tile(16, 64, 4, 2)): _rules({"gqa", "d64"}, {"mask_grad", "d128"}),
+    # sm_90 dK/dV: 10 spill stores with a query-head group at 128 (three stages), 16-113 with a mask, 14-39
+    # with dropout and a query-head group
+    ("backward_dkdv", 90, Tile(32, 128, 8, 3)): _HEAVY + _rules({"gqa", "d128"}),
+    ("backward_dkdv", 90, Tile(32, 128, 8, 2)): _HEAVY,
+    ("backward_dkdv", 90, Tile(16, 64, 4, 2)): _rules({"mask_grad"}, {"dropout", "gqa"}),
+    ("backward_dq", 90, Tile(128, 64, 8, 2)): _HEAVY,
+    ("backward_dq", 90, Tile(128, 32, 8, 3)): _HEAVY,
+    # dQ: 1-2 with ALiBi, delta from the scores (a mask or slope gradient), or dropout at 128
+    ("backward_dq", 80, Tile(128, 32, 8, 2)): _rules({"delta_from_scores", "d128"}, {"dropout", "d128"}),
+    ("backward_dq", 80, Tile(64, 32, 4, 2)): _rules({"alibi"}, {"delta_from_scores", "d128"}),
 }
+
+
+def _pruned(pass_name: str, arch: int, tile: Tile, features: frozenset[str]) -> bool:
+    return any(rule <= features for rule in _SPILL_WITH.get((pass_name, arch, tile), ()))
 
 
 def _shared_estimate(tile: Tile, pass_name: str, block_d: int, elem_bytes: int) -> int:
@@ -103,8 +139,14 @@ _IEEE_CANDIDATES: dict[tuple[str, int], tuple[tuple[Tile, int, int], ...]] = {
     ("backward_dq", 90): ((Tile(32, 16, 4, 2), 16, 128), (Tile(16, 16, 4, 2), 256, 256)),
 }
 
-# Small enough for float32 at head dim 256 on sm_80 (the compile test checks it).
+# Small enough for float32 at head dim 256 on sm_80, and spill-free in 16 bits at head dim 128 with every
+# feature on, on sm_80 and sm_90 (the compile test checks both): what a launch falls back to when every
+# candidate is pruned or spills.
 _FALLBACK = {"forward": Tile(64, 16, 4, 1), "backward_dkdv": Tile(16, 32, 4, 1), "backward_dq": Tile(32, 16, 4, 1)}
+
+
+def last_resort(pass_name: str) -> Tile:
+    return _FALLBACK[pass_name]
 
 
 def candidates(
@@ -113,24 +155,40 @@ def candidates(
 ) -> list[Tile]:
     """The tiles the autotuner may pick for ``pass_name`` on ``arch`` at padded head dim ``block_d``
     (the larger of the q/k and v head dims) for inputs of ``elem_bytes`` bytes per element; ``features``:
-    those of :data:`_SPILL_WITH` in use; ``ieee``: float32 with IEEE products. The first is deterministic
+    those of :func:`launch_features` in use; ``ieee``: float32 with IEEE products. The first is deterministic
     mode's."""
     if ieee:
         tiles = [t for t, narrowest, widest in _IEEE_CANDIDATES[pass_name, arch]
                  if narrowest <= block_d <= widest and _fits(t, pass_name, arch, block_d, elem_bytes)]
     else:
         tiles = [t for t in _CANDIDATES[pass_name, arch] if _fits(t, pass_name, arch, block_d, elem_bytes)
-                 and not features & _SPILL_WITH.get((pass_name, arch, t), frozenset())]
+                 and not _pruned(pass_name, arch, t, features)]
     return tiles or [_FALLBACK[pass_name]]
+
+
+_FLAGS = {"dropout": "DROPOUT", "mask": "MASK", "alibi": "ALIBI", "softcap": "SOFTCAP", "varlen": "VARLEN",
+          "mask_grad": "MASK_GRAD", "delta_from_scores": "DELTA_FROM_SCORES"}
+
+
+def launch_features(args: dict) -> frozenset[str]:
+    """The features of a launch's arguments that :data:`_SPILL_WITH`'s rules name."""
+    features = {name for name, key in _FLAGS.items() if args.get(key)}
+    if args.get("WINDOW_LEFT") or args.get("WINDOW_RIGHT"):
+        features.add("window")
+    if args.get("groups", 1) > 1:
+        features.add("gqa")
+    block_d = max(args["BLOCK_D"], args["BLOCK_DV"])
+    features.add("d128" if block_d >= 128 else "d64")  # d64: 64 or less
+    if args["Q"].dtype == torch.float16:
+        features.add("fp16")
+    return frozenset(features)
 
 
 def launch_candidates(pass_name: str, arch: int, args: dict) -> list[Tile]:
     """:func:`candidates` for a launch's arguments: its padded head dims, input width, the features
     :data:`_SPILL_WITH` prunes for, and whether its products are float32 IEEE."""
-    flags = {"dropout": "DROPOUT", "mask": "MASK", "alibi": "ALIBI", "softcap": "SOFTCAP"}
-    features = frozenset(name for name, key in flags.items() if args.get(key))
-    return candidates(pass_name, arch, max(args["BLOCK_D"], args["BLOCK_DV"]), args["Q"].element_size(), features,
-                      ieee=args.get("DOT_PRECISION") == "ieee")
+    return candidates(pass_name, arch, max(args["BLOCK_D"], args["BLOCK_DV"]), args["Q"].element_size(),
+                      launch_features(args), ieee=args.get("DOT_PRECISION") == "ieee")
 
 
 def all_candidates(pass_name: str) -> list[Tile]:

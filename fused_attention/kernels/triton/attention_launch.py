@@ -12,6 +12,7 @@ packed ``q (total_q, Hq, E)``, ``k``/``v`` ``(total_k, Hkv, .)``, ``lse (Hq, tot
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,22 +176,63 @@ def _current_candidates(pass_name: str, args: dict[str, Any]) -> list[configs.Ti
     return configs.launch_candidates(pass_name, arch, args)
 
 
-def autotuned(kernel, pass_name: str, extra_key: list[str] | None = None, reset_to_zero: list[str] | None = None):
-    """``kernel`` under Triton's autotuner, with the candidates of the running GPU's architecture.
-    None under the interpreter (a fixed tile is used there; see :func:`run`)."""
-    if interpreted(kernel):
+def without_spills(tiles: list[configs.Tile], spills: Callable[[configs.Tile], int | None],
+                   last_resort: configs.Tile) -> list[configs.Tile]:
+    """``tiles`` less those the compiler spills registers for, when at least one is known not to spill;
+    else ``last_resort`` (a small tile) if it does not spill; else ``tiles`` as they are (the autotuner
+    then times them). ``spills(tile)`` is the compiler's spill count, or None when it cannot tell (that
+    tile is kept). PyTorch Inductor's autotuner drops spilling configs the same way: spill traffic in an
+    attention loop costs more than a smaller tile."""
+    if len(tiles) == 1 and tiles[0] == last_resort:
+        return tiles
+    counts = [spills(tile) for tile in tiles]
+    if 0 in counts:
+        return [tile for tile, count in zip(tiles, counts) if count is None or count == 0]
+    if last_resort not in tiles and spills(last_resort) == 0:
+        return [last_resort]
+    return tiles
+
+
+def _compiled_spills(kernel, args: dict[str, Any], tile: configs.Tile) -> int | None:
+    """Spilled registers of ``kernel`` compiled for this launch with ``tile`` on the current GPU (Triton's
+    ``n_spills``, from the loaded binary's local memory), without launching it; the binary stays in
+    Triton's cache for the launch. None when the compile fails (the autotuner reports or skips that tile
+    as it did before) or this Triton does not expose the count."""
+    launch_args = {k: v for k, v in args.items() if k not in ("grid", "warmup")}
+    try:
+        compiled = kernel.warmup(**launch_args, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                                 num_warps=tile.num_warps, num_stages=tile.num_stages, grid=(1,))
+        compiled._init_handles()
+        return int(compiled.n_spills)
+    except Exception:  # noqa: BLE001  (any failure leaves the tile to the autotuner, as before)
         return None
 
+
+def tile_pruner(kernel, pass_name: str) -> Callable[..., list]:
+    """The autotuner's ``early_config_prune`` for ``kernel``: the running GPU's candidates for a launch's
+    arguments, less those that compile with spills (:func:`without_spills`)."""
+
     def prune(tile_configs, named_args, **kwargs):
-        wanted = {(t.block_m, t.block_n, t.num_warps, t.num_stages)
-                  for t in _current_candidates(pass_name, {**named_args, **kwargs})}
+        args = {**named_args, **kwargs}
+        tiles = without_spills(_current_candidates(pass_name, args), lambda t: _compiled_spills(kernel, args, t),
+                               configs.last_resort(pass_name))
+        wanted = {(t.block_m, t.block_n, t.num_warps, t.num_stages) for t in tiles}
         return [c for c in tile_configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
+    return prune
+
+
+def autotuned(kernel, pass_name: str, extra_key: list[str] | None = None, reset_to_zero: list[str] | None = None):
+    """``kernel`` under Triton's autotuner, with the candidates of the running GPU's architecture that
+    compile without spilling (:func:`tile_pruner`). None under the interpreter (a fixed tile is used
+    there; see :func:`run`)."""
+    if interpreted(kernel):
+        return None
     return triton.autotune(
         configs=[_tile_config(t) for t in configs.all_candidates(pass_name)],
         key=TUNE_KEY + (extra_key or []),
-        prune_configs_by={"early_config_prune": prune},
+        prune_configs_by={"early_config_prune": tile_pruner(kernel, pass_name)},
         reset_to_zero=reset_to_zero,
     )(kernel)
 

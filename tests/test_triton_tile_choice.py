@@ -1,0 +1,96 @@
+"""Which tiles a Triton attention launch may run, decided without a GPU: the static rules of
+``attention_configs`` (what deterministic mode launches) and the autotuner's run-time pruning of tiles the
+compiler spills for (``attention_launch.without_spills``), driven here by a stand-in compiler that
+reports spill counts. ``tests/test_triton_compile.py`` checks the real compiler's output for sm_80/sm_90."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("triton")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+import triton_aot  # tools/ is not a package
+
+from fused_attention.kernels.triton import attention_configs as configs
+from fused_attention.kernels.triton import attention_launch as launch
+
+Tile = configs.Tile
+A, B, C, SMALL = Tile(128, 64, 8, 3), Tile(64, 64, 4, 3), Tile(64, 32, 4, 2), Tile(16, 16, 4, 1)
+
+
+def test_spilling_tiles_are_dropped_when_another_does_not_spill():
+    counts = {A: 12, B: 0, C: None}  # None: the compiler could not say; kept for the autotuner
+    assert launch.without_spills([A, B, C], counts.get, SMALL) == [B, C]
+
+
+def test_every_tile_spills_then_the_last_resort_runs_if_it_does_not():
+    assert launch.without_spills([A, B], {A: 3, B: 1, SMALL: 0}.get, SMALL) == [SMALL]
+    assert launch.without_spills([A, B], {A: 3, B: 1, SMALL: 2}.get, SMALL) == [A, B]
+
+
+def test_nothing_known_leaves_the_candidates_to_the_autotuner():
+    assert launch.without_spills([A, B], {}.get, SMALL) == [A, B]
+
+
+def _launch(features: frozenset[str], arch: int, pass_name: str, **call) -> dict:
+    """The arguments the real launcher passes for one pass (meta tensors, launch intercepted)."""
+    found = [args for _, name, args in triton_aot.launches(triton_aot.Call(features=features, **call), arch)
+             if name == pass_name]
+    assert found, pass_name
+    return found[0]
+
+
+@pytest.mark.parametrize(("arch", "pass_name", "features", "call", "pruned"), [
+    # float16 at head dim 128 spills in sm_90's 128x128 forward tile; bfloat16 does not
+    (90, "forward", frozenset(), {"dtype": "float16"}, Tile(128, 128, 8, 3)),
+    # a query-head group walked inside sm_80's dK/dV program at head dim 128
+    (80, "backward_dkdv", frozenset(), {"kv_heads": 2}, Tile(32, 128, 8, 2)),
+    # the mask gradient's flags reach the dK/dV tile choice (taken before the launch, for its buffer)
+    (80, "backward_dkdv", frozenset({"float_mask", "mask_grad"}), {"kv_heads": 4}, Tile(16, 64, 4, 2)),
+])
+def test_rules_prune_the_tiles_that_spill_with_a_launch_features(arch, pass_name, features, call, pruned):
+    args = _launch(features, arch, pass_name, **call)
+    assert pruned not in configs.launch_candidates(pass_name, arch, args)
+    plain = _launch(frozenset(), arch, pass_name, **{**call, "dtype": "bfloat16", "kv_heads": 4, "head_dim": 64,
+                                                     "value_head_dim": 64})
+    assert pruned in configs.launch_candidates(pass_name, arch, plain)
+
+
+class _StandInKernel:
+    """Answers ``warmup`` as Triton's JIT does, with a compiled kernel whose ``n_spills`` comes from a
+    table; records the launches it compiled."""
+
+    def __init__(self, spills: dict[tuple[int, int], int]):
+        self.spills, self.compiled = spills, []
+
+    def warmup(self, *, grid, BLOCK_M, BLOCK_N, num_warps, num_stages, **args):
+        assert "warmup" not in args and "grid" not in args
+        self.compiled.append((BLOCK_M, BLOCK_N))
+        return SimpleNamespace(_init_handles=lambda: None, n_spills=self.spills.get((BLOCK_M, BLOCK_N), 0))
+
+
+def test_autotuner_prune_keeps_only_the_tiles_that_compile_without_spills(monkeypatch):
+    monkeypatch.setattr(launch.torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    args = _launch(frozenset({"causal"}), 90, "forward")
+    tiles = configs.launch_candidates("forward", 90, args)
+    assert len(tiles) > 2
+    kernel = _StandInKernel({(tiles[0].block_m, tiles[0].block_n): 40, (tiles[1].block_m, tiles[1].block_n): 2})
+    configs_list = [launch._tile_config(t) for t in configs.all_candidates("forward")]
+    kept = launch.tile_pruner(kernel, "forward")(configs_list, {}, **args, grid=None, warmup=False)
+    kept_tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
+    assert kept_tiles == {(t.block_m, t.block_n, t.num_warps, t.num_stages) for t in tiles[2:]}
+    assert len(kernel.compiled) == len(tiles)
+
+
+def test_a_compile_that_fails_leaves_the_tile_to_the_autotuner():
+    class Failing:
+        def warmup(self, **kwargs):
+            raise RuntimeError("no GPU")
+
+    assert launch._compiled_spills(Failing(), {"Q": None}, A) is None
