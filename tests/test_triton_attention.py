@@ -107,6 +107,26 @@ def test_odd_sizes(seq_q, seq_k, head_dim, features, plain):
     check_attention("triton", q, k, v, **kwargs)
 
 
+# Windows as wide as one or more tiles (the interpreter's are 16 x 32): left-edge tiles that check only
+# the left bound, interior tiles, right-edge tiles that check only the right one; the narrowest ones
+# leave left-edge tiles that the right bound also cuts. The shared suite's windows are narrower.
+WIDE_WINDOWS = [(47, 0), (70, 5), (31, 64), (200, -1)]
+
+
+# float32 takes the kernels' IEEE path (every rule per element); 16-bit inputs the per-loop bound checks.
+@pytest.mark.parametrize("window", WIDE_WINDOWS, ids=str)
+@pytest.mark.parametrize(("features", "dtype"), [
+    ((), torch.float16), (("key_lengths", "alibi", "causal_lower_right"), torch.float16),
+    (("key_lengths", "alibi", "causal_lower_right"), torch.float32),
+], ids=lambda x: "+".join(x) or "plain" if isinstance(x, tuple) else str(x))
+def test_windows_wider_than_a_tile(window, features, dtype):
+    torch.manual_seed(5)
+    q, k, v, kwargs = _inputs(set(features), dtype=dtype, seq_q=100, seq_k=121, hq=1)
+    if "key_lengths" in kwargs:
+        kwargs["key_lengths"] = torch.tensor([121, 90])
+    check_attention("triton", q, k, v, window_size=window, **kwargs)
+
+
 # interpreted bfloat16 (~40 s here) runs in the shared suite's sample of the same check
 @pytest.mark.parametrize("dtype", DTYPES if DEVICE.type == "cuda" else DTYPES[:2], ids=str)
 def test_fully_masked_rows_are_zero_with_finite_gradients(dtype):

@@ -227,6 +227,18 @@ MUTATIONS = [
         "Triton: a zero scale multiplies a hidden key's -inf (NaN)",
     ),
     Mutation(
+        "triton-left-edge-checks-right", "fused_attention/kernels/triton/attention_forward.py",
+        "(2, 0, 1, 3)[part]", "(1, 0, 1, 3)[part]",
+        _k("tests/test_triton_attention.py", "wider_than"),
+        "Triton: the window's left-edge tiles check the right bound instead of the left",
+    ),
+    Mutation(
+        "triton-narrow-window-one-sided", "fused_attention/kernels/triton/attention_forward.py",
+        "    narrow = a0 < a\n", "    narrow = a0 < 0\n",
+        _k(("tests/test_triton_attention.py", "tests/test_attention.py"), "triton and window"),
+        "Triton: a window narrower than a tile still checks one bound per left-edge tile",
+    ),
+    Mutation(
         "triton-spilling-tile-kept", "fused_attention/kernels/triton/attention_launch.py",
         "        return [tile for tile, count in zip(tiles, counts) if count is None or count == 0]",
         "        return tiles",

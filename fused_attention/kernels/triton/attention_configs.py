@@ -92,7 +92,7 @@ _SPILL_WITH: dict[tuple[str, int, Tile], tuple[frozenset[str], ...]] = {
                                                                  {"varlen", "d128"}, {"window", "d128"}),
     ("backward_dkdv", 80, Tile(32, 64, 4, 2)): _HEAVY + _rules({"alibi"}, {"softcap"}, {"gqa", "d128"},
                                                                 {"varlen", "d128"}),
-    ("backward_dkdv", 80, Tile(16, 64, 4, 2)): _rules({"gqa", "d64"}, {"mask_grad", "d128"}),
+    ("backward_dkdv", 80, Tile(16, 64, 4, 2)): _rules({"gqa", "d64"}, {"mask_grad", "d128"}, {"dropout", "d128"}),
     # sm_90 dK/dV: 10 spill stores with a query-head group at 128 (three stages), 16-113 with a mask, 14-39
     # with dropout and a query-head group
     ("backward_dkdv", 90, Tile(32, 128, 8, 3)): _HEAVY + _rules({"gqa", "d128"}),
@@ -100,9 +100,9 @@ _SPILL_WITH: dict[tuple[str, int, Tile], tuple[frozenset[str], ...]] = {
     ("backward_dkdv", 90, Tile(16, 64, 4, 2)): _rules({"mask_grad"}, {"dropout", "gqa"}),
     ("backward_dq", 90, Tile(128, 64, 8, 2)): _HEAVY,
     ("backward_dq", 90, Tile(128, 32, 8, 3)): _HEAVY,
-    # dQ: 1-2 with ALiBi, delta from the scores (a mask or slope gradient), or dropout at 128
-    ("backward_dq", 80, Tile(128, 32, 8, 2)): _rules({"delta_from_scores", "d128"}, {"dropout", "d128"}),
-    ("backward_dq", 80, Tile(64, 32, 4, 2)): _rules({"alibi"}, {"delta_from_scores", "d128"}),
+    # dQ: 1-6 with ALiBi, delta from the scores (a mask or slope gradient), dropout at 128, or a mask
+    ("backward_dq", 80, Tile(128, 32, 8, 2)): _rules({"delta_from_scores", "d128"}, {"dropout", "d128"}, {"mask"}),
+    ("backward_dq", 80, Tile(64, 32, 4, 2)): _rules({"alibi"}, {"delta_from_scores", "d128"}, {"mask"}),
 }
 
 

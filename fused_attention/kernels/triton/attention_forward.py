@@ -7,10 +7,10 @@ row's denominator after the last tile (lse includes them). Dense and packed (var
 kernel: a varlen program reads its sequence's bounds from ``cu_seqlens``.
 
 Scores live in log2 units (``exp2``, with ``scale * log2(e)`` folded into the one multiply-add that
-also subtracts the row maximum). Key tiles come in up to three loops (:func:`interior_range`): the
-window's left-edge tiles and the masked tiles at the end (diagonal, window right edge, ragged last
-tile) check visibility per element; the interior tiles between them check nothing, so a causal
-interior tile costs what a non-causal one does. Without softcap, ALiBi or a float mask the row maximum
+also subtracts the row maximum). Key tiles come in four loops (:func:`interior_range`): the window's
+left-edge tiles check the left bound per element, the masked tiles at the end (diagonal, window right
+edge) the right bound, the ragged last tile both; the interior tiles between them check nothing, so a
+causal interior tile costs what a non-causal one does. Without softcap, ALiBi or a float mask the row maximum
 is taken on the raw ``q . k`` (scaled once per row).
 """
 
@@ -52,7 +52,7 @@ def _exp(x, NATURAL: tl.constexpr):
 def tile_scores(
     s, rows, cols, first, last, mask_base, stride_mm, stride_mn,
     seq_q, seq_k, qk_scale, log2_softcap, slope2,
-    CHECKED: tl.constexpr, WINDOW_LEFT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    SIDES: tl.constexpr, WINDOW_LEFT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     MASK: tl.constexpr, FAST_TANH: tl.constexpr, DEFER: tl.constexpr,
 ):
     """A tile's scores from ``s = q . k`` in log2 units, ``-inf`` where a key is hidden. ``DEFER``: in
@@ -77,8 +77,8 @@ def tile_scores(
             s = tl.where(m != 0, s, float("-inf"))
         else:
             s = s + m.to(tl.float32) * _LOG2E
-    if CHECKED:  # the row's key bounds (from key_bounds), one compare per element
-        s = tl.where(keys_within(cols, first, last, WINDOW_LEFT), s, float("-inf"))
+    if SIDES != 0:  # the row's key bounds (from key_bounds) the tile needs, one compare per element each
+        s = tl.where(keys_within(cols, first, last, WINDOW_LEFT, SIDES), s, float("-inf"))
     return s
 
 
@@ -88,13 +88,14 @@ def _key_tiles(
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
     seq_q, seq_k, head_dim, value_head_dim, qk_scale, log2_softcap, slope2, window_left, window_right, key_length,
     dropout_p, seed, stream,
-    CHECKED: tl.constexpr, RAGGED: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, WIDE_TILES: tl.constexpr,
+    SIDES: tl.constexpr, RAGGED: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, WIDE_TILES: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, MASK: tl.constexpr, KEY_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr, NATURAL: tl.constexpr,
 ):
-    """Online softmax over the key tiles ``[lo, hi)``; ``CHECKED`` tiles apply the visibility rules
-    per element, the others are fully visible (only the user's mask, if any, hides keys there);
+    """Online softmax over the key tiles ``[lo, hi)``; tiles with ``SIDES`` (see :func:`keys_within`)
+    check those key bounds per element, the others are fully visible (only the user's mask, if any,
+    hides keys there);
     ``RAGGED`` tiles may reach past ``seq_k`` and load their key rows under a bound.
     ``NATURAL``: natural-log units and the backward's own score expression (see the kernel)."""
     # Scores in units of a positive factor (see tile_scores) take it in the row maximum, once per row.
@@ -103,7 +104,7 @@ def _key_tiles(
     if SOFTCAP:
         factor = log2_softcap
     # Only then can a row have seen nothing but -inf, whose exponent base must stay finite.
-    guard: tl.constexpr = CHECKED or MASK != 0 or NATURAL
+    guard: tl.constexpr = SIDES != 0 or MASK != 0 or NATURAL
     offs_tile = tl.arange(0, BLOCK_N)[:, None]
     if WIDE_TILES:
         offs_tile = offs_tile.to(tl.int64)
@@ -146,7 +147,7 @@ def _key_tiles(
             s = tile_scores(
                 tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), rows, cols, first, last, mask_base,
                 stride_mm, stride_mn, seq_q, seq_k, qk_scale, log2_softcap, slope2,
-                CHECKED, WINDOW_LEFT, SOFTCAP, ALIBI, MASK, FAST_TANH, defer,
+                SIDES, WINDOW_LEFT, SOFTCAP, ALIBI, MASK, FAST_TANH, defer,
             )
         if defer:
             new_max = tl.maximum(row_max, tl.max(s, 1) * factor)
@@ -261,19 +262,26 @@ def attention_forward_kernel(
         m0, seq_q, seq_k, window_left, window_right, key_length,
         BLOCK_M, BLOCK_N, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
     )
-    a, z = interior_range(
+    a, z, end = interior_range(
         m0, lo, hi, seq_q, seq_k, window_left, window_right, key_length,
         BLOCK_M, BLOCK_N, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
     )
     first, last = key_bounds(rows, seq_q, seq_k, window_left, window_right, key_length,
                              CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS)
-    # Four loops, each compile-time specialized: the window's left-edge tiles [lo, a) (checked, may be
-    # ragged), the interior [a, z) (no checks), the whole masked tiles [z, e) (diagonal, window right
-    # edge: checked, unbounded loads) and a ragged last tile [e, hi) (checked, bounded key rows).
+    # Four loops, each compile-time specialized: the window's left-edge tiles [lo, a0) (the left bound
+    # only), the interior [a, z) (no checks), the whole masked tiles [z, e) (diagonal, window right
+    # edge: the right bound only, unbounded loads) and the rest [e, hi) (both bounds, bounded key rows:
+    # the ragged last tile). A window narrower than a tile leaves left-edge tiles [a0, a) that the right
+    # bound also cuts: then the last loop takes every tile from a0 on.
     e = z + ((hi - z) // BLOCK_N) * BLOCK_N
+    a0 = lo + tl.minimum((tl.maximum(end - lo, 0) // BLOCK_N) * BLOCK_N, a - lo)
+    narrow = a0 < a
+    a = tl.where(narrow, a0, a)
+    z = tl.where(narrow, a0, z)
+    e = tl.where(narrow, a0, e)
     for part in tl.static_range(4):
         if part == 0:
-            start, stop = lo, a
+            start, stop = lo, a0
         elif part == 1:
             start, stop = a, z
         elif part == 2:
@@ -286,7 +294,7 @@ def attention_forward_kernel(
                 stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                 seq_q, seq_k, head_dim, value_head_dim, qk_scale, log2_softcap, slope2, window_left, window_right,
                 key_length, dropout_p, seed, stream,
-                part != 1, part == 0 or part == 3, BLOCK_N, EVEN_D, WIDE_TILES, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
+                (2, 0, 1, 3)[part], part == 3, BLOCK_N, EVEN_D, WIDE_TILES, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
                 SOFTCAP, ALIBI, MASK, KEY_LENGTHS, DROPOUT, DOT_PRECISION, FAST_TANH, NATURAL,
             )
 

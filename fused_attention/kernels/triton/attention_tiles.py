@@ -74,10 +74,13 @@ def interior_range(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, KEY_LENGTHS: tl.constexpr,
 ):
-    """``[a, b)`` within ``[lo, hi)`` (from :func:`key_range`), ``a - lo`` and ``b - a`` multiples of
-    BLOCK_N: the key tiles every query row ``m0 <= i < m0 + BLOCK_M`` sees whole (no key bound, causal,
-    window or key-length check applies). ``[lo, a)`` holds the window's left-edge tiles, ``[b, hi)`` the
-    diagonal, the window's right edge and the ragged end. Rows past ``seq_q`` are never stored."""
+    """``(a, b, end)``: ``[a, b)`` within ``[lo, hi)`` (from :func:`key_range`), ``a - lo`` and ``b - a``
+    multiples of BLOCK_N, the key tiles every query row ``m0 <= i < m0 + BLOCK_M`` sees whole (no key
+    bound, causal, window or key-length check applies); keys ``j < end`` pass every right-side rule for
+    every row. ``[lo, a)`` holds the window's left-edge tiles, ``[b, hi)`` the diagonal, the window's
+    right edge and the ragged end. Keys ``j >= a`` pass the left window for every row, so tiles from
+    ``b`` on need only the right-side rules, and left-edge tiles below ``end`` only the left window.
+    Rows past ``seq_q`` are never stored."""
     shift = seq_k - seq_q
     a = lo
     if WINDOW_LEFT:  # the last row's left edge: j >= m0 + BLOCK_M - 1 + shift - window_left
@@ -92,7 +95,7 @@ def interior_range(
     if KEY_LENGTHS:
         end = tl.minimum(end, key_length)
     b = a + (tl.maximum(end - a, 0) // BLOCK_N) * BLOCK_N
-    return a, b
+    return a, b, end
 
 
 @triton.jit
@@ -152,10 +155,14 @@ def key_bounds(
 
 
 @triton.jit
-def keys_within(j, first, last, WINDOW_LEFT: tl.constexpr):
-    """Whether key ``j`` lies in ``[first, last]`` (from :func:`key_bounds`)."""
+def keys_within(j, first, last, WINDOW_LEFT: tl.constexpr, SIDES: tl.constexpr = 3):
+    """Whether key ``j`` lies in ``[first, last]`` (from :func:`key_bounds`). ``SIDES``: which bounds a
+    tile needs (1: ``last``, 2: ``first``, 3: both; ``first`` only with a left window), the others being
+    known to hold for the whole tile (:func:`interior_range`)."""
+    if SIDES == 2:
+        return j >= first
     visible = j <= last
-    if WINDOW_LEFT:
+    if WINDOW_LEFT and SIDES == 3:
         visible = visible & (j >= first)
     return visible
 
