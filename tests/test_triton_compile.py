@@ -36,11 +36,12 @@ sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
 import triton_aot  # tools/ is not a package
 
-# Static goals, checked on the tile deterministic mode launches (the first candidate left by
-# attention_configs' rules), which is also the spill-free tile the autotuner is guaranteed to keep
-# (attention_launch.without_spills drops the others that spill at run time): no spills in 16 bits at head
-# dims up to 128, and no mma.sync in an sm_90 loop where wgmma is possible. float32 with IEEE products (FMA
-# loops: its own small tiles, attention_configs._IEEE_CANDIDATES) must not spill in any tile, masks aside.
+# Static goals: no spills in 16 bits at head dims up to 128, and no mma.sync in an sm_90 loop where wgmma
+# is possible. Checked on the tile deterministic mode launches (the first candidate left by
+# attention_configs' rules, which the autotuner then keeps: attention_launch.without_spills drops the
+# others that spill at run time) in every pass, and on every forward tile without a user mask. float32
+# with IEEE products (FMA loops: its own small tiles, attention_configs._IEEE_CANDIDATES) must not spill
+# in any tile, masks aside.
 SPILL_FREE_HEAD_DIM = 128
 _MASKS = frozenset({"bool_mask", "float_mask"})
 
@@ -105,14 +106,16 @@ def _wgmma_possible(pass_name: str, tile) -> bool:
 
 
 def _static_failures(label: str, pass_name: str, spec: Spec, arch: int, tile, first: bool, compiled) -> list[str]:
-    """Spills in the tile dispatch launches first (16-bit at head dims up to :data:`SPILL_FREE_HEAD_DIM`)
-    or in any float32-IEEE tile (no user mask), and ``mma.sync`` in an sm_90 loop of the first tile where
-    wgmma is possible (16-bit or TF32 operands)."""
+    """Spills in 16 bits at head dims up to :data:`SPILL_FREE_HEAD_DIM` (the tile dispatch launches first,
+    and every forward tile without a user mask) or in any float32-IEEE tile (no user mask), and
+    ``mma.sync`` in an sm_90 loop of those tiles where wgmma is possible (16-bit or TF32 operands)."""
     ieee = spec.dtype == "float32" and not spec.tf32
     sixteen_bit = spec.dtype != "float32"
-    check_spills = (ieee and not spec.features & _MASKS) or (
-        first and sixteen_bit and max(spec.head_dim, spec.value_head_dim) <= SPILL_FREE_HEAD_DIM)
-    check_mma = first and arch == 90 and (sixteen_bit or spec.tf32) and _wgmma_possible(pass_name, tile)
+    masked = bool(spec.features & _MASKS)
+    held = first or (pass_name == "forward" and not masked)
+    check_spills = (ieee and not masked) or (
+        held and sixteen_bit and max(spec.head_dim, spec.value_head_dim) <= SPILL_FREE_HEAD_DIM)
+    check_mma = held and arch == 90 and (sixteen_bit or spec.tf32) and _wgmma_possible(pass_name, tile)
     if not (check_spills or check_mma):
         return []
     failures = []

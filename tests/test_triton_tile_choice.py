@@ -94,3 +94,32 @@ def test_a_compile_that_fails_leaves_the_tile_to_the_autotuner():
             raise RuntimeError("no GPU")
 
     assert launch._compiled_spills(Failing(), {"Q": None}, A) is None
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("features", [
+    frozenset({"float_mask", "mask_grad"}), frozenset({"float_mask", "mask_grad", "mask_cols", "causal"}),
+    frozenset({"bool_mask", "dropout"}), frozenset({"alibi", "window"}),
+], ids=lambda f: "+".join(sorted(f)))
+def test_deterministic_dkdv_tile_is_chosen_before_the_launch_as_at_it(monkeypatch, arch, features):
+    """The dK/dV pass sizes its deterministic mask-gradient buffer (one slot per key block) with the
+    tile it picks before launching; the launch must pick the same, or the kernel writes past the buffer.
+    The launch's tile comes from its full arguments, so the tile rules (a mask gradient's among them)
+    must see the same features before it. Compiled kernels are stood in for (the choice is made for a
+    GPU launch, not the interpreter's fixed tile)."""
+    monkeypatch.setattr(launch, "interpreted", lambda kernel: False)
+    before = []
+    original = launch.fixed_tile
+
+    def recording(kernel, pass_name, args):
+        tile = original(kernel, pass_name, args)
+        if pass_name == "backward_dkdv":
+            before.append(tile)
+        return tile
+
+    monkeypatch.setattr(launch, "fixed_tile", recording)
+    call = triton_aot.Call(dtype="float16", features=features, deterministic=True, kv_heads=4)
+    dkdv = [args for _, name, args in triton_aot.launches(call, arch) if name == "backward_dkdv"]
+    assert len(dkdv) == 1 and before
+    at_launch = configs.launch_candidates("backward_dkdv", arch, dkdv[0])[0]
+    assert set(before) == {at_launch}

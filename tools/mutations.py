@@ -234,9 +234,16 @@ MUTATIONS = [
     ),
     Mutation(
         "triton-narrow-window-one-sided", "fused_attention/kernels/triton/attention_forward.py",
-        "    narrow = a0 < a\n", "    narrow = a0 < 0\n",
-        _k(("tests/test_triton_attention.py", "tests/test_attention.py"), "triton and window"),
+        "    narrow = a0 < a\n", "    a0 = a\n    narrow = a0 < a\n",
+        _k("tests/test_triton_attention.py", "window"),
         "Triton: a window narrower than a tile still checks one bound per left-edge tile",
+    ),
+    Mutation(
+        "triton-dkdv-tile-without-flags", "fused_attention/kernels/triton/attention_backward.py",
+        'fixed_tile(attention_dkdv_kernel, "backward_dkdv", shared | flags)',
+        'fixed_tile(attention_dkdv_kernel, "backward_dkdv", shared)',
+        _k("tests/test_triton_tile_choice.py", "before_the_launch"),
+        "Triton: the dK/dV tile sized before the launch ignores the mask gradient's tile rules",
     ),
     Mutation(
         "triton-spilling-tile-kept", "fused_attention/kernels/triton/attention_launch.py",

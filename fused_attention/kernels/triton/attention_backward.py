@@ -344,7 +344,7 @@ def attention_dq_kernel(
 
 
 _TUNED_DKDV = launch.autotuned(
-    attention_dkdv_kernel, "backward_dkdv", extra_key=["MASK_GRAD", "ALIBI_GRAD"], reset_to_zero=["DMask"]
+    attention_dkdv_kernel, "backward_dkdv", extra_key=["MASK_GRAD", "ALIBI_GRAD", "splits"], reset_to_zero=["DMask"]
 )
 _TUNED_DQ = launch.autotuned(attention_dq_kernel, "backward_dq", extra_key=["DELTA_FROM_SCORES"])
 

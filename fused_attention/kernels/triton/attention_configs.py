@@ -139,9 +139,9 @@ _IEEE_CANDIDATES: dict[tuple[str, int], tuple[tuple[Tile, int, int], ...]] = {
     ("backward_dq", 90): ((Tile(32, 16, 4, 2), 16, 128), (Tile(16, 16, 4, 2), 256, 256)),
 }
 
-# Small enough for float32 at head dim 256 on sm_80, and spill-free in 16 bits at head dim 128 with every
-# feature on, on sm_80 and sm_90 (the compile test checks both): what a launch falls back to when every
-# candidate is pruned or spills.
+# Small enough for float32 at head dim 256 on sm_80 (the compile test checks it), and spill-free in 16 bits
+# at head dim 128 with every feature on, on sm_80 and sm_90 (2026-12-03-triton-spill-rules.md): what a
+# launch falls back to when every candidate is pruned or spills.
 _FALLBACK = {"forward": Tile(64, 16, 4, 1), "backward_dkdv": Tile(16, 32, 4, 1), "backward_dq": Tile(32, 16, 4, 1)}
 
 

@@ -271,8 +271,8 @@ def attention_forward_kernel(
     # Four loops, each compile-time specialized: the window's left-edge tiles [lo, a0) (the left bound
     # only), the interior [a, z) (no checks), the whole masked tiles [z, e) (diagonal, window right
     # edge: the right bound only, unbounded loads) and the rest [e, hi) (both bounds, bounded key rows:
-    # the ragged last tile). A window narrower than a tile leaves left-edge tiles [a0, a) that the right
-    # bound also cuts: then the last loop takes every tile from a0 on.
+    # the ragged last tile). When left-edge tiles [a0, a) are also cut by the right bound (a window
+    # narrower than about a query block plus a key tile), the last loop takes every tile from a0 on.
     e = z + ((hi - z) // BLOCK_N) * BLOCK_N
     a0 = lo + tl.minimum((tl.maximum(end - lo, 0) // BLOCK_N) * BLOCK_N, a - lo)
     narrow = a0 < a

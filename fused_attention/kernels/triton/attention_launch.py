@@ -159,6 +159,8 @@ class Problem:
 TUNE_KEY = [
     "tune_key", "BLOCK_D", "BLOCK_DV", "CAUSAL", "WINDOW_LEFT", "WINDOW_RIGHT", "SOFTCAP", "ALIBI", "MASK",
     "KEY_LENGTHS", "DROPOUT", "VARLEN", "DOT_PRECISION",
+    # the query-head group: a runtime int, but 1 compiles as a constant and the tile rules name it
+    "groups",
 ]
 
 
@@ -181,8 +183,8 @@ def without_spills(tiles: list[configs.Tile], spills: Callable[[configs.Tile], i
     """``tiles`` less those the compiler spills registers for, when at least one is known not to spill;
     else ``last_resort`` (a small tile) if it does not spill; else ``tiles`` as they are (the autotuner
     then times them). ``spills(tile)`` is the compiler's spill count, or None when it cannot tell (that
-    tile is kept). PyTorch Inductor's autotuner drops spilling configs the same way: spill traffic in an
-    attention loop costs more than a smaller tile."""
+    tile is kept). PyTorch Inductor's autotuner likewise skips configs that spill (past a threshold);
+    spill traffic in an attention loop costs more than a smaller tile."""
     if len(tiles) == 1 and tiles[0] == last_resort:
         return tiles
     counts = [spills(tile) for tile in tiles]
@@ -196,12 +198,12 @@ def without_spills(tiles: list[configs.Tile], spills: Callable[[configs.Tile], i
 def _compiled_spills(kernel, args: dict[str, Any], tile: configs.Tile) -> int | None:
     """Spilled registers of ``kernel`` compiled for this launch with ``tile`` on the current GPU (Triton's
     ``n_spills``, from the loaded binary's local memory), without launching it; the binary stays in
-    Triton's cache for the launch. None when the compile fails (the autotuner reports or skips that tile
+    Triton's caches for the launch (the same options as the autotuner's, so the same in-memory entry).
+    None when the compile fails (the autotuner reports or skips that tile
     as it did before) or this Triton does not expose the count."""
     launch_args = {k: v for k, v in args.items() if k not in ("grid", "warmup")}
     try:
-        compiled = kernel.warmup(**launch_args, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-                                 num_warps=tile.num_warps, num_stages=tile.num_stages, grid=(1,))
+        compiled = kernel.warmup(**launch_args, **_tile_config(tile).all_kwargs(), grid=(1,))
         compiled._init_handles()
         return int(compiled.n_spills)
     except Exception:  # noqa: BLE001  (any failure leaves the tile to the autotuner, as before)
