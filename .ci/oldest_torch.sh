@@ -82,11 +82,11 @@ step "test slice on torch $OLDEST_TORCH"
 # numpy < 2.3: Triton 3.2's interpreter converts 1-element arrays to scalars, which the newest numpy
 # refuses (2.2 still accepts it).
 # The newest transformers still takes torch 2.6.
-"$PY" -m pip install -q pytest hypothesis "numpy<2.3" transformers
+"$PY" -m pip install -q pytest pytest-xdist hypothesis "numpy<2.3" transformers
 # Tests run the copied tree with the extension built for this torch (some start subprocesses on it).
 cp "$SRC"/build/lib*/fused_attention/_C*.so "$SRC/fused_attention/"
 cd "$SRC"
-"$PY" -m pytest -q -p no:cacheprovider \
+"$PY" -m pytest -q -n auto --dist worksteal -p no:cacheprovider \
   tests/test_attention.py tests/test_varlen.py tests/test_position.py tests/test_extension.py \
   tests/test_dispatch.py tests/test_huggingface.py tests/test_platform.py tests/test_patching.py \
   tests/test_compile.py -k "not inductor"

@@ -27,6 +27,26 @@ for _name in [n for n in os.environ if n.startswith("FUSED_ATTENTION_") and n no
 if os.environ.get(ISA_REQUEST):
     os.environ["FUSED_ATTENTION_CPU_ISA"] = os.environ[ISA_REQUEST]
 
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# Under pytest-xdist (``-n``) each worker gets its share of the cores, and so do the suites it starts
+# in subprocesses: torch's default (every core, in every worker) oversubscribes the machine, which
+# slows OpenMP down badly. Tests of the kernels' threading set their thread counts themselves.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores() // _WORKERS))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core, at most 8 (each holds torch, Triton and its test data)."""
+    return min(8, _cores())
+
+
 # Without a GPU, Triton kernels run under the interpreter on CPU tensors. Triton reads this when a
 # kernel is defined, so it is set before fused_attention (and its kernels) are imported.
 if not torch.cuda.is_available():
