@@ -27,7 +27,7 @@ step() { echo "--- $* (${SECONDS}s)"; }
 prepare() {
   rm -f "$VENV.prepared"
   python3 -m venv --clear "$VENV"
-  "$PY" -m pip install -q "torch==$OLDEST_TORCH"
+  "$PY" -m pip install -q --no-compile "torch==$OLDEST_TORCH"  # as .ci/run: bytecode on import
   touch "$VENV.prepared"
 }
 if [ "${2:-}" = "--prepare" ]; then
@@ -82,7 +82,7 @@ step "test slice on torch $OLDEST_TORCH"
 # numpy < 2.3: Triton 3.2's interpreter converts 1-element arrays to scalars, which the newest numpy
 # refuses (2.2 still accepts it).
 # The newest transformers still takes torch 2.6.
-"$PY" -m pip install -q pytest pytest-xdist hypothesis "numpy<2.3" transformers
+"$PY" -m pip install -q --no-compile pytest pytest-xdist hypothesis "numpy<2.3" transformers
 # Tests run the copied tree with the extension built for this torch (some start subprocesses on it).
 cp "$SRC"/build/lib*/fused_attention/_C*.so "$SRC/fused_attention/"
 cd "$SRC"
