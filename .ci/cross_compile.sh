@@ -106,14 +106,12 @@ PKG="$WORK/aarch64-package"
 rm -rf "$PKG" && mkdir -p "$PKG"
 (cd "$REPO" && git ls-files -z --cached --others --exclude-standard fused_attention | xargs -0 cp --parents -t "$PKG")
 cp "$OBJ/_C.so" "$PKG/fused_attention/_C.so"
-run_aarch64() {
-  (cd "$PKG" && qemu-aarch64 -L "$ROOT" -E PYTHONPATH="$PKG:$ARM_SITE" -E OMP_NUM_THREADS="$JOBS" \
-    "$ROOT/usr/bin/python$ARM_PY_VERSION" -W ignore "$@")
-}
-# info, then check, in one process: torch's import under qemu takes half a minute. Emulation runs
-# mostly on one core, so it runs in the background beside the clang compiles below.
-run_aarch64 -c "import sys; from fused_attention.__main__ import main
-main(['info']); print('--- check', flush=True); sys.exit(main(['check']))" > "$WORK/aarch64-info.txt" 2>&1 &
+# info, then check, in one process: torch's import under qemu takes half a minute. It runs in the
+# background beside the clang compiles below, on one thread (exec: $! is qemu itself, which the trap
+# can stop).
+(cd "$PKG" && exec qemu-aarch64 -L "$ROOT" -E PYTHONPATH="$PKG:$ARM_SITE" -E OMP_NUM_THREADS=1 \
+  "$ROOT/usr/bin/python$ARM_PY_VERSION" -W ignore -c "import sys; from fused_attention.__main__ import main
+main(['info']); print('--- check', flush=True); sys.exit(main(['check']))") > "$WORK/aarch64-info.txt" 2>&1 &
 qemu_pid=$!
 trap 'kill $qemu_pid 2> /dev/null || true' EXIT
 
@@ -139,6 +137,7 @@ CLANG_ARM_FLAGS=$(flags "$ARM_HEADERS/torch/include" "$CXX11_ABI")
 step "all compiled; the aarch64 info and check (started at the qemu step):"
 qemu_status=0
 wait $qemu_pid || qemu_status=$?
+trap - EXIT
 cat "$WORK/aarch64-info.txt"
 [ "$qemu_status" = 0 ] || { echo "aarch64: info or check exited with $qemu_status"; exit 1; }
 grep -q "on aarch64 (Linux)" "$WORK/aarch64-info.txt"

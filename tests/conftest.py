@@ -113,6 +113,10 @@ def pytest_addoption(parser):
         "--sample-per-test", type=int, default=0,
         help="keep at most N evenly spaced cases of every parametrized test function (0: all)",
     )
+    parser.addoption(
+        "--triton-sample-per-test", type=int, default=TRITON_SAMPLE_PER_TEST,
+        help="interpreted triton cases kept of each shared test function (plus one per dtype it serves)",
+    )
 
 
 def pytest_configure(config):
@@ -165,7 +169,8 @@ def pytest_collection_modifyitems(config, items):
     deselected += unserved
     triton = [i for i in triton if i not in unserved]
     if triton:
-        kept = {id(i) for i in _with_every_dtype(triton, _sample(triton, TRITON_SAMPLE_PER_TEST))}
+        sample = _sample(triton, config.getoption("--triton-sample-per-test"))
+        kept = {id(i) for i in _with_every_dtype(triton, sample)}
         deselected += [i for i in triton if id(i) not in kept]
     keep = config.getoption("--sample-per-test")
     remaining = [i for i in items if i not in deselected]

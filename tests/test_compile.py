@@ -327,11 +327,10 @@ def test_export_module_with_alibi():
 
 @pytest.mark.slow
 def test_cli_check_passes():
-    """The self-test, as a user runs it (a fresh process: about 10-20 s on 2 CPU cores)."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
+    """The self-test, as a user runs it (a fresh process: about 5 s on 2 CPU cores): without the
+    session's ``TRITON_INTERPRET`` (the Triton kernels' own tests run them under the interpreter)."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     result = subprocess.run(
         [sys.executable, "-m", "fused_attention", "check"],
         check=False,

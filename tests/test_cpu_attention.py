@@ -51,8 +51,12 @@ SAMPLE_PER_TEST = 5
 def test_every_instruction_set_variant_passes_the_shared_suite(isa):
     """A sample of every shared test family, and the softmax's overflow and underflow paths (which lean
     on each variant's exp), in a process of its own that runs the variant (the variable is read once
-    per process; conftest refuses to start if the kernels run another one)."""
-    env = dict(os.environ, FA_TESTS_CPU_ISA=isa)
+    per process; conftest refuses to start if the kernels run another one). At two threads: pytest-xdist
+    workers run one each, so these samples are what runs the kernels' multithreaded paths (per-thread
+    mask-gradient buffers, split tasks) across the shared suite."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_XDIST")}
+    # passive: threads waiting for work sleep instead of spinning against the other xdist worker
+    env.update(FA_TESTS_CPU_ISA=isa, OMP_NUM_THREADS="2", OMP_WAIT_POLICY="PASSIVE")
     for args in (
         [*SHARED_FILES, "-k", "cpu", "--sample-per-test", str(SAMPLE_PER_TEST)],
         ["tests/test_cpu_attention.py", "-k", "far_from or alibi_rows or overshoots"],

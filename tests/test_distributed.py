@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import time
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from filelock import FileLock  # a dependency of torch
 
 import fused_attention
 from fused_attention.backends.dispatch import BACKENDS
@@ -33,22 +35,36 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
-    """``{world: [per-rank {case: [status, seconds]}]}``, spawned lazily once per group size."""
+    """``{world: [per-rank {case: [status, seconds]}]}``, spawned once per group size and session: under
+    pytest-xdist the workers share the results through the session's temporary directory (the first to
+    need a group size spawns it while the others wait on its lock)."""
     import distributed_cases
 
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's directory, above each worker's own
     cache: dict[int, list[dict]] = {}
+
+    def spawn(world: int, out_dir) -> None:
+        out_dir.mkdir()
+        ctx = mp.start_processes(distributed_cases.worker, args=(world, _free_port(), str(out_dir)),
+                                 nprocs=world, join=False, start_method="spawn")
+        deadline = time.monotonic() + _TIMEOUT_S
+        while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail(f"{world} ranks did not finish within {_TIMEOUT_S} s")
+        (out_dir / "done").touch()
 
     def run(world: int) -> list[dict]:
         if world not in cache:
-            out_dir = tmp_path_factory.mktemp(f"ranks{world}")
-            ctx = mp.start_processes(distributed_cases.worker, args=(world, _free_port(), str(out_dir)),
-                                     nprocs=world, join=False, start_method="spawn")
-            deadline = time.monotonic() + _TIMEOUT_S
-            while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-                if time.monotonic() > deadline:
-                    for p in ctx.processes:
-                        p.kill()
-                    pytest.fail(f"{world} ranks did not finish within {_TIMEOUT_S} s")
+            out_dir = root / f"ranks{world}"
+            with FileLock(str(root / f"ranks{world}.lock")):
+                if not (out_dir / "done").exists():
+                    if out_dir.exists():  # a spawn that failed in another worker: its failure is reported there
+                        pytest.fail(f"the {world} ranks spawned by another worker did not finish")
+                    spawn(world, out_dir)
             cache[world] = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
         return cache[world]
 
