@@ -34,11 +34,13 @@ def _cores() -> int:
 
 # Under pytest-xdist (``-n``) each worker gets its share of the cores, and so do the suites it starts
 # in subprocesses: torch's default (every core, in every worker) oversubscribes the machine, which
-# slows OpenMP down badly. Tests of the kernels' threading set their thread counts themselves.
+# slows OpenMP down badly. Tests of the kernels' threading set their thread counts themselves, and the
+# instruction-set samples (test_cpu_attention.py) run the shared suite at two threads.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
-    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores() // _WORKERS))
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    _threads = max(1, _cores() // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -54,8 +54,9 @@ def test_every_instruction_set_variant_passes_the_shared_suite(isa):
     per process; conftest refuses to start if the kernels run another one). At two threads: pytest-xdist
     workers run one each, so these samples are what runs the kernels' multithreaded paths (per-thread
     mask-gradient buffers, split tasks) across the shared suite."""
+    # Without the worker's PYTEST_XDIST_* variables, the child's conftest keeps the two threads asked for;
+    # passive: threads waiting for work sleep instead of spinning against the other xdist worker.
     env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_XDIST")}
-    # passive: threads waiting for work sleep instead of spinning against the other xdist worker
     env.update(FA_TESTS_CPU_ISA=isa, OMP_NUM_THREADS="2", OMP_WAIT_POLICY="PASSIVE")
     for args in (
         [*SHARED_FILES, "-k", "cpu", "--sample-per-test", str(SAMPLE_PER_TEST)],

@@ -62,8 +62,8 @@ def spawned(tmp_path_factory):
             out_dir = root / f"ranks{world}"
             with FileLock(str(root / f"ranks{world}.lock")):
                 if not (out_dir / "done").exists():
-                    if out_dir.exists():  # a spawn that failed in another worker: its failure is reported there
-                        pytest.fail(f"the {world} ranks spawned by another worker did not finish")
+                    if out_dir.exists():  # an earlier spawn failed: its test reported why
+                        pytest.fail(f"the {world} ranks spawned earlier in this session did not finish")
                     spawn(world, out_dir)
             cache[world] = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
         return cache[world]
