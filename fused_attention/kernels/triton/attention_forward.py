@@ -28,7 +28,7 @@ from .attention_tiles import (
     interior_range,
     key_bounds,
     key_range,
-    keys_within,
+    tile_keys_within,
     scores,
     tanh,
     tanh_approx,
@@ -50,8 +50,8 @@ def _exp(x, NATURAL: tl.constexpr):
 
 @triton.jit
 def tile_scores(
-    s, rows, cols, first, last, mask_base, stride_mm, stride_mn,
-    seq_q, seq_k, qk_scale, log2_softcap, slope2,
+    s, rows, cols, n0, first, last, mask_base, stride_mm, stride_mn,
+    seq_q, seq_k, qk_scale, log2_softcap, slope2, BLOCK_N: tl.constexpr,
     SIDES: tl.constexpr, WINDOW_LEFT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     MASK: tl.constexpr, FAST_TANH: tl.constexpr, DEFER: tl.constexpr,
 ):
@@ -78,7 +78,7 @@ def tile_scores(
         else:
             s = s + m.to(tl.float32) * _LOG2E
     if SIDES != 0:  # the row's key bounds (from key_bounds) the tile needs, one compare per element each
-        s = tl.where(keys_within(cols, first, last, WINDOW_LEFT, SIDES), s, float("-inf"))
+        s = tl.where(tile_keys_within(n0, first, last, BLOCK_N, WINDOW_LEFT, SIDES), s, float("-inf"))
     return s
 
 
@@ -145,8 +145,8 @@ def _key_tiles(
             )
         else:
             s = tile_scores(
-                tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), rows, cols, first, last, mask_base,
-                stride_mm, stride_mn, seq_q, seq_k, qk_scale, log2_softcap, slope2,
+                tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), rows, cols, n0, first, last, mask_base,
+                stride_mm, stride_mn, seq_q, seq_k, qk_scale, log2_softcap, slope2, BLOCK_N,
                 SIDES, WINDOW_LEFT, SOFTCAP, ALIBI, MASK, FAST_TANH, defer,
             )
         if defer:

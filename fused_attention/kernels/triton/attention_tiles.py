@@ -168,6 +168,20 @@ def keys_within(j, first, last, WINDOW_LEFT: tl.constexpr, SIDES: tl.constexpr =
 
 
 @triton.jit
+def tile_keys_within(n0, first, last, BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr, SIDES: tl.constexpr):
+    """:func:`keys_within` for the keys ``n0 + arange(BLOCK_N)`` of a tile (``first``, ``last``: a
+    column per row). Each key offset is split as ``(offs & ~6) + (offs & 6)``: in the MMA accumulator
+    layouts (mma.sync and wgmma) bits 1-2 of a column come from the thread's lane and the others are a
+    constant per register, so the compiler folds ``n0`` and the lane part into each row's bound (a few
+    subtractions per row) and compares every element against an immediate, instead of adding ``n0`` to
+    every column first (SASS at 128x128, sm_90: 30-47 instructions fewer per masked tile). Exact in any
+    layout; only the instruction count depends on it."""
+    offs = tl.arange(0, BLOCK_N)[None, :]
+    lane = offs & 6
+    return keys_within(offs - lane, first - n0 - lane, last - n0 - lane, WINDOW_LEFT, SIDES)
+
+
+@triton.jit
 def visible_keys(
     i, j, seq_q, seq_k, window_left, window_right, key_length,
     CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, KEY_LENGTHS: tl.constexpr,
