@@ -50,7 +50,7 @@ def check_against_whole(world: int, fn: str, layout: str, dtype: torch.dtype, le
     refs = {}
     for label, dt in (("dt", dtype), ("64", torch.float64)):
         leaves = [t.to(dt).requires_grad_() for t in whole]
-        ref_kwargs = {name: value for name, value in kwargs.items() if name != "backend"}
+        ref_kwargs = {name: value for name, value in kwargs.items() if name not in ("backend", "head_groups")}
         extra = [value.to(torch.float64 if label == "64" else ref_dt).requires_grad_()
                  for value, _, ref_dt in params.values()]
         ref_kwargs |= dict(zip(params, extra))
@@ -172,6 +172,18 @@ def _cases(world: int) -> dict:
             sinks=True, backend="torch"),
         "ring_zigzag_f32_causal_triton_backend": lambda: check_against_whole(
             world, "ring", "zigzag", f32, 4 * world, head_dim=8, is_causal=True, backend="triton"),
+        # One thread per rank: by default a ring per key/value head; these run one group, uneven groups
+        # with every per-head input (slopes, sinks), and a count that differs by rank (the fewest wins).
+        "ring_zigzag_f32_causal_gqa_one_head_group": lambda: check_against_whole(
+            world, "ring", "zigzag", f32, zz, heads=(4, 2), is_causal=True, batch=2, head_groups=1),
+        "ring_contiguous_f64_alibi_sinks_three_head_groups": lambda: check_against_whole(
+            world, "ring", "contiguous", f64, zz, heads=(8, 4), batch=2, alibi=True, sinks=True, softcap=2.0,
+            window_size=(9, 4), head_groups=3),
+        "ring_zigzag_f32_head_groups_by_rank": lambda: check_against_whole(
+            world, "ring", "zigzag", f32, zz, is_causal=True, head_groups=dist.get_rank() + 2),
+        "ring_bad_head_groups": lambda: expect_error(
+            lambda: ring_attention(*(torch.randn(1, 2, 2 * world, 8) for _ in range(3)), head_groups=0),
+            "head_groups must be a positive int"),
         "ring_zigzag_not_divisible": lambda: expect_error(
             lambda: ring_attention(*(torch.randn(1, 2, 3, 8) for _ in range(3))), "divisible by 2 * group size"),
         "ulysses_contiguous_f32_causal": lambda: check_against_whole(world, "ulysses", "contiguous", f32, zz,

@@ -14,22 +14,24 @@ from .all_to_all import Resharder
 from .blocks import Rules
 from .groups import resolve_group
 from .layout import LAYOUTS, check_divisible, check_layout, shard_segments
-from .ring import Ring, RingAttentionFunction
+from .ring import Ring, RingAttentionFunction, auto_head_groups
+from .ring import head_groups as split_heads
 from .validate import exchange_signatures
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FIELDS = (
     "batch", "query heads", "key/value heads", "shard length", "head dim", "value head dim", "dtype",
     "is_causal", "window left", "window right", "alibi_slopes", "sum of alibi_slopes", "softcap", "scale",
-    "layout", "enable_gqa", "requires grad", "sinks", "sum of sinks",
+    "layout", "enable_gqa", "requires grad", "sinks", "sum of sinks", "head groups",
 )
 
 
 def _prepare(
     what: str, query: Any, key: Any, value: Any, group: Any, is_causal: Any, scale: Any, enable_gqa: Any,
-    window_size: Any, alibi_slopes: Any, softcap: Any, layout: Any, sinks: Any,
-) -> tuple[dist.ProcessGroup, Rules, list, str]:
-    """Checks the arguments on this rank and collectively; returns the group, rules, segments, layout."""
+    window_size: Any, alibi_slopes: Any, softcap: Any, layout: Any, sinks: Any, head_groups: Any = 1,
+) -> tuple[dist.ProcessGroup, Rules, list, str, int]:
+    """Checks the arguments on this rank and collectively; returns the group, rules, segments, layout and
+    the number of head groups (the fewest any rank asks for: an automatic choice may differ by rank)."""
     pg = resolve_group(group)
     world = dist.get_world_size(pg)
     canonical = {}
@@ -58,6 +60,11 @@ def _prepare(
                 f"key heads ({key.shape[1]}) differ from query heads ({query.shape[1]}): pass enable_gqa=True"
             )
         canonical["inputs"] = inputs
+        groups = head_groups
+        if groups is None:
+            groups = auto_head_groups(query, key)
+        elif isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise AttentionArgumentError(f"head_groups must be a positive int or None, got {head_groups!r}")
         alibi = inputs.alibi_slopes
         grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (query, key, value, inputs.sinks, inputs.alibi_slopes)
@@ -72,10 +79,11 @@ def _prepare(
             "softcap": inputs.softcap, "scale": inputs.scale, "layout": LAYOUTS.index(lay),
             "enable_gqa": bool(enable_gqa), "requires grad": grad, "sinks": inputs.sinks is not None,
             "sum of sinks": 0.0 if inputs.sinks is None else float(inputs.sinks.detach().double().sum()),
+            "head groups": min(groups, key.shape[1]),
         }
 
     lay = layout if layout in LAYOUTS else "contiguous"
-    may_differ = frozenset({"shard length"}) if lay == "contiguous" else frozenset()
+    may_differ = frozenset({"shard length", "head groups"} if lay == "contiguous" else {"head groups"})
     signatures = exchange_signatures(pg, what, _FIELDS, local, may_differ)
     lengths = [int(s["shard length"]) for s in signatures]
     check_divisible(lay, sum(lengths), world)
@@ -85,7 +93,7 @@ def _prepare(
         alibi=inputs.alibi_slopes, softcap=inputs.softcap, scale=inputs.scale, enable_gqa=bool(enable_gqa),
         backend=None,
     )
-    return pg, rules, shard_segments(lay, lengths), lay
+    return pg, rules, shard_segments(lay, lengths), lay, int(min(s["head groups"] for s in signatures))
 
 
 _SHARED_DOC = """
@@ -146,6 +154,7 @@ def ring_attention(
     layout: str = "zigzag",
     return_lse: bool = False,
     backend: str | None = None,
+    head_groups: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Ring attention over a sequence sharded across ranks: equals attention on the whole sequence.
 
@@ -160,14 +169,23 @@ def ring_attention(
     shards, plus the block outputs kept for the backward (together one output-sized tensor per ring
     step, i.e. ``(B, Hq, L, Ev)`` in all).
     With ``layout="zigzag"`` and ``is_causal=True`` every rank does the same work at every step.
+
+    ``head_groups``: run the ring over this many groups of heads, one group after another (a key/value
+    head and its query heads stay together; at most one group per key/value head). Attention is
+    independent across heads, so the buffers in flight (received key/value shards, dK/dV sums, a
+    block's gradients) are one group's: per-rank memory falls towards the shards themselves, for more
+    (smaller) transfers and calls. ``None`` (default): on CPU, as many groups as leave each call at
+    least one (batch, key/value head) pair per thread (a ring per key/value head on one thread); on CUDA
+    one group, so that each kernel sees every head. Ranks run the fewest groups any of them asks for.
     """
-    pg, rules, segments, _ = _prepare(
+    pg, rules, segments, _, groups = _prepare(
         "ring_attention", query, key, value, group, is_causal, scale, enable_gqa, window_size, alibi_slopes,
-        softcap, layout, sinks,
+        softcap, layout, sinks, head_groups,
     )
     rules = Rules(**{**rules.__dict__, "backend": backend})
     ring = Ring(pg, dist.get_rank(pg), dist.get_world_size(pg), segments, rules)
-    out, lse = RingAttentionFunction.apply(query, key, value, sinks, rules.alibi, ring)
+    heads = split_heads(query.shape[1], key.shape[1], groups)
+    out, lse = RingAttentionFunction.apply(query, key, value, sinks, rules.alibi, ring, heads)
     return (out, lse) if return_lse else out
 
 
@@ -196,7 +214,7 @@ def ulysses_attention(
     size (else a clear error; use :func:`ring_attention`). Per-rank activation memory is O(L / P), but
     each rank holds whole-sequence K/V for its heads during the call.
     """
-    pg, rules, segments, _ = _prepare(
+    pg, rules, segments, _, _ = _prepare(
         "ulysses_attention", query, key, value, group, is_causal, scale, enable_gqa, window_size, alibi_slopes,
         softcap, layout, sinks,
     )

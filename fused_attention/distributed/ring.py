@@ -12,9 +12,10 @@ backend takes them, else from the global lse and each block's saved output); dQ 
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -65,50 +66,166 @@ def _zero_sums(k: torch.Tensor, v: torch.Tensor, value_dim: int, dtype: torch.dt
     return k.new_zeros(k.shape, dtype=dtype), v.new_zeros(*v.shape[:-1], value_dim, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class HeadGroup:
+    """Query heads ``q`` and the key/value heads ``kv`` they attend to (GQA groups stay whole)."""
+
+    q: slice
+    kv: slice
+
+
+def head_groups(q_heads: int, kv_heads: int, groups: int) -> list[HeadGroup]:
+    """``groups`` (at most one per key/value head) near-equal groups of consecutive heads."""
+    groups = max(1, min(groups, kv_heads))
+    ratio = q_heads // kv_heads
+    cuts = [kv_heads * i // groups for i in range(groups + 1)]
+    return [HeadGroup(slice(a * ratio, b * ratio), slice(a, b)) for a, b in itertools.pairwise(cuts)]
+
+
+def auto_head_groups(q: torch.Tensor, k: torch.Tensor) -> int:
+    """How many head groups run their rings one after another (``head_groups=None``).
+
+    Attention is independent across heads, so a ring over one group of heads at a time holds the
+    buffers in flight (received key/value shards, dK/dV sums, a block's gradients) for that group only.
+    On CPU a group keeps at least as many (batch, key/value head) pairs as threads (the unit the
+    backward runs in parallel), so no thread idles: on one thread, a ring per key/value head. Elsewhere
+    (CUDA) one group: a GPU kernel wants every head of the call to fill its SMs.
+    """
+    if q.device.type != "cpu":
+        return 1
+    per_group = -(-torch.get_num_threads() // q.shape[0])
+    return -(-k.shape[1] // per_group)
+
+
+def _for_heads(ring: Ring, group: HeadGroup) -> Ring:
+    rules = ring.rules
+    if rules.alibi is not None:
+        rules = replace(rules, alibi=rules.alibi[:, group.q])
+    return replace(ring, rules=rules)
+
+
+def _forward_ring(
+    ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, acc_out: torch.Tensor, acc_lse: torch.Tensor,
+    keep: bool,
+) -> list:
+    """One head group's forward ring, merged into ``acc_out``/``acc_lse`` (views) in place; returns each
+    step's block ``(out, lse)`` when ``keep`` (for a backward that cannot take the global statistics)."""
+    k_cur, v_cur = k, v
+    saved_blocks = []
+    for step in range(ring.world):
+        exchange = None
+        if step < ring.world - 1:
+            nxt = ring.source(step + 1)
+            exchange = RingExchange(ring.group, [k_cur, v_cur], [ring.shard_shape(k, nxt), ring.shard_shape(v, nxt)])
+        start = time.perf_counter()
+        step_blocks = []
+        for block in ring.blocks(step):
+            mask = block_mask(ring.rules, block, q.device, acc_out.dtype) if block.form == "mask" else None
+            out, lse = call_attention(
+                ring.rules, block, q[:, :, block.q0 : block.q1], k_cur[:, :, block.k0 : block.k1],
+                v_cur[:, :, block.k0 : block.k1], mask,
+            )
+            merge_into_(acc_out[:, :, block.q0 : block.q1], acc_lse[:, :, block.q0 : block.q1], out, lse)
+            if keep:
+                step_blocks.append((out, lse))
+        saved_blocks.append(step_blocks)
+        compute = time.perf_counter() - start
+        wait = 0.0
+        if exchange is not None:
+            (k_cur, v_cur), wait = exchange.wait()
+        _report("forward", step, compute, wait)
+    return saved_blocks
+
+
+def _backward_ring(
+    ring: Ring, stats: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
+    lse: torch.Tensor, delta: torch.Tensor, dq: torch.Tensor, saved_blocks: list, slope_sums: SlopeSums | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One head group's backward ring: adds into ``dq`` (a view) and returns this rank's dK and dV (in
+    ``dq``'s dtype) once their partial sums have come around the ring."""
+    cd = dq.dtype
+    value_dim = v.shape[-1]
+    k_cur, v_cur = (k, v) if stats else (k, with_ones_column(v))  # (the anchor method's ones column)
+    grads_in: RingExchange | None = None
+    for step in range(ring.world):
+        exchange = None
+        if step < ring.world - 1:
+            nxt = ring.source(step + 1)
+            exchange = RingExchange(
+                ring.group, [k_cur, v_cur], [ring.shard_shape(k, nxt), ring.shard_shape(v_cur, nxt)]
+            )
+        start = time.perf_counter()
+        step_saved, saved_blocks[step] = saved_blocks[step], None
+        dk_step = dv_step = None
+        for block in ring.blocks(step):
+            if stats:
+                dq_b, dk_b, dv_b = block_backward_from_stats(ring.rules, block, q, k_cur, v_cur, dout, lse, delta)
+            else:
+                block_out, block_lse = step_saved.pop(0)  # freed once used
+                dq_b, dk_b, dv_b = block_backward(
+                    ring.rules, block, q, k_cur, v_cur, dout, lse, delta, block_out, block_lse
+                )
+                del block_out, block_lse
+            if slope_sums is not None and block.form == "mask":
+                slope_sums.add(ring.rules, block, q, k_cur, v_cur[..., :value_dim], dout, lse)
+            dq[:, :, block.q0 : block.q1] += dq_b
+            if dk_step is None and block.k1 - block.k0 == k_cur.shape[2]:  # the whole shard: no copy
+                dk_step, dv_step = dk_b.to(cd), dv_b.to(cd)
+            else:
+                if dk_step is None:
+                    dk_step, dv_step = _zero_sums(k_cur, v_cur, value_dim, cd)
+                dk_step[:, :, block.k0 : block.k1] += dk_b
+                dv_step[:, :, block.k0 : block.k1] += dv_b
+            del dq_b, dk_b, dv_b  # before the next block allocates its own
+        if dk_step is None:  # nothing visible at this step: zero sums still travel on
+            dk_step, dv_step = _zero_sums(k_cur, v_cur, value_dim, cd)
+        compute = time.perf_counter() - start
+        wait = 0.0
+        if grads_in is not None:  # the partial sums of shard `src` from the ranks before this one
+            (dk_in, dv_in), wait_grads = grads_in.wait()
+            dk_step += dk_in
+            dv_step += dv_in
+            wait += wait_grads
+            del dk_in, dv_in
+        if ring.world > 1:
+            # Forward the sums one step along; after the last step they reach the shard's owner.
+            owner_next = ring.source(step + 1)
+            grads_in = RingExchange(
+                ring.group, [dk_step, dv_step],
+                [ring.shard_shape(dk_step, owner_next), ring.shard_shape(dv_step, owner_next)], tag=_GRADS_TAG,
+            )
+        if exchange is not None:
+            (k_cur, v_cur), wait_kv = exchange.wait()
+            wait += wait_kv
+        _report("backward", step, compute, wait)
+    if grads_in is None:
+        return dk_step, dv_step
+    (dk, dv), _ = grads_in.wait()
+    return dk, dv
+
+
 class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None,
-        alibi: torch.Tensor | None, ring: Ring,
+        alibi: torch.Tensor | None, ring: Ring, groups: list[HeadGroup],
     ):
         cd = accumulation_dtype(q.dtype)
         acc_out = q.new_zeros(*q.shape[:-1], v.shape[-1], dtype=cd)
         acc_lse = q.new_full(q.shape[:-1], float("-inf"), dtype=cd)
-        mask_dtype = cd
-        k_cur, v_cur = k, v
         # Block outputs are kept for the backward only where its blocks cannot take the global statistics.
         ctx.stats = stats_backend(ring.rules, q, k, v)
         keep = any(ctx.needs_input_grad[:5]) and not ctx.stats
-        saved_blocks = []  # every block's (out, lse), for its backward
-        for step in range(ring.world):
-            exchange = None
-            if step < ring.world - 1:
-                nxt = ring.source(step + 1)
-                exchange = RingExchange(
-                    ring.group, [k_cur, v_cur], [ring.shard_shape(k, nxt), ring.shard_shape(v, nxt)]
-                )
-            start = time.perf_counter()
-            step_blocks = []
-            for block in ring.blocks(step):
-                mask = block_mask(ring.rules, block, q.device, mask_dtype) if block.form == "mask" else None
-                out, lse = call_attention(
-                    ring.rules, block, q[:, :, block.q0 : block.q1], k_cur[:, :, block.k0 : block.k1],
-                    v_cur[:, :, block.k0 : block.k1], mask,
-                )
-                merge_into_(acc_out[:, :, block.q0 : block.q1], acc_lse[:, :, block.q0 : block.q1], out, lse)
-                if keep:
-                    step_blocks.append((out, lse))
-            saved_blocks.append(step_blocks)
-            compute = time.perf_counter() - start
-            wait = 0.0
-            if exchange is not None:
-                (k_cur, v_cur), wait = exchange.wait()
-            _report("forward", step, compute, wait)
+        ctx.saved_blocks = [  # per head group, per step
+            _forward_ring(
+                _for_heads(ring, g), q[:, g.q], k[:, g.kv], v[:, g.kv], acc_out[:, g.q], acc_lse[:, g.q], keep
+            )
+            for g in groups
+        ]
         if sinks is not None:
             fold_sinks_(acc_out, acc_lse, sinks.to(cd))
         out = acc_out.to(q.dtype)
-        ctx.ring = ring
-        ctx.saved_blocks = saved_blocks
+        ctx.ring, ctx.groups = ring, groups
         ctx.save_for_backward(q, k, v, out, acc_lse, sinks)
         ctx.mark_non_differentiable(acc_lse)
         return out, acc_lse
@@ -116,6 +233,7 @@ class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: torch.Tensor, _dlse: torch.Tensor):
         ring: Ring = ctx.ring
+        groups: list[HeadGroup] = ctx.groups
         saved_blocks, ctx.saved_blocks = ctx.saved_blocks, None
         q, k, v, out, lse, sinks = ctx.saved_tensors
         cd = accumulation_dtype(q.dtype)
@@ -126,69 +244,25 @@ class RingAttentionFunction(torch.autograd.Function):
             p_sink = torch.exp(sinks.to(cd)[:, None] - torch.where(torch.isfinite(lse), lse, 0))
             dsinks = -(p_sink * delta).sum((0, 2)).to(sinks.dtype)
         alibi = ring.rules.alibi
-        alibi_grad = alibi is not None and ctx.needs_input_grad[4]
-        slope_sums = SlopeSums(q) if alibi_grad else None
+        slope_sums = SlopeSums(q) if alibi is not None and ctx.needs_input_grad[4] else None
         dq = torch.zeros(q.shape, dtype=cd, device=q.device)
-        value_dim = v.shape[-1]
-        k_cur, v_cur = (k, v) if ctx.stats else (k, with_ones_column(v))  # (the anchor method's ones column)
-        grads_in: RingExchange | None = None
-        for step in range(ring.world):
-            exchange = None
-            if step < ring.world - 1:
-                nxt = ring.source(step + 1)
-                exchange = RingExchange(
-                    ring.group, [k_cur, v_cur], [ring.shard_shape(k, nxt), ring.shard_shape(v_cur, nxt)]
-                )
-            start = time.perf_counter()
-            step_saved, saved_blocks[step] = saved_blocks[step], None
-            dk_step = dv_step = None
-            for block in ring.blocks(step):
-                if ctx.stats:
-                    dq_b, dk_b, dv_b = block_backward_from_stats(ring.rules, block, q, k_cur, v_cur, dout, lse, delta)
-                else:
-                    block_out, block_lse = step_saved.pop(0)  # freed once used
-                    dq_b, dk_b, dv_b = block_backward(
-                        ring.rules, block, q, k_cur, v_cur, dout, lse, delta, block_out, block_lse
-                    )
-                    del block_out, block_lse
-                if slope_sums is not None and block.form == "mask":
-                    slope_sums.add(ring.rules, block, q, k_cur, v_cur[..., :value_dim], dout, lse)
-                dq[:, :, block.q0 : block.q1] += dq_b
-                if dk_step is None and block.k1 - block.k0 == k_cur.shape[2]:  # the whole shard: no copy
-                    dk_step, dv_step = dk_b.to(cd), dv_b.to(cd)
-                else:
-                    if dk_step is None:
-                        dk_step, dv_step = _zero_sums(k_cur, v_cur, value_dim, cd)
-                    dk_step[:, :, block.k0 : block.k1] += dk_b
-                    dv_step[:, :, block.k0 : block.k1] += dv_b
-                del dq_b, dk_b, dv_b  # before the next block allocates its own
-            if dk_step is None:  # nothing visible at this step: zero sums still travel on
-                dk_step, dv_step = _zero_sums(k_cur, v_cur, value_dim, cd)
-            compute = time.perf_counter() - start
-            wait = 0.0
-            if grads_in is not None:  # the partial sums of shard `src` from the ranks before this one
-                (dk_in, dv_in), wait_grads = grads_in.wait()
-                dk_step += dk_in
-                dv_step += dv_in
-                wait += wait_grads
-            if ring.world > 1:
-                # Forward the sums one step along; after the last step they reach the shard's owner.
-                owner_next = ring.source(step + 1)
-                grads_in = RingExchange(
-                    ring.group, [dk_step, dv_step],
-                    [ring.shard_shape(dk_step, owner_next), ring.shard_shape(dv_step, owner_next)], tag=_GRADS_TAG,
-                )
-            if exchange is not None:
-                (k_cur, v_cur), wait_kv = exchange.wait()
-                wait += wait_kv
-            _report("backward", step, compute, wait)
-        if grads_in is not None:
-            (dk, dv), _ = grads_in.wait()
-        else:
-            dk, dv = dk_step, dv_step
+        if len(groups) > 1:  # each group's dK/dV land here once they are home
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
+        for index, g in enumerate(groups):
+            dk_g, dv_g = _backward_ring(
+                _for_heads(ring, g), ctx.stats, q[:, g.q], k[:, g.kv], v[:, g.kv], dout[:, g.q], lse[:, g.q],
+                delta[:, g.q], dq[:, g.q], saved_blocks[index], None if slope_sums is None else slope_sums.heads(g.q),
+            )
+            saved_blocks[index] = None
+            if len(groups) == 1:
+                dk, dv = dk_g, dv_g
+            else:
+                dk[:, g.kv].copy_(dk_g)
+                dv[:, g.kv].copy_(dv_g)
+            del dk_g, dv_g
         dslopes = None
         if slope_sums is not None:
             dslopes = slope_sums.gradient(lse, sinks)
             dslopes = dslopes.sum(0, keepdim=True) if alibi.shape[0] == 1 else dslopes
             dslopes = dslopes.to(alibi.dtype)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, dslopes, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, dslopes, None, None

@@ -29,6 +29,12 @@ class SlopeSums:
     def __init__(self, q: torch.Tensor):
         self.sums = torch.zeros(4, *q.shape[:-1], dtype=torch.float64, device=q.device)
 
+    def heads(self, heads: slice) -> SlopeSums:
+        """The sums of query heads ``heads``, sharing this object's storage."""
+        part = SlopeSums.__new__(SlopeSums)
+        part.sums = self.sums[:, :, heads]
+        return part
+
     def add(self, rules: Rules, block: Block, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             dout: torch.Tensor, lse: torch.Tensor) -> None:
         """One ``mask`` block (ALiBi blocks are): rows ``q0:q1`` of ``q``/``dout``/``lse`` (global lse)
