@@ -18,6 +18,9 @@ of every round, memory the median over rounds.
 
     python benchmarks/context_parallel.py [--length 8192] [--heads 8] [--dim 64] [--ranks 2] [--repeats 3]
         [--rounds 1] [--configs single,zigzag,contiguous,ulysses] [--json out.json]
+
+A ring config may name its head groups (``ring_attention(head_groups=...)``) after a slash: ``zigzag/1``
+runs one ring over every head; plain ``zigzag`` takes the default (on one thread, a ring per head).
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ def _worker(rank: int, world: int, port: int, config: str, args: dict, out_path:
         elif config == "ulysses":
             out = ulysses_attention(q, k, v, is_causal=True)
         else:
-            out = ring_attention(q, k, v, is_causal=True, layout=config)
+            name, _, groups = config.partition("/")
+            out = ring_attention(q, k, v, is_causal=True, layout=name, head_groups=int(groups) if groups else None)
         torch.autograd.backward(out, upstream)
         for t in (q, k, v):
             t.grad = None
@@ -105,7 +109,7 @@ def _worker(rank: int, world: int, port: int, config: str, args: dict, out_path:
 
 
 def _layout(config: str) -> str:
-    return "zigzag" if config in ("zigzag", "ulysses") else "contiguous"
+    return "zigzag" if config.partition("/")[0] in ("zigzag", "ulysses") else "contiguous"
 
 
 def _free_port() -> int:
@@ -121,6 +125,15 @@ def run_config(config: str, ranks: int, args: dict) -> list[dict]:
         mp.spawn(_worker, args=(world, _free_port(), config, args, out_path), nprocs=world)
         with open(out_path) as f:
             return json.load(f)
+
+
+def _step_sums(steps: list) -> dict:
+    """(phase, step) -> (compute, wait), summed over the head groups (each runs its own ring)."""
+    sums: dict = {}
+    for phase, step, compute, wait in steps:
+        c, w = sums.get((phase, step), (0.0, 0.0))
+        sums[phase, step] = (c + compute, w + wait)
+    return sums
 
 
 def _uptime() -> str:
@@ -178,14 +191,14 @@ def main() -> None:
         print(f"| {config} | {wall:.2f} | {ratio(base and base[0], wall)} | {cpu:.2f} | "
               f"{ratio(base and base[1], cpu)} | {peak_text} | {mem_ratio} | {', '.join(raw[config]['loads'])} |")
     for config in configs:
-        if config not in ("zigzag", "contiguous"):
+        if config.partition("/")[0] not in ("zigzag", "contiguous"):
             continue
         print(f"\n{config}: per ring step, last iteration (compute s / wait for receives s), per rank")
         print("| phase | step | " + " | ".join(f"rank {r}" for r in range(args.ranks)) + " |")
         print("|---|---|" + "---|" * args.ranks)
-        per_rank = [r["steps"] for r in raw[config]["rounds"][-1]]
-        for index, (phase, step, _, _) in enumerate(per_rank[0]):
-            cells = " | ".join(f"{s[index][2]:.3f} / {s[index][3]:.3f}" for s in per_rank)
+        per_rank = [_step_sums(r["steps"]) for r in raw[config]["rounds"][-1]]
+        for phase, step in per_rank[0]:
+            cells = " | ".join(f"{s[phase, step][0]:.3f} / {s[phase, step][1]:.3f}" for s in per_rank)
             print(f"| {phase} | {step} | {cells} |")
     if args.json:
         with open(args.json, "w") as f:

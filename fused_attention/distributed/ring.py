@@ -140,9 +140,10 @@ def _forward_ring(
 def _backward_ring(
     ring: Ring, stats: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
     lse: torch.Tensor, delta: torch.Tensor, dq: torch.Tensor, saved_blocks: list, slope_sums: SlopeSums | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One head group's backward ring: adds into ``dq`` (a view) and returns this rank's dK and dV (in
-    ``dq``'s dtype) once their partial sums have come around the ring."""
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """One head group's backward ring: adds into ``dq`` (a view); returns a call that gives this rank's
+    dK and dV (in ``dq``'s dtype) once their partial sums have come around the ring (waiting for the
+    last transfer then, not before the next group has started)."""
     cd = dq.dtype
     value_dim = v.shape[-1]
     k_cur, v_cur = (k, v) if stats else (k, with_ones_column(v))  # (the anchor method's ones column)
@@ -199,9 +200,16 @@ def _backward_ring(
             wait += wait_kv
         _report("backward", step, compute, wait)
     if grads_in is None:
-        return dk_step, dv_step
-    (dk, dv), _ = grads_in.wait()
-    return dk, dv
+        return lambda: (dk_step, dv_step)
+    last = grads_in
+    return lambda: tuple(last.wait()[0])
+
+
+def _land(dk: torch.Tensor, dv: torch.Tensor, group: HeadGroup, home: Callable) -> None:
+    """Copies a head group's dK/dV into the whole-head gradients once they are home."""
+    dk_g, dv_g = home()
+    dk[:, group.kv].copy_(dk_g)
+    dv[:, group.kv].copy_(dv_g)
 
 
 class RingAttentionFunction(torch.autograd.Function):
@@ -248,18 +256,22 @@ class RingAttentionFunction(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=cd, device=q.device)
         if len(groups) > 1:  # each group's dK/dV land here once they are home
             dk, dv = torch.empty_like(k), torch.empty_like(v)
+        # A group's sums are waited for after the next group's ring, so that no rank idles between groups
+        # waiting for the slower one to finish (that would happen once per group, not once per call).
+        previous = None
         for index, g in enumerate(groups):
-            dk_g, dv_g = _backward_ring(
+            home = _backward_ring(
                 _for_heads(ring, g), ctx.stats, q[:, g.q], k[:, g.kv], v[:, g.kv], dout[:, g.q], lse[:, g.q],
                 delta[:, g.q], dq[:, g.q], saved_blocks[index], None if slope_sums is None else slope_sums.heads(g.q),
             )
             saved_blocks[index] = None
-            if len(groups) == 1:
-                dk, dv = dk_g, dv_g
-            else:
-                dk[:, g.kv].copy_(dk_g)
-                dv[:, g.kv].copy_(dv_g)
-            del dk_g, dv_g
+            if previous is not None:
+                _land(dk, dv, *previous)
+            previous = g, home
+        if len(groups) == 1:
+            dk, dv = previous[1]()
+        else:
+            _land(dk, dv, *previous)
         dslopes = None
         if slope_sums is not None:
             dslopes = slope_sums.gradient(lse, sinks)
