@@ -28,6 +28,7 @@ from .attention_tiles import (
     interior_range,
     key_bounds,
     key_range,
+    keys_within,
     tile_keys_within,
     scores,
     tanh,
@@ -78,7 +79,10 @@ def tile_scores(
         else:
             s = s + m.to(tl.float32) * _LOG2E
     if SIDES != 0:  # the row's key bounds (from key_bounds) the tile needs, one compare per element each
-        s = tl.where(tile_keys_within(n0, first, last, BLOCK_N, WINDOW_LEFT, SIDES), s, float("-inf"))
+        if ALIBI or MASK != 0:  # the tile's key indices are live already: compare them directly
+            s = tl.where(keys_within(cols, first, last, WINDOW_LEFT, SIDES), s, float("-inf"))
+        else:
+            s = tl.where(tile_keys_within(n0, first, last, BLOCK_N, WINDOW_LEFT, SIDES), s, float("-inf"))
     return s
 
 
