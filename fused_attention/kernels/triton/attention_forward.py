@@ -29,10 +29,10 @@ from .attention_tiles import (
     key_bounds,
     key_range,
     keys_within,
-    tile_keys_within,
     scores,
     tanh,
     tanh_approx,
+    tile_keys_within,
 )
 
 _LOG2E = tl.constexpr(1.4426950408889634)
