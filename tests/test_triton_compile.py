@@ -152,7 +152,52 @@ def compile_spec(job: tuple[Spec, int]) -> list[str]:
     return failures
 
 
+# Static goals per forward key tile (SASS instructions per loop iteration; sm_90, bfloat16, head dim 128,
+# L = S = 4096, the tile dispatch launches first): a causal or windowed interior tile costs what a plain
+# one does, a causal diagonal at most 1.4x, and a window edge (window (256, 0): its right edge is the
+# diagonal), an ALiBi or a softcap tile at most 1.3x the plain tile of the same kind.
+TILE_COST_FEATURES = ("plain", "causal", "window", "alibi", "softcap")
+
+
+def forward_tile_costs() -> dict[str, list[int]]:
+    """Feature -> instructions per iteration of each forward loop, in code order (plain, causal, ALiBi,
+    softcap: interior / masked / ragged; window: left edge / interior / masked / rest)."""
+    costs = {}
+    for name in TILE_COST_FEATURES:
+        features = frozenset() if name == "plain" else frozenset({name})
+        call = triton_aot.Call("bfloat16", False, 128, 128, features, batch=2, heads=16, kv_heads=16,
+                               seq_q=4096, seq_k=4096)
+        for kernel, pass_name, args in triton_aot.launches(call, 90):
+            if pass_name == "forward":
+                tile = triton_aot.tiles_for(pass_name, args, 90)[0]
+                stats = triton_aot.stats(triton_aot.compile_launch(kernel, args, 90, tile))
+                costs[name] = [loop.instructions for loop in stats.loops]
+    return costs
+
+
+def tile_cost_failures(costs: dict[str, list[int]]) -> list[str]:
+    interior, masked = costs["plain"][0], costs["plain"][1]
+    checks = [
+        ("causal interior", costs["causal"][0], interior, 1.0),
+        ("causal diagonal", costs["causal"][1], interior, 1.4),
+        ("window left edge", costs["window"][0], interior, 1.3),
+        ("window interior", costs["window"][1], interior, 1.0),
+        ("window right edge", costs["window"][2], interior, 1.3),
+        ("alibi interior", costs["alibi"][0], interior, 1.3),
+        ("alibi masked", costs["alibi"][1], masked, 1.3),
+        ("softcap interior", costs["softcap"][0], interior, 1.3),
+        ("softcap masked", costs["softcap"][1], masked, 1.3),
+    ]
+    return [f"{what}: {n} instructions > {limit}x {base}" for what, n, base, limit in checks if n > limit * base]
+
+
 def main() -> int:
+    if "--tile-costs" in sys.argv:
+        costs = forward_tile_costs()
+        print(costs)
+        failures = tile_cost_failures(costs)
+        print("\n".join(failures))
+        return 1 if failures else 0
     jobs = [(spec, arch) for spec, archs in specs() for arch in archs]
     workers = int(os.environ.get("COMPILE_JOBS", os.cpu_count() or 1))
     with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -169,6 +214,15 @@ def test_every_launched_specialization_compiles_for_sm80_and_sm90():
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     result = subprocess.run([sys.executable, str(Path(__file__))], capture_output=True, text=True, env=env,
                             cwd=REPO, timeout=900, check=False)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+
+
+def test_forward_tile_costs_meet_the_static_goals():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, str(Path(__file__)), "--tile-costs"], capture_output=True, text=True,
+                            env=env, cwd=REPO, timeout=900, check=False)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
 
 
