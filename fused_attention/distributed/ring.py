@@ -8,6 +8,9 @@ go around again; each step's block gradients come from one backward call per blo
 (:mod:`.block_backward`, exact through the global softmax: given the global lse and delta where the
 backend takes them, else from the global lse and each block's saved output); dQ stays local, and the dK/dV partial sums of a shard follow it one step behind, in float32
 (float64 for float64 inputs), back to its owner.
+
+Heads are independent, so the ring runs over one group of heads after another (:func:`head_groups`):
+what a rank holds in flight is one group's.
 """
 
 from __future__ import annotations
