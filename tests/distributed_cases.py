@@ -132,6 +132,23 @@ def device_mesh_group(world: int) -> None:
         expect_error(lambda: ring_attention(*shards, group=square), "must be 1-D")
 
 
+def head_groups_run(world: int) -> None:
+    """The rings run per head group: ``world`` forward steps per group (the step timer's count), for an
+    explicit count and for the default (one thread per rank here: a ring per key/value head)."""
+    from fused_attention.distributed import ring
+
+    for heads, head_groups, expected in (((4, 4), 3, 3), ((6, 2), None, 2), ((4, 4), 1, 1)):
+        steps = []
+        ring.step_timer = lambda phase, *_, seen=steps: seen.append(phase)
+        try:
+            q, k, v = (torch.randn(1, h, 2 * world, 8, requires_grad=True) for h in (heads[0], heads[1], heads[1]))
+            ring_attention(q, k, v, is_causal=True, enable_gqa=True, head_groups=head_groups).sum().backward()
+        finally:
+            ring.step_timer = None
+        assert steps.count("forward") == expected * world, (heads, head_groups, steps.count("forward"))
+        assert steps.count("backward") == expected * world, (heads, head_groups, steps.count("backward"))
+
+
 def _cases(world: int) -> dict:
     zz = 8 * world * 2 if world < 4 else 48  # divisible by 2P; chunks of 4-8 tokens
     f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
@@ -181,6 +198,7 @@ def _cases(world: int) -> dict:
             window_size=(9, 4), head_groups=3),
         "ring_zigzag_f32_head_groups_by_rank": lambda: check_against_whole(
             world, "ring", "zigzag", f32, zz, is_causal=True, head_groups=dist.get_rank() + 2),
+        "ring_head_groups_run": lambda: head_groups_run(world),
         "ring_bad_head_groups": lambda: expect_error(
             lambda: ring_attention(*(torch.randn(1, 2, 2 * world, 8) for _ in range(3)), head_groups=0),
             "head_groups must be a positive int"),

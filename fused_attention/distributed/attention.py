@@ -98,8 +98,8 @@ def _prepare(
 
 _SHARED_DOC = """
     Every rank of ``group`` calls it at the same time with its shard of one sequence (see
-    :func:`shard_sequence`); shapes, dtype and options must agree across ranks (checked collectively:
-    a bad argument on any rank raises on every rank, never hangs).
+    :func:`shard_sequence`); shapes, dtype and options must agree across ranks, ``head_groups`` aside
+    (checked collectively: a bad argument on any rank raises on every rank, never hangs).
 
     Args:
         query: ``(B, Hq, L_shard, E)``: this rank's shard of the queries, in ``layout`` order.
@@ -173,8 +173,8 @@ def ring_attention(
     ``head_groups``: run the ring over this many groups of heads, one group after another (a key/value
     head and its query heads stay together; at most one group per key/value head). Attention is
     independent across heads, so the buffers in flight (received key/value shards, dK/dV sums, a
-    block's gradients) are one group's: per-rank memory falls towards the shards themselves, for more
-    (smaller) transfers and calls. ``None`` (default): on CPU, as many groups as leave each call at
+    block's gradients) are one group's (and the previous group's dK/dV sums until they land): per-rank
+    memory falls towards the shards and their gradients, for more (smaller) transfers and calls. ``None`` (default): on CPU, as many groups as leave each call at
     least one (batch, key/value head) pair per thread (a ring per key/value head on one thread); on CUDA
     one group, so that each kernel sees every head. Ranks run the fewest groups any of them asks for.
     """

@@ -80,7 +80,7 @@ class HeadGroup:
 def head_groups(q_heads: int, kv_heads: int, groups: int) -> list[HeadGroup]:
     """``groups`` (at most one per key/value head) near-equal groups of consecutive heads."""
     groups = max(1, min(groups, kv_heads))
-    ratio = q_heads // kv_heads
+    ratio = q_heads // max(kv_heads, 1)
     cuts = [kv_heads * i // groups for i in range(groups + 1)]
     return [HeadGroup(slice(a * ratio, b * ratio), slice(a, b)) for a, b in itertools.pairwise(cuts)]
 
@@ -96,7 +96,7 @@ def auto_head_groups(q: torch.Tensor, k: torch.Tensor) -> int:
     """
     if q.device.type != "cpu":
         return 1
-    per_group = -(-torch.get_num_threads() // q.shape[0])
+    per_group = -(-torch.get_num_threads() // max(q.shape[0], 1))
     return -(-k.shape[1] // per_group)
 
 
