@@ -40,6 +40,8 @@ constexpr int64_t kDecodeChunkKeys = 512;
 constexpr int64_t kDecodeScoreFloats = 16384;
 // Values converted per step where V cannot be read in place (32 KiB of float at value_dim 128: L1).
 constexpr int64_t kDecodeValueStep = 64;
+// Keys per pass of the P.V tiles over value rows read in place (16 KiB of float rows at value_dim 128).
+constexpr int64_t kDecodeValueBlock = 32;
 
 inline int64_t decode_chunk_keys(int64_t rows) {
   return std::clamp<int64_t>(kDecodeScoreFloats / std::max<int64_t>(rows, 1) / 64 * 64, 64, kDecodeChunkKeys);
@@ -101,25 +103,77 @@ struct TransposeSum {
   }
 };
 
-// out[r * ldo + j] = q_r . k_j for rows r < rows (row stride ldq) and the `width` key rows at k (row
-// stride ldk), over `vectors` vectors of features. Never inlined, so that the accumulators stay in
-// registers (as gemm_tile).
+// q.k with float (or double) vectors: one vector of features per step.
 template <typename T>
-__attribute__((noinline)) void dot_keys(const T* q, int64_t rows, int64_t ldq, const T* k, int64_t ldk,
-                                        int64_t vectors, T* out, int64_t ldo) {
-  using S = TransposeSum<T>;
-  using V = simd::Vec<T>;
+struct FloatDot {
+  using Elem = T;
+  using Operand = simd::Vec<T>;
+  static constexpr int64_t features = simd::Traits<T>::width;
+  static Operand load(const T* x) { return simd::load(x); }
+  static simd::Vec<T> add(simd::Vec<T> acc, Operand q, Operand k) { return acc + q * k; }
+};
+
+// out[r * ldo + j] = q_r . k_j for rows r < rows (row stride ldq) and the `width` key rows at k (row
+// stride ldk), over `steps` steps of Dot::features features; out is of the accumulator type. Rows go in
+// blocks of 4, 2, 1: a block of R rows takes the keys width / R at a time into width accumulators (one
+// TransposeSum), each key vector serving the R rows. The first block reads the keys from memory, key
+// row after key row: the hardware prefetcher then follows one stream (the one-row decode read K 1.6x
+// faster so than a vector of each row in turn; 2026-12-04 record), at the price of a query load per
+// product. The other blocks read the keys from L1, a vector of each key at a time, with one query load
+// per `keys` products. Never inlined, so that the accumulators stay in registers (as gemm_tile).
+template <typename Dot, typename Acc>
+__attribute__((noinline)) void dot_keys(const typename Dot::Elem* q, int64_t rows, int64_t ldq,
+                                        const typename Dot::Elem* k, int64_t ldk, int64_t steps, Acc* out,
+                                        int64_t ldo) {
+  using S = TransposeSum<Acc>;
+  using V = simd::Vec<Acc>;
+  using Operand = typename Dot::Operand;
   constexpr int width = S::width;
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* qr = q + r * ldq;
-    V acc[width] = {};
-    for (int64_t d = 0; d < vectors; ++d) {
-      const V qd = simd::load(qr + d * width);
+  const auto block = [&](auto rows_per_block, int64_t r0) {
+    constexpr int R = decltype(rows_per_block)::value, keys = width / R;
+    const typename Dot::Elem* qr = q + r0 * ldq;
+    for (int j0 = 0; j0 < width; j0 += keys) {
+      const typename Dot::Elem* kj = k + j0 * ldk;
+      V acc[width] = {};
+      const auto add = [&](int r, int j, Operand qd, Operand kd) {
+        V& a = acc[S::bit_reverse(r * keys + j)];
+        a = Dot::add(a, qd, kd);
+      };
+      if (r0 == 0) {
 #pragma GCC unroll 16
-      for (int j = 0; j < width; ++j) acc[S::bit_reverse(j)] += qd * simd::load(k + j * ldk + d * width);
+        for (int j = 0; j < keys; ++j) {
+          for (int64_t d = 0; d < steps; ++d) {
+            const Operand kd = Dot::load(kj + j * ldk + d * Dot::features);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) add(r, j, Dot::load(qr + r * ldq + d * Dot::features), kd);
+          }
+        }
+      } else {
+        for (int64_t d = 0; d < steps; ++d) {
+          Operand kd[keys];
+#pragma GCC unroll 16
+          for (int j = 0; j < keys; ++j) kd[j] = Dot::load(kj + j * ldk + d * Dot::features);
+#pragma GCC unroll 4
+          for (int r = 0; r < R; ++r) {
+            const Operand qd = Dot::load(qr + r * ldq + d * Dot::features);
+#pragma GCC unroll 16
+            for (int j = 0; j < keys; ++j) add(r, j, qd, kd[j]);
+          }
+        }
+      }
+      alignas(64) Acc lanes[width];  // lane r * keys + j: row r0 + r, key j0 + j
+      S::run(acc, lanes);
+      for (int r = 0; r < R; ++r) std::memcpy(out + (r0 + r) * ldo + j0, lanes + r * keys, keys * sizeof(Acc));
     }
-    S::run(acc, out + r * ldo);
+  };
+  constexpr int four = width >= 4 ? 4 : width;
+  int64_t r0 = 0;
+  for (; r0 + four <= rows; r0 += four) block(std::integral_constant<int, four>{}, r0);
+  if (rows - r0 >= 2) {
+    block(std::integral_constant<int, 2>{}, r0);
+    r0 += 2;
   }
+  if (rows > r0) block(std::integral_constant<int, 1>{}, r0);
 }
 
 #if defined(FUSED_ATTENTION_BF16_DOT)
@@ -161,7 +215,7 @@ template <typename acc_t>
 struct DecodeBuffers {
   int64_t ldq, lds, ldv;
   std::vector<acc_t> q, scores, out, row_max, row_sum, anchor, keys, values;
-  std::vector<c10::BFloat16> q16;  // the query rows as they are, for dot_keys_bf16 (rows x head_dim)
+  std::vector<c10::BFloat16> q16;  // the query rows as they are, for dot_keys with Bf16Dot (rows x head_dim)
   std::vector<c10::BFloat16> p16;  // the probabilities rounded to bfloat16, for values_bf16
   std::vector<uint8_t> lazy;
   DecodeBuffers(int64_t rows, int64_t chunk, int64_t head_dim, int64_t value_dim)
@@ -184,7 +238,7 @@ struct DecodeBuffers {
 
 // scores[r * lds + j] = q_r . k_(j0 + j) for rows r < rows and keys j < n of (sequence, kv head), and
 // the same up to round_up(n, width) (zero keys past n).
-// Whether dot_keys_bf16 serves these keys (bfloat16 rows of whole 32-feature blocks; buf.q16 filled).
+// Whether dot_keys with Bf16Dot serves these keys (bfloat16 rows of whole 32-feature blocks; buf.q16 filled).
 template <typename scalar_t>
 constexpr bool bf16_dot(const Operand<scalar_t>& k, int64_t dim) {
 #if defined(FUSED_ATTENTION_BF16_DOT)
@@ -209,8 +263,8 @@ void decode_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_
 #if defined(FUSED_ATTENTION_BF16_DOT)
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (bf16_dot(k, dim) && count == width && k.adjacent_rows(token) >= width) {
-        dot_keys_bf16(buf.q16.data() + row0 * dim, rows, dim, k.row(seq.batch, kv_head, token), k.token_stride,
-                      dim / 32, scores + b, buf.lds);
+        dot_keys<Bf16Dot>(buf.q16.data() + row0 * dim, rows, dim, k.row(seq.batch, kv_head, token), k.token_stride,
+                          dim / Bf16Dot::features, scores + b, buf.lds);
         continue;
       }
     }
@@ -222,7 +276,7 @@ void decode_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_
       decode_load_rows(k, seq.batch, kv_head, token, count, dim, buf.keys.data(), buf.ldq);
       std::fill(buf.keys.begin() + count * buf.ldq, buf.keys.end(), acc_t(0));
     }
-    dot_keys(q, rows, buf.ldq, keys, ldk, vectors, scores + b, buf.lds);
+    dot_keys<FloatDot<acc_t>>(q, rows, buf.ldq, keys, ldk, vectors, scores + b, buf.lds);
   }
 }
 
@@ -233,12 +287,38 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
   constexpr int64_t width = simd::Traits<acc_t>::width;
   const Operand<scalar_t>& v = problem.v;
   const int64_t value_dim = problem.value_dim;
-  // B rows (ldb apart, whole vectors) straight from where they are: no panel copy.
+  // B rows (ldb apart, whole vectors) straight from where they are: no panel copy, kDecodeValueBlock keys
+  // at a time. Where rows are whole multiples of 8 vectors (value_dim 128 in float), tiles of 2 x 8
+  // vectors read the block's value rows from memory front to back (gemm_blocks' 4-vector tiles read half
+  // rows, which streamed V at 0.6-0.8x the rate in a microbenchmark): for all rows up to 4 (a decode step
+  // bound by memory), else for the first two, and the other rows read the block from L1 through
+  // gemm_blocks, whose larger tiles load less per product (8 causal rows were 10% slower without).
   const auto product = [&](const acc_t* values, int64_t ldb, int64_t key, int64_t count) {
-    const auto panel_of = [&](int64_t k0, int64_t, int64_t vec, int64_t) {
-      return std::pair<const acc_t*, int64_t>(values + k0 * ldb + vec * width, ldb);
-    };
-    gemm_blocks(rows, value_dim, count, p + key, buf.lds, 1, panel_of, acc, buf.ldv, true);
+    constexpr int64_t tile_vectors = 8;
+    const int64_t vectors = (value_dim + width - 1) / width;
+    const int64_t first = vectors % tile_vectors != 0 ? 0 : rows <= 4 ? rows : 2;
+    for (int64_t k0 = 0; k0 < count; k0 += kDecodeValueBlock) {
+      const int64_t kc = std::min(kDecodeValueBlock, count - k0);
+      const acc_t* a = p + key + k0;
+      const acc_t* b = values + k0 * ldb;
+      for (int64_t v0 = 0; v0 < vectors && first > 0; v0 += tile_vectors) {
+        for (int64_t r = 0; r < first; r += 2) {
+          const acc_t* ar = a + r * buf.lds;
+          acc_t* cr = acc + r * buf.ldv + v0 * width;
+          if (first - r >= 2) {
+            gemm_tile<acc_t, 2, tile_vectors>(kc, ar, buf.lds, 1, b + v0 * width, ldb, cr, buf.ldv, true);
+          } else {
+            gemm_tile<acc_t, 1, tile_vectors>(kc, ar, buf.lds, 1, b + v0 * width, ldb, cr, buf.ldv, true);
+          }
+        }
+      }
+      if (rows == first) continue;
+      const auto panel_of = [&](int64_t k1, int64_t, int64_t vec, int64_t) {
+        return std::pair<const acc_t*, int64_t>(b + k1 * ldb + vec * width, ldb);
+      };
+      gemm_blocks(rows - first, value_dim, kc, a + first * buf.lds, buf.lds, 1, panel_of, acc + first * buf.ldv,
+                  buf.ldv, true);
+    }
   };
 #if defined(FUSED_ATTENTION_BF16_DOT)
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {

@@ -3,34 +3,24 @@
 // pairs of bfloat16 and adds both products into one float lane, so K and V rows are read as they lie in
 // the cache, 32 features per load, and never widened to float (the widening cost more than reading them).
 //
-// - q.k (dot_keys_bf16): a query row and a key row pair up along the features; the products of two
+// - q.k (dot_keys with Bf16Dot): a query row and a key row pair up along the features; the products of two
 //   bfloat16 are exact in float, only the order of the float additions differs from dot_keys.
 // - p.V (values_bf16): pairs of keys. Two value rows interleaved 16 bits at a time meet the rows'
 //   probabilities rounded to bfloat16 (as FlashAttention feeds P to its P.V product); the softmax sum
 //   stays in float.
 #pragma once
 
-// dot_keys for bfloat16 query and key rows: blocks of 32 features.
-__attribute__((noinline)) inline void dot_keys_bf16(const c10::BFloat16* q, int64_t rows, int64_t ldq,
-                                                    const c10::BFloat16* k, int64_t ldk, int64_t blocks, float* out,
-                                                    int64_t ldo) {
-  using S = TransposeSum<float>;
-  using V = simd::Vec<float>;
-  constexpr int width = S::width;
-  for (int64_t r = 0; r < rows; ++r) {
-    const c10::BFloat16* qr = q + r * ldq;
-    V acc[width] = {};
-    for (int64_t d = 0; d < blocks; ++d) {
-      const __m512bh qd = (__m512bh)_mm512_loadu_si512(qr + d * 32);
-#pragma GCC unroll 16
-      for (int j = 0; j < width; ++j) {
-        const __m512bh kd = (__m512bh)_mm512_loadu_si512(k + j * ldk + d * 32);
-        acc[S::bit_reverse(j)] = (V)_mm512_dpbf16_ps((__m512)acc[S::bit_reverse(j)], qd, kd);
-      }
-    }
-    S::run(acc, out + r * ldo);
+// q.k for bfloat16 query and key rows (dot_keys): 32 features per step, the pairs' products summed in
+// float lanes.
+struct Bf16Dot {
+  using Elem = c10::BFloat16;
+  using Operand = __m512bh;
+  static constexpr int64_t features = 32;
+  static Operand load(const Elem* x) { return (__m512bh)_mm512_loadu_si512(x); }
+  static simd::Vec<float> add(simd::Vec<float> acc, Operand q, Operand k) {
+    return (simd::Vec<float>)_mm512_dpbf16_ps((__m512)acc, q, k);
   }
-}
+};
 
 // out (rows x round_up(n, 32)) = p (rows x n, row stride ldp) rounded to bfloat16, zero past n: 32-bit
 // word j of a row is then the pair (p_2j, p_2j+1) that values_bf16 broadcasts.

@@ -1,5 +1,5 @@
 // The bfloat16 decode kernel for CPUs with AVX512-BF16 (Zen 4 and later, Cooper Lake, Sapphire Rapids):
-// attention_decode.h with its q.k products on vdpbf16ps (dot_keys_bf16). Everything else, and every
+// attention_decode.h with its q.k products on vdpbf16ps (dot_keys with Bf16Dot). Everything else, and every
 // other dtype, runs the avx512 variant.
 #include "cpu/attention_prelude.h"
 
