@@ -185,12 +185,24 @@ def expected_caches(c, backend=None):
     return kc, vc
 
 
-def check_case(c, backend=None):
-    originals = {name: c[name].clone() for name in ("q", "k", "v") if c[name] is not None}
-    out, lse, kc, vc = run_case(c, backend)
+def on_device(c, device):
+    """Case ``c`` with its tensors (the rotary tables too) on ``device``."""
+    moved = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in c.items()}
+    if c["rope"] is not None:
+        cos, sin, interleaved = c["rope"]
+        moved["rope"] = (cos.to(device), sin.to(device), interleaved)
+    return moved
+
+
+def check_case(c, backend=None, device=None):
+    """Runs case ``c`` (on ``device``, default the CPU) and checks it against the float64 reference on
+    the CPU. The expected caches are rotated on the same device by the same backend, so they are exact."""
+    call = c if device is None else on_device(c, device)
+    originals = {name: call[name].clone() for name in ("q", "k", "v") if call[name] is not None}
+    out, lse, kc, vc = (t.cpu() for t in run_case(call, backend))
     for name, t in originals.items():
-        assert torch.equal(c[name], t), f"{name} was modified"
-    ek, ev = expected_caches(c, backend)
+        assert torch.equal(call[name], t), f"{name} was modified"
+    ek, ev = (t.cpu() for t in expected_caches(call, backend))
     assert torch.equal(kc, ek) and torch.equal(vc, ev), "caches differ from the expected append (or a guard slot)"
     ref64, lse64 = reference_kvcache(c, torch.float64)
     ref_dt, lse_dt = reference_kvcache(c, c["q"].dtype)

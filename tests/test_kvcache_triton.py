@@ -11,7 +11,8 @@ from test_kvcache import _matrix, check_case, make_case, run_case
 
 import fused_attention.kvcache.attention as kvcache_attention
 
-pytestmark = pytest.mark.skipif("triton" not in shared_backends(), reason="triton cannot run on CPU tensors here")
+interpreted = pytest.mark.skipif("triton" not in shared_backends(), reason="triton cannot run on CPU tensors here")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # Every feature set of test_kvcache's matrix once (its first block) in float32, every third in float16
 # (the interpreter takes about a second a case).
@@ -24,12 +25,14 @@ _CASES = [
 ]
 
 
+@interpreted
 @pytest.mark.parametrize("seed,config", _CASES)
 def test_split_kv_kernel_matches_reference(seed, config):
     with torch.no_grad():
         check_case(make_case(seed, **config), "triton")
 
 
+@interpreted
 def test_split_kv_reads_pages_in_place(monkeypatch):
     """The kernel reads through the block table: the plain path's page gather is never called."""
 
@@ -60,12 +63,14 @@ def _long_case(seq_q, page_size, num_splits, features=()):
     }
 
 
+@interpreted
 @pytest.mark.parametrize("seq_q,num_splits", [(1, 3), (4, 5)])
 def test_split_kv_long_cache_every_split_holds_keys(seq_q, num_splits):
     with torch.no_grad():
         check_case(_long_case(seq_q, 16, num_splits, ("causal",)), "triton")
 
 
+@interpreted
 @pytest.mark.parametrize("window", [(2**31 - 1, 0), (-1, 2**31 - 1)], ids=str)
 def test_split_kv_window_sizes_past_int32_positions(window):
     """Window sides as wide as int32 allows: unbounded, not wrapped around in the kernel's positions."""
@@ -74,6 +79,7 @@ def test_split_kv_window_sizes_past_int32_positions(window):
         check_case(case, "triton")
 
 
+@interpreted
 def test_split_kv_is_deterministic_and_splits_agree():
     case = _long_case(1, 16, 4)
     with torch.no_grad():
@@ -83,3 +89,27 @@ def test_split_kv_is_deterministic_and_splits_agree():
         assert torch.equal(a, b)
     for a, b in zip(first[:2], one_split[:2]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# On a GPU: the compiled kernel (Triton has no float64 dot), every case of two blocks of the matrix in
+# float32, the first block in float16 and bfloat16 too, checked on the CPU against the float64 reference.
+_GPU_CASES = [
+    pytest.param(seed, {**config, "dtype": dtype}, id=f"{str(dtype)[6:]}-{p.id}")
+    for p in _matrix(24)
+    for seed, config in [p.values]
+    for dtype in ((torch.float32, torch.float16, torch.bfloat16) if seed < 12 else (torch.float32,))
+]
+
+
+@gpu
+@pytest.mark.parametrize("seed,config", _GPU_CASES)
+def test_split_kv_kernel_on_the_gpu(seed, config):
+    with torch.no_grad():
+        check_case(make_case(seed, **config), "triton", device="cuda")
+
+
+@gpu
+@pytest.mark.parametrize("seq_q,num_splits", [(1, 3), (4, 5), (1, 0)])
+def test_split_kv_long_cache_on_the_gpu(seq_q, num_splits):
+    with torch.no_grad():
+        check_case(_long_case(seq_q, 16, num_splits, ("causal",)), "triton", device="cuda")
