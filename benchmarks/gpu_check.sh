@@ -6,15 +6,18 @@
 # files), so a run cut short still returns what it did. Everything fits in DEADLINE seconds.
 #
 #     OUT=/some/dir bash benchmarks/gpu_check.sh        # OUT defaults to benchmarks/results/gpu-DATE
+#     STAGES="profile tests_triton bench_train" DEADLINE=270 bash benchmarks/gpu_check.sh   # some stages
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu-$(date +%F)}"
 DEADLINE="${DEADLINE:-420}"
+STAGES="${STAGES:-ceilings build tests_triton profile bench_flash bench_short bench_decode}"
 WORK="$(mktemp -d)"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 left() { echo $((DEADLINE - SECONDS)); }
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 pack() { cp "$WORK/summary.txt" "$OUT/summary.txt" 2>/dev/null; tar czf "$OUT/gpu_logs.tgz" -C "$WORK" . 2>/dev/null; }
 note() { echo "$*" | tee -a "$WORK/summary.txt"; pack; }
 run() {  # run NAME LIMIT CMD...: log to $WORK/NAME.txt within LIMIT seconds (and the deadline), go on after a failure
@@ -30,31 +33,39 @@ run() {  # run NAME LIMIT CMD...: log to $WORK/NAME.txt within LIMIT seconds (an
   note "$name: exit $rc in $((SECONDS - start))s (limit ${limit}s) | $(grep -E '(passed|failed|error)' "$WORK/$name.txt" | tail -n 1)"
 }
 budget() { local b=$(($1 - 30)); echo $((b > 5 ? b : 5)); }  # a sweep's --time-budget inside a LIMIT
-PYTEST=(python -m pytest -q -p no:cacheprovider -rfE --timeout 120)
+PYTEST=(python -m pytest -q -p no:cacheprovider -rfE --timeout 120 --durations 10)
 
 nvidia-smi > "$WORK/nvidia-smi.txt" 2>&1
 run versions 60 python -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
-run ceilings 40 python benchmarks/gpu_ceilings.py
+want ceilings && run ceilings 40 python benchmarks/gpu_ceilings.py
 
 # The extension builds on the CPUs while the Triton tests (which do not need it) run on the GPU.
-( env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=12 FUSED_ATTENTION_FORCE_CUDA_BUILD=1 \
-    timeout 240 python setup.py build_ext --inplace > "$WORK/build.txt" 2>&1; echo "build: exit $?" >> "$WORK/build.txt" ) &
-BUILD=$!
-run tests_triton 170 "${PYTEST[@]}" -n 8 tests/test_triton_attention.py tests/test_triton_decode_route.py \
-  tests/test_cuda_graphs.py tests/test_triton_positional.py tests/test_kvcache_triton.py tests/test_sinks.py::test_triton_sinks
-wait "$BUILD"
-note "$(tail -n 1 "$WORK/build.txt") after ${SECONDS}s"
-run info 30 python -m fused_attention info
-run tests_extension 60 "${PYTEST[@]}" -n 4 tests/test_extension.py tests/test_position.py tests/test_position_modules.py
+if want build; then
+  ( env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=12 FUSED_ATTENTION_FORCE_CUDA_BUILD=1 \
+      timeout 240 python setup.py build_ext --inplace > "$WORK/build.txt" 2>&1; echo "build: exit $?" >> "$WORK/build.txt" ) &
+  BUILD=$!
+fi
+want profile && run profile 45 python benchmarks/gpu_profile.py
+want tests_triton && run tests_triton "${TESTS_LIMIT:-170}" "${PYTEST[@]}" -n 12 --junitxml "$WORK/tests_triton.xml" \
+  tests/test_triton_attention.py tests/test_triton_decode_route.py tests/test_cuda_graphs.py tests/test_triton_positional.py \
+  tests/test_kvcache_triton.py tests/test_sinks.py::test_triton_sinks
+if want build; then
+  wait "$BUILD"
+  note "$(tail -n 1 "$WORK/build.txt") after ${SECONDS}s"
+  run info 30 python -m fused_attention info
+  run tests_extension 60 "${PYTEST[@]}" -n 4 tests/test_extension.py tests/test_position.py tests/test_position_modules.py
+fi
 
 # Sweeps, ours against torch's SDPA in the same run: FlashAttention's published sweep (16k tokens, hidden
 # 2048), the shapes models run (a BERT batch of 128 tokens, a small training call), and decode steps.
 BENCH=(python -m fused_attention bench --min-run-time 0.1)
-run bench_flash 110 "${BENCH[@]}" --preset flash --modes fwd fwd+bwd --providers triton torch-sdpa torch-cudnn \
+want bench_train && run bench_train "$(left)" "${BENCH[@]}" --preset flash --seq 1024 4096 --modes fwd+bwd \
+  --providers triton torch-sdpa --time-budget "$(budget "$(left)")" --out "$WORK/bench-train"
+want bench_flash && run bench_flash 110 "${BENCH[@]}" --preset flash --modes fwd fwd+bwd --providers triton torch-sdpa torch-cudnn \
   --time-budget "$(budget 110)" --out "$WORK/bench-flash"
-run bench_short 45 "${BENCH[@]}" --ops plain causal padding --seq 128 512 --batch 8 --heads 12 --dim 64 \
+want bench_short && run bench_short 45 "${BENCH[@]}" --ops plain causal padding --seq 128 512 --batch 8 --heads 12 --dim 64 \
   --modes fwd fwd+bwd --providers triton torch-sdpa --time-budget "$(budget 45)" --out "$WORK/bench-short"
-run bench_decode 45 "${BENCH[@]}" --preset decode --providers triton ours-paged torch-sdpa \
+want bench_decode && run bench_decode 45 "${BENCH[@]}" --preset decode --providers triton ours-paged torch-sdpa \
   --time-budget "$(budget 45)" --out "$WORK/bench-decode"
 note "done in ${SECONDS}s"
-tail -n 25 "$WORK"/bench_*.txt
+tail -n 25 "$WORK"/bench_*.txt 2>/dev/null

@@ -262,7 +262,8 @@ def rand(*shape, dtype=torch.float32, requires_grad=False, gen=None) -> torch.Te
 def assert_policy(out: torch.Tensor, ref_dt: torch.Tensor, ref64: torch.Tensor, factor: float, what: str) -> None:
     """DESIGN.md's policy; infinities (lse of empty rows) must match exactly, sign included, and are then
     left out."""
-    out, ref_dt, ref64 = out.detach(), ref_dt.detach(), ref64.detach()
+    # compared on the CPU, where the references are computed (a GPU kernel's output arrives on its device)
+    out, ref_dt, ref64 = out.detach().cpu(), ref_dt.detach().cpu(), ref64.detach().cpu()
     assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
     inf = torch.isinf(ref64)
     assert torch.equal(torch.isinf(out), inf), f"{what}: infinities differ from the reference"

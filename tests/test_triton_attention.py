@@ -183,6 +183,7 @@ _VARLEN_KWARGS = [
 )
 def test_varlen(dtype, kwargs):
     torch.manual_seed(0)
+    kwargs = {name: value.to(DEVICE) if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
     _check("triton", dtype, 4, 4, 16, **kwargs)
 
 

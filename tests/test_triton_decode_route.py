@@ -99,8 +99,9 @@ def test_decode_route_declines_what_it_would_compute_differently(case):
         "mask": {"attn_mask": torch.ones(lq, S, dtype=torch.bool, device=DEVICE)},
         "dropout": {"dropout_p": 0.1},
         "top-left-causal": {"is_causal": True},
-        "key-lengths-window": {"key_lengths": torch.tensor([300, 131]), "window_size": (40, 0)},
-        "key-lengths-alibi": {"key_lengths": torch.tensor([300, 131]), "alibi_slopes": torch.ones(HQ)},
+        "key-lengths-window": {"key_lengths": torch.tensor([300, 131], device=DEVICE), "window_size": (40, 0)},
+        "key-lengths-alibi": {"key_lengths": torch.tensor([300, 131], device=DEVICE),
+                              "alibi_slopes": torch.ones(HQ, device=DEVICE)},
     }.get(case, {})
     assert not triton_decode.decode_serves(canonicalize(q, k, v, enable_gqa=True, **kwargs))
 

@@ -123,3 +123,16 @@ def test_deterministic_dkdv_tile_is_chosen_before_the_launch_as_at_it(monkeypatc
     assert len(dkdv) == 1 and before
     at_launch = configs.launch_candidates("backward_dkdv", arch, dkdv[0])[0]
     assert set(before) == {at_launch}
+
+
+def test_autotuner_zeroes_only_the_accumulators_a_launch_has():
+    """Before each timed tile (and after tuning) the dK/dV pass's mask-gradient accumulator is zeroed;
+    a launch without one (None: no mask gradient) is left alone. Triton's own ``reset_to_zero`` called
+    ``.zero_()`` on None there, and every autotuned backward on a GPU failed (seen on an H200)."""
+    import torch
+
+    hook = launch._zeroing(["DMask"])
+    hook({"DMask": None, "DK": torch.ones(2)})
+    grads = {"DMask": torch.ones(3), "DK": torch.ones(2)}
+    hook(grads, reset_only=True)
+    assert grads["DMask"].eq(0).all() and grads["DK"].eq(1).all()

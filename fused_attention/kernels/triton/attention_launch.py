@@ -235,8 +235,21 @@ def autotuned(kernel, pass_name: str, extra_key: list[str] | None = None, reset_
         configs=[_tile_config(t) for t in configs.all_candidates(pass_name)],
         key=TUNE_KEY + (extra_key or []),
         prune_configs_by={"early_config_prune": tile_pruner(kernel, pass_name)},
-        reset_to_zero=reset_to_zero,
+        pre_hook=_zeroing(reset_to_zero) if reset_to_zero else None,
     )(kernel)
+
+
+def _zeroing(names: list[str]) -> Callable[..., None]:
+    """The autotuner's hook before each timed run (and once after tuning): zeroes the accumulated outputs
+    ``names`` that the launch has. Triton's own ``reset_to_zero`` calls ``.zero_()`` on each name, and so
+    fails on an output the launch leaves out (None, e.g. no mask gradient)."""
+
+    def hook(args: dict[str, Any], reset_only: bool = False) -> None:
+        for name in names:
+            if args.get(name) is not None:
+                args[name].zero_()
+
+    return hook
 
 
 def fixed_tile(kernel, pass_name: str, args: dict[str, Any]) -> configs.Tile:
