@@ -40,14 +40,28 @@ def merge_into_(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor,
     acc_lse.copy_(top + torch.log(total))
 
 
+def _merge_stacked(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge of parts stacked on dim 0, ``outs (parts, ..., Ev)`` and ``lses (parts, ...)``, in one pass
+    over the stack: a fixed number of elementwise ops and two sums over dim 0 whatever the part count
+    (a pairwise merge launched about 30 small kernels a part on a GPU, 8 ms for 32 decode splits on an
+    H200). Results in accumulation dtype; deterministic for a given part count."""
+    acc_dtype = accumulation_dtype(outs.dtype)
+    lses = lses.to(acc_dtype)
+    top = lses.amax(0)
+    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)  # no part saw a key: weights 0
+    weights = torch.exp(lses - top)
+    total = weights.sum(0)
+    weights = weights / torch.where(total == 0, torch.ones_like(total), total)
+    out = (outs.to(acc_dtype) * weights.unsqueeze(-1)).sum(0)
+    return out, top + torch.log(total)
+
+
 def _merge_aligned(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge of ``out (..., Ev)`` with ``lse`` shaped ``out.shape[:-1]``; results in accumulation dtype."""
-    acc_dtype = accumulation_dtype(outs[0].dtype)
-    acc_out = outs[0].to(acc_dtype, copy=True)
-    acc_lse = lses[0].to(acc_dtype, copy=True)
-    for out, lse in zip(outs[1:], lses[1:], strict=True):
-        merge_into_(acc_out, acc_lse, out, lse)
-    return acc_out, acc_lse
+    if len(outs) == 1:
+        acc_dtype = accumulation_dtype(outs[0].dtype)
+        return outs[0].to(acc_dtype, copy=True), lses[0].to(acc_dtype, copy=True)
+    return _merge_stacked(torch.stack(outs), torch.stack(lses))
 
 
 def fold_sinks_(acc_out: torch.Tensor, acc_lse: torch.Tensor, sinks: torch.Tensor) -> None:
@@ -64,7 +78,7 @@ def merge_splits(
     if outs.shape[0] == 1:
         out, lse = outs[0], lses[0]
     else:
-        out, lse = _merge_aligned(list(outs.unbind(0)), list(lses.unbind(0)))
+        out, lse = _merge_stacked(outs, lses)
     if sinks is not None:
         fold_sinks_(out, lse, sinks)
     return out, lse
