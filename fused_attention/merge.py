@@ -70,20 +70,6 @@ def fold_sinks_(acc_out: torch.Tensor, acc_lse: torch.Tensor, sinks: torch.Tenso
     merge_into_(acc_out, acc_lse, acc_out.new_zeros(()), sinks[:, None].expand_as(acc_lse))
 
 
-def merge_splits(
-    outs: torch.Tensor, lses: torch.Tensor, sinks: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key splits' states stacked on dim 0, ``outs (splits, B, H, L, Ev)`` and ``lses (splits, B, H, L)``,
-    merged into ``(out, lse)`` with the sinks folded in once (a single split is returned as it is)."""
-    if outs.shape[0] == 1:
-        out, lse = outs[0], lses[0]
-    else:
-        out, lse = _merge_stacked(outs, lses)
-    if sinks is not None:
-        fold_sinks_(out, lse, sinks)
-    return out, lse
-
-
 def _check_states(outs: object, lses: object, layout: object) -> None:
     if layout not in _LAYOUTS:
         raise AttentionArgumentError(f"layout must be one of {_LAYOUTS}, got {layout!r}")

@@ -113,3 +113,32 @@ def test_split_kv_kernel_on_the_gpu(seed, config):
 def test_split_kv_long_cache_on_the_gpu(seq_q, num_splits):
     with torch.no_grad():
         check_case(_long_case(seq_q, 16, num_splits, ("causal",)), "triton", device="cuda")
+
+
+@interpreted
+@pytest.mark.parametrize("splits", [1, 3, 33, 70])
+@pytest.mark.parametrize("sinks", [False, True], ids=["no-sinks", "sinks"])
+def test_combine_kernel_matches_the_torch_merge(splits, sinks):
+    """The split-KV combine kernel against the torch merge of :mod:`fused_attention.merge`: rows some
+    splits did not see, a row no split saw, sinks, split counts past one block of splits, a value head
+    dim that is not a power of 2; stored in the caller's dtype."""
+    from fused_attention.kernels.triton.kvcache_combine import kvcache_combine
+    from fused_attention.merge import _merge_aligned, fold_sinks_
+
+    gen = torch.Generator().manual_seed(splits)
+    batch, heads, seq_q, dim_v = 2, 3, 2, 24
+    parts = torch.randn(splits, batch, heads, seq_q, dim_v, generator=gen)
+    lse = torch.randn(splits, batch, heads, seq_q, generator=gen) * 4
+    lse[1:, 0, 1, 0] = float("-inf")  # only the first split saw this row
+    lse[:, 1, 2, 1] = float("-inf")  # no split saw this one
+    parts[:, 1, 2, 1] = 0
+    sink = torch.randn(heads, generator=gen) if sinks else None
+    expected, expected_lse = _merge_aligned(list(parts), list(lse))
+    if sinks:
+        fold_sinks_(expected, expected_lse, sink)
+    for dtype in (torch.float32, torch.float16):
+        out, out_lse = kvcache_combine(parts, lse, sink, dtype)
+        assert out.dtype == dtype and out_lse.dtype == torch.float32
+        torch.testing.assert_close(out, expected.to(dtype), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out_lse, expected_lse, rtol=1e-5, atol=1e-6)
+    assert torch.isneginf(out_lse[1, 2, 1]) == (not sinks) and out[1, 2, 1].eq(0).all()

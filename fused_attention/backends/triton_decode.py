@@ -42,8 +42,8 @@ def decode_serves(inputs: AttentionInputs) -> bool:
 
 def decode_attention(inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out (B, Hq, L, Ev) in q's dtype, lse (B, Hq, L) float32)``, as the regular triton op returns."""
+    from ..kernels.triton.kvcache_combine import kvcache_combine
     from ..kernels.triton.kvcache_decode import default_splits, kvcache_decode
-    from ..merge import merge_splits
 
     q, k, v = inputs.query, inputs.key, inputs.value
     batch, kv_heads, seq_k = k.shape[0], k.shape[1], k.shape[2]
@@ -60,5 +60,4 @@ def decode_attention(inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tenso
         window=(inputs.window_left, inputs.window_right), softcap=inputs.softcap or None,
         alibi_slopes=inputs.alibi_slopes, leftpad=None,
     )
-    out, lse = merge_splits(outs, lses, inputs.sinks)
-    return out.to(q.dtype), lse
+    return kvcache_combine(outs, lses, inputs.sinks, q.dtype)

@@ -9,7 +9,6 @@ import torch
 from ..backends.base import Backend
 from ..backends.dispatch import select
 from ..inputs import canonicalize
-from ..merge import merge_splits
 from .paged import page_table
 from .validate import KVCacheCall
 
@@ -34,6 +33,7 @@ def attention_backend(call: KVCacheCall, q: torch.Tensor, backend: str | None) -
 def split_kv_attention(call: KVCacheCall, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` from the Triton split-KV kernel; ``q`` ``(B, Lq, Hq, D)``
     rotated, the caches already holding the appended keys."""
+    from ..kernels.triton.kvcache_combine import kvcache_combine
     from ..kernels.triton.kvcache_decode import default_splits, kvcache_decode
 
     k_cache, v_cache = call.k_cache, call.v_cache
@@ -45,5 +45,4 @@ def split_kv_attention(call: KVCacheCall, q: torch.Tensor) -> tuple[torch.Tensor
         q, k_cache, v_cache, table, total, contiguous=call.block_table is None, num_splits=splits, scale=call.scale, is_causal=call.is_causal,
         window=call.window, softcap=call.softcap, alibi_slopes=call.alibi_slopes, leftpad=call.leftpad,
     )
-    out, lse = merge_splits(outs, lses, call.sinks)
-    return out.to(q.dtype), lse
+    return kvcache_combine(outs, lses, call.sinks, q.dtype)

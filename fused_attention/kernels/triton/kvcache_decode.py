@@ -4,7 +4,7 @@ Decode steps have few query rows and many keys, so one program per (batch entry,
 the ``G * Lq`` query rows of the KV head's group (``G = Hq / Hkv``) form the M dimension of one tile (of
 several, beyond 64 rows), so each K and V row is read once for all the query heads that share it, and the keys of a sequence are cut
 into ``num_splits`` ranges that run in parallel. Each split writes its normalized partial output and
-log-sum-exp in float32; :func:`fused_attention.merge.merge_splits` merges them exactly (a split with
+log-sum-exp in float32; :func:`.kvcache_combine.kvcache_combine` merges them exactly (a split with
 no visible key has lse ``-inf`` and contributes nothing).
 
 A contiguous cache is a paged one with a single page of ``S_max`` keys per batch entry (its page table
