@@ -46,13 +46,22 @@ if want build; then
   BUILD=$!
 fi
 want profile && run profile 45 python benchmarks/gpu_profile.py
-want tests_triton && run tests_triton "${TESTS_LIMIT:-170}" "${PYTEST[@]}" -n 12 --junitxml "$WORK/tests_triton.xml" \
-  tests/test_triton_attention.py tests/test_triton_decode_route.py tests/test_cuda_graphs.py tests/test_triton_positional.py \
-  tests/test_kvcache_triton.py tests/test_sinks.py::test_triton_sinks
+# The shortest files first: test_triton_attention.py autotunes each feature set (minutes in all).
+want tests_triton && run tests_triton "${TESTS_LIMIT:-200}" "${PYTEST[@]}" -n 12 --junitxml "$WORK/tests_triton.xml" \
+  tests/test_kvcache_triton.py tests/test_sinks.py::test_triton_sinks tests/test_cuda_graphs.py \
+  tests/test_triton_decode_route.py tests/test_triton_positional.py tests/test_triton_attention.py
 if want build; then
   wait "$BUILD"
   note "$(tail -n 1 "$WORK/build.txt") after ${SECONDS}s"
   run info 30 python -m fused_attention info
+  # The extension crashed (SIGSEGV) there when an op raised (2026-12-04): the toolchain, and one raise in a
+  # child process whose exit status and traceback are logged.
+  run extension_raise 30 bash -c 'command -v c++ g++; g++ --version | head -n 1; ldd fused_attention/_C*.so | grep -E "stdc|gcc_s|gomp|c10"
+    python -X faulthandler -c "import torch, fused_attention
+try:
+    torch.ops.fused_attention.add_sinusoidal_position_encoding(torch.randn(2, 4, 5), None, 0, 10000.0)
+except RuntimeError as error:
+    print(\"raised as it should:\", str(error).splitlines()[0])"; echo "child exit status $?"'
   run tests_extension 60 "${PYTEST[@]}" -n 4 tests/test_extension.py tests/test_position.py tests/test_position_modules.py
 fi
 
