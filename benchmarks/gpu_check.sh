@@ -70,8 +70,9 @@ fi
 BENCH=(python -m fused_attention bench --min-run-time 0.1)
 want bench_train && run bench_train "$(left)" "${BENCH[@]}" --preset flash --seq 1024 4096 --modes fwd+bwd \
   --providers triton torch-sdpa --time-budget "$(budget "$(left)")" --out "$WORK/bench-train"
-want bench_flash && run bench_flash 110 "${BENCH[@]}" --preset flash --modes fwd fwd+bwd --providers triton torch-sdpa torch-cudnn \
-  --time-budget "$(budget 110)" --out "$WORK/bench-flash"
+# Issue 14's goal shapes first (head dim 128, L = S = 4k, 8k, 16k), then the rest of the sweep.
+want bench_flash && run bench_flash 110 "${BENCH[@]}" --preset flash --dim 128 64 --seq 4096 8192 16384 1024 2048 512 \
+  --modes fwd fwd+bwd --providers triton torch-sdpa torch-cudnn --time-budget "$(budget 110)" --out "$WORK/bench-flash"
 want bench_short && run bench_short 45 "${BENCH[@]}" --ops plain causal padding --seq 128 512 --batch 8 --heads 12 --dim 64 \
   --modes fwd fwd+bwd --providers triton torch-sdpa --time-budget "$(budget 45)" --out "$WORK/bench-short"
 want bench_decode && run bench_decode 45 "${BENCH[@]}" --preset decode --providers triton ours-paged torch-sdpa \
