@@ -274,6 +274,16 @@ MUTATIONS = [
         _k("tests/test_kvcache_triton.py", "long_cache"), "Triton split-KV: the last key of each split is dropped",
     ),
     Mutation(
+        "triton-combine-drops-sinks", "fused_attention/kernels/triton/kvcache_combine.py",
+        "        total += tl.exp(sink - base)", "        total += 0.0",
+        _k("tests/test_kvcache_triton.py", "combine"), "Triton split-KV combine: the sinks leave the normalizer",
+    ),
+    Mutation(
+        "triton-autotuner-zeroes-none", "fused_attention/kernels/triton/attention_launch.py",
+        "            if args.get(name) is not None:", "            if name in args:",
+        _k("tests/test_triton_tile_choice.py", "zeroes"), "Triton autotuner: zeroes an absent (None) accumulator",
+    ),
+    Mutation(
         "triton-dkdv-split-repeats-heads", "fused_attention/kernels/triton/attention_backward.py",
         "for g in range(split * per_split, (split + 1) * per_split):", "for g in range(0, per_split):",
         _k("tests/test_triton_attention.py", "split"), "Triton: every dK/dV split walks the group's first heads",
