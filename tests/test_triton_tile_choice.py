@@ -136,3 +136,37 @@ def test_autotuner_zeroes_only_the_accumulators_a_launch_has():
     grads = {"DMask": torch.ones(3), "DK": torch.ones(2)}
     hook(grads, reset_only=True)
     assert grads["DMask"].eq(0).all() and grads["DK"].eq(1).all()
+
+
+class _FakeAutotuner:
+    """The parts of Triton's ``Autotuner`` that ``launch_tuned`` uses, recording each launch."""
+
+    keys = ["tune_key", "CAUSAL"]
+
+    def __init__(self):
+        self.launches = []
+        self.fn = SimpleNamespace(run=lambda **kwargs: self.launches.append(("direct", kwargs)))
+
+    def __getitem__(self, grid):
+        def through_the_autotuner(**kwargs):
+            self.launches.append(("autotuner", {**kwargs, "grid": grid}))
+            self.best_config = SimpleNamespace(pre_hook=None, all_kwargs=lambda: {"BLOCK_M": 64, "num_warps": 4})
+
+        return through_the_autotuner
+
+
+def test_a_tuned_key_launches_its_config_directly():
+    """The first launch of a key goes through the autotuner; the next ones launch its pick directly (the
+    autotuner's per-launch key costs ~40 us); a new key value or a new dtype goes through it again."""
+    import torch
+
+    tuned, grid = _FakeAutotuner(), lambda meta: (1,)
+    q16, q32 = torch.empty(2, dtype=torch.float16), torch.empty(2, dtype=torch.float32)
+    calls = [{"Q": q16, "tune_key": 1, "CAUSAL": False}, {"Q": q16, "tune_key": 1, "CAUSAL": False},
+             {"Q": q16, "tune_key": 2, "CAUSAL": False}, {"Q": q16, "tune_key": 1, "CAUSAL": True},
+             {"Q": q32, "tune_key": 1, "CAUSAL": False}, {"Q": q32, "tune_key": 1, "CAUSAL": False}]
+    for args in calls:
+        launch.launch_tuned(tuned, grid, args)
+    assert [way for way, _ in tuned.launches] == ["autotuner", "direct", "autotuner", "autotuner", "autotuner", "direct"]
+    direct = tuned.launches[1][1]
+    assert direct == {**calls[1], "grid": grid, "warmup": False, "BLOCK_M": 64, "num_warps": 4}

@@ -284,6 +284,11 @@ MUTATIONS = [
         _k("tests/test_triton_tile_choice.py", "zeroes"), "Triton autotuner: zeroes an absent (None) accumulator",
     ),
     Mutation(
+        "triton-tuned-key-misses-dtype", "fused_attention/kernels/triton/attention_launch.py",
+        '            *(getattr(value, "dtype", None) for value in args.values()))', "            )",
+        _k("tests/test_triton_tile_choice.py", "tuned_key"), "Triton: a tuned config reused for another dtype",
+    ),
+    Mutation(
         "triton-dkdv-split-repeats-heads", "fused_attention/kernels/triton/attention_backward.py",
         "for g in range(split * per_split, (split + 1) * per_split):", "for g in range(0, per_split):",
         _k("tests/test_triton_attention.py", "split"), "Triton: every dK/dV split walks the group's first heads",
