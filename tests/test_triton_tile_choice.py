@@ -141,7 +141,7 @@ def test_autotuner_zeroes_only_the_accumulators_a_launch_has():
 class _FakeAutotuner:
     """The parts of Triton's ``Autotuner`` that ``launch_tuned`` uses, recording each launch."""
 
-    keys = ["tune_key", "CAUSAL"]
+    keys = ("tune_key", "CAUSAL")
 
     def __init__(self):
         self.launches = []
