@@ -3,15 +3,16 @@
 # card's two ceilings, build the extension for sm_90 against that torch (in the background, while the
 # Triton tests run), run the GPU tests, then the GPU sweeps. Every stage logs under a timeout to a work
 # folder, which is packed into $OUT/gpu_logs.tgz after each stage (the device tool returns at most 8
-# files), so a run cut short still returns what it did. Everything fits in DEADLINE seconds.
+# files), so a run cut short still returns what it did. Everything fits in DEADLINE seconds (480 by
+# default: with the machine's start, about 10 of a session's 15 device minutes, leaving one short call).
 #
 #     OUT=/some/dir bash benchmarks/gpu_check.sh        # OUT defaults to benchmarks/results/gpu-DATE
 #     STAGES="profile tests_triton bench_train" DEADLINE=270 bash benchmarks/gpu_check.sh   # some stages
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu-$(date +%F)}"
-DEADLINE="${DEADLINE:-420}"
-STAGES="${STAGES:-ceilings build tests_triton profile bench_flash bench_short bench_decode}"
+DEADLINE="${DEADLINE:-480}"
+STAGES="${STAGES:-ceilings build profile tests_triton bench_flash bench_decode bench_short}"
 WORK="$(mktemp -d)"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -47,7 +48,7 @@ if want build; then
 fi
 want profile && run profile 45 python benchmarks/gpu_profile.py
 # The shortest files first: test_triton_attention.py autotunes each feature set (minutes in all).
-want tests_triton && run tests_triton "${TESTS_LIMIT:-200}" "${PYTEST[@]}" -n 12 --junitxml "$WORK/tests_triton.xml" \
+want tests_triton && run tests_triton "${TESTS_LIMIT:-180}" "${PYTEST[@]}" -n 12 --junitxml "$WORK/tests_triton.xml" \
   tests/test_kvcache_triton.py tests/test_sinks.py::test_triton_sinks tests/test_cuda_graphs.py \
   tests/test_triton_decode_route.py tests/test_triton_positional.py tests/test_triton_attention.py
 if want build; then
@@ -62,7 +63,7 @@ try:
     torch.ops.fused_attention.add_sinusoidal_position_encoding(torch.randn(2, 4, 5), None, 0, 10000.0)
 except RuntimeError as error:
     print(\"raised as it should:\", str(error).splitlines()[0])"; echo "child exit status $?"'
-  run tests_extension 60 "${PYTEST[@]}" -n 4 tests/test_extension.py tests/test_position.py tests/test_position_modules.py
+  run tests_extension 45 "${PYTEST[@]}" -n 4 tests/test_extension.py tests/test_position.py tests/test_position_modules.py
 fi
 
 # Sweeps, ours against torch's SDPA in the same run: FlashAttention's published sweep (16k tokens, hidden
@@ -71,11 +72,11 @@ BENCH=(python -m fused_attention bench --min-run-time 0.1)
 want bench_train && run bench_train "$(left)" "${BENCH[@]}" --preset flash --seq 1024 4096 --modes fwd+bwd \
   --providers triton torch-sdpa --time-budget "$(budget "$(left)")" --out "$WORK/bench-train"
 # Issue 14's goal shapes first (head dim 128, L = S = 4k, 8k, 16k), then the rest of the sweep.
-want bench_flash && run bench_flash 110 "${BENCH[@]}" --preset flash --dim 128 64 --seq 4096 8192 16384 1024 2048 512 \
-  --modes fwd fwd+bwd --providers triton torch-sdpa torch-cudnn --time-budget "$(budget 110)" --out "$WORK/bench-flash"
-want bench_short && run bench_short 45 "${BENCH[@]}" --ops plain causal padding --seq 128 512 --batch 8 --heads 12 --dim 64 \
-  --modes fwd fwd+bwd --providers triton torch-sdpa --time-budget "$(budget 45)" --out "$WORK/bench-short"
+want bench_flash && run bench_flash 100 "${BENCH[@]}" --preset flash --dim 128 64 --seq 4096 8192 16384 1024 2048 512 \
+  --modes fwd fwd+bwd --providers triton torch-sdpa torch-cudnn --time-budget "$(budget 100)" --out "$WORK/bench-flash"
 want bench_decode && run bench_decode 45 "${BENCH[@]}" --preset decode --providers triton ours-paged torch-sdpa \
   --time-budget "$(budget 45)" --out "$WORK/bench-decode"
+want bench_short && run bench_short 45 "${BENCH[@]}" --ops plain causal padding --seq 128 512 --batch 8 --heads 12 --dim 64 \
+  --modes fwd fwd+bwd --providers triton torch-sdpa --time-budget "$(budget 45)" --out "$WORK/bench-short"
 note "done in ${SECONDS}s"
 tail -n 25 "$WORK"/bench_*.txt 2>/dev/null

@@ -1,7 +1,7 @@
 """Where a small call's time goes on a GPU: the wall time per call (synchronized) of ours and of torch's
 SDPA, the host side under cProfile (what Python spends per call), and the kernels the call launches
 with their device times (torch.profiler). For the shapes whose cost is mostly not arithmetic: a BERT
-batch of 128 tokens, a decode step through ``scaled_dot_product_attention`` and one through
+batch of 128 tokens (forward, and forward + backward), a decode step through ``scaled_dot_product_attention`` and one through
 ``attention_with_kvcache`` (bfloat16, GQA 32/8, head dim 128, 4096 cached keys).
 
     python benchmarks/gpu_profile.py [--calls 50]
@@ -29,8 +29,15 @@ def _cases(device: str) -> dict[str, tuple]:
     qc = q.transpose(1, 2).contiguous()
     kc, vc = (t.transpose(1, 2).contiguous() for t in (k, v))
     sdpa = torch.nn.functional.scaled_dot_product_attention
+    trained = [t.clone().requires_grad_() for t in bert]
+    upstream = torch.randn_like(bert[0])
+
+    def step(attend):  # forward and backward, as a training step runs them
+        return lambda: torch.autograd.grad(attend(*trained), trained, upstream)
+
     return {
         "bert-128 fwd": (lambda: fa.scaled_dot_product_attention(*bert), lambda: sdpa(*bert)),
+        "bert-128 fwd+bwd": (step(fa.scaled_dot_product_attention), step(sdpa)),
         "decode sdpa": (
             lambda: fa.scaled_dot_product_attention(q, k, v, enable_gqa=True),
             lambda: sdpa(q, k, v, enable_gqa=True),
