@@ -43,6 +43,40 @@ constexpr int64_t kDecodeValueStep = 64;
 // Keys per pass of the P.V tiles over value rows read in place (16 KiB of float rows at value_dim 128).
 constexpr int64_t kDecodeValueBlock = 32;
 
+// Asks for `rows` rows of `bytes` bytes, `stride` bytes apart, to be brought towards the core. For caches
+// whose rows of one kv head are not adjacent (FlashAttention's (B, S, Hkv, D)): each row is a short run
+// inside its own 4 KiB page, where the hardware prefetchers, which stay inside a page, do not follow.
+__attribute__((always_inline)) inline void prefetch_rows(const void* first, int64_t rows, int64_t stride,
+                                                         int64_t bytes) {
+  const char* p = static_cast<const char*>(first);
+  for (int64_t r = 0; r < rows; ++r, p += stride) {
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 2);
+  }
+}
+
+// Keys ahead of the ones being read that the decode products ask for.
+constexpr int64_t kDecodePrefetchKeys = 32;
+
+// Whether x's rows of one head lie scattered: interleaved with the other heads' rows, or in pages.
+template <typename scalar_t>
+bool scattered_rows(const Operand<scalar_t>& x, int64_t features) {
+  return x.feature_stride == 1 && (x.token_stride > features || x.pages != nullptr);
+}
+
+// prefetch_rows for tokens [token, token + count) of (batch, head), page by page.
+// Inlined: GCC finds a function that only reads and prefetches free of effects and drops its calls.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void prefetch_tokens(const Operand<scalar_t>& x, int64_t batch, int64_t head, int64_t token, int64_t count,
+                     int64_t features) {
+  while (count > 0) {
+    const int64_t run = std::min(count, x.adjacent_rows(token));
+    prefetch_rows(x.row(batch, head, token), run, x.token_stride * int64_t(sizeof(scalar_t)),
+                  features * int64_t(sizeof(scalar_t)));
+    token += run;
+    count -= run;
+  }
+}
+
 inline int64_t decode_chunk_keys(int64_t rows) {
   return std::clamp<int64_t>(kDecodeScoreFloats / std::max<int64_t>(rows, 1) / 64 * 64, 64, kDecodeChunkKeys);
 }
@@ -255,11 +289,16 @@ void decode_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_
   const int64_t dim = problem.head_dim, vectors = buf.ldq / width;
   const acc_t* q = buf.q.data() + row0 * buf.ldq;
   const bool in_place = readable_in_place<scalar_t, acc_t>(k, dim);
+  const bool scattered = scattered_rows(k, dim);
   for (int64_t b = 0; b < n; b += width) {
     const int64_t count = std::min(width, n - b);
     const acc_t* keys = buf.keys.data();
     int64_t ldk = buf.ldq;
     const int64_t token = seq.k_start + j0 + b;
+    if (scattered && b + kDecodePrefetchKeys < n) {
+      prefetch_tokens(k, seq.batch, kv_head, token + kDecodePrefetchKeys,
+                      std::min(width, n - b - kDecodePrefetchKeys), dim);
+    }
 #if defined(FUSED_ATTENTION_BF16_DOT)
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (bf16_dot(k, dim) && count == width && k.adjacent_rows(token) >= width) {
@@ -287,6 +326,7 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
   constexpr int64_t width = simd::Traits<acc_t>::width;
   const Operand<scalar_t>& v = problem.v;
   const int64_t value_dim = problem.value_dim;
+  const bool scattered = scattered_rows(v, value_dim);
   // B rows (ldb apart, whole vectors) straight from where they are: no panel copy, kDecodeValueBlock keys
   // at a time. Where rows are whole multiples of 8 vectors (value_dim 128 in float), tiles of 2 x 8
   // vectors read the block's value rows from memory front to back (gemm_blocks' 4-vector tiles read half
@@ -301,6 +341,11 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
       const int64_t kc = std::min(kDecodeValueBlock, count - k0);
       const acc_t* a = p + key + k0;
       const acc_t* b = values + k0 * ldb;
+      const int64_t ahead = key + k0 + kDecodePrefetchKeys;
+      if (scattered && ahead < n) {
+        prefetch_tokens(v, seq.batch, kv_head, seq.k_start + j0 + ahead, std::min(kDecodeValueBlock, n - ahead),
+                        value_dim);
+      }
       for (int64_t v0 = 0; v0 < vectors && first > 0; v0 += tile_vectors) {
         for (int64_t r = 0; r < first; r += 2) {
           const acc_t* ar = a + r * buf.lds;
@@ -325,7 +370,8 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
     if (bf16_dot(v, value_dim)) {
       bf16_pairs(p, rows, n, buf.lds, buf.p16);
       const auto row_of = [&](int64_t j) { return v.row(seq.batch, kv_head, seq.k_start + j0 + j); };
-      return values_bf16(rows, n, buf.p16.data(), round_up<int64_t>(n, 32), row_of, value_dim, acc, buf.ldv);
+      return values_bf16(rows, n, buf.p16.data(), round_up<int64_t>(n, 32), row_of, value_dim, acc, buf.ldv,
+                         scattered);
     }
   }
 #endif
@@ -370,7 +416,15 @@ void decode_chunk(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
       }
     }
   }
+  // The first keys and values of a scattered chunk, asked for early (the products ask for those ahead).
+  if (scattered_rows(problem.k, problem.head_dim)) {
+    prefetch_tokens(problem.k, seq.batch, kv_head, seq.k_start + j0, std::min(n, kDecodePrefetchKeys), problem.head_dim);
+  }
   decode_scores(problem, seq, kv_head, j0, n, 0, rows, buf, scores);
+  if (scattered_rows(problem.v, problem.value_dim)) {
+    prefetch_tokens(problem.v, seq.batch, kv_head, seq.k_start + j0, std::min(n, kDecodePrefetchKeys),
+                    problem.value_dim);
+  }
   for (int64_t g = 0; g < group; ++g) {
     const int64_t first = g * len;
     // The probabilities replace the scores; a row whose lazy attempt overflowed gets its q.k again.

@@ -1,0 +1,58 @@
+"""What the compiler made of the C++ CPU kernels, read from the built extension's machine code.
+
+Some choices live only in the generated code: a test of results cannot see them go. The decode products
+ask for the rows of scattered caches ahead of use (``prefetch_rows`` in ``csrc/cpu/attention_decode.h``);
+GCC drops calls to a function that only reads memory and prefetches, unless it is inlined, and then the
+FlashAttention-layout and paged decode read 1.3-1.6x slower with identical results.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from fused_attention._extension import load_extension
+
+objdump = shutil.which("objdump")
+pytestmark = [
+    pytest.mark.skipif(not load_extension().loaded, reason="the C++ extension is not built"),
+    pytest.mark.skipif(objdump is None, reason="objdump (binutils) is not installed"),
+]
+
+
+def _prefetches_by_function() -> dict[str, int]:
+    from fused_attention import _C
+
+    listing = subprocess.run(
+        [objdump, "-d", "-C", "--no-show-raw-insn", _C.__file__], capture_output=True, text=True, check=True
+    ).stdout
+    counts: dict[str, int] = {}
+    name = ""
+    for line in listing.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            name = header.group(1)
+            counts.setdefault(name, 0)
+        elif "prefetch" in line:
+            counts[name] += 1
+    return counts
+
+
+_DECODE_PRODUCT = re.compile(r"cpu::(\w+)::(decode_chunk|decode_scores|decode_values)<([\w:, ]+)>\(")
+_BF16_VALUES_TILE = re.compile(r"cpu::(\w+)::(values_tile)<(\d+, \d+),")
+
+
+def test_decode_products_prefetch_scattered_rows():
+    # Each instantiation (instruction set, function, types) may be split in parts (a cold part, a clone):
+    # one of them must hold the prefetches.
+    groups: dict[tuple[str, ...], int] = {}
+    for name, count in _prefetches_by_function().items():
+        match = _BF16_VALUES_TILE.search(name) or _DECODE_PRODUCT.search(name)
+        if match:
+            groups[match.groups()] = groups.get(match.groups(), 0) + count
+    assert any(key[1:] == ("decode_scores", "float, float") for key in groups), sorted(groups)
+    missing = sorted(" ".join(key) for key, count in groups.items() if count == 0)
+    assert not missing, f"no prefetch instruction in: {missing}"
