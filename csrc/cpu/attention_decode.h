@@ -251,6 +251,7 @@ struct DecodeBuffers {
   std::vector<acc_t> q, scores, out, row_max, row_sum, anchor, keys, values;
   std::vector<c10::BFloat16> q16;  // the query rows as they are, for dot_keys with Bf16Dot (rows x head_dim)
   std::vector<c10::BFloat16> p16;  // the probabilities rounded to bfloat16, for values_bf16
+  std::vector<const void*> rows;   // a chunk's value rows, for values_bf16
   std::vector<uint8_t> lazy;
   DecodeBuffers(int64_t rows, int64_t chunk, int64_t head_dim, int64_t value_dim)
       : ldq(round_up<int64_t>(head_dim, simd::Traits<acc_t>::width)),
@@ -369,7 +370,16 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     if (bf16_dot(v, value_dim)) {
       bf16_pairs(p, rows, n, buf.lds, buf.p16);
-      const auto row_of = [&](int64_t j) { return v.row(seq.batch, kv_head, seq.k_start + j0 + j); };
+      // The chunk's value rows looked up once, page by page (row() divides by the page size; values_bf16
+      // asks for each row three times).
+      buf.rows.resize(n);
+      for (int64_t j = 0; j < n;) {
+        const int64_t token = seq.k_start + j0 + j, run = std::min(n - j, v.adjacent_rows(token));
+        const scalar_t* first = v.row(seq.batch, kv_head, token);
+        for (int64_t r = 0; r < run; ++r) buf.rows[j + r] = first + r * v.token_stride;
+        j += run;
+      }
+      const auto row_of = [&](int64_t j) { return static_cast<const c10::BFloat16*>(buf.rows[j]); };
       return values_bf16(rows, n, buf.p16.data(), round_up<int64_t>(n, 32), row_of, value_dim, acc, buf.ldv,
                          scattered);
     }
