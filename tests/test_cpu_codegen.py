@@ -1,9 +1,9 @@
 """What the compiler made of the C++ CPU kernels, read from the built extension's machine code.
 
 Some choices live only in the generated code: a test of results cannot see them go. The decode products
-ask for the rows of scattered caches ahead of use (``prefetch_rows`` in ``csrc/cpu/attention_decode.h``);
-GCC drops calls to a function that only reads memory and prefetches, unless it is inlined, and then the
-FlashAttention-layout and paged decode read 1.3-1.6x slower with identical results.
+ask for the rows of scattered caches ahead of use (``prefetch_tokens`` in ``csrc/cpu/attention_decode.h``);
+GCC drops calls to a function that only reads memory and prefetches unless it is inlined, and then the
+FlashAttention-layout and paged decode read 1.2-1.7x slower with identical results.
 """
 
 from __future__ import annotations
@@ -22,6 +22,13 @@ pytestmark = [
     pytest.mark.skipif(objdump is None, reason="objdump (binutils) is not installed"),
 ]
 
+# A function's first line in `objdump -d -C`, and a prefetch instruction (x86 prefetch*, Arm prfm).
+_FUNCTION = re.compile(r"^[0-9a-f]+ <(.*)>:$")
+_PREFETCH = re.compile(r"^\s*[0-9a-f]+:\s+(prefetch\w*|prfm)\s")
+# (instruction set, product, template arguments) of the decode products that prefetch.
+_DECODE_PRODUCT = re.compile(r"cpu::(\w+)::(decode_chunk|decode_scores|decode_values)<([\w:, ]+)>\(")
+_BF16_VALUES_TILE = re.compile(r"cpu::(\w+)::(values_tile)<(\d+, \d+),")
+
 
 def _prefetches_by_function() -> dict[str, int]:
     from fused_attention import _C
@@ -32,17 +39,13 @@ def _prefetches_by_function() -> dict[str, int]:
     counts: dict[str, int] = {}
     name = ""
     for line in listing.splitlines():
-        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        header = _FUNCTION.match(line)
         if header:
             name = header.group(1)
             counts.setdefault(name, 0)
-        elif "prefetch" in line:
+        elif name and _PREFETCH.match(line):
             counts[name] += 1
     return counts
-
-
-_DECODE_PRODUCT = re.compile(r"cpu::(\w+)::(decode_chunk|decode_scores|decode_values)<([\w:, ]+)>\(")
-_BF16_VALUES_TILE = re.compile(r"cpu::(\w+)::(values_tile)<(\d+, \d+),")
 
 
 def test_decode_products_prefetch_scattered_rows():
@@ -53,6 +56,11 @@ def test_decode_products_prefetch_scattered_rows():
         match = _BF16_VALUES_TILE.search(name) or _DECODE_PRODUCT.search(name)
         if match:
             groups[match.groups()] = groups.get(match.groups(), 0) + count
-    assert any(key[1:] == ("decode_scores", "float, float") for key in groups), sorted(groups)
+    isas = {isa for isa, function, types in groups if function == "decode_chunk" and types == "float, float"}
+    assert isas, f"no float decode_chunk in the extension's symbols (renamed? stripped?): {sorted(groups)}"
+    # The products are functions of their own in every instruction set (not inlined out of sight).
+    for isa in sorted(isas):
+        for function in ("decode_scores", "decode_values"):
+            assert (isa, function, "float, float") in groups, f"{isa}: no {function}<float, float> symbol"
     missing = sorted(" ".join(key) for key, count in groups.items() if count == 0)
     assert not missing, f"no prefetch instruction in: {missing}"

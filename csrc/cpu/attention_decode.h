@@ -44,8 +44,9 @@ constexpr int64_t kDecodeValueStep = 64;
 constexpr int64_t kDecodeValueBlock = 32;
 
 // Asks for `rows` rows of `bytes` bytes, `stride` bytes apart, to be brought towards the core. For caches
-// whose rows of one kv head are not adjacent (FlashAttention's (B, S, Hkv, D)): each row is a short run
-// inside its own 4 KiB page, where the hardware prefetchers, which stay inside a page, do not follow.
+// whose rows of one kv head are not adjacent (FlashAttention's (B, S, Hkv, D): Hkv * D elements apart,
+// 2-4 KiB at D 128 and 8 kv heads): a 4 KiB page holds one or two rows of a head, and the hardware
+// prefetchers, which stay inside a page, do not follow.
 __attribute__((always_inline)) inline void prefetch_rows(const void* first, int64_t rows, int64_t stride,
                                                          int64_t bytes) {
   const char* p = static_cast<const char*>(first);
@@ -62,14 +63,15 @@ constexpr int64_t kDecodeShortPage = 64;
 
 // Whether x's rows of one head lie scattered: interleaved with the other heads' rows, or in short pages.
 // Rows that follow each other for longer are left to the hardware prefetchers (software prefetch there
-// only took issue slots: 7% of a one-row step's samples sat on it).
+// measured no faster, with 7% of a one-row step's samples on its loop).
 template <typename scalar_t>
 bool scattered_rows(const Operand<scalar_t>& x, int64_t features) {
   return x.feature_stride == 1 && (x.token_stride > features || (x.pages != nullptr && x.page_size < kDecodeShortPage));
 }
 
 // prefetch_rows for tokens [token, token + count) of (batch, head), page by page.
-// Inlined: GCC finds a function that only reads and prefetches free of effects and drops its calls.
+// Inlined: GCC finds a function that only reads and prefetches free of effects and drops its calls
+// (tests/test_cpu_codegen.py).
 template <typename scalar_t>
 __attribute__((always_inline)) inline void prefetch_tokens(const Operand<scalar_t>& x, int64_t batch, int64_t head, int64_t token, int64_t count,
                      int64_t features) {
@@ -349,8 +351,7 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
       const acc_t* b = values + k0 * ldb;
       const int64_t ahead = key + k0 + kDecodePrefetchKeys;
       if (scattered && ahead < n) {
-        prefetch_tokens(v, seq.batch, kv_head, seq.k_start + j0 + ahead, std::min(kDecodeValueBlock, n - ahead),
-                        value_dim);
+        prefetch_tokens(v, seq.batch, kv_head, seq.k_start + j0 + ahead, std::min(kc, n - ahead), value_dim);
       }
       for (int64_t v0 = 0; v0 < vectors && first > 0; v0 += tile_vectors) {
         for (int64_t r = 0; r < first; r += 2) {
@@ -375,8 +376,8 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     if (bf16_dot(v, value_dim)) {
       bf16_pairs(p, rows, n, buf.lds, buf.p16);
-      // The chunk's value rows looked up once, page by page (row() divides by the page size; values_bf16
-      // asks for each row three times).
+      // The chunk's value rows looked up once, page by page (row() divides by the page size, and
+      // values_bf16 asks for each row in every tile and to prefetch it).
       buf.rows.resize(n);
       for (int64_t j = 0; j < n;) {
         const int64_t token = seq.k_start + j0 + j, run = std::min(n - j, v.adjacent_rows(token));

@@ -62,9 +62,9 @@ __attribute__((noinline)) void values_tile(int64_t n, const c10::BFloat16* p16, 
   for (int64_t j = 0; j < n; j += 2) {
     const c10::BFloat16* a = row_of(j) + f0;
     const c10::BFloat16* b = j + 1 < n ? row_of(j + 1) + f0 : zeros;
-    if (prefetch > 0 && j + 1 + kDecodePrefetchKeys < n) {
+    if (prefetch > 0 && j + kDecodePrefetchKeys < n) {
       prefetch_rows(row_of(j + kDecodePrefetchKeys), 1, 0, prefetch);
-      prefetch_rows(row_of(j + 1 + kDecodePrefetchKeys), 1, 0, prefetch);
+      if (j + 1 + kDecodePrefetchKeys < n) prefetch_rows(row_of(j + 1 + kDecodePrefetchKeys), 1, 0, prefetch);
     }
     __m512bh x[Blocks], y[Blocks];
     for (int blk = 0; blk < Blocks; ++blk) {
@@ -90,16 +90,17 @@ __attribute__((noinline)) void values_tile(int64_t n, const c10::BFloat16* p16, 
 // acc[r * ldv + f] += sum_j p_rj v_j[f] for rows r < rows, keys j < n (v_j at row_of(j), value_dim a
 // multiple of 32), p16 from bf16_pairs (row stride ldp). Tiles of up to 4 rows x 64 features: 16
 // accumulators, and each pair of value rows is loaded once per tile. scattered: rows are short runs in
-// their own pages (see prefetch_rows); the first tile asks for whole rows ahead.
+// their own pages (see prefetch_rows); the tile of the first rows and features asks for whole rows ahead.
 template <typename RowOf>
 void values_bf16(int64_t rows, int64_t n, const c10::BFloat16* p16, int64_t ldp, const RowOf& row_of,
                  int64_t value_dim, float* acc, int64_t ldv, bool scattered) {
   for (int64_t f0 = 0; f0 < value_dim; f0 += 64) {
     const bool two = value_dim - f0 >= 64;
-    const int64_t prefetch = scattered && f0 == 0 ? value_dim * int64_t(sizeof(c10::BFloat16)) : 0;
+    const int64_t row_bytes = scattered && f0 == 0 ? value_dim * int64_t(sizeof(c10::BFloat16)) : 0;
     for (int64_t r0 = 0; r0 < rows; r0 += 4) {
       const c10::BFloat16* p = p16 + r0 * ldp;
       float* c = acc + r0 * ldv;
+      const int64_t prefetch = r0 == 0 ? row_bytes : 0;
       switch ((std::min<int64_t>(4, rows - r0) - 1) * 2 + (two ? 1 : 0)) {
         case 0: values_tile<1, 1>(n, p, ldp, row_of, f0, c, ldv, prefetch); break;
         case 1: values_tile<1, 2>(n, p, ldp, row_of, f0, c, ldv, prefetch); break;
