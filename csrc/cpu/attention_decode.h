@@ -69,12 +69,13 @@ bool scattered_rows(const Operand<scalar_t>& x, int64_t features) {
   return x.feature_stride == 1 && (x.token_stride > features || (x.pages != nullptr && x.page_size < kDecodeShortPage));
 }
 
-// prefetch_rows for tokens [token, token + count) of (batch, head), page by page.
-// Inlined: GCC finds a function that only reads and prefetches free of effects and drops its calls
-// (tests/test_cpu_codegen.py).
+// prefetch_rows for tokens [token, token + count) of (batch, head), page by page: Operand::for_each_run's
+// walk, written out because it must be inlined (GCC finds a function that only reads and prefetches free
+// of effects and drops its calls; tests/test_cpu_codegen.py) and for_each_run, compiled for no particular
+// instruction set, cannot inline a lambda of an instruction set's namespace.
 template <typename scalar_t>
-__attribute__((always_inline)) inline void prefetch_tokens(const Operand<scalar_t>& x, int64_t batch, int64_t head, int64_t token, int64_t count,
-                     int64_t features) {
+__attribute__((always_inline)) inline void prefetch_tokens(const Operand<scalar_t>& x, int64_t batch, int64_t head,
+                                                           int64_t token, int64_t count, int64_t features) {
   while (count > 0) {
     const int64_t run = std::min(count, x.adjacent_rows(token));
     prefetch_rows(x.row(batch, head, token), run, x.token_stride * int64_t(sizeof(scalar_t)),
@@ -379,12 +380,9 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
       // The chunk's value rows looked up once, page by page (row() divides by the page size, and
       // values_bf16 asks for each row in every tile and to prefetch it).
       buf.rows.resize(n);
-      for (int64_t j = 0; j < n;) {
-        const int64_t token = seq.k_start + j0 + j, run = std::min(n - j, v.adjacent_rows(token));
-        const scalar_t* first = v.row(seq.batch, kv_head, token);
+      v.for_each_run(seq.batch, kv_head, seq.k_start + j0, n, [&](const scalar_t* first, int64_t j, int64_t run) {
         for (int64_t r = 0; r < run; ++r) buf.rows[j + r] = first + r * v.token_stride;
-        j += run;
-      }
+      });
       const auto row_of = [&](int64_t j) { return static_cast<const c10::BFloat16*>(buf.rows[j]); };
       return values_bf16(rows, n, buf.p16.data(), round_up<int64_t>(n, 32), row_of, value_dim, acc, buf.ldv,
                          scattered);
@@ -392,11 +390,9 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
   }
 #endif
   if (readable_in_place<scalar_t, acc_t>(v, value_dim)) {  // run by run of adjacent rows (a page of a paged cache)
-    for (int64_t b = 0; b < n;) {
-      const int64_t token = seq.k_start + j0 + b, count = std::min(n - b, v.adjacent_rows(token));
-      product(reinterpret_cast<const acc_t*>(v.row(seq.batch, kv_head, token)), v.token_stride, b, count);
-      b += count;
-    }
+    v.for_each_run(seq.batch, kv_head, seq.k_start + j0, n, [&](const scalar_t* first, int64_t b, int64_t count) {
+      product(reinterpret_cast<const acc_t*>(first), v.token_stride, b, count);
+    });
     return;
   }
   for (int64_t b = 0; b < n; b += kDecodeValueStep) {

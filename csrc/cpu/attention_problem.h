@@ -58,6 +58,16 @@ struct Operand {
   int64_t adjacent_rows(int64_t token) const {
     return pages ? page_size - token % page_size : std::numeric_limits<int64_t>::max();
   }
+  // fn(first row, offset from token, rows) for each run of rows token_stride apart that covers tokens
+  // [token, token + count) of (batch, head): one per page.
+  template <typename Fn>
+  void for_each_run(int64_t batch, int64_t head, int64_t token, int64_t count, Fn&& fn) const {
+    for (int64_t offset = 0; offset < count;) {
+      const int64_t run = std::min(count - offset, adjacent_rows(token + offset));
+      fn(row(batch, head, token + offset), offset, run);
+      offset += run;
+    }
+  }
 };
 
 // One attention problem: a sequence of one batch entry (dense) or one packed sequence (varlen).
