@@ -151,6 +151,9 @@ struct FloatDot {
   using Elem = T;
   using Operand = simd::Vec<T>;
   static constexpr int64_t features = simd::Traits<T>::width;
+  // Keys from memory key row after key row (dot_keys): side by side with a prefetch measured slower for
+  // float32 at 4 rows (2026-12-04 record, "side by side").
+  static constexpr bool side_by_side = false;
   static Operand load(const T* x) { return simd::load(x); }
   static simd::Vec<T> add(simd::Vec<T> acc, Operand q, Operand k) { return acc + q * k; }
 };
@@ -159,10 +162,12 @@ struct FloatDot {
 // stride ldk), over `steps` steps of Dot::features features; out is of the accumulator type. Rows go in
 // blocks of 4, 2, 1: a block of R rows takes the keys width / R at a time into width accumulators (one
 // TransposeSum), each key vector serving the R rows. The first block reads the keys from memory, key
-// row after key row: the hardware prefetcher then follows one stream (the one-row decode read K 1.6x
-// faster so than a vector of each row in turn; 2026-12-04 record), at the price of a query load per
-// product. The other blocks read the keys from L1, a vector of each key at a time, with one query load
-// per `keys` products. Never inlined, so that the accumulators stay in registers (as gemm_tile).
+// row after key row, where Dot::side_by_side is false or it has one row: the hardware prefetcher then
+// follows one stream (the one-row decode read K 1.6x faster so than a vector of each row in turn;
+// 2026-12-04 record), at the price of a query load per product. The other blocks, and the first where
+// Dot::side_by_side, read a vector of each of their keys at a time, with one query load per `keys`
+// products (decode_scores then asks for the keys ahead: the prefetcher does not follow rows read side by
+// side). Never inlined, so that the accumulators stay in registers (as gemm_tile).
 template <typename Dot, typename Acc>
 __attribute__((noinline)) void dot_keys(const typename Dot::Elem* q, int64_t rows, int64_t ldq,
                                         const typename Dot::Elem* k, int64_t ldk, int64_t steps, Acc* out,
@@ -181,7 +186,7 @@ __attribute__((noinline)) void dot_keys(const typename Dot::Elem* q, int64_t row
         V& a = acc[S::bit_reverse(r * keys + j)];
         a = Dot::add(a, qd, kd);
       };
-      if (r0 == 0) {
+      if (r0 == 0 && (R == 1 || !Dot::side_by_side)) {
 #pragma GCC unroll 16
         for (int j = 0; j < keys; ++j) {
           for (int64_t d = 0; d < steps; ++d) {
@@ -290,6 +295,13 @@ constexpr bool bf16_dot(const Operand<scalar_t>& k, int64_t dim) {
   return false;
 }
 
+// Whether q.k asks for keys ahead: rows scattered, or read side by side (dot_keys with Bf16Dot, several
+// query rows), which the hardware prefetcher does not follow.
+template <typename scalar_t>
+bool decode_prefetches_keys(const Operand<scalar_t>& k, int64_t features, int64_t rows) {
+  return scattered_rows(k, features) || (rows > 1 && bf16_dot(k, features));
+}
+
 template <typename scalar_t, typename acc_t>
 void decode_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_t kv_head, int64_t j0, int64_t n,
                    int64_t row0, int64_t rows, DecodeBuffers<acc_t>& buf, acc_t* scores) {
@@ -298,13 +310,13 @@ void decode_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_
   const int64_t dim = problem.head_dim, vectors = buf.ldq / width;
   const acc_t* q = buf.q.data() + row0 * buf.ldq;
   const bool in_place = readable_in_place<scalar_t, acc_t>(k, dim);
-  const bool scattered = scattered_rows(k, dim);
+  const bool ahead = decode_prefetches_keys(k, dim, rows);
   for (int64_t b = 0; b < n; b += width) {
     const int64_t count = std::min(width, n - b);
     const acc_t* keys = buf.keys.data();
     int64_t ldk = buf.ldq;
     const int64_t token = seq.k_start + j0 + b;
-    if (scattered && b + kDecodePrefetchKeys < n) {
+    if (ahead && b + kDecodePrefetchKeys < n) {
       prefetch_tokens(k, seq.batch, kv_head, token + kDecodePrefetchKeys,
                       std::min(width, n - b - kDecodePrefetchKeys), dim);
     }
@@ -428,8 +440,8 @@ void decode_chunk(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
       }
     }
   }
-  // The first keys and values of a scattered chunk, asked for early (the products ask for those ahead).
-  if (scattered_rows(problem.k, problem.head_dim)) {
+  // The first keys and values of a chunk the products read ahead of, asked for early.
+  if (decode_prefetches_keys(problem.k, problem.head_dim, rows)) {
     prefetch_tokens(problem.k, seq.batch, kv_head, seq.k_start + j0, std::min(n, kDecodePrefetchKeys), problem.head_dim);
   }
   decode_scores(problem, seq, kv_head, j0, n, 0, rows, buf, scores);
