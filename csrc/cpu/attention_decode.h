@@ -151,9 +151,6 @@ struct FloatDot {
   using Elem = T;
   using Operand = simd::Vec<T>;
   static constexpr int64_t features = simd::Traits<T>::width;
-  // Keys from memory key row after key row (dot_keys): side by side with a prefetch measured slower for
-  // float32 at 4 rows (2026-12-04 record, "side by side").
-  static constexpr bool side_by_side = false;
   static Operand load(const T* x) { return simd::load(x); }
   static simd::Vec<T> add(simd::Vec<T> acc, Operand q, Operand k) { return acc + q * k; }
 };
@@ -161,13 +158,14 @@ struct FloatDot {
 // out[r * ldo + j] = q_r . k_j for rows r < rows (row stride ldq) and the `width` key rows at k (row
 // stride ldk), over `steps` steps of Dot::features features; out is of the accumulator type. Rows go in
 // blocks of 4, 2, 1: a block of R rows takes the keys width / R at a time into width accumulators (one
-// TransposeSum), each key vector serving the R rows. The first block reads the keys from memory, key
-// row after key row, where Dot::side_by_side is false or it has one row: the hardware prefetcher then
-// follows one stream (the one-row decode read K 1.6x faster so than a vector of each row in turn;
-// 2026-12-04 record), at the price of a query load per product. The other blocks, and the first where
-// Dot::side_by_side, read a vector of each of their keys at a time, with one query load per `keys`
-// products (decode_scores then asks for the keys ahead: the prefetcher does not follow rows read side by
-// side). Never inlined, so that the accumulators stay in registers (as gemm_tile).
+// TransposeSum). A block of several rows reads a vector of each of its keys at a time, each serving the
+// R rows, so one query load serves `keys` products: with a query load per product, the loads, not the
+// FMAs, were the limit (40 loads per 32 FMAs at 4 rows of 128 floats; decode with 4 query heads per kv
+// head read L3-resident K and V 1.24x slower; 2026-12-04 record, "side by side"). Keys read side by side
+// are not followed by the hardware prefetcher: decode_scores asks for them ahead. A lone first row (one
+// query row per kv head) reads key row after key row, one stream the prefetcher follows (1.6x faster than
+// a vector of each row in turn; same record). Never inlined, so that the accumulators stay in registers
+// (as gemm_tile).
 template <typename Dot, typename Acc>
 __attribute__((noinline)) void dot_keys(const typename Dot::Elem* q, int64_t rows, int64_t ldq,
                                         const typename Dot::Elem* k, int64_t ldk, int64_t steps, Acc* out,
@@ -186,7 +184,7 @@ __attribute__((noinline)) void dot_keys(const typename Dot::Elem* q, int64_t row
         V& a = acc[S::bit_reverse(r * keys + j)];
         a = Dot::add(a, qd, kd);
       };
-      if (r0 == 0 && (R == 1 || !Dot::side_by_side)) {
+      if (R == 1 && r0 == 0) {
 #pragma GCC unroll 16
         for (int j = 0; j < keys; ++j) {
           for (int64_t d = 0; d < steps; ++d) {
@@ -295,11 +293,11 @@ constexpr bool bf16_dot(const Operand<scalar_t>& k, int64_t dim) {
   return false;
 }
 
-// Whether q.k asks for keys ahead: rows scattered, or read side by side (dot_keys with Bf16Dot, several
-// query rows), which the hardware prefetcher does not follow.
+// Whether q.k asks for keys ahead: rows scattered, or read side by side (several query rows; dot_keys),
+// which the hardware prefetcher does not follow.
 template <typename scalar_t>
 bool decode_prefetches_keys(const Operand<scalar_t>& k, int64_t features, int64_t rows) {
-  return scattered_rows(k, features) || (rows > 1 && bf16_dot(k, features));
+  return rows > 1 || scattered_rows(k, features);
 }
 
 template <typename scalar_t, typename acc_t>
