@@ -46,7 +46,7 @@ constexpr int64_t kDecodeValueBlock = 32;
 // Asks for `rows` rows of `bytes` bytes, `stride` bytes apart, to be brought towards the core. For caches
 // whose rows of one kv head are not adjacent (FlashAttention's (B, S, Hkv, D): Hkv * D elements apart,
 // 2-4 KiB at D 128 and 8 kv heads): a 4 KiB page holds one or two rows of a head, and the hardware
-// prefetchers, which stay inside a page, do not follow.
+// prefetchers, which stay inside a page, do not follow. Also for rows read side by side (dot_keys).
 __attribute__((always_inline)) inline void prefetch_rows(const void* first, int64_t rows, int64_t stride,
                                                          int64_t bytes) {
   const char* p = static_cast<const char*>(first);
@@ -62,8 +62,9 @@ constexpr int64_t kDecodePrefetchKeys = 32;
 constexpr int64_t kDecodeShortPage = 64;
 
 // Whether x's rows of one head lie scattered: interleaved with the other heads' rows, or in short pages.
-// Rows that follow each other for longer are left to the hardware prefetchers (software prefetch there
-// measured no faster, with 7% of a one-row step's samples on its loop).
+// Rows that follow each other for longer and are read one after another (V; K for one query row) are
+// left to the hardware prefetchers (software prefetch there measured no faster, with 7% of a one-row
+// step's samples on its loop).
 template <typename scalar_t>
 bool scattered_rows(const Operand<scalar_t>& x, int64_t features) {
   return x.feature_stride == 1 && (x.token_stride > features || (x.pages != nullptr && x.page_size < kDecodeShortPage));
@@ -89,35 +90,37 @@ inline int64_t decode_chunk_keys(int64_t rows) {
   return std::clamp<int64_t>(kDecodeScoreFloats / std::max<int64_t>(rows, 1) / 64 * 64, 64, kDecodeChunkKeys);
 }
 
-// TransposeSum's network for vectors of `width` elements, `lane` to 128 bits: the input lane that lane l
-// of level k's result takes, from a[2m] (< width) or a[2m + 1] (>= width), with the even units (or odd).
-constexpr int transpose_pick(int width, int lane, int k, int l, bool odd) {
-  const bool in_lane = (1 << k) < lane;  // the first log2(lane) levels
-  const int unit = in_lane ? 1 : lane, group = in_lane ? lane : width;
+// TransposeSum's network for vectors of `width` elements, `per_lane` to 128 bits: the input element that
+// element l of level k's result takes, from a[2m] (< width) or a[2m + 1] (>= width), with the even units
+// (or the odd ones). Levels k < log2(per_lane) work within 128-bit lanes.
+constexpr bool transpose_in_lane(int per_lane, int k) { return (1 << k) < per_lane; }
+constexpr int transpose_pick(int width, int per_lane, int k, int l, bool odd) {
+  const bool in_lane = transpose_in_lane(per_lane, k);
+  const int unit = in_lane ? 1 : per_lane, group = in_lane ? per_lane : width;
   const int half = group / unit / 2, base = l / group * group, i = l % group / unit, o = l % unit;
   return i < half ? base + (2 * i + odd) * unit + o : width + base + (2 * (i - half) + odd) * unit + o;
 }
 
-// out[i] = the sum of the lanes of a[i] for i < width. A network of width - 1 shuffle-add steps: each level
-// pairs a[2m] and a[2m + 1] into a[m], the even units of both plus their odd units, within 128-bit lanes
-// first (units of one element), then across lanes (units of a lane); lane i of the result then holds a[i]'s
-// sum. On x86 the in-lane levels are vshufps, which cost less than the two-source lane crossings
-// (vpermt2ps) that a halves-first order needs at every level (bfloat16 decode, its q.k products shorter
-// than float's, read L3-resident K and V 1.2x faster; 2026-12-04 record).
+// out[i] = the sum of the elements of a[i] for i < width. A network of width - 1 shuffle-add steps: each
+// level pairs a[2m] and a[2m + 1] into a[m], the even units of both plus their odd units, within 128-bit
+// lanes first (units of one element), then across lanes (units of a lane); element i of the result then
+// holds a[i]'s sum. On AVX-512, float, the in-lane levels are vshufps, which cost less than the two-source
+// lane crossings (vpermt2ps) that a halves-first order needs at every level: bfloat16 decode, whose q.k
+// products are fewer than float's, read L3-resident K and V 1.07x faster, float32 unchanged (2026-12-04
+// record, cpu-decode-side-by-side.md).
 template <typename T>
 struct TransposeSum {
   using V = simd::Vec<T>;
   using Int = typename simd::Traits<T>::Int;
   using Lane = std::remove_reference_t<decltype(Int{}[0])>;
   static constexpr int width = static_cast<int>(simd::Traits<T>::width);
-  static constexpr int lane = std::min<int>(width, 16 / static_cast<int>(sizeof(T)));  // elements per 128 bits
+  static constexpr int per_lane = std::min<int>(width, 16 / static_cast<int>(sizeof(T)));  // per 128 bits
   static constexpr int levels = __builtin_ctz(static_cast<unsigned>(width));
-  static constexpr int in_lane_levels = __builtin_ctz(static_cast<unsigned>(lane));
 
   template <bool odd>
   static constexpr std::array<Lane, width> mask(int k) {
     std::array<Lane, width> m{};
-    for (int l = 0; l < width; ++l) m[l] = static_cast<Lane>(transpose_pick(width, lane, k, l, odd));
+    for (int l = 0; l < width; ++l) m[l] = static_cast<Lane>(transpose_pick(width, per_lane, k, l, odd));
     return m;
   }
 
@@ -126,28 +129,32 @@ struct TransposeSum {
     if constexpr (k < levels) {
       constexpr int pairs = width >> (k + 1);
 #if FUSED_ATTENTION_ISA_AVX512
-      if constexpr (std::is_same_v<T, float>) {  // GCC turns the generic masks into vpermt2ps
+      constexpr bool intrinsics = std::is_same_v<T, float>;  // GCC turns the generic masks into vpermt2ps
+#else
+      constexpr bool intrinsics = false;
+#endif
+      if constexpr (intrinsics) {
+#if FUSED_ATTENTION_ISA_AVX512
 #pragma GCC unroll 8
         for (int m = 0; m < pairs; ++m) {
           const __m512 x = (__m512)a[2 * m], y = (__m512)a[2 * m + 1];
-          if constexpr (k < in_lane_levels) {
+          if constexpr (transpose_in_lane(per_lane, k)) {
             a[m] = (V)_mm512_add_ps(_mm512_shuffle_ps(x, y, 0x88), _mm512_shuffle_ps(x, y, 0xDD));
-          } else {
-            // (the masked form: GCC 12 warns about the plain one's undefined pass-through operand)
+          } else {  // masked: GCC 12 -Wall flags the plain form's undefined pass-through operand
             a[m] = (V)_mm512_add_ps(_mm512_mask_shuffle_f32x4(x, 0xFFFF, x, y, 0x88),
                                     _mm512_mask_shuffle_f32x4(x, 0xFFFF, x, y, 0xDD));
           }
         }
-        return level<k + 1>(a);
-      }
 #endif
-      static constexpr std::array<Lane, width> lo_bits = mask<false>(k), hi_bits = mask<true>(k);
-      Int lo, hi;
-      std::memcpy(&lo, lo_bits.data(), sizeof(lo));
-      std::memcpy(&hi, hi_bits.data(), sizeof(hi));
+      } else {
+        static constexpr std::array<Lane, width> lo_bits = mask<false>(k), hi_bits = mask<true>(k);
+        Int lo, hi;
+        std::memcpy(&lo, lo_bits.data(), sizeof(lo));
+        std::memcpy(&hi, hi_bits.data(), sizeof(hi));
 #pragma GCC unroll 8
-      for (int m = 0; m < pairs; ++m) {
-        a[m] = __builtin_shuffle(a[2 * m], a[2 * m + 1], lo) + __builtin_shuffle(a[2 * m], a[2 * m + 1], hi);
+        for (int m = 0; m < pairs; ++m) {
+          a[m] = __builtin_shuffle(a[2 * m], a[2 * m + 1], lo) + __builtin_shuffle(a[2 * m], a[2 * m + 1], hi);
+        }
       }
       level<k + 1>(a);
     }
@@ -181,13 +188,13 @@ struct FloatDot {
 // stride ldk), over `steps` steps of Dot::features features; out is of the accumulator type. Rows go in
 // blocks of 4, 2, 1: a block of R rows takes the keys width / R at a time into width accumulators (one
 // TransposeSum). A block of several rows reads a vector of each of its keys at a time, each serving the
-// R rows, so one query load serves `keys` products: with a query load per product, the loads, not the
-// FMAs, were the limit (40 loads per 32 FMAs at 4 rows of 128 floats; decode with 4 query heads per kv
-// head read L3-resident K and V 1.24x slower; 2026-12-04 record, "side by side"). Keys read side by side
-// are not followed by the hardware prefetcher: decode_scores asks for them ahead. A lone first row (one
-// query row per kv head) reads key row after key row, one stream the prefetcher follows (1.6x faster than
-// a vector of each row in turn; same record). Never inlined, so that the accumulators stay in registers
-// (as gemm_tile).
+// R rows, so one query load serves `keys` products: with a query load per product the loads, not the
+// FMAs, were the limit (40 loads per 32 FMAs at 4 rows of 128 floats; with 4 query heads per kv head the
+// step read L3-resident K and V 1.22x slower; 2026-12-04 record, cpu-decode-side-by-side.md). On Zen 4
+// the hardware prefetcher did not follow keys read side by side: decode_scores asks for them ahead. One
+// row (rows == 1) reads key row after key row, one stream the prefetcher follows (1.6x faster than a
+// vector of each of 16 rows in turn, neither with a software prefetch; cpu-decode-row-order.md). Never
+// inlined, so that the accumulators stay in registers (as gemm_tile).
 template <typename Dot, typename Acc>
 __attribute__((noinline)) void dot_keys(const typename Dot::Elem* q, int64_t rows, int64_t ldq,
                                         const typename Dot::Elem* k, int64_t ldk, int64_t steps, Acc* out,
@@ -206,7 +213,7 @@ __attribute__((noinline)) void dot_keys(const typename Dot::Elem* q, int64_t row
         V& a = acc[r * keys + j];
         a = Dot::add(a, qd, kd);
       };
-      if (R == 1 && r0 == 0) {
+      if (rows == 1) {
 #pragma GCC unroll 16
         for (int j = 0; j < keys; ++j) {
           for (int64_t d = 0; d < steps; ++d) {
@@ -304,8 +311,6 @@ struct DecodeBuffers {
   }
 };
 
-// scores[r * lds + j] = q_r . k_(j0 + j) for rows r < rows and keys j < n of (sequence, kv head), and
-// the same up to round_up(n, width) (zero keys past n).
 // Whether dot_keys with Bf16Dot serves these keys (bfloat16 rows of whole 32-feature blocks; buf.q16 filled).
 template <typename scalar_t>
 constexpr bool bf16_dot(const Operand<scalar_t>& k, int64_t dim) {
@@ -315,13 +320,16 @@ constexpr bool bf16_dot(const Operand<scalar_t>& k, int64_t dim) {
   return false;
 }
 
-// Whether q.k asks for keys ahead: rows scattered, or read side by side (several query rows; dot_keys),
-// which the hardware prefetcher does not follow.
-template <typename scalar_t>
+// Whether q.k asks for keys ahead: rows scattered, or read in place side by side (several query rows;
+// dot_keys), which the hardware prefetcher does not follow. (Keys converted first are read row by row.)
+template <typename scalar_t, typename acc_t>
 bool decode_prefetches_keys(const Operand<scalar_t>& k, int64_t features, int64_t rows) {
-  return rows > 1 || scattered_rows(k, features);
+  const bool side_by_side = rows > 1 && (readable_in_place<scalar_t, acc_t>(k, features) || bf16_dot(k, features));
+  return side_by_side || scattered_rows(k, features);
 }
 
+// scores[r * lds + j] = q_r . k_(j0 + j) for rows r < rows and keys j < n of (sequence, kv head), and
+// the same up to round_up(n, width) (zero keys past n).
 template <typename scalar_t, typename acc_t>
 void decode_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_t kv_head, int64_t j0, int64_t n,
                    int64_t row0, int64_t rows, DecodeBuffers<acc_t>& buf, acc_t* scores) {
@@ -330,7 +338,7 @@ void decode_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_
   const int64_t dim = problem.head_dim, vectors = buf.ldq / width;
   const acc_t* q = buf.q.data() + row0 * buf.ldq;
   const bool in_place = readable_in_place<scalar_t, acc_t>(k, dim);
-  const bool ahead = decode_prefetches_keys(k, dim, rows);
+  const bool ahead = decode_prefetches_keys<scalar_t, acc_t>(k, dim, rows);
   for (int64_t b = 0; b < n; b += width) {
     const int64_t count = std::min(width, n - b);
     const acc_t* keys = buf.keys.data();
@@ -460,8 +468,9 @@ void decode_chunk(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
       }
     }
   }
-  // The first keys and values of a chunk the products read ahead of, asked for early.
-  if (decode_prefetches_keys(problem.k, problem.head_dim, rows)) {
+  // The chunk's first keys (and values, where scattered), asked for early: the products ask for those
+  // 32 ahead.
+  if (decode_prefetches_keys<scalar_t, acc_t>(problem.k, problem.head_dim, rows)) {
     prefetch_tokens(problem.k, seq.batch, kv_head, seq.k_start + j0, std::min(n, kDecodePrefetchKeys), problem.head_dim);
   }
   decode_scores(problem, seq, kv_head, j0, n, 0, rows, buf, scores);
