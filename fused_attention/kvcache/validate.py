@@ -195,10 +195,11 @@ def canonicalize_kvcache_call(
 def _check_contents(call: KVCacheCall) -> None:
     """Value checks (a host sync): lengths within capacity, indices inside the cache."""
     seqlens, new = call.seqlens, call.new_len
-    total = seqlens + new
-    _fail_if(bool((seqlens < 0).any()), f"cache_seqlens must be >= 0, got {seqlens.tolist()}")
+    # One reduction for both bounds (a decode step's calls are short: each tensor op counts).
+    low, high = (int(x) for x in torch.aminmax(seqlens)) if seqlens.numel() else (0, 0)
+    _fail_if(low < 0, f"cache_seqlens must be >= 0, got {seqlens.tolist()}")
     _fail_if(
-        bool((total > call.capacity).any()),
+        high + new > call.capacity,
         f"cache_seqlens + Lnew ({new}) must not exceed the cache capacity {call.capacity}, got cache_seqlens "
         f"{seqlens.tolist()}",
     )
@@ -220,8 +221,8 @@ def _check_contents(call: KVCacheCall) -> None:
         )
     if call.block_table is not None:
         page_size, pages = call.k_cache.shape[1], call.k_cache.shape[0]
-        used_pages = (total + page_size - 1) // page_size
-        used = torch.arange(call.block_table.shape[1], device=total.device) < used_pages.unsqueeze(1)
+        used_pages = (seqlens + new + page_size - 1) // page_size
+        used = torch.arange(call.block_table.shape[1], device=seqlens.device) < used_pages.unsqueeze(1)
         entries = call.block_table[used]
         _fail_if(
             bool(((entries < 0) | (entries >= pages)).any()),
@@ -230,7 +231,7 @@ def _check_contents(call: KVCacheCall) -> None:
         )
     if call.rotary is not None:
         table = call.rotary[0].shape[0]
-        last = int(seqlens.max()) + max(new, call.q.shape[1]) if seqlens.numel() else 0
+        last = high + max(new, call.q.shape[1]) if seqlens.numel() else 0
         _fail_if(
             last > table,
             f"rotary_cos/rotary_sin have {table} rows but positions up to {last - 1} are rotated "
