@@ -129,12 +129,7 @@ struct TransposeSum {
     if constexpr (k < levels) {
       constexpr int pairs = width >> (k + 1);
 #if FUSED_ATTENTION_ISA_AVX512
-      constexpr bool intrinsics = std::is_same_v<T, float>;  // GCC turns the generic masks into vpermt2ps
-#else
-      constexpr bool intrinsics = false;
-#endif
-      if constexpr (intrinsics) {
-#if FUSED_ATTENTION_ISA_AVX512
+      if constexpr (std::is_same_v<T, float>) {  // GCC turns the generic masks into vpermt2ps
 #pragma GCC unroll 8
         for (int m = 0; m < pairs; ++m) {
           const __m512 x = (__m512)a[2 * m], y = (__m512)a[2 * m + 1];
@@ -145,8 +140,9 @@ struct TransposeSum {
                                     _mm512_mask_shuffle_f32x4(x, 0xFFFF, x, y, 0xDD));
           }
         }
+      } else
 #endif
-      } else {
+      {
         static constexpr std::array<Lane, width> lo_bits = mask<false>(k), hi_bits = mask<true>(k);
         Int lo, hi;
         std::memcpy(&lo, lo_bits.data(), sizeof(lo));
@@ -213,7 +209,7 @@ __attribute__((noinline)) void dot_keys(const typename Dot::Elem* q, int64_t row
         V& a = acc[r * keys + j];
         a = Dot::add(a, qd, kd);
       };
-      if (rows == 1) {
+      if (R == 1 && rows == 1) {  // (R: no dead branch in the larger blocks)
 #pragma GCC unroll 16
         for (int j = 0; j < keys; ++j) {
           for (int64_t d = 0; d < steps; ++d) {
