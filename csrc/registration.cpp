@@ -70,13 +70,22 @@ TORCH_LIBRARY(fused_attention, m) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
         tags);
   // Attention over a KV cache where it lies (forward only): q (B, Hq, Lq, D); caches (pages, Hkv,
-  // page_size, D / Dv), any strides, entry b's token t in page block_table[b, t / page_size] (int64 (B,
-  // pages); a contiguous cache is one page per entry). Query row i sits at position total[b] - Lq + i and
-  // sees keys [key_begin[b], key_end[b]) within windows measured from it (causal: window_right = 0).
-  // Returns out (B, Hq, Lq, Dv) and lse (B, Hq, Lq) as `attention`.
-  m.def("kvcache_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor total, "
-        "Tensor key_begin, Tensor key_end, Tensor? alibi, Tensor? sinks, int window_left, int window_right, "
-        "float softcap, float scale) -> (Tensor, Tensor)",
+  // page_size, D / Dv), any strides, entry b's token t in page block_table[b, t / page_size] (int (B,
+  // pages)); without a block table the cache is contiguous, entry b's keys in cache row batch_idx[b]
+  // (default b). Entry b holds total[b] = seqlens[b] + new_len keys; query row i sits at position
+  // total[b] - Lq + i and sees keys [max(leftpad[b], key_start), min(total[b], key_stop)) within windows
+  // measured from it (causal: window_right = 0). Returns out (B, Hq, Lq, Dv) and lse (B, Hq, Lq) as
+  // `attention`.
+  m.def("kvcache_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? block_table, Tensor? batch_idx, "
+        "Tensor seqlens, int new_len, Tensor? leftpad, int key_start, int key_stop, Tensor? alibi, Tensor? sinks, "
+        "int window_left, int window_right, float softcap, float scale) -> (Tensor, Tensor)",
+        tags);
+  // kvcache_attention over all keys after writing k (B, Hkv, Lnew, D) and v (B, Hkv, Lnew, Dv) into the
+  // caches at tokens seqlens[b] + i (new_len = Lnew): the caches are the only tensors written, and only
+  // after every check has passed.
+  m.def("kvcache_append_attention_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor q, "
+        "Tensor? block_table, Tensor? batch_idx, Tensor seqlens, Tensor? leftpad, Tensor? alibi, Tensor? sinks, "
+        "int window_left, int window_right, float softcap, float scale) -> (Tensor, Tensor)",
         tags);
 }
 // clang-format on

@@ -153,6 +153,9 @@ def _register_attention_rules() -> None:
     torch.library.register_fake("fused_attention::attention_backward")(attention_rules.dense_sinks_backward_fake)
     torch.library.register_fake("fused_attention::varlen_attention")(attention_rules.varlen_fake)
     torch.library.register_fake("fused_attention::kvcache_attention")(attention_rules.dense_fake)
+    torch.library.register_fake("fused_attention::kvcache_append_attention_")(
+        lambda k_cache, v_cache, k, v, q, *_: attention_rules.dense_fake(q, k_cache, v_cache)
+    )
     torch.library.register_fake("fused_attention::attention_backward_from_stats")(
         lambda dout, q, k, v, *_: (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
     )

@@ -76,15 +76,59 @@ def test_nothing_is_gathered(page_size):
 def test_op_refuses_pages_outside_the_pool():
     q = torch.randn(1, 2, 1, 16)
     k = v = torch.randn(4, 2, 8, 16)  # (pages, Hkv, page_size, D)
-    total = torch.tensor([12])
+    seqlens = torch.tensor([12])
     table = torch.tensor([[1, 4]])  # page 4 does not exist
-    with pytest.raises(RuntimeError, match=r"block_table\[0, 1\] = 4 is outside the page pool"):
-        torch.ops.fused_attention.kvcache_attention(q, k, v, table, total, torch.tensor([0]), total, None, None,
-                                                    -1, -1, 0.0, 0.25)
-    with pytest.raises(RuntimeError, match="block_table row 0 has 2 pages, 3 needed"):
-        torch.ops.fused_attention.kvcache_attention(q, k, v, torch.tensor([[1, 2]]), torch.tensor([20]),
-                                                    torch.tensor([0]), torch.tensor([20]), None, None, -1, -1, 0.0,
-                                                    0.25)
+    common = (None, None, -1, -1, 0.0, 0.25)
+    with pytest.raises(RuntimeError, match=r"page 1 of entry 0 is 4, outside the page pool"):
+        torch.ops.fused_attention.kvcache_attention(q, k, v, table, None, seqlens, 0, None, 0, 12, *common)
+    with pytest.raises(RuntimeError, match="entry 0 needs tokens up to 19 but its pages hold 16"):
+        torch.ops.fused_attention.kvcache_attention(q, k, v, torch.tensor([[1, 2]]), None, torch.tensor([20]), 0,
+                                                    None, 0, 20, *common)
+    with pytest.raises(RuntimeError, match="cache rows"):  # a contiguous cache's row that does not exist
+        torch.ops.fused_attention.kvcache_attention(q, k, v, None, torch.tensor([4]), torch.tensor([5]), 0, None, 0, 8,
+                                                    *common)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_append_op_checks_everything_before_it_writes(paged):
+    """``kvcache_append_attention_`` writes the caches only once every check has passed: appends past the
+    capacity, into pages outside the pool or with a negative length raise and leave them as they were."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, 1, 16, generator=gen)
+    k_cache, v_cache = torch.randn(4, 2, 8, 16, generator=gen), torch.randn(4, 2, 8, 16, generator=gen)
+    k_new, v_new = torch.randn(1, 2, 2, 16, generator=gen), torch.randn(1, 2, 2, 16, generator=gen)
+    table = torch.tensor([[1, 4]]) if paged else None  # page 4 does not exist
+    rows = None if paged else torch.tensor([3])
+    bad = [(torch.tensor([7]), "page 1 of entry 0 is 4" if paged else "needs tokens up to 8"),
+           (torch.tensor([-1]), "seqlens must be >= 0")]
+    if not paged:
+        bad.append((torch.tensor([2]), None))  # fine: the check below writes
+    for seqlens, message in bad:
+        kc, vc = k_cache.clone(), v_cache.clone()
+        args = (kc, vc, k_new, v_new, q, table, rows, seqlens, None, None, None, -1, -1, 0.0, 0.25)
+        if message is None:
+            torch.ops.fused_attention.kvcache_append_attention_(*args)
+            assert torch.equal(kc[3, :, 2:4], k_new[0]) and torch.equal(vc[3, :, 2:4], v_new[0])
+            kc[3, :, 2:4], vc[3, :, 2:4] = k_cache[3, :, 2:4], v_cache[3, :, 2:4]
+        else:
+            with pytest.raises(RuntimeError, match=message):
+                torch.ops.fused_attention.kvcache_append_attention_(*args)
+        assert torch.equal(kc, k_cache) and torch.equal(vc, v_cache), "only the new tokens may be written"
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_append_attention_op_declares_its_mutations(paged):
+    """``opcheck`` of the fused append + attention op: the schema's ``Tensor(a!)``, ``Tensor(b!)`` caches
+    are all it writes, its fake agrees with it, and it traces."""
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 4, 3, 16, generator=gen)
+    slots = 5 if paged else 9  # page size, or S_max
+    k_cache, v_cache = torch.randn(6, 2, slots, 16, generator=gen), torch.randn(6, 2, slots, 8, generator=gen)
+    k_new, v_new = torch.randn(2, 2, 3, 16, generator=gen), torch.randn(2, 2, 3, 8, generator=gen)
+    table = torch.tensor([[4, 0, 2], [1, 5, 3]]) if paged else None
+    rows = None if paged else torch.tensor([5, 2])
+    args = (k_cache, v_cache, k_new, v_new, q, table, rows, torch.tensor([4, 0]), None, None, None, -1, 0, 0.0, 0.25)
+    torch.library.opcheck(torch.ops.fused_attention.kvcache_append_attention_.default, args)
 
 
 @pytest.mark.parametrize("dims", [(32, 96), (64, 32), (128, 64), (40, 64)], ids=str)

@@ -98,17 +98,25 @@ def choose(
     raise AttentionArgumentError(f"no backend can serve this call ({details})")
 
 
+def automatic_dispatch(backend: object) -> bool:
+    """Whether this call's choice is automatic and may come from :data:`decision_cache`."""
+    return backend is None and not torch.compiler.is_compiling() and not _env_backend()
+
+
+def decision_key(query: torch.Tensor, value_head_dim: int, features: frozenset[str], grad: bool) -> tuple:
+    """Everything a backend's reasons read: device, dtype, head dims, features, whether a backward will be
+    needed."""
+    return (query.device, query.dtype, query.shape[-1], value_head_dim, features, grad)
+
+
 def select(inputs: AttentionInputs | VarlenInputs, backend: object = None) -> Backend:
-    """The backend for this call. Automatic choices are remembered by the call's signature (everything
-    a backend's reasons read: device, dtype, head dims, features, whether a backward will be needed), so
+    """The backend for this call. Automatic choices are remembered by the call's :func:`decision_key`, so
     a repeated call costs one dict lookup; forced backends are checked every time."""
-    if backend is None and not torch.compiler.is_compiling() and not _env_backend():
-        query = inputs.query
-        key = (query.device, query.dtype, query.shape[-1], inputs.value.shape[-1], inputs.features,
-               requires_grad(inputs))
+    if automatic_dispatch(backend):
+        key = decision_key(inputs.query, inputs.value.shape[-1], inputs.features, requires_grad(inputs))
         chosen = decision_cache.get(key)
         if chosen is None:
-            chosen = choose(BACKENDS, lambda b: b.not_supported_reasons(inputs), priority(query.device.type), None)
+            chosen = choose(BACKENDS, lambda b: b.not_supported_reasons(inputs), priority(inputs.device.type), None)
             decision_cache[key] = chosen
         return chosen
     return choose(BACKENDS, lambda b: b.not_supported_reasons(inputs), priority(inputs.device.type), backend)

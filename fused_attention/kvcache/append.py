@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..backends.positional import select_position_backend
 from ..ops.kvcache_append import kvcache_append_
-from ..position import apply_rotary_emb
 from .validate import KVCacheCall
 
 
@@ -14,19 +14,27 @@ def rotate_new(call: KVCacheCall, backend: str | None) -> tuple[torch.Tensor, to
 
     New key ``i`` of batch entry ``b`` sits at position ``cache_seqlens[b] + i``; so does query row ``i``
     when the mask depends on positions (causal or windowed), else every query row sits at
-    ``cache_seqlens[b]``.
+    ``cache_seqlens[b]``. The tables and positions were checked with the call, so the position kernels
+    are called directly (one launch for both when the positions agree, as in a decode step).
     """
     if call.rotary is None or call.k is None:
         return call.q, call.k
-    cos, sin = call.rotary
-    rope = {"interleaved": call.rotary_interleaved, "layout": "bshd", "backend": backend}
-    k = apply_rotary_emb(call.k, cos, sin, seqlen_offsets=call.seqlens, **rope)
+    q, k = call.q, call.k
+    table_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cos, sin = (t.to(table_dtype).contiguous() for t in call.rotary)
+    kernels = select_position_backend(q, backend)
+    start = call.seqlens.unsqueeze(1)
+    k_positions = start + torch.arange(k.shape[1], device=start.device) if k.shape[1] > 1 else start
+    if q.shape[1] == k.shape[1] and (q.shape[1] == 1 or call.is_causal or call.window != (-1, -1)):
+        return kernels.rotary_qk(q, k, cos, sin, k_positions, call.rotary_interleaved, False)
     if call.is_causal or call.window != (-1, -1):
-        q = apply_rotary_emb(call.q, cos, sin, seqlen_offsets=call.seqlens, **rope)
+        q_positions = start + torch.arange(q.shape[1], device=start.device)
     else:
-        positions = call.seqlens.unsqueeze(1).expand(-1, call.q.shape[1])
-        q = apply_rotary_emb(call.q, cos, sin, position_ids=positions, **rope)
-    return q, k
+        q_positions = start.expand(-1, q.shape[1])
+    return (
+        kernels.rotary(q, cos, sin, q_positions, call.rotary_interleaved, False),
+        kernels.rotary(k, cos, sin, k_positions, call.rotary_interleaved, False),
+    )
 
 
 def write_index(call: KVCacheCall) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,10 +15,11 @@ from functools import partial
 
 import torch
 
+from ..backends.base import Backend
 from ..functional import scaled_dot_product_attention
 from ..merge import _merge_aligned, accumulation_dtype, fold_sinks_
 from .append import append_, rotate_new, write_index
-from .cpu_cache import cache_attention
+from .cpu_cache import append_and_attend, cache_attention
 from .masks import needs_positions, position_mask
 from .paged import gather_keys_values
 from .split_kv import attention_backend, split_kv_attention
@@ -56,9 +57,8 @@ def _gathered(call: KVCacheCall, q: torch.Tensor, backend: str | None) -> Callab
     return attend
 
 
-def _attend(call: KVCacheCall, q: torch.Tensor, backend: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _attend(call: KVCacheCall, q: torch.Tensor, chosen: Backend, backend: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` over the caches (already holding the new keys)."""
-    chosen = attention_backend(call, q, backend)
     if chosen.name == "triton":
         return split_kv_attention(call, q)
     attend = partial(cache_attention, call, q) if chosen.name == "cpu" else _gathered(call, q, backend)
@@ -71,6 +71,22 @@ def _attend(call: KVCacheCall, q: torch.Tensor, backend: str | None) -> tuple[to
     if call.sinks is not None:
         fold_sinks_(out, lse, call.sinks)
     return out.to(q.dtype), lse
+
+
+def _append_and_attend(call: KVCacheCall, q: torch.Tensor, k: torch.Tensor, chosen: Backend,
+                       backend: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Appends ``k`` (rotated) and ``call.v``, then attends; the caches as they were if anything fails."""
+    if chosen.name == "cpu" and call.num_splits <= 1:
+        return append_and_attend(call, q, k)  # one op that checks everything before it writes
+    index = write_index(call)
+    assert call.v is not None
+    saved = (call.k_cache[index].clone(), call.v_cache[index].clone())
+    append_(call, index, k, call.v)
+    try:
+        return _attend(call, q, chosen, backend)
+    except Exception:
+        append_(call, index, *saved)  # leave the caches as they were
+        raise
 
 
 def attention_with_kvcache(
@@ -173,17 +189,11 @@ def attention_with_kvcache(
         alibi_slopes=alibi_slopes, softcap=softcap, scale=scale, return_lse=return_lse,
         num_splits=num_splits, layout=layout, sinks=sinks,
     )
+    chosen = attention_backend(call, backend)  # raises for a backend that cannot serve: caches untouched
     q_rot, k_rot = rotate_new(call, backend)
-    if k_rot is None or call.v is None:
-        out, lse = _attend(call, q_rot, backend)
+    if k_rot is None:
+        out, lse = _attend(call, q_rot, chosen, backend)
     else:
-        index = write_index(call)
-        saved = (call.k_cache[index].clone(), call.v_cache[index].clone())
-        append_(call, index, k_rot, call.v)
-        try:
-            out, lse = _attend(call, q_rot, backend)
-        except Exception:
-            append_(call, index, *saved)  # leave the caches as they were
-            raise
+        out, lse = _append_and_attend(call, q_rot, k_rot, chosen, backend)
     out = out.transpose(1, 2).contiguous() if layout == "bshd" else out
     return (out, lse) if return_lse else out

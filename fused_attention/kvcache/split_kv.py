@@ -6,26 +6,42 @@ from __future__ import annotations
 
 import torch
 
-from ..backends.base import Backend
-from ..backends.dispatch import select
-from ..inputs import canonicalize
+from ..backends.base import Backend, decision_cache
+from ..backends.dispatch import automatic_dispatch, decision_key, select
+from ..inputs import _features, canonicalize
 from .paged import page_table
 from .validate import KVCacheCall
 
 
-def attention_backend(call: KVCacheCall, q: torch.Tensor, backend: str | None) -> Backend:
+def probe_features(call: KVCacheCall) -> frozenset[str]:
+    """The features of the regular attention call :func:`attention_backend` probes with (its
+    ``AttentionInputs.features``), worked out without building it."""
+    return _features(
+        causal=False, window=call.window != (-1, -1), alibi=call.alibi_slopes is not None,
+        softcap=call.softcap is not None, key_lengths=False, mask=None, dropout=False,
+        gqa=call.q.shape[2] != call.k_cache.shape[2], lse=True, value_head_dim=call.v_cache.shape[-1] != call.q.shape[-1],
+        sinks=call.sinks is not None,
+    )
+
+
+def attention_backend(call: KVCacheCall, backend: str | None) -> Backend:
     """The backend the regular attention would pick for this call (raising, as it would, when a forced
     one cannot serve it). Dispatch reads only devices, dtypes, head dims and features, so a one-key view
-    of the cache stands in for the keys (a paged cache is never gathered for this)."""
+    of the cache stands in for the keys (a paged cache is never gathered for this); a repeated automatic
+    choice comes from the dispatcher's cache without building the probe."""
+    if automatic_dispatch(backend):
+        key = decision_key(call.q, call.v_cache.shape[-1], probe_features(call), False)
+        chosen = decision_cache.get(key)
+        if chosen is not None:
+            return chosen
     k = call.k_cache[:1, :1].transpose(1, 2)
     v = call.v_cache[:1, :1].transpose(1, 2)
     slopes = call.alibi_slopes  # (1 or B, Hq); canonicalize wants (Hq,) or (B, Hq)
     if slopes is not None and slopes.shape[0] == 1:
         slopes = slopes[0]
     probe = canonicalize(
-        q.transpose(1, 2), k, v, enable_gqa=q.shape[2] != k.shape[1], window_size=call.window,
-        alibi_slopes=slopes, softcap=call.softcap, scale=call.scale, return_lse=True,
-        sinks=call.sinks,
+        call.q.transpose(1, 2), k, v, enable_gqa=call.q.shape[2] != k.shape[1], window_size=call.window,
+        alibi_slopes=slopes, softcap=call.softcap, scale=call.scale, return_lse=True, sinks=call.sinks,
     )
     return select(probe, backend)
 

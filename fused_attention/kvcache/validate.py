@@ -7,6 +7,7 @@ off the CPU, under ``FUSED_ATTENTION_CHECKS=1`` (as the rest of the package does
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +27,11 @@ LAYOUTS = ("bshd", "bhsd")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class KVCacheCall:
-    """Canonical arguments: every 4-D tensor is a ``(B, S, H, D)`` view of the caller's tensor."""
+    """Canonical arguments: every 4-D tensor is a ``(B, S, H, D)`` view of the caller's tensor. Not frozen:
+    a frozen dataclass sets each of its twenty fields through ``object.__setattr__``, which costs a decode
+    step's call microseconds; nothing assigns to it after construction."""
 
     q: torch.Tensor  # (B, Lq, Hq, D)
     k_cache: torch.Tensor  # (B_cache, S_max, Hkv, D), or paged (num_pages, page_size, Hkv, D)
@@ -81,9 +84,11 @@ def _int_per_batch(name: str, t: object, batch: int, device: torch.device) -> to
     return check_int_vector(name, t, batch, device).to(torch.int64)
 
 
-def _fail_if(bad: bool, message: str) -> None:
+def _fail_if(bad: bool, message: str | Callable[[], str]) -> None:
+    """Raises with ``message`` (called first when it is a function: a decode step's call is short, and
+    formatting every message of every passing check would cost it tens of microseconds)."""
     if bad:
-        raise AttentionArgumentError(message)
+        raise AttentionArgumentError(message() if callable(message) else message)
 
 
 def _check_grad(tensors: dict[str, torch.Tensor | None]) -> None:
@@ -123,35 +128,35 @@ def canonicalize_kvcache_call(
     dims = "(num_pages, page_size, Hkv, D)" if block_table is not None else "(B_cache, S_max, Hkv, D)"
     if layout == "bhsd":
         dims = "(num_pages, Hkv, page_size, D)" if block_table is not None else "(B_cache, Hkv, S_max, D)"
-    _fail_if(seq_q < 1, f"q must have at least one query row, got shape {tuple(q.shape)}")
-    _fail_if(kc.shape[-1] != dim, f"k_cache head dim {kc.shape[-1]} must equal q's {dim}")
+    _fail_if(seq_q < 1, lambda: f"q must have at least one query row, got shape {tuple(q.shape)}")
+    _fail_if(kc.shape[-1] != dim, lambda: f"k_cache head dim {kc.shape[-1]} must equal q's {dim}")
     _fail_if(
         vc.shape[:3] != kc.shape[:3],
-        f"v_cache must match k_cache {dims} except the last dim, got {tuple(v_cache.shape)} vs {tuple(k_cache.shape)}",
+        lambda: f"v_cache must match k_cache {dims} except the last dim, got {tuple(v_cache.shape)} vs {tuple(k_cache.shape)}",
     )
     _fail_if(
         heads_kv < 1 or heads_q % heads_kv != 0,
-        f"q's head count {heads_q} must be a multiple of the caches' {heads_kv} (GQA)",
+        lambda: f"q's head count {heads_q} must be a multiple of the caches' {heads_kv} (GQA)",
     )
     if k4 is not None and v4 is not None:
         expect = (batch, k4.shape[1], heads_kv)
         _fail_if(
             tuple(k4.shape) != (*expect, dim) or tuple(v4.shape) != (*expect, vc.shape[-1]),
-            f"k and v must be (B, Lnew, Hkv, D) = {(batch, 'Lnew', heads_kv)} in layout {layout!r} with the "
+            lambda: f"k and v must be (B, Lnew, Hkv, D) = {(batch, 'Lnew', heads_kv)} in layout {layout!r} with the "
             f"caches' head dims, got k {tuple(k.shape)} and v {tuple(v.shape)}",
         )
     if block_table is not None:
         if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32:
             raise AttentionTypeError(f"block_table must be an int32 tensor (B, max_pages), got {block_table!r:.80}")
-        _fail_if(block_table.device != device, f"block_table must be on {device}, got {block_table.device}")
+        _fail_if(block_table.device != device, lambda: f"block_table must be on {device}, got {block_table.device}")
         _fail_if(
             block_table.dim() != 2 or block_table.shape[0] != batch,
-            f"block_table must be (B, max_pages) with B = {batch}, got {tuple(block_table.shape)}",
+            lambda: f"block_table must be (B, max_pages) with B = {batch}, got {tuple(block_table.shape)}",
         )
         _fail_if(cache_batch_idx is not None, "cache_batch_idx cannot be combined with block_table (a paged cache "
                  "maps batch entries to pages through block_table)")
     elif cache_batch_idx is None:
-        _fail_if(kc.shape[0] != batch, f"k_cache {dims} must have B_cache = B = {batch} without cache_batch_idx, "
+        _fail_if(kc.shape[0] != batch, lambda: f"k_cache {dims} must have B_cache = B = {batch} without cache_batch_idx, "
                  f"got {tuple(k_cache.shape)}")
     cache_seqlens = kc.shape[1] * (block_table.shape[1] if block_table is not None else 1) \
         if cache_seqlens is None else cache_seqlens
@@ -170,7 +175,7 @@ def canonicalize_kvcache_call(
             if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 2 or t.device != device:
                 raise AttentionArgumentError(f"{name} must be a float tensor (S_ro, rotary_dim / 2) on {device}")
         _fail_if(rotary_cos.shape != rotary_sin.shape, "rotary_cos and rotary_sin must have the same shape")
-        _fail_if(2 * rotary_cos.shape[1] > dim, f"rotary_dim = 2 * rotary_cos.shape[1] exceeds the head dim {dim}")
+        _fail_if(2 * rotary_cos.shape[1] > dim, lambda: f"rotary_dim = 2 * rotary_cos.shape[1] exceeds the head dim {dim}")
         rotary = (rotary_cos, rotary_sin)
     if not isinstance(rotary_interleaved, bool) or not isinstance(is_causal, bool):
         raise AttentionTypeError("rotary_interleaved and is_causal must be bools")
@@ -197,43 +202,58 @@ def _check_contents(call: KVCacheCall) -> None:
     seqlens, new = call.seqlens, call.new_len
     # One reduction for both bounds (a decode step's calls are short: each tensor op counts).
     low, high = (int(x) for x in torch.aminmax(seqlens)) if seqlens.numel() else (0, 0)
-    _fail_if(low < 0, f"cache_seqlens must be >= 0, got {seqlens.tolist()}")
+    _fail_if(low < 0, lambda: f"cache_seqlens must be >= 0, got {seqlens.tolist()}")
     _fail_if(
         high + new > call.capacity,
-        f"cache_seqlens + Lnew ({new}) must not exceed the cache capacity {call.capacity}, got cache_seqlens "
+        lambda: f"cache_seqlens + Lnew ({new}) must not exceed the cache capacity {call.capacity}, got cache_seqlens "
         f"{seqlens.tolist()}",
     )
     if call.leftpad is not None:
         _fail_if(
             bool(((call.leftpad < 0) | (call.leftpad > seqlens)).any()),
-            f"cache_leftpad must lie in [0, cache_seqlens[b]], got {call.leftpad.tolist()} with cache_seqlens "
+            lambda: f"cache_leftpad must lie in [0, cache_seqlens[b]], got {call.leftpad.tolist()} with cache_seqlens "
             f"{seqlens.tolist()}",
         )
     if call.batch_idx is not None:
         rows = call.k_cache.shape[0]
         _fail_if(
             bool(((call.batch_idx < 0) | (call.batch_idx >= rows)).any()),
-            f"cache_batch_idx must lie in [0, {rows}) (the caches' batch), got {call.batch_idx.tolist()}",
+            lambda: f"cache_batch_idx must lie in [0, {rows}) (the caches' batch), got {call.batch_idx.tolist()}",
         )
         _fail_if(
             new > 0 and call.batch_idx.unique().numel() != call.batch_idx.numel(),
-            f"cache_batch_idx must not repeat a row when appending k/v, got {call.batch_idx.tolist()}",
+            lambda: f"cache_batch_idx must not repeat a row when appending k/v, got {call.batch_idx.tolist()}",
         )
     if call.block_table is not None:
-        page_size, pages = call.k_cache.shape[1], call.k_cache.shape[0]
-        used_pages = (seqlens + new + page_size - 1) // page_size
-        used = torch.arange(call.block_table.shape[1], device=seqlens.device) < used_pages.unsqueeze(1)
-        entries = call.block_table[used]
-        _fail_if(
-            bool(((entries < 0) | (entries >= pages)).any()),
-            f"block_table entries of used pages must lie in [0, {pages}) (the page pool), got "
-            f"{sorted(set(entries.tolist()))}",
-        )
+        _check_pages(call, high)
     if call.rotary is not None:
         table = call.rotary[0].shape[0]
         last = high + max(new, call.q.shape[1]) if seqlens.numel() else 0
         _fail_if(
             last > table,
-            f"rotary_cos/rotary_sin have {table} rows but positions up to {last - 1} are rotated "
+            lambda: f"rotary_cos/rotary_sin have {table} rows but positions up to {last - 1} are rotated "
             "(cache_seqlens + Lnew)",
         )
+
+
+def _check_pages(call: KVCacheCall, high: int) -> None:
+    """The block table's entries for the pages in use (tokens below ``cache_seqlens[b] + Lnew``) lie in
+    the page pool. One reduction over the columns the longest sequence uses settles the usual call; only
+    when it sees a bad entry (which may be padding past a shorter sequence's pages) is each row's own
+    range looked at."""
+    assert call.block_table is not None
+    page_size, pages = call.k_cache.shape[1], call.k_cache.shape[0]
+    columns = (high + call.new_len + page_size - 1) // page_size
+    if columns == 0:
+        return
+    low_entry, high_entry = (int(x) for x in torch.aminmax(call.block_table[:, :columns]))
+    if low_entry >= 0 and high_entry < pages:
+        return
+    used_pages = (call.seqlens + call.new_len + page_size - 1) // page_size
+    used = torch.arange(columns, device=used_pages.device) < used_pages.unsqueeze(1)
+    entries = call.block_table[:, :columns][used]
+    _fail_if(
+        bool(((entries < 0) | (entries >= pages)).any()),
+        lambda: f"block_table entries of used pages must lie in [0, {pages}) (the page pool), got "
+        f"{sorted(set(entries.tolist()))}",
+    )
