@@ -344,13 +344,56 @@ def test_gradients_requested_raise():
                                   c["v"], cache_seqlens=c["seqlens"], block_table=c["block_table"])
 
 
-def test_a_failing_attention_restores_the_caches():
+def test_a_rejected_backend_leaves_the_caches_untouched():
     c = _small()
     kc, vc = c["k_cache"].clone(), c["v_cache"].clone()
-    with pytest.raises(ValueError):  # a backend that does not exist fails after the append
+    with pytest.raises(ValueError):  # a backend that does not exist: refused before the append
         fa.attention_with_kvcache(c["q"], kc, vc, c["k"], c["v"], cache_seqlens=c["seqlens"],
                                   block_table=c["block_table"], backend="no-such-backend")
     assert torch.equal(kc, c["k_cache"]) and torch.equal(vc, c["v_cache"])
+
+
+def test_a_failing_attention_restores_the_caches(monkeypatch):
+    """Where the append and the attention are separate steps (the plain path, key splits), an attention
+    that fails after the append puts the caches back as they were."""
+    import fused_attention.kvcache.attention as module
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("attention failed")
+
+    monkeypatch.setattr(module, "_attend", fail)
+    for backend, splits in (("torch", 0), ("cpu", 2)):
+        if backend not in BACKENDS:
+            continue
+        c = _small()
+        kc, vc = c["k_cache"].clone(), c["v_cache"].clone()
+        with pytest.raises(RuntimeError, match="attention failed"):
+            fa.attention_with_kvcache(c["q"], kc, vc, c["k"], c["v"], cache_seqlens=c["seqlens"],
+                                      block_table=c["block_table"], backend=backend, num_splits=splits)
+        assert torch.equal(kc, c["k_cache"]) and torch.equal(vc, c["v_cache"])
+
+
+@pytest.mark.parametrize("features", [(), ("window",), ("alibi", "softcap"), ("sinks",), ("value_dim",)], ids=str)
+@pytest.mark.parametrize("group", [1, 3])
+def test_cached_dispatch_key_matches_the_probe(features, group):
+    """The features the dispatch cache is keyed by for a KV-cache call are those of the probe the
+    uncached path builds, so a cached decision is the decision the probe would get."""
+    from fused_attention.kvcache.split_kv import probe, probe_features
+    from fused_attention.kvcache.validate import canonicalize_kvcache_call
+
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 1, 2 * group, 16, generator=gen)
+    kc = torch.randn(2, 9, 2, 16, generator=gen)
+    vc = torch.randn(2, 9, 2, 8 if "value_dim" in features else 16, generator=gen)
+    call = canonicalize_kvcache_call(
+        q, kc, vc, None, None, cache_seqlens=4, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+        rotary_cos=None, rotary_sin=None, rotary_interleaved=False, is_causal=True,
+        window_size=(3, 0) if "window" in features else None,
+        alibi_slopes=fa.alibi_slopes(2 * group) if "alibi" in features else None,
+        softcap=5.0 if "softcap" in features else None, scale=None, return_lse=False, num_splits=0, layout="bshd",
+        sinks=torch.zeros(2 * group) if "sinks" in features else None,
+    )
+    assert probe_features(call) == probe(call).features
 
 
 # --- merge --------------------------------------------------------------------------------------------

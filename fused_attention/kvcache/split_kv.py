@@ -8,7 +8,7 @@ import torch
 
 from ..backends.base import Backend, decision_cache
 from ..backends.dispatch import automatic_dispatch, decision_key, select
-from ..inputs import _features, canonicalize
+from ..inputs import AttentionInputs, _features, canonicalize
 from .paged import page_table
 from .validate import KVCacheCall
 
@@ -34,16 +34,20 @@ def attention_backend(call: KVCacheCall, backend: str | None) -> Backend:
         chosen = decision_cache.get(key)
         if chosen is not None:
             return chosen
+    return select(probe(call), backend)
+
+
+def probe(call: KVCacheCall) -> AttentionInputs:
+    """The regular attention call that stands for this one in dispatch: a one-key view of the cache."""
     k = call.k_cache[:1, :1].transpose(1, 2)
     v = call.v_cache[:1, :1].transpose(1, 2)
     slopes = call.alibi_slopes  # (1 or B, Hq); canonicalize wants (Hq,) or (B, Hq)
     if slopes is not None and slopes.shape[0] == 1:
         slopes = slopes[0]
-    probe = canonicalize(
+    return canonicalize(
         call.q.transpose(1, 2), k, v, enable_gqa=call.q.shape[2] != k.shape[1], window_size=call.window,
         alibi_slopes=slopes, softcap=call.softcap, scale=call.scale, return_lse=True, sinks=call.sinks,
     )
-    return select(probe, backend)
 
 
 def split_kv_attention(call: KVCacheCall, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
