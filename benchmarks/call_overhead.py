@@ -8,6 +8,10 @@ What a decode step or a tiny batch pays on the host before (and around) the kern
 - ``varlen``: ``varlen_attention`` over two packed sequences of 8 tokens;
 - ``hf``: the Hugging Face attention function (``fused_attention_forward``) against transformers'
   ``sdpa_attention_forward`` on the tiny call;
+- ``kvcache``: a decode step with a KV cache (one query, GQA 8/2, head dim 64, 600 cached keys): append
+  one token with RoPE and attend, through ``attention_with_kvcache`` (contiguous ``(B, H, S, D)`` cache,
+  and paged with pages of 16), against the same step written with torch (rotate q and k, ``index_copy_``
+  into a static cache, SDPA over the filled part);
 - ``triton-host``: the Triton backend's host side (canonicalize, dispatch, the custom op, the launch
   arguments) with the kernel launch replaced by a no-op, under ``TRITON_INTERPRET=1`` on the CPU.
 
@@ -86,6 +90,7 @@ def _rows(args) -> list[tuple[str, str, Callable, Callable]]:
         lambda: [sdpa(per_seq[0][i], per_seq[1][i], per_seq[2][i]) for i in range(2)],
         lambda: fused_attention.varlen_attention(pq, pk, pv, cu, cu, 8, 8),
     ))
+    rows.extend(_kvcache_rows(g))
     try:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -99,6 +104,38 @@ def _rows(args) -> list[tuple[str, str, Callable, Callable]]:
                      lambda: sdpa_attention_forward(module, q, k, v, None),
                      lambda: fused_attention_forward(module, q, k, v, None)))
     return rows
+
+
+def _kvcache_rows(g: torch.Generator) -> list[tuple[str, str, Callable, Callable]]:
+    """A decode step that appends one token (RoPE applied) to a cache of 600 keys and attends over 601;
+    every call writes the same slot, so each repeats the same work."""
+    filled, capacity, page = 600, 1024, 16
+    q, k, v = torch.randn(1, 8, 1, 64, generator=g), torch.randn(1, 2, 1, 64, generator=g), torch.randn(
+        1, 2, 1, 64, generator=g)
+    kc, vc = torch.randn(1, 2, capacity, 64, generator=g), torch.randn(1, 2, capacity, 64, generator=g)
+    k_pages = kc[0].unflatten(1, (capacity // page, page)).transpose(0, 1).contiguous()  # (pages, H, page, D)
+    v_pages = vc[0].unflatten(1, (capacity // page, page)).transpose(0, 1).contiguous()
+    table = torch.arange(capacity // page, dtype=torch.int32).unsqueeze(0)
+    cos, sin = fused_attention.rotary_cos_sin(capacity, 64)
+    seqlens, position = torch.tensor([filled], dtype=torch.int32), torch.tensor([filled])
+
+    def rope(x):  # half-split, as transformers' rotate_half
+        c, s = cos[position], sin[position]
+        x1, x2 = x[..., :32], x[..., 32:]
+        return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+
+    def torch_step():
+        kc.index_copy_(2, position, rope(k))
+        vc.index_copy_(2, position, v)
+        return F.scaled_dot_product_attention(rope(q), kc[:, :, : filled + 1], vc[:, :, : filled + 1], enable_gqa=True)
+
+    step = {"cache_seqlens": seqlens, "rotary_cos": cos, "rotary_sin": sin, "layout": "bhsd"}
+    return [
+        ("kvcache decode step: append 1 token + RoPE, 600 keys, GQA 8/2", "torch (rope, index_copy_, sdpa)",
+         torch_step, lambda: fused_attention.attention_with_kvcache(q, kc, vc, k, v, **step)),
+        ("the same step, paged cache (pages of 16)", "torch (rope, index_copy_, sdpa)", torch_step,
+         lambda: fused_attention.attention_with_kvcache(q, k_pages, v_pages, k, v, block_table=table, **step)),
+    ]
 
 
 def _triton_host_rows():

@@ -1,8 +1,9 @@
 """``attention_with_kvcache``: append to a (paged) KV cache and attend, on any backend.
 
-Every call validates everything (:mod:`.validate`), then rotates and writes the new keys into the caches
-(:mod:`.append`). Where the ``triton`` backend serves the call, its split-KV kernel reads the caches in
-place (:mod:`.split_kv`); where the ``cpu`` backend does, its C++ op does (:mod:`.cpu_cache`). Elsewhere
+Every call validates everything (:mod:`.validate`) and picks the backend, then rotates the new keys and
+writes them into the caches (:mod:`.append`). Where the ``triton`` backend serves the call, its split-KV
+kernel reads the caches in place (:mod:`.split_kv`); where the ``cpu`` backend does, one C++ op appends
+and attends, reading the caches in place (:mod:`.cpu_cache`). Elsewhere
 (``torch``), the plain path views or gathers each entry's keys (:mod:`.paged`) and calls the regular
 :func:`fused_attention.scaled_dot_product_attention`. Explicit key splits (``num_splits > 1``) run one
 call per split and merge through their lse (:mod:`fused_attention.merge`).
@@ -120,7 +121,8 @@ def attention_with_kvcache(
     when ``k``, ``v`` are given they are written into the caches at positions ``cache_seqlens[b] ..``
     (RoPE applied first when ``rotary_cos``/``rotary_sin`` are given), then ``q`` attends over the
     ``cache_seqlens[b] + Lnew`` keys of each batch entry, all in one call. The caches are the only tensors
-    modified; every check runs before they are written, and they are restored if the attention fails.
+    modified; every check runs before they are written, and they are restored if the attention fails (on
+    the ``cpu`` backend the append and the attention are one op that writes only once nothing can fail).
 
     Args:
         q: ``(B, Lq, Hq, D)`` (``layout="bshd"``, FlashAttention's) or ``(B, Hq, Lq, D)`` (``"bhsd"``);
