@@ -10,11 +10,13 @@ import torch
 
 from .. import _extension
 from ..kernels import position_torch
-from .dispatch import choose
+from .dispatch import automatic_dispatch, choose
 
 # Loaded once at import: a plain value that torch.compile can read while tracing dispatch.
 _EXTENSION = _extension.load_extension()
 _DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+# Automatic choices by (device, dtype), all that a position backend's reasons read.
+_decisions: dict[tuple[torch.device, torch.dtype], PositionBackend] = {}
 
 
 class PositionBackend:
@@ -23,6 +25,15 @@ class PositionBackend:
     name = ""
     device_types: frozenset[str] | None = None
     dtypes = _DTYPES
+
+    # A patched backend (tests, users) may answer differently: automatic choices are made afresh.
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        _decisions.clear()
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        _decisions.clear()
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         return None
@@ -146,4 +157,11 @@ _PRIORITY = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 
 def select_position_backend(x: torch.Tensor, backend: object = None) -> PositionBackend:
+    if automatic_dispatch(backend):
+        key = (x.device, x.dtype)
+        chosen = _decisions.get(key)
+        if chosen is None:
+            order = _PRIORITY.get(x.device.type, ("torch",))
+            chosen = _decisions[key] = choose(POSITION_BACKENDS, lambda b: b.reasons(x), order, None)
+        return chosen
     return choose(POSITION_BACKENDS, lambda b: b.reasons(x), _PRIORITY.get(x.device.type, ("torch",)), backend)
