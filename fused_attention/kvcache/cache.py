@@ -59,7 +59,11 @@ class PagedKVCache:
         """Makes room for ``num_tokens`` more tokens of sequence ``batch_idx`` (takes pages from the pool).
         Raises, taking nothing, when the pool or the sequence's block-table row is too small."""
         slot = _slots([batch_idx], len(self._pages))[0]
-        need = -(-(int(self.seqlens[slot]) + num_tokens) // self.page_size) - len(self._pages[slot])
+        self._reserve(slot, int(self.seqlens[slot]) + num_tokens, num_tokens)
+
+    def _reserve(self, slot: int, length: int, num_tokens: int) -> None:
+        """Pages for sequence ``slot`` to hold ``length`` tokens (``num_tokens`` of them new)."""
+        need = -(-length // self.page_size) - len(self._pages[slot])
         if need <= 0:
             return
         if need > len(self._free) or len(self._pages[slot]) + need > self.block_table.shape[1]:
@@ -89,15 +93,31 @@ class PagedKVCache:
         ``kwargs`` go to :func:`attention_with_kvcache` (``is_causal``, ``rotary_cos``, ``return_lse``...)."""
         slots = _slots(batch_idx, len(self._pages))
         new = 0 if k is None else k.shape[1 if self.layout == "bshd" else 2]
-        for slot in slots:
-            self.reserve(slot, new)
-        index = torch.tensor(slots, device=self.seqlens.device)
+        if new:
+            lengths = self.seqlens.tolist()  # one host sync for every slot
+            for slot in slots:
+                self._reserve(slot, lengths[slot] + new, new)
+        if batch_idx is None:  # every slot: the tables themselves, no gathered copies
+            seqlens, table, index = self.seqlens, self.block_table, None
+        else:
+            index = torch.tensor(slots, device=self.seqlens.device)
+            seqlens, table = self.seqlens[index], self.block_table[index]
         result = attention_with_kvcache(
-            q, self.k_pages, self.v_pages, k, v, cache_seqlens=self.seqlens[index],
-            block_table=self.block_table[index], layout=self.layout, **kwargs,
+            q, self.k_pages, self.v_pages, k, v, cache_seqlens=seqlens, block_table=table, layout=self.layout,
+            **kwargs,
         )
-        self.seqlens[index] += new
+        _advance(self.seqlens, index, new)
         return result
+
+
+def _advance(seqlens: torch.Tensor, index: torch.Tensor | None, new: int) -> None:
+    """Adds ``new`` to the lengths of the sequences at ``index`` (all when None), after their call."""
+    if not new:
+        return
+    if index is None:
+        seqlens.add_(new)
+    else:
+        seqlens[index] += new
 
 
 class StaticKVCache:
@@ -126,11 +146,14 @@ class StaticKVCache:
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """As :meth:`PagedKVCache.append`, through ``cache_batch_idx``."""
         slots = _slots(batch_idx, self.k.shape[0])
-        index = torch.tensor(slots, device=self.seqlens.device)
         new = 0 if k is None else k.shape[1 if self.layout == "bshd" else 2]
+        if batch_idx is None:  # every row, in order: no index, no gathered lengths
+            seqlens, rows, index = self.seqlens, None, None
+        else:
+            index = torch.tensor(slots, device=self.seqlens.device)
+            seqlens, rows = self.seqlens[index], index.to(torch.int32)
         result = attention_with_kvcache(
-            q, self.k, self.v, k, v, cache_seqlens=self.seqlens[index], cache_batch_idx=index.to(torch.int32),
-            layout=self.layout, **kwargs,
+            q, self.k, self.v, k, v, cache_seqlens=seqlens, cache_batch_idx=rows, layout=self.layout, **kwargs,
         )
-        self.seqlens[index] += new
+        _advance(self.seqlens, index, new)
         return result
