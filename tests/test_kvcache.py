@@ -479,8 +479,9 @@ def test_merge_bad_input():
 # --- torch.compile ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("splits", [1, 2], ids=["one-op", "splits"])  # on cpu: the fused op; append + merge
 @pytest.mark.parametrize("paged", [False, True])
-def test_compiled_decode_step_fullgraph(paged):
+def test_compiled_decode_step_fullgraph(paged, splits):
     gen = torch.Generator().manual_seed(0)
     kc, vc = torch.randn(6, 3, 2, 16, generator=gen), torch.randn(6, 3, 2, 16, generator=gen)
     table = torch.tensor([[4, 0, 2], [1, 5, 3]], dtype=torch.int32) if paged else None
@@ -492,7 +493,7 @@ def test_compiled_decode_step_fullgraph(paged):
     def step(q, k, v, kc, vc, seqlens):
         return fa.attention_with_kvcache(
             q, kc, vc, k, v, cache_seqlens=seqlens, block_table=table, rotary_cos=cos, rotary_sin=sin,
-            is_causal=True, alibi_slopes=slopes, num_splits=2, return_lse=True,
+            is_causal=True, alibi_slopes=slopes, num_splits=splits, return_lse=True,
         )
 
     q, k, v = torch.randn(2, 2, 4, 16), torch.randn(2, 2, 2, 16), torch.randn(2, 2, 2, 16)
