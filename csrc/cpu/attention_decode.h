@@ -373,13 +373,14 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
   const int64_t value_dim = problem.value_dim;
   const bool scattered = scattered_rows(v, value_dim);
   // B rows (ldb apart, whole vectors) straight from where they are: no panel copy, kDecodeValueBlock keys
-  // at a time. Where rows are whole multiples of 8 vectors (value_dim 128 in float), tiles of 2 x 8
-  // vectors read the block's value rows from memory front to back (gemm_blocks' 4-vector tiles read half
-  // rows, which streamed V at 0.6-0.8x the rate in a microbenchmark): for all rows up to 4 (a decode step
+  // at a time. Where rows are whole multiples of a quarter of the register file (8 vectors with 32
+  // registers: value_dim 128 in float on AVX-512; 4 with 16), tiles of 2 x that many vectors read the
+  // block's value rows from memory front to back (gemm_blocks' 4-vector tiles read half rows, which
+  // streamed V at 0.6-0.8x the rate in a microbenchmark on AVX-512): for all rows up to 4 (a decode step
   // bound by memory), else for the first two, and the other rows read the block from L1 through
   // gemm_blocks, whose larger tiles load less per product (8 causal rows were 10% slower without).
   const auto product = [&](const acc_t* values, int64_t ldb, int64_t key, int64_t count) {
-    constexpr int64_t tile_vectors = 8;
+    constexpr int64_t tile_vectors = simd::kVectorRegisters / 4;
     const int64_t vectors = (value_dim + width - 1) / width;
     const int64_t first = vectors % tile_vectors != 0 ? 0 : rows <= 4 ? rows : 2;
     for (int64_t k0 = 0; k0 < count; k0 += kDecodeValueBlock) {

@@ -8,8 +8,9 @@
 // lanes compute garbage that nobody reads.
 //
 // Register blocking: kRows rows of A times kVectors vectors of B stay in registers for the whole k loop
-// (24 accumulators of the 32 AVX-512 registers), broadcasting one A element per row and FMA-ing it with
-// the B vectors: the loads per FMA are few enough that the loop runs at the FMA ports' rate.
+// (24 accumulators of 32 registers: AVX-512, NEON; 12 of 16: AVX2, SSE), broadcasting one A element per
+// row and FMA-ing it with the B vectors: the loads per FMA are few enough that the loop runs at the FMA
+// ports' rate.
 #pragma once
 
 #include <algorithm>
@@ -22,7 +23,7 @@
 
 
 constexpr int kRows = 6;
-constexpr int kVectors = 4;
+constexpr int kVectors = simd::kVectorRegisters >= 32 ? 4 : 2;
 
 // Never inlined: inlined into the attention loops it measured with accumulators spilled to the stack.
 template <typename T, int rows, int vectors>
@@ -127,16 +128,19 @@ inline void gemm_blocks(int64_t m, int64_t n, int64_t depth, const T* a, int64_t
     if (tail == 0) continue;
     const auto [b, ldb] = panel_of(k0, kc, v, tail);
     T* c_tail = c + v * width;
-    switch (tail) {
-      case 1: gemm_columns<T, 1>(m, kc, a_k, a_row, a_col, b, ldb, c_tail, ldc, add); break;
-      case 2: gemm_columns<T, 2>(m, kc, a_k, a_row, a_col, b, ldb, c_tail, ldc, add); break;
-      case 3: gemm_columns<T, 3>(m, kc, a_k, a_row, a_col, b, ldb, c_tail, ldc, add); break;
-      default: break;
+    // Only tails narrower than kVectors occur: wider tiles are not instantiated (with 16 registers a
+    // 6 x 3 tile would not fit them).
+    if (tail == 1) gemm_columns<T, 1>(m, kc, a_k, a_row, a_col, b, ldb, c_tail, ldc, add);
+    if constexpr (kVectors > 2) {
+      if (tail == 2) gemm_columns<T, 2>(m, kc, a_k, a_row, a_col, b, ldb, c_tail, ldc, add);
+    }
+    if constexpr (kVectors > 3) {
+      if (tail == 3) gemm_columns<T, 3>(m, kc, a_k, a_row, a_col, b, ldb, c_tail, ldc, add);
     }
   }
 }
 
-static_assert(kVectors == 4, "gemm_blocks' tail switch covers kVectors - 1 vectors");
+static_assert(kVectors <= 4, "gemm_blocks' tails cover up to 3 vectors");
 
 // B row-major with row stride ldb (rows padded to whole vectors): packed panel by panel as it is used.
 template <typename T>

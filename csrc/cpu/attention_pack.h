@@ -40,12 +40,12 @@ inline void load_row_panels(const Operand<scalar_t>& x, int64_t batch, int64_t h
 }
 
 // The transpose as panels of `panel` rows (keys): dst[(r / panel) * features * panel + f * panel + r % panel] =
-// x[token0 + r, f]. In runs of 16 rows, so that each feature's writes fill whole cache lines instead of
+// x[token0 + r, f]. In runs of 16 rows (or one panel's), so that each feature's writes fill whole cache lines instead of
 // touching one line per element (which made this copy cost as much as a windowed attention's compute).
 template <typename scalar_t, typename acc_t>
 inline void load_transposed_panels(const Operand<scalar_t>& x, int64_t batch, int64_t head, int64_t token0,
                                    int64_t rows, int64_t features, acc_t* dst, int64_t panel) {
-  constexpr int64_t run = 16;  // divides every panel width
+  const int64_t run = std::min<int64_t>(16, panel);  // divides the panel width (both powers of two)
   for (int64_t r0 = 0; r0 < rows; r0 += run) {
     const int64_t r1 = std::min(rows, r0 + run);
     acc_t* base = dst + (r0 / panel) * features * panel + r0 % panel;

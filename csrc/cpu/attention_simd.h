@@ -1,6 +1,11 @@
-// SIMD building blocks of the CPU attention kernel: 64-byte vectors (GCC/Clang vector extensions) that
-// become one zmm register in the AVX-512 clone of a multi-versioned function, two ymm in the AVX2 clone
-// and four xmm in the baseline one, and an exp accurate to about an ulp.
+// SIMD building blocks of the CPU attention kernel: vectors (GCC/Clang vector extensions) of one native
+// register of the variant being compiled (zmm in the AVX-512 variants, ymm in the AVX2 one, xmm / NEON q
+// in the baseline), and an exp accurate to about an ulp.
+//
+// One register per vector, so that register tiles counted in vectors fit the register file: with
+// 64-byte vectors everywhere, the AVX2 variant held each in two ymm and its 24-accumulator product tile
+// in 48 of 16 registers, and ran the forward 8.7x slower than the AVX-512 variant on the same Zen 4
+// core (whose 512-bit FMAs run as two 256-bit halves: the two should be level).
 //
 // at::vec is compiled for the build's baseline here (see vec_io.h), so its Sleef exp is not available
 // here: a scalar std::exp per score would cost more than the matrix products it sits between.
@@ -13,16 +18,34 @@
 #include <limits>
 #include <type_traits>
 
+// The variant's vector register: its bytes, and how many there are (kernel headers are compiled once
+// per variant, inside its namespace: attention_isa_*.cpp).
+#if defined(FUSED_ATTENTION_ISA_AVX512)
+#define FUSED_ATTENTION_VECTOR_BYTES 64
+#define FUSED_ATTENTION_VECTOR_REGISTERS 32
+#elif defined(FUSED_ATTENTION_ISA_AVX2)
+#define FUSED_ATTENTION_VECTOR_BYTES 32
+#define FUSED_ATTENTION_VECTOR_REGISTERS 16
+#elif defined(__aarch64__)
+#define FUSED_ATTENTION_VECTOR_BYTES 16
+#define FUSED_ATTENTION_VECTOR_REGISTERS 32
+#else  // x86-64's SSE2 baseline, and the 16-byte vectors every other target lowers well
+#define FUSED_ATTENTION_VECTOR_BYTES 16
+#define FUSED_ATTENTION_VECTOR_REGISTERS 16
+#endif
+
 namespace simd {
+
+constexpr int kVectorRegisters = FUSED_ATTENTION_VECTOR_REGISTERS;
 
 template <typename T>
 struct Traits;
 
 template <>
 struct Traits<float> {
-  typedef float Vec __attribute__((vector_size(64)));
-  typedef int32_t Int __attribute__((vector_size(64)));
-  static constexpr int64_t width = 16;
+  typedef float Vec __attribute__((vector_size(FUSED_ATTENTION_VECTOR_BYTES)));
+  typedef int32_t Int __attribute__((vector_size(FUSED_ATTENTION_VECTOR_BYTES)));
+  static constexpr int64_t width = FUSED_ATTENTION_VECTOR_BYTES / 4;
   static constexpr float log2e = 1.4426950408889634f;
   // ln 2 split in two so that n * ln2_hi is exact for the n that occur (Cody and Waite's reduction).
   static constexpr float ln2_hi = 0.693145751953125f;
@@ -36,9 +59,9 @@ struct Traits<float> {
 
 template <>
 struct Traits<double> {
-  typedef double Vec __attribute__((vector_size(64)));
-  typedef int64_t Int __attribute__((vector_size(64)));
-  static constexpr int64_t width = 8;
+  typedef double Vec __attribute__((vector_size(FUSED_ATTENTION_VECTOR_BYTES)));
+  typedef int64_t Int __attribute__((vector_size(FUSED_ATTENTION_VECTOR_BYTES)));
+  static constexpr int64_t width = FUSED_ATTENTION_VECTOR_BYTES / 8;
   static constexpr double log2e = 1.4426950408889634;
   static constexpr double ln2_hi = 0.6931471803691238;
   static constexpr double ln2_lo = 1.9082149292705877e-10;
