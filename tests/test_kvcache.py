@@ -336,6 +336,7 @@ def test_bad_input_raises_and_leaves_caches_untouched():
 def test_gradients_requested_raise():
     c = _small()
     _bad(dict(c, q=c["q"].clone().requires_grad_()), "forward only")
+    _bad(c, "sinks require grad", sinks=torch.zeros(c["q"].shape[2], requires_grad=True))
     kc = c["k_cache"].clone().requires_grad_()
     with pytest.raises(ValueError, match="k_cache"):
         fa.attention_with_kvcache(c["q"], kc, c["v_cache"], cache_seqlens=c["seqlens"], block_table=c["block_table"])
@@ -371,6 +372,38 @@ def test_a_failing_attention_restores_the_caches(monkeypatch):
             fa.attention_with_kvcache(c["q"], kc, vc, c["k"], c["v"], cache_seqlens=c["seqlens"],
                                       block_table=c["block_table"], backend=backend, num_splits=splits)
         assert torch.equal(kc, c["k_cache"]) and torch.equal(vc, c["v_cache"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_degenerate_calls(backend):
+    """An append of no tokens with RoPE, an empty batch over a paged cache, and an empty page pool with
+    nothing in use (before and after the dispatch decision is cached) all run."""
+    from fused_attention.backends.base import decision_cache
+
+    gen = torch.Generator().manual_seed(4)
+    q, kc, vc = torch.randn(2, 1, 4, 16, generator=gen), torch.randn(2, 9, 2, 16, generator=gen), torch.randn(
+        2, 9, 2, 16, generator=gen)
+    cos, sin = fa.rotary_cos_sin(16, 16)
+    seqlens = torch.tensor([3, 5], dtype=torch.int32)
+    empty = torch.randn(2, 0, 2, 16, generator=gen)
+    common = {"cache_seqlens": seqlens, "backend": backend}
+    out = fa.attention_with_kvcache(q, kc, vc, empty, empty, rotary_cos=cos, rotary_sin=sin, **common)
+    positions = seqlens.long().unsqueeze(1)
+    q_rot = fa.apply_rotary_emb(q, cos, sin, position_ids=positions, layout="bshd", backend=backend)
+    torch.testing.assert_close(out, fa.attention_with_kvcache(q_rot, kc, vc, **common), rtol=0, atol=0)
+    pool = torch.randn(4, 3, 2, 16, generator=gen)
+    one_token = torch.randn(0, 1, 2, 16)  # an append to no batch entry
+    none = fa.attention_with_kvcache(q[:0], pool, pool, one_token, one_token, cache_seqlens=seqlens[:0],
+                                     block_table=torch.zeros(0, 2, dtype=torch.int32), backend=backend)
+    assert none.shape == (0, 1, 4, 16)
+    no_pages = torch.randn(0, 3, 2, 16)
+    decision_cache.clear()
+    for _ in range(2):  # the first call probes, the second takes the cached decision
+        out, lse = fa.attention_with_kvcache(
+            q, no_pages, no_pages, cache_seqlens=torch.zeros(2, dtype=torch.int32),
+            block_table=torch.full((2, 1), -1, dtype=torch.int32), return_lse=True,
+        )
+        assert torch.equal(out, torch.zeros_like(out)) and bool((lse == float("-inf")).all())
 
 
 @pytest.mark.parametrize("features", [(), ("window",), ("alibi", "softcap"), ("sinks",), ("value_dim",)], ids=str)

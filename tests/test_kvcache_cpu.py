@@ -100,7 +100,8 @@ def test_append_op_checks_everything_before_it_writes(paged):
     table = torch.tensor([[1, 4]]) if paged else None  # page 4 does not exist
     rows = None if paged else torch.tensor([3])
     bad = [(torch.tensor([7]), "page 1 of entry 0 is 4" if paged else "needs tokens up to 8"),
-           (torch.tensor([-1]), "seqlens must be >= 0")]
+           (torch.tensor([-1]), "seqlens must be >= 0"),
+           (torch.tensor([2**63 - 1]), "out of range")]  # seqlens + Lnew would overflow past every check
     if not paged:
         bad.append((torch.tensor([2]), None))  # fine: the check below writes
     for seqlens, message in bad:
@@ -170,3 +171,17 @@ def test_bfloat16_decode_infinite_value_stays_infinite(keys):
     with torch.no_grad():
         out = fa.scaled_dot_product_attention(q, k, v, enable_gqa=True, backend="cpu")
     assert torch.isinf(out[..., 0]).all() and torch.isfinite(out[..., 1:]).all()
+
+
+def test_ops_check_the_alibi_slopes_shape():
+    """The kernels index the slopes by (batch entry, head) unchecked: a slope table too small is refused."""
+    q = torch.randn(2, 4, 1, 16)
+    k = v = torch.randn(2, 2, 8, 16)
+    seqlens = torch.tensor([5, 6])
+    for slopes in (torch.ones(1, 1), torch.ones(3, 4), torch.ones(2, 2)):
+        with pytest.raises(RuntimeError, match="alibi slopes must be canonical"):
+            torch.ops.fused_attention.kvcache_attention(q, k, v, None, None, seqlens, 0, None, 0, 8, slopes, None,
+                                                        -1, -1, 0.0, 0.25)
+        with pytest.raises(RuntimeError, match="alibi slopes must be canonical"):
+            torch.ops.fused_attention.attention(q, k, v, None, None, slopes, None, None, False, -1, -1, 0.0, 0.25,
+                                                0.0)

@@ -101,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   const at::Tensor sink_tensor = sink_logits(sinks, heads, acc_dtype(q));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::attention", [&] {
     using acc_t = attn_acc_t<scalar_t>;
-    const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc_dtype(q));
+    const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc_dtype(q), batch, heads);
     const Problem<scalar_t> problem = dense_problem<scalar_t>(q, k, v, key_lengths);
     attention_forward_kernel<scalar_t>(
         problem,
@@ -183,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor sinks_buffer = sink_buffer(need_sinks_grad, sinks, batch, heads, q, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::attention_backward", [&] {
     using acc_t = attn_acc_t<scalar_t>;
-    const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc);
+    const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc, batch, heads);
     const Problem<scalar_t> problem = dense_problem<scalar_t>(q, k, v, key_lengths);
     attention_backward_kernel<scalar_t>(
         problem,
@@ -222,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_from_stats_cpu
   at::Tensor dv = at::empty(v.sizes(), v.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::attention_backward_from_stats", [&] {
     using acc_t = attn_acc_t<scalar_t>;
-    const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc);
+    const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc, q.size(0), q.size(1));
     Scoring<acc_t> rules = scoring<acc_t>(slope_tensor, slope_stride, mask, c10::nullopt, at::Tensor(), causal,
                                           window_left, window_right, softcap, scale, 0.0);
     rules.row_lse = row_lse.data_ptr<acc_t>();
@@ -253,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& q, con
   at::Tensor lse = at::full({heads, total}, -std::numeric_limits<double>::infinity(), q.options().dtype(acc_dtype(q)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::varlen_attention", [&] {
     using acc_t = attn_acc_t<scalar_t>;
-    const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc_dtype(q));
+    const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc_dtype(q), cu_seqlens_q.numel() - 1, heads);
     const Problem<scalar_t> problem = packed_problem<scalar_t>(q, k, v, cu_seqlens_q, cu_seqlens_k);
     attention_forward_kernel<scalar_t>(
         problem,
@@ -282,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_at
   const at::Tensor sinks_buffer = sink_buffer(need_sinks_grad, sinks, sequences, q.size(1), q, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::varlen_attention_backward", [&] {
     using acc_t = attn_acc_t<scalar_t>;
-    const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc);
+    const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc, sequences, q.size(1));
     const Problem<scalar_t> problem = packed_problem<scalar_t>(q, k, v, cu_seqlens_q, cu_seqlens_k);
     attention_backward_kernel<scalar_t>(
         problem,

@@ -133,6 +133,10 @@ std::tuple<at::Tensor, at::Tensor> attend(const CacheCall& c, const at::Tensor* 
   const at::Tensor table = page_table(c.block_table, c.batch_idx, batch);
   const int64_t page_size = c.k_cache.size(2), pages = c.k_cache.size(0);
   const std::vector<int64_t> seqlens = per_entry(c.seqlens, batch, 0);
+  // Far beyond any cache, and far from int64 overflow in seqlens + new_len (which would hide the write).
+  constexpr int64_t kLimit = int64_t{1} << 62;
+  TORCH_CHECK(new_len < kLimit, kOp, "new_len ", new_len, " is out of range");
+  for (const int64_t n : seqlens) TORCH_CHECK(n > -kLimit && n < kLimit, kOp, "seqlens ", n, " is out of range");
   const std::vector<Sequence> seqs =
       cache_sequences(len_q, seqlens, new_len, per_entry(c.leftpad, batch, 0), key_start, key_stop);
   for (const Sequence& seq : seqs) {
@@ -149,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> attend(const CacheCall& c, const at::Tensor* 
   const at::Tensor sink_tensor = sink_logits(c.sinks, heads, acc_dtype(c.q));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.q.scalar_type(), "fused_attention::kvcache_attention", [&] {
     using acc_t = attn_acc_t<scalar_t>;
-    const auto [slope_tensor, slope_stride] = slopes<acc_t>(c.alibi, acc_dtype(c.q));
+    const auto [slope_tensor, slope_stride] = slopes<acc_t>(c.alibi, acc_dtype(c.q), batch, heads);
     const Scoring<acc_t> rules = scoring<acc_t>(slope_tensor, slope_stride, c10::nullopt, c10::nullopt, sink_tensor,
                                                 false, c.window_left, c.window_right, c.softcap, c.scale, 0.0);
     const Problem<scalar_t> problem{seqs, Operand<scalar_t>::dense(c.q), paged<scalar_t>(c.k_cache, table),

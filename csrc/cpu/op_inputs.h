@@ -13,11 +13,14 @@ namespace fused_attention::cpu {
 
 inline at::ScalarType acc_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Float copy of the slopes (1 or B, Hq) and the stride between their rows.
+// Float copy of the slopes (1 or `rows`, Hq) and the stride between their rows (rows: the batch, or the
+// packed sequences). The kernels index them by (row, head) unchecked: the shape is checked here.
 template <typename acc_t>
-std::pair<at::Tensor, int64_t> slopes(const c10::optional<at::Tensor>& alibi, at::ScalarType acc) {
+std::pair<at::Tensor, int64_t> slopes(const c10::optional<at::Tensor>& alibi, at::ScalarType acc, int64_t rows,
+                                      int64_t heads) {
   if (!alibi) return {at::Tensor(), 0};
-  TORCH_CHECK(alibi->dim() == 2, "fused_attention: alibi slopes must be canonical (1 or B, H)");
+  TORCH_CHECK(alibi->dim() == 2 && (alibi->size(0) == 1 || alibi->size(0) == rows) && alibi->size(1) == heads,
+              "fused_attention: alibi slopes must be canonical (1 or ", rows, ", ", heads, "), got ", alibi->sizes());
   at::Tensor s = alibi->to(acc).contiguous();
   return {s, s.size(0) == 1 ? 0 : s.size(1)};
 }

@@ -160,7 +160,7 @@ def select_position_backend(x: torch.Tensor, backend: object = None) -> Position
     if automatic_dispatch(backend):
         key = (x.device, x.dtype)
         chosen = _decisions.get(key)
-        if chosen is None:
+        if chosen is None or POSITION_BACKENDS.get(chosen.name) is not chosen:  # (the table may be patched)
             order = _PRIORITY.get(x.device.type, ("torch",))
             chosen = _decisions[key] = choose(POSITION_BACKENDS, lambda b: b.reasons(x), order, None)
         return chosen

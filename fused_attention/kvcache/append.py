@@ -24,7 +24,7 @@ def rotate_new(call: KVCacheCall, backend: str | None) -> tuple[torch.Tensor, to
     cos, sin = (t.to(table_dtype).contiguous() for t in call.rotary)
     kernels = select_position_backend(q, backend)
     start = call.seqlens.unsqueeze(1)
-    k_positions = start + torch.arange(k.shape[1], device=start.device) if k.shape[1] > 1 else start
+    k_positions = start if k.shape[1] == 1 else start + torch.arange(k.shape[1], device=start.device)
     if q.shape[1] == k.shape[1] and (q.shape[1] == 1 or call.is_causal or call.window != (-1, -1)):
         return kernels.rotary_qk(q, k, cos, sin, k_positions, call.rotary_interleaved, False)
     if call.is_causal or call.window != (-1, -1):

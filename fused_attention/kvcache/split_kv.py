@@ -38,9 +38,11 @@ def attention_backend(call: KVCacheCall, backend: str | None) -> Backend:
 
 
 def probe(call: KVCacheCall) -> AttentionInputs:
-    """The regular attention call that stands for this one in dispatch: a one-key view of the cache."""
-    k = call.k_cache[:1, :1].transpose(1, 2)
-    v = call.v_cache[:1, :1].transpose(1, 2)
+    """The regular attention call that stands for this one in dispatch: one key per batch entry, of the
+    caches' dtype and device (fresh, so that an empty page pool stands in as well as a full one)."""
+    batch, heads_kv = call.q.shape[0], call.k_cache.shape[2]
+    k = call.k_cache.new_empty(batch, heads_kv, 1, call.k_cache.shape[-1])
+    v = call.v_cache.new_empty(batch, heads_kv, 1, call.v_cache.shape[-1])
     slopes = call.alibi_slopes  # (1 or B, Hq); canonicalize wants (Hq,) or (B, Hq)
     if slopes is not None and slopes.shape[0] == 1:
         slopes = slopes[0]

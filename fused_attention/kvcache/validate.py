@@ -91,10 +91,10 @@ def _fail_if(bad: bool, message: str | Callable[[], str]) -> None:
         raise AttentionArgumentError(message() if callable(message) else message)
 
 
-def _check_grad(tensors: dict[str, torch.Tensor | None]) -> None:
+def _check_grad(tensors: dict[str, object]) -> None:
     if not torch.is_grad_enabled():
         return
-    wanting = [name for name, t in tensors.items() if t is not None and t.requires_grad]
+    wanting = [name for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.requires_grad]
     if wanting:
         raise AttentionArgumentError(
             f"attention_with_kvcache is forward only (inference), but {', '.join(wanting)} require grad; "
@@ -115,7 +115,8 @@ def canonicalize_kvcache_call(
         raise AttentionArgumentError("pass both k and v (the keys and values to append), or neither")
     k4 = None if k is None else _float4("k", k, layout)
     v4 = None if v is None else _float4("v", v, layout)
-    _check_grad({"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v})
+    _check_grad({"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v, "alibi_slopes": alibi_slopes,
+                 "sinks": sinks})
     named = {"q": q4, "k_cache": kc, "v_cache": vc, "k": k4, "v": v4}
     for name, t in named.items():
         if t is not None and (t.dtype != q4.dtype or t.device != q4.device):
@@ -244,7 +245,7 @@ def _check_pages(call: KVCacheCall, high: int) -> None:
     assert call.block_table is not None
     page_size, pages = call.k_cache.shape[1], call.k_cache.shape[0]
     columns = (high + call.new_len + page_size - 1) // page_size
-    if columns == 0:
+    if columns == 0 or call.block_table.shape[0] == 0:
         return
     low_entry, high_entry = (int(x) for x in torch.aminmax(call.block_table[:, :columns]))
     if low_entry >= 0 and high_entry < pages:
