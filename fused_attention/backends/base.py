@@ -7,6 +7,7 @@ dispatcher (:mod:`.dispatch`) never guesses: every refusal is a sentence a user 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -52,19 +53,27 @@ class Capabilities:
 decision_cache: dict[tuple, Backend] = {}
 
 
-class Backend:
-    """Base class. Subclasses set ``name`` and ``capabilities`` and implement availability and launch."""
+class ForgetsDecisions:
+    """Clears the class's ``decisions`` (remembered automatic choices) whenever an attribute of an
+    instance is set or deleted: a patched backend may answer differently."""
 
-    name: str = ""
-    capabilities: Capabilities = Capabilities(frozenset(), frozenset(), frozenset())
+    decisions: ClassVar[dict]
 
     def __setattr__(self, name: str, value: object) -> None:
         super().__setattr__(name, value)
-        decision_cache.clear()
+        self.decisions.clear()
 
     def __delattr__(self, name: str) -> None:
         super().__delattr__(name)
-        decision_cache.clear()
+        self.decisions.clear()
+
+
+class Backend(ForgetsDecisions):
+    """Base class. Subclasses set ``name`` and ``capabilities`` and implement availability and launch."""
+
+    decisions = decision_cache
+    name: str = ""
+    capabilities: Capabilities = Capabilities(frozenset(), frozenset(), frozenset())
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run at all on this machine (missing build, package, device), or None."""

@@ -10,6 +10,7 @@ import torch
 
 from .. import _extension
 from ..kernels import position_torch
+from .base import ForgetsDecisions
 from .dispatch import automatic_dispatch, choose
 
 # Loaded once at import: a plain value that torch.compile can read while tracing dispatch.
@@ -19,21 +20,13 @@ _DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64
 _decisions: dict[tuple[torch.device, torch.dtype], PositionBackend] = {}
 
 
-class PositionBackend:
+class PositionBackend(ForgetsDecisions):
     """Base: ``reasons(x)`` says why the backend cannot serve a tensor; the methods run the kernels."""
 
+    decisions = _decisions
     name = ""
     device_types: frozenset[str] | None = None
     dtypes = _DTYPES
-
-    # A patched backend (tests, users) may answer differently: automatic choices are made afresh.
-    def __setattr__(self, name: str, value: object) -> None:
-        super().__setattr__(name, value)
-        _decisions.clear()
-
-    def __delattr__(self, name: str) -> None:
-        super().__delattr__(name)
-        _decisions.clear()
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         return None
