@@ -132,7 +132,13 @@ def _canonical_tables(cos: object, sin: object, x: torch.Tensor) -> tuple[torch.
         raise AttentionArgumentError(
             f"rotary_dim = 2 * cos.shape[-1] = {2 * cos.shape[1]} exceeds the head dim {x.shape[-1]}"
         )
-    table_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return kernel_tables(cos, sin, x.dtype)
+
+
+def kernel_tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked cos/sin tables as the rotary kernels read them for inputs of ``dtype``: contiguous, float32
+    (float64 for float64 inputs)."""
+    table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     return cos.to(table_dtype).contiguous(), sin.to(table_dtype).contiguous()
 
 

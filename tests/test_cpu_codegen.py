@@ -11,6 +11,7 @@ FlashAttention-layout and paged decode read 1.2-1.7x slower with identical resul
 
 from __future__ import annotations
 
+import functools
 import platform
 import re
 import shutil
@@ -34,22 +35,27 @@ _DECODE_PRODUCT = re.compile(r"cpu::(\w+)::(decode_chunk|decode_scores|decode_va
 _BF16_VALUES_TILE = re.compile(r"cpu::(\w+)::(values_tile)<(\d+, \d+),")
 
 
-def _prefetches_by_function() -> dict[str, int]:
+@functools.cache
+def _functions() -> dict[str, list[str]]:
+    """Each function of the extension (demangled name) and its instructions, from `objdump -d -C`."""
     from fused_attention import _C
 
     listing = subprocess.run(
         [objdump, "-d", "-C", "--no-show-raw-insn", _C.__file__], capture_output=True, text=True, check=True
     ).stdout
-    counts: dict[str, int] = {}
-    name = ""
+    functions: dict[str, list[str]] = {}
+    lines: list[str] = []
     for line in listing.splitlines():
         header = _FUNCTION.match(line)
         if header:
-            name = header.group(1)
-            counts.setdefault(name, 0)
-        elif name and _PREFETCH.match(line):
-            counts[name] += 1
-    return counts
+            lines = functions.setdefault(header.group(1), [])
+        else:
+            lines.append(line)
+    return functions
+
+
+def _prefetches_by_function() -> dict[str, int]:
+    return {name: sum(bool(_PREFETCH.match(line)) for line in lines) for name, lines in _functions().items()}
 
 
 def test_decode_products_prefetch_scattered_rows():
@@ -78,22 +84,11 @@ _GEMM_TILE = re.compile(r"cpu::(\w+)::gemm_tile<(\w+), (\d+), (\d+)>\(")
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="reads x86-64 machine code")
 def test_register_tiles_do_not_spill():
-    from fused_attention import _C
-
-    listing = subprocess.run(
-        [objdump, "-d", "-C", "--no-show-raw-insn", _C.__file__], capture_output=True, text=True, check=True
-    ).stdout
     spills: dict[tuple[str, ...], int] = {}
-    tile = None
-    for line in listing.splitlines():
-        header = _FUNCTION.match(line)
-        if header:
-            match = _GEMM_TILE.search(header.group(1))
-            tile = match.groups() if match else None
-            if tile:
-                spills.setdefault(tile, 0)
-        elif tile and _STACK_VECTOR.match(line):
-            spills[tile] += 1
+    for name, lines in _functions().items():
+        tile = _GEMM_TILE.search(name)
+        if tile:
+            spills[tile.groups()] = spills.get(tile.groups(), 0) + sum(bool(_STACK_VECTOR.match(line)) for line in lines)
     isas = {isa for isa, *_ in spills}
     assert {"baseline", "avx2", "avx512"} <= isas, f"gemm_tile variants missing from the symbols: {sorted(isas)}"
     spilling = {tile: count for tile, count in spills.items() if count}

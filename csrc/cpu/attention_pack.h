@@ -40,8 +40,9 @@ inline void load_row_panels(const Operand<scalar_t>& x, int64_t batch, int64_t h
 }
 
 // The transpose as panels of `panel` rows (keys): dst[(r / panel) * features * panel + f * panel + r % panel] =
-// x[token0 + r, f]. In runs of 16 rows (or one panel's), so that each feature's writes fill whole cache lines instead of
-// touching one line per element (which made this copy cost as much as a windowed attention's compute).
+// x[token0 + r, f]. In runs of 16 rows (or of one panel, if narrower), so that each feature's writes fill
+// whole cache lines instead of touching one line per element (which made this copy cost as much as a
+// windowed attention's compute).
 template <typename scalar_t, typename acc_t>
 inline void load_transposed_panels(const Operand<scalar_t>& x, int64_t batch, int64_t head, int64_t token0,
                                    int64_t rows, int64_t features, acc_t* dst, int64_t panel) {

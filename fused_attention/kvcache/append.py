@@ -6,6 +6,7 @@ import torch
 
 from ..backends.positional import select_position_backend
 from ..ops.kvcache_append import kvcache_append_
+from ..position import kernel_tables
 from .validate import KVCacheCall
 
 
@@ -20,8 +21,7 @@ def rotate_new(call: KVCacheCall, backend: str | None) -> tuple[torch.Tensor, to
     if call.rotary is None or call.k is None:
         return call.q, call.k
     q, k = call.q, call.k
-    table_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    cos, sin = (t.to(table_dtype).contiguous() for t in call.rotary)
+    cos, sin = kernel_tables(*call.rotary, q.dtype)
     kernels = select_position_backend(q, backend)
     start = call.seqlens.unsqueeze(1)
     k_positions = start if k.shape[1] == 1 else start + torch.arange(k.shape[1], device=start.device)
