@@ -58,7 +58,7 @@ __attribute__((noinline)) void values_tile(int64_t n, const c10::BFloat16* p16, 
     for (int b = 0; b < Blocks; ++b) lo[r][b] = hi[r][b] = _mm512_setzero_ps();
   }
   // An odd last key pairs with a row of zeros (its partner's probability is 0, but 0 x inf is NaN).
-  alignas(64) static const c10::BFloat16 zeros[64] = {};
+  alignas(64) static const c10::BFloat16 zeros[128] = {};
   for (int64_t j = 0; j < n; j += 2) {
     const c10::BFloat16* a = row_of(j) + f0;
     const c10::BFloat16* b = j + 1 < n ? row_of(j + 1) + f0 : zeros;
@@ -88,20 +88,30 @@ __attribute__((noinline)) void values_tile(int64_t n, const c10::BFloat16* p16, 
 }
 
 // acc[r * ldv + f] += sum_j p_rj v_j[f] for rows r < rows, keys j < n (v_j at row_of(j), value_dim a
-// multiple of 32), p16 from bf16_pairs (row stride ldp). Tiles of up to 4 rows x 64 features: 16
-// accumulators, and each pair of value rows is loaded once per tile. scattered: rows are short runs in
-// their own pages (see prefetch_rows); the tile of the first rows and features asks for whole rows ahead.
+// multiple of 32), p16 from bf16_pairs (row stride ldp). Each tile has 16 accumulators and loads each
+// pair of value rows once: 2 rows x 128 features where 128 features remain, so that the first tile reads
+// whole value rows front to back (its partner tiles find them in L2); tiles of 4 rows x 64 features
+// read half rows in two passes and streamed a cache from memory 1.1-1.2x slower (2026-12-04 record,
+// cpu-decode-bf16-values.md); else up to 4 rows x 64 or 32. scattered: rows are short runs in their own
+// pages (see prefetch_rows); the tile of the first rows and features asks for whole rows ahead.
 template <typename RowOf>
 void values_bf16(int64_t rows, int64_t n, const c10::BFloat16* p16, int64_t ldp, const RowOf& row_of,
                  int64_t value_dim, float* acc, int64_t ldv, bool scattered) {
-  for (int64_t f0 = 0; f0 < value_dim; f0 += 64) {
-    const bool two = value_dim - f0 >= 64;
+  for (int64_t f0 = 0; f0 < value_dim;) {
+    const int64_t blocks = std::min<int64_t>(value_dim - f0, 128) / 32;  // of 32 features: 1, 2, 3 or 4
+    const int64_t tile_rows = blocks == 4 ? 2 : 4;
     const int64_t row_bytes = scattered && f0 == 0 ? value_dim * int64_t(sizeof(c10::BFloat16)) : 0;
-    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+    for (int64_t r0 = 0; r0 < rows; r0 += tile_rows) {
       const c10::BFloat16* p = p16 + r0 * ldp;
       float* c = acc + r0 * ldv;
       const int64_t prefetch = r0 == 0 ? row_bytes : 0;
-      switch ((std::min<int64_t>(4, rows - r0) - 1) * 2 + (two ? 1 : 0)) {
+      const int64_t take = std::min(tile_rows, rows - r0);
+      if (blocks == 4) {
+        if (take == 2) values_tile<2, 4>(n, p, ldp, row_of, f0, c, ldv, prefetch);
+        else values_tile<1, 4>(n, p, ldp, row_of, f0, c, ldv, prefetch);
+        continue;
+      }
+      switch ((take - 1) * 2 + (blocks >= 2 ? 1 : 0)) {
         case 0: values_tile<1, 1>(n, p, ldp, row_of, f0, c, ldv, prefetch); break;
         case 1: values_tile<1, 2>(n, p, ldp, row_of, f0, c, ldv, prefetch); break;
         case 2: values_tile<2, 1>(n, p, ldp, row_of, f0, c, ldv, prefetch); break;
@@ -112,5 +122,6 @@ void values_bf16(int64_t rows, int64_t n, const c10::BFloat16* p16, int64_t ldp,
         default: values_tile<4, 2>(n, p, ldp, row_of, f0, c, ldv, prefetch); break;
       }
     }
+    f0 += blocks == 3 ? 64 : 32 * blocks;  // three blocks: a 64-feature tile, then a 32-feature one
   }
 }
