@@ -33,6 +33,8 @@ _PREFETCH = re.compile(r"^\s*[0-9a-f]+:\s+(prefetch\w*|prfm)\s")
 # (instruction set, product, template arguments) of the decode products that prefetch.
 _DECODE_PRODUCT = re.compile(r"cpu::(\w+)::(decode_chunk|decode_scores|decode_values)<([\w:, ]+)>\(")
 _BF16_VALUES_TILE = re.compile(r"cpu::(\w+)::(values_tile)<(\d+, \d+),")
+# dot_keys of float and bfloat16 keys (and its row-block lambdas): it asks for the keys ahead as it goes.
+_DOT_KEYS = re.compile(r"cpu::(\w+)::(dot_keys)<[\w:]*?(FloatDot<float>|Bf16Dot), float>")
 
 
 @functools.cache
@@ -63,7 +65,7 @@ def test_decode_products_prefetch_scattered_rows():
     # one of them must hold the prefetches.
     groups: dict[tuple[str, ...], int] = {}
     for name, count in _prefetches_by_function().items():
-        match = _BF16_VALUES_TILE.search(name) or _DECODE_PRODUCT.search(name)
+        match = _BF16_VALUES_TILE.search(name) or _DECODE_PRODUCT.search(name) or _DOT_KEYS.search(name)
         if match:
             groups[match.groups()] = groups.get(match.groups(), 0) + count
     isas = {isa for isa, function, types in groups if function == "decode_chunk" and types == "float, float"}
@@ -72,6 +74,7 @@ def test_decode_products_prefetch_scattered_rows():
     for isa in sorted(isas):
         for function in ("decode_scores", "decode_values"):
             assert (isa, function, "float, float") in groups, f"{isa}: no {function}<float, float> symbol"
+        assert (isa, "dot_keys", "FloatDot<float>") in groups, f"{isa}: no dot_keys<FloatDot<float>, float> symbol"
     missing = sorted(" ".join(key) for key, count in groups.items() if count == 0)
     assert not missing, f"no prefetch instruction in: {missing}"
 

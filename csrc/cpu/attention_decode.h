@@ -180,6 +180,17 @@ struct FloatDot {
   static simd::Vec<T> add(simd::Vec<T> acc, Operand q, Operand k) { return acc + q * k; }
 };
 
+// Key rows for dot_keys to ask for while it computes: `rows` rows of `bytes` bytes, `stride` bytes apart
+// from `first` (none when first is null). Spread over the products, a few rows per block of keys, the
+// requests leave the core between the FMAs instead of filling its miss buffers in one burst: asked for
+// all at once before the products (128 prefetches per 16 float keys at head dim 128), `perf` put 8% of a
+// one-row step on that loop, and a step read a (B, H, S, D) cache from memory 1.25-1.3x slower on one
+// thread (2026-12-04 record, cpu-decode-memory.md).
+struct KeysAhead {
+  const char* first = nullptr;
+  int64_t rows = 0, stride = 0, bytes = 0;
+};
+
 // out[r * ldo + j] = q_r . k_j for rows r < rows (row stride ldq) and the `width` key rows at k (row
 // stride ldk), over `steps` steps of Dot::features features; out is of the accumulator type. Rows go in
 // blocks of 4, 2, 1: a block of R rows takes the keys width / R at a time into width accumulators (one
@@ -187,14 +198,14 @@ struct FloatDot {
 // R rows, so one query load serves `keys` products: with a query load per product the loads, not the
 // FMAs, were the limit (40 loads per 32 FMAs at 4 rows of 128 floats; with 4 query heads per kv head the
 // step read L3-resident K and V 1.22x slower; 2026-12-04 record, cpu-decode-side-by-side.md). On Zen 4
-// the hardware prefetcher did not follow keys read side by side: decode_scores asks for them ahead. One
+// the hardware prefetcher did not follow keys read side by side: they are asked for ahead (KeysAhead). One
 // row (rows == 1) reads key row after key row, one stream the prefetcher follows (1.6x faster than a
 // vector of each of 16 rows in turn, neither with a software prefetch; cpu-decode-row-order.md). Never
 // inlined, so that the accumulators stay in registers (as gemm_tile).
 template <typename Dot, typename Acc>
 __attribute__((noinline)) void dot_keys(const typename Dot::Elem* q, int64_t rows, int64_t ldq,
                                         const typename Dot::Elem* k, int64_t ldk, int64_t steps, Acc* out,
-                                        int64_t ldo) {
+                                        int64_t ldo, KeysAhead ahead = {}) {
   using S = TransposeSum<Acc>;
   using V = simd::Vec<Acc>;
   using Operand = typename Dot::Operand;
@@ -204,6 +215,9 @@ __attribute__((noinline)) void dot_keys(const typename Dot::Elem* q, int64_t row
     const typename Dot::Elem* qr = q + r0 * ldq;
     for (int j0 = 0; j0 < width; j0 += keys) {
       const typename Dot::Elem* kj = k + j0 * ldk;
+      if (r0 == 0 && ahead.first != nullptr) {
+        for (int j = j0; j < j0 + keys && j < ahead.rows; ++j) prefetch_rows(ahead.first + j * ahead.stride, 1, 0, ahead.bytes);
+      }
       V acc[width] = {};
       const auto add = [&](int r, int j, Operand qd, Operand kd) {
         V& a = acc[r * keys + j];
@@ -340,27 +354,36 @@ void decode_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_
     const acc_t* keys = buf.keys.data();
     int64_t ldk = buf.ldq;
     const int64_t token = seq.k_start + j0 + b;
+    const bool whole = count == width && k.adjacent_rows(token) >= width;  // one run of `width` rows
+    // The keys kDecodePrefetchKeys ahead: asked for by dot_keys when they are one run and it reads the
+    // rows in place, else here.
+    KeysAhead next;
     if (ahead && b + kDecodePrefetchKeys < n) {
-      prefetch_tokens(k, seq.batch, kv_head, token + kDecodePrefetchKeys,
-                      std::min(width, n - b - kDecodePrefetchKeys), dim);
+      const int64_t later = std::min(width, n - b - kDecodePrefetchKeys), at = token + kDecodePrefetchKeys;
+      if (whole && (in_place || bf16_dot(k, dim)) && k.adjacent_rows(at) >= later) {
+        next = {reinterpret_cast<const char*>(k.row(seq.batch, kv_head, at)), later,
+                k.token_stride * int64_t(sizeof(scalar_t)), dim * int64_t(sizeof(scalar_t))};
+      } else {
+        prefetch_tokens(k, seq.batch, kv_head, at, later, dim);
+      }
     }
 #if defined(FUSED_ATTENTION_BF16_DOT)
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      if (bf16_dot(k, dim) && count == width && k.adjacent_rows(token) >= width) {
+      if (bf16_dot(k, dim) && whole) {
         dot_keys<Bf16Dot>(buf.q16.data() + row0 * dim, rows, dim, k.row(seq.batch, kv_head, token), k.token_stride,
-                          dim / Bf16Dot::features, scores + b, buf.lds);
+                          dim / Bf16Dot::features, scores + b, buf.lds, next);
         continue;
       }
     }
 #endif
-    if (in_place && count == width && k.adjacent_rows(token) >= width) {
+    if (in_place && whole) {
       keys = reinterpret_cast<const acc_t*>(k.row(seq.batch, kv_head, token));
       ldk = k.token_stride;
     } else {
       decode_load_rows(k, seq.batch, kv_head, token, count, dim, buf.keys.data(), buf.ldq);
       std::fill(buf.keys.begin() + count * buf.ldq, buf.keys.end(), acc_t(0));
     }
-    dot_keys<FloatDot<acc_t>>(q, rows, buf.ldq, keys, ldk, vectors, scores + b, buf.lds);
+    dot_keys<FloatDot<acc_t>>(q, rows, buf.ldq, keys, ldk, vectors, scores + b, buf.lds, next);
   }
 }
 

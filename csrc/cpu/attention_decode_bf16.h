@@ -92,7 +92,7 @@ __attribute__((noinline)) void values_tile(int64_t n, const c10::BFloat16* p16, 
 // pair of value rows once: 2 rows x 128 features where 128 features remain, so that the first tile reads
 // whole value rows front to back (its partner tiles find them in L2); tiles of 4 rows x 64 features
 // read half rows in two passes and streamed a cache from memory 1.1-1.2x slower (2026-12-04 record,
-// cpu-decode-bf16-values.md); else up to 4 rows x 64 or 32. scattered: rows are short runs in their own
+// cpu-decode-memory.md); else up to 4 rows x 64 or 32. scattered: rows are short runs in their own
 // pages (see prefetch_rows); the tile of the first rows and features asks for whole rows ahead.
 template <typename RowOf>
 void values_bf16(int64_t rows, int64_t n, const c10::BFloat16* p16, int64_t ldp, const RowOf& row_of,
