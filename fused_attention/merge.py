@@ -30,14 +30,15 @@ def merge_into_(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor,
     is -inf (it saw no key) contributes nothing; when both are -inf the row stays 0 with lse -inf (no NaN).
     """
     lse = lse.to(acc_lse.dtype)
-    top = torch.maximum(acc_lse, lse)
-    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
+    top = torch.maximum(acc_lse, lse).clamp_min(torch.finfo(acc_lse.dtype).min)  # see _merge_stacked
     w_acc = torch.exp(acc_lse - top)
     w_new = torch.exp(lse - top)
     total = w_acc + w_new
-    safe = torch.where(total == 0, torch.ones_like(total), total)
-    acc_out.mul_((w_acc / safe).unsqueeze(-1)).add_(out.to(acc_out.dtype) * (w_new / safe).unsqueeze(-1))
-    acc_lse.copy_(top + torch.log(total))
+    empty = total == 0
+    safe = torch.where(empty, 1.0, total)
+    out = torch.where(torch.isneginf(lse).unsqueeze(-1), 0.0, out.to(acc_out.dtype))  # even a NaN there
+    acc_out.mul_((w_acc / safe).unsqueeze(-1)).add_(out * (w_new / safe).unsqueeze(-1))
+    acc_lse.copy_(torch.where(empty, float("-inf"), top + torch.log(safe)))  # log(0)'s gradient is NaN
 
 
 def _merge_stacked(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,13 +48,16 @@ def _merge_stacked(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor
     H200). Results in accumulation dtype; deterministic for a given part count."""
     acc_dtype = accumulation_dtype(outs.dtype)
     lses = lses.to(acc_dtype)
-    top = lses.amax(0)
-    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)  # no part saw a key: weights 0
+    # finite where no part saw a key (all -inf): the weights are then exp(-inf) = 0, not NaN
+    top = lses.amax(0).clamp_min(torch.finfo(acc_dtype).min)
     weights = torch.exp(lses - top)
     total = weights.sum(0)
-    weights = weights / torch.where(total == 0, torch.ones_like(total), total)
-    out = (outs.to(acc_dtype) * weights.unsqueeze(-1)).sum(0)
-    return out, top + torch.log(total)
+    empty = total == 0
+    safe = torch.where(empty, 1.0, total)
+    # a part that saw no key contributes nothing, even where its output holds NaN (0 * NaN is NaN)
+    outs = torch.where(torch.isneginf(lses).unsqueeze(-1), 0.0, outs.to(acc_dtype))
+    out = (outs * (weights / safe).unsqueeze(-1)).sum(0)
+    return out, torch.where(empty, float("-inf"), top + torch.log(safe))
 
 
 def _merge_aligned(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,6 +72,13 @@ def fold_sinks_(acc_out: torch.Tensor, acc_lse: torch.Tensor, sinks: torch.Tenso
     """Adds attention sinks to merged states ``out (B, H, L, Ev)``, ``lse (B, H, L)``, in place: a sink
     is one more part whose lse is ``sinks[h]`` and whose output is 0."""
     merge_into_(acc_out, acc_lse, acc_out.new_zeros(()), sinks[:, None].expand_as(acc_lse))
+
+
+def _with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fold_sinks_` out of place, for autograd (the in-place merge overwrites what its backward
+    needs)."""
+    parts = torch.stack([out, torch.zeros_like(out)])
+    return _merge_stacked(parts, torch.stack([lse, sinks.to(lse.dtype)[:, None].expand_as(lse)]))
 
 
 def _check_states(outs: object, lses: object, layout: object) -> None:
@@ -97,13 +108,24 @@ def _check_states(outs: object, lses: object, layout: object) -> None:
     if layout == "bhsd":
         expected = tuple(first_out.shape[:-1])
         if first_out.dim() < 2 or tuple(first_lse.shape) != expected:
+            hint = ""
+            if first_out.dim() == 3 and tuple(first_lse.shape) == expected[::-1]:
+                hint = " (varlen_attention's lse is (H, T) for out (T, H, D): pass layout='bshd')"
             raise AttentionArgumentError(
                 f"layout='bhsd': lse must have out's shape without its last dim {expected}, got "
-                f"{tuple(first_lse.shape)}"
+                f"{tuple(first_lse.shape)}{hint}"
+            )
+    elif first_out.dim() == 3:  # packed (T, H, D) with (H, T), as varlen_attention returns them
+        t, h, _ = first_out.shape
+        if tuple(first_lse.shape) != (h, t):
+            raise AttentionArgumentError(
+                f"layout='bshd': lse must be (H, T) = {(h, t)} for packed out (T, H, D), got {tuple(first_lse.shape)}"
             )
     else:
         if first_out.dim() != 4:
-            raise AttentionArgumentError(f"layout='bshd': out must be 4-D (B, L, H, D), got {first_out.dim()}-D")
+            raise AttentionArgumentError(
+                f"layout='bshd': out must be (B, L, H, D) or packed (T, H, D), got {first_out.dim()}-D"
+            )
         b, seq, h, _ = first_out.shape
         if tuple(first_lse.shape) != (b, h, seq):
             raise AttentionArgumentError(
@@ -131,9 +153,11 @@ def merge_attention_states_list(
             ``layout="bhsd"``: any shape ``(..., Ev)``, e.g. ``(B, H, L, Ev)`` as
             :func:`fused_attention.scaled_dot_product_attention` returns it, or packed ``(T, H, Ev)``.
             ``layout="bshd"``: ``(B, L, H, Ev)``, as :func:`fused_attention.attention_with_kvcache`
-            returns it in its default layout.
+            returns it in its default layout, or packed ``(T, H, Ev)``, as
+            :func:`fused_attention.varlen_attention` returns it.
         lses: their natural-log log-sum-exps (``return_lse=True``), all of one shape and dtype:
-            ``out.shape[:-1]`` for ``"bhsd"``; ``(B, H, L)`` for ``"bshd"``.
+            ``out.shape[:-1]`` for ``"bhsd"``; ``(B, H, L)`` for ``"bshd"`` (``(H, T)`` when packed,
+            as ``varlen_attention`` returns it).
         layout: ``"bhsd"`` (default) or ``"bshd"``, as above.
         sinks: attention sinks ``(H,)`` (float32), joined once to the merged result, for parts computed
             without them (split-KV); needs 4-D outputs (``(B, H, L, Ev)`` or ``(B, L, H, Ev)``). The
@@ -145,18 +169,18 @@ def merge_attention_states_list(
     """
     _check_states(outs, lses, layout)
     outs, lses = list(outs), list(lses)
-    if layout == "bshd":  # (B, L, H, D) with (B, H, L): merge in the (B, H, L, D) view.
-        outs = [o.transpose(1, 2) for o in outs]
+    if layout == "bshd":  # (B, L, H, D) with (B, H, L), or (T, H, D) with (H, T): merge in the H-first view
+        outs = [o.transpose(-3, -2) for o in outs]
     acc_out, acc_lse = _merge_aligned(outs, lses)
     if sinks is not None:
         if acc_out.dim() != 4:
             raise AttentionArgumentError(
                 f"sinks need 4-D outputs (B, H, L, Ev) or (B, L, H, Ev), got {acc_out.dim()}-D"
             )
-        fold_sinks_(acc_out, acc_lse, check_sinks(sinks, acc_out.shape[1], acc_out.device))
+        acc_out, acc_lse = _with_sinks(acc_out, acc_lse, check_sinks(sinks, acc_out.shape[1], acc_out.device))
     out = acc_out.to(outs[0].dtype)
     if layout == "bshd":
-        out = out.transpose(1, 2).contiguous()
+        out = out.transpose(-3, -2).contiguous()
     return out, acc_lse.to(lses[0].dtype)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -193,6 +194,34 @@ def test_dropout_only_in_training():
         assert torch.equal(model(ids).logits, model(ids).logits)
         model.train()
         assert not torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_bidirectional_sliding_window_counts_the_query_itself():
+    """A bidirectional module passes flash-attention's window + 1 (ModernBERT: its config's sliding_window
+    + 1) and transformers' mask lets position p see |p - j| <= sliding_window: with no 4-D mask the
+    function applies the same window (it saw |p - j| <= the keyword, one key too many each side)."""
+    module = torch.nn.Module()
+    module.is_causal = False
+    q, k, v = (torch.randn(1, 2, 9, 16, dtype=torch.float64) for _ in range(3))
+    out = huggingface.fused_attention_forward(module, q, k, v, None, sliding_window=3)[0]
+    positions = torch.arange(9)
+    mask = (positions[:, None] - positions[None, :]).abs() <= 2
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+    torch.testing.assert_close(out, expected)
+
+
+def test_output_attentions_warns_that_no_weights_come_back(monkeypatch):
+    """As transformers' sdpa: the weights are None, and the user is told once."""
+    monkeypatch.setattr(huggingface, "_warned_output_attentions", False)
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    with pytest.warns(UserWarning, match="output_attentions"):
+        _, weights = huggingface.fused_attention_forward(module, q, k, v, None, output_attentions=True)
+    assert weights is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        huggingface.fused_attention_forward(module, q, k, v, None, output_attentions=True)
 
 
 def test_attention_function_applies_dropout_only_while_the_module_trains():

@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from conftest import assert_policy, cpu_backends
+from conftest import assert_policy, cpu_backends, shared_backends
 
 import fused_attention as fa
 from fused_attention.kvcache import PagedKVCache, StaticKVCache
@@ -470,9 +470,100 @@ def test_merge_neg_inf_sides():
     assert not both.isnan().any() and torch.equal(both, torch.zeros_like(both)) and torch.isneginf(both_lse).all()
 
 
+def test_merge_gradients_with_sinks_and_rows_no_part_saw():
+    """Gradients reach outs, lses and sinks (the sinks were folded in place, overwriting what autograd
+    saved), equal those of attention with sinks over the union, and a row no part saw gets zero lse
+    gradients, not NaN (the log of a zero total)."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, n, 8, dtype=torch.float64, generator=gen) for n in (3, 6, 6))
+    sinks = torch.randn(2, dtype=torch.float64, generator=gen)
+    parts = [fa.scaled_dot_product_attention(q, k[:, :, a:b], v[:, :, a:b], return_lse=True) for a, b in ((0, 2), (2, 6))]
+    outs = [o.clone().requires_grad_() for o, _ in parts]
+    lses = [s.clone().requires_grad_() for _, s in parts]
+    merged_sinks = sinks.clone().requires_grad_()
+    out, _ = fa.merge_attention_states_list(outs, lses, sinks=merged_sinks)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [merged_sinks, *outs, *lses], grad)
+    direct_sinks = sinks.clone().requires_grad_()
+    direct = fa.scaled_dot_product_attention(q, k, v, sinks=direct_sinks)
+    torch.testing.assert_close(torch.autograd.grad(direct, [direct_sinks], grad)[0], got[0])
+    assert all(bool(g.isfinite().all()) for g in got)
+    # nested merges where a row saw no key in two of three parts, then in none of them
+    lse_a = torch.tensor([[[float("-inf"), 0.3]]], dtype=torch.float64, requires_grad=True)
+    lse_b = torch.tensor([[[float("-inf"), -1.0]]], dtype=torch.float64, requires_grad=True)
+    out_a, out_b = torch.randn(1, 1, 2, 4, dtype=torch.float64), torch.randn(1, 1, 2, 4, dtype=torch.float64)
+    ab, lse_ab = fa.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    abc, lse_abc = fa.merge_attention_states(ab, lse_ab, torch.zeros_like(ab), torch.full_like(lse_ab, float("-inf")))
+    (abc.sum() + lse_abc[..., 1].sum()).backward()
+    assert lse_a.grad[..., 0].item() == 0 and lse_b.grad[..., 0].item() == 0
+    assert bool(lse_a.grad.isfinite().all()) and bool(lse_b.grad.isfinite().all())
+
+
+def test_merge_ignores_the_output_of_a_part_that_saw_no_key():
+    """A part with lse -inf contributes nothing, even when its output holds NaN or inf (0 x NaN is NaN)."""
+    out = torch.randn(1, 2, 3, 4)
+    lse = torch.randn(1, 2, 3)
+    junk = torch.full_like(out, float("nan"))
+    junk[0, 0, 0] = float("inf")
+    none = torch.full_like(lse, float("-inf"))
+    for merged, merged_lse in (fa.merge_attention_states(junk, none, out, lse),
+                               fa.merge_attention_states_list([out, junk, junk], [lse, none, none])):
+        torch.testing.assert_close(merged, out)
+        torch.testing.assert_close(merged_lse, lse)
+    acc_out, acc_lse = out.clone(), lse.clone()
+    fa.merge.merge_into_(acc_out, acc_lse, junk, none)  # the in-place merge (split-KV, ring attention)
+    torch.testing.assert_close(acc_out, out)
+
+
+def test_merge_of_varlen_outputs_in_their_layout():
+    """varlen_attention returns out (T, H, D) with lse (H, T): layout='bshd' merges them as they come
+    (with T == H the default layout could not tell the difference; it would merge wrongly)."""
+    gen = torch.Generator().manual_seed(6)
+    cu_q, cu_k = torch.tensor([0, 1, 4], dtype=torch.int32), torch.tensor([0, 5, 12], dtype=torch.int32)
+    q = torch.randn(4, 4, 8, dtype=torch.float64, generator=gen)
+    k, v = (torch.randn(12, 4, 8, dtype=torch.float64, generator=gen) for _ in range(2))
+    first = torch.tensor([True] * 3 + [False] * 2 + [True] * 4 + [False] * 3)  # each sequence's first keys
+    parts = []
+    for keep in (first, ~first):
+        cu = torch.cat([torch.zeros(1, dtype=torch.int32), keep.int().cumsum(0)[cu_k[1:].long() - 1].int()])
+        parts.append(fa.varlen_attention(q, k[keep], v[keep], cu_q, cu, 3, int((cu[1:] - cu[:-1]).max()), return_lse=True))
+    whole, whole_lse = fa.varlen_attention(q, k, v, cu_q, cu_k, 3, 7, return_lse=True)
+    assert parts[0][1].shape == (4, 4)  # (H, T): T == H
+    out, lse = fa.merge_attention_states(parts[0][0], parts[0][1], parts[1][0], parts[1][1], layout="bshd")
+    torch.testing.assert_close(out, whole)
+    torch.testing.assert_close(lse, whole_lse)
+    packed_out, packed_lse = torch.randn(3, 4, 8), torch.randn(4, 3)  # (T, H, D) with (H, T), T != H
+    with pytest.raises(ValueError, match=r"pass layout='bshd'"):
+        fa.merge_attention_states(packed_out, packed_lse, packed_out, packed_lse)
+
+
+@pytest.mark.parametrize("backend", shared_backends())
+def test_per_batch_vectors_and_block_tables_given_as_strided_views(backend):
+    """cache_seqlens / cache_leftpad / cache_batch_idx and block tables that are views with a stride read
+    as their values (an int64 view reached the triton kernels uncopied and was indexed as contiguous)."""
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 1, 4, 16, generator=gen)
+    kc, vc = (torch.randn(2, 40, 2, 16, generator=gen) for _ in range(2))
+    for dtype in (torch.int32, torch.int64):
+        vectors = {name: torch.tensor(values, dtype=dtype)[::2] for name, values in
+                   (("cache_seqlens", [30, 99, 11, 99]), ("cache_leftpad", [3, 99, 2, 99]),
+                    ("cache_batch_idx", [1, 99, 0, 99]))}
+        out = fa.attention_with_kvcache(q, kc, vc, backend=backend, **vectors)
+        dense = {name: t.contiguous() for name, t in vectors.items()}
+        assert torch.equal(out, fa.attention_with_kvcache(q, kc, vc, backend=backend, **dense))
+    pool = torch.randn(12, 4, 2, 16, generator=gen)
+    table = torch.randperm(12, generator=gen).to(torch.int32).view(2, 6)
+    strided = torch.stack([table, torch.full_like(table, 77)], 2).flatten(1)[:, ::2]
+    seqlens = torch.tensor([20, 9], dtype=torch.int32)
+    out = fa.attention_with_kvcache(q, pool, pool, cache_seqlens=seqlens, block_table=strided, backend=backend)
+    assert torch.equal(out, fa.attention_with_kvcache(q, pool, pool, cache_seqlens=seqlens, block_table=table,
+                                                      backend=backend))
+
+
 def test_merge_of_many_splits_is_one_pass():
     """Merging many parts takes a fixed number of tensor ops, not a few per part: on a GPU each op is a
-    kernel launch, and a pairwise merge of 32 decode splits cost 8 ms a step (H200)."""
+    kernel launch, and a pairwise merge of 32 decode splits cost 8 ms a step (H200). Views and the
+    0-dim scalars of ``torch.where(cond, 0.0, x)`` launch nothing and are not counted."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -481,7 +572,7 @@ def test_merge_of_many_splits_is_one_pass():
             self.ops = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops += 1
+            self.ops += not (func.is_view or func is torch.ops.aten.scalar_tensor.default)
             return func(*args, **(kwargs or {}))
 
     counts = []

@@ -4,6 +4,7 @@ module in the tested dtype."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import random
@@ -743,3 +744,36 @@ def test_encoder_stack_of_rope_layers():
             expected = _formula_layer(member, "rope")(expected)
     assert got.shape == x.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("empty", ["batch", "queries"])
+def test_multihead_attention_empty_batch_or_queries(batch_first, need_weights, empty):
+    """No sequences or no queries give an empty output, as torch's module does (the reshape to (..., -1)
+    cannot size 0 elements)."""
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+    ours = copy.deepcopy(ref)
+    MultiheadAttention.from_torch_(ours)
+    n, seq_q = (0, 3) if empty == "batch" else (2, 0)
+    shape_q = (n, seq_q, 8) if batch_first else (seq_q, n, 8)
+    shape_k = (n, 5, 8) if batch_first else (5, n, 8)
+    q, kv = torch.randn(shape_q), torch.randn(shape_k)
+    expected, expected_w = ref(q, kv, kv, need_weights=need_weights)
+    out, weights = ours(q, kv, kv, need_weights=need_weights)
+    assert out.shape == expected.shape
+    assert (weights is None) == (expected_w is None) and (weights is None or weights.shape == expected_w.shape)
+
+
+def test_from_torch_on_a_fused_module_keeps_its_state_or_refuses():
+    """Converting a module that is already fused returns it unchanged when asked for what it has, and
+    refuses otherwise (re-initialising it dropped its trained sinks and its positional encoding)."""
+    m = MultiheadAttention(16, 4, positional="alibi", sinks=True)
+    with torch.no_grad():
+        m.sinks.fill_(3.0)
+    assert MultiheadAttention.from_torch_(m, positional="alibi", sinks=True) is m
+    assert m.alibi is not None and bool((m.sinks == 3.0).all())
+    with pytest.raises(ValueError, match="already a fused MultiheadAttention"):
+        MultiheadAttention.from_torch_(m)
+    assert m.positional == "alibi" and bool((m.sinks == 3.0).all())

@@ -484,3 +484,14 @@ def test_opcheck_triton_ops_with_sinks():
         ops.triton_attention_backward,
         (torch.randn_like(out), out, q_, k_, v_, mask, lengths, alibi, seed, lse, *options, False, False, sinks_, True),
     )
+
+
+def test_sinks_and_key_lengths_given_as_strided_views(sinks_backend):
+    """Vectors that are views with a stride (every other element of a larger tensor) read as their
+    values: the triton kernels indexed them as if contiguous (wrong keys masked, other heads' sinks)."""
+    torch.manual_seed(4)
+    q, k, v, kwargs = _inputs({"key_lengths"})
+    kwargs["key_lengths"] = torch.stack([kwargs["key_lengths"], torch.full((B,), S)], 1).flatten()[::2]
+    kwargs["sinks"] = torch.stack([kwargs["sinks"], torch.zeros_like(kwargs["sinks"])], 1).flatten()[::2]
+    assert kwargs["key_lengths"].stride() == (2,) and kwargs["sinks"].stride() == (2,)
+    check_sinks(sinks_backend, q, k, v, **kwargs)

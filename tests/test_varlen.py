@@ -53,6 +53,18 @@ def test_varlen_alibi_slopes_gradient_matches_reference(backend, dtype, per_sequ
     _check(backend, dtype, 4, 2, 16, alibi_slopes=slopes * 0.5 - 0.1, is_causal=causal, scale=0.3)
 
 
+def test_varlen_cu_seqlens_given_as_strided_views(backend):
+    """cu_seqlens that are views with a stride (every other element of a larger tensor) read as their
+    values: the triton kernels indexed them as if contiguous (out-of-bounds reads)."""
+    torch.manual_seed(2)
+    cu_q, cu_k = (torch.stack([_cu(lens), torch.full((len(lens) + 1,), 99, dtype=torch.int32)], 1).flatten()[::2]
+                  for lens in (LENS_Q, LENS_K))
+    assert cu_q.stride() == (2,) and cu_k.stride() == (2,)
+    q = rand(int(cu_q[-1]), 4, 16, requires_grad=True)
+    k, v = (rand(int(cu_k[-1]), 2, 16, requires_grad=True) for _ in range(2))
+    check_varlen(backend, q, k, v, cu_q, cu_k, is_causal=True)
+
+
 def test_varlen_gqa_and_value_head_dim(backend):
     torch.manual_seed(1)
     _check(backend, torch.float32, 4, 2, 8, is_causal=True)

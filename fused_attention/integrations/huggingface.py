@@ -33,6 +33,7 @@ that the attention module passes:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -117,7 +118,7 @@ _HARMLESS_KWARGS = frozenset(
     {
         "position_ids",  # already applied to q/k (RoPE); packed sequences reach us as the mask built from them
         "use_cache",  # the cache is updated before attention is called
-        "output_attentions",  # we return no weights (None), as transformers' sdpa does
+        "output_attentions",  # we return no weights (None), as transformers' sdpa does: warned once
         "output_hidden_states",
         "output_router_logits",  # MoE router outputs (gpt-oss)
         "num_items_in_batch",  # loss normalisation
@@ -134,6 +135,21 @@ _HARMLESS_KWARGS = frozenset(
 )
 
 
+_warned_output_attentions = False
+
+
+def _warn_output_attentions() -> None:
+    global _warned_output_attentions
+    _warned_output_attentions = True
+    warnings.warn(
+        "fused_attention returns no attention weights: output_attentions=True gives None for them (as "
+        "transformers' sdpa and flash-attention implementations do); use attn_implementation='eager' to get "
+        "them",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
 def _check_kwargs(module: torch.nn.Module, query: torch.Tensor, attention_mask: Any, kwargs: dict[str, Any]) -> None:
     """Raises ``TypeError`` for a keyword that is neither used nor known harmless (see ``_HARMLESS_KWARGS``)."""
     unknown = sorted(set(kwargs) - _HARMLESS_KWARGS)
@@ -143,6 +159,8 @@ def _check_kwargs(module: torch.nn.Module, query: torch.Tensor, attention_mask: 
             f"from {type(module).__name__} that it does not implement; refusing rather than computing "
             "something else (use attn_implementation='eager' for this model)"
         )
+    if kwargs.get("output_attentions") and not _warned_output_attentions:
+        _warn_output_attentions()
     cu = kwargs.get("cu_seq_lens_q")
     packed = isinstance(cu, torch.Tensor) and cu.numel() > query.shape[0] + 1
     if packed and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4):
@@ -210,8 +228,10 @@ def fused_attention_forward(
         elif mask is not None:
             mask = mask[:, None, None, -kv_length:]
         if sliding_window is not None:
-            # transformers: causal sees p - w < j <= p; bidirectional sees |p - j| <= w
-            window = (sliding_window - 1, 0) if causal else (sliding_window, sliding_window)
+            # the keyword counts the query's own key, as flash-attention's window_size + 1: causal sees
+            # p - w < j <= p; bidirectional sees |p - j| <= w - 1 (ModernBERT passes its config's
+            # sliding_window + 1 and masks |p - j| <= sliding_window)
+            window = (sliding_window - 1, 0) if causal else (sliding_window - 1, sliding_window - 1)
         elif causal and q_length > 1:
             window = (-1, 0)
     if position_bias is not None:

@@ -81,7 +81,9 @@ def _int_per_batch(name: str, t: object, batch: int, device: torch.device) -> to
         return None
     if isinstance(t, int) and not isinstance(t, bool):
         return torch.full((batch,), t, dtype=torch.int64, device=device)
-    return check_int_vector(name, t, batch, device).to(torch.int64)
+    # contiguous: the kernels index the vector as element i at offset i (an int64 view such as t[::2] is
+    # not copied by .to)
+    return check_int_vector(name, t, batch, device).to(torch.int64).contiguous()
 
 
 def _fail_if(bad: bool, message: str | Callable[[], str]) -> None:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backends import get_backend
-from ..errors import AttentionTypeError
+from ..errors import AttentionArgumentError, AttentionTypeError
 from ..functional import scaled_dot_product_attention, varlen_attention
 from ..position import apply_rotary_emb_qk
 from .checks import _POSITIONAL, ModuleInputError, ModuleTypeError, _check_heads, _keep_torch_fast_paths_off
@@ -173,8 +173,16 @@ class MultiheadAttention(nn.MultiheadAttention):
             )
         _check_options(module, positional, backend)  # before the class changes: a failure leaves it as it was
         _check_sinks_flag(sinks)
-        if not isinstance(module, cls):
-            module.__class__ = cls
+        if isinstance(module, cls):  # already fused: re-initialising would drop its sinks and positional state
+            has = (module.positional, module.backend, module.sinks is not None)
+            if has != (positional, backend, sinks):
+                raise AttentionArgumentError(
+                    f"module is already a fused {cls.__name__} with positional={has[0]!r}, backend={has[1]!r}, "
+                    f"sinks={has[2]}; from_torch_ would discard that state to make it positional={positional!r}, "
+                    f"backend={backend!r}, sinks={sinks} (build a new module to change them)"
+                )
+            return module
+        module.__class__ = cls
         assert isinstance(module, cls)
         module._init_fused(positional, backend, sinks)
         return module
@@ -362,9 +370,9 @@ class MultiheadAttention(nn.MultiheadAttention):
                 weights = weights.squeeze(0)
 
         if batch_first:
-            out = out.transpose(1, 2).reshape(batch, seq_q, -1)
+            out = out.transpose(1, 2).reshape(batch, seq_q, self.embed_dim)  # not -1: no size from 0 elements
         else:
-            out = out.permute(2, 0, 1, 3).reshape(seq_q, batch, -1)
+            out = out.permute(2, 0, 1, 3).reshape(seq_q, batch, self.embed_dim)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
         return (out if batched else out.squeeze(0)), weights
 

@@ -25,11 +25,18 @@ from ..kernels.triton.attention_launch import Problem
 from . import attention_rules
 
 
+def _dense(t: Tensor | None) -> Tensor | None:
+    """A per-sequence or per-head vector as the kernels index it: element i at offset i (a view such as
+    ``t[::2]`` is copied; they are tiny)."""
+    return None if t is None else t.contiguous()
+
+
 def _problem(q, k, v, mask, key_lengths, alibi, cu_q, cu_k, max_q, max_k, seed, causal, window_left,
              window_right, softcap, scale, dropout_p, sinks=None) -> Problem:
     return Problem(
-        sinks=sinks,
-        q=q, k=k, v=v, mask=mask, key_lengths=key_lengths, alibi=alibi, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+        sinks=_dense(sinks),
+        q=q, k=k, v=v, mask=mask, key_lengths=_dense(key_lengths), alibi=alibi, cu_seqlens_q=_dense(cu_q),
+        cu_seqlens_k=_dense(cu_k),
         max_seqlen_q=max_q, max_seqlen_k=max_k, causal=causal, window_left=window_left,
         window_right=window_right, softcap=softcap, scale=scale, dropout_p=dropout_p,
         seed=int(seed.item()) if seed is not None and dropout_p > 0 else 0,
