@@ -32,16 +32,16 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from torch.utils.benchmark import Timer
 
 import fused_attention
 from fused_attention import _extension
+from fused_attention.bench.timing import time_cpu
 
 SHAPES = [(1, 8, 2048, 64), (1, 8, 4096, 64), (1, 16, 2048, 128)]
 
 
 def _median_ms(fn, min_run_time: float) -> float:
-    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+    return time_cpu(fn, min_run_time, warmup=False)[0] * 1e3  # with torch's threads (Timer's default: 1)
 
 
 def _inputs(shape, dtype, requires_grad):

@@ -26,9 +26,9 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-from torch.utils.benchmark import Timer
 
 import fused_attention
+from fused_attention.bench.timing import time_cpu
 
 # (name, B, Hq, Hkv, L, D, causal)
 CASES = [
@@ -61,8 +61,8 @@ def _runner(provider, q, k, v, causal, backward):
     return run
 
 
-def _median_ms(fn, min_run_time):
-    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+def _median_ms(fn, min_run_time: float) -> float:
+    return time_cpu(fn, min_run_time, warmup=False)[0] * 1e3  # with torch's threads (Timer's default: 1)
 
 
 def _thread_cpu_ns() -> dict[str, int]:

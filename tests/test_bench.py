@@ -301,3 +301,18 @@ def test_time_budget_stops_between_problems_and_partial_results_are_reported():
     specs = [small("plain", seq_q=s, seq_k=s) for s in (16, 32, 64)]
     rows = bench.run(specs, [Provider("slow", slow)], min_run_time=0.001, time_budget_s=0.01, on_problem=seen.append)
     assert [r.seq_q for r in rows] == [16] and len(seen) == 1
+
+
+def test_cpu_timer_runs_with_torchs_threads():
+    """CPU rows are timed with torch's intra-op threads, as the report says (torch's benchmark Timer runs
+    its statement with one thread unless told otherwise: every CPU row was single-threaded)."""
+    from fused_attention.bench.timing import time_cpu
+
+    previous = torch.get_num_threads()
+    seen: set[int] = set()
+    try:
+        torch.set_num_threads(2)
+        time_cpu(lambda: seen.add(torch.get_num_threads()), min_run_time=0.01)
+    finally:
+        torch.set_num_threads(previous)
+    assert seen == {2}

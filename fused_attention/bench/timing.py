@@ -1,6 +1,7 @@
 """Timers: median and interquartile range of one call, in seconds.
 
-CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (median of many blocks). CUDA:
+CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (median of many blocks), with torch's current
+number of intra-op threads (the Timer's default is one). CUDA:
 ``triton.testing.do_bench`` quantiles when Triton is installed, else CUDA events, after warm-up.
 """
 
@@ -16,9 +17,10 @@ def time_cpu(fn: Callable[[], object], min_run_time: float = 0.2, warmup: bool =
 
     if warmup:  # first-call allocations, lazy initialization
         fn()
-    measurement = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(
-        min_run_time=min_run_time
-    )
+    # num_threads: the Timer runs the statement with 1 intra-op thread unless told otherwise
+    measurement = benchmark.Timer(
+        stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+    ).blocked_autorange(min_run_time=min_run_time)
     return measurement.median, measurement.iqr
 
 
