@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 
 import fused_attention
 from fused_attention import _extension
+from fused_attention.bench.report import cpu_model
 from fused_attention.bench.timing import time_cpu
 
 SHAPES = [(1, 8, 2048, 64), (1, 8, 4096, 64), (1, 16, 2048, 128)]
@@ -259,7 +259,7 @@ def shapes_report(decode: list[dict], short: list[dict], few: list[dict], args) 
 
 def _header() -> str:
     return (
-        f"CPU: {_cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"CPU: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), fused_attention {fused_attention.__version__}, "
         f"CPU kernels: {_extension.load_extension().cpu_isa}; load: {os.getloadavg()[0]:.2f} (1 min)"
     )
@@ -271,18 +271,10 @@ def _row_line(r: dict) -> str:
             f"{r['torch_ms']:.1f} | {r['ours_ms']:.1f} | {r['speedup']:.2f}x |")
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
-
-
 def report(rows: list[dict], long_rows: list[dict], args) -> str:
     lines = [
         (
-            f"CPU: {_cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"CPU: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), fused_attention {fused_attention.__version__}, "
             f"CPU kernels: {_extension.load_extension().cpu_isa}"
         ),

@@ -50,6 +50,7 @@ from torch import nn
 
 import fused_attention
 import fused_attention.nn as fnn
+from fused_attention.bench.report import cpu_model
 
 
 @dataclass
@@ -302,12 +303,7 @@ HF_MODELS = {"llama-decode", "llama-prefill", "gemma2-decode", "bert-base", "min
 
 
 def machine(argv: list[str]) -> dict[str, object]:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         import transformers
 

@@ -18,10 +18,19 @@ from .row import COLUMNS, Row
 
 
 def cpu_model() -> str:
+    """The CPU's model name, with its x86 family and model numbers where /proc/cpuinfo has them: a cloud
+    VM may show only "AMD EPYC" for CPUs whose vector units differ (family 25 is Zen 3/4, whose 512-bit
+    FMAs run as two halves; 26 is Zen 5), and records taken on them are not comparable."""
     try:
+        fields: dict[str, str] = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the first processor's block
+            fields.setdefault(key.strip(), value.strip())
+        if "model name" in fields:
+            numbers = f" (family {fields['cpu family']} model {fields['model']})" if "cpu family" in fields else ""
+            return fields["model name"] + numbers
     except OSError:
         pass
     return platform.processor() or platform.machine()
