@@ -29,16 +29,10 @@ def merge_into_(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor,
     The accumulators are in :func:`accumulation_dtype`; ``out`` may be lower precision. A side whose lse
     is -inf (it saw no key) contributes nothing; when both are -inf the row stays 0 with lse -inf (no NaN).
     """
-    lse = lse.to(acc_lse.dtype)
-    top = torch.maximum(acc_lse, lse).clamp_min(torch.finfo(acc_lse.dtype).min)  # see _merge_stacked
-    w_acc = torch.exp(acc_lse - top)
-    w_new = torch.exp(lse - top)
-    total = w_acc + w_new
-    empty = total == 0
-    safe = torch.where(empty, 1.0, total)
-    out = torch.where(torch.isneginf(lse).unsqueeze(-1), 0.0, out.to(acc_out.dtype))  # even a NaN there
-    acc_out.mul_((w_acc / safe).unsqueeze(-1)).add_(out * (w_new / safe).unsqueeze(-1))
-    acc_lse.copy_(torch.where(empty, float("-inf"), top + torch.log(safe)))  # log(0)'s gradient is NaN
+    outs = torch.stack([acc_out, out.to(acc_out.dtype).expand_as(acc_out)])
+    merged, merged_lse = _merge_stacked(outs, torch.stack([acc_lse, lse.to(acc_lse.dtype).expand_as(acc_lse)]))
+    acc_out.copy_(merged)
+    acc_lse.copy_(merged_lse)
 
 
 def _merge_stacked(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +51,7 @@ def _merge_stacked(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor
     # a part that saw no key contributes nothing, even where its output holds NaN (0 * NaN is NaN)
     outs = torch.where(torch.isneginf(lses).unsqueeze(-1), 0.0, outs.to(acc_dtype))
     out = (outs * (weights / safe).unsqueeze(-1)).sum(0)
-    return out, torch.where(empty, float("-inf"), top + torch.log(safe))
+    return out, torch.where(empty, float("-inf"), top + torch.log(safe))  # log(0)'s gradient would be NaN
 
 
 def _merge_aligned(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,17 +62,18 @@ def _merge_aligned(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[
     return _merge_stacked(torch.stack(outs), torch.stack(lses))
 
 
-def fold_sinks_(acc_out: torch.Tensor, acc_lse: torch.Tensor, sinks: torch.Tensor) -> None:
-    """Adds attention sinks to merged states ``out (B, H, L, Ev)``, ``lse (B, H, L)``, in place: a sink
-    is one more part whose lse is ``sinks[h]`` and whose output is 0."""
-    merge_into_(acc_out, acc_lse, acc_out.new_zeros(()), sinks[:, None].expand_as(acc_lse))
-
-
 def _with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`fold_sinks_` out of place, for autograd (the in-place merge overwrites what its backward
-    needs)."""
+    """Attention sinks joined to merged states ``out (B, H, L, Ev)``, ``lse (B, H, L)``: a sink is one
+    more part whose lse is ``sinks[h]`` and whose output is 0. Out of place (autograd needs the inputs)."""
     parts = torch.stack([out, torch.zeros_like(out)])
     return _merge_stacked(parts, torch.stack([lse, sinks.to(lse.dtype)[:, None].expand_as(lse)]))
+
+
+def fold_sinks_(acc_out: torch.Tensor, acc_lse: torch.Tensor, sinks: torch.Tensor) -> None:
+    """:func:`_with_sinks` written into the accumulators."""
+    out, lse = _with_sinks(acc_out, acc_lse, sinks)
+    acc_out.copy_(out)
+    acc_lse.copy_(lse)
 
 
 def _check_states(outs: object, lses: object, layout: object) -> None:

@@ -216,7 +216,9 @@ __attribute__((noinline)) void dot_keys(const typename Dot::Elem* q, int64_t row
     for (int j0 = 0; j0 < width; j0 += keys) {
       const typename Dot::Elem* kj = k + j0 * ldk;
       if (r0 == 0 && ahead.first != nullptr) {
-        for (int j = j0; j < j0 + keys && j < ahead.rows; ++j) prefetch_rows(ahead.first + j * ahead.stride, 1, 0, ahead.bytes);
+        for (int j = j0; j < j0 + keys && j < ahead.rows; ++j) {
+          prefetch_rows(ahead.first + j * ahead.stride, 1, 0, ahead.bytes);
+        }
       }
       V acc[width] = {};
       const auto add = [&](int r, int j, Operand qd, Operand kd) {

@@ -98,7 +98,8 @@ template <typename RowOf>
 void values_bf16(int64_t rows, int64_t n, const c10::BFloat16* p16, int64_t ldp, const RowOf& row_of,
                  int64_t value_dim, float* acc, int64_t ldv, bool scattered) {
   for (int64_t f0 = 0; f0 < value_dim;) {
-    const int64_t blocks = std::min<int64_t>(value_dim - f0, 128) / 32;  // of 32 features: 1, 2, 3 or 4
+    // blocks of 32 features per tile: 4 (2 rows) while 128 features remain, then 2 (4 rows), then 1
+    const int64_t blocks = value_dim - f0 >= 128 ? 4 : value_dim - f0 >= 64 ? 2 : 1;
     const int64_t tile_rows = blocks == 4 ? 2 : 4;
     const int64_t row_bytes = scattered && f0 == 0 ? value_dim * int64_t(sizeof(c10::BFloat16)) : 0;
     for (int64_t r0 = 0; r0 < rows; r0 += tile_rows) {
@@ -111,7 +112,7 @@ void values_bf16(int64_t rows, int64_t n, const c10::BFloat16* p16, int64_t ldp,
         else values_tile<1, 4>(n, p, ldp, row_of, f0, c, ldv, prefetch);
         continue;
       }
-      switch ((take - 1) * 2 + (blocks >= 2 ? 1 : 0)) {
+      switch ((take - 1) * 2 + (blocks == 2 ? 1 : 0)) {
         case 0: values_tile<1, 1>(n, p, ldp, row_of, f0, c, ldv, prefetch); break;
         case 1: values_tile<1, 2>(n, p, ldp, row_of, f0, c, ldv, prefetch); break;
         case 2: values_tile<2, 1>(n, p, ldp, row_of, f0, c, ldv, prefetch); break;
@@ -122,6 +123,6 @@ void values_bf16(int64_t rows, int64_t n, const c10::BFloat16* p16, int64_t ldp,
         default: values_tile<4, 2>(n, p, ldp, row_of, f0, c, ldv, prefetch); break;
       }
     }
-    f0 += blocks == 3 ? 64 : 32 * blocks;  // three blocks: a 64-feature tile, then a 32-feature one
+    f0 += 32 * blocks;
   }
 }
