@@ -13,6 +13,9 @@ short and medium sequences (B, H, L=S, D) in {(8, 12, 128, 64), (32, 12, 128, 64
 right-padded (``key_lengths``; torch: a bool mask) and causal, as ratios against torch's SDPA; then MQA
 and GQA forward+backward (B = 1, Hq = 8, Hkv = 1 and 2, L = S = 2048, causal, float32).
 
+The long rows also give our useful GFLOP/s as a share of a float32 2048^3 ``torch.mm`` timed beside each
+row (the limit a kernel made of tile products can approach).
+
 Timing: ``torch.utils.benchmark`` medians; torch and ours alternate ``--rounds`` times and each side
 keeps the median of its rounds, so load that comes and goes on a shared machine hits both alike.
 
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 
 import fused_attention
 from fused_attention import _extension
+from fused_attention.bench import attention_flops
 from fused_attention.bench.report import cpu_model
 from fused_attention.bench.timing import time_cpu
 
@@ -65,21 +69,34 @@ def _ours(q, k, v, causal):
     return fused_attention.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="cpu")
 
 
+# The compute-bound rows' yardstick: a float32 matrix product of this size, timed beside each case.
+SGEMM_N = 2048
+
+
 def compare(rounds: int, min_run_time: float) -> list[dict]:
     rows = []
+    a, b = torch.randn(SGEMM_N, SGEMM_N), torch.randn(SGEMM_N, SGEMM_N)
+
+    def sgemm():
+        torch.mm(a, b)
+
     cases = [(dt, "fwd") for dt in (torch.float32, torch.bfloat16)] + [(torch.float32, "fwd+bwd")]
     for dtype, mode in cases:
         for shape in SHAPES:
             for causal in (False, True):
                 backward = mode == "fwd+bwd"
                 q, k, v = _inputs(shape, dtype, backward)
-                times = {"torch": [], "ours": []}
-                for _ in range(rounds):
-                    for name, fn in (("torch", _torch), ("ours", _ours)):
-                        times[name].append(_median_ms(_call(fn, q, k, v, causal, backward), min_run_time))
-                t, o = statistics.median(times["torch"]), statistics.median(times["ours"])
+                ms = _interleaved({"torch": _call(_torch, q, k, v, causal, backward),
+                                   "ours": _call(_ours, q, k, v, causal, backward), "sgemm": sgemm}, rounds,
+                                  min_run_time)
+                t, o = ms["torch"], ms["ours"]
+                b, h, n, d = shape
+                ours_gflops = attention_flops(b, h, n, n, d, causal=causal, mode=mode) / o / 1e6
+                sgemm_gflops = 2 * SGEMM_N**3 / ms["sgemm"] / 1e6
                 rows.append({"dtype": str(dtype).removeprefix("torch."), "mode": mode, "shape": shape,
-                             "causal": causal, "torch_ms": t, "ours_ms": o, "speedup": t / o})
+                             "causal": causal, "torch_ms": t, "ours_ms": o, "speedup": t / o,
+                             "ours_gflops": ours_gflops, "sgemm_gflops": sgemm_gflops,
+                             "of_sgemm": ours_gflops / sgemm_gflops})
                 print(_row_line(rows[-1]), flush=True)
     return rows
 
@@ -102,15 +119,16 @@ print(json.dumps({"growth_mb": (peak_rss() - base) / 2**20}))
 """
 
 
-def long_sequences(min_run_time: float) -> list[dict]:
+def long_sequences(rounds: int, min_run_time: float) -> list[dict]:
     q, k, v = _inputs((1, 8, 16384, 64), torch.float32, False)
     kinds = {"plain": {}, "alibi": {"alibi_slopes": torch.full((8,), 0.05)}, "window": {"window_size": (255, 0)}}
+    # the cases alternate (a call takes seconds: one timed call per case and round)
+    ms = _interleaved({kind: lambda kw=kwargs: fused_attention.scaled_dot_product_attention(q, k, v, backend="cpu", **kw)
+                       for kind, kwargs in kinds.items()}, rounds, min_run_time)
     rows = []
-    for kind, kwargs in kinds.items():
-        ms = _median_ms(lambda kw=kwargs: fused_attention.scaled_dot_product_attention(q, k, v, backend="cpu", **kw),
-                        min_run_time)
+    for kind in kinds:
         proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, kind], capture_output=True, text=True, check=True)
-        rows.append({"case": kind, "ms": ms, "peak_rss_growth_mb": json.loads(proc.stdout)["growth_mb"]})
+        rows.append({"case": kind, "ms": ms[kind], "peak_rss_growth_mb": json.loads(proc.stdout)["growth_mb"]})
         print(rows[-1], flush=True)
     return rows
 
@@ -268,7 +286,8 @@ def _header() -> str:
 def _row_line(r: dict) -> str:
     b, h, n, d = r["shape"]
     return (f"| {r['dtype']} | {r['mode']} | {b}x{h}x{n}x{d} | {'yes' if r['causal'] else 'no'} | "
-            f"{r['torch_ms']:.1f} | {r['ours_ms']:.1f} | {r['speedup']:.2f}x |")
+            f"{r['torch_ms']:.1f} | {r['ours_ms']:.1f} | {r['speedup']:.2f}x | {r['ours_gflops']:.0f} | "
+            f"{r['sgemm_gflops']:.0f} | {r['of_sgemm']:.0%} |")
 
 
 def report(rows: list[dict], long_rows: list[dict], args) -> str:
@@ -278,10 +297,14 @@ def report(rows: list[dict], long_rows: list[dict], args) -> str:
             f"({torch.get_num_threads()} threads), fused_attention {fused_attention.__version__}, "
             f"CPU kernels: {_extension.load_extension().cpu_isa}"
         ),
-        f"Command: python benchmarks/cpu_attention.py --rounds {args.rounds}",
+        f"Command: python benchmarks/cpu_attention.py --rounds {args.rounds} --min-run-time {args.min_run_time}",
         "",
-        "| dtype | mode | B x H x L=S x D | causal | torch SDPA (ms) | ours (ms) | speedup |",
-        "|---|---|---|---|---|---|---|",
+        (f"Useful GFLOP/s: 4 B H L S D per forward, halved when causal, backward 2.5x the forward; sgemm: a "
+         f"float32 {SGEMM_N}^3 torch.mm timed beside each row (its median GFLOP/s)."),
+        "",
+        ("| dtype | mode | B x H x L=S x D | causal | torch SDPA (ms) | ours (ms) | speedup | ours GFLOP/s | "
+         "sgemm GFLOP/s | of sgemm |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
         *(_row_line(r) for r in rows),
         "",
     ]
@@ -289,6 +312,11 @@ def report(rows: list[dict], long_rows: list[dict], args) -> str:
         ratios = [r["speedup"] for r in rows if r["dtype"] == dtype and r["mode"] == mode]
         if ratios:
             lines.append(f"- {dtype} {mode}: median speedup {statistics.median(ratios):.2f}x, min {min(ratios):.2f}x")
+    for mode, causal in (("fwd", False), ("fwd", True), ("fwd+bwd", False), ("fwd+bwd", True)):
+        shares = [r["of_sgemm"] for r in rows if r["dtype"] == "float32" and r["mode"] == mode and r["causal"] == causal]
+        if shares:
+            lines.append(f"- float32 {mode}{' causal' if causal else ''}: {min(shares):.0%}-{max(shares):.0%} "
+                         f"of the sgemm rate")
     if long_rows:
         plain = next(r["ms"] for r in long_rows if r["case"] == "plain")
         lines += ["", "L = S = 16384, H = 8, D = 64, float32 forward (ours):", "",
@@ -319,7 +347,7 @@ def main() -> None:
                 f.write(text)
         return
     rows = compare(args.rounds, args.min_run_time)
-    long_rows = [] if args.skip_long else long_sequences(args.min_run_time)
+    long_rows = [] if args.skip_long else long_sequences(args.rounds, args.min_run_time)
     text = report(rows, long_rows, args)
     print(text)
     if args.out:
