@@ -207,6 +207,36 @@ def test_fully_masked_rows_are_zero_with_finite_gradients(backend, dtype):
         check_attention(backend, q, k, v, **kwargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("logits", [1.0, 30.0], ids=["unit_logits", "large_logits"])
+def test_rows_that_see_one_key_have_exactly_zero_score_gradients(backend, dtype, logits):
+    """A row whose softmax is all on one key is constant in its scores: dQ and that key's dK are exactly
+    0 (the dtype's reference computes 0, so the policy's bound is its absolute floor). dS = P (dP - delta)
+    leaves rounding noise there unless P is exactly 1 or the kernel knows the row is one-hot; in 16 bits
+    the Triton forward's lse passes through log2 units, so P lands a few ulps from 1 (an H200 run measured
+    1.3e-6 for float16 dK; the interpreter 5.8e-6 with this test's output gradient)."""
+    require(backend, dtype)
+    torch.manual_seed(16)
+    q, k, v, _ = _inputs(set(), dtype, seq_q=S)
+    with torch.no_grad():
+        q.mul_(logits)  # |scores| of about `logits`: lse's rounding grows with them
+    dout = torch.randn(q.shape[:-1] + (v.shape[-1],)).to(dtype)
+    for kwargs, one_key in (
+        ({"window_size": (0, 0)}, slice(None)),  # every row sees only its own key
+        ({"is_causal": True}, slice(0, 1)),  # row 0 sees key 0 alone
+        ({"key_lengths": torch.tensor([1, S])}, slice(None)),  # batch 0: every row sees key 0 alone
+    ):
+        out = fused_attention.scaled_dot_product_attention(q, k, v, backend=backend, **kwargs)
+        dq, dk = torch.autograd.grad(out, [q, k], dout)
+        if "key_lengths" in kwargs:
+            assert (dq[0] == 0).all() and (dk[0] == 0).all(), (dq[0].abs().max(), dk[0].abs().max())
+        else:
+            assert (dq[:, :, one_key] == 0).all(), dq[:, :, one_key].abs().max()
+            if "window_size" in kwargs:
+                assert (dk == 0).all(), dk.abs().max()
+        check_attention(backend, q, k, v, **kwargs)
+
+
 def test_inputs_not_mutated(backend):
     torch.manual_seed(11)
     q, k, v, kwargs = _inputs({"alibi", "float_mask", "key_lengths", "window"})

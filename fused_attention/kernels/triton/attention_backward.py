@@ -32,6 +32,11 @@ import triton.language as tl
 from . import attention_launch as launch
 from .attention_tiles import dropout_keep, key_range, query_range, scores
 
+# How far (relative to |lse| + 1) a one-hot row's P may sit below 1 in the 16-bit path: the forward's
+# rounded scale * log2(e), its product, ln 2 and the product back, and the backward's S = qk * scale,
+# half a float32 ulp each, with room to spare.
+_ONE_HOT_ULPS = tl.constexpr(8 * 2.0**-24)
+
 
 @triton.jit
 def attention_dkdv_kernel(
@@ -333,7 +338,16 @@ def attention_dq_kernel(
     # A row whose probability is all on one key (it sees one key, or the rest underflow) has a constant
     # softmax: its score gradients are exactly 0. dS = P * (dP - delta) would leave that key's dP minus
     # the same sum taken in another order (delta): rounding noise where the gradient is exactly 0.
-    one_hot = peak == 1.0
+    if DOT_PRECISION == "ieee":  # P is the forward's, bit for bit: exactly 1 there
+        one_hot = peak == 1.0
+    else:
+        # In 16 bits the forward works in log2 units (scale * log2(e) in one multiply, lse converted back
+        # with ln 2), so P = exp(S - lse) of a one-hot row lands a few float32 ulps of |lse| from 1 (an
+        # H200 run: float16 dK 1.3e-6 where it is 0). A row this close to 1 has at most that fraction of
+        # its weight elsewhere: its exact dS is below the rounding of dP - delta. (lse loaded again: held
+        # past the loop, it made an sm_80 tile spill.)
+        size = tl.abs(tl.load(Lse + stat_offset, mask=row_ok, other=0.0)) + 1.0  # inf where no key: not one-hot
+        one_hot = (peak >= 1.0 - size * _ONE_HOT_ULPS) & (peak > 0.0)
     tl.store(OneHot + stat_offset, one_hot.to(tl.uint8), mask=row_ok)  # for the dK/dV pass
     dq = tl.where(one_hot[:, None], 0.0, dq * scale)
     tl.store(
