@@ -166,14 +166,18 @@ def check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) ->
         raise AttentionArgumentError(f"{name} must be 1-D with batch + 1 entries, got shape {tuple(cu.shape)}")
     cu = check_int_vector(name, cu, cu.numel(), device)
     if content_checks_enabled(cu):
-        values = cu.tolist()
-        if values[0] != 0 or any(b < a for a, b in itertools.pairwise(values)):
-            raise AttentionArgumentError(f"{name} must start at 0 and be non-decreasing, got {values}")
-        if values[-1] != total:
-            raise AttentionArgumentError(
-                f"{name} must end at the number of packed tokens ({total}), got {values[-1]}"
-            )
+        check_cu_values(name, cu.tolist(), total)
     return cu
+
+
+def check_cu_values(name: str, values: list[int], total: int) -> list[int]:
+    """Offsets of packed sequences: from 0, non-decreasing, ending at the packed token count. Ops that
+    read the values anyway call it too (under torch.compile the Python-side check cannot run)."""
+    if values[0] != 0 or any(b < a for a, b in itertools.pairwise(values)):
+        raise AttentionArgumentError(f"{name} must start at 0 and be non-decreasing, got {values}")
+    if values[-1] != total:
+        raise AttentionArgumentError(f"{name} must end at the number of packed tokens ({total}), got {values[-1]}")
+    return values
 
 
 def check_max_seqlen(name: str, value: object, cu: torch.Tensor) -> int:

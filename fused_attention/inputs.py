@@ -229,7 +229,7 @@ def _canonical_qkv(
     if len(qs) == 4 and len(ks) == 4 and len(vs) == 4 and qs[0] == ks[0] == vs[0]:
         # The common call, already canonical: one batch dim, equal or grouped heads.
         hq, hk, hv = qs[1], ks[1], vs[1]
-        if hq == hk == hv or (enable_gqa and hk == hv and hq % hk == 0):
+        if hq == hk == hv or (enable_gqa and hk == hv and hk > 0 and hq % hk == 0):
             return query, key, value, (qs[0],), hq, False
     qdim, kdim, vdim = len(qs), len(ks), len(vs)
     # Torch aligns ranks from the right (matmul broadcasting); so do we.
@@ -255,7 +255,7 @@ def _canonical_qkv(
     if hq == hk == hv:
         heads = hq
     elif enable_gqa:
-        if hq % hk or hq % hv:
+        if hk == 0 or hv == 0 or hq % hk or hq % hv:
             raise AttentionArgumentError(
                 f"with enable_gqa the number of key ({hk}) and value ({hv}) heads must divide the "
                 f"number of query heads ({hq})"

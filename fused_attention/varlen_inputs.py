@@ -49,7 +49,7 @@ def canonicalize_varlen(
         raise AttentionArgumentError(
             f"v must have the tokens and heads of k {tuple(k.shape[:2])}, got {tuple(v.shape[:2])}"
         )
-    if q.shape[1] % k.shape[1]:
+    if k.shape[1] == 0 and q.shape[1] > 0 or k.shape[1] > 0 and q.shape[1] % k.shape[1]:
         raise AttentionArgumentError(f"k heads ({k.shape[1]}) must divide q heads ({q.shape[1]})")
     cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
     cu_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)

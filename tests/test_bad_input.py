@@ -83,6 +83,8 @@ SDPA_CASES = [
     ("int_key", TypeError, "key", lambda q, k, v: ((q, k.long(), v), {})),
     ("gqa_not_divisible", ValueError, "enable_gqa",
      lambda q, k, v: ((q, k[:, :3], v[:, :3]), {"enable_gqa": True})),
+    ("gqa_no_key_heads", ValueError, "enable_gqa",  # was a ZeroDivisionError
+     lambda q, k, v: ((q, k[:, :0], v[:, :0]), {"enable_gqa": True})),
     ("heads_mismatch_without_gqa", ValueError, ("key", "enable_gqa"), lambda q, k, v: ((q, k[:, :2], v[:, :2]), {})),
     ("mask_not_broadcast", ValueError, "attn_mask",
      lambda q, k, v: ((q, k, v), {"attn_mask": torch.ones(L + 1, S, dtype=torch.bool)})),
@@ -181,6 +183,8 @@ VARLEN_CASES = [
     ("q_2d", ValueError, "q", lambda q, k, v, cq, ck: (q[:, 0], k, v, cq, ck, 5, 6)),
     ("k_heads_not_dividing", ValueError, "k heads",
      lambda q, k, v, cq, ck: (q, torch.cat([k, k[:, :1]], 1), torch.cat([v, v[:, :1]], 1), cq, ck, 5, 6)),
+    ("k_no_heads", ValueError, "k heads",  # was a ZeroDivisionError
+     lambda q, k, v, cq, ck: (q, k[:, :0], v[:, :0], cq, ck, 5, 6)),
     ("max_seqlen_q_too_small", ValueError, "max_seqlen_q", lambda q, k, v, cq, ck: (q, k, v, cq, ck, 4, 6)),
     ("max_seqlen_k_too_small", ValueError, "max_seqlen_k", lambda q, k, v, cq, ck: (q, k, v, cq, ck, 5, 5)),
 ]
@@ -190,6 +194,42 @@ VARLEN_CASES = [
 def test_varlen_bad_input(cls, names, make):
     args = make(*_packed(), CU_Q.clone(), CU_K.clone())
     expect_error(cls, names, varlen_attention, *args)
+
+
+# Offsets that pass the shape and dtype checks; their values are wrong.
+BAD_OFFSETS = {
+    "not_increasing": ([0, 5, 3, 9], [0, 4, 6, 11]),
+    "past_the_end": ([0, 3, 4000], [0, 6, 11]),
+    "not_from_zero": ([2, 4, 9], [0, 6, 11]),
+    "short_of_the_end": ([0, 4, 9], [0, 6, 10]),
+}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("case", BAD_OFFSETS)
+def test_varlen_offsets_are_checked_by_the_ops(backend, case):
+    """Under torch.compile the Python checks of cu_seqlens' values cannot run (values are unknown while
+    tracing): the ops check them. The cpu op read and wrote out of bounds (a crash) and the torch op gave
+    an output from the wrong rows."""
+    if backend == "cpu" and fused_attention.backends.BACKENDS["cpu"].unavailable_reason():
+        pytest.skip("the cpu extension is not built")
+    q, k, v = _packed()
+    cq, ck = (torch.tensor(c, dtype=torch.int32) for c in BAD_OFFSETS[case])
+
+    def call(q, k, v, cq, ck):
+        return varlen_attention(q, k, v, cq, ck, 6, 6, is_causal=True, backend=backend)
+
+    with pytest.raises(RuntimeError, match="cu_seqlens_[qk]"):
+        torch.compile(call, fullgraph=True, backend="eager")(q, k, v, cq, ck)
+
+
+def test_zero_query_heads_give_an_empty_output():
+    """No query heads, any key heads: an empty result, as torch's SDPA (the torch backend divided by 0)."""
+    q, k, v = _packed()
+    for backend in ("torch", "cpu"):
+        out = varlen_attention(q[:, :0].requires_grad_(), k, v, CU_Q, CU_K, 5, 6, backend=backend)
+        assert out.shape == (9, 0, E)
+        out.sum().backward()
 
 
 def test_varlen_valid_baseline_runs():

@@ -34,8 +34,35 @@ std::vector<Sequence> dense_sequences(int64_t batch, int64_t len_q, int64_t len_
   return seqs;
 }
 
-std::vector<Sequence> packed_sequences(const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k) {
-  const at::Tensor cq = cu_seqlens_q.to(at::kLong).contiguous(), ck = cu_seqlens_k.to(at::kLong).contiguous();
+namespace {
+
+// cu_seqlens are checked here too: under torch.compile (and called as an op) their values reach the
+// kernels unchecked by Python, and an offset out of range read and wrote outside q, k, v and out. Returns
+// the offsets as a contiguous int64 tensor.
+at::Tensor checked_offsets(const at::Tensor& cu, const char* name, int64_t total) {
+  TORCH_CHECK(cu.device().is_cpu() && cu.dim() == 1 && cu.numel() >= 1 &&
+                  (cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong),
+              "fused_attention: ", name, " must be a 1-D int32 or int64 CPU tensor with batch + 1 entries, got ",
+              cu.scalar_type(), " ", cu.sizes(), " on ", cu.device());
+  at::Tensor offsets = cu.to(at::kLong).contiguous();
+  const int64_t* x = offsets.data_ptr<int64_t>();
+  bool ordered = x[0] == 0;
+  for (int64_t b = 0; ordered && b + 1 < offsets.numel(); ++b) ordered = x[b] <= x[b + 1];
+  TORCH_CHECK(ordered, "fused_attention: ", name, " must start at 0 and be non-decreasing");
+  TORCH_CHECK(x[offsets.numel() - 1] == total, "fused_attention: ", name,
+              " must end at the number of packed tokens (", total, "), got ", x[offsets.numel() - 1]);
+  return offsets;
+}
+
+}  // namespace
+
+std::vector<Sequence> packed_sequences(const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t total_q,
+                                       int64_t total_k) {
+  TORCH_CHECK(cu_seqlens_q.numel() == cu_seqlens_k.numel(),
+              "fused_attention: cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got ",
+              cu_seqlens_q.numel(), " and ", cu_seqlens_k.numel());
+  const at::Tensor cq = checked_offsets(cu_seqlens_q, "cu_seqlens_q", total_q);
+  const at::Tensor ck = checked_offsets(cu_seqlens_k, "cu_seqlens_k", total_k);
   const int64_t* q = cq.data_ptr<int64_t>();
   const int64_t* k = ck.data_ptr<int64_t>();
   std::vector<Sequence> seqs;
@@ -68,7 +95,7 @@ Problem<scalar_t> dense_problem(const at::Tensor& q, const at::Tensor& k, const 
 template <typename scalar_t>
 Problem<scalar_t> packed_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k) {
-  return {packed_sequences(cu_seqlens_q, cu_seqlens_k), Operand<scalar_t>::packed(q), Operand<scalar_t>::packed(k),
+  return {packed_sequences(cu_seqlens_q, cu_seqlens_k, q.size(0), k.size(0)), Operand<scalar_t>::packed(q), Operand<scalar_t>::packed(k),
           Operand<scalar_t>::packed(v), q.size(1), k.size(1), q.size(2), v.size(2)};
 }
 

@@ -82,7 +82,8 @@ struct Sequence {
 
 std::vector<Sequence> dense_sequences(int64_t batch, int64_t len_q, int64_t len_k,
                                       const c10::optional<at::Tensor>& key_lengths);
-std::vector<Sequence> packed_sequences(const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k);
+std::vector<Sequence> packed_sequences(const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t total_q,
+                                       int64_t total_k);
 
 struct Rules {
   bool causal;

@@ -190,6 +190,8 @@ visit_hook = None
 def _chunks(q: torch.Tensor, k: torch.Tensor, rules: Rules):
     batch, hq, seq_q, _ = q.shape
     seq_k = k.shape[2]
+    if hq == 0 or k.shape[1] == 0:
+        return  # no head pairs: nothing to compute (and no group size to divide by)
     step = chunk_rows(batch, hq, seq_q, seq_k)
     for i0 in range(0, seq_q, step):
         i1 = min(i0 + step, seq_q)

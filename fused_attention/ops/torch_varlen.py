@@ -9,12 +9,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..argument_checks import check_cu_values
+from ..errors import AttentionArgumentError
 from ..kernels import chunked
 from . import attention_rules
 
 
-def _sequences(cu_q: Tensor, cu_k: Tensor):
-    cq, ck = cu_q.tolist(), cu_k.tolist()
+def _sequences(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int):
+    # checked here as well: under torch.compile the values reach the op unchecked
+    cq = check_cu_values("cu_seqlens_q", cu_q.tolist(), total_q)
+    ck = check_cu_values("cu_seqlens_k", cu_k.tolist(), total_k)
+    if len(cq) != len(ck):
+        raise AttentionArgumentError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got {len(cq)} and {len(ck)}")
     for b in range(len(cq) - 1):
         yield b, slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
 
@@ -49,7 +55,7 @@ def torch_varlen(
     """Packed attention: ``out (total_q, H, Dv)``, ``lse (H, total_q)``; windows are bottom-right per sequence."""
     out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
     lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=chunked.compute_dtype(q.dtype))
-    for b, rows, cols in _sequences(cu_seqlens_q, cu_seqlens_k):
+    for b, rows, cols in _sequences(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0]):
         rules = chunked.rules_from_op(False, window_left, window_right, softcap, scale, dropout_p, seed, stream=b)
         o, s = chunked.attention_forward(
             _as_dense(q, rows), _as_dense(k, cols), _as_dense(v, cols), None, None, _slopes(alibi, b), rules, sinks
@@ -85,7 +91,7 @@ def torch_varlen_backward(
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dalibi = torch.zeros_like(alibi) if need_alibi_grad else q.new_empty(0)
     dsinks = torch.zeros_like(sinks) if need_sinks_grad else q.new_empty(0)
-    for b, rows, cols in _sequences(cu_seqlens_q, cu_seqlens_k):
+    for b, rows, cols in _sequences(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0]):
         rules = chunked.rules_from_op(False, window_left, window_right, softcap, scale, dropout_p, seed, stream=b)
         slopes = _slopes(alibi, b)
         grads = chunked.attention_backward(
