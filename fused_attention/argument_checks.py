@@ -136,6 +136,20 @@ def check_sinks(sinks: object, heads: int, device: torch.device) -> torch.Tensor
     return sinks
 
 
+def check_number(name: str, value: object, *, above: float) -> float:
+    """A finite real number (not a bool) greater than ``above``: scalar parameters of tables and scalings."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AttentionTypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or not value > above:
+        raise AttentionArgumentError(f"{name} must be a finite number > {above:g}, got {value!r}")
+    return float(value)
+
+
+def check_float_dtype(name: str, dtype: object) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise AttentionTypeError(f"{name} must be a floating-point torch.dtype or None, got {dtype!r}")
+
+
 def check_int_vector(name: str, t: object, length: int, device: torch.device) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -11,8 +11,15 @@ import math
 
 import torch
 
-from .argument_checks import check_cu_seqlens, check_int_vector, check_max_seqlen, content_checks_enabled
-from .backends.positional import PositionBackend, select_position_backend
+from .argument_checks import (
+    check_cu_seqlens,
+    check_float_dtype,
+    check_int_vector,
+    check_max_seqlen,
+    check_number,
+    content_checks_enabled,
+)
+from .backends.positional import POSITION_BACKENDS, PositionBackend, select_position_backend
 from .errors import AttentionArgumentError, AttentionTypeError
 from .kernels.position_torch import sinusoidal_table
 from .rope_scaling import RopeScaling, rotary_cos_sin
@@ -68,8 +75,10 @@ def sinusoidal_position_encoding(
     if dim % 2:
         raise AttentionArgumentError(f"dim must be even (sin/cos pairs), got {dim}")
     _check_int("offset", offset)
+    base = check_number("base", base, above=0)  # base <= 0 gave a table of NaN
+    check_float_dtype("dtype", dtype)
     positions = torch.arange(offset, offset + seq_len, dtype=torch.float64)
-    table = sinusoidal_table(positions, dim, float(base), torch.float64)
+    table = sinusoidal_table(positions, dim, base, torch.float64)
     return table.to(dtype=dtype or torch.get_default_dtype(), device=device)
 
 
@@ -98,11 +107,10 @@ def add_sinusoidal_position_encoding(
         raise AttentionArgumentError(f"x must be 3-D, (S, B, D) or (B, S, D) with batch_first, got {x.dim()}-D")
     if x.shape[-1] % 2:
         raise AttentionArgumentError(f"x.shape[-1] must be even (sin/cos pairs), got {x.shape[-1]}")
-    if not isinstance(base, (int, float)) or not base > 0:
-        raise AttentionArgumentError(f"base must be a positive number, got {base!r}")
+    base = check_number("base", base, above=0)
     canonical = x if batch_first else x.transpose(0, 1)
     offsets, first = _sinusoidal_offsets(offset, canonical.shape[0], x.device)
-    out = select_position_backend(x, backend).add_sinusoidal(canonical, offsets, first, float(base))
+    out = select_position_backend(x, backend).add_sinusoidal(canonical, offsets, first, base)
     return out if batch_first else out.transpose(0, 1)
 
 
@@ -241,6 +249,24 @@ def _from_canonical(out4: torch.Tensor, layout: str, packed: bool) -> torch.Tens
     return out4.transpose(1, 2) if layout == "bhsd" else out4
 
 
+def _check_writable(tensors: list[tuple[str, torch.Tensor]]) -> None:
+    """An in-place rotation writes each element once: not through expanded or self-overlapping strides
+    (the triton kernel rotated such rows several times; the cpu and torch backends raised their own
+    errors), and not to one tensor passed as both q and k (rotated twice on every backend)."""
+    if torch.compiler.is_compiling():
+        return
+    for name, t in tensors:
+        if torch._debug_has_internal_overlap(t) == 1:
+            raise AttentionArgumentError(
+                f"{name}: inplace=True cannot write a tensor whose elements share memory (expanded or "
+                f"overlapping strides {t.stride()}); clone() it first"
+            )
+    if len(tensors) == 2:
+        (_, a), (_, b) = tensors
+        if a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.numel() > 0:
+            raise AttentionArgumentError("q and k are the same memory: inplace=True would rotate it twice")
+
+
 def _rotate(
     tensors: list[tuple[str, torch.Tensor]], cos, sin, interleaved, seqlen_offsets, position_ids, cu_seqlens,
     max_seqlen, layout, inplace, backend,
@@ -261,7 +287,17 @@ def _rotate(
     cos_t, sin_t = _canonical_tables(cos, sin, first)
     positions = _positions(first, cos_t.shape[0], seqlen_offsets, position_ids, cu_seqlens, max_seqlen)
     chosen: PositionBackend = select_position_backend(first, backend)
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad) and chosen.name != "torch":
+        # the cpu and triton kernels give the tables no gradient: differentiable tables (learned or
+        # derived frequencies) take the torch backend's autograd math, as every backend's would
+        if backend is not None:
+            raise AttentionArgumentError(
+                f"cos and sin require grad, and the {chosen.name!r} backend's rotary kernels give the tables "
+                "no gradient: use backend='torch' (or detach the tables)"
+            )
+        chosen = POSITION_BACKENDS["torch"]
     if inplace:
+        _check_writable(tensors)
         for (_, t), c in zip(tensors, canon):
             if torch.is_grad_enabled() and t.requires_grad:
                 _RotaryInPlace.apply(t, layout, packed, cos_t, sin_t, positions, interleaved, chosen)

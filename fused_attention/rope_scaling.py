@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .argument_checks import check_float_dtype, check_number
 from .errors import AttentionArgumentError, AttentionTypeError
 
 _TYPES = ("linear", "dynamic", "llama3", "yarn")
@@ -52,15 +53,35 @@ def as_scaling(scaling: object) -> RopeScaling | None:
 
 
 def _check(scaling: RopeScaling) -> None:
+    """Every field a real value of its kind (bad ones divided by zero, took logs of negatives or gave
+    tables of NaN deep in the formulas)."""
     if scaling.rope_type not in _TYPES:
         raise AttentionArgumentError(f"scaling rope_type must be one of {_TYPES}, got {scaling.rope_type!r}")
-    if not scaling.factor > 0:
-        raise AttentionArgumentError(f"scaling factor must be > 0, got {scaling.factor}")
-    needs_context = scaling.rope_type in ("dynamic", "llama3", "yarn")
-    if needs_context and not scaling.original_max_position_embeddings:
+    check_number("scaling factor", scaling.factor, above=0)
+    context = scaling.original_max_position_embeddings
+    if scaling.rope_type in ("dynamic", "llama3", "yarn") and context is None:
         raise AttentionArgumentError(
             f"scaling of type {scaling.rope_type!r} needs original_max_position_embeddings"
         )
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
+        raise AttentionArgumentError(
+            f"scaling original_max_position_embeddings must be a positive int, got {context!r}"
+        )
+    if scaling.rope_type == "llama3":
+        low = check_number("scaling low_freq_factor", scaling.low_freq_factor, above=0)
+        high = check_number("scaling high_freq_factor", scaling.high_freq_factor, above=0)
+        if not high > low:  # the smooth band divides by their difference
+            raise AttentionArgumentError(f"scaling high_freq_factor ({high}) must exceed low_freq_factor ({low})")
+    if scaling.rope_type == "yarn":
+        check_number("scaling beta_fast", scaling.beta_fast, above=0)
+        check_number("scaling beta_slow", scaling.beta_slow, above=0)
+        for name in ("mscale", "mscale_all_dim"):
+            if getattr(scaling, name) is not None:
+                check_number(f"scaling {name}", getattr(scaling, name), above=-math.inf)
+        if scaling.attention_factor is not None:
+            check_number("scaling attention_factor", scaling.attention_factor, above=0)
+        if not isinstance(scaling.truncate, bool):
+            raise AttentionTypeError(f"scaling truncate must be a bool, got {scaling.truncate!r}")
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -149,8 +170,8 @@ def rotary_cos_sin(
         raise AttentionArgumentError(f"seq_len must be a non-negative int, got {seq_len!r}")
     if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or rotary_dim <= 0 or rotary_dim % 2:
         raise AttentionArgumentError(f"rotary_dim must be a positive even int, got {rotary_dim!r}")
-    if not isinstance(base, (int, float)) or not base > 1:
-        raise AttentionArgumentError(f"base must be a number > 1, got {base!r}")
+    base = check_number("base", base, above=1)
+    check_float_dtype("dtype", dtype)
     params = as_scaling(scaling)
     if params is not None:
         _check(params)

@@ -333,6 +333,26 @@ def test_bad_input_raises_and_leaves_caches_untouched():
     _bad(dict(c, q=c["q"].double()), "dtype")
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_rotary_table_needs_only_the_rows_it_rotates(is_causal):
+    """Lq = 3 query rows, one new key at position 7: not causal, every query row is rotated at 7 (table of
+    8 rows suffices; it was refused as if rows up to 9 were read); causal, rows 7..9 (10 rows needed)."""
+    torch.manual_seed(5)
+    q, k, v = torch.randn(1, 3, 2, 8), torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    kc, vc = torch.randn(1, 12, 1, 8), torch.randn(1, 12, 1, 8)
+    need = 10 if is_causal else 8
+    cos, sin = fa.rotary_cos_sin(need, 8, dtype=torch.float32)
+    common = {"cache_seqlens": 7, "is_causal": is_causal, "backend": "torch"}
+    out = fa.attention_with_kvcache(q, kc.clone(), vc.clone(), k, v, rotary_cos=cos, rotary_sin=sin, **common)
+    full_cos, full_sin = fa.rotary_cos_sin(16, 8, dtype=torch.float32)
+    wide = fa.attention_with_kvcache(q, kc.clone(), vc.clone(), k, v, rotary_cos=full_cos, rotary_sin=full_sin,
+                                     **common)
+    assert torch.equal(out, wide)
+    with pytest.raises(ValueError, match="rotary_cos"):
+        fa.attention_with_kvcache(q, kc.clone(), vc.clone(), k, v, rotary_cos=cos[:-1], rotary_sin=sin[:-1],
+                                  **common)
+
+
 def test_gradients_requested_raise():
     c = _small()
     _bad(dict(c, q=c["q"].clone().requires_grad_()), "forward only")

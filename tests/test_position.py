@@ -179,6 +179,46 @@ def test_rope_inplace(pbackend, requires_grad):
         torch.testing.assert_close(g.double(), expected_g, rtol=1e-5, atol=1e-5)
 
 
+def test_rope_inplace_refuses_memory_it_would_write_twice(pbackend):
+    """Expanded rows (stride 0 along the sequence) and q passed again as k: an in-place rotation would
+    rotate one element several times (the triton kernel returned such rows rotated by several angles)."""
+    cos, sin = table(8, 4)
+    x = torch.ones(1, 1, 1, 4).expand(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="share memory"):
+        fused_attention.apply_rotary_emb(x, cos, sin, inplace=True, backend=pbackend)
+    assert torch.equal(x, torch.ones(1, 1, 4, 4))
+    q = rand(1, 2, 3, 4)
+    before = q.clone()
+    with pytest.raises(ValueError, match="same memory"):
+        fused_attention.apply_rotary_emb_qk(q, q, cos, sin, inplace=True, backend=pbackend)
+    assert torch.equal(q, before)
+    qkv = rand(1, 3, 3, 2, 4)  # q and k as views of one tensor: distinct memory, rotated once each
+    q_view, k_view = qkv[:, :, 0], qkv[:, :, 1]
+    expected = [fused_attention.apply_rotary_emb(t, cos, sin, backend=pbackend) for t in (q_view, k_view)]
+    fused_attention.apply_rotary_emb_qk(q_view, k_view, cos, sin, inplace=True, backend=pbackend)
+    torch.testing.assert_close(q_view, expected[0])
+    torch.testing.assert_close(k_view, expected[1])
+
+
+def test_rope_tables_that_require_grad_get_their_gradient_or_a_clear_error(pbackend):
+    """Learned or derived frequencies: automatic dispatch gives cos/sin the torch backend's gradient (the
+    cpu and triton kernels dropped it silently); a forced kernel backend that cannot raises."""
+    torch.manual_seed(9)
+    cos0, sin0 = table(8, 4)
+    x = rand(1, 1, 3, 4, dtype=torch.float64)
+    ref_cos, ref_sin = (t.double().requires_grad_() for t in (cos0, sin0))
+    fused_attention.apply_rotary_emb(x, ref_cos, ref_sin, backend="torch").pow(2).sum().backward()
+    cos, sin = (t.double().requires_grad_() for t in (cos0, sin0))
+    fused_attention.apply_rotary_emb(x, cos, sin).pow(2).sum().backward()
+    torch.testing.assert_close(cos.grad, ref_cos.grad)
+    torch.testing.assert_close(sin.grad, ref_sin.grad)
+    if pbackend != "torch":
+        with pytest.raises(ValueError, match="cos and sin require grad"):
+            fused_attention.apply_rotary_emb(x, cos, sin, backend=pbackend)
+    with torch.no_grad():  # no gradient asked for: any backend serves
+        fused_attention.apply_rotary_emb(x, cos, sin, backend=pbackend)
+
+
 def test_rope_gradient_is_inverse_rotation(pbackend):
     torch.manual_seed(7)
     cos, sin = table(16, 8)
@@ -285,6 +325,39 @@ def test_bad_sinusoidal_input():
     _raises("even", fused_attention.add_sinusoidal_position_encoding, rand(4, 2, 7))
     _raises("offset", fused_attention.add_sinusoidal_position_encoding, rand(4, 2, 8), offset=torch.tensor([1]))
     _raises("x must be 3-D", fused_attention.add_sinusoidal_position_encoding, rand(4, 8))
+
+
+def test_bad_table_parameters_name_themselves():
+    """Values that used to divide by zero, take logs of negatives or return tables of NaN or ints."""
+    sinusoidal, add = fused_attention.sinusoidal_position_encoding, fused_attention.add_sinusoidal_position_encoding
+    for base in (0, -1.0, float("inf"), float("nan")):
+        _raises("base", sinusoidal, 4, 4, base=base)
+        _raises("base", add, rand(4, 2, 8), base=base)
+        _raises("base", fused_attention.rotary_cos_sin, 4, 4, base=base)
+    _raises("base", add, rand(4, 2, 8), base=True)
+    _raises("dtype", sinusoidal, 3, 4, dtype=torch.int64)
+    _raises("dtype", fused_attention.rotary_cos_sin, 4, 4, dtype=torch.int64)
+
+    def scaled(**kw):
+        return fused_attention.rotary_cos_sin(32, 8, scaling=kw)
+
+    _raises("original_max_position_embeddings", scaled, rope_type="dynamic", factor=2.0,
+            original_max_position_embeddings=0.5)
+    _raises("original_max_position_embeddings", scaled, rope_type="yarn", factor=8.0,
+            original_max_position_embeddings=-16)
+    _raises("original_max_position_embeddings", scaled, rope_type="llama3", factor=8.0,
+            original_max_position_embeddings=-16)
+    _raises("beta_fast", scaled, rope_type="yarn", factor=8.0, original_max_position_embeddings=16, beta_fast=0)
+    _raises("low_freq_factor", scaled, rope_type="llama3", factor=8.0, original_max_position_embeddings=16,
+            low_freq_factor=0.0)
+    _raises("high_freq_factor", scaled, rope_type="llama3", factor=8.0, original_max_position_embeddings=16,
+            low_freq_factor=4.0, high_freq_factor=4.0)
+    _raises("factor", scaled, rope_type="linear", factor="2")
+    _raises("attention_factor", scaled, rope_type="yarn", factor=8.0, original_max_position_embeddings=16,
+            attention_factor=-1.0)
+    # the valid neighbours still build (HF configs give ints for factors)
+    scaled(rope_type="linear", factor=2)
+    scaled(rope_type="llama3", factor=8, original_max_position_embeddings=16, low_freq_factor=1, high_freq_factor=4)
 
 
 def test_rope_compile_fullgraph():

@@ -25,9 +25,9 @@ def rotate_new(call: KVCacheCall, backend: str | None) -> tuple[torch.Tensor, to
     kernels = select_position_backend(q, backend)
     start = call.seqlens.unsqueeze(1)
     k_positions = start if k.shape[1] == 1 else start + torch.arange(k.shape[1], device=start.device)
-    if q.shape[1] == k.shape[1] and (q.shape[1] == 1 or call.is_causal or call.window != (-1, -1)):
+    if q.shape[1] == k.shape[1] and (q.shape[1] == 1 or call.rotary_query_rows_in_order):
         return kernels.rotary_qk(q, k, cos, sin, k_positions, call.rotary_interleaved, False)
-    if call.is_causal or call.window != (-1, -1):
+    if call.rotary_query_rows_in_order:
         q_positions = start + torch.arange(q.shape[1], device=start.device)
     else:
         q_positions = start.expand(-1, q.shape[1])

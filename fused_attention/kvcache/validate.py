@@ -59,6 +59,12 @@ class KVCacheCall:
         return 0 if self.k is None else self.k.shape[1]
 
     @property
+    def rotary_query_rows_in_order(self) -> bool:
+        """Fused RoPE rotates query row i at ``cache_seqlens + i`` when causal or windowed (as
+        FlashAttention), else every query row at ``cache_seqlens``."""
+        return self.is_causal or self.window != (-1, -1)
+
+    @property
     def capacity(self) -> int:
         """Keys one sequence can hold: ``S_max``, or ``max_pages * page_size``."""
         if self.block_table is None:
@@ -231,11 +237,12 @@ def _check_contents(call: KVCacheCall) -> None:
         _check_pages(call, high)
     if call.rotary is not None:
         table = call.rotary[0].shape[0]
-        last = high + max(new, call.q.shape[1]) if seqlens.numel() else 0
+        query_span = call.q.shape[1] if call.rotary_query_rows_in_order else 1
+        last = high + max(new, query_span) if seqlens.numel() else 0
         _fail_if(
             last > table,
             lambda: f"rotary_cos/rotary_sin have {table} rows but positions up to {last - 1} are rotated "
-            "(cache_seqlens + Lnew)",
+            "(cache_seqlens + max(Lnew, Lq when causal or windowed, else 1))",
         )
 
 
