@@ -38,20 +38,23 @@ def _check_tensor(name: str, t: object) -> torch.Tensor:
     return t
 
 
-def check_qkv_types(query: object, key: object, value: object) -> None:
-    """Types, dtypes and devices of q, k, v must agree (torch raises for the same cases)."""
-    q = _check_tensor("query", query)
-    k = _check_tensor("key", key)
-    v = _check_tensor("value", value)
+def check_qkv_types(
+    query: object, key: object, value: object, names: tuple[str, str, str] = ("query", "key", "value")
+) -> None:
+    """Types, dtypes and devices of q, k, v must agree (torch raises for the same cases). ``names``: the
+    caller's argument names (varlen_attention's are q, k, v)."""
+    nq, nk, nv = names
+    q = _check_tensor(nq, query)
+    k = _check_tensor(nk, key)
+    v = _check_tensor(nv, value)
     if not (q.dtype == k.dtype == v.dtype):
         raise AttentionTypeError(
-            f"query, key and value must have the same dtype, got query {q.dtype}, key {k.dtype}, "
-            f"value {v.dtype}"
+            f"{nq}, {nk} and {nv} must have the same dtype, got {nq} {q.dtype}, {nk} {k.dtype}, {nv} {v.dtype}"
         )
     if not (q.device == k.device == v.device):
         raise AttentionArgumentError(
-            f"query, key and value must be on the same device, got query {q.device}, key {k.device}, "
-            f"value {v.device}"
+            f"{nq}, {nk} and {nv} must be on the same device, got {nq} {q.device}, {nk} {k.device}, "
+            f"{nv} {v.device}"
         )
 
 

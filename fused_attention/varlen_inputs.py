@@ -38,7 +38,7 @@ def canonicalize_varlen(
     sinks: object = None,
 ) -> VarlenInputs:
     """Validates ``varlen_attention`` arguments into a :class:`VarlenInputs`."""
-    check_qkv_types(q, k, v)
+    check_qkv_types(q, k, v, names=("q", "k", "v"))
     assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:

@@ -180,6 +180,7 @@ VARLEN_CASES = [
     ("cu_lengths_differ", ValueError, ("cu_seqlens_q", "cu_seqlens_k"),
      lambda q, k, v, cq, ck: (q, k, v, cq, torch.tensor([0, 2, 6, 11]), 5, 6)),
     ("cu_float", TypeError, "cu_seqlens_q", lambda q, k, v, cq, ck: (q, k, v, cq.float(), ck, 5, 6)),
+    ("k_dtype", TypeError, "q, k and v", lambda q, k, v, cq, ck: (q, k.double(), v, cq, ck, 5, 6)),  # its names
     ("q_2d", ValueError, "q", lambda q, k, v, cq, ck: (q[:, 0], k, v, cq, ck, 5, 6)),
     ("k_heads_not_dividing", ValueError, "k heads",
      lambda q, k, v, cq, ck: (q, torch.cat([k, k[:, :1]], 1), torch.cat([v, v[:, :1]], 1), cq, ck, 5, 6)),
