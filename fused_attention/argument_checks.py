@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 import os
 
 import torch
@@ -198,8 +199,18 @@ def check_cu_values(name: str, values: list[int], total: int) -> list[int]:
 
 
 def check_max_seqlen(name: str, value: object, cu: torch.Tensor) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    # Any integer scalar: code ported from flash_attn passes NumPy ints or 0-d tensors from `.max()`.
+    scalar_tensor = isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and not scalar_tensor):
+        number = None
+    else:
+        try:
+            number = operator.index(value)
+        except TypeError:
+            number = None
+    if number is None or number < 0:
         raise AttentionArgumentError(f"{name} must be a non-negative int, got {value!r}")
+    value = number
     if content_checks_enabled(cu) and cu.numel() > 1 and int((cu[1:] - cu[:-1]).max()) > value:
         raise AttentionArgumentError(f"{name}={value} is smaller than the longest sequence")
     return value

@@ -183,7 +183,7 @@ def _positions(
             raise AttentionArgumentError(f"position_ids must be on {device}, got {position_ids.device}")
         if position_ids.dim() != 2 or position_ids.shape[1] != seq or position_ids.shape[0] not in (1, batch):
             raise AttentionArgumentError(
-                f"position_ids must have shape ({batch}, {seq}) or (1, {seq}), got {tuple(position_ids.shape)}"
+                f"position_ids must have shape {_position_shapes(batch, seq)}, got {tuple(position_ids.shape)}"
             )
         positions = position_ids.to(torch.int64).expand(batch, seq)
     else:
@@ -208,6 +208,10 @@ def _positions(
                 f"{source}: positions {low}..{high} fall outside the cos/sin table of {table_len} rows"
             )
     return positions
+
+
+def _position_shapes(batch: int, seq: int) -> str:
+    return f"({batch}, {seq})" if batch == 1 else f"({batch}, {seq}) or (1, {seq})"
 
 
 def _packed_steps(

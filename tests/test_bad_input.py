@@ -5,6 +5,7 @@ Plus the edge cases that are not errors: empty sizes, NaN, and where we are stri
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,6 +189,10 @@ VARLEN_CASES = [
      lambda q, k, v, cq, ck: (q, k[:, :0], v[:, :0], cq, ck, 5, 6)),
     ("max_seqlen_q_too_small", ValueError, "max_seqlen_q", lambda q, k, v, cq, ck: (q, k, v, cq, ck, 4, 6)),
     ("max_seqlen_k_too_small", ValueError, "max_seqlen_k", lambda q, k, v, cq, ck: (q, k, v, cq, ck, 5, 5)),
+    ("max_seqlen_q_float", ValueError, "max_seqlen_q", lambda q, k, v, cq, ck: (q, k, v, cq, ck, 5.0, 6)),
+    ("max_seqlen_k_vector", ValueError, "max_seqlen_k",
+     lambda q, k, v, cq, ck: (q, k, v, cq, ck, 5, torch.tensor([6]))),
+    ("max_seqlen_k_bool", ValueError, "max_seqlen_k", lambda q, k, v, cq, ck: (q, k, v, cq, ck, 5, True)),
 ]
 
 
@@ -239,6 +244,15 @@ def test_varlen_valid_baseline_runs():
     assert varlen_attention(q, k, v, CU_Q, CU_K, 5, 6).shape == q.shape
 
 
+def test_varlen_max_seqlen_takes_any_integer_scalar():
+    """flash_attn code passes NumPy ints and 0-d tensors (``(cu[1:] - cu[:-1]).max()``); both were refused."""
+    q, k, v = _packed()
+    expected = varlen_attention(q, k, v, CU_Q, CU_K, 5, 6)
+    lengths = CU_K[1:] - CU_K[:-1]
+    out = varlen_attention(q, k, v, CU_Q, CU_K, np.int64(5), lengths.max())
+    assert torch.equal(out, expected)
+
+
 def test_sdpa_valid_baseline_runs():
     q, k, v = _qkv()
     out = sdpa(q, k, v, window_size=(2, 1), alibi_slopes=torch.rand(H), softcap=5.0,
@@ -265,6 +279,18 @@ def test_empty_sizes_backward(b, l, s):
     assert lse.shape == (b, H, l) and (s > 0 or bool((lse == float("-inf")).all()))
     grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
     assert all(g is None or (g.shape == t.shape and g.isfinite().all()) for g, t in zip(grads, (q, k, v)))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
+def test_no_heads_give_an_empty_output(backend):
+    """(B, 0, L, E) attention is empty, as in torch; the cpu op refused it (heads not a multiple of 0)."""
+    if fused_attention.backends.BACKENDS[backend].unavailable_reason():
+        pytest.skip(fused_attention.backends.BACKENDS[backend].unavailable_reason())
+    q, k, v = (t.requires_grad_() for t in _qkv(q=(B, 0, L, E), k=(B, 0, S, E), v=(B, 0, S, E)))
+    out, lse = sdpa(q, k, v, return_lse=True, is_causal=True, backend=backend)
+    assert out.shape == F.scaled_dot_product_attention(q, k, v).shape and lse.shape == (B, 0, L)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert [g.shape for g in grads] == [t.shape for t in (q, k, v)]
 
 
 def _nan_rows(out):

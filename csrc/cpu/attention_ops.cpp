@@ -81,15 +81,20 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               "fused_attention: q, k, v must share a dtype");
   const int64_t head_axis = dims - 2 - (dims == 4 ? 1 : 0);  // (B, H, N, D) or (N, H, D)
   const int64_t hq = q.size(head_axis), hkv = k.size(head_axis);
-  TORCH_CHECK(hkv > 0 && hq % hkv == 0 && v.size(head_axis) == hkv,
+  // No heads at all is an empty problem (torch returns an empty output); varlen refuses it in Python.
+  const bool empty = dims == 4 && hq == 0 && hkv == 0;
+  TORCH_CHECK((empty || (hkv > 0 && hq % hkv == 0)) && v.size(head_axis) == hkv,
               "fused_attention: query heads must be a multiple of the key/value heads");
 }
 
 template <typename scalar_t>
 Problem<scalar_t> dense_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const c10::optional<at::Tensor>& key_lengths) {
-  return {dense_sequences(q.size(0), q.size(2), k.size(2), key_lengths), Operand<scalar_t>::dense(q),
-          Operand<scalar_t>::dense(k), Operand<scalar_t>::dense(v), q.size(1), k.size(1), q.size(3), v.size(3)};
+  // Without heads there is no work: no sequences, and one nominal kv head so that group sizes divide.
+  const bool no_heads = q.size(1) == 0;
+  return {dense_sequences(no_heads ? 0 : q.size(0), q.size(2), k.size(2), key_lengths),
+          Operand<scalar_t>::dense(q), Operand<scalar_t>::dense(k), Operand<scalar_t>::dense(v), q.size(1),
+          no_heads ? 1 : k.size(1), q.size(3), v.size(3)};
 }
 
 template <typename scalar_t>
