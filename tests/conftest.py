@@ -102,7 +102,7 @@ from fused_attention.tolerance import within_tolerance
 torch.manual_seed(0)  # parametrize lists that draw random tensors at collection
 
 # Backends whose docstrings promise float32 arithmetic for 16-bit inputs (the torch backend's chunked op,
-# the cpu backend's C++ kernels outside the AMX bfloat16 forward): their 16-bit results are held to a
+# the cpu backend's C++ kernels, the AMX bfloat16 forward included): their 16-bit results are held to a
 # bound built from the reference computed with float32 intermediates, which 16-bit arithmetic exceeds.
 FLOAT32_ARITHMETIC = frozenset({"torch", "cpu"})
 # Triton joins the shared suite under the interpreter on a sample: at most this many cases of each

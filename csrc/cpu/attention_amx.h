@@ -147,13 +147,19 @@ inline void product(int64_t row_tiles, int64_t col_tiles, int64_t depth_tiles, c
   }
 }
 
-// dst[j] = bf16(src[j]) for j < n, 0 for n <= j < n_zero (n a whole number of vectors).
-inline void to_bf16_row(const float* src, int64_t n, int64_t n_zero, c10::BFloat16* dst) {
+// The float row split into two bfloat16 rows, hi[j] + lo[j] = src[j] to 16 significant bits (hi: src's
+// top 16 bits, exact; lo = bf16(src - hi), the remainder exact in float); 0 for n <= j < n_zero (n a
+// whole number of vectors).
+inline void to_bf16_split_row(const float* src, int64_t n, int64_t n_zero, c10::BFloat16* hi, c10::BFloat16* lo) {
+  const __m512i top_bits = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t j = 0; j < n; j += 16) {
-    const __m256bh half = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + j));  // round to nearest even, as c10
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), (__m256i)half);
+    const __m512 x = _mm512_loadu_ps(src + j);
+    const __m512 top = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), top_bits));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + j), (__m256i)_mm512_cvtneps_pbh(top));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + j), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, top)));
   }
-  std::fill(dst + n, dst + n_zero, c10::BFloat16(0.0f));
+  std::fill(hi + n, hi + n_zero, c10::BFloat16(0.0f));
+  std::fill(lo + n, lo + n_zero, c10::BFloat16(0.0f));
 }
 
 }  // namespace tiles

@@ -1,7 +1,10 @@
 // Forward of the CPU attention kernel for bfloat16 inputs on AMX: the same online softmax as
 // attention_forward.h (softmax_block and finish_rows, in float), with Q K^T and P V as tile products.
-// K and V of every (sequence, kv head) are packed once into B tiles; P is rounded to bfloat16 before
-// P V, as in torch's CPU flash kernel and FlashAttention.
+// K and V of every (sequence, kv head) are packed once into B tiles. P goes into P V as two bfloat16
+// parts (hi + lo: 16 significant bits), two tile products: the cpu backend promises float32 arithmetic,
+// and P rounded to bfloat16 alone (torch's CPU flash kernel, FlashAttention) put outputs of rows that one
+// key dominates 2.2 bfloat16 half-ulps from the exact result (bound: 2; tests/test_cpu_attention.py,
+// test_alibi_rows_across_many_key_blocks, on a Xeon with AMX).
 //
 // Key blocks start at multiples of 32 keys (one B tile of V): keys before a block's first visible one
 // get -inf scores from softmax_block like any hidden key.
@@ -90,12 +93,13 @@ constexpr int64_t kProbStride = kBlockK + tiles::kDepth;
 
 struct AmxBuffers {
   ForwardBuffers<float> f;  // scores, output, running max and sum (q unused)
-  std::vector<c10::BFloat16> q, p;
+  std::vector<c10::BFloat16> q, p, p_lo;
   int64_t ldq;
   AmxBuffers(int64_t head_dim, int64_t ldv)
       : f(0, ldv, 1),
         q(kBlockQ * round_up(head_dim, tiles::kDepth), c10::BFloat16(0.0f)),
         p(kBlockQ * kProbStride, c10::BFloat16(0.0f)),
+        p_lo(kBlockQ * kProbStride, c10::BFloat16(0.0f)),
         ldq(round_up(head_dim, tiles::kDepth)) {}
 };
 
@@ -124,19 +128,22 @@ void forward_rows_amx(const Problem<scalar_t>& problem, const Scoring<float>& sc
                      keys + (j0 + b) / tiles::kRows * packed.d_tiles * tiles::kTileElems, tiles::kTileElems,
                      packed.d_tiles * tiles::kTileElems, scores + g * kScoreStride + b, kScoreStride, false);
     });
-    c10::BFloat16* probs = buf.p.data();
-    // Each row's float probabilities go to one scratch row (ldp = 0), rounded to P at once.
+    c10::BFloat16 *probs = buf.p.data(), *probs_lo = buf.p_lo.data();
+    // Each row's float probabilities go to one scratch row (ldp = 0), split into P's two parts at once.
     softmax_block(scoring, seq, head, i0, rows, j0, n, scores, kScoreStride, buf.f.probs.data(), 0, acc, ldv,
                   buf.f.state(0), [&](int64_t r, const float* p) {
-                    tiles::to_bf16_row(p, n_tiles * tiles::kRows, chunks * tiles::kDepth, probs + r * kProbStride);
+                    tiles::to_bf16_split_row(p, n_tiles * tiles::kRows, chunks * tiles::kDepth,
+                                             probs + r * kProbStride, probs_lo + r * kProbStride);
                   },
                   [](int64_t, float*) {} /* the scores are never overwritten */);
-    for_each_run(scoring.rules, seq, i0, rows, j0, n, tiles::kDepth, [&](int64_t g, int64_t group, int64_t b, int64_t e) {
-      tiles::product((group + tiles::kRows - 1) / tiles::kRows, packed.f_tiles, (e - b) / tiles::kDepth,
-                     buf.p.data() + g * kProbStride + b, kProbStride,
-                     values + (j0 + b) / tiles::kDepth * packed.f_tiles * tiles::kTileElems,
-                     packed.f_tiles * tiles::kTileElems, tiles::kTileElems, acc + g * ldv, ldv, true);
-    });
+    for (const c10::BFloat16* part : {probs, probs_lo}) {
+      for_each_run(scoring.rules, seq, i0, rows, j0, n, tiles::kDepth, [&](int64_t g, int64_t group, int64_t b, int64_t e) {
+        tiles::product((group + tiles::kRows - 1) / tiles::kRows, packed.f_tiles, (e - b) / tiles::kDepth,
+                       part + g * kProbStride + b, kProbStride,
+                       values + (j0 + b) / tiles::kDepth * packed.f_tiles * tiles::kTileElems,
+                       packed.f_tiles * tiles::kTileElems, tiles::kTileElems, acc + g * ldv, ldv, true);
+      });
+    }
   }
   finish_rows(seq, head, i0, rows, problem.value_dim, acc, ldv, buf.f.row_max.data(), buf.f.row_sum.data(), out, lse,
               lse_index, scoring.sink(head));
