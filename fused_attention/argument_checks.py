@@ -149,6 +149,12 @@ def check_number(name: str, value: object, *, above: float) -> float:
     return float(value)
 
 
+def check_bool(name: str, flag: object) -> bool:
+    if not isinstance(flag, bool):
+        raise AttentionTypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    return flag
+
+
 def check_float_dtype(name: str, dtype: object) -> None:
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise AttentionTypeError(f"{name} must be a floating-point torch.dtype or None, got {dtype!r}")

@@ -24,6 +24,7 @@ import torch
 
 from .argument_checks import (
     check_alibi,
+    check_bool,
     check_dropout,
     check_key_lengths,
     check_qkv_types,
@@ -306,8 +307,7 @@ def _check_ranks_and_flags(
             f"value sequence length {vs[-2]} must equal key sequence length {ks[-2]}"
         )
     for name, flag in (("is_causal", is_causal), ("enable_gqa", enable_gqa), ("return_lse", return_lse)):
-        if not isinstance(flag, bool):
-            raise AttentionTypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        check_bool(name, flag)
 
 
 def _visibility(

@@ -6,6 +6,7 @@ import torch
 
 from .argument_checks import (
     check_alibi,
+    check_bool,
     check_cu_seqlens,
     check_dropout,
     check_max_seqlen,
@@ -15,7 +16,7 @@ from .argument_checks import (
     check_softcap,
     check_window,
 )
-from .errors import AttentionArgumentError, AttentionTypeError
+from .errors import AttentionArgumentError
 from .inputs import VarlenInputs
 
 
@@ -57,10 +58,8 @@ def canonicalize_varlen(
         raise AttentionArgumentError(
             f"cu_seqlens_q and cu_seqlens_k must have the same length, got {cu_q.numel()} and {cu_k.numel()}"
         )
-    if not isinstance(is_causal, bool):
-        raise AttentionTypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    if not isinstance(return_lse, bool):
-        raise AttentionTypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    check_bool("is_causal", is_causal)
+    check_bool("return_lse", return_lse)
     window_left, window_right = check_window(window_size)
     if is_causal:
         window_right = 0 if window_right == -1 else min(window_right, 0)

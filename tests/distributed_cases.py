@@ -39,8 +39,9 @@ def check_against_whole(world: int, fn: str, layout: str, dtype: torch.dtype, le
     whole = [torch.randn(batch, h, length, head_dim, generator=gen, dtype=torch.float64) for h in (hq, hkv, hkv)]
     upstream = torch.randn(batch, hq, length, head_dim, generator=gen, dtype=torch.float64)
     params = {}  # replicated parameters: float64 values; (ours, the reference in dtype) dtypes
-    if alibi:  # per head, or per batch and head when batch > 1; float32 whatever the inputs
-        slopes = torch.rand(*((batch,) if batch > 1 else ()), hq, generator=gen, dtype=torch.float64) * 0.5 + 0.05
+    if alibi:  # per head, or per batch and head when batch > 1 (unless "per_head"); float32 whatever the inputs
+        per_batch = (batch,) if batch > 1 and alibi != "per_head" else ()
+        slopes = torch.rand(*per_batch, hq, generator=gen, dtype=torch.float64) * 0.5 + 0.05
         params["alibi_slopes"] = (slopes, torch.float32, torch.float32)
     if hq != hkv:
         kwargs["enable_gqa"] = True
@@ -104,6 +105,38 @@ def bad_shape_on_one_rank(world: int) -> None:
         expect_error(lambda fn=attention: fn(q, k, v, sinks=sinks), "sum of sinks differs across ranks")
     wrong = torch.zeros(3) if rank == 0 else torch.zeros(2 * world)
     expect_error(lambda: ring_attention(q, k, v, sinks=wrong), "sinks must have shape" if rank == 0 else "invalid")
+
+
+def options_differ_by_rank(world: int) -> None:
+    """An unknown backend on one rank, a different backend, a non-bool return_lse: every rank raises
+    before any transfer (an unknown name raised mid-ring and stranded the others; cpu and torch send
+    values of different widths around the ring, and gloo aborted the process)."""
+    rank = dist.get_rank()
+    q, k, v = (torch.randn(1, 2, 4 * world, 8, requires_grad=True) for _ in range(3))
+    bad = "nope" if rank == 1 else "torch"
+    expect_error(lambda: ring_attention(q, k, v, backend=bad), "backend must be one of" if rank == 1 else "invalid")
+    mixed = "cpu" if rank == 1 else "torch"
+    for attention in (ring_attention, ulysses_attention):
+        expect_error(lambda fn=attention: fn(q, k, v, is_causal=True, backend=mixed), "backend differs across ranks")
+        expect_error(lambda fn=attention: fn(q, k, v, return_lse="no"), "return_lse must be a bool")
+
+
+def unshard_mismatches(world: int) -> None:
+    """Shards that cannot form one sequence raise on every rank: zigzag shards of odd or unequal lengths
+    (tokens were lost and slots left unwritten), shapes or dtypes that differ outside the sequence dim
+    (gloo aborted the process)."""
+    rank = dist.get_rank()
+    expect_error(lambda: unshard_sequence(torch.zeros(1, 1, 3, 2)), "divisible by 2 * group size")
+    expect_error(lambda: unshard_sequence(torch.zeros(1, 1, 2 + 2 * rank, 2)), "length differs across ranks")
+    expect_error(lambda: unshard_sequence(torch.zeros(1, 2 + rank, 4, 3), layout="contiguous"),
+                 "size of dim 2 differs across ranks")
+    dtype = torch.float64 if rank == 1 else torch.float32
+    expect_error(lambda: unshard_sequence(torch.zeros(1, 1, 4, 2, dtype=dtype)), "dtype differs across ranks")
+    # contiguous shards may differ in length, down to nothing
+    lengths = [2 * r for r in range(world)]
+    x = torch.arange(sum(lengths), dtype=torch.float32).view(1, 1, -1, 1)
+    own = x[:, :, sum(lengths[:rank]) : sum(lengths[: rank + 1])]
+    assert torch.equal(unshard_sequence(own, layout="contiguous"), x)
 
 
 def round_trip(world: int) -> None:
@@ -216,6 +249,10 @@ def _cases(world: int) -> dict:
         "ulysses_heads_not_divisible": lambda: expect_error(
             lambda: ulysses_attention(*(torch.randn(1, 12 * world + 1, 2 * world, 8) for _ in range(3))),
             "must be divisible by the group size"),
+        "ulysses_zigzag_f64_batch_per_head_alibi": lambda: check_against_whole(
+            world, "ulysses", "zigzag", f64, zz, heads=(12, 12), batch=2, alibi="per_head", is_causal=True),
+        "options_differ_by_rank": lambda: options_differ_by_rank(world),
+        "unshard_mismatches": lambda: unshard_mismatches(world),
         "bad_shape_on_one_rank": lambda: bad_shape_on_one_rank(world),
         "shard_round_trip": lambda: round_trip(world),
         "device_mesh_group": lambda: device_mesh_group(world),

@@ -7,10 +7,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..argument_checks import check_bool
+from ..backends.dispatch import BACKENDS, forced_backend_name, get_backend
 from ..errors import AttentionArgumentError
 from ..functional import scaled_dot_product_attention
 from ..inputs import canonicalize
 from .all_to_all import Resharder
+from .block_backward import stats_backend
 from .blocks import Rules
 from .groups import resolve_group
 from .layout import LAYOUTS, check_divisible, check_layout, shard_segments
@@ -22,13 +25,25 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FIELDS = (
     "batch", "query heads", "key/value heads", "shard length", "head dim", "value head dim", "dtype",
     "is_causal", "window left", "window right", "alibi_slopes", "sum of alibi_slopes", "softcap", "scale",
-    "layout", "enable_gqa", "requires grad", "sinks", "sum of sinks", "head groups",
+    "layout", "enable_gqa", "requires grad", "sinks", "sum of sinks", "head groups", "backend",
+    "block backward from statistics",
 )
+# "backend": -1 automatic, else the index of the forced backend (an unknown name raises on its rank).
+_BACKEND_NAMES = tuple(BACKENDS)
+
+
+def rules_of(inputs: Any, enable_gqa: Any, backend: Any) -> Rules:
+    return Rules(
+        causal=inputs.causal, window_left=inputs.window_left, window_right=inputs.window_right,
+        alibi=inputs.alibi_slopes, softcap=inputs.softcap, scale=inputs.scale, enable_gqa=bool(enable_gqa),
+        backend=backend,
+    )
 
 
 def _prepare(
     what: str, query: Any, key: Any, value: Any, group: Any, is_causal: Any, scale: Any, enable_gqa: Any,
-    window_size: Any, alibi_slopes: Any, softcap: Any, layout: Any, sinks: Any, head_groups: Any = 1,
+    window_size: Any, alibi_slopes: Any, softcap: Any, layout: Any, sinks: Any, return_lse: Any, backend: Any,
+    head_groups: Any = 1,
 ) -> tuple[dist.ProcessGroup, Rules, list, str, int]:
     """Checks the arguments on this rank and collectively; returns the group, rules, segments, layout and
     the number of head groups (the fewest any rank asks for: an automatic choice may differ by rank)."""
@@ -42,6 +57,10 @@ def _prepare(
             query, key, value, None, 0.0, is_causal, scale, enable_gqa, window_size=window_size,
             alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks,
         )
+        check_bool("return_lse", return_lse)
+        forced = forced_backend_name(backend)
+        if forced is not None:
+            get_backend(forced)  # an unknown name raises here, before any transfer
         for name, t in (("query", query), ("key", key), ("value", value)):
             if t.dim() != 4:
                 raise AttentionArgumentError(f"{name} must be (batch, heads, seq shard, head_dim), got {t.dim()}-D")
@@ -80,6 +99,9 @@ def _prepare(
             "enable_gqa": bool(enable_gqa), "requires grad": grad, "sinks": inputs.sinks is not None,
             "sum of sinks": 0.0 if inputs.sinks is None else float(inputs.sinks.detach().double().sum()),
             "head groups": min(groups, key.shape[1]),
+            "backend": -1 if forced is None else _BACKEND_NAMES.index(forced),
+            # what travels around the ring (values with or without a ones column) depends on it
+            "block backward from statistics": stats_backend(rules_of(inputs, enable_gqa, backend), query, key, value),
         }
 
     lay = layout if layout in LAYOUTS else "contiguous"
@@ -87,12 +109,7 @@ def _prepare(
     signatures = exchange_signatures(pg, what, _FIELDS, local, may_differ)
     lengths = [int(s["shard length"]) for s in signatures]
     check_divisible(lay, sum(lengths), world)
-    inputs = canonical["inputs"]
-    rules = Rules(
-        causal=inputs.causal, window_left=inputs.window_left, window_right=inputs.window_right,
-        alibi=inputs.alibi_slopes, softcap=inputs.softcap, scale=inputs.scale, enable_gqa=bool(enable_gqa),
-        backend=None,
-    )
+    rules = rules_of(canonical["inputs"], enable_gqa, backend)
     return pg, rules, shard_segments(lay, lengths), lay, int(min(s["head groups"] for s in signatures))
 
 
@@ -180,9 +197,8 @@ def ring_attention(
     """
     pg, rules, segments, _, groups = _prepare(
         "ring_attention", query, key, value, group, is_causal, scale, enable_gqa, window_size, alibi_slopes,
-        softcap, layout, sinks, head_groups,
+        softcap, layout, sinks, return_lse, backend, head_groups,
     )
-    rules = Rules(**{**rules.__dict__, "backend": backend})
     ring = Ring(pg, dist.get_rank(pg), dist.get_world_size(pg), segments, rules)
     heads = split_heads(query.shape[1], key.shape[1], groups)
     out, lse = RingAttentionFunction.apply(query, key, value, sinks, rules.alibi, ring, heads)
@@ -216,7 +232,7 @@ def ulysses_attention(
     """
     pg, rules, segments, _, _ = _prepare(
         "ulysses_attention", query, key, value, group, is_causal, scale, enable_gqa, window_size, alibi_slopes,
-        softcap, layout, sinks,
+        softcap, layout, sinks, return_lse, backend,
     )
     world, rank = dist.get_world_size(pg), dist.get_rank(pg)
     for name, heads in (("query", query.shape[1]), ("key/value", key.shape[1])):
@@ -228,6 +244,8 @@ def ulysses_attention(
     heads = query.shape[1] // world
     own = slice(rank * heads, (rank + 1) * heads)  # this rank's query heads after the all-to-all
     alibi = None if rules.alibi is None else rules.alibi[:, own]
+    if alibi is not None and alibi.shape[0] == 1:  # canonical (1, Hq): shared by the batch, any batch size
+        alibi = alibi[0]
     reshard = Resharder(pg, segments, query.device)
     out, lse = scaled_dot_product_attention(
         reshard.to_heads(query), reshard.to_heads(key), reshard.to_heads(value), is_causal=rules.causal,

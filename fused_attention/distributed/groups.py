@@ -19,6 +19,12 @@ def resolve_group(group: Any) -> dist.ProcessGroup:
         )
     if group is None:
         return dist.group.WORLD
+    # What dist.new_group returns on the ranks it leaves out: an int sentinel, not a group.
+    if group is getattr(dist.GroupMember, "NON_GROUP_MEMBER", object()):
+        raise AttentionArgumentError(
+            "group: this rank is not a member of the group (dist.new_group returned NON_GROUP_MEMBER here); "
+            "call only on the group's ranks"
+        )
     if isinstance(group, dist.ProcessGroup):
         return group
     try:

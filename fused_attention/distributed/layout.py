@@ -14,8 +14,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import AttentionArgumentError
+from ..errors import AttentionArgumentError, AttentionTypeError
 from .groups import resolve_group
+from .validate import exchange_signatures
 
 LAYOUTS = ("zigzag", "contiguous")
 
@@ -90,22 +91,45 @@ def shard_sequence(x: torch.Tensor, group: Any = None, layout: str = "zigzag", d
     return torch.cat(pieces, dim=d).contiguous()
 
 
+_MAX_DIMS = 16
+_SHARD_FIELDS = ("layout", "dims", "dim", "dtype", "length", *(f"size of dim {i}" for i in range(1, _MAX_DIMS)))
+_DTYPES = tuple(sorted((t for t in vars(torch).values() if isinstance(t, torch.dtype)), key=str))
+
+
+def _shard_signature(x: object, layout: object, dim: int) -> dict[str, float]:
+    lay = check_layout(layout)
+    if not isinstance(x, torch.Tensor):
+        raise AttentionTypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    d = _dim(x, dim)
+    if x.dim() > _MAX_DIMS:
+        raise AttentionArgumentError(f"x has {x.dim()} dims; unshard_sequence takes at most {_MAX_DIMS}")
+    shape = x.movedim(d, 0).shape
+    sizes = {f"size of dim {i}": shape[i] if i < len(shape) else -1 for i in range(1, _MAX_DIMS)}
+    return {"layout": LAYOUTS.index(lay), "dims": x.dim(), "dim": d, "dtype": _DTYPES.index(x.dtype), "length": shape[0], **sizes}
+
+
 def unshard_sequence(x: torch.Tensor, group: Any = None, layout: str = "zigzag", dim: int = -2) -> torch.Tensor:
     """The whole sequence from every rank's shard (an all-gather; the inverse of :func:`shard_sequence`).
 
-    Every rank must call it with its shard (same layout and dim; shards may differ in length only along
-    ``dim`` and only for ``"contiguous"``). Returns the whole sequence in global order on every rank.
+    Every rank must call it with its shard (same layout, dim and dtype; shards may differ in length only
+    along ``dim`` and only for ``"contiguous"``; checked collectively: a mismatch raises on every rank).
+    Returns the whole sequence in global order on every rank.
     Not differentiable: it is for outputs, metrics and tests (gradients flow through
     :func:`ring_attention` / :func:`ulysses_attention` on the shards).
     """
     pg = resolve_group(group)
-    layout = check_layout(layout)
-    d = _dim(x, dim)
     world = dist.get_world_size(pg)
-    sizes = torch.zeros(world, dtype=torch.int64, device=x.device)
-    gathered_sizes = list(sizes.chunk(world))
-    dist.all_gather(gathered_sizes, torch.tensor([x.shape[d]], device=x.device), group=pg)
-    lengths = [int(s) for s in torch.cat(gathered_sizes).tolist()]
+    lay = layout if layout in LAYOUTS else "zigzag"
+    # Shapes, dtypes and lengths checked collectively before the gather: gloo aborts the process on
+    # buffers of different sizes, and zigzag shards of unequal or odd lengths left tokens unwritten.
+    signatures = exchange_signatures(
+        pg, "unshard_sequence", _SHARD_FIELDS, lambda: _shard_signature(x, layout, dim),
+        frozenset({"length"}) if lay == "contiguous" else frozenset(),
+    )
+    lengths = [int(s["length"]) for s in signatures]
+    if lay == "zigzag":
+        check_divisible(lay, sum(lengths), world)
+    d = _dim(x, dim)
     moved = x.movedim(d, 0)
     # all_gather needs equal sizes (gloo checks): uneven contiguous shards travel padded to the longest.
     padded = moved.new_zeros((max(lengths), *moved.shape[1:]))

@@ -14,6 +14,7 @@ import torch
 
 from ..argument_checks import (
     check_alibi,
+    check_bool,
     check_int_vector,
     check_scale,
     check_sinks,
@@ -190,8 +191,7 @@ def canonicalize_kvcache_call(
         raise AttentionTypeError("rotary_interleaved and is_causal must be bools")
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise AttentionArgumentError(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
-    if not isinstance(return_lse, bool):
-        raise AttentionTypeError("return_lse must be a bool")
+    check_bool("return_lse", return_lse)
     softcap = None if softcap is None or (not isinstance(softcap, bool) and softcap == 0) else check_softcap(softcap)
     call = KVCacheCall(
         q=q4, k_cache=kc, v_cache=vc, k=k4, v=v4, seqlens=seqlens, leftpad=leftpad, batch_idx=batch_idx,
