@@ -119,6 +119,10 @@ def options_differ_by_rank(world: int) -> None:
     for attention in (ring_attention, ulysses_attention):
         expect_error(lambda fn=attention: fn(q, k, v, is_causal=True, backend=mixed), "backend differs across ranks")
         expect_error(lambda fn=attention: fn(q, k, v, return_lse="no"), "return_lse must be a bool")
+    if world >= 3:  # what new_group returns on the ranks it leaves out is not a group (was "got int")
+        pair = dist.new_group([0, 1])
+        if rank >= 2:
+            expect_error(lambda: ring_attention(q, k, v, group=pair), "not a member of the group")
 
 
 def unshard_mismatches(world: int) -> None:
