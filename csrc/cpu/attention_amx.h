@@ -147,6 +147,59 @@ inline void product(int64_t row_tiles, int64_t col_tiles, int64_t depth_tiles, c
   }
 }
 
+// Up to 32 bf16 elements of x from `from` (of `n`), zero past n.
+inline __m512i load_bf16(const c10::BFloat16* x, int64_t from, int64_t n) {
+  const int64_t left = n - from;
+  if (left >= 32) return _mm512_loadu_si512(x + from);
+  return _mm512_maskz_loadu_epi16(left > 0 ? (__mmask32)((1ull << left) - 1) : 0, x + from);
+}
+
+// A B tile of Q K^T (packed: row p, column j = the feature pair 2p, 2p + 1 of key j) from `count` <= 16
+// key rows, features [f0, f0 + 32) of `features` (zero past either): a 16 x 16 transpose of 32-bit pairs.
+inline void pack_pair_transpose(const c10::BFloat16* const* rows, int64_t count, int64_t f0, int64_t features,
+                                c10::BFloat16* tile) {
+  // (Masked forms with all lanes on: GCC 12 -Wall flags the plain forms' undefined pass-through operand.)
+  __m512i r[16], t[16];
+  for (int j = 0; j < 16; ++j) r[j] = j < count ? load_bf16(rows[j], f0, features) : _mm512_setzero_si512();
+  for (int i = 0; i < 16; i += 2) {  // lane L of t[i]: r_i, r_i+1 at 4L, 4L + 1; of t[i + 1]: at 4L + 2, 4L + 3
+    t[i] = _mm512_mask_unpacklo_epi32(r[i], 0xFFFF, r[i], r[i + 1]);
+    t[i + 1] = _mm512_mask_unpackhi_epi32(r[i], 0xFFFF, r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // lane L of r[i + m]: rows i .. i + 3 of column 4L + m
+    r[i] = _mm512_mask_unpacklo_epi64(t[i], 0xFF, t[i], t[i + 2]);
+    r[i + 1] = _mm512_mask_unpackhi_epi64(t[i], 0xFF, t[i], t[i + 2]);
+    r[i + 2] = _mm512_mask_unpacklo_epi64(t[i + 1], 0xFF, t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_mask_unpackhi_epi64(t[i + 1], 0xFF, t[i + 1], t[i + 3]);
+  }
+  for (int m = 0; m < 4; ++m) {  // column 4L + m: lane L of r[m], r[4 + m], r[8 + m], r[12 + m]
+    const __m512i x0 = _mm512_mask_shuffle_i32x4(r[m], 0xFFFF, r[m], r[4 + m], 0x88);
+    const __m512i x1 = _mm512_mask_shuffle_i32x4(r[m], 0xFFFF, r[m], r[4 + m], 0xDD);
+    const __m512i y0 = _mm512_mask_shuffle_i32x4(r[8 + m], 0xFFFF, r[8 + m], r[12 + m], 0x88);
+    const __m512i y1 = _mm512_mask_shuffle_i32x4(r[8 + m], 0xFFFF, r[8 + m], r[12 + m], 0xDD);
+    _mm512_storeu_si512(tile + (0 + m) * 32, _mm512_mask_shuffle_i32x4(x0, 0xFFFF, x0, y0, 0x88));
+    _mm512_storeu_si512(tile + (4 + m) * 32, _mm512_mask_shuffle_i32x4(x1, 0xFFFF, x1, y1, 0x88));
+    _mm512_storeu_si512(tile + (8 + m) * 32, _mm512_mask_shuffle_i32x4(x0, 0xFFFF, x0, y0, 0xDD));
+    _mm512_storeu_si512(tile + (12 + m) * 32, _mm512_mask_shuffle_i32x4(x1, 0xFFFF, x1, y1, 0xDD));
+  }
+}
+
+// Row p of every B tile of P V for one pair of value rows (`odd` null: zero): element 2j + e of feature
+// tile f's row = row e's feature 16 f + j; tiles 1 KiB apart, `features` of them valid, f_tiles tiles.
+inline void pack_pair_rows(const c10::BFloat16* even, const c10::BFloat16* odd, int64_t features, int64_t f_tiles,
+                           c10::BFloat16* dst) {
+  alignas(64) static constexpr int16_t kLow[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static constexpr int16_t kHigh[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                    24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i low = _mm512_load_si512(kLow), high = _mm512_load_si512(kHigh);
+  for (int64_t f = 0; f < f_tiles; f += 2) {
+    const __m512i a = load_bf16(even, f * kRows, features);
+    const __m512i b = odd != nullptr ? load_bf16(odd, f * kRows, features) : _mm512_setzero_si512();
+    _mm512_storeu_si512(dst + f * kTileElems, _mm512_permutex2var_epi16(a, low, b));
+    if (f + 1 < f_tiles) _mm512_storeu_si512(dst + (f + 1) * kTileElems, _mm512_permutex2var_epi16(a, high, b));
+  }
+}
+
 // The float row split into two bfloat16 rows, hi[j] + lo[j] = src[j] to 16 significant bits (hi: src's
 // top 16 bits, exact; lo = bf16(src - hi), the remainder exact in float); 0 for n <= j < n_zero (n a
 // whole number of vectors).
