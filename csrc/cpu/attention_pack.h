@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "cpu/attention_problem.h"
 
@@ -17,6 +19,14 @@ inline void load_rows(const Operand<scalar_t>& x, int64_t batch, int64_t head, i
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* src = x.row(batch, head, token0 + r);
     acc_t* out = dst + r * ld;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      // a copy: GCC copied c10::BFloat16 element by element (18% of an AMX forward at 128 tokens)
+      if (x.feature_stride == 1) {
+        std::memcpy(out, src, features * sizeof(acc_t));
+        for (int64_t f = features; f < ld; ++f) out[f] = acc_t(0);
+        continue;
+      }
+    }
     if (x.feature_stride == 1) {
       for (int64_t f = 0; f < features; ++f) out[f] = static_cast<acc_t>(src[f]);
     } else {
