@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "cpu/attention_amx.h"
@@ -25,7 +26,9 @@
 struct PackedKeys {
   int64_t heads_kv, d_tiles, f_tiles;
   std::vector<int64_t> key_chunks, base;  // per sequence: 32-key chunks, offset of its head 0 in chunks
-  std::vector<c10::BFloat16> keys, values;
+  // Not zero-filled as a whole (3-5% of a 128-token call): the vector packing writes every element of
+  // every tile but those of a sequence's last 32 keys, which are zeroed first (all of them otherwise).
+  std::unique_ptr<c10::BFloat16[]> keys, values;
 
   template <typename scalar_t>
   explicit PackedKeys(const Problem<scalar_t>& problem)
@@ -38,21 +41,29 @@ struct PackedKeys {
       base.push_back(chunks);
       chunks += heads_kv * key_chunks.back();
     }
-    keys.assign(chunks * 2 * d_tiles * tiles::kTileElems, c10::BFloat16(0.0f));
-    values.assign(chunks * f_tiles * tiles::kTileElems, c10::BFloat16(0.0f));
+    keys.reset(new c10::BFloat16[chunks * 2 * d_tiles * tiles::kTileElems]);  // uninitialised: trivial type
+    values.reset(new c10::BFloat16[chunks * f_tiles * tiles::kTileElems]);
     const int64_t count = static_cast<int64_t>(problem.sequences.size());
+    const int64_t key_chunk = 2 * d_tiles * tiles::kTileElems, value_chunk = f_tiles * tiles::kTileElems;
     at::parallel_for(0, count * heads_kv, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t s = task / heads_kv, h = task % heads_kv;
         const Sequence& seq = problem.sequences[s];
-        pack_keys(problem.k, seq, h, problem.head_dim, keys.data() + key_offset(s, h));
-        pack_values(problem.v, seq, h, problem.value_dim, values.data() + value_offset(s, h));
+        c10::BFloat16* k = keys.get() + key_offset(s, h);
+        c10::BFloat16* v = values.get() + value_offset(s, h);
+        const int64_t n = key_chunks[s];
+        if (n == 0) continue;
+        const bool k_vector = vector_packed(problem.k), v_vector = vector_packed(problem.v);
+        std::fill(k + (k_vector ? n - 1 : 0) * key_chunk, k + n * key_chunk, c10::BFloat16(0.0f));
+        std::fill(v + (v_vector ? n - 1 : 0) * value_chunk, v + n * value_chunk, c10::BFloat16(0.0f));
+        pack_keys(problem.k, seq, h, problem.head_dim, k);
+        pack_values(problem.v, seq, h, problem.value_dim, v);
       }
     });
   }
 
-  const c10::BFloat16* keys_at(int64_t s, int64_t h) const { return keys.data() + key_offset(s, h); }
-  const c10::BFloat16* values_at(int64_t s, int64_t h) const { return values.data() + value_offset(s, h); }
+  const c10::BFloat16* keys_at(int64_t s, int64_t h) const { return keys.get() + key_offset(s, h); }
+  const c10::BFloat16* values_at(int64_t s, int64_t h) const { return values.get() + value_offset(s, h); }
 
  private:
   int64_t key_offset(int64_t s, int64_t h) const {
@@ -60,12 +71,18 @@ struct PackedKeys {
   }
   int64_t value_offset(int64_t s, int64_t h) const { return (base[s] + h * key_chunks[s]) * f_tiles * tiles::kTileElems; }
 
+  // Whether x's rows are packed with vector shuffles (bf16 rows of adjacent features), else element-wise.
+  template <typename scalar_t>
+  static bool vector_packed(const Operand<scalar_t>& x) {
+    return std::is_same_v<scalar_t, c10::BFloat16> && x.feature_stride == 1;
+  }
+
   // Tile (d, t) row p, column j, element e = K[16 t + j, 32 d + 2 p + e]: per 16 keys and 32 features, a
   // 16 x 16 transpose of feature pairs (element by element, packing took a third of a 128-token call).
   template <typename scalar_t>
   void pack_keys(const Operand<scalar_t>& k, const Sequence& seq, int64_t h, int64_t dim, c10::BFloat16* dst) const {
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      if (k.feature_stride == 1) {
+      if (vector_packed(k)) {
         for (int64_t key0 = 0; key0 < seq.len_k; key0 += tiles::kRows) {
           const int64_t count = std::min(tiles::kRows, seq.len_k - key0);
           const c10::BFloat16* rows[tiles::kRows];
@@ -94,7 +111,7 @@ struct PackedKeys {
   void pack_values(const Operand<scalar_t>& v, const Sequence& seq, int64_t h, int64_t value_dim,
                    c10::BFloat16* dst) const {
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      if (v.feature_stride == 1) {
+      if (vector_packed(v)) {
         for (int64_t key = 0; key < seq.len_k; key += 2) {
           const c10::BFloat16* even = v.row(seq.batch, h, seq.k_start + key);
           const c10::BFloat16* odd = key + 1 < seq.len_k ? v.row(seq.batch, h, seq.k_start + key + 1) : nullptr;
