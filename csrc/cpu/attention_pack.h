@@ -43,6 +43,14 @@ inline void load_row_panels(const Operand<scalar_t>& x, int64_t batch, int64_t h
                             int64_t features, acc_t* dst, int64_t panel) {
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* src = x.row(batch, head, token0 + r);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (x.feature_stride == 1) {  // a panel's part of the row is one copy
+        for (int64_t f0 = 0; f0 < features; f0 += panel) {
+          std::memcpy(dst + (f0 / panel) * rows * panel + r * panel, src + f0, std::min(panel, features - f0) * sizeof(acc_t));
+        }
+        continue;
+      }
+    }
     for (int64_t f = 0; f < features; ++f) {
       dst[(f / panel) * rows * panel + r * panel + f % panel] = static_cast<acc_t>(src[f * x.feature_stride]);
     }
@@ -57,12 +65,15 @@ template <typename scalar_t, typename acc_t>
 inline void load_transposed_panels(const Operand<scalar_t>& x, int64_t batch, int64_t head, int64_t token0,
                                    int64_t rows, int64_t features, acc_t* dst, int64_t panel) {
   const int64_t run = std::min<int64_t>(16, panel);  // divides the panel width (both powers of two)
+  const int64_t stride = x.feature_stride;
   for (int64_t r0 = 0; r0 < rows; r0 += run) {
-    const int64_t r1 = std::min(rows, r0 + run);
+    const int64_t count = std::min(rows, r0 + run) - r0;
     acc_t* base = dst + (r0 / panel) * features * panel + r0 % panel;
+    const scalar_t* src[16];  // the run's rows, looked up once (not once per element)
+    for (int64_t r = 0; r < count; ++r) src[r] = x.row(batch, head, token0 + r0 + r);
     for (int64_t f = 0; f < features; ++f) {
       acc_t* out = base + f * panel;
-      for (int64_t r = r0; r < r1; ++r) out[r - r0] = static_cast<acc_t>(x.row(batch, head, token0 + r)[f * x.feature_stride]);
+      for (int64_t r = 0; r < count; ++r) out[r] = static_cast<acc_t>(src[r][f * stride]);
     }
   }
 }
