@@ -76,6 +76,32 @@ def test_decode_every_row_remainder(group, lq, dtype, head_dim):
     check_attention("cpu", q, k, v, grad=False, enable_gqa=True, window_size=(-1, 0))
 
 
+@pytest.mark.parametrize("feature", FEATURES)
+def test_decode_bfloat16_with_each_feature(feature):
+    """bfloat16, 4 query heads per kv head and 8 rows each (speculative decoding's 32 rows per kv head):
+    on a CPU with AMX the products run on tiles (attention_decode_amx.h), elsewhere on vdpbf16ps."""
+    kwargs = dict(FEATURES[feature])
+    if "attn_mask" in kwargs and kwargs["attn_mask"].size(2) != 1:
+        kwargs["attn_mask"] = kwargs["attn_mask"][:, :, :8]
+    q, k, v = _inputs(8, dtype=torch.bfloat16)
+    check_attention("cpu", q, k, v, grad=False, enable_gqa=True, **kwargs)
+
+
+@pytest.mark.parametrize("group,lq", [(4, 2), (3, 4), (5, 4), (11, 3)])
+@pytest.mark.parametrize("head_dim", [64, 96, 160])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_decode_bfloat16_row_tiles(group, lq, head_dim, layout):
+    """Rows per kv head from 8 (the least the AMX tiles take) to 33 (16-row tiles with 1, 4, 12 and 15 rows
+    of padding), head dims of 2, 3 and 5 tiles of 32 features, 700 keys (a ragged last block of 32 and of
+    a value block of 128), and a (B, S, H, D) cache whose key rows are not adjacent."""
+    gen = torch.Generator().manual_seed(8)
+    q = rand(1, 2 * group, lq, head_dim, gen=gen, dtype=torch.bfloat16)
+    k, v = (rand(1, 2, 700, head_dim, gen=gen, dtype=torch.bfloat16) for _ in range(2))
+    if layout == "bshd":
+        k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k, v))
+    check_attention("cpu", q, k, v, grad=False, enable_gqa=True, window_size=(-1, 0))
+
+
 def test_decode_mqa_one_kv_head_many_threads_with_gradients():
     """One KV head, small L, more threads than cores: the keys are the only parallelism. The gradients
     (the blocked backward) check that the forward's output and lse agree with it."""

@@ -29,7 +29,10 @@ class Scope {
       config.colsb[t] = 64;
       config.rows[t] = kRows;
     }
-    _tile_loadconfig(&config);
+    // The instruction in asm with the configuration as a memory input: GCC 12's _tile_loadconfig does not
+    // tell the compiler that it reads the bytes, and where Scope() was not inlined (the decode's) the
+    // stores of the row and column counts were dropped as dead; the first tile load then faulted.
+    asm volatile("ldtilecfg %0" : : "m"(config));
   }
   ~Scope() { _tile_release(); }
   Scope(const Scope&) = delete;
@@ -156,8 +159,10 @@ inline __m512i load_bf16(const c10::BFloat16* x, int64_t from, int64_t n) {
 
 // A B tile of Q K^T (packed: row p, column j = the feature pair 2p, 2p + 1 of key j) from `count` <= 16
 // key rows, features [f0, f0 + 32) of `features` (zero past either): a 16 x 16 transpose of 32-bit pairs.
+// Output rows are `ld` bf16 apart (32: a tile; the decode transposes float scores with it, rows of a
+// score block).
 inline void pack_pair_transpose(const c10::BFloat16* const* rows, int64_t count, int64_t f0, int64_t features,
-                                c10::BFloat16* tile) {
+                                c10::BFloat16* tile, int64_t ld = kDepth) {
   // (Masked forms with all lanes on: GCC 12 -Wall flags the plain forms' undefined pass-through operand.)
   __m512i r[16], t[16];
   for (int j = 0; j < 16; ++j) r[j] = j < count ? load_bf16(rows[j], f0, features) : _mm512_setzero_si512();
@@ -176,10 +181,10 @@ inline void pack_pair_transpose(const c10::BFloat16* const* rows, int64_t count,
     const __m512i x1 = _mm512_mask_shuffle_i32x4(r[m], 0xFFFF, r[m], r[4 + m], 0xDD);
     const __m512i y0 = _mm512_mask_shuffle_i32x4(r[8 + m], 0xFFFF, r[8 + m], r[12 + m], 0x88);
     const __m512i y1 = _mm512_mask_shuffle_i32x4(r[8 + m], 0xFFFF, r[8 + m], r[12 + m], 0xDD);
-    _mm512_storeu_si512(tile + (0 + m) * 32, _mm512_mask_shuffle_i32x4(x0, 0xFFFF, x0, y0, 0x88));
-    _mm512_storeu_si512(tile + (4 + m) * 32, _mm512_mask_shuffle_i32x4(x1, 0xFFFF, x1, y1, 0x88));
-    _mm512_storeu_si512(tile + (8 + m) * 32, _mm512_mask_shuffle_i32x4(x0, 0xFFFF, x0, y0, 0xDD));
-    _mm512_storeu_si512(tile + (12 + m) * 32, _mm512_mask_shuffle_i32x4(x1, 0xFFFF, x1, y1, 0xDD));
+    _mm512_storeu_si512(tile + (0 + m) * ld, _mm512_mask_shuffle_i32x4(x0, 0xFFFF, x0, y0, 0x88));
+    _mm512_storeu_si512(tile + (4 + m) * ld, _mm512_mask_shuffle_i32x4(x1, 0xFFFF, x1, y1, 0x88));
+    _mm512_storeu_si512(tile + (8 + m) * ld, _mm512_mask_shuffle_i32x4(x0, 0xFFFF, x0, y0, 0xDD));
+    _mm512_storeu_si512(tile + (12 + m) * ld, _mm512_mask_shuffle_i32x4(x1, 0xFFFF, x1, y1, 0xDD));
   }
 }
 

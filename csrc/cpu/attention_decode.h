@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "cpu/attention_forward.h"
@@ -265,6 +266,9 @@ __attribute__((noinline)) void dot_keys(const typename Dot::Elem* q, int64_t row
 #if defined(FUSED_ATTENTION_BF16_DOT)
 #include "cpu/attention_decode_bf16.h"
 #endif
+#if defined(FUSED_ATTENTION_AMX_DECODE)
+#include "cpu/attention_decode_amx.h"
+#endif
 
 // load_rows (attention_pack.h), with bfloat16 rows widened by a loop the compiler vectorizes (the
 // element-wise conversion cost more than reading the rows).
@@ -305,6 +309,9 @@ struct DecodeBuffers {
   std::vector<c10::BFloat16> p16;  // the probabilities rounded to bfloat16, for values_bf16
   std::vector<const void*> rows;   // a chunk's value rows, for values_bf16
   std::vector<uint8_t> lazy;
+#if defined(FUSED_ATTENTION_AMX_DECODE)
+  AmxDecodeBuffers amx;  // sized by decode when the tiles serve (rows then a multiple of 16)
+#endif
   DecodeBuffers(int64_t rows, int64_t chunk, int64_t head_dim, int64_t value_dim)
       : ldq(round_up<int64_t>(head_dim, simd::Traits<acc_t>::width)),
         lds(round_up<int64_t>(chunk, simd::Traits<acc_t>::width) + 16),  // + 16: see kScoreStride
@@ -346,6 +353,14 @@ template <typename scalar_t, typename acc_t>
 void decode_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_t kv_head, int64_t j0, int64_t n,
                    int64_t row0, int64_t rows, DecodeBuffers<acc_t>& buf, acc_t* scores) {
   constexpr int64_t width = simd::Traits<acc_t>::width;
+#if defined(FUSED_ATTENTION_AMX_DECODE)
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (amx_decode(problem, rows)) {
+      return amx_scores(problem, seq, kv_head, j0, n, buf.q16.data() + row0 * problem.head_dim, rows, buf.amx,
+                        scores, buf.lds);
+    }
+  }
+#endif
   const Operand<scalar_t>& k = problem.k;
   const int64_t dim = problem.head_dim, vectors = buf.ldq / width;
   const acc_t* q = buf.q.data() + row0 * buf.ldq;
@@ -437,8 +452,11 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
   };
 #if defined(FUSED_ATTENTION_BF16_DOT)
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (bf16_dot(v, value_dim)) {
-      bf16_pairs(p, rows, n, buf.lds, buf.p16);
+    bool on_tiles = false;  // the AMX products (attention_decode_amx.h)
+#if defined(FUSED_ATTENTION_AMX_DECODE)
+    on_tiles = amx_decode(problem, rows);
+#endif
+    if (on_tiles || bf16_dot(v, value_dim)) {
       // The chunk's value rows looked up once, page by page (row() divides by the page size, and
       // values_bf16 asks for each row in every tile and to prefetch it).
       buf.rows.resize(n);
@@ -446,6 +464,10 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
         for (int64_t r = 0; r < run; ++r) buf.rows[j + r] = first + r * v.token_stride;
       });
       const auto row_of = [&](int64_t j) { return static_cast<const c10::BFloat16*>(buf.rows[j]); };
+#if defined(FUSED_ATTENTION_AMX_DECODE)
+      if (on_tiles) return amx_values(rows, n, p, buf.lds, row_of, value_dim, buf.amx, acc, buf.ldv, scattered);
+#endif
+      bf16_pairs(p, rows, n, buf.lds, buf.p16);
       return values_bf16(rows, n, buf.p16.data(), round_up<int64_t>(n, 32), row_of, value_dim, acc, buf.ldv,
                          scattered);
     }
@@ -565,7 +587,19 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
 
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     const simd::FlushDenormals flush;
+#if defined(FUSED_ATTENTION_AMX_DECODE)
+    // Tile products write whole 16-row tiles: the buffers get the padding rows.
+    const bool on_tiles = amx_decode(problem, max_rows);
+    const int64_t buffer_rows = on_tiles ? round_up<int64_t>(max_rows, tiles::kRows) : max_rows;
+    DecodeBuffers<acc_t> buf(buffer_rows, chunk, problem.head_dim, problem.value_dim);
+    std::optional<tiles::Scope> scope;
+    if (on_tiles) {
+      buf.amx = AmxDecodeBuffers(buffer_rows, chunk, problem.head_dim, problem.value_dim);
+      scope.emplace();
+    }
+#else
     DecodeBuffers<acc_t> buf(max_rows, chunk, problem.head_dim, problem.value_dim);
+#endif
     for (int64_t t = begin; t < end; ++t) {
       const DecodeTask& task = tasks[t];
       const Sequence& seq = problem.sequences[task.sequence];

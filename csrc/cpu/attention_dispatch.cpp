@@ -91,6 +91,10 @@ void attention_forward_kernel(const Problem<scalar_t>& problem, const Scoring<at
     switch (selected()) {
 #if FUSED_ATTENTION_X86_VARIANTS
       case Isa::amx:
+#if FUSED_ATTENTION_AMX
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return amx::decode_bf16(problem, scoring, out, lse, lse_index);
+#endif
+        return avx512::decode<scalar_t>(problem, scoring, out, lse, lse_index);
       case Isa::avx512bf16:
         if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
           return avx512bf16::decode_bf16(problem, scoring, out, lse, lse_index);

@@ -1,4 +1,6 @@
-// The bfloat16 forward on Intel AMX (see attention_forward_amx.h); everything else runs the AVX-512 kernels.
+// The bfloat16 forward on Intel AMX (attention_forward_amx.h) and the bfloat16 decode with its products on
+// tiles where a kv head serves many query rows (attention_decode_amx.h); everything else runs the AVX-512
+// kernels.
 #include "cpu/attention_prelude.h"
 
 #if FUSED_ATTENTION_AMX
@@ -6,13 +8,23 @@
 #pragma GCC target("arch=x86-64-v4,amx-tile,amx-bf16,avx512bf16")
 #define FUSED_ATTENTION_ISA_AVX512 1
 namespace fused_attention::cpu::amx {
+#define FUSED_ATTENTION_BF16_DOT 1
+#define FUSED_ATTENTION_AMX_DECODE 1
 #include "cpu/attention_forward_amx.h"
+#include "cpu/attention_decode.h"
 
 void forward_bf16(const Problem<c10::BFloat16>& problem, const Scoring<float>& scoring,
                   const Operand<c10::BFloat16>& out, float* lse, const RowIndex& lse_index) {
   forward_amx<c10::BFloat16>(problem, scoring, out, lse, lse_index);
 }
+
+void decode_bf16(const Problem<c10::BFloat16>& problem, const Scoring<float>& scoring,
+                 const Operand<c10::BFloat16>& out, float* lse, const RowIndex& lse_index) {
+  decode<c10::BFloat16>(problem, scoring, out, lse, lse_index);
+}
 }  // namespace fused_attention::cpu::amx
+#undef FUSED_ATTENTION_AMX_DECODE
+#undef FUSED_ATTENTION_BF16_DOT
 #undef FUSED_ATTENTION_ISA_AVX512
 #pragma GCC pop_options
 #endif

@@ -85,9 +85,11 @@ FUSED_ATTENTION_DECLARE_ISA(avx2)
 FUSED_ATTENTION_DECLARE_ISA(avx512)
 #undef FUSED_ATTENTION_DECLARE_ISA
 
-namespace amx {  // AMX tiles: only the bfloat16 forward (attention_isa_amx.cpp)
+namespace amx {  // AMX tiles: only the bfloat16 forward and decode (attention_isa_amx.cpp)
 void forward_bf16(const Problem<c10::BFloat16>& problem, const Scoring<float>& scoring,
                   const Operand<c10::BFloat16>& out, float* lse, const RowIndex& lse_index);
+void decode_bf16(const Problem<c10::BFloat16>& problem, const Scoring<float>& scoring,
+                 const Operand<c10::BFloat16>& out, float* lse, const RowIndex& lse_index);
 }
 
 namespace avx512bf16 {  // AVX512-BF16: only the bfloat16 decode (attention_isa_avx512bf16.cpp)
