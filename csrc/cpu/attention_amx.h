@@ -188,6 +188,19 @@ inline void pack_pair_transpose(const c10::BFloat16* const* rows, int64_t count,
   }
 }
 
+// The B tiles of all features of `count` <= 16 rows (zero past count and features), depth tile d at
+// dst + 512 d: K's tiles for Q K^T (per 16 keys), Q^T's for the decode's K Q^T (per 16 query rows).
+inline void pack_pair_transpose_tiles(const c10::BFloat16* const* rows, int64_t count, int64_t features,
+                                      c10::BFloat16* dst) {
+  for (int64_t d = 0; d * kDepth < features; ++d) pack_pair_transpose(rows, count, d * kDepth, features, dst + d * kTileElems);
+}
+
+// Where pack_pair_rows writes the pair of value rows from `key` (even) on, in V's B tiles from `base`
+// (32-key chunk c's f_tiles tiles at c f_tiles 512).
+inline c10::BFloat16* value_pair_row(c10::BFloat16* base, int64_t key, int64_t f_tiles) {
+  return base + key / kDepth * f_tiles * kTileElems + key % kDepth / 2 * 2 * kRows;
+}
+
 // Row p of every B tile of P V for one pair of value rows (`odd` null: zero): element 2j + e of feature
 // tile f's row = row e's feature 16 f + j; tiles 1 KiB apart, `features` of them valid, f_tiles tiles.
 inline void pack_pair_rows(const c10::BFloat16* even, const c10::BFloat16* odd, int64_t features, int64_t f_tiles,

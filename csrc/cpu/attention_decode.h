@@ -585,20 +585,22 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
     }
   };
 
+  int64_t buffer_rows = max_rows;
+#if defined(FUSED_ATTENTION_AMX_DECODE)
+  // Tile products write whole 16-row tiles: the buffers get the padding rows.
+  const bool on_tiles = amx_decode(problem, max_rows);
+  if (on_tiles) buffer_rows = round_up<int64_t>(max_rows, tiles::kRows);
+#endif
+
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     const simd::FlushDenormals flush;
-#if defined(FUSED_ATTENTION_AMX_DECODE)
-    // Tile products write whole 16-row tiles: the buffers get the padding rows.
-    const bool on_tiles = amx_decode(problem, max_rows);
-    const int64_t buffer_rows = on_tiles ? round_up<int64_t>(max_rows, tiles::kRows) : max_rows;
     DecodeBuffers<acc_t> buf(buffer_rows, chunk, problem.head_dim, problem.value_dim);
+#if defined(FUSED_ATTENTION_AMX_DECODE)
     std::optional<tiles::Scope> scope;
     if (on_tiles) {
       buf.amx = AmxDecodeBuffers(buffer_rows, chunk, problem.head_dim, problem.value_dim);
       scope.emplace();
     }
-#else
-    DecodeBuffers<acc_t> buf(max_rows, chunk, problem.head_dim, problem.value_dim);
 #endif
     for (int64_t t = begin; t < end; ++t) {
       const DecodeTask& task = tasks[t];

@@ -58,10 +58,7 @@ void amx_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_t k
     const c10::BFloat16* row_ptrs[tiles::kRows];
     const int64_t count = std::min(tiles::kRows, rows - c * tiles::kRows);
     for (int64_t j = 0; j < count; ++j) row_ptrs[j] = q16 + (c * tiles::kRows + j) * dim;
-    for (int64_t d = 0; d < buf.d_tiles; ++d) {
-      tiles::pack_pair_transpose(row_ptrs, count, d * tiles::kDepth, dim,
-                                 buf.q.data() + (c * buf.d_tiles + d) * tiles::kTileElems);
-    }
+    tiles::pack_pair_transpose_tiles(row_ptrs, count, dim, buf.q.data() + c * buf.d_tiles * tiles::kTileElems);
   }
   const bool scattered = scattered_rows(k, dim);
   const int64_t ldb = r_tiles * tiles::kRows;
@@ -111,8 +108,7 @@ void amx_values(int64_t rows, int64_t n, const float* p, int64_t ldp_in, const R
     const int64_t count = std::min(kAmxDecodeValueKeys, n - b);
     const int64_t chunks = (count + tiles::kDepth - 1) / tiles::kDepth;
     for (int64_t key = 0; key < chunks * tiles::kDepth; key += 2) {
-      c10::BFloat16* dst = buf.values.data() + key / tiles::kDepth * f_tiles * tiles::kTileElems +
-                           (key % tiles::kDepth) / 2 * 2 * tiles::kRows;
+      c10::BFloat16* dst = tiles::value_pair_row(buf.values.data(), key, f_tiles);
       if (key < count) {
         const int64_t j = b + key;
         if (scattered && j + kDecodePrefetchKeys + 1 < n) {

@@ -87,10 +87,7 @@ struct PackedKeys {
           const int64_t count = std::min(tiles::kRows, seq.len_k - key0);
           const c10::BFloat16* rows[tiles::kRows];
           for (int64_t j = 0; j < count; ++j) rows[j] = k.row(seq.batch, h, seq.k_start + key0 + j);
-          c10::BFloat16* tile_row = dst + (key0 / tiles::kRows) * d_tiles * tiles::kTileElems;
-          for (int64_t d = 0; d < d_tiles; ++d) {
-            tiles::pack_pair_transpose(rows, count, d * tiles::kDepth, dim, tile_row + d * tiles::kTileElems);
-          }
+          tiles::pack_pair_transpose_tiles(rows, count, dim, dst + (key0 / tiles::kRows) * d_tiles * tiles::kTileElems);
         }
         return;
       }
@@ -115,8 +112,7 @@ struct PackedKeys {
         for (int64_t key = 0; key < seq.len_k; key += 2) {
           const c10::BFloat16* even = v.row(seq.batch, h, seq.k_start + key);
           const c10::BFloat16* odd = key + 1 < seq.len_k ? v.row(seq.batch, h, seq.k_start + key + 1) : nullptr;
-          const int64_t c = key / tiles::kDepth, p = (key % tiles::kDepth) / 2;
-          tiles::pack_pair_rows(even, odd, value_dim, f_tiles, dst + c * f_tiles * tiles::kTileElems + p * 2 * tiles::kRows);
+          tiles::pack_pair_rows(even, odd, value_dim, f_tiles, tiles::value_pair_row(dst, key, f_tiles));
         }
         return;
       }
