@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .argument_checks import check_float_dtype, check_number
+from .argument_checks import check_bool, check_float_dtype, check_number
 from .errors import AttentionArgumentError, AttentionTypeError
 
 _TYPES = ("linear", "dynamic", "llama3", "yarn")
@@ -80,8 +80,7 @@ def _check(scaling: RopeScaling) -> None:
                 check_number(f"scaling {name}", getattr(scaling, name), above=-math.inf)
         if scaling.attention_factor is not None:
             check_number("scaling attention_factor", scaling.attention_factor, above=0)
-        if not isinstance(scaling.truncate, bool):
-            raise AttentionTypeError(f"scaling truncate must be a bool, got {scaling.truncate!r}")
+        check_bool("scaling truncate", scaling.truncate)
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:

@@ -355,6 +355,7 @@ def test_bad_table_parameters_name_themselves():
     _raises("factor", scaled, rope_type="linear", factor="2")
     _raises("attention_factor", scaled, rope_type="yarn", factor=8.0, original_max_position_embeddings=16,
             attention_factor=-1.0)
+    _raises("truncate", scaled, rope_type="yarn", factor=8.0, original_max_position_embeddings=16, truncate=1)
     # the valid neighbours still build (HF configs give ints for factors)
     scaled(rope_type="linear", factor=2)
     scaled(rope_type="llama3", factor=8, original_max_position_embeddings=16, low_freq_factor=1, high_freq_factor=4)
