@@ -47,10 +47,13 @@ class Scope {
 };
 
 // C (row_tiles x col_tiles tiles of 16 x 16 floats, row stride ldc) = or += A x B: A tile (r, d) at
-// a + 16 r lda + 32 d (bf16, row stride lda); B tile (d, c) packed at b + d b_depth + c b_col.
+// a + 16 r lda + 32 d (bf16, row stride lda); B tile (d, c) packed at b + d b_depth + c b_col. With a_lo
+// (laid out as a), C = or += (A + A_lo) x B: each B tile loaded once for both, C loaded and stored once
+// (P V with P in two bf16 parts; two calls loaded and stored the C tiles twice).
 template <int row_tiles, int col_tiles>
 inline void product_block(int64_t depth_tiles, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b,
-                          int64_t b_depth, int64_t b_col, float* c, int64_t ldc, bool accumulate) {
+                          int64_t b_depth, int64_t b_col, float* c, int64_t ldc, bool accumulate,
+                          const c10::BFloat16* a_lo = nullptr) {
   const int64_t a_stride = lda * 2, c_stride = ldc * 4;
   float* c1 = c + kRows;
   float* c2 = c + kRows * ldc;
@@ -67,14 +70,17 @@ inline void product_block(int64_t depth_tiles, const c10::BFloat16* a, int64_t l
     if constexpr (row_tiles > 1 && col_tiles > 1) _tile_zero(3);
   }
   for (int64_t d = 0; d < depth_tiles; ++d) {
-    _tile_loadd(4, a + d * kDepth, a_stride);
-    if constexpr (row_tiles > 1) _tile_loadd(5, a + kRows * lda + d * kDepth, a_stride);
     _tile_loadd(6, b + d * b_depth, 64);
     if constexpr (col_tiles > 1) _tile_loadd(7, b + d * b_depth + b_col, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    if constexpr (col_tiles > 1) _tile_dpbf16ps(1, 4, 7);
-    if constexpr (row_tiles > 1) _tile_dpbf16ps(2, 5, 6);
-    if constexpr (row_tiles > 1 && col_tiles > 1) _tile_dpbf16ps(3, 5, 7);
+    for (const c10::BFloat16* part : {a, a_lo}) {
+      if (part == nullptr) break;
+      _tile_loadd(4, part + d * kDepth, a_stride);
+      if constexpr (row_tiles > 1) _tile_loadd(5, part + kRows * lda + d * kDepth, a_stride);
+      _tile_dpbf16ps(0, 4, 6);
+      if constexpr (col_tiles > 1) _tile_dpbf16ps(1, 4, 7);
+      if constexpr (row_tiles > 1) _tile_dpbf16ps(2, 5, 6);
+      if constexpr (row_tiles > 1 && col_tiles > 1) _tile_dpbf16ps(3, 5, 7);
+    }
   }
   _tile_stored(0, c, c_stride);
   if constexpr (col_tiles > 1) _tile_stored(1, c1, c_stride);
@@ -124,13 +130,17 @@ inline void product_shallow(int64_t row_tiles, int64_t col_tiles, const c10::BFl
 }
 
 // The whole product, in 2 x 2 blocks of tiles (1-wide at odd edges); shallow ones column-stationary.
+// With a_lo: (A + A_lo) x B (product_block).
 inline void product(int64_t row_tiles, int64_t col_tiles, int64_t depth_tiles, const c10::BFloat16* a,
                     int64_t lda, const c10::BFloat16* b, int64_t b_depth, int64_t b_col, float* c, int64_t ldc,
-                    bool accumulate) {
-  if (!accumulate && depth_tiles == 1) return product_shallow<1>(row_tiles, col_tiles, a, lda, b, b_depth, b_col, c, ldc);
-  if (!accumulate && depth_tiles == 2) return product_shallow<2>(row_tiles, col_tiles, a, lda, b, b_depth, b_col, c, ldc);
+                    bool accumulate, const c10::BFloat16* a_lo = nullptr) {
+  if (a_lo == nullptr && !accumulate && (depth_tiles == 1 || depth_tiles == 2)) {
+    if (depth_tiles == 1) return product_shallow<1>(row_tiles, col_tiles, a, lda, b, b_depth, b_col, c, ldc);
+    return product_shallow<2>(row_tiles, col_tiles, a, lda, b, b_depth, b_col, c, ldc);
+  }
   for (int64_t r = 0; r < row_tiles; r += 2) {
     const c10::BFloat16* a_r = a + r * kRows * lda;
+    const c10::BFloat16* a_lo_r = a_lo != nullptr ? a_lo + r * kRows * lda : nullptr;
     float* c_r = c + r * kRows * ldc;
     const bool two_rows = r + 1 < row_tiles;
     for (int64_t t = 0; t < col_tiles; t += 2) {
@@ -138,13 +148,13 @@ inline void product(int64_t row_tiles, int64_t col_tiles, int64_t depth_tiles, c
       float* c_t = c_r + t * kRows;
       const bool two_cols = t + 1 < col_tiles;
       if (two_rows && two_cols) {
-        product_block<2, 2>(depth_tiles, a_r, lda, b_t, b_depth, b_col, c_t, ldc, accumulate);
+        product_block<2, 2>(depth_tiles, a_r, lda, b_t, b_depth, b_col, c_t, ldc, accumulate, a_lo_r);
       } else if (two_rows) {
-        product_block<2, 1>(depth_tiles, a_r, lda, b_t, b_depth, b_col, c_t, ldc, accumulate);
+        product_block<2, 1>(depth_tiles, a_r, lda, b_t, b_depth, b_col, c_t, ldc, accumulate, a_lo_r);
       } else if (two_cols) {
-        product_block<1, 2>(depth_tiles, a_r, lda, b_t, b_depth, b_col, c_t, ldc, accumulate);
+        product_block<1, 2>(depth_tiles, a_r, lda, b_t, b_depth, b_col, c_t, ldc, accumulate, a_lo_r);
       } else {
-        product_block<1, 1>(depth_tiles, a_r, lda, b_t, b_depth, b_col, c_t, ldc, accumulate);
+        product_block<1, 1>(depth_tiles, a_r, lda, b_t, b_depth, b_col, c_t, ldc, accumulate, a_lo_r);
       }
     }
   }

@@ -154,7 +154,7 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
       if (lse == neg_inf) {
         std::fill(p, p + n_pad, acc_t(0));
       } else {
-        exp_shifted_sum(p, p, n_pad, lse, exp_scale, Unchanged{}, true);  // lse is large where scores are
+        exp_shifted_sum(p, p, n_pad, lse, exp_scale);  // lse is large where scores are
       }
       delta = scoring.row_delta[at];
       softmax_backward_row(p, dp, static_cast<const acc_t*>(nullptr), delta, n_pad);

@@ -120,9 +120,7 @@ void amx_values(int64_t rows, int64_t n, const float* p, int64_t ldp_in, const R
         for (int64_t f = 0; f < f_tiles; ++f) std::fill_n(dst + f * tiles::kTileElems, 2 * tiles::kRows, c10::BFloat16(0.0f));
       }
     }
-    for (const std::vector<c10::BFloat16>* part : {&buf.p_hi, &buf.p_lo}) {
-      tiles::product(r_tiles, f_tiles, chunks, part->data() + b, buf.ldp, buf.values.data(),
-                     f_tiles * tiles::kTileElems, tiles::kTileElems, acc, ldv, true);
-    }
+    tiles::product(r_tiles, f_tiles, chunks, buf.p_hi.data() + b, buf.ldp, buf.values.data(), f_tiles * tiles::kTileElems,
+                   tiles::kTileElems, acc, ldv, true, buf.p_lo.data() + b);
   }
 }

@@ -64,11 +64,13 @@ struct ForwardBuffers {
         row_sum(block_rows),
         anchor(block_rows),
         lazy(block_rows) {}
-  void reset() {  // before each block of rows: nothing seen yet
-    std::fill(out.begin(), out.end(), acc_t(0));
-    std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<acc_t>::infinity());
-    std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
-    std::fill(lazy.begin(), lazy.end(), uint8_t(1));
+  // Before each block of `rows` rows: nothing seen yet. Only those rows: a 128-row block in a kBlockQ
+  // buffer zeroed all 240 rows' output.
+  void reset(int64_t rows) {
+    std::fill_n(out.begin(), rows * (out.size() / row_max.size()), acc_t(0));
+    std::fill_n(row_max.begin(), rows, -std::numeric_limits<acc_t>::infinity());
+    std::fill_n(row_sum.begin(), rows, acc_t(0));
+    std::fill_n(lazy.begin(), rows, uint8_t(1));
   }
   RowState<acc_t> state(int64_t first_row) {
     return {row_max.data() + first_row, row_sum.data() + first_row, anchor.data() + first_row, lazy.data() + first_row};
@@ -126,8 +128,8 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
     const ScaledDistance<acc_t> bias(scale, slope, position);
     const auto row_max_of = [&] { return alibi ? row_max(s, n_pad, bias) : row_max(s, n_pad) * exp_scale; };
     const auto exp_sum = [&](acc_t shift) {
-      return alibi ? exp_shifted_sum(s, p, n_pad, shift, acc_t(1), bias, true)
-                   : exp_shifted_sum(s, p, n_pad, shift, exp_scale, Unchanged{}, true);
+      return alibi ? exp_shifted_sum(s, p, n_pad, shift, acc_t(1), bias)
+                   : exp_shifted_sum(s, p, n_pad, shift, exp_scale);
     };
     // ALiBi's bias at its largest in this block: the reference follows it exactly, so that the scores'
     // climb toward the diagonal never forces a maximum pass (what is left, q.k, barely moves).
@@ -256,7 +258,7 @@ void forward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
   const int64_t lo = first / panel * panel;
   acc_t* scores = buf.scores.data();
   acc_t* acc = buf.out.data();
-  buf.reset();
+  buf.reset(rows);
   if (first < hi) load_rows(problem.q, seq.batch, head, seq.q_start + i0, rows, dim, buf.q.data(), dim);
   for (int64_t j0 = lo; j0 < hi; j0 += kBlockK) {
     const int64_t n = std::min(kBlockK, hi - j0);

@@ -157,7 +157,7 @@ void forward_rows_amx(const Problem<scalar_t>& problem, const Scoring<float>& sc
   const int64_t lo = first / tiles::kDepth * tiles::kDepth;
   float* scores = buf.f.scores.data();
   float* acc = buf.f.out.data();
-  buf.f.reset();
+  buf.f.reset(rows);
   if (first < hi) load_rows(problem.q, seq.batch, head, seq.q_start + i0, rows, problem.head_dim, buf.q.data(), buf.ldq);
   for (int64_t j0 = lo; j0 < hi; j0 += kBlockK) {
     const int64_t n = std::min(kBlockK, hi - j0), n_tiles = (n + tiles::kRows - 1) / tiles::kRows;
@@ -176,14 +176,13 @@ void forward_rows_amx(const Problem<scalar_t>& problem, const Scoring<float>& sc
                                              probs + r * kProbStride, probs_lo + r * kProbStride);
                   },
                   [](int64_t, float*) {} /* the scores are never overwritten */);
-    for (const c10::BFloat16* part : {probs, probs_lo}) {
-      for_each_run(scoring.rules, seq, i0, rows, j0, n, tiles::kDepth, [&](int64_t g, int64_t group, int64_t b, int64_t e) {
-        tiles::product((group + tiles::kRows - 1) / tiles::kRows, packed.f_tiles, (e - b) / tiles::kDepth,
-                       part + g * kProbStride + b, kProbStride,
-                       values + (j0 + b) / tiles::kDepth * packed.f_tiles * tiles::kTileElems,
-                       packed.f_tiles * tiles::kTileElems, tiles::kTileElems, acc + g * ldv, ldv, true);
-      });
-    }
+    for_each_run(scoring.rules, seq, i0, rows, j0, n, tiles::kDepth, [&](int64_t g, int64_t group, int64_t b, int64_t e) {
+      tiles::product((group + tiles::kRows - 1) / tiles::kRows, packed.f_tiles, (e - b) / tiles::kDepth,
+                     probs + g * kProbStride + b, kProbStride,
+                     values + (j0 + b) / tiles::kDepth * packed.f_tiles * tiles::kTileElems,
+                     packed.f_tiles * tiles::kTileElems, tiles::kTileElems, acc + g * ldv, ldv, true,
+                     probs_lo + g * kProbStride + b);
+    });
   }
   finish_rows(seq, head, i0, rows, problem.value_dim, acc, ldv, buf.f.row_max.data(), buf.f.row_sum.data(), out, lse,
               lse_index, scoring.sink(head));

@@ -135,16 +135,14 @@ inline acc_t row_max(const acc_t* s, int64_t n_pad, const F& f = F{}) {
   }
   for (; j < n_pad; j += width) take(best[0], f(simd::load(s + j), j));
   for (int c = 1; c < chains; ++c) take(best[0], best[c]);
-  acc_t result = best[0][0];
-  for (int64_t k = 1; k < width; ++k) result = best[0][k] > result || std::isnan(best[0][k]) ? best[0][k] : result;
-  return result;
+  return simd::reduce_max<acc_t>(best[0]);
 }
 
 // p <- exp(f(s) * scale - shift) over [0, n_pad) (one FMA, then exp; p may be s); returns the sum. -inf
 // scores give 0.
 template <typename acc_t, typename F = Unchanged>
 inline acc_t exp_shifted_sum(const acc_t* s, acc_t* p, int64_t n_pad, acc_t shift, acc_t scale = acc_t(1),
-                             const F& f = F{}, bool exact_shift = false) {
+                             const F& f = F{}) {
   using V = simd::Vec<acc_t>;
   constexpr int64_t width = simd::Traits<acc_t>::width;
   V total[2] = {V{}, V{}};  // two sums: one add chain would wait on its own latency
@@ -152,20 +150,17 @@ inline acc_t exp_shifted_sum(const acc_t* s, acc_t* p, int64_t n_pad, acc_t shif
   for (; j + 2 * width <= n_pad; j += 2 * width) {
 #pragma GCC unroll 2
     for (int c = 0; c < 2; ++c) {
-      const V e = simd::exp_affine<acc_t>(f(simd::load(s + j + c * width), j + c * width), scale, shift, exact_shift);
+      const V e = simd::exp_affine<acc_t>(f(simd::load(s + j + c * width), j + c * width), scale, shift);
       simd::store(p + j + c * width, e);
       total[c] += e;
     }
   }
   if (j < n_pad) {
-    const V e = simd::exp_affine<acc_t>(f(simd::load(s + j), j), scale, shift, exact_shift);
+    const V e = simd::exp_affine<acc_t>(f(simd::load(s + j), j), scale, shift);
     simd::store(p + j, e);
     total[0] += e;
   }
-  const V both = total[0] + total[1];
-  acc_t result = 0;
-  for (int64_t k = 0; k < width; ++k) result += both[k];
-  return result;
+  return simd::reduce_add<acc_t>(total[0] + total[1]);
 }
 
 template <typename acc_t>
@@ -187,10 +182,7 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n_pad) {
     for (int c = 0; c < 4; ++c) total[c] += simd::load(a + j + c * width) * simd::load(b + j + c * width);
   }
   for (; j < n_pad; j += width) total[0] += simd::load(a + j) * simd::load(b + j);
-  const V all = (total[0] + total[1]) + (total[2] + total[3]);
-  acc_t result = 0;
-  for (int64_t k = 0; k < width; ++k) result += all[k];
-  return result;
+  return simd::reduce_add<acc_t>((total[0] + total[1]) + (total[2] + total[3]));
 }
 
 // sum_j dp[j] (|position - j| - center) over [0, n_pad): with dp = dS, the gradient of an ALiBi slope
@@ -202,9 +194,7 @@ inline acc_t distance_dot(const acc_t* dp, int64_t position, int64_t n_pad, acc_
   const Distance<acc_t> distance(position);
   V total{};
   for (int64_t j = 0; j < n_pad; j += width) total += simd::load(dp + j) * (distance(j) - center);
-  acc_t result = 0;
-  for (int64_t k = 0; k < width; ++k) result += total[k];
-  return result;
+  return simd::reduce_add<acc_t>(total);
 }
 
 // The softmax's backward on one row: dp <- p (dp keep - delta), keep null meaning 1, over [0, n_pad).
