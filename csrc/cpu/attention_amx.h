@@ -230,17 +230,20 @@ inline void pack_pair_rows(const c10::BFloat16* even, const c10::BFloat16* odd, 
 
 // The float row split into two bfloat16 rows, hi[j] + lo[j] = src[j] to 16 significant bits (hi: src's
 // top 16 bits, exact; lo = bf16(src - hi), the remainder exact in float); 0 for n <= j < n_zero (n a
-// whole number of vectors).
+// whole number of vectors). 32 at a time: one conversion instruction packs two vectors.
 inline void to_bf16_split_row(const float* src, int64_t n, int64_t n_zero, c10::BFloat16* hi, c10::BFloat16* lo) {
   const __m512i top_bits = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  for (int64_t j = 0; j < n; j += 16) {
-    const __m512 x = _mm512_loadu_ps(src + j);
-    const __m512 top = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), top_bits));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + j), (__m256i)_mm512_cvtneps_pbh(top));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + j), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, top)));
+  const auto top = [&](__m512 x) { return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), top_bits)); };
+  int64_t j = 0;
+  for (; j < n; j += 32) {
+    const __m512 x0 = _mm512_loadu_ps(src + j);
+    const __m512 x1 = j + 16 < n ? _mm512_loadu_ps(src + j + 16) : _mm512_setzero_ps();
+    const __m512 t0 = top(x0), t1 = top(x1);
+    _mm512_storeu_si512(hi + j, (__m512i)_mm512_cvtne2ps_pbh(t1, t0));
+    _mm512_storeu_si512(lo + j, (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, t1), _mm512_sub_ps(x0, t0)));
   }
-  std::fill(hi + n, hi + n_zero, c10::BFloat16(0.0f));
-  std::fill(lo + n, lo + n_zero, c10::BFloat16(0.0f));
+  std::fill(hi + j, hi + n_zero, c10::BFloat16(0.0f));
+  std::fill(lo + j, lo + n_zero, c10::BFloat16(0.0f));
 }
 
 }  // namespace tiles

@@ -55,9 +55,11 @@ struct ForwardBuffers {
   std::vector<uint8_t> lazy;
   // probs: rows apart from the scores. block_rows: the most rows a block of this call has; sized to it,
   // a short call does not zero a kBlockQ x kScoreStride scores buffer (half a MiB) on every call.
-  ForwardBuffers(int64_t head_dim, int64_t ldv, int64_t prob_rows = 0, int64_t block_rows = kBlockQ)
+  // score_rows: the rows of scores at a time (all of a block's, unless given).
+  ForwardBuffers(int64_t head_dim, int64_t ldv, int64_t prob_rows = 0, int64_t block_rows = kBlockQ,
+                 int64_t score_rows = -1)
       : q(block_rows * head_dim),
-        scores(block_rows * kScoreStride),
+        scores((score_rows < 0 ? block_rows : score_rows) * kScoreStride),
         probs(prob_rows * kScoreStride),
         out(block_rows * ldv),
         row_max(block_rows),
@@ -108,82 +110,110 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
   const acc_t scale = static_cast<acc_t>(scoring.rules.scale);
   const acc_t slope = scoring.slope(seq, head);
   const acc_t lazy_sum_margin = std::exp(kLazyMargin<acc_t>);
-  for (int64_t r = 0; r < rows; ++r) {
-    acc_t* s = scores + r * ld;
-    acc_t* p = probs + r * ldp;
-    // Plain rows (the common case) skip the score pass: the scale is folded into the exp's argument, and
-    // ALiBi's bias into both passes (ScaledDistance).
+  // What each row needs (plain rows, the common case, skip the score pass: the scale is folded into the
+  // exp's argument, and ALiBi's bias into both passes: ScaledDistance).
+  struct Row {
+    acc_t *s, *p;
+    bool plain, alibi, lazy;  // lazy: tries the reference it has before a maximum pass
+    acc_t exp_scale;
+    ScaledDistance<acc_t> bias;
+  };
+  const auto row_of = [&](int64_t r) {
     const bool plain = plain_row(scoring, seq, head, i0 + r, j0, n, /*with_alibi=*/true);
     const bool alibi = plain && slope != acc_t(0);
-    const acc_t exp_scale = plain && !alibi ? scale : acc_t(1);
-    const auto finish_scores = [&] {
-      if (plain) {
-        std::fill(s + n, s + n_pad, neg_inf);
-      } else {
-        score_row(scoring, seq, head, i0 + r, j0, n, n_pad, s, s /* softcap's tanh is not needed here */);
-      }
-    };
-    finish_scores();
-    const int64_t position = i0 + r + seq.len_k - seq.len_q - j0;
-    const ScaledDistance<acc_t> bias(scale, slope, position);
-    const auto row_max_of = [&] { return alibi ? row_max(s, n_pad, bias) : row_max(s, n_pad) * exp_scale; };
-    const auto exp_sum = [&](acc_t shift) {
-      return alibi ? exp_shifted_sum(s, p, n_pad, shift, acc_t(1), bias)
-                   : exp_shifted_sum(s, p, n_pad, shift, exp_scale);
-    };
-    // ALiBi's bias at its largest in this block: the reference follows it exactly, so that the scores'
-    // climb toward the diagonal never forces a maximum pass (what is left, q.k, barely moves).
-    const acc_t bias_top = alibi ? max_distance_bias(slope, position, n) : acc_t(0);
-    acc_t& reference = state.max[r];
-    acc_t& total = state.sum[r];
-    bool done = false;
-    if ((alibi || state.lazy[r]) && reference > neg_inf) {  // false for a row with no reference yet, and for NaN
-      // ALiBi rows try the reference moved up by the bias's climb since a maximum pass set it.
-      const acc_t shift = alibi && bias_top > state.anchor[r] ? bias_top - state.anchor[r] : acc_t(0);
-      const acc_t carried = shift > 0 ? total * std::exp(-shift) : total;
-      const acc_t block_sum = exp_sum(reference + shift);
-      const acc_t sum = carried + block_sum;
-      // Too large: a score far above the reference (or inf, or NaN). Too small: the moved reference
-      // overshot the scores (their q.k fell as the bias rose) and the terms are underflowing.
-      if (sum <= kLazySumLimit<acc_t> && sum >= acc_t(1) / kLazySumLimit<acc_t>) {
-        if (shift > 0) {
-          scale_row(out + r * ldv, ldv, std::exp(-shift));
-          reference += shift;
-          state.anchor[r] = bias_top;
+    return Row{scores + r * ld, probs + r * ldp, plain, alibi,
+               (alibi || state.lazy[r]) && state.max[r] > neg_inf,  // false for a row with no reference yet, and for NaN
+               plain && !alibi ? scale : acc_t(1), ScaledDistance<acc_t>(scale, slope, i0 + r + seq.len_k - seq.len_q - j0)};
+  };
+  const auto finish_scores = [&](int64_t r, const Row& row) {
+    if (row.plain) {
+      std::fill(row.s + n, row.s + n_pad, neg_inf);
+    } else {
+      score_row(scoring, seq, head, i0 + r, j0, n, n_pad, row.s, row.s /* softcap's tanh is not needed here */);
+    }
+  };
+  const auto row_max_of = [&](const Row& row) {
+    return row.alibi ? row_max(row.s, n_pad, row.bias) : row_max(row.s, n_pad) * row.exp_scale;
+  };
+  // First every row's final scores and, where the row has no reference to try, its maximum: the rows'
+  // maximum passes are independent, so the wait for each one's reduction overlaps the others' work (one
+  // row at a time, each 128-key row's exp pass waited on its own maximum).
+  constexpr int64_t kMaxRows = 256;
+  acc_t block_maxima[kMaxRows];
+  for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
+    for (int64_t r = r0; r < std::min(rows, r0 + kMaxRows); ++r) {
+      const Row row = row_of(r);
+      finish_scores(r, row);
+      if (!row.lazy) block_maxima[r - r0] = row_max_of(row);
+    }
+    for (int64_t r = r0; r < std::min(rows, r0 + kMaxRows); ++r) {
+      const Row row = row_of(r);
+      acc_t* s = row.s;
+      acc_t* p = row.p;
+      const bool alibi = row.alibi;
+      const ScaledDistance<acc_t>& bias = row.bias;
+      const auto exp_sum = [&](acc_t shift) {
+        return alibi ? exp_shifted_sum(s, p, n_pad, shift, acc_t(1), bias)
+                     : exp_shifted_sum(s, p, n_pad, shift, row.exp_scale);
+      };
+      // ALiBi's bias at its largest in this block: the reference follows it exactly, so that the scores'
+      // climb toward the diagonal never forces a maximum pass (what is left, q.k, barely moves).
+      const acc_t bias_top = alibi ? max_distance_bias(slope, bias.distance.position, n) : acc_t(0);
+      acc_t& reference = state.max[r];
+      acc_t& total = state.sum[r];
+      bool done = false;
+      acc_t block_max = row.lazy ? neg_inf : block_maxima[r - r0];  // a lazy row's: found if its try fails
+      if (row.lazy) {
+        // ALiBi rows try the reference moved up by the bias's climb since a maximum pass set it.
+        const acc_t shift = alibi && bias_top > state.anchor[r] ? bias_top - state.anchor[r] : acc_t(0);
+        const acc_t carried = shift > 0 ? total * std::exp(-shift) : total;
+        const acc_t block_sum = exp_sum(reference + shift);
+        const acc_t sum = carried + block_sum;
+        // Too large: a score far above the reference (or inf, or NaN). Too small: the moved reference
+        // overshot the scores (their q.k fell as the bias rose) and the terms are underflowing.
+        if (sum <= kLazySumLimit<acc_t> && sum >= acc_t(1) / kLazySumLimit<acc_t>) {
+          if (shift > 0) {
+            scale_row(out + r * ldv, ldv, std::exp(-shift));
+            reference += shift;
+            state.anchor[r] = bias_top;
+          }
+          total = sum;
+          done = true;
+          // Terms well above 1: the maximum has climbed past the reference, so let the next block move it
+          // (else a steady climb would drift until an attempt fails).
+          state.lazy[r] = block_sum <= lazy_sum_margin;
+        } else {
+          if (p == s) {
+            rescore(r, s);
+            finish_scores(r, row);
+          }
+          block_max = row_max_of(row);
         }
-        total = sum;
-        done = true;
-        // Terms well above 1: the maximum has climbed past the reference, so let the next block move it
-        // (else a steady climb would drift until an attempt fails).
-        state.lazy[r] = block_sum <= lazy_sum_margin;
-      } else if (p == s) {
-        rescore(r, s);
-        finish_scores();
       }
-    }
-    if (!done) {
-      const acc_t block_max = row_max_of();
-      const acc_t old_max = reference;
-      const acc_t new_max = block_max > old_max || std::isnan(block_max) ? block_max : old_max;  // NaN spreads
-      if (new_max == neg_inf) {  // nothing visible yet: the row's probabilities are all 0
-        std::fill(p, p + n_pad, acc_t(0));
-        on_row(r, p);
-        continue;
+      if (!done) {
+        const acc_t old_max = reference;
+        const acc_t new_max = block_max > old_max || std::isnan(block_max) ? block_max : old_max;  // NaN spreads
+        if (new_max == neg_inf) {  // nothing visible yet: the row's probabilities are all 0
+          std::fill(p, p + n_pad, acc_t(0));
+          on_row(r, p);
+          continue;
+        }
+        // (exp(-inf) is 0: a row's first block skips the call)
+        const acc_t rescale = old_max == neg_inf ? acc_t(0) : std::exp(old_max - new_max);
+        total = total * rescale + exp_sum(new_max);
+        reference = new_max;
+        // Only a maximum pass over a plain ALiBi row knows the bias part of the reference; other rows'
+        // references never move with the bias (an anchor of +inf).
+        state.anchor[r] = alibi ? bias_top : std::numeric_limits<acc_t>::infinity();
+        state.lazy[r] = old_max == neg_inf || new_max <= old_max + kLazyMargin<acc_t>;
+        if (rescale != acc_t(1)) scale_row(out + r * ldv, ldv, rescale);
       }
-      const acc_t rescale = std::exp(old_max - new_max);
-      total = total * rescale + exp_sum(new_max);
-      reference = new_max;
-      // Only a maximum pass over a plain ALiBi row knows the bias part of the reference; other rows'
-      // references never move with the bias (an anchor of +inf).
-      state.anchor[r] = alibi ? bias_top : std::numeric_limits<acc_t>::infinity();
-      state.lazy[r] = old_max == neg_inf || new_max <= old_max + kLazyMargin<acc_t>;
-      if (rescale != acc_t(1)) scale_row(out + r * ldv, ldv, rescale);
+      if (scoring.dropout.active()) {
+        dropout_row(scoring.dropout, scoring.dropout.row_key(seq.index, head, i0 + r), j0, n, p,
+                    static_cast<acc_t*>(nullptr));
+      }
+      on_row(r, p);
     }
-    if (scoring.dropout.active()) {
-      dropout_row(scoring.dropout, scoring.dropout.row_key(seq.index, head, i0 + r), j0, n, p,
-                  static_cast<acc_t*>(nullptr));
-    }
-    on_row(r, p);
   }
 }
 

@@ -1,7 +1,7 @@
 // Forward of the CPU attention kernel for bfloat16 inputs on AMX: the same online softmax as
 // attention_forward.h (softmax_block and finish_rows, in float), with Q K^T and P V as tile products.
 // K and V of every (sequence, kv head) are packed once into B tiles. P goes into P V as two bfloat16
-// parts (hi + lo: 16 significant bits), two tile products: the cpu backend promises float32 arithmetic,
+// parts (hi + lo: 16 significant bits), each V tile multiplied by both: the cpu backend promises float32 arithmetic,
 // and P rounded to bfloat16 alone (torch's CPU flash kernel, FlashAttention) put outputs of rows that one
 // key dominates 2.2 bfloat16 half-ulps from the exact result (bound: 2; tests/test_cpu_attention.py,
 // test_alibi_rows_across_many_key_blocks, on a Xeon with AMX).
@@ -131,15 +131,21 @@ struct PackedKeys {
 // P's row stride in bf16: a whole number of A tiles' depth, plus one so rows do not alias in L1.
 constexpr int64_t kProbStride = kBlockK + tiles::kDepth;
 
+// A block's rows go through Q K^T, the softmax and P V a slab at a time: a slab's scores and P stay in
+// cache between the three passes, and a slab on a causal diagonal runs its softmax over only the keys its
+// rows can see (128 causal tokens: 1.2x; the whole block's rows at once ran it over all the block's keys).
+// Two row tiles: the products run in whole 2 x 2 blocks of tiles.
+constexpr int64_t kSlabRows = 2 * tiles::kRows;
+
 struct AmxBuffers {
-  ForwardBuffers<float> f;  // scores, output, running max and sum (q unused)
+  ForwardBuffers<float> f;  // a slab's scores; the block's output, running max and sum (q unused)
   std::vector<c10::BFloat16> q, p, p_lo;
   int64_t ldq;
   AmxBuffers(int64_t head_dim, int64_t ldv)
-      : f(0, ldv, 1),
+      : f(0, ldv, 1, kBlockQ, kSlabRows),
         q(kBlockQ * round_up(head_dim, tiles::kDepth), c10::BFloat16(0.0f)),
-        p(kBlockQ * kProbStride, c10::BFloat16(0.0f)),
-        p_lo(kBlockQ * kProbStride, c10::BFloat16(0.0f)),
+        p(kSlabRows * kProbStride, c10::BFloat16(0.0f)),
+        p_lo(kSlabRows * kProbStride, c10::BFloat16(0.0f)),
         ldq(round_up(head_dim, tiles::kDepth)) {}
 };
 
@@ -160,29 +166,27 @@ void forward_rows_amx(const Problem<scalar_t>& problem, const Scoring<float>& sc
   buf.f.reset(rows);
   if (first < hi) load_rows(problem.q, seq.batch, head, seq.q_start + i0, rows, problem.head_dim, buf.q.data(), buf.ldq);
   for (int64_t j0 = lo; j0 < hi; j0 += kBlockK) {
-    const int64_t n = std::min(kBlockK, hi - j0), n_tiles = (n + tiles::kRows - 1) / tiles::kRows;
-    const int64_t chunks = (n + tiles::kDepth - 1) / tiles::kDepth;
-    for_each_run(scoring.rules, seq, i0, rows, j0, n, tiles::kDepth, [&](int64_t g, int64_t group, int64_t b, int64_t e) {
-      tiles::product((group + tiles::kRows - 1) / tiles::kRows, (e - b) / tiles::kRows, packed.d_tiles,
-                     buf.q.data() + g * buf.ldq, buf.ldq,
+    const int64_t n = std::min(kBlockK, hi - j0);
+    for (int64_t r0 = 0; r0 < rows; r0 += kSlabRows) {
+      const int64_t slab = std::min(kSlabRows, rows - r0), slab_tiles = (slab + tiles::kRows - 1) / tiles::kRows;
+      const auto [b, e] = group_keys(scoring.rules, seq, i0 + r0, slab, j0, n, tiles::kDepth);
+      if (b >= e) continue;
+      const int64_t m = std::min(e, n) - b;  // the slab's keys [j0 + b, j0 + b + m): e is a whole chunk
+      tiles::product(slab_tiles, (e - b) / tiles::kRows, packed.d_tiles, buf.q.data() + r0 * buf.ldq, buf.ldq,
                      keys + (j0 + b) / tiles::kRows * packed.d_tiles * tiles::kTileElems, tiles::kTileElems,
-                     packed.d_tiles * tiles::kTileElems, scores + g * kScoreStride + b, kScoreStride, false);
-    });
-    c10::BFloat16 *probs = buf.p.data(), *probs_lo = buf.p_lo.data();
-    // Each row's float probabilities go to one scratch row (ldp = 0), split into P's two parts at once.
-    softmax_block(scoring, seq, head, i0, rows, j0, n, scores, kScoreStride, buf.f.probs.data(), 0, acc, ldv,
-                  buf.f.state(0), [&](int64_t r, const float* p) {
-                    tiles::to_bf16_split_row(p, n_tiles * tiles::kRows, chunks * tiles::kDepth,
-                                             probs + r * kProbStride, probs_lo + r * kProbStride);
-                  },
-                  [](int64_t, float*) {} /* the scores are never overwritten */);
-    for_each_run(scoring.rules, seq, i0, rows, j0, n, tiles::kDepth, [&](int64_t g, int64_t group, int64_t b, int64_t e) {
-      tiles::product((group + tiles::kRows - 1) / tiles::kRows, packed.f_tiles, (e - b) / tiles::kDepth,
-                     probs + g * kProbStride + b, kProbStride,
+                     packed.d_tiles * tiles::kTileElems, scores, kScoreStride, false);
+      c10::BFloat16 *probs = buf.p.data(), *probs_lo = buf.p_lo.data();
+      const int64_t n_tiles = (m + tiles::kRows - 1) / tiles::kRows, chunks = (e - b) / tiles::kDepth;
+      softmax_block(scoring, seq, head, i0 + r0, slab, j0 + b, m, scores, kScoreStride, buf.f.probs.data(), 0,
+                    acc + r0 * ldv, ldv, buf.f.state(r0), [&](int64_t r, const float* p) {
+                      tiles::to_bf16_split_row(p, n_tiles * tiles::kRows, chunks * tiles::kDepth,
+                                               probs + r * kProbStride, probs_lo + r * kProbStride);
+                    },
+                    [](int64_t, float*) {} /* the scores are never overwritten */);
+      tiles::product(slab_tiles, packed.f_tiles, chunks, probs, kProbStride,
                      values + (j0 + b) / tiles::kDepth * packed.f_tiles * tiles::kTileElems,
-                     packed.f_tiles * tiles::kTileElems, tiles::kTileElems, acc + g * ldv, ldv, true,
-                     probs_lo + g * kProbStride + b);
-    });
+                     packed.f_tiles * tiles::kTileElems, tiles::kTileElems, acc + r0 * ldv, ldv, true, probs_lo);
+    }
   }
   finish_rows(seq, head, i0, rows, problem.value_dim, acc, ldv, buf.f.row_max.data(), buf.f.row_sum.data(), out, lse,
               lse_index, scoring.sink(head));

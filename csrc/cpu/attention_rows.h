@@ -119,15 +119,19 @@ inline void score_row(const Scoring<acc_t>& scoring, const Sequence& seq, int64_
   for (int64_t j = visible_hi; j < n_pad; ++j) s[j] = neg_inf;
 }
 
-// Four independent running maxima: one compare-and-select chain would wait on its own latency.
+// The largest f(score) over [0, n_pad), NaN where a NaN score is the only thing in the row's way: every
+// other score -inf. A NaN among finite scores is passed over here (one max instruction a vector, where
+// letting it win took four); the exp pass after this one carries it into the probabilities and the sum,
+// and so to the output. Four independent running maxima: one chain would wait on its own latency.
 template <typename acc_t, typename F = Unchanged>
 inline acc_t row_max(const acc_t* s, int64_t n_pad, const F& f = F{}) {
   using V = simd::Vec<acc_t>;
   constexpr int64_t width = simd::Traits<acc_t>::width;
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   constexpr int chains = 4;
   V best[chains];
-  for (int c = 0; c < chains; ++c) best[c] = simd::broadcast(-std::numeric_limits<acc_t>::infinity());
-  const auto take = [](V& b, const V& x) { b = ((x > b) | (x != x)) ? x : b; };  // a NaN score wins, so that it reaches the output
+  for (int c = 0; c < chains; ++c) best[c] = simd::broadcast(neg_inf);
+  const auto take = [](V& b, const V& x) { b = x > b ? x : b; };  // false for NaN: b keeps its value
   int64_t j = 0;
   for (; j + chains * width <= n_pad; j += chains * width) {
 #pragma GCC unroll 4
@@ -135,7 +139,16 @@ inline acc_t row_max(const acc_t* s, int64_t n_pad, const F& f = F{}) {
   }
   for (; j < n_pad; j += width) take(best[0], f(simd::load(s + j), j));
   for (int c = 1; c < chains; ++c) take(best[0], best[c]);
-  return simd::reduce_max<acc_t>(best[0]);
+  const acc_t result = simd::reduce_max<acc_t>(best[0]);
+  if (result == neg_inf) {  // a row that sees nothing skips the exp pass: a NaN must show here
+    for (j = 0; j < n_pad; j += width) {
+      const V x = f(simd::load(s + j), j);
+      if (simd::reduce_max<acc_t>(x != x ? simd::broadcast<acc_t>(1) : simd::broadcast<acc_t>(0)) > 0) {
+        return std::numeric_limits<acc_t>::quiet_NaN();
+      }
+    }
+  }
+  return result;
 }
 
 // p <- exp(f(s) * scale - shift) over [0, n_pad) (one FMA, then exp; p may be s); returns the sum. -inf

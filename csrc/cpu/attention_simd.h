@@ -17,6 +17,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 // The variant's vector register: its bytes, and how many there are (kernel headers are compiled once
 // per variant, inside its namespace: attention_isa_*.cpp).
@@ -103,18 +104,20 @@ inline Vec<T> broadcast(T value) {
 }
 
 // op over x's lanes, halving the vector at each step: log2(width) vector operations where a loop over
-// the lanes made a chain of width dependent scalar ones (a third of the softmax on 128-key rows).
+// the lanes made a chain of width dependent scalar ones (a third of the softmax on 128-key rows). The
+// halves by shuffles: copied out through memory, each step waited on a store.
 template <typename T, typename V, typename Op>
 inline T reduce(const V& x, const Op& op) {
-  constexpr size_t half = sizeof(V) / 2;
-  if constexpr (half == sizeof(T)) {
+  constexpr size_t lanes = sizeof(V) / sizeof(T);
+  if constexpr (lanes == 2) {
     return op(x[0], x[1]);
   } else {
-    typedef T Half __attribute__((vector_size(half)));
-    Half lo, hi;
-    std::memcpy(&lo, &x, half);
-    std::memcpy(&hi, reinterpret_cast<const char*>(&x) + half, half);
-    return reduce<T>(op(lo, hi), op);
+    const auto half = [&]<size_t... I>(std::index_sequence<I...>, auto from) {
+      return __builtin_shufflevector(x, x, (I + decltype(from)::value)...);
+    };
+    constexpr std::make_index_sequence<lanes / 2> indices;
+    return reduce<T>(op(half(indices, std::integral_constant<size_t, 0>{}),
+                        half(indices, std::integral_constant<size_t, lanes / 2>{})), op);
   }
 }
 
