@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import check_attention, rand
+from torch.nn.attention.bias import causal_lower_right
 
 import fused_attention
 from fused_attention.backends import BACKENDS
@@ -158,3 +159,23 @@ def test_alibi_reference_never_overshoots_the_scores():
     for dtype in (torch.float32, torch.float64):
         check_attention("cpu", q.to(dtype), k.to(dtype), v.to(dtype), grad=False, scale=1.0,
                         alibi_slopes=torch.tensor([0.5]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 8, 128, 600])
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_nan_key_makes_exactly_the_rows_that_see_it_nan(dtype, rows, causal):
+    """One key's NaN is a NaN score among finite ones in the rows that see it (the row maximum passes
+    over it; the exp pass must carry it to the output), and nothing in the rows that do not: the decode
+    (1, 8 rows), the forward's slabs and blocks (128, 600), and the backward."""
+    keys = rows + 100
+    q, k, v = (rand(2, h, n, 64, dtype=dtype) for h, n in ((4, rows), (2, keys), (2, keys)))
+    k[0, 1, keys // 3, 7] = float("nan")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    mask = causal_lower_right(rows, keys) if causal else None  # a decode step's alignment
+    out = fused_attention.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, backend="cpu")
+    seen = torch.zeros(2, 4, rows, dtype=torch.bool)
+    seen[0, 2:] = torch.arange(rows) + keys - rows >= keys // 3 if causal else True
+    assert torch.equal(out.isnan().any(-1), seen) and out[~seen].isfinite().all()
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert all(g[1].isfinite().all() for g in grads)  # the other batch entry never sees the NaN
