@@ -126,10 +126,10 @@ inline T reduce_add(const Vec<T>& x) {
   return reduce<T>(x, [](const auto& a, const auto& b) { return a + b; });
 }
 
-// The largest lane, NaN if any lane is.
+// The largest lane of a vector without NaN (max instructions: letting a NaN win took four a step).
 template <typename T>
 inline T reduce_max(const Vec<T>& x) {
-  return reduce<T>(x, [](const auto& a, const auto& b) { return ((a > b) | (a != a)) ? a : b; });
+  return reduce<T>(x, [](const auto& a, const auto& b) { return a > b ? a : b; });
 }
 
 // |x| as one AND of the sign bit (a compare, select and negate otherwise).
