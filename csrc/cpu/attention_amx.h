@@ -117,9 +117,39 @@ inline void product_shallow_columns(int64_t row_tiles, const c10::BFloat16* a, i
   }
 }
 
+// The same for at most two row tiles (a slab of the forward): the A tiles (rows x depth, at most 4) stay
+// in tmm4-7 while the columns pass, B in tmm2-3, C in tmm0-1: two tile loads per column where the
+// column-stationary order needs four.
+template <int depth_tiles, int row_tiles>
+inline void product_shallow_rows(int64_t col_tiles, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b,
+                                 int64_t b_depth, int64_t b_col, float* c, int64_t ldc) {
+  static_assert(depth_tiles >= 1 && depth_tiles <= 2 && row_tiles >= 1 && row_tiles <= 2);
+  const int64_t a_stride = lda * 2, c_stride = ldc * 4;
+  _tile_loadd(4, a, a_stride);
+  if constexpr (depth_tiles > 1) _tile_loadd(5, a + kDepth, a_stride);
+  if constexpr (row_tiles > 1) _tile_loadd(6, a + kRows * lda, a_stride);
+  if constexpr (depth_tiles > 1 && row_tiles > 1) _tile_loadd(7, a + kRows * lda + kDepth, a_stride);
+  for (int64_t t = 0; t < col_tiles; ++t) {
+    const c10::BFloat16* b_t = b + t * b_col;
+    float* c_t = c + t * kRows;
+    _tile_zero(0);
+    if constexpr (row_tiles > 1) _tile_zero(1);
+    _tile_loadd(2, b_t, 64);
+    if constexpr (depth_tiles > 1) _tile_loadd(3, b_t + b_depth, 64);
+    _tile_dpbf16ps(0, 4, 2);
+    if constexpr (depth_tiles > 1) _tile_dpbf16ps(0, 5, 3);
+    if constexpr (row_tiles > 1) _tile_dpbf16ps(1, 6, 2);
+    if constexpr (depth_tiles > 1 && row_tiles > 1) _tile_dpbf16ps(1, 7, 3);
+    _tile_stored(0, c_t, c_stride);
+    if constexpr (row_tiles > 1) _tile_stored(1, c_t + kRows * ldc, c_stride);
+  }
+}
+
 template <int depth_tiles>
 inline void product_shallow(int64_t row_tiles, int64_t col_tiles, const c10::BFloat16* a, int64_t lda,
                             const c10::BFloat16* b, int64_t b_depth, int64_t b_col, float* c, int64_t ldc) {
+  if (row_tiles == 2 && col_tiles > 2) return product_shallow_rows<depth_tiles, 2>(col_tiles, a, lda, b, b_depth, b_col, c, ldc);
+  if (row_tiles == 1 && col_tiles > 2) return product_shallow_rows<depth_tiles, 1>(col_tiles, a, lda, b, b_depth, b_col, c, ldc);
   int64_t t = 0;
   for (; t + 2 <= col_tiles; t += 2) {
     product_shallow_columns<depth_tiles, 2>(row_tiles, a, lda, b + t * b_col, b_depth, b_col, c + t * kRows, ldc);
