@@ -258,22 +258,39 @@ inline void pack_pair_rows(const c10::BFloat16* even, const c10::BFloat16* odd, 
   }
 }
 
-// The float row split into two bfloat16 rows, hi[j] + lo[j] = src[j] to 16 significant bits (hi: src's
-// top 16 bits, exact; lo = bf16(src - hi), the remainder exact in float); 0 for n <= j < n_zero (n a
-// whole number of vectors). 32 at a time: one conversion instruction packs two vectors.
-inline void to_bf16_split_row(const float* src, int64_t n, int64_t n_zero, c10::BFloat16* hi, c10::BFloat16* lo) {
+// 32 floats (a: the first 16) as two bfloat16 rows, hi[j] + lo[j] = x[j] to 16 significant bits (hi: x's
+// top 16 bits, exact; lo = bf16(x - hi), the remainder exact in float): one conversion packs two vectors.
+inline void split_pair(__m512 a, __m512 b, c10::BFloat16* hi, c10::BFloat16* lo) {
   const __m512i top_bits = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   const auto top = [&](__m512 x) { return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), top_bits)); };
+  const __m512 ta = top(a), tb = top(b);
+  _mm512_storeu_si512(hi, (__m512i)_mm512_cvtne2ps_pbh(tb, ta));
+  _mm512_storeu_si512(lo, (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(b, tb), _mm512_sub_ps(a, ta)));
+}
+
+// The float row as split_pair's two parts; 0 for n <= j < n_zero (n a whole number of vectors).
+inline void to_bf16_split_row(const float* src, int64_t n, int64_t n_zero, c10::BFloat16* hi, c10::BFloat16* lo) {
   int64_t j = 0;
   for (; j < n; j += 32) {
-    const __m512 x0 = _mm512_loadu_ps(src + j);
-    const __m512 x1 = j + 16 < n ? _mm512_loadu_ps(src + j + 16) : _mm512_setzero_ps();
-    const __m512 t0 = top(x0), t1 = top(x1);
-    _mm512_storeu_si512(hi + j, (__m512i)_mm512_cvtne2ps_pbh(t1, t0));
-    _mm512_storeu_si512(lo + j, (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, t1), _mm512_sub_ps(x0, t0)));
+    split_pair(_mm512_loadu_ps(src + j), j + 16 < n ? _mm512_loadu_ps(src + j + 16) : _mm512_setzero_ps(), hi + j, lo + j);
   }
   std::fill(hi + j, hi + n_zero, c10::BFloat16(0.0f));
   std::fill(lo + j, lo + n_zero, c10::BFloat16(0.0f));
 }
+
+// softmax_block's writer (see FloatProbs) of a row's probabilities straight into P's two bf16 parts, with
+// no float row between (its store and reload were a fifth of the softmax's samples). Writes whole 32s:
+// the rows have room up to the next multiple of 32, which the products read.
+struct SplitProbs {
+  c10::BFloat16 *hi, *lo;
+  template <typename V>
+  void pair(int64_t j, const V& a, const V& b) const { split_pair((__m512)a, (__m512)b, hi + j, lo + j); }
+  template <typename V>
+  void single(int64_t j, const V& a) const { split_pair((__m512)a, _mm512_setzero_ps(), hi + j, lo + j); }
+  void zero(int64_t n_pad) const {
+    std::fill(hi, hi + round_up<int64_t>(n_pad, kDepth), c10::BFloat16(0.0f));
+    std::fill(lo, lo + round_up<int64_t>(n_pad, kDepth), c10::BFloat16(0.0f));
+  }
+};
 
 }  // namespace tiles

@@ -100,10 +100,21 @@ constexpr acc_t kLazyMargin = acc_t(8);
 // sets a new reference and rescales (state.lazy says whether a row tries; see kLazyMargin; ALiBi rows
 // always try, their reference moved up with the bias). Terms above 1 lose nothing: float's relative
 // precision does not depend on magnitude, and the sum stays 30 binary orders below overflow.
-template <typename acc_t, typename OnRow, typename Rescore>
+//
+// probs_of(r, p) gives the writer (as FloatProbs) that row r's probabilities go through: floats at p by
+// default; another writer (the AMX forward's bf16 parts) leaves p unwritten and takes no dropout.
+template <typename acc_t>
+struct FloatProbsOf {
+  FloatProbs<acc_t> operator()(int64_t, acc_t* p) const { return {p}; }
+};
+
+template <typename acc_t, typename OnRow, typename Rescore, typename ProbsOf = FloatProbsOf<acc_t>>
 void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t head, int64_t i0, int64_t rows,
                    int64_t j0, int64_t n, acc_t* scores, int64_t ld, acc_t* probs, int64_t ldp, acc_t* out,
-                   int64_t ldv, const RowState<acc_t>& state, const OnRow& on_row, const Rescore& rescore) {
+                   int64_t ldv, const RowState<acc_t>& state, const OnRow& on_row, const Rescore& rescore,
+                   const ProbsOf& probs_of = ProbsOf{}) {
+  constexpr bool floats = std::is_same_v<ProbsOf, FloatProbsOf<acc_t>>;
+  TORCH_INTERNAL_ASSERT(floats || !scoring.dropout.active(), "dropout needs the probabilities as floats");
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   constexpr int64_t width = simd::Traits<acc_t>::width;
   const int64_t n_pad = round_up(n, width);
@@ -153,8 +164,8 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
       const bool alibi = row.alibi;
       const ScaledDistance<acc_t>& bias = row.bias;
       const auto exp_sum = [&](acc_t shift) {
-        return alibi ? exp_shifted_sum(s, p, n_pad, shift, acc_t(1), bias)
-                     : exp_shifted_sum(s, p, n_pad, shift, row.exp_scale);
+        return alibi ? exp_shifted_sum_to(s, probs_of(r, p), n_pad, shift, acc_t(1), bias)
+                     : exp_shifted_sum_to(s, probs_of(r, p), n_pad, shift, row.exp_scale);
       };
       // ALiBi's bias at its largest in this block: the reference follows it exactly, so that the scores'
       // climb toward the diagonal never forces a maximum pass (what is left, q.k, barely moves).
@@ -194,7 +205,7 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
         const acc_t old_max = reference;
         const acc_t new_max = block_max > old_max || std::isnan(block_max) ? block_max : old_max;  // NaN spreads
         if (new_max == neg_inf) {  // nothing visible yet: the row's probabilities are all 0
-          std::fill(p, p + n_pad, acc_t(0));
+          probs_of(r, p).zero(n_pad);
           on_row(r, p);
           continue;
         }
@@ -208,7 +219,7 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
         state.lazy[r] = old_max == neg_inf || new_max <= old_max + kLazyMargin<acc_t>;
         if (rescale != acc_t(1)) scale_row(out + r * ldv, ldv, rescale);
       }
-      if (scoring.dropout.active()) {
+      if (floats && scoring.dropout.active()) {
         dropout_row(scoring.dropout, scoring.dropout.row_key(seq.index, head, i0 + r), j0, n, p,
                     static_cast<acc_t*>(nullptr));
       }

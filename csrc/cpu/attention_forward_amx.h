@@ -177,12 +177,18 @@ void forward_rows_amx(const Problem<scalar_t>& problem, const Scoring<float>& sc
                      packed.d_tiles * tiles::kTileElems, scores, kScoreStride, false);
       c10::BFloat16 *probs = buf.p.data(), *probs_lo = buf.p_lo.data();
       const int64_t n_tiles = (m + tiles::kRows - 1) / tiles::kRows, chunks = (e - b) / tiles::kDepth;
-      softmax_block(scoring, seq, head, i0 + r0, slab, j0 + b, m, scores, kScoreStride, buf.f.probs.data(), 0,
-                    acc + r0 * ldv, ldv, buf.f.state(r0), [&](int64_t r, const float* p) {
-                      tiles::to_bf16_split_row(p, n_tiles * tiles::kRows, chunks * tiles::kDepth,
-                                               probs + r * kProbStride, probs_lo + r * kProbStride);
-                    },
-                    [](int64_t, float*) {} /* the scores are never overwritten */);
+      const auto rescore = [](int64_t, float*) {};  // the scores are never overwritten
+      if (scoring.dropout.active()) {  // dropout works on float probabilities: one scratch row, then split
+        softmax_block(scoring, seq, head, i0 + r0, slab, j0 + b, m, scores, kScoreStride, buf.f.probs.data(), 0,
+                      acc + r0 * ldv, ldv, buf.f.state(r0), [&](int64_t r, const float* p) {
+                        tiles::to_bf16_split_row(p, n_tiles * tiles::kRows, chunks * tiles::kDepth,
+                                                 probs + r * kProbStride, probs_lo + r * kProbStride);
+                      }, rescore);
+      } else {
+        softmax_block(scoring, seq, head, i0 + r0, slab, j0 + b, m, scores, kScoreStride, buf.f.probs.data(), 0,
+                      acc + r0 * ldv, ldv, buf.f.state(r0), [](int64_t, const float*) {}, rescore,
+                      [&](int64_t r, float*) { return tiles::SplitProbs{probs + r * kProbStride, probs_lo + r * kProbStride}; });
+      }
       tiles::product(slab_tiles, packed.f_tiles, chunks, probs, kProbStride,
                      values + (j0 + b) / tiles::kDepth * packed.f_tiles * tiles::kTileElems,
                      packed.f_tiles * tiles::kTileElems, tiles::kTileElems, acc + r0 * ldv, ldv, true, probs_lo);

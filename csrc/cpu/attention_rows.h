@@ -151,29 +151,49 @@ inline acc_t row_max(const acc_t* s, int64_t n_pad, const F& f = F{}) {
   return result;
 }
 
-// p <- exp(f(s) * scale - shift) over [0, n_pad) (one FMA, then exp; p may be s); returns the sum. -inf
-// scores give 0.
-template <typename acc_t, typename F = Unchanged>
-inline acc_t exp_shifted_sum(const acc_t* s, acc_t* p, int64_t n_pad, acc_t shift, acc_t scale = acc_t(1),
-                             const F& f = F{}) {
+// Where an exp pass writes a row's probabilities: floats at p (the default). pair(j, a, b) writes lanes
+// [j, j + 2 width), single(j, a) [j, j + width), zero(n_pad) zeros over [0, n_pad).
+template <typename acc_t>
+struct FloatProbs {
+  using V = simd::Vec<acc_t>;
+  acc_t* p;
+  void pair(int64_t j, const V& a, const V& b) const {
+    simd::store(p + j, a);
+    simd::store(p + j + simd::Traits<acc_t>::width, b);
+  }
+  void single(int64_t j, const V& a) const { simd::store(p + j, a); }
+  void zero(int64_t n_pad) const { std::fill(p, p + n_pad, acc_t(0)); }
+};
+
+// exp(f(s) * scale - shift) over [0, n_pad) (one FMA, then exp) to `probs` (a writer as FloatProbs);
+// returns the sum. -inf scores give 0.
+template <typename acc_t, typename F = Unchanged, typename Probs>
+inline acc_t exp_shifted_sum_to(const acc_t* s, const Probs& probs, int64_t n_pad, acc_t shift, acc_t scale = acc_t(1),
+                                const F& f = F{}) {
   using V = simd::Vec<acc_t>;
   constexpr int64_t width = simd::Traits<acc_t>::width;
   V total[2] = {V{}, V{}};  // two sums: one add chain would wait on its own latency
   int64_t j = 0;
   for (; j + 2 * width <= n_pad; j += 2 * width) {
-#pragma GCC unroll 2
-    for (int c = 0; c < 2; ++c) {
-      const V e = simd::exp_affine<acc_t>(f(simd::load(s + j + c * width), j + c * width), scale, shift);
-      simd::store(p + j + c * width, e);
-      total[c] += e;
-    }
+    const V a = simd::exp_affine<acc_t>(f(simd::load(s + j), j), scale, shift);
+    const V b = simd::exp_affine<acc_t>(f(simd::load(s + j + width), j + width), scale, shift);
+    probs.pair(j, a, b);
+    total[0] += a;
+    total[1] += b;
   }
   if (j < n_pad) {
-    const V e = simd::exp_affine<acc_t>(f(simd::load(s + j), j), scale, shift);
-    simd::store(p + j, e);
-    total[0] += e;
+    const V a = simd::exp_affine<acc_t>(f(simd::load(s + j), j), scale, shift);
+    probs.single(j, a);
+    total[0] += a;
   }
   return simd::reduce_add<acc_t>(total[0] + total[1]);
+}
+
+// The same to floats at p (p may be s).
+template <typename acc_t, typename F = Unchanged>
+inline acc_t exp_shifted_sum(const acc_t* s, acc_t* p, int64_t n_pad, acc_t shift, acc_t scale = acc_t(1),
+                             const F& f = F{}) {
+  return exp_shifted_sum_to(s, FloatProbs<acc_t>{p}, n_pad, shift, scale, f);
 }
 
 template <typename acc_t>
