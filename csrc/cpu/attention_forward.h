@@ -87,6 +87,12 @@ constexpr acc_t kLazySumLimit = acc_t(4294967296.0);  // 2^32
 template <typename acc_t>
 constexpr acc_t kLazyMargin = acc_t(8);
 
+// softmax_block's default writers: row r's probabilities as floats at p.
+template <typename acc_t>
+struct FloatProbsOf {
+  FloatProbs<acc_t> operator()(int64_t, acc_t* p) const { return {p}; }
+};
+
 // The online softmax of one score block: scores[r * ld + j] holds q.k of row i0 + r and key j0 + j
 // (j < n). Writes the block's probabilities (dropout applied) to probs[r * ldp + j] (which may be the
 // scores themselves), zero past n up to round_up(n, width), and keeps the rows' reference maximum,
@@ -103,11 +109,6 @@ constexpr acc_t kLazyMargin = acc_t(8);
 //
 // probs_of(r, p) gives the writer (as FloatProbs) that row r's probabilities go through: floats at p by
 // default; another writer (the AMX forward's bf16 parts) leaves p unwritten and takes no dropout.
-template <typename acc_t>
-struct FloatProbsOf {
-  FloatProbs<acc_t> operator()(int64_t, acc_t* p) const { return {p}; }
-};
-
 template <typename acc_t, typename OnRow, typename Rescore, typename ProbsOf = FloatProbsOf<acc_t>>
 void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t head, int64_t i0, int64_t rows,
                    int64_t j0, int64_t n, acc_t* scores, int64_t ld, acc_t* probs, int64_t ldp, acc_t* out,
