@@ -165,6 +165,10 @@ void forward_rows_amx(const Problem<scalar_t>& problem, const Scoring<float>& sc
   float* acc = buf.f.out.data();
   buf.f.reset(rows);
   if (first < hi) load_rows(problem.q, seq.batch, head, seq.q_start + i0, rows, problem.head_dim, buf.q.data(), buf.ldq);
+  // Slabs whose output holds a product already: a slab's first P V writes its C tiles instead of loading
+  // and adding to the zeros (a block of 128 or 256 keys is every slab's first).
+  static_assert(kBlockQ <= 64 * kSlabRows);
+  uint64_t started = 0;
   for (int64_t j0 = lo; j0 < hi; j0 += kBlockK) {
     const int64_t n = std::min(kBlockK, hi - j0);
     for (int64_t r0 = 0; r0 < rows; r0 += kSlabRows) {
@@ -189,9 +193,12 @@ void forward_rows_amx(const Problem<scalar_t>& problem, const Scoring<float>& sc
                       acc + r0 * ldv, ldv, buf.f.state(r0), [](int64_t, const float*) {}, rescore,
                       [&](int64_t r, float*) { return tiles::SplitProbs{probs + r * kProbStride, probs_lo + r * kProbStride}; });
       }
+      const uint64_t slab_bit = uint64_t(1) << (r0 / kSlabRows);
       tiles::product(slab_tiles, packed.f_tiles, chunks, probs, kProbStride,
                      values + (j0 + b) / tiles::kDepth * packed.f_tiles * tiles::kTileElems,
-                     packed.f_tiles * tiles::kTileElems, tiles::kTileElems, acc + r0 * ldv, ldv, true, probs_lo);
+                     packed.f_tiles * tiles::kTileElems, tiles::kTileElems, acc + r0 * ldv, ldv, (started & slab_bit) != 0,
+                     probs_lo);
+      started |= slab_bit;
     }
   }
   finish_rows(seq, head, i0, rows, problem.value_dim, acc, ldv, buf.f.row_max.data(), buf.f.row_sum.data(), out, lse,
