@@ -137,15 +137,22 @@ constexpr int64_t kProbStride = kBlockK + tiles::kDepth;
 // Two row tiles: the products run in whole 2 x 2 blocks of tiles.
 constexpr int64_t kSlabRows = 2 * tiles::kRows;
 
+// Per thread. None of it zeroed (the zeroing was a tenth of a 12-head, 128-token call): every element a
+// pass reads was written before in the same block (the rows of a last, partial row tile are not, and only
+// give rows of the tiles that nothing reads).
 struct AmxBuffers {
-  ForwardBuffers<float> f;  // a slab's scores; the block's output, running max and sum (q unused)
-  std::vector<c10::BFloat16> q, p, p_lo;
+  ForwardBuffers<float> f;  // the block's output, running max and sum (q, scores and probs unused)
+  std::unique_ptr<float[]> scores;  // a slab's
+  std::unique_ptr<c10::BFloat16[]> q, p, p_lo;  // the block's query rows; a slab's P in two parts
   int64_t ldq;
-  AmxBuffers(int64_t head_dim, int64_t ldv)
-      : f(0, ldv, 1, kBlockQ, kSlabRows),
-        q(kBlockQ * round_up(head_dim, tiles::kDepth), c10::BFloat16(0.0f)),
-        p(kSlabRows * kProbStride, c10::BFloat16(0.0f)),
-        p_lo(kSlabRows * kProbStride, c10::BFloat16(0.0f)),
+  // block_rows: the most rows a block of the call has, rounded up to whole row tiles (which the products
+  // read and write).
+  AmxBuffers(int64_t head_dim, int64_t ldv, int64_t block_rows)
+      : f(0, ldv, 1, block_rows, 0),
+        scores(new float[kSlabRows * kScoreStride]),
+        q(new c10::BFloat16[block_rows * round_up(head_dim, tiles::kDepth)]),
+        p(new c10::BFloat16[kSlabRows * kProbStride]),
+        p_lo(new c10::BFloat16[kSlabRows * kProbStride]),
         ldq(round_up(head_dim, tiles::kDepth)) {}
 };
 
@@ -161,10 +168,10 @@ void forward_rows_amx(const Problem<scalar_t>& problem, const Scoring<float>& sc
   const c10::BFloat16* values = packed.values_at(block.sequence, kv_head);
   const auto [first, hi] = scoring.rules.block_keys(seq, i0, i0 + rows);
   const int64_t lo = first / tiles::kDepth * tiles::kDepth;
-  float* scores = buf.f.scores.data();
+  float* scores = buf.scores.get();
   float* acc = buf.f.out.data();
   buf.f.reset(rows);
-  if (first < hi) load_rows(problem.q, seq.batch, head, seq.q_start + i0, rows, problem.head_dim, buf.q.data(), buf.ldq);
+  if (first < hi) load_rows(problem.q, seq.batch, head, seq.q_start + i0, rows, problem.head_dim, buf.q.get(), buf.ldq);
   // Slabs whose output holds a product already: a slab's first P V writes its C tiles instead of loading
   // and adding to the zeros (a block of 128 or 256 keys is every slab's first).
   static_assert(kBlockQ <= 64 * kSlabRows);
@@ -176,10 +183,10 @@ void forward_rows_amx(const Problem<scalar_t>& problem, const Scoring<float>& sc
       const auto [b, e] = group_keys(scoring.rules, seq, i0 + r0, slab, j0, n, tiles::kDepth);
       if (b >= e) continue;
       const int64_t m = std::min(e, n) - b;  // the slab's keys [j0 + b, j0 + b + m): e is a whole chunk
-      tiles::product(slab_tiles, (e - b) / tiles::kRows, packed.d_tiles, buf.q.data() + r0 * buf.ldq, buf.ldq,
+      tiles::product(slab_tiles, (e - b) / tiles::kRows, packed.d_tiles, buf.q.get() + r0 * buf.ldq, buf.ldq,
                      keys + (j0 + b) / tiles::kRows * packed.d_tiles * tiles::kTileElems, tiles::kTileElems,
                      packed.d_tiles * tiles::kTileElems, scores, kScoreStride, false);
-      c10::BFloat16 *probs = buf.p.data(), *probs_lo = buf.p_lo.data();
+      c10::BFloat16 *probs = buf.p.get(), *probs_lo = buf.p_lo.get();
       const int64_t n_tiles = (m + tiles::kRows - 1) / tiles::kRows, chunks = (e - b) / tiles::kDepth;
       const auto rescore = [](int64_t, float*) {};  // the scores are never overwritten
       if (scoring.dropout.active()) {  // dropout works on float probabilities: one scratch row, then split
@@ -211,8 +218,10 @@ void forward_amx(const Problem<scalar_t>& problem, const Scoring<float>& scoring
   const PackedKeys packed(problem);
   const std::vector<RowBlock> blocks = row_blocks(problem.sequences, kBlockQ);
   const int64_t count = static_cast<int64_t>(blocks.size());
+  int64_t block_rows = 0;
+  for (const RowBlock& block : blocks) block_rows = std::max(block_rows, round_up(block.rows, tiles::kRows));
   at::parallel_for(0, count * problem.heads_q, 1, [&](int64_t begin, int64_t end) {
-    AmxBuffers buf(problem.head_dim, packed.f_tiles * tiles::kRows);
+    AmxBuffers buf(problem.head_dim, packed.f_tiles * tiles::kRows, block_rows);
     const tiles::Scope scope;
     const simd::FlushDenormals flush;
     for (int64_t task = begin; task < end; ++task) {
