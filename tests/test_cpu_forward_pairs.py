@@ -69,9 +69,10 @@ def test_pair_tasks_in_every_dtype(one_thread, dtype):
     check_attention("cpu", q, k, v, enable_gqa=True, is_causal=True)
 
 
-def test_pair_tasks_several_row_blocks(one_thread):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bfloat16: the AMX forward where there is one
+def test_pair_tasks_several_row_blocks(one_thread, dtype):
     """More rows than one block (240): a task runs each block of each head against the pair it packed."""
-    q, k, v = _qkv(b=2, hq=2, hkv=2, seq_q=260, seq_k=250)
+    q, k, v = _qkv(dtype, b=2, hq=2, hkv=2, seq_q=260, seq_k=250)
     check_attention("cpu", q, k, v, is_causal=True, window_size=(100, 0))
 
 
@@ -81,21 +82,23 @@ def test_pair_tasks_with_sinks(one_thread):
     check_sinks("cpu", q, k, v, sinks=sinks, enable_gqa=True, is_causal=True)
 
 
-def test_pair_tasks_packed_sequences(one_thread):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pair_tasks_packed_sequences(one_thread, dtype):
     """Varlen: pairs are (sequence, kv head) of sequences with different lengths, one of them empty."""
     lens_q, lens_k = [30, 0, 19, 41], [33, 5, 19, 60]
     cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
     cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
-    q = rand(sum(lens_q), HQ, E, requires_grad=True)
-    k, v = (rand(sum(lens_k), HKV, E, requires_grad=True) for _ in range(2))
+    q = rand(sum(lens_q), HQ, E, dtype=dtype, requires_grad=True)
+    k, v = (rand(sum(lens_k), HKV, E, dtype=dtype, requires_grad=True) for _ in range(2))
     check_varlen("cpu", q, k, v, cu_q, cu_k, is_causal=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("feature", ["plain", "causal", "alibi"])
-def test_pair_tasks_give_the_shared_paths_bits(feature):
+def test_pair_tasks_give_the_shared_paths_bits(feature, dtype):
     """The same call at 1 thread (4 pairs: pair tasks) and at 2 and 3 threads (fewer than 4 pairs per
     thread: shared tiles) gives identical outputs and lse: each row's arithmetic is the same either way."""
-    q, k, v = _qkv(grad=False)
+    q, k, v = _qkv(dtype, grad=False)
     kwargs = {n: t.detach() if isinstance(t, torch.Tensor) else t for n, t in _kwargs(feature).items()}
     saved = torch.get_num_threads()
     results = []

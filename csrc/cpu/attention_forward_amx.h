@@ -30,46 +30,56 @@ struct PackedKeys {
   // every tile but those of a sequence's last 32 keys, which are zeroed first (all of them otherwise).
   std::unique_ptr<c10::BFloat16[]> keys, values;
 
+  // local: room for one (sequence, kv head) pair at a time, which load() packs (forward tasks that own
+  // whole pairs); else every pair, packed here in parallel.
   template <typename scalar_t>
-  explicit PackedKeys(const Problem<scalar_t>& problem)
+  explicit PackedKeys(const Problem<scalar_t>& problem, bool local_ = false)
       : heads_kv(problem.heads_kv),
         d_tiles((problem.head_dim + tiles::kDepth - 1) / tiles::kDepth),
-        f_tiles((problem.value_dim + tiles::kRows - 1) / tiles::kRows) {
+        f_tiles((problem.value_dim + tiles::kRows - 1) / tiles::kRows),
+        local(local_) {
     int64_t chunks = 0;
     for (const Sequence& seq : problem.sequences) {
       key_chunks.push_back((seq.len_k + tiles::kDepth - 1) / tiles::kDepth);
       base.push_back(chunks);
-      chunks += heads_kv * key_chunks.back();
+      chunks = local ? std::max(chunks, key_chunks.back()) : chunks + heads_kv * key_chunks.back();
     }
     keys.reset(new c10::BFloat16[chunks * 2 * d_tiles * tiles::kTileElems]);  // uninitialised: trivial type
     values.reset(new c10::BFloat16[chunks * f_tiles * tiles::kTileElems]);
-    const int64_t count = static_cast<int64_t>(problem.sequences.size());
-    const int64_t key_chunk = 2 * d_tiles * tiles::kTileElems, value_chunk = f_tiles * tiles::kTileElems;
-    at::parallel_for(0, count * heads_kv, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t s = task / heads_kv, h = task % heads_kv;
-        const Sequence& seq = problem.sequences[s];
-        c10::BFloat16* k = keys.get() + key_offset(s, h);
-        c10::BFloat16* v = values.get() + value_offset(s, h);
-        const int64_t n = key_chunks[s];
-        if (n == 0) continue;
-        const bool k_vector = vector_packed(problem.k), v_vector = vector_packed(problem.v);
-        std::fill(k + (k_vector ? n - 1 : 0) * key_chunk, k + n * key_chunk, c10::BFloat16(0.0f));
-        std::fill(v + (v_vector ? n - 1 : 0) * value_chunk, v + n * value_chunk, c10::BFloat16(0.0f));
-        pack_keys(problem.k, seq, h, problem.head_dim, k);
-        pack_values(problem.v, seq, h, problem.value_dim, v);
-      }
+    if (local) return;
+    at::parallel_for(0, static_cast<int64_t>(problem.sequences.size()) * heads_kv, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) pack(problem, task / heads_kv, task % heads_kv);
     });
   }
+
+  // Packs pair (s, h) (a local instance's only one).
+  template <typename scalar_t>
+  void load(const Problem<scalar_t>& problem, int64_t s, int64_t h) { pack(problem, s, h); }
 
   const c10::BFloat16* keys_at(int64_t s, int64_t h) const { return keys.get() + key_offset(s, h); }
   const c10::BFloat16* values_at(int64_t s, int64_t h) const { return values.get() + value_offset(s, h); }
 
  private:
-  int64_t key_offset(int64_t s, int64_t h) const {
-    return (base[s] + h * key_chunks[s]) * 2 * d_tiles * tiles::kTileElems;
+  bool local;
+
+  template <typename scalar_t>
+  void pack(const Problem<scalar_t>& problem, int64_t s, int64_t h) {
+    const Sequence& seq = problem.sequences[s];
+    const int64_t n = key_chunks[s];
+    if (n == 0) return;
+    const int64_t key_chunk = 2 * d_tiles * tiles::kTileElems, value_chunk = f_tiles * tiles::kTileElems;
+    c10::BFloat16* k = keys.get() + key_offset(s, h);
+    c10::BFloat16* v = values.get() + value_offset(s, h);
+    const bool k_vector = vector_packed(problem.k), v_vector = vector_packed(problem.v);
+    std::fill(k + (k_vector ? n - 1 : 0) * key_chunk, k + n * key_chunk, c10::BFloat16(0.0f));
+    std::fill(v + (v_vector ? n - 1 : 0) * value_chunk, v + n * value_chunk, c10::BFloat16(0.0f));
+    pack_keys(problem.k, seq, h, problem.head_dim, k);
+    pack_values(problem.v, seq, h, problem.value_dim, v);
   }
-  int64_t value_offset(int64_t s, int64_t h) const { return (base[s] + h * key_chunks[s]) * f_tiles * tiles::kTileElems; }
+
+  int64_t chunk_offset(int64_t s, int64_t h) const { return local ? 0 : base[s] + h * key_chunks[s]; }
+  int64_t key_offset(int64_t s, int64_t h) const { return chunk_offset(s, h) * 2 * d_tiles * tiles::kTileElems; }
+  int64_t value_offset(int64_t s, int64_t h) const { return chunk_offset(s, h) * f_tiles * tiles::kTileElems; }
 
   // Whether x's rows are packed with vector shuffles (bf16 rows of adjacent features), else element-wise.
   template <typename scalar_t>
@@ -212,16 +222,56 @@ void forward_rows_amx(const Problem<scalar_t>& problem, const Scoring<float>& sc
               lse_index, scoring.sink(head));
 }
 
+// Whether forward tasks should own whole (sequence, kv head) pairs and pack each pair's tiles themselves
+// (PackedKeys' local mode), as the float forward does (forward_owns_pairs): many pairs, each small enough
+// to stay in a core's L2 with the work on it; packed up front, an encoder batch's tiles went out to
+// memory and came back.
+template <typename scalar_t>
+bool amx_owns_pairs(const Problem<scalar_t>& problem, const PackedKeys& shape) {
+  constexpr int64_t kPairBytes = int64_t(512) << 10;
+  const int64_t pairs = static_cast<int64_t>(problem.sequences.size()) * problem.heads_kv;
+  if (pairs < 4 * static_cast<int64_t>(at::get_num_threads())) return false;
+  const int64_t chunk_bytes = (2 * shape.d_tiles + shape.f_tiles) * tiles::kTileElems * 2;
+  for (const int64_t chunks : shape.key_chunks) {
+    if (chunks * chunk_bytes > kPairBytes) return false;
+  }
+  return true;
+}
+
 template <typename scalar_t>
 void forward_amx(const Problem<scalar_t>& problem, const Scoring<float>& scoring, const Operand<scalar_t>& out,
                  float* lse, const RowIndex& lse_index) {
-  const PackedKeys packed(problem);
+  const int64_t group = problem.heads_q / problem.heads_kv;
   const std::vector<RowBlock> blocks = row_blocks(problem.sequences, kBlockQ);
   const int64_t count = static_cast<int64_t>(blocks.size());
   int64_t block_rows = 0;
   for (const RowBlock& block : blocks) block_rows = std::max(block_rows, round_up(block.rows, tiles::kRows));
+  const int64_t f_tiles = (problem.value_dim + tiles::kRows - 1) / tiles::kRows;
+  const PackedKeys local(problem, /*local=*/true);  // (also the shapes amx_owns_pairs needs)
+  if (amx_owns_pairs(problem, local)) {
+    const int64_t pairs = static_cast<int64_t>(problem.sequences.size()) * problem.heads_kv;
+    at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+      PackedKeys packed(problem, /*local=*/true);
+      AmxBuffers buf(problem.head_dim, f_tiles * tiles::kRows, block_rows);
+      const tiles::Scope scope;
+      const simd::FlushDenormals flush;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t s = task / problem.heads_kv, kv_head = task % problem.heads_kv;
+        packed.load(problem, s, kv_head);
+        const int64_t len = problem.sequences[s].len_q;
+        for (int64_t row = 0; row < len; row += kBlockQ) {
+          const RowBlock block{s, row, std::min(kBlockQ, len - row)};
+          for (int64_t head = kv_head * group; head < (kv_head + 1) * group; ++head) {
+            forward_rows_amx(problem, scoring, block, head, packed, buf, out, lse, lse_index);
+          }
+        }
+      }
+    });
+    return;
+  }
+  const PackedKeys packed(problem);
   at::parallel_for(0, count * problem.heads_q, 1, [&](int64_t begin, int64_t end) {
-    AmxBuffers buf(problem.head_dim, packed.f_tiles * tiles::kRows, block_rows);
+    AmxBuffers buf(problem.head_dim, f_tiles * tiles::kRows, block_rows);
     const tiles::Scope scope;
     const simd::FlushDenormals flush;
     for (int64_t task = begin; task < end; ++task) {
