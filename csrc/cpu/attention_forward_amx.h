@@ -241,7 +241,6 @@ bool amx_owns_pairs(const Problem<scalar_t>& problem, const PackedKeys& shape) {
 template <typename scalar_t>
 void forward_amx(const Problem<scalar_t>& problem, const Scoring<float>& scoring, const Operand<scalar_t>& out,
                  float* lse, const RowIndex& lse_index) {
-  const int64_t group = problem.heads_q / problem.heads_kv;
   const std::vector<RowBlock> blocks = row_blocks(problem.sequences, kBlockQ);
   const int64_t count = static_cast<int64_t>(blocks.size());
   int64_t block_rows = 0;
@@ -255,17 +254,10 @@ void forward_amx(const Problem<scalar_t>& problem, const Scoring<float>& scoring
       AmxBuffers buf(problem.head_dim, f_tiles * tiles::kRows, block_rows);
       const tiles::Scope scope;
       const simd::FlushDenormals flush;
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t s = task / problem.heads_kv, kv_head = task % problem.heads_kv;
-        packed.load(problem, s, kv_head);
-        const int64_t len = problem.sequences[s].len_q;
-        for (int64_t row = 0; row < len; row += kBlockQ) {
-          const RowBlock block{s, row, std::min(kBlockQ, len - row)};
-          for (int64_t head = kv_head * group; head < (kv_head + 1) * group; ++head) {
-            forward_rows_amx(problem, scoring, block, head, packed, buf, out, lse, lse_index);
-          }
-        }
-      }
+      for_each_pair_block(problem, begin, end, [&](int64_t s, int64_t kv_head) { packed.load(problem, s, kv_head); },
+                          [&](const RowBlock& block, int64_t head) {
+                            forward_rows_amx(problem, scoring, block, head, packed, buf, out, lse, lse_index);
+                          });
     });
     return;
   }
