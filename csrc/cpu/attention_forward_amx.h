@@ -227,13 +227,15 @@ void forward_rows_amx(const Problem<scalar_t>& problem, const Scoring<float>& sc
 // to stay in a core's L2 with the work on it; packed up front, an encoder batch's tiles went out to
 // memory and came back.
 template <typename scalar_t>
-bool amx_owns_pairs(const Problem<scalar_t>& problem, const PackedKeys& shape) {
+bool amx_owns_pairs(const Problem<scalar_t>& problem) {
   constexpr int64_t kPairBytes = int64_t(512) << 10;
   const int64_t pairs = static_cast<int64_t>(problem.sequences.size()) * problem.heads_kv;
   if (pairs < 4 * static_cast<int64_t>(at::get_num_threads())) return false;
-  const int64_t chunk_bytes = (2 * shape.d_tiles + shape.f_tiles) * tiles::kTileElems * 2;
-  for (const int64_t chunks : shape.key_chunks) {
-    if (chunks * chunk_bytes > kPairBytes) return false;
+  const int64_t d_tiles = (problem.head_dim + tiles::kDepth - 1) / tiles::kDepth;
+  const int64_t f_tiles = (problem.value_dim + tiles::kRows - 1) / tiles::kRows;
+  const int64_t chunk_bytes = (2 * d_tiles + f_tiles) * tiles::kTileElems * 2;  // PackedKeys' per 32 keys
+  for (const Sequence& seq : problem.sequences) {
+    if ((seq.len_k + tiles::kDepth - 1) / tiles::kDepth * chunk_bytes > kPairBytes) return false;
   }
   return true;
 }
@@ -246,8 +248,7 @@ void forward_amx(const Problem<scalar_t>& problem, const Scoring<float>& scoring
   int64_t block_rows = 0;
   for (const RowBlock& block : blocks) block_rows = std::max(block_rows, round_up(block.rows, tiles::kRows));
   const int64_t f_tiles = (problem.value_dim + tiles::kRows - 1) / tiles::kRows;
-  const PackedKeys local(problem, /*local=*/true);  // (also the shapes amx_owns_pairs needs)
-  if (amx_owns_pairs(problem, local)) {
+  if (amx_owns_pairs(problem)) {
     const int64_t pairs = static_cast<int64_t>(problem.sequences.size()) * problem.heads_kv;
     at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
       PackedKeys packed(problem, /*local=*/true);
