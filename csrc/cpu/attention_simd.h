@@ -106,18 +106,19 @@ inline Vec<T> broadcast(T value) {
 // op over x's lanes, halving the vector at each step: log2(width) vector operations where a loop over
 // the lanes made a chain of width dependent scalar ones (a third of the softmax on 128-key rows). The
 // halves by shuffles: copied out through memory, each step waited on a store.
+template <typename V, size_t offset, size_t... I>
+inline auto lanes_from(const V& x, std::index_sequence<I...>) {  // lanes offset .. offset + sizeof...(I) - 1
+  return __builtin_shufflevector(x, x, (I + offset)...);
+}
+
 template <typename T, typename V, typename Op>
 inline T reduce(const V& x, const Op& op) {
   constexpr size_t lanes = sizeof(V) / sizeof(T);
   if constexpr (lanes == 2) {
     return op(x[0], x[1]);
   } else {
-    const auto half = [&]<size_t... I>(std::index_sequence<I...>, auto from) {
-      return __builtin_shufflevector(x, x, (I + decltype(from)::value)...);
-    };
-    constexpr std::make_index_sequence<lanes / 2> indices;
-    return reduce<T>(op(half(indices, std::integral_constant<size_t, 0>{}),
-                        half(indices, std::integral_constant<size_t, lanes / 2>{})), op);
+    constexpr std::make_index_sequence<lanes / 2> half;
+    return reduce<T>(op(lanes_from<V, 0>(x, half), lanes_from<V, lanes / 2>(x, half)), op);
   }
 }
 
