@@ -341,17 +341,19 @@ bool forward_owns_pairs(const Problem<scalar_t>& problem) {
 }
 
 // The work of pair-owning forward tasks [begin, end) (task = sequence * heads_kv + kv head):
-// load(sequence, kv head) prepares the pair's K and V, then run(block, head) for each block of kBlockQ
-// rows and each query head of the group.
+// load(sequence, kv head) prepares the pair's K and V, then run(block, head) for each block of rows
+// (block_rows_of(len, kBlockQ, even)) and each query head of the group.
 template <typename scalar_t, typename Load, typename Run>
-void for_each_pair_block(const Problem<scalar_t>& problem, int64_t begin, int64_t end, const Load& load, const Run& run) {
+void for_each_pair_block(const Problem<scalar_t>& problem, int64_t begin, int64_t end, int64_t even, const Load& load,
+                         const Run& run) {
   const int64_t group = problem.heads_q / problem.heads_kv;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t s = task / problem.heads_kv, kv_head = task % problem.heads_kv;
     load(s, kv_head);
     const int64_t len = problem.sequences[s].len_q;
-    for (int64_t row = 0; row < len; row += kBlockQ) {
-      const RowBlock block{s, row, std::min(kBlockQ, len - row)};
+    const int64_t size = block_rows_of(len, kBlockQ, even);
+    for (int64_t row = 0; row < len; row += size) {
+      const RowBlock block{s, row, std::min(size, len - row)};
       for (int64_t head = kv_head * group; head < (kv_head + 1) * group; ++head) run(block, head);
     }
   }
@@ -372,7 +374,7 @@ void forward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t
       const simd::FlushDenormals flush;
       KeyTiles<acc_t> tiles(problem, layouts, /*local=*/true);
       ForwardBuffers<acc_t> buf(problem.head_dim, tiles.ld_v, 0, block_rows);
-      for_each_pair_block(problem, begin, end, [&](int64_t s, int64_t kv_head) { tiles.load(problem, s, kv_head); },
+      for_each_pair_block(problem, begin, end, 0, [&](int64_t s, int64_t kv_head) { tiles.load(problem, s, kv_head); },
                           [&](const RowBlock& block, int64_t head) {
                             forward_rows(problem, scoring, block, head, tiles, buf, out, lse, lse_index);
                           });

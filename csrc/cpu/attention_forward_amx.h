@@ -243,7 +243,7 @@ bool amx_owns_pairs(const Problem<scalar_t>& problem) {
 template <typename scalar_t>
 void forward_amx(const Problem<scalar_t>& problem, const Scoring<float>& scoring, const Operand<scalar_t>& out,
                  float* lse, const RowIndex& lse_index) {
-  const std::vector<RowBlock> blocks = row_blocks(problem.sequences, kBlockQ);
+  const std::vector<RowBlock> blocks = row_blocks(problem.sequences, kBlockQ, kSlabRows);
   const int64_t count = static_cast<int64_t>(blocks.size());
   int64_t block_rows = 0;
   for (const RowBlock& block : blocks) block_rows = std::max(block_rows, round_up(block.rows, tiles::kRows));
@@ -255,7 +255,7 @@ void forward_amx(const Problem<scalar_t>& problem, const Scoring<float>& scoring
       AmxBuffers buf(problem.head_dim, f_tiles * tiles::kRows, block_rows);
       const tiles::Scope scope;
       const simd::FlushDenormals flush;
-      for_each_pair_block(problem, begin, end, [&](int64_t s, int64_t kv_head) { packed.load(problem, s, kv_head); },
+      for_each_pair_block(problem, begin, end, kSlabRows, [&](int64_t s, int64_t kv_head) { packed.load(problem, s, kv_head); },
                           [&](const RowBlock& block, int64_t head) {
                             forward_rows_amx(problem, scoring, block, head, packed, buf, out, lse, lse_index);
                           });
