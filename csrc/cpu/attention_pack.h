@@ -84,7 +84,12 @@ inline void store_rows(const Operand<scalar_t>& x, int64_t batch, int64_t head, 
                                   int64_t rows, int64_t features, const acc_t* src, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
     scalar_t* dst = x.row(batch, head, token0 + r);
-    for (int64_t f = 0; f < features; ++f) dst[f * x.feature_stride] = static_cast<scalar_t>(src[r * ld + f]);
+    const acc_t* row = src + r * ld;
+    if (x.feature_stride == 1) {  // a loop the compiler vectorizes (the strided one rounded to bf16 one by one)
+      for (int64_t f = 0; f < features; ++f) dst[f] = static_cast<scalar_t>(row[f]);
+    } else {
+      for (int64_t f = 0; f < features; ++f) dst[f * x.feature_stride] = static_cast<scalar_t>(row[f]);
+    }
   }
 }
 
