@@ -147,6 +147,10 @@ constexpr int64_t kProbStride = kBlockK + tiles::kDepth;
 // Two row tiles: the products run in whole 2 x 2 blocks of tiles.
 constexpr int64_t kSlabRows = 2 * tiles::kRows;
 
+// The most bytes of V tiles that one P V reads and finds in L1 with the slab's P beside them (32 KiB);
+// past it the product asks for its tiles ahead.
+constexpr int64_t kL1ValueBytes = int64_t(32) << 10;
+
 // Per thread. None of it zeroed (the zeroing was a tenth of a 12-head, 128-token call): every element a
 // pass reads was written before in the same block (the rows of a last, partial row tile are not, and only
 // give rows of the tiles that nothing reads).
@@ -214,7 +218,7 @@ void forward_rows_amx(const Problem<scalar_t>& problem, const Scoring<float>& sc
       tiles::product(slab_tiles, packed.f_tiles, chunks, probs, kProbStride,
                      values + (j0 + b) / tiles::kDepth * packed.f_tiles * tiles::kTileElems,
                      packed.f_tiles * tiles::kTileElems, tiles::kTileElems, acc + r0 * ldv, ldv, (started & slab_bit) != 0,
-                     probs_lo);
+                     probs_lo, /*prefetch=*/chunks * packed.f_tiles * tiles::kTileElems * 2 > kL1ValueBytes);
       started |= slab_bit;
     }
   }
