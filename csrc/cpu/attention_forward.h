@@ -325,19 +325,27 @@ void forward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
 }
 
 // Whether forward tasks should own whole (sequence, kv head) pairs and pack each pair's tiles themselves
-// (KeyTiles' local mode): when there are enough pairs to keep every thread busy and one pair's tiles sit
-// well inside a core's L2. Many short sequences (an encoder's batch) then never write K and V to memory
-// and read them back; long sequences keep the shared tiles and the balanced order of row_blocks.
-template <typename scalar_t, typename acc_t>
-bool forward_owns_pairs(const Problem<scalar_t>& problem) {
+// (a local KeyTiles or PackedKeys): when there are enough pairs to keep every thread busy and one pair's
+// tiles sit well inside a core's L2. Many short sequences (an encoder's batch) then never write K and V
+// to memory and read them back; long sequences keep the shared tiles and the balanced order of
+// row_blocks. pair_bytes(len_k): the packed bytes of a pair with len_k keys.
+template <typename scalar_t, typename PairBytes>
+bool tasks_own_pairs(const Problem<scalar_t>& problem, const PairBytes& pair_bytes) {
   constexpr int64_t kPairBytes = int64_t(512) << 10;
-  const int64_t ld_k = round_up(problem.head_dim, kPanel<acc_t>), ld_v = round_up(problem.value_dim, kPanel<acc_t>);
   const int64_t pairs = static_cast<int64_t>(problem.sequences.size()) * problem.heads_kv;
   if (pairs < 4 * static_cast<int64_t>(at::get_num_threads())) return false;
   for (const Sequence& seq : problem.sequences) {
-    if (round_up(seq.len_k, kPanel<acc_t>) * (ld_k + ld_v) * int64_t(sizeof(acc_t)) > kPairBytes) return false;
+    if (pair_bytes(seq.len_k) > kPairBytes) return false;
   }
   return true;
+}
+
+template <typename scalar_t, typename acc_t>
+bool forward_owns_pairs(const Problem<scalar_t>& problem) {
+  const int64_t ld_k = round_up(problem.head_dim, kPanel<acc_t>), ld_v = round_up(problem.value_dim, kPanel<acc_t>);
+  return tasks_own_pairs(problem, [&](int64_t len_k) {
+    return round_up(len_k, kPanel<acc_t>) * (ld_k + ld_v) * int64_t(sizeof(acc_t));
+  });
 }
 
 // The work of pair-owning forward tasks [begin, end) (task = sequence * heads_kv + kv head):

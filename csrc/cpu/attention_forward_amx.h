@@ -226,22 +226,13 @@ void forward_rows_amx(const Problem<scalar_t>& problem, const Scoring<float>& sc
               lse_index, scoring.sink(head));
 }
 
-// Whether forward tasks should own whole (sequence, kv head) pairs and pack each pair's tiles themselves
-// (PackedKeys' local mode), as the float forward does (forward_owns_pairs): many pairs, each small enough
-// to stay in a core's L2 with the work on it; packed up front, an encoder batch's tiles went out to
-// memory and came back.
+// tasks_own_pairs (attention_forward.h) with PackedKeys' bytes per 32 keys.
 template <typename scalar_t>
 bool amx_owns_pairs(const Problem<scalar_t>& problem) {
-  constexpr int64_t kPairBytes = int64_t(512) << 10;
-  const int64_t pairs = static_cast<int64_t>(problem.sequences.size()) * problem.heads_kv;
-  if (pairs < 4 * static_cast<int64_t>(at::get_num_threads())) return false;
   const int64_t d_tiles = (problem.head_dim + tiles::kDepth - 1) / tiles::kDepth;
   const int64_t f_tiles = (problem.value_dim + tiles::kRows - 1) / tiles::kRows;
-  const int64_t chunk_bytes = (2 * d_tiles + f_tiles) * tiles::kTileElems * 2;  // PackedKeys' per 32 keys
-  for (const Sequence& seq : problem.sequences) {
-    if ((seq.len_k + tiles::kDepth - 1) / tiles::kDepth * chunk_bytes > kPairBytes) return false;
-  }
-  return true;
+  const int64_t chunk_bytes = (2 * d_tiles + f_tiles) * tiles::kTileElems * 2;
+  return tasks_own_pairs(problem, [&](int64_t len_k) { return (len_k + tiles::kDepth - 1) / tiles::kDepth * chunk_bytes; });
 }
 
 template <typename scalar_t>
