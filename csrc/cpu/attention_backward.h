@@ -49,8 +49,8 @@ template <typename acc_t>
 struct BackwardBuffers {
   int64_t ld = 0;    // score rows: the sequence's whole key range, padded
   int64_t rows = 0;  // query rows per step
-  std::vector<acc_t> q, dout, dq, probs, dprobs, tanh, keep, kept;
-  std::vector<acc_t> dk, dv;
+  AlignedVector<acc_t> q, dout, dq, probs, dprobs, tanh, keep, kept;
+  AlignedVector<acc_t> dk, dv;
   void start(int64_t ld_t, int64_t ld_k, int64_t ld_v, int64_t len_k, bool softcap, bool dropout) {
     ld = ld_t;
     rows = backward_rows_per_step<acc_t>(ld_t);
@@ -97,7 +97,7 @@ inline int64_t backward_parts(int64_t tasks, int64_t threads, int64_t part_bytes
 // What one part of a split task keeps until the parts are summed.
 template <typename acc_t>
 struct BackwardPartial {
-  std::vector<acc_t> dk, dv, slopes, sinks;  // slopes, sinks: per query head of the group
+  AlignedVector<acc_t> dk, dv, slopes, sinks;  // slopes, sinks: per query head of the group
 };
 
 // Gradients of rows [i0, i0 + rows) of query head `head`: writes their dq, adds to the task's dk / dv
@@ -222,7 +222,7 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
 
 // dK (or dV) rows [r0, r1) of a split task: the parts' sums added in part order, stored.
 template <typename scalar_t, typename acc_t>
-void sum_parts(std::vector<BackwardPartial<acc_t>*> parts, std::vector<acc_t> BackwardPartial<acc_t>::*grad,
+void sum_parts(std::vector<BackwardPartial<acc_t>*> parts, AlignedVector<acc_t> BackwardPartial<acc_t>::*grad,
                const Operand<scalar_t>& out, const Sequence& seq, int64_t kv_head, int64_t r0, int64_t r1,
                int64_t features, int64_t ld) {
   acc_t* total = (parts[0]->*grad).data();

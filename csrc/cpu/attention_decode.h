@@ -304,9 +304,9 @@ inline bool readable_in_place(const Operand<scalar_t>& x, int64_t features) {
 template <typename acc_t>
 struct DecodeBuffers {
   int64_t ldq, lds, ldv;
-  std::vector<acc_t> q, scores, out, row_max, row_sum, anchor, keys, values;
-  std::vector<c10::BFloat16> q16;  // the query rows as they are, for dot_keys with Bf16Dot (rows x head_dim)
-  std::vector<c10::BFloat16> p16;  // the probabilities rounded to bfloat16, for values_bf16
+  AlignedVector<acc_t> q, scores, out, row_max, row_sum, anchor, keys, values;
+  AlignedVector<c10::BFloat16> q16;  // the query rows as they are, for dot_keys with Bf16Dot (rows x head_dim)
+  AlignedVector<c10::BFloat16> p16;  // the probabilities rounded to bfloat16, for values_bf16
   std::vector<const void*> rows;   // a chunk's value rows, for values_bf16
   std::vector<uint8_t> lazy;
 #if defined(FUSED_ATTENTION_AMX_DECODE)
@@ -575,7 +575,7 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
     }
     if (chunks > 1) slots += problem.heads_kv * chunks;
   }
-  std::vector<acc_t> partial_out(slots * max_rows * ldv), partial_max(slots * max_rows), partial_sum(slots * max_rows);
+  AlignedVector<acc_t> partial_out(slots * max_rows * ldv), partial_max(slots * max_rows), partial_sum(slots * max_rows);
 
   const auto finish = [&](const Sequence& seq, int64_t kv_head, acc_t* acc, const acc_t* row_max, const acc_t* row_sum) {
     for (int64_t g = 0; g < group; ++g) {
@@ -621,7 +621,7 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
   at::parallel_for(0, static_cast<int64_t>(splits.size()), 1, [&](int64_t begin, int64_t end) {
     constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
     const simd::FlushDenormals flush;
-    std::vector<acc_t> acc(max_rows * ldv), row_max(max_rows), row_sum(max_rows);
+    AlignedVector<acc_t> acc(max_rows * ldv), row_max(max_rows), row_sum(max_rows);
     for (int64_t t = begin; t < end; ++t) {
       const Split& split = splits[t];
       const Sequence& seq = problem.sequences[split.sequence];

@@ -29,10 +29,10 @@ bool amx_decode(const Problem<scalar_t>& problem, int64_t rows) {
 // The tile products' buffers (per thread; rows: the most query rows per kv head, a multiple of 16).
 struct AmxDecodeBuffers {
   int64_t d_tiles = 0, f_tiles = 0, ldp = 0;
-  std::vector<c10::BFloat16> q;      // Q^T: B tile (depth d, row tile c) at (c d_tiles + d) 512
-  std::vector<c10::BFloat16> keys;   // 32 key rows where they are not 32 adjacent rows of the cache
-  std::vector<float> block;          // S^T of 32 keys x rows (row stride rows)
-  std::vector<c10::BFloat16> values, p_hi, p_lo;
+  AlignedVector<c10::BFloat16> q;      // Q^T: B tile (depth d, row tile c) at (c d_tiles + d) 512
+  AlignedVector<c10::BFloat16> keys;   // 32 key rows where they are not 32 adjacent rows of the cache
+  AlignedVector<float> block;          // S^T of 32 keys x rows (row stride rows)
+  AlignedVector<c10::BFloat16> values, p_hi, p_lo;
   AmxDecodeBuffers() = default;
   AmxDecodeBuffers(int64_t rows, int64_t chunk, int64_t head_dim, int64_t value_dim)
       : d_tiles(head_dim / tiles::kDepth),

@@ -24,7 +24,7 @@ struct Bf16Dot {
 
 // out (rows x round_up(n, 32)) = p (rows x n, row stride ldp) rounded to bfloat16, zero past n: 32-bit
 // word j of a row is then the pair (p_2j, p_2j+1) that values_bf16 broadcasts.
-inline void bf16_pairs(const float* p, int64_t rows, int64_t n, int64_t ldp, std::vector<c10::BFloat16>& out) {
+inline void bf16_pairs(const float* p, int64_t rows, int64_t n, int64_t ldp, AlignedVector<c10::BFloat16>& out) {
   const int64_t ld = round_up<int64_t>(n, 32);
   out.resize(rows * ld);
   for (int64_t r = 0; r < rows; ++r) {

@@ -51,7 +51,7 @@ struct RowState {
 
 template <typename acc_t>
 struct ForwardBuffers {
-  std::vector<acc_t> q, scores, probs, out, row_max, row_sum, anchor;
+  AlignedVector<acc_t> q, scores, probs, out, row_max, row_sum, anchor;
   std::vector<uint8_t> lazy;
   // probs: rows apart from the scores. block_rows: the most rows a block of this call has; sized to it,
   // a short call does not zero a kBlockQ x kScoreStride scores buffer (half a MiB) on every call.

@@ -28,7 +28,7 @@ struct PackedKeys {
   std::vector<int64_t> key_chunks, base;  // per sequence: 32-key chunks, offset of its head 0 in chunks
   // Not zero-filled as a whole (3-5% of a 128-token call): the vector packing writes every element of
   // every tile but those of a sequence's last 32 keys, which are zeroed first (all of them otherwise).
-  std::unique_ptr<c10::BFloat16[]> keys, values;
+  AlignedArray<c10::BFloat16> keys, values;
 
   // local: room for one (sequence, kv head) pair at a time, which load() packs (forward tasks that own
   // whole pairs); else every pair, packed here in parallel.
@@ -44,8 +44,8 @@ struct PackedKeys {
       base.push_back(chunks);
       chunks = local ? std::max(chunks, key_chunks.back()) : chunks + heads_kv * key_chunks.back();
     }
-    keys.reset(new c10::BFloat16[chunks * 2 * d_tiles * tiles::kTileElems]);  // uninitialised: trivial type
-    values.reset(new c10::BFloat16[chunks * f_tiles * tiles::kTileElems]);
+    keys = aligned_array<c10::BFloat16>(chunks * 2 * d_tiles * tiles::kTileElems);  // uninitialised
+    values = aligned_array<c10::BFloat16>(chunks * f_tiles * tiles::kTileElems);
     if (local) return;
     at::parallel_for(0, static_cast<int64_t>(problem.sequences.size()) * heads_kv, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) pack(problem, task / heads_kv, task % heads_kv);
@@ -156,17 +156,17 @@ constexpr int64_t kL1ValueBytes = int64_t(32) << 10;
 // give rows of the tiles that nothing reads).
 struct AmxBuffers {
   ForwardBuffers<float> f;  // the block's output, running max and sum (q, scores and probs unused)
-  std::unique_ptr<float[]> scores;  // a slab's
-  std::unique_ptr<c10::BFloat16[]> q, p, p_lo;  // the block's query rows; a slab's P in two parts
+  AlignedArray<float> scores;  // a slab's
+  AlignedArray<c10::BFloat16> q, p, p_lo;  // the block's query rows; a slab's P in two parts
   int64_t ldq;
   // block_rows: the most rows a block of the call has, rounded up to whole row tiles (which the products
   // read and write).
   AmxBuffers(int64_t head_dim, int64_t ldv, int64_t block_rows)
       : f(0, ldv, 1, block_rows, 0),
-        scores(new float[kSlabRows * kScoreStride]),
-        q(new c10::BFloat16[block_rows * round_up(head_dim, tiles::kDepth)]),
-        p(new c10::BFloat16[kSlabRows * kProbStride]),
-        p_lo(new c10::BFloat16[kSlabRows * kProbStride]),
+        scores(aligned_array<float>(kSlabRows * kScoreStride)),
+        q(aligned_array<c10::BFloat16>(block_rows * round_up(head_dim, tiles::kDepth))),
+        p(aligned_array<c10::BFloat16>(kSlabRows * kProbStride)),
+        p_lo(aligned_array<c10::BFloat16>(kSlabRows * kProbStride)),
         ldq(round_up(head_dim, tiles::kDepth)) {}
 };
 

@@ -147,7 +147,7 @@ template <typename T>
 inline void gemm(int64_t m, int64_t n, int64_t depth, const T* a, int64_t a_row, int64_t a_col,
                             const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
   constexpr int64_t width = simd::Traits<T>::width;
-  thread_local std::vector<T> panel(kDepthChunk * kPanel<T>);
+  thread_local AlignedVector<T> panel(kDepthChunk * kPanel<T>);
   const auto panel_of = [&](int64_t k0, int64_t kc, int64_t v, int64_t vectors) {
     const T* start = b + k0 * ldb + v * width;
     if (ldb == kPanel<T>) return std::pair<const T*, int64_t>(start, ldb);  // rows one panel wide are one

@@ -18,10 +18,12 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <new>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "cpu/aligned_buffer.h"
 #include "cpu/attention_kernels.h"
 #include "cpu/attention_problem.h"
 
