@@ -6,7 +6,8 @@ ALiBi and 256-wide window forward times, with peak RSS growth of each in a fresh
 
 With ``--shapes``, the shape-range table instead (the shapes models run): decode steps (B = 1, Hq = 32,
 Hkv = 8, D = 128, L = 1 and L = 8 bottom-right causal against S = 4096, 16384, 32768, float32 and
-bfloat16) in GB/s of K + V read, next to a ``torch.sum`` over as many bytes and torch's SDPA
+bfloat16) in GB/s of K + V read, next to a ``torch.sum`` over the same bytes read as float32
+(``fused_attention.bench.roofline.read_bytes``: the memory's read rate) and torch's SDPA
 (``enable_gqa=True``; its L = 8 mask is a bool ``attn_mask``, as its ``is_causal`` is top-left); then
 short and medium sequences (B, H, L=S, D) in {(8, 12, 128, 64), (32, 12, 128, 64), (1, 12, 128, 64),
 (8, 12, 512, 64), (4, 16, 256, 128)}, forward and forward+backward, float32 and bfloat16, plain,
@@ -39,6 +40,7 @@ import fused_attention
 from fused_attention import _extension
 from fused_attention.bench import attention_flops
 from fused_attention.bench.report import cpu_model
+from fused_attention.bench.roofline import read_bytes
 from fused_attention.bench.timing import time_cpu
 
 SHAPES = [(1, 8, 2048, 64), (1, 8, 4096, 64), (1, 16, 2048, 128)]
@@ -147,7 +149,7 @@ def _interleaved(fns: dict, rounds: int, min_run_time: float) -> dict[str, float
 
 
 def decode_rows(rounds: int, min_run_time: float) -> list[dict]:
-    """GB/s of K + V read by a decode step: torch.sum over the same bytes, ours, torch's SDPA."""
+    """GB/s of K + V read by a decode step: torch.sum over the same bytes (as float32), ours, torch's SDPA."""
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for lq in (1, 8):
@@ -159,7 +161,7 @@ def decode_rows(rounds: int, min_run_time: float) -> list[dict]:
                 ours_kw = {"window_size": (-1, 0)} if lq > 1 else {}
                 mask = torch.ones(lq, seq, dtype=torch.bool).tril(seq - lq) if lq > 1 else None
                 fns = {
-                    "sum": lambda k=k, v=v: (k.sum(), v.sum()),
+                    "sum": read_bytes(k, v),
                     "ours": lambda q=q, k=k, v=v, kw=ours_kw: fused_attention.scaled_dot_product_attention(
                         q, k, v, enable_gqa=True, backend="cpu", **kw),
                     "torch": lambda q=q, k=k, v=v, m=mask: F.scaled_dot_product_attention(
@@ -248,7 +250,7 @@ def shapes_report(decode: list[dict], short: list[dict], few: list[dict], args) 
         (f"Command: python benchmarks/cpu_attention.py --shapes --rounds {args.rounds} "
          f"--min-run-time {args.min_run_time}"),
         "",
-        "Decode, B = 1, Hq = 32, Hkv = 8, D = 128: GB/s of K + V read (torch.sum: the same bytes)",
+        "Decode, B = 1, Hq = 32, Hkv = 8, D = 128: GB/s of K + V read (torch.sum: the same bytes, read as float32)",
         "",
         "| dtype | L | S | torch.sum | ours | torch SDPA | ours / sum | ours / torch |",
         "|---|---|---|---|---|---|---|---|",

@@ -1,5 +1,6 @@
 """Decode-step attention over a KV cache: GB/s of K+V read by ``attention_with_kvcache`` (contiguous and
-paged caches) against ``torch.sum`` over the same bytes (the measured read bandwidth) and torch's SDPA
+paged caches) against ``torch.sum`` over the same bytes read as float32 (the measured read bandwidth:
+``fused_attention.bench.roofline.read_bytes``) and torch's SDPA
 (``enable_gqa``) on the contiguous cache, all timed interleaved in one process (medians).
 
     python benchmarks/decode.py [--seq 1024 4096 16384 32768] [--page-size 16] [--reps 15] [--dtype float32]
@@ -19,6 +20,7 @@ import time
 import torch
 
 import fused_attention as fa
+from fused_attention.bench.roofline import read_bytes
 
 
 def _median_times(fns: dict[str, callable], reps: int) -> dict[str, float]:
@@ -49,7 +51,7 @@ def _row(seq: int, hq: int, hkv: int, dim: int, page: int, dtype: torch.dtype, r
     lengths = torch.tensor([seq], dtype=torch.int32)
     kh, vh, qh = k.transpose(1, 2), v.transpose(1, 2), q.transpose(1, 2)
     fns = {
-        "sum": lambda: (k.sum(), v.sum()),
+        "sum": read_bytes(k, v),
         "contiguous": lambda: fa.attention_with_kvcache(q, k, v, cache_seqlens=lengths, backend=backend),
         "paged": lambda: fa.attention_with_kvcache(
             q, k_pages, v_pages, cache_seqlens=lengths, block_table=table, backend=backend

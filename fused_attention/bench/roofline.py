@@ -24,6 +24,15 @@ def _copy_seconds(size: int, device: str, min_run_time: float) -> float:
     return time_fn(lambda: dst.copy_(src), device, min_run_time)[0]
 
 
+def read_bytes(*tensors: torch.Tensor):
+    """A function that reads every byte of ``tensors`` once (a float32 sum over them): the memory's read
+    rate for as many bytes as they hold. Read as float32 whatever their dtype: torch's bfloat16 sum is
+    bound by its arithmetic, not by memory (on a 2-vCPU Xeon, 2026-12-05: 16.8 GB/s over 256 MiB, where
+    the same bytes as float32 read at 23.7)."""
+    words = [t.reshape(-1).view(torch.uint8).view(torch.float32) for t in tensors]
+    return lambda: [w.sum() for w in words]
+
+
 def measure_peaks(device: str, min_run_time: float = 0.3) -> dict[str, object]:
     """``{"matmul_tflops", "matmul_dtype", "matmul_n", "copy_gbps", "copy_mib"}`` measured on ``device``."""
     kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
