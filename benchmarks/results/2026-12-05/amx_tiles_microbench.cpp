@@ -31,6 +31,24 @@ static double tsc_ghz() {
   return (__rdtsc() - c0) / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / 1e9;
 }
 
+// A tiles in tmm4-5 (rows `lda` elements apart), B tiles in tmm6-7 (packed): C (tmm0-3) += A x B.
+static void load_a_multiply(const uint16_t* a, int lda) {
+  _tile_loadd(4, a, lda * 2);
+  _tile_loadd(5, a + 16 * lda, lda * 2);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_dpbf16ps(2, 5, 6);
+  _tile_dpbf16ps(3, 5, 7);
+}
+
+// The 2 x 2 C tiles to c (rows `ldc` floats apart).
+static void store_c(float* c, int ldc) {
+  _tile_stored(0, c, ldc * 4);
+  _tile_stored(1, c + 16, ldc * 4);
+  _tile_stored(2, c + 16 * ldc, ldc * 4);
+  _tile_stored(3, c + 16 * ldc + 16, ldc * 4);
+}
+
 // 1. P V, 128 keys, value_dim 128.
 alignas(64) static uint16_t V[16384 + 64], P[2 * 32 * 544 + 64];
 alignas(64) static float C[32 * 128 + 64];
@@ -48,20 +66,9 @@ static void p_times_v(int offset_bytes) {
     for (int d = 0; d < 4; ++d) {
       _tile_loadd(6, b + d * 8 * 512 + t * 512, 64);
       _tile_loadd(7, b + d * 8 * 512 + (t + 1) * 512, 64);
-      for (int part = 0; part < 2; ++part) {
-        const uint16_t* a = p + part * 32 * lda + d * 32;
-        _tile_loadd(4, a, lda * 2);
-        _tile_loadd(5, a + 16 * lda, lda * 2);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
+      for (int part = 0; part < 2; ++part) load_a_multiply(p + part * 32 * lda + d * 32, lda);
     }
-    _tile_stored(0, c, 512);
-    _tile_stored(1, c + 16, 512);
-    _tile_stored(2, c + 16 * 128, 512);
-    _tile_stored(3, c + 16 * 128 + 16, 512);
+    store_c(c, 128);
   }
 }
 
@@ -79,17 +86,9 @@ static void k_times_qt(const uint16_t* k, int prefetch_keys) {
   for (int d = 0; d < 4; ++d) {
     _tile_loadd(6, Q + d * 512, 64);
     _tile_loadd(7, Q + 2048 + d * 512, 64);
-    _tile_loadd(4, k + d * 32, 256);
-    _tile_loadd(5, k + 16 * 128 + d * 32, 256);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+    load_a_multiply(k + d * 32, 128);
   }
-  _tile_stored(0, S, 128);
-  _tile_stored(1, S + 16, 128);
-  _tile_stored(2, S + 512, 128);
-  _tile_stored(3, S + 528, 128);
+  store_c(S, 32);
 }
 
 int main() {
