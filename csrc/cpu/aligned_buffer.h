@@ -15,14 +15,17 @@ namespace fused_attention::cpu {
 
 constexpr std::size_t kCacheLine = 64;
 
+inline void* cache_line_new(std::size_t bytes) { return ::operator new(bytes, std::align_val_t{kCacheLine}); }
+inline void cache_line_delete(void* p) { ::operator delete(p, std::align_val_t{kCacheLine}); }
+
 template <typename T>
 struct CacheLineAllocator {
   using value_type = T;
   CacheLineAllocator() = default;
   template <typename U>
   CacheLineAllocator(const CacheLineAllocator<U>&) {}  // NOLINT(google-explicit-constructor): rebinding
-  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{kCacheLine})); }
-  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t{kCacheLine}); }
+  T* allocate(std::size_t n) { return static_cast<T*>(cache_line_new(n * sizeof(T))); }
+  void deallocate(T* p, std::size_t) { cache_line_delete(p); }
   template <typename U>
   bool operator==(const CacheLineAllocator<U>&) const { return true; }
   template <typename U>
@@ -33,7 +36,7 @@ template <typename T>
 using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
 
 struct CacheLineDelete {
-  void operator()(void* p) const { ::operator delete(p, std::align_val_t{kCacheLine}); }
+  void operator()(void* p) const { cache_line_delete(p); }
 };
 
 // n elements of a trivial type, uninitialised.
@@ -43,7 +46,7 @@ using AlignedArray = std::unique_ptr<T[], CacheLineDelete>;
 template <typename T>
 AlignedArray<T> aligned_array(std::size_t n) {
   static_assert(std::is_trivially_destructible_v<T>);  // no destructor runs
-  return AlignedArray<T>(static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{kCacheLine})));
+  return AlignedArray<T>(static_cast<T*>(cache_line_new(n * sizeof(T))));
 }
 
 }  // namespace fused_attention::cpu
