@@ -61,15 +61,16 @@ def test_decode_odd_head_dims_and_a_kv_cache_layout(head_dim):
     check_attention("cpu", q, k, v, grad=False, enable_gqa=True, key_lengths=torch.tensor([700]))
 
 
-@pytest.mark.parametrize("group,lq", [(1, 1), (3, 1), (1, 7), (5, 2)])
+@pytest.mark.parametrize("group,lq", [(1, 1), (3, 1), (4, 1), (1, 7), (5, 2)])
 @pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 128), (torch.float64, 64), (torch.bfloat16, 128),
                                             (torch.bfloat16, 160), (torch.bfloat16, 96), (torch.float32, 256),
                                             (torch.float32, 64)])
 def test_decode_every_row_remainder(group, lq, dtype, head_dim):
     """Query rows per KV head (group x Lq) of every remainder: q.k takes them 4, 2 and 1 at a time, and P.V
     2 and 1 at a time where value rows are whole multiples of 8 vectors (head dim 128 in float, 64 in
-    double); in bfloat16 2 rows x 128 features, 4 x 64 and 4 x 32 (head dims 128, 160, 96). 700 keys: a
-    ragged last block of 16 keys and of a P.V key block."""
+    double); in bfloat16 q.k on AMX tiles from 4 rows (Llama's GQA group of 4, one token) where the machine
+    has them, P.V up to 4 rows x 64 features and 1 x 128 (head dims 128, 160, 96), on tiles from 8 rows.
+    700 keys: a ragged last block of 16 keys and of a P.V key block."""
     gen = torch.Generator().manual_seed(8)
     q = rand(1, 2 * group, lq, head_dim, gen=gen, dtype=dtype)
     k, v = (rand(1, 2, 700, head_dim, gen=gen, dtype=dtype) for _ in range(2))

@@ -306,7 +306,6 @@ struct DecodeBuffers {
   int64_t ldq, lds, ldv;
   AlignedVector<acc_t> q, scores, out, row_max, row_sum, anchor, keys, values;
   AlignedVector<c10::BFloat16> q16;  // the query rows as they are, for dot_keys with Bf16Dot (rows x head_dim)
-  AlignedVector<c10::BFloat16> p16;  // the probabilities rounded to bfloat16, for values_bf16
   std::vector<const void*> rows;   // a chunk's value rows, for values_bf16
   std::vector<uint8_t> lazy;
 #if defined(FUSED_ATTENTION_AMX_DECODE)
@@ -355,7 +354,7 @@ void decode_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_
   constexpr int64_t width = simd::Traits<acc_t>::width;
 #if defined(FUSED_ATTENTION_AMX_DECODE)
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (amx_decode(problem, rows)) {
+    if (amx_decode(problem, rows, true)) {
       return amx_scores(problem, seq, kv_head, j0, n, buf.q16.data() + row0 * problem.head_dim, rows, buf.amx,
                         scores, buf.lds);
     }
@@ -467,9 +466,7 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
 #if defined(FUSED_ATTENTION_AMX_DECODE)
       if (on_tiles) return amx_values(rows, n, p, buf.lds, row_of, value_dim, buf.amx, acc, buf.ldv, scattered);
 #endif
-      bf16_pairs(p, rows, n, buf.lds, buf.p16);
-      return values_bf16(rows, n, buf.p16.data(), round_up<int64_t>(n, 32), row_of, value_dim, acc, buf.ldv,
-                         scattered);
+      return values_bf16(rows, n, p, buf.lds, row_of, value_dim, acc, buf.ldv, scattered);
     }
   }
 #endif
@@ -592,7 +589,7 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
   int64_t buffer_rows = max_rows;
 #if defined(FUSED_ATTENTION_AMX_DECODE)
   // Tile products write whole 16-row tiles: the buffers get the padding rows.
-  const bool on_tiles = amx_decode(problem, max_rows);
+  const bool on_tiles = amx_decode(problem, max_rows, true);
   if (on_tiles) buffer_rows = round_up<int64_t>(max_rows, tiles::kRows);
 #endif
 

@@ -14,23 +14,29 @@
 
 #include "cpu/attention_amx.h"
 
-// Query rows per kv head from which the products run on tiles: below it a 16-row tile is mostly padding,
-// and vdpbf16ps, with no packing, does as well.
+// Query rows per kv head from which P V runs on tiles: below it a 16-row tile is mostly padding, and
+// vdpbf16ps over value rows paired in registers does as well as packing them for the tiles.
 constexpr int64_t kAmxDecodeMinRows = 8;
+// Query rows per kv head from which q.k runs on tiles. S^T = K Q^T reads K where it lies, so a tile
+// product costs the same whatever the rows; with GQA's 4 rows per kv head (Llama's 32 / 8 heads, one
+// token) vdpbf16ps did 16 products per key read against the tiles' 4.
+constexpr int64_t kAmxScoresMinRows = 4;
 // Keys whose value rows are packed at a time for P V (32 KiB at value_dim 128: L1).
 constexpr int64_t kAmxDecodeValueKeys = 128;
 
+// Whether the tile products serve a cache of this problem for `rows` query rows per kv head (scores:
+// q.k; else P V).
 template <typename scalar_t>
-bool amx_decode(const Problem<scalar_t>& problem, int64_t rows) {
-  return std::is_same_v<scalar_t, c10::BFloat16> && rows >= kAmxDecodeMinRows && problem.k.feature_stride == 1 &&
-         problem.v.feature_stride == 1 && problem.head_dim % tiles::kDepth == 0;
+bool amx_decode(const Problem<scalar_t>& problem, int64_t rows, bool scores = false) {
+  return std::is_same_v<scalar_t, c10::BFloat16> && rows >= (scores ? kAmxScoresMinRows : kAmxDecodeMinRows) &&
+         problem.k.feature_stride == 1 && problem.v.feature_stride == 1 && problem.head_dim % tiles::kDepth == 0;
 }
 
 // The tile products' buffers (per thread; rows: the most query rows per kv head, a multiple of 16).
 struct AmxDecodeBuffers {
   int64_t d_tiles = 0, f_tiles = 0, ldp = 0;
   AlignedVector<c10::BFloat16> q;      // Q^T: B tile (depth d, row tile c) at (c d_tiles + d) 512
-  AlignedVector<c10::BFloat16> keys;   // 32 key rows where they are not 32 adjacent rows of the cache
+  AlignedVector<c10::BFloat16> keys;   // 16 key rows where they are not 16 adjacent rows of the cache
   AlignedVector<float> block;          // S^T of 32 keys x rows (row stride rows)
   AlignedVector<c10::BFloat16> values, p_hi, p_lo;
   AmxDecodeBuffers() = default;
@@ -39,7 +45,7 @@ struct AmxDecodeBuffers {
         f_tiles((value_dim + tiles::kRows - 1) / tiles::kRows),
         ldp(round_up<int64_t>(chunk, tiles::kDepth) + tiles::kDepth),  // + 32: see kProbStride
         q(rows / tiles::kRows * d_tiles * tiles::kTileElems),
-        keys(tiles::kDepth * head_dim),
+        keys(tiles::kRows * head_dim),
         block(tiles::kDepth * rows),
         values(kAmxDecodeValueKeys / tiles::kDepth * f_tiles * tiles::kTileElems),
         p_hi(rows * ldp, c10::BFloat16(0.0f)),
@@ -60,26 +66,36 @@ void amx_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_t k
     for (int64_t j = 0; j < count; ++j) row_ptrs[j] = q16 + (c * tiles::kRows + j) * dim;
     tiles::pack_pair_transpose_tiles(row_ptrs, count, dim, buf.q.data() + c * buf.d_tiles * tiles::kTileElems);
   }
-  const bool scattered = scattered_rows(k, dim);
   const int64_t ldb = r_tiles * tiles::kRows;
   for (int64_t b = 0; b < n; b += tiles::kDepth) {
     const int64_t count = std::min(tiles::kDepth, n - b), token = seq.k_start + j0 + b;
-    if (scattered && b + kDecodePrefetchKeys < n) {
+    if (b + kDecodePrefetchKeys < n) {
       prefetch_tokens(k, seq.batch, kv_head, token + kDecodePrefetchKeys,
                       std::min(tiles::kDepth, n - b - kDecodePrefetchKeys), dim);
     }
-    const c10::BFloat16* a = buf.keys.data();
-    int64_t lda = dim;
-    if (count == tiles::kDepth && k.adjacent_rows(token) >= tiles::kDepth) {
-      a = reinterpret_cast<const c10::BFloat16*>(k.row(seq.batch, kv_head, token));
-      lda = k.token_stride;
-    } else {  // the sequence's last keys, or a page boundary: the rows copied, zero past n
-      load_rows(k, seq.batch, kv_head, token, count, dim, buf.keys.data(), dim);
-      std::fill(buf.keys.begin() + count * dim, buf.keys.end(), c10::BFloat16(0.0f));
-    }
     const int64_t key_tiles = (count + tiles::kRows - 1) / tiles::kRows;
-    tiles::product(key_tiles, r_tiles, buf.d_tiles, a, lda, buf.q.data(), tiles::kTileElems,
-                   buf.d_tiles * tiles::kTileElems, buf.block.data(), ldb, false);
+    if (count == tiles::kDepth && k.adjacent_rows(token) >= tiles::kDepth) {  // both tiles in one run
+      tiles::product(key_tiles, r_tiles, buf.d_tiles, reinterpret_cast<const c10::BFloat16*>(k.row(seq.batch, kv_head, token)),
+                     k.token_stride, buf.q.data(), tiles::kTileElems, buf.d_tiles * tiles::kTileElems, buf.block.data(),
+                     ldb, false);
+    } else {
+      // Tile by tile: in place where 16 rows are adjacent (a paged cache's page of 16 or more), else the
+      // rows copied (the sequence's last keys, a page boundary or short pages), zero past n.
+      for (int64_t t = 0; t < key_tiles; ++t) {
+        const int64_t rows_t = std::min(tiles::kRows, count - t * tiles::kRows), at = token + t * tiles::kRows;
+        const c10::BFloat16* a = buf.keys.data();
+        int64_t lda = dim;
+        if (rows_t == tiles::kRows && k.adjacent_rows(at) >= tiles::kRows) {
+          a = reinterpret_cast<const c10::BFloat16*>(k.row(seq.batch, kv_head, at));
+          lda = k.token_stride;
+        } else {
+          load_rows(k, seq.batch, kv_head, at, rows_t, dim, buf.keys.data(), dim);
+          std::fill(buf.keys.begin() + rows_t * dim, buf.keys.begin() + tiles::kRows * dim, c10::BFloat16(0.0f));
+        }
+        tiles::product(1, r_tiles, buf.d_tiles, a, lda, buf.q.data(), tiles::kTileElems,
+                       buf.d_tiles * tiles::kTileElems, buf.block.data() + t * tiles::kRows * ldb, ldb, false);
+      }
+    }
     for (int64_t t = 0; t < key_tiles; ++t) {
       for (int64_t c = 0; c < r_tiles; ++c) {  // 16 keys x 16 rows of S^T into 16 score rows
         const c10::BFloat16* key_rows[tiles::kRows];
