@@ -42,9 +42,10 @@ def _isas() -> list[str]:
 
 # Each non-default variant runs the shared suite's CPU cases on a sample: every test family of these
 # files, at most SAMPLE_PER_TEST evenly spaced cases each (conftest's --sample-per-test), so a variant
-# sees every feature, dtype, size, dropout, slope-gradient and varlen check without tripling CI time.
-# The best variant runs all of them in the main session.
-SHARED_FILES = ("tests/test_attention.py", "tests/test_varlen.py")
+# sees every feature, dtype, size, dropout, slope-gradient and varlen check without tripling CI time;
+# and the decode kernel's cases, whose bfloat16 products differ per variant (WidenDot on avx512, vdpbf16ps
+# on avx512bf16, tiles on amx). The best variant runs all of them in the main session.
+SHARED_FILES = ("tests/test_attention.py", "tests/test_varlen.py", "tests/test_cpu_decode.py")
 SAMPLE_PER_TEST = 5
 
 

@@ -174,10 +174,12 @@ struct TransposeSum {
 // q.k with float (or double) vectors: one vector of features per step.
 template <typename T>
 struct FloatDot {
-  using Elem = T;
+  using QElem = T;
+  using KElem = T;
   using Operand = simd::Vec<T>;
   static constexpr int64_t features = simd::Traits<T>::width;
-  static Operand load(const T* x) { return simd::load(x); }
+  static Operand load_q(const T* x) { return simd::load(x); }
+  static Operand load_k(const T* x) { return simd::load(x); }
   static simd::Vec<T> add(simd::Vec<T> acc, Operand q, Operand k) { return acc + q * k; }
 };
 
@@ -204,8 +206,8 @@ struct KeysAhead {
 // vector of each of 16 rows in turn, neither with a software prefetch; cpu-decode-row-order.md). Never
 // inlined, so that the accumulators stay in registers (as gemm_tile).
 template <typename Dot, typename Acc>
-__attribute__((noinline)) void dot_keys(const typename Dot::Elem* q, int64_t rows, int64_t ldq,
-                                        const typename Dot::Elem* k, int64_t ldk, int64_t steps, Acc* out,
+__attribute__((noinline)) void dot_keys(const typename Dot::QElem* q, int64_t rows, int64_t ldq,
+                                        const typename Dot::KElem* k, int64_t ldk, int64_t steps, Acc* out,
                                         int64_t ldo, KeysAhead ahead = {}) {
   using S = TransposeSum<Acc>;
   using V = simd::Vec<Acc>;
@@ -213,9 +215,9 @@ __attribute__((noinline)) void dot_keys(const typename Dot::Elem* q, int64_t row
   constexpr int width = S::width;
   const auto block = [&](auto rows_per_block, int64_t r0) {
     constexpr int R = decltype(rows_per_block)::value, keys = width / R;
-    const typename Dot::Elem* qr = q + r0 * ldq;
+    const typename Dot::QElem* qr = q + r0 * ldq;
     for (int j0 = 0; j0 < width; j0 += keys) {
-      const typename Dot::Elem* kj = k + j0 * ldk;
+      const typename Dot::KElem* kj = k + j0 * ldk;
       if (r0 == 0 && ahead.first != nullptr) {
         for (int j = j0; j < j0 + keys && j < ahead.rows; ++j) {
           prefetch_rows(ahead.first + j * ahead.stride, 1, 0, ahead.bytes);
@@ -230,19 +232,19 @@ __attribute__((noinline)) void dot_keys(const typename Dot::Elem* q, int64_t row
 #pragma GCC unroll 16
         for (int j = 0; j < keys; ++j) {
           for (int64_t d = 0; d < steps; ++d) {
-            const Operand kd = Dot::load(kj + j * ldk + d * Dot::features);
+            const Operand kd = Dot::load_k(kj + j * ldk + d * Dot::features);
 #pragma GCC unroll 4
-            for (int r = 0; r < R; ++r) add(r, j, Dot::load(qr + r * ldq + d * Dot::features), kd);
+            for (int r = 0; r < R; ++r) add(r, j, Dot::load_q(qr + r * ldq + d * Dot::features), kd);
           }
         }
       } else {
         for (int64_t d = 0; d < steps; ++d) {
           Operand kd[keys];
 #pragma GCC unroll 16
-          for (int j = 0; j < keys; ++j) kd[j] = Dot::load(kj + j * ldk + d * Dot::features);
+          for (int j = 0; j < keys; ++j) kd[j] = Dot::load_k(kj + j * ldk + d * Dot::features);
 #pragma GCC unroll 4
           for (int r = 0; r < R; ++r) {
-            const Operand qd = Dot::load(qr + r * ldq + d * Dot::features);
+            const Operand qd = Dot::load_q(qr + r * ldq + d * Dot::features);
 #pragma GCC unroll 16
             for (int j = 0; j < keys; ++j) add(r, j, qd, kd[j]);
           }
@@ -263,6 +265,9 @@ __attribute__((noinline)) void dot_keys(const typename Dot::Elem* q, int64_t row
   if (rows > r0) block(std::integral_constant<int, 1>{}, r0);
 }
 
+#if FUSED_ATTENTION_ISA_AVX512
+#include "cpu/attention_decode_widen.h"
+#endif
 #if defined(FUSED_ATTENTION_BF16_DOT)
 #include "cpu/attention_decode_bf16.h"
 #endif
@@ -306,6 +311,7 @@ struct DecodeBuffers {
   int64_t ldq, lds, ldv;
   AlignedVector<acc_t> q, scores, out, row_max, row_sum, anchor, keys, values;
   AlignedVector<c10::BFloat16> q16;  // the query rows as they are, for dot_keys with Bf16Dot (rows x head_dim)
+  AlignedVector<float> qw;           // the query rows in WidenDot's layout (rows x head_dim)
   std::vector<const void*> rows;   // a chunk's value rows, for values_bf16
   std::vector<uint8_t> lazy;
 #if defined(FUSED_ATTENTION_AMX_DECODE)
@@ -329,10 +335,11 @@ struct DecodeBuffers {
   }
 };
 
-// Whether dot_keys with Bf16Dot serves these keys (bfloat16 rows of whole 32-feature blocks; buf.q16 filled).
+// Whether the products read these bfloat16 rows in place, 32 features per load (AVX-512: dot_keys with
+// Bf16Dot, buf.q16 filled, or WidenDot, buf.qw filled; values_bf16).
 template <typename scalar_t>
 constexpr bool bf16_dot(const Operand<scalar_t>& k, int64_t dim) {
-#if defined(FUSED_ATTENTION_BF16_DOT)
+#if FUSED_ATTENTION_ISA_AVX512
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return k.feature_stride == 1 && dim % 32 == 0;
 #endif
   return false;
@@ -383,11 +390,16 @@ void decode_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_
         prefetch_tokens(k, seq.batch, kv_head, at, later, dim);
       }
     }
-#if defined(FUSED_ATTENTION_BF16_DOT)
+#if FUSED_ATTENTION_ISA_AVX512
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (bf16_dot(k, dim) && whole) {
+#if defined(FUSED_ATTENTION_BF16_DOT)
         dot_keys<Bf16Dot>(buf.q16.data() + row0 * dim, rows, dim, k.row(seq.batch, kv_head, token), k.token_stride,
                           dim / Bf16Dot::features, scores + b, buf.lds, next);
+#else
+        dot_keys<WidenDot>(buf.qw.data() + row0 * dim, rows, dim, k.row(seq.batch, kv_head, token), k.token_stride,
+                           dim / WidenDot::features, scores + b, buf.lds, next);
+#endif
         continue;
       }
     }
@@ -449,7 +461,7 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
                   buf.ldv, true);
     }
   };
-#if defined(FUSED_ATTENTION_BF16_DOT)
+#if FUSED_ATTENTION_ISA_AVX512
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     bool on_tiles = false;  // the AMX products (attention_decode_amx.h)
 #if defined(FUSED_ATTENTION_AMX_DECODE)
@@ -502,6 +514,9 @@ void decode_chunk(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
   acc_t* scores = buf.scores.data();
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     if (bf16_dot(problem.k, problem.head_dim)) {
+#if FUSED_ATTENTION_ISA_AVX512 && !defined(FUSED_ATTENTION_BF16_DOT)
+      widen_queries(buf.q.data(), rows, buf.ldq, problem.head_dim, buf.qw);
+#else
       buf.q16.resize(rows * problem.head_dim);
       for (int64_t r = 0; r < rows; ++r) {
         const scalar_t* src = problem.q.row(seq.batch, kv_head * group + r / len, seq.q_start + r % len);
@@ -511,6 +526,7 @@ void decode_chunk(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
         }
         for (int64_t f = 0; f < problem.head_dim; ++f) buf.q16[r * problem.head_dim + f] = src[f * problem.q.feature_stride];
       }
+#endif
     }
   }
   // The chunk's first keys (and values, where scattered), asked for early: the products ask for those

@@ -1,107 +1,20 @@
-// The decode kernel's two products for bfloat16 caches on AVX512-BF16 (attention_isa_avx512bf16.cpp
-// includes attention_decode.h with FUSED_ATTENTION_BF16_DOT, which includes this). K and V rows are read
-// as they lie in the cache, 32 features per load, and never copied.
-//
-// - q.k (dot_keys with Bf16Dot), for fewer query rows than AMX tiles take (attention_decode_amx.h): a
-//   query row and a key row pair up along the features in vdpbf16ps; the products of two bfloat16 are
-//   exact in float, only the order of the float additions differs from dot_keys.
-// - p.V (values_bf16): each value load widened in registers into two float vectors (even and odd
-//   features) for float FMAs with the probabilities in float; no rounding of P.
+// q.k for bfloat16 caches on AVX512-BF16 (attention_isa_avx512bf16.cpp and attention_isa_amx.cpp
+// include attention_decode.h with FUSED_ATTENTION_BF16_DOT, which includes this), for fewer query rows
+// than the AMX tiles take (attention_decode_amx.h): a query row and a key row, both bfloat16 as they lie,
+// pair up along the features in vdpbf16ps; the products of two bfloat16 are exact in float, only the
+// order of the float additions differs from dot_keys. (P V: attention_decode_widen.h.)
 #pragma once
 
 // q.k for bfloat16 query and key rows (dot_keys): 32 features per step, the pairs' products summed in
 // float lanes.
 struct Bf16Dot {
-  using Elem = c10::BFloat16;
+  using QElem = c10::BFloat16;
+  using KElem = c10::BFloat16;
   using Operand = __m512bh;
   static constexpr int64_t features = 32;
-  static Operand load(const Elem* x) { return (__m512bh)_mm512_loadu_si512(x); }
+  static Operand load_q(const QElem* x) { return (__m512bh)_mm512_loadu_si512(x); }
+  static Operand load_k(const KElem* x) { return (__m512bh)_mm512_loadu_si512(x); }
   static simd::Vec<float> add(simd::Vec<float> acc, Operand q, Operand k) {
     return (simd::Vec<float>)_mm512_dpbf16_ps((__m512)acc, q, k);
   }
 };
-
-// acc[r][f0 + 0..31] += the 32 features of a block, from its even and odd features (the two halves of
-// every 32-bit pair of bfloat16, widened in place).
-inline void add_even_odd(__m512 even, __m512 odd, float* acc) {
-  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  _mm512_storeu_ps(acc, _mm512_add_ps(_mm512_loadu_ps(acc), _mm512_permutex2var_ps(even, first, odd)));
-  _mm512_storeu_ps(acc + 16, _mm512_add_ps(_mm512_loadu_ps(acc + 16), _mm512_permutex2var_ps(even, second, odd)));
-}
-
-// One register tile: Rows rows x Blocks blocks of 32 features from feature f0, over keys [k0, k1).
-// A block of a value row is one load of 32 bfloat16; a bfloat16 is the top half of a float, so a shift
-// (the even features) and a mask (the odd ones) widen it into two float vectors, and the products are
-// float FMAs with the probabilities as they are. vdpbf16ps, which needs the rows of two keys interleaved
-// and the probabilities rounded to bfloat16, costs two cycles per 32 products on Sapphire Rapids where an
-// FMA costs half a cycle per 16 (2026-12-05 record, cpu-decode-widen.md).
-// prefetch: bytes of the row kDecodePrefetchKeys keys ahead to ask for with each key (0: none).
-template <int Rows, int Blocks, typename RowOf>
-__attribute__((noinline)) void values_tile(int64_t k0, int64_t k1, const float* p, int64_t ldp, const RowOf& row_of,
-                                           int64_t n, int64_t f0, float* acc, int64_t ldv, int64_t prefetch) {
-  __m512 even[Rows][Blocks], odd[Rows][Blocks];
-  for (int r = 0; r < Rows; ++r) {
-    for (int b = 0; b < Blocks; ++b) even[r][b] = odd[r][b] = _mm512_setzero_ps();
-  }
-  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-  for (int64_t j = k0; j < k1; ++j) {
-    const c10::BFloat16* v = row_of(j) + f0;
-    if (prefetch > 0 && j + kDecodePrefetchKeys < n) prefetch_rows(row_of(j + kDecodePrefetchKeys), 1, 0, prefetch);
-    __m512 e[Blocks], o[Blocks];
-    for (int blk = 0; blk < Blocks; ++blk) {
-      const __m512i x = _mm512_loadu_si512(v + 32 * blk);
-      e[blk] = _mm512_castsi512_ps((__m512i)((__v16su)x << 16));
-      o[blk] = _mm512_castsi512_ps(_mm512_and_si512(x, high));
-    }
-    for (int r = 0; r < Rows; ++r) {
-      const __m512 pr = _mm512_set1_ps(p[r * ldp + j]);
-      for (int blk = 0; blk < Blocks; ++blk) {
-        even[r][blk] = _mm512_fmadd_ps(pr, e[blk], even[r][blk]);
-        odd[r][blk] = _mm512_fmadd_ps(pr, o[blk], odd[r][blk]);
-      }
-    }
-  }
-  for (int r = 0; r < Rows; ++r) {
-    for (int b = 0; b < Blocks; ++b) add_even_odd(even[r][b], odd[r][b], acc + r * ldv + f0 + 32 * b);
-  }
-}
-
-// acc[r * ldv + f] += sum_j p[r * ldp + j] v_j[f] for rows r < rows, keys j < n (v_j at row_of(j),
-// value_dim a multiple of 32). Keys go kDecodeValueBlock at a time (their value rows then stay in L1) through
-// tiles of 16 accumulators: up to 4 rows x 64 features, else 2 rows x 128 (one row: 1 x 128), the
-// features of a block before the next block. scattered: rows are short runs in their own pages (see
-// prefetch_rows); the first tile of a block asks for whole rows ahead.
-template <typename RowOf>
-void values_bf16(int64_t rows, int64_t n, const float* p, int64_t ldp, const RowOf& row_of, int64_t value_dim,
-                 float* acc, int64_t ldv, bool scattered) {
-  const int64_t row_bytes = value_dim * int64_t(sizeof(c10::BFloat16));
-  for (int64_t k0 = 0; k0 < n; k0 += kDecodeValueBlock) {
-    const int64_t k1 = std::min(n, k0 + kDecodeValueBlock);
-    int64_t prefetch = row_bytes;
-    for (int64_t r0 = 0; r0 < rows;) {
-      const int64_t take = std::min<int64_t>(4, rows - r0);
-      const float* pr = p + r0 * ldp;
-      float* c = acc + r0 * ldv;
-      if (take == 1) {  // one row: 4 blocks a tile
-        int64_t f0 = 0;
-        for (; f0 + 128 <= value_dim; f0 += 128, prefetch = 0) values_tile<1, 4>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch);
-        for (; f0 < value_dim; f0 += 32, prefetch = 0) values_tile<1, 1>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch);
-      } else {
-        for (int64_t f0 = 0; f0 < value_dim; prefetch = 0) {
-          const bool two = value_dim - f0 >= 64;
-          switch ((take - 2) * 2 + (two ? 1 : 0)) {
-            case 0: values_tile<2, 1>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch); break;
-            case 1: values_tile<2, 2>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch); break;
-            case 2: values_tile<3, 1>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch); break;
-            case 3: values_tile<3, 2>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch); break;
-            case 4: values_tile<4, 1>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch); break;
-            default: values_tile<4, 2>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch); break;
-          }
-          f0 += two ? 64 : 32;
-        }
-      }
-      r0 += take;
-    }
-  }
-}
