@@ -348,12 +348,12 @@ MUTATIONS = [
         "C++: the decode kernel reads a paged cache's rows past the end of their page", cpp=True,
     ),
     Mutation(
-        "cpp-bf16-values-unpermuted", "csrc/cpu/attention_decode_bf16.h",
+        "cpp-bf16-values-unpermuted", "csrc/cpu/attention_decode_widen.h",
         "_mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23)",
         "_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)",
         _k("tests/test_kvcache_cpu.py", "bfloat16_decode"),
-        "C++: the AVX512-BF16 p.V product adds its widened even and odd features in the wrong order (only "
-        "on CPUs with AVX512-BF16)", cpp=True,
+        "C++: the bfloat16 decode's P V adds its widened even and odd features in the wrong order (CPUs "
+        "with AVX-512)", cpp=True,
     ),
     Mutation(
         "cpp-stats-backward-drops-delta", "csrc/cpu/attention_backward.h",
