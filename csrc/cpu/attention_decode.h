@@ -478,7 +478,7 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
 #if defined(FUSED_ATTENTION_AMX_DECODE)
       if (on_tiles) return amx_values(rows, n, p, buf.lds, row_of, value_dim, buf.amx, acc, buf.ldv, scattered);
 #endif
-      return values_bf16(rows, n, p, buf.lds, row_of, value_dim, acc, buf.ldv, scattered);
+      return values_bf16(rows, n, p, buf.lds, row_of, value_dim, acc, buf.ldv);
     }
   }
 #endif

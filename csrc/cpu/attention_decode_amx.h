@@ -4,18 +4,21 @@
 // read, and an 8-row causal step read K and V at 9-16% of the memory's rate (2026-12-05 record,
 // cpu-shapes-intel-amx-after.md). One tile product does 16 x 16 x 32 of them.
 //
-// - q.k transposed: S^T = K Q^T. K's rows are A tiles read where they lie in the cache (no packing;
-//   16 rows x 32 features per tile), Q^T is packed once per chunk into B tiles, and each 16 x 16 block of
-//   S^T is transposed into the score rows on its way out (cheaper than packing K into B tiles: one
-//   16 x 16 transpose per 16 keys and 16 rows against one per 16 keys and 32 features).
-// - P V: V's rows packed in pairs (VNNI) 128 keys at a time; P as two bfloat16 parts (hi + lo: 16
-//   significant bits), as the blocked AMX forward does (attention_forward_amx.h says why).
+// - q.k transposed (from kAmxScoresMinRows rows): S^T = K Q^T. K's rows are A tiles read where they
+//   lie in the cache (no packing; 16 rows x 32 features per tile), Q^T is packed once per chunk into B
+//   tiles, and each 16 x 16 block of S^T is transposed into the score rows on its way out (cheaper than
+//   packing K into B tiles: one 16 x 16 transpose per 16 keys and 16 rows against one per 16 keys and
+//   32 features).
+// - P V (from kAmxDecodeMinRows rows; fewer: attention_decode_widen.h): V's rows packed in pairs (VNNI)
+//   128 keys at a time; P as two bfloat16 parts (hi + lo: 16 significant bits), as the blocked AMX
+//   forward does (attention_forward_amx.h says why).
 #pragma once
 
 #include "cpu/attention_amx.h"
 
-// Query rows per kv head from which P V runs on tiles: below it a 16-row tile is mostly padding, and
-// vdpbf16ps over value rows paired in registers does as well as packing them for the tiles.
+// Query rows per kv head from which P V runs on tiles: below it a 16-row tile is mostly padding, and the
+// value rows are widened in registers instead (attention_decode_widen.h). Set against vdpbf16ps pairs;
+// not re-measured against the widened FMAs.
 constexpr int64_t kAmxDecodeMinRows = 8;
 // Query rows per kv head from which q.k runs on tiles. S^T = K Q^T reads K where it lies, so a tile
 // product costs the same whatever the rows; with GQA's 4 rows per kv head (Llama's 32 / 8 heads, one
