@@ -35,24 +35,30 @@ bool amx_decode(const Problem<scalar_t>& problem, int64_t rows, bool scores = fa
          problem.k.feature_stride == 1 && problem.v.feature_stride == 1 && problem.head_dim % tiles::kDepth == 0;
 }
 
-// The tile products' buffers (per thread; rows: the most query rows per kv head, a multiple of 16).
+// The tile products' buffers (per thread; rows: the most query rows per kv head, padded: a multiple of
+// 16). Uninitialised but P's padding rows (zero: their products fill C rows that nothing reads): every
+// other element is written before it is read (zero-filled, they took 4-5 us of a call).
 struct AmxDecodeBuffers {
   int64_t d_tiles = 0, f_tiles = 0, ldp = 0;
-  AlignedVector<c10::BFloat16> q;      // Q^T: B tile (depth d, row tile c) at (c d_tiles + d) 512
-  AlignedVector<c10::BFloat16> keys;   // 16 key rows where they are not 16 adjacent rows of the cache
-  AlignedVector<float> block;          // S^T of 32 keys x rows (row stride rows)
-  AlignedVector<c10::BFloat16> values, p_hi, p_lo;
+  AlignedArray<c10::BFloat16> q;       // Q^T: B tile (depth d, row tile c) at (c d_tiles + d) 512
+  AlignedArray<c10::BFloat16> keys;    // 16 key rows where they are not 16 adjacent rows of the cache
+  AlignedArray<float> block;           // S^T of 32 keys x rows (row stride: padded)
+  AlignedArray<c10::BFloat16> values;  // V's tiles of kAmxDecodeValueKeys keys
+  AlignedArray<c10::BFloat16> p_hi, p_lo;  // P's two parts (SplitProbs from the softmax), row stride ldp
   AmxDecodeBuffers() = default;
-  AmxDecodeBuffers(int64_t rows, int64_t chunk, int64_t head_dim, int64_t value_dim)
+  AmxDecodeBuffers(int64_t rows, int64_t padded, int64_t chunk, int64_t head_dim, int64_t value_dim)
       : d_tiles(head_dim / tiles::kDepth),
         f_tiles((value_dim + tiles::kRows - 1) / tiles::kRows),
         ldp(round_up<int64_t>(chunk, tiles::kDepth) + tiles::kDepth),  // + 32: see kProbStride
-        q(rows / tiles::kRows * d_tiles * tiles::kTileElems),
-        keys(tiles::kRows * head_dim),
-        block(tiles::kDepth * rows),
-        values(kAmxDecodeValueKeys / tiles::kDepth * f_tiles * tiles::kTileElems),
-        p_hi(rows * ldp, c10::BFloat16(0.0f)),
-        p_lo(rows * ldp, c10::BFloat16(0.0f)) {}
+        q(aligned_array<c10::BFloat16>(padded / tiles::kRows * d_tiles * tiles::kTileElems)),
+        keys(aligned_array<c10::BFloat16>(tiles::kRows * head_dim)),
+        block(aligned_array<float>(tiles::kDepth * padded)),
+        values(aligned_array<c10::BFloat16>(kAmxDecodeValueKeys / tiles::kDepth * f_tiles * tiles::kTileElems)),
+        p_hi(aligned_array<c10::BFloat16>(padded * ldp)),
+        p_lo(aligned_array<c10::BFloat16>(padded * ldp)) {
+    std::fill(p_hi.get() + rows * ldp, p_hi.get() + padded * ldp, c10::BFloat16(0.0f));
+    std::fill(p_lo.get() + rows * ldp, p_lo.get() + padded * ldp, c10::BFloat16(0.0f));
+  }
 };
 
 // scores[r * lds + j] = q_r . k_(j0 + j) for rows r < round_up(rows, 16) (rows past `rows`: whatever
@@ -67,7 +73,7 @@ void amx_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_t k
     const c10::BFloat16* row_ptrs[tiles::kRows];
     const int64_t count = std::min(tiles::kRows, rows - c * tiles::kRows);
     for (int64_t j = 0; j < count; ++j) row_ptrs[j] = q16 + (c * tiles::kRows + j) * dim;
-    tiles::pack_pair_transpose_tiles(row_ptrs, count, dim, buf.q.data() + c * buf.d_tiles * tiles::kTileElems);
+    tiles::pack_pair_transpose_tiles(row_ptrs, count, dim, buf.q.get() + c * buf.d_tiles * tiles::kTileElems);
   }
   const int64_t ldb = r_tiles * tiles::kRows;
   for (int64_t b = 0; b < n; b += tiles::kDepth) {
@@ -79,31 +85,31 @@ void amx_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_t k
     const int64_t key_tiles = (count + tiles::kRows - 1) / tiles::kRows;
     if (count == tiles::kDepth && k.adjacent_rows(token) >= tiles::kDepth) {  // both tiles in one run
       tiles::product(key_tiles, r_tiles, buf.d_tiles, reinterpret_cast<const c10::BFloat16*>(k.row(seq.batch, kv_head, token)),
-                     k.token_stride, buf.q.data(), tiles::kTileElems, buf.d_tiles * tiles::kTileElems, buf.block.data(),
+                     k.token_stride, buf.q.get(), tiles::kTileElems, buf.d_tiles * tiles::kTileElems, buf.block.get(),
                      ldb, false);
     } else {
       // Tile by tile: in place where 16 rows are adjacent (a paged cache's page of 16 or more), else the
       // rows copied (the sequence's last keys, a page boundary or short pages), zero past n.
       for (int64_t t = 0; t < key_tiles; ++t) {
         const int64_t rows_t = std::min(tiles::kRows, count - t * tiles::kRows), at = token + t * tiles::kRows;
-        const c10::BFloat16* a = buf.keys.data();
+        const c10::BFloat16* a = buf.keys.get();
         int64_t lda = dim;
         if (rows_t == tiles::kRows && k.adjacent_rows(at) >= tiles::kRows) {
           a = reinterpret_cast<const c10::BFloat16*>(k.row(seq.batch, kv_head, at));
           lda = k.token_stride;
         } else {
-          load_rows(k, seq.batch, kv_head, at, rows_t, dim, buf.keys.data(), dim);
-          std::fill(buf.keys.begin() + rows_t * dim, buf.keys.begin() + tiles::kRows * dim, c10::BFloat16(0.0f));
+          load_rows(k, seq.batch, kv_head, at, rows_t, dim, buf.keys.get(), dim);
+          std::fill(buf.keys.get() + rows_t * dim, buf.keys.get() + tiles::kRows * dim, c10::BFloat16(0.0f));
         }
-        tiles::product(1, r_tiles, buf.d_tiles, a, lda, buf.q.data(), tiles::kTileElems,
-                       buf.d_tiles * tiles::kTileElems, buf.block.data() + t * tiles::kRows * ldb, ldb, false);
+        tiles::product(1, r_tiles, buf.d_tiles, a, lda, buf.q.get(), tiles::kTileElems,
+                       buf.d_tiles * tiles::kTileElems, buf.block.get() + t * tiles::kRows * ldb, ldb, false);
       }
     }
     for (int64_t t = 0; t < key_tiles; ++t) {
       for (int64_t c = 0; c < r_tiles; ++c) {  // 16 keys x 16 rows of S^T into 16 score rows
         const c10::BFloat16* key_rows[tiles::kRows];
         for (int64_t j = 0; j < tiles::kRows; ++j) {
-          key_rows[j] = reinterpret_cast<const c10::BFloat16*>(buf.block.data() + (t * tiles::kRows + j) * ldb + c * tiles::kRows);
+          key_rows[j] = reinterpret_cast<const c10::BFloat16*>(buf.block.get() + (t * tiles::kRows + j) * ldb + c * tiles::kRows);
         }
         tiles::pack_pair_transpose(key_rows, tiles::kRows, 0, tiles::kDepth,
                                    reinterpret_cast<c10::BFloat16*>(scores + c * tiles::kRows * lds + b + t * tiles::kRows),
@@ -113,21 +119,18 @@ void amx_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_t k
   }
 }
 
-// acc[r * ldv + f] += sum_j p[r * ldp_in + j] v_j[f] for rows r < round_up(rows, 16) (acc has them) and
-// keys j < n (v_j at row_of(j)); p is 0 past n up to round_up(n, 16). scattered: see prefetch_rows.
+// acc[r * ldv + f] += sum_j p_j v_j[f] for rows r < round_up(rows, 16) (acc has them) and keys j < n
+// (v_j at row_of(j)); P's parts in buf.p_hi / p_lo (AmxDecodeProbs; 0 past n up to a multiple of 32).
+// scattered: see prefetch_rows.
 template <typename RowOf>
-void amx_values(int64_t rows, int64_t n, const float* p, int64_t ldp_in, const RowOf& row_of, int64_t value_dim,
-                AmxDecodeBuffers& buf, float* acc, int64_t ldv, bool scattered) {
+void amx_values(int64_t rows, int64_t n, const RowOf& row_of, int64_t value_dim, AmxDecodeBuffers& buf, float* acc,
+                int64_t ldv, bool scattered) {
   const int64_t r_tiles = (rows + tiles::kRows - 1) / tiles::kRows, f_tiles = buf.f_tiles;
-  const int64_t n16 = round_up<int64_t>(n, tiles::kRows), n32 = round_up<int64_t>(n, tiles::kDepth);
-  for (int64_t r = 0; r < rows; ++r) {
-    tiles::to_bf16_split_row(p + r * ldp_in, n16, n32, buf.p_hi.data() + r * buf.ldp, buf.p_lo.data() + r * buf.ldp);
-  }
   for (int64_t b = 0; b < n; b += kAmxDecodeValueKeys) {
     const int64_t count = std::min(kAmxDecodeValueKeys, n - b);
     const int64_t chunks = (count + tiles::kDepth - 1) / tiles::kDepth;
     for (int64_t key = 0; key < chunks * tiles::kDepth; key += 2) {
-      c10::BFloat16* dst = tiles::value_pair_row(buf.values.data(), key, f_tiles);
+      c10::BFloat16* dst = tiles::value_pair_row(buf.values.get(), key, f_tiles);
       if (key < count) {
         const int64_t j = b + key;
         if (scattered && j + kDecodePrefetchKeys + 1 < n) {
@@ -139,7 +142,16 @@ void amx_values(int64_t rows, int64_t n, const float* p, int64_t ldp_in, const R
         for (int64_t f = 0; f < f_tiles; ++f) std::fill_n(dst + f * tiles::kTileElems, 2 * tiles::kRows, c10::BFloat16(0.0f));
       }
     }
-    tiles::product(r_tiles, f_tiles, chunks, buf.p_hi.data() + b, buf.ldp, buf.values.data(), f_tiles * tiles::kTileElems,
-                   tiles::kTileElems, acc, ldv, true, buf.p_lo.data() + b);
+    tiles::product(r_tiles, f_tiles, chunks, buf.p_hi.get() + b, buf.ldp, buf.values.get(), f_tiles * tiles::kTileElems,
+                   tiles::kTileElems, acc, ldv, true, buf.p_lo.get() + b);
   }
 }
+
+// softmax_block's writer of row r's probabilities (r from `first`) into P's two parts.
+struct AmxDecodeProbs {
+  AmxDecodeBuffers* buf;
+  int64_t first;
+  tiles::SplitProbs operator()(int64_t r, float*) const {
+    return {buf->p_hi.get() + (first + r) * buf->ldp, buf->p_lo.get() + (first + r) * buf->ldp};
+  }
+};
