@@ -138,3 +138,21 @@ def test_decode_split_is_bit_identical_across_calls_and_thread_counts():
         torch.set_num_threads(threads)
     for out, lse in results[1:]:
         assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_decode_ragged_batch_on_several_threads(threads):
+    """Sequences of very unequal length (one long, several of a few keys) in one call: the threads take
+    runs of tasks of equal cost, not of equal count, so a run can hold one task or many; every task
+    must run once whatever the thread count (several threads here: the suite's workers run one)."""
+    gen = torch.Generator().manual_seed(8)
+    cu_q = torch.tensor([0, 1, 2, 4, 5, 6], dtype=torch.int32)
+    cu_k = torch.tensor([0, 2100, 2101, 2103, 2900, 2901], dtype=torch.int32)
+    q = rand(6, 8, 64, gen=gen)
+    k, v = (rand(2901, 2, 64, gen=gen) for _ in range(2))
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        check_varlen("cpu", q, k, v, cu_q, cu_k, grad=False, is_causal=True)
+    finally:
+        torch.set_num_threads(saved)
