@@ -259,7 +259,9 @@ void backward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_
   std::optional<Tiles> shared;
   if (!own_tiles) shared.emplace(problem, layouts);
   std::vector<BackwardPartial<acc_t>> partials(parts > 1 ? tasks * parts : 0);
-  at::parallel_for(0, tasks * parts, 1, [&](int64_t begin, int64_t end) {
+  const auto cost_of_pair = pair_cost(problem);
+  parallel_for_balanced(tasks * parts, [&](int64_t index) { return cost_of_pair(index / parts); },
+                        [&](int64_t begin, int64_t end) {
     const simd::FlushDenormals flush;
     acc_t* mask_sink = extra.mask;
     if (mask_sink && extra.mask_per_thread) mask_sink += at::get_thread_num() * extra.mask_numel;

@@ -40,8 +40,6 @@
 constexpr int64_t kDecodeChunkKeys = 512;
 // Chunk sizes are multiples of this (a sequence's last chunk aside).
 constexpr int64_t kDecodeChunkStep = 32;
-// A task's setup (its query rows, buffers, the merge's share), in keys, for balancing the threads' shares.
-constexpr int64_t kDecodeTaskSetupKeys = 32;
 constexpr int64_t kDecodeScoreFloats = 16384;
 // Values converted per step where V cannot be read in place (32 KiB of float at value_dim 128: L1).
 constexpr int64_t kDecodeValueStep = 64;
@@ -629,26 +627,12 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
   if (on_tiles) buffer_rows = round_up<int64_t>(max_rows, tiles::kRows);
 #endif
 
-  // The threads' shares: contiguous runs of tasks of equal cost (keys x rows, plus a task's setup).
-  // at::parallel_for splits by count, and a batch of caches of unequal lengths (one of 2048 keys, three
-  // of 1) gave one thread every long task. Which thread runs a task changes no result.
-  const int64_t count = static_cast<int64_t>(tasks.size());
-  const int64_t shares = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
-  std::vector<int64_t> share_start(shares + 1, count);
-  {
-    std::vector<int64_t> cost(count + 1, 0);
-    for (int64_t t = 0; t < count; ++t) {
-      const int64_t rows = group * problem.sequences[tasks[t].sequence].len_q;
-      cost[t + 1] = cost[t] + (tasks[t].keys + kDecodeTaskSetupKeys) * rows;
-    }
-    for (int64_t i = 0, t = 0; i < shares; ++i) {  // share i starts at the first task past i / shares of the cost
-      while (t < count && cost[t] * shares < cost[count] * i) ++t;
-      share_start[i] = t;
-    }
-  }
-  at::parallel_for(0, shares, 1, [&](int64_t first_share, int64_t last_share) {
-    const int64_t begin = share_start[first_share], end = share_start[last_share];
-    if (begin >= end) return;
+  // The threads take runs of tasks of equal cost (a batch of caches of unequal lengths: one of 2048 keys,
+  // three of 1, gave one of two threads every long task when split by count).
+  const auto cost = [&](int64_t t) {
+    return task_cost(group * problem.sequences[tasks[t].sequence].len_q, tasks[t].keys);
+  };
+  parallel_for_balanced(static_cast<int64_t>(tasks.size()), cost, [&](int64_t begin, int64_t end) {
     const simd::FlushDenormals flush;
     DecodeBuffers<acc_t> buf(buffer_rows, chunk, problem.head_dim, problem.value_dim);
 #if defined(FUSED_ATTENTION_AMX_DECODE)

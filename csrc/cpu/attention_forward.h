@@ -378,7 +378,7 @@ void forward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t
   for (const Sequence& seq : problem.sequences) block_rows = std::max(block_rows, std::min(seq.len_q, kBlockQ));
   if (forward_owns_pairs<scalar_t, acc_t>(problem)) {
     const int64_t pairs = static_cast<int64_t>(problem.sequences.size()) * problem.heads_kv;
-    at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+    parallel_for_balanced(pairs, pair_cost(problem), [&](int64_t begin, int64_t end) {
       const simd::FlushDenormals flush;
       KeyTiles<acc_t> tiles(problem, layouts, /*local=*/true);
       ForwardBuffers<acc_t> buf(problem.head_dim, tiles.ld_v, 0, block_rows);

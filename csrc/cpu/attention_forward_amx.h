@@ -245,7 +245,7 @@ void forward_amx(const Problem<scalar_t>& problem, const Scoring<float>& scoring
   const int64_t f_tiles = (problem.value_dim + tiles::kRows - 1) / tiles::kRows;
   if (amx_owns_pairs(problem)) {
     const int64_t pairs = static_cast<int64_t>(problem.sequences.size()) * problem.heads_kv;
-    at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+    parallel_for_balanced(pairs, pair_cost(problem), [&](int64_t begin, int64_t end) {
       PackedKeys packed(problem, /*local=*/true);
       AmxBuffers buf(problem.head_dim, f_tiles * tiles::kRows, block_rows);
       const tiles::Scope scope;

@@ -4,6 +4,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -27,6 +28,39 @@ inline int64_t block_rows_of(int64_t len, int64_t block, int64_t even) {
   const int64_t count = (len + block - 1) / block;
   if (even == 0 || count <= 1) return block;
   return std::min(block, ((len + count - 1) / count + even - 1) / even * even);
+}
+
+// at::parallel_for over tasks [0, count) where each thread runs one contiguous run of tasks of about
+// equal cost (cost(t) >= 0, any unit): at::parallel_for splits by count, which gave one thread every long
+// sequence of a varlen batch sorted by length (lengths 1024, 512, ..., 32 ran no faster on 2 threads than
+// on 1) or every full chunk of a decode. fn(begin, end) as at::parallel_for's; the runs depend on the
+// thread count, so what a task computes must not.
+template <typename Cost, typename Fn>
+void parallel_for_balanced(int64_t count, const Cost& cost, const Fn& fn) {
+  const int64_t shares = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
+  AlignedVector<double> prefix(count + 1, 0.0);
+  for (int64_t t = 0; t < count; ++t) prefix[t + 1] = prefix[t] + static_cast<double>(cost(t));
+  std::vector<int64_t> start(shares + 1, count);
+  for (int64_t i = 0, t = 0; i < shares; ++i) {  // run i starts at the first task past i / shares of the cost
+    while (t < count && prefix[t] * shares < prefix[count] * i) ++t;
+    start[i] = t;
+  }
+  at::parallel_for(0, shares, 1, [&](int64_t first, int64_t last) {
+    if (start[first] < start[last]) fn(start[first], start[last]);
+  });
+}
+
+// A task's cost for parallel_for_balanced: q.k and P V of `rows` query rows over `keys` keys, plus its
+// setup (taken as that of 32 keys).
+inline int64_t task_cost(int64_t rows, int64_t keys) { return rows * (keys + 32); }
+
+// The cost of task (sequence, kv head) = sequence * heads_kv + kv head, for parallel_for_balanced.
+template <typename scalar_t>
+auto pair_cost(const Problem<scalar_t>& problem) {
+  return [&problem](int64_t task) {
+    const Sequence& seq = problem.sequences[task / problem.heads_kv];
+    return task_cost(seq.len_q * (problem.heads_q / problem.heads_kv), seq.len_k);
+  };
 }
 
 // Every sequence's rows in blocks of `block`, ordered first, last, second, second-to-last, ...: under a
