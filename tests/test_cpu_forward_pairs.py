@@ -111,3 +111,22 @@ def test_pair_tasks_give_the_shared_paths_bits(feature, dtype):
         torch.set_num_threads(saved)
     for out, lse in results[1:]:
         assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tasks_of_unequal_cost_on_several_threads(threads, dtype):
+    """A packed batch sorted by length: the threads take runs of (sequence, kv head) tasks of equal cost
+    (parallel_for_balanced), so one run holds the long sequence's tasks and another many short ones;
+    forward and backward must still run every task once (the suite's workers run one thread)."""
+    lengths = [300, 200, 120, 64, 40, 30, 24, 20]  # 16 pairs with 2 kv heads: the pair path up to 4 threads
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(9)
+    q = rand(int(cu[-1]), 4, E, gen=gen, dtype=dtype, requires_grad=True)
+    k, v = (rand(int(cu[-1]), 2, E, gen=gen, dtype=dtype, requires_grad=True) for _ in range(2))
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        check_varlen("cpu", q, k, v, cu, cu, is_causal=True)
+    finally:
+        torch.set_num_threads(saved)
