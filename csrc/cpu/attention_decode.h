@@ -589,7 +589,8 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
   for (int64_t s = 0; s < static_cast<int64_t>(problem.sequences.size()); ++s) {
     const Sequence& seq = problem.sequences[s];
     if (seq.len_q == 0) continue;
-    const auto [lo, hi] = scoring.rules.block_keys(seq, 0, seq.len_q);
+    const std::pair<int64_t, int64_t> range = scoring.rules.block_keys(seq, 0, seq.len_q);
+    const int64_t lo = range.first, hi = range.second;  // (not a structured binding: lambdas below use them)
     // The visible keys in the fewest chunks of at most `chunk` keys, equal to within kDecodeChunkStep:
     // chunks at fixed multiples of `chunk` left a last one of a few keys per kv head, and the threads'
     // contiguous shares of the chunk-major tasks went one to the full chunks, one to the short ones
