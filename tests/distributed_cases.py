@@ -8,8 +8,11 @@ sequence by DESIGN.md's tolerance policy (the reference in the input dtype and i
 from __future__ import annotations
 
 import datetime
+import faulthandler
+import gc
 import json
 import os
+import sys
 import time
 import traceback
 
@@ -271,12 +274,23 @@ CASE_NAMES = sorted(_cases(3))  # world 2 adds ulysses_f32_gqa (heads divisible 
 
 
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    """Runs every case on this rank; writes ``{case: "ok" | error}`` and the seconds taken to a json file."""
+    """Runs every case on this rank; writes ``{case: "ok" | error}`` and the seconds taken to a json file.
+
+    For a rank that dies instead (a signal, not a Python error), ``rank{r}.progress`` names the case it
+    was in and ``rank{r}.fault`` holds faulthandler's Python stack of every thread: the parent's failure
+    message shows both. The rank ends with ``os._exit`` once its results are written and the group is
+    destroyed: interpreter finalization in a spawned child with gloo's threads still around can abort
+    the process (pytorch/pytorch#179291), after every case has passed.
+    """
+    fault = open(os.path.join(out_dir, f"rank{rank}.fault"), "w")  # noqa: SIM115 - open until os._exit
+    faulthandler.enable(file=fault, all_threads=True)
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     results = {}
     for name, case in sorted(_cases(world).items()):
+        with open(os.path.join(out_dir, f"rank{rank}.progress"), "w") as f:
+            f.write(f"in case {name} ({len(results)} finished)")
         start = time.perf_counter()
         try:
             case()
@@ -284,6 +298,14 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         except Exception:  # noqa: BLE001 - reported to the parent test
             results[name] = [traceback.format_exc(limit=4), time.perf_counter() - start]
         dist.barrier()
+    with open(os.path.join(out_dir, f"rank{rank}.progress"), "w") as f:
+        f.write(f"all {len(results)} cases finished; destroying the process group")
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()
+    gc.collect()
+    faulthandler.disable()
+    fault.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -33,6 +33,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _rank_states(out_dir, world: int) -> str:
+    """Where each rank was (its last case) and what faulthandler printed when it died."""
+    lines = []
+    for r in range(world):
+        progress, fault = (out_dir / f"rank{r}.{ext}" for ext in ("progress", "fault"))
+        lines.append(f"rank {r}: {progress.read_text() if progress.exists() else 'no progress written'}")
+        if fault.exists() and fault.read_text().strip():
+            lines.append(fault.read_text())
+    return "\n".join(lines)
+
+
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
     """``{world: [per-rank {case: [status, seconds]}]}``, spawned once per group size and session: under
@@ -50,11 +61,14 @@ def spawned(tmp_path_factory):
         ctx = mp.start_processes(distributed_cases.worker, args=(world, _free_port(), str(out_dir)),
                                  nprocs=world, join=False, start_method="spawn")
         deadline = time.monotonic() + _TIMEOUT_S
-        while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                pytest.fail(f"{world} ranks did not finish within {_TIMEOUT_S} s")
+        try:
+            while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        p.kill()
+                    pytest.fail(f"{world} ranks did not finish within {_TIMEOUT_S} s\n{_rank_states(out_dir, world)}")
+        except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:  # a rank died or raised outside the cases
+            pytest.fail(f"{e}\n{_rank_states(out_dir, world)}")
         (out_dir / "done").touch()
 
     def run(world: int) -> list[dict]:
