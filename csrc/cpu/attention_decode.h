@@ -34,10 +34,16 @@
 #include "cpu/attention_rows.h"
 #include "cpu/attention_simd.h"
 
-// Keys per chunk (one task's key range): large enough that a task's setup and its partial result
-// (rows x value_dim) are small next to reading the chunk, small enough that S = 4096 keys of one kv
-// head feed 8 threads. Rows x keys of a chunk's scores stay under kDecodeScoreFloats (in L2).
+// Keys per chunk (one task's key range): at least kDecodeChunkKeys where the rows allow (a task's setup
+// and its partial result, rows x value_dim, small next to reading the chunk), more for long caches, up to
+// kDecodeMaxChunkKeys while the call keeps kDecodeMinTasks tasks (S = 4096 keys of one kv head still
+// feed 8 threads; S = 32768 of 8 kv heads go in chunks of 4096): a thread reads K's rows, then V's, of
+// one chunk, and each switch costs; chunks of 4096 instead of 512 streamed a cache from memory 1.15x as
+// fast (2026-12-05, cpu-decode-chunks.md). Rows x keys of a chunk's scores stay under kDecodeScoreFloats
+// (in L2). A function of the shape only, never of the thread count.
 constexpr int64_t kDecodeChunkKeys = 512;
+constexpr int64_t kDecodeMaxChunkKeys = 4096;
+constexpr int64_t kDecodeMinTasks = 64;
 // Chunk sizes are multiples of this (a sequence's last chunk aside).
 constexpr int64_t kDecodeChunkStep = 32;
 constexpr int64_t kDecodeScoreFloats = 16384;
@@ -89,8 +95,12 @@ __attribute__((always_inline)) inline void prefetch_tokens(const Operand<scalar_
   }
 }
 
-inline int64_t decode_chunk_keys(int64_t rows) {
-  return std::clamp<int64_t>(kDecodeScoreFloats / std::max<int64_t>(rows, 1) / 64 * 64, 64, kDecodeChunkKeys);
+// total_keys: the visible keys of every (sequence, kv head) of the call.
+inline int64_t decode_chunk_keys(int64_t rows, int64_t total_keys) {
+  const int64_t fits = std::clamp<int64_t>(kDecodeScoreFloats / std::max<int64_t>(rows, 1) / 64 * 64, 64,
+                                           kDecodeMaxChunkKeys);
+  const int64_t spread = round_up<int64_t>(total_keys / kDecodeMinTasks, kDecodeChunkStep);
+  return std::clamp<int64_t>(spread, std::min(fits, kDecodeChunkKeys), fits);
 }
 
 // TransposeSum's network for vectors of `width` elements, `per_lane` to 128 bits: the input element that
@@ -576,8 +586,14 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
   const int64_t group = problem.heads_q / problem.heads_kv;
   const int64_t ldv = round_up<int64_t>(problem.value_dim, simd::Traits<acc_t>::width);
   int64_t max_rows = 1;
-  for (const Sequence& seq : problem.sequences) max_rows = std::max(max_rows, group * seq.len_q);
-  const int64_t chunk = decode_chunk_keys(max_rows);
+  int64_t total_keys = 0;
+  for (const Sequence& seq : problem.sequences) {
+    if (seq.len_q == 0) continue;
+    max_rows = std::max(max_rows, group * seq.len_q);
+    const std::pair<int64_t, int64_t> range = scoring.rules.block_keys(seq, 0, seq.len_q);
+    total_keys += std::max<int64_t>(range.second - range.first, 0) * problem.heads_kv;
+  }
+  const int64_t chunk = decode_chunk_keys(max_rows, total_keys);
 
   // Tasks in (sequence, chunk, kv head) order; partial results of split groups in slots of max_rows rows.
   std::vector<DecodeTask> tasks;
