@@ -35,11 +35,11 @@
 #include "cpu/attention_simd.h"
 
 // Keys per chunk (one task's key range): at least kDecodeChunkKeys where the rows allow (a task's setup
-// and its partial result, rows x value_dim, small next to reading the chunk), more for long caches, up to
-// kDecodeMaxChunkKeys while the call keeps kDecodeMinTasks tasks (S = 4096 keys of one kv head still
-// feed 8 threads; S = 32768 of 8 kv heads go in chunks of 4096): a thread reads K's rows, then V's, of
-// one chunk, and each switch costs; chunks of 4096 instead of 512 streamed a cache from memory 1.15x as
-// fast (2026-12-05, cpu-decode-chunks.md). Rows x keys of a chunk's scores stay under kDecodeScoreFloats
+// and its partial result, rows x value_dim, small next to reading the chunk); for long caches whose
+// heads' rows lie in one run, up to kDecodeMaxChunkKeys while the call keeps kDecodeMinTasks tasks
+// (S = 4096 keys of one kv head still feed 8 threads; S = 32768 of 8 kv heads go in chunks of 4096): a
+// thread reads K's rows, then V's, of one chunk, and each switch costs; chunks of 4096 instead of 512
+// streamed such a cache from memory 1.1-1.15x as fast (2026-12-05, cpu-decode-chunks.md). Rows x keys of a chunk's scores stay under kDecodeScoreFloats
 // (in L2). A function of the shape only, never of the thread count.
 constexpr int64_t kDecodeChunkKeys = 512;
 constexpr int64_t kDecodeMaxChunkKeys = 4096;
@@ -95,10 +95,19 @@ __attribute__((always_inline)) inline void prefetch_tokens(const Operand<scalar_
   }
 }
 
-// total_keys: the visible keys of every (sequence, kv head) of the call.
-inline int64_t decode_chunk_keys(int64_t rows, int64_t total_keys) {
+// Whether a head's rows of x follow one another in one run (torch's contiguous (B, H, S, D) cache): only
+// there did longer chunks read faster (FlashAttention's (B, S, H, D) layout and pages of 16 read 0.8-0.9x
+// as fast in chunks of 4096 as of 512).
+template <typename scalar_t>
+bool rows_in_one_run(const Operand<scalar_t>& x, int64_t features) {
+  return x.pages == nullptr && x.feature_stride == 1 && x.token_stride == features;
+}
+
+// total_keys: the visible keys of every (sequence, kv head) of the call; one_run: K's and V's rows each
+// in one run per head (rows_in_one_run), else chunks stay at most kDecodeChunkKeys.
+inline int64_t decode_chunk_keys(int64_t rows, int64_t total_keys, bool one_run) {
   const int64_t fits = std::clamp<int64_t>(kDecodeScoreFloats / std::max<int64_t>(rows, 1) / 64 * 64, 64,
-                                           kDecodeMaxChunkKeys);
+                                           one_run ? kDecodeMaxChunkKeys : kDecodeChunkKeys);
   const int64_t spread = round_up<int64_t>(total_keys / kDecodeMinTasks, kDecodeChunkStep);
   return std::clamp<int64_t>(spread, std::min(fits, kDecodeChunkKeys), fits);
 }
@@ -593,7 +602,9 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
     const std::pair<int64_t, int64_t> range = scoring.rules.block_keys(seq, 0, seq.len_q);
     total_keys += std::max<int64_t>(range.second - range.first, 0) * problem.heads_kv;
   }
-  const int64_t chunk = decode_chunk_keys(max_rows, total_keys);
+  const int64_t chunk = decode_chunk_keys(
+      max_rows, total_keys,
+      rows_in_one_run(problem.k, problem.head_dim) && rows_in_one_run(problem.v, problem.value_dim));
 
   // Tasks in (sequence, chunk, kv head) order; partial results of split groups in slots of max_rows rows.
   std::vector<DecodeTask> tasks;
@@ -655,7 +666,8 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
 #if defined(FUSED_ATTENTION_AMX_DECODE)
     std::optional<tiles::Scope> scope;
     if (on_tiles) {
-      buf.amx = AmxDecodeBuffers(max_rows, buffer_rows, chunk, problem.head_dim, problem.value_dim);
+      buf.amx = AmxDecodeBuffers(max_rows, buffer_rows, chunk, problem.head_dim, problem.value_dim,
+                                 amx_decode(problem, max_rows));
       scope.emplace();
     }
 #endif
