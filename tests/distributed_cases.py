@@ -12,6 +12,7 @@ import faulthandler
 import gc
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -276,14 +277,15 @@ CASE_NAMES = sorted(_cases(3))  # world 2 adds ulysses_f32_gqa (heads divisible 
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """Runs every case on this rank; writes ``{case: "ok" | error}`` and the seconds taken to a json file.
 
-    For a rank that dies instead (a signal, not a Python error), ``rank{r}.progress`` names the case it
-    was in and ``rank{r}.fault`` holds faulthandler's Python stack of every thread: the parent's failure
-    message shows both. The rank ends with ``os._exit`` once its results are written and the group is
+    For a rank that dies instead (a signal, not a Python error), or hangs past the parent's timeout (which
+    sends SIGUSR1 first), ``rank{r}.progress`` names the case it was in and ``rank{r}.fault`` holds
+    faulthandler's Python stack of every thread: the parent's failure message shows both. The rank ends with ``os._exit`` once its results are written and the group is
     destroyed: interpreter finalization in a spawned child with gloo's threads still around can abort
     the process (pytorch/pytorch#179291), after every case has passed.
     """
     fault = open(os.path.join(out_dir, f"rank{rank}.fault"), "w")  # noqa: SIM115 - open until os._exit
     faulthandler.enable(file=fault, all_threads=True)
+    faulthandler.register(signal.SIGUSR1, file=fault, all_threads=True)  # the parent's timeout asks
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
@@ -304,6 +306,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         json.dump(results, f)
     dist.destroy_process_group()
     gc.collect()
+    faulthandler.unregister(signal.SIGUSR1)
     faulthandler.disable()
     fault.close()
     sys.stdout.flush()

@@ -103,12 +103,11 @@ def test_decode_bfloat16_row_tiles(group, lq, head_dim, layout):
     check_attention("cpu", q, k, v, grad=False, enable_gqa=True, window_size=(-1, 0))
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lq", [1, 3])
 def test_decode_long_cache_in_chunks_past_512(dtype, lq):
-    """A long contiguous (B, H, S, D) cache: 2 kv heads x 24000 keys go in chunks of 768 (decode_chunk_keys
-    keeps 64 tasks, not chunks of 512), with 4 and 12 query rows per kv head (bfloat16: q.k on AMX tiles,
+    """A long contiguous (B, H, S, D) cache: 2 kv heads x 24000 keys go in chunks of 704-736
+    (decode_chunk_keys keeps 64 tasks, not chunks of 512), with 4 and 12 query rows per kv head (bfloat16: q.k on AMX tiles,
     and P V too from 8 rows, where the machine has them)."""
     gen = torch.Generator().manual_seed(9)
     q = rand(1, 8, lq, 128, gen=gen, dtype=dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -64,10 +65,14 @@ def spawned(tmp_path_factory):
         try:
             while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
                 if time.monotonic() > deadline:
+                    for p in ctx.processes:  # faulthandler writes each rank's stacks on SIGUSR1
+                        os.kill(p.pid, signal.SIGUSR1)
+                    time.sleep(2)
                     for p in ctx.processes:
                         p.kill()
-                    pytest.fail(f"{world} ranks did not finish within {_TIMEOUT_S} s\n{_rank_states(out_dir, world)}")
-        except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:  # a rank died or raised outside the cases
+                    states = _rank_states(out_dir, world)
+                    pytest.fail(f"{world} ranks did not finish within {_TIMEOUT_S} s\n{states}")
+        except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:  # a rank died or raised
             pytest.fail(f"{e}\n{_rank_states(out_dir, world)}")
         (out_dir / "done").touch()
 

@@ -45,6 +45,17 @@ def test_long_caches_other_dtypes(dtype, page_size):
         check_case(c, "cpu")
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [None, 4096])
+def test_long_bhsd_caches_in_chunks_past_512(dtype, page_size):
+    """(B, H, S, D) caches of 12288 keys, contiguous (one page of S_max) or in pages of 4096: each head's
+    rows lie in runs of a long chunk, and the decode reads them in chunks of more than 512 keys."""
+    c = make_case(3, layout="bhsd", page_size=page_size, seq_q=2, append=True, group=4, num_splits=0,
+                  dtype=dtype, features=("causal", "softcap"), length=12288, dims=(64, 64))
+    with torch.no_grad():
+        check_case(c, "cpu")
+
 def _decode_step(page_size: int | None):
     """A decode step over caches of 8 MiB each: (B=2, S=4096, Hkv=4, D=64) float32."""
     gen = torch.Generator().manual_seed(0)

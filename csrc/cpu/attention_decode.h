@@ -39,8 +39,9 @@
 // heads' rows lie in one run, up to kDecodeMaxChunkKeys while the call keeps kDecodeMinTasks tasks
 // (S = 4096 keys of one kv head still feed 8 threads; S = 32768 of 8 kv heads go in chunks of 4096): a
 // thread reads K's rows, then V's, of one chunk, and each switch costs; chunks of 4096 instead of 512
-// streamed such a cache from memory 1.1-1.15x as fast (2026-12-05, cpu-decode-chunks.md). Rows x keys of a chunk's scores stay under kDecodeScoreFloats
-// (in L2). A function of the shape only, never of the thread count.
+// streamed such a cache from memory 1.05-1.15x as fast (2026-12-05, cpu-decode-chunks.md). Rows x keys
+// of a chunk's scores stay under kDecodeScoreFloats (L2; the AMX q.k's padding rows aside). A function
+// of the shape and layout only, never of the thread count.
 constexpr int64_t kDecodeChunkKeys = 512;
 constexpr int64_t kDecodeMaxChunkKeys = 4096;
 constexpr int64_t kDecodeMinTasks = 64;
@@ -95,12 +96,14 @@ __attribute__((always_inline)) inline void prefetch_tokens(const Operand<scalar_
   }
 }
 
-// Whether a head's rows of x follow one another in one run (torch's contiguous (B, H, S, D) cache): only
-// there did longer chunks read faster (FlashAttention's (B, S, H, D) layout and pages of 16 read 0.8-0.9x
-// as fast in chunks of 4096 as of 512).
+// Whether a head's rows of x follow one another in runs of at least a long chunk (torch's contiguous
+// (B, H, S, D) layout; attention_with_kvcache's contiguous cache is one page of S_max tokens): only there
+// did longer chunks read faster (FlashAttention's (B, S, H, D) layout and pages of 16 read 0.8-0.9x as
+// fast in chunks of 4096 as of 512).
 template <typename scalar_t>
 bool rows_in_one_run(const Operand<scalar_t>& x, int64_t features) {
-  return x.pages == nullptr && x.feature_stride == 1 && x.token_stride == features;
+  return x.feature_stride == 1 && x.token_stride == features &&
+         (x.pages == nullptr || x.page_size >= kDecodeMaxChunkKeys);
 }
 
 // total_keys: the visible keys of every (sequence, kv head) of the call; one_run: K's and V's rows each
@@ -108,7 +111,7 @@ bool rows_in_one_run(const Operand<scalar_t>& x, int64_t features) {
 inline int64_t decode_chunk_keys(int64_t rows, int64_t total_keys, bool one_run) {
   const int64_t fits = std::clamp<int64_t>(kDecodeScoreFloats / std::max<int64_t>(rows, 1) / 64 * 64, 64,
                                            one_run ? kDecodeMaxChunkKeys : kDecodeChunkKeys);
-  const int64_t spread = round_up<int64_t>(total_keys / kDecodeMinTasks, kDecodeChunkStep);
+  const int64_t spread = total_keys / kDecodeMinTasks / kDecodeChunkStep * kDecodeChunkStep;  // (rounded down)
   return std::clamp<int64_t>(spread, std::min(fits, kDecodeChunkKeys), fits);
 }
 

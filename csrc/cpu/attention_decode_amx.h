@@ -38,7 +38,7 @@ bool amx_decode(const Problem<scalar_t>& problem, int64_t rows, bool scores = fa
 // The tile products' buffers (per thread; rows: the most query rows per kv head, padded: a multiple of
 // 16). Uninitialised but P's padding rows (zero: their products fill C rows that nothing reads): every
 // other element is written before it is read (zero-filled, they took 4-5 us of a call). P's parts only
-// where P V runs on tiles (values: rows >= kAmxDecodeMinRows).
+// where P V runs on tiles (with_probs: rows >= kAmxDecodeMinRows).
 struct AmxDecodeBuffers {
   int64_t d_tiles = 0, f_tiles = 0, ldp = 0;
   AlignedArray<c10::BFloat16> q;       // Q^T: B tile (depth d, row tile c) at (c d_tiles + d) 512
@@ -47,7 +47,7 @@ struct AmxDecodeBuffers {
   AlignedArray<c10::BFloat16> values;  // V's tiles of kAmxDecodeValueKeys keys
   AlignedArray<c10::BFloat16> p_hi, p_lo;  // P's two parts (SplitProbs from the softmax), row stride ldp
   AmxDecodeBuffers() = default;
-  AmxDecodeBuffers(int64_t rows, int64_t padded, int64_t chunk, int64_t head_dim, int64_t value_dim, bool values)
+  AmxDecodeBuffers(int64_t rows, int64_t padded, int64_t chunk, int64_t head_dim, int64_t value_dim, bool with_probs)
       : d_tiles(head_dim / tiles::kDepth),
         f_tiles((value_dim + tiles::kRows - 1) / tiles::kRows),
         ldp(round_up<int64_t>(chunk, tiles::kDepth) + tiles::kDepth),  // + 32: see kProbStride
@@ -55,9 +55,9 @@ struct AmxDecodeBuffers {
         keys(aligned_array<c10::BFloat16>(tiles::kRows * head_dim)),
         block(aligned_array<float>(tiles::kDepth * padded)),
         values(aligned_array<c10::BFloat16>(kAmxDecodeValueKeys / tiles::kDepth * f_tiles * tiles::kTileElems)),
-        p_hi(aligned_array<c10::BFloat16>(values ? padded * ldp : 0)),
-        p_lo(aligned_array<c10::BFloat16>(values ? padded * ldp : 0)) {
-    if (!values) return;
+        p_hi(aligned_array<c10::BFloat16>(with_probs ? padded * ldp : 0)),
+        p_lo(aligned_array<c10::BFloat16>(with_probs ? padded * ldp : 0)) {
+    if (!with_probs) return;
     std::fill(p_hi.get() + rows * ldp, p_hi.get() + padded * ldp, c10::BFloat16(0.0f));
     std::fill(p_lo.get() + rows * ldp, p_lo.get() + padded * ldp, c10::BFloat16(0.0f));
   }
