@@ -279,9 +279,10 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     For a rank that dies instead (a signal, not a Python error), or hangs past the parent's timeout (which
     sends SIGUSR1 first), ``rank{r}.progress`` names the case it was in and ``rank{r}.fault`` holds
-    faulthandler's Python stack of every thread: the parent's failure message shows both. The rank ends with ``os._exit`` once its results are written and the group is
-    destroyed: interpreter finalization in a spawned child with gloo's threads still around can abort
-    the process (pytorch/pytorch#179291), after every case has passed.
+    faulthandler's Python stack of every thread: the parent's failure message shows both. The rank ends
+    with ``os._exit`` once its results are written and the group is destroyed: interpreter finalization
+    in a spawned child with gloo's threads still around can abort the process (pytorch/pytorch#179291),
+    after every case has passed.
     """
     fault = open(os.path.join(out_dir, f"rank{rank}.fault"), "w")  # noqa: SIM115 - open until os._exit
     faulthandler.enable(file=fault, all_threads=True)

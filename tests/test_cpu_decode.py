@@ -1,7 +1,8 @@
 """The ``cpu`` backend's decode forward (csrc/cpu/attention_decode.h): calls with at most 16 query rows per
 sequence read each KV head's K and V once for its whole query group and split the keys into chunks (512
-keys, more for long caches; merged by log-sum-exp in chunk order). These cases force the split (S past several chunks,
-several KV heads, one KV head) and every feature through it, against the float64 reference."""
+keys, more for long caches; merged by log-sum-exp in chunk order). These cases force the split (S past
+several chunks, several KV heads, one KV head) and every feature through it, against the float64
+reference."""
 
 from __future__ import annotations
 
@@ -107,13 +108,14 @@ def test_decode_bfloat16_row_tiles(group, lq, head_dim, layout):
 @pytest.mark.parametrize("lq", [1, 3])
 def test_decode_long_cache_in_chunks_past_512(dtype, lq):
     """A long contiguous (B, H, S, D) cache: 2 kv heads x 24000 keys go in chunks of 704-736
-    (decode_chunk_keys keeps 64 tasks, not chunks of 512), with 4 and 12 query rows per kv head (bfloat16: q.k on AMX tiles,
-    and P V too from 8 rows, where the machine has them)."""
+    (decode_chunk_keys keeps 64 tasks, not chunks of 512), with 4 and 12 query rows per kv head
+    (bfloat16: q.k on AMX tiles, and P V too from 8 rows, where the machine has them)."""
     gen = torch.Generator().manual_seed(9)
     q = rand(1, 8, lq, 128, gen=gen, dtype=dtype)
     k, v = (rand(1, 2, 24000, 128, gen=gen, dtype=dtype) for _ in range(2))
     check_attention("cpu", q, k, v, grad=False, enable_gqa=True, window_size=(-1, 0),
                     alibi_slopes=FEATURES["alibi"]["alibi_slopes"])
+
 
 def test_decode_mqa_one_kv_head_many_threads_with_gradients():
     """One KV head, small L, more threads than cores: the keys are the only parallelism. The gradients

@@ -40,8 +40,9 @@ def _rank_states(out_dir, world: int) -> str:
     for r in range(world):
         progress, fault = (out_dir / f"rank{r}.{ext}" for ext in ("progress", "fault"))
         lines.append(f"rank {r}: {progress.read_text() if progress.exists() else 'no progress written'}")
-        if fault.exists() and fault.read_text().strip():
-            lines.append(fault.read_text())
+        stacks = fault.read_text().strip() if fault.exists() else ""
+        if stacks:
+            lines.append(stacks)
     return "\n".join(lines)
 
 

@@ -45,7 +45,6 @@ def test_long_caches_other_dtypes(dtype, page_size):
         check_case(c, "cpu")
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("page_size", [None, 4096])
 def test_long_bhsd_caches_in_chunks_past_512(dtype, page_size):
@@ -55,6 +54,7 @@ def test_long_bhsd_caches_in_chunks_past_512(dtype, page_size):
                   dtype=dtype, features=("causal", "softcap"), length=12288, dims=(64, 64))
     with torch.no_grad():
         check_case(c, "cpu")
+
 
 def _decode_step(page_size: int | None):
     """A decode step over caches of 8 MiB each: (B=2, S=4096, Hkv=4, D=64) float32."""

@@ -599,11 +599,13 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
   const int64_t ldv = round_up<int64_t>(problem.value_dim, simd::Traits<acc_t>::width);
   int64_t max_rows = 1;
   int64_t total_keys = 0;
-  for (const Sequence& seq : problem.sequences) {
+  std::vector<std::pair<int64_t, int64_t>> visible_keys(problem.sequences.size());  // each sequence's [lo, hi)
+  for (size_t s = 0; s < problem.sequences.size(); ++s) {
+    const Sequence& seq = problem.sequences[s];
     if (seq.len_q == 0) continue;
     max_rows = std::max(max_rows, group * seq.len_q);
-    const std::pair<int64_t, int64_t> range = scoring.rules.block_keys(seq, 0, seq.len_q);
-    total_keys += std::max<int64_t>(range.second - range.first, 0) * problem.heads_kv;
+    visible_keys[s] = scoring.rules.block_keys(seq, 0, seq.len_q);
+    total_keys += std::max<int64_t>(visible_keys[s].second - visible_keys[s].first, 0) * problem.heads_kv;
   }
   const int64_t chunk = decode_chunk_keys(
       max_rows, total_keys,
@@ -619,8 +621,7 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
   for (int64_t s = 0; s < static_cast<int64_t>(problem.sequences.size()); ++s) {
     const Sequence& seq = problem.sequences[s];
     if (seq.len_q == 0) continue;
-    const std::pair<int64_t, int64_t> range = scoring.rules.block_keys(seq, 0, seq.len_q);
-    const int64_t lo = range.first, hi = range.second;  // (not a structured binding: lambdas below use them)
+    const int64_t lo = visible_keys[s].first, hi = visible_keys[s].second;  // (no structured binding: lambdas use them)
     // The visible keys in the fewest chunks of at most `chunk` keys, equal to within kDecodeChunkStep:
     // chunks at fixed multiples of `chunk` left a last one of a few keys per kv head, and the threads'
     // contiguous shares of the chunk-major tasks went one to the full chunks, one to the short ones
