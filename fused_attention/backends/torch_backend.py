@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from ..inputs import AttentionInputs, VarlenInputs
-from ..ops import torch_attention as _ops  # noqa: F401  (registers fused_attention::torch_attention)
-from ..ops import torch_varlen as _varlen_ops  # noqa: F401  (registers fused_attention::torch_varlen)
+from ..ops import torch_attention as _ops  # (registers fused_attention::torch_attention)
+from ..ops import torch_varlen as _varlen_ops  # (registers fused_attention::torch_varlen)
 from ..ops.attention_rules import dense_autograd_rules, varlen_autograd_rules
-from ..ops.eager import EagerOp
+from ..ops.eager import EagerOp, python_direct
 from .base import (
     ALL_FEATURES,
     Backend,
@@ -30,10 +30,12 @@ _SDPA_MATH = 0  # torch's SDPBackend.MATH: torch would materialize L x S, so the
 _ATTENTION = EagerOp(
     torch.ops.fused_attention.torch_attention.default,
     *dense_autograd_rules(torch.ops.fused_attention.torch_attention_backward.default, sinks=True),
+    direct=python_direct(_ops.torch_attention_impl),
 )
 _VARLEN = EagerOp(
     torch.ops.fused_attention.torch_varlen.default,
     *varlen_autograd_rules(torch.ops.fused_attention.torch_varlen_backward.default, sinks=True),
+    direct=python_direct(_varlen_ops.torch_varlen_impl),
 )
 
 

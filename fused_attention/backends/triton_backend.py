@@ -11,7 +11,7 @@ import torch
 
 from ..inputs import AttentionInputs, VarlenInputs
 from ..kernels.triton import triton_unavailable_reason
-from ..ops.eager import EagerOp
+from ..ops.eager import EagerOp, python_direct
 from .base import ALL_FEATURES, Backend, Capabilities, dense_op_args, varlen_op_args
 from .triton_decode import decode_attention, decode_serves
 
@@ -69,8 +69,10 @@ class TritonBackend(Backend):
 
             ops = self._registered()
             self._eager = (
-                EagerOp(ops.triton_attention.default, rules._setup_context, rules._backward),
-                EagerOp(ops.triton_varlen.default, rules._varlen_setup_context, rules._varlen_backward),
+                EagerOp(ops.triton_attention.default, rules._setup_context, rules._backward,
+                        direct=python_direct(rules.triton_attention_impl)),
+                EagerOp(ops.triton_varlen.default, rules._varlen_setup_context, rules._varlen_backward,
+                        direct=python_direct(rules.triton_varlen_impl)),
             )
         return self._eager
 

@@ -13,7 +13,8 @@ Below autograd, the op's call from Python still parses its arguments against the
 entry (the extension's ``attention_direct``): the same kernel with the same arguments, which returns
 None whenever the dispatcher has work to do that it would skip (a dispatch mode, functionalization, a
 tensor subclass or view bit); torch function modes and ``__torch_function__`` subclasses are checked
-here.
+here. Ops implemented in Python (the Triton ones) get :func:`python_direct`: their implementation
+itself, under the same rule.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
 # True when a torch function mode is on or an argument overrides __torch_function__ (~0.1 us).
@@ -74,3 +76,25 @@ class EagerOp:
                 return result
         with _BELOW_AUTOGRAD():
             return self.op(*args)
+
+
+def python_direct(impl: Callable[..., Any]) -> Callable[..., Any]:
+    """A ``direct`` entry for an op implemented in Python: ``impl`` called with the op's arguments, past
+    the dispatcher's schema parsing, boxing and return to Python (on a Triton op's small call most of
+    its host time), or None whenever the dispatcher has work to do that calling ``impl`` would skip: a
+    dispatch mode, the JIT tracer, a profiler that records ops, or a tensor that is not a plain
+    ``torch.Tensor`` (fake, functional and other subclasses) or lives on the meta device."""
+
+    def direct(*args: Any) -> Any:
+        if (
+            _get_current_dispatch_mode() is not None
+            or torch.autograd._profiler_enabled()
+            or torch._C._get_tracing_state() is not None
+        ):
+            return None
+        for a in args:
+            if isinstance(a, torch.Tensor) and (type(a) is not torch.Tensor or a.is_meta):
+                return None
+        return impl(*args)
+
+    return direct

@@ -13,8 +13,7 @@ from ..kernels import chunked
 from . import attention_rules
 
 
-@torch.library.custom_op("fused_attention::torch_attention", mutates_args=())
-def torch_attention(
+def torch_attention_impl(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -35,6 +34,9 @@ def torch_attention(
     return chunked.attention_forward(q, k, v, mask, key_lengths, alibi, rules, sinks)
 
 
+torch_attention = torch.library.custom_op("fused_attention::torch_attention", mutates_args=())(
+    torch_attention_impl
+)
 torch_attention.register_fake(attention_rules.dense_fake)
 
 

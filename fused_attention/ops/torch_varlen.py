@@ -36,8 +36,7 @@ def _slopes(alibi: Tensor | None, b: int) -> Tensor | None:
     return alibi if alibi.shape[0] == 1 else alibi[b : b + 1]
 
 
-@torch.library.custom_op("fused_attention::torch_varlen", mutates_args=())
-def torch_varlen(
+def torch_varlen_impl(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -65,6 +64,9 @@ def torch_varlen(
     return out, lse
 
 
+torch_varlen = torch.library.custom_op("fused_attention::torch_varlen", mutates_args=())(
+    torch_varlen_impl
+)
 torch_varlen.register_fake(attention_rules.varlen_fake)
 
 

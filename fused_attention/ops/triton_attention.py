@@ -50,8 +50,7 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------- dense
 
 
-@torch.library.custom_op("fused_attention::triton_attention", mutates_args=())
-def triton_attention(
+def triton_attention_impl(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -82,6 +81,9 @@ def triton_attention(
     return out, lse
 
 
+triton_attention = torch.library.custom_op("fused_attention::triton_attention", mutates_args=())(
+    triton_attention_impl
+)
 triton_attention.register_fake(attention_rules.dense_fake)
 
 
@@ -177,8 +179,7 @@ triton_attention.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------------------------------ varlen
 
 
-@torch.library.custom_op("fused_attention::triton_varlen", mutates_args=())
-def triton_varlen(
+def triton_varlen_impl(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -208,6 +209,7 @@ def triton_varlen(
     return out, lse
 
 
+triton_varlen = torch.library.custom_op("fused_attention::triton_varlen", mutates_args=())(triton_varlen_impl)
 triton_varlen.register_fake(attention_rules.varlen_fake)
 
 
