@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 // pybind11's at::Tensor casters without torch/extension.h, which brings all of libtorch's C++ API (the
 // build's slowest file took 35 s with it, 10 s without; it is compiled three times in CI).
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
@@ -115,6 +116,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
         if (!result) return pybind11::none();
         return pybind11::cast(*result);
       });
+  // The common call past every Python layer (fused_attention/functional.py): q, k, v plain torch.Tensor
+  // objects, is_causal and enable_gqa Python bools, scale None or a float; out, or None for anything
+  // else (attention_plain's rules), and then the caller takes the full path.
+  module.def("attention_plain", [](pybind11::handle q, pybind11::handle k, pybind11::handle v, pybind11::handle causal,
+                                   pybind11::handle scale, pybind11::handle gqa) -> pybind11::object {
+    const auto is_bool = [](pybind11::handle x) { return x.ptr() == Py_True || x.ptr() == Py_False; };
+    if (!THPVariable_CheckExact(q.ptr()) || !THPVariable_CheckExact(k.ptr()) || !THPVariable_CheckExact(v.ptr()) ||
+        !is_bool(causal) || !is_bool(gqa) || !(scale.is_none() || PyFloat_CheckExact(scale.ptr()))) {
+      return pybind11::none();
+    }
+    const std::optional<double> scale_value =
+        scale.is_none() ? std::nullopt : std::optional<double>(PyFloat_AS_DOUBLE(scale.ptr()));
+    const at::Tensor &q_t = THPVariable_Unpack(q.ptr()), &k_t = THPVariable_Unpack(k.ptr()),
+                     &v_t = THPVariable_Unpack(v.ptr());
+    std::optional<at::Tensor> out;
+    {
+      pybind11::gil_scoped_release no_gil;  // as the dispatcher's Python entry does
+      out = fused_attention::cpu::attention_plain(q_t, k_t, v_t, causal.ptr() == Py_True, scale_value,
+                                                  gqa.ptr() == Py_True);
+    }
+    if (!out) return pybind11::none();
+    return pybind11::cast(*out);
+  });
 #ifdef FUSED_ATTENTION_WITH_CUDA
   module.attr("with_cuda") = true;
 #else

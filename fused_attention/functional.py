@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from .backends import select
+from .backends.plain_call import plain_cpu_attention
 from .inputs import canonicalize
 from .varlen_inputs import canonicalize_varlen
 
@@ -136,6 +137,14 @@ def scaled_dot_product_attention(
         ValueError / TypeError naming the bad argument (the classes also derive from RuntimeError, so
         code written for torch's errors keeps working).
     """
+    if (
+        attn_mask is None and backend is None and window_size is None and alibi_slopes is None and softcap is None
+        and key_lengths is None and sinks is None and return_lse is False and type(dropout_p) is float
+        and dropout_p == 0.0
+    ):
+        out = plain_cpu_attention(query, key, value, is_causal, scale, enable_gqa)
+        if out is not None:
+            return out
     query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     inputs = canonicalize(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,

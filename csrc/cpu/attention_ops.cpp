@@ -3,6 +3,7 @@
 // Inputs arrive canonical from fused_attention/inputs.py; the checks here guard the op boundary.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/record_function.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -12,6 +13,7 @@
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <tuple>
 #include <vector>
 
@@ -365,6 +367,29 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> attention_direct(
   RECORD_FUNCTION("fused_attention::attention", std::vector<c10::IValue>({q, k, v}));
   return attention_cpu(q, k, v, mask, key_lengths, alibi, seed, sinks, causal, window_left, window_right, softcap,
                        scale, dropout_p);
+}
+
+std::optional<at::Tensor> attention_plain(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                                          std::optional<double> scale, bool gqa) {
+  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4) return std::nullopt;
+  const int64_t heads_q = q.size(1), heads_k = k.size(1), heads_v = v.size(1), head_dim = q.size(3);
+  if (k.size(0) != q.size(0) || v.size(0) != q.size(0) || k.size(3) != head_dim || v.size(2) != k.size(2)) {
+    return std::nullopt;
+  }
+  const bool equal_heads = heads_q == heads_k && heads_k == heads_v;
+  if (!equal_heads && !(gqa && heads_k == heads_v && heads_k > 0 && heads_q % heads_k == 0)) return std::nullopt;
+  const at::ScalarType dtype = q.scalar_type();
+  if (k.scalar_type() != dtype || v.scalar_type() != dtype ||
+      (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf && dtype != at::kDouble)) {
+    return std::nullopt;
+  }
+  if (at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad())) return std::nullopt;
+  // (as Python's check_scale: 1 / math.sqrt(E), both correctly rounded)
+  const double scores_scale = scale ? *scale : head_dim > 0 ? 1.0 / std::sqrt(static_cast<double>(head_dim)) : 1.0;
+  auto result = attention_direct(q, k, v, std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt, causal,
+                                 -1, -1, 0.0, scores_scale, 0.0);
+  if (!result) return std::nullopt;
+  return std::get<0>(*result);
 }
 
 TORCH_LIBRARY_IMPL(fused_attention, CPU, m) {

@@ -6,6 +6,8 @@ dispatcher (:mod:`.dispatch`) never guesses: every refusal is a sentence a user 
 
 from __future__ import annotations
 
+import inspect
+
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -53,6 +55,20 @@ class Capabilities:
 decision_cache: dict[tuple, Backend] = {}
 
 
+_MISSING = object()
+
+
+def _is_class_value(obj: object, name: str, value: object) -> bool:
+    """Whether ``value`` is what ``obj``'s class gives for ``name`` (its attribute, or its method bound
+    to ``obj``): what ``monkeypatch`` sets back when it undoes a patch."""
+    static = inspect.getattr_static(type(obj), name, _MISSING)
+    if static is _MISSING:
+        return False
+    if isinstance(static, (staticmethod, classmethod)):
+        static = static.__func__
+    return value is static or (getattr(value, "__self__", None) is obj and getattr(value, "__func__", None) is static)
+
+
 class ForgetsDecisions:
     """Clears the class's ``decisions`` (remembered automatic choices) whenever an attribute of an
     instance is set or deleted: a patched backend may answer differently."""
@@ -60,8 +76,16 @@ class ForgetsDecisions:
     decisions: ClassVar[dict]
 
     def __setattr__(self, name: str, value: object) -> None:
-        super().__setattr__(name, value)
+        if _is_class_value(self, name, value):  # back to the class's own (a patch undone): as built again
+            self.__dict__.pop(name, None)
+        else:
+            super().__setattr__(name, value)
         self.decisions.clear()
+
+    def unpatched(self) -> bool:
+        """Whether this instance holds no attributes of its own: none set (a patch undone counts as
+        none), so it answers as its class does."""
+        return not self.__dict__
 
     def __delattr__(self, name: str) -> None:
         super().__delattr__(name)

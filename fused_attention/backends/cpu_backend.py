@@ -31,6 +31,8 @@ class _Ops:
         self.attention = EagerOp(
             ops.attention.default, *dense_autograd_rules(ops.attention_backward.default, sinks=True), direct=direct
         )
+        # the common call past every Python layer (plain_call.py)
+        self.plain = getattr(_C, "attention_plain", None)
         self.varlen_attention = EagerOp(
             ops.varlen_attention.default, *varlen_autograd_rules(ops.varlen_attention_backward.default, sinks=True)
         )

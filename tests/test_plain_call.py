@@ -1,0 +1,208 @@
+"""The common CPU call's short path (``backends/plain_call.py``, the extension's ``attention_plain``):
+taken by ``scaled_dot_product_attention(q, k, v)`` with at most ``is_causal``, ``scale`` and
+``enable_gqa``, equal to the full path bit for bit, and declined for everything the full path must see
+(gradients, autocast, modes, subclasses, broadcasting, bad arguments, a forced or patched backend)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fused_attention
+from fused_attention.backends import BACKENDS, plain_call
+
+pytestmark = pytest.mark.skipif(plain_call._PLAIN is None, reason="needs the compiled extension")
+
+
+@pytest.fixture
+def plain_calls(monkeypatch):
+    """``[taken, declined]``: calls of the C++ entry that returned an output, and that returned None
+    (calls that the Python side kept from it count in neither)."""
+    monkeypatch.delenv("FUSED_ATTENTION_BACKEND", raising=False)
+    counts = [0, 0]
+    entry = plain_call._PLAIN
+
+    def counting(*args):
+        result = entry(*args)
+        counts[0 if result is not None else 1] += 1
+        return result
+
+    monkeypatch.setattr(plain_call, "_PLAIN", counting)
+    return counts
+
+
+def _qkv(b=2, hq=4, hkv=4, lq=5, s=9, e=16, ev=None, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, hq, lq, e, generator=g).to(dtype)
+    k = torch.randn(b, hkv, s, e, generator=g).to(dtype)
+    v = torch.randn(b, hkv, s, ev or e, generator=g).to(dtype)
+    return q, k, v
+
+
+def _full(q, k, v, **kwargs):
+    """The same call through every layer (a forced backend never takes the short path)."""
+    return fused_attention.scaled_dot_product_attention(q, k, v, backend="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize(
+    "case",
+    [
+        {},
+        {"is_causal": True},
+        {"scale": 0.3},
+        {"enable_gqa": True, "hkv": 2},
+        {"lq": 1, "s": 700, "enable_gqa": True, "hkv": 1},  # a decode step
+        {"ev": 8, "is_causal": True, "lq": 12},
+    ],
+    ids=["plain", "causal", "scale", "gqa", "decode", "value_dim"],
+)
+def test_the_common_call_takes_the_short_path_and_equals_the_full_one(plain_calls, dtype, case):
+    case = dict(case)
+    shape = {name: case.pop(name) for name in ("hkv", "lq", "s", "ev") if name in case}
+    q, k, v = _qkv(dtype=dtype, **shape)
+    out = fused_attention.scaled_dot_product_attention(q, k, v, **case)
+    assert plain_calls == [1, 0]
+    expected = _full(q, k, v, **case)
+    assert out.dtype == expected.dtype and out.shape == expected.shape
+    assert torch.equal(out, expected)
+
+
+def test_strided_views_and_inference_mode(plain_calls):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 9, 3, 16, generator=g).transpose(1, 2) for _ in range(3))  # (B, S, H, D) storage
+    with torch.inference_mode():
+        out = fused_attention.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert plain_calls == [1, 0] and out.is_inference()
+    assert torch.equal(out, _full(q, k, v, is_causal=True))
+
+
+def test_gradients_take_the_full_path(plain_calls):
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    fused_attention.scaled_dot_product_attention(q, k, v).sum().backward()
+    assert plain_calls == [0, 1] and q.grad is not None and k.grad is not None
+    with torch.no_grad():
+        fused_attention.scaled_dot_product_attention(q, k, v)
+    assert plain_calls == [1, 1]
+
+
+def test_autocast_and_torch_function_modes_take_the_full_path(plain_calls):
+    q, k, v = _qkv()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused_attention.scaled_dot_product_attention(q, k, v)
+    assert out.dtype == torch.bfloat16 and plain_calls == [0, 0]
+    seen = []
+
+    class FunctionMode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    with FunctionMode():
+        fused_attention.scaled_dot_product_attention(q, k, v)
+    assert seen and plain_calls == [0, 0]
+
+
+def test_a_dispatch_mode_sees_the_op(plain_calls):
+    q, k, v = _qkv()
+    seen = []
+
+    class Recording(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Recording():
+        fused_attention.scaled_dot_product_attention(q, k, v)
+    assert "fused_attention.attention.default" in seen and plain_calls == [0, 1]
+
+
+def test_subclasses_broadcasts_and_other_ranks_take_the_full_path(plain_calls):
+    class Tagged(torch.Tensor):
+        pass
+
+    q, k, v = _qkv()
+    with torch._C.DisableTorchFunctionSubclass():  # past __torch_function__: the C++ type check declines
+        fused_attention.scaled_dot_product_attention(q.as_subclass(Tagged), k, v)
+    assert plain_calls == [0, 1]
+    out = fused_attention.scaled_dot_product_attention(q, k[:1], v[:1])  # key/value batch broadcast
+    assert plain_calls == [0, 2] and torch.equal(out, _full(q, k[:1], v[:1]))
+    out = fused_attention.scaled_dot_product_attention(q[0], k[0], v[0])  # 3-D
+    assert plain_calls == [0, 3] and torch.equal(out, _full(q[0], k[0], v[0]))
+    out = fused_attention.scaled_dot_product_attention(q, k[:, :1], v[:, :1])  # heads broadcast without GQA
+    assert plain_calls == [0, 4] and torch.equal(out, _full(q, k[:, :1], v[:, :1]))
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"k": "float64"}, "dtype"),
+        ({"k": "head_dim"}, "head dim"),
+        ({"v": "length"}, "sequence length"),
+        ({"is_causal": 1}, "is_causal"),
+        ({"enable_gqa": "yes"}, "enable_gqa"),
+        ({"scale": "0.5"}, "scale"),
+        ({"k": "gqa"}, "enable_gqa"),
+    ],
+)
+def test_bad_arguments_get_the_full_paths_errors(plain_calls, bad, message):
+    q, k, v = _qkv()
+    kwargs = {}
+    for name, what in bad.items():
+        if name == "k" and what == "float64":
+            k = k.double()
+        elif name == "k" and what == "head_dim":
+            k = k[..., :8]
+        elif name == "v" and what == "length":
+            v = v[:, :, :4]
+        elif name == "k" and what == "gqa":
+            k, v = k[:, :3], v[:, :3]
+            kwargs["enable_gqa"] = True
+        else:
+            kwargs[name] = what
+    with pytest.raises((TypeError, ValueError), match=message):
+        fused_attention.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert plain_calls[0] == 0
+
+
+def test_other_arguments_take_the_full_path(plain_calls):
+    q, k, v = _qkv()
+    for kwargs in ({"scale": 1}, {"dropout_p": 0}, {"window_size": (2, 0)}, {"return_lse": True},
+                   {"key_lengths": torch.tensor([9, 3])}):
+        out = fused_attention.scaled_dot_product_attention(q, k, v, **kwargs)
+        expected = _full(q, k, v, **kwargs)
+        assert torch.equal(out[0] if isinstance(out, tuple) else out, expected[0] if isinstance(expected, tuple) else expected)
+    assert plain_calls == [0, 1]  # only the int scale reached the C++ check
+
+
+def test_a_forced_or_patched_backend_takes_the_full_path(plain_calls, monkeypatch):
+    q, k, v = _qkv()
+    monkeypatch.setenv("FUSED_ATTENTION_BACKEND", "torch")
+    fused_attention.scaled_dot_product_attention(q, k, v)
+    assert plain_calls == [0, 0]
+    monkeypatch.delenv("FUSED_ATTENTION_BACKEND")
+
+    cpu = BACKENDS["cpu"]
+    calls = []
+    with monkeypatch.context() as patch:
+        original = cpu.attention
+        patch.setattr(cpu, "attention", lambda inputs: calls.append(1) or original(inputs))
+        fused_attention.scaled_dot_product_attention(q, k, v)
+        assert calls == [1] and plain_calls == [0, 0]
+    assert cpu.unpatched()  # the patch undone: the backend is as built again
+    fused_attention.scaled_dot_product_attention(q, k, v)
+    assert calls == [1] and plain_calls == [1, 0]
+
+    # a patch undone by assignment (the class's method bound again, its capabilities again) counts as none
+    original, capabilities = cpu.attention, cpu.capabilities
+    try:
+        cpu.attention = lambda inputs: calls.append(2) or original(inputs)
+        cpu.capabilities = capabilities
+        assert not cpu.unpatched()
+    finally:
+        cpu.attention = original
+    assert cpu.unpatched()
+    fused_attention.scaled_dot_product_attention(q, k, v)
+    assert calls == [1] and plain_calls == [2, 0]
