@@ -4,7 +4,8 @@ What a decode step or a tiny batch pays on the host before (and around) the kern
 
 - ``sdpa``: ``scaled_dot_product_attention(q, k, v)`` with q, k, v ``(1, 1, 16, 64)`` float32, no grad,
   then with inputs that require grad (the forward timed); and a decode-shaped call (one query, GQA 8/2,
-  a 600-key cache); the tiny call again with the CPU op's direct entry off (``ops/eager.py``);
+  a 600-key cache); the tiny call again through every Python layer (the short path of
+  ``backends/plain_call.py`` off), and also with the CPU op's direct entry off (``ops/eager.py``);
 - ``varlen``: ``varlen_attention`` over two packed sequences of 8 tokens;
 - ``hf``: the Hugging Face attention function (``fused_attention_forward``) against transformers'
   ``sdpa_attention_forward`` on the tiny call;
@@ -67,21 +68,27 @@ def _rows(args) -> list[tuple[str, str, Callable, Callable]]:
         ("decode: 1 query, GQA 8/2, 600 keys", "torch sdpa", lambda: sdpa(dq, dk, dv, enable_gqa=True),
          lambda: ours(dq, dk, dv, enable_gqa=True)),
     ]
-    from fused_attention.backends import cpu_backend
+    from fused_attention.backends import cpu_backend, plain_call
 
     eager_op = None if cpu_backend._OPS is None else cpu_backend._OPS.attention
-    if eager_op is not None and eager_op.direct is not None:
-        direct = eager_op.direct
+    if plain_call._PLAIN is not None and eager_op is not None and eager_op.direct is not None:
+        plain, direct = plain_call._PLAIN, eager_op.direct
 
-        def through_the_dispatcher():
-            eager_op.direct = None  # the op called below autograd, as before the direct entry
-            try:
-                return ours(q, k, v)
-            finally:
-                eager_op.direct = direct
+        def without(short_path: bool, direct_entry: bool):
+            def call():
+                plain_call._PLAIN = plain if short_path else None
+                eager_op.direct = direct if direct_entry else None  # the op called below autograd
+                try:
+                    return ours(q, k, v)
+                finally:
+                    plain_call._PLAIN, eager_op.direct = plain, direct
 
-        rows.append(("tiny, no grad, the op through the dispatcher (direct entry off)", "ours (direct entry on)",
-                     lambda: ours(q, k, v), through_the_dispatcher))
+            return call
+
+        rows.append(("tiny, no grad, every Python layer (short path off)", "ours (short path on)",
+                     lambda: ours(q, k, v), without(False, True)))
+        rows.append(("tiny, no grad, also the op through the dispatcher (short path, direct entry off)",
+                     "ours (short path on)", lambda: ours(q, k, v), without(False, False)))
     pq, pk, pv = (torch.randn(16, 2, 64, generator=g) for _ in range(3))
     cu = torch.tensor([0, 8, 16], dtype=torch.int32)
     per_seq = [(t[:8].transpose(0, 1), t[8:].transpose(0, 1)) for t in (pq, pk, pv)]
