@@ -133,6 +133,10 @@ def test_subclasses_broadcasts_and_other_ranks_take_the_full_path(plain_calls):
     assert plain_calls == [0, 3] and torch.equal(out, _full(q[0], k[0], v[0]))
     out = fused_attention.scaled_dot_product_attention(q, k[:, :1], v[:, :1])  # heads broadcast without GQA
     assert plain_calls == [0, 4] and torch.equal(out, _full(q, k[:, :1], v[:, :1]))
+    nested = torch.nested.nested_tensor([q[0], q[1, :2]])  # ragged heads: no size(1)
+    with pytest.raises(TypeError, match="nested tensors are not supported"):
+        fused_attention.scaled_dot_product_attention(nested, k, v)
+    assert plain_calls == [0, 5]
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_attention
-from fused_attention.backends import BACKENDS
-
-from fused_attention.backends import torch_backend
+from fused_attention.backends import BACKENDS, torch_backend
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _TRITON_REASON = BACKENDS["triton"].unavailable_reason()

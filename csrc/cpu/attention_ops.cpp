@@ -371,6 +371,8 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> attention_direct(
 
 std::optional<at::Tensor> attention_plain(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                                           std::optional<double> scale, bool gqa) {
+  // (first: a nested tensor's sizes cannot be asked for)
+  if (!plain_cpu_tensor(q) || !plain_cpu_tensor(k) || !plain_cpu_tensor(v)) return std::nullopt;
   if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4) return std::nullopt;
   const int64_t heads_q = q.size(1), heads_k = k.size(1), heads_v = v.size(1), head_dim = q.size(3);
   if (k.size(0) != q.size(0) || v.size(0) != q.size(0) || k.size(3) != head_dim || v.size(2) != k.size(2)) {

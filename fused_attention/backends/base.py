@@ -7,7 +7,6 @@ dispatcher (:mod:`.dispatch`) never guesses: every refusal is a sentence a user 
 from __future__ import annotations
 
 import inspect
-
 from dataclasses import dataclass
 from typing import ClassVar
 
