@@ -118,7 +118,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       });
   // The common call past every Python layer (fused_attention/functional.py): q, k, v plain torch.Tensor
   // objects, is_causal and enable_gqa Python bools, scale None or a float; out, or None for anything
-  // else (attention_plain's rules), and then the caller takes the full path.
+  // else (plain_call_serves' rules, or attention_direct declining), and then the caller takes the full path.
   module.def("attention_plain", [](pybind11::handle q, pybind11::handle k, pybind11::handle v, pybind11::handle causal,
                                    pybind11::handle scale, pybind11::handle gqa) -> pybind11::object {
     const auto is_bool = [](pybind11::handle x) { return x.ptr() == Py_True || x.ptr() == Py_False; };
@@ -128,13 +128,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     }
     const std::optional<double> scale_value =
         scale.is_none() ? std::nullopt : std::optional<double>(PyFloat_AS_DOUBLE(scale.ptr()));
-    const at::Tensor &q_t = THPVariable_Unpack(q.ptr()), &k_t = THPVariable_Unpack(k.ptr()),
-                     &v_t = THPVariable_Unpack(v.ptr());
+    // Copies (a reference count each): torch.utils.swap_tensors may swap a tensor object's contents
+    // while the GIL is released.
+    const at::Tensor q_t = THPVariable_Unpack(q.ptr()), k_t = THPVariable_Unpack(k.ptr()),
+                     v_t = THPVariable_Unpack(v.ptr());
+    const bool grouped = gqa.ptr() == Py_True;
+    if (!fused_attention::cpu::plain_call_serves(q_t, k_t, v_t, grouped)) return pybind11::none();
     std::optional<at::Tensor> out;
     {
-      pybind11::gil_scoped_release no_gil;  // as the dispatcher's Python entry does
-      out = fused_attention::cpu::attention_plain(q_t, k_t, v_t, causal.ptr() == Py_True, scale_value,
-                                                  gqa.ptr() == Py_True);
+      pybind11::gil_scoped_release no_gil;  // around the kernel, as the dispatcher's Python entry does
+      out = fused_attention::cpu::attention_plain(q_t, k_t, v_t, causal.ptr() == Py_True, scale_value);
     }
     if (!out) return pybind11::none();
     return pybind11::cast(*out);

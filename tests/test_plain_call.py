@@ -210,3 +210,44 @@ def test_a_forced_or_patched_backend_takes_the_full_path(plain_calls, monkeypatc
     assert cpu.unpatched()
     fused_attention.scaled_dot_product_attention(q, k, v)
     assert calls == [1] and plain_calls == [2, 0]
+
+
+def test_torch_compile_traces_the_full_path(plain_calls):
+    q, k, v = _qkv()
+    compiled = torch.compile(
+        lambda q, k, v: fused_attention.scaled_dot_product_attention(q, k, v, is_causal=True), fullgraph=True,
+        backend="eager",
+    )
+    out = compiled(q, k, v)
+    assert plain_calls == [0, 0] and torch.equal(out, _full(q, k, v, is_causal=True))
+
+
+def test_the_jit_tracer_and_the_profiler_see_the_op(plain_calls):
+    import warnings
+
+    q, k, v = _qkv()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace's deprecation notice
+        traced = torch.jit.trace(lambda q, k, v: fused_attention.scaled_dot_product_attention(q, k, v), (q, k, v),
+                                 check_trace=False)
+    assert "fused_attention::attention" in str(traced.graph) and plain_calls == [0, 1]  # declined in C++
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fused_attention.scaled_dot_product_attention(q, k, v)
+    assert plain_calls == [1, 1]
+    assert any(event.name == "fused_attention::attention" for event in prof.events())
+
+
+def test_a_class_patch_or_another_priority_takes_the_full_path(plain_calls, monkeypatch):
+    from fused_attention.backends import cpu_backend, dispatch
+
+    q, k, v = _qkv()
+    calls = []
+    original = cpu_backend.CpuBackend.attention
+    with monkeypatch.context() as patch:
+        patch.setattr(cpu_backend.CpuBackend, "attention", lambda self, inputs: calls.append(1) or original(self, inputs))
+        fused_attention.scaled_dot_product_attention(q, k, v)
+    with monkeypatch.context() as patch:
+        patch.setitem(dispatch._PRIORITY, "cpu", ("torch", "cpu"))
+        out = fused_attention.scaled_dot_product_attention(q, k, v)
+    assert calls == [1] and plain_calls == [0, 0]
+    assert torch.allclose(out, _full(q, k, v), atol=1e-6)

@@ -154,3 +154,45 @@ def test_the_torch_backends_chunked_op_goes_direct_and_equals_the_op(torch_direc
         fused_attention.scaled_dot_product_attention(q, k, v, backend="torch", **kwargs)
     assert torch_direct_calls["attention"] == [1, 1]
     assert any(event.name == "fused_attention::torch_attention" for event in prof.events())
+
+
+def _torch_backend_call(q, k, v):
+    """A call the torch backend serves with its own chunked op (ALiBi is no feature of torch's SDPA)."""
+    slopes = torch.linspace(0.1, 0.5, q.shape[1], device=q.device)
+    return fused_attention.scaled_dot_product_attention(q, k, v, alibi_slopes=slopes, backend="torch")
+
+
+def test_the_torch_backends_guards(torch_direct_calls):
+    q, k, v = _qkv(1, 2, 6, 16)
+    seen = []
+
+    class Recording(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Recording():
+        _torch_backend_call(q, k, v)
+    assert "fused_attention.torch_attention.default" in seen and torch_direct_calls["attention"] == [0, 1]
+
+    class Tagged(torch.Tensor):
+        pass
+
+    with torch._C.DisableTorchFunctionSubclass():
+        _torch_backend_call(q.as_subclass(Tagged), k, v)
+    assert torch_direct_calls["attention"] == [0, 2]
+
+    q_neg = torch._neg_view(q)
+    out = _torch_backend_call(q_neg, k, v)
+    assert torch_direct_calls["attention"] == [0, 3]
+    assert torch.equal(out, _torch_backend_call(q.neg(), k, v)) and torch_direct_calls["attention"] == [1, 3]
+
+
+@needs_triton
+def test_a_negative_view_is_declined_and_read_as_negated(direct_calls):
+    """The Triton kernels read raw memory: the dispatcher resolves the view's sign bit first."""
+    q, k, v = _qkv(1, 2, 6, 16)
+    q_neg = torch._neg_view(q)
+    out = fused_attention.scaled_dot_product_attention(q_neg, k, v, backend="triton")
+    assert direct_calls["attention"] == [0, 1]
+    assert torch.equal(out, fused_attention.scaled_dot_product_attention(q.neg(), k, v, backend="triton"))

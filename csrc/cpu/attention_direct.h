@@ -21,12 +21,16 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> attention_direct(
     const c10::optional<at::Tensor>& seed, const c10::optional<at::Tensor>& sinks, bool causal, int64_t window_left,
     int64_t window_right, double softcap, double scale, double dropout_p);
 
-// The common call's output past every Python layer (fused_attention/functional.py): q (B, Hq, L, E), k
-// (B, Hkv, S, E), v (B, Hkv, S, Ev) of one float dtype, heads equal or grouped (gqa), nothing requiring
-// grad under grad mode, no mask, dropout or extension; scale: the default (1 / sqrt(E)) when absent. The
-// same kernel call as the full path's, or nullopt for anything else (the Python path then validates,
-// raises or serves it) and where attention_direct declines.
+// The common call past every Python layer (fused_attention/functional.py): whether attention_plain serves
+// q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev): plain CPU tensors of one float dtype, heads equal
+// or grouped (gqa), nothing requiring grad under grad mode. Cheap checks only, no kernel: the caller
+// asks while it holds the GIL (a declined call then gives nothing up).
+bool plain_call_serves(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool gqa);
+
+// For a call plain_call_serves: the full path's kernel call without mask, dropout or extension (scale:
+// 1 / sqrt(E) when absent); its output, or nullopt where attention_direct declines (a dispatch mode,
+// the JIT tracer, functorch: the caller then takes the full path).
 std::optional<at::Tensor> attention_plain(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
-                                          std::optional<double> scale, bool gqa);
+                                          std::optional<double> scale);
 
 }  // namespace fused_attention::cpu

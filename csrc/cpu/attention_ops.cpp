@@ -369,23 +369,27 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> attention_direct(
                        scale, dropout_p);
 }
 
-std::optional<at::Tensor> attention_plain(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
-                                          std::optional<double> scale, bool gqa) {
+bool plain_call_serves(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool gqa) {
   // (first: a nested tensor's sizes cannot be asked for)
-  if (!plain_cpu_tensor(q) || !plain_cpu_tensor(k) || !plain_cpu_tensor(v)) return std::nullopt;
-  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4) return std::nullopt;
+  if (!plain_cpu_tensor(q) || !plain_cpu_tensor(k) || !plain_cpu_tensor(v)) return false;
+  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4) return false;
   const int64_t heads_q = q.size(1), heads_k = k.size(1), heads_v = v.size(1), head_dim = q.size(3);
   if (k.size(0) != q.size(0) || v.size(0) != q.size(0) || k.size(3) != head_dim || v.size(2) != k.size(2)) {
-    return std::nullopt;
+    return false;
   }
   const bool equal_heads = heads_q == heads_k && heads_k == heads_v;
-  if (!equal_heads && !(gqa && heads_k == heads_v && heads_k > 0 && heads_q % heads_k == 0)) return std::nullopt;
+  if (!equal_heads && !(gqa && heads_k == heads_v && heads_k > 0 && heads_q % heads_k == 0)) return false;
   const at::ScalarType dtype = q.scalar_type();
   if (k.scalar_type() != dtype || v.scalar_type() != dtype ||
       (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf && dtype != at::kDouble)) {
-    return std::nullopt;
+    return false;
   }
-  if (at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad())) return std::nullopt;
+  return !(at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad()));
+}
+
+std::optional<at::Tensor> attention_plain(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                                          std::optional<double> scale) {
+  const int64_t head_dim = q.size(3);
   // (as Python's check_scale: 1 / math.sqrt(E), both correctly rounded)
   const double scores_scale = scale ? *scale : head_dim > 0 ? 1.0 / std::sqrt(static_cast<double>(head_dim)) : 1.0;
   auto result = attention_direct(q, k, v, std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt, causal,

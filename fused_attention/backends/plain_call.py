@@ -15,22 +15,38 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_backend import _OPS, CPU
-from .dispatch import _env_backend
+from .cpu_backend import _OPS, CPU, CpuBackend
+from .dispatch import _PRIORITY, BACKENDS, _env_backend
 
 _PLAIN = _OPS.plain if _OPS is not None else None
+# What the automatic choice of the cpu backend rests on, as imported (a patched class answers otherwise).
+_CLASS_AS_BUILT = tuple(
+    (name, getattr(CpuBackend, name))
+    for name in ("attention", "capabilities", "unavailable_reason", "not_supported_reasons", "serves_device_reason")
+)
+
+
+def _cpu_backend_as_built() -> bool:
+    """Whether automatic dispatch picks the cpu backend as built for CPU tensors: first in the CPU
+    priority, registered under its name, and neither the instance nor its class patched."""
+    return (
+        CPU.unpatched()
+        and BACKENDS.get("cpu") is CPU
+        and _PRIORITY.get("cpu", ())[:1] == ("cpu",)
+        and all(getattr(CpuBackend, name) is value for name, value in _CLASS_AS_BUILT)
+    )
 
 
 def plain_cpu_attention(query: object, key: object, value: object, is_causal: object, scale: object,
                         enable_gqa: object) -> torch.Tensor | None:
     """The output of the call, or None when it must take the full path."""
     if (
-        _PLAIN is None
+        torch.compiler.is_compiling()  # first: torch 2.6's Dynamo cannot trace the other checks
+        or _PLAIN is None
         or torch._C._is_any_autocast_enabled()
         or torch._C._is_torch_function_mode_enabled()
-        or torch.compiler.is_compiling()
-        or not CPU.unpatched()
         or _env_backend() is not None
+        or not _cpu_backend_as_built()
     ):
         return None
     return _PLAIN(query, key, value, is_causal, scale, enable_gqa)

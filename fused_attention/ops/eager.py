@@ -83,7 +83,9 @@ def python_direct(impl: Callable[..., Any]) -> Callable[..., Any]:
     the dispatcher's schema parsing, boxing and return to Python (on a Triton op's small call most of
     its host time), or None whenever the dispatcher has work to do that calling ``impl`` would skip: a
     dispatch mode, the JIT tracer, a profiler that records ops, or a tensor that is not a plain
-    ``torch.Tensor`` (fake, functional and other subclasses) or lives on the meta device."""
+    ``torch.Tensor`` (fake, functional and other subclasses), lives on the meta device, or is a negative,
+    conjugate or zero view. Not seen either: kernels a user registers for the op with
+    ``torch.library.register_kernel``, and observers other than the profiler."""
 
     def direct(*args: Any) -> Any:
         if (
@@ -93,8 +95,10 @@ def python_direct(impl: Callable[..., Any]) -> Callable[..., Any]:
         ):
             return None
         for a in args:
-            if isinstance(a, torch.Tensor) and (type(a) is not torch.Tensor or a.is_meta):
-                return None
+            if isinstance(a, torch.Tensor) and (
+                type(a) is not torch.Tensor or a.is_meta or a.is_neg() or a.is_conj() or a._is_zerotensor()
+            ):
+                return None  # (the dispatcher resolves negative and conjugate views; kernels read raw memory)
         return impl(*args)
 
     return direct
