@@ -134,10 +134,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
                      v_t = THPVariable_Unpack(v.ptr());
     const bool grouped = gqa.ptr() == Py_True;
     if (!fused_attention::cpu::plain_call_serves(q_t, k_t, v_t, grouped)) return pybind11::none();
+    const bool needs_grad = fused_attention::cpu::plain_call_needs_grad(q_t, k_t, v_t);
     std::optional<at::Tensor> out;
     {
       pybind11::gil_scoped_release no_gil;  // around the kernel, as the dispatcher's Python entry does
-      out = fused_attention::cpu::attention_plain(q_t, k_t, v_t, causal.ptr() == Py_True, scale_value);
+      out = needs_grad ? fused_attention::cpu::attention_plain_grad(q_t, k_t, v_t, causal.ptr() == Py_True, scale_value)
+                       : fused_attention::cpu::attention_plain(q_t, k_t, v_t, causal.ptr() == Py_True, scale_value);
     }
     if (!out) return pybind11::none();
     return pybind11::cast(*out);

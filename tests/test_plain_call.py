@@ -79,13 +79,47 @@ def test_strided_views_and_inference_mode(plain_calls):
     assert torch.equal(out, _full(q, k, v, is_causal=True))
 
 
-def test_gradients_take_the_full_path(plain_calls):
-    q, k, v = (t.requires_grad_() for t in _qkv())
-    fused_attention.scaled_dot_product_attention(q, k, v).sum().backward()
-    assert plain_calls == [0, 1] and q.grad is not None and k.grad is not None
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize(
+    "case", [{}, {"is_causal": True, "enable_gqa": True, "hkv": 2}, {"scale": 0.3, "lq": 1, "s": 40}],
+    ids=["plain", "causal_gqa", "scale_decode"],
+)
+def test_gradients_through_the_short_path_equal_the_full_paths(plain_calls, dtype, case):
+    case = dict(case)
+    shape = {name: case.pop(name) for name in ("hkv", "lq", "s") if name in case}
+    tensors = _qkv(dtype=dtype, **shape)
+    dout = torch.randn(tensors[0].shape[:-1] + (tensors[2].shape[-1],), generator=torch.Generator().manual_seed(2))
+    grads = []
+    for call in (fused_attention.scaled_dot_product_attention, _full):
+        q, k, v = (t.clone().requires_grad_() for t in tensors)
+        out = call(q, k, v, **case)
+        out.backward(dout.to(dtype))
+        grads.append((out.detach(), q.grad, k.grad, v.grad))
+    assert plain_calls == [1, 0]
+    for ours, full in zip(*grads):
+        assert torch.equal(ours, full)
+
+
+def test_the_short_paths_gradient_checks_and_guards(plain_calls):
+    q, k, v = (t.double().requires_grad_() for t in _qkv(b=1, hq=2, hkv=1, lq=3, s=5, e=4))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: fused_attention.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+        (q, k, v),
+    )
+    assert plain_calls[0] > 0 and plain_calls[1] == 0
+    out = fused_attention.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     with torch.no_grad():
-        fused_attention.scaled_dot_product_attention(q, k, v)
-    assert plain_calls == [1, 1]
+        k.add_(1.0)  # a saved input changed in place: the backward refuses, as torch's own ops do
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    q.grad = None
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fused_attention.scaled_dot_product_attention(q, k, v, enable_gqa=True).sum().backward()
+    names = {event.name for event in prof.events()}
+    assert {"fused_attention::attention", "fused_attention::attention_backward"} <= names and q.grad is not None
+    with torch.no_grad():
+        fused_attention.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert plain_calls[1] == 0
 
 
 def test_autocast_and_torch_function_modes_take_the_full_path(plain_calls):

@@ -21,16 +21,28 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> attention_direct(
     const c10::optional<at::Tensor>& seed, const c10::optional<at::Tensor>& sinks, bool causal, int64_t window_left,
     int64_t window_right, double softcap, double scale, double dropout_p);
 
-// The common call past every Python layer (fused_attention/functional.py): whether attention_plain serves
-// q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev): plain CPU tensors of one float dtype, heads equal
-// or grouped (gqa), nothing requiring grad under grad mode. Cheap checks only, no kernel: the caller
-// asks while it holds the GIL (a declined call then gives nothing up).
+// Whether something on this thread intercepts calls (a dispatch mode, the JIT tracer, functionalization,
+// functorch, the Python dispatcher): then the dispatcher has work that a direct call would skip.
+bool calls_intercepted();
+
+// The common call past every Python layer (fused_attention/functional.py): whether attention_plain
+// (attention_plain_grad where plain_call_needs_grad) serves q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv,
+// S, Ev): plain CPU tensors of one float dtype, heads equal or grouped (gqa). Cheap checks only, no
+// kernel: the caller asks while it holds the GIL (a declined call then gives nothing up).
 bool plain_call_serves(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool gqa);
+bool plain_call_needs_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+// The score scale: `scale`, else 1 / sqrt(E).
+double plain_call_scale(const at::Tensor& q, std::optional<double> scale);
 
 // For a call plain_call_serves: the full path's kernel call without mask, dropout or extension (scale:
 // 1 / sqrt(E) when absent); its output, or nullopt where attention_direct declines (a dispatch mode,
 // the JIT tracer, functorch: the caller then takes the full path).
 std::optional<at::Tensor> attention_plain(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                                           std::optional<double> scale);
+
+// The same call when q, k or v requires grad (attention_plain_grad.cpp): the output of a C++ autograd
+// node, or nullopt where calls_intercepted.
+std::optional<at::Tensor> attention_plain_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               bool causal, std::optional<double> scale);
 
 }  // namespace fused_attention::cpu

@@ -342,11 +342,7 @@ bool plain_optional(const c10::optional<at::Tensor>& t) { return !t.has_value() 
 
 }  // namespace
 
-std::optional<std::tuple<at::Tensor, at::Tensor>> attention_direct(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
-    const c10::optional<at::Tensor>& key_lengths, const c10::optional<at::Tensor>& alibi,
-    const c10::optional<at::Tensor>& seed, const c10::optional<at::Tensor>& sinks, bool causal, int64_t window_left,
-    int64_t window_right, double softcap, double scale, double dropout_p) {
+bool calls_intercepted() {
   // The keys a thread includes when something intercepts calls: a dispatch mode, the JIT tracer,
   // functionalization, functorch, the Python dispatcher. Asked key by key through libc10's exported
   // functions: the inline TLS accessor needs a thread-local init symbol that aarch64 builds lack.
@@ -356,8 +352,17 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> attention_direct(
       c10::DispatchKey::FuncTorchDynamicLayerFrontMode, c10::DispatchKey::FuncTorchDynamicLayerBackMode,
       c10::DispatchKey::FuncTorchVmapMode, c10::DispatchKey::VmapMode};
   for (const c10::DispatchKey key : intercepting) {
-    if (c10::impl::tls_is_dispatch_key_included(key)) return std::nullopt;
+    if (c10::impl::tls_is_dispatch_key_included(key)) return true;
   }
+  return false;
+}
+
+std::optional<std::tuple<at::Tensor, at::Tensor>> attention_direct(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
+    const c10::optional<at::Tensor>& key_lengths, const c10::optional<at::Tensor>& alibi,
+    const c10::optional<at::Tensor>& seed, const c10::optional<at::Tensor>& sinks, bool causal, int64_t window_left,
+    int64_t window_right, double softcap, double scale, double dropout_p) {
+  if (calls_intercepted()) return std::nullopt;
   if (!plain_cpu_tensor(q) ||
       !plain_cpu_tensor(k) || !plain_cpu_tensor(v) || !plain_optional(mask) || !plain_optional(key_lengths) ||
       !plain_optional(alibi) || !plain_optional(seed) || !plain_optional(sinks)) {
@@ -384,16 +389,23 @@ bool plain_call_serves(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf && dtype != at::kDouble)) {
     return false;
   }
-  return !(at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad()));
+  return true;
+}
+
+bool plain_call_needs_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  return at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+}
+
+double plain_call_scale(const at::Tensor& q, std::optional<double> scale) {
+  const int64_t head_dim = q.size(3);
+  // (as Python's check_scale: 1 / math.sqrt(E), both correctly rounded)
+  return scale ? *scale : head_dim > 0 ? 1.0 / std::sqrt(static_cast<double>(head_dim)) : 1.0;
 }
 
 std::optional<at::Tensor> attention_plain(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                                           std::optional<double> scale) {
-  const int64_t head_dim = q.size(3);
-  // (as Python's check_scale: 1 / math.sqrt(E), both correctly rounded)
-  const double scores_scale = scale ? *scale : head_dim > 0 ? 1.0 / std::sqrt(static_cast<double>(head_dim)) : 1.0;
   auto result = attention_direct(q, k, v, std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt, causal,
-                                 -1, -1, 0.0, scores_scale, 0.0);
+                                 -1, -1, 0.0, plain_call_scale(q, scale), 0.0);
   if (!result) return std::nullopt;
   return std::get<0>(*result);
 }
