@@ -6,9 +6,10 @@ heads against 64 keys on the 2-vCPU Xeon, 2026-12-06), most of it validating and
 arguments in Python, choosing the backend and in the op's eager layer. When every other argument is at
 its default and automatic dispatch would choose the ``cpu`` backend as built, the extension's
 ``attention_plain`` checks the tensors in C++ and makes the full path's kernel call (the same output,
-bit for bit). Anything else takes the full path: tensor subclasses, broadcasting, mismatches (which the
-full path reports), gradients, autocast, torch function modes, ``torch.compile``, a forced or patched
-backend.
+bit for bit); where an input requires grad, through a C++ autograd node with the full path's forward and
+backward kernels (``csrc/cpu/attention_plain_grad.cpp``; the same gradients, bit for bit). Anything else
+takes the full path: tensor subclasses, broadcasting, mismatches (which the full path reports),
+autocast, torch function modes, ``torch.compile``, a forced or patched backend.
 """
 
 from __future__ import annotations
