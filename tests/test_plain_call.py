@@ -1,7 +1,8 @@
 """The common CPU call's short path (``backends/plain_call.py``, the extension's ``attention_plain``):
 taken by ``scaled_dot_product_attention(q, k, v)`` with at most ``is_causal``, ``scale`` and
-``enable_gqa``, equal to the full path bit for bit, and declined for everything the full path must see
-(gradients, autocast, modes, subclasses, broadcasting, bad arguments, a forced or patched backend)."""
+``enable_gqa``, equal to the full path bit for bit (outputs, and gradients through its C++ autograd node),
+and declined for everything the full path must see (autocast, modes, subclasses, broadcasting, bad
+arguments, forward AD, a forced or patched backend)."""
 
 from __future__ import annotations
 
@@ -113,8 +114,11 @@ def test_the_short_paths_gradient_checks_and_guards(plain_calls):
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
     q.grad = None
+    taken = plain_calls[0]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fused_attention.scaled_dot_product_attention(q, k, v, enable_gqa=True).sum().backward()
+        out = fused_attention.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        out.sum().backward()
+    assert plain_calls[0] == taken + 1 and "PlainAttention" in out.grad_fn.name()
     names = {event.name for event in prof.events()}
     assert {"fused_attention::attention", "fused_attention::attention_backward"} <= names and q.grad is not None
     with torch.no_grad():
@@ -285,3 +289,30 @@ def test_a_class_patch_or_another_priority_takes_the_full_path(plain_calls, monk
         out = fused_attention.scaled_dot_product_attention(q, k, v)
     assert calls == [1] and plain_calls == [0, 0]
     assert torch.allclose(out, _full(q, k, v), atol=1e-6)
+
+
+def test_non_reentrant_checkpointing_on_both_paths(plain_calls):
+    """Non-reentrant checkpointing unpacks each saved tensor once: the full path's backward rule read them
+    twice (with ALiBi, say) and failed."""
+    from torch.utils.checkpoint import checkpoint
+
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    for kwargs in ({"is_causal": True}, {"alibi_slopes": torch.rand(4), "sinks": torch.randn(4)}):
+        out = checkpoint(lambda q, k, v, kw=kwargs: fused_attention.scaled_dot_product_attention(q, k, v, **kw),
+                         q, k, v, use_reentrant=False)
+        out.sum().backward()
+        expected = _full(*(t.detach().requires_grad_() for t in (q, k, v)), **kwargs)
+        assert torch.equal(out, expected)
+    assert plain_calls[0] >= 1 and q.grad is not None
+
+
+def test_forward_ad_takes_the_full_path(plain_calls):
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v = _qkv()
+    q.requires_grad_()
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(q, torch.randn_like(q))
+        with pytest.raises(NotImplementedError, match="jvp"):  # the Python autograd layer's error
+            fused_attention.scaled_dot_product_attention(dual, k, v)
+    assert plain_calls == [0, 0]

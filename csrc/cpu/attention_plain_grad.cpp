@@ -12,12 +12,16 @@
 #include "cpu/attention_direct.h"
 
 namespace fused_attention::cpu {
-namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// (named, not anonymous: grad_fn.name() reads torch::autograd::CppNode<fused_attention::cpu::PlainAttention>)
 struct PlainAttention : public torch::autograd::Function<PlainAttention> {
+  // The backward reads only saved tensors, a bool, a double and a registered op with a fake kernel:
+  // compiled autograd may trace it (torch 2.6 refuses to run an untraceable C++ node under it).
+  static constexpr bool is_traceable = true;
+
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             bool causal, double scale) {
     ctx->save_for_backward({q, k, v});
@@ -46,8 +50,6 @@ struct PlainAttention : public torch::autograd::Function<PlainAttention> {
     return {dq, dk, dv, at::Tensor(), at::Tensor()};
   }
 };
-
-}  // namespace
 
 std::optional<at::Tensor> attention_plain_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                bool causal, std::optional<double> scale) {

@@ -15,6 +15,7 @@ autocast, torch function modes, ``torch.compile``, a forced or patched backend.
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from .cpu_backend import _OPS, CPU, CpuBackend
 from .dispatch import _PRIORITY, BACKENDS, _env_backend
@@ -46,6 +47,7 @@ def plain_cpu_attention(query: object, key: object, value: object, is_causal: ob
         or _PLAIN is None
         or torch._C._is_any_autocast_enabled()
         or torch._C._is_torch_function_mode_enabled()
+        or _forward_ad._current_level >= 0  # dual tensors may come: the full path's errors for forward AD
         or _env_backend() is not None
         or not _cpu_backend_as_built()
     ):

@@ -75,9 +75,11 @@ def _saver(tensors: int) -> Callable[..., None]:
     return save
 
 
-def _sinks_needs(ctx, sinks: bool) -> tuple[bool, ...]:
-    """``(need_sinks_grad,)`` for ops with sinks (input 7), else ``()``."""
-    return (ctx.saved_tensors[7] is not None and ctx.needs_input_grad[7],) if sinks else ()
+def _sinks_needs(ctx, sink: list[Tensor | None]) -> tuple[bool, ...]:
+    """``(need_sinks_grad,)`` for ops with sinks (input 7; ``sink``: its saved tensor, as a list of one),
+    else ``()``. (The saved tensors are read once per backward: non-reentrant checkpointing refuses a
+    second unpack.)"""
+    return (sink[0] is not None and ctx.needs_input_grad[7],) if sink else ()
 
 
 def dense_autograd_rules(
@@ -90,7 +92,7 @@ def dense_autograd_rules(
         q, k, v, mask, key_lengths, alibi, seed, *sink = ctx.saved_tensors
         need_mask_grad = mask is not None and ctx.needs_input_grad[3]
         need_alibi_grad = alibi is not None and ctx.needs_input_grad[5]
-        need_sinks = _sinks_needs(ctx, sinks)
+        need_sinks = _sinks_needs(ctx, sink)
         dq, dk, dv, dmask, dalibi, *dsinks = backward_op(
             dout.contiguous(), q, k, v, mask, key_lengths, alibi, seed, *sink, *ctx.options, need_mask_grad,
             need_alibi_grad, *need_sinks,
@@ -118,7 +120,7 @@ def varlen_autograd_rules(
     def backward(ctx, dout, _dlse):
         q, k, v, cu_q, cu_k, alibi, seed, *sink = ctx.saved_tensors
         need_alibi_grad = alibi is not None and ctx.needs_input_grad[5]
-        need_sinks = _sinks_needs(ctx, sinks)
+        need_sinks = _sinks_needs(ctx, sink)
         dq, dk, dv, dalibi, *dsinks = backward_op(
             dout.contiguous(), q, k, v, cu_q, cu_k, alibi, seed, *sink, *ctx.options, need_alibi_grad, *need_sinks
         )
