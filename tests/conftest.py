@@ -16,6 +16,7 @@ import zlib
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 # The CPU instruction-set variant a child run of the suite is asked to use (tests/test_cpu_attention.py):
 # passed under a name of its own because every FUSED_ATTENTION_* variable is dropped just below.
@@ -380,3 +381,15 @@ def check_varlen(backend: str, q, k, v, cu_q, cu_k, *, grad: bool = True, **kwar
         return reference_varlen_attention(q, k, v, cu_q, cu_k, **ref_kwargs)
 
     _check_against_reference(backend, call, ref_fn, {"q": q, "k": k, "v": v}, kwargs, grad)
+
+
+class RecordingDispatch(torch.utils._python_dispatch.TorchDispatchMode):
+    """A dispatch mode that records the name of every op dispatched while it is on (``seen``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import RecordingDispatch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_attention
 from fused_attention.backends import cpu_backend
@@ -60,23 +60,16 @@ def test_a_plain_call_goes_direct_and_equals_the_op(direct_calls, kwargs):
 
 def test_calls_that_need_autograd_or_a_mode_take_the_op(direct_calls):
     q, k, v = _qkv(1, 2, 6, 8)
-    seen = []
-
-    class Recording(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with Recording():
+    with RecordingDispatch() as recording:
         fused_attention.scaled_dot_product_attention(q, k, v, backend="cpu")
-    assert "fused_attention.attention.default" in seen and direct_calls == [0, 1]
+    assert "fused_attention.attention.default" in recording.seen and direct_calls == [0, 1]
 
     class FunctionMode(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             seen.append(getattr(func, "__name__", str(func)))
             return func(*args, **(kwargs or {}))
 
-    seen.clear()
+    seen = []
     with FunctionMode():
         fused_attention.scaled_dot_product_attention(q, k, v, backend="cpu")
     assert any("attention" in name for name in seen) and direct_calls == [0, 1]  # not asked at all

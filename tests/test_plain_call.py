@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import RecordingDispatch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_attention
 from fused_attention.backends import BACKENDS, plain_call
@@ -145,16 +145,9 @@ def test_autocast_and_torch_function_modes_take_the_full_path(plain_calls):
 
 def test_a_dispatch_mode_sees_the_op(plain_calls):
     q, k, v = _qkv()
-    seen = []
-
-    class Recording(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with Recording():
+    with RecordingDispatch() as recording:
         fused_attention.scaled_dot_product_attention(q, k, v)
-    assert "fused_attention.attention.default" in seen and plain_calls == [0, 1]
+    assert "fused_attention.attention.default" in recording.seen and plain_calls == [0, 1]
 
 
 def test_subclasses_broadcasts_and_other_ranks_take_the_full_path(plain_calls):

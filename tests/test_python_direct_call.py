@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import RecordingDispatch
 
 import fused_attention
 from fused_attention.backends import BACKENDS, torch_backend
@@ -90,16 +90,9 @@ def test_a_packed_call_goes_direct_and_equals_the_op(direct_calls):
 @needs_triton
 def test_a_dispatch_mode_sees_the_op(direct_calls):
     q, k, v = _qkv(1, 2, 6, 16)
-    seen = []
-
-    class Recording(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with Recording():
+    with RecordingDispatch() as recording:
         fused_attention.scaled_dot_product_attention(q, k, v, backend="triton")
-    assert "fused_attention.triton_attention.default" in seen and direct_calls["attention"] == [0, 1]
+    assert "fused_attention.triton_attention.default" in recording.seen and direct_calls["attention"] == [0, 1]
 
 
 @needs_triton
@@ -164,16 +157,9 @@ def _torch_backend_call(q, k, v):
 
 def test_the_torch_backends_guards(torch_direct_calls):
     q, k, v = _qkv(1, 2, 6, 16)
-    seen = []
-
-    class Recording(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with Recording():
+    with RecordingDispatch() as recording:
         _torch_backend_call(q, k, v)
-    assert "fused_attention.torch_attention.default" in seen and torch_direct_calls["attention"] == [0, 1]
+    assert "fused_attention.torch_attention.default" in recording.seen and torch_direct_calls["attention"] == [0, 1]
 
     class Tagged(torch.Tensor):
         pass
