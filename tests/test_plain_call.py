@@ -306,6 +306,24 @@ def test_forward_ad_takes_the_full_path(plain_calls):
     q.requires_grad_()
     with fwAD.dual_level():
         dual = fwAD.make_dual(q, torch.randn_like(q))
-        with pytest.raises(NotImplementedError, match="jvp"):  # the Python autograd layer's error
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):  # the full path's error
             fused_attention.scaled_dot_product_attention(dual, k, v)
     assert plain_calls == [0, 0]
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_forward_mode_ad_raises_instead_of_a_zero_tangent(grad):
+    """The ops have no jvp: a forward-mode transform raises (as torch's fused kernels do) where it had
+    returned a zero tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v = (t.double() for t in _qkv(b=1, hq=2, hkv=2, lq=3, s=4, e=8))
+    slopes = torch.rand(2)
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(lambda q: fused_attention.scaled_dot_product_attention(q, k, v), (q,), (torch.randn_like(q),))
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jacfwd(lambda q: fused_attention.scaled_dot_product_attention(q, k, v, backend="torch",
+                                                                                  alibi_slopes=slopes))(q)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        dual = fwAD.make_dual(q.requires_grad_(grad), torch.randn_like(q))
+        fused_attention.scaled_dot_product_attention(dual, k, v)

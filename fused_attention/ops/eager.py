@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
@@ -36,6 +37,22 @@ def _any_requires_grad_py(*args: Any) -> bool:
 
 # The C++ helper is faster; torch releases without it (2.6) get the same answer in Python.
 _any_requires_grad = getattr(torch._C, "_any_requires_grad", _any_requires_grad_py)
+
+
+# The ops have no forward-mode derivative: a jvp through them would give a zero tangent without a word
+# (the op looks constant to forward AD), so it raises, as torch's fused attention kernels do.
+_NO_FORWARD_AD = (
+    "fused_attention: forward-mode AD (torch.func.jvp / jacfwd / hessian, torch.autograd.forward_ad dual tensors) "
+    "is not supported by the attention ops; use reverse mode (torch.func.grad / vjp / jacrev, .backward())"
+)
+
+
+def _functorch_jvp_active() -> bool:
+    """Whether a forward-mode functorch transform (jvp, jacfwd) is on this thread's interpreter stack."""
+    functorch = torch._C._functorch
+    stack_of = getattr(functorch, "get_interpreter_stack", None)
+    stack = stack_of() if stack_of is not None else [functorch.peek_interpreter_stack()]
+    return any(level is not None and level.key() == functorch.TransformType.Jvp for level in stack or ())
 
 
 def _function(op: Callable[..., Any], setup_context: Callable[..., None], backward: Callable[..., Any]) -> type:
@@ -66,8 +83,16 @@ class EagerOp:
         self.direct = direct
 
     def __call__(self, *args: Any) -> Any:
-        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        if torch.compiler.is_compiling():
             return self.op(*args)
+        if torch._C._are_functorch_transforms_active():
+            if _functorch_jvp_active():
+                raise NotImplementedError(_NO_FORWARD_AD)
+            return self.op(*args)
+        if _forward_ad._current_level >= 0 and any(
+            isinstance(a, torch.Tensor) and _forward_ad.unpack_dual(a).tangent is not None for a in args
+        ):
+            raise NotImplementedError(_NO_FORWARD_AD)
         if torch.is_grad_enabled() and _any_requires_grad(*args):
             return self.function.apply(*args)
         if self.direct is not None and not _has_torch_function(args):
