@@ -41,8 +41,12 @@ std::optional<at::Tensor> attention_plain(const at::Tensor& q, const at::Tensor&
                                           std::optional<double> scale);
 
 // The same call when q, k or v requires grad (attention_plain_grad.cpp): the output of a C++ autograd
-// node, or nullopt where calls_intercepted.
+// node, or nullopt where calls_intercepted. Its backward: plain_attention_backward, the attention_backward
+// op's kernel with the arguments the Python rule gives it (profilers see it under the op's name).
 std::optional<at::Tensor> attention_plain_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                bool causal, std::optional<double> scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> plain_attention_backward(const at::Tensor& dout, const at::Tensor& q,
+                                                                        const at::Tensor& k, const at::Tensor& v,
+                                                                        bool causal, double scale);
 
 }  // namespace fused_attention::cpu

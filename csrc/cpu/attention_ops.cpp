@@ -342,6 +342,15 @@ bool plain_optional(const c10::optional<at::Tensor>& t) { return !t.has_value() 
 
 }  // namespace
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> plain_attention_backward(const at::Tensor& dout, const at::Tensor& q,
+                                                                        const at::Tensor& k, const at::Tensor& v,
+                                                                        bool causal, double scale) {
+  RECORD_FUNCTION("fused_attention::attention_backward", std::vector<c10::IValue>({dout, q, k, v}));
+  auto grads = attention_backward_cpu(dout, q, k, v, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
+                                      std::nullopt, causal, -1, -1, 0.0, scale, 0.0, false, false, false);
+  return {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads)};
+}
+
 bool calls_intercepted() {
   // The keys a thread includes when something intercepts calls: a dispatch mode, the JIT tracer,
   // functionalization, functorch, the Python dispatcher. Asked key by key through libc10's exported

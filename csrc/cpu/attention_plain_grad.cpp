@@ -1,9 +1,11 @@
 // The short path's call when q, k or v requires grad (see attention_direct.h): a C++ autograd node in
 // place of the Python layer's autograd.Function (fused_attention/ops/eager.py), which cost a tiny call
-// ~25 us. The same kernels both ways: the forward through attention_direct (the profiler sees it), the
-// backward through the dispatcher's attention_backward with the arguments the Python rule gives it
-// (fused_attention/ops/attention_rules.py, dense_autograd_rules), so gradients are equal bit for bit.
-#include <ATen/core/dispatch/Dispatcher.h>
+// ~25 us. The same kernels both ways: the forward through attention_direct, the backward through the
+// attention_backward op's kernel with the arguments the Python rule gives the op
+// (fused_attention/ops/attention_rules.py, dense_autograd_rules), so gradients are equal bit for bit;
+// profilers see both under the ops' names. Not through the dispatcher: its inline calls read a
+// thread-local that aarch64's libc10 does not export (the CI's aarch64 link check), so a dispatch mode
+// turned on only around a backward does not see this one (one on at the forward declines the node).
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <optional>
@@ -18,9 +20,9 @@ using torch::autograd::variable_list;
 
 // (named, not anonymous: grad_fn.name() reads torch::autograd::CppNode<fused_attention::cpu::PlainAttention>)
 struct PlainAttention : public torch::autograd::Function<PlainAttention> {
-  // The backward reads only saved tensors, a bool, a double and a registered op with a fake kernel:
-  // compiled autograd may trace it (torch 2.6 refuses to run an untraceable C++ node under it).
-  static constexpr bool is_traceable = true;
+  // Not traceable (the default): compiled autograd must not trace the backward's kernel call, which is
+  // not a dispatcher call; torch 2.7+ runs such a node as one opaque call, while 2.6 refuses it (the
+  // Python side keeps gradient calls off this node there: backends/plain_call.py).
 
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             bool causal, double scale) {
@@ -34,19 +36,9 @@ struct PlainAttention : public torch::autograd::Function<PlainAttention> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("fused_attention::attention_backward", "")
-            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, int64_t, int64_t, double,
-                double, double, bool, bool, bool)>();
     const variable_list saved = ctx->get_saved_variables();
-    auto [dq, dk, dv, dmask, dalibi, dsinks] =
-        op.call(grads[0].contiguous(), saved[0], saved[1], saved[2], std::nullopt, std::nullopt, std::nullopt,
-                std::nullopt, std::nullopt, ctx->saved_data["causal"].toBool(), -1, -1, 0.0,
-                ctx->saved_data["scale"].toDouble(), 0.0, false, false, false);
+    auto [dq, dk, dv] = plain_attention_backward(grads[0].contiguous(), saved[0], saved[1], saved[2],
+                                                 ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble());
     return {dq, dk, dv, at::Tensor(), at::Tensor()};
   }
 };

@@ -6,8 +6,8 @@ heads against 64 keys on the 2-vCPU Xeon, 2026-12-06), most of it validating and
 arguments in Python, choosing the backend and in the op's eager layer. When every other argument is at
 its default and automatic dispatch would choose the ``cpu`` backend as built, the extension's
 ``attention_plain`` checks the tensors in C++ and makes the full path's kernel call (the same output,
-bit for bit); where an input requires grad, through a C++ autograd node with the full path's forward and
-backward kernels (``csrc/cpu/attention_plain_grad.cpp``; the same gradients, bit for bit). Anything else
+bit for bit); where an input requires grad (torch 2.7+), through a C++ autograd node with the full path's
+forward and backward kernels (``csrc/cpu/attention_plain_grad.cpp``; the same gradients, bit for bit). Anything else
 takes the full path: tensor subclasses, broadcasting, mismatches (which the full path reports),
 autocast, torch function modes, ``torch.compile``, a forced or patched backend.
 """
@@ -21,6 +21,9 @@ from .cpu_backend import _OPS, CPU, CpuBackend
 from .dispatch import _PRIORITY, BACKENDS, _env_backend
 
 _PLAIN = _OPS.plain if _OPS is not None else None
+# Calls that need gradients get a C++ autograd node; compiled autograd runs such a node as one opaque call
+# from torch 2.7 on, and refuses it on 2.6: there they take the full path.
+_GRAD_NODE = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 7)
 # What the automatic choice of the cpu backend rests on, as imported (a patched class answers otherwise).
 _CLASS_AS_BUILT = tuple(
     (name, getattr(CpuBackend, name))
@@ -50,6 +53,7 @@ def plain_cpu_attention(query: object, key: object, value: object, is_causal: ob
         or _forward_ad._current_level >= 0  # dual tensors may come: the full path's errors for forward AD
         or _env_backend() is not None
         or not _cpu_backend_as_built()
+        or (not _GRAD_NODE and torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (query, key, value)))
     ):
         return None
     return _PLAIN(query, key, value, is_causal, scale, enable_gqa)
