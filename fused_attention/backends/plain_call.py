@@ -17,13 +17,14 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
+from ..ops.eager import _any_requires_grad
 from .cpu_backend import _OPS, CPU, CpuBackend
 from .dispatch import _PRIORITY, BACKENDS, _env_backend
 
 _PLAIN = _OPS.plain if _OPS is not None else None
 # Calls that need gradients get a C++ autograd node; compiled autograd runs such a node as one opaque call
 # from torch 2.7 on, and refuses it on 2.6: there they take the full path.
-_GRAD_NODE = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 7)
+_GRAD_NODE = torch.__version__ >= "2.7"  # (a TorchVersion: compared as a version)
 # What the automatic choice of the cpu backend rests on, as imported (a patched class answers otherwise).
 _CLASS_AS_BUILT = tuple(
     (name, getattr(CpuBackend, name))
@@ -53,7 +54,7 @@ def plain_cpu_attention(query: object, key: object, value: object, is_causal: ob
         or _forward_ad._current_level >= 0  # dual tensors may come: the full path's errors for forward AD
         or _env_backend() is not None
         or not _cpu_backend_as_built()
-        or (not _GRAD_NODE and torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (query, key, value)))
+        or (not _GRAD_NODE and torch.is_grad_enabled() and _any_requires_grad(query, key, value))
     ):
         return None
     return _PLAIN(query, key, value, is_causal, scale, enable_gqa)

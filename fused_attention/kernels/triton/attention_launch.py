@@ -148,7 +148,7 @@ class Problem:
     def forward_args(self, out: torch.Tensor, lse: torch.Tensor) -> dict[str, Any]:
         args = self.shared_args()
         args["Out"], args["Lse"] = out, lse
-        args["Sinks"], args["SINKS"] = self.sinks, self.sinks is not None
+        args.update(self.sink_args())
         args.update(zip(_OUT_STRIDES, self.rows(out)))
         args.update(zip(_LSE_STRIDES, self.row_stats(lse)))
         return args
