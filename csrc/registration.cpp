@@ -93,28 +93,50 @@ TORCH_LIBRARY(fused_attention, m) {
 }
 // clang-format on
 
+namespace {
+// `call`'s (out, lse) with the GIL released (as the dispatcher's Python entry does), or None where it
+// declines.
+template <typename Call>
+pybind11::object without_gil(const Call& call) {
+  std::optional<std::tuple<at::Tensor, at::Tensor>> result;
+  {
+    pybind11::gil_scoped_release no_gil;
+    result = call();
+  }
+  if (!result) return pybind11::none();
+  return pybind11::cast(*result);
+}
+}  // namespace
+
 // Importing fused_attention._C runs the TORCH_LIBRARY registrations above; the module itself only
 // reports how it was built, so Python can tell "CUDA kernels not compiled" from "no GPU".
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "fused_attention compiled kernels; ops live under torch.ops.fused_attention";
   module.def("cpu_attention_isa", &fused_attention::cpu::attention_isa,
              "Instruction set the CPU attention kernels run with (baseline, avx2, avx512, avx512bf16 or amx)");
-  // The attention op's CPU forward past the dispatcher (fused_attention/ops/eager.py); None when the
+  // The attention ops' CPU forwards past the dispatcher (fused_attention/ops/eager.py); None when the
   // dispatcher has work to do, and then the caller calls the op.
   module.def(
       "attention_direct",
       [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
          const c10::optional<at::Tensor>& key_lengths, const c10::optional<at::Tensor>& alibi,
          const c10::optional<at::Tensor>& seed, const c10::optional<at::Tensor>& sinks, bool causal,
-         int64_t window_left, int64_t window_right, double softcap, double scale, double dropout_p) -> pybind11::object {
-        std::optional<std::tuple<at::Tensor, at::Tensor>> result;
-        {
-          pybind11::gil_scoped_release no_gil;  // as the dispatcher's Python entry does
-          result = fused_attention::cpu::attention_direct(q, k, v, mask, key_lengths, alibi, seed, sinks, causal,
-                                                          window_left, window_right, softcap, scale, dropout_p);
-        }
-        if (!result) return pybind11::none();
-        return pybind11::cast(*result);
+         int64_t window_left, int64_t window_right, double softcap, double scale, double dropout_p) {
+        return without_gil([&] {
+          return fused_attention::cpu::attention_direct(q, k, v, mask, key_lengths, alibi, seed, sinks, causal,
+                                                        window_left, window_right, softcap, scale, dropout_p);
+        });
+      });
+  module.def(
+      "varlen_direct",
+      [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+         const at::Tensor& cu_seqlens_k, const c10::optional<at::Tensor>& alibi, const c10::optional<at::Tensor>& seed,
+         const c10::optional<at::Tensor>& sinks, int64_t window_left, int64_t window_right, double softcap,
+         double scale, double dropout_p) {
+        return without_gil([&] {
+          return fused_attention::cpu::varlen_direct(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi, seed, sinks,
+                                                     window_left, window_right, softcap, scale, dropout_p);
+        });
       });
   // The common call past every Python layer (fused_attention/functional.py): q, k, v plain torch.Tensor
   // objects, is_causal and enable_gqa Python bools, scale None or a float; out, or None for anything

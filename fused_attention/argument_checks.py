@@ -183,15 +183,18 @@ def check_key_lengths(key_lengths: object, batch: int, seq_k: int, device: torch
     return kl
 
 
-def check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) -> torch.Tensor:
+def check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) -> tuple[torch.Tensor, int | None]:
+    """``(cu, the longest sequence)``; the length is None where values are not read (see
+    :func:`content_checks_enabled`). The values are read once, for both checks."""
     if not isinstance(cu, torch.Tensor):
         raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dim() != 1 or cu.numel() < 1:
         raise AttentionArgumentError(f"{name} must be 1-D with batch + 1 entries, got shape {tuple(cu.shape)}")
     cu = check_int_vector(name, cu, cu.numel(), device)
-    if content_checks_enabled(cu):
-        check_cu_values(name, cu.tolist(), total)
-    return cu
+    if not content_checks_enabled(cu):
+        return cu, None
+    values = check_cu_values(name, cu.tolist(), total)
+    return cu, max((b - a for a, b in itertools.pairwise(values)), default=0)
 
 
 def check_cu_values(name: str, values: list[int], total: int) -> list[int]:
@@ -204,7 +207,8 @@ def check_cu_values(name: str, values: list[int], total: int) -> list[int]:
     return values
 
 
-def check_max_seqlen(name: str, value: object, cu: torch.Tensor) -> int:
+def check_max_seqlen(name: str, value: object, longest: int | None) -> int:
+    """``longest``: the longest sequence from :func:`check_cu_seqlens` (None: not checked)."""
     # Any integer scalar: code ported from flash_attn passes NumPy ints or 0-d tensors from `.max()`.
     scalar_tensor = isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool
     if isinstance(value, bool) or (isinstance(value, torch.Tensor) and not scalar_tensor):
@@ -217,6 +221,6 @@ def check_max_seqlen(name: str, value: object, cu: torch.Tensor) -> int:
     if number is None or number < 0:
         raise AttentionArgumentError(f"{name} must be a non-negative int, got {value!r}")
     value = number
-    if content_checks_enabled(cu) and cu.numel() > 1 and int((cu[1:] - cu[:-1]).max()) > value:
+    if longest is not None and longest > value:
         raise AttentionArgumentError(f"{name}={value} is smaller than the longest sequence")
     return value

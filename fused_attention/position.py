@@ -218,9 +218,9 @@ def _packed_steps(
     cu_seqlens: object, max_seqlen: object, total: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(position of each packed token within its sequence, the sequence it belongs to)``."""
-    cu = check_cu_seqlens("cu_seqlens", cu_seqlens, total, device)
+    cu, longest = check_cu_seqlens("cu_seqlens", cu_seqlens, total, device)
     if max_seqlen is not None:
-        check_max_seqlen("max_seqlen", max_seqlen, cu)
+        check_max_seqlen("max_seqlen", max_seqlen, longest)
     bounds = cu.to(torch.int64)
     tokens = torch.arange(total, device=device)
     sequence = torch.bucketize(tokens, bounds[1:], right=True)

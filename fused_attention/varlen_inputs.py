@@ -52,8 +52,8 @@ def canonicalize_varlen(
         )
     if k.shape[1] == 0 and q.shape[1] > 0 or k.shape[1] > 0 and q.shape[1] % k.shape[1]:
         raise AttentionArgumentError(f"k heads ({k.shape[1]}) must divide q heads ({q.shape[1]})")
-    cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-    cu_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    cu_q, longest_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    cu_k, longest_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
     if cu_q.numel() != cu_k.numel():
         raise AttentionArgumentError(
             f"cu_seqlens_q and cu_seqlens_k must have the same length, got {cu_q.numel()} and {cu_k.numel()}"
@@ -85,8 +85,8 @@ def canonicalize_varlen(
         value=v,
         cu_seqlens_q=cu_q,
         cu_seqlens_k=cu_k,
-        max_seqlen_q=check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_q),
-        max_seqlen_k=check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_k),
+        max_seqlen_q=check_max_seqlen("max_seqlen_q", max_seqlen_q, longest_q),
+        max_seqlen_k=check_max_seqlen("max_seqlen_k", max_seqlen_k, longest_k),
         causal_lower_right=is_causal,
         window_left=window_left,
         window_right=window_right,

@@ -17,19 +17,30 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def direct_calls(monkeypatch):
-    """``[taken, declined]`` counts of the direct entry."""
+def _count_direct(monkeypatch, eager_op) -> list[int]:
+    """``[taken, declined]`` counts of ``eager_op``'s direct entry."""
     counts = [0, 0]
-    entry = cpu_backend._OPS.attention.direct
+    entry = eager_op.direct
 
     def counting(*args):
         result = entry(*args)
         counts[0 if result is not None else 1] += 1
         return result
 
-    monkeypatch.setattr(cpu_backend._OPS.attention, "direct", counting)
+    monkeypatch.setattr(eager_op, "direct", counting)
     return counts
+
+
+@pytest.fixture
+def direct_calls(monkeypatch):
+    return _count_direct(monkeypatch, cpu_backend._OPS.attention)
+
+
+@pytest.fixture
+def varlen_direct_calls(monkeypatch):
+    if cpu_backend._OPS.varlen_attention.direct is None:
+        pytest.skip("an extension built before varlen_direct")
+    return _count_direct(monkeypatch, cpu_backend._OPS.varlen_attention)
 
 
 def _qkv(*shape):
@@ -127,3 +138,47 @@ def test_inference_mode_output_is_an_inference_tensor(direct_calls):
     with torch.inference_mode():
         out = fused_attention.scaled_dot_product_attention(q, k, v, backend="cpu")
     assert direct_calls == [1, 0] and out.is_inference()
+
+
+def _packed(total: int, heads: int, dim: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(total, heads, dim, generator=g) for _ in range(3)]
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"is_causal": True, "window_size": (3, -1)}, {"alibi_slopes": "rand"}, {"sinks": "randn"},
+               {"softcap": 2.0, "return_lse": True}],
+    ids=["plain", "causal_window", "alibi", "sinks", "softcap_lse"],
+)
+def test_a_packed_call_goes_direct_and_equals_the_op(varlen_direct_calls, kwargs):
+    from fused_attention.backends.base import varlen_op_args
+    from fused_attention.varlen_inputs import canonicalize_varlen
+
+    g = torch.Generator().manual_seed(2)
+    made = {"rand": lambda: torch.rand(3, generator=g), "randn": lambda: torch.randn(3, generator=g)}
+    kwargs = {name: made[value]() if value in made else value for name, value in kwargs.items()}
+    q, k, v = _packed(13, 3, 16)
+    cu = torch.tensor([0, 4, 4, 13], dtype=torch.int32)
+    result = fused_attention.varlen_attention(q, k, v, cu, cu, 9, 9, backend="cpu", **kwargs)
+    assert varlen_direct_calls == [1, 0]
+    inputs = canonicalize_varlen(q, k, v, cu, cu, 9, 9, **kwargs)
+    out, lse = torch.ops.fused_attention.varlen_attention.default(*varlen_op_args(inputs, sinks=True))
+    if kwargs.get("return_lse"):
+        assert torch.equal(result[0], out) and torch.equal(result[1], lse)
+    else:
+        assert torch.equal(result, out)
+
+
+def test_packed_calls_that_need_autograd_or_a_mode_take_the_op(varlen_direct_calls):
+    q, k, v = _packed(10, 2, 8)
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+    with RecordingDispatch() as recording:
+        fused_attention.varlen_attention(q, k, v, cu, cu, 7, 7, backend="cpu")
+    assert "fused_attention.varlen_attention.default" in recording.seen and varlen_direct_calls == [0, 1]
+    qg = q.clone().requires_grad_()
+    fused_attention.varlen_attention(qg, k, v, cu, cu, 7, 7, backend="cpu").sum().backward()
+    assert varlen_direct_calls == [0, 1] and qg.grad is not None
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fused_attention.varlen_attention(q, k, v, cu, cu, 7, 7, backend="cpu")
+    assert varlen_direct_calls == [1, 1]
+    assert any(event.name == "fused_attention::varlen_attention" for event in prof.events())

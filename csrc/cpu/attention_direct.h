@@ -1,4 +1,4 @@
-// The dense CPU forward for a direct call from Python, past the dispatcher (see
+// The dense and packed CPU forwards for a direct call from Python, past the dispatcher (see
 // fused_attention/ops/eager.py): a tiny call spends more in the dispatcher's boxing of its 14
 // arguments than in the kernel.
 #pragma once
@@ -20,6 +20,13 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> attention_direct(
     const c10::optional<at::Tensor>& key_lengths, const c10::optional<at::Tensor>& alibi,
     const c10::optional<at::Tensor>& seed, const c10::optional<at::Tensor>& sinks, bool causal, int64_t window_left,
     int64_t window_right, double softcap, double scale, double dropout_p);
+
+// varlen_attention's (out, lse) past the dispatcher, or nullopt where attention_direct would decline.
+std::optional<std::tuple<at::Tensor, at::Tensor>> varlen_direct(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, const c10::optional<at::Tensor>& alibi, const c10::optional<at::Tensor>& seed,
+    const c10::optional<at::Tensor>& sinks, int64_t window_left, int64_t window_right, double softcap, double scale,
+    double dropout_p);
 
 // Whether something on this thread intercepts calls (a dispatch mode, the JIT tracer, functionalization,
 // functorch, the Python dispatcher): then the dispatcher has work that a direct call would skip.

@@ -383,6 +383,21 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> attention_direct(
                        scale, dropout_p);
 }
 
+std::optional<std::tuple<at::Tensor, at::Tensor>> varlen_direct(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, const c10::optional<at::Tensor>& alibi, const c10::optional<at::Tensor>& seed,
+    const c10::optional<at::Tensor>& sinks, int64_t window_left, int64_t window_right, double softcap, double scale,
+    double dropout_p) {
+  if (calls_intercepted()) return std::nullopt;
+  if (!plain_cpu_tensor(q) || !plain_cpu_tensor(k) || !plain_cpu_tensor(v) || !plain_cpu_tensor(cu_seqlens_q) ||
+      !plain_cpu_tensor(cu_seqlens_k) || !plain_optional(alibi) || !plain_optional(seed) || !plain_optional(sinks)) {
+    return std::nullopt;
+  }
+  RECORD_FUNCTION("fused_attention::varlen_attention", std::vector<c10::IValue>({q, k, v}));
+  return varlen_attention_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi, seed, sinks, window_left, window_right,
+                              softcap, scale, dropout_p);
+}
+
 bool plain_call_serves(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool gqa) {
   // (first: a nested tensor's sizes cannot be asked for)
   if (!plain_cpu_tensor(q) || !plain_cpu_tensor(k) || !plain_cpu_tensor(v)) return false;

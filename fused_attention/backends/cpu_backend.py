@@ -34,7 +34,8 @@ class _Ops:
         # the common call past every Python layer (plain_call.py)
         self.plain = getattr(_C, "attention_plain", None)
         self.varlen_attention = EagerOp(
-            ops.varlen_attention.default, *varlen_autograd_rules(ops.varlen_attention_backward.default, sinks=True)
+            ops.varlen_attention.default, *varlen_autograd_rules(ops.varlen_attention_backward.default, sinks=True),
+            direct=getattr(_C, "varlen_direct", None),
         )
 
 
