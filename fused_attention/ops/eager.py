@@ -5,8 +5,9 @@ it redispatches from Python (~5 us), and with an input that requires grad it bui
 through a generic, pytree-based ``autograd.Function`` (~40 us for a small call). At decode shapes that
 is more than the kernel. :class:`EagerOp` calls the same op below autograd when no input needs a
 gradient, and otherwise through a plain ``autograd.Function`` with the op's own ``setup_context`` and
-``backward`` rules (the registered ones), so gradients are the same. While ``torch.compile`` traces, or
-under functorch transforms, it calls the op itself: its registered autograd is what they understand.
+``backward`` rules (the registered ones), so gradients are the same. While ``torch.compile`` traces it
+calls the op itself: its registered autograd is what the trace records. Under functorch transforms the
+same rules run in a Function with a separate ``setup_context``, which those transforms require.
 
 Below autograd, the op's call from Python still parses its arguments against the schema and boxes them
 (~8 us for the 14 of attention, more than a tiny call's kernel). An op may come with a ``direct``
@@ -27,6 +28,7 @@ import torch.autograd.forward_ad as _forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
+_GRAD, _JVP = torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp
 # True when a torch function mode is on or an argument overrides __torch_function__ (~0.1 us).
 _has_torch_function = torch._C._has_torch_function
 
@@ -47,18 +49,26 @@ _NO_FORWARD_AD = (
 )
 
 
-def _functorch_jvp_active() -> bool:
-    """Whether a forward-mode functorch transform (jvp, jacfwd) is on this thread's interpreter stack."""
+def _functorch_transforms() -> list[Any]:
+    """The kinds (``TransformType``) of the functorch transforms on this thread's interpreter stack."""
     functorch = torch._C._functorch
     stack_of = getattr(functorch, "get_interpreter_stack", None)
     stack = stack_of() if stack_of is not None else [functorch.peek_interpreter_stack()]
-    return any(level is not None and level.key() == functorch.TransformType.Jvp for level in stack or ())
+    return [level.key() for level in stack or () if level is not None]
+
+
+# The ops' backward ops have no derivatives of their own: nested reverse-mode transforms would see the
+# gradient as constant and give a wrong (zero) second derivative without a word.
+_NO_DOUBLE_GRAD = (
+    "fused_attention: a second derivative (torch.func.grad of torch.func.grad, vjp or jacrev nested in one "
+    "another) is not supported by the attention ops; the first derivative is"
+)
 
 
 def _function(op: Callable[..., Any], setup_context: Callable[..., None], backward: Callable[..., Any]) -> type:
     class EagerAttention(torch.autograd.Function):
         # The old-style forward (ctx first) costs ~12 us less per call than forward + setup_context; the
-        # latter is only needed for functorch transforms, which take the registered path.
+        # latter is only needed for functorch transforms (_transform_function).
         @staticmethod
         def forward(ctx, *inputs):
             with _BELOW_AUTOGRAD():
@@ -68,6 +78,30 @@ def _function(op: Callable[..., Any], setup_context: Callable[..., None], backwa
 
     EagerAttention.backward = staticmethod(backward)  # type: ignore[method-assign]
     return EagerAttention
+
+
+def _transform_function(op: Callable[..., Any], setup_context: Callable[..., None], backward: Callable[..., Any]) -> type:
+    """The same rules as a Function with a separate ``setup_context``, which functorch's reverse-mode
+    transforms (``torch.func.grad``, ``vjp``, ``jacrev``) require: the ``autograd.Function`` that
+    torch.library generates for a registered autograd has none, and they refuse it (pytorch/pytorch#170834).
+    ``vmap`` of the rules is generated (the op itself must then support vmap)."""
+
+    class TransformAttention(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(*inputs):
+            return op(*inputs)
+
+    def untracked_backward(ctx, *grads):
+        # Nothing to record (EagerOp refuses nested reverse-mode transforms), and a backward op's own
+        # generated autograd Function would be refused by the transform too.
+        with torch.no_grad():
+            return backward(ctx, *grads)
+
+    TransformAttention.setup_context = staticmethod(setup_context)  # type: ignore[method-assign]
+    TransformAttention.backward = staticmethod(untracked_backward)  # type: ignore[method-assign]
+    return TransformAttention
 
 
 class EagerOp:
@@ -80,15 +114,19 @@ class EagerOp:
     ):
         self.op = op
         self.function = _function(op, setup_context, backward)
+        self.transform_function = _transform_function(op, setup_context, backward)
         self.direct = direct
 
     def __call__(self, *args: Any) -> Any:
         if torch.compiler.is_compiling():
             return self.op(*args)
         if torch._C._are_functorch_transforms_active():
-            if _functorch_jvp_active():
+            transforms = _functorch_transforms()
+            if _JVP in transforms:
                 raise NotImplementedError(_NO_FORWARD_AD)
-            return self.op(*args)
+            if transforms.count(_GRAD) > 1:
+                raise NotImplementedError(_NO_DOUBLE_GRAD)
+            return self.transform_function.apply(*args)
         if _forward_ad._current_level >= 0 and any(
             isinstance(a, torch.Tensor) and _forward_ad.unpack_dual(a).tangent is not None for a in args
         ):

@@ -1,0 +1,105 @@
+"""functorch's reverse-mode transforms through the attention ops: ``torch.func.grad``, ``vjp``, ``jacrev``
+and per-sample gradients (``vmap`` of ``grad``) give the gradients ``torch.autograd`` gives, on every
+backend; a nested reverse-mode transform (a second derivative) and forward mode raise instead of
+returning a wrong derivative."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import rand, require
+
+import fused_attention
+
+
+def _attend(backend: str, **kwargs):
+    return lambda q, k, v: fused_attention.scaled_dot_product_attention(q, k, v, backend=backend, **kwargs)
+
+
+def _autograd(fn, *tensors, upstream=None):
+    """``(output, gradients)`` of ``fn`` by torch.autograd."""
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    return out.detach(), torch.autograd.grad(out, leaves, upstream if upstream is not None else torch.ones_like(out))
+
+
+@pytest.mark.parametrize("kwargs", [{"is_causal": True}, {"enable_gqa": True, "alibi_slopes": "slopes"}],
+                         ids=["causal", "gqa_alibi"])
+def test_grad_and_vjp_equal_autograd(backend, kwargs):
+    require(backend, torch.float32)
+    q, k, v = rand(1, 4, 9, 16), rand(1, 2 if kwargs.get("enable_gqa") else 4, 11, 16), rand(1, 2 if kwargs.get(
+        "enable_gqa") else 4, 11, 16)
+    if kwargs.get("alibi_slopes"):
+        kwargs = {**kwargs, "alibi_slopes": torch.rand(4) + 0.1}
+    attend = _attend(backend, **kwargs)
+    _, expected = _autograd(lambda *t: attend(*t).square().sum(), q, k, v)
+    got = torch.func.grad(lambda *t: attend(*t).square().sum(), argnums=(0, 1, 2))(q, k, v)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+    upstream = rand(1, 4, 9, 16)
+    out, pullback = torch.func.vjp(attend, q, k, v)
+    expected_out, expected = _autograd(attend, q, k, v, upstream=upstream)
+    assert torch.equal(out, expected_out)
+    assert all(torch.equal(a, b) for a, b in zip(pullback(upstream), expected))
+
+
+def test_jacrev_equals_the_autograd_jacobian(backend):
+    require(backend, torch.float32)
+    q, k, v = rand(1, 1, 3, 8), rand(1, 1, 4, 8), rand(1, 1, 4, 8)
+    attend = _attend(backend, is_causal=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vmap's per-sample fallback over the backward op: a performance note
+        jac = torch.func.jacrev(attend, argnums=1)(q, k, v)
+    expected = torch.autograd.functional.jacobian(lambda k: attend(q, k, v), k)
+    torch.testing.assert_close(jac, expected, rtol=0, atol=1e-6)
+    assert jac.abs().max() > 0
+
+
+def test_per_sample_gradients(backend):
+    """vmap over the batch of grad of one sample's loss: Opacus-style per-sample gradients."""
+    require(backend, torch.float32)
+    q, k, v = rand(3, 2, 5, 8), rand(3, 2, 7, 8), rand(3, 2, 7, 8)
+
+    def loss(q1, k1, v1):
+        return fused_attention.scaled_dot_product_attention(q1[None], k1[None], v1[None], is_causal=True,
+                                                            backend=backend).square().sum()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        grads = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    for i in range(3):
+        _, expected = _autograd(loss, q[i], k[i], v[i])
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
+
+
+def test_varlen_grad_equals_autograd(backend):
+    require(backend, torch.float32)
+    q, k, v = rand(10, 2, 16), rand(12, 2, 16), rand(12, 2, 16)
+    cu_q, cu_k = torch.tensor([0, 4, 10], dtype=torch.int32), torch.tensor([0, 5, 12], dtype=torch.int32)
+
+    def loss(q, k, v):
+        return fused_attention.varlen_attention(q, k, v, cu_q, cu_k, 6, 7, is_causal=True,
+                                                backend=backend).square().sum()
+
+    got = torch.func.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    assert all(torch.equal(a, b) for a, b in zip(got, _autograd(loss, q, k, v)[1]))
+
+
+def test_second_derivatives_and_forward_mode_raise(backend):
+    require(backend, torch.float32)
+    q, k, v = rand(1, 1, 3, 8), rand(1, 1, 4, 8), rand(1, 1, 4, 8)
+    attend = _attend(backend)
+
+    def first(q):
+        return torch.func.grad(lambda q: attend(q, k, v).square().sum())(q)
+
+    with pytest.raises(NotImplementedError, match="second derivative"):
+        torch.func.grad(lambda q: first(q).sum())(q)
+    with pytest.raises(NotImplementedError, match="second derivative"):
+        torch.func.jacrev(first)(q)
+    # (ours, or torch's own where the torch backend hands a plain call to torch's SDPA)
+    with pytest.raises((NotImplementedError, RuntimeError), match="forward-mode AD|forward AD"):
+        torch.func.jvp(lambda q: attend(q, k, v), (q,), (torch.randn_like(q),))
