@@ -24,7 +24,8 @@ table (and written with ``--out``), because the CPU may be shared.
   ``TransformerEncoderLayer``, d_model 512, 8 heads, (seq, batch, d) layout, 8 x 256 tokens) built from
   ``fused_attention.nn`` against the same model from torch modules (the tutorial's positional encoding).
 
-    python benchmarks/models.py [--rounds 5] [--models llama-decode,bert-base] [--threads N] [--out DIR] [--quick]
+    python benchmarks/models.py [--rounds 5] [--models llama-decode,bert-base] [--threads N] [--dtype bfloat16]
+                                [--out DIR] [--quick]
 
 ``--quick`` runs every model at toy sizes with two rounds (seconds; for the smoke test).
 """
@@ -110,7 +111,7 @@ def interleaved(torch_fn: Callable[[], object], ours_fn: Callable[[], object], r
 # ------------------------------------------------------------------------------------------ Hugging Face
 
 
-def _hf_decoder(kind: str, s: Sizes):
+def _hf_decoder(kind: str, s: Sizes, dtype: torch.dtype):
     import transformers
 
     import fused_attention.integrations.huggingface  # noqa: F401  (registers "fused_attention")
@@ -126,7 +127,7 @@ def _hf_decoder(kind: str, s: Sizes):
         config = transformers.Gemma2Config(**common, head_dim=s.hidden // 8, attn_logit_softcapping=50.0,
                                            final_logit_softcapping=30.0, sliding_window=s.window)
         model = transformers.Gemma2ForCausalLM(config)
-    return model.eval()
+    return model.to(dtype).eval()
 
 
 def _generate(model, implementation: str, prompt: torch.Tensor, new_tokens: int) -> Callable[[], object]:
@@ -150,12 +151,12 @@ def _forward(model, implementation: str, **inputs: torch.Tensor) -> Callable[[],
     return run
 
 
-def hf_decoders(s: Sizes, rounds: int, wanted: set[str]) -> list[Row]:
+def hf_decoders(s: Sizes, rounds: int, wanted: set[str], dtype: torch.dtype) -> list[Row]:
     rows = []
     gen = torch.Generator().manual_seed(0)
     if wanted & {"llama-decode", "llama-prefill"}:
         torch.manual_seed(0)
-        model = _hf_decoder("llama", s)
+        model = _hf_decoder("llama", s, dtype)
         if "llama-decode" in wanted:
             prompt = torch.randint(1, 32000, (1, s.prompt), generator=gen)
             t, o = interleaved(_generate(model, "sdpa", prompt, s.new_tokens),
@@ -169,7 +170,7 @@ def hf_decoders(s: Sizes, rounds: int, wanted: set[str]) -> list[Row]:
             rows.append(Row("Llama-style (HF), 4 layers, GQA 8/2", f"prefill forward, {s.prefill} tokens", "sdpa", t, o))
     if "gemma2-decode" in wanted:
         torch.manual_seed(0)
-        model = _hf_decoder("gemma2", s)
+        model = _hf_decoder("gemma2", s, dtype)
         prompt = torch.randint(1, 32000, (1, s.prompt), generator=gen)
         t, o = interleaved(_generate(model, "eager", prompt, s.new_tokens),
                            _generate(model, "fused_attention", prompt, s.new_tokens), rounds)
@@ -187,7 +188,7 @@ def _padded_batch(batch: int, max_len: int, vocab: int, gen: torch.Generator) ->
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def hf_bert(s: Sizes, rounds: int, wanted: set[str]) -> list[Row]:
+def hf_bert(s: Sizes, rounds: int, wanted: set[str], dtype: torch.dtype) -> list[Row]:
     import transformers
 
     import fused_attention.integrations.huggingface  # noqa: F401  (registers "fused_attention")
@@ -206,7 +207,7 @@ def hf_bert(s: Sizes, rounds: int, wanted: set[str]) -> list[Row]:
         if name not in wanted:
             continue
         torch.manual_seed(0)
-        model = transformers.BertModel(transformers.BertConfig(**kwargs)).eval()
+        model = transformers.BertModel(transformers.BertConfig(**kwargs)).to(dtype).eval()
         inputs = _padded_batch(batch, max_len, model.config.vocab_size, gen)
         t, o = interleaved(_forward(model, "sdpa", **inputs), _forward(model, "fused_attention", **inputs), rounds)
         rows.append(Row(title, f"inference, padded batch {batch} x {max_len}", "sdpa", t, o))
@@ -232,15 +233,15 @@ def _inference(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     return run
 
 
-def encoder(s: Sizes, rounds: int, wanted: set[str]) -> list[Row]:
+def encoder(s: Sizes, rounds: int, wanted: set[str], dtype: torch.dtype) -> list[Row]:
     rows = []
     torch.manual_seed(0)
     d = s.bert_hidden
     layer = nn.TransformerEncoderLayer(d, 12, 4 * d, batch_first=True)
-    ref = nn.TransformerEncoder(layer, s.encoder_layers, enable_nested_tensor=False)
+    ref = nn.TransformerEncoder(layer, s.encoder_layers, enable_nested_tensor=False).to(dtype)
     ours = copy.deepcopy(ref)
     assert fused_attention.patch_model(ours) == s.encoder_layers
-    x = torch.randn(s.encoder_batch, s.encoder_seq, d)
+    x = torch.randn(s.encoder_batch, s.encoder_seq, d, dtype=dtype)
     title = f"nn.TransformerEncoder, d 768, 12 heads, {s.encoder_layers} layers"
     if "encoder-infer" in wanted:
         ref.eval()
@@ -272,7 +273,7 @@ class ClassicPositionalEncoding(nn.Module):
         return self.dropout(x + self.pe[: x.size(0)])
 
 
-def classic(s: Sizes, rounds: int, wanted: set[str]) -> list[Row]:
+def classic(s: Sizes, rounds: int, wanted: set[str], dtype: torch.dtype) -> list[Row]:
     rows = []
     d, heads = s.hidden, 8
     torch.manual_seed(0)
@@ -280,7 +281,8 @@ def classic(s: Sizes, rounds: int, wanted: set[str]) -> list[Row]:
     torch.manual_seed(0)
     ours = nn.Sequential(fnn.PositionalEncoding(d, dropout=0.1), fnn.TransformerEncoderLayer(d, heads, 4 * d))
     ours.load_state_dict(ref.state_dict())
-    x = torch.randn(s.classic_seq, 8, d)
+    ref, ours = ref.to(dtype), ours.to(dtype)
+    x = torch.randn(s.classic_seq, 8, d, dtype=dtype)
     title = f"classic stack: PositionalEncoding + TransformerEncoderLayer, d {d}, {heads} heads"
     if "classic-infer" in wanted:
         ref.eval()
@@ -327,7 +329,7 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def run(models: list[str], sizes: Sizes, rounds: int) -> list[Row]:
+def run(models: list[str], sizes: Sizes, rounds: int, dtype: torch.dtype = torch.float32) -> list[Row]:
     wanted = set(models)
     try:
         import transformers  # noqa: F401
@@ -337,7 +339,7 @@ def run(models: list[str], sizes: Sizes, rounds: int) -> list[Row]:
         wanted -= HF_MODELS
     rows = []
     for group in (hf_decoders, hf_bert, encoder, classic):
-        rows += group(sizes, rounds, wanted)
+        rows += group(sizes, rounds, wanted, dtype)
     return rows
 
 
@@ -348,6 +350,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--quick", action="store_true", help="toy sizes, two rounds (a smoke test)")
     parser.add_argument("--out", type=Path, help="write models.md and models.json here")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the models' parameters and inputs (bfloat16: what CPUs with AMX serve fastest)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -356,13 +360,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
     info = machine(sys.argv[1:] if argv is None else argv)
-    rows = run(models, QUICK if args.quick else Sizes(), 2 if args.quick else args.rounds)
+    rows = run(models, QUICK if args.quick else Sizes(), 2 if args.quick else args.rounds, getattr(torch, args.dtype))
     info["load_after"] = os.getloadavg()
     table = markdown(rows)
     header = (f"{info['date']}; {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads; "
               f"torch {info['torch']}, transformers {info['transformers']}, Python {info['python']}; "
               f"load average before {info['load_before'][0]:.2f}, after {info['load_after'][0]:.2f}\n"
-              f"`{info['command']}`; float32, wall time, medians of {2 if args.quick else args.rounds} "
+              f"`{info['command']}`; {args.dtype}, wall time, medians of {2 if args.quick else args.rounds} "
               "interleaved rounds; speedup = torch / fused_attention\n")
     print(header)
     print(table)
