@@ -167,11 +167,14 @@ def test_dropout_mask_is_the_same_in_forward_and_backward(features):
     check_dropout_against_reference("triton", features, seq_k=56)
 
 
+# Parameters are built at import: the slopes come from a generator of their own, not from the global RNG,
+# whose state then depends on which test modules were imported first (an order-dependent failure). Any draw
+# must pass: the slope gradient is held to the policy for every slope draw (the kernel centers distances).
 _VARLEN_KWARGS = [
     {},
     {"is_causal": True},
     {"is_causal": True, "window_size": (4, -1), "softcap": 1.5},
-    {"alibi_slopes": torch.rand(4, 4), "scale": 0.2},
+    {"alibi_slopes": torch.rand(4, 4, generator=torch.Generator().manual_seed(0)), "scale": 0.2},
 ]
 
 

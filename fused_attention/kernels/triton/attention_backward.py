@@ -8,7 +8,8 @@ key tile) pair in all (9 when a mask or slope gradient is asked for).
   flags the rows whose probability is one-hot (exactly 1 on one key, as the forward computed it: the
   same expression, tile for tile): their score gradients are exactly 0, which ``P * (dP - delta)``
   would leave as rounding noise (delta sums the same products in another order), so both passes
-  write 0 there.
+  write 0 there. For a float32 slope gradient it also stores each row's mean distance under P, on
+  which the dK/dV pass centers the distances (see :func:`attention_backward`).
 - dK/dV: one program per (key block, key/value head, split of its query-head group, batch) holds its
   keys and values and walks the query blocks that can see them, on (keys, queries) tiles so that all
   4 matmuls (``S^T = K Q^T``, ``dP^T = V dO^T``, ``dV += P^T dO``, ``dK += dS^T Q``) have the held key
@@ -40,7 +41,7 @@ _ONE_HOT_ULPS = tl.constexpr(8 * 2.0**-24)
 
 @triton.jit
 def attention_dkdv_kernel(
-    Q, K, V, Mask, KeyLengths, Alibi, CuQ, CuK, DOut, Lse, Delta, OneHot, DK, DV, DMask, DAlibi,
+    Q, K, V, Mask, KeyLengths, Alibi, CuQ, CuK, DOut, Lse, Delta, OneHot, DistMean, DK, DV, DMask, DAlibi,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -59,6 +60,7 @@ def attention_dkdv_kernel(
     ALIBI: tl.constexpr, MASK: tl.constexpr, KEY_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     MASK_GRAD: tl.constexpr, MASK_SUM_ROWS: tl.constexpr, MASK_SUM_COLS: tl.constexpr, ALIBI_GRAD: tl.constexpr,
+    ALIBI_CENTER: tl.constexpr,
 ):
     block = tl.program_id(0)
     n0 = block * BLOCK_N
@@ -131,6 +133,8 @@ def attention_dkdv_kernel(
             lse = tl.where(lse == float("-inf"), 0.0, lse)  # a row that sees nothing: every score is -inf
             delta = tl.load(Delta + stats, mask=row_ok, other=0.0)
             one_hot = tl.load(OneHot + stats, mask=row_ok, other=0) != 0
+            if ALIBI_CENTER:
+                dist_mean = tl.load(DistMean + stats, mask=row_ok, other=0.0)
             if DOT_PRECISION == "ieee":
                 # float32 gradients are held to float32 rounding: P must be the forward's, bit for bit
                 # (rows summing to 1 as the forward's lse says), so the scores come from the forward's
@@ -160,7 +164,13 @@ def attention_dkdv_kernel(
                     ds, offs_m, offs_n, seq_q, seq_k, stride_xm, stride_xn, MASK_SUM_ROWS, MASK_SUM_COLS,
                 )
             if ALIBI_GRAD:
-                slope_grad += tl.sum(ds * tl.abs(rows + (seq_k - seq_q) - cols).to(tl.float32), 1)
+                distance = tl.abs(rows + (seq_k - seq_q) - cols).to(tl.float32)
+                if ALIBI_CENTER:
+                    # from the row's mean distance under P: the same sum (a row's dS sums to 0), but what the
+                    # rounding of delta and of P leaves in a row's dS, nearly proportional to its P, is no
+                    # longer multiplied by distances of up to the key range (see attention_backward)
+                    distance = distance - dist_mean[None, :]
+                slope_grad += tl.sum(ds * distance, 1)
             if SOFTCAP:
                 ds = ds * (1.0 - t * t)
             dk += tl.dot(ds.to(q.dtype), q, input_precision=DOT_PRECISION)
@@ -237,7 +247,7 @@ def _dq_tile(
 
 @triton.jit
 def attention_dq_kernel(
-    Q, K, V, Mask, KeyLengths, Alibi, CuQ, CuK, Out, DOut, Lse, Delta, OneHot, DQ,
+    Q, K, V, Mask, KeyLengths, Alibi, CuQ, CuK, Out, DOut, Lse, Delta, OneHot, DQ, Sinks, DistMean, DAlibiRows,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -247,12 +257,14 @@ def attention_dq_kernel(
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_lb, stride_lh, stride_lm,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_yb, stride_yh, stride_yblock,
     n_heads, groups, seq_q, seq_k, head_dim, value_head_dim,
     scale, softcap, window_left, window_right, dropout_p, seed, tune_key,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, MASK: tl.constexpr, KEY_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, DELTA_FROM_SCORES: tl.constexpr,
+    ALIBI_CENTER: tl.constexpr, SINKS: tl.constexpr,
 ):
     m0 = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
@@ -322,6 +334,9 @@ def attention_dq_kernel(
     tl.store(Delta + stat_offset, delta, mask=row_ok)  # for the dK/dV pass, which runs next
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     peak = tl.zeros([BLOCK_M], tl.float32)
+    # sum_j P |distance|, the row's mean distance (P sums to 1 without a sink): the dK/dV pass centers the
+    # slope gradient's distances on it (see attention_backward)
+    dist_mean = tl.zeros([BLOCK_M], tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         k, p, dp, t = _dq_tile(
             q, do, lse, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim, value_head_dim,
@@ -330,6 +345,8 @@ def attention_dq_kernel(
             BLOCK_N, SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS, DROPOUT, DOT_PRECISION,
         )
         peak = tl.maximum(peak, tl.max(p, 1))
+        if ALIBI_CENTER:
+            dist_mean += tl.sum(p * tl.abs(rows + (seq_k - seq_q) - (n0 + tl.arange(0, BLOCK_N))[None, :]), 1)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
@@ -349,6 +366,19 @@ def attention_dq_kernel(
         size = tl.abs(tl.load(Lse + stat_offset, mask=row_ok, other=0.0)) + 1.0  # inf where no key: not one-hot
         one_hot = (peak >= 1.0 - size * _ONE_HOT_ULPS) & (peak > 0.0)
     tl.store(OneHot + stat_offset, one_hot.to(tl.uint8), mask=row_ok)  # for the dK/dV pass
+    if ALIBI_CENTER:
+        if SINKS:
+            # With a sink a row's dS over its keys sums to p_sink * delta, not 0, and its P to 1 - p_sink (the
+            # mean distance divides by that). Centering the distances on the mean c took c * p_sink * delta
+            # from the row's sum: given back here, one partial sum per (batch, head, query block). lse has
+            # the sink.
+            p_sink = tl.exp(tl.load(Sinks + h).to(tl.float32) - lse)
+            mass = 1.0 - p_sink
+            dist_mean = tl.where(mass > 0.0, dist_mean / tl.where(mass > 0.0, mass, 1.0), 0.0)
+            term = tl.where(row_ok & ~one_hot, dist_mean * p_sink * delta, 0.0)
+            q_block = tl.program_id(0).to(tl.int64)
+            tl.store(DAlibiRows + b64 * stride_yb + h64 * stride_yh + q_block * stride_yblock, -tl.sum(term, 0))
+        tl.store(DistMean + stat_offset, dist_mean, mask=row_ok)  # for the dK/dV pass
     dq = tl.where(one_hot[:, None], 0.0, dq * scale)
     tl.store(
         DQ + b64 * stride_dqb + h64 * stride_dqh + (q_start + rows.to(tl.int64)) * stride_dqm
@@ -358,9 +388,12 @@ def attention_dq_kernel(
 
 
 _TUNED_DKDV = launch.autotuned(
-    attention_dkdv_kernel, "backward_dkdv", extra_key=["MASK_GRAD", "ALIBI_GRAD", "splits"], reset_to_zero=["DMask"]
+    attention_dkdv_kernel, "backward_dkdv", extra_key=["MASK_GRAD", "ALIBI_GRAD", "ALIBI_CENTER", "splits"],
+    reset_to_zero=["DMask"],
 )
-_TUNED_DQ = launch.autotuned(attention_dq_kernel, "backward_dq", extra_key=["DELTA_FROM_SCORES"])
+_TUNED_DQ = launch.autotuned(
+    attention_dq_kernel, "backward_dq", extra_key=["DELTA_FROM_SCORES", "ALIBI_CENTER", "SINKS"]
+)
 
 
 def _mask_grad_buffer(problem: launch.Problem, deterministic: bool, splits: int, block_n: int
@@ -426,7 +459,30 @@ def attention_backward(
     # with 16-bit inputs delta comes from the scores then, not from the output stored in 16 bits (two
     # more matmuls per tile; float32's stored output is precise enough, measured by the shared suite)
     from_scores = (need_mask_grad or need_alibi_grad) and problem.q.dtype != torch.float32
-    dq_args = shared | {"DQ": dq, "Out": out, "DELTA_FROM_SCORES": from_scores}
+    # The float32 slope gradient, -sum over rows and keys of dS * |distance|, is summed against distances
+    # centered on each row's mean distance under P, which the dQ pass stores: exact, as a row's dS sums to 0
+    # (with a sink, to p_sink * delta, which the dQ pass adds back), and robust where the plain sum is not.
+    # A row's dS comes with an error nearly proportional to its P (delta's rounding; P's row sum is off 1 by
+    # lse's), which the plain sum multiplies by sum_j P |distance|, up to the key range: float32 slope
+    # gradients failed DESIGN.md's policy on 6-9% of random slope draws (tests/test_triton_attention.py::
+    # test_varlen; the cpu backend centers likewise). 16-bit inputs keep the plain sum: their policy bound
+    # is 16-bit rounding, and the running mean made sm_80's dQ kernel spill (bfloat16, head dim 128, every
+    # feature: 17-23 spill stores).
+    center = need_alibi_grad and problem.q.dtype == torch.float32
+    dist_mean = torch.empty_like(lse) if center else None
+    dalibi, sink_blocks = None, 0
+    n_key_blocks = triton.cdiv(problem.max_seqlen_k, 16)  # every tile's key block is a multiple of 16
+    if need_alibi_grad:
+        # one partial per (batch, head, key block) from the dK/dV pass and, centered with sinks, one per
+        # query block from the dQ pass (every tile's query block is a multiple of 16 too)
+        sink_blocks = triton.cdiv(problem.max_seqlen_q, 16) if center and problem.sinks is not None else 0
+        dalibi = torch.zeros(problem.batch, problem.heads, n_key_blocks + sink_blocks, dtype=torch.float32,
+                             device=problem.q.device)
+    dq_args = shared | {"DQ": dq, "Out": out, "DELTA_FROM_SCORES": from_scores, "ALIBI_CENTER": center,
+                        "Sinks": problem.sinks, "SINKS": sink_blocks > 0, "DistMean": dist_mean,
+                        "DAlibiRows": dalibi[..., n_key_blocks:] if sink_blocks else dalibi}
+    slope_strides = dalibi.stride() if dalibi is not None else (0, 0, 0)
+    dq_args |= dict(zip(("stride_yb", "stride_yh", "stride_yblock"), slope_strides))
     dq_args |= dict(zip(("stride_ob", "stride_oh", "stride_om", "stride_od"), problem.rows(out)))
     dq_args |= dict(zip(("stride_dqb", "stride_dqh", "stride_dqm", "stride_dqd"), problem.rows(dq)))
     launch.run(attention_dq_kernel, _TUNED_DQ, "backward_dq", problem, dq_args)
@@ -434,7 +490,7 @@ def attention_backward(
     deterministic = torch.are_deterministic_algorithms_enabled()
     mask_shape = problem.mask.shape if problem.mask is not None else (1, 1, 1, 1)
     flags = {"MASK_GRAD": need_mask_grad, "MASK_SUM_ROWS": mask_shape[2] == 1, "MASK_SUM_COLS": mask_shape[3] == 1,
-             "ALIBI_GRAD": need_alibi_grad}
+             "ALIBI_GRAD": need_alibi_grad, "ALIBI_CENTER": center}
     # the flags take part in the tile choice (a mask gradient prunes tiles that spill with it)
     block_n = launch.fixed_tile(attention_dkdv_kernel, "backward_dkdv", shared | flags).block_n
     splits = dkdv_splits(problem, block_n, _sm_count(problem.q.device))
@@ -442,15 +498,12 @@ def attention_backward(
         ("stride_xb", "stride_xh", "stride_xk", "stride_xm", "stride_xn", "stride_xblock"), 0), ()
     if need_mask_grad:
         dmask, dmask_strides, dmask_summed = _mask_grad_buffer(problem, deterministic, splits, block_n)
-    dalibi = None
-    if need_alibi_grad:
-        n_blocks = triton.cdiv(problem.max_seqlen_k, 16)  # every tile's key block is a multiple of 16
-        dalibi = torch.zeros(problem.batch, problem.heads, n_blocks, dtype=torch.float32, device=problem.q.device)
     # split programs write float32 partials, one slice each (zeros: varlen leaves rows between sequences)
     partial = torch.zeros if problem.varlen else torch.empty
     dk_out, dv_out = (dk, dv) if splits == 1 else (partial((splits, *t.shape), dtype=torch.float32, device=t.device)
                                                    for t in (dk, dv))
-    dkdv = shared | {"DK": dk_out, "DV": dv_out, "DMask": dmask, "DAlibi": dalibi, "splits": splits, **dmask_strides}
+    dkdv = shared | {"DK": dk_out, "DV": dv_out, "DMask": dmask, "DAlibi": dalibi, "DistMean": dist_mean,
+                     "splits": splits, **dmask_strides}
     for name, t in (("dk", dk_out), ("dv", dv_out)):
         inner = t if splits == 1 else t[0]
         dkdv |= dict(zip((f"stride_{name}{c}" for c in "bhnd"), problem.rows(inner)))
