@@ -35,7 +35,10 @@ def _check(backend, dtype, hq, hkv, ev, **kwargs):
         {"window_size": (3, 1)},
         {"is_causal": True, "window_size": (4, -1), "softcap": 1.5},
         {"alibi_slopes": torch.tensor([0.5, 0.25, 0.125, 0.0625])},
-        {"alibi_slopes": torch.rand(4, 4), "scale": 0.2},
+        # Built at import, so from a generator of its own (the global RNG's state there depends on which test
+        # modules were imported first). This draw's float32 slope gradient failed the policy (2.3x its bound)
+        # where the torch backend summed dS against raw distances; any draw should pass.
+        {"alibi_slopes": torch.rand(4, 4, generator=torch.Generator().manual_seed(146)), "scale": 0.2},
     ],
     ids=lambda kw: "+".join(kw) or "plain",
 )

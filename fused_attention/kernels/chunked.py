@@ -246,6 +246,22 @@ def _reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 @_no_autocast
+def _slope_grad_terms(ds: torch.Tensor, p: torch.Tensor, distance: torch.Tensor, sinks: bool) -> torch.Tensor:
+    """``sum over rows and keys of dS * |distance|`` per (batch, head), minus which is the slope gradient.
+    Without sinks, summed against distances centered on each row's mean distance under P: the same sum (a
+    row's dS sums to 0), but the rounding a row's dS carries nearly in proportion to its P is no longer
+    multiplied by distances of up to the key range: the plain sum failed DESIGN.md's policy on 5 of 200
+    random slope draws (float32, tests/test_varlen.py's case), centered none (the cpu and triton backends
+    center too). With sinks (a row's dS sums to p_sink * delta) the plain sum stays: centered, 3 of 30 seeds
+    of tests/test_sinks.py's ALiBi case failed, plain none (the error there is in dS itself: summed in
+    float64 it failed as well)."""
+    if sinks:
+        return (ds * distance).sum((-2, -1))
+    mass = p.sum(-1, keepdim=True)  # 1; 0 for a row that sees no key
+    center = (p * distance).sum(-1, keepdim=True) / mass.clamp(min=torch.finfo(p.dtype).tiny)
+    return (ds * (distance - center)).sum((-2, -1))
+
+
 def attention_backward(
     dout, q, k, v, mask, key_lengths, alibi, rules: Rules, need_mask_grad: bool, need_alibi_grad: bool,
     sinks=None, need_sinks_grad: bool = False,
@@ -287,7 +303,7 @@ def attention_backward(
             cols = slice(j0, j1) if mask.shape[3] != 1 else slice(None)
             dmask[:, :, rows, cols] += _reduce_to(ds, mask.shape)
         if dalibi is not None:
-            dalibi -= _reduce_to((ds * c.distance).sum((-2, -1)), alibi.shape)
+            dalibi -= _reduce_to(_slope_grad_terms(ds, p, c.distance, sinks is not None), alibi.shape)
         if c.tanh is not None:
             ds.mul_(1 - c.tanh * c.tanh)
         ds = c.per_kv_head(ds.mul_(rules.scale))
