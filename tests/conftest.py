@@ -160,6 +160,20 @@ def _with_every_dtype(items: list, sample: list) -> list:
     return sample + [members[len(members) // 2] for members in missing.values()]
 
 
+# torch's global RNG as the test modules find it. Parameters built at import must not draw from it: what
+# they got would depend on which modules were imported before them (-k, a file list, xdist's split), and a
+# policy check of such data passed or failed by the company it kept.
+_RNG_BEFORE_COLLECTION = torch.random.get_rng_state()
+
+
+def pytest_collection_finish(session):
+    if not torch.equal(_RNG_BEFORE_COLLECTION, torch.random.get_rng_state()):
+        raise pytest.UsageError(
+            "a test module drew from torch's global RNG at import (module-level data or parametrize values): "
+            "use a torch.Generator of its own, or build the data inside the test"
+        )
+
+
 @pytest.hookimpl(trylast=True)  # after -k and -m deselection: samples what was selected
 def pytest_collection_modifyitems(config, items):
     """Triton (interpreted, ~3 s a case) runs a sample of each shared test family, every dtype it serves

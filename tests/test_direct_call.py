@@ -58,8 +58,8 @@ def _op(q, k, v, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{}, {"is_causal": True}, {"alibi_slopes": torch.rand(3)}, {"key_lengths": torch.tensor([5, 0])},
-               {"sinks": torch.randn(3)}, {"window_size": (2, 1), "softcap": 3.0}],
+    "kwargs", [{}, {"is_causal": True}, {"alibi_slopes": torch.tensor([0.7, 0.2, 0.4])}, {"key_lengths": torch.tensor([5, 0])},
+               {"sinks": torch.tensor([0.3, -1.2, 0.8])}, {"window_size": (2, 1), "softcap": 3.0}],
     ids=["plain", "causal", "alibi", "key_lengths", "sinks", "window_softcap"],
 )
 def test_a_plain_call_goes_direct_and_equals_the_op(direct_calls, kwargs):
