@@ -447,6 +447,22 @@ def test_autocast_casts_as_torch_does(backend, features):
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
 
+def test_backward_under_autocast_equals_backward_outside(backend):
+    """A training step often runs its backward inside the autocast region too: the gradients equal those
+    of the same backward outside it (the backward kernels keep their own precision)."""
+    require(backend, torch.bfloat16)
+    q, k, v, kwargs = _inputs({"causal", "gqa", "alibi"})
+    grads = []
+    for inside in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fused_attention.scaled_dot_product_attention(q, k, v, backend=backend, **kwargs)
+            if inside:
+                grads.append(torch.autograd.grad(out.float().sum(), (q, k, v)))
+        if not inside:
+            grads.append(torch.autograd.grad(out.float().sum(), (q, k, v)))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_three_dim_gqa_groups_the_leading_dim_as_torch_does(backend):
     """torch's enable_gqa groups dim -3, which for 3-D inputs is the leading one."""
     torch.manual_seed(16)

@@ -245,7 +245,6 @@ def _reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
-@_no_autocast
 def _slope_grad_terms(ds: torch.Tensor, p: torch.Tensor, distance: torch.Tensor, sinks: bool) -> torch.Tensor:
     """``sum over rows and keys of dS * |distance|`` per (batch, head), minus which is the slope gradient.
     Without sinks, summed against distances centered on each row's mean distance under P: the same sum (a
@@ -262,6 +261,7 @@ def _slope_grad_terms(ds: torch.Tensor, p: torch.Tensor, distance: torch.Tensor,
     return (ds * (distance - center)).sum((-2, -1))
 
 
+@_no_autocast
 def attention_backward(
     dout, q, k, v, mask, key_lengths, alibi, rules: Rules, need_mask_grad: bool, need_alibi_grad: bool,
     sinks=None, need_sinks_grad: bool = False,
