@@ -100,7 +100,7 @@ from fused_attention.backends import BACKENDS
 from fused_attention.reference import reference_attention, reference_varlen_attention
 from fused_attention.tolerance import within_tolerance
 
-torch.manual_seed(0)  # parametrize lists that draw random tensors at collection
+torch.manual_seed(0)  # a fixed state at the start (test modules must not draw from it: pytest_collection_finish)
 
 # Backends whose docstrings promise float32 arithmetic for 16-bit inputs (the torch backend's chunked op,
 # the cpu backend's C++ kernels, the AMX bfloat16 forward included): their 16-bit results are held to a

@@ -138,6 +138,16 @@ def test_autotuner_zeroes_only_the_accumulators_a_launch_has():
     assert grads["DMask"].eq(0).all() and grads["DK"].eq(1).all()
 
 
+def test_autotuner_zeroes_every_partial_sum_the_backward_writes_per_block():
+    """The backward's per-block partial sums (mask gradient, slope gradient and the dQ pass's sink
+    correction) are zeroed before each candidate: candidates of different block sizes write different
+    numbers of slots. The names must be the kernels' own parameters (a misspelt one is skipped silently)."""
+    from fused_attention.kernels.triton import attention_backward as backward
+
+    assert {"DMask", "DAlibi"} <= set(backward.DKDV_ZEROED) <= set(backward.attention_dkdv_kernel.arg_names)
+    assert {"DAlibiRows"} <= set(backward.DQ_ZEROED) <= set(backward.attention_dq_kernel.arg_names)
+
+
 class _FakeAutotuner:
     """The parts of Triton's ``Autotuner`` that ``launch_tuned`` uses, recording each launch."""
 

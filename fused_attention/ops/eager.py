@@ -11,7 +11,7 @@ same rules run in a Function with a separate ``setup_context``, which those tran
 
 Below autograd, the op's call from Python still parses its arguments against the schema and boxes them
 (~8 us for the 14 of attention, more than a tiny call's kernel). An op may come with a ``direct``
-entry (the extension's ``attention_direct``): the same kernel with the same arguments, which returns
+entry (the extension's ``attention_direct``, ``varlen_direct``): the same kernel with the same arguments, which returns
 None whenever the dispatcher has work to do that it would skip (a dispatch mode, functionalization, a
 tensor subclass or view bit); torch function modes and ``__torch_function__`` subclasses are checked
 here. Ops implemented in Python (the Triton ones) get :func:`python_direct`: their implementation

@@ -387,12 +387,17 @@ def attention_dq_kernel(
     )
 
 
+# The slope partials are zeroed before each candidate the autotuner runs, as the mask gradient's
+# accumulator: candidates of different block sizes write different numbers of block slots, and a slot that
+# only a smaller candidate wrote would otherwise add its sum to the final launch's.
+DKDV_ZEROED, DQ_ZEROED = ["DMask", "DAlibi"], ["DAlibiRows"]
 _TUNED_DKDV = launch.autotuned(
     attention_dkdv_kernel, "backward_dkdv", extra_key=["MASK_GRAD", "ALIBI_GRAD", "ALIBI_CENTER", "splits"],
-    reset_to_zero=["DMask"],
+    reset_to_zero=DKDV_ZEROED,
 )
 _TUNED_DQ = launch.autotuned(
-    attention_dq_kernel, "backward_dq", extra_key=["DELTA_FROM_SCORES", "ALIBI_CENTER", "SINKS"]
+    attention_dq_kernel, "backward_dq", extra_key=["DELTA_FROM_SCORES", "ALIBI_CENTER", "SINKS"],
+    reset_to_zero=DQ_ZEROED,
 )
 
 
@@ -464,25 +469,26 @@ def attention_backward(
     # (with a sink, to p_sink * delta, which the dQ pass adds back), and robust where the plain sum is not.
     # A row's dS comes with an error nearly proportional to its P (delta's rounding; P's row sum is off 1 by
     # lse's), which the plain sum multiplies by sum_j P |distance|, up to the key range: float32 slope
-    # gradients failed DESIGN.md's policy on 6-9% of random slope draws (tests/test_triton_attention.py::
+    # gradients failed DESIGN.md's policy on 5.5-8.5% of random slope draws (tests/test_triton_attention.py::
     # test_varlen; the cpu backend centers likewise). 16-bit inputs keep the plain sum: their policy bound
     # is 16-bit rounding, and the running mean made sm_80's dQ kernel spill (bfloat16, head dim 128, every
     # feature: 17-23 spill stores).
     center = need_alibi_grad and problem.q.dtype == torch.float32
     dist_mean = torch.empty_like(lse) if center else None
-    dalibi, sink_blocks = None, 0
-    n_key_blocks = triton.cdiv(problem.max_seqlen_k, 16)  # every tile's key block is a multiple of 16
+    dalibi = dalibi_rows = None
     if need_alibi_grad:
-        # one partial per (batch, head, key block) from the dK/dV pass and, centered with sinks, one per
-        # query block from the dQ pass (every tile's query block is a multiple of 16 too)
-        sink_blocks = triton.cdiv(problem.max_seqlen_q, 16) if center and problem.sinks is not None else 0
-        dalibi = torch.zeros(problem.batch, problem.heads, n_key_blocks + sink_blocks, dtype=torch.float32,
-                             device=problem.q.device)
+        # one partial per (batch, head, key block) from the dK/dV pass (every tile's key block is a multiple
+        # of 16) and, centered with sinks, one per query block from the dQ pass (so are query blocks)
+        dalibi = torch.zeros(problem.batch, problem.heads, triton.cdiv(problem.max_seqlen_k, 16),
+                             dtype=torch.float32, device=problem.q.device)
+        if center and problem.sinks is not None:
+            dalibi_rows = torch.zeros(problem.batch, problem.heads, triton.cdiv(problem.max_seqlen_q, 16),
+                                      dtype=torch.float32, device=problem.q.device)
     dq_args = shared | {"DQ": dq, "Out": out, "DELTA_FROM_SCORES": from_scores, "ALIBI_CENTER": center,
-                        "Sinks": problem.sinks, "SINKS": sink_blocks > 0, "DistMean": dist_mean,
-                        "DAlibiRows": dalibi[..., n_key_blocks:] if sink_blocks else dalibi}
-    slope_strides = dalibi.stride() if dalibi is not None else (0, 0, 0)
-    dq_args |= dict(zip(("stride_yb", "stride_yh", "stride_yblock"), slope_strides))
+                        "Sinks": problem.sinks, "SINKS": dalibi_rows is not None, "DistMean": dist_mean,
+                        "DAlibiRows": dalibi_rows}
+    dq_args |= dict(zip(("stride_yb", "stride_yh", "stride_yblock"),
+                        dalibi_rows.stride() if dalibi_rows is not None else (0, 0, 0)))
     dq_args |= dict(zip(("stride_ob", "stride_oh", "stride_om", "stride_od"), problem.rows(out)))
     dq_args |= dict(zip(("stride_dqb", "stride_dqh", "stride_dqm", "stride_dqd"), problem.rows(dq)))
     launch.run(attention_dq_kernel, _TUNED_DQ, "backward_dq", problem, dq_args)
@@ -521,7 +527,7 @@ def attention_backward(
         mask_grad = mask_grad.reshape(problem.mask.shape)
     slope_grad = None
     if dalibi is not None:
-        slope_grad = dalibi.sum(-1)
+        slope_grad = dalibi.sum(-1) if dalibi_rows is None else dalibi.sum(-1) + dalibi_rows.sum(-1)
         if problem.alibi.shape[0] == 1:
             slope_grad = slope_grad.sum(0, keepdim=True)
     sink_grad = None
