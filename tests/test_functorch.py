@@ -75,8 +75,22 @@ def test_per_sample_gradients(backend):
             torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
 
 
+def _functorch_reads_values() -> bool:
+    """Whether this torch's functorch lets a transformed function read a tensor's values (``tolist``), which
+    varlen_attention does for ``cu_seqlens``: torch 2.14's does, torch 2.6's raises "Cannot access data
+    pointer of Tensor that doesn't have storage"."""
+    offsets = torch.tensor([0, 1])
+    try:
+        torch.func.grad(lambda x: x.sum() * len(offsets.tolist()))(torch.ones(2))
+    except RuntimeError:
+        return False
+    return True
+
+
 def test_varlen_grad_equals_autograd(backend):
     require(backend, torch.float32)
+    if not _functorch_reads_values():
+        pytest.skip("this torch's functorch cannot read cu_seqlens' values inside a transform")
     q, k, v = rand(10, 2, 16), rand(12, 2, 16), rand(12, 2, 16)
     cu_q, cu_k = torch.tensor([0, 4, 10], dtype=torch.int32), torch.tensor([0, 5, 12], dtype=torch.int32)
 
