@@ -79,6 +79,35 @@ def test_automatic_dispatch_of_varlen(spy):
     assert spy == [expected]
 
 
+def test_remembered_choices_follow_the_priority_and_backend_tables(spy, monkeypatch):
+    """Automatic choices are remembered per call signature; reordering a device's priority or swapping a
+    backend in the table forgets them (attention and the position kernels), and undoing it restores."""
+    from fused_attention.backends import dispatch, positional
+
+    q, k, v = _qkv()
+    first = _expected_auto(canonicalize(q, k, v))
+    calls = [fused_attention.scaled_dot_product_attention(q, k, v) for _ in range(2)]
+    with monkeypatch.context() as patch:
+        patch.setitem(dispatch._PRIORITY, "cpu", ("torch", "cpu"))
+        fused_attention.scaled_dot_product_attention(q, k, v)
+    fused_attention.scaled_dot_product_attention(q, k, v)
+    with monkeypatch.context() as patch:
+        patch.setitem(dispatch.BACKENDS, "cpu", BACKENDS["torch"])  # (the spy records the torch backend's name)
+        fused_attention.scaled_dot_product_attention(q, k, v)
+    fused_attention.scaled_dot_product_attention(q, k, v)
+    assert spy == [first, first, "torch", first, "torch", first]
+    assert torch.equal(calls[0], calls[1])
+
+    x = torch.randn(1, 2, 4, 8)
+    auto = positional.select_position_backend(x)
+    with monkeypatch.context() as patch:
+        patch.setitem(positional._PRIORITY, "cpu", ("torch",))
+        assert positional.select_position_backend(x).name == "torch"
+        patch.setitem(positional.POSITION_BACKENDS, "torch", positional.POSITION_BACKENDS["cpu"])
+        assert positional.select_position_backend(x).name == "cpu"
+    assert positional.select_position_backend(x) is auto
+
+
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
 def test_forced_torch_backend_matches_torch(spy, grad):
     """Both paths of the torch backend (inference: torch's own fused SDPA; training: the chunked op) with a

@@ -281,12 +281,8 @@ def test_a_class_patch_or_another_priority_takes_the_full_path(plain_calls, monk
         patch.setattr(cpu_backend.CpuBackend, "attention", lambda self, inputs: calls.append(1) or original(self, inputs))
         fused_attention.scaled_dot_product_attention(q, k, v)
     with monkeypatch.context() as patch:
-        patch.setitem(dispatch._PRIORITY, "cpu", ("torch", "cpu"))
-        dispatch.decision_cache.clear()  # (remembered choices do not watch the priority table)
-        try:
-            out = fused_attention.scaled_dot_product_attention(q, k, v)
-        finally:
-            dispatch.decision_cache.clear()
+        patch.setitem(dispatch._PRIORITY, "cpu", ("torch", "cpu"))  # (forgets the remembered choices)
+        out = fused_attention.scaled_dot_product_attention(q, k, v)
     assert calls == [1] and plain_calls == [0, 0]
     assert torch.equal(out, fused_attention.scaled_dot_product_attention(q, k, v, backend="torch"))  # torch's choice
 

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import AttentionArgumentError
 from ..inputs import AttentionInputs, VarlenInputs
-from .base import Backend, decision_cache, requires_grad
+from .base import Backend, DecisionTable, decision_cache, requires_grad
 from .cpu_backend import CPU
 from .pending import CUDA
 from .torch_backend import TORCH
@@ -22,14 +22,14 @@ from .triton_backend import TRITON
 
 T = TypeVar("T")
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (TRITON, CUDA, CPU, TORCH)}
+# Both tables forget the remembered automatic choices when changed (DecisionTable).
+BACKENDS: dict[str, Backend] = DecisionTable(decision_cache, {b.name: b for b in (TRITON, CUDA, CPU, TORCH)})
 
 # Attention on CUDA goes to triton, then torch, until CUDA attention lands; other devices use torch.
 # CPU tensors never go to triton automatically (it serves them only forced, under the interpreter).
-_PRIORITY: dict[str, tuple[str, ...]] = {
-    "cuda": ("cuda", "triton", "torch"),
-    "cpu": ("cpu", "torch"),
-}
+_PRIORITY: dict[str, tuple[str, ...]] = DecisionTable(
+    decision_cache, {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+)
 _DEFAULT_PRIORITY = ("torch",)
 
 

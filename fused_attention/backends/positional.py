@@ -10,7 +10,7 @@ import torch
 
 from .. import _extension
 from ..kernels import position_torch
-from .base import ForgetsDecisions
+from .base import DecisionTable, ForgetsDecisions
 from .dispatch import automatic_dispatch, choose
 
 # Loaded once at import: a plain value that torch.compile can read while tracing dispatch.
@@ -141,19 +141,24 @@ class TritonPositions(PositionBackend):
         return self._ops().triton_add_sinusoidal(x, offsets, offset, base)
 
 
-POSITION_BACKENDS: dict[str, PositionBackend] = {
-    b.name: b
-    for b in (TritonPositions(), ExtensionPositions("cuda", "cuda"), ExtensionPositions("cpu", "cpu"), TorchPositions())
-}
+POSITION_BACKENDS: dict[str, PositionBackend] = DecisionTable(
+    _decisions,
+    {
+        b.name: b
+        for b in (TritonPositions(), ExtensionPositions("cuda", "cuda"), ExtensionPositions("cpu", "cpu"), TorchPositions())
+    },
+)
 # Automatic dispatch never picks the interpreted Triton for CPU tensors; force it with backend="triton".
-_PRIORITY = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+_PRIORITY: dict[str, tuple[str, ...]] = DecisionTable(
+    _decisions, {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+)
 
 
 def select_position_backend(x: torch.Tensor, backend: object = None) -> PositionBackend:
     if automatic_dispatch(backend):
         key = (x.device, x.dtype)
         chosen = _decisions.get(key)
-        if chosen is None or POSITION_BACKENDS.get(chosen.name) is not chosen:  # (the table may be patched)
+        if chosen is None:
             order = _PRIORITY.get(x.device.type, ("torch",))
             chosen = _decisions[key] = choose(POSITION_BACKENDS, lambda b: b.reasons(x), order, None)
         return chosen
