@@ -78,8 +78,8 @@ struct BackwardTask {
 // Where one query head's slope and sink gradients go (null: not wanted).
 template <typename acc_t>
 struct HeadGradients {
-  acc_t* slope;
-  acc_t* sink;
+  double* slope;
+  double* sink;
 };
 
 // Parts per (sequence, kv head) task: 1 when the tasks divide evenly among the threads, or are many
@@ -97,7 +97,8 @@ inline int64_t backward_parts(int64_t tasks, int64_t threads, int64_t part_bytes
 // What one part of a split task keeps until the parts are summed.
 template <typename acc_t>
 struct BackwardPartial {
-  AlignedVector<acc_t> dk, dv, slopes, sinks;  // slopes, sinks: per query head of the group
+  AlignedVector<acc_t> dk, dv;
+  std::vector<double> slopes, sinks;  // per query head of the group
 };
 
 // Gradients of rows [i0, i0 + rows) of query head `head`: writes their dq, adds to the task's dk / dv
@@ -193,16 +194,17 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
     }
     if (head_grads.slope) {
       // d slope = -sum_j dS_j d_j, whose terms cancel: sum_j dS_j = p_sink delta, 0 without a sink. The
-      // distances are measured from the row's mean distance c (under p), so that the rounding of every
-      // dS_j (and of delta, which shifts them all by p_j) is not multiplied by distances of up to the
-      // key range: -sum_j dS_j (d_j - c) - c p_sink delta. (Raw distances made the float32 slope
-      // gradient 2-3x the float32 reference's error at 53 keys.)
+      // distances are measured from c = sum_j p_j d_j, so that the rounding of every dS_j (and of delta,
+      // which shifts them all by p_j) is not multiplied by distances of up to the key range:
+      // -sum_j dS_j (d_j - c) - c p_sink delta. With this c, delta's rounding cancels with a sink too
+      // (it enters as -delta (sum_j p_j (d_j - c) + c p_sink) = -delta c (1 - sum_j p_j - p_sink) = 0),
+      // where the mean distance c / sum_j p_j divided by 1 - p_sink, which cancels when the sink
+      // dominates. (Raw distances made the float32 slope gradient 2-3x the float32 reference's error at
+      // 53 keys; alibi-slope-gradient.md.)
       const int64_t position = i0 + r + seq.len_k - seq.len_q - lo;
-      std::fill(dp + n, dp + n_pad, acc_t(0));
-      const acc_t mass = acc_t(1) - p_sink;  // sum_j p_j
-      const acc_t center = mass > acc_t(0) ? distance_dot(p, position, n_pad) / mass : acc_t(0);
-      step_alibi -= static_cast<double>(distance_dot(dp, position, n_pad, center)) +
-                    static_cast<double>(center) * static_cast<double>(p_sink) * static_cast<double>(delta);
+      const double center = distance_dot(p, position, n);
+      step_alibi -= distance_dot(dp, position, n, center) +
+                    center * static_cast<double>(p_sink) * static_cast<double>(delta);
     }
     if (softcap) {
       const acc_t* t = buf.tanh.data() + r * ld;
@@ -212,8 +214,8 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
     }
     for (int64_t j = n; j < n_pad; ++j) dp[j] = acc_t(0);
   }
-  if (head_grads.sink) *head_grads.sink += static_cast<acc_t>(step_sink);
-  if (head_grads.slope) *head_grads.slope += static_cast<acc_t>(step_alibi);
+  if (head_grads.sink) *head_grads.sink += step_sink;
+  if (head_grads.slope) *head_grads.slope += step_alibi;
   gemm<acc_t>(n, value_dim, rows, kept, 1, ld, buf.dout.data(), ld_v, buf.dv.data() + lo * ld_v, ld_v, true);
   gemm<acc_t>(rows, dim, n, dprobs, ld, 1, task.tiles.keys(s, h, lo), buf.dq.data(), ld_k, false);
   store_rows(dq, seq.batch, head, seq.q_start + i0, rows, dim, buf.dq.data(), ld_k);
@@ -280,8 +282,8 @@ void backward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_
       buf.start(ld, tiles.ld_k, tiles.ld_v, seq.len_k, scoring.rules.softcap > 0, scoring.dropout.active());
       BackwardPartial<acc_t>* partial = parts > 1 ? &partials[index] : nullptr;
       if (partial) {
-        partial->slopes.assign(extra.alibi ? group : 0, acc_t(0));
-        partial->sinks.assign(extra.sinks ? group : 0, acc_t(0));
+        partial->slopes.assign(extra.alibi ? group : 0, 0.0);
+        partial->sinks.assign(extra.sinks ? group : 0, 0.0);
       }
       // Units (query head g, row step), g-major, dealt to the parts in rounds of one each, every other
       // round in reverse order: under a causal mask, where each step costs more than the one before, the

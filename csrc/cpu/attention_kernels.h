@@ -57,8 +57,11 @@ struct ExtraGradients {
   int64_t mask_stride[4] = {0, 0, 0, 0};
   int64_t mask_numel = 0;
   bool mask_per_thread = false;  // tasks share mask entries: one partial buffer per thread, summed after
-  acc_t* alibi = nullptr;        // (number of sequences, Hq) contiguous: summed to the slopes' shape after
-  acc_t* sinks = nullptr;        // (number of sequences, Hq) contiguous: summed over sequences after
+  // The slope and sink gradients sum one term per row of the whole call: in double up to the end, so that
+  // their rounding does not grow with the length and the batch (float32 partial sums per step made the
+  // float32 slope gradient up to 4x the float32 reference's error with sinks; alibi-slope-gradient.md).
+  double* alibi = nullptr;       // (number of sequences, Hq) contiguous: summed to the slopes' shape after
+  double* sinks = nullptr;       // (number of sequences, Hq) contiguous: summed over sequences after
 };
 
 template <typename scalar_t>

@@ -175,8 +175,8 @@ ExtraGradients<acc_t> extra_gradients(const MaskGradient* mask, const at::Tensor
     extra.mask_numel = mask->buffer.size(1);
     extra.mask_per_thread = mask->per_thread;
   }
-  if (alibi_buffer.defined()) extra.alibi = alibi_buffer.data_ptr<acc_t>();
-  if (sink_buffer.defined()) extra.sinks = sink_buffer.data_ptr<acc_t>();
+  if (alibi_buffer.defined()) extra.alibi = alibi_buffer.data_ptr<double>();
+  if (sink_buffer.defined()) extra.sinks = sink_buffer.data_ptr<double>();
   return extra;
 }
 
@@ -190,10 +190,15 @@ at::Tensor sink_gradient(const at::Tensor& buffer, const c10::optional<at::Tenso
   return buffer.defined() ? buffer.sum(0).to(sinks->scalar_type()) : like.new_empty({0});
 }
 
+// (sequences, Hq) of double (see ExtraGradients), or undefined when the slope gradient is not asked for.
+at::Tensor slope_buffer(bool need, int64_t sequences, int64_t heads, const at::Tensor& q) {
+  return need ? at::zeros({sequences, heads}, q.options().dtype(at::kDouble)) : at::Tensor();
+}
+
 at::Tensor sink_buffer(bool need, const c10::optional<at::Tensor>& sinks, int64_t sequences, int64_t heads,
-                       const at::Tensor& q, at::ScalarType acc) {
+                       const at::Tensor& q) {
   TORCH_CHECK(!need || sinks, "fused_attention: no sinks to differentiate");
-  return need ? at::zeros({sequences, heads}, q.options().dtype(acc)) : at::Tensor();
+  return need ? at::zeros({sequences, heads}, q.options().dtype(at::kDouble)) : at::Tensor();  // see ExtraGradients
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
@@ -212,9 +217,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dv = at::empty(v.sizes(), v.options());
   const c10::optional<MaskGradient> mask_grad =
       need_mask_grad ? c10::make_optional(MaskGradient(*mask, batch, k.size(1), acc)) : c10::nullopt;
-  const at::Tensor alibi_buffer = need_alibi_grad ? at::zeros({batch, heads}, q.options().dtype(acc)) : at::Tensor();
+  const at::Tensor alibi_buffer = slope_buffer(need_alibi_grad, batch, heads, q);
   const at::Tensor sink_tensor = sink_logits(sinks, heads, acc);
-  const at::Tensor sinks_buffer = sink_buffer(need_sinks_grad, sinks, batch, heads, q, acc);
+  const at::Tensor sinks_buffer = sink_buffer(need_sinks_grad, sinks, batch, heads, q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::attention_backward", [&] {
     using acc_t = attn_acc_t<scalar_t>;
     const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc, batch, heads);
@@ -310,10 +315,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_at
   at::Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options());
   at::Tensor dv = at::zeros(v.sizes(), v.options());
   const int64_t sequences = cu_seqlens_q.numel() - 1;
-  const at::Tensor alibi_buffer =
-      need_alibi_grad ? at::zeros({sequences, q.size(1)}, q.options().dtype(acc)) : at::Tensor();
+  const at::Tensor alibi_buffer = slope_buffer(need_alibi_grad, sequences, q.size(1), q);
   const at::Tensor sink_tensor = sink_logits(sinks, q.size(1), acc);
-  const at::Tensor sinks_buffer = sink_buffer(need_sinks_grad, sinks, sequences, q.size(1), q, acc);
+  const at::Tensor sinks_buffer = sink_buffer(need_sinks_grad, sinks, sequences, q.size(1), q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::varlen_attention_backward", [&] {
     using acc_t = attn_acc_t<scalar_t>;
     const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc, sequences, q.size(1));

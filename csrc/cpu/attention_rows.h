@@ -218,16 +218,27 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n_pad) {
   return simd::reduce_add<acc_t>((total[0] + total[1]) + (total[2] + total[3]));
 }
 
-// sum_j dp[j] (|position - j| - center) over [0, n_pad): with dp = dS, the gradient of an ALiBi slope
-// (up to sign and the center's term, center sum_j dS_j).
+// sum_j x[j] (|position - j| - center) over [0, n), in double: with x = dS, the gradient of an ALiBi slope
+// (up to sign and the center's term), with x = p, the row's center. Its terms cancel, and a float sum of
+// a long row kept float's rounding of every term times distances of up to the key range (at 2048 keys
+// with sinks, the slope gradient's error was 1.3x the float32 reference's; 2026-12-06 record
+// alibi-slope-gradient.md). Eight independent partial sums, which the compiler vectorizes.
 template <typename acc_t>
-inline acc_t distance_dot(const acc_t* dp, int64_t position, int64_t n_pad, acc_t center = acc_t(0)) {
-  using V = simd::Vec<acc_t>;
-  constexpr int64_t width = simd::Traits<acc_t>::width;
-  const Distance<acc_t> distance(position);
-  V total{};
-  for (int64_t j = 0; j < n_pad; j += width) total += simd::load(dp + j) * (distance(j) - center);
-  return simd::reduce_add<acc_t>(total);
+inline double distance_dot(const acc_t* x, int64_t position, int64_t n, double center = 0.0) {
+  constexpr int64_t lanes = 8;
+  double part[lanes] = {}, offset[lanes];  // offset: position - j, exact in double
+  for (int64_t l = 0; l < lanes; ++l) offset[l] = static_cast<double>(position - l);
+  int64_t j = 0;
+  for (; j + lanes <= n; j += lanes) {
+    for (int64_t l = 0; l < lanes; ++l) {
+      part[l] += static_cast<double>(x[j + l]) * (std::fabs(offset[l]) - center);
+      offset[l] -= static_cast<double>(lanes);
+    }
+  }
+  double total = 0.0;
+  for (; j < n; ++j) total += static_cast<double>(x[j]) * (static_cast<double>(std::abs(position - j)) - center);
+  for (int64_t l = 0; l < lanes; ++l) total += part[l];
+  return total;
 }
 
 // The softmax's backward on one row: dp <- p (dp keep - delta), keep null meaning 1, over [0, n_pad).
