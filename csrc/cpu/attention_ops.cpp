@@ -342,7 +342,8 @@ bool plain_cpu_tensor(const at::Tensor& t) {
   return t.layout() == at::kStrided && plain.isSupersetOf(t.key_set());
 }
 
-bool plain_optional(const c10::optional<at::Tensor>& t) { return !t.has_value() || plain_cpu_tensor(*t); }
+bool plain_input(const at::Tensor& t) { return plain_cpu_tensor(t); }
+bool plain_input(const c10::optional<at::Tensor>& t) { return !t.has_value() || plain_cpu_tensor(*t); }
 
 }  // namespace
 
@@ -370,17 +371,23 @@ bool calls_intercepted() {
   return false;
 }
 
+namespace {
+
+// Whether a direct entry may serve the call: nothing intercepts calls, and every tensor argument (present
+// or absent) is a plain CPU tensor. Otherwise the entry declines and the caller takes the dispatcher.
+template <typename... Inputs>
+bool direct_serves(const Inputs&... inputs) {
+  return !calls_intercepted() && (plain_input(inputs) && ...);
+}
+
+}  // namespace
+
 std::optional<std::tuple<at::Tensor, at::Tensor>> attention_direct(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
     const c10::optional<at::Tensor>& key_lengths, const c10::optional<at::Tensor>& alibi,
     const c10::optional<at::Tensor>& seed, const c10::optional<at::Tensor>& sinks, bool causal, int64_t window_left,
     int64_t window_right, double softcap, double scale, double dropout_p) {
-  if (calls_intercepted()) return std::nullopt;
-  if (!plain_cpu_tensor(q) ||
-      !plain_cpu_tensor(k) || !plain_cpu_tensor(v) || !plain_optional(mask) || !plain_optional(key_lengths) ||
-      !plain_optional(alibi) || !plain_optional(seed) || !plain_optional(sinks)) {
-    return std::nullopt;
-  }
+  if (!direct_serves(q, k, v, mask, key_lengths, alibi, seed, sinks)) return std::nullopt;
   // profilers still see the call (the inputs are built only when one records them)
   RECORD_FUNCTION("fused_attention::attention", std::vector<c10::IValue>({q, k, v}));
   return attention_cpu(q, k, v, mask, key_lengths, alibi, seed, sinks, causal, window_left, window_right, softcap,
@@ -392,11 +399,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> varlen_direct(
     const at::Tensor& cu_seqlens_k, const c10::optional<at::Tensor>& alibi, const c10::optional<at::Tensor>& seed,
     const c10::optional<at::Tensor>& sinks, int64_t window_left, int64_t window_right, double softcap, double scale,
     double dropout_p) {
-  if (calls_intercepted()) return std::nullopt;
-  if (!plain_cpu_tensor(q) || !plain_cpu_tensor(k) || !plain_cpu_tensor(v) || !plain_cpu_tensor(cu_seqlens_q) ||
-      !plain_cpu_tensor(cu_seqlens_k) || !plain_optional(alibi) || !plain_optional(seed) || !plain_optional(sinks)) {
-    return std::nullopt;
-  }
+  if (!direct_serves(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi, seed, sinks)) return std::nullopt;
   RECORD_FUNCTION("fused_attention::varlen_attention", std::vector<c10::IValue>({q, k, v}));
   return varlen_attention_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi, seed, sinks, window_left, window_right,
                               softcap, scale, dropout_p);
