@@ -333,3 +333,30 @@ def test_meta_tensors_give_torch_shapes():
     assert sdpa(q, k, v).shape == F.scaled_dot_product_attention(q, k, v).shape
     out, lse = sdpa(q, k, v, softcap=3.0, return_lse=True)
     assert out.shape == (B, H, L, E + 2) and lse.shape == (B, H, L) and out.device.type == "meta"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
+@pytest.mark.parametrize("sinks", [False, True])
+def test_head_dim_zero_gives_uniform_attention_and_its_gradients(backend, sinks):
+    """Head dim 0: every score is 0, so every row attends uniformly (with the sink beside the keys), for
+    every batch entry and head. The cpu backward's product over no features left the scores of the
+    thread's previous (batch, head) in place: from the second one on, with a sink, dV and d sink were
+    wrong (uniform rows hid it without one)."""
+    if fused_attention.backends.BACKENDS[backend].unavailable_reason():
+        pytest.skip(fused_attention.backends.BACKENDS[backend].unavailable_reason())
+    from fused_attention.reference import reference_attention
+
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randn(3, 2, 4, 0, generator=gen), torch.randn(3, 2, 5, 0, generator=gen)
+    v = torch.randn(3, 2, 5, 8, generator=gen).requires_grad_()
+    kwargs = {"sinks": torch.tensor([0.5, -1.0]).requires_grad_()} if sinks else {}
+    leaves = [v, *kwargs.values()]
+    up = torch.randn(3, 2, 4, 8, generator=gen)
+    out = sdpa(q, k, v, backend=backend, **kwargs)
+    expected = reference_attention(q.double(), k.double(), v.double(),
+                                   **{n: t.double() for n, t in kwargs.items()})[0]
+    grads = torch.autograd.grad(out, leaves, up)
+    expected_grads = torch.autograd.grad(expected, [v] + list(kwargs.values()), up.double(), allow_unused=True)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-6, atol=1e-6)

@@ -115,6 +115,9 @@ inline void gemm_blocks(int64_t m, int64_t n, int64_t depth, const T* a, int64_t
                         const PanelOf& panel_of, T* c, int64_t ldc, bool accumulate) {
   constexpr int64_t width = simd::Traits<T>::width;
   const int64_t vectors = (n + width - 1) / width;
+  if (depth == 0 && !accumulate) {  // an empty sum: C = 0 (else it kept what a previous product left there)
+    for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + vectors * width, T(0));
+  }
   for (int64_t k0 = 0; k0 < depth; k0 += kDepthChunk) {
     const int64_t kc = std::min(kDepthChunk, depth - k0);
     const T* a_k = a + k0 * a_col;
