@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
-from typing_extensions import Self
 
 from ..inputs import AttentionInputs, VarlenInputs
-
-if TYPE_CHECKING:
-    from typing_extensions import Self  # (typing.Self: Python 3.11+)
 
 ALL_FEATURES = frozenset(
     {
@@ -56,54 +52,6 @@ class Capabilities:
 # its capabilities and its availability, both fixed for the process; setting any attribute of a backend
 # (tests replace capabilities and methods) forgets every decision.
 decision_cache: dict[tuple, Backend] = {}
-
-
-class DecisionTable(dict):
-    """A dict that dispatch reads (a priority order, the backends by name) and whose every change
-    forgets ``decisions``, the automatic choices remembered from it: a test or a user who reorders the
-    priority or swaps a backend gets the choice the new table gives, not the one cached from the old."""
-
-    def __init__(self, decisions: dict, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        self.decisions = decisions
-
-    def _changed(self) -> None:
-        self.decisions.clear()
-
-    def __setitem__(self, key: object, value: object) -> None:
-        super().__setitem__(key, value)
-        self._changed()
-
-    def __delitem__(self, key: object) -> None:
-        super().__delitem__(key)
-        self._changed()
-
-    def __ior__(self, other: object) -> Self:  # (dict's own |= would not call update)
-        self.update(other)
-        return self
-
-    def update(self, *args: object, **kwargs: object) -> None:
-        super().update(*args, **kwargs)  # type: ignore[arg-type]
-        self._changed()
-
-    def setdefault(self, key: object, default: object = None) -> object:
-        value = super().setdefault(key, default)
-        self._changed()
-        return value
-
-    def pop(self, *args: object) -> object:
-        value = super().pop(*args)  # type: ignore[call-arg]
-        self._changed()
-        return value
-
-    def popitem(self) -> tuple:
-        item = super().popitem()
-        self._changed()
-        return item
-
-    def clear(self) -> None:
-        super().clear()
-        self._changed()
 
 
 _MISSING = object()

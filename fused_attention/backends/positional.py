@@ -10,14 +10,14 @@ import torch
 
 from .. import _extension
 from ..kernels import position_torch
-from .base import DecisionTable, ForgetsDecisions
+from .base import ForgetsDecisions
 from .dispatch import automatic_dispatch, choose
 
 # Loaded once at import: a plain value that torch.compile can read while tracing dispatch.
 _EXTENSION = _extension.load_extension()
 _DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
-# Automatic choices by (device, dtype), all that a position backend's reasons read.
-_decisions: dict[tuple[torch.device, torch.dtype], PositionBackend] = {}
+# Automatic choices by (device, dtype), all that a position backend's reasons read, and the tables.
+_decisions: dict[tuple, PositionBackend] = {}
 
 
 class PositionBackend(ForgetsDecisions):
@@ -141,22 +141,18 @@ class TritonPositions(PositionBackend):
         return self._ops().triton_add_sinusoidal(x, offsets, offset, base)
 
 
-POSITION_BACKENDS: dict[str, PositionBackend] = DecisionTable(
-    _decisions,
-    {
-        b.name: b
-        for b in (TritonPositions(), ExtensionPositions("cuda", "cuda"), ExtensionPositions("cpu", "cpu"), TorchPositions())
-    },
-)
+POSITION_BACKENDS: dict[str, PositionBackend] = {
+    b.name: b
+    for b in (TritonPositions(), ExtensionPositions("cuda", "cuda"), ExtensionPositions("cpu", "cpu"), TorchPositions())
+}
 # Automatic dispatch never picks the interpreted Triton for CPU tensors; force it with backend="triton".
-_PRIORITY: dict[str, tuple[str, ...]] = DecisionTable(
-    _decisions, {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
-)
+_PRIORITY = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 
 def select_position_backend(x: torch.Tensor, backend: object = None) -> PositionBackend:
     if automatic_dispatch(backend):
-        key = (x.device, x.dtype)
+        # (and the tables, which may be patched: see dispatch.decision_key)
+        key = (x.device, x.dtype, *_PRIORITY.values(), *POSITION_BACKENDS.values())
         chosen = _decisions.get(key)
         if chosen is None:
             order = _PRIORITY.get(x.device.type, ("torch",))
