@@ -6,7 +6,8 @@ kernel reads the caches in place (:mod:`.split_kv`); where the ``cpu`` backend d
 and attends, reading the caches in place (:mod:`.cpu_cache`). Elsewhere
 (``torch``), the plain path views or gathers each entry's keys (:mod:`.paged`) and calls the regular
 :func:`fused_attention.scaled_dot_product_attention`. Explicit key splits (``num_splits > 1``) run one
-call per split and merge through their lse (:mod:`fused_attention.merge`).
+call per split and merge through their lse (:mod:`fused_attention.merge`); 16-bit splits attend in
+float32 over gathered keys, so that the merged output is rounded once.
 """
 
 from __future__ import annotations
@@ -35,12 +36,16 @@ def _split_bounds(seq_k: int, num_splits: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk, seq_k)) for s in range(0, seq_k, chunk)] if chunk else [(0, 0)]
 
 
-def _gathered(call: KVCacheCall, q: torch.Tensor, backend: str | None) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """Attention over key range ``[start, stop)`` of the gathered keys through the regular attention."""
+def _gathered(call: KVCacheCall, q: torch.Tensor, backend: str | None,
+              dtype: torch.dtype | None = None) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """Attention over key range ``[start, stop)`` of the gathered keys through the regular attention, in
+    ``dtype`` (default q's)."""
     keys, values = gather_keys_values(call)
     total = call.seqlens + call.new_len
     mask = position_mask(call, total, keys.shape[2], accumulation_dtype(q.dtype)) if needs_positions(call) else None
     qh = q.transpose(1, 2)
+    if dtype is not None and dtype != q.dtype:
+        qh, keys, values = qh.to(dtype), keys.to(dtype), values.to(dtype)
     common = {
         "scale": call.scale, "enable_gqa": qh.shape[1] != keys.shape[1], "softcap": call.softcap,
         "return_lse": True, "backend": backend,
@@ -62,10 +67,17 @@ def _attend(call: KVCacheCall, q: torch.Tensor, chosen: Backend, backend: str | 
     """``(out (B, Hq, Lq, Dv), lse (B, Hq, Lq))`` over the caches (already holding the new keys)."""
     if chosen.name == "triton":
         return split_kv_attention(call, q)
-    attend = partial(cache_attention, call, q) if chosen.name == "cpu" else _gathered(call, q, backend)
+    bounds = _split_bounds(call.capacity, call.num_splits)
+    # Several 16-bit splits attend in float32 (over gathered keys): outputs rounded to 16 bits before
+    # their merge were rounded twice (up to 1.7x the float32-arithmetic bound at 8 splits, bfloat16).
+    wide = len(bounds) > 1 and accumulation_dtype(q.dtype) != q.dtype
+    if chosen.name == "cpu" and not wide:
+        attend = partial(cache_attention, call, q)
+    else:
+        attend = _gathered(call, q, backend, accumulation_dtype(q.dtype) if wide else None)
     # One split takes the sinks in the kernel; several take them once, at the merge.
     sinks = call.sinks if call.num_splits <= 1 else None
-    parts = [attend(start, stop, sinks) for start, stop in _split_bounds(call.capacity, call.num_splits)]
+    parts = [attend(start, stop, sinks) for start, stop in bounds]
     if len(parts) == 1 and (call.sinks is None or call.num_splits <= 1):
         return parts[0]
     out, lse = _merge_aligned([o for o, _ in parts], [l for _, l in parts])
@@ -163,7 +175,8 @@ def attention_with_kvcache(
         return_lse: also return the natural-log log-sum-exp ``(B, Hq, Lq)`` in both layouts, float32
             (float64 for float64 inputs).
         num_splits: split the keys into this many chunks, attend to each, and merge exactly through the
-            lse (:func:`fused_attention.merge_attention_states_list`); 1 disables splitting, 0 chooses:
+            lse (:func:`fused_attention.merge_attention_states_list`; float16/bfloat16 splits then run
+            in float32 on gathered keys, so the output is rounded once); 1 disables splitting, 0 chooses:
             on the ``triton`` backend's split-KV kernel enough splits to fill the GPU (1 on the CPU
             interpreter), on the other backends 1 (the ``cpu`` kernel still spreads a long cache's keys
             over threads in fixed 512-key chunks, merged in order, whatever the thread count). The
