@@ -346,17 +346,22 @@ def test_head_dim_zero_gives_uniform_attention_and_its_gradients(backend, sinks)
         pytest.skip(fused_attention.backends.BACKENDS[backend].unavailable_reason())
     from fused_attention.reference import reference_attention
 
-    gen = torch.Generator().manual_seed(5)
-    q, k = torch.randn(3, 2, 4, 0, generator=gen), torch.randn(3, 2, 5, 0, generator=gen)
-    v = torch.randn(3, 2, 5, 8, generator=gen).requires_grad_()
-    kwargs = {"sinks": torch.tensor([0.5, -1.0]).requires_grad_()} if sinks else {}
-    leaves = [v, *kwargs.values()]
-    up = torch.randn(3, 2, 4, 8, generator=gen)
-    out = sdpa(q, k, v, backend=backend, **kwargs)
-    expected = reference_attention(q.double(), k.double(), v.double(),
-                                   **{n: t.double() for n, t in kwargs.items()})[0]
-    grads = torch.autograd.grad(out, leaves, up)
-    expected_grads = torch.autograd.grad(expected, [v] + list(kwargs.values()), up.double(), allow_unused=True)
-    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
-    for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got.double(), want.double(), rtol=1e-6, atol=1e-6)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # (one thread's buffers serve every (batch, head): where the bug showed)
+    try:
+        gen = torch.Generator().manual_seed(5)
+        q, k = torch.randn(3, 2, 4, 0, generator=gen), torch.randn(3, 2, 5, 0, generator=gen)
+        v = torch.randn(3, 2, 5, 8, generator=gen).requires_grad_()
+        kwargs = {"sinks": torch.tensor([0.5, -1.0]).requires_grad_()} if sinks else {}
+        leaves = [v, *kwargs.values()]
+        up = torch.randn(3, 2, 4, 8, generator=gen)
+        out = sdpa(q, k, v, backend=backend, **kwargs)
+        expected = reference_attention(q.double(), k.double(), v.double(),
+                                       **{n: t.double() for n, t in kwargs.items()})[0]
+        grads = torch.autograd.grad(out, leaves, up)
+        expected_grads = torch.autograd.grad(expected, [v] + list(kwargs.values()), up.double(), allow_unused=True)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got.double(), want.double(), rtol=1e-6, atol=1e-6)
+    finally:
+        torch.set_num_threads(previous)

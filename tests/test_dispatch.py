@@ -86,6 +86,8 @@ def test_remembered_choices_follow_the_priority_and_backend_tables(spy, monkeypa
 
     q, k, v = _qkv()
     first = _expected_auto(canonicalize(q, k, v))
+    if first == "torch":
+        pytest.skip("the cpu backend is not built: torch is the first choice either way")
     calls = [fused_attention.scaled_dot_product_attention(q, k, v) for _ in range(2)]
     with monkeypatch.context() as patch:
         patch.setitem(dispatch._PRIORITY, "cpu", ("torch", "cpu"))

@@ -76,7 +76,6 @@ struct BackwardTask {
 };
 
 // Where one query head's slope and sink gradients go (null: not wanted).
-template <typename acc_t>
 struct HeadGradients {
   double* slope;
   double* sink;
@@ -109,7 +108,7 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
                                                     int64_t rows, const Operand<scalar_t>& dout,
                                                     const Operand<scalar_t>& dq,
                                                     const ExtraGradients<acc_t>& extra, acc_t* mask_sink,
-                                                    const HeadGradients<acc_t>& head_grads, BackwardBuffers<acc_t>& buf) {
+                                                    const HeadGradients& head_grads, BackwardBuffers<acc_t>& buf) {
   constexpr int64_t width = simd::Traits<acc_t>::width;
   const Sequence& seq = problem.sequences[task.sequence];
   const int64_t dim = problem.head_dim, value_dim = problem.value_dim;
@@ -134,8 +133,7 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
   const acc_t* kept = dropout ? buf.kept.data() : probs;  // P with dropout applied: what multiplied V
   const acc_t scale = static_cast<acc_t>(scoring.rules.scale);
   const acc_t sink = scoring.sink(head), neg_inf = -std::numeric_limits<acc_t>::infinity();
-  // The sink and slope gradients sum one term per row: in double over the step, joining their float
-  // accumulators once per step, so their rounding does not grow with the sequence length.
+  // The sink and slope gradients: one term per row, in double (see ExtraGradients).
   double step_sink = 0, step_alibi = 0;
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* p = probs + r * ld;
@@ -197,10 +195,10 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
       // distances are measured from c = sum_j p_j d_j, so that the rounding of every dS_j (and of delta,
       // which shifts them all by p_j) is not multiplied by distances of up to the key range:
       // -sum_j dS_j (d_j - c) - c p_sink delta. With this c, delta's rounding cancels with a sink too
-      // (it enters as -delta (sum_j p_j (d_j - c) + c p_sink) = -delta c (1 - sum_j p_j - p_sink) = 0),
-      // where the mean distance c / sum_j p_j divided by 1 - p_sink, which cancels when the sink
-      // dominates. (Raw distances made the float32 slope gradient 2-3x the float32 reference's error at
-      // 53 keys; alibi-slope-gradient.md.)
+      // (it enters as delta (sum_j p_j (d_j - c) - c p_sink) = delta c (1 - sum_j p_j - p_sink) = 0);
+      // the mean distance c / (1 - p_sink), the center before, did not, and its division cancels when
+      // the sink dominates. (Raw distances made the float32 slope gradient 2-3x the float32 reference's
+      // error at 53 keys; alibi-slope-gradient.md.)
       const int64_t position = i0 + r + seq.len_k - seq.len_q - lo;
       const double center = distance_dot(p, position, n);
       step_alibi -= distance_dot(dp, position, n, center) +
@@ -294,7 +292,7 @@ void backward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_
         if (unit >= group * steps) break;
         const int64_t g = unit / steps, i0 = unit % steps * buf.rows, head = kv_head * group + g;
         const int64_t slot = seq.index * heads_q + head;
-        HeadGradients<acc_t> head_grads{nullptr, nullptr};
+        HeadGradients head_grads{nullptr, nullptr};
         if (extra.alibi) head_grads.slope = partial ? &partial->slopes[g] : extra.alibi + slot;
         if (extra.sinks) head_grads.sink = partial ? &partial->sinks[g] : extra.sinks + slot;
         backward_rows(problem, scoring, task, head, i0, std::min(buf.rows, seq.len_q - i0), dout, dq, extra,

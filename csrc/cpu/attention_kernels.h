@@ -57,9 +57,11 @@ struct ExtraGradients {
   int64_t mask_stride[4] = {0, 0, 0, 0};
   int64_t mask_numel = 0;
   bool mask_per_thread = false;  // tasks share mask entries: one partial buffer per thread, summed after
-  // The slope and sink gradients sum one term per row of the whole call: in double up to the end, so that
-  // their rounding does not grow with the length and the batch (float32 partial sums per step made the
-  // float32 slope gradient up to 4x the float32 reference's error with sinks; alibi-slope-gradient.md).
+  // The slope and sink gradients sum one term per row of the whole call, and each row's slope term is
+  // itself a sum of terms that cancel: all in double up to the end, so that float's rounding of partial
+  // sums does not grow with the rows and keys (float32 slope gradient with sinks at 2048 keys: mean
+  // relative error 9.4e-7 with float partial sums, 4.6e-7 in double, the float32 reference's 5.5e-7;
+  // 2026-12-06 record alibi-slope-gradient.md).
   double* alibi = nullptr;       // (number of sequences, Hq) contiguous: summed to the slopes' shape after
   double* sinks = nullptr;       // (number of sequences, Hq) contiguous: summed over sequences after
 };

@@ -342,8 +342,7 @@ bool plain_cpu_tensor(const at::Tensor& t) {
   return t.layout() == at::kStrided && plain.isSupersetOf(t.key_set());
 }
 
-bool plain_input(const at::Tensor& t) { return plain_cpu_tensor(t); }
-bool plain_input(const c10::optional<at::Tensor>& t) { return !t.has_value() || plain_cpu_tensor(*t); }
+bool plain_cpu_tensor(const c10::optional<at::Tensor>& t) { return !t.has_value() || plain_cpu_tensor(*t); }
 
 }  // namespace
 
@@ -377,7 +376,7 @@ namespace {
 // or absent) is a plain CPU tensor. Otherwise the entry declines and the caller takes the dispatcher.
 template <typename... Inputs>
 bool direct_serves(const Inputs&... inputs) {
-  return !calls_intercepted() && (plain_input(inputs) && ...);
+  return !calls_intercepted() && (plain_cpu_tensor(inputs) && ...);
 }
 
 }  // namespace

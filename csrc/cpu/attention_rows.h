@@ -218,11 +218,9 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n_pad) {
   return simd::reduce_add<acc_t>((total[0] + total[1]) + (total[2] + total[3]));
 }
 
-// sum_j x[j] (|position - j| - center) over [0, n), in double: with x = dS, the gradient of an ALiBi slope
-// (up to sign and the center's term), with x = p, the row's center. Its terms cancel, and a float sum of
-// a long row kept float's rounding of every term times distances of up to the key range (at 2048 keys
-// with sinks, the slope gradient's error was 1.3x the float32 reference's; 2026-12-06 record
-// alibi-slope-gradient.md). Eight independent partial sums, which the compiler vectorizes.
+// sum_j x[j] (|position - j| - center) over [0, n), in double (see ExtraGradients): with x = dS, the
+// gradient of an ALiBi slope (up to sign and the center's term), with x = p, the row's center. Eight
+// independent partial sums, which the compiler vectorizes.
 template <typename acc_t>
 inline double distance_dot(const acc_t* x, int64_t position, int64_t n, double center = 0.0) {
   constexpr int64_t lanes = 8;

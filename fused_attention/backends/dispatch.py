@@ -108,8 +108,8 @@ def decision_key(query: torch.Tensor, value_head_dim: int, features: frozenset[s
     features, whether a backward will be needed), and the device's priority order and the backends in
     the table, which tests and users may replace: a changed table is another key, not a stale choice."""
     # (every device's order: device.type alone costs 0.2 us, a third of this key)
-    return (query.device, query.dtype, query.shape[-1], value_head_dim, features, grad, *_PRIORITY.values(),
-            *BACKENDS.values())
+    return (query.device, query.dtype, query.shape[-1], value_head_dim, features, grad, _DEFAULT_PRIORITY,
+            *_PRIORITY.values(), *BACKENDS.values())
 
 
 def select(inputs: AttentionInputs | VarlenInputs, backend: object = None) -> Backend:

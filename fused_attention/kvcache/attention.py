@@ -6,8 +6,8 @@ kernel reads the caches in place (:mod:`.split_kv`); where the ``cpu`` backend d
 and attends, reading the caches in place (:mod:`.cpu_cache`). Elsewhere
 (``torch``), the plain path views or gathers each entry's keys (:mod:`.paged`) and calls the regular
 :func:`fused_attention.scaled_dot_product_attention`. Explicit key splits (``num_splits > 1``) run one
-call per split and merge through their lse (:mod:`fused_attention.merge`); 16-bit splits attend in
-float32 over gathered keys, so that the merged output is rounded once.
+call per split and merge through their lse (:mod:`fused_attention.merge`); on the ``cpu`` and ``torch``
+backends 16-bit splits attend in float32 over gathered keys, so that the merged output is rounded once.
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ def _gathered(call: KVCacheCall, q: torch.Tensor, backend: str | None,
     total = call.seqlens + call.new_len
     mask = position_mask(call, total, keys.shape[2], accumulation_dtype(q.dtype)) if needs_positions(call) else None
     qh = q.transpose(1, 2)
-    if dtype is not None and dtype != q.dtype:
-        qh, keys, values = qh.to(dtype), keys.to(dtype), values.to(dtype)
+    dtype = dtype or q.dtype  # (each split's keys converted as it runs: one split's copy at a time)
+    if dtype != q.dtype:
+        qh = qh.to(dtype)
     common = {
         "scale": call.scale, "enable_gqa": qh.shape[1] != keys.shape[1], "softcap": call.softcap,
         "return_lse": True, "backend": backend,
@@ -57,7 +58,7 @@ def _gathered(call: KVCacheCall, q: torch.Tensor, backend: str | None,
         }
         extra = {"sinks": sinks} if sinks is not None else {}
         return scaled_dot_product_attention(
-            qh, keys[:, :, start:stop], values[:, :, start:stop], **part, **common, **extra
+            qh, keys[:, :, start:stop].to(dtype), values[:, :, start:stop].to(dtype), **part, **common, **extra
         )
 
     return attend
@@ -76,9 +77,9 @@ def _attend(call: KVCacheCall, q: torch.Tensor, chosen: Backend, backend: str | 
     else:
         attend = _gathered(call, q, backend, accumulation_dtype(q.dtype) if wide else None)
     # One split takes the sinks in the kernel; several take them once, at the merge.
-    sinks = call.sinks if call.num_splits <= 1 else None
+    sinks = call.sinks if len(bounds) == 1 else None
     parts = [attend(start, stop, sinks) for start, stop in bounds]
-    if len(parts) == 1 and (call.sinks is None or call.num_splits <= 1):
+    if len(parts) == 1:
         return parts[0]
     out, lse = _merge_aligned([o for o, _ in parts], [l for _, l in parts])
     if call.sinks is not None:
@@ -175,8 +176,9 @@ def attention_with_kvcache(
         return_lse: also return the natural-log log-sum-exp ``(B, Hq, Lq)`` in both layouts, float32
             (float64 for float64 inputs).
         num_splits: split the keys into this many chunks, attend to each, and merge exactly through the
-            lse (:func:`fused_attention.merge_attention_states_list`; float16/bfloat16 splits then run
-            in float32 on gathered keys, so the output is rounded once); 1 disables splitting, 0 chooses:
+            lse (:func:`fused_attention.merge_attention_states_list`; on the ``cpu`` and ``torch``
+            backends float16/bfloat16 splits run in float32 on gathered keys, so the output is rounded
+            once); 1 disables splitting, 0 chooses:
             on the ``triton`` backend's split-KV kernel enough splits to fill the GPU (1 on the CPU
             interpreter), on the other backends 1 (the ``cpu`` kernel still spreads a long cache's keys
             over threads in fixed 512-key chunks, merged in order, whatever the thread count). The
