@@ -308,8 +308,8 @@ MUTATIONS = [
     # --- C++ kernels (--cpp: a scratch build each) ---
     Mutation(
         "cpp-slope-grad-sign", "csrc/cpu/attention_backward.h",
-        "step_alibi -= static_cast<double>(distance_dot(dp,",
-        "step_alibi += static_cast<double>(distance_dot(dp,",
+        "step_alibi -= distance_dot(dp,",
+        "step_alibi += distance_dot(dp,",
         _k((ATT, VARLEN), "cpu and alibi_slopes_gradient"), "C++: ALiBi slope gradient negated", cpp=True,
     ),
     Mutation(

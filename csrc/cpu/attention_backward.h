@@ -97,7 +97,7 @@ inline int64_t backward_parts(int64_t tasks, int64_t threads, int64_t part_bytes
 template <typename acc_t>
 struct BackwardPartial {
   AlignedVector<acc_t> dk, dv;
-  std::vector<double> slopes, sinks;  // per query head of the group
+  AlignedVector<double> slopes, sinks;  // per query head of the group
 };
 
 // Gradients of rows [i0, i0 + rows) of query head `head`: writes their dq, adds to the task's dk / dv
