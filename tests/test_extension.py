@@ -292,11 +292,16 @@ def test_rotary_positions(device, kind, interleaved):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_rotary_positions_outside_the_table_are_clamped(device):
-    # Python validates positions on CPU only; the kernels must still never read outside the table.
+def test_rotary_positions_outside_the_table_raise_on_cpu_and_are_clamped_on_cuda(device):
+    # Python validates positions on CPU only, and not under torch.compile: the CPU kernel raises, a CUDA
+    # kernel (which cannot raise) clamps; neither ever reads outside the table.
     x = randn(2, 3, 2, 8, device=device)
     cos, sin = rotary_tables(5, 8, device=device)
     positions = torch.tensor([[-7, 0, 4], [5, 10**12, 2]], device=device)
+    if device == "cpu":
+        with pytest.raises(IndexError, match="position -7 falls outside the cos/sin table of 5 rows"):
+            ops.rotary(x, cos, sin, positions, False, False)
+        return
     out = ops.rotary(x, cos, sin, positions, False, False)
     torch.testing.assert_close(
         out, ops.rotary(x, cos, sin, positions.clamp(0, 4), False, False), rtol=0, atol=0

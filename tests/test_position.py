@@ -383,3 +383,17 @@ def test_public_position_functions_compile_with_automatic_dispatch():
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     for a, b in zip(compiled(q, k, x), f(q, k, x)):
         torch.testing.assert_close(a, b)
+
+
+def test_positions_past_the_table_raise_under_compile():
+    """Python checks the positions only outside torch.compile (they are data); inside, the cpu kernel
+    raises itself (it had clamped them to the table's last row: wrong angles, no error)."""
+    if "cpu" not in position_backends():
+        pytest.skip("the cpu position backend is not built")
+    q = torch.randn(1, 2, 6, 8)
+    cos, sin = fused_attention.rotary_cos_sin(4, 8)
+    compiled = torch.compile(lambda x: fused_attention.apply_rotary_emb(x, cos, sin, backend="cpu"), fullgraph=True,
+                             backend="aot_eager")
+    with pytest.raises(IndexError, match="outside the cos/sin table of 4 rows"):
+        compiled(q)
+    torch.testing.assert_close(compiled(q[:, :, :4]), fused_attention.apply_rotary_emb(q[:, :, :4], cos, sin))

@@ -61,6 +61,9 @@ def test_positional_encoding_batch_first_dropout_and_max_len():
     torch.testing.assert_close(module(x), x + module.pe[:7].transpose(0, 1), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="max_len=10"):
         module(rand(2, 11, 8))
+    for width in (6, 16):  # another d_model: the classic module raises; the formula path had fit any width
+        with pytest.raises(ValueError, match="d_model=8"):
+            module(rand(2, 7, width))
     drop = PositionalEncoding(8, max_len=10, dropout=0.5).train()
     out = drop(rand(7, 2, 8))
     assert (out == 0).any()

@@ -151,6 +151,20 @@ void rotary_kernel(c10::ArrayRef<RotaryOperand<scalar_t>> operands,
   });
 }
 
+// Python checks the positions only outside torch.compile (they are data): a position past the table, which
+// a CUDA kernel can only clamp (table_row), raises here, before the parallel loop, instead of rotating its
+// token by the wrong angle.
+template <typename acc_t>
+void check_positions_in_table(const RotaryAngles<acc_t>& angles, int64_t batch) {
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t s = 0; s < angles.seq_len; ++s) {
+      const int64_t position = angles.positions[b * angles.position_stride[0] + s * angles.position_stride[1]];
+      TORCH_CHECK_INDEX(position >= 0 && position < angles.table_len, "fused_attention rotary: position ", position,
+                        " falls outside the cos/sin table of ", angles.table_len, " rows");
+    }
+  }
+}
+
 // Rotates each (input, output) pair with the same angles; output may be the input itself.
 void rotary_cpu(std::initializer_list<std::pair<at::Tensor, at::Tensor>> in_out, const at::Tensor& cos,
                 const at::Tensor& sin, const at::Tensor& positions, bool interleaved, bool conjugate) {
@@ -163,9 +177,9 @@ void rotary_cpu(std::initializer_list<std::pair<at::Tensor, at::Tensor>> in_out,
     for (const auto& [input, output] : in_out) {
       operands.push_back(make_rotary_operand<scalar_t>(input, output));
     }
-    rotary_kernel<scalar_t>(operands,
-                            make_rotary_angles<acc_t<scalar_t>>(cos, sin, positions, interleaved, conjugate),
-                            first.size(0));
+    const auto angles = make_rotary_angles<acc_t<scalar_t>>(cos, sin, positions, interleaved, conjugate);
+    check_positions_in_table(angles, first.size(0));
+    rotary_kernel<scalar_t>(operands, angles, first.size(0));
   });
 }
 

@@ -76,6 +76,11 @@ class PositionalEncoding(nn.Module):
         return self._formula_version is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.pe.shape[-1]:  # (the formula path would fit any even width)
+            raise AttentionArgumentError(
+                f"x must be (seq, batch, d_model) or (batch, seq, d_model) with d_model={self.pe.shape[-1]}, "
+                f"got shape {tuple(x.shape)}"
+            )
         seq_len = x.size(1 if self.batch_first else 0)
         if seq_len > self.pe.shape[0]:
             raise AttentionArgumentError(
