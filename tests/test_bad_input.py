@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_policy
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import CausalBias, causal_lower_right, causal_upper_left
 
@@ -356,12 +357,15 @@ def test_head_dim_zero_gives_uniform_attention_and_its_gradients(backend, sinks)
         leaves = [v, *kwargs.values()]
         up = torch.randn(3, 2, 4, 8, generator=gen)
         out = sdpa(q, k, v, backend=backend, **kwargs)
-        expected = reference_attention(q.double(), k.double(), v.double(),
-                                       **{n: t.double() for n, t in kwargs.items()})[0]
         grads = torch.autograd.grad(out, leaves, up)
-        expected_grads = torch.autograd.grad(expected, [v] + list(kwargs.values()), up.double(), allow_unused=True)
-        torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
-        for got, want in zip(grads, expected_grads):
-            torch.testing.assert_close(got.double(), want.double(), rtol=1e-6, atol=1e-6)
+        refs = {}
+        for dt in (torch.float32, torch.float64):  # DESIGN.md's policy: the reference in float32 and float64
+            ref_leaves = [t.detach().to(dt).requires_grad_() for t in leaves]
+            ref_kwargs = dict(zip(kwargs, ref_leaves[1:]))
+            ref = reference_attention(q.to(dt), k.to(dt), ref_leaves[0], **ref_kwargs)[0]
+            refs[dt] = (ref, torch.autograd.grad(ref, ref_leaves, up.to(dt)))
+        assert_policy(out, refs[torch.float32][0], refs[torch.float64][0], 2, "output")
+        for i, got in enumerate(grads):
+            assert_policy(got, refs[torch.float32][1][i], refs[torch.float64][1][i], 3, f"gradient {i}")
     finally:
         torch.set_num_threads(previous)

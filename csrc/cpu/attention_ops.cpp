@@ -190,15 +190,16 @@ at::Tensor sink_gradient(const at::Tensor& buffer, const c10::optional<at::Tenso
   return buffer.defined() ? buffer.sum(0).to(sinks->scalar_type()) : like.new_empty({0});
 }
 
-// (sequences, Hq) of double (see ExtraGradients), or undefined when the slope gradient is not asked for.
-at::Tensor slope_buffer(bool need, int64_t sequences, int64_t heads, const at::Tensor& q) {
+// A slope or sink gradient's (sequences, Hq) accumulator, in double (see ExtraGradients); undefined when
+// the gradient is not asked for.
+at::Tensor head_gradient_buffer(bool need, int64_t sequences, int64_t heads, const at::Tensor& q) {
   return need ? at::zeros({sequences, heads}, q.options().dtype(at::kDouble)) : at::Tensor();
 }
 
 at::Tensor sink_buffer(bool need, const c10::optional<at::Tensor>& sinks, int64_t sequences, int64_t heads,
                        const at::Tensor& q) {
   TORCH_CHECK(!need || sinks, "fused_attention: no sinks to differentiate");
-  return need ? at::zeros({sequences, heads}, q.options().dtype(at::kDouble)) : at::Tensor();  // see ExtraGradients
+  return head_gradient_buffer(need, sequences, heads, q);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
@@ -217,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dv = at::empty(v.sizes(), v.options());
   const c10::optional<MaskGradient> mask_grad =
       need_mask_grad ? c10::make_optional(MaskGradient(*mask, batch, k.size(1), acc)) : c10::nullopt;
-  const at::Tensor alibi_buffer = slope_buffer(need_alibi_grad, batch, heads, q);
+  const at::Tensor alibi_buffer = head_gradient_buffer(need_alibi_grad, batch, heads, q);
   const at::Tensor sink_tensor = sink_logits(sinks, heads, acc);
   const at::Tensor sinks_buffer = sink_buffer(need_sinks_grad, sinks, batch, heads, q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::attention_backward", [&] {
@@ -315,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_at
   at::Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options());
   at::Tensor dv = at::zeros(v.sizes(), v.options());
   const int64_t sequences = cu_seqlens_q.numel() - 1;
-  const at::Tensor alibi_buffer = slope_buffer(need_alibi_grad, sequences, q.size(1), q);
+  const at::Tensor alibi_buffer = head_gradient_buffer(need_alibi_grad, sequences, q.size(1), q);
   const at::Tensor sink_tensor = sink_logits(sinks, q.size(1), acc);
   const at::Tensor sinks_buffer = sink_buffer(need_sinks_grad, sinks, sequences, q.size(1), q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::varlen_attention_backward", [&] {

@@ -153,13 +153,13 @@ void rotary_kernel(c10::ArrayRef<RotaryOperand<scalar_t>> operands,
 
 // Python checks the positions only outside torch.compile (they are data): a position past the table, which
 // a CUDA kernel can only clamp (table_row), raises here, before the parallel loop, instead of rotating its
-// token by the wrong angle.
+// token by the wrong angle; a ValueError, as Python's check raises.
 template <typename acc_t>
 void check_positions_in_table(const RotaryAngles<acc_t>& angles, int64_t batch) {
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t s = 0; s < angles.seq_len; ++s) {
       const int64_t position = angles.positions[b * angles.position_stride[0] + s * angles.position_stride[1]];
-      TORCH_CHECK_INDEX(position >= 0 && position < angles.table_len, "fused_attention rotary: position ", position,
+      TORCH_CHECK_VALUE(position >= 0 && position < angles.table_len, "fused_attention rotary: position ", position,
                         " falls outside the cos/sin table of ", angles.table_len, " rows");
     }
   }
