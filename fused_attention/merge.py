@@ -56,9 +56,10 @@ def _merge_stacked(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor
 
 def _merge_aligned(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge of ``out (..., Ev)`` with ``lse`` shaped ``out.shape[:-1]``; results in accumulation dtype."""
-    if len(outs) == 1:
+    if len(outs) == 1:  # as _merge_stacked: a row whose lse is -inf gives 0, whatever its output holds
         acc_dtype = accumulation_dtype(outs[0].dtype)
-        return outs[0].to(acc_dtype, copy=True), lses[0].to(acc_dtype, copy=True)
+        lse = lses[0].to(acc_dtype, copy=True)
+        return torch.where(torch.isneginf(lse).unsqueeze(-1), 0.0, outs[0].to(acc_dtype)), lse
     return _merge_stacked(torch.stack(outs), torch.stack(lses))
 
 
@@ -95,14 +96,18 @@ def _check_states(outs: object, lses: object, layout: object) -> None:
                 f"outs[{i}] must match outs[0] in shape, dtype and device, got {tuple(out.shape)} {out.dtype} "
                 f"{out.device} vs {tuple(first_out.shape)} {first_out.dtype} {first_out.device}"
             )
-        if lse.shape != first_lse.shape or lse.dtype != first_lse.dtype or lse.device != first_out.device:
+        if lse.device != first_out.device:
+            raise AttentionArgumentError(f"lses[{i}] must be on outs[0]'s device {first_out.device}, got {lse.device}")
+        if lse.shape != first_lse.shape or lse.dtype != first_lse.dtype:
             raise AttentionArgumentError(
-                f"lses[{i}] must match lses[0] in shape and dtype and be on {first_out.device}, got "
-                f"{tuple(lse.shape)} {lse.dtype} {lse.device}"
+                f"lses[{i}] must match lses[0] in shape and dtype, got {tuple(lse.shape)} {lse.dtype} vs "
+                f"{tuple(first_lse.shape)} {first_lse.dtype}"
             )
     if layout == "bhsd":
+        if first_out.dim() < 2:
+            raise AttentionArgumentError(f"layout='bhsd': out must be (..., L, Ev), at least 2-D, got {first_out.dim()}-D")
         expected = tuple(first_out.shape[:-1])
-        if first_out.dim() < 2 or tuple(first_lse.shape) != expected:
+        if tuple(first_lse.shape) != expected:
             hint = ""
             if first_out.dim() == 3 and tuple(first_lse.shape) == expected[::-1]:
                 hint = " (varlen_attention's lse is (H, T) for out (T, H, D): pass layout='bshd')"

@@ -533,6 +533,12 @@ def test_merge_ignores_the_output_of_a_part_that_saw_no_key():
     acc_out, acc_lse = out.clone(), lse.clone()
     fa.merge.merge_into_(acc_out, acc_lse, junk, none)  # the in-place merge (split-KV, ring attention)
     torch.testing.assert_close(acc_out, out)
+    # one part alone: its rows with lse -inf give 0 as well (the one-part path copied the output as it was)
+    lse_some = lse.clone()
+    lse_some[0, 1] = float("-inf")
+    merged, merged_lse = fa.merge_attention_states_list([junk], [lse_some])
+    assert torch.equal(merged[0, 1], torch.zeros_like(merged[0, 1])) and torch.equal(merged_lse, lse_some)
+    torch.testing.assert_close(merged[0, 0], junk[0, 0], equal_nan=True)  # finite lse: the output as it is
 
 
 def test_merge_of_varlen_outputs_in_their_layout():
@@ -618,6 +624,12 @@ def test_merge_bad_input():
         fa.merge_attention_states(o, s, o, s, layout="x")
     with pytest.raises(ValueError, match="outs\\[1\\]"):
         fa.merge_attention_states(o, s, o[:1], s)
+    with pytest.raises(ValueError, match="at least 2-D, got 1-D"):  # (was: "expected (), got ()")
+        fa.merge_attention_states(o[0, 0, 0], s[0, 0, :1].sum(), o[0, 0, 0], s[0, 0, :1].sum())
+    with pytest.raises(ValueError, match="lses\\[0\\] must be on outs\\[0\\]'s device cpu, got meta"):
+        fa.merge_attention_states(o, s.to("meta"), o, s)
+    with pytest.raises(ValueError, match="lses\\[1\\] must match lses\\[0\\] in shape and dtype"):
+        fa.merge_attention_states(o, s, o, s.double())
 
 
 # --- torch.compile ------------------------------------------------------------------------------------
@@ -791,6 +803,60 @@ def test_paged_cache_reserve_raises_when_the_pool_is_exhausted():
     with pytest.raises(ValueError, match="cannot reserve"):
         cache.reserve(1, 3)
     assert cache.free_pages == 1
+
+
+def _pool_state(cache):
+    return cache.free_pages, cache.block_table.clone(), cache.seqlens.clone(), [list(p) for p in cache._pages]
+
+
+def test_paged_cache_append_that_raises_takes_no_pages():
+    """An append that fails (bad q, a gradient asked for, a pool too small for every slot) leaves the pool,
+    the block table and the lengths as they were, as attention_with_kvcache leaves the caches: pages were
+    taken slot by slot before the call was checked, and kept."""
+    cache = PagedKVCache(4, 2, 2, 4, max_batch=2)
+    k = torch.randn(2, 2, 2, 4)
+    cache.append(torch.randn(2, 1, 2, 4), k, k)  # a page each, two free
+    before = _pool_state(cache)
+    step, long_step = torch.randn(2, 1, 2, 4), torch.randn(2, 3, 2, 4)
+    for q, new, match in ((torch.randn(2, 1, 3, 4), step, "multiple"),  # 3 query heads over 2 kv heads
+                          (torch.randn(2, 1, 2, 4, requires_grad=True), step, "forward only"),
+                          (torch.randn(2, 1, 2, 4), long_step, "cannot reserve")):  # 2 + 2 pages, 2 free
+        with pytest.raises(ValueError, match=match):
+            cache.append(q, new, new)
+        after = _pool_state(cache)
+        assert after[0] == before[0] and after[3] == before[3], match
+        assert torch.equal(after[1], before[1]) and torch.equal(after[2], before[2]), match
+    cache.append(torch.randn(2, 1, 2, 4), step, step)  # the two free pages still serve
+    assert cache.free_pages == 0 and cache.seqlens.tolist() == [3, 3]
+
+
+def test_cache_arguments_are_checked():
+    cache = PagedKVCache(4, 2, 1, 8, max_batch=2)
+    with pytest.raises(ValueError, match="num_tokens must be >= 0, got -5"):
+        cache.reserve(0, -5)
+    with pytest.raises(TypeError, match="num_tokens must be an int"):
+        cache.reserve(0, 2.5)
+    for bad in ([0.7], [True], torch.tensor([1.0])):
+        with pytest.raises(TypeError, match="batch_idx"):
+            cache.append(torch.randn(1, 1, 1, 8), batch_idx=bad)
+    cache.reserve(torch.tensor(1), 3)  # integer scalars serve
+    assert cache.free_pages == 2 and cache._pages[1] != []
+    with pytest.raises(ValueError, match="q must have one sequence per slot of batch_idx \\(1\\), got batch size 2"):
+        cache.append(torch.randn(2, 1, 1, 8), batch_idx=[0])
+    with pytest.raises(ValueError, match="q must have one sequence per slot"):
+        StaticKVCache(2, 4, 1, 8).append(torch.randn(3, 1, 1, 8))
+    for kwargs, match in (({"max_pages_per_seq": 0}, "max_pages_per_seq must be >= 1"),
+                          ({"head_dim_v": 0}, "head_dim_v must be >= 1")):
+        with pytest.raises(ValueError, match=match):
+            PagedKVCache(4, 2, 1, 8, max_batch=2, **kwargs)
+    with pytest.raises(TypeError, match="dtype must be a floating-point"):
+        PagedKVCache(4, 2, 1, 8, max_batch=2, dtype=torch.int32)
+    for args, match in (((0, 4, 1, 8), "max_batch must be >= 1"), ((2, -1, 1, 8), "max_seqlen must be >= 1"),
+                        ((2, 4, 1, 8.0), "head_dim must be an int")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            StaticKVCache(*args)
+    with pytest.raises(TypeError, match="dtype must be a floating-point"):
+        StaticKVCache(2, 4, 1, 8, dtype=torch.int64)
 
 
 @pytest.mark.parametrize("backend", [b for b in ("cpu", "torch") if b in BACKENDS])

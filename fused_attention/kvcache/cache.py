@@ -3,20 +3,47 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
 
-from ..errors import AttentionArgumentError
+from ..errors import AttentionArgumentError, AttentionTypeError
 from .attention import attention_with_kvcache
 from .validate import LAYOUTS
+
+
+def _count(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int of at least ``minimum`` (ints and integer scalars; not bools or floats)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise AttentionTypeError(f"{name} must be an int, got {value!r:.60}") from None
+    if value < minimum:
+        raise AttentionArgumentError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_storage(dtype: Any, **sizes: Any) -> None:
+    """The sizes a cache is built with (each >= 1; None: not given) and its floating-point dtype."""
+    for name, size in sizes.items():
+        if size is not None:
+            _count(name, size, 1)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise AttentionTypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
 
 
 def _slots(batch_idx: Any, max_batch: int) -> list[int]:
     if batch_idx is None:
         return list(range(max_batch))
-    slots = [int(b) for b in (batch_idx.tolist() if isinstance(batch_idx, torch.Tensor) else batch_idx)]
-    if any(not 0 <= b < max_batch for b in slots) or len(set(slots)) != len(slots):
+    if isinstance(batch_idx, torch.Tensor):
+        if batch_idx.dtype == torch.bool or batch_idx.is_floating_point() or batch_idx.is_complex():
+            raise AttentionTypeError(f"batch_idx must hold integers, got a {batch_idx.dtype} tensor")
+        batch_idx = batch_idx.reshape(-1).tolist()
+    slots = [_count("batch_idx", b, 0) for b in batch_idx]
+    if any(b >= max_batch for b in slots) or len(set(slots)) != len(slots):
         raise AttentionArgumentError(f"batch_idx must be distinct sequence slots in [0, {max_batch}), got {slots}")
     return slots
 
@@ -36,15 +63,16 @@ class PagedKVCache:
         max_pages_per_seq: int | None = None, head_dim_v: int | None = None, layout: str = "bshd",
         dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
     ) -> None:
-        if min(num_pages, page_size, num_kv_heads, head_dim, max_batch) < 1:
-            raise AttentionArgumentError("num_pages, page_size, num_kv_heads, head_dim and max_batch must be >= 1")
+        _check_storage(dtype, num_pages=num_pages, page_size=page_size, num_kv_heads=num_kv_heads,
+                       head_dim=head_dim, max_batch=max_batch, max_pages_per_seq=max_pages_per_seq,
+                       head_dim_v=head_dim_v)
         if layout not in LAYOUTS:
             raise AttentionArgumentError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.page_size, self.layout = page_size, layout
         inner = (page_size, num_kv_heads) if layout == "bshd" else (num_kv_heads, page_size)
         self.k_pages = torch.zeros(num_pages, *inner, head_dim, dtype=dtype, device=device)
         self.v_pages = torch.zeros(num_pages, *inner, head_dim_v or head_dim, dtype=dtype, device=device)
-        max_pages = max_pages_per_seq or num_pages
+        max_pages = num_pages if max_pages_per_seq is None else max_pages_per_seq
         self.block_table = torch.zeros(max_batch, max_pages, dtype=torch.int32, device=device)
         self.seqlens = torch.zeros(max_batch, dtype=torch.int32, device=device)
         self._free = list(range(num_pages - 1, -1, -1))
@@ -59,22 +87,40 @@ class PagedKVCache:
         """Makes room for ``num_tokens`` more tokens of sequence ``batch_idx`` (takes pages from the pool).
         Raises, taking nothing, when the pool or the sequence's block-table row is too small."""
         slot = _slots([batch_idx], len(self._pages))[0]
-        self._reserve(slot, int(self.seqlens[slot]) + num_tokens, num_tokens)
+        num_tokens = _count("num_tokens", num_tokens, 0)
+        self._reserve({slot: int(self.seqlens[slot]) + num_tokens}, num_tokens)
 
-    def _reserve(self, slot: int, length: int, num_tokens: int) -> None:
-        """Pages for sequence ``slot`` to hold ``length`` tokens (``num_tokens`` of them new)."""
-        need = -(-length // self.page_size) - len(self._pages[slot])
-        if need <= 0:
-            return
-        if need > len(self._free) or len(self._pages[slot]) + need > self.block_table.shape[1]:
+    def _reserve(self, lengths: dict[int, int], num_tokens: int) -> dict[int, int]:
+        """Pages for each sequence ``slot`` of ``lengths`` to hold ``lengths[slot]`` tokens (``num_tokens``
+        of them new), all or none: raises, taking nothing, when the pool or a row is too small. Returns
+        each slot's page count before (for :meth:`_release`)."""
+        needs = {slot: -(-length // self.page_size) - len(self._pages[slot]) for slot, length in lengths.items()}
+        needs = {slot: need for slot, need in needs.items() if need > 0}
+        for slot, need in needs.items():
+            if len(self._pages[slot]) + need > self.block_table.shape[1]:
+                raise AttentionArgumentError(
+                    f"cannot reserve {num_tokens} tokens for sequence {slot}: {need} more pages needed, "
+                    f"{self.block_table.shape[1] - len(self._pages[slot])} left in its block-table row"
+                )
+        if sum(needs.values()) > len(self._free):
             raise AttentionArgumentError(
-                f"cannot reserve {num_tokens} tokens for sequence {slot}: {need} more pages needed, "
-                f"{len(self._free)} free, {self.block_table.shape[1] - len(self._pages[slot])} left in its row"
+                f"cannot reserve {num_tokens} tokens for sequences {list(needs)}: {sum(needs.values())} more "
+                f"pages needed, {len(self._free)} free"
             )
-        new = [self._free.pop() for _ in range(need)]
-        first = len(self._pages[slot])
-        self._pages[slot].extend(new)
-        self.block_table[slot, first : first + need] = torch.tensor(new, dtype=torch.int32)
+        before = {slot: len(self._pages[slot]) for slot in needs}
+        for slot, need in needs.items():
+            new = [self._free.pop() for _ in range(need)]
+            first = len(self._pages[slot])
+            self._pages[slot].extend(new)
+            self.block_table[slot, first : first + need] = torch.tensor(new, dtype=torch.int32)
+        return before
+
+    def _release(self, before: dict[int, int]) -> None:
+        """Gives back the pages :meth:`_reserve` took (``before``: its return), as if it had not run."""
+        for slot, count in reversed(before.items()):
+            self._free.extend(reversed(self._pages[slot][count:]))
+            del self._pages[slot][count:]
+            self.block_table[slot, count:] = 0
 
     def free(self, batch_idx: int) -> None:
         """Ends sequence ``batch_idx``: its pages go back to the pool and its length to 0."""
@@ -92,22 +138,35 @@ class PagedKVCache:
         (slots, default all ``max_batch``), and returns :func:`attention_with_kvcache` of ``q`` over them.
         ``kwargs`` go to :func:`attention_with_kvcache` (``is_causal``, ``rotary_cos``, ``return_lse``...)."""
         slots = _slots(batch_idx, len(self._pages))
+        _check_batch(q, slots)
         new = 0 if k is None else k.shape[1 if self.layout == "bshd" else 2]
+        taken: dict[int, int] = {}
         if new:
             lengths = self.seqlens.tolist()  # one host sync for every slot
-            for slot in slots:
-                self._reserve(slot, lengths[slot] + new, new)
+            taken = self._reserve({slot: lengths[slot] + new for slot in slots}, new)
         if batch_idx is None:  # every slot: the tables themselves, no gathered copies
             seqlens, table, index = self.seqlens, self.block_table, None
         else:
             index = torch.tensor(slots, device=self.seqlens.device)
             seqlens, table = self.seqlens[index], self.block_table[index]
-        result = attention_with_kvcache(
-            q, self.k_pages, self.v_pages, k, v, cache_seqlens=seqlens, block_table=table, layout=self.layout,
-            **kwargs,
-        )
+        try:
+            result = attention_with_kvcache(
+                q, self.k_pages, self.v_pages, k, v, cache_seqlens=seqlens, block_table=table,
+                layout=self.layout, **kwargs,
+            )
+        except BaseException:  # the call checks before it writes: the cache stays as it was, pages too
+            self._release(taken)
+            raise
         _advance(self.seqlens, index, new)
         return result
+
+
+def _check_batch(q: Any, slots: list[int]) -> None:
+    """q has a sequence for each slot (else attention_with_kvcache would blame a table the user never passed)."""
+    if isinstance(q, torch.Tensor) and q.dim() >= 1 and q.shape[0] != len(slots):
+        raise AttentionArgumentError(
+            f"q must have one sequence per slot of batch_idx ({len(slots)}), got batch size {q.shape[0]}"
+        )
 
 
 def _advance(seqlens: torch.Tensor, index: torch.Tensor | None, new: int) -> None:
@@ -128,6 +187,8 @@ class StaticKVCache:
         self, max_batch: int, max_seqlen: int, num_kv_heads: int, head_dim: int, *, head_dim_v: int | None = None,
         layout: str = "bshd", dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
     ) -> None:
+        _check_storage(dtype, max_batch=max_batch, max_seqlen=max_seqlen, num_kv_heads=num_kv_heads,
+                       head_dim=head_dim, head_dim_v=head_dim_v)
         if layout not in LAYOUTS:
             raise AttentionArgumentError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.layout = layout
@@ -146,6 +207,7 @@ class StaticKVCache:
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """As :meth:`PagedKVCache.append`, through ``cache_batch_idx``."""
         slots = _slots(batch_idx, self.k.shape[0])
+        _check_batch(q, slots)
         new = 0 if k is None else k.shape[1 if self.layout == "bshd" else 2]
         if batch_idx is None:  # every row, in order: no index, no gathered lengths
             seqlens, rows, index = self.seqlens, None, None
