@@ -44,6 +44,9 @@ def _torch_serves_fused(inputs: AttentionInputs) -> bool:
     backward rounds as the softmax formula does (torch's fused backwards round differently)."""
     if not inputs.features <= _NATIVE_FEATURES or torch.compiler.is_compiling() or requires_grad(inputs):
         return False
+    mask = inputs.attn_mask
+    if mask is not None and inputs.query.dtype == torch.float64 and mask.dtype == torch.float32:
+        return False  # torch's CPU flash kernel reads such a mask wrongly (errors of 2 and more, torch 2.14)
     try:
         choice = torch._fused_sdp_choice(
             inputs.query, inputs.key, inputs.value, inputs.attn_mask, 0.0, inputs.causal, scale=inputs.scale,
