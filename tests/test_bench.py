@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -279,7 +280,9 @@ def _has_matplotlib() -> bool:
 @pytest.mark.parametrize(
     ("args", "named"),
     [(["--seq", "0"], "--seq"), (["--providers", "nope"], "--providers"), (["--exclude", "nope"], "--exclude"),
-     (["--dtype", "int8"], "--dtype"), (["--device", "tpu"], "--device")],
+     (["--dtype", "int8"], "--dtype"), (["--device", "tpu"], "--device"),
+     (["--min-run-time", "inf"], "--min-run-time"),  # (ran forever)
+     (["--out", os.devnull + "/results"], "--out")],  # (a traceback after the first problem had run)
 )  # fmt: skip
 def test_cli_bad_input_names_the_argument(args, named, capsys):
     from fused_attention.__main__ import main

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import shlex
 import sys
+from pathlib import Path
 
 import torch
 
@@ -30,9 +33,20 @@ def positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    if not 0 < value < math.inf:  # (inf: a run that never ends)
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
     return value
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why the results cannot be written under ``path`` (created if missing), or None."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create the directory ({e.strerror or e})"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "the directory is not writable"
+    return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +124,11 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         providers = [p for p in default_providers(device) if p.name in args.providers]
     providers = [p for p in providers if p.name not in (args.exclude or ())]
 
+    if args.out is not None:  # before any problem runs, not after the first one
+        problem = _unwritable(Path(args.out))
+        if problem:
+            print(f"bench: --out {args.out}: {problem}", file=sys.stderr)
+            return 2
     argv = sys.argv[1:] if argv is None else argv
     run_session(
         specs,
