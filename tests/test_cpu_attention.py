@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import check_attention, rand
+from conftest import ISA_REQUEST, check_attention, rand
 from torch.nn.attention.bias import causal_lower_right
 
 import fused_attention
@@ -70,6 +70,33 @@ def test_every_instruction_set_variant_passes_the_shared_suite(isa):
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
         assert " passed" in result.stdout
+
+
+@pytest.mark.parametrize("isa", ["AVX2", "amx" if "amx" not in _isas() else "no-such-isa"])
+def test_a_bad_isa_request_leaves_the_package_usable(isa):
+    """FUSED_ATTENTION_CPU_ISA naming an instruction set this CPU or build lacks, or misspelt: the import,
+    `info` and automatic dispatch go on (the cpu backend is unavailable and says why); only a call forced
+    to the cpu backend raises, naming the variable. (The import itself raised.)"""
+    code = (
+        "import torch, fused_attention as fa\n"
+        "from fused_attention.backends import BACKENDS\n"
+        "q = torch.randn(1, 2, 4, 8)\n"
+        "assert torch.allclose(fa.scaled_dot_product_attention(q, q, q), "
+        "torch.nn.functional.scaled_dot_product_attention(q, q, q), atol=1e-6)\n"
+        "print('reason:', BACKENDS['cpu'].unavailable_reason())\n"
+        "try:\n    fa.scaled_dot_product_attention(q, q, q, backend='cpu')\n"
+        "except ValueError as e:\n    print('forced:', e)\n"
+        "print(fa.info())\n"
+    )
+    env = dict(os.environ, FUSED_ATTENTION_CPU_ISA=isa)
+    env.pop(ISA_REQUEST, None)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("reason: FUSED_ATTENTION_CPU_ISA") and isa in lines[0], result.stdout
+    assert lines[1].startswith("forced: ") and "FUSED_ATTENTION_CPU_ISA" in lines[1], result.stdout
+    assert any(line.strip().startswith("cpu") and "unavailable: FUSED_ATTENTION_CPU_ISA" in line for line in lines)
 
 
 def _median_seconds(fn, repeats: int = 3) -> float:

@@ -39,7 +39,7 @@ class _Ops:
         )
 
 
-_OPS = _Ops() if _EXTENSION.loaded else None
+_OPS = _Ops() if _EXTENSION.loaded and _EXTENSION.cpu_isa_error is None else None
 
 
 class CpuBackend(Backend):
@@ -51,7 +51,9 @@ class CpuBackend(Backend):
     )
 
     def unavailable_reason(self) -> str | None:
-        return None if _EXTENSION.loaded else _EXTENSION.reason
+        if not _EXTENSION.loaded:
+            return _EXTENSION.reason
+        return _EXTENSION.cpu_isa_error
 
     def attention(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
         assert _OPS is not None, "dispatch only picks the cpu backend when the extension loaded"
