@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import operator
 import os
 
@@ -59,20 +60,29 @@ def check_qkv_types(
         )
 
 
+def _real(name: str, value: object, what: str) -> float:
+    """A real number as float: Python's, NumPy's (numbers.Real) or a 0-d real tensor, as torch's SDPA
+    takes them; not a bool."""
+    if type(value) is float:  # the common case first
+        return value
+    scalar_tensor = (isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool
+                     and not value.is_complex())
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or scalar_tensor):
+        raise AttentionTypeError(f"{name} must be {what}, got {type(value).__name__}")
+    return float(value)
+
+
 def check_dropout(dropout_p: object) -> float:
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise AttentionTypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise AttentionArgumentError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    return float(dropout_p)
+    dropout_p = _real("dropout_p", dropout_p, "a float")
+    if not 0.0 <= dropout_p <= 1.0:  # 1: every probability dropped, the output 0 (as torch)
+        raise AttentionArgumentError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    return dropout_p
 
 
 def check_scale(scale: object, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise AttentionTypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    return float(scale)
+    return _real("scale", scale, "a float or None")
 
 
 def check_window(window_size: object) -> tuple[int, int]:

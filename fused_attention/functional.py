@@ -90,8 +90,9 @@ def scaled_dot_product_attention(
             applied without materializing it). Any shape broadcastable to ``(N, ..., Hq, L, S)``; it is
             read through broadcast strides, never expanded. A float mask that requires grad receives
             its gradient, reduced over its broadcast dimensions.
-        dropout_p: dropout probability in [0, 1) on the attention weights, applied whenever > 0 (as
-            torch's functional form does; pass 0.0 in eval). Drawn from torch's default generator:
+        dropout_p: dropout probability in [0, 1] on the attention weights (at 1 all are dropped and the
+            output is 0, as in torch), applied whenever > 0 (as torch's functional form does; pass 0.0
+            in eval). Drawn from torch's default generator:
             ``torch.manual_seed`` reproduces it. The seed is drawn on the host per call, so a call
             captured in a CUDA graph (``torch.cuda.graph``) replays the mask it was captured with.
         is_causal: causal mask aligned top-left as in torch (query ``i`` sees keys ``j <= i``). As in
@@ -190,7 +191,7 @@ def varlen_attention(
             ``total_q``; sequence ``b`` is rows ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]``.
         cu_seqlens_k: int32/int64 ``(B + 1,)``, the same for keys and values.
         max_seqlen_q, max_seqlen_k: the longest query / key sequence.
-        dropout_p: dropout probability in [0, 1), drawn from torch's default generator.
+        dropout_p: dropout probability in [0, 1], drawn from torch's default generator.
         scale: score scale; default ``1 / sqrt(E)``.
         is_causal: causal mask aligned bottom-right **per sequence** (FlashAttention's rule, unlike
             ``scaled_dot_product_attention``'s top-left ``is_causal``): query ``i`` of a sequence with

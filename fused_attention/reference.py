@@ -132,7 +132,7 @@ def reference_attention(
     if sinks is not None:
         probs = probs[..., :-1]
     if dropout_mask is not None:
-        probs = probs * dropout_mask / (1.0 - dropout_p)
+        probs = probs * dropout_mask / (1.0 - dropout_p) if dropout_p < 1 else probs * 0  # (p = 1: all dropped)
     return probs @ value, lse
 
 

@@ -424,6 +424,41 @@ def check_dropout_against_reference(backend, features, seq_k=S):
         assert_policy(g, g_dt, g64, 3, f"dropout grad {name}")
 
 
+@pytest.mark.parametrize("features", [(), ("alibi", "float_mask", "window")], ids=lambda f: "+".join(f) or "plain")
+def test_dropout_of_one_drops_everything(backend, features):
+    """dropout_p = 1 (torch accepts it): every weight dropped, the output 0 and the gradients of q, k, v,
+    a float mask and the slopes 0 (not NaN from 0 / 0 or 0 x inf); the lse is the scores' as without
+    dropout. (It was refused; the torch backend's 1 / (1 - p) and the triton kernels' made NaN or inf.)"""
+    torch.manual_seed(16)
+    q, k, v, kwargs = _inputs(set(features), seq_k=multiple_for(backend, S))
+    require_call(backend, q, k, v, **kwargs)
+    out, lse = fused_attention.scaled_dot_product_attention(q, k, v, dropout_p=1.0, return_lse=True,
+                                                             backend=backend, **kwargs)
+    assert torch.equal(out, torch.zeros_like(out))
+    _, expected_lse = fused_attention.scaled_dot_product_attention(q, k, v, return_lse=True, backend=backend,
+                                                                    **kwargs)
+    torch.testing.assert_close(lse, expected_lse)
+    leaves = [t for t in (q, k, v, kwargs.get("attn_mask"), kwargs.get("alibi_slopes"))
+              if isinstance(t, torch.Tensor) and t.requires_grad]
+    for g in torch.autograd.grad(out, leaves, torch.randn_like(out)):
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("kind", ["numpy", "tensor"])
+def test_scale_and_dropout_as_numpy_or_0d_tensor(backend, kind):
+    """scale and dropout_p as a NumPy float32 scalar or a 0-d tensor, as torch's SDPA takes them: the same
+    result as the Python float (they raised TypeError)."""
+    np = pytest.importorskip("numpy")
+    q, k, v, _ = _inputs(set())
+    require_call(backend, q, k, v)
+    wrap = (lambda x: np.float32(x)) if kind == "numpy" else (lambda x: torch.tensor(x))
+    results = []
+    for scale, p in ((float(wrap(0.3)), float(wrap(0.25))), (wrap(0.3), wrap(0.25))):
+        torch.manual_seed(3)
+        results.append(fused_attention.scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=p, backend=backend))
+    assert torch.equal(results[0], results[1])
+
+
 def test_dropout_reproducible_with_manual_seed(backend):
     q, k, v, _ = _inputs({"alibi"})
     outs = []

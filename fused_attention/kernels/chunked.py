@@ -116,7 +116,8 @@ class _Chunk:
             gen = torch.Generator(device=q.device)
             gen.manual_seed((rules.seed + i0 * _GOLDEN) % (1 << 63))
             rand = torch.rand(self.scores.shape, generator=gen, device=q.device, dtype=cd)
-            self.keep = (rand >= rules.dropout_p).to(cd) / (1.0 - rules.dropout_p)
+            keep_scale = 1.0 / (1.0 - rules.dropout_p) if rules.dropout_p < 1 else 0.0  # (p = 1: all dropped)
+            self.keep = (rand >= rules.dropout_p).to(cd) * keep_scale
 
     def _per_query_head(self, t: torch.Tensor) -> torch.Tensor:
         """``(B, Hkv, G * rows, X)`` -> ``(B, Hq, rows, X)``; query head h = kv head * G + g."""

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import attention_launch as launch
-from .attention_tiles import dropout_keep, key_range, query_range, scores
+from .attention_tiles import dropout_keep, keep_factor, key_range, query_range, scores
 
 # How far (relative to |lse| + 1) a one-hot row's P may sit below 1 in the 16-bit path: the forward's
 # rounded scale * log2(e), its product, ln 2 and the product back, and the backward's S = qk * scale,
@@ -96,7 +96,7 @@ def attention_dkdv_kernel(
     )
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    keep_scale = 1.0 / (1.0 - dropout_p)
+    keep_scale = keep_factor(dropout_p)
     lo, hi = query_range(
         n0, seq_q, seq_k, window_left, window_right, key_length,
         BLOCK_M, BLOCK_N, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
@@ -311,7 +311,7 @@ def attention_dq_kernel(
     stat_offset = b64 * stride_lb + h64 * stride_lh + (q_start + offs_m.to(tl.int64)) * stride_lm
     lse = tl.load(Lse + stat_offset, mask=row_ok, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse)
-    keep_scale = 1.0 / (1.0 - dropout_p)
+    keep_scale = keep_factor(dropout_p)
     stream = b * n_heads + h
     lo, hi = key_range(
         m0, seq_q, seq_k, window_left, window_right, key_length,

@@ -26,6 +26,7 @@ from .attention_tiles import (
     alibi_bias,
     dropout_keep,
     interior_range,
+    keep_factor,
     key_bounds,
     key_range,
     keys_within,
@@ -315,7 +316,7 @@ def attention_forward_kernel(
     seen = row_sum > 0
     inverse = 1.0 / tl.where(seen, row_sum, 1.0)
     if DROPOUT:
-        inverse = inverse / (1.0 - dropout_p)
+        inverse = inverse * keep_factor(dropout_p)
     out = acc * inverse[:, None]
     if NATURAL:
         lse = tl.where(seen, row_max + tl.log(tl.where(seen, row_sum, 1.0)), float("-inf"))

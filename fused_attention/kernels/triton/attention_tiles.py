@@ -229,6 +229,13 @@ def scores(
 
 
 @triton.jit
+def keep_factor(dropout_p):
+    """What a kept probability is multiplied by: ``1 / (1 - p)``, and 0 at ``p = 1`` (every one dropped;
+    the threshold of :func:`dropout_keep` still lets through outputs of 2**32 - 256 and more)."""
+    return tl.where(dropout_p < 1.0, 1.0 / tl.maximum(1.0 - dropout_p, 1e-30), 0.0)
+
+
+@triton.jit
 def dropout_keep(seed, stream, i, n0, dropout_p, BLOCK_N: tl.constexpr):
     """Keep-mask of the ``(queries i, keys n0 .. n0 + BLOCK_N)`` tile (``i`` a ``(BLOCK_M, 1)`` column,
     ``n0`` a multiple of 4; the dK/dV pass transposes the result).
