@@ -117,3 +117,34 @@ def test_second_derivatives_and_forward_mode_raise(backend):
     # (ours, or torch's own where the torch backend hands a plain call to torch's SDPA)
     with pytest.raises((NotImplementedError, RuntimeError), match="forward-mode AD|forward AD"):
         torch.func.jvp(lambda q: attend(q, k, v), (q,), (torch.randn_like(q),))
+
+
+@pytest.mark.parametrize("path", ["backend", "plain", "varlen"])
+def test_a_second_derivative_through_create_graph_raises(backend, path):
+    """A gradient taken with ``create_graph=True`` equals the plain one, and a second derivative through it
+    (a gradient penalty, alone or next to other terms) raises, as torch's kernels without a derivative
+    do. The cpu backend's ops and the short path's node gave the penalty's attention term 0 (torch's
+    fallback only warned; the node's gradients carried no graph)."""
+    require(backend, torch.float32)
+    if path == "plain" and backend != "cpu":
+        pytest.skip("the short path is the cpu backend's")
+    q, k, v = rand(1, 2, 3, 8), rand(1, 2, 5, 8), rand(1, 2, 5, 8)
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5], dtype=torch.int32)
+
+    def attend(q):
+        if path == "varlen":
+            packed = [t[0].transpose(0, 1) for t in (q, k, v)]
+            return fused_attention.varlen_attention(*packed, cu, cu_k, 3, 5, backend=backend)
+        return fused_attention.scaled_dot_product_attention(q, k, v, backend=None if path == "plain" else backend)
+
+    for mixed in (False, True):
+        leaf = q.clone().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (the fallback's "silently incorrect behavior" warning)
+            (first,) = torch.autograd.grad(attend(leaf).square().sum(), leaf, create_graph=True)
+        (plain,) = torch.autograd.grad(attend(leaf).square().sum(), leaf)
+        assert torch.equal(first.detach(), plain)
+        penalty = first.square().sum() + (leaf.sum() if mixed else 0)
+        with pytest.raises(RuntimeError, match="no derivative of their own"):
+            torch.autograd.grad(penalty, leaf)

@@ -7,9 +7,13 @@
 // thread-local that aarch64's libc10 does not export (the CI's aarch64 link check), so a dispatch mode
 // turned on only around a backward does not see this one (one on at the forward declines the node).
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 
+#include <memory>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "cpu/attention_direct.h"
 
@@ -17,6 +21,24 @@ namespace fused_attention::cpu {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+
+// The message of a second derivative through attention (the same as the Python rules',
+// fused_attention/ops/attention_rules.py).
+constexpr const char* kNoSecondDerivative =
+    "fused_attention: attention gradients have no derivative of their own (a gradient penalty, or any "
+    "second derivative, through attention is not supported)";
+
+// An Error node with these next edges, as the torch version's function_constructor holds nodes
+// (std::shared_ptr through torch 2.x's early releases, c10::intrusive_ptr later).
+template <typename NodePtr>
+NodePtr error_node(torch::autograd::edge_list&& next_edges) {
+  using torch::autograd::Error;
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<Error>(kNoSecondDerivative, std::move(next_edges));
+  } else {
+    return c10::make_intrusive<Error>(kNoSecondDerivative, std::move(next_edges));
+  }
+}
 
 // (named, not anonymous: grad_fn.name() reads torch::autograd::CppNode<fused_attention::cpu::PlainAttention>)
 struct PlainAttention : public torch::autograd::Function<PlainAttention> {
@@ -39,6 +61,16 @@ struct PlainAttention : public torch::autograd::Function<PlainAttention> {
     const variable_list saved = ctx->get_saved_variables();
     auto [dq, dk, dv] = plain_attention_backward(grads[0].contiguous(), saved[0], saved[1], saved[2],
                                                  ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble());
+    if (at::GradMode::is_enabled()) {
+      // create_graph: the gradients depend on dout, q, k and v through a node that raises when a second
+      // derivative reaches it (as torch's own kernels without one do); without it they carried no graph,
+      // and a penalty that also had other terms got 0 from attention without a word
+      using NodePtr = std::invoke_result_t<torch::autograd::function_constructor, torch::autograd::edge_list&&>;
+      variable_list wrapped = torch::autograd::wrap_outputs(
+          {grads[0], saved[0], saved[1], saved[2]}, {dq, dk, dv},
+          [](torch::autograd::edge_list&& next_edges) { return error_node<NodePtr>(std::move(next_edges)); });
+      return {wrapped[0], wrapped[1], wrapped[2], at::Tensor(), at::Tensor()};
+    }
     return {dq, dk, dv, at::Tensor(), at::Tensor()};
   }
 };

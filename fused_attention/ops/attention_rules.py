@@ -75,6 +75,41 @@ def _saver(tensors: int) -> Callable[..., None]:
     return save
 
 
+# As csrc/cpu/attention_plain_grad.cpp says it for the short path's node.
+NO_SECOND_DERIVATIVE = (
+    "fused_attention: attention gradients have no derivative of their own (a gradient penalty, or any "
+    "second derivative, through attention is not supported)"
+)
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """Gradients computed under ``create_graph``: returned as they are, through a node that raises when a
+    second derivative reaches it. It takes what they depend on (dout, the saved inputs) as inputs too,
+    so the engine cannot skip it on the way to them (``once_differentiable``'s node leads nowhere)."""
+
+    @staticmethod
+    def forward(ctx, count: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+        return tuple(t.detach() for t in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> None:
+        raise RuntimeError(NO_SECOND_DERIVATIVE)
+
+
+def first_order(backward_op: Callable[..., tuple[Tensor, ...]], args: tuple) -> tuple[Tensor, ...]:
+    """``backward_op(*args)``; under ``create_graph`` (grad mode on in a backward), through
+    :class:`_NoSecondDerivative`. (The ops have no derivatives: the C++ ones fell to torch's fallback,
+    which only warned, and a penalty's attention term came out 0.)"""
+    if not torch.is_grad_enabled():  # the common case
+        return backward_op(*args)
+    with torch.no_grad():
+        grads = backward_op(*args)
+    depends = [t for t in args if isinstance(t, Tensor) and t.requires_grad]
+    if not depends:
+        return grads
+    return _NoSecondDerivative.apply(len(grads), *grads, *depends)
+
+
 def _sinks_needs(ctx, sink: list[Tensor | None]) -> tuple[bool, ...]:
     """``(need_sinks_grad,)`` for ops with sinks (input 7; ``sink``: its saved tensor, as a list of one),
     else ``()``. (The saved tensors are read once per backward: non-reentrant checkpointing refuses a
@@ -93,10 +128,10 @@ def dense_autograd_rules(
         need_mask_grad = mask is not None and ctx.needs_input_grad[3]
         need_alibi_grad = alibi is not None and ctx.needs_input_grad[5]
         need_sinks = _sinks_needs(ctx, sink)
-        dq, dk, dv, dmask, dalibi, *dsinks = backward_op(
+        dq, dk, dv, dmask, dalibi, *dsinks = first_order(backward_op, (
             dout.contiguous(), q, k, v, mask, key_lengths, alibi, seed, *sink, *ctx.options, need_mask_grad,
             need_alibi_grad, *need_sinks,
-        )
+        ))
         return (
             dq, dk, dv, dmask if need_mask_grad else None, None, dalibi if need_alibi_grad else None, None,
             *(dsinks[0] if need else None for need in need_sinks), *([None] * DENSE_OPTIONS),
@@ -121,9 +156,9 @@ def varlen_autograd_rules(
         q, k, v, cu_q, cu_k, alibi, seed, *sink = ctx.saved_tensors
         need_alibi_grad = alibi is not None and ctx.needs_input_grad[5]
         need_sinks = _sinks_needs(ctx, sink)
-        dq, dk, dv, dalibi, *dsinks = backward_op(
+        dq, dk, dv, dalibi, *dsinks = first_order(backward_op, (
             dout.contiguous(), q, k, v, cu_q, cu_k, alibi, seed, *sink, *ctx.options, need_alibi_grad, *need_sinks
-        )
+        ))
         return (
             dq, dk, dv, None, None, dalibi if need_alibi_grad else None, None,
             *(dsinks[0] if need else None for need in need_sinks), *([None] * VARLEN_OPTIONS),

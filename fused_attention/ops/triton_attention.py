@@ -163,10 +163,10 @@ def _backward(ctx, dout, _dlse):
     need_mask_grad = mask is not None and ctx.needs_input_grad[3]
     need_alibi_grad = alibi is not None and ctx.needs_input_grad[5]
     need_sinks_grad = sinks is not None and ctx.needs_input_grad[_DENSE_INPUTS]
-    dq, dk, dv, dmask, dalibi, dsinks = triton_attention_backward(
+    dq, dk, dv, dmask, dalibi, dsinks = attention_rules.first_order(triton_attention_backward, (
         dout, out, q, k, v, mask, key_lengths, alibi, seed, lse, *ctx.options, need_mask_grad, need_alibi_grad, sinks,
         need_sinks_grad,
-    )
+    ))
     return (
         dq, dk, dv, dmask if need_mask_grad else None, None, dalibi if need_alibi_grad else None, None,
         *([None] * len(ctx.options)), *([dsinks if need_sinks_grad else None] if ctx.with_sinks else []),
@@ -273,10 +273,10 @@ def _varlen_backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_q, cu_k, alibi, seed, sinks = ctx.saved_tensors
     need_alibi_grad = alibi is not None and ctx.needs_input_grad[5]
     need_sinks_grad = sinks is not None and ctx.needs_input_grad[_VARLEN_INPUTS]
-    dq, dk, dv, dalibi, dsinks = triton_varlen_backward(
+    dq, dk, dv, dalibi, dsinks = attention_rules.first_order(triton_varlen_backward, (
         dout, out, q, k, v, cu_q, cu_k, alibi, seed, lse, *ctx.lengths, *ctx.options, need_alibi_grad, sinks,
         need_sinks_grad,
-    )
+    ))
     return (dq, dk, dv, None, None, dalibi if need_alibi_grad else None, None,
             *([None] * (len(ctx.options) + 2)), *([dsinks if need_sinks_grad else None] if ctx.with_sinks else []))
 

@@ -26,7 +26,6 @@ from .attention_tiles import (
     alibi_bias,
     dropout_keep,
     interior_range,
-    keep_factor,
     key_bounds,
     key_range,
     keys_within,
@@ -316,7 +315,8 @@ def attention_forward_kernel(
     seen = row_sum > 0
     inverse = 1.0 / tl.where(seen, row_sum, 1.0)
     if DROPOUT:
-        inverse = inverse * keep_factor(dropout_p)
+        # (divided, as before p = 1 was taken: one rounding, not two; 0 at p = 1, every weight dropped)
+        inverse = tl.where(dropout_p < 1.0, inverse / tl.maximum(1.0 - dropout_p, 1e-30), 0.0)
     out = acc * inverse[:, None]
     if NATURAL:
         lse = tl.where(seen, row_max + tl.log(tl.where(seen, row_sum, 1.0)), float("-inf"))
