@@ -282,6 +282,9 @@ def _has_matplotlib() -> bool:
     [(["--seq", "0"], "--seq"), (["--providers", "nope"], "--providers"), (["--exclude", "nope"], "--exclude"),
      (["--dtype", "int8"], "--dtype"), (["--device", "tpu"], "--device"),
      (["--min-run-time", "inf"], "--min-run-time"),  # (ran forever)
+     (["--ops", "decode", "--modes", "bwd"], "--modes"),  # (these three ran: 0 rows, or 1 head, exit 0)
+     (["--providers", "torch", "--exclude", "torch"], "--exclude"),
+     (["--hidden", "8", "--dim", "64"], "hidden (8) must be at least the head dim (64)"),
      (["--out", os.devnull + "/results"], "--out")],  # (a traceback after the first problem had run)
 )  # fmt: skip
 def test_cli_bad_input_names_the_argument(args, named, capsys):

@@ -123,6 +123,10 @@ def main(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     if args.providers:
         providers = [p for p in default_providers(device) if p.name in args.providers]
     providers = [p for p in providers if p.name not in (args.exclude or ())]
+    if not specs or not providers:  # (it ran, reported 0 rows and exited 0)
+        why = "no problem (--modes: decode runs forward only)" if not specs else "no provider (--providers, --exclude)"
+        print(f"bench: these options select {why}", file=sys.stderr)
+        return 2
 
     if args.out is not None:  # before any problem runs, not after the first one
         problem = _unwritable(Path(args.out))
