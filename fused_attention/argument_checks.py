@@ -33,6 +33,8 @@ def _check_tensor(name: str, t: object) -> torch.Tensor:
         raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.is_nested:
         raise AttentionTypeError(f"{name}: nested tensors are not supported yet; use varlen_attention")
+    if t.layout != torch.strided:  # (sparse ones reached the op: the dispatcher's NotImplementedError)
+        raise AttentionTypeError(f"{name} must be a dense tensor, got layout {t.layout}")
     if t.dtype not in _FLOAT_DTYPES:
         raise AttentionTypeError(
             f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"

@@ -166,6 +166,8 @@ def _canonical_mask(
     """A 4-D mask, broadcastable to ``(B, H, L, S)``, from one broadcastable to ``attn_shape``."""
     if attn_mask.is_nested:
         raise AttentionTypeError("attn_mask: nested tensors are not supported")
+    if attn_mask.layout != torch.strided:
+        raise AttentionTypeError(f"attn_mask must be a dense tensor, got layout {attn_mask.layout}")
     if attn_mask.dtype != torch.bool and attn_mask.dtype != torch.float32 and attn_mask.dtype != query.dtype:
         raise AttentionTypeError(
             f"attn_mask must be bool, float32 or the query dtype ({query.dtype}), got {attn_mask.dtype}"

@@ -34,6 +34,10 @@ def _tensors(args, kwargs):
     return [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
 
 
+def _dense(t):
+    return not t.is_nested and t.layout == torch.strided
+
+
 def _snapshot(t):
     if t.device.type == "meta" or t.is_nested:
         return None
@@ -52,7 +56,7 @@ def _unchanged(t, snap):
 def expect_error(cls, names, fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` raises ``cls`` (also a RuntimeError) naming ``names``; inputs are untouched."""
     tensors = _tensors(args, kwargs)
-    before = [(t._version, tuple(t.shape), t.stride() if not t.is_nested else None, _snapshot(t)) for t in tensors]
+    before = [(t._version, tuple(t.shape), t.stride() if _dense(t) else None, _snapshot(t)) for t in tensors]
     with pytest.raises(cls) as info:
         fn(*args, **kwargs)
     e = info.value
@@ -61,8 +65,10 @@ def expect_error(cls, names, fn, *args, **kwargs):
         assert name in str(e), f"{name!r} not named in: {e}"
     for t, (version, shape, stride, snap) in zip(tensors, before):
         assert t._version == version and tuple(t.shape) == shape
-        if snap is not None:
+        if snap is not None and stride is not None:
             assert t.stride() == stride and _unchanged(t, snap)
+        elif snap is not None:  # sparse: compared densely
+            assert torch.equal(t.to_dense(), snap.to_dense())
     return e
 
 
@@ -82,6 +88,10 @@ SDPA_CASES = [
     ("dtype_mismatch", TypeError, "key", lambda q, k, v: ((q, k.double(), v), {})),
     ("device_mismatch", ValueError, ("key", "meta"), lambda q, k, v: ((q, _meta(k), v), {})),
     ("int_dtype", TypeError, "query", lambda q, k, v: ((q.int(), k.int(), v.int()), {})),
+    ("sparse_query", TypeError, ("query", "dense"), lambda q, k, v: ((q.detach().to_sparse(), k, v), {})),
+    ("sparse_value", TypeError, ("value", "dense"), lambda q, k, v: ((q, k, v.detach().to_sparse()), {})),
+    ("sparse_mask", TypeError, ("attn_mask", "dense"),
+     lambda q, k, v: ((q, k, v), {"attn_mask": torch.ones(L, S, dtype=torch.bool).to_sparse()})),
     ("int_key", TypeError, "key", lambda q, k, v: ((q, k.long(), v), {})),
     ("gqa_not_divisible", ValueError, "enable_gqa",
      lambda q, k, v: ((q, k[:, :3], v[:, :3]), {"enable_gqa": True})),
