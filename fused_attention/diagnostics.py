@@ -47,6 +47,8 @@ def info() -> str:
         per_device = []
         for device in ("cpu", "cuda"):
             reason = position_backend.device_reason(torch.device(device))
+            if reason is None and device == "cuda" and not torch.cuda.is_available():
+                reason = "supported, but no CUDA device is available"  # ("available" read as one is)
             per_device.append(f"{device}: {'available' if reason is None else reason}")
         lines.append(f"  {name:7s} " + "; ".join(per_device))
     return "\n".join(lines)

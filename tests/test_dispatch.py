@@ -225,6 +225,11 @@ def test_info_lists_versions_and_every_backend():
     status = _extension.load_extension()
     extension_line = next(line for line in text.splitlines() if "fused_attention._C:" in line)
     assert ("not loaded: " not in extension_line) == status.loaded
+    # the position backends per device: "cuda: available" only where a CUDA device is (it said so without)
+    position_lines = text.split("position-encoding backends")[1].splitlines()[1:]
+    assert position_lines and all("cuda: " in line for line in position_lines)
+    if not torch.cuda.is_available():
+        assert not any("cuda: available" in line for line in position_lines), position_lines
 
 
 # One fresh interpreter (each spends ~10 s importing torch on 2 cores): block fused_attention._C, compute,
