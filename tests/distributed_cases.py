@@ -190,6 +190,22 @@ def head_groups_run(world: int) -> None:
         assert steps.count("backward") == expected * world, (heads, head_groups, steps.count("backward"))
 
 
+def second_derivative_raises(world: int) -> None:
+    """A create_graph gradient through the ring equals the plain one; a penalty through it raises on every
+    rank (it carried no graph, or a partial one through the sinks' gradient)."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 4 * world, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    shards = [shard_sequence(t) for t in (q, k, v)]
+    leaf = shards[0].clone().requires_grad_()
+    sinks = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    (first,) = torch.autograd.grad(ring_attention(leaf, *shards[1:], is_causal=True, sinks=sinks).square().sum(),
+                                   leaf, create_graph=True)
+    (plain,) = torch.autograd.grad(ring_attention(leaf, *shards[1:], is_causal=True, sinks=sinks).square().sum(),
+                                   leaf)
+    assert torch.equal(first.detach(), plain)
+    expect_error(lambda: torch.autograd.grad(first.square().sum() + leaf.sum(), leaf), "no derivative of their own")
+
+
 def _cases(world: int) -> dict:
     zz = 8 * world * 2 if world < 4 else 48  # divisible by 2P; chunks of 4-8 tokens
     f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
@@ -264,6 +280,7 @@ def _cases(world: int) -> dict:
         "bad_shape_on_one_rank": lambda: bad_shape_on_one_rank(world),
         "shard_round_trip": lambda: round_trip(world),
         "device_mesh_group": lambda: device_mesh_group(world),
+        "ring_second_derivative_raises": lambda: second_derivative_raises(world),
     }
     if world == 2:
         c["ulysses_f32_gqa"] = lambda: check_against_whole(world, "ulysses", "zigzag", f32, zz, heads=(4, 2),

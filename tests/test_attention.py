@@ -186,11 +186,11 @@ def test_worked_mask_examples(backend, kwargs, expected):
     check_attention(backend, q.requires_grad_(), k.requires_grad_(), v, **kwargs)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_float32_mask_of_any_query_dtype(backend, dtype):
-    """A float32 mask serves queries of every dtype (as in torch). No grad: the torch backend hands such
-    calls to torch's own kernel, whose CPU flash path read a float32 mask of float64 queries wrongly
-    (errors of 2 at 64 keys and more; torch 2.14)."""
+    """A float32 mask serves queries of every dtype (as in torch). No grad: the torch backend handed such
+    calls to torch's own kernel, whose CPU flash path reads a float32 mask of float64 queries wrongly
+    (errors of 2 at 64 keys and more; torch 2.14); those stay on the chunked op now."""
     require(backend, dtype)
     torch.manual_seed(11)
     q, k, v, _ = _inputs(set(), dtype, seq_k=64)

@@ -86,6 +86,19 @@ def test_bad_specs_name_the_argument():
         Spec("varlen", 1, 1, 4, 8, 4)
     with pytest.raises(ValueError, match="tokens"):
         bench.sweep(tokens=0)
+    # dims may be any iterable, read once (the hidden-size check spent an iterator: no problems)
+    assert bench.sweep(["plain"], [64], dims=iter([64]), hidden=128) == bench.sweep(["plain"], [64], dims=[64], hidden=128) != []
+
+
+def test_cli_time_budget_may_be_unbounded():
+    """--time-budget inf means no budget (only --min-run-time must be finite: inf ran forever)."""
+    import argparse
+
+    from fused_attention.bench.cli import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(["--time-budget", "inf"]).time_budget == math.inf
 
 
 def test_flash_attention_sweep_shapes():

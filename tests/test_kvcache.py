@@ -809,7 +809,21 @@ def _pool_state(cache):
     return cache.free_pages, cache.block_table.clone(), cache.seqlens.clone(), [list(p) for p in cache._pages]
 
 
-def test_paged_cache_append_that_raises_takes_no_pages():
+class _TorchInterruptingIndex:
+    """The cache module's torch, whose tensor() is interrupted when it builds the slots' index (the one
+    call with a device), after the pages were reserved."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def tensor(*args, **kwargs):
+        if "device" in kwargs:
+            raise KeyboardInterrupt
+        return torch.tensor(*args, **kwargs)
+
+
+def test_paged_cache_append_that_raises_takes_no_pages(monkeypatch):
     """An append that fails (bad q, a gradient asked for, a pool too small for every slot) leaves the pool,
     the block table and the lengths as they were, as attention_with_kvcache leaves the caches: pages were
     taken slot by slot before the call was checked, and kept."""
@@ -826,6 +840,11 @@ def test_paged_cache_append_that_raises_takes_no_pages():
         after = _pool_state(cache)
         assert after[0] == before[0] and after[3] == before[3], match
         assert torch.equal(after[1], before[1]) and torch.equal(after[2], before[2]), match
+    with monkeypatch.context() as patch:  # interrupted between the reservation and the call
+        patch.setattr("fused_attention.kvcache.cache.torch", _TorchInterruptingIndex())
+        with pytest.raises(KeyboardInterrupt):
+            cache.append(torch.randn(2, 1, 2, 4), step, step, batch_idx=[0, 1])
+    assert cache.free_pages == before[0] and torch.equal(cache.block_table, before[1])
     cache.append(torch.randn(2, 1, 2, 4), step, step)  # the two free pages still serve
     assert cache.free_pages == 0 and cache.seqlens.tolist() == [3, 3]
 
@@ -839,6 +858,8 @@ def test_cache_arguments_are_checked():
     for bad in ([0.7], [True], torch.tensor([1.0])):
         with pytest.raises(TypeError, match="batch_idx"):
             cache.append(torch.randn(1, 1, 1, 8), batch_idx=bad)
+    with pytest.raises(ValueError, match="batch_idx must be 1-D"):
+        cache.append(torch.randn(1, 1, 1, 8), batch_idx=torch.tensor([[1]]))
     cache.reserve(torch.tensor(1), 3)  # integer scalars serve
     assert cache.free_pages == 2 and cache._pages[1] != []
     with pytest.raises(ValueError, match="q must have one sequence per slot of batch_idx \\(1\\), got batch size 2"):

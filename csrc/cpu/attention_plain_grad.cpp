@@ -59,9 +59,12 @@ struct PlainAttention : public torch::autograd::Function<PlainAttention> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
+    std::optional<at::NoGradGuard> no_graph;  // the kernel's own ops record nothing (create_graph: see below)
+    if (at::GradMode::is_enabled()) no_graph.emplace();
     auto [dq, dk, dv] = plain_attention_backward(grads[0].contiguous(), saved[0], saved[1], saved[2],
                                                  ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble());
-    if (at::GradMode::is_enabled()) {
+    if (no_graph.has_value()) {
+      no_graph.reset();
       // create_graph: the gradients depend on dout, q, k and v through a node that raises when a second
       // derivative reaches it (as torch's own kernels without one do); without it they carried no graph,
       // and a penalty that also had other terms got 0 from attention without a word

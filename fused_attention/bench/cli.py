@@ -33,7 +33,15 @@ def positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not 0 < value < math.inf:  # (inf: a run that never ends)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def finite_positive_float(text: str) -> float:
+    """positive_float, finite (--min-run-time inf ran forever; --time-budget inf means no budget)."""
+    value = positive_float(text)
+    if value == math.inf:
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
     return value
 
@@ -69,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", nargs="+", help="only these providers (default: all on the device)")
     parser.add_argument("--exclude", nargs="+", help="leave these providers out")
     parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
-    parser.add_argument("--min-run-time", type=positive_float, help="seconds of timed runs per row")
+    parser.add_argument("--min-run-time", type=finite_positive_float, help="seconds of timed runs per row")
     parser.add_argument("--time-budget", type=positive_float, help="start no new problem after this many seconds")
     parser.add_argument("--out", help="directory for bench.csv, bench.json, bench.md and PNG plots")
 

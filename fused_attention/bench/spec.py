@@ -180,7 +180,8 @@ def sweep(
         raise ValueError(f"tokens must be an int >= 1, got {tokens!r}")
     if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
         raise ValueError(f"hidden must be an int >= 1, got {hidden!r}")
-    if hidden is not None and hidden < max(dims):  # (it became one head of the larger size)
+    dims = tuple(dims)  # (read twice: an iterator would be spent by the check)
+    if hidden is not None and dims and hidden < max(dims):  # (it became one head of the larger size)
         raise ValueError(f"hidden ({hidden}) must be at least the head dim ({max(dims)}): heads = hidden // dim")
     specs = []
     for dt, b, h, d, s, op, mode in itertools.product(dtypes, batches, heads, dims, seqs, ops, modes):

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
+from ..ops.attention_rules import first_order_backward
 from .block_backward import block_backward, block_backward_from_stats, stats_backend, with_ones_column
 from .blocks import Rules, block_mask, call_attention, plan_step
 from .layout import Segments
@@ -242,6 +243,7 @@ class RingAttentionFunction(torch.autograd.Function):
         return out, acc_lse
 
     @staticmethod
+    @first_order_backward  # (its gradients have no derivative: a penalty through them raises)
     def backward(ctx, dout: torch.Tensor, _dlse: torch.Tensor):
         ring: Ring = ctx.ring
         groups: list[HeadGroup] = ctx.groups

@@ -41,6 +41,8 @@ def _slots(batch_idx: Any, max_batch: int) -> list[int]:
     if isinstance(batch_idx, torch.Tensor):
         if batch_idx.dtype == torch.bool or batch_idx.is_floating_point() or batch_idx.is_complex():
             raise AttentionTypeError(f"batch_idx must hold integers, got a {batch_idx.dtype} tensor")
+        if batch_idx.dim() > 1:
+            raise AttentionArgumentError(f"batch_idx must be 1-D, got shape {tuple(batch_idx.shape)}")
         batch_idx = batch_idx.reshape(-1).tolist()
     slots = [_count("batch_idx", b, 0) for b in batch_idx]
     if any(b >= max_batch for b in slots) or len(set(slots)) != len(slots):
@@ -144,12 +146,12 @@ class PagedKVCache:
         if new:
             lengths = self.seqlens.tolist()  # one host sync for every slot
             taken = self._reserve({slot: lengths[slot] + new for slot in slots}, new)
-        if batch_idx is None:  # every slot: the tables themselves, no gathered copies
-            seqlens, table, index = self.seqlens, self.block_table, None
-        else:
-            index = torch.tensor(slots, device=self.seqlens.device)
-            seqlens, table = self.seqlens[index], self.block_table[index]
         try:
+            if batch_idx is None:  # every slot: the tables themselves, no gathered copies
+                seqlens, table, index = self.seqlens, self.block_table, None
+            else:
+                index = torch.tensor(slots, device=self.seqlens.device)
+                seqlens, table = self.seqlens[index], self.block_table[index]
             result = attention_with_kvcache(
                 q, self.k_pages, self.v_pages, k, v, cache_seqlens=seqlens, block_table=table,
                 layout=self.layout, **kwargs,

@@ -13,6 +13,7 @@ Ops that take attention sinks (``sinks=True`` below) have one more tensor, ``sin
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -108,6 +109,30 @@ def first_order(backward_op: Callable[..., tuple[Tensor, ...]], args: tuple) -> 
     if not depends:
         return grads
     return _NoSecondDerivative.apply(len(grads), *grads, *depends)
+
+
+def first_order_backward(backward: Callable[..., tuple]) -> Callable[..., tuple]:
+    """A ``torch.autograd.Function``'s backward made :func:`first_order`: under ``create_graph`` its
+    gradients go through :class:`_NoSecondDerivative`, depending on the incoming gradients and the saved
+    tensors (context parallelism's ring, whose backward runs attention's backward kernels itself)."""
+
+    @functools.wraps(backward)
+    def wrapped(ctx, *grads):
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            results = backward(ctx, *grads)
+        depends = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, Tensor) and t.requires_grad]
+        present = [i for i, r in enumerate(results) if isinstance(r, Tensor)]
+        if not depends or not present:
+            return results
+        wrapped_grads = _NoSecondDerivative.apply(len(present), *(results[i] for i in present), *depends)
+        out = list(results)
+        for i, g in zip(present, wrapped_grads, strict=True):
+            out[i] = g
+        return tuple(out)
+
+    return wrapped
 
 
 def _sinks_needs(ctx, sink: list[Tensor | None]) -> tuple[bool, ...]:

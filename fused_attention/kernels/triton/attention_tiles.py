@@ -250,6 +250,7 @@ def dropout_keep(seed, stream, i, n0, dropout_p, BLOCK_N: tl.constexpr):
     r0, r1, r2, r3 = tl.philox(seed, quads.to(tl.uint32) + zero, i.to(tl.uint32) + zero,
                                zero + stream.to(tl.uint32), zero)
     r = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # key 4q + w takes output w
-    # the largest float32 below 2**32 bounds the threshold (dropout_p < 1)
+    # the largest float32 below 2**32 bounds the threshold (at dropout_p = 1 a few outputs pass it:
+    # keep_factor is 0 there)
     threshold = tl.minimum(dropout_p * 4294967296.0, 4294967040.0).to(tl.uint32)
     return r >= threshold
