@@ -105,6 +105,45 @@ def test_rotary_embedding_threads():
         torch.testing.assert_close(out, fused_attention.apply_rotary_emb(q, cos, sin, seqlen_offsets=offset))
 
 
+def test_rotary_embedding_tables_are_read_as_a_pair():
+    """A thread that reads the tables while another grows them gets both old or both new: read between
+    the rebuild's two assignments (unlocked), they were a new cos with an old sin (a shape error; with
+    dynamic NTK, tables of two lengths). The rebuild here pauses between the two, as a preempted one would."""
+    module = RotaryEmbedding(8, max_seq_len=4)
+    between, read = threading.Event(), threading.Event()
+
+    def pausing_rebuild(length, device):
+        cos, sin = fused_attention.rotary_cos_sin(length, 8, device=device)
+        module.cos_cached = cos
+        between.set()
+        read.wait(0.5)  # a reader that does not wait for the lock reads now
+        module.sin_cached = sin
+
+    module._rebuild = pausing_rebuild
+    errors = []
+
+    def grow():
+        module(rand(1, 2, 9, 8), rand(1, 2, 9, 8))
+
+    def read_short():
+        between.wait(5)
+        try:
+            q, k = rand(1, 2, 3, 8), rand(1, 2, 3, 8)
+            out, _ = module(q, k)
+            cos, sin = fused_attention.rotary_cos_sin(3, 8)
+            torch.testing.assert_close(out, fused_attention.apply_rotary_emb(q, cos, sin))
+        except Exception as exc:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(exc)
+        read.set()
+
+    threads = [threading.Thread(target=grow), threading.Thread(target=read_short)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
 def test_rotary_embedding_position_ids_and_compile():
     module = RotaryEmbedding(8, max_seq_len=64)
     q, k = rand(2, 2, 5, 8), rand(2, 2, 5, 8)

@@ -160,23 +160,23 @@ class RotaryEmbedding(nn.Module):
         self.cos_cached, self.sin_cached = cos, sin
 
     def _tables(self, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.cos_cached, self.sin_cached
         if torch.compiler.is_compiling():
-            return cos, sin
-        if self._dynamic_context is not None:
-            length = max(needed, self._dynamic_context)
-            if length == cos.shape[0]:
-                return cos, sin
-            with self._lock:
-                cos, sin = rotary_cos_sin(length, self.dim, base=self.base, scaling=self.scaling, device=cos.device)
-                self.cos_cached, self.sin_cached = cos, sin
-                return cos, sin
-        if needed <= cos.shape[0]:
-            return cos, sin
-        with self._lock:
-            if needed > self.cos_cached.shape[0]:
-                self._rebuild(max(needed, 2 * self.cos_cached.shape[0]), self.cos_cached.device)
             return self.cos_cached, self.sin_cached
+        # The pair is read under the lock too: read between a rebuild's two assignments, it was a new cos
+        # with an old sin (a shape error in another thread, or dynamic NTK's tables of two lengths).
+        with self._lock:
+            cos, sin = self.cos_cached, self.sin_cached
+            if self._dynamic_context is not None:
+                length = max(needed, self._dynamic_context)
+                if length != cos.shape[0]:
+                    cos, sin = rotary_cos_sin(length, self.dim, base=self.base, scaling=self.scaling,
+                                              device=cos.device)
+                    self.cos_cached, self.sin_cached = cos, sin
+                return cos, sin
+            if needed > cos.shape[0]:
+                self._rebuild(max(needed, 2 * cos.shape[0]), cos.device)
+                cos, sin = self.cos_cached, self.sin_cached
+            return cos, sin
 
     def forward(
         self,
