@@ -172,21 +172,27 @@ inline acc_t exp_shifted_sum_to(const acc_t* s, const Probs& probs, int64_t n_pa
                                 const F& f = F{}) {
   using V = simd::Vec<acc_t>;
   constexpr int64_t width = simd::Traits<acc_t>::width;
-  V total[2] = {V{}, V{}};  // two sums: one add chain would wait on its own latency
-  int64_t j = 0;
-  for (; j + 2 * width <= n_pad; j += 2 * width) {
-    const V a = simd::exp_affine<acc_t>(f(simd::load(s + j), j), scale, shift);
-    const V b = simd::exp_affine<acc_t>(f(simd::load(s + j + width), j + width), scale, shift);
-    probs.pair(j, a, b);
-    total[0] += a;
-    total[1] += b;
+  const auto pass = [&](const auto& exp) {
+    V total[2] = {V{}, V{}};  // two sums: one add chain would wait on its own latency
+    int64_t j = 0;
+    for (; j + 2 * width <= n_pad; j += 2 * width) {
+      const V a = exp(f(simd::load(s + j), j));
+      const V b = exp(f(simd::load(s + j + width), j + width));
+      probs.pair(j, a, b);
+      total[0] += a;
+      total[1] += b;
+    }
+    if (j < n_pad) {
+      const V a = exp(f(simd::load(s + j), j));
+      probs.single(j, a);
+      total[0] += a;
+    }
+    return simd::reduce_add<acc_t>(total[0] + total[1]);
+  };
+  if (std::abs(shift) > simd::kFusedShiftLimit<acc_t>) {  // (rare: huge scores or masks; see exp_rounded)
+    return pass([&](const V& x) { return simd::exp_rounded<acc_t>(x, scale, shift); });
   }
-  if (j < n_pad) {
-    const V a = simd::exp_affine<acc_t>(f(simd::load(s + j), j), scale, shift);
-    probs.single(j, a);
-    total[0] += a;
-  }
-  return simd::reduce_add<acc_t>(total[0] + total[1]);
+  return pass([&](const V& x) { return simd::exp_affine<acc_t>(x, scale, shift); });
 }
 
 // The same to floats at p (p may be s).
@@ -253,12 +259,14 @@ inline void softmax_backward_row(const acc_t* p, acc_t* dp, const acc_t* keep, a
 
 // Whether score_row would only scale row i's products over keys [j0, j0 + n) (and add ALiBi's bias, if
 // with_alibi): no softcap or mask, every key visible, and a positive scale (so the row maximum of the
-// products gives that of the scores, and -inf padding stays -inf).
+// products gives that of the scores, and -inf padding stays -inf) of at least acc_t's smallest normal
+// (the kernels flush subnormals to 0: a scale of 1e-39 became 0 there, and -inf padding times 0 NaN).
 template <typename acc_t>
 inline bool plain_row(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t head, int64_t i, int64_t j0,
                       int64_t n, bool with_alibi = false) {
   const Rules& rules = scoring.rules;
-  if (rules.softcap > 0 || scoring.mask.present() || rules.scale <= 0 ||
+  if (rules.softcap > 0 || scoring.mask.present() ||
+      !(static_cast<acc_t>(rules.scale) >= std::numeric_limits<acc_t>::min()) ||
       (!with_alibi && scoring.slope(seq, head) != acc_t(0))) {
     return false;
   }

@@ -173,6 +173,27 @@ inline Vec<T> exp_nonpositive(Vec<T> x) {
   return x < Tr::underflow ? Vec<T>{} : capped;
 }
 
+// Beyond this |shift| exp_shifted_sum_to takes exp_rounded instead of exp_affine (float spacing there is
+// 2^-8 and more: the scores themselves are that coarse).
+template <typename T>
+constexpr T kFusedShiftLimit = T(65536);
+
+// x * scale rounded, never fused into an operation after it (a call the compiler cannot see into).
+template <typename T>
+__attribute__((noinline)) Vec<T> rounded_product(Vec<T> x, T scale) {
+  return x * scale;
+}
+
+// exp(round(x * scale) - shift): the row's maximum was rounded so (row_max(s) * scale), and at its
+// element the argument is then exactly 0. exp_affine's fused product (exact, or scale log2 e rounded)
+// leaves it |shift| 2^-24 off 0, which overflowed from scores of 1e9 on (NaN, or a row of zeros after a
+// failed maximum pass), and shift log2 e is past float's range below -2.4e38 (a mask holding float's
+// lowest value, as Hugging Face's eager masks do: NaN).
+template <typename T>
+inline Vec<T> exp_rounded(Vec<T> x, T scale, T shift) {
+  return exp_nonpositive<T>(rounded_product<T>(x, scale) - shift);
+}
+
 // exp(x * scale - shift) for arguments <= 0, as exp_nonpositive. The AVX-512 float version works in base
 // 2: t = x * (scale log2 e) - shift log2 e is one FMA, 2^t = 2^n 2^f with n = round(t) and f = t - n
 // exact, 2^f by a degree-6 fit (relative error 1e-7 as evaluated in float, under 2 ulp), and vscalefps
