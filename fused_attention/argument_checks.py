@@ -33,7 +33,8 @@ def _check_tensor(name: str, t: object) -> torch.Tensor:
         raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.is_nested:
         raise AttentionTypeError(f"{name}: nested tensors are not supported yet; use varlen_attention")
-    _dense_tensor(name, t)
+    if t.layout != torch.strided:
+        _dense_tensor(name, t)
     if t.dtype not in _FLOAT_DTYPES:
         raise AttentionTypeError(
             f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
@@ -180,7 +181,8 @@ def check_float_dtype(name: str, dtype: object) -> None:
 
 
 def check_int_vector(name: str, t: object, length: int, device: torch.device) -> torch.Tensor:
-    _dense_tensor(name, t)
+    if not isinstance(t, torch.Tensor) or t.layout != torch.strided:  # (the common case without a call)
+        _dense_tensor(name, t)
     if t.dtype not in (torch.int32, torch.int64):
         raise AttentionTypeError(f"{name} must be int32 or int64, got {t.dtype}")
     if t.device != device:
@@ -204,7 +206,8 @@ def check_key_lengths(key_lengths: object, batch: int, seq_k: int, device: torch
 def check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) -> tuple[torch.Tensor, int | None]:
     """``(cu, the longest sequence)``; the length is None where values are not read (see
     :func:`content_checks_enabled`). The values are read once, for both checks."""
-    _dense_tensor(name, cu)
+    if not isinstance(cu, torch.Tensor):
+        _dense_tensor(name, cu)
     if cu.dim() != 1 or cu.numel() < 1:
         raise AttentionArgumentError(f"{name} must be 1-D with batch + 1 entries, got shape {tuple(cu.shape)}")
     cu = check_int_vector(name, cu, cu.numel(), device)
