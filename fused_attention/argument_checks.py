@@ -227,17 +227,22 @@ def check_cu_values(name: str, values: list[int], total: int) -> list[int]:
     return values
 
 
+def int_value(value: object) -> int | None:
+    """``value`` as an int if it is an integer scalar (Python's, NumPy's, a 0-d integer tensor; not a
+    bool), else None."""
+    scalar_tensor = isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and not scalar_tensor):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def check_max_seqlen(name: str, value: object, longest: int | None) -> int:
     """``longest``: the longest sequence from :func:`check_cu_seqlens` (None: not checked)."""
     # Any integer scalar: code ported from flash_attn passes NumPy ints or 0-d tensors from `.max()`.
-    scalar_tensor = isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and not scalar_tensor):
-        number = None
-    else:
-        try:
-            number = operator.index(value)
-        except TypeError:
-            number = None
+    number = int_value(value)
     if number is None or number < 0:
         raise AttentionArgumentError(f"{name} must be a non-negative int, got {value!r}")
     value = number

@@ -3,27 +3,24 @@
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
 
+from ..argument_checks import int_value
 from ..errors import AttentionArgumentError, AttentionTypeError
 from .attention import attention_with_kvcache
 from .validate import LAYOUTS
 
 
 def _count(name: str, value: Any, minimum: int) -> int:
-    """``value`` as an int of at least ``minimum`` (ints and integer scalars; not bools or floats)."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
-        raise AttentionTypeError(f"{name} must be an int, got {value!r:.60}") from None
-    if value < minimum:
-        raise AttentionArgumentError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    """``value`` as an int of at least ``minimum`` (integer scalars, as :func:`int_value` takes them)."""
+    number = int_value(value)
+    if number is None:
+        raise AttentionTypeError(f"{name} must be an int, got {value!r:.60}")
+    if number < minimum:
+        raise AttentionArgumentError(f"{name} must be >= {minimum}, got {number}")
+    return number
 
 
 def _check_storage(dtype: Any, **sizes: Any) -> None:

@@ -105,10 +105,18 @@ def first_order(backward_op: Callable[..., tuple[Tensor, ...]], args: tuple) -> 
         return backward_op(*args)
     with torch.no_grad():
         grads = backward_op(*args)
-    depends = [t for t in args if isinstance(t, Tensor) and t.requires_grad]
-    if not depends:
-        return grads
-    return _NoSecondDerivative.apply(len(grads), *grads, *depends)
+    return _through_no_second_derivative(grads, args)
+
+
+def _through_no_second_derivative(results: tuple, inputs: tuple) -> tuple:
+    """``results``' tensors through :class:`_NoSecondDerivative`, depending on those of ``inputs`` that
+    require grad (``results`` as they are when none does)."""
+    depends = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
+    present = [i for i, r in enumerate(results) if isinstance(r, Tensor)]
+    if not depends or not present:
+        return results
+    wrapped = iter(_NoSecondDerivative.apply(len(present), *(results[i] for i in present), *depends))
+    return tuple(next(wrapped) if isinstance(r, Tensor) else r for r in results)
 
 
 def first_order_backward(backward: Callable[..., tuple]) -> Callable[..., tuple]:
@@ -122,15 +130,7 @@ def first_order_backward(backward: Callable[..., tuple]) -> Callable[..., tuple]
             return backward(ctx, *grads)
         with torch.no_grad():
             results = backward(ctx, *grads)
-        depends = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, Tensor) and t.requires_grad]
-        present = [i for i, r in enumerate(results) if isinstance(r, Tensor)]
-        if not depends or not present:
-            return results
-        wrapped_grads = _NoSecondDerivative.apply(len(present), *(results[i] for i in present), *depends)
-        out = list(results)
-        for i, g in zip(present, wrapped_grads, strict=True):
-            out[i] = g
-        return tuple(out)
+        return _through_no_second_derivative(results, (*grads, *ctx.saved_tensors))
 
     return wrapped
 
