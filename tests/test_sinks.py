@@ -186,6 +186,19 @@ def test_large_sinks_drive_the_output_to_zero_without_nan(sinks_backend, dtype):
         assert g.abs().max() == 0
 
 
+def test_scores_and_sinks_of_large_magnitude(sinks_backend):
+    """Scores near 300 (a float mask: +300 on five keys, -1e4 elsewhere) with sinks of that size: lse near
+    302, past the triton backward's threshold for renormalizing a row's P by its sum of exp(S - lse),
+    which has to count the sink (without it: gradient errors of 0.5)."""
+    torch.manual_seed(15)
+    q, k, v, _ = _inputs(set())
+    mask = torch.full((1, 1, L, S), -1e4)
+    mask[..., :5] = 300.0
+    mask.requires_grad_()
+    sinks = torch.tensor([301.0, -5.0, 299.0, 303.0], requires_grad=True)
+    check_sinks(sinks_backend, q, k, v, attn_mask=mask, sinks=sinks)
+
+
 def test_rows_without_keys_output_zero_and_lse_is_the_sink(sinks_backend):
     torch.manual_seed(6)
     q, k, v, kwargs = _inputs({"key_lengths"})

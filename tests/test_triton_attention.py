@@ -415,6 +415,29 @@ def test_bfloat16_on_cpu_follows_the_interpreter_probe(monkeypatch):
         fused_attention.scaled_dot_product_attention(q, q, q, backend="triton")
 
 
+def test_bfloat16_casts_round_to_nearest_even_as_torch_does():
+    """A float32 to bfloat16 cast in a kernel (P tiles before the P V product, every stored output) rounds
+    as torch and the GPU's ``cvt.rn`` do: to nearest, ties to even, NaN kept. The interpreter's own cast
+    truncates (conftest's shim rounds it), which doubled the kernels' bfloat16 output error."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def cast(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.arange(0, BLOCK)
+        tl.store(y_ptr + offsets, tl.load(x_ptr + offsets, mask=offsets < n).to(tl.bfloat16), mask=offsets < n)
+
+    torch.manual_seed(14)
+    ties = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 2**-130 + 2**-140])  # halfway cases, a subnormal
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.4e38, -3.4e38, 0.0, -0.0, 1e-45])
+    x = torch.cat([torch.randn(4000) * 10.0 ** torch.randint(-40, 38, (4000,)), ties, special]).to(DEVICE)
+    y = torch.empty(x.shape, dtype=torch.bfloat16, device=DEVICE)
+    cast[(1,)](x, y, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    expected = x.to(torch.bfloat16)
+    assert torch.equal(y.isnan(), expected.isnan())
+    assert torch.equal(y.view(torch.int16)[~y.isnan()], expected.view(torch.int16)[~expected.isnan()])
+
+
 # ------------------------------------------------------------------ torch.library and compile
 
 ops = torch.ops.fused_attention

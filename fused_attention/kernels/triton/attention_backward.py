@@ -37,11 +37,15 @@ from .attention_tiles import dropout_keep, keep_factor, key_range, query_range, 
 # rounded scale * log2(e), its product, ln 2 and the product back, and the backward's S = qk * scale,
 # half a float32 ulp each, with room to spare.
 _ONE_HOT_ULPS = tl.constexpr(8 * 2.0**-24)
+# Past this |lse| a row's float32 lse = max + log(row sum) keeps little or none of log(row sum) (none at
+# float's lowest value, which a float mask of Hugging Face's hides whole rows with): with a float mask
+# such rows take P = exp(S - lse) / c, c their sum of exp(S - lse) (see the dQ pass).
+_FAR_LSE = tl.constexpr(256.0)
 
 
 @triton.jit
 def attention_dkdv_kernel(
-    Q, K, V, Mask, KeyLengths, Alibi, CuQ, CuK, DOut, Lse, Delta, OneHot, DistMean, DK, DV, DMask, DAlibi,
+    Q, K, V, Mask, KeyLengths, Alibi, CuQ, CuK, DOut, Lse, LseFix, Delta, OneHot, DistMean, DK, DV, DMask, DAlibi,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -147,7 +151,11 @@ def attention_dkdv_kernel(
                 window_left, window_right, key_length,
                 SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
             )
-            p = tl.exp(s - lse[None, :])
+            if MASK == 2:  # log of the row's sum of exp(S - lse): 0 but where lse lost it (the dQ pass)
+                fix = tl.load(LseFix + stats, mask=row_ok, other=0.0)
+                p = tl.exp((s - lse[None, :]) - fix[None, :])
+            else:
+                p = tl.exp(s - lse[None, :])
             dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             p_kept = p
             if DROPOUT:
@@ -210,34 +218,53 @@ def _add_mask_grad(base, ds, offs_m, offs_n, seq_q, seq_k, stride_m, stride_n,
 
 
 @triton.jit
+def _dq_scores(
+    q, k_base, n0, rows, offs_d, seq_q, seq_k, head_dim, stride_kn, stride_kd, scale, softcap, slope,
+    mask_base, stride_mm, stride_mn, window_left, window_right, key_length,
+    BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, KEY_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The keys of a (BLOCK_M, BLOCK_N) tile of the dQ pass, their scores and the softcap's tanh."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k = tl.load(
+        k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
+        mask=(offs_n[:, None] < seq_k) & (offs_d[None, :] < head_dim), other=0.0,
+    )
+    # the forward's expression: the same scores, bit for bit, so P is exactly 1 where the forward's was
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    s, t = scores(
+        qk, rows, offs_n[None, :], seq_q, seq_k, scale, softcap, slope, mask_base, stride_mm, stride_mn,
+        window_left, window_right, key_length,
+        SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
+    )
+    return k, s, t
+
+
+@triton.jit
 def _dq_tile(
-    q, do, lse, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim, value_head_dim,
+    q, do, lse, fix, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim, value_head_dim,
     stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, slope, mask_base, stride_mm, stride_mn,
     window_left, window_right, key_length, dropout_p, keep_scale, seed, stream,
     BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, KEY_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One (BLOCK_M, BLOCK_N) tile of the dQ pass: keys, ``P = exp(S - lse)``, ``dP`` (dropout applied)
-    and the softcap's tanh."""
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    cols = offs_n[None, :]
-    k = tl.load(
-        k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
-        mask=(offs_n[:, None] < seq_k) & (offs_d[None, :] < head_dim), other=0.0,
+    """One (BLOCK_M, BLOCK_N) tile of the dQ pass: keys, ``P = exp(S - lse)`` (``exp(S - lse - fix)``
+    with a float mask), ``dP`` (dropout applied) and the softcap's tanh."""
+    k, s, t = _dq_scores(
+        q, k_base, n0, rows, offs_d, seq_q, seq_k, head_dim, stride_kn, stride_kd, scale, softcap, slope,
+        mask_base, stride_mm, stride_mn, window_left, window_right, key_length,
+        BLOCK_N, SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS, DOT_PRECISION,
     )
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     v = tl.load(
         v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
         mask=(offs_n[:, None] < seq_k) & (offs_dv[None, :] < value_head_dim), other=0.0,
     )
-    # the forward's expression: the same scores, bit for bit, so P is exactly 1 where the forward's was
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    s, t = scores(
-        qk, rows, cols, seq_q, seq_k, scale, softcap, slope, mask_base, stride_mm, stride_mn,
-        window_left, window_right, key_length,
-        SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
-    )
-    p = tl.exp(s - lse[:, None])
+    if MASK == 2:
+        p = tl.exp((s - lse[:, None]) - fix[:, None])
+    else:
+        p = tl.exp(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
         keep = dropout_keep(seed, stream, rows, n0, dropout_p, BLOCK_N)
@@ -247,7 +274,8 @@ def _dq_tile(
 
 @triton.jit
 def attention_dq_kernel(
-    Q, K, V, Mask, KeyLengths, Alibi, CuQ, CuK, Out, DOut, Lse, Delta, OneHot, DQ, Sinks, DistMean, DAlibiRows,
+    Q, K, V, Mask, KeyLengths, Alibi, CuQ, CuK, Out, DOut, Lse, LseFix, Delta, OneHot, DQ, Sinks, DistMean,
+    DAlibiRows,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -264,7 +292,7 @@ def attention_dq_kernel(
     CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, MASK: tl.constexpr, KEY_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, DELTA_FROM_SCORES: tl.constexpr,
-    ALIBI_CENTER: tl.constexpr, SINKS: tl.constexpr,
+    ALIBI_CENTER: tl.constexpr, SINKS: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     m0 = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
@@ -317,11 +345,32 @@ def attention_dq_kernel(
         m0, seq_q, seq_k, window_left, window_right, key_length,
         BLOCK_M, BLOCK_N, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
     )
+    fix = tl.zeros([BLOCK_M], tl.float32)
+    if MASK == 2:
+        # float32's lse = max + log(row sum) keeps none of log(row sum) at |max| near float's lowest value
+        # (a float mask of Hugging Face's hiding the row whole: every score is that value), so exp(S - lse)
+        # would be 1 on each key, not 1 / n. Rows with a large |lse| take P = exp(S - lse) / c instead, c
+        # their sum of exp(S - lse) (at most 1 each: lse rounds from max up), here and in the dK/dV pass;
+        # fix = log c is 0 on every other row (bit for bit as without it).
+        far = row_ok & (tl.abs(lse) > _FAR_LSE)
+        if tl.max(far.to(tl.int32), 0) > 0:
+            mass = tl.zeros([BLOCK_M], tl.float32)
+            for n0 in range(lo, hi, BLOCK_N):
+                _, s, _ = _dq_scores(
+                    q, k_base, n0, rows, offs_d, seq_q, seq_k, head_dim, stride_kn, stride_kd, scale, softcap,
+                    slope, mask_base, stride_mm, stride_mn, window_left, window_right, key_length,
+                    BLOCK_N, SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS, DOT_PRECISION,
+                )
+                mass += tl.sum(tl.exp(s - lse[:, None]), 1)
+            if HAS_SINKS:  # lse has the sink's term
+                mass += tl.exp(tl.load(Sinks + h).to(tl.float32) - lse)
+            fix = tl.where(far, tl.log(mass), 0.0)
+        tl.store(LseFix + stat_offset, fix, mask=row_ok)  # for the dK/dV pass
     if DELTA_FROM_SCORES:  # a first sweep: delta = sum_j P * dP, free of the stored output's rounding
         delta = tl.zeros([BLOCK_M], tl.float32)
         for n0 in range(lo, hi, BLOCK_N):
             _, p, dp, _ = _dq_tile(
-                q, do, lse, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim, value_head_dim,
+                q, do, lse, fix, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim, value_head_dim,
                 stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, slope, mask_base, stride_mm, stride_mn,
                 window_left, window_right, key_length, dropout_p, keep_scale, seed, stream,
                 BLOCK_N, SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS, DROPOUT, DOT_PRECISION,
@@ -339,7 +388,7 @@ def attention_dq_kernel(
     dist_mean = tl.zeros([BLOCK_M], tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         k, p, dp, t = _dq_tile(
-            q, do, lse, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim, value_head_dim,
+            q, do, lse, fix, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim, value_head_dim,
             stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, slope, mask_base, stride_mm, stride_mn,
             window_left, window_right, key_length, dropout_p, keep_scale, seed, stream,
             BLOCK_N, SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS, DROPOUT, DOT_PRECISION,
@@ -362,9 +411,12 @@ def attention_dq_kernel(
         # with ln 2), so P = exp(S - lse) of a one-hot row lands a few float32 ulps of |lse| from 1 (an
         # H200 run: float16 dK 1.3e-6 where it is 0). A row this close to 1 has at most that fraction of
         # its weight elsewhere: its exact dS is below the rounding of dP - delta. (lse loaded again: held
-        # past the loop, it made an sm_80 tile spill.)
-        size = tl.abs(tl.load(Lse + stat_offset, mask=row_ok, other=0.0)) + 1.0  # inf where no key: not one-hot
-        one_hot = (peak >= 1.0 - size * _ONE_HOT_ULPS) & (peak > 0.0)
+        # past the loop, it made an sm_80 tile spill.) Rows renormalized by c (a float mask) are within
+        # ulps of 1 + |log c|. A row that saw no key has P = 0: not one-hot.
+        size = tl.abs(tl.load(Lse + stat_offset, mask=row_ok, other=0.0))
+        if MASK == 2:
+            size = tl.where(size > _FAR_LSE, tl.abs(fix), size)
+        one_hot = (peak >= 1.0 - (size + 1.0) * _ONE_HOT_ULPS) & (peak > 0.0)
     tl.store(OneHot + stat_offset, one_hot.to(tl.uint8), mask=row_ok)  # for the dK/dV pass
     if ALIBI_CENTER:
         if SINKS:
@@ -455,6 +507,8 @@ def attention_backward(
     delta = torch.empty_like(lse)  # written by the dQ pass, with the rows whose probability is one-hot
     one_hot = torch.empty(lse.shape, dtype=torch.uint8, device=lse.device)
     shared = problem.shared_args() | {"DOut": dout, "Lse": lse, "Delta": delta, "OneHot": one_hot}
+    # and, with a float mask, the log of each row's sum of exp(S - lse) where lse lost it (see the dQ pass)
+    shared["LseFix"] = torch.empty_like(lse) if shared["MASK"] == 2 else None
     shared |= dict(zip(("stride_gb", "stride_gh", "stride_gm", "stride_gd"), problem.rows(dout)))
     shared |= dict(zip(("stride_lb", "stride_lh", "stride_lm"), problem.row_stats(lse)))
 
@@ -485,7 +539,8 @@ def attention_backward(
             dalibi_rows = torch.zeros(problem.batch, problem.heads, triton.cdiv(problem.max_seqlen_q, 16),
                                       dtype=torch.float32, device=problem.q.device)
     dq_args = shared | {"DQ": dq, "Out": out, "DELTA_FROM_SCORES": from_scores, "ALIBI_CENTER": center,
-                        "Sinks": problem.sinks, "SINKS": dalibi_rows is not None, "DistMean": dist_mean,
+                        "Sinks": problem.sinks, "SINKS": dalibi_rows is not None,
+                        "HAS_SINKS": problem.sinks is not None, "DistMean": dist_mean,
                         "DAlibiRows": dalibi_rows}
     dq_args |= dict(zip(("stride_yb", "stride_yh", "stride_yblock"),
                         dalibi_rows.stride() if dalibi_rows is not None else (0, 0, 0)))

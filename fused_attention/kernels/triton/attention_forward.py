@@ -11,7 +11,7 @@ also subtracts the row maximum). Key tiles come in four loops (:func:`interior_r
 left-edge tiles check the left bound per element, the masked tiles at the end (diagonal, window right
 edge) the right bound, the ragged last tile both; the interior tiles between them check nothing, so a
 causal interior tile costs what a non-causal one does. Without softcap, ALiBi or a float mask the row maximum
-is taken on the raw ``q . k`` (scaled once per row).
+is taken on the raw ``q . k`` (scaled once per row). float32 and float masks keep natural units (see the kernel).
 """
 
 from __future__ import annotations
@@ -54,30 +54,23 @@ def tile_scores(
     s, rows, cols, n0, first, last, mask_base, stride_mm, stride_mn,
     seq_q, seq_k, qk_scale, log2_softcap, slope2, BLOCK_N: tl.constexpr,
     SIDES: tl.constexpr, WINDOW_LEFT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    MASK: tl.constexpr, FAST_TANH: tl.constexpr, DEFER: tl.constexpr,
+    MASK: tl.constexpr, FAST_TANH: tl.constexpr,
 ):
-    """A tile's scores from ``s = q . k`` in log2 units, ``-inf`` where a key is hidden. ``DEFER``: in
-    units of the positive factor :func:`_key_tiles` applies later (``softcap * log2(e)`` with a
-    softcap, else the scale), so that the factor joins the row maximum once per row and the exponent's
-    multiply-add; ``slope2`` is then in those units too."""
-    if SOFTCAP:  # softcap * tanh(qk * scale / softcap), in log2 units
+    """A tile's scores from ``s = q . k`` in log2 units, ``-inf`` where a key is hidden, in units of the
+    positive factor :func:`_key_tiles` applies later (``softcap * log2(e)`` with a softcap, else the
+    scale), so that the factor joins the row maximum once per row and the exponent's multiply-add;
+    ``slope2`` is in those units too. (Natural units take :func:`scores` instead.)"""
+    if SOFTCAP:  # softcap * tanh(qk * scale / softcap), times softcap * log2(e) later
         if FAST_TANH:
             s = tanh_approx(s * qk_scale)
         else:
             s = tanh(s * qk_scale)
-        if not DEFER:
-            s = s * log2_softcap
-    elif not DEFER:
-        s = s * qk_scale
     if ALIBI:
         s = s - alibi_bias(slope2, rows, cols, seq_k - seq_q)
-    if MASK != 0:
+    if MASK != 0:  # bool: a float mask keeps natural units (the kernel's NATURAL)
         m = tl.load(mask_base + rows.to(tl.int64) * stride_mm + cols.to(tl.int64) * stride_mn,
                     mask=(rows < seq_q) & (cols < seq_k), other=0)
-        if MASK == 1:
-            s = tl.where(m != 0, s, float("-inf"))
-        else:
-            s = s + m.to(tl.float32) * _LOG2E
+        s = tl.where(m != 0, s, float("-inf"))
     if SIDES != 0:  # the row's key bounds (from key_bounds) the tile needs, one compare per element each
         if ALIBI or MASK != 0:  # the tile's key indices are live already: compare them directly
             s = tl.where(keys_within(cols, first, last, WINDOW_LEFT, SIDES), s, float("-inf"))
@@ -102,8 +95,7 @@ def _key_tiles(
     hides keys there);
     ``RAGGED`` tiles may reach past ``seq_k`` and load their key rows under a bound.
     ``NATURAL``: natural-log units and the backward's own score expression (see the kernel)."""
-    # Scores in units of a positive factor (see tile_scores) take it in the row maximum, once per row.
-    defer: tl.constexpr = MASK != 2 and not NATURAL
+    # log2 scores, in units of a positive factor (see tile_scores), take it in the row maximum, once per row
     factor = qk_scale
     if SOFTCAP:
         factor = log2_softcap
@@ -151,20 +143,20 @@ def _key_tiles(
             s = tile_scores(
                 tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), rows, cols, n0, first, last, mask_base,
                 stride_mm, stride_mn, seq_q, seq_k, qk_scale, log2_softcap, slope2, BLOCK_N,
-                SIDES, WINDOW_LEFT, SOFTCAP, ALIBI, MASK, FAST_TANH, defer,
+                SIDES, WINDOW_LEFT, SOFTCAP, ALIBI, MASK, FAST_TANH,
             )
-        if defer:
-            new_max = tl.maximum(row_max, tl.max(s, 1) * factor)
-        else:
+        if NATURAL:
             new_max = tl.maximum(row_max, tl.max(s, 1))
+        else:
+            new_max = tl.maximum(row_max, tl.max(s, 1) * factor)
         base = new_max
         if guard:  # exp2(-inf - 0) = 0, never NaN
             base = tl.where(new_max == float("-inf"), 0.0, new_max)
         alpha = _exp(row_max - base, NATURAL)
-        if defer:
-            p = tl.math.exp2(s * factor - base[:, None])
+        if NATURAL:
+            p = tl.exp(s - base[:, None])
         else:
-            p = _exp(s - base[:, None], NATURAL)
+            p = tl.math.exp2(s * factor - base[:, None])
         row_sum = row_sum * alpha + tl.sum(p, 1)  # the softmax denominator is taken before dropout
         if DROPOUT:  # the kept values' 1 / (1 - p) is applied to the output once, at the end
             p = tl.where(dropout_keep(seed, stream, rows, n0, dropout_p, BLOCK_N), p, 0.0)
@@ -201,7 +193,10 @@ def attention_forward_kernel(
     # recomputes P = exp(S - lse) with them, and float32 gradients are held to float32 rounding, which
     # the log2 units' rounded constants (scale * log2(e), slope * log2(e)) would exceed by a
     # distance-proportional, same-signed error in P (2-3x the float32 reference's gradient error).
-    NATURAL: tl.constexpr = DOT_PRECISION == "ieee"
+    # A float mask too, in every dtype: in log2 units its values below -2.4e38 (Hugging Face's masks hold
+    # the dtype's lowest value) overflow to -inf, and a row they hide entirely would see nothing where
+    # torch's is uniform over its keys.
+    NATURAL: tl.constexpr = DOT_PRECISION == "ieee" or MASK == 2
     m0 = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -246,14 +241,14 @@ def attention_forward_kernel(
     elif SOFTCAP:
         qk_scale = scale / softcap
         log2_softcap = softcap * _LOG2E
-    elif MASK != 2:
+    else:
         # the row maximum is taken on q . k in units of the scale, which must be positive: a negative
         # scale flips q (exactly) instead, a zero one becomes q = 0 in units of 1 (a hidden key's -inf
         # times 0 would be NaN; ALiBi's bias then stands alone)
         q = tl.where(scale < 0, -q, q)
         q = tl.where(scale == 0, tl.zeros_like(q), q)
         qk_scale = tl.where(scale == 0, 1.0, tl.abs(qk_scale))
-    if ALIBI and MASK != 2 and not NATURAL:  # the slope in units of the deferred factor (tile_scores)
+    if ALIBI and not NATURAL:  # the slope in units of the deferred factor (tile_scores)
         if SOFTCAP:
             slope2 = slope2 / log2_softcap
         else:
