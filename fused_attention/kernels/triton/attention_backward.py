@@ -242,15 +242,15 @@ def _dq_scores(
 
 @triton.jit
 def _dq_tile(
-    q, do, lse, fix, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim, value_head_dim,
+    q, do, lse, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim, value_head_dim,
     stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, slope, mask_base, stride_mm, stride_mn,
     window_left, window_right, key_length, dropout_p, keep_scale, seed, stream,
     BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, KEY_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One (BLOCK_M, BLOCK_N) tile of the dQ pass: keys, ``P = exp(S - lse)`` (``exp(S - lse - fix)``
-    with a float mask), ``dP`` (dropout applied) and the softcap's tanh."""
+    """One (BLOCK_M, BLOCK_N) tile of the dQ pass: keys, ``P = exp(S - lse)`` (``c`` times it on the rows a
+    float mask leaves with a large |lse|: see the kernel), ``dP`` (dropout applied) and the softcap's tanh."""
     k, s, t = _dq_scores(
         q, k_base, n0, rows, offs_d, seq_q, seq_k, head_dim, stride_kn, stride_kd, scale, softcap, slope,
         mask_base, stride_mm, stride_mn, window_left, window_right, key_length,
@@ -261,10 +261,7 @@ def _dq_tile(
         v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
         mask=(offs_n[:, None] < seq_k) & (offs_dv[None, :] < value_head_dim), other=0.0,
     )
-    if MASK == 2:
-        p = tl.exp((s - lse[:, None]) - fix[:, None])
-    else:
-        p = tl.exp(s - lse[:, None])
+    p = tl.exp(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
         keep = dropout_keep(seed, stream, rows, n0, dropout_p, BLOCK_N)
@@ -345,14 +342,32 @@ def attention_dq_kernel(
         m0, seq_q, seq_k, window_left, window_right, key_length,
         BLOCK_M, BLOCK_N, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
     )
-    fix = tl.zeros([BLOCK_M], tl.float32)
+    if DELTA_FROM_SCORES:  # a first sweep: delta = sum_j P * dP, free of the stored output's rounding
+        delta = tl.zeros([BLOCK_M], tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            _, p, dp, _ = _dq_tile(
+                q, do, lse, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim, value_head_dim,
+                stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, slope, mask_base, stride_mm, stride_mn,
+                window_left, window_right, key_length, dropout_p, keep_scale, seed, stream,
+                BLOCK_N, SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS, DROPOUT, DOT_PRECISION,
+            )
+            delta += tl.sum(p * dp, 1)
+    else:
+        # FlashAttention-2's delta = rowsum(dO * O), the softmax backward's row term (0 where O is: a row
+        # that sees nothing); with sinks, O and lse include the sink, which has no value and so no dP
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    # 1 / c, P = exp(S - lse) / c: 1 but on the rows a float mask can leave with a large |lse|
+    inverse = tl.full([BLOCK_M], 1.0, tl.float32)
     if MASK == 2:
         # float32's lse = max + log(row sum) keeps none of log(row sum) at |max| near float's lowest value
         # (a float mask of Hugging Face's hiding the row whole: every score is that value), so exp(S - lse)
         # would be 1 on each key, not 1 / n. Rows with a large |lse| take P = exp(S - lse) / c instead, c
-        # their sum of exp(S - lse) (at most 1 each: lse rounds from max up), here and in the dK/dV pass;
-        # fix = log c is 0 on every other row (bit for bit as without it).
+        # their sum of exp(S - lse) (at most 1 each: lse rounds from max up): the dK/dV pass with
+        # fix = log c (0 on every other row: bit for bit as without it); this pass takes the loops'
+        # exp(S - lse) as they are and 1 / c out of their row sums (delta, dQ, the peak, the mean distance),
+        # and the upstream gradient's row times 1 / c (dP then is, and so is the score gradient).
         far = row_ok & (tl.abs(lse) > _FAR_LSE)
+        fix = tl.zeros([BLOCK_M], tl.float32)
         if tl.max(far.to(tl.int32), 0) > 0:
             mass = tl.zeros([BLOCK_M], tl.float32)
             for n0 in range(lo, hi, BLOCK_N):
@@ -364,23 +379,15 @@ def attention_dq_kernel(
                 mass += tl.sum(tl.exp(s - lse[:, None]), 1)
             if HAS_SINKS:  # lse has the sink's term
                 mass += tl.exp(tl.load(Sinks + h).to(tl.float32) - lse)
-            fix = tl.where(far, tl.log(mass), 0.0)
+            fix = tl.where(far, tl.log(tl.where(far, mass, 1.0)), 0.0)
+            inverse = tl.exp(-fix)
+            if DELTA_FROM_SCORES:
+                delta = delta * inverse
         tl.store(LseFix + stat_offset, fix, mask=row_ok)  # for the dK/dV pass
-    if DELTA_FROM_SCORES:  # a first sweep: delta = sum_j P * dP, free of the stored output's rounding
-        delta = tl.zeros([BLOCK_M], tl.float32)
-        for n0 in range(lo, hi, BLOCK_N):
-            _, p, dp, _ = _dq_tile(
-                q, do, lse, fix, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim, value_head_dim,
-                stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, slope, mask_base, stride_mm, stride_mn,
-                window_left, window_right, key_length, dropout_p, keep_scale, seed, stream,
-                BLOCK_N, SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS, DROPOUT, DOT_PRECISION,
-            )
-            delta += tl.sum(p * dp, 1)
-    else:
-        # FlashAttention-2's delta = rowsum(dO * O), the softmax backward's row term (0 where O is: a row
-        # that sees nothing); with sinks, O and lse include the sink, which has no value and so no dP
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(Delta + stat_offset, delta, mask=row_ok)  # for the dK/dV pass, which runs next
+    if MASK == 2:  # see above: then dP and delta below are 1 / c times theirs, and dS = P * (dP - delta)
+        do = (do * inverse[:, None]).to(do.dtype)
+        delta = delta * inverse
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     peak = tl.zeros([BLOCK_M], tl.float32)
     # sum_j P |distance|, the row's mean distance (P sums to 1 without a sink): the dK/dV pass centers the
@@ -388,7 +395,7 @@ def attention_dq_kernel(
     dist_mean = tl.zeros([BLOCK_M], tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         k, p, dp, t = _dq_tile(
-            q, do, lse, fix, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim, value_head_dim,
+            q, do, lse, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim, value_head_dim,
             stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, slope, mask_base, stride_mm, stride_mn,
             window_left, window_right, key_length, dropout_p, keep_scale, seed, stream,
             BLOCK_N, SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS, DROPOUT, DOT_PRECISION,
@@ -401,6 +408,13 @@ def attention_dq_kernel(
             ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
+    if MASK == 2:
+        # 1 / c read back, not held past the loop (registers): this program wrote it, other threads of it
+        tl.debug_barrier()
+        inverse = tl.exp(-tl.load(LseFix + stat_offset, mask=row_ok, other=0.0))
+        peak = peak * inverse
+        if ALIBI_CENTER:
+            dist_mean = dist_mean * inverse
     # A row whose probability is all on one key (it sees one key, or the rest underflow) has a constant
     # softmax: its score gradients are exactly 0. dS = P * (dP - delta) would leave that key's dP minus
     # the same sum taken in another order (delta): rounding noise where the gradient is exactly 0.
@@ -415,7 +429,7 @@ def attention_dq_kernel(
         # ulps of 1 + |log c|. A row that saw no key has P = 0: not one-hot.
         size = tl.abs(tl.load(Lse + stat_offset, mask=row_ok, other=0.0))
         if MASK == 2:
-            size = tl.where(size > _FAR_LSE, tl.abs(fix), size)
+            size = tl.where(size > _FAR_LSE, tl.abs(tl.log(inverse)), size)
         one_hot = (peak >= 1.0 - (size + 1.0) * _ONE_HOT_ULPS) & (peak > 0.0)
     tl.store(OneHot + stat_offset, one_hot.to(tl.uint8), mask=row_ok)  # for the dK/dV pass
     if ALIBI_CENTER:
@@ -425,6 +439,8 @@ def attention_dq_kernel(
             # from the row's sum: given back here, one partial sum per (batch, head, query block). lse has
             # the sink.
             p_sink = tl.exp(tl.load(Sinks + h).to(tl.float32) - lse)
+            if MASK == 2:
+                p_sink = p_sink * inverse
             mass = 1.0 - p_sink
             dist_mean = tl.where(mass > 0.0, dist_mean / tl.where(mass > 0.0, mass, 1.0), 0.0)
             term = tl.where(row_ok & ~one_hot, dist_mean * p_sink * delta, 0.0)
@@ -587,17 +603,18 @@ def attention_backward(
             slope_grad = slope_grad.sum(0, keepdim=True)
     sink_grad = None
     if need_sinks_grad and problem.sinks is not None:
-        sink_grad = _sink_gradient(problem, lse, delta)
+        sink_grad = _sink_gradient(problem, lse, delta, shared["LseFix"])
     return mask_grad, slope_grad, sink_grad
 
 
-def _sink_gradient(problem: launch.Problem, lse, delta) -> torch.Tensor:
-    """``d sinks[h] = -sum over batch and rows of p_sink * delta``, ``p_sink = exp(sink - lse)`` (a row
-    whose lse is -inf saw nothing and had no sink: it contributes 0)."""
+def _sink_gradient(problem: launch.Problem, lse, delta, lse_fix) -> torch.Tensor:
+    """``d sinks[h] = -sum over batch and rows of p_sink * delta``, ``p_sink = exp(sink - lse - fix)`` (a
+    row whose lse is -inf saw nothing and had no sink: it contributes 0; ``fix``: the dQ pass's, with a
+    float mask)."""
     heads_dim = 0 if problem.varlen else 1  # lse is (Hq, total) packed, (B, Hq, L) dense
     shape = [1] * lse.dim()
     shape[heads_dim] = -1
     sinks = problem.sinks.to(torch.float32).view(shape)
-    p_sink = torch.exp(sinks - lse.masked_fill(torch.isneginf(lse), 0.0))
+    p_sink = torch.exp(sinks - lse.masked_fill(torch.isneginf(lse), 0.0) - (0.0 if lse_fix is None else lse_fix))
     dims = [d for d in range(lse.dim()) if d != heads_dim]
     return -(p_sink * delta).sum(dims)

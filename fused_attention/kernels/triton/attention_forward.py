@@ -54,23 +54,35 @@ def tile_scores(
     s, rows, cols, n0, first, last, mask_base, stride_mm, stride_mn,
     seq_q, seq_k, qk_scale, log2_softcap, slope2, BLOCK_N: tl.constexpr,
     SIDES: tl.constexpr, WINDOW_LEFT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    MASK: tl.constexpr, FAST_TANH: tl.constexpr,
+    MASK: tl.constexpr, FAST_TANH: tl.constexpr, NATURAL: tl.constexpr,
 ):
-    """A tile's scores from ``s = q . k`` in log2 units, ``-inf`` where a key is hidden, in units of the
+    """A tile's scores from ``s = q . k``, ``-inf`` where a key is hidden: in log2 units, in units of the
     positive factor :func:`_key_tiles` applies later (``softcap * log2(e)`` with a softcap, else the
-    scale), so that the factor joins the row maximum once per row and the exponent's multiply-add;
-    ``slope2`` is in those units too. (Natural units take :func:`scores` instead.)"""
-    if SOFTCAP:  # softcap * tanh(qk * scale / softcap), times softcap * log2(e) later
+    scale), so that the factor joins the row maximum once per row and the exponent's multiply-add
+    (``slope2`` in those units too); ``NATURAL`` (a float mask in 16 bits): the final scores in natural
+    units, as the backward's :func:`scores` computes them (``qk_scale``, ``log2_softcap``, ``slope2``
+    then hold the scale, softcap and slope)."""
+    if NATURAL:
+        s = s * qk_scale
+        if SOFTCAP:  # the backward's expression, tanh(s / softcap) * softcap
+            if FAST_TANH:
+                s = tanh_approx(s / log2_softcap) * log2_softcap
+            else:
+                s = tanh(s / log2_softcap) * log2_softcap
+    elif SOFTCAP:  # softcap * tanh(qk * scale / softcap), times softcap * log2(e) later
         if FAST_TANH:
             s = tanh_approx(s * qk_scale)
         else:
             s = tanh(s * qk_scale)
     if ALIBI:
         s = s - alibi_bias(slope2, rows, cols, seq_k - seq_q)
-    if MASK != 0:  # bool: a float mask keeps natural units (the kernel's NATURAL)
+    if MASK != 0:  # a float mask comes with NATURAL (the kernel's)
         m = tl.load(mask_base + rows.to(tl.int64) * stride_mm + cols.to(tl.int64) * stride_mn,
                     mask=(rows < seq_q) & (cols < seq_k), other=0)
-        s = tl.where(m != 0, s, float("-inf"))
+        if MASK == 1:
+            s = tl.where(m != 0, s, float("-inf"))
+        else:
+            s = s + m.to(tl.float32)
     if SIDES != 0:  # the row's key bounds (from key_bounds) the tile needs, one compare per element each
         if ALIBI or MASK != 0:  # the tile's key indices are live already: compare them directly
             s = tl.where(keys_within(cols, first, last, WINDOW_LEFT, SIDES), s, float("-inf"))
@@ -94,7 +106,7 @@ def _key_tiles(
     check those key bounds per element, the others are fully visible (only the user's mask, if any,
     hides keys there);
     ``RAGGED`` tiles may reach past ``seq_k`` and load their key rows under a bound.
-    ``NATURAL``: natural-log units and the backward's own score expression (see the kernel)."""
+    ``NATURAL``: natural-log units (float32: the backward's own score expression; see the kernel)."""
     # log2 scores, in units of a positive factor (see tile_scores), take it in the row maximum, once per row
     factor = qk_scale
     if SOFTCAP:
@@ -133,7 +145,7 @@ def _key_tiles(
             k = tl.load(k_ptrs, mask=k_mask, other=0.0)
         else:
             k = tl.load(k_ptrs)
-        if NATURAL:  # qk_scale, log2_softcap, slope2 hold scale, softcap, slope here
+        if DOT_PRECISION == "ieee":  # qk_scale, log2_softcap, slope2 hold scale, softcap, slope here
             s, _ = scores(
                 tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), rows, cols, seq_q, seq_k, qk_scale,
                 log2_softcap, slope2, mask_base, stride_mm, stride_mn, window_left, window_right, key_length,
@@ -143,7 +155,7 @@ def _key_tiles(
             s = tile_scores(
                 tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), rows, cols, n0, first, last, mask_base,
                 stride_mm, stride_mn, seq_q, seq_k, qk_scale, log2_softcap, slope2, BLOCK_N,
-                SIDES, WINDOW_LEFT, SOFTCAP, ALIBI, MASK, FAST_TANH,
+                SIDES, WINDOW_LEFT, SOFTCAP, ALIBI, MASK, FAST_TANH, NATURAL,
             )
         if NATURAL:
             new_max = tl.maximum(row_max, tl.max(s, 1))
@@ -153,8 +165,10 @@ def _key_tiles(
         if guard:  # exp2(-inf - 0) = 0, never NaN
             base = tl.where(new_max == float("-inf"), 0.0, new_max)
         alpha = _exp(row_max - base, NATURAL)
-        if NATURAL:
+        if DOT_PRECISION == "ieee":  # float32: the backward's tl.exp, bit for bit
             p = tl.exp(s - base[:, None])
+        elif NATURAL:  # 16-bit: the difference scaled, as tl.exp does, without its denormal guards
+            p = tl.math.exp2((s - base[:, None]) * _LOG2E)
         else:
             p = tl.math.exp2(s * factor - base[:, None])
         row_sum = row_sum * alpha + tl.sum(p, 1)  # the softmax denominator is taken before dropout
