@@ -68,21 +68,29 @@ def test_registered():
     assert mapping[NAME] is huggingface.fused_attention_mask
 
 
-def test_mask_function_hands_over_padding_only():
+def test_mask_function_hands_over_the_pattern_and_the_padding_only():
     mu = transformers.masking_utils
     kw = {"batch_size": 2, "q_length": 5, "kv_length": 5}
     full = torch.ones(2, 5, dtype=torch.bool)
-    assert huggingface.fused_attention_mask(**kw, mask_function=mu.causal_mask_function, attention_mask=full) is None
+    pattern = huggingface.fused_attention_mask(**kw, mask_function=mu.causal_mask_function, attention_mask=full)
+    assert pattern == huggingface.PatternMask(None, (-1, 0))
     right = full.clone()
     right[1, 3:] = False
-    lengths = huggingface.fused_attention_mask(**kw, mask_function=mu.bidirectional_mask_function, attention_mask=right)
-    assert lengths.tolist() == [5, 3]
+    lengths, window = huggingface.fused_attention_mask(
+        **kw, mask_function=mu.bidirectional_mask_function, attention_mask=right)
+    assert lengths.tolist() == [5, 3] and window is None
     left = full.clone()
     left[1, :2] = False
-    padding = huggingface.fused_attention_mask(**kw, attention_mask=left)
-    assert padding.shape == (2, 5) and torch.equal(padding, left)
-    sliding = mu.sliding_window_causal_mask_function(3)
-    assert huggingface.fused_attention_mask(**kw, mask_function=sliding, attention_mask=full) is None
+    padding, window = huggingface.fused_attention_mask(**kw, attention_mask=left)
+    assert padding.shape == (2, 5) and torch.equal(padding, left) and window == (-1, 0)
+    sliding = mu.sliding_window_causal_mask_function(3)  # p - 3 < j <= p
+    assert huggingface.fused_attention_mask(**kw, mask_function=sliding) == huggingface.PatternMask(None, (2, 0))
+    both_sides = mu.sliding_window_bidirectional_mask_function(2)  # |p - j| <= 2
+    assert huggingface.fused_attention_mask(**kw, mask_function=both_sides) == huggingface.PatternMask(None, (2, 2))
+    # bidirectional ignores positions: queries not at the keys' end keep the pattern (cross-attention)
+    cross = huggingface.fused_attention_mask(batch_size=2, q_length=3, kv_length=5,
+                                             mask_function=mu.bidirectional_mask_function, attention_mask=right)
+    assert cross.padding.tolist() == [5, 3] and cross.window is None
     # anything it cannot express (here: a custom overlay; a static cache's queries not at its end) is dense
     custom = mu.and_masks(mu.causal_mask_function, lambda b, h, q, k: k != 1)
     assert huggingface.fused_attention_mask(**kw, mask_function=custom, use_vmap=True).shape == (2, 1, 5, 5)
@@ -194,6 +202,51 @@ def test_dropout_only_in_training():
         assert torch.equal(model(ids).logits, model(ids).logits)
         model.train()
         assert not torch.equal(model(ids).logits, model(ids).logits)
+
+
+_DECODER = {"vocab_size": 101, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+_ENCODER = {"vocab_size": 101, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 64, "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0}
+# model -> (config class, model class, config): each one's attention flags disagree with the mask it builds
+_FLAGS_APART = {
+    # a sliding-window mask, and no sliding_window keyword to the attention
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM",
+               {**_DECODER, "sliding_window": 4, "num_local_experts": 2, "num_experts_per_tok": 1}),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  {**_DECODER, "sliding_window": 4, "use_sliding_window": True, "moe_intermediate_size": 32,
+                   "shared_expert_intermediate_size": 32, "num_experts": 2, "num_experts_per_tok": 1,
+                   "layer_types": ["sliding_attention"] * 2}),
+    # the config's sliding_window as the keyword, and a plain causal mask (eager and sdpa: no window)
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {**_DECODER, "sliding_window": 4, "num_experts": 2,
+                                                  "num_experts_per_tok": 1}),
+    # a bidirectional mask from a module with no is_causal attribute (transformers defaults it to True)
+    "align_text": ("AlignTextConfig", "AlignTextModel", _ENCODER),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_FLAGS_APART))
+def test_the_mask_sets_the_pattern_where_the_module_flags_disagree(name):
+    """eager and sdpa follow the mask a model builds, and so do we now: PhiMoE and Qwen2-MoE ran with full
+    causal attention (their masks slide; logit errors of 0.08-0.13 against eager), OLMoE with a window
+    eager does not have (0.15), ALIGN's text encoder causally (0.035)."""
+    config_name, model_name, config = _FLAGS_APART[name]
+    config_cls, model_cls = getattr(transformers, config_name, None), getattr(transformers, model_name, None)
+    if config_cls is None or model_cls is None:
+        pytest.skip(f"this transformers has no {model_name}")
+    model = _build(config_cls, model_cls, **config)
+    ids = torch.randint(1, 101, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0  # right padding
+    inputs, keep = {"input_ids": ids, "attention_mask": mask}, mask.bool()
+    if "experts" not in str(config):
+        _check_model(model, inputs, keep)
+        return
+    # transformers' expert layers take no float64: float32 outputs against eager's, which differ by 1e-7
+    with torch.no_grad():
+        ours, eager = (_run(model, impl, torch.float32, inputs)[1][keep] for impl in (NAME, "eager"))
+    torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-5)
 
 
 def test_bidirectional_sliding_window_counts_the_query_itself():

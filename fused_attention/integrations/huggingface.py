@@ -13,28 +13,32 @@ name ``"fused_attention"``. Then::
 transformers is optional: ``import fused_attention`` never imports it, and importing this module
 without it raises an ``ImportError`` that says how to install it.
 
-How masks travel (the contract between the two registered functions). Like transformers'
-flash-attention integration, the mask function hands over only what the attention cannot rebuild
-itself; causality comes from ``module.is_causal`` and the window from the ``sliding_window`` keyword
-that the attention module passes:
+How masks travel (the contract between the two registered functions). The mask function hands over
+the pattern and only the part of the mask the attention cannot rebuild from it:
 
-- ``None``: no padding; the attention applies causal / sliding-window masking, bottom-right aligned
-  (a query at cache position ``p`` sees keys up to ``p``, as in KV-cache decoding).
-- a 1-D integer tensor ``(B,)``: right padding only, as ``key_lengths`` (no mask tensor at all).
-- a 2-D bool tensor ``(B, S)`` (True = attend): any other padding, read as a broadcast
-  ``(B, 1, 1, S)`` mask, never expanded to ``L x S``.
+- a :class:`PatternMask` ``(padding, window)`` for a plain causal, bidirectional or sliding-window
+  (causal or bidirectional) pattern over aligned positions: ``window`` as ``window_size`` of
+  :func:`fused_attention.scaled_dot_product_attention` (``(-1, 0)``: causal, bottom-right aligned, so
+  a query at cache position ``p`` sees keys up to ``p``, as in KV-cache decoding; None: every key), and
+  ``padding`` None (none), a 1-D integer tensor ``(B,)`` of key lengths (right padding only: no mask
+  tensor at all) or a 2-D bool tensor ``(B, S)`` (True = attend) read as a broadcast ``(B, 1, 1, S)``
+  mask, never expanded to ``L x S``. The attention follows the pattern, as eager and sdpa follow their
+  masks, whatever the calling module's ``is_causal`` or ``sliding_window`` say: some models set those
+  apart from their masks (PhiMoE and Qwen2-MoE build sliding-window masks without passing the keyword;
+  ALIGN, Splinter and CLAP build bidirectional masks and have no ``is_causal``, which defaults to True).
 - a 4-D tensor: a full mask (bool True = attend, or float added to the scores), used as it is and
   holding all the structure (no causal or window flag is added). This is what the mask function builds
-  (with transformers' ``sdpa_mask``) when the pattern is not a plain causal, bidirectional or
-  sliding-window-causal one over aligned positions (packed sequences, custom ``or``/``and`` mask
+  (with transformers' ``sdpa_mask``) for any other pattern (packed sequences, custom ``or``/``and`` mask
   functions, chunked attention, a static cache whose queries are not at its end), and what a user's
   own 4-D mask arrives as.
+- ``None`` (a model that builds no mask): causality from ``module.is_causal`` (or the ``is_causal``
+  keyword) and the window from the ``sliding_window`` keyword, as transformers' flash-attention does.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -50,23 +54,47 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
 from ..errors import AttentionTypeError
 from ..functional import scaled_dot_product_attention
 
-__all__ = ["NAME", "fused_attention_forward", "fused_attention_mask", "register"]
+__all__ = ["NAME", "PatternMask", "fused_attention_forward", "fused_attention_mask", "register"]
 
 NAME = "fused_attention"
 
 
-def _is_sliding_window_causal(mask_function: Any) -> bool:
-    """Whether ``mask_function`` is transformers' ``sliding_window_causal_mask_function(w)``: an
-    ``and_masks`` of ``sliding_window_overlay(w)`` and ``causal_mask_function`` and nothing else."""
+class PatternMask(NamedTuple):
+    """A mask as :func:`fused_attention_mask` hands it to :func:`fused_attention_forward` for a pattern the
+    attention rebuilds (see the module docstring)."""
+
+    padding: torch.Tensor | None  # None, key lengths (B,), or a (B, S) bool padding mask (True = attend)
+    window: tuple[int, int] | None  # window_size: (-1, 0) causal, (w - 1, 0) sliding, None every key
+
+
+def _closure(function: Any) -> dict[str, Any]:
+    cells = getattr(function, "__closure__", None) or ()
+    return dict(zip(function.__code__.co_freevars, (cell.cell_contents for cell in cells)))
+
+
+def _pattern(mask_function: Any) -> tuple[bool, tuple[int, int] | None]:
+    """``(recognized, window)``: whether ``mask_function`` is transformers' causal, bidirectional or
+    sliding-window one (``sliding_window_causal_mask_function(w)``: query p sees p - w < j <= p;
+    ``sliding_window_bidirectional_mask_function(w)``: |p - j| <= w) and its ``window_size``."""
+    if mask_function is masking_utils.causal_mask_function:
+        return True, (-1, 0)
+    if mask_function is masking_utils.bidirectional_mask_function:
+        return True, None
     if getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask":
-        return False
-    cells = mask_function.__closure__ or ()
-    parts = cells[0].cell_contents if len(cells) == 1 else ()
-    return (
-        isinstance(parts, tuple) and len(parts) == 2
-        and getattr(parts[0], "__qualname__", "").startswith("sliding_window_overlay.")
-        and parts[1] is masking_utils.causal_mask_function
-    )
+        return False, None
+    parts = _closure(mask_function).get("mask_functions", ())
+    if not (isinstance(parts, tuple) and len(parts) == 2):
+        return False, None
+    overlay, base = parts
+    name = getattr(overlay, "__qualname__", "")
+    width = _closure(overlay).get("sliding_window") if callable(overlay) else None
+    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+        return False, None
+    if name.startswith("sliding_window_overlay.") and base is masking_utils.causal_mask_function:
+        return True, (width - 1, 0)
+    if name.startswith("sliding_window_bidirectional_overlay.") and base is masking_utils.bidirectional_mask_function:
+        return True, (width, width)
+    return False, None
 
 
 def fused_attention_mask(
@@ -83,26 +111,22 @@ def fused_attention_mask(
 
     Args follow ``transformers.masking_utils.sdpa_mask``: ``attention_mask`` is the 2-D bool padding mask
     ``(B, seen + q_length)`` (True = token), the query sits at positions ``q_offset ..`` and the keys at
-    ``kv_offset .. kv_offset + kv_length``. Only the padding is returned when the pattern is one the
-    attention rebuilds from its flags; anything else is built densely by ``sdpa_mask``.
+    ``kv_offset .. kv_offset + kv_length``. A :class:`PatternMask` (the pattern and the padding) is
+    returned when the pattern is one the attention rebuilds; anything else is built densely by ``sdpa_mask``.
     """
-    standard = (
-        mask_function is masking_utils.causal_mask_function
-        or mask_function is masking_utils.bidirectional_mask_function
-        or _is_sliding_window_causal(mask_function)
-    )
-    # The attention aligns causality bottom-right: query i at key position i + kv_length - q_length.
-    aligned = isinstance(q_offset, int) and q_offset - kv_offset == kv_length - q_length
+    standard, window = _pattern(mask_function)
+    # The attention aligns causality and windows bottom-right: query i at key position i + kv_length - q_length.
+    aligned = window is None or (isinstance(q_offset, int) and q_offset - kv_offset == kv_length - q_length)
     if standard and aligned and not kwargs.get("use_vmap", False):
         if attention_mask is None:
-            return None
+            return PatternMask(None, window)
         padding = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
         padding = padding[:, kv_offset : kv_offset + kv_length].to(torch.bool)
         lengths = padding.sum(-1)
         positions = torch.arange(kv_length, device=padding.device)
         if torch.equal(padding, positions < lengths[:, None]):  # right padding (or none)
-            return None if bool((lengths == kv_length).all()) else lengths
-        return padding
+            return PatternMask(None if bool((lengths == kv_length).all()) else lengths, window)
+        return PatternMask(padding, window)
     dense_kwargs = {k: v for k, v in kwargs.items() if k not in ("allow_is_causal_skip", "allow_is_bidirectional_skip")}
     return masking_utils.sdpa_mask(
         batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
@@ -166,7 +190,8 @@ def _check_kwargs(module: torch.nn.Module, query: torch.Tensor, attention_mask: 
     if packed and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4):
         raise AttentionTypeError(
             f"fused_attention got packed sequences as 'cu_seq_lens_q' from {type(module).__name__} without "
-            "a mask that separates them; pass position_ids as well (transformers then builds that mask)"
+            "a mask that separates them; pass position_ids as well, with use_cache=False (transformers builds "
+            "that mask from them only without a cache)"
         )
 
 
@@ -189,17 +214,16 @@ def fused_attention_forward(
     """transformers attention function for ``"fused_attention"``.
 
     Args:
-        module: the calling attention module; ``module.is_causal`` (overridden by ``is_causal``) sets
-            causality, ``module.training`` gates dropout.
+        module: the calling attention module; ``module.training`` gates dropout; ``module.is_causal``
+            (overridden by ``is_causal``) sets causality when the mask does not say (None).
         query: ``(B, Hq, L, D)``. key, value: ``(B, Hkv, S, D)``; ``Hq`` a multiple of ``Hkv`` (GQA by
             head counts, K and V never repeated).
-        attention_mask: what :func:`fused_attention_mask` returned (``None``, key lengths ``(B,)``, padding
-            ``(B, S)`` bool, or a full 4-D bool/float mask), or a user's 4-D mask.
+        attention_mask: what :func:`fused_attention_mask` returned (a :class:`PatternMask` or a full 4-D
+            bool/float mask), a user's 4-D mask, or None.
         dropout: attention dropout probability, applied in training mode only.
         scaling: score scale (default ``1 / sqrt(D)``).
-        sliding_window: query at position ``p`` sees keys ``p - sliding_window < j <= p`` (causal) or
-            ``|p - j| <= sliding_window`` (bidirectional), transformers' conventions, unless a 4-D mask
-            already holds the pattern.
+        sliding_window: with no mask (None) only: query at position ``p`` sees keys
+            ``p - sliding_window < j <= p`` (causal) or ``|p - j| <= sliding_window - 1`` (bidirectional).
         softcap: logit soft-capping (Gemma-2), before masking.
         position_bias: float bias ``(B or 1, Hq or 1, L, S)`` added to the scores (T5 style).
         s_aux, sinks: learned attention-sink logits ``(Hq,)`` (gpt-oss passes ``s_aux``; ``sinks`` is the
@@ -220,20 +244,24 @@ def fused_attention_forward(
     if sink_logits is not None and sink_logits.dtype not in (torch.float32, torch.float64):
         sink_logits = sink_logits.float()
     q_length, kv_length = query.shape[2], key.shape[2]
-    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     mask, key_lengths, window = attention_mask, None, None
-    if mask is None or mask.dim() < 4:  # the structure is ours to apply, bottom-right aligned
-        if mask is not None and mask.dim() == 1:
-            mask, key_lengths = None, mask
-        elif mask is not None:
-            mask = mask[:, None, None, -kv_length:]
+    if isinstance(mask, PatternMask):  # the mask's own pattern, as eager and sdpa follow theirs
+        mask, window = mask
+    elif mask is None or mask.dim() < 4:  # no pattern given: the module's flags, bottom-right aligned
+        causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         if sliding_window is not None:
             # the keyword counts the query's own key, as flash-attention's window_size + 1: causal sees
             # p - w < j <= p; bidirectional sees |p - j| <= w - 1 (ModernBERT passes its config's
             # sliding_window + 1 and masks |p - j| <= sliding_window)
             window = (sliding_window - 1, 0) if causal else (sliding_window - 1, sliding_window - 1)
-        elif causal and q_length > 1:
+        elif causal:
             window = (-1, 0)
+    if mask is not None and mask.dim() == 1:
+        mask, key_lengths = None, mask
+    elif mask is not None and mask.dim() < 4:
+        mask = mask[:, None, None, -kv_length:]
+    if window == (-1, 0) and q_length == 1:  # one query row, bottom-right: it sees every key anyway
+        window = None
     if position_bias is not None:
         if mask is None:
             mask = position_bias
