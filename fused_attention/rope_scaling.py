@@ -3,7 +3,8 @@
 Formulas follow the papers and the published model configs: linear position interpolation (Chen et al.
 2023), dynamic NTK-aware scaling (as in Hugging Face's ``dynamic`` rope type), Llama 3.1's wavelength-
 banded scaling, and YaRN (Peng et al. 2023). Parameters are given as a dict with the same keys as a
-Hugging Face ``rope_scaling`` config (``{"rope_type": "llama3", "factor": 8.0, ...}``) or as a
+Hugging Face ``rope_scaling`` config (``{"rope_type": "llama3", "factor": 8.0, ...}``) or its version 5
+``config.rope_parameters`` (which adds ``rope_theta``, the base, and ``rope_type: "default"``), or as a
 :class:`RopeScaling`.
 """
 
@@ -18,15 +19,18 @@ import torch
 from .argument_checks import check_bool, check_float_dtype, check_number
 from .errors import AttentionArgumentError, AttentionTypeError
 
-_TYPES = ("linear", "dynamic", "llama3", "yarn")
+_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """RoPE scaling parameters; unset fields take the defaults of the corresponding method."""
+    """RoPE scaling parameters; unset fields take the defaults of the corresponding method. ``"default"``:
+    no scaling (Hugging Face's ``rope_parameters`` of a plain RoPE model)."""
 
     rope_type: str
-    factor: float = 1.0
+    factor: float | None = None  # every type but "default" needs it
+    rope_theta: float | None = None  # the base, when given here (Hugging Face's rope_parameters)
+    partial_rotary_factor: float = 1.0  # rotary_dim says how many features rotate: only 1.0 is accepted
     original_max_position_embeddings: int | None = None
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
@@ -43,7 +47,8 @@ def as_scaling(scaling: object) -> RopeScaling | None:
         return scaling
     if not isinstance(scaling, dict):
         raise AttentionTypeError(f"scaling must be a dict, a RopeScaling or None, got {type(scaling).__name__}")
-    params: dict[str, Any] = dict(scaling)
+    # None stands for the method's default, as Hugging Face reads it (its configs write beta_fast: None)
+    params: dict[str, Any] = {key: value for key, value in scaling.items() if value is not None}
     rope_type = params.pop("rope_type", params.pop("type", None))
     known = set(RopeScaling.__dataclass_fields__) - {"rope_type"}
     unknown = set(params) - known
@@ -57,6 +62,20 @@ def _check(scaling: RopeScaling) -> None:
     tables of NaN deep in the formulas)."""
     if scaling.rope_type not in _TYPES:
         raise AttentionArgumentError(f"scaling rope_type must be one of {_TYPES}, got {scaling.rope_type!r}")
+    if scaling.rope_theta is not None:
+        check_number("scaling rope_theta", scaling.rope_theta, above=1)
+    if scaling.partial_rotary_factor != 1.0:
+        raise AttentionArgumentError(
+            f"scaling partial_rotary_factor {scaling.partial_rotary_factor!r}: pass rotary_dim = int(head_dim * "
+            "partial_rotary_factor), the features that rotate, and leave the key out"
+        )
+    if scaling.rope_type == "default":
+        given = [name for name in ("factor", "original_max_position_embeddings") if getattr(scaling, name) is not None]
+        if given:
+            raise AttentionArgumentError(f"scaling rope_type 'default' takes no {' or '.join(given)}")
+        return
+    if scaling.factor is None:
+        raise AttentionArgumentError(f"scaling of type {scaling.rope_type!r} needs factor")
     check_number("scaling factor", scaling.factor, above=0)
     context = scaling.original_max_position_embeddings
     if scaling.rope_type in ("dynamic", "llama3", "yarn") and context is None:
@@ -97,7 +116,7 @@ def inverse_frequencies(
 ) -> tuple[torch.Tensor, float]:
     """``(inv_freq (rotary_dim // 2,) float64, attention_factor)`` for a table of ``seq_len`` positions."""
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
-    if scaling is None:
+    if scaling is None or scaling.rope_type == "default":
         return 1.0 / base**exponents, 1.0
     kind, factor = scaling.rope_type, scaling.factor
     if kind == "linear":
@@ -137,11 +156,22 @@ def inverse_frequencies(
     return inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation, attention
 
 
+def resolved_base(base: float | None, scaling: RopeScaling | None) -> float:
+    """``base``, else the scaling's ``rope_theta``, else 10000; checked (and against ``rope_theta``)."""
+    theta = None if scaling is None else scaling.rope_theta
+    if base is None:
+        base = 10000.0 if theta is None else theta
+    base = check_number("base", base, above=1)
+    if theta is not None and float(theta) != float(base):
+        raise AttentionArgumentError(f"base {base!r} differs from scaling's rope_theta {theta!r}")
+    return base
+
+
 def rotary_cos_sin(
     seq_len: int,
     rotary_dim: int,
     *,
-    base: float = 10000.0,
+    base: float | None = None,
     scaling: RopeScaling | dict | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
@@ -152,8 +182,10 @@ def rotary_cos_sin(
         seq_len: number of positions (rows).
         rotary_dim: number of rotated features (even); the tables have ``rotary_dim // 2`` columns, one
             per rotated pair, frequency ``base ** (-2i / rotary_dim)`` before scaling.
-        base: the RoPE base (theta).
-        scaling: ``None``, or a dict / :class:`RopeScaling` with ``rope_type`` one of ``"linear"``
+        base: the RoPE base (theta); default: scaling's ``rope_theta``, else 10000 (a base that differs
+            from ``rope_theta`` raises).
+        scaling: ``None``, or a dict / :class:`RopeScaling` with ``rope_type`` one of ``"default"`` (no
+            scaling), ``"linear"``
             (``factor``), ``"dynamic"`` (``factor``, ``original_max_position_embeddings``; the base
             grows with ``seq_len`` beyond the original context), ``"llama3"`` (``factor``,
             ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``) or
@@ -169,13 +201,13 @@ def rotary_cos_sin(
         raise AttentionArgumentError(f"seq_len must be a non-negative int, got {seq_len!r}")
     if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or rotary_dim <= 0 or rotary_dim % 2:
         raise AttentionArgumentError(f"rotary_dim must be a positive even int, got {rotary_dim!r}")
-    base = check_number("base", base, above=1)
     check_float_dtype("dtype", dtype)
     params = as_scaling(scaling)
     if params is not None:
         _check(params)
         if params.rope_type == "dynamic" and rotary_dim <= 2:
             raise AttentionArgumentError(f"dynamic scaling needs rotary_dim > 2, got {rotary_dim}")
+    base = resolved_base(base, params)
     inv_freq, attention = inverse_frequencies(rotary_dim, float(base), params, seq_len)
     angles = torch.arange(seq_len, dtype=torch.float64).unsqueeze(1) * inv_freq.unsqueeze(0)
     cos, sin = angles.cos() * attention, angles.sin() * attention

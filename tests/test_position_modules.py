@@ -197,6 +197,52 @@ def test_rope_scaling_matches_transformers(scaling, seq_len):
     torch.testing.assert_close(sin, angles.sin() * attention, rtol=0, atol=2e-6 * seq_len)
 
 
+@pytest.mark.parametrize("kind", ["default", "llama3", "yarn"])
+def test_rope_parameters_of_transformers_5_configs_as_they_are(kind):
+    """``config.rope_parameters`` (transformers 5: ``rope_theta`` inside, ``rope_type: "default"``, ``None``
+    for a method's default, the old ``type`` key kept) goes in unedited, for the tables and the module; each
+    of those was an error (unknown key rope_theta, rope_type 'default', beta_fast None)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    head_dim, seq_len = 32, 96
+    scaling = {
+        "default": None,
+        "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 64},
+        "yarn": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": None},
+    }[kind]
+    config = transformers.LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, max_position_embeddings=512,
+                                      rope_theta=50000.0, rope_scaling=scaling)
+    params = config.rope_parameters
+    assert params["rope_theta"] == 50000.0 and params["rope_type"] == kind
+    init = ROPE_INIT_FUNCTIONS.get(kind)
+    if init is None:  # plain RoPE: transformers has no init function for it in every version
+        inv_freq, attention = 1.0 / 50000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim), 1.0
+    else:
+        inv_freq, attention = init(config, "cpu")
+    angles = torch.arange(seq_len, dtype=torch.float64)[:, None] * inv_freq.double()[None, :]
+    cos, sin = fused_attention.rotary_cos_sin(seq_len, head_dim, scaling=params, dtype=torch.float64)
+    torch.testing.assert_close(cos, angles.cos() * attention, rtol=0, atol=2e-6 * seq_len)
+    torch.testing.assert_close(sin, angles.sin() * attention, rtol=0, atol=2e-6 * seq_len)
+    module = RotaryEmbedding(head_dim, scaling=params, max_seq_len=seq_len)
+    torch.testing.assert_close(module.cos_cached.double(), cos, rtol=0, atol=1e-6)
+
+
+def test_rope_parameters_that_disagree_or_cannot_apply_raise():
+    with pytest.raises(ValueError, match="differs from scaling's rope_theta"):
+        fused_attention.rotary_cos_sin(8, 8, base=10000.0, scaling={"rope_type": "default", "rope_theta": 5e5})
+    with pytest.raises(ValueError, match="partial_rotary_factor"):  # rotary_dim says which features rotate
+        fused_attention.rotary_cos_sin(8, 8, scaling={"rope_type": "default", "partial_rotary_factor": 0.5})
+    with pytest.raises(ValueError, match="needs factor"):  # was a factor of 1: no scaling, silently
+        fused_attention.rotary_cos_sin(8, 8, scaling={"rope_type": "linear"})
+    with pytest.raises(ValueError, match="'default' takes no factor"):
+        fused_attention.rotary_cos_sin(8, 8, scaling={"rope_type": "default", "factor": 2.0})
+    plain = fused_attention.rotary_cos_sin(8, 8, base=5e5)
+    same = fused_attention.rotary_cos_sin(8, 8, base=5e5, scaling={"rope_type": "default", "rope_theta": 5e5})
+    assert all(torch.equal(x, y) for x, y in zip(plain, same))
+
+
 def test_rope_scaling_dataclass_and_bad_input():
     a = fused_attention.rotary_cos_sin(10, 8, scaling=fused_attention.RopeScaling("linear", factor=2.0))
     b = fused_attention.rotary_cos_sin(10, 8, scaling={"type": "linear", "factor": 2.0})

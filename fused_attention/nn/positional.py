@@ -107,7 +107,8 @@ class RotaryEmbedding(nn.Module):
 
     Args:
         dim: rotary dim (even); features beyond it pass through.
-        base: RoPE base (theta).
+        base: RoPE base (theta); default: the scaling's ``rope_theta`` (Hugging Face's ``rope_parameters``),
+            else 10000.
         interleaved: GPT-J pairing instead of GPT-NeoX/Llama's half split.
         scaling: RoPE scaling (see :func:`fused_attention.rotary_cos_sin`).
         max_seq_len: positions cached up front.
@@ -120,7 +121,7 @@ class RotaryEmbedding(nn.Module):
         self,
         dim: int,
         *,
-        base: float = 10000.0,
+        base: float | None = None,
         interleaved: bool = False,
         scaling: RopeScaling | dict | None = None,
         max_seq_len: int = 2048,
