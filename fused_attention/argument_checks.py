@@ -13,6 +13,8 @@ import operator
 import os
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor
+from torch._subclasses.fake_tensor import FakeTensor  # imported by torch itself
 
 from .errors import AttentionArgumentError, AttentionTypeError
 
@@ -22,8 +24,9 @@ _FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.f
 def content_checks_enabled(t: torch.Tensor) -> bool:
     """Checks of tensor values force a device sync, so off-CPU they run only when asked for. While
     torch.compile or torch.export traces, values are unknown (a check would be a data-dependent branch
-    that breaks the graph), so they run in eager mode only."""
-    if torch.compiler.is_compiling():
+    that breaks the graph), so they run in eager mode only; nor are they known to a fake tensor (fake
+    mode, shape propagation) or through torch.func's wrappers (vmap cannot read a batched value)."""
+    if torch.compiler.is_compiling() or isinstance(t, FakeTensor) or is_functorch_wrapped_tensor(t):
         return False
     return t.device.type == "cpu" or os.environ.get("FUSED_ATTENTION_CHECKS", "0") == "1"
 

@@ -76,6 +76,42 @@ def test_per_sample_gradients(backend):
             assert torch.equal(got[i], want)
 
 
+def test_vmap_over_per_sample_key_lengths(backend):
+    """Checks that read an argument's values stand aside where there are none to read: vmap over key lengths
+    raised (vmap cannot read a batched tensor's value)."""
+    require(backend, torch.float32)
+    q, k, v = rand(2, 2, 5, 8), rand(2, 2, 7, 8), rand(2, 2, 7, 8)
+    lengths = torch.tensor([[7, 3], [5, 2]])
+
+    def attend(key_lengths):
+        return fused_attention.scaled_dot_product_attention(q, k, v, key_lengths=key_lengths, backend=backend)
+
+    got = torch.func.vmap(attend)(lengths)
+    for i in range(2):
+        torch.testing.assert_close(got[i], attend(lengths[i]), rtol=1e-6, atol=1e-6)
+
+
+def test_shapes_propagate_through_fake_tensors():
+    """Shape propagation (FakeTensorMode) through the calls whose checks read values: key lengths, RoPE
+    offsets, cu_seqlens, cache lengths (each raised DataDependentOutputException)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.randn(1, 2, 5, 8)
+        assert fused_attention.apply_rotary_emb(x, torch.randn(16, 4), torch.randn(16, 4),
+                                                seqlen_offsets=torch.tensor([1])).shape == x.shape
+        packed = torch.randn(6, 2, 8)
+        assert fused_attention.varlen_attention(packed, packed, packed, cu, cu, 4, 4).shape == packed.shape
+        q, kv = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 7, 8)
+        out = fused_attention.scaled_dot_product_attention(q, kv, kv, key_lengths=torch.tensor([7, 3]))
+        assert out.shape == q.shape
+        cache = torch.randn(2, 9, 2, 8)
+        out = fused_attention.attention_with_kvcache(torch.randn(2, 1, 2, 8), cache, cache.clone(),
+                                                     cache_seqlens=torch.tensor([4, 9], dtype=torch.int32))
+        assert out.shape == (2, 1, 2, 8)
+
+
 def _functorch_reads_values() -> bool:
     """Whether this torch's functorch lets a transformed function read a tensor's values (``tolist``), which
     varlen_attention does for ``cu_seqlens``: torch 2.14's does, torch 2.6's raises "Cannot access data
