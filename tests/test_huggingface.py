@@ -249,6 +249,44 @@ def test_the_mask_sets_the_pattern_where_the_module_flags_disagree(name):
     torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-5)
 
 
+def _mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return _build(MistralConfig, MistralForCausalLM, **{**_DECODER, "sliding_window": 4})
+
+
+def test_static_cache_generate_with_masks_built_ahead():
+    """generate builds a compileable cache's masks ahead and hands them back to the model as its
+    attention_mask, which takes a tensor only: those are dense (a PatternMask there failed in the
+    model's own mask building). A sliding-window model without layer types, left-padded; against sdpa (eager's
+    float64 softmax gives NaN on the padding rows, and a padded sequence's tokens then differ)."""
+    model = _mistral().double()
+    ids = torch.randint(1, 101, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0
+    runs = []
+    for impl in (NAME, "sdpa"):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            runs.append(model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                                       cache_implementation="static"))
+    assert torch.equal(*runs)
+
+
+def test_compiled_fullgraph_with_padding():
+    """Under torch.compile(fullgraph=True) the mask function cannot branch on which padding the values
+    hold (torch.equal: a data-dependent graph break, an error with fullgraph): it hands the padding over."""
+    model = _mistral()
+    model.set_attn_implementation(NAME)
+    ids = torch.randint(1, 101, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        eager = model(input_ids=ids, attention_mask=mask).logits
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(compiled[mask.bool()], eager[mask.bool()], rtol=1e-5, atol=1e-5)
+
+
 def test_bidirectional_sliding_window_counts_the_query_itself():
     """A bidirectional module passes flash-attention's window + 1 (ModernBERT: its config's sliding_window
     + 1) and transformers' mask lets position p see |p - j| <= sliding_window: with no 4-D mask the

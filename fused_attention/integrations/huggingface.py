@@ -29,14 +29,15 @@ the pattern and only the part of the mask the attention cannot rebuild from it:
 - a 4-D tensor: a full mask (bool True = attend, or float added to the scores), used as it is and
   holding all the structure (no causal or window flag is added). This is what the mask function builds
   (with transformers' ``sdpa_mask``) for any other pattern (packed sequences, custom ``or``/``and`` mask
-  functions, chunked attention, a static cache whose queries are not at its end), and what a user's
-  own 4-D mask arrives as.
+  functions, chunked attention, a static cache whose queries are not at its end, masks ``generate``
+  builds ahead of the forward), and what a user's own 4-D mask arrives as.
 - ``None`` (a model that builds no mask): causality from ``module.is_causal`` (or the ``is_causal``
   keyword) and the window from the ``sliding_window`` keyword, as transformers' flash-attention does.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, NamedTuple
 
@@ -97,6 +98,24 @@ def _pattern(mask_function: Any) -> tuple[bool, tuple[int, int] | None]:
     return False, None
 
 
+def _built_ahead_for_generate() -> bool:
+    """Whether transformers' ``generate`` is building the masks ahead of the forward
+    (``create_masks_for_generate``, for compileable caches): it hands them to the model as its
+    ``attention_mask``, which reads anything but a tensor (a :class:`PatternMask`) as a 2-D padding mask
+    and fails; those are built dense (a 4-D mask passes through). Looked up on the calling frames, in
+    eager mode only (generate builds them so)."""
+    if torch.compiler.is_compiling():
+        return False
+    frame = sys._getframe(2)
+    for _ in range(10):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "create_masks_for_generate":
+            return True
+        frame = frame.f_back
+    return False
+
+
 def fused_attention_mask(
     batch_size: int,
     q_length: int,
@@ -117,11 +136,13 @@ def fused_attention_mask(
     standard, window = _pattern(mask_function)
     # The attention aligns causality and windows bottom-right: query i at key position i + kv_length - q_length.
     aligned = window is None or (isinstance(q_offset, int) and q_offset - kv_offset == kv_length - q_length)
-    if standard and aligned and not kwargs.get("use_vmap", False):
+    if standard and aligned and not kwargs.get("use_vmap", False) and not _built_ahead_for_generate():
         if attention_mask is None:
             return PatternMask(None, window)
         padding = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
         padding = padding[:, kv_offset : kv_offset + kv_length].to(torch.bool)
+        if torch.compiler.is_compiling():  # which kind of padding is in the values: no branch on them in a graph
+            return PatternMask(padding, window)
         lengths = padding.sum(-1)
         positions = torch.arange(kv_length, device=padding.device)
         if torch.equal(padding, positions < lengths[:, None]):  # right padding (or none)
