@@ -108,7 +108,8 @@ def check_softcap(softcap: object) -> float:
         return 0.0
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
         raise AttentionTypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
-    if not softcap > 0 or math.isinf(softcap):
+    # comparisons, not math.isinf: on a traced SymFloat they become guards, math.isinf cannot be traced
+    if not (softcap > 0 and softcap != math.inf):  # (> 0 also rules out NaN)
         raise AttentionArgumentError(f"softcap must be a finite float > 0, got {softcap}")
     return float(softcap)
 
@@ -164,7 +165,8 @@ def check_number(name: str, value: object, *, above: float) -> float:
     """A finite real number (not a bool) greater than ``above``: scalar parameters of tables and scalings."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise AttentionTypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or not value > above:
+    # comparisons, not math.isfinite (untraceable on a SymFloat); > above rules out NaN and -inf
+    if not (value > above and value != math.inf):
         raise AttentionArgumentError(f"{name} must be a finite number > {above:g}, got {value!r}")
     return float(value)
 

@@ -1,6 +1,7 @@
 """Python scalars that torch.compile traces symbolically pass the argument checks unspecialized, under
 fullgraph=True: ``max_seqlen`` (a new value must not recompile; a 0-d tensor computed inside the compiled
-region is an unbacked SymInt). Eager calls keep their errors.
+region is an unbacked SymInt), ``softcap`` and ``base`` (math.isinf / math.isfinite cannot be traced on a
+SymFloat). Eager calls keep their errors.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import fused_attention as fa
+from fused_attention.nn import PositionalEncoding
 
 H, D = 2, 8
 
@@ -58,6 +60,67 @@ def test_varlen_max_seqlen_from_a_tensor_inside_the_compiled_region():
     for lengths in ([4, 9, 2], [7, 1, 5]):
         args = _packed(lengths, gen)
         torch.testing.assert_close(compiled(*args), fn(*args), rtol=1e-5, atol=1e-6)
+
+
+def _sdpa(q, k, v, softcap):
+    return fa.scaled_dot_product_attention(q, k, v, softcap=softcap)
+
+
+def _varlen_softcap(q, k, v, softcap):
+    cu = torch.tensor([0, 2, q.shape[0]], dtype=torch.int32)
+    return fa.varlen_attention(q, k, v, cu, cu, q.shape[0] - 2, q.shape[0] - 2, softcap=softcap)
+
+
+def _kvcache_softcap(q, k, v, softcap):
+    return fa.attention_with_kvcache(q, k, v, softcap=softcap)
+
+
+@pytest.mark.parametrize(
+    "fn, shape",
+    [(_sdpa, (1, H, 5, D)), (_varlen_softcap, (7, H, D)), (_kvcache_softcap, (1, 5, H, D))],
+    ids=["sdpa", "varlen", "kvcache"],
+)
+def test_softcap_traced_symbolically(fn, shape):
+    """The second value recompiles with softcap a SymFloat, which the check must take."""
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(*shape, generator=gen) for _ in range(3))
+    for softcap in (30.0, 50.0, 7.5):
+        torch.testing.assert_close(compiled(q, k, v, softcap), fn(q, k, v, softcap), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda x: fa.add_sinusoidal_position_encoding(x),
+        lambda x: x + fa.sinusoidal_position_encoding(x.shape[1], x.shape[2]),
+        lambda x: torch.cat(fa.rotary_cos_sin(x.shape[1], x.shape[2]), dim=-1),
+        PositionalEncoding(16, batch_first=True),
+    ],
+    ids=["add_sinusoidal", "sinusoidal_table", "rotary_cos_sin", "PositionalEncoding"],
+)
+def test_default_base_traced_symbolically(fn):
+    """With dynamic=True the default ``base=10000.0`` is a SymFloat."""
+    compiled = torch.compile(fn, backend="aot_eager", dynamic=True, fullgraph=True)
+    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(compiled(x), fn(x), rtol=1e-5, atol=1e-6)
+
+
+def test_base_argument_traced_symbolically():
+    def fn(x, base):
+        return fa.add_sinusoidal_position_encoding(x, base=base)
+
+    compiled = torch.compile(fn, backend="aot_eager", dynamic=True, fullgraph=True)
+    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(4))
+    for base in (10000.0, 500.0, 2.5):
+        torch.testing.assert_close(compiled(x, base), fn(x, base), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("softcap", [float("inf"), float("-inf"), float("nan"), 0.0, -2.0])
+def test_eager_bad_softcap_keeps_its_error(softcap):
+    q = torch.randn(1, H, 3, D)
+    with pytest.raises(ValueError, match=r"softcap must be a finite float > 0, got"):
+        fa.scaled_dot_product_attention(q, q, q, softcap=softcap)
 
 
 @pytest.mark.parametrize("value", [-1, torch.tensor(-2)], ids=["int", "tensor"])
