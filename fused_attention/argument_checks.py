@@ -111,7 +111,8 @@ def check_softcap(softcap: object) -> float:
         return 0.0
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
         raise AttentionTypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
-    if not softcap > 0 or math.isinf(softcap):
+    # comparisons, not math.isinf: on a traced SymFloat they become guards, math.isinf cannot be traced
+    if not (softcap > 0 and softcap != math.inf):  # (> 0 also rules out NaN)
         raise AttentionArgumentError(f"softcap must be a finite float > 0, got {softcap}")
     return float(softcap)
 
@@ -167,7 +168,8 @@ def check_number(name: str, value: object, *, above: float) -> float:
     """A finite real number (not a bool) greater than ``above``: scalar parameters of tables and scalings."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise AttentionTypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or not value > above:
+    # comparisons, not math.isfinite (untraceable on a SymFloat); > above rules out NaN and -inf
+    if not (value > above and value != math.inf):
         raise AttentionArgumentError(f"{name} must be a finite number > {above:g}, got {value!r}")
     return float(value)
 
@@ -230,25 +232,40 @@ def check_cu_values(name: str, values: list[int], total: int) -> list[int]:
     return values
 
 
-def int_value(value: object) -> int | None:
+def int_value(value: object) -> int | torch.SymInt | None:
     """``value`` as an int if it is an integer scalar (Python's, NumPy's, a 0-d integer tensor; not a
-    bool), else None."""
+    bool), else None. An int comes back as it is: a traced one (a SymInt, which Dynamo shows as an int)
+    would be pinned to its value by operator.index, a recompile for every new value."""
+    if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
+        return value
     scalar_tensor = isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool
     if isinstance(value, bool) or (isinstance(value, torch.Tensor) and not scalar_tensor):
         return None
     try:
-        return operator.index(value)
+        return operator.index(value)  # (a 0-d tensor traced by torch.compile: an unbacked SymInt)
     except TypeError:
         return None
 
 
-def check_max_seqlen(name: str, value: object, longest: int | None) -> int:
-    """``longest``: the longest sequence from :func:`check_cu_seqlens` (None: not checked)."""
+def check_at_least(name: str, number: int | torch.SymInt, minimum: int, requirement: str, shown: object) -> None:
+    """Raises ``f"{name} must be {requirement}, got {shown!r}"`` unless ``number >= minimum``. While traced,
+    ``number`` may be a SymInt: it is asserted with torch._check_with, not branched on (a branch cannot read
+    an unbacked one, a 0-d tensor's value inside the compiled region): a guard, or a runtime assert where
+    unbacked. Its message cannot show the traced value."""
+    if torch.compiler.is_compiling() or isinstance(number, torch.SymInt):
+        torch._check_with(AttentionArgumentError, number >= minimum, lambda: f"{name} must be {requirement}")
+    elif number < minimum:
+        raise AttentionArgumentError(f"{name} must be {requirement}, got {shown!r}")
+
+
+def check_max_seqlen(name: str, value: object, longest: int | None) -> int | torch.SymInt:
+    """``longest``: the longest sequence from :func:`check_cu_seqlens` (None: not checked, as under
+    torch.compile, where a traced ``value`` stays symbolic)."""
     # Any integer scalar: code ported from flash_attn passes NumPy ints or 0-d tensors from `.max()`.
     number = int_value(value)
-    if number is None or number < 0:
+    if number is None:
         raise AttentionArgumentError(f"{name} must be a non-negative int, got {value!r}")
-    value = number
-    if longest is not None and longest > value:
-        raise AttentionArgumentError(f"{name}={value} is smaller than the longest sequence")
-    return value
+    check_at_least(name, number, 0, "a non-negative int", value)
+    if longest is not None and longest > number:
+        raise AttentionArgumentError(f"{name}={number} is smaller than the longest sequence")
+    return number

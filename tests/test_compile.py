@@ -113,9 +113,15 @@ def test_opcheck_attention(config, names):
     torch.library.opcheck(op, _args(op, _dense_values(*DENSE_CONFIGS[config])))
 
 
+# Whether the backward is asked for the mask / alibi gradients: when not, each such output is its own
+# empty tensor (outputs may not alias one another).
+EXTRA_GRADS = [pytest.param(True, id="extra_grads"), pytest.param(False, id="no_extra_grads")]
+
+
+@pytest.mark.parametrize("extra_grads", EXTRA_GRADS)
 @pytest.mark.parametrize("names", DENSE_OPS)
 @pytest.mark.parametrize("config", list(DENSE_CONFIGS), ids=str)
-def test_opcheck_attention_backward(config, names):
+def test_opcheck_attention_backward(config, names, extra_grads):
     op, backward = (getattr(ops, n) for n in names)
     values = _detached(_dense_values(*DENSE_CONFIGS[config]))
     with torch.no_grad():
@@ -124,8 +130,8 @@ def test_opcheck_attention_backward(config, names):
         "dout": torch.randn_like(out),
         "out": out,
         "lse": lse,
-        "need_mask_grad": values["mask"] is not None,
-        "need_alibi_grad": values["alibi"] is not None,
+        "need_mask_grad": extra_grads and values["mask"] is not None,
+        "need_alibi_grad": extra_grads and values["alibi"] is not None,
         "need_sinks_grad": False,
     }
     torch.library.opcheck(backward, _args(backward, values))
@@ -168,14 +174,21 @@ def test_opcheck_varlen(config, names):
     torch.library.opcheck(op, _args(op, _varlen_values(*VARLEN_CONFIGS[config])))
 
 
+@pytest.mark.parametrize("extra_grads", EXTRA_GRADS)
 @pytest.mark.parametrize("names", VARLEN_OPS)
 @pytest.mark.parametrize("config", list(VARLEN_CONFIGS), ids=str)
-def test_opcheck_varlen_backward(config, names):
+def test_opcheck_varlen_backward(config, names, extra_grads):
     op, backward = (getattr(ops, n) for n in names)
     values = _detached(_varlen_values(*VARLEN_CONFIGS[config]))
     with torch.no_grad():
         out, lse = op(*_args(op, values))
-    values |= {"dout": torch.randn_like(out), "out": out, "lse": lse, "need_alibi_grad": True, "need_sinks_grad": False}
+    values |= {
+        "dout": torch.randn_like(out),
+        "out": out,
+        "lse": lse,
+        "need_alibi_grad": extra_grads,
+        "need_sinks_grad": False,
+    }
     torch.library.opcheck(backward, _args(backward, values))
 
 

@@ -185,9 +185,13 @@ at::Tensor slope_gradient(const at::Tensor& buffer, const at::Tensor& alibi) {
   return (alibi.size(0) == 1 ? buffer.sum(0, true) : buffer).to(alibi.scalar_type());
 }
 
+// The stand-in for a gradient not asked for: a fresh empty tensor per output, since outputs of an op may
+// not alias each other (torch.library.opcheck, functionalization).
+at::Tensor no_gradient(const at::Tensor& like) { return like.new_empty({0}); }
+
 // (sequences, Hq) per-sequence sink gradients -> the sinks' (Hq,) and dtype; empty when not asked for.
 at::Tensor sink_gradient(const at::Tensor& buffer, const c10::optional<at::Tensor>& sinks, const at::Tensor& like) {
-  return buffer.defined() ? buffer.sum(0).to(sinks->scalar_type()) : like.new_empty({0});
+  return buffer.defined() ? buffer.sum(0).to(sinks->scalar_type()) : no_gradient(like);
 }
 
 // A slope or sink gradient's (sequences, Hq) accumulator, in double (see ExtraGradients); undefined when
@@ -233,9 +237,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         Operand<scalar_t>::dense(dv),
         extra_gradients<acc_t>(mask_grad ? &*mask_grad : nullptr, alibi_buffer, sinks_buffer));
   });
-  const at::Tensor none = q.new_empty({0});
-  return {dq, dk, dv, mask_grad ? mask_grad->result(*mask) : none,
-          need_alibi_grad ? slope_gradient(alibi_buffer, *alibi) : none, sink_gradient(sinks_buffer, sinks, q)};
+  return {dq, dk, dv, mask_grad ? mask_grad->result(*mask) : no_gradient(q),
+          need_alibi_grad ? slope_gradient(alibi_buffer, *alibi) : no_gradient(q),
+          sink_gradient(sinks_buffer, sinks, q)};
 }
 
 // The backward of one block of a larger softmax (ring attention): each row's lse and
@@ -330,7 +334,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_at
         Operand<scalar_t>::packed(dout), Operand<scalar_t>::packed(dq), Operand<scalar_t>::packed(dk),
         Operand<scalar_t>::packed(dv), extra_gradients<acc_t>(nullptr, alibi_buffer, sinks_buffer));
   });
-  return {dq, dk, dv, need_alibi_grad ? slope_gradient(alibi_buffer, *alibi) : q.new_empty({0}),
+  return {dq, dk, dv, need_alibi_grad ? slope_gradient(alibi_buffer, *alibi) : no_gradient(q),
           sink_gradient(sinks_buffer, sinks, q)};
 }
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..argument_checks import int_value
+from ..argument_checks import check_at_least, int_value
 from ..errors import AttentionArgumentError, AttentionTypeError
 from .attention import attention_with_kvcache
 from .validate import LAYOUTS
@@ -18,8 +18,8 @@ def _count(name: str, value: Any, minimum: int) -> int:
     number = int_value(value)
     if number is None:
         raise AttentionTypeError(f"{name} must be an int, got {value!r:.60}")
-    if number < minimum:
-        raise AttentionArgumentError(f"{name} must be >= {minimum}, got {number}")
+    number = int(number)  # page bookkeeping is host-side lists and sets: a traced SymInt specializes here
+    check_at_least(name, number, minimum, f">= {minimum}", number)
     return number
 
 
