@@ -124,6 +124,37 @@ def test_rope_non_contiguous_input(pbackend):
     assert torch.equal(base, base.clone())  # untouched: out-of-place
 
 
+def _layouts():
+    """``(layout, x)``: contiguous and permuted, strided and broadcast inputs of both 4-D layouts."""
+    yield "bhsd", rand(2, 4, 6, 8)
+    yield "bshd", rand(2, 6, 4, 8)
+    yield "bhsd", rand(2, 6, 4, 8).transpose(1, 2)
+    yield "bshd", rand(2, 4, 6, 8).transpose(1, 2)
+    yield "bhsd", rand(2, 4, 6, 16)[..., ::2]
+    yield "bhsd", rand(6, 2, 4, 8).permute(1, 2, 0, 3)
+    yield "bhsd", rand(2, 4, 8, 6).transpose(-1, -2)
+    yield "bhsd", rand(2, 1, 6, 8).expand(2, 4, 6, 8)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_output_is_laid_out_like_x(pbackend, interleaved):
+    """Every backend allocates its output as empty_like of the canonical (B, S, H, D) view of x, so a
+    contiguous x gives a contiguous output (the torch backend's concatenation along D gave a transposed
+    view for "bhsd" x, which .view() refused)."""
+    cos, sin = table(16, 6)
+    for layout, x in _layouts():
+        canonical = (lambda t: t.transpose(1, 2)) if layout == "bhsd" else (lambda t: t)
+        expected = canonical(torch.empty_like(canonical(x))).stride()
+        out = fused_attention.apply_rotary_emb(x, cos, sin, layout=layout, interleaved=interleaved, backend=pbackend)
+        assert out.stride() == expected, (layout, x.stride())
+        q_out, k_out = fused_attention.apply_rotary_emb_qk(
+            x, x, cos, sin, layout=layout, interleaved=interleaved, backend=pbackend
+        )
+        assert q_out.stride() == k_out.stride() == expected, (layout, x.stride())
+    x = rand(2, 4, 6, 8)
+    fused_attention.apply_rotary_emb(x, cos, sin, backend=pbackend).view(2, 4, 48)
+
+
 def test_rope_packed_varlen(pbackend):
     torch.manual_seed(4)
     cos, sin = table(40, 16)
