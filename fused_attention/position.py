@@ -228,7 +228,8 @@ def _packed_steps(
 
 
 class _RotaryInPlace(torch.autograd.Function):
-    """In-place rotation with autograd: the backward rotates the gradient by -theta."""
+    """In-place rotation with autograd: the backward rotates the gradient by -theta. The tables get no
+    gradient: tables that need one take the torch backend's in-place rotation, which autograd records."""
 
     @staticmethod
     def forward(ctx, x, layout, packed, cos, sin, positions, interleaved, backend):
@@ -291,7 +292,8 @@ def _rotate(
     cos_t, sin_t = _canonical_tables(cos, sin, first)
     positions = _positions(first, cos_t.shape[0], seqlen_offsets, position_ids, cu_seqlens, max_seqlen)
     chosen: PositionBackend = select_position_backend(first, backend)
-    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad) and chosen.name != "torch":
+    tables_need_grad = torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
+    if tables_need_grad and chosen.name != "torch":
         # the cpu and triton kernels give the tables no gradient: differentiable tables (learned or
         # derived frequencies) take the torch backend's autograd math, as every backend's would
         if backend is not None:
@@ -303,9 +305,9 @@ def _rotate(
     if inplace:
         _check_writable(tensors)
         for (_, t), c in zip(tensors, canon):
-            if torch.is_grad_enabled() and t.requires_grad:
+            if torch.is_grad_enabled() and t.requires_grad and not tables_need_grad:
                 _RotaryInPlace.apply(t, layout, packed, cos_t, sin_t, positions, interleaved, chosen)
-            else:
+            else:  # (with tables that need gradients: the torch backend's, recorded by autograd)
                 chosen.rotary_(c, cos_t, sin_t, positions, interleaved, False)
         return [t for _, t in tensors]
     if len(canon) == 2:

@@ -250,6 +250,34 @@ def test_rope_tables_that_require_grad_get_their_gradient_or_a_clear_error(pback
         fused_attention.apply_rotary_emb(x, cos, sin, backend=pbackend)
 
 
+@pytest.mark.parametrize("x_requires_grad", [False, True])
+@pytest.mark.parametrize("qk", [False, True])
+def test_rope_inplace_gives_tables_the_gradient_out_of_place_gives(x_requires_grad, qk):
+    """inplace=True with tables that require grad: the tables' gradient was dropped (x requiring grad)
+    or the backward raised "modified by an inplace operation" (x not requiring grad)."""
+    cos0, sin0 = table(9, 6)
+    x0, k0, upstream = rand(2, 3, 7, 8, dtype=torch.float64), rand(2, 1, 7, 8, dtype=torch.float64), None
+    for backend in (None, "torch"):
+        results = []
+        for inplace in (False, True):
+            cos, sin = (t.double().requires_grad_() for t in (cos0, sin0))
+            leaves = [t.clone().requires_grad_(x_requires_grad) for t in ((x0, k0) if qk else (x0,))]
+            inputs = [t * 1.0 for t in leaves]  # in place needs a non-leaf when it requires grad
+            kwargs = {"interleaved": True, "seqlen_offsets": 2, "inplace": inplace, "backend": backend}
+            if qk:
+                outs = fused_attention.apply_rotary_emb_qk(*inputs, cos, sin, **kwargs)
+            else:
+                outs = (fused_attention.apply_rotary_emb(*inputs, cos, sin, **kwargs),)
+            if upstream is None:
+                upstream = [torch.randn_like(o) for o in outs]
+            wrt = (cos, sin, *leaves) if x_requires_grad else (cos, sin)
+            grads = torch.autograd.grad(outs, wrt, upstream)
+            results.append(([o.detach() for o in outs], grads))
+        (outs, grads), (outs_inplace, grads_inplace) = results
+        assert all(torch.equal(a, b) for a, b in zip(outs, outs_inplace))
+        assert all(torch.equal(a, b) for a, b in zip(grads, grads_inplace)), backend
+
+
 def test_rope_gradient_is_inverse_rotation(pbackend):
     torch.manual_seed(7)
     cos, sin = table(16, 8)

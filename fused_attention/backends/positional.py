@@ -69,7 +69,11 @@ class TorchPositions(PositionBackend):
             return position_torch.rotary(x, cos, sin, positions, interleaved, conjugate)
 
     def rotary_(self, x, cos, sin, positions, interleaved, conjugate):
-        x.copy_(self.rotary(x, cos, sin, positions, interleaved, conjugate))
+        # Under autograd the rotation keeps views of its input for the tables' gradient: it reads a copy,
+        # which the write into x leaves intact (it read x itself, and the backward found x overwritten).
+        recorded = torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)
+        source = x.clone() if recorded else x
+        x.copy_(self.rotary(source, cos, sin, positions, interleaved, conjugate))
 
     def rotary_qk(self, q, k, cos, sin, positions, interleaved, conjugate):
         return (
