@@ -22,6 +22,7 @@ from .argument_checks import (
 from .backends.positional import POSITION_BACKENDS, PositionBackend, select_position_backend
 from .errors import AttentionArgumentError, AttentionTypeError
 from .kernels.position_torch import sinusoidal_table
+from .overlap import share_elements
 from .rope_scaling import RopeScaling, rotary_cos_sin
 
 __all__ = [
@@ -257,7 +258,7 @@ def _from_canonical(out4: torch.Tensor, layout: str, packed: bool) -> torch.Tens
 def _check_writable(tensors: list[tuple[str, torch.Tensor]]) -> None:
     """An in-place rotation writes each element once: not through expanded or self-overlapping strides
     (the triton kernel rotated such rows several times; the cpu and torch backends raised their own
-    errors), and not to one tensor passed as both q and k (rotated twice on every backend)."""
+    errors), and not through q and k views that share elements (rotated twice on every backend)."""
     if torch.compiler.is_compiling():
         return
     for name, t in tensors:
@@ -266,10 +267,12 @@ def _check_writable(tensors: list[tuple[str, torch.Tensor]]) -> None:
                 f"{name}: inplace=True cannot write a tensor whose elements share memory (expanded or "
                 f"overlapping strides {t.stride()}); clone() it first"
             )
-    if len(tensors) == 2:
-        (_, a), (_, b) = tensors
-        if a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.numel() > 0:
-            raise AttentionArgumentError("q and k are the same memory: inplace=True would rotate it twice")
+    if len(tensors) == 2 and share_elements(tensors[0][1], tensors[1][1]):
+        # (exactly: views of one fused QKV tensor that interleave without sharing an element are fine)
+        raise AttentionArgumentError(
+            "q and k are the same memory, in whole or in part: inplace=True would rotate the elements they "
+            "share twice; pass views that do not overlap, or clone() one of them"
+        )
 
 
 def _rotate(

@@ -231,6 +231,27 @@ def test_rope_inplace_refuses_memory_it_would_write_twice(pbackend):
     torch.testing.assert_close(k_view, expected[1])
 
 
+def test_rope_inplace_refuses_q_and_k_that_partly_overlap(pbackend):
+    """Views sharing some elements (heads 0-1 and 1-2 of one buffer) rotated head 1 twice without a word;
+    views of one tensor that share no element, interleaved or not, are rotated once each."""
+    cos, sin = table(8, 4)
+    buf = rand(1, 3, 5, 8)
+    before = buf.clone()
+    for q, k, layout in ((buf[:, :2], buf[:, 1:], "bhsd"), (buf[:, 1:], buf[:, 2:], "bhsd"),
+                         (buf.transpose(1, 2)[:, :, :2], buf.transpose(1, 2)[:, :, 1:], "bshd")):
+        with pytest.raises(ValueError, match="same memory, in whole or in part"):
+            fused_attention.apply_rotary_emb_qk(q, k, cos, sin, layout=layout, inplace=True, backend=pbackend)
+        assert torch.equal(buf, before)
+    heads = rand(1, 5, 3, 2, 8)  # (B, S, H, 2, D): q and k heads interleaved
+    fused = rand(1, 5, 3, 8).transpose(1, 2)  # two (B, H, S, D) views that split the heads
+    for q, k, layout in ((heads[..., 0, :], heads[..., 1, :], "bshd"), (fused[:, :1], fused[:, 1:], "bhsd"),
+                         (fused[..., :4], fused[..., 4:], "bhsd")):
+        expected = [fused_attention.apply_rotary_emb(t, cos, sin, layout=layout, backend=pbackend) for t in (q, k)]
+        fused_attention.apply_rotary_emb_qk(q, k, cos, sin, layout=layout, inplace=True, backend=pbackend)
+        torch.testing.assert_close(q, expected[0])
+        torch.testing.assert_close(k, expected[1])
+
+
 def test_rope_tables_that_require_grad_get_their_gradient_or_a_clear_error(pbackend):
     """Learned or derived frequencies: automatic dispatch gives cos/sin the torch backend's gradient (the
     cpu and triton kernels dropped it silently); a forced kernel backend that cannot raises."""
