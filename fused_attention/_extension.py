@@ -79,28 +79,17 @@ def _import_failure(exc: BaseException) -> str:
 
 
 def _register_python_rules() -> None:
-    _register_sinusoidal_rules()
-    _register_rotary_rules()
+    _register_position_rules()
     _register_attention_rules()
 
 
-def _register_sinusoidal_rules() -> None:
-    name = "fused_attention::add_sinusoidal_position_encoding"
+def _register_position_rules() -> None:
+    from .ops.position_rules import register_position_autograd
 
-    @torch.library.register_fake(name)
+    # The kernels allocate with empty_like(x): x's stride order when x is dense.
+    @torch.library.register_fake("fused_attention::add_sinusoidal_position_encoding")
     def _(x: torch.Tensor, offsets: torch.Tensor | None, offset: int, base: float) -> torch.Tensor:
-        # The kernels allocate with empty_like(x): x's stride order when x is dense.
         return torch.empty_like(x)
-
-    # out = x + PE(positions): the gradient passes through unchanged.
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None, None, None
-
-    torch.library.register_autograd(name, backward)
-
-
-def _register_rotary_rules() -> None:
-    ops = torch.ops.fused_attention
 
     @torch.library.register_fake("fused_attention::rotary")
     def _(x, cos, sin, positions, interleaved: bool, conjugate: bool) -> torch.Tensor:
@@ -114,39 +103,9 @@ def _register_rotary_rules() -> None:
     def _(q, k, cos, sin, positions, interleaved: bool, conjugate: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.empty_like(q), torch.empty_like(k)
 
-    # A rotation is orthogonal: its backward is the rotation by -theta, i.e. the same op with the conjugate
-    # flag flipped. cos, sin and positions get no gradient. (The in-place rotary_ gets its autograd in
-    # Python, from an autograd.Function around it.)
-    def setup_context(ctx, inputs, output):
-        *_, cos, sin, positions, interleaved, conjugate = inputs
-        ctx.save_for_backward(cos, sin, positions)
-        ctx.interleaved, ctx.conjugate = interleaved, conjugate
-
-    def rotary_backward(ctx, grad: torch.Tensor):
-        cos, sin, positions = ctx.saved_tensors
-        grad_x = ops.rotary(grad, cos, sin, positions, ctx.interleaved, not ctx.conjugate)
-        return grad_x, None, None, None, None, None
-
-    def rotary_qk_backward(ctx, grad_q: torch.Tensor | None, grad_k: torch.Tensor | None):
-        cos, sin, positions = ctx.saved_tensors
-        # Autograd materializes a missing gradient as zeros; this covers callers that turned that off.
-        grad_q, grad_k = (
-            torch.zeros(shape, dtype=dtype, device=device) if grad is None else grad
-            for grad, (shape, dtype, device) in zip((grad_q, grad_k), ctx.output_specs)
-        )
-        grad_q, grad_k = ops.rotary_qk(
-            grad_q, grad_k, cos, sin, positions, ctx.interleaved, not ctx.conjugate
-        )
-        return grad_q, grad_k, None, None, None, None, None
-
-    def rotary_qk_setup_context(ctx, inputs, output):
-        setup_context(ctx, inputs, output)
-        # Shape, dtype and device only, for a missing gradient: the outputs themselves are not kept alive.
-        ctx.output_specs = [(t.shape, t.dtype, t.device) for t in output]
-
-    torch.library.register_autograd("fused_attention::rotary", rotary_backward, setup_context=setup_context)
-    torch.library.register_autograd(
-        "fused_attention::rotary_qk", rotary_qk_backward, setup_context=rotary_qk_setup_context
+    # (The in-place rotary_ gets its autograd in Python, from an autograd.Function around it.)
+    register_position_autograd(
+        "fused_attention::rotary", "fused_attention::rotary_qk", "fused_attention::add_sinusoidal_position_encoding"
     )
 
 

@@ -22,6 +22,7 @@ from .argument_checks import (
 from .backends.positional import POSITION_BACKENDS, PositionBackend, select_position_backend
 from .errors import AttentionArgumentError, AttentionTypeError
 from .kernels.position_torch import sinusoidal_table
+from .overlap import share_elements
 from .rope_scaling import RopeScaling, rotary_cos_sin
 
 __all__ = [
@@ -228,7 +229,8 @@ def _packed_steps(
 
 
 class _RotaryInPlace(torch.autograd.Function):
-    """In-place rotation with autograd: the backward rotates the gradient by -theta."""
+    """In-place rotation with autograd: the backward rotates the gradient by -theta. The tables get no
+    gradient: tables that need one take the torch backend's in-place rotation, which autograd records."""
 
     @staticmethod
     def forward(ctx, x, layout, packed, cos, sin, positions, interleaved, backend):
@@ -256,7 +258,7 @@ def _from_canonical(out4: torch.Tensor, layout: str, packed: bool) -> torch.Tens
 def _check_writable(tensors: list[tuple[str, torch.Tensor]]) -> None:
     """An in-place rotation writes each element once: not through expanded or self-overlapping strides
     (the triton kernel rotated such rows several times; the cpu and torch backends raised their own
-    errors), and not to one tensor passed as both q and k (rotated twice on every backend)."""
+    errors), and not through q and k views that share elements (rotated twice on every backend)."""
     if torch.compiler.is_compiling():
         return
     for name, t in tensors:
@@ -265,10 +267,12 @@ def _check_writable(tensors: list[tuple[str, torch.Tensor]]) -> None:
                 f"{name}: inplace=True cannot write a tensor whose elements share memory (expanded or "
                 f"overlapping strides {t.stride()}); clone() it first"
             )
-    if len(tensors) == 2:
-        (_, a), (_, b) = tensors
-        if a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.numel() > 0:
-            raise AttentionArgumentError("q and k are the same memory: inplace=True would rotate it twice")
+    if len(tensors) == 2 and share_elements(tensors[0][1], tensors[1][1]):
+        # (exactly: views of one fused QKV tensor that interleave without sharing an element are fine)
+        raise AttentionArgumentError(
+            "q and k are the same memory, in whole or in part: inplace=True would rotate the elements they "
+            "share twice; pass views that do not overlap, or clone() one of them"
+        )
 
 
 def _rotate(
@@ -291,7 +295,8 @@ def _rotate(
     cos_t, sin_t = _canonical_tables(cos, sin, first)
     positions = _positions(first, cos_t.shape[0], seqlen_offsets, position_ids, cu_seqlens, max_seqlen)
     chosen: PositionBackend = select_position_backend(first, backend)
-    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad) and chosen.name != "torch":
+    tables_need_grad = torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
+    if tables_need_grad and chosen.name != "torch":
         # the cpu and triton kernels give the tables no gradient: differentiable tables (learned or
         # derived frequencies) take the torch backend's autograd math, as every backend's would
         if backend is not None:
@@ -303,9 +308,9 @@ def _rotate(
     if inplace:
         _check_writable(tensors)
         for (_, t), c in zip(tensors, canon):
-            if torch.is_grad_enabled() and t.requires_grad:
+            if torch.is_grad_enabled() and t.requires_grad and not tables_need_grad:
                 _RotaryInPlace.apply(t, layout, packed, cos_t, sin_t, positions, interleaved, chosen)
-            else:
+            else:  # (with tables that need gradients: the torch backend's, recorded by autograd)
                 chosen.rotary_(c, cos_t, sin_t, positions, interleaved, False)
         return [t for _, t in tensors]
     if len(canon) == 2:

@@ -124,6 +124,37 @@ def test_rope_non_contiguous_input(pbackend):
     assert torch.equal(base, base.clone())  # untouched: out-of-place
 
 
+def _layouts():
+    """``(layout, x)``: contiguous and permuted, strided and broadcast inputs of both 4-D layouts."""
+    yield "bhsd", rand(2, 4, 6, 8)
+    yield "bshd", rand(2, 6, 4, 8)
+    yield "bhsd", rand(2, 6, 4, 8).transpose(1, 2)
+    yield "bshd", rand(2, 4, 6, 8).transpose(1, 2)
+    yield "bhsd", rand(2, 4, 6, 16)[..., ::2]
+    yield "bhsd", rand(6, 2, 4, 8).permute(1, 2, 0, 3)
+    yield "bhsd", rand(2, 4, 8, 6).transpose(-1, -2)
+    yield "bhsd", rand(2, 1, 6, 8).expand(2, 4, 6, 8)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_output_is_laid_out_like_x(pbackend, interleaved):
+    """Every backend allocates its output as empty_like of the canonical (B, S, H, D) view of x, so a
+    contiguous x gives a contiguous output (the torch backend's concatenation along D gave a transposed
+    view for "bhsd" x, which .view() refused)."""
+    cos, sin = table(16, 6)
+    for layout, x in _layouts():
+        canonical = (lambda t: t.transpose(1, 2)) if layout == "bhsd" else (lambda t: t)
+        expected = canonical(torch.empty_like(canonical(x))).stride()
+        out = fused_attention.apply_rotary_emb(x, cos, sin, layout=layout, interleaved=interleaved, backend=pbackend)
+        assert out.stride() == expected, (layout, x.stride())
+        q_out, k_out = fused_attention.apply_rotary_emb_qk(
+            x, x, cos, sin, layout=layout, interleaved=interleaved, backend=pbackend
+        )
+        assert q_out.stride() == k_out.stride() == expected, (layout, x.stride())
+    x = rand(2, 4, 6, 8)
+    fused_attention.apply_rotary_emb(x, cos, sin, backend=pbackend).view(2, 4, 48)
+
+
 def test_rope_packed_varlen(pbackend):
     torch.manual_seed(4)
     cos, sin = table(40, 16)
@@ -200,6 +231,27 @@ def test_rope_inplace_refuses_memory_it_would_write_twice(pbackend):
     torch.testing.assert_close(k_view, expected[1])
 
 
+def test_rope_inplace_refuses_q_and_k_that_partly_overlap(pbackend):
+    """Views sharing some elements (heads 0-1 and 1-2 of one buffer) rotated head 1 twice without a word;
+    views of one tensor that share no element, interleaved or not, are rotated once each."""
+    cos, sin = table(8, 4)
+    buf = rand(1, 3, 5, 8)
+    before = buf.clone()
+    for q, k, layout in ((buf[:, :2], buf[:, 1:], "bhsd"), (buf[:, 1:], buf[:, 2:], "bhsd"),
+                         (buf.transpose(1, 2)[:, :, :2], buf.transpose(1, 2)[:, :, 1:], "bshd")):
+        with pytest.raises(ValueError, match="same memory, in whole or in part"):
+            fused_attention.apply_rotary_emb_qk(q, k, cos, sin, layout=layout, inplace=True, backend=pbackend)
+        assert torch.equal(buf, before)
+    heads = rand(1, 5, 3, 2, 8)  # (B, S, H, 2, D): q and k heads interleaved
+    fused = rand(1, 5, 3, 8).transpose(1, 2)  # two (B, H, S, D) views that split the heads
+    for q, k, layout in ((heads[..., 0, :], heads[..., 1, :], "bshd"), (fused[:, :1], fused[:, 1:], "bhsd"),
+                         (fused[..., :4], fused[..., 4:], "bhsd")):
+        expected = [fused_attention.apply_rotary_emb(t, cos, sin, layout=layout, backend=pbackend) for t in (q, k)]
+        fused_attention.apply_rotary_emb_qk(q, k, cos, sin, layout=layout, inplace=True, backend=pbackend)
+        torch.testing.assert_close(q, expected[0])
+        torch.testing.assert_close(k, expected[1])
+
+
 def test_rope_tables_that_require_grad_get_their_gradient_or_a_clear_error(pbackend):
     """Learned or derived frequencies: automatic dispatch gives cos/sin the torch backend's gradient (the
     cpu and triton kernels dropped it silently); a forced kernel backend that cannot raises."""
@@ -217,6 +269,34 @@ def test_rope_tables_that_require_grad_get_their_gradient_or_a_clear_error(pback
             fused_attention.apply_rotary_emb(x, cos, sin, backend=pbackend)
     with torch.no_grad():  # no gradient asked for: any backend serves
         fused_attention.apply_rotary_emb(x, cos, sin, backend=pbackend)
+
+
+@pytest.mark.parametrize("x_requires_grad", [False, True])
+@pytest.mark.parametrize("qk", [False, True])
+def test_rope_inplace_gives_tables_the_gradient_out_of_place_gives(x_requires_grad, qk):
+    """inplace=True with tables that require grad: the tables' gradient was dropped (x requiring grad)
+    or the backward raised "modified by an inplace operation" (x not requiring grad)."""
+    cos0, sin0 = table(9, 6)
+    x0, k0, upstream = rand(2, 3, 7, 8, dtype=torch.float64), rand(2, 1, 7, 8, dtype=torch.float64), None
+    for backend in (None, "torch"):
+        results = []
+        for inplace in (False, True):
+            cos, sin = (t.double().requires_grad_() for t in (cos0, sin0))
+            leaves = [t.clone().requires_grad_(x_requires_grad) for t in ((x0, k0) if qk else (x0,))]
+            inputs = [t * 1.0 for t in leaves]  # in place needs a non-leaf when it requires grad
+            kwargs = {"interleaved": True, "seqlen_offsets": 2, "inplace": inplace, "backend": backend}
+            if qk:
+                outs = fused_attention.apply_rotary_emb_qk(*inputs, cos, sin, **kwargs)
+            else:
+                outs = (fused_attention.apply_rotary_emb(*inputs, cos, sin, **kwargs),)
+            if upstream is None:
+                upstream = [torch.randn_like(o) for o in outs]
+            wrt = (cos, sin, *leaves) if x_requires_grad else (cos, sin)
+            grads = torch.autograd.grad(outs, wrt, upstream)
+            results.append(([o.detach() for o in outs], grads))
+        (outs, grads), (outs_inplace, grads_inplace) = results
+        assert all(torch.equal(a, b) for a, b in zip(outs, outs_inplace))
+        assert all(torch.equal(a, b) for a, b in zip(grads, grads_inplace)), backend
 
 
 def test_rope_gradient_is_inverse_rotation(pbackend):

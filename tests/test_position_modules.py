@@ -55,6 +55,22 @@ def test_positional_encoding_uses_an_edited_table():
     assert torch.equal(fresh(x), x + fresh.pe[:20])
 
 
+def test_positional_encoding_sees_a_table_assigned_through_data():
+    """``pe.data = edited`` keeps the tensor and its version counter: the module kept adding the formula.
+    (An in-place edit through ``pe.data`` is not seen; the docstring says so and how to edit instead.)"""
+    x = rand(20, 2, 16)
+    module = PositionalEncoding(16, max_len=50)
+    assert module.uses_formula()
+    module.pe.data = module.pe.data * 2.0
+    assert not module.uses_formula()
+    assert torch.equal(module(x), x + module.pe[:20])
+    module.pe.data = PositionalEncoding(16, max_len=50).pe  # the formula's table again: the kernel again
+    assert module.uses_formula()
+    with torch.no_grad():
+        module.pe.mul_(2.0)
+    assert not module.uses_formula()
+
+
 def test_positional_encoding_batch_first_dropout_and_max_len():
     module = PositionalEncoding(8, max_len=10, batch_first=True)
     x = rand(2, 7, 8)

@@ -6,10 +6,13 @@ with tables ``(T, R/2)`` and positions ``(B, S)``, and the sinusoidal add on x `
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _extension
 from ..kernels import position_torch
+from ..ops.position_rules import PositionOps
 from .base import ForgetsDecisions
 from .dispatch import automatic_dispatch, choose
 
@@ -69,7 +72,11 @@ class TorchPositions(PositionBackend):
             return position_torch.rotary(x, cos, sin, positions, interleaved, conjugate)
 
     def rotary_(self, x, cos, sin, positions, interleaved, conjugate):
-        x.copy_(self.rotary(x, cos, sin, positions, interleaved, conjugate))
+        # Under autograd the rotation keeps views of its input for the tables' gradient: it reads a copy,
+        # which the write into x leaves intact (it read x itself, and the backward found x overwritten).
+        recorded = torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)
+        source = x.clone() if recorded else x
+        x.copy_(self.rotary(source, cos, sin, positions, interleaved, conjugate))
 
     def rotary_qk(self, q, k, cos, sin, positions, interleaved, conjugate):
         return (
@@ -100,16 +107,16 @@ class ExtensionPositions(PositionBackend):
         return None
 
     def rotary(self, x, cos, sin, positions, interleaved, conjugate):
-        return torch.ops.fused_attention.rotary(x, cos, sin, positions, interleaved, conjugate)
+        return _extension_ops().rotary(x, cos, sin, positions, interleaved, conjugate)
 
     def rotary_(self, x, cos, sin, positions, interleaved, conjugate):
         torch.ops.fused_attention.rotary_(x, cos, sin, positions, interleaved, conjugate)
 
     def rotary_qk(self, q, k, cos, sin, positions, interleaved, conjugate):
-        return torch.ops.fused_attention.rotary_qk(q, k, cos, sin, positions, interleaved, conjugate)
+        return _extension_ops().rotary_qk(q, k, cos, sin, positions, interleaved, conjugate)
 
     def add_sinusoidal(self, x, offsets, offset, base):
-        return torch.ops.fused_attention.add_sinusoidal_position_encoding(x, offsets, offset, base)
+        return _extension_ops().add_sinusoidal(x, offsets, offset, base)
 
 
 class TritonPositions(PositionBackend):
@@ -122,23 +129,49 @@ class TritonPositions(PositionBackend):
 
         return triton_unavailable_reason(device)
 
-    @staticmethod
-    def _ops():
-        from ..ops import triton_positional  # noqa: F401  (registers the triton_* ops on first use)
-
-        return torch.ops.fused_attention
-
     def rotary(self, x, cos, sin, positions, interleaved, conjugate):
-        return self._ops().triton_rotary(x, cos, sin, positions, interleaved, conjugate)
+        return _triton_ops().rotary(x, cos, sin, positions, interleaved, conjugate)
 
     def rotary_(self, x, cos, sin, positions, interleaved, conjugate):
-        self._ops().triton_rotary_(x, cos, sin, positions, interleaved, conjugate)
+        _triton_ops()  # (registers the triton_* ops on first use)
+        torch.ops.fused_attention.triton_rotary_(x, cos, sin, positions, interleaved, conjugate)
 
     def rotary_qk(self, q, k, cos, sin, positions, interleaved, conjugate):
-        return self._ops().triton_rotary_qk(q, k, cos, sin, positions, interleaved, conjugate)
+        return _triton_ops().rotary_qk(q, k, cos, sin, positions, interleaved, conjugate)
 
     def add_sinusoidal(self, x, offsets, offset, base):
-        return self._ops().triton_add_sinusoidal(x, offsets, offset, base)
+        return _triton_ops().add_sinusoidal(x, offsets, offset, base)
+
+
+_EXTENSION_OPS = (
+    "fused_attention::rotary", "fused_attention::rotary_qk", "fused_attention::add_sinusoidal_position_encoding"
+)
+_TRITON_OPS = (
+    "fused_attention::triton_rotary", "fused_attention::triton_rotary_qk", "fused_attention::triton_add_sinusoidal"
+)
+
+
+def _ops(names: tuple[str, str, str]) -> PositionOps:
+    """Eager calls go through EagerOp (functorch's transforms refuse torch.library's own autograd); while
+    torch.compile traces, the registered ops are what it records."""
+    if torch.compiler.is_compiling():
+        return PositionOps.registered(*names)
+    return _eager_ops(names)
+
+
+@functools.cache  # (module-level: an attribute set on a backend clears its decisions)
+def _eager_ops(names: tuple[str, str, str]) -> PositionOps:
+    return PositionOps.eager(*names)
+
+
+def _extension_ops() -> PositionOps:
+    return _ops(_EXTENSION_OPS)
+
+
+def _triton_ops() -> PositionOps:
+    from ..ops import triton_positional  # noqa: F401  (registers the triton_* ops on first use)
+
+    return _ops(_TRITON_OPS)
 
 
 POSITION_BACKENDS: dict[str, PositionBackend] = {

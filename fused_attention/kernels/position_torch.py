@@ -26,13 +26,17 @@ def rotary(
     if conjugate:
         s = -s
     rotated = x[..., : 2 * half].to(cd)
-    if interleaved:
-        a, b = rotated[..., 0::2], rotated[..., 1::2]
-        out = torch.stack((a * c - b * s, b * c + a * s), dim=-1).flatten(-2)
-    else:
-        a, b = rotated[..., :half], rotated[..., half:]
-        out = torch.cat((a * c - b * s, b * c + a * s), dim=-1)
-    return torch.cat((out.to(x.dtype), x[..., 2 * half :]), dim=-1)
+    a, b = (rotated[..., 0::2], rotated[..., 1::2]) if interleaved else (rotated[..., :half], rotated[..., half:])
+    # Written into empty_like(x), as the kernels do: the result has x's strides (a concatenation along D
+    # of the canonical view came out in the canonical layout, a transposed view for "bhsd" x).
+    # (each view is taken after the previous write: autograd tracks a view's base from its creation)
+    out = torch.empty_like(x)
+    firsts, seconds = (slice(0, 2 * half, 2), slice(1, 2 * half, 2)) if interleaved else (
+        slice(0, half), slice(half, 2 * half))
+    out[..., firsts] = a * c - b * s
+    out[..., seconds] = b * c + a * s
+    out[..., 2 * half :] = x[..., 2 * half :]
+    return out
 
 
 def sinusoidal_table(positions: torch.Tensor, dim: int, base: float, dtype: torch.dtype) -> torch.Tensor:

@@ -44,6 +44,14 @@ class PositionalEncoding(nn.Module):
     ``pe`` it holds differs from the formula (loaded from a trained or edited model, or edited in place),
     it adds that stored table instead, so loading never silently changes results.
 
+    The table is compared with the formula when it changes, not on every call, and a change is seen
+    through ``pe``'s identity, storage and version counter: ``load_state_dict``, assigning ``module.pe``
+    or ``module.pe.data``, and in-place edits of ``pe`` itself (``with torch.no_grad(): module.pe.mul_(2)``)
+    are seen. An in-place edit through ``pe.data`` (``module.pe.data.mul_(2)``) is not: ``.data`` is a
+    tensor with a version counter of its own, so nothing short of reading the whole table on every call
+    would notice, and the module would keep adding the formula. Edit ``pe`` itself, or assign the
+    edited table (``module.pe.data = edited``).
+
     Args:
         d_model: feature size (even).
         max_len: longest sequence; longer inputs raise a ``ValueError``.
@@ -58,11 +66,12 @@ class PositionalEncoding(nn.Module):
         self.dropout = nn.Dropout(p=dropout)
         self.batch_first = batch_first
         self.register_buffer("pe", _classic_table(max_len, d_model))
-        self._formula_version: tuple[int, int] | None = self._version_key()
+        self._formula_version: tuple[int, int, int] | None = self._version_key()
         self.register_load_state_dict_post_hook(lambda module, _keys: module._check_formula())
 
-    def _version_key(self) -> tuple[int, int]:
-        return id(self.pe), self.pe._version
+    def _version_key(self) -> tuple[int, int, int]:
+        # (the storage too: ``pe.data = other`` keeps the tensor and its version counter)
+        return id(self.pe), self.pe._version, self.pe.data_ptr()
 
     def _check_formula(self) -> None:
         formula = _classic_table(self.pe.shape[0], self.pe.shape[2]).to(self.pe.device)

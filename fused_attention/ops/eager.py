@@ -1,4 +1,5 @@
-"""Eager calls of the attention custom ops without torch.library's per-call Python autograd layer.
+"""Eager calls of the attention (and positional-encoding) custom ops without torch.library's per-call
+Python autograd layer.
 
 An op whose autograd is registered from Python runs Python on every call: with nothing requiring grad
 it redispatches from Python (~5 us), and with an input that requires grad it builds the graph node
@@ -45,7 +46,8 @@ _any_requires_grad = getattr(torch._C, "_any_requires_grad", _any_requires_grad_
 # (the op looks constant to forward AD), so it raises, as torch's fused attention kernels do.
 _NO_FORWARD_AD = (
     "fused_attention: forward-mode AD (torch.func.jvp / jacfwd / hessian, torch.autograd.forward_ad dual tensors) "
-    "is not supported by the attention ops; use reverse mode (torch.func.grad / vjp / jacrev, .backward())"
+    "is not supported by the attention and positional-encoding ops; use reverse mode (torch.func.grad / vjp / "
+    "jacrev, .backward())"
 )
 
 
@@ -61,7 +63,7 @@ def _functorch_transforms() -> list[Any]:
 # gradient as constant and give a wrong (zero) second derivative without a word.
 _NO_DOUBLE_GRAD = (
     "fused_attention: a second derivative (torch.func.grad of torch.func.grad, vjp or jacrev nested in one "
-    "another) is not supported by the attention ops; the first derivative is"
+    "another) is not supported by the attention and positional-encoding ops; the first derivative is"
 )
 
 

@@ -1,9 +1,10 @@
 """Custom ops for the ``triton`` backend's positional encodings: sinusoidal add and rotary (RoPE).
 
 Each op is one opaque node for ``torch.compile``, with a fake implementation (``torch.empty_like``, so
-fake outputs have the strides of real ones) and a registered autograd formula: the rotation's gradient
-is the rotation by ``-theta`` (``conjugate`` flipped), the sinusoidal add's is the identity. The C++ ops
-``fused_attention::add_sinusoidal`` / ``rotary`` / ``rotary_`` / ``rotary_qk`` have the same semantics.
+fake outputs have the strides of real ones) and the autograd rules of :mod:`.position_rules`: the
+rotation's gradient is the rotation by ``-theta`` (``conjugate`` flipped), the sinusoidal add's is the
+identity. The C++ ops ``fused_attention::add_sinusoidal`` / ``rotary`` / ``rotary_`` / ``rotary_qk``
+have the same semantics.
 
 Importing this module imports Triton and defines the kernels: do it only when
 :func:`fused_attention.kernels.triton.triton_unavailable_reason` returns None (on the CPU that needs
@@ -18,6 +19,7 @@ from torch import Tensor
 from .. import compile_cache
 from ..kernels.triton import rotary as rotary_kernels
 from ..kernels.triton import sinusoidal as sinusoidal_kernels
+from .position_rules import register_position_autograd
 
 
 @torch.library.custom_op("fused_attention::triton_add_sinusoidal", mutates_args=())
@@ -38,13 +40,6 @@ def triton_add_sinusoidal(x: Tensor, offsets: Tensor | None, offset: int, base: 
 @triton_add_sinusoidal.register_fake
 def _(x, offsets, offset, base):
     return torch.empty_like(x)
-
-
-def _add_sinusoidal_backward(ctx, grad):
-    return grad, None, None, None
-
-
-triton_add_sinusoidal.register_autograd(_add_sinusoidal_backward)
 
 
 @torch.library.custom_op("fused_attention::triton_rotary", mutates_args=())
@@ -72,20 +67,6 @@ def triton_rotary(
 @triton_rotary.register_fake
 def _(x, cos, sin, positions, interleaved, conjugate):
     return torch.empty_like(x)
-
-
-def _rotary_setup_context(ctx, inputs, output):
-    _, cos, sin, positions, ctx.interleaved, ctx.conjugate = inputs
-    ctx.save_for_backward(cos, sin, positions)
-
-
-def _rotary_backward(ctx, grad):
-    cos, sin, positions = ctx.saved_tensors
-    grad_x = triton_rotary(grad, cos, sin, positions, ctx.interleaved, not ctx.conjugate)
-    return grad_x, None, None, None, None, None
-
-
-triton_rotary.register_autograd(_rotary_backward, setup_context=_rotary_setup_context)
 
 
 @torch.library.custom_op("fused_attention::triton_rotary_", mutates_args=("x",))
@@ -119,18 +100,9 @@ def _(q, k, cos, sin, positions, interleaved, conjugate):
     return torch.empty_like(q), torch.empty_like(k)
 
 
-def _rotary_qk_setup_context(ctx, inputs, output):
-    _, _, cos, sin, positions, ctx.interleaved, ctx.conjugate = inputs
-    ctx.save_for_backward(cos, sin, positions)
-
-
-def _rotary_qk_backward(ctx, grad_q, grad_k):
-    cos, sin, positions = ctx.saved_tensors
-    grad_q, grad_k = triton_rotary_qk(grad_q, grad_k, cos, sin, positions, ctx.interleaved, not ctx.conjugate)
-    return grad_q, grad_k, None, None, None, None, None
-
-
-triton_rotary_qk.register_autograd(_rotary_qk_backward, setup_context=_rotary_qk_setup_context)
+register_position_autograd(
+    "fused_attention::triton_rotary", "fused_attention::triton_rotary_qk", "fused_attention::triton_add_sinusoidal"
+)
 
 # These ops register on first use, after import: the compile caches key on them too.
 compile_cache.tag_compile_caches()
