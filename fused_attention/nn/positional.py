@@ -111,8 +111,11 @@ class RotaryEmbedding(nn.Module):
     is applied to q and k in one launch of :func:`fused_attention.apply_rotary_emb_qk`. Under
     ``torch.compile`` the cache cannot grow: size it up front with ``max_seq_len``. With ``dynamic``
     (NTK) scaling the frequencies depend on the sequence length itself, so the table is rebuilt for
-    ``max(positions needed, original_max_position_embeddings)`` whenever that changes, as Hugging Face
-    does (``max_seq_len`` is then unused; under ``torch.compile`` the original context's table is used).
+    ``max(positions needed, original_max_position_embeddings)`` whenever that changes: a function of the
+    call alone. (Hugging Face keeps the longest length seen until a sequence shorter than the original
+    context comes: the two agree while a sequence grows, as in generation, and differ for a shorter
+    sequence after a longer one.) ``max_seq_len`` is then unused; under ``torch.compile`` the table built
+    last (in eager mode) is used, the original context's if none was.
 
     Args:
         dim: rotary dim (even); features beyond it pass through.
