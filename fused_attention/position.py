@@ -18,6 +18,7 @@ from .argument_checks import (
     check_max_seqlen,
     check_number,
     content_checks_enabled,
+    int_value,
 )
 from .backends.positional import POSITION_BACKENDS, PositionBackend, select_position_backend
 from .errors import AttentionArgumentError, AttentionTypeError
@@ -47,10 +48,16 @@ def _check_float_tensor(name: str, t: object) -> torch.Tensor:
     return t
 
 
-def _check_int(name: str, value: object, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise AttentionArgumentError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+# Positions are angles' multipliers in float64, exact up to 2**53 (and int64 indices well within range).
+_MAX_POSITION = 2**53
+
+
+def _check_int(name: str, value: object, minimum: int = 0, maximum: int = _MAX_POSITION) -> int:
+    """An integer scalar (Python's, NumPy's, a 0-d integer tensor) in ``[minimum, maximum]``, as an int."""
+    number = int_value(value)
+    if number is None or number < minimum or number > maximum:
+        raise AttentionArgumentError(f"{name} must be an int in [{minimum}, {maximum}], got {value!r}")
+    return number
 
 
 # --- sinusoidal ---------------------------------------------------------------------------------------
@@ -71,11 +78,11 @@ def sinusoidal_position_encoding(
     positions ``p = offset .. offset + seq_len - 1``; computed in float64, returned in ``dtype``
     (default: torch's default dtype). ``dim`` must be even.
     """
-    _check_int("seq_len", seq_len)
-    _check_int("dim", dim, 1)
+    seq_len = _check_int("seq_len", seq_len)
+    dim = _check_int("dim", dim, 1)
     if dim % 2:
         raise AttentionArgumentError(f"dim must be even (sin/cos pairs), got {dim}")
-    _check_int("offset", offset)
+    offset = _check_int("offset", offset, maximum=_MAX_POSITION - seq_len)
     base = check_number("base", base, above=0)  # base <= 0 gave a table of NaN
     check_float_dtype("dtype", dtype)
     positions = torch.arange(offset, offset + seq_len, dtype=torch.float64)
@@ -397,7 +404,7 @@ def alibi_slopes(num_heads: int, *, device: torch.device | str | None = None) ->
     Otherwise the ``2 ** floor(log2 n)`` slopes of the nearest smaller power are followed by every other
     slope of the next power, as in the paper's reference implementation's rule.
     """
-    _check_int("num_heads", num_heads, 1)
+    num_heads = _check_int("num_heads", num_heads, 1)
 
     def geometric(n: int) -> list[float]:
         return [2 ** (-8 * k / n) for k in range(1, n + 1)]

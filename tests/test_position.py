@@ -477,3 +477,23 @@ def test_positions_past_the_table_raise_under_compile():
     with pytest.raises(ValueError, match="outside the cos/sin table of 4 rows"):
         compiled(q)
     torch.testing.assert_close(compiled(q[:, :, :4]), fused_attention.apply_rotary_emb(q[:, :, :4], cos, sin))
+
+
+def test_integer_arguments_take_numpy_ints_and_positions_stay_exact():
+    """NumPy integers pass where ints do (seqlen_offsets, offset, seq_len, num_heads refused them, max_seqlen
+    took them); a position past 2**53, where float64 stops holding every integer, raises naming the argument
+    (offset=2**63 gave an empty table, and the cpu kernel an error that named nothing)."""
+    np = pytest.importorskip("numpy")
+    x, y = torch.randn(1, 2, 5, 8), torch.randn(4, 2, 6)
+    cos, sin = fused_attention.rotary_cos_sin(16, 8)
+    assert torch.equal(fused_attention.apply_rotary_emb(x, cos, sin, seqlen_offsets=np.int64(3)),
+                       fused_attention.apply_rotary_emb(x, cos, sin, seqlen_offsets=3))
+    assert torch.equal(fused_attention.alibi_slopes(np.int32(12)), fused_attention.alibi_slopes(12))
+    assert torch.equal(fused_attention.sinusoidal_position_encoding(np.int64(4), 6, offset=np.int64(2)),
+                       fused_attention.sinusoidal_position_encoding(4, 6, offset=2))
+    assert torch.equal(fused_attention.add_sinusoidal_position_encoding(y, offset=np.int64(2)),
+                       fused_attention.add_sinusoidal_position_encoding(y, offset=2))
+    with pytest.raises(ValueError, match="offset must be an int in"):
+        fused_attention.sinusoidal_position_encoding(2, 4, offset=2**63)
+    with pytest.raises(ValueError, match="offset must be an int in"):
+        fused_attention.add_sinusoidal_position_encoding(y, offset=2**63)
