@@ -56,6 +56,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _interpreter_method(name: str, flag: str) -> tuple | None:
+    """``(numpy, triton.language, triton.runtime.interpreter, InterpreterBuilder's method name)`` for a shim
+    to wrap; None without Triton, or when the shim (marked ``flag`` on the method) is in already."""
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return None
+    original = getattr(interpreter.InterpreterBuilder, name)
+    return None if getattr(original, flag, False) else (np, tl, interpreter, original)
+
+
 def _interpreter_dot_widens_bfloat16() -> None:
     """Test-harness shim for a defect of Triton's interpreter (seen up to Triton 3.8): it keeps bfloat16
     values as their raw 16-bit patterns (numpy uint16) and its ``tl.dot`` (``InterpreterBuilder.
@@ -65,16 +78,10 @@ def _interpreter_dot_widens_bfloat16() -> None:
     backend's probe (:mod:`fused_attention.kernels.triton.interpreter_probe`) then finds bfloat16 dots
     right and serves bfloat16 on the CPU. Without Triton, or with an interpreter that holds bfloat16
     otherwise, nothing changes."""
-    try:
-        import numpy as np
-        import triton.language as tl
-        from triton.runtime import interpreter
-    except ImportError:
+    found = _interpreter_method("create_dot", "widens_bfloat16")
+    if found is None:
         return
-    builder = interpreter.InterpreterBuilder
-    original = builder.create_dot
-    if getattr(original, "widens_bfloat16", False):
-        return
+    np, tl, interpreter, original = found
 
     def widened(handle):
         if handle.dtype.scalar == tl.bfloat16 and handle.data.dtype == np.uint16:
@@ -86,7 +93,7 @@ def _interpreter_dot_widens_bfloat16() -> None:
 
     create_dot.widens_bfloat16 = True
     create_dot.unpatched = original  # for the test that the probe still sees the defect without the shim
-    builder.create_dot = create_dot
+    interpreter.InterpreterBuilder.create_dot = create_dot
 
 
 def _interpreter_rounds_bfloat16() -> None:
@@ -96,16 +103,10 @@ def _interpreter_rounds_bfloat16() -> None:
     and outputs carried a same-signed error of up to one bfloat16 ulp, twice the GPU's, which the
     tolerance policy rejects on some draws (a (2, 2, 5, 16) forward: 8.2e-3 against a bound of 7.8e-3).
     Here that cast rounds to nearest even, as the hardware does; every other cast is the interpreter's."""
-    try:
-        import numpy as np
-        import triton.language as tl
-        from triton.runtime import interpreter
-    except ImportError:
+    found = _interpreter_method("cast_impl", "rounds_bfloat16")
+    if found is None:
         return
-    builder = interpreter.InterpreterBuilder
-    original = builder.cast_impl
-    if getattr(original, "rounds_bfloat16", False):
-        return
+    np, tl, interpreter, original = found
 
     def cast_impl(self, src, dst_type):
         if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
@@ -116,7 +117,7 @@ def _interpreter_rounds_bfloat16() -> None:
         return interpreter.TensorHandle(np.where(np.isnan(src.data), quiet, rounded), tl.bfloat16)
 
     cast_impl.rounds_bfloat16 = True
-    builder.cast_impl = cast_impl  # create_fp_trunc and the other casts call self.cast_impl
+    interpreter.InterpreterBuilder.cast_impl = cast_impl  # create_fp_trunc and the other casts call it
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":
