@@ -105,10 +105,32 @@ def bad_shape_on_one_rank(world: int) -> None:
     expect_error(lambda: ring_attention(q, k, v, layout="contiguous"), "head dim differs across ranks")
     q, k, v = (torch.randn(1, 2 * world, 4, 8) for _ in range(3))
     sinks = torch.full((2 * world,), float(rank))  # sinks must be the same parameter on every rank
+    # the same values in another order on each rank (a sum alone took them): slopes and sinks per head
+    permuted = torch.arange(2.0 * world).roll(rank)
     for attention in (ring_attention, ulysses_attention):
-        expect_error(lambda fn=attention: fn(q, k, v, sinks=sinks), "sum of sinks differs across ranks")
+        expect_error(lambda fn=attention: fn(q, k, v, sinks=sinks), "sinks values differs across ranks")
+        expect_error(lambda fn=attention: fn(q, k, v, sinks=permuted), "sinks values differs across ranks")
+        expect_error(lambda fn=attention: fn(q, k, v, alibi_slopes=permuted / 8 + 0.1),
+                     "alibi_slopes values differs across ranks")
+    # a field that travels as a number is named as the user wrote it (was "rank 0 has 2, rank 1 has 3")
+    cast = q.double() if rank == 1 else q
+    expect_error(lambda: ring_attention(cast, k.to(cast.dtype), v.to(cast.dtype)),
+                 "dtype differs across ranks: rank 0 has torch.float32, rank 1 has torch.float64")
     wrong = torch.zeros(3) if rank == 0 else torch.zeros(2 * world)
     expect_error(lambda: ring_attention(q, k, v, sinks=wrong), "sinks must have shape" if rank == 0 else "invalid")
+
+
+def ring_backward_twice(world: int) -> None:
+    """A second backward through one ring_attention graph (retain_graph=True) raises, naming why (it freed
+    the blocks it saved as it went: a TypeError mid-loop before); the first is right; ulysses can."""
+    q, k, v = (torch.randn(1, 2, 4, 8, requires_grad=True) for _ in range(3))
+    out = ring_attention(q, k, v, is_causal=True)
+    first = torch.autograd.grad(out.sum(), q, retain_graph=True)[0]
+    assert torch.isfinite(first).all()
+    expect_error(lambda: torch.autograd.grad(out.sum(), k), "runs once per forward")
+    out = ulysses_attention(*(t.repeat(1, world, 1, 1) for t in (q, k, v)), is_causal=True)
+    torch.autograd.grad(out.sum(), q, retain_graph=True)
+    torch.autograd.grad(out.sum(), k)
 
 
 def options_differ_by_rank(world: int) -> None:
@@ -121,7 +143,8 @@ def options_differ_by_rank(world: int) -> None:
     expect_error(lambda: ring_attention(q, k, v, backend=bad), "backend must be one of" if rank == 1 else "invalid")
     mixed = "cpu" if rank == 1 else "torch"
     for attention in (ring_attention, ulysses_attention):
-        expect_error(lambda fn=attention: fn(q, k, v, is_causal=True, backend=mixed), "backend differs across ranks")
+        expect_error(lambda fn=attention: fn(q, k, v, is_causal=True, backend=mixed),
+                     "backend differs across ranks: rank 0 has 'torch', rank 1 has 'cpu'")
         expect_error(lambda fn=attention: fn(q, k, v, return_lse="no"), "return_lse must be a bool")
     if world >= 3:  # what new_group returns on the ranks it leaves out is not a group (was "got int")
         pair = dist.new_group([0, 1])
@@ -281,6 +304,7 @@ def _cases(world: int) -> dict:
         "shard_round_trip": lambda: round_trip(world),
         "device_mesh_group": lambda: device_mesh_group(world),
         "ring_second_derivative_raises": lambda: second_derivative_raises(world),
+        "ring_backward_twice": lambda: ring_backward_twice(world),
     }
     if world == 2:
         c["ulysses_f32_gqa"] = lambda: check_against_whole(world, "ulysses", "zigzag", f32, zz, heads=(4, 2),

@@ -24,12 +24,35 @@ from .validate import exchange_signatures
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FIELDS = (
     "batch", "query heads", "key/value heads", "shard length", "head dim", "value head dim", "dtype",
-    "is_causal", "window left", "window right", "alibi_slopes", "sum of alibi_slopes", "softcap", "scale",
-    "layout", "enable_gqa", "requires grad", "sinks", "sum of sinks", "head groups", "backend",
+    "is_causal", "window left", "window right", "alibi_slopes", "alibi_slopes values", "softcap", "scale",
+    "layout", "enable_gqa", "requires grad", "sinks", "sinks values", "head groups", "backend",
     "block backward from statistics",
 )
 # "backend": -1 automatic, else the index of the forced backend (an unknown name raises on its rank).
 _BACKEND_NAMES = tuple(BACKENDS)
+
+
+def _flag(value: float) -> str:
+    return str(bool(value))
+
+
+# how a mismatch message writes the fields that travel as numbers standing for names or flags
+_SHOWN = {
+    "dtype": lambda i: str(_DTYPES[int(i)]), "layout": lambda i: repr(LAYOUTS[int(i)]),
+    "backend": lambda i: "automatic" if i < 0 else repr(_BACKEND_NAMES[int(i)]),
+    "is_causal": _flag, "alibi_slopes": _flag, "enable_gqa": _flag, "requires grad": _flag, "sinks": _flag,
+    "block backward from statistics": _flag,
+}
+
+
+def _fingerprint(t: torch.Tensor | None) -> float:
+    """A number two ranks' tensors share only when equal, as far as one float can tell: the values weighted
+    by their positions (a plain sum missed permuted slopes or sinks)."""
+    if t is None:
+        return 0.0
+    values = t.detach().double().flatten()
+    weights = torch.arange(1, values.numel() + 1, dtype=torch.float64, device=values.device).sqrt()
+    return float((values * weights).sum() + values.sum())
 
 
 def rules_of(inputs: Any, enable_gqa: Any, backend: Any) -> Rules:
@@ -94,10 +117,10 @@ def _prepare(
             "dtype": _DTYPES.index(query.dtype), "is_causal": inputs.causal,
             "window left": inputs.window_left, "window right": inputs.window_right,
             "alibi_slopes": alibi is not None,
-            "sum of alibi_slopes": 0.0 if alibi is None else float(alibi.detach().double().sum()),
+            "alibi_slopes values": _fingerprint(alibi),
             "softcap": inputs.softcap, "scale": inputs.scale, "layout": LAYOUTS.index(lay),
             "enable_gqa": bool(enable_gqa), "requires grad": grad, "sinks": inputs.sinks is not None,
-            "sum of sinks": 0.0 if inputs.sinks is None else float(inputs.sinks.detach().double().sum()),
+            "sinks values": _fingerprint(inputs.sinks),
             "head groups": min(groups, key.shape[1]),
             "backend": -1 if forced is None else _BACKEND_NAMES.index(forced),
             # what travels around the ring (values with or without a ones column) depends on it
@@ -106,7 +129,7 @@ def _prepare(
 
     lay = layout if layout in LAYOUTS else "contiguous"
     may_differ = frozenset({"shard length", "head groups"} if lay == "contiguous" else {"head groups"})
-    signatures = exchange_signatures(pg, what, _FIELDS, local, may_differ)
+    signatures = exchange_signatures(pg, what, _FIELDS, local, may_differ, _SHOWN)
     lengths = [int(s["shard length"]) for s in signatures]
     check_divisible(lay, sum(lengths), world)
     rules = rules_of(canonical["inputs"], enable_gqa, backend)

@@ -248,6 +248,13 @@ class RingAttentionFunction(torch.autograd.Function):
         ring: Ring = ctx.ring
         groups: list[HeadGroup] = ctx.groups
         saved_blocks, ctx.saved_blocks = ctx.saved_blocks, None
+        if saved_blocks is None:  # (a TypeError deep in the loop before)
+            raise RuntimeError(
+                "ring_attention: its backward frees the key/value blocks the forward kept, as it goes (the whole "
+                "sequence's keys and values otherwise stay until it ends), so it runs once per forward; a "
+                "second backward through the same graph (retain_graph=True) needs the forward run again "
+                "(ulysses_attention keeps what it saves)"
+            )
         q, k, v, out, lse, sinks = ctx.saved_tensors
         cd = accumulation_dtype(q.dtype)
         delta = (dout.to(cd) * out.to(cd)).sum(-1)

@@ -8,7 +8,8 @@ that differ between ranks (shapes, options) raise on every rank, naming the firs
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 
 import torch
 import torch.distributed as dist
@@ -23,11 +24,13 @@ def exchange_signatures(
     fields: tuple[str, ...],
     local: Callable[[], dict[str, float]],
     may_differ: frozenset[str] = frozenset(),
+    shown: Mapping[str, Callable[[float], str]] = MappingProxyType({}),
 ) -> list[dict[str, float]]:
     """Runs ``local()`` (the rank's own checks, returning its signature) and all-gathers the signatures.
 
     Returns every rank's signature (rank order) once all ranks passed and agree on every field not in
-    ``may_differ``; otherwise raises on every rank.
+    ``may_differ``; otherwise raises on every rank. ``shown``: how a mismatch message writes a field's
+    value (fields that travel as a number standing for a name or a flag).
     """
     error: BaseException | None = None
     try:
@@ -56,8 +59,9 @@ def exchange_signatures(
             continue
         for r, sig in enumerate(signatures[1:], start=1):
             if sig[name] != signatures[0][name]:
+                show = shown.get(name, lambda value: f"{value:g}")
                 raise AttentionArgumentError(
-                    f"{what}: {name} differs across ranks: rank 0 has {signatures[0][name]:g}, "
-                    f"rank {r} has {sig[name]:g}"
+                    f"{what}: {name} differs across ranks: rank 0 has {show(signatures[0][name])}, "
+                    f"rank {r} has {show(sig[name])}"
                 )
     return signatures
