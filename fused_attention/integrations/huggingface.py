@@ -106,7 +106,7 @@ def _built_ahead_for_generate() -> bool:
     eager mode only (generate builds them so)."""
     if torch.compiler.is_compiling():
         return False
-    frame = sys._getframe(2)
+    frame = sys._getframe(1).f_back  # the mask function's caller (None at the top of a stack)
     for _ in range(10):
         if frame is None:
             return False
