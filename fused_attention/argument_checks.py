@@ -249,11 +249,12 @@ def int_value(value: object) -> int | torch.SymInt | None:
 
 def check_at_least(name: str, number: int | torch.SymInt, minimum: int, requirement: str, shown: object) -> None:
     """Raises ``f"{name} must be {requirement}, got {shown!r}"`` unless ``number >= minimum``. While traced,
-    ``number`` may be a SymInt: it is asserted with torch._check_with, not branched on (a branch cannot read
-    an unbacked one, a 0-d tensor's value inside the compiled region): a guard, or a runtime assert where
-    unbacked. Its message cannot show the traced value."""
+    ``number`` may be a SymInt: it is asserted with torch._check, not branched on (a branch cannot read an
+    unbacked one, a 0-d tensor's value inside the compiled region): a guard, or a runtime assert where
+    unbacked, raising torch's error (a message function or another error class is more than torch 2.6's
+    Dynamo traces: it refused the whole call)."""
     if torch.compiler.is_compiling() or isinstance(number, torch.SymInt):
-        torch._check_with(AttentionArgumentError, number >= minimum, lambda: f"{name} must be {requirement}")
+        torch._check(number >= minimum)
     elif number < minimum:
         raise AttentionArgumentError(f"{name} must be {requirement}, got {shown!r}")
 

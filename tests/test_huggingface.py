@@ -277,10 +277,17 @@ def test_compiled_fullgraph_with_padding():
     """Under torch.compile(fullgraph=True) the mask function cannot branch on which padding the values
     hold (torch.equal: a data-dependent graph break, an error with fullgraph): it hands the padding over."""
     model = _mistral()
-    model.set_attn_implementation(NAME)
     ids = torch.randint(1, 101, (2, 12))
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[1, :3] = 0
+    model.set_attn_implementation("sdpa")
+    try:  # transformers' own model code first: torch 2.6's Dynamo cannot trace its wrappers (co_varnames)
+        with torch.no_grad():
+            torch.compile(model, fullgraph=True, backend="aot_eager")(input_ids=ids, attention_mask=mask)
+    except torch._dynamo.exc.Unsupported as error:
+        pytest.skip(f"this torch cannot compile the model with fullgraph even with sdpa: {str(error)[:120]}")
+    torch._dynamo.reset()
+    model.set_attn_implementation(NAME)
     with torch.no_grad():
         eager = model(input_ids=ids, attention_mask=mask).logits
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(input_ids=ids, attention_mask=mask).logits
