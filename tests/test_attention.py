@@ -209,6 +209,32 @@ def test_masks_of_the_lowest_float_as_hugging_face_builds_them(backend, dtype, s
     check_attention(backend, q, k, v, attn_mask=mask.requires_grad_())
 
 
+def test_float32_gradients_of_rows_with_a_large_lse(backend):
+    """Rows whose lse is a few hundred or more: its float32 rounding (half an ulp of |lse|) is a same-signed
+    relative error in every P = exp(S - lse) of the row, which the triton backward took into dK and dV
+    (scores of 1000 and 999.5: dV 12x the bound; ALiBi distances of about 185, top-left causal: 1.3x); it
+    renormalizes float32 rows by their sum of exp(S - lse) now. dQ = dS K there multiplies dS's rounding
+    by |K| = 1000 on every backend alike: its bound is not checked in the first case."""
+    require(backend, torch.float32)
+    q = torch.zeros(1, 1, 1, 16)
+    q[..., 0] = 1
+    k = torch.zeros(1, 1, 2, 16)
+    k[0, 0, :, 0] = torch.tensor([1000.0, 999.5])
+    v = torch.randn(1, 1, 2, 16, generator=torch.Generator().manual_seed(0))
+    upstream = torch.randn(1, 1, 1, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(123))
+    grads = {}
+    for dtype, run in ((torch.float32, lambda *t: fused_attention.scaled_dot_product_attention(
+            *t, scale=1.0, backend=backend)), (torch.float32, None), (torch.float64, None)):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = run(*leaves) if run else reference_attention(*leaves, scale=1.0)[0]
+        grads[len(grads)] = torch.autograd.grad(out, leaves, upstream.to(dtype))
+    for i, name in ((1, "k"), (2, "v")):
+        assert_policy(grads[0][i], grads[1][i], grads[2][i], 3, f"grad {name}")
+    torch.manual_seed(16)
+    q, k, v, _ = _inputs(set(), seq_q=16, seq_k=200)
+    check_attention(backend, q, k, v, is_causal=True, alibi_slopes=torch.ones(HQ))
+
+
 @pytest.mark.parametrize("scale", [1e10, 1e-39], ids=["huge", "subnormal"])
 def test_extreme_scales(backend, scale):
     """Scores of 1e10 and more (a scale torch accepts): the cpu kernel's exp argument at the row's maximum

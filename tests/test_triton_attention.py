@@ -438,6 +438,24 @@ def test_bfloat16_casts_round_to_nearest_even_as_torch_does():
     assert torch.equal(y.view(torch.int16)[~y.isnan()], expected.view(torch.int16)[~expected.isnan()])
 
 
+def test_bfloat16_negation_flips_the_sign():
+    """-x in a kernel on bfloat16 (the forward's negative-scale path: q = -q) is torch's -x: the interpreter
+    negated the raw 16-bit patterns as integers (conftest's shim flips the sign bit, as the GPU does)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def negate(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.arange(0, BLOCK)
+        tl.store(y_ptr + offsets, -tl.load(x_ptr + offsets, mask=offsets < n), mask=offsets < n)
+
+    torch.manual_seed(17)
+    x = torch.cat([torch.randn(1000), torch.tensor([0.0, -0.0, float("inf"), -1.125])]).to(torch.bfloat16).to(DEVICE)
+    y = torch.empty_like(x)
+    negate[(1,)](x, y, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    assert torch.equal(y.view(torch.int16), (-x).view(torch.int16))
+
+
 # ------------------------------------------------------------------ torch.library and compile
 
 ops = torch.ops.fused_attention

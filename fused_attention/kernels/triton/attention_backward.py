@@ -39,7 +39,10 @@ from .attention_tiles import dropout_keep, keep_factor, key_range, query_range, 
 _ONE_HOT_ULPS = tl.constexpr(8 * 2.0**-24)
 # Past this |lse| a row's float32 lse = max + log(row sum) keeps little or none of log(row sum) (none at
 # float's lowest value, which a float mask of Hugging Face's hides whole rows with): with a float mask
-# such rows take P = exp(S - lse) / c, c their sum of exp(S - lse) (see the dQ pass).
+# such rows take P = exp(S - lse) / c, c their sum of exp(S - lse) (see the dQ pass). float32 gradients
+# (IEEE products) take it on every row: lse's rounding, half an ulp of |lse|, is a same-signed relative
+# error in every P of its row, which float32's bound does not leave room for once |lse| is a few tens
+# (scores of 1000 and 999.5: dV 12x the bound).
 _FAR_LSE = tl.constexpr(256.0)
 
 
@@ -66,6 +69,7 @@ def attention_dkdv_kernel(
     MASK_GRAD: tl.constexpr, MASK_SUM_ROWS: tl.constexpr, MASK_SUM_COLS: tl.constexpr, ALIBI_GRAD: tl.constexpr,
     ALIBI_CENTER: tl.constexpr,
 ):
+    RENORM: tl.constexpr = MASK == 2 or DOT_PRECISION == "ieee"  # rows renormalized (see _FAR_LSE)
     block = tl.program_id(0)
     n0 = block * BLOCK_N
     slot = tl.program_id(1)  # (key/value head, split of its query-head group)
@@ -151,7 +155,7 @@ def attention_dkdv_kernel(
                 window_left, window_right, key_length,
                 SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
             )
-            if MASK == 2:  # log of the row's sum of exp(S - lse): 0 but where lse lost it (the dQ pass)
+            if RENORM:  # log of the row's sum of exp(S - lse) (the dQ pass)
                 fix = tl.load(LseFix + stats, mask=row_ok, other=0.0)
                 p = tl.exp((s - lse[None, :]) - fix[None, :])
             else:
@@ -291,6 +295,7 @@ def attention_dq_kernel(
     VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, DELTA_FROM_SCORES: tl.constexpr,
     ALIBI_CENTER: tl.constexpr, SINKS: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
+    RENORM: tl.constexpr = MASK == 2 or DOT_PRECISION == "ieee"  # rows renormalized (see _FAR_LSE)
     m0 = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -344,6 +349,7 @@ def attention_dq_kernel(
     )
     if DELTA_FROM_SCORES:  # a first sweep: delta = sum_j P * dP, free of the stored output's rounding
         delta = tl.zeros([BLOCK_M], tl.float32)
+        mass = tl.zeros([BLOCK_M], tl.float32)  # and sum_j P, for RENORM below
         for n0 in range(lo, hi, BLOCK_N):
             _, p, dp, _ = _dq_tile(
                 q, do, lse, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim, value_head_dim,
@@ -352,31 +358,38 @@ def attention_dq_kernel(
                 BLOCK_N, SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS, DROPOUT, DOT_PRECISION,
             )
             delta += tl.sum(p * dp, 1)
+            if RENORM:
+                mass += tl.sum(p, 1)
     else:
         # FlashAttention-2's delta = rowsum(dO * O), the softmax backward's row term (0 where O is: a row
         # that sees nothing); with sinks, O and lse include the sink, which has no value and so no dP
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    # 1 / c, P = exp(S - lse) / c: 1 but on the rows a float mask can leave with a large |lse|
+    # 1 / c, P = exp(S - lse) / c: 1 but on the rows renormalized (see _FAR_LSE)
     inverse = tl.full([BLOCK_M], 1.0, tl.float32)
-    if MASK == 2:
+    if RENORM:
         # float32's lse = max + log(row sum) keeps none of log(row sum) at |max| near float's lowest value
         # (a float mask of Hugging Face's hiding the row whole: every score is that value), so exp(S - lse)
         # would be 1 on each key, not 1 / n. Rows with a large |lse| take P = exp(S - lse) / c instead, c
         # their sum of exp(S - lse) (at most 1 each: lse rounds from max up): the dK/dV pass with
         # fix = log c (0 on every other row: bit for bit as without it); this pass takes the loops'
         # exp(S - lse) as they are and 1 / c out of their row sums (delta, dQ, the peak, the mean distance),
-        # and the upstream gradient's row times 1 / c (dP then is, and so is the score gradient).
-        far = row_ok & (tl.abs(lse) > _FAR_LSE)
+        # and the upstream gradient's row times 1 / c (dP then is, and so is the score gradient). float32:
+        # every row (see _FAR_LSE); lse = 0 is exact, as is a row that saw nothing.
+        limit = _FAR_LSE
+        if DOT_PRECISION == "ieee":
+            limit = 0.0
+        far = row_ok & (tl.abs(lse) > limit)
         fix = tl.zeros([BLOCK_M], tl.float32)
         if tl.max(far.to(tl.int32), 0) > 0:
-            mass = tl.zeros([BLOCK_M], tl.float32)
-            for n0 in range(lo, hi, BLOCK_N):
-                _, s, _ = _dq_scores(
-                    q, k_base, n0, rows, offs_d, seq_q, seq_k, head_dim, stride_kn, stride_kd, scale, softcap,
-                    slope, mask_base, stride_mm, stride_mn, window_left, window_right, key_length,
-                    BLOCK_N, SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS, DOT_PRECISION,
-                )
-                mass += tl.sum(tl.exp(s - lse[:, None]), 1)
+            if not DELTA_FROM_SCORES:  # (else the delta sweep took the row sums)
+                mass = tl.zeros([BLOCK_M], tl.float32)
+                for n0 in range(lo, hi, BLOCK_N):
+                    _, s, _ = _dq_scores(
+                        q, k_base, n0, rows, offs_d, seq_q, seq_k, head_dim, stride_kn, stride_kd, scale, softcap,
+                        slope, mask_base, stride_mm, stride_mn, window_left, window_right, key_length,
+                        BLOCK_N, SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS, DOT_PRECISION,
+                    )
+                    mass += tl.sum(tl.exp(s - lse[:, None]), 1)
             if HAS_SINKS:  # lse has the sink's term
                 mass += tl.exp(tl.load(Sinks + h).to(tl.float32) - lse)
             fix = tl.where(far, tl.log(tl.where(far, mass, 1.0)), 0.0)
@@ -385,7 +398,7 @@ def attention_dq_kernel(
                 delta = delta * inverse
         tl.store(LseFix + stat_offset, fix, mask=row_ok)  # for the dK/dV pass
     tl.store(Delta + stat_offset, delta, mask=row_ok)  # for the dK/dV pass, which runs next
-    if MASK == 2:  # see above: then dP and delta below are 1 / c times theirs, and dS = P * (dP - delta)
+    if RENORM:  # then dP and delta are 1 / c times theirs, dS = P (dP - delta)
         do = (do * inverse[:, None]).to(do.dtype)
         delta = delta * inverse
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -408,7 +421,7 @@ def attention_dq_kernel(
             ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
-    if MASK == 2:
+    if RENORM:
         # 1 / c read back, not held past the loop (registers): this program wrote it, other threads of it
         tl.debug_barrier()
         inverse = tl.exp(-tl.load(LseFix + stat_offset, mask=row_ok, other=0.0))
@@ -418,7 +431,7 @@ def attention_dq_kernel(
     # A row whose probability is all on one key (it sees one key, or the rest underflow) has a constant
     # softmax: its score gradients are exactly 0. dS = P * (dP - delta) would leave that key's dP minus
     # the same sum taken in another order (delta): rounding noise where the gradient is exactly 0.
-    if DOT_PRECISION == "ieee":  # P is the forward's, bit for bit: exactly 1 there
+    if DOT_PRECISION == "ieee":  # the forward's expression, renormalized (c = 1 on such a row): exactly 1 there
         one_hot = peak == 1.0
     else:
         # In 16 bits the forward works in log2 units (scale * log2(e) in one multiply, lse converted back
@@ -439,7 +452,7 @@ def attention_dq_kernel(
             # from the row's sum: given back here, one partial sum per (batch, head, query block). lse has
             # the sink.
             p_sink = tl.exp(tl.load(Sinks + h).to(tl.float32) - lse)
-            if MASK == 2:
+            if RENORM:
                 p_sink = p_sink * inverse
             mass = 1.0 - p_sink
             dist_mean = tl.where(mass > 0.0, dist_mean / tl.where(mass > 0.0, mass, 1.0), 0.0)
@@ -524,7 +537,8 @@ def attention_backward(
     one_hot = torch.empty(lse.shape, dtype=torch.uint8, device=lse.device)
     shared = problem.shared_args() | {"DOut": dout, "Lse": lse, "Delta": delta, "OneHot": one_hot}
     # and, with a float mask, the log of each row's sum of exp(S - lse) where lse lost it (see the dQ pass)
-    shared["LseFix"] = torch.empty_like(lse) if shared["MASK"] == 2 else None
+    renormalized = shared["MASK"] == 2 or shared["DOT_PRECISION"] == "ieee"
+    shared["LseFix"] = torch.empty_like(lse) if renormalized else None
     shared |= dict(zip(("stride_gb", "stride_gh", "stride_gm", "stride_gd"), problem.rows(dout)))
     shared |= dict(zip(("stride_lb", "stride_lh", "stride_lm"), problem.row_stats(lse)))
 
