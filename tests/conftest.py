@@ -58,15 +58,15 @@ if not torch.cuda.is_available():
 
 def _interpreter_method(name: str, flag: str) -> tuple | None:
     """``(numpy, triton.language, triton.runtime.interpreter, InterpreterBuilder's method name)`` for a shim
-    to wrap; None without Triton, or when the shim (marked ``flag`` on the method) is in already."""
+    to wrap; None without Triton or that method, or when the shim (marked ``flag`` on it) is in already."""
     try:
         import numpy as np
         import triton.language as tl
         from triton.runtime import interpreter
     except ImportError:
         return None
-    original = getattr(interpreter.InterpreterBuilder, name)
-    return None if getattr(original, flag, False) else (np, tl, interpreter, original)
+    original = getattr(interpreter.InterpreterBuilder, name, None)  # (Triton 3.2's has no create_fneg)
+    return None if original is None or getattr(original, flag, False) else (np, tl, interpreter, original)
 
 
 def _interpreter_dot_widens_bfloat16() -> None:
