@@ -65,7 +65,7 @@ def _interpreter_method(name: str, flag: str) -> tuple | None:
         from triton.runtime import interpreter
     except ImportError:
         return None
-    original = getattr(interpreter.InterpreterBuilder, name, None)  # (Triton 3.2's has no create_fneg)
+    original = getattr(interpreter.InterpreterBuilder, name, None)
     return None if original is None or getattr(original, flag, False) else (np, tl, interpreter, original)
 
 
@@ -120,29 +120,9 @@ def _interpreter_rounds_bfloat16() -> None:
     interpreter.InterpreterBuilder.cast_impl = cast_impl  # create_fp_trunc and the other casts call it
 
 
-def _interpreter_negates_bfloat16() -> None:
-    """Test-harness shim for a third defect of Triton's interpreter (Triton 3.6): its float negation
-    (``InterpreterBuilder.create_fneg``) applies ``np.negative`` to bfloat16's raw 16-bit patterns, as
-    integers (-1.125 came out as 3.75: the forward's negative-scale path gave garbage in bfloat16). Here a
-    bfloat16 operand has its sign bit flipped, as the GPU's negation does."""
-    found = _interpreter_method("create_fneg", "negates_bfloat16")
-    if found is None:
-        return
-    np, tl, interpreter, original = found
-
-    def create_fneg(self, arg):
-        if arg.dtype.scalar == tl.bfloat16 and arg.data.dtype == np.uint16:
-            return interpreter.TensorHandle(arg.data ^ np.uint16(0x8000), tl.bfloat16)
-        return original(self, arg)
-
-    create_fneg.negates_bfloat16 = True
-    interpreter.InterpreterBuilder.create_fneg = create_fneg
-
-
 if os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter_dot_widens_bfloat16()
     _interpreter_rounds_bfloat16()
-    _interpreter_negates_bfloat16()
 
 from torch.nn.attention.bias import CausalBias
 

@@ -259,7 +259,8 @@ def attention_forward_kernel(
         # the row maximum is taken on q . k in units of the scale, which must be positive: a negative
         # scale flips q (exactly) instead, a zero one becomes q = 0 in units of 1 (a hidden key's -inf
         # times 0 would be NaN; ALiBi's bias then stands alone)
-        q = tl.where(scale < 0, -q, q)
+        # (negated in float32, exactly: Triton's interpreters negated bfloat16's raw bits as integers)
+        q = tl.where(scale < 0, (-q.to(tl.float32)).to(q.dtype), q)
         q = tl.where(scale == 0, tl.zeros_like(q), q)
         qk_scale = tl.where(scale == 0, 1.0, tl.abs(qk_scale))
     if ALIBI and not NATURAL:  # the slope in units of the deferred factor (tile_scores)
