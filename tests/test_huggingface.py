@@ -273,6 +273,45 @@ def test_static_cache_generate_with_masks_built_ahead():
     assert torch.equal(*runs)
 
 
+def test_masks_are_dense_only_when_generate_builds_them_ahead():
+    """generate's prepare_inputs_for_generation -> create_masks_for_generate hands masks back to the model:
+    dense. Gemma 3 and 4 call create_masks_for_generate in every forward: those keep the cheap form (they
+    were dense every forward)."""
+    mu = transformers.masking_utils
+    padding = torch.ones(2, 16, dtype=torch.bool)
+
+    def create_masks_for_generate():
+        return huggingface.fused_attention_mask(batch_size=2, q_length=16, kv_length=16, attention_mask=padding,
+                                                mask_function=mu.causal_mask_function)
+
+    def prepare_inputs_for_generation():
+        return create_masks_for_generate()
+
+    assert isinstance(create_masks_for_generate(), huggingface.PatternMask)
+    assert prepare_inputs_for_generation().shape == (2, 1, 16, 16)
+
+
+def test_a_model_that_reads_the_mask_itself():
+    """Doge adds its dynamic mask to the attention mask before the attention function: it gets transformers'
+    dense masks (a PatternMask has no dtype: AttributeError; the padding-only forms lost the causal structure
+    without a word before)."""
+    config_cls, model_cls = getattr(transformers, "DogeConfig", None), getattr(transformers, "DogeForCausalLM", None)
+    if config_cls is None:
+        pytest.skip("this transformers has no Doge")
+    model = _build(config_cls, model_cls, vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2).double()
+    ids = torch.randint(3, 90, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :2] = 0
+    for inputs in ({"input_ids": ids}, {"input_ids": ids, "attention_mask": mask}):
+        logits = {}
+        for impl in (NAME, "sdpa"):
+            model.set_attn_implementation(impl)
+            with torch.no_grad():
+                logits[impl] = model(**inputs).logits[mask.bool()]
+        torch.testing.assert_close(logits[NAME], logits["sdpa"])
+
+
 def test_compiled_fullgraph_with_padding():
     """Under torch.compile(fullgraph=True) the mask function cannot branch on which padding the values
     hold (torch.equal: a data-dependent graph break, an error with fullgraph): it hands the padding over."""

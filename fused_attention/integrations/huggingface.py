@@ -30,7 +30,8 @@ the pattern and only the part of the mask the attention cannot rebuild from it:
   holding all the structure (no causal or window flag is added). This is what the mask function builds
   (with transformers' ``sdpa_mask``) for any other pattern (packed sequences, custom ``or``/``and`` mask
   functions, chunked attention, a static cache whose queries are not at its end, masks ``generate``
-  builds ahead of the forward), and what a user's own 4-D mask arrives as.
+  builds ahead of the forward, models whose own code reads the mask: Doge), and what a user's own 4-D
+  mask arrives as.
 - ``None`` (a model that builds no mask): causality from ``module.is_causal`` (or the ``is_causal``
   keyword) and the window from the ``sliding_window`` keyword, as transformers' flash-attention does.
 """
@@ -100,20 +101,30 @@ def _pattern(mask_function: Any) -> tuple[bool, tuple[int, int] | None]:
 
 def _built_ahead_for_generate() -> bool:
     """Whether transformers' ``generate`` is building the masks ahead of the forward
-    (``create_masks_for_generate``, for compileable caches): it hands them to the model as its
-    ``attention_mask``, which reads anything but a tensor (a :class:`PatternMask`) as a 2-D padding mask
-    and fails; those are built dense (a 4-D mask passes through). Looked up on the calling frames, in
+    (``prepare_inputs_for_generation`` calling ``create_masks_for_generate``, for compileable caches): it
+    hands them to the model as its ``attention_mask``, which reads anything but a tensor (a
+    :class:`PatternMask`) as a 2-D padding mask and fails; those are built dense (a 4-D mask passes
+    through). Gemma 3 and 4 call ``create_masks_for_generate`` in every forward: not from
+    ``prepare_inputs_for_generation``, so theirs keep the cheap form. Looked up on the calling frames, in
     eager mode only (generate builds them so)."""
     if torch.compiler.is_compiling():
         return False
     frame = sys._getframe(1).f_back  # the mask function's caller (None at the top of a stack)
-    for _ in range(10):
+    creating = False
+    for _ in range(12):
         if frame is None:
             return False
-        if frame.f_code.co_name == "create_masks_for_generate":
+        name = frame.f_code.co_name
+        creating = creating or name == "create_masks_for_generate"
+        if creating and name == "prepare_inputs_for_generation":
             return True
         frame = frame.f_back
     return False
+
+
+# Models whose own code reads the attention mask as a tensor before the attention function (Doge's dynamic
+# mask adds to it): they get transformers' dense masks, as sdpa does (a PatternMask has no dtype).
+_READ_THE_MASK = frozenset({"doge"})
 
 
 def fused_attention_mask(
@@ -136,7 +147,8 @@ def fused_attention_mask(
     standard, window = _pattern(mask_function)
     # The attention aligns causality and windows bottom-right: query i at key position i + kv_length - q_length.
     aligned = window is None or (isinstance(q_offset, int) and q_offset - kv_offset == kv_length - q_length)
-    if standard and aligned and not kwargs.get("use_vmap", False) and not _built_ahead_for_generate():
+    reads = getattr(kwargs.get("config"), "model_type", None) in _READ_THE_MASK
+    if standard and aligned and not kwargs.get("use_vmap", False) and not reads and not _built_ahead_for_generate():
         if attention_mask is None:
             return PatternMask(None, window)
         padding = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
