@@ -55,8 +55,14 @@ TORCH_LIBRARY(fused_attention, m) {
         "float softcap, float scale, float dropout_p, bool need_mask_grad, bool need_alibi_grad, "
         "bool need_sinks_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
         tags);
+  // `attention` without dropout or sinks, its lse in float64 for every dtype: to the precision of each
+  // row's sum, not float's spacing at |lse| (ring attention merges blocks through it).
+  m.def("attention_precise_lse(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? key_lengths, Tensor? alibi, "
+        "bool causal, int window_left, int window_right, float softcap, float scale) -> (Tensor, Tensor)",
+        tags);
   // (dq, dk, dv) of one block of a larger softmax, as FlashAttention's backward: lse and
-  // delta = rowsum(dO * O) (B, Hq, L) of the whole softmax are given, not recomputed (ring attention).
+  // delta = rowsum(dO * O) (B, Hq, L) of the whole softmax are given, not recomputed (ring attention); a
+  // float64 lse keeps its precision in float arithmetic.
   m.def("attention_backward_from_stats(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? mask, "
         "Tensor? key_lengths, Tensor? alibi, Tensor lse, Tensor delta, bool causal, int window_left, "
         "int window_right, float softcap, float scale) -> (Tensor, Tensor, Tensor)",

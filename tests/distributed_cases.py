@@ -251,6 +251,12 @@ def _cases(world: int) -> dict:
                                                                          alibi=True, softcap=3.0),
         "ring_zigzag_f32_softcap_causal": lambda: check_against_whole(world, "ring", "zigzag", f32, zz,
                                                                       softcap=2.0, is_causal=True),
+        # Scores of a few tens (scale 6): float32's spacing at |lse| is a same-signed error in every exp(S -
+        # lse) of a row; the blocks' lse are merged in float64 so that the gradients keep the policy.
+        "ring_zigzag_f32_causal_window_scale6": lambda: check_against_whole(
+            world, "ring", "zigzag", f32, zz, is_causal=True, window_size=(5, 0), scale=6.0),
+        "ring_zigzag_f32_causal_alibi_scale6": lambda: check_against_whole(
+            world, "ring", "zigzag", f32, zz, is_causal=True, alibi=True, scale=6.0),
         "ring_zigzag_f32_right_window": lambda: check_against_whole(world, "ring", "zigzag", f32, zz,
                                                                     window_size=(-1, 2)),
         "ring_zigzag_bf16_causal_wide_window": lambda: check_against_whole(world, "ring", "zigzag", bf16, zz,

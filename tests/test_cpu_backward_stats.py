@@ -97,3 +97,58 @@ def test_upstream_gradient_of_the_wrong_shape_is_refused():
     lse = torch.zeros(2, 4, 37, dtype=torch.float64)
     with pytest.raises(RuntimeError, match=r"dout must be \(B, Hq, L, Ev\)"):
         CPU.attention_backward_from_stats(_inputs(q, k, v, kwargs), dout[:, :, :1], lse, lse)
+
+
+def _draw(length: int, dtype, q_scale: float = 1.0, heads=(4, 2)):
+    gen = torch.Generator().manual_seed(length)
+    q = torch.randn(1, heads[0], length, 16, generator=gen) * q_scale
+    k, v = (torch.randn(1, heads[1], length + 5, 16, generator=gen) for _ in range(2))
+    dout = torch.randn(1, heads[0], length, 16, generator=gen)
+    return tuple(t.to(dtype) for t in (q, k, v, dout))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_precise_lse_holds_what_float32_cannot(dtype):
+    """``attention_precise_lse``: the output of ``attention`` bit for bit (both blocked: more than 16 rows),
+    and a float64 lse within a few float32 roundings of the row's sum at scores near a thousand, where
+    float32's own lse is off by up to half its spacing there (3e-5). Small integers for q and k: their
+    scores are exact in float32, so the float64 reference's lse is that of the kernel's own scores."""
+    q, k, v, _ = _draw(19, dtype, q_scale=6.0)
+    q, k = q.round(), k.round() * 6
+    inputs = canonicalize(q, k, v, None, 0.0, True, 1.0, True)
+    out, lse = CPU.attention_precise_lse(inputs)
+    plain_out, plain_lse = CPU.attention(inputs)
+    assert lse.dtype == torch.float64 and torch.equal(out, plain_out)
+    want = reference_attention(*(t.double() for t in (q, k, v)), is_causal=True, scale=1.0, enable_gqa=True)[1]
+    assert want.abs().max() > 512
+    assert (lse - want).abs().max() < 2e-6
+    assert (plain_lse.double() - want).abs().max() > 2e-6  # (what the test is about)
+
+
+STATS_FEATURES = {
+    "causal": {"is_causal": True}, "window": {"window_size": (5, 2)},
+    "alibi": {"alibi_slopes": torch.tensor([0.5, 0.25, 0.125, 0.0625]), "is_causal": True},
+    "softcap": {"softcap": 50.0},
+}
+
+
+@pytest.mark.parametrize("length", [12, 40])  # the decode forward's row counts, and the blocked forward's
+@pytest.mark.parametrize("feature", STATS_FEATURES)
+def test_backward_from_the_precise_forward_keeps_the_policy(feature, length):
+    """Ring attention's pair: the forward's float64 lse, then the backward from it, at scores of a few tens
+    (scale 6): float32 gradients by the tolerance policy. The lse must come from scores rounded as the
+    backward rounds them: from the decode forward's, dv missed the bound by 3-6x."""
+    q, k, v, dout = _draw(length, torch.float32)
+    kwargs = dict(STATS_FEATURES[feature], scale=6.0, enable_gqa=True)
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    out64, _ = reference_attention(*leaves64, **kwargs)
+    expected = torch.autograd.grad(out64, leaves64, dout.double())
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    in_float32 = torch.autograd.grad(reference_attention(*leaves, **kwargs)[0], leaves, dout)
+    rest = {n: x for n, x in kwargs.items() if n not in ("is_causal", "scale", "enable_gqa")}
+    inputs = canonicalize(q, k, v, None, 0.0, kwargs.get("is_causal", False), 6.0, True, **rest)
+    out, lse = CPU.attention_precise_lse(inputs)
+    delta = (dout * out).sum(-1)
+    grads = CPU.attention_backward_from_stats(inputs, dout, lse, delta)
+    for got, mid, want, name in zip(grads, in_float32, expected, ("dq", "dk", "dv"), strict=True):
+        assert_policy(got, mid, want, 3.0, name)

@@ -154,6 +154,7 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
         std::fill(p, p + n_pad, acc_t(0));
       } else {
         exp_shifted_sum(p, p, n_pad, lse, exp_scale);  // lse is large where scores are
+        if (scoring.row_lse_low) scale_row(p, n_pad, static_cast<acc_t>(std::exp(-scoring.row_lse_low[at])));
       }
       delta = scoring.row_delta[at];
       softmax_backward_row(p, dp, static_cast<const acc_t*>(nullptr), delta, n_pad);

@@ -87,7 +87,12 @@ const char* attention_isa() {
 template <typename scalar_t>
 void attention_forward_kernel(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring,
                               const Operand<scalar_t>& out, attn_acc_t<scalar_t>* lse, const RowIndex& lse_index) {
-  if (decode_serves(problem, scoring)) {
+  // An lse for the backward from statistics (RowIndex::low) comes from the blocked forward of the
+  // backward's own ISA: its scores round as the backward's do, so that every row's exp(score - lse) there
+  // sums to 1 (the decode path's and AMX's products round differently: at scores of a few tens that left
+  // float32 value gradients at 3-6x the tolerance policy's bound).
+  const bool as_backward = lse_index.low != nullptr;
+  if (!as_backward && decode_serves(problem, scoring)) {
     switch (selected()) {
 #if FUSED_ATTENTION_X86_VARIANTS
       case Isa::amx:
@@ -110,7 +115,9 @@ void attention_forward_kernel(const Problem<scalar_t>& problem, const Scoring<at
 #if FUSED_ATTENTION_X86_VARIANTS
     case Isa::amx:
 #if FUSED_ATTENTION_AMX
-      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return amx::forward_bf16(problem, scoring, out, lse, lse_index);
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (!as_backward) return amx::forward_bf16(problem, scoring, out, lse, lse_index);
+      }
 #endif
       return avx512::forward<scalar_t>(problem, scoring, out, lse, lse_index);
     case Isa::avx512bf16:

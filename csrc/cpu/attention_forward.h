@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/attention_gemm.h"
@@ -248,8 +249,15 @@ void finish_rows(const Sequence& seq, int64_t head, int64_t i0, int64_t rows, in
     }
     const acc_t inverse = total > 0 ? factor / total : acc_t(0);  // a row that saw nothing stays 0
     scale_row(out + r * ldv, ldv, inverse);
-    lse[lse_index.at(seq, head, i0 + r)] =
-        total > 0 ? shift + std::log(total) : -std::numeric_limits<acc_t>::infinity();
+    const int64_t at = lse_index.at(seq, head, i0 + r);
+    lse[at] = total > 0 ? shift + std::log(total) : -std::numeric_limits<acc_t>::infinity();
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (lse_index.low) {
+        const double exact = static_cast<double>(shift) + std::log(static_cast<double>(total));
+        lse[at] = total > 0 ? static_cast<float>(exact) : lse[at];
+        lse_index.low[at] = total > 0 ? static_cast<float>(exact - static_cast<double>(lse[at])) : 0.0f;
+      }
+    }
   }
   store_rows(output, seq.batch, head, seq.q_start + i0, rows, value_dim, out, ldv);
 }

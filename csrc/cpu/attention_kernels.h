@@ -26,6 +26,10 @@ struct Problem {
 // (batch, head, token) -> offset into a contiguous per-row buffer (lse, or the backward's per-row data).
 struct RowIndex {
   int64_t batch_stride, head_stride;
+  // Where set (float arithmetic), each row's lse - float(lse) as well: float's spacing at |lse| is a
+  // same-signed error in every exp(score - lse) of the row, which a merge over key blocks (ring
+  // attention) would carry into its gradients; the pair holds lse to the precision of the row's sum.
+  float* low = nullptr;
   int64_t at(const Sequence& seq, int64_t head, int64_t i) const {
     return seq.batch * batch_stride + head * head_stride + seq.q_start + i;
   }

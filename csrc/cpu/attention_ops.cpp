@@ -119,6 +119,40 @@ void check_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& q) {
   }
 }
 
+// `precise`: lse in float64 for every input dtype, to the precision of each row's sum (RowIndex::low)
+// rather than float's spacing at |lse| (what a merge over key blocks needs: ring attention).
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const c10::optional<at::Tensor>& mask,
+                                                     const c10::optional<at::Tensor>& key_lengths,
+                                                     const c10::optional<at::Tensor>& alibi,
+                                                     const c10::optional<at::Tensor>& seed,
+                                                     const c10::optional<at::Tensor>& sinks, bool causal,
+                                                     int64_t window_left, int64_t window_right, double softcap,
+                                                     double scale, double dropout_p, bool precise) {
+  check_inputs(q, k, v, 4);
+  check_mask(mask, q);
+  const int64_t batch = q.size(0), heads = q.size(1), len_q = q.size(2);
+  at::Tensor out = at::empty({batch, heads, len_q, v.size(3)}, q.options());
+  at::Tensor lse = at::empty({batch, heads, len_q}, q.options().dtype(acc_dtype(q)));
+  const bool split = precise && acc_dtype(q) == at::kFloat;
+  at::Tensor low = split ? at::empty(lse.sizes(), lse.options()) : at::Tensor();
+  const at::Tensor sink_tensor = sink_logits(sinks, heads, acc_dtype(q));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::attention", [&] {
+    using acc_t = attn_acc_t<scalar_t>;
+    const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc_dtype(q), batch, heads);
+    const Problem<scalar_t> problem = dense_problem<scalar_t>(q, k, v, key_lengths);
+    RowIndex rows{heads * len_q, len_q};
+    if (split) rows.low = low.data_ptr<float>();
+    attention_forward_kernel<scalar_t>(
+        problem,
+        scoring<acc_t>(slope_tensor, slope_stride, mask, seed, sink_tensor, causal, window_left, window_right,
+                       softcap, scale, dropout_p),
+        Operand<scalar_t>::dense(out), lse.data_ptr<acc_t>(), rows);
+  });
+  if (precise) lse = split ? lse.to(at::kDouble).add_(low) : lse;
+  return {out, lse};
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const c10::optional<at::Tensor>& mask,
                                                  const c10::optional<at::Tensor>& key_lengths,
@@ -127,23 +161,19 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
                                                  const c10::optional<at::Tensor>& sinks, bool causal,
                                                  int64_t window_left, int64_t window_right, double softcap,
                                                  double scale, double dropout_p) {
-  check_inputs(q, k, v, 4);
-  check_mask(mask, q);
-  const int64_t batch = q.size(0), heads = q.size(1), len_q = q.size(2);
-  at::Tensor out = at::empty({batch, heads, len_q, v.size(3)}, q.options());
-  at::Tensor lse = at::empty({batch, heads, len_q}, q.options().dtype(acc_dtype(q)));
-  const at::Tensor sink_tensor = sink_logits(sinks, heads, acc_dtype(q));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::attention", [&] {
-    using acc_t = attn_acc_t<scalar_t>;
-    const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc_dtype(q), batch, heads);
-    const Problem<scalar_t> problem = dense_problem<scalar_t>(q, k, v, key_lengths);
-    attention_forward_kernel<scalar_t>(
-        problem,
-        scoring<acc_t>(slope_tensor, slope_stride, mask, seed, sink_tensor, causal, window_left, window_right,
-                       softcap, scale, dropout_p),
-        Operand<scalar_t>::dense(out), lse.data_ptr<acc_t>(), RowIndex{heads * len_q, len_q});
-  });
-  return {out, lse};
+  return attention_forward(q, k, v, mask, key_lengths, alibi, seed, sinks, causal, window_left, window_right,
+                           softcap, scale, dropout_p, false);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_precise_lse_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v,
+                                                             const c10::optional<at::Tensor>& mask,
+                                                             const c10::optional<at::Tensor>& key_lengths,
+                                                             const c10::optional<at::Tensor>& alibi, bool causal,
+                                                             int64_t window_left, int64_t window_right,
+                                                             double softcap, double scale) {
+  return attention_forward(q, k, v, mask, key_lengths, alibi, c10::nullopt, c10::nullopt, causal, window_left,
+                           window_right, softcap, scale, 0.0, true);
 }
 
 // The buffer the kernel adds the float mask's gradient into, and how to turn it into that gradient.
@@ -262,6 +292,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_from_stats_cpu
                   dout.size(3) == v.size(3),
               "fused_attention::attention_backward_from_stats: dout must be (B, Hq, L, Ev), got ", dout.sizes());
   const at::Tensor row_lse = lse.to(acc).contiguous(), row_delta = delta.to(acc).contiguous();
+  // A float64 lse (attention_precise_lse's) in float arithmetic: its part below float's spacing too.
+  at::Tensor row_lse_low;
+  if (acc == at::kFloat && lse.scalar_type() == at::kDouble) {
+    const at::Tensor exact = lse.contiguous();
+    row_lse_low = at::empty(row_lse.sizes(), row_lse.options());
+    const double* e = exact.data_ptr<double>();
+    const float* hi = row_lse.data_ptr<float>();
+    float* lo = row_lse_low.data_ptr<float>();
+    for (int64_t i = 0; i < exact.numel(); ++i) lo[i] = std::isfinite(e[i]) ? static_cast<float>(e[i] - hi[i]) : 0.0f;
+  }
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::attention_backward_from_stats", [&] {
@@ -271,6 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_from_stats_cpu
                                           window_left, window_right, softcap, scale, 0.0);
     rules.row_lse = row_lse.data_ptr<acc_t>();
     rules.row_delta = row_delta.data_ptr<acc_t>();
+    if (row_lse_low.defined()) rules.row_lse_low = row_lse_low.data_ptr<float>();
     rules.row_batch_stride = heads * len_q;
     rules.row_head_stride = len_q;
     attention_backward_kernel<scalar_t>(dense_problem<scalar_t>(q, k, v, key_lengths), rules,
@@ -449,6 +490,7 @@ TORCH_LIBRARY_IMPL(fused_attention, CPU, m) {
   m.impl("attention", &attention_cpu);
   m.impl("attention_backward", &attention_backward_cpu);
   m.impl("attention_backward_from_stats", &attention_backward_from_stats_cpu);
+  m.impl("attention_precise_lse", &attention_precise_lse_cpu);
   m.impl("varlen_attention", &varlen_attention_cpu);
   m.impl("varlen_attention_backward", &varlen_attention_backward_cpu);
 }

@@ -165,6 +165,7 @@ struct Scoring {
   // The backward given each row's lse and delta = rowsum(dO * O) (FlashAttention's interface, for a
   // block of a larger softmax: ring attention): (B, Hq, L) contiguous, in acc_t; null: recomputed.
   const acc_t* row_lse = nullptr;
+  const float* row_lse_low = nullptr;  // lse - row_lse where float's spacing at |lse| is too coarse
   const acc_t* row_delta = nullptr;
   int64_t row_batch_stride = 0, row_head_stride = 0;
 

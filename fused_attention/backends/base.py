@@ -165,6 +165,14 @@ class Backend(ForgetsDecisions):
         No dropout; no sinks (they belong to the whole softmax: its caller's)."""
         return None
 
+    def attention_precise_lse(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(out, lse)`` of :meth:`attention` with ``lse`` in float64 whatever the dtype, accurate to the
+        precision of each row's sum rather than to float32's spacing at ``|lse|`` (a same-signed error in
+        every ``exp(S - lse)`` of the row, which a merge over key blocks carries into the gradients of
+        :meth:`attention_backward_from_stats`); or None. Backends that override that backward override
+        this. No dropout, no sinks."""
+        return None
+
 
 def draw_seed(inputs: AttentionInputs | VarlenInputs) -> torch.Tensor | None:
     """A dropout seed from torch's default CPU generator, so ``torch.manual_seed`` reproduces it."""

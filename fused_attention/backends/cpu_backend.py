@@ -79,5 +79,13 @@ class CpuBackend(Backend):
             inputs.softcap, inputs.scale,
         )
 
+    def attention_precise_lse(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        if inputs.dropout_p or inputs.sinks is not None:
+            raise ValueError("attention_precise_lse: no dropout, no sinks")
+        return torch.ops.fused_attention.attention_precise_lse.default(
+            inputs.query, inputs.key, inputs.value, inputs.attn_mask, inputs.key_lengths, inputs.alibi_slopes,
+            inputs.causal, inputs.window_left, inputs.window_right, inputs.softcap, inputs.scale,
+        )
+
 
 CPU = CpuBackend()

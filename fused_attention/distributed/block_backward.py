@@ -61,12 +61,8 @@ def stats_backend(rules: Rules, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return overrides and not backend.not_supported_reasons(inputs)
 
 
-def block_backward_from_stats(
-    rules: Rules, block: Block, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
-    lse: torch.Tensor, delta: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` of the block's rows and keys from one backward call given the global ``lse`` and
-    ``delta`` (:func:`stats_backend` said the backend has it); ``v`` the plain values."""
+def _stats_inputs(rules: Rules, block: Block, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """The block's call (rows and keys cut out) for a backend that takes the global statistics."""
     rows, cols = slice(block.q0, block.q1), slice(block.k0, block.k1)
     mask = block_mask(rules, block, q.device, accumulation_dtype(q.dtype)) if block.form == "mask" else None
     kwargs = {"window_size": (-1, block.window_right)} if block.form == "band" else {}
@@ -74,9 +70,33 @@ def block_backward_from_stats(
         q[:, :, rows], k[:, :, cols], v[:, :, cols], mask, 0.0, False, rules.scale, rules.enable_gqa,
         softcap=rules.softcap or None, **kwargs,
     )
-    grads = _backend(rules, inputs).attention_backward_from_stats(
-        inputs, dout[:, :, rows], lse[:, :, rows], delta[:, :, rows]
-    )
+    return inputs, _backend(rules, inputs)
+
+
+def block_forward_for_stats(
+    rules: Rules, block: Block, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of the block's rows ``q0:q1`` against keys ``k0:k1`` of the shard, with ``lse``
+    in float64 (:meth:`~fused_attention.backends.base.Backend.attention_precise_lse`): merged in float64,
+    the global lse stays exact to each block's row sums, and :func:`block_backward_from_stats`'s
+    ``exp(S - lse)`` carries no same-signed error of float32's spacing at ``|lse|`` (which made float32
+    gradients miss the policy by up to 4.5x at scale 6)."""
+    inputs, backend = _stats_inputs(rules, block, q, k, v)
+    result = backend.attention_precise_lse(inputs)
+    assert result is not None, "stats_backend chose a backend with this forward"
+    return result
+
+
+def block_backward_from_stats(
+    rules: Rules, block: Block, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
+    lse: torch.Tensor, delta: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of the block's rows and keys from one backward call given the global ``lse``
+    (float64: :func:`block_forward_for_stats`) and ``delta`` (:func:`stats_backend` said the backend has
+    it); ``v`` the plain values."""
+    rows = slice(block.q0, block.q1)
+    inputs, backend = _stats_inputs(rules, block, q, k, v)
+    grads = backend.attention_backward_from_stats(inputs, dout[:, :, rows], lse[:, :, rows], delta[:, :, rows])
     assert grads is not None, "stats_backend chose a backend with this backward"
     return grads
 

@@ -24,7 +24,13 @@ import torch
 import torch.distributed as dist
 
 from ..ops.attention_rules import first_order_backward
-from .block_backward import block_backward, block_backward_from_stats, stats_backend, with_ones_column
+from .block_backward import (
+    block_backward,
+    block_backward_from_stats,
+    block_forward_for_stats,
+    stats_backend,
+    with_ones_column,
+)
 from .blocks import Rules, block_mask, call_attention, plan_step
 from .layout import Segments
 from .merge import accumulation_dtype, fold_sinks_, merge_into_
@@ -110,10 +116,11 @@ def _for_heads(ring: Ring, group: HeadGroup) -> Ring:
 
 def _forward_ring(
     ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, acc_out: torch.Tensor, acc_lse: torch.Tensor,
-    keep: bool,
+    stats: bool, keep: bool,
 ) -> list:
     """One head group's forward ring, merged into ``acc_out``/``acc_lse`` (views) in place; returns each
-    step's block ``(out, lse)`` when ``keep`` (for a backward that cannot take the global statistics)."""
+    step's block ``(out, lse)`` when ``keep`` (for a backward that cannot take the global statistics).
+    ``stats``: the blocks' backward takes the global statistics, and their forward gives a float64 lse."""
     k_cur, v_cur = k, v
     saved_blocks = []
     for step in range(ring.world):
@@ -124,11 +131,14 @@ def _forward_ring(
         start = time.perf_counter()
         step_blocks = []
         for block in ring.blocks(step):
-            mask = block_mask(ring.rules, block, q.device, acc_out.dtype) if block.form == "mask" else None
-            out, lse = call_attention(
-                ring.rules, block, q[:, :, block.q0 : block.q1], k_cur[:, :, block.k0 : block.k1],
-                v_cur[:, :, block.k0 : block.k1], mask,
-            )
+            if stats:
+                out, lse = block_forward_for_stats(ring.rules, block, q, k_cur, v_cur)
+            else:
+                mask = block_mask(ring.rules, block, q.device, acc_out.dtype) if block.form == "mask" else None
+                out, lse = call_attention(
+                    ring.rules, block, q[:, :, block.q0 : block.q1], k_cur[:, :, block.k0 : block.k1],
+                    v_cur[:, :, block.k0 : block.k1], mask,
+                )
             merge_into_(acc_out[:, :, block.q0 : block.q1], acc_lse[:, :, block.q0 : block.q1], out, lse)
             if keep:
                 step_blocks.append((out, lse))
@@ -223,24 +233,27 @@ class RingAttentionFunction(torch.autograd.Function):
         alibi: torch.Tensor | None, ring: Ring, groups: list[HeadGroup],
     ):
         cd = accumulation_dtype(q.dtype)
-        acc_out = q.new_zeros(*q.shape[:-1], v.shape[-1], dtype=cd)
-        acc_lse = q.new_full(q.shape[:-1], float("-inf"), dtype=cd)
-        # Block outputs are kept for the backward only where its blocks cannot take the global statistics.
+        # Block outputs are kept for the backward only where its blocks cannot take the global statistics;
+        # where they can, the lse is merged (and kept for the backward) in float64.
         ctx.stats = stats_backend(ring.rules, q, k, v)
         keep = any(ctx.needs_input_grad[:5]) and not ctx.stats
+        acc_out = q.new_zeros(*q.shape[:-1], v.shape[-1], dtype=cd)
+        acc_lse = q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float64 if ctx.stats else cd)
         ctx.saved_blocks = [  # per head group, per step
             _forward_ring(
-                _for_heads(ring, g), q[:, g.q], k[:, g.kv], v[:, g.kv], acc_out[:, g.q], acc_lse[:, g.q], keep
+                _for_heads(ring, g), q[:, g.q], k[:, g.kv], v[:, g.kv], acc_out[:, g.q], acc_lse[:, g.q],
+                ctx.stats, keep,
             )
             for g in groups
         ]
         if sinks is not None:
             fold_sinks_(acc_out, acc_lse, sinks.to(cd))
         out = acc_out.to(q.dtype)
+        lse = acc_lse.to(cd)
         ctx.ring, ctx.groups = ring, groups
         ctx.save_for_backward(q, k, v, out, acc_lse, sinks)
-        ctx.mark_non_differentiable(acc_lse)
-        return out, acc_lse
+        ctx.mark_non_differentiable(lse)
+        return out, lse
 
     @staticmethod
     @first_order_backward  # (its gradients have no derivative: a penalty through them raises)
