@@ -178,6 +178,30 @@ def test_alibi_module():
     assert "slopes" not in module.state_dict()
 
 
+@pytest.mark.parametrize("positional", ["rope", "alibi"])
+def test_tables_built_on_the_meta_device_are_rebuilt_by_to_empty(positional):
+    """A model built on the meta device, then ``to_empty`` and ``load_state_dict`` (the large-model and
+    FSDP recipe): the tables are non-persistent buffers that no state_dict restores, so leaving the meta
+    device must rebuild them (before, they held uninitialised memory: NaN or silently wrong outputs)."""
+    from fused_attention.nn import MultiheadAttention
+
+    reference = MultiheadAttention(16, 4, batch_first=True, positional=positional).eval()
+    with torch.device("meta"):
+        built = MultiheadAttention(16, 4, batch_first=True, positional=positional)
+    for module in (built, MultiheadAttention(16, 4, batch_first=True, positional=positional, device="meta")):
+        module.to_empty(device="cpu").eval()
+        module.load_state_dict(reference.state_dict())
+        x = rand(2, 6, 16)
+        torch.testing.assert_close(module(x, x, x)[0], reference(x, x, x)[0], rtol=0, atol=0)
+    with torch.device("meta"):
+        rotary, alibi = RotaryEmbedding(8, max_seq_len=16), ALiBi(12)
+    rotary.to_empty(device="cpu")
+    alibi.to_empty(device="cpu")
+    assert torch.equal(rotary.cos_cached, RotaryEmbedding(8, max_seq_len=16).cos_cached)
+    assert torch.equal(rotary.sin_cached, RotaryEmbedding(8, max_seq_len=16).sin_cached)
+    assert torch.equal(alibi(), fused_attention.alibi_slopes(12))
+
+
 # --- RoPE scalings against transformers ---------------------------------------------------------------
 
 SCALINGS = [

@@ -163,8 +163,11 @@ class RotaryEmbedding(nn.Module):
         self._lock = threading.Lock()
 
     def _apply(self, fn, recurse=True):
+        was_meta = self.cos_cached.is_meta
         module = super()._apply(fn, recurse)
-        if self.cos_cached.dtype != torch.float32:  # casting the module must not round the tables
+        # Casting the module must not round the tables, and tables leaving the meta device (a model built
+        # there, then ``to_empty``) hold no values; ``load_state_dict`` cannot restore non-persistent buffers.
+        if self.cos_cached.dtype != torch.float32 or (was_meta and not self.cos_cached.is_meta):
             self._rebuild(self.cos_cached.shape[0], self.cos_cached.device)
         return module
 
@@ -229,8 +232,10 @@ class ALiBi(nn.Module):
         self.register_buffer("slopes", alibi_slopes(num_heads), persistent=False)
 
     def _apply(self, fn, recurse=True):
+        was_meta = self.slopes.is_meta
         module = super()._apply(fn, recurse)
-        if self.slopes.dtype != torch.float32:  # the attention kernels take float32 slopes
+        # The kernels take float32 slopes; slopes leaving the meta device (``to_empty``) hold no values.
+        if self.slopes.dtype != torch.float32 or (was_meta and not self.slopes.is_meta):
             self.slopes = alibi_slopes(self.num_heads, device=self.slopes.device)
         return module
 
