@@ -85,6 +85,28 @@ def test_positional_encoding_batch_first_dropout_and_max_len():
     assert (out == 0).any()
 
 
+@pytest.mark.parametrize("module_dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_positional_encoding_result_dtype_is_the_classic_modules(module_dtype, x_dtype):
+    """``x + pe`` promotes: a bfloat16 ``x`` through a float32 module (autocast, mixed precision) gives
+    float32 in the classic module and, before, bfloat16 here on the formula path (float32 on the
+    stored-table path: the dtype depended on whether ``pe`` was edited)."""
+    classic = ClassicPositionalEncoding(16, dropout=0.0, max_len=50).to(module_dtype)
+    ours = PositionalEncoding(16, max_len=50).to(module_dtype)
+    ours.load_state_dict(classic.state_dict())
+    x = rand(20, 3, 16).to(x_dtype)
+    want = classic(x)
+    for _ in range(2):  # the formula (where the cast table still is it), then an edited table
+        got = ours(x)
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=4e-3)
+        with torch.no_grad():
+            ours.pe.mul_(1.5)
+            classic.pe.mul_(1.5)
+        assert not ours.uses_formula()
+        want = classic(x)
+
+
 def test_rotary_embedding_module_grows_and_stays_float32():
     module = RotaryEmbedding(16, max_seq_len=8)
     q, k = rand(2, 4, 6, 32), rand(2, 2, 6, 32)

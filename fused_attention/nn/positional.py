@@ -96,6 +96,8 @@ class PositionalEncoding(nn.Module):
                 f"x has {seq_len} positions but this PositionalEncoding holds max_len={self.pe.shape[0]}"
             )
         if self.uses_formula():
+            if x.is_floating_point():  # the classic module's ``x + pe`` promotes (bfloat16 x, float32 pe: float32)
+                x = x.to(torch.promote_types(x.dtype, self.pe.dtype))
             out = add_sinusoidal_position_encoding(x, batch_first=self.batch_first)
         else:
             table = self.pe[:seq_len]
