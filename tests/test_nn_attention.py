@@ -409,8 +409,8 @@ def test_bad_construction():
     assert isinstance(e.value, ValueError)
     with pytest.raises(ValueError, match="greater than 0"):
         MultiheadAttention(0, 2)
-    with pytest.raises(ValueError, match="d_model"):
-        TransformerEncoderLayer(10, 3)
+    with pytest.raises(ValueError, match=r"d_model \(10\) must be divisible by nhead \(3\)"):
+        TransformerEncoderLayer(10, 3)  # torch's argument names
     with pytest.raises(ValueError, match="d_model"):
         SelfAttention(10, 3)
     with pytest.raises(ValueError, match="positional"):
