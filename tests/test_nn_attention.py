@@ -12,6 +12,7 @@ import warnings
 import zlib
 from dataclasses import dataclass, replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -408,8 +409,8 @@ def test_bad_construction():
     assert isinstance(e.value, ValueError)
     with pytest.raises(ValueError, match="greater than 0"):
         MultiheadAttention(0, 2)
-    with pytest.raises(ValueError, match="d_model"):
-        TransformerEncoderLayer(10, 3)
+    with pytest.raises(ValueError, match=r"d_model \(10\) must be divisible by nhead \(3\)"):
+        TransformerEncoderLayer(10, 3)  # torch's argument names
     with pytest.raises(ValueError, match="d_model"):
         SelfAttention(10, 3)
     with pytest.raises(ValueError, match="positional"):
@@ -429,6 +430,24 @@ def test_mismatched_mask_types_warn_as_torch():
     for module in (nn.MultiheadAttention(E, H), MultiheadAttention(E, H)):
         with pytest.warns(UserWarning, match="mismatched key_padding_mask and attn_mask"):
             module(x, x, x, key_padding_mask=kpm, attn_mask=attn)
+
+
+@pytest.mark.parametrize("flag", [None, 0, 1, np.bool_(True), np.bool_(False)])
+def test_need_weights_is_read_as_a_truth_value_as_torch_reads_it(flag):
+    """torch's module takes any truth value for ``need_weights``; ours passed it on as the kernel's
+    ``return_lse``, which raised a TypeError naming an argument the caller never passed."""
+    gen = torch.Generator().manual_seed(11)
+    ref = randomize_(nn.MultiheadAttention(E, H), gen)
+    ours = MultiheadAttention(E, H)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(L, N, E, generator=gen)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            (want, want_weights), (got, got_weights) = (m(x, x, x, need_weights=flag) for m in (ref, ours))
+        torch.testing.assert_close(got, want)
+        assert (got_weights is None) == (want_weights is None)
+        if want_weights is not None:
+            torch.testing.assert_close(got_weights, want_weights)
 
 
 def test_nested_input_runs_varlen_and_rejects_what_it_cannot_serve():

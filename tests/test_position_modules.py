@@ -85,6 +85,28 @@ def test_positional_encoding_batch_first_dropout_and_max_len():
     assert (out == 0).any()
 
 
+@pytest.mark.parametrize("module_dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_positional_encoding_result_dtype_is_the_classic_modules(module_dtype, x_dtype):
+    """``x + pe`` promotes: a bfloat16 ``x`` through a float32 module (autocast, mixed precision) gives
+    float32 in the classic module and, before, bfloat16 here on the formula path (float32 on the
+    stored-table path: the dtype depended on whether ``pe`` was edited)."""
+    classic = ClassicPositionalEncoding(16, dropout=0.0, max_len=50).to(module_dtype)
+    ours = PositionalEncoding(16, max_len=50).to(module_dtype)
+    ours.load_state_dict(classic.state_dict())
+    x = rand(20, 3, 16).to(x_dtype)
+    want = classic(x)
+    for _ in range(2):  # the formula (where the cast table still is it), then an edited table
+        got = ours(x)
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=4e-3)
+        with torch.no_grad():
+            ours.pe.mul_(1.5)
+            classic.pe.mul_(1.5)
+        assert not ours.uses_formula()
+        want = classic(x)
+
+
 def test_rotary_embedding_module_grows_and_stays_float32():
     module = RotaryEmbedding(16, max_seq_len=8)
     q, k = rand(2, 4, 6, 32), rand(2, 2, 6, 32)
@@ -176,6 +198,30 @@ def test_alibi_module():
     module.half()
     assert module().dtype == torch.float32
     assert "slopes" not in module.state_dict()
+
+
+@pytest.mark.parametrize("positional", ["rope", "alibi"])
+def test_tables_built_on_the_meta_device_are_rebuilt_by_to_empty(positional):
+    """A model built on the meta device, then ``to_empty`` and ``load_state_dict`` (the large-model and
+    FSDP recipe): the tables are non-persistent buffers that no state_dict restores, so leaving the meta
+    device must rebuild them (before, they held uninitialised memory: NaN or silently wrong outputs)."""
+    from fused_attention.nn import MultiheadAttention
+
+    reference = MultiheadAttention(16, 4, batch_first=True, positional=positional).eval()
+    with torch.device("meta"):
+        built = MultiheadAttention(16, 4, batch_first=True, positional=positional)
+    for module in (built, MultiheadAttention(16, 4, batch_first=True, positional=positional, device="meta")):
+        module.to_empty(device="cpu").eval()
+        module.load_state_dict(reference.state_dict())
+        x = rand(2, 6, 16)
+        torch.testing.assert_close(module(x, x, x)[0], reference(x, x, x)[0], rtol=0, atol=0)
+    with torch.device("meta"):
+        rotary, alibi = RotaryEmbedding(8, max_seq_len=16), ALiBi(12)
+    rotary.to_empty(device="cpu")
+    alibi.to_empty(device="cpu")
+    assert torch.equal(rotary.cos_cached, RotaryEmbedding(8, max_seq_len=16).cos_cached)
+    assert torch.equal(rotary.sin_cached, RotaryEmbedding(8, max_seq_len=16).sin_cached)
+    assert torch.equal(alibi(), fused_attention.alibi_slopes(12))
 
 
 # --- RoPE scalings against transformers ---------------------------------------------------------------

@@ -24,10 +24,12 @@ def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     return len(shape) <= len(target) and all(d in (1, t) for d, t in zip(reversed(shape), reversed(target)))
 
 
-def _check_heads(embed_dim: int, num_heads: int, name: str = "embed_dim") -> None:
+def _check_heads(
+    embed_dim: int, num_heads: int, name: str = "embed_dim", heads_name: str = "num_heads"
+) -> None:
     positive = isinstance(embed_dim, int) and isinstance(num_heads, int) and embed_dim > 0 and num_heads > 0
     if positive and embed_dim % num_heads:
-        raise ModuleInputError(f"{name} ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        raise ModuleInputError(f"{name} ({embed_dim}) must be divisible by {heads_name} ({num_heads})")
 
 
 def _keep_torch_fast_paths_off(module: nn.Module, args: tuple) -> None:

@@ -47,7 +47,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         positional: str | None = None,
         backend: str | None = None,
     ) -> None:
-        _check_heads(d_model, nhead, "d_model")
+        _check_heads(d_model, nhead, "d_model", "nhead")
         super().__init__(
             d_model, nhead, dim_feedforward=dim_feedforward, dropout=dropout, activation=activation,
             layer_norm_eps=layer_norm_eps, batch_first=batch_first, norm_first=norm_first, bias=bias,

@@ -287,6 +287,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         ``attn_output`` has the query's layout with ``embed_dim`` features, ``attn_weights`` is
         ``(N, L, S)`` averaged over heads or ``(N, num_heads, L, S)`` (no ``N`` unbatched) with
         ``need_weights=True``, else ``None``."""
+        need_weights = bool(need_weights)  # torch reads it as a truth value (None, 0, NumPy bools)
         if any(isinstance(t, Tensor) and t.is_nested for t in (query, key, value)):
             return self._forward_nested(
                 query, key, value, key_padding_mask, need_weights, attn_mask, is_causal

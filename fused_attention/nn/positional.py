@@ -96,6 +96,8 @@ class PositionalEncoding(nn.Module):
                 f"x has {seq_len} positions but this PositionalEncoding holds max_len={self.pe.shape[0]}"
             )
         if self.uses_formula():
+            if x.is_floating_point():  # the classic module's ``x + pe`` promotes (bfloat16 x, float32 pe: float32)
+                x = x.to(torch.promote_types(x.dtype, self.pe.dtype))
             out = add_sinusoidal_position_encoding(x, batch_first=self.batch_first)
         else:
             table = self.pe[:seq_len]
@@ -163,8 +165,11 @@ class RotaryEmbedding(nn.Module):
         self._lock = threading.Lock()
 
     def _apply(self, fn, recurse=True):
+        was_meta = self.cos_cached.is_meta
         module = super()._apply(fn, recurse)
-        if self.cos_cached.dtype != torch.float32:  # casting the module must not round the tables
+        # Casting the module must not round the tables, and tables leaving the meta device (a model built
+        # there, then ``to_empty``) hold no values; ``load_state_dict`` cannot restore non-persistent buffers.
+        if self.cos_cached.dtype != torch.float32 or (was_meta and not self.cos_cached.is_meta):
             self._rebuild(self.cos_cached.shape[0], self.cos_cached.device)
         return module
 
@@ -229,8 +234,10 @@ class ALiBi(nn.Module):
         self.register_buffer("slopes", alibi_slopes(num_heads), persistent=False)
 
     def _apply(self, fn, recurse=True):
+        was_meta = self.slopes.is_meta
         module = super()._apply(fn, recurse)
-        if self.slopes.dtype != torch.float32:  # the attention kernels take float32 slopes
+        # The kernels take float32 slopes; slopes leaving the meta device (``to_empty``) hold no values.
+        if self.slopes.dtype != torch.float32 or (was_meta and not self.slopes.is_meta):
             self.slopes = alibi_slopes(self.num_heads, device=self.slopes.device)
         return module
 
