@@ -229,6 +229,21 @@ def second_derivative_raises(world: int) -> None:
     expect_error(lambda: torch.autograd.grad(first.square().sum() + leaf.sum(), leaf), "no derivative of their own")
 
 
+def under_autocast(world: int) -> None:
+    """Under CPU autocast to bfloat16 both return bfloat16, as scaled_dot_product_attention: the ring the
+    same numbers as on bfloat16 inputs, and gradients reach the float32 leaves (the ring returned float32,
+    its blocks computed in float32 or bfloat16 by backend)."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (shard_sequence(torch.randn(1, 12, 4 * world, 8, generator=gen)).requires_grad_() for _ in range(3))
+    for attention in (ring_attention, ulysses_attention):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attention(q, k, v, is_causal=True)
+        assert out.dtype == torch.bfloat16, (attention.__name__, out.dtype)
+        assert torch.equal(out, attention(*(t.detach().bfloat16() for t in (q, k, v)), is_causal=True))
+        grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+        assert all(g.dtype == torch.float32 and g.isfinite().all() for g in grads)
+
+
 def _cases(world: int) -> dict:
     zz = 8 * world * 2 if world < 4 else 48  # divisible by 2P; chunks of 4-8 tokens
     f32, f64, bf16 = torch.float32, torch.float64, torch.bfloat16
@@ -311,6 +326,7 @@ def _cases(world: int) -> dict:
         "device_mesh_group": lambda: device_mesh_group(world),
         "ring_second_derivative_raises": lambda: second_derivative_raises(world),
         "ring_backward_twice": lambda: ring_backward_twice(world),
+        "under_autocast": lambda: under_autocast(world),
     }
     if world == 2:
         c["ulysses_f32_gqa"] = lambda: check_against_whole(world, "ulysses", "zigzag", f32, zz, heads=(4, 2),

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from ..argument_checks import check_bool
 from ..backends.dispatch import BACKENDS, forced_backend_name, get_backend
 from ..errors import AttentionArgumentError
-from ..functional import scaled_dot_product_attention
+from ..functional import _autocast, scaled_dot_product_attention
 from ..inputs import canonicalize
 from .all_to_all import Resharder
 from .block_backward import stats_backend
@@ -203,11 +203,13 @@ def ring_attention(
     Partial results merge through their log-sum-exp in float32 (float64 for float64 inputs). The
     backward sends the key/value shards around again and the dK/dV partial sums around a second ring
     (float32 / float64); sinks join the merged result once. Each step's attention runs on our kernels
-    through :func:`fused_attention.scaled_dot_product_attention`; each block's backward is one call of
-    its backend's backward, made exact through the global softmax from the global lse and the block's
-    saved output (``fused_attention/distributed/block_backward.py``). Per-rank memory: the O(L / P)
-    shards, plus the block outputs kept for the backward (together one output-sized tensor per ring
-    step, i.e. ``(B, Hq, L, Ev)`` in all).
+    through our kernels; each block's backward is one call of its backend's backward, made exact through
+    the global softmax: given the global lse and delta where the backend takes them (``cpu``: the
+    blocks' lse in float64 then), else from the global lse and the block's saved output
+    (``fused_attention/distributed/block_backward.py``). Per-rank memory: the O(L / P) shards, plus,
+    where the blocks' outputs are kept for the backward, one output-sized tensor per ring step, i.e.
+    ``(B, Hq, L, Ev)`` in all. Under ``torch.autocast`` the inputs are cast as
+    :func:`fused_attention.scaled_dot_product_attention` casts them.
     With ``layout="zigzag"`` and ``is_causal=True`` every rank does the same work at every step.
 
     ``head_groups``: run the ring over this many groups of heads, one group after another (a key/value
@@ -218,6 +220,7 @@ def ring_attention(
     least one (batch, key/value head) pair per thread (a ring per key/value head on one thread); on CUDA
     one group, so that each kernel sees every head. Ranks run the fewest groups any of them asks for.
     """
+    query, key, value = _autocast(query, key, value)  # as scaled_dot_product_attention: the autocast dtype
     pg, rules, segments, _, groups = _prepare(
         "ring_attention", query, key, value, group, is_causal, scale, enable_gqa, window_size, alibi_slopes,
         softcap, layout, sinks, return_lse, backend, head_groups,
