@@ -11,6 +11,7 @@ from conftest import rand
 from torch import nn
 
 import fused_attention
+from fused_attention.errors import AttentionArgumentError
 from fused_attention.nn import ALiBi, PositionalEncoding, RotaryEmbedding
 
 
@@ -328,3 +329,15 @@ def test_rotary_embedding_dynamic_ntk_follows_the_sequence_length():
             torch.testing.assert_close(got, fused_attention.apply_rotary_emb(x, cos, sin), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="rotary_dim > 2"):
         fused_attention.rotary_cos_sin(4, 2, scaling=scaling)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"d_model": 15}, "d_model"), ({"d_model": [1, 2]}, "d_model"), ({"d_model": 16.0}, "d_model"),
+     ({"d_model": 0}, "d_model"), ({"d_model": 16, "max_len": -1}, "max_len"),
+     ({"d_model": 16, "max_len": 2.5}, "max_len")],
+)
+def test_positional_encoding_construction_errors_name_the_argument(kwargs, name):
+    """(A list, a float or a negative length failed inside torch with messages naming no argument.)"""
+    with pytest.raises(AttentionArgumentError, match=name):
+        PositionalEncoding(**kwargs)

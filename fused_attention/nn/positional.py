@@ -9,6 +9,7 @@ import threading
 import torch
 from torch import nn
 
+from ..argument_checks import int_value
 from ..errors import AttentionArgumentError
 from ..position import (
     RopeScaling,
@@ -61,8 +62,12 @@ class PositionalEncoding(nn.Module):
 
     def __init__(self, d_model: int, max_len: int = 5000, dropout: float = 0.0, batch_first: bool = False):
         super().__init__()
-        if d_model % 2:
-            raise AttentionArgumentError(f"d_model must be even (sin/cos pairs), got {d_model}")
+        width, length = int_value(d_model), int_value(max_len)
+        if width is None or width <= 0 or width % 2:
+            raise AttentionArgumentError(f"d_model must be a positive even int (sin/cos pairs), got {d_model!r}")
+        if length is None or length < 0:
+            raise AttentionArgumentError(f"max_len must be a non-negative int, got {max_len!r}")
+        d_model, max_len = width, length
         self.dropout = nn.Dropout(p=dropout)
         self.batch_first = batch_first
         self.register_buffer("pe", _classic_table(max_len, d_model))
