@@ -30,7 +30,8 @@ the pattern and only the part of the mask the attention cannot rebuild from it:
   holding all the structure (no causal or window flag is added). This is what the mask function builds
   (with transformers' ``sdpa_mask``) for any other pattern (packed sequences, custom ``or``/``and`` mask
   functions, chunked attention, a static cache whose queries are not at its end, masks ``generate``
-  builds ahead of the forward, models whose own code reads the mask: Doge), and what a user's own 4-D
+  builds ahead of the forward, models whose own code reads the mask: Doge, models that hand their mask to an
+  inner model: PaliGemma, Molmo2), and what a user's own 4-D
   mask arrives as.
 - ``None`` (a model that builds no mask): causality from ``module.is_causal`` (or the ``is_causal``
   keyword) and the window from the ``sliding_window`` keyword, as transformers' flash-attention does.
@@ -125,6 +126,28 @@ def _built_ahead_for_generate() -> bool:
 # Models whose own code reads the attention mask as a tensor before the attention function (Doge's dynamic
 # mask adds to it): they get transformers' dense masks, as sdpa does (a PatternMask has no dtype).
 _READ_THE_MASK = frozenset({"doge"})
+# Models that build one mask and hand it to an inner model as its attention_mask (PaliGemma and Molmo2, to their
+# language model), whose own create_causal_mask returns a 4-D tensor as it is and reads anything else as a 2-D
+# padding mask (a PatternMask failed there): they get dense masks. Matched on the model whose forward builds the
+# mask: the config it passes is its text config, the inner model's own.
+_HAND_THE_MASK_ON = frozenset({"paligemma", "molmo2"})
+
+
+def _building_model_type() -> str | None:
+    """``config.model_type`` of the model whose forward is building the mask: the nearest calling frame whose
+    ``self`` is a module with a config (transformers' mask builders and their wrappers are plain functions).
+    Looked up in eager mode only (no frames under compile)."""
+    if torch.compiler.is_compiling():
+        return None
+    frame = sys._getframe(1).f_back  # the mask function's caller
+    for _ in range(8):
+        if frame is None:
+            return None
+        module = frame.f_locals.get("self")
+        if isinstance(module, torch.nn.Module) and hasattr(module, "config"):
+            return getattr(module.config, "model_type", None)
+        frame = frame.f_back
+    return None
 
 
 def fused_attention_mask(
@@ -148,7 +171,10 @@ def fused_attention_mask(
     # The attention aligns causality and windows bottom-right: query i at key position i + kv_length - q_length.
     aligned = window is None or (isinstance(q_offset, int) and q_offset - kv_offset == kv_length - q_length)
     reads = getattr(kwargs.get("config"), "model_type", None) in _READ_THE_MASK
-    if standard and aligned and not kwargs.get("use_vmap", False) and not reads and not _built_ahead_for_generate():
+    if (
+        standard and aligned and not kwargs.get("use_vmap", False) and not reads and not _built_ahead_for_generate()
+        and _building_model_type() not in _HAND_THE_MASK_ON
+    ):
         if attention_mask is None:
             return PatternMask(None, window)
         padding = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
