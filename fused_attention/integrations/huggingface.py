@@ -203,6 +203,7 @@ _HARMLESS_KWARGS = frozenset(
         "use_cache",  # the cache is updated before attention is called
         "output_attentions",  # we return no weights (None), as transformers' sdpa does: warned once
         "output_hidden_states",
+        "return_dict",  # HuBERT's encoder hands its forward's keywords down to the attention
         "output_router_logits",  # MoE router outputs (gpt-oss)
         "num_items_in_batch",  # loss normalisation
         "deterministic",  # ModernBERT: flash-attention's deterministic backward; ours is deterministic
