@@ -343,6 +343,30 @@ def test_a_model_that_hands_its_mask_to_its_language_model():
     assert torch.equal(tokens[NAME], tokens["eager"])
 
 
+def test_a_model_whose_eager_only_layers_add_the_mask():
+    """GIT's text layers are eager-only code that adds the mask to its scores (its vision tower takes any
+    attention implementation): they get eager's float mask. A dense bool mask was added as 0/1 there and let
+    the text see its future tokens (logits 1.6e-3 from eager's on a tiny model)."""
+    config_cls = getattr(transformers, "GitConfig", None)
+    if config_cls is None:
+        pytest.skip("this transformers has no GIT")
+    vision = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "image_size": 16, "patch_size": 8}
+    model = _build(config_cls, transformers.GitForCausalLM, vision_config=vision, vocab_size=100, hidden_size=32,
+                   num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).double()
+    ids = torch.randint(3, 90, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    pixels = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    logits = {}
+    for impl in (NAME, "eager"):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            logits[impl] = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits[:, -7:][mask.bool()]
+    torch.testing.assert_close(logits[NAME], logits["eager"])
+
+
 def test_compiled_fullgraph_with_padding():
     """Under torch.compile(fullgraph=True) the mask function cannot branch on which padding the values
     hold (torch.equal: a data-dependent graph break, an error with fullgraph): it hands the padding over."""

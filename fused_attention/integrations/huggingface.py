@@ -31,7 +31,7 @@ the pattern and only the part of the mask the attention cannot rebuild from it:
   (with transformers' ``sdpa_mask``) for any other pattern (packed sequences, custom ``or``/``and`` mask
   functions, chunked attention, a static cache whose queries are not at its end, masks ``generate``
   builds ahead of the forward, models whose own code reads the mask: Doge, models that hand their mask to an
-  inner model: PaliGemma, Molmo2), and what a user's own 4-D
+  inner model: PaliGemma, Molmo2; GIT's eager-only text layers get eager's float mask), and what a user's own 4-D
   mask arrives as.
 - ``None`` (a model that builds no mask): causality from ``module.is_causal`` (or the ``is_causal``
   keyword) and the window from the ``sliding_window`` keyword, as transformers' flash-attention does.
@@ -126,6 +126,10 @@ def _built_ahead_for_generate() -> bool:
 # Models whose own code reads the attention mask as a tensor before the attention function (Doge's dynamic
 # mask adds to it): they get transformers' dense masks, as sdpa does (a PatternMask has no dtype).
 _READ_THE_MASK = frozenset({"doge"})
+# Models whose text layers are eager-only code that adds the mask to its scores, while their vision tower takes
+# any attention implementation (GIT): they get eager's float masks (a dense bool mask there is added as 0/1, and
+# lets the text see past its causal mask).
+_ADD_THE_MASK = frozenset({"git"})
 # Models that build one mask and hand it to an inner model as its attention_mask (PaliGemma and Molmo2, to their
 # language model), whose own create_causal_mask returns a 4-D tensor as it is and reads anything else as a 2-D
 # padding mask (a PatternMask failed there): they get dense masks. Matched on the model whose forward builds the
@@ -170,7 +174,7 @@ def fused_attention_mask(
     standard, window = _pattern(mask_function)
     # The attention aligns causality and windows bottom-right: query i at key position i + kv_length - q_length.
     aligned = window is None or (isinstance(q_offset, int) and q_offset - kv_offset == kv_length - q_length)
-    reads = getattr(kwargs.get("config"), "model_type", None) in _READ_THE_MASK
+    reads = getattr(kwargs.get("config"), "model_type", None) in _READ_THE_MASK | _ADD_THE_MASK
     if (
         standard and aligned and not kwargs.get("use_vmap", False) and not reads and not _built_ahead_for_generate()
         and _building_model_type() not in _HAND_THE_MASK_ON
@@ -187,6 +191,11 @@ def fused_attention_mask(
             return PatternMask(None if bool((lengths == kv_length).all()) else lengths, window)
         return PatternMask(padding, window)
     dense_kwargs = {k: v for k, v in kwargs.items() if k not in ("allow_is_causal_skip", "allow_is_bidirectional_skip")}
+    if getattr(kwargs.get("config"), "model_type", None) in _ADD_THE_MASK:
+        return masking_utils.eager_mask(
+            batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+            mask_function=mask_function, attention_mask=attention_mask, **dense_kwargs,
+        )
     return masking_utils.sdpa_mask(
         batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
         mask_function=mask_function, attention_mask=attention_mask, allow_is_causal_skip=False,
