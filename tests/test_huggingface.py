@@ -367,6 +367,30 @@ def test_a_model_whose_eager_only_layers_add_the_mask():
     torch.testing.assert_close(logits[NAME], logits["eager"])
 
 
+def test_an_encoder_decoder_that_merges_its_masks():
+    """T5Gemma 2's decoder concatenates its self- and cross-attention masks for its merged attention: dense
+    masks (a PatternMask there raised TypeError in torch.cat: the model could not run). Against sdpa."""
+    config_cls = getattr(transformers, "T5Gemma2Config", None)
+    if config_cls is None:
+        pytest.skip("this transformers has no T5Gemma 2")
+    text = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 12, "intermediate_size": 64, "sliding_window": 4, "vocab_size": 100}
+    vision = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "image_size": 16, "patch_size": 8}
+    config = config_cls(encoder={"text_config": text, "vision_config": vision}, decoder=text)
+    torch.manual_seed(0)
+    model = transformers.T5Gemma2ForConditionalGeneration(config).double().eval()
+    ids = torch.randint(3, 90, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    logits = {}
+    for impl in (NAME, "sdpa"):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            logits[impl] = model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :6]).logits
+    torch.testing.assert_close(logits[NAME], logits["sdpa"])
+
+
 def test_compiled_fullgraph_with_padding():
     """Under torch.compile(fullgraph=True) the mask function cannot branch on which padding the values
     hold (torch.equal: a data-dependent graph break, an error with fullgraph): it hands the padding over."""

@@ -30,7 +30,7 @@ the pattern and only the part of the mask the attention cannot rebuild from it:
   holding all the structure (no causal or window flag is added). This is what the mask function builds
   (with transformers' ``sdpa_mask``) for any other pattern (packed sequences, custom ``or``/``and`` mask
   functions, chunked attention, a static cache whose queries are not at its end, masks ``generate``
-  builds ahead of the forward, models whose own code reads the mask: Doge, models that hand their mask to an
+  builds ahead of the forward, models whose own code reads the mask: Doge, T5Gemma 2, models that hand their mask to an
   inner model: PaliGemma, Molmo2; GIT's eager-only text layers get eager's float mask), and what a user's own 4-D
   mask arrives as.
 - ``None`` (a model that builds no mask): causality from ``module.is_causal`` (or the ``is_causal``
@@ -124,8 +124,9 @@ def _built_ahead_for_generate() -> bool:
 
 
 # Models whose own code reads the attention mask as a tensor before the attention function (Doge's dynamic
-# mask adds to it): they get transformers' dense masks, as sdpa does (a PatternMask has no dtype).
-_READ_THE_MASK = frozenset({"doge"})
+# mask adds to it; T5Gemma 2's decoder concatenates its self- and cross-attention masks for its merged
+# attention): they get transformers' dense masks, as sdpa does (a PatternMask has no dtype).
+_READ_THE_MASK = frozenset({"doge", "t5gemma2_decoder"})
 # Models whose text layers are eager-only code that adds the mask to its scores, while their vision tower takes
 # any attention implementation (GIT): they get eager's float masks (a dense bool mask there is added as 0/1, and
 # lets the text see past its causal mask).
