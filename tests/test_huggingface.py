@@ -312,6 +312,85 @@ def test_a_model_that_reads_the_mask_itself():
         torch.testing.assert_close(logits[NAME], logits["sdpa"])
 
 
+def test_a_model_that_hands_its_mask_to_its_language_model():
+    """PaliGemma builds one mask and hands it to its Gemma language model as its attention_mask, whose own
+    create_causal_mask takes a 4-D tensor as it is: those masks are dense (a PatternMask there raised
+    AttributeError in a text-only forward and in every decoding step after the prefix). Against eager: sdpa
+    runs PaliGemma's text-only forward bidirectionally (no mask, and its modules say is_causal=False)."""
+    config_cls = getattr(transformers, "PaliGemmaConfig", None)
+    if config_cls is None:
+        pytest.skip("this transformers has no PaliGemma")
+    text = {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 8}
+    vision = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "image_size": 16, "patch_size": 8}
+    config = config_cls(text_config=text, vision_config=vision, image_token_index=99, projection_dim=32)
+    config.text_config.num_image_tokens = 4
+    torch.manual_seed(0)
+    model = transformers.PaliGemmaForConditionalGeneration(config).double().eval()
+    ids = torch.randint(3, 90, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 7:] = 0
+    prompt = torch.cat([torch.full((2, 4), 99), ids[:, :4]], dim=1)  # four image tokens, then the prefix text
+    image = {"pixel_values": torch.randn(2, 3, 16, 16, dtype=torch.float64), "token_type_ids": torch.zeros_like(prompt)}
+    logits, tokens = {}, {}
+    for impl in (NAME, "eager"):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            logits[impl] = model(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+            tokens[impl] = model.generate(prompt, **image, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(logits[NAME], logits["eager"])
+    assert torch.equal(tokens[NAME], tokens["eager"])
+
+
+def test_a_model_whose_eager_only_layers_add_the_mask():
+    """GIT's text layers are eager-only code that adds the mask to its scores (its vision tower takes any
+    attention implementation): they get eager's float mask. A dense bool mask was added as 0/1 there and let
+    the text see its future tokens (logits 1.6e-3 from eager's on a tiny model)."""
+    config_cls = getattr(transformers, "GitConfig", None)
+    if config_cls is None:
+        pytest.skip("this transformers has no GIT")
+    vision = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "image_size": 16, "patch_size": 8}
+    model = _build(config_cls, transformers.GitForCausalLM, vision_config=vision, vocab_size=100, hidden_size=32,
+                   num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).double()
+    ids = torch.randint(3, 90, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    pixels = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    logits = {}
+    for impl in (NAME, "eager"):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            logits[impl] = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits[:, -7:][mask.bool()]
+    torch.testing.assert_close(logits[NAME], logits["eager"])
+
+
+def test_an_encoder_decoder_that_merges_its_masks():
+    """T5Gemma 2's decoder concatenates its self- and cross-attention masks for its merged attention: dense
+    masks (a PatternMask there raised TypeError in torch.cat: the model could not run). Against sdpa."""
+    config_cls = getattr(transformers, "T5Gemma2Config", None)
+    if config_cls is None:
+        pytest.skip("this transformers has no T5Gemma 2")
+    text = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 12, "intermediate_size": 64, "sliding_window": 4, "vocab_size": 100}
+    vision = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "image_size": 16, "patch_size": 8}
+    config = config_cls(encoder={"text_config": text, "vision_config": vision}, decoder=text)
+    torch.manual_seed(0)
+    model = transformers.T5Gemma2ForConditionalGeneration(config).double().eval()
+    ids = torch.randint(3, 90, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    logits = {}
+    for impl in (NAME, "sdpa"):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            logits[impl] = model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :6]).logits
+    torch.testing.assert_close(logits[NAME], logits["sdpa"])
+
+
 def test_compiled_fullgraph_with_padding():
     """Under torch.compile(fullgraph=True) the mask function cannot branch on which padding the values
     hold (torch.equal: a data-dependent graph break, an error with fullgraph): it hands the padding over."""

@@ -116,3 +116,22 @@ def test_packed_descriptors_without_a_separating_mask_raise():
     # one sequence per batch row: the descriptors say nothing the call does not already know
     out, _ = huggingface.fused_attention_forward(module, q, q, q, None, cu_seq_lens_q=torch.tensor([0, 6]))
     assert out.shape == (1, 6, 2, 8)
+
+
+def test_hubert_encoder_hands_return_dict_down_to_the_attention():
+    """HuBERT's encoder passes its forward's return_dict on to every attention call: harmless, and it raised
+    TypeError before (HubertModel could not run at all); its output is eager's."""
+    config = T.HubertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, conv_dim=(16, 16),
+        conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+    )
+    torch.manual_seed(0)
+    model = T.HubertModel(config).eval()
+    audio = torch.randn(2, 400, generator=torch.Generator().manual_seed(1))
+    outs = {}
+    for impl, dtype in (("fused_attention", torch.float32), ("eager", torch.float32), ("eager", torch.float64)):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            outs[impl, dtype] = model.to(dtype)(audio.to(dtype)).last_hidden_state
+    ours, ref32, ref64 = outs["fused_attention", torch.float32], outs["eager", torch.float32], outs["eager", torch.float64]
+    assert_policy(ours, ref32, ref64, 2, "hubert last hidden state")

@@ -30,7 +30,8 @@ the pattern and only the part of the mask the attention cannot rebuild from it:
   holding all the structure (no causal or window flag is added). This is what the mask function builds
   (with transformers' ``sdpa_mask``) for any other pattern (packed sequences, custom ``or``/``and`` mask
   functions, chunked attention, a static cache whose queries are not at its end, masks ``generate``
-  builds ahead of the forward, models whose own code reads the mask: Doge), and what a user's own 4-D
+  builds ahead of the forward, models whose own code reads the mask: Doge, T5Gemma 2, models that hand their mask to an
+  inner model: PaliGemma, Molmo2; GIT's eager-only text layers get eager's float mask), and what a user's own 4-D
   mask arrives as.
 - ``None`` (a model that builds no mask): causality from ``module.is_causal`` (or the ``is_causal``
   keyword) and the window from the ``sliding_window`` keyword, as transformers' flash-attention does.
@@ -123,8 +124,35 @@ def _built_ahead_for_generate() -> bool:
 
 
 # Models whose own code reads the attention mask as a tensor before the attention function (Doge's dynamic
-# mask adds to it): they get transformers' dense masks, as sdpa does (a PatternMask has no dtype).
-_READ_THE_MASK = frozenset({"doge"})
+# mask adds to it; T5Gemma 2's decoder concatenates its self- and cross-attention masks for its merged
+# attention): they get transformers' dense masks, as sdpa does (a PatternMask has no dtype).
+_READ_THE_MASK = frozenset({"doge", "t5gemma2_decoder"})
+# Models whose text layers are eager-only code that adds the mask to its scores, while their vision tower takes
+# any attention implementation (GIT): they get eager's float masks (a dense bool mask there is added as 0/1, and
+# lets the text see past its causal mask).
+_ADD_THE_MASK = frozenset({"git"})
+# Models that build one mask and hand it to an inner model as its attention_mask (PaliGemma and Molmo2, to their
+# language model), whose own create_causal_mask returns a 4-D tensor as it is and reads anything else as a 2-D
+# padding mask (a PatternMask failed there): they get dense masks. Matched on the model whose forward builds the
+# mask: the config it passes is its text config, the inner model's own.
+_HAND_THE_MASK_ON = frozenset({"paligemma", "molmo2"})
+
+
+def _building_model_type() -> str | None:
+    """``config.model_type`` of the model whose forward is building the mask: the nearest calling frame whose
+    ``self`` is a module with a config (transformers' mask builders and their wrappers are plain functions).
+    Looked up in eager mode only (no frames under compile)."""
+    if torch.compiler.is_compiling():
+        return None
+    frame = sys._getframe(1).f_back  # the mask function's caller
+    for _ in range(8):
+        if frame is None:
+            return None
+        module = frame.f_locals.get("self")
+        if isinstance(module, torch.nn.Module) and hasattr(module, "config"):
+            return getattr(module.config, "model_type", None)
+        frame = frame.f_back
+    return None
 
 
 def fused_attention_mask(
@@ -147,8 +175,11 @@ def fused_attention_mask(
     standard, window = _pattern(mask_function)
     # The attention aligns causality and windows bottom-right: query i at key position i + kv_length - q_length.
     aligned = window is None or (isinstance(q_offset, int) and q_offset - kv_offset == kv_length - q_length)
-    reads = getattr(kwargs.get("config"), "model_type", None) in _READ_THE_MASK
-    if standard and aligned and not kwargs.get("use_vmap", False) and not reads and not _built_ahead_for_generate():
+    reads = getattr(kwargs.get("config"), "model_type", None) in _READ_THE_MASK | _ADD_THE_MASK
+    if (
+        standard and aligned and not kwargs.get("use_vmap", False) and not reads and not _built_ahead_for_generate()
+        and _building_model_type() not in _HAND_THE_MASK_ON
+    ):
         if attention_mask is None:
             return PatternMask(None, window)
         padding = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
@@ -161,6 +192,11 @@ def fused_attention_mask(
             return PatternMask(None if bool((lengths == kv_length).all()) else lengths, window)
         return PatternMask(padding, window)
     dense_kwargs = {k: v for k, v in kwargs.items() if k not in ("allow_is_causal_skip", "allow_is_bidirectional_skip")}
+    if getattr(kwargs.get("config"), "model_type", None) in _ADD_THE_MASK:
+        return masking_utils.eager_mask(
+            batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+            mask_function=mask_function, attention_mask=attention_mask, **dense_kwargs,
+        )
     return masking_utils.sdpa_mask(
         batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
         mask_function=mask_function, attention_mask=attention_mask, allow_is_causal_skip=False,
@@ -177,6 +213,7 @@ _HARMLESS_KWARGS = frozenset(
         "use_cache",  # the cache is updated before attention is called
         "output_attentions",  # we return no weights (None), as transformers' sdpa does: warned once
         "output_hidden_states",
+        "return_dict",  # HuBERT's encoder hands its forward's keywords down to the attention
         "output_router_logits",  # MoE router outputs (gpt-oss)
         "num_items_in_batch",  # loss normalisation
         "deterministic",  # ModernBERT: flash-attention's deterministic backward; ours is deterministic
