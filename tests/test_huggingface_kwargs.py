@@ -135,3 +135,53 @@ def test_hubert_encoder_hands_return_dict_down_to_the_attention():
             outs[impl, dtype] = model.to(dtype)(audio.to(dtype)).last_hidden_state
     ours, ref32, ref64 = outs["fused_attention", torch.float32], outs["eager", torch.float32], outs["eager", torch.float64]
     assert_policy(ours, ref32, ref64, 2, "hubert last hidden state")
+
+
+@pytest.mark.skipif(not hasattr(T, "HYV4ForCausalLM"), reason="this transformers has no DSA model (HY V4)")
+def test_sparse_attention_indices_select_the_keys_as_eager_does():
+    """DSA models (HY V4, DeepSeek V3.2, GLM-MoE-DSA, ...) hand their indexer's top-k keys to the attention as
+    ``indices`` (FlashMLA's input; eager and sdpa turn them into a mask): each query row sees those keys only.
+    A TypeError inside the indexer before (a pattern mask), then a refusal of ``indices``; ignoring them would
+    give logits 5e-3 to 9e-3 off eager's here. float32 only: the model's expert layers take no float64."""
+    config = T.HYV4ForCausalLM.config_class(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=20,
+        intermediate_size=64, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+        qk_nope_head_dim=12, v_head_dim=10, index_topk=4,
+    )
+    torch.manual_seed(0)
+    model = T.HYV4ForCausalLM(config).eval()
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    logits = {}
+    for impl in ("fused_attention", "eager"):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            logits[impl] = model(ids, attention_mask=mask).logits
+    kept = mask.bool()
+    torch.testing.assert_close(logits["fused_attention"][kept], logits["eager"][kept], rtol=0, atol=5e-6)
+
+
+def test_sparse_attention_indices_of_the_wrong_shape_are_refused():
+    module = torch.nn.Module()
+    q = torch.randn(1, 2, 6, 8)
+    with pytest.raises(ValueError, match="indices must be"):
+        huggingface.fused_attention_forward(module, q, q, q, None, indices=torch.zeros(1, 5, 2, dtype=torch.int32))
+
+
+def test_sparse_attention_indices_of_minus_one_select_nothing():
+    """FlashMLA pads short selections with -1: no key (not the last one). Equals an explicit bool mask."""
+    module = torch.nn.Module()
+    module.is_causal = False
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 4, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    indices = torch.tensor([[[0, -1], [1, 2], [3, -1], [-1, 2]]], dtype=torch.int32)
+    chosen = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    for row, picks in enumerate(indices[0].tolist()):
+        for j in picks:
+            if j >= 0:
+                chosen[0, 0, row, j] = True
+    out, _ = huggingface.fused_attention_forward(module, q, k, v, None, indices=indices)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=chosen).transpose(1, 2)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)

@@ -54,7 +54,7 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
         "pip install 'fused-attention[hf]' (or pip install transformers)"
     ) from error
 
-from ..errors import AttentionTypeError
+from ..errors import AttentionArgumentError, AttentionTypeError
 from ..functional import scaled_dot_product_attention
 
 __all__ = ["NAME", "PatternMask", "fused_attention_forward", "fused_attention_mask", "register"]
@@ -125,8 +125,13 @@ def _built_ahead_for_generate() -> bool:
 
 # Models whose own code reads the attention mask as a tensor before the attention function (Doge's dynamic
 # mask adds to it; T5Gemma 2's decoder concatenates its self- and cross-attention masks for its merged
-# attention): they get transformers' dense masks, as sdpa does (a PatternMask has no dtype).
-_READ_THE_MASK = frozenset({"doge", "t5gemma2_decoder"})
+# attention; the sparse-attention (DSA) models' indexers select keys from it): they get transformers' dense
+# masks, as sdpa does (a PatternMask has no dtype). (The DSA models that then pass the selected keys as
+# ``indices`` get our refusal of that keyword, not a TypeError inside their indexer.)
+_READ_THE_MASK = frozenset({
+    "doge", "t5gemma2_decoder", "deepseek_v32", "glm_moe_dsa", "hy_v4", "hy_v4_vl_text", "axk2",
+    "mistral_large4_text", "kolibri1_1", "dots3_note_text",
+})
 # Models whose text layers are eager-only code that adds the mask to its scores, while their vision tower takes
 # any attention implementation (GIT): they get eager's float masks (a dense bool mask there is added as 0/1, and
 # lets the text see past its causal mask).
@@ -265,6 +270,24 @@ def _check_kwargs(module: torch.nn.Module, query: torch.Tensor, attention_mask: 
         )
 
 
+def _with_selected_keys(mask: torch.Tensor | None, indices: Any, query: torch.Tensor, kv_length: int) -> torch.Tensor:
+    """``mask`` (None, or 4-D bool or float) limited to the keys ``indices`` selects per query row."""
+    batch, _, q_length, _ = query.shape
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 3 or tuple(indices.shape[:2]) != (batch, q_length):
+        raise AttentionArgumentError(
+            f"indices must be the selected keys' positions, an int tensor (B, L, topk) = ({batch}, {q_length}, k), "
+            f"got {tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__}"
+        )
+    valid = indices >= 0  # FlashMLA's -1: no key; counted, not scattered, so that order never matters
+    counts = torch.zeros(batch, q_length, kv_length, dtype=torch.int32, device=query.device)
+    chosen = counts.scatter_add_(-1, indices.long().clamp_min(0), valid.int()).gt(0)[:, None]
+    if mask is None:
+        return chosen
+    if mask.dtype == torch.bool:
+        return mask & chosen
+    return torch.where(chosen, mask, float("-inf"))
+
+
 def fused_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -279,6 +302,7 @@ def fused_attention_forward(
     position_bias: torch.Tensor | None = None,
     s_aux: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    indices: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function for ``"fused_attention"``.
@@ -300,6 +324,10 @@ def fused_attention_forward(
             newer name), one per query head, joining each row's softmax denominator (see the ``sinks``
             argument of :func:`fused_attention.scaled_dot_product_attention`); cast to float32 (with
             its gradient) when the model runs in 16-bit.
+        indices: sparse attention's selected keys, int ``(B, L, topk)`` (DeepSeek V3.2's and the other DSA
+            models' indexers, which hand them to FlashMLA's kernels): each query row sees only those keys,
+            within its mask, as transformers' eager and sdpa paths apply them (a mask); -1 entries select
+            nothing.
         kwargs: only keywords known not to change the math (``_HARMLESS_KWARGS``: ``position_ids``,
             ``use_cache``, ``output_attentions``, ...); any other raises ``TypeError`` naming it and the
             calling module's class, so a model whose attention needs something we lack never runs wrong.
@@ -332,6 +360,8 @@ def fused_attention_forward(
         mask = mask[:, None, None, -kv_length:]
     if window == (-1, 0) and q_length == 1:  # one query row, bottom-right: it sees every key anyway
         window = None
+    if indices is not None:
+        mask = _with_selected_keys(mask, indices, query, kv_length)
     if position_bias is not None:
         if mask is None:
             mask = position_bias
