@@ -137,6 +137,17 @@ def test_opcheck_attention_backward(config, names, extra_grads):
     torch.library.opcheck(backward, _args(backward, values))
 
 
+@_needs_extension
+@pytest.mark.parametrize("config", ["causal+window+alibi", "transposed_qkv_and_mask"], ids=str)
+def test_opcheck_attention_precise_lse(config):
+    """Ring attention's forward (no dropout, no sinks, no autograd: its ring has its own backward)."""
+    op = ops.attention_precise_lse
+    values = _detached(_dense_values(*DENSE_CONFIGS[config]))
+    torch.library.opcheck(op, _args(op, values))
+    out, lse = op(*_args(op, values))
+    assert lse.dtype == torch.float64 and out.shape == (B, HQ, L, DV)
+
+
 CU_Q, CU_K = [0, 4, 4, 15], [0, 6, 9, 21]  # an empty query sequence, keys longer than queries
 
 
