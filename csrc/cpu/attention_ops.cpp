@@ -121,14 +121,15 @@ void check_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& q) {
 
 // `precise`: lse in float64 for every input dtype, to the precision of each row's sum (RowIndex::low)
 // rather than float's spacing at |lse| (what a merge over key blocks needs: ring attention).
-std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     const c10::optional<at::Tensor>& mask,
-                                                     const c10::optional<at::Tensor>& key_lengths,
-                                                     const c10::optional<at::Tensor>& alibi,
-                                                     const c10::optional<at::Tensor>& seed,
-                                                     const c10::optional<at::Tensor>& sinks, bool causal,
-                                                     int64_t window_left, int64_t window_right, double softcap,
-                                                     double scale, double dropout_p, bool precise) {
+template <bool precise>
+std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const c10::optional<at::Tensor>& mask,
+                                                 const c10::optional<at::Tensor>& key_lengths,
+                                                 const c10::optional<at::Tensor>& alibi,
+                                                 const c10::optional<at::Tensor>& seed,
+                                                 const c10::optional<at::Tensor>& sinks, bool causal,
+                                                 int64_t window_left, int64_t window_right, double softcap,
+                                                 double scale, double dropout_p) {
   check_inputs(q, k, v, 4);
   check_mask(mask, q);
   const int64_t batch = q.size(0), heads = q.size(1), len_q = q.size(2);
@@ -149,20 +150,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
                        softcap, scale, dropout_p),
         Operand<scalar_t>::dense(out), lse.data_ptr<acc_t>(), rows);
   });
-  if (precise) lse = split ? lse.to(at::kDouble).add_(low) : lse;
+  if constexpr (precise) lse = split ? lse.to(at::kDouble).add_(low) : lse;
   return {out, lse};
-}
-
-std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                 const c10::optional<at::Tensor>& mask,
-                                                 const c10::optional<at::Tensor>& key_lengths,
-                                                 const c10::optional<at::Tensor>& alibi,
-                                                 const c10::optional<at::Tensor>& seed,
-                                                 const c10::optional<at::Tensor>& sinks, bool causal,
-                                                 int64_t window_left, int64_t window_right, double softcap,
-                                                 double scale, double dropout_p) {
-  return attention_forward(q, k, v, mask, key_lengths, alibi, seed, sinks, causal, window_left, window_right,
-                           softcap, scale, dropout_p, false);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_precise_lse_cpu(const at::Tensor& q, const at::Tensor& k,
@@ -172,8 +161,8 @@ std::tuple<at::Tensor, at::Tensor> attention_precise_lse_cpu(const at::Tensor& q
                                                              const c10::optional<at::Tensor>& alibi, bool causal,
                                                              int64_t window_left, int64_t window_right,
                                                              double softcap, double scale) {
-  return attention_forward(q, k, v, mask, key_lengths, alibi, c10::nullopt, c10::nullopt, causal, window_left,
-                           window_right, softcap, scale, 0.0, true);
+  return attention_cpu<true>(q, k, v, mask, key_lengths, alibi, c10::nullopt, c10::nullopt, causal, window_left,
+                             window_right, softcap, scale, 0.0);
 }
 
 // The buffer the kernel adds the float mask's gradient into, and how to turn it into that gradient.
@@ -435,8 +424,8 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> attention_direct(
   if (!direct_serves(q, k, v, mask, key_lengths, alibi, seed, sinks)) return std::nullopt;
   // profilers still see the call (the inputs are built only when one records them)
   RECORD_FUNCTION("fused_attention::attention", std::vector<c10::IValue>({q, k, v}));
-  return attention_cpu(q, k, v, mask, key_lengths, alibi, seed, sinks, causal, window_left, window_right, softcap,
-                       scale, dropout_p);
+  return attention_cpu<false>(q, k, v, mask, key_lengths, alibi, seed, sinks, causal, window_left, window_right,
+                              softcap, scale, dropout_p);
 }
 
 std::optional<std::tuple<at::Tensor, at::Tensor>> varlen_direct(
@@ -487,7 +476,7 @@ std::optional<at::Tensor> attention_plain(const at::Tensor& q, const at::Tensor&
 }
 
 TORCH_LIBRARY_IMPL(fused_attention, CPU, m) {
-  m.impl("attention", &attention_cpu);
+  m.impl("attention", &attention_cpu<false>);
   m.impl("attention_backward", &attention_backward_cpu);
   m.impl("attention_backward_from_stats", &attention_backward_from_stats_cpu);
   m.impl("attention_precise_lse", &attention_precise_lse_cpu);
