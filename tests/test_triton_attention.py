@@ -11,6 +11,10 @@ this backend serves, and what only it promises.
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -580,3 +584,48 @@ def test_gpu_64_bit_offsets():
     tail = k[:, :, -80:]
     expected = fused_attention.scaled_dot_product_attention(q, tail, tail, window_size=(64, 0), backend="torch")
     torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-3)
+
+
+# q, k and v with their head dim outermost in memory, each feature a stride of 2**31 / (D - 1) elements
+# apart: the last feature's offset passes 2**31 (a kernel multiplying feature index by stride in 32 bits
+# reads 4 GiB before the tensor). One 4.3 GB storage holds all three; on the CPU only the pages written
+# are committed (about D pages each). Run in a fresh process: a wrapped offset's read crashes it.
+_FEATURE_MAJOR_SCRIPT = r"""
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from conftest import check_attention
+device, seq_q, seq_k, dim = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), 32
+stride = 2**31 // (dim - 1) + 1
+try:
+    store = torch.empty((dim - 1) * stride + seq_q + 2 * seq_k, dtype=torch.float16, device=device)
+except (RuntimeError, MemoryError) as error:
+    print("skip:", error)
+    sys.exit(0)
+torch.manual_seed(0)
+torch.set_default_device(device)  # the policy's upstream gradient too
+starts = (0, seq_q, seq_q + seq_k)
+lengths = (seq_q, seq_k, seq_k)
+q, k, v = (store.as_strided((1, 1, n, dim), (1, 1, 1, stride), start) for n, start in zip(lengths, starts))
+for t in (q, k, v):
+    t.copy_(torch.randn(t.shape))
+    t.requires_grad_(True)
+check_attention("triton", q, k, v)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("seq_q, seq_k", [(24, 40), (3, 256)], ids=str)  # (3, 256): split-KV decode too
+def test_feature_strides_past_2_31(seq_q, seq_k):
+    """Head-dim-major q, k, v (feature stride x head dim > 2**31 elements): the forward (its 64-bit key
+    tiles), both backward passes and, for inference with few query rows, the split-KV decode kernel index
+    features in 64 bits."""
+    tests = Path(__file__).resolve().parent
+    result = subprocess.run(
+        [sys.executable, "-c", _FEATURE_MAJOR_SCRIPT, str(tests), DEVICE.type, str(seq_q), str(seq_k)],
+        cwd=tests.parent, env=os.environ.copy(), capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stdout[-2000:]}{result.stderr[-3000:]}"
+    if result.stdout.startswith("skip:"):
+        pytest.skip(f"no room for a 4.3 GB float16 storage: {result.stdout.strip()}")
+    assert result.stdout.strip().endswith("ok"), result.stdout[-2000:]

@@ -91,15 +91,16 @@ def attention_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    d64, dv64 = offs_d[None, :].to(tl.int64), offs_dv[None, :].to(tl.int64)  # a feature stride may be large
     # Tiles are (keys, queries): every matmul has M = BLOCK_N, the key block this program holds
     # (wgmma needs M >= 64; BLOCK_M, the streamed query block, stays small).
     cols = offs_n[:, None]  # the program's keys: rows of k, v, dk, dv and of the score tiles
     k = tl.load(
-        K + b64 * stride_kb + hk64 * stride_kh + (k_start + cols.to(tl.int64)) * stride_kn + offs_d[None, :] * stride_kd,
+        K + b64 * stride_kb + hk64 * stride_kh + (k_start + cols.to(tl.int64)) * stride_kn + d64 * stride_kd,
         mask=(cols < seq_k) & (offs_d[None, :] < head_dim), other=0.0,
     )
     v = tl.load(
-        V + b64 * stride_vb + hk64 * stride_vh + (k_start + cols.to(tl.int64)) * stride_vn + offs_dv[None, :] * stride_vd,
+        V + b64 * stride_vb + hk64 * stride_vh + (k_start + cols.to(tl.int64)) * stride_vn + dv64 * stride_vd,
         mask=(cols < seq_k) & (offs_dv[None, :] < value_head_dim), other=0.0,
     )
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -129,11 +130,11 @@ def attention_dkdv_kernel(
             rows = offs_m[None, :]  # queries: columns of the score tiles
             row_ok = offs_m < seq_q
             q = tl.load(
-                q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
+                q_base + offs_m[:, None].to(tl.int64) * stride_qm + d64 * stride_qd,
                 mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0,
             )
             do = tl.load(
-                do_base + offs_m[:, None].to(tl.int64) * stride_gm + offs_dv[None, :] * stride_gd,
+                do_base + offs_m[:, None].to(tl.int64) * stride_gm + dv64 * stride_gd,
                 mask=row_ok[:, None] & (offs_dv[None, :] < value_head_dim), other=0.0,
             )
             stats = stat_offset + offs_m.to(tl.int64) * stride_lm
@@ -195,12 +196,12 @@ def attention_dkdv_kernel(
     split64 = split.to(tl.int64)
     tl.store(
         DK + split64 * stride_dks + b64 * stride_dkb + hk64 * stride_dkh + (k_start + cols.to(tl.int64)) * stride_dkn
-        + offs_d[None, :] * stride_dkd,
+        + d64 * stride_dkd,
         dk.to(DK.dtype.element_ty), mask=key_ok & (offs_d[None, :] < head_dim),
     )
     tl.store(
         DV + split64 * stride_dvs + b64 * stride_dvb + hk64 * stride_dvh + (k_start + cols.to(tl.int64)) * stride_dvn
-        + offs_dv[None, :] * stride_dvd,
+        + dv64 * stride_dvd,
         dv.to(DV.dtype.element_ty), mask=key_ok & (offs_dv[None, :] < value_head_dim),
     )
 
@@ -231,7 +232,7 @@ def _dq_scores(
     """The keys of a (BLOCK_M, BLOCK_N) tile of the dQ pass, their scores and the softcap's tanh."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k = tl.load(
-        k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
+        k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :].to(tl.int64) * stride_kd,
         mask=(offs_n[:, None] < seq_k) & (offs_d[None, :] < head_dim), other=0.0,
     )
     # the forward's expression: the same scores, bit for bit, so P is exactly 1 where the forward's was
@@ -262,7 +263,7 @@ def _dq_tile(
     )
     offs_n = n0 + tl.arange(0, BLOCK_N)
     v = tl.load(
-        v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
+        v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :].to(tl.int64) * stride_vd,
         mask=(offs_n[:, None] < seq_k) & (offs_dv[None, :] < value_head_dim), other=0.0,
     )
     p = tl.exp(s - lse[:, None])
@@ -323,19 +324,21 @@ def attention_dq_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    d64, dv64 = offs_d[None, :].to(tl.int64), offs_dv[None, :].to(tl.int64)  # a feature stride may be large
     rows = offs_m[:, None]
     row_ok = offs_m < seq_q
     q = tl.load(
-        Q + b64 * stride_qb + h64 * stride_qh + (q_start + rows.to(tl.int64)) * stride_qm + offs_d[None, :] * stride_qd,
+        Q + b64 * stride_qb + h64 * stride_qh + (q_start + rows.to(tl.int64)) * stride_qm + d64 * stride_qd,
         mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0,
     )
     do = tl.load(
         DOut + b64 * stride_gb + h64 * stride_gh + (q_start + rows.to(tl.int64)) * stride_gm
-        + offs_dv[None, :] * stride_gd,
+        + dv64 * stride_gd,
         mask=row_ok[:, None] & (offs_dv[None, :] < value_head_dim), other=0.0,
     )
     o = tl.load(
-        Out + b64 * stride_ob + h64 * stride_oh + (q_start + rows.to(tl.int64)) * stride_om + offs_dv[None, :] * stride_od,
+        Out + b64 * stride_ob + h64 * stride_oh + (q_start + rows.to(tl.int64)) * stride_om
+        + dv64 * stride_od,
         mask=row_ok[:, None] & (offs_dv[None, :] < value_head_dim), other=0.0,
     )
     stat_offset = b64 * stride_lb + h64 * stride_lh + (q_start + offs_m.to(tl.int64)) * stride_lm
@@ -463,7 +466,7 @@ def attention_dq_kernel(
     dq = tl.where(one_hot[:, None], 0.0, dq * scale)
     tl.store(
         DQ + b64 * stride_dqb + h64 * stride_dqh + (q_start + rows.to(tl.int64)) * stride_dqm
-        + offs_d[None, :] * stride_dqd,
+        + d64 * stride_dqd,
         dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < head_dim),
     )
 

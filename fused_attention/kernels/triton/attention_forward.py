@@ -114,10 +114,14 @@ def _key_tiles(
     # Only then can a row have seen nothing but -inf, whose exponent base must stay finite.
     guard: tl.constexpr = SIDES != 0 or MASK != 0 or NATURAL
     offs_tile = tl.arange(0, BLOCK_N)[:, None]
-    if WIDE_TILES:
+    cols_d = offs_d[None, :]
+    cols_dv = offs_dv[None, :]
+    if WIDE_TILES:  # each term in 64 bits: a feature stride alone may be the large one
         offs_tile = offs_tile.to(tl.int64)
-    k_offsets = offs_tile * stride_kn + offs_d[None, :] * stride_kd
-    v_offsets = offs_tile * stride_vn + offs_dv[None, :] * stride_vd
+        cols_d = cols_d.to(tl.int64)
+        cols_dv = cols_dv.to(tl.int64)
+    k_offsets = offs_tile * stride_kn + cols_d * stride_kd
+    v_offsets = offs_tile * stride_vn + cols_dv * stride_vd
     k_tile = k_base + tl.cast(lo, tl.int64) * stride_kn
     v_tile = v_base + tl.cast(lo, tl.int64) * stride_vn
     k_step = BLOCK_N * stride_kn
@@ -243,7 +247,7 @@ def attention_forward_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = offs_m[:, None]
     q = tl.load(
-        q_base + rows.to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
+        q_base + rows.to(tl.int64) * stride_qm + offs_d[None, :].to(tl.int64) * stride_qd,
         mask=(rows < seq_q) & (offs_d[None, :] < head_dim), other=0.0,
     )
     # log2 units: softcap's argument is qk * (scale / softcap), its result times softcap * log2(e)
@@ -334,7 +338,7 @@ def attention_forward_kernel(
         lse = tl.where(seen, (row_max + tl.math.log2(tl.where(seen, row_sum, 1.0))) * _LN2, float("-inf"))
     out_base = Out + b64 * stride_ob + h64 * stride_oh + q_start * stride_om
     tl.store(
-        out_base + rows.to(tl.int64) * stride_om + offs_dv[None, :] * stride_od,
+        out_base + rows.to(tl.int64) * stride_om + offs_dv[None, :].to(tl.int64) * stride_od,
         out.to(Out.dtype.element_ty),
         mask=(rows < seq_q) & (offs_dv[None, :] < value_head_dim),
     )

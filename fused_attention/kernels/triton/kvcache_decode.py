@@ -51,9 +51,10 @@ def kvcache_decode_kernel(
     head = h * groups + offs_m // seq_q
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    d64, dv64 = offs_d[None, :].to(tl.int64), offs_dv[None, :].to(tl.int64)  # a feature stride may be large
     q = tl.load(
         Q + b64 * stride_qb + i[:, None].to(tl.int64) * stride_ql + head[:, None].to(tl.int64) * stride_qh
-        + offs_d[None, :] * stride_qd,
+        + d64 * stride_qd,
         mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0,
     )
     total = tl.load(Total + b).to(tl.int32)
@@ -87,7 +88,7 @@ def kvcache_decode_kernel(
             rows = page * stride_kp + slot * stride_ks
             v_rows = page * stride_vp + slot * stride_vs
         k = tl.load(
-            K + rows[:, None] + h64 * stride_kh + offs_d[None, :] * stride_kd,
+            K + rows[:, None] + h64 * stride_kh + d64 * stride_kd,
             mask=key_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0,
         )
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
@@ -110,7 +111,7 @@ def kvcache_decode_kernel(
         p = tl.exp(s - base[:, None])
         row_sum = row_sum * alpha + tl.sum(p, 1)
         v = tl.load(
-            V + v_rows[:, None] + h64 * stride_vh + offs_dv[None, :] * stride_vd,
+            V + v_rows[:, None] + h64 * stride_vh + dv64 * stride_vd,
             mask=key_ok[:, None] & (offs_dv[None, :] < value_head_dim), other=0.0,
         )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -121,7 +122,7 @@ def kvcache_decode_kernel(
     lse = tl.where(seen, row_max + tl.log(tl.where(seen, row_sum, 1.0)), float("-inf"))
     split64 = split.to(tl.int64)
     out_rows = Out + split64 * stride_os + b64 * stride_ob + head[:, None].to(tl.int64) * stride_oh + i[:, None] * stride_ol
-    tl.store(out_rows + offs_dv[None, :] * stride_od, out, mask=row_ok[:, None] & (offs_dv[None, :] < value_head_dim))
+    tl.store(out_rows + dv64 * stride_od, out, mask=row_ok[:, None] & (offs_dv[None, :] < value_head_dim))
     lse_rows = Lse + split64 * stride_ls + b64 * stride_lb + head.to(tl.int64) * stride_lh + i * stride_ll
     tl.store(lse_rows, lse, mask=row_ok)
 
