@@ -71,6 +71,17 @@ def test_split_kv_long_cache_every_split_holds_keys(seq_q, num_splits):
 
 
 @interpreted
+@pytest.mark.parametrize("page_size", [16, 5])
+def test_split_kv_reads_only_the_window_and_past_left_padding(page_size):
+    """The splits share the keys from the first row's window edge (and past left padding) on, not the whole
+    cache: starts inside pages, entries whose visible keys cover fewer tiles than there are splits."""
+    case = _long_case(4, page_size, 5) | {"window_size": (45, 0), "leftpad": torch.tensor([3, 300], dtype=torch.int32)}
+    with torch.no_grad():
+        check_case(case, "triton")
+        check_case(case | {"window_size": (250, 0)}, "triton")
+
+
+@interpreted
 @pytest.mark.parametrize("window", [(2**31 - 1, 0), (-1, 2**31 - 1)], ids=str)
 def test_split_kv_window_sizes_past_int32_positions(window):
     """Window sides as wide as int32 allows: unbounded, not wrapped around in the kernel's positions."""

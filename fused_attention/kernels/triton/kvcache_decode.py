@@ -66,10 +66,18 @@ def kvcache_decode_kernel(
     if ALIBI:
         slope = tl.load(Alibi + b64 * stride_ab + head.to(tl.int64) * stride_ah, mask=row_ok, other=0.0)
 
-    # This split's keys: an equal share of the entry's keys, in whole BLOCK_N tiles.
-    tiles = tl.cdiv(total, BLOCK_N)
+    # This split's keys: an equal share, in whole BLOCK_N tiles, of the keys that some row of the call can
+    # see: from the left window's edge of its first row (and past left padding), so that a sliding-window
+    # model's decode step over a long cache reads its window, not the whole cache.
+    start = 0
+    if LEFTPAD:
+        start = first
+    if WINDOW_LEFT:
+        start = tl.maximum(start, total - seq_q - window_left)
+    start = tl.maximum(start, 0) // BLOCK_N * BLOCK_N  # whole tiles: a tile stays within one page
+    tiles = tl.maximum(tl.cdiv(total - start, BLOCK_N), 0)
     per_split = tl.cdiv(tiles, num_splits)
-    lo = split * per_split * BLOCK_N
+    lo = start + split * per_split * BLOCK_N
     hi = tl.minimum(lo + per_split * BLOCK_N, total)
 
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
