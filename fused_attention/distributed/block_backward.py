@@ -76,11 +76,11 @@ def _stats_inputs(rules: Rules, block: Block, q: torch.Tensor, k: torch.Tensor, 
 def block_forward_for_stats(
     rules: Rules, block: Block, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of the block's rows ``q0:q1`` against keys ``k0:k1`` of the shard, with ``lse``
-    in float64 (:meth:`~fused_attention.backends.base.Backend.attention_precise_lse`): merged in float64,
-    the global lse stays exact to each block's row sums, and :func:`block_backward_from_stats`'s
-    ``exp(S - lse)`` carries no same-signed error of float32's spacing at ``|lse|`` (which made float32
-    gradients miss the policy by up to 4.5x at scale 6)."""
+    """``(out, lse)`` of the block's rows ``q0:q1`` against keys ``k0:k1`` of the shard, from
+    :meth:`~fused_attention.backends.base.Backend.attention_precise_lse`: scores rounded as the backward
+    rounds them, lse in float64 (merged in float64), so that :func:`block_backward_from_stats`'s
+    ``exp(S - lse)`` sums to 1 over each row's keys (the public call's decode path for a few rows rounds
+    its products differently: float32 gradients missed the policy by up to 4.5x at scale 6)."""
     inputs, backend = _stats_inputs(rules, block, q, k, v)
     result = backend.attention_precise_lse(inputs)
     assert result is not None, "stats_backend chose a backend with this forward"
