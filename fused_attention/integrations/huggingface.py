@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -110,24 +111,29 @@ def _built_ahead_for_generate() -> bool:
     eager mode only (generate builds them so)."""
     if torch.compiler.is_compiling():
         return False
-    frame = sys._getframe(1).f_back  # the mask function's caller (None at the top of a stack)
     creating = False
-    for _ in range(12):
-        if frame is None:
-            return False
+    for frame in _frames_above(sys._getframe(1).f_back, 12):  # from the mask function's caller
         name = frame.f_code.co_name
         creating = creating or name == "create_masks_for_generate"
         if creating and name == "prepare_inputs_for_generation":
             return True
-        frame = frame.f_back
     return False
+
+
+def _frames_above(frame: Any, limit: int) -> Iterator[Any]:
+    """``frame`` and up to ``limit - 1`` of its callers (fewer at the top of the stack)."""
+    for _ in range(limit):
+        if frame is None:
+            return
+        yield frame
+        frame = frame.f_back
 
 
 # Models whose own code reads the attention mask as a tensor before the attention function (Doge's dynamic
 # mask adds to it; T5Gemma 2's decoder concatenates its self- and cross-attention masks for its merged
 # attention; the sparse-attention (DSA) models' indexers select keys from it): they get transformers' dense
-# masks, as sdpa does (a PatternMask has no dtype). (The DSA models that then pass the selected keys as
-# ``indices`` get our refusal of that keyword, not a TypeError inside their indexer.)
+# masks, as sdpa does (a PatternMask has no dtype). (The DSA models then pass the selected keys as
+# ``indices``: see fused_attention_forward.)
 _READ_THE_MASK = frozenset({
     "doge", "t5gemma2_decoder", "deepseek_v32", "glm_moe_dsa", "hy_v4", "hy_v4_vl_text", "axk2",
     "mistral_large4_text", "kolibri1_1", "dots3_note_text",
@@ -149,14 +155,10 @@ def _building_model_type() -> str | None:
     Looked up in eager mode only (no frames under compile)."""
     if torch.compiler.is_compiling():
         return None
-    frame = sys._getframe(1).f_back  # the mask function's caller
-    for _ in range(8):
-        if frame is None:
-            return None
+    for frame in _frames_above(sys._getframe(1).f_back, 8):  # from the mask function's caller
         module = frame.f_locals.get("self")
         if isinstance(module, torch.nn.Module) and hasattr(module, "config"):
             return getattr(module.config, "model_type", None)
-        frame = frame.f_back
     return None
 
 
