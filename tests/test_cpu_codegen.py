@@ -35,6 +35,8 @@ _DECODE_PRODUCT = re.compile(r"cpu::(\w+)::(decode_chunk|decode_scores|decode_va
 _BF16_VALUES_TILE = re.compile(r"cpu::(\w+)::(values_tile)<(\d+, \d+),")
 # dot_keys of float and bfloat16 keys (and its row-block lambdas): it asks for the keys ahead as it goes.
 _DOT_KEYS = re.compile(r"cpu::(\w+)::(dot_keys)<[\w:]*?(FloatDot<float>|Bf16Dot), float>")
+# The float decode's P V tile over a cache's rows: it asks for the value rows ahead (RowsAhead).
+_VALUES_AHEAD = re.compile(r"cpu::(\w+)::(gemm_tile)<(float, \d+, \d+), true>\(")
 
 
 @functools.cache
@@ -65,7 +67,8 @@ def test_decode_products_prefetch_scattered_rows():
     # one of them must hold the prefetches.
     groups: dict[tuple[str, ...], int] = {}
     for name, count in _prefetches_by_function().items():
-        match = _BF16_VALUES_TILE.search(name) or _DECODE_PRODUCT.search(name) or _DOT_KEYS.search(name)
+        match = (_BF16_VALUES_TILE.search(name) or _DECODE_PRODUCT.search(name) or _DOT_KEYS.search(name)
+                 or _VALUES_AHEAD.search(name))
         if match:
             groups[match.groups()] = groups.get(match.groups(), 0) + count
     isas = {isa for isa, function, types in groups if function == "decode_chunk" and types == "float, float"}
@@ -75,6 +78,8 @@ def test_decode_products_prefetch_scattered_rows():
         for function in ("decode_scores", "decode_values"):
             assert (isa, function, "float, float") in groups, f"{isa}: no {function}<float, float> symbol"
         assert (isa, "dot_keys", "FloatDot<float>") in groups, f"{isa}: no dot_keys<FloatDot<float>, float> symbol"
+        ahead = [key for key in groups if key[:2] == (isa, "gemm_tile")]
+        assert ahead, f"{isa}: no gemm_tile<float, rows, vectors, true> symbol (the P V tile that asks ahead)"
     missing = sorted(" ".join(key) for key, count in groups.items() if count == 0)
     assert not missing, f"no prefetch instruction in: {missing}"
 
@@ -82,7 +87,8 @@ def test_decode_products_prefetch_scattered_rows():
 # A vector register stored to or loaded from the stack (x86-64 SysV keeps no vector register across
 # calls, so in a leaf routine that is a spill).
 _STACK_VECTOR = re.compile(r"^\s*[0-9a-f]+:\s+\S+\s+(%[xyz]mm\d+,.*\(%rsp\)|.*\(%rsp\),%[xyz]mm\d+)")
-_GEMM_TILE = re.compile(r"cpu::(\w+)::gemm_tile<(\w+), (\d+), (\d+)>\(")
+# (The decode's P V tile that asks for rows ahead has a fourth argument, `true`.)
+_GEMM_TILE = re.compile(r"cpu::(\w+)::gemm_tile<(\w+), (\d+), (\d+)(?:, true)?>\(")
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="reads x86-64 machine code")

@@ -57,12 +57,11 @@ constexpr int64_t kDecodeValueBlock = 32;
 // whose rows of one kv head are not adjacent (FlashAttention's (B, S, Hkv, D): Hkv * D elements apart,
 // 2-4 KiB at D 128 and 8 kv heads): a 4 KiB page holds one or two rows of a head, and the hardware
 // prefetchers, which stay inside a page, do not follow. Also for rows read side by side (dot_keys).
+// into_l1: see RowsAhead.
 __attribute__((always_inline)) inline void prefetch_rows(const void* first, int64_t rows, int64_t stride,
-                                                         int64_t bytes) {
-  const char* p = static_cast<const char*>(first);
-  for (int64_t r = 0; r < rows; ++r, p += stride) {
-    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 2);
-  }
+                                                         int64_t bytes, bool into_l1 = false) {
+  const RowsAhead ahead{static_cast<const char*>(first), rows, stride, bytes, into_l1};
+  for (int64_t r = 0; r < rows; ++r) ahead.fetch(r);
 }
 
 // Keys ahead of the ones being read that the decode products ask for.
@@ -86,11 +85,12 @@ bool scattered_rows(const Operand<scalar_t>& x, int64_t features) {
 // instruction set, cannot inline a lambda of an instruction set's namespace.
 template <typename scalar_t>
 __attribute__((always_inline)) inline void prefetch_tokens(const Operand<scalar_t>& x, int64_t batch, int64_t head,
-                                                           int64_t token, int64_t count, int64_t features) {
+                                                           int64_t token, int64_t count, int64_t features,
+                                                           bool into_l1 = false) {
   while (count > 0) {
     const int64_t run = std::min(count, x.adjacent_rows(token));
     prefetch_rows(x.row(batch, head, token), run, x.token_stride * int64_t(sizeof(scalar_t)),
-                  features * int64_t(sizeof(scalar_t)));
+                  features * int64_t(sizeof(scalar_t)), into_l1);
     token += run;
     count -= run;
   }
@@ -207,17 +207,6 @@ struct FloatDot {
   static simd::Vec<T> add(simd::Vec<T> acc, Operand q, Operand k) { return acc + q * k; }
 };
 
-// Key rows for dot_keys to ask for while it computes: `rows` rows of `bytes` bytes, `stride` bytes apart
-// from `first` (none when first is null). Spread over the products, a few rows per block of keys, the
-// requests leave the core between the FMAs instead of filling its miss buffers in one burst: asked for
-// all at once before the products (128 prefetches per 16 float keys at head dim 128), `perf` put 8% of a
-// one-row step on that loop, and a step read a (B, H, S, D) cache from memory 1.25-1.3x slower on one
-// thread (2026-12-04 record, cpu-decode-memory.md).
-struct KeysAhead {
-  const char* first = nullptr;
-  int64_t rows = 0, stride = 0, bytes = 0;
-};
-
 // out[r * ldo + j] = q_r . k_j for rows r < rows (row stride ldq) and the `width` key rows at k (row
 // stride ldk), over `steps` steps of Dot::features features; out is of the accumulator type. Rows go in
 // blocks of 4, 2, 1: a block of R rows takes the keys width / R at a time into width accumulators (one
@@ -225,14 +214,17 @@ struct KeysAhead {
 // R rows, so one query load serves `keys` products: with a query load per product the loads, not the
 // FMAs, were the limit (40 loads per 32 FMAs at 4 rows of 128 floats; with 4 query heads per kv head the
 // step read L3-resident K and V 1.22x slower; 2026-12-04 record, cpu-decode-side-by-side.md). On Zen 4
-// the hardware prefetcher did not follow keys read side by side: they are asked for ahead (KeysAhead). One
+// the hardware prefetcher did not follow keys read side by side: they are asked for ahead (`ahead`, a few
+// rows per block of keys: asked for all at once before the products, 128 prefetches per 16 float keys at
+// head dim 128, `perf` put 8% of a one-row step on that loop, and a step read a (B, H, S, D) cache from
+// memory 1.25-1.3x slower on one thread; 2026-12-04 record, cpu-decode-memory.md). One
 // row (rows == 1) reads key row after key row, one stream the prefetcher follows (1.6x faster than a
 // vector of each of 16 rows in turn, neither with a software prefetch; cpu-decode-row-order.md). Never
 // inlined, so that the accumulators stay in registers (as gemm_tile).
 template <typename Dot, typename Acc>
 __attribute__((noinline)) void dot_keys(const typename Dot::QElem* q, int64_t rows, int64_t ldq,
                                         const typename Dot::KElem* k, int64_t ldk, int64_t steps, Acc* out,
-                                        int64_t ldo, KeysAhead ahead = {}) {
+                                        int64_t ldo, RowsAhead ahead = {}) {
   using S = TransposeSum<Acc>;
   using V = simd::Vec<Acc>;
   using Operand = typename Dot::Operand;
@@ -243,9 +235,7 @@ __attribute__((noinline)) void dot_keys(const typename Dot::QElem* q, int64_t ro
     for (int j0 = 0; j0 < width; j0 += keys) {
       const typename Dot::KElem* kj = k + j0 * ldk;
       if (r0 == 0 && ahead.first != nullptr) {
-        for (int j = j0; j < j0 + keys && j < ahead.rows; ++j) {
-          prefetch_rows(ahead.first + j * ahead.stride, 1, 0, ahead.bytes);
-        }
+        for (int j = j0; j < j0 + keys && j < ahead.rows; ++j) ahead.fetch(j);
       }
       V acc[width] = {};
       const auto add = [&](int r, int j, Operand qd, Operand kd) {
@@ -396,6 +386,7 @@ void decode_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_
   const acc_t* q = buf.q.data() + row0 * buf.ldq;
   const bool in_place = readable_in_place<scalar_t, acc_t>(k, dim);
   const bool ahead = decode_prefetches_keys<scalar_t, acc_t>(k, dim, rows);
+  const bool scattered = scattered_rows(k, dim);
   for (int64_t b = 0; b < n; b += width) {
     const int64_t count = std::min(width, n - b);
     const acc_t* keys = buf.keys.data();
@@ -404,12 +395,12 @@ void decode_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_
     const bool whole = count == width && k.adjacent_rows(token) >= width;  // one run of `width` rows
     // The keys kDecodePrefetchKeys ahead: asked for by dot_keys when they are one run and it reads the
     // rows in place, else here.
-    KeysAhead next;
+    RowsAhead next;
     if (ahead && b + kDecodePrefetchKeys < n) {
       const int64_t later = std::min(width, n - b - kDecodePrefetchKeys), at = token + kDecodePrefetchKeys;
       if (whole && (in_place || bf16_dot(k, dim)) && k.adjacent_rows(at) >= later) {
         next = {reinterpret_cast<const char*>(k.row(seq.batch, kv_head, at)), later,
-                k.token_stride * int64_t(sizeof(scalar_t)), dim * int64_t(sizeof(scalar_t))};
+                k.token_stride * int64_t(sizeof(scalar_t)), dim * int64_t(sizeof(scalar_t)), !scattered};
       } else {
         prefetch_tokens(k, seq.batch, kv_head, at, later, dim);
       }
@@ -454,7 +445,11 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
   // streamed V at 0.6-0.8x the rate in a microbenchmark on AVX-512): for all rows up to 4 (a decode step
   // bound by memory), else for the first two, and the other rows read the block from L1 through
   // gemm_blocks, whose larger tiles load less per product (8 causal rows were 10% slower without).
-  const auto product = [&](const acc_t* values, int64_t ldb, int64_t key, int64_t count) {
+  // in_place: values are the cache's rows, one run of `count` (not a buffer): where they are not scattered,
+  // each block's first tile asks for the rows kDecodePrefetchKeys ahead, one per key (RowsAhead; the
+  // hardware prefetchers alone streamed them 0.9x as fast from memory; asked for all at once per block,
+  // 0.9-0.95x; 2026-12-06, cpu-decode-l1-prefetch.md and cpu-decode-zen5-interleave.md).
+  const auto product = [&](const acc_t* values, int64_t ldb, int64_t key, int64_t count, bool in_place) {
     constexpr int64_t tile_vectors = simd::kVectorRegisters / 4;
     const int64_t vectors = (value_dim + width - 1) / width;
     const int64_t first = vectors % tile_vectors != 0 ? 0 : rows <= 4 ? rows : 2;
@@ -470,7 +465,12 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
         for (int64_t r = 0; r < first; r += 2) {
           const acc_t* ar = a + r * buf.lds;
           acc_t* cr = acc + r * buf.ldv + v0 * width;
-          if (first - r >= 2) {
+          const int64_t later = std::min(kc, count - k0 - kDecodePrefetchKeys);
+          if (first - r >= 2 && v0 == 0 && r == 0 && in_place && !scattered && later > 0) {
+            const RowsAhead next{reinterpret_cast<const char*>(b + kDecodePrefetchKeys * ldb), later,
+                                 ldb * int64_t(sizeof(acc_t)), value_dim * int64_t(sizeof(acc_t)), true};
+            gemm_tile<acc_t, 2, tile_vectors, true>(kc, ar, buf.lds, 1, b, ldb, cr, buf.ldv, true, next);
+          } else if (first - r >= 2) {
             gemm_tile<acc_t, 2, tile_vectors>(kc, ar, buf.lds, 1, b + v0 * width, ldb, cr, buf.ldv, true);
           } else {
             gemm_tile<acc_t, 1, tile_vectors>(kc, ar, buf.lds, 1, b + v0 * width, ldb, cr, buf.ldv, true);
@@ -502,20 +502,20 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
 #if defined(FUSED_ATTENTION_AMX_DECODE)
       if (on_tiles) return amx_values(rows, n, row_of, value_dim, buf.amx, acc, buf.ldv, scattered);
 #endif
-      return values_bf16(rows, n, p, buf.lds, row_of, value_dim, acc, buf.ldv);
+      return values_bf16(rows, n, p, buf.lds, row_of, value_dim, acc, buf.ldv, !scattered);
     }
   }
 #endif
   if (readable_in_place<scalar_t, acc_t>(v, value_dim)) {  // run by run of adjacent rows (a page of a paged cache)
     v.for_each_run(seq.batch, kv_head, seq.k_start + j0, n, [&](const scalar_t* first, int64_t b, int64_t count) {
-      product(reinterpret_cast<const acc_t*>(first), v.token_stride, b, count);
+      product(reinterpret_cast<const acc_t*>(first), v.token_stride, b, count, true);
     });
     return;
   }
   for (int64_t b = 0; b < n; b += kDecodeValueStep) {
     const int64_t count = std::min(kDecodeValueStep, n - b);
     decode_load_rows(v, seq.batch, kv_head, seq.k_start + j0 + b, count, value_dim, buf.values.data(), buf.ldv);
-    product(buf.values.data(), buf.ldv, b, count);
+    product(buf.values.data(), buf.ldv, b, count, false);
   }
 }
 
@@ -556,7 +556,8 @@ void decode_chunk(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
   // The chunk's first keys (and values, where scattered), asked for early: the products ask for those
   // 32 ahead.
   if (decode_prefetches_keys<scalar_t, acc_t>(problem.k, problem.head_dim, rows)) {
-    prefetch_tokens(problem.k, seq.batch, kv_head, seq.k_start + j0, std::min(n, kDecodePrefetchKeys), problem.head_dim);
+    prefetch_tokens(problem.k, seq.batch, kv_head, seq.k_start + j0, std::min(n, kDecodePrefetchKeys), problem.head_dim,
+                    !scattered_rows(problem.k, problem.head_dim));
   }
   decode_scores(problem, seq, kv_head, j0, n, 0, rows, buf, scores);
   if (scattered_rows(problem.v, problem.value_dim)) {

@@ -57,17 +57,21 @@ inline void add_even_odd(__m512 even, __m512 odd, float* acc) {
 // One register tile: Rows rows x Blocks blocks of 32 features from feature f0, over keys [k0, k1): each
 // block of a value row loaded once and widened (WidenDot::load_k), FMAs with the probabilities. (vdpbf16ps
 // needed the rows of two keys interleaved and the probabilities rounded to bfloat16.)
-// prefetch: bytes of the row kDecodePrefetchKeys keys ahead to ask for with each key (0: none).
+// prefetch: bytes of the row kDecodePrefetchKeys keys ahead to ask for with each key (0: none), into L1
+// where into_l1 (RowsAhead).
 template <int Rows, int Blocks, typename RowOf>
 __attribute__((noinline)) void values_tile(int64_t k0, int64_t k1, const float* p, int64_t ldp, const RowOf& row_of,
-                                           int64_t n, int64_t f0, float* acc, int64_t ldv, int64_t prefetch) {
+                                           int64_t n, int64_t f0, float* acc, int64_t ldv, int64_t prefetch,
+                                           bool into_l1) {
   __m512 even[Rows][Blocks], odd[Rows][Blocks];
   for (int r = 0; r < Rows; ++r) {
     for (int b = 0; b < Blocks; ++b) even[r][b] = odd[r][b] = _mm512_setzero_ps();
   }
   for (int64_t j = k0; j < k1; ++j) {
     const c10::BFloat16* v = row_of(j) + f0;
-    if (prefetch > 0 && j + kDecodePrefetchKeys < n) prefetch_rows(row_of(j + kDecodePrefetchKeys), 1, 0, prefetch);
+    if (prefetch > 0 && j + kDecodePrefetchKeys < n) {
+      prefetch_rows(row_of(j + kDecodePrefetchKeys), 1, 0, prefetch, into_l1);
+    }
     __m512 e[Blocks], o[Blocks];
     for (int blk = 0; blk < Blocks; ++blk) {
       const WidenDot::Operand x = WidenDot::load_k(v + 32 * blk);
@@ -91,10 +95,11 @@ __attribute__((noinline)) void values_tile(int64_t k0, int64_t k1, const float* 
 // value_dim a multiple of 32). Keys go kDecodeValueBlock at a time (their value rows then stay in L1) through
 // tiles of up to 4 rows x 64 features (one row: 1 x 128), the features of a block before the next block.
 // The first tile of a block asks for whole rows kDecodePrefetchKeys ahead, contiguous caches too: the
-// half-row passes streamed a cache from memory 0.83x as fast without (2026-12-05, cpu-decode-widen.md).
+// half-row passes streamed a cache from memory 0.83x as fast without (2026-12-05, cpu-decode-widen.md);
+// into L1 where into_l1 (rows not scattered; RowsAhead).
 template <typename RowOf>
 void values_bf16(int64_t rows, int64_t n, const float* p, int64_t ldp, const RowOf& row_of, int64_t value_dim,
-                 float* acc, int64_t ldv) {
+                 float* acc, int64_t ldv, bool into_l1) {
   const int64_t row_bytes = value_dim * int64_t(sizeof(c10::BFloat16));
   for (int64_t k0 = 0; k0 < n; k0 += kDecodeValueBlock) {
     const int64_t k1 = std::min(n, k0 + kDecodeValueBlock);
@@ -105,18 +110,22 @@ void values_bf16(int64_t rows, int64_t n, const float* p, int64_t ldp, const Row
       float* c = acc + r0 * ldv;
       if (take == 1) {  // one row: 4 blocks a tile
         int64_t f0 = 0;
-        for (; f0 + 128 <= value_dim; f0 += 128, prefetch = 0) values_tile<1, 4>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch);
-        for (; f0 < value_dim; f0 += 32, prefetch = 0) values_tile<1, 1>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch);
+        for (; f0 + 128 <= value_dim; f0 += 128, prefetch = 0) {
+          values_tile<1, 4>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch, into_l1);
+        }
+        for (; f0 < value_dim; f0 += 32, prefetch = 0) {
+          values_tile<1, 1>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch, into_l1);
+        }
       } else {
         for (int64_t f0 = 0; f0 < value_dim; prefetch = 0) {
           const bool two = value_dim - f0 >= 64;
           switch ((take - 2) * 2 + (two ? 1 : 0)) {
-            case 0: values_tile<2, 1>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch); break;
-            case 1: values_tile<2, 2>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch); break;
-            case 2: values_tile<3, 1>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch); break;
-            case 3: values_tile<3, 2>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch); break;
-            case 4: values_tile<4, 1>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch); break;
-            default: values_tile<4, 2>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch); break;
+            case 0: values_tile<2, 1>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch, into_l1); break;
+            case 1: values_tile<2, 2>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch, into_l1); break;
+            case 2: values_tile<3, 1>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch, into_l1); break;
+            case 3: values_tile<3, 2>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch, into_l1); break;
+            case 4: values_tile<4, 1>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch, into_l1); break;
+            default: values_tile<4, 2>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch, into_l1); break;
           }
           f0 += two ? 64 : 32;
         }

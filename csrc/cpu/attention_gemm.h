@@ -25,10 +25,33 @@
 constexpr int kRows = 6;
 constexpr int kVectors = simd::kVectorRegisters >= 32 ? 4 : 2;
 
+// Rows of memory that a loop asks for ahead of reading them, one row per step: `rows` rows of `bytes`
+// bytes, `stride` bytes apart, from `first` (none when first is null). Spread over the loop, the requests
+// leave the core between its FMAs instead of filling its miss buffers in one burst. A stream of rows
+// that follow one another is asked for into L1 (prefetcht0); rows scattered one or two to a 4 KiB page
+// (other heads' rows between them, short pages) into L2 (prefetcht1). Decode steps on a Zen 5
+// (2026-12-06 record, cpu-decode-l1-prefetch.md): a (B, H, S, D) cache streamed from memory 1.05-1.14x as
+// fast into L1 as into L2; FlashAttention's layout and pages of 16 (scattered rows) 0.97-1.11x as fast
+// into L2 as into L1.
+struct RowsAhead {
+  const char* first = nullptr;
+  int64_t rows = 0, stride = 0, bytes = 0;
+  bool into_l1 = false;
+  __attribute__((always_inline)) void fetch(int64_t row) const {
+    const char* p = first + row * stride;
+    if (into_l1) {
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
+    } else {
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 2);
+    }
+  }
+};
+
 // Never inlined: inlined into the attention loops it measured with accumulators spilled to the stack.
-template <typename T, int rows, int vectors>
+// With `ahead` (kAhead), step k asks for row k of it (RowsAhead).
+template <typename T, int rows, int vectors, bool kAhead = false>
 __attribute__((noinline)) void gemm_tile(int64_t depth, const T* a, int64_t a_row, int64_t a_col, const T* b,
-                                 int64_t ldb, T* c, int64_t ldc, bool accumulate) {
+                                 int64_t ldb, T* c, int64_t ldc, bool accumulate, RowsAhead ahead = {}) {
   using V = simd::Vec<T>;
   constexpr int64_t width = simd::Traits<T>::width;
   // Fully unrolled, so that the arrays become registers. The tile's sum starts at 0 and joins C only at
@@ -37,6 +60,9 @@ __attribute__((noinline)) void gemm_tile(int64_t depth, const T* a, int64_t a_ro
   // the depth of one, not with their product (dV over 1025 query rows was 3.7x a float32 matmul's error).
   V acc[rows][vectors] = {};
   for (int64_t k = 0; k < depth; ++k) {
+    if constexpr (kAhead) {
+      if (k < ahead.rows) ahead.fetch(k);
+    }
     V bk[vectors];
 #pragma GCC unroll 8
     for (int v = 0; v < vectors; ++v) {
