@@ -87,8 +87,8 @@ def test_decode_products_prefetch_scattered_rows():
 # A vector register stored to or loaded from the stack (x86-64 SysV keeps no vector register across
 # calls, so in a leaf routine that is a spill).
 _STACK_VECTOR = re.compile(r"^\s*[0-9a-f]+:\s+\S+\s+(%[xyz]mm\d+,.*\(%rsp\)|.*\(%rsp\),%[xyz]mm\d+)")
-# (The decode's P V tile that asks for rows ahead has a fourth argument, `true`.)
-_GEMM_TILE = re.compile(r"cpu::(\w+)::gemm_tile<(\w+), (\d+), (\d+)(?:, true)?>\(")
+# (A fourth argument, whether the tile asks for rows ahead, shows in the names: `false` by default.)
+_GEMM_TILE = re.compile(r"cpu::(\w+)::gemm_tile<(\w+), (\d+), (\d+)(?:, (?:true|false))?>\(")
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="reads x86-64 machine code")
@@ -100,5 +100,8 @@ def test_register_tiles_do_not_spill():
             spills[tile.groups()] = spills.get(tile.groups(), 0) + sum(bool(_STACK_VECTOR.match(line)) for line in lines)
     isas = {isa for isa, *_ in spills}
     assert {"baseline", "avx2", "avx512"} <= isas, f"gemm_tile variants missing from the symbols: {sorted(isas)}"
+    # The blocked forward's and backward's 6-row tiles, not only the decode's.
+    for isa in ("baseline", "avx2", "avx512"):
+        assert any(key[0] == isa and key[2] == "6" for key in spills), f"{isa}: no 6-row gemm_tile symbol"
     spilling = {tile: count for tile, count in spills.items() if count}
     assert not spilling, f"(variant, type, rows, vectors) -> stack moves of vector registers: {spilling}"

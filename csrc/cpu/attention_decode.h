@@ -71,9 +71,9 @@ constexpr int64_t kDecodePrefetchKeys = 32;
 constexpr int64_t kDecodeShortPage = 64;
 
 // Whether x's rows of one head lie scattered: interleaved with the other heads' rows, or in short pages.
-// Rows that follow each other for longer and are read one after another (V; K for one query row) are
-// left to the hardware prefetchers (software prefetch there measured no faster, with 7% of a one-row
-// step's samples on its loop).
+// Rows that follow each other for longer and are read one after another by one query row's q.k are left to
+// the hardware prefetchers (software prefetch there measured no faster, with 7% of a one-row step's
+// samples on its loop); the other products ask for them into L1 (RowsAhead).
 template <typename scalar_t>
 bool scattered_rows(const Operand<scalar_t>& x, int64_t features) {
   return x.feature_stride == 1 && (x.token_stride > features || (x.pages != nullptr && x.page_size < kDecodeShortPage));
@@ -402,7 +402,7 @@ void decode_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_
         next = {reinterpret_cast<const char*>(k.row(seq.batch, kv_head, at)), later,
                 k.token_stride * int64_t(sizeof(scalar_t)), dim * int64_t(sizeof(scalar_t)), !scattered};
       } else {
-        prefetch_tokens(k, seq.batch, kv_head, at, later, dim);
+        prefetch_tokens(k, seq.batch, kv_head, at, later, dim, !scattered);
       }
     }
 #if FUSED_ATTENTION_ISA_AVX512
@@ -445,14 +445,17 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
   // streamed V at 0.6-0.8x the rate in a microbenchmark on AVX-512): for all rows up to 4 (a decode step
   // bound by memory), else for the first two, and the other rows read the block from L1 through
   // gemm_blocks, whose larger tiles load less per product (8 causal rows were 10% slower without).
-  // in_place: values are the cache's rows, one run of `count` (not a buffer): where they are not scattered,
-  // each block's first tile asks for the rows kDecodePrefetchKeys ahead, one per key (RowsAhead; the
-  // hardware prefetchers alone streamed them 0.9x as fast from memory; asked for all at once per block,
-  // 0.9-0.95x; 2026-12-06, cpu-decode-l1-prefetch.md and cpu-decode-zen5-interleave.md).
+  // in_place: values are the cache's rows, one run of `count` (not a buffer). Where they are not scattered,
+  // each block's first tile asks for the rows kDecodePrefetchKeys ahead, one per key (RowsAhead), and rows
+  // ahead past the run's end (the next page's first ones) are asked for at once. Left to the hardware
+  // prefetchers, P V alone streamed V 0.76x as fast in a microbenchmark and the whole step 0.82x on a
+  // quiet memory; asked for a block at a time, 0.9-0.95x (2026-12-06, cpu-decode-l1-prefetch.md,
+  // cpu-decode-zen5-interleave.md).
   const auto product = [&](const acc_t* values, int64_t ldb, int64_t key, int64_t count, bool in_place) {
     constexpr int64_t tile_vectors = simd::kVectorRegisters / 4;
     const int64_t vectors = (value_dim + width - 1) / width;
     const int64_t first = vectors % tile_vectors != 0 ? 0 : rows <= 4 ? rows : 2;
+    const bool stream = in_place && !scattered && first > 0;
     for (int64_t k0 = 0; k0 < count; k0 += kDecodeValueBlock) {
       const int64_t kc = std::min(kDecodeValueBlock, count - k0);
       const acc_t* a = p + key + k0;
@@ -461,19 +464,28 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
       if (scattered && ahead < n) {
         prefetch_tokens(v, seq.batch, kv_head, seq.k_start + j0 + ahead, std::min(kc, n - ahead), value_dim);
       }
+      // The rows ahead within this run (the first tile asks for them), then those past it.
+      const int64_t later = stream ? std::clamp<int64_t>(count - k0 - kDecodePrefetchKeys, 0, kc) : 0;
+      if (stream && ahead + later < std::min(n, ahead + kc)) {
+        prefetch_tokens(v, seq.batch, kv_head, seq.k_start + j0 + ahead + later,
+                        std::min(n, ahead + kc) - ahead - later, value_dim, true);
+      }
       for (int64_t v0 = 0; v0 < vectors && first > 0; v0 += tile_vectors) {
         for (int64_t r = 0; r < first; r += 2) {
           const acc_t* ar = a + r * buf.lds;
           acc_t* cr = acc + r * buf.ldv + v0 * width;
-          const int64_t later = std::min(kc, count - k0 - kDecodePrefetchKeys);
-          if (first - r >= 2 && v0 == 0 && r == 0 && in_place && !scattered && later > 0) {
-            const RowsAhead next{reinterpret_cast<const char*>(b + kDecodePrefetchKeys * ldb), later,
-                                 ldb * int64_t(sizeof(acc_t)), value_dim * int64_t(sizeof(acc_t)), true};
-            gemm_tile<acc_t, 2, tile_vectors, true>(kc, ar, buf.lds, 1, b, ldb, cr, buf.ldv, true, next);
+          const acc_t* br = b + v0 * width;
+          const RowsAhead next{reinterpret_cast<const char*>(b + kDecodePrefetchKeys * ldb),
+                               v0 == 0 && r == 0 ? later : 0, ldb * int64_t(sizeof(acc_t)),
+                               value_dim * int64_t(sizeof(acc_t)), true};
+          if (first - r >= 2 && next.rows > 0) {
+            gemm_tile<acc_t, 2, tile_vectors, true>(kc, ar, buf.lds, 1, br, ldb, cr, buf.ldv, true, next);
           } else if (first - r >= 2) {
-            gemm_tile<acc_t, 2, tile_vectors>(kc, ar, buf.lds, 1, b + v0 * width, ldb, cr, buf.ldv, true);
+            gemm_tile<acc_t, 2, tile_vectors>(kc, ar, buf.lds, 1, br, ldb, cr, buf.ldv, true);
+          } else if (next.rows > 0) {
+            gemm_tile<acc_t, 1, tile_vectors, true>(kc, ar, buf.lds, 1, br, ldb, cr, buf.ldv, true, next);
           } else {
-            gemm_tile<acc_t, 1, tile_vectors>(kc, ar, buf.lds, 1, b + v0 * width, ldb, cr, buf.ldv, true);
+            gemm_tile<acc_t, 1, tile_vectors>(kc, ar, buf.lds, 1, br, ldb, cr, buf.ldv, true);
           }
         }
       }

@@ -25,14 +25,14 @@
 constexpr int kRows = 6;
 constexpr int kVectors = simd::kVectorRegisters >= 32 ? 4 : 2;
 
-// Rows of memory that a loop asks for ahead of reading them, one row per step: `rows` rows of `bytes`
-// bytes, `stride` bytes apart, from `first` (none when first is null). Spread over the loop, the requests
-// leave the core between its FMAs instead of filling its miss buffers in one burst. A stream of rows
-// that follow one another is asked for into L1 (prefetcht0); rows scattered one or two to a 4 KiB page
-// (other heads' rows between them, short pages) into L2 (prefetcht1). Decode steps on a Zen 5
-// (2026-12-06 record, cpu-decode-l1-prefetch.md): a (B, H, S, D) cache streamed from memory 1.05-1.14x as
-// fast into L1 as into L2; FlashAttention's layout and pages of 16 (scattered rows) 0.97-1.11x as fast
-// into L2 as into L1.
+// Rows of memory that a loop asks for ahead of reading them, one row per step: `rows` rows (none when 0)
+// of `bytes` bytes, `stride` bytes apart, from `first`. Spread over the loop, the requests leave the core
+// between its FMAs instead of filling its miss buffers in one burst. A stream of rows that follow one
+// another is asked for into L1 (prefetcht0); rows scattered one or two to a 4 KiB page (other heads' rows
+// between them, short pages) into L2 (prefetcht1). On a Zen 5 (2026-12-06 record,
+// cpu-decode-l1-prefetch.md): a decode step's q.k over rows that follow one another read them from memory
+// 1.32x as fast into L1 as into L2 (a microbenchmark); FlashAttention's layout and pages of 16 (scattered)
+// 0.97-1.11x as fast into L2 as into L1. AMX decode (attention_decode_amx.h) keeps L2: unmeasured there.
 struct RowsAhead {
   const char* first = nullptr;
   int64_t rows = 0, stride = 0, bytes = 0;
