@@ -445,9 +445,11 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
   // streamed V at 0.6-0.8x the rate in a microbenchmark on AVX-512): for all rows up to 4 (a decode step
   // bound by memory), else for the first two, and the other rows read the block from L1 through
   // gemm_blocks, whose larger tiles load less per product (8 causal rows were 10% slower without).
-  // in_place: values are the cache's rows, one run of `count` (not a buffer). Where they are not scattered,
-  // each block's first tile asks for the rows kDecodePrefetchKeys ahead, one per key (RowsAhead), and rows
-  // ahead past the run's end (the next page's first ones) are asked for at once. Left to the hardware
+  // in_place: values are the cache's rows, one run of `count` (not a buffer). Each block's first tile asks
+  // for the rows kDecodePrefetchKeys ahead, one per key (RowsAhead: into L1, or L2 where scattered), and
+  // rows ahead past the run's end (the next page's first ones) are asked for at once; values converted
+  // into a buffer ask only where scattered (the rest is left to the hardware prefetchers). Spread or at
+  // once made no difference to scattered rows (FlashAttention's layout, pages of 16). Left to the hardware
   // prefetchers, P V alone streamed V 0.76x as fast in a microbenchmark and the whole step 0.82x on a
   // quiet memory; asked for a block at a time, 0.9-0.95x (2026-12-06, cpu-decode-l1-prefetch.md,
   // cpu-decode-zen5-interleave.md).
@@ -455,20 +457,17 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
     constexpr int64_t tile_vectors = simd::kVectorRegisters / 4;
     const int64_t vectors = (value_dim + width - 1) / width;
     const int64_t first = vectors % tile_vectors != 0 ? 0 : rows <= 4 ? rows : 2;
-    const bool stream = in_place && !scattered && first > 0;
+    const bool tiles_ask = in_place && first > 0, asks = tiles_ask || scattered;
     for (int64_t k0 = 0; k0 < count; k0 += kDecodeValueBlock) {
       const int64_t kc = std::min(kDecodeValueBlock, count - k0);
       const acc_t* a = p + key + k0;
       const acc_t* b = values + k0 * ldb;
       const int64_t ahead = key + k0 + kDecodePrefetchKeys;
-      if (scattered && ahead < n) {
-        prefetch_tokens(v, seq.batch, kv_head, seq.k_start + j0 + ahead, std::min(kc, n - ahead), value_dim);
-      }
-      // The rows ahead within this run (the first tile asks for them), then those past it.
-      const int64_t later = stream ? std::clamp<int64_t>(count - k0 - kDecodePrefetchKeys, 0, kc) : 0;
-      if (stream && ahead + later < std::min(n, ahead + kc)) {
+      // The rows ahead within this run (the first tile asks for them), then those past it at once.
+      const int64_t later = tiles_ask ? std::clamp<int64_t>(count - k0 - kDecodePrefetchKeys, 0, kc) : 0;
+      if (asks && ahead + later < std::min(n, ahead + kc)) {
         prefetch_tokens(v, seq.batch, kv_head, seq.k_start + j0 + ahead + later,
-                        std::min(n, ahead + kc) - ahead - later, value_dim, true);
+                        std::min(n, ahead + kc) - ahead - later, value_dim, !scattered);
       }
       for (int64_t v0 = 0; v0 < vectors && first > 0; v0 += tile_vectors) {
         for (int64_t r = 0; r < first; r += 2) {
@@ -477,7 +476,7 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
           const acc_t* br = b + v0 * width;
           const RowsAhead next{reinterpret_cast<const char*>(b + kDecodePrefetchKeys * ldb),
                                v0 == 0 && r == 0 ? later : 0, ldb * int64_t(sizeof(acc_t)),
-                               value_dim * int64_t(sizeof(acc_t)), true};
+                               value_dim * int64_t(sizeof(acc_t)), !scattered};
           if (first - r >= 2 && next.rows > 0) {
             gemm_tile<acc_t, 2, tile_vectors, true>(kc, ar, buf.lds, 1, br, ldb, cr, buf.ldv, true, next);
           } else if (first - r >= 2) {
