@@ -120,11 +120,9 @@ def _register_attention_rules() -> None:
     torch.library.register_fake("fused_attention::kvcache_append_attention_")(
         lambda k_cache, v_cache, k, v, q, *_: attention_rules.dense_fake(q, k_cache, v_cache)
     )
-    torch.library.register_fake("fused_attention::attention_precise_lse")(
-        lambda q, k, v, *_: (attention_rules.dense_fake(q, k, v)[0], q.new_empty(q.shape[:-1], dtype=torch.float64))
-    )
+    torch.library.register_fake("fused_attention::attention_precise_lse")(attention_rules.precise_lse_fake)
     torch.library.register_fake("fused_attention::attention_backward_from_stats")(
-        lambda dout, q, k, v, *_: (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+        attention_rules.backward_from_stats_fake
     )
     torch.library.register_fake("fused_attention::varlen_attention_backward")(
         attention_rules.varlen_sinks_backward_fake

@@ -288,6 +288,13 @@ def _cases(world: int) -> dict:
         "ring_zigzag_f32_window_softcap_torch_backend": lambda: check_against_whole(
             world, "ring", "zigzag", f32, zz, heads=(4, 2), is_causal=True, window_size=(5, 0), softcap=2.0,
             sinks=True, backend="torch"),
+        # The torch backend's blocks take the global statistics too (its precise-lse forward and
+        # backward from statistics): through shifted scores and a ones column, dv missed the bound by
+        # 1.25x (softcap) and a rank failed (ALiBi) at scale 6.
+        "ring_zigzag_f32_causal_softcap50_scale6_torch_backend": lambda: check_against_whole(
+            world, "ring", "zigzag", f32, zz, is_causal=True, softcap=50.0, scale=6.0, backend="torch"),
+        "ring_zigzag_f32_causal_alibi_scale6_torch_backend": lambda: check_against_whole(
+            world, "ring", "zigzag", f32, zz, is_causal=True, alibi=True, scale=6.0, backend="torch"),
         "ring_zigzag_f32_causal_triton_backend": lambda: check_against_whole(
             world, "ring", "zigzag", f32, 4 * world, head_dim=8, is_causal=True, backend="triton"),
         # One thread per rank: by default a ring per key/value head; these run one group, uneven groups

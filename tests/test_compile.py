@@ -137,15 +137,31 @@ def test_opcheck_attention_backward(config, names, extra_grads):
     torch.library.opcheck(backward, _args(backward, values))
 
 
-@_needs_extension
+# Ring attention's pair (no dropout, no sinks, no autograd: its ring has its own backward).
+STATS_OPS = [
+    pytest.param(("torch_attention_precise_lse", "torch_attention_backward_from_stats"), id="torch"),
+    pytest.param(("attention_precise_lse", "attention_backward_from_stats"), id="extension", marks=_needs_extension),
+]
+
+
+@pytest.mark.parametrize("names", STATS_OPS)
 @pytest.mark.parametrize("config", ["causal+window+alibi", "transposed_qkv_and_mask"], ids=str)
-def test_opcheck_attention_precise_lse(config):
-    """Ring attention's forward (no dropout, no sinks, no autograd: its ring has its own backward)."""
-    op = ops.attention_precise_lse
+def test_opcheck_attention_precise_lse(config, names):
+    op = getattr(ops, names[0])
     values = _detached(_dense_values(*DENSE_CONFIGS[config]))
     torch.library.opcheck(op, _args(op, values))
     out, lse = op(*_args(op, values))
     assert lse.dtype == torch.float64 and out.shape == (B, HQ, L, DV)
+
+
+@pytest.mark.parametrize("names", STATS_OPS)
+@pytest.mark.parametrize("config", ["causal+window+alibi", "transposed_qkv_and_mask"], ids=str)
+def test_opcheck_attention_backward_from_stats(config, names):
+    forward, backward = (getattr(ops, n) for n in names)
+    values = _detached(_dense_values(*DENSE_CONFIGS[config]))
+    out, lse = forward(*_args(forward, values))
+    values |= {"dout": torch.randn_like(out), "lse": lse, "delta": (out * out).sum(-1).to(lse.dtype)}
+    torch.library.opcheck(backward, _args(backward, values))
 
 
 CU_Q, CU_K = [0, 4, 4, 15], [0, 6, 9, 21]  # an empty query sequence, keys longer than queries

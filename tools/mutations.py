@@ -358,7 +358,7 @@ MUTATIONS = [
     Mutation(
         "cpp-stats-backward-drops-delta", "csrc/cpu/attention_backward.h",
         "      delta = scoring.row_delta[at];", "      delta = 0;",
-        _k("tests/test_cpu_backward_stats.py", "matches_autograd"),
+        _k("tests/test_backward_stats.py", "matches_autograd"),
         "C++: the backward given the rows' statistics ignores the given delta", cpp=True,
     ),
     Mutation(

@@ -174,6 +174,31 @@ class Backend(ForgetsDecisions):
         return None
 
 
+def precise_lse_call(op, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`Backend.attention_precise_lse` through a backend's op of that signature
+    (``fused_attention::attention_precise_lse``'s)."""
+    if inputs.dropout_p or inputs.sinks is not None:
+        raise ValueError("attention_precise_lse: no dropout, no sinks")
+    return op(
+        inputs.query, inputs.key, inputs.value, inputs.attn_mask, inputs.key_lengths, inputs.alibi_slopes,
+        inputs.causal, inputs.window_left, inputs.window_right, inputs.softcap, inputs.scale,
+    )
+
+
+def backward_from_stats_call(
+    op, inputs: AttentionInputs, dout: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:meth:`Backend.attention_backward_from_stats` through a backend's op of that signature
+    (``fused_attention::attention_backward_from_stats``'s)."""
+    if inputs.dropout_p or inputs.sinks is not None:
+        raise ValueError("attention_backward_from_stats: no dropout, no sinks")
+    return op(
+        dout.contiguous(), inputs.query, inputs.key, inputs.value, inputs.attn_mask, inputs.key_lengths,
+        inputs.alibi_slopes, lse, delta, inputs.causal, inputs.window_left, inputs.window_right,
+        inputs.softcap, inputs.scale,
+    )
+
+
 def draw_seed(inputs: AttentionInputs | VarlenInputs) -> torch.Tensor | None:
     """A dropout seed from torch's default CPU generator, so ``torch.manual_seed`` reproduces it."""
     if inputs.dropout_p == 0:

@@ -13,7 +13,16 @@ from .. import _extension
 from ..inputs import AttentionInputs, VarlenInputs
 from ..ops.attention_rules import dense_autograd_rules, varlen_autograd_rules
 from ..ops.eager import EagerOp
-from .base import ALL_FEATURES, Backend, Capabilities, dense_op_args, recomputing_backward, varlen_op_args
+from .base import (
+    ALL_FEATURES,
+    Backend,
+    Capabilities,
+    backward_from_stats_call,
+    dense_op_args,
+    precise_lse_call,
+    recomputing_backward,
+    varlen_op_args,
+)
 
 # Loaded once at import: a plain value that torch.compile can read while tracing dispatch.
 _EXTENSION = _extension.load_extension()
@@ -71,21 +80,12 @@ class CpuBackend(Backend):
     def attention_backward_from_stats(
         self, inputs: AttentionInputs, dout: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if inputs.dropout_p or inputs.sinks is not None:
-            raise ValueError("attention_backward_from_stats: no dropout, no sinks")
-        return torch.ops.fused_attention.attention_backward_from_stats.default(
-            dout.contiguous(), inputs.query, inputs.key, inputs.value, inputs.attn_mask, inputs.key_lengths,
-            inputs.alibi_slopes, lse, delta, inputs.causal, inputs.window_left, inputs.window_right,
-            inputs.softcap, inputs.scale,
+        return backward_from_stats_call(
+            torch.ops.fused_attention.attention_backward_from_stats.default, inputs, dout, lse, delta
         )
 
     def attention_precise_lse(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        if inputs.dropout_p or inputs.sinks is not None:
-            raise ValueError("attention_precise_lse: no dropout, no sinks")
-        return torch.ops.fused_attention.attention_precise_lse.default(
-            inputs.query, inputs.key, inputs.value, inputs.attn_mask, inputs.key_lengths, inputs.alibi_slopes,
-            inputs.causal, inputs.window_left, inputs.window_right, inputs.softcap, inputs.scale,
-        )
+        return precise_lse_call(torch.ops.fused_attention.attention_precise_lse.default, inputs)
 
 
 CPU = CpuBackend()

@@ -18,7 +18,9 @@ from .base import (
     ALL_FEATURES,
     Backend,
     Capabilities,
+    backward_from_stats_call,
     dense_op_args,
+    precise_lse_call,
     recomputing_backward,
     requires_grad,
     varlen_op_args,
@@ -82,6 +84,16 @@ class TorchBackend(Backend):
         self, inputs: AttentionInputs, dout: torch.Tensor, need_mask_grad: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return recomputing_backward(torch.ops.fused_attention.torch_attention_backward.default, inputs, dout, need_mask_grad)
+
+    def attention_backward_from_stats(
+        self, inputs: AttentionInputs, dout: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return backward_from_stats_call(
+            torch.ops.fused_attention.torch_attention_backward_from_stats.default, inputs, dout, lse, delta
+        )
+
+    def attention_precise_lse(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        return precise_lse_call(torch.ops.fused_attention.torch_attention_precise_lse.default, inputs)
 
 
 TORCH = TorchBackend()

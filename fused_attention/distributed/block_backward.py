@@ -1,17 +1,16 @@
 """The gradient of one block of a ring through the *global* softmax, with one backward call per block.
 
 Where the backend has FlashAttention's backward interface
-(:meth:`~fused_attention.backends.base.Backend.attention_backward_from_stats`: the ``cpu`` backend), the
-block's call takes the global ``lse`` and ``D = rowsum(dO * out)`` and nothing else is needed
-(:func:`stats_backend`). Elsewhere, the method below.
+(:meth:`~fused_attention.backends.base.Backend.attention_backward_from_stats`: the ``cpu`` and ``torch``
+backends), the block's call takes the global ``lse`` and ``D = rowsum(dO * out)`` and nothing else is
+needed (:func:`stats_backend`). Elsewhere (``triton``), the method below.
 
 The ring's output is ``out = sum_b exp(lse_b - lse) o_b`` over key blocks ``b`` (``lse``: the global
 log-sum-exp, sinks included). A block's exact gradients need ``dS = P (dP - D)`` with the global
 ``P = exp(S - lse)``, ``dP = dO V^T`` and ``D = rowsum(dO * out)``. FlashAttention-style rings pass
-``lse`` and ``D`` to the kernel's backward. Ours (the C++ ``cpu`` backward, the chunked ``torch`` one)
-recompute their own softmax and their own ``delta = sum_j p dp`` from the inputs alone
-(:meth:`~fused_attention.backends.base.Backend.attention_backward`), so this module shapes the call's
-inputs so that the kernel's own arithmetic yields the global ``dS``:
+``lse`` and ``D`` to the kernel's backward. A backward that recomputes its own softmax and its own
+``delta = sum_j p dp`` from the inputs alone (:meth:`~fused_attention.backends.base.Backend.attention_backward`;
+triton's) needs the call's inputs shaped so that its own arithmetic yields the global ``dS``:
 
 - every score of row ``i`` is shifted by ``-lse_i`` (a float mask ``(B, H, Lq, 1)``, added after scale,
   softcap and ALiBi, as the global lse was) and the call gets a sink of logit 0 in every head; the

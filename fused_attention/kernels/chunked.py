@@ -129,11 +129,15 @@ class _Chunk:
         b, hq = t.shape[:2]
         return t.reshape(b, hq // self.groups, self.groups * self.rows, t.shape[-1])
 
-    def take_softmax(self, sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def take_softmax(
+        self, sinks: torch.Tensor | None = None, precise_lse: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(probs, lse)`` of the scores, in place (one exp per score); empty rows give 0 and -inf.
 
         With ``sinks`` the denominator gains ``exp(sinks[h])`` (lse includes it; an empty row's lse is
-        the sink) and ``self.sink_probs`` ``(B, Hq, rows, 1)`` keeps the sink's probability."""
+        the sink) and ``self.sink_probs`` ``(B, Hq, rows, 1)`` keeps the sink's probability.
+        ``precise_lse``: lse in float64 from the row's sum taken in float64 (the precision of the sum,
+        not of the compute dtype's spacing at ``|lse|``)."""
         row_max = self.scores.amax(dim=-1, keepdim=True)
         sink = None
         if sinks is not None:
@@ -146,10 +150,13 @@ class _Chunk:
             self.sink_probs = _exp_(sink - row_max)
             total.add_(self.sink_probs)
         total_safe = total.clamp(min=torch.finfo(probs.dtype).tiny)
+        lse = (row_max + total.log()).squeeze(-1)
+        if precise_lse:
+            lse = (row_max.double() + probs.sum(dim=-1, keepdim=True, dtype=torch.float64).log()).squeeze(-1)
         probs.div_(total_safe)
         if sink is not None:
             self.sink_probs.div_(total_safe)
-        return probs, (row_max + total.log()).squeeze(-1)
+        return probs, lse
 
 
 def _exp_(x: torch.Tensor) -> torch.Tensor:
@@ -218,20 +225,21 @@ def _no_autocast(fn):
 
 @_no_autocast
 def attention_forward(
-    q, k, v, mask, key_lengths, alibi, rules: Rules, sinks=None
+    q, k, v, mask, key_lengths, alibi, rules: Rules, sinks=None, precise_lse: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``out (B, Hq, L, Ev)`` in q's dtype and ``lse (B, Hq, L)`` in the compute dtype."""
+    """Returns ``out (B, Hq, L, Ev)`` in q's dtype and ``lse (B, Hq, L)`` in the compute dtype (float64
+    with ``precise_lse``: see :meth:`_Chunk.take_softmax`)."""
     batch, hq, seq_q, _ = q.shape
     cd = compute_dtype(q.dtype)
     out = q.new_zeros(batch, hq, seq_q, v.shape[-1])
-    lse = q.new_full((batch, hq, seq_q), float("-inf"), dtype=cd)
+    lse = q.new_full((batch, hq, seq_q), float("-inf"), dtype=torch.float64 if precise_lse else cd)
     if sinks is not None:  # rows that see no key: the denominator is the sink alone
         lse.copy_(sinks.to(cd)[None, :, None].expand(lse.shape))
     for i0, i1, j0, j1 in _chunks(q, k, rules):
         if j0 >= j1:
             continue  # nothing visible: out stays 0 and lse -inf (the sink with sinks)
         c = _Chunk(q, k, mask, key_lengths, alibi, rules, i0, i1, j0, j1)
-        p, chunk_lse = c.take_softmax(sinks)
+        p, chunk_lse = c.take_softmax(sinks, precise_lse)
         if c.keep is not None:
             p.mul_(c.keep)
         o = c.per_kv_head(p) @ v[:, :, j0:j1].to(cd)
@@ -318,3 +326,41 @@ def attention_backward(
         None if dalibi is None else dalibi.to(alibi.dtype),
         None if dsinks is None else dsinks.to(sinks.dtype),
     )
+
+
+@_no_autocast
+def attention_backward_from_stats(
+    dout, q, k, v, mask, key_lengths, alibi, rules: Rules, lse, delta
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of a block of a larger softmax, FlashAttention's way: each row's ``lse`` and
+    ``delta = rowsum(dO * O)`` ``(B, Hq, L)`` of the whole softmax are given, ``P = exp(S - lse)`` and
+    ``dS = P (dP - delta)`` (ring attention's blocks). A float64 ``lse`` with a lower compute dtype
+    (:func:`attention_forward`'s precise one) is taken as its nearest value in that dtype and the rest
+    as a per-row factor. No dropout, no sinks (they belong to the whole softmax: its caller's)."""
+    batch, hq = q.shape[:2]
+    cd = compute_dtype(q.dtype)
+    hi = lse.to(cd)
+    hi = hi.masked_fill(hi == float("-inf"), 0.0)  # a row that sees no key anywhere: every score is -inf
+    low = None
+    if lse.dtype == torch.float64 and cd != torch.float64:
+        low = torch.where(torch.isfinite(lse), lse - hi.double(), 0.0).to(cd)
+    dq = torch.zeros(q.shape, dtype=cd, device=q.device)
+    dk = torch.zeros(k.shape, dtype=cd, device=q.device)
+    dv = torch.zeros(v.shape, dtype=cd, device=q.device)
+    for i0, i1, j0, j1 in _chunks(q, k, rules):
+        if j0 >= j1:
+            continue
+        c = _Chunk(q, k, mask, key_lengths, alibi, rules, i0, i1, j0, j1)
+        p, c.scores = c.scores.sub_(hi[:, :, i0:i1, None]).exp_(), None
+        if low is not None:
+            p.mul_(torch.exp(-low[:, :, i0:i1, None]))
+        do = c.per_kv_head(dout[:, :, i0:i1].to(cd))
+        dv[:, :, j0:j1] += c.per_kv_head(p).transpose(-2, -1) @ do
+        dp = (do @ v[:, :, j0:j1].to(cd).transpose(-2, -1)).reshape(p.shape)
+        ds = dp.sub_(delta[:, :, i0:i1, None].to(cd)).mul_(p)
+        if c.tanh is not None:
+            ds.mul_(1 - c.tanh * c.tanh)
+        ds = c.per_kv_head(ds.mul_(rules.scale))
+        dq[:, :, i0:i1] = (ds @ c.k).reshape(batch, hq, i1 - i0, q.shape[-1])
+        dk[:, :, j0:j1] += ds.transpose(-2, -1) @ c.q
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

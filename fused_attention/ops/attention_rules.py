@@ -32,6 +32,15 @@ def dense_fake(q: Tensor, k: Tensor, v: Tensor, *_args) -> tuple[Tensor, Tensor]
     return q.new_empty(b, h, seq_q, v.shape[-1]), q.new_empty(b, h, seq_q, dtype=lse_dtype(q.dtype))
 
 
+def precise_lse_fake(q: Tensor, k: Tensor, v: Tensor, *_args) -> tuple[Tensor, Tensor]:
+    """``attention_precise_lse``'s: the output as :func:`dense_fake`'s, lse in float64."""
+    return dense_fake(q, k, v)[0], q.new_empty(q.shape[:-1], dtype=torch.float64)
+
+
+def backward_from_stats_fake(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, *_args) -> tuple[Tensor, ...]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
 def dense_backward_fake(dout, q, k, v, mask, key_lengths, alibi, *rest) -> tuple[Tensor, ...]:
     need_mask_grad, need_alibi_grad = rest[-2:]
     # The real ops return fresh contiguous gradients, whatever the inputs' strides.

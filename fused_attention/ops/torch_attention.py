@@ -75,3 +75,66 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
 
 torch_attention_backward.register_fake(attention_rules.dense_sinks_backward_fake)
 attention_rules.register_dense_autograd(torch_attention, torch_attention_backward, sinks=True)
+
+
+def _check_stats(dout: Tensor, q: Tensor, v: Tensor, lse: Tensor, delta: Tensor) -> None:
+    batch, heads, len_q = q.shape[:3]
+    for t in (lse, delta):
+        if tuple(t.shape) != (batch, heads, len_q):
+            raise RuntimeError(
+                "fused_attention::torch_attention_backward_from_stats: lse and delta must be (B, Hq, L) = "
+                f"({batch}, {heads}, {len_q}), got {tuple(t.shape)}"
+            )
+    if tuple(dout.shape) != (batch, heads, len_q, v.shape[-1]):
+        raise RuntimeError(
+            f"fused_attention::torch_attention_backward_from_stats: dout must be (B, Hq, L, Ev), got {tuple(dout.shape)}"
+        )
+
+
+@torch.library.custom_op("fused_attention::torch_attention_precise_lse", mutates_args=())
+def torch_attention_precise_lse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    key_lengths: Tensor | None,
+    alibi: Tensor | None,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` of :func:`torch_attention_impl` with lse in float64 (no dropout, no sinks)."""
+    rules = chunked.rules_from_op(causal, window_left, window_right, softcap, scale, 0.0, None)
+    return chunked.attention_forward(q, k, v, mask, key_lengths, alibi, rules, precise_lse=True)
+
+
+torch_attention_precise_lse.register_fake(attention_rules.precise_lse_fake)
+
+
+@torch.library.custom_op("fused_attention::torch_attention_backward_from_stats", mutates_args=())
+def torch_attention_backward_from_stats(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    key_lengths: Tensor | None,
+    alibi: Tensor | None,
+    lse: Tensor,
+    delta: Tensor,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` given the whole softmax's ``lse`` and ``delta`` (see
+    :func:`fused_attention.kernels.chunked.attention_backward_from_stats`)."""
+    _check_stats(dout, q, v, lse, delta)
+    rules = chunked.rules_from_op(causal, window_left, window_right, softcap, scale, 0.0, None)
+    return chunked.attention_backward_from_stats(dout, q, k, v, mask, key_lengths, alibi, rules, lse, delta)
+
+
+torch_attention_backward_from_stats.register_fake(attention_rules.backward_from_stats_fake)
