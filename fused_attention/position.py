@@ -13,6 +13,7 @@ import torch
 
 from .argument_checks import (
     check_cu_seqlens,
+    check_dense_tensor,
     check_float_dtype,
     check_int_vector,
     check_max_seqlen,
@@ -41,8 +42,7 @@ _LAYOUTS = ("bhsd", "bshd")
 
 
 def _check_float_tensor(name: str, t: object) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_dense_tensor(name, t)  # sparse: the kernels raised the dispatcher's error, naming no argument
     if t.dtype not in _FLOAT_DTYPES:
         raise AttentionTypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     return t

@@ -630,6 +630,25 @@ def test_merge_bad_input():
         fa.merge_attention_states(o, s.to("meta"), o, s)
     with pytest.raises(ValueError, match="lses\\[1\\] must match lses\\[0\\] in shape and dtype"):
         fa.merge_attention_states(o, s, o, s.double())
+    with pytest.raises(TypeError, match="outs\\[1\\] must be a dense tensor"):  # (was torch.where's NotImplementedError)
+        fa.merge_attention_states(o, s, o.to_sparse(), s)
+    with pytest.raises(TypeError, match="lses\\[0\\] must be a dense tensor"):
+        fa.merge_attention_states(o, s.to_sparse(), o, s)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_arguments_name_themselves(backend):
+    """A sparse new k reached the append (the dispatcher's NotImplementedError) and a sparse cache was
+    blamed as "key"; each is named, and the caches stay as they were."""
+    c = _small()
+    for name in ("q", "k", "v", "k_cache", "v_cache"):
+        kc, vc = c["k_cache"].clone(), c["v_cache"].clone()
+        args = {"q": c["q"], "k_cache": kc, "v_cache": vc, "k": c["k"], "v": c["v"]}
+        args[name] = args[name].to_sparse()
+        with pytest.raises(TypeError, match=f"^{name} must be a dense tensor"):
+            fa.attention_with_kvcache(**args, cache_seqlens=c["seqlens"], block_table=c["block_table"],
+                                      backend=backend)
+        assert torch.equal(kc, c["k_cache"]) and torch.equal(vc, c["v_cache"])
 
 
 # --- torch.compile ------------------------------------------------------------------------------------

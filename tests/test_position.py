@@ -407,6 +407,18 @@ def test_bad_sinusoidal_input():
     _raises("x must be 3-D", fused_attention.add_sinusoidal_position_encoding, rand(4, 8))
 
 
+def test_sparse_inputs_name_themselves():
+    """Sparse tensors reached the kernels: the dispatcher's NotImplementedError, or torch's "unsupported
+    memory format", naming no argument."""
+    cos, sin = table(16, 8)
+    x = rand(1, 2, 5, 8)
+    _raises("x must be a dense tensor", fused_attention.apply_rotary_emb, x.to_sparse(), cos, sin)
+    _raises("cos must be a dense tensor", fused_attention.apply_rotary_emb, x, cos.to_sparse(), sin)
+    _raises("sin must be a dense tensor", fused_attention.apply_rotary_emb, x, cos, sin.to_sparse())
+    _raises("k must be a dense tensor", fused_attention.apply_rotary_emb_qk, x, x.to_sparse(), cos, sin)
+    _raises("x must be a dense tensor", fused_attention.add_sinusoidal_position_encoding, rand(4, 2, 8).to_sparse())
+
+
 def test_bad_table_parameters_name_themselves():
     """Values that used to divide by zero, take logs of negatives or return tables of NaN or ints."""
     sinusoidal, add = fused_attention.sinusoidal_position_encoding, fused_attention.add_sinusoidal_position_encoding

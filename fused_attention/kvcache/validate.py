@@ -15,6 +15,7 @@ import torch
 from ..argument_checks import (
     check_alibi,
     check_bool,
+    check_dense_tensor,
     check_int_vector,
     check_scale,
     check_sinks,
@@ -74,8 +75,7 @@ class KVCacheCall:
 
 
 def _float4(name: str, t: object, layout: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_dense_tensor(name, t)  # sparse: the append failed in the dispatcher, naming no argument
     if t.dtype not in _FLOATS:
         raise AttentionTypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if t.dim() != 4:
