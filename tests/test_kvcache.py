@@ -899,6 +899,25 @@ def test_cache_arguments_are_checked():
         StaticKVCache(2, 4, 1, 8, dtype=torch.int64)
 
 
+@pytest.mark.parametrize("kind", ["paged", "static"])
+def test_cache_append_batch_idx_and_k_are_checked(kind):
+    """batch_idx=1 raised Python's "'int' object is not iterable"; an empty batch_idx built a float index
+    (IndexError); a k that is not 4-D raised IndexError or AttributeError while counting its tokens. Each
+    now names its argument, and a rejected append leaves the cache (lengths, pages) as it was."""
+    cache = PagedKVCache(6, 2, 1, 8, max_batch=2) if kind == "paged" else StaticKVCache(2, 4, 1, 8)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    with pytest.raises(TypeError, match="batch_idx must be a list or 1-D tensor"):
+        cache.append(q, k, k, batch_idx=1)
+    for bad_k in (torch.randn(8), [1.0]):
+        with pytest.raises(TypeError if isinstance(bad_k, list) else ValueError, match="^k must be"):
+            cache.append(q, bad_k, k, batch_idx=[0])
+    assert cache.seqlens.tolist() == [0, 0] and getattr(cache, "free_pages", 6) == 6
+    out = cache.append(q[:0], k[:0], k[:0], batch_idx=[])
+    assert out.shape == (0, 1, 1, 8) and cache.seqlens.tolist() == [0, 0]
+    cache.append(q, k, k, batch_idx=torch.tensor([1]))
+    assert cache.seqlens.tolist() == [0, 1]
+
+
 @pytest.mark.parametrize("backend", [b for b in ("cpu", "torch") if b in BACKENDS])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_16_bit_splits_round_once(backend, dtype):
