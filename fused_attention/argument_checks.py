@@ -19,6 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensor  # imported by torch itself
 from .errors import AttentionArgumentError, AttentionTypeError
 
 _FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_WIDEST_WINDOW = 2**62
 
 
 def content_checks_enabled(t: torch.Tensor) -> bool:
@@ -102,7 +103,9 @@ def check_window(window_size: object) -> tuple[int, int]:
     left, right = window_size
     if left < -1 or right < -1:
         raise AttentionArgumentError(f"window_size entries must be >= -1 (-1 = unbounded), got {window_size}")
-    return left, right
+    # Wider than any sequence either way. The kernels add positions to the window in int64: the cpu kernel's
+    # sums wrapped around for entries near 2**63 (rows lost keys), and wider ints were pybind's TypeError.
+    return min(left, _WIDEST_WINDOW), min(right, _WIDEST_WINDOW)
 
 
 def check_softcap(softcap: object) -> float:
