@@ -330,6 +330,8 @@ def test_bad_input_raises_and_leaves_caches_untouched():
     _bad(c3, "cache_leftpad", cache_leftpad=torch.tensor([0, 0, 10**6], dtype=torch.int32), block_table=None,
          cache_batch_idx=c3["batch_idx"])
     _bad(c, "cache_seqlens", cache_seqlens=torch.zeros(2, dtype=torch.int32))
+    _bad(c, "cache_seqlens must fit in int64", cache_seqlens=2**64)  # (was torch.full's OverflowError)
+    _bad(c, "cache_leftpad must fit in int64", cache_leftpad=-(2**63) - 1)
     _bad(dict(c, q=c["q"].double()), "dtype")
 
 

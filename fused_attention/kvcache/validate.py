@@ -87,6 +87,7 @@ def _int_per_batch(name: str, t: object, batch: int, device: torch.device) -> to
     if t is None:
         return None
     if isinstance(t, int) and not isinstance(t, bool):
+        _fail_if(not -(2**63) <= t < 2**63, lambda: f"{name} must fit in int64, got {t}")  # (torch.full's OverflowError)
         return torch.full((batch,), t, dtype=torch.int64, device=device)
     # contiguous: the kernels index the vector as element i at offset i (an int64 view such as t[::2] is
     # not copied by .to)
