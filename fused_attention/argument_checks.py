@@ -19,6 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensor  # imported by torch itself
 from .errors import AttentionArgumentError, AttentionTypeError
 
 _FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_WIDEST_WINDOW = 2**62
 
 
 def content_checks_enabled(t: torch.Tensor) -> bool:
@@ -37,7 +38,7 @@ def _check_tensor(name: str, t: object) -> torch.Tensor:
     if t.is_nested:
         raise AttentionTypeError(f"{name}: nested tensors are not supported yet; use varlen_attention")
     if t.layout != torch.strided:
-        _dense_tensor(name, t)
+        check_dense_tensor(name, t)
     if t.dtype not in _FLOAT_DTYPES:
         raise AttentionTypeError(
             f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
@@ -102,7 +103,9 @@ def check_window(window_size: object) -> tuple[int, int]:
     left, right = window_size
     if left < -1 or right < -1:
         raise AttentionArgumentError(f"window_size entries must be >= -1 (-1 = unbounded), got {window_size}")
-    return left, right
+    # Wider than any sequence either way. The kernels add positions to the window in int64: the cpu kernel's
+    # sums wrapped around for entries near 2**63 (rows lost keys), and wider ints were pybind's TypeError.
+    return min(left, _WIDEST_WINDOW), min(right, _WIDEST_WINDOW)
 
 
 def check_softcap(softcap: object) -> float:
@@ -117,7 +120,7 @@ def check_softcap(softcap: object) -> float:
     return float(softcap)
 
 
-def _dense_tensor(name: str, t: object) -> torch.Tensor:
+def check_dense_tensor(name: str, t: object) -> torch.Tensor:
     """``t`` if it is a dense (strided) tensor: sparse ones reached the ops (the dispatcher's
     NotImplementedError, or a missing storage), naming no argument."""
     if not isinstance(t, torch.Tensor):
@@ -131,7 +134,7 @@ def check_alibi(alibi_slopes: object, batch: int, heads: int, device: torch.devi
     """ALiBi slopes: float32 ``(H,)`` or ``(B, H)``; canonical ``(1 or B, H)``."""
     if alibi_slopes is None:
         return None
-    _dense_tensor("alibi_slopes", alibi_slopes)
+    check_dense_tensor("alibi_slopes", alibi_slopes)
     if alibi_slopes.dtype != torch.float32:
         raise AttentionTypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
     if alibi_slopes.device != device:
@@ -150,7 +153,7 @@ def check_sinks(sinks: object, heads: int, device: torch.device) -> torch.Tensor
     """Attention sinks: a float32 (or float64) ``(Hq,)`` tensor of per-query-head logits, never +inf/NaN."""
     if sinks is None:
         return None
-    _dense_tensor("sinks", sinks)
+    check_dense_tensor("sinks", sinks)
     if sinks.dtype not in (torch.float32, torch.float64):
         raise AttentionTypeError(f"sinks must be float32 (or float64), got {sinks.dtype}")
     if sinks.device != device:
@@ -187,7 +190,7 @@ def check_float_dtype(name: str, dtype: object) -> None:
 
 def check_int_vector(name: str, t: object, length: int, device: torch.device) -> torch.Tensor:
     if not isinstance(t, torch.Tensor) or t.layout != torch.strided:  # (the common case without a call)
-        _dense_tensor(name, t)
+        check_dense_tensor(name, t)
     if t.dtype not in (torch.int32, torch.int64):
         raise AttentionTypeError(f"{name} must be int32 or int64, got {t.dtype}")
     if t.device != device:
@@ -212,7 +215,7 @@ def check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) ->
     """``(cu, the longest sequence)``; the length is None where values are not read (see
     :func:`content_checks_enabled`). The values are read once, for both checks."""
     if not isinstance(cu, torch.Tensor):
-        _dense_tensor(name, cu)
+        check_dense_tensor(name, cu)
     if cu.dim() != 1 or cu.numel() < 1:
         raise AttentionArgumentError(f"{name} must be 1-D with batch + 1 entries, got shape {tuple(cu.shape)}")
     cu = check_int_vector(name, cu, cu.numel(), device)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .argument_checks import check_sinks
+from .argument_checks import check_dense_tensor, check_sinks
 from .errors import AttentionArgumentError, AttentionTypeError
 
 __all__ = ["accumulation_dtype", "merge_attention_states", "merge_attention_states_list", "merge_into_"]
@@ -92,6 +92,7 @@ def _check_states(outs: object, lses: object, layout: object) -> None:
         for name, t in ((f"outs[{i}]", out), (f"lses[{i}]", lse)):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 raise AttentionTypeError(f"{name} must be a floating-point torch.Tensor, got {t!r:.60}")
+            check_dense_tensor(name, t)  # sparse: the merge's torch.where raised NotImplementedError
         if out.shape != first_out.shape or out.dtype != first_out.dtype or out.device != first_out.device:
             raise AttentionArgumentError(
                 f"outs[{i}] must match outs[0] in shape, dtype and device, got {tuple(out.shape)} {out.dtype} "

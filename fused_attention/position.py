@@ -12,7 +12,9 @@ import math
 import torch
 
 from .argument_checks import (
+    check_bool,
     check_cu_seqlens,
+    check_dense_tensor,
     check_float_dtype,
     check_int_vector,
     check_max_seqlen,
@@ -41,8 +43,7 @@ _LAYOUTS = ("bhsd", "bshd")
 
 
 def _check_float_tensor(name: str, t: object) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_dense_tensor(name, t)  # sparse: the kernels raised the dispatcher's error, naming no argument
     if t.dtype not in _FLOAT_DTYPES:
         raise AttentionTypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     return t
@@ -116,19 +117,26 @@ def add_sinusoidal_position_encoding(
     if x.shape[-1] % 2:
         raise AttentionArgumentError(f"x.shape[-1] must be even (sin/cos pairs), got {x.shape[-1]}")
     base = check_number("base", base, above=0)
+    check_bool("batch_first", batch_first)
     canonical = x if batch_first else x.transpose(0, 1)
-    offsets, first = _sinusoidal_offsets(offset, canonical.shape[0], x.device)
+    offsets, first = _sinusoidal_offsets(offset, canonical.shape[0], canonical.shape[1], x.device)
     out = select_position_backend(x, backend).add_sinusoidal(canonical, offsets, first, base)
     return out if batch_first else out.transpose(0, 1)
 
 
-def _sinusoidal_offsets(offset: object, batch: int, device: torch.device) -> tuple[torch.Tensor | None, int]:
+def _sinusoidal_offsets(
+    offset: object, batch: int, seq: int, device: torch.device
+) -> tuple[torch.Tensor | None, int]:
+    # Positions up to offset + seq - 1 must stay exact in float64 (beyond, neighbours share an angle).
+    last = _MAX_POSITION - seq
     if isinstance(offset, torch.Tensor):
         check_int_vector("offset", offset, batch, device)
-        if content_checks_enabled(offset) and offset.numel() and int(offset.min()) < 0:
-            raise AttentionArgumentError("offset values must be >= 0")
+        if content_checks_enabled(offset) and offset.numel():
+            low, high = (int(x) for x in torch.aminmax(offset))
+            if low < 0 or high > last:
+                raise AttentionArgumentError(f"offset values must be in [0, {last}], got {offset.tolist()}")
         return offset.to(torch.int64), 0
-    return None, _check_int("offset", offset)
+    return None, _check_int("offset", offset, maximum=last)
 
 
 # --- RoPE ---------------------------------------------------------------------------------------------

@@ -331,6 +331,21 @@ def test_window_sizes_past_int32_positions(backend, window):
     check_attention(backend, q, k, v, window_size=window)
 
 
+@pytest.mark.parametrize("window", [(2**63 - 1, 2**63 - 1), (-1, 2**63 - 7), (2**64, 0)], ids=str)
+def test_window_sizes_past_int64_positions(backend, window):
+    """A window side as wide as an int64 allows, or wider, means unbounded on that side: the cpu kernels'
+    int64 sums of position and window wrapped around (rows lost keys, with no error) and a wider int was
+    pybind's TypeError. The reference's int64 positions would wrap too: it gets the unbounded window."""
+    require(backend, torch.float32)
+    torch.manual_seed(13)
+    q, k, v, _ = _inputs(set(), torch.float32)
+    unbounded = tuple(-1 if side > 2**62 else side for side in window)
+    out = fused_attention.scaled_dot_product_attention(q, k, v, window_size=window, backend=backend)
+    ref_dt, _ = reference_attention(q, k, v, window_size=unbounded)
+    ref64, _ = reference_attention(q.double(), k.double(), v.double(), window_size=unbounded)
+    assert_policy(out, ref_dt, ref64, 2, "output")
+
+
 NONPOSITIVE_SCALE_FEATURES = [(), ("alibi",), ("alibi", "causal"), ("softcap",), ("alibi", "softcap", "window")]
 
 

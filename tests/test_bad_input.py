@@ -257,6 +257,19 @@ def test_zero_query_heads_give_an_empty_output():
         out.sum().backward()
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
+def test_varlen_without_any_heads_gives_an_empty_output(backend):
+    """No query and no key heads: an empty result, as dense attention without heads gives; the cpu op
+    refused it with a RuntimeError naming no argument (query heads not a multiple of 0)."""
+    if fused_attention.backends.BACKENDS[backend].unavailable_reason():
+        pytest.skip(fused_attention.backends.BACKENDS[backend].unavailable_reason())
+    q, k, v = (t[:, :0].requires_grad_() for t in _packed(d=16))
+    out, lse = varlen_attention(q, k, v, CU_Q, CU_K, 5, 6, is_causal=True, return_lse=True, backend=backend)
+    assert out.shape == (9, 0, 16) and lse.shape == (0, 9)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert [g.shape for g in grads] == [t.shape for t in (q, k, v)]
+
+
 def test_varlen_valid_baseline_runs():
     """The varlen cases above each break exactly one thing: the unbroken call works."""
     q, k, v = _packed()

@@ -330,6 +330,8 @@ def test_bad_input_raises_and_leaves_caches_untouched():
     _bad(c3, "cache_leftpad", cache_leftpad=torch.tensor([0, 0, 10**6], dtype=torch.int32), block_table=None,
          cache_batch_idx=c3["batch_idx"])
     _bad(c, "cache_seqlens", cache_seqlens=torch.zeros(2, dtype=torch.int32))
+    _bad(c, "cache_seqlens must fit in int64", cache_seqlens=2**64)  # (was torch.full's OverflowError)
+    _bad(c, "cache_leftpad must fit in int64", cache_leftpad=-(2**63) - 1)
     _bad(dict(c, q=c["q"].double()), "dtype")
 
 
@@ -630,6 +632,25 @@ def test_merge_bad_input():
         fa.merge_attention_states(o, s.to("meta"), o, s)
     with pytest.raises(ValueError, match="lses\\[1\\] must match lses\\[0\\] in shape and dtype"):
         fa.merge_attention_states(o, s, o, s.double())
+    with pytest.raises(TypeError, match="outs\\[1\\] must be a dense tensor"):  # (was torch.where's NotImplementedError)
+        fa.merge_attention_states(o, s, o.to_sparse(), s)
+    with pytest.raises(TypeError, match="lses\\[0\\] must be a dense tensor"):
+        fa.merge_attention_states(o, s.to_sparse(), o, s)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_arguments_name_themselves(backend):
+    """A sparse new k reached the append (the dispatcher's NotImplementedError) and a sparse cache was
+    blamed as "key"; each is named, and the caches stay as they were."""
+    c = _small()
+    for name in ("q", "k", "v", "k_cache", "v_cache"):
+        kc, vc = c["k_cache"].clone(), c["v_cache"].clone()
+        args = {"q": c["q"], "k_cache": kc, "v_cache": vc, "k": c["k"], "v": c["v"]}
+        args[name] = args[name].to_sparse()
+        with pytest.raises(TypeError, match=f"^{name} must be a dense tensor"):
+            fa.attention_with_kvcache(**args, cache_seqlens=c["seqlens"], block_table=c["block_table"],
+                                      backend=backend)
+        assert torch.equal(kc, c["k_cache"]) and torch.equal(vc, c["v_cache"])
 
 
 # --- torch.compile ------------------------------------------------------------------------------------
@@ -878,6 +899,25 @@ def test_cache_arguments_are_checked():
             StaticKVCache(*args)
     with pytest.raises(TypeError, match="dtype must be a floating-point"):
         StaticKVCache(2, 4, 1, 8, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("kind", ["paged", "static"])
+def test_cache_append_batch_idx_and_k_are_checked(kind):
+    """batch_idx=1 raised Python's "'int' object is not iterable"; an empty batch_idx built a float index
+    (IndexError); a k that is not 4-D raised IndexError or AttributeError while counting its tokens. Each
+    now names its argument, and a rejected append leaves the cache (lengths, pages) as it was."""
+    cache = PagedKVCache(6, 2, 1, 8, max_batch=2) if kind == "paged" else StaticKVCache(2, 4, 1, 8)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    with pytest.raises(TypeError, match="batch_idx must be a list or 1-D tensor"):
+        cache.append(q, k, k, batch_idx=1)
+    for bad_k in (torch.randn(8), [1.0]):
+        with pytest.raises(TypeError if isinstance(bad_k, list) else ValueError, match="^k must be"):
+            cache.append(q, bad_k, k, batch_idx=[0])
+    assert cache.seqlens.tolist() == [0, 0] and getattr(cache, "free_pages", 6) == 6
+    out = cache.append(q[:0], k[:0], k[:0], batch_idx=[])
+    assert out.shape == (0, 1, 1, 8) and cache.seqlens.tolist() == [0, 0]
+    cache.append(q, k, k, batch_idx=torch.tensor([1]))
+    assert cache.seqlens.tolist() == [0, 1]
 
 
 @pytest.mark.parametrize("backend", [b for b in ("cpu", "torch") if b in BACKENDS])

@@ -91,6 +91,19 @@ def test_split_kv_window_sizes_past_int32_positions(window):
 
 
 @interpreted
+@pytest.mark.parametrize("num_splits", [2**64, 10**6])
+def test_split_kv_more_splits_than_keys(num_splits):
+    """num_splits past the key count is as many splits as keys, as on the other backends: 2**64 failed to
+    allocate the partial results (a TypeError naming nothing), 10**6 allocated and launched a million."""
+    case = make_case(3, layout="bshd", page_size=None, seq_q=1, append=True, group=2, num_splits=num_splits,
+                     dtype=torch.float32, length=9)
+    with torch.no_grad():
+        out, lse = check_case(case, "triton")
+        as_many_as_keys = run_case({**case, "num_splits": 9}, "triton")
+    assert torch.equal(out, as_many_as_keys[0]) and torch.equal(lse, as_many_as_keys[1])
+
+
+@interpreted
 def test_split_kv_is_deterministic_and_splits_agree():
     case = _long_case(1, 16, 4)
     with torch.no_grad():

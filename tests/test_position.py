@@ -407,6 +407,32 @@ def test_bad_sinusoidal_input():
     _raises("x must be 3-D", fused_attention.add_sinusoidal_position_encoding, rand(4, 8))
 
 
+def test_sparse_inputs_name_themselves():
+    """Sparse tensors reached the kernels: the dispatcher's NotImplementedError, or torch's "unsupported
+    memory format", naming no argument."""
+    cos, sin = table(16, 8)
+    x = rand(1, 2, 5, 8)
+    _raises("x must be a dense tensor", fused_attention.apply_rotary_emb, x.to_sparse(), cos, sin)
+    _raises("cos must be a dense tensor", fused_attention.apply_rotary_emb, x, cos.to_sparse(), sin)
+    _raises("sin must be a dense tensor", fused_attention.apply_rotary_emb, x, cos, sin.to_sparse())
+    _raises("k must be a dense tensor", fused_attention.apply_rotary_emb_qk, x, x.to_sparse(), cos, sin)
+    _raises("x must be a dense tensor", fused_attention.add_sinusoidal_position_encoding, rand(4, 2, 8).to_sparse())
+
+
+def test_sinusoidal_flags_and_offsets_are_checked(pbackend):
+    """batch_first was read for its truth (a string chose the layout); a tensor offset past 2**53 gave angles
+    that neighbouring positions share (backends disagreed), where an int offset that large raised."""
+    add = fused_attention.add_sinusoidal_position_encoding
+    x = rand(2, 4, 8)
+    _raises("batch_first must be a bool", add, x, batch_first="yes", backend=pbackend)
+    _raises("batch_first must be a bool", add, x, batch_first=1, backend=pbackend)
+    last = 2**53 - 4  # the last first position whose 4 positions are exact in float64
+    _raises("offset", add, x, batch_first=True, offset=torch.tensor([0, last + 1]), backend=pbackend)
+    _raises("offset", add, x, batch_first=True, offset=last + 1, backend=pbackend)
+    for offset in (last, torch.tensor([0, last])):
+        add(x, batch_first=True, offset=offset, backend=pbackend)
+
+
 def test_bad_table_parameters_name_themselves():
     """Values that used to divide by zero, take logs of negatives or return tables of NaN or ints."""
     sinusoidal, add = fused_attention.sinusoidal_position_encoding, fused_attention.add_sinusoidal_position_encoding

@@ -194,6 +194,20 @@ def test_varlen(dtype, kwargs):
     _check("triton", dtype, 4, 4, 16, **kwargs)
 
 
+def test_varlen_overstated_max_seqlen():
+    """max_seqlen far above the longest sequence (an upper bound, as FlashAttention takes it) sized the
+    launch grid: programs with nothing to do, and an OverflowError past int32. Same results as exact."""
+    torch.manual_seed(6)
+    q, k, v = (rand(n, 4, 16, requires_grad=True) for n in (9, 11, 11))
+    cu_q, cu_k = torch.tensor([0, 4, 9], dtype=torch.int32), torch.tensor([0, 6, 11], dtype=torch.int32)
+    results = []
+    for max_q, max_k in ((5, 6), (2**40, 2**40)):
+        out = fused_attention.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=True, backend="triton")
+        results.append((out, *torch.autograd.grad(out.sum(), (q, k, v))))
+    for exact, overstated in zip(*results):
+        assert torch.equal(exact, overstated)
+
+
 @pytest.mark.parametrize("slopes_shape", [(4,), (2, 4)], ids=str)
 def test_alibi_slopes_gradient(slopes_shape):
     torch.manual_seed(12)

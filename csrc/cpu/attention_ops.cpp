@@ -83,8 +83,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               "fused_attention: q, k, v must share a dtype");
   const int64_t head_axis = dims - 2 - (dims == 4 ? 1 : 0);  // (B, H, N, D) or (N, H, D)
   const int64_t hq = q.size(head_axis), hkv = k.size(head_axis);
-  // No heads at all is an empty problem (torch returns an empty output); varlen refuses it in Python.
-  const bool empty = dims == 4 && hq == 0 && hkv == 0;
+  // No heads at all is an empty problem (torch returns an empty output), dense or packed.
+  const bool empty = hq == 0 && hkv == 0;
   TORCH_CHECK((empty || (hkv > 0 && hq % hkv == 0)) && v.size(head_axis) == hkv,
               "fused_attention: query heads must be a multiple of the key/value heads");
 }
@@ -102,8 +102,13 @@ Problem<scalar_t> dense_problem(const at::Tensor& q, const at::Tensor& k, const 
 template <typename scalar_t>
 Problem<scalar_t> packed_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k) {
-  return {packed_sequences(cu_seqlens_q, cu_seqlens_k, q.size(0), k.size(0)), Operand<scalar_t>::packed(q), Operand<scalar_t>::packed(k),
-          Operand<scalar_t>::packed(v), q.size(1), k.size(1), q.size(2), v.size(2)};
+  std::vector<Sequence> sequences = packed_sequences(cu_seqlens_q, cu_seqlens_k, q.size(0), k.size(0));
+  // Without query heads there is no work (the offsets are still checked): no sequences, and one nominal
+  // kv head so that group sizes divide, as in dense_problem.
+  const bool no_heads = q.size(1) == 0;
+  if (no_heads) sequences.clear();
+  return {std::move(sequences), Operand<scalar_t>::packed(q), Operand<scalar_t>::packed(k), Operand<scalar_t>::packed(v),
+          q.size(1), no_heads ? 1 : k.size(1), q.size(2), v.size(2)};
 }
 
 void check_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& q) {

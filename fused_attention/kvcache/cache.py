@@ -41,7 +41,13 @@ def _slots(batch_idx: Any, max_batch: int) -> list[int]:
         if batch_idx.dim() > 1:
             raise AttentionArgumentError(f"batch_idx must be 1-D, got shape {tuple(batch_idx.shape)}")
         batch_idx = batch_idx.reshape(-1).tolist()
-    slots = [_count("batch_idx", b, 0) for b in batch_idx]
+    try:
+        items = list(batch_idx)
+    except TypeError:  # (an int: "'int' object is not iterable", naming nothing)
+        raise AttentionTypeError(
+            f"batch_idx must be a list or 1-D tensor of sequence slots, got {batch_idx!r:.60}"
+        ) from None
+    slots = [_count("batch_idx", b, 0) for b in items]
     if any(b >= max_batch for b in slots) or len(set(slots)) != len(slots):
         raise AttentionArgumentError(f"batch_idx must be distinct sequence slots in [0, {max_batch}), got {slots}")
     return slots
@@ -138,7 +144,7 @@ class PagedKVCache:
         ``kwargs`` go to :func:`attention_with_kvcache` (``is_causal``, ``rotary_cos``, ``return_lse``...)."""
         slots = _slots(batch_idx, len(self._pages))
         _check_batch(q, slots)
-        new = 0 if k is None else k.shape[1 if self.layout == "bshd" else 2]
+        new = _new_tokens(k, self.layout)
         taken: dict[int, int] = {}
         if new:
             lengths = self.seqlens.tolist()  # one host sync for every slot
@@ -147,7 +153,7 @@ class PagedKVCache:
             if batch_idx is None:  # every slot: the tables themselves, no gathered copies
                 seqlens, table, index = self.seqlens, self.block_table, None
             else:
-                index = torch.tensor(slots, device=self.seqlens.device)
+                index = torch.tensor(slots, dtype=torch.int64, device=self.seqlens.device)
                 seqlens, table = self.seqlens[index], self.block_table[index]
             result = attention_with_kvcache(
                 q, self.k_pages, self.v_pages, k, v, cache_seqlens=seqlens, block_table=table,
@@ -166,6 +172,13 @@ def _check_batch(q: Any, slots: list[int]) -> None:
         raise AttentionArgumentError(
             f"q must have one sequence per slot of batch_idx ({len(slots)}), got batch size {q.shape[0]}"
         )
+
+
+def _new_tokens(k: Any, layout: str) -> int:
+    """The tokens ``k`` appends; 0 when it is not a 4-D tensor (attention_with_kvcache then names it)."""
+    if not isinstance(k, torch.Tensor) or k.dim() != 4:
+        return 0
+    return k.shape[1 if layout == "bshd" else 2]
 
 
 def _advance(seqlens: torch.Tensor, index: torch.Tensor | None, new: int) -> None:
@@ -207,11 +220,11 @@ class StaticKVCache:
         """As :meth:`PagedKVCache.append`, through ``cache_batch_idx``."""
         slots = _slots(batch_idx, self.k.shape[0])
         _check_batch(q, slots)
-        new = 0 if k is None else k.shape[1 if self.layout == "bshd" else 2]
+        new = _new_tokens(k, self.layout)
         if batch_idx is None:  # every row, in order: no index, no gathered lengths
             seqlens, rows, index = self.seqlens, None, None
         else:
-            index = torch.tensor(slots, device=self.seqlens.device)
+            index = torch.tensor(slots, dtype=torch.int64, device=self.seqlens.device)
             seqlens, rows = self.seqlens[index], index.to(torch.int32)
         result = attention_with_kvcache(
             q, self.k, self.v, k, v, cache_seqlens=seqlens, cache_batch_idx=rows, layout=self.layout, **kwargs,

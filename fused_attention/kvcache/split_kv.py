@@ -62,7 +62,9 @@ def split_kv_attention(call: KVCacheCall, q: torch.Tensor) -> tuple[torch.Tensor
     batch = q.shape[0]
     table = page_table(call)
     total = call.seqlens + call.new_len
-    splits = call.num_splits or default_splits(batch, k_cache.shape[2], call.capacity, q.device)
+    # At most one split per key, as on the other backends: each split is a program and a slice of the partial
+    # results (num_splits=2**64 failed to allocate them; on a GPU, 65536 would pass the grid's limit).
+    splits = min(call.num_splits, max(1, call.capacity)) or default_splits(batch, k_cache.shape[2], call.capacity, q.device)
     outs, lses = kvcache_decode(
         q, k_cache, v_cache, table, total, contiguous=call.block_table is None, num_splits=splits, scale=call.scale, is_causal=call.is_causal,
         window=call.window, softcap=call.softcap, alibi_slopes=call.alibi_slopes, leftpad=call.leftpad,

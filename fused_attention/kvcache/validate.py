@@ -15,6 +15,7 @@ import torch
 from ..argument_checks import (
     check_alibi,
     check_bool,
+    check_dense_tensor,
     check_int_vector,
     check_scale,
     check_sinks,
@@ -74,8 +75,7 @@ class KVCacheCall:
 
 
 def _float4(name: str, t: object, layout: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise AttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_dense_tensor(name, t)  # sparse: the append failed in the dispatcher, naming no argument
     if t.dtype not in _FLOATS:
         raise AttentionTypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if t.dim() != 4:
@@ -87,6 +87,7 @@ def _int_per_batch(name: str, t: object, batch: int, device: torch.device) -> to
     if t is None:
         return None
     if isinstance(t, int) and not isinstance(t, bool):
+        _fail_if(not -(2**63) <= t < 2**63, lambda: f"{name} must fit in int64, got {t}")  # (torch.full's OverflowError)
         return torch.full((batch,), t, dtype=torch.int64, device=device)
     # contiguous: the kernels index the vector as element i at offset i (an int64 view such as t[::2] is
     # not copied by .to)

@@ -37,7 +37,10 @@ def _problem(q, k, v, mask, key_lengths, alibi, cu_q, cu_k, max_q, max_k, seed, 
         sinks=_dense(sinks),
         q=q, k=k, v=v, mask=mask, key_lengths=_dense(key_lengths), alibi=alibi, cu_seqlens_q=_dense(cu_q),
         cu_seqlens_k=_dense(cu_k),
-        max_seqlen_q=max_q, max_seqlen_k=max_k, causal=causal, window_left=window_left,
+        # No sequence is longer than the packed tokens: an overstated max_seqlen sized the grid (programs with
+        # nothing to do; past int32, an OverflowError).
+        max_seqlen_q=max_q if cu_q is None else min(max_q, q.shape[0]),
+        max_seqlen_k=max_k if cu_k is None else min(max_k, k.shape[0]), causal=causal, window_left=window_left,
         window_right=window_right, softcap=softcap, scale=scale, dropout_p=dropout_p,
         seed=int(seed.item()) if seed is not None and dropout_p > 0 else 0,
     )
