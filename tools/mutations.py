@@ -128,8 +128,8 @@ MUTATIONS = [
         _k(ATT, "torch and alibi_slopes_gradient"), "dense ALiBi slope gradient negated (torch backend)",
     ),
     Mutation(
-        "chunked-lse", CHUNKED_PY, "return probs, (row_max + total.log()).squeeze(-1)",
-        "return probs, (row_max + total.log1p()).squeeze(-1)",
+        "chunked-lse", CHUNKED_PY, "lse = (row_max + total.log()).squeeze(-1)",
+        "lse = (row_max + total.log1p()).squeeze(-1)",
         _k(ATT, "torch and single_feature and plain"), "the returned log-sum-exp is off",
     ),
     Mutation(

@@ -270,6 +270,16 @@ def _slope_grad_terms(ds: torch.Tensor, p: torch.Tensor, distance: torch.Tensor,
     return (ds * (distance - center)).sum((-2, -1))
 
 
+def _add_score_grads(c: _Chunk, ds: torch.Tensor, rules: Rules, dq, dk, i0: int, i1: int, j0: int, j1: int) -> None:
+    """dq and dk of the chunk from ``ds``, the gradient of its final scores ``(B, Hq, rows, cols)``: back
+    through softcap and the scale, into the query rows ``[i0, i1)`` and (added) the keys ``[j0, j1)``."""
+    if c.tanh is not None:
+        ds.mul_(1 - c.tanh * c.tanh)
+    ds = c.per_kv_head(ds.mul_(rules.scale))
+    dq[:, :, i0:i1] = (ds @ c.k).reshape(*dq.shape[:2], i1 - i0, dq.shape[-1])
+    dk[:, :, j0:j1] += ds.transpose(-2, -1) @ c.q
+
+
 @_no_autocast
 def attention_backward(
     dout, q, k, v, mask, key_lengths, alibi, rules: Rules, need_mask_grad: bool, need_alibi_grad: bool,
@@ -279,7 +289,6 @@ def attention_backward(
 
     A sink's gradient is ``-sum over batch and rows of p_sink * delta`` (``delta = rowsum(dout * out)``):
     raising the sink scales the row's output by ``1 - p_sink``."""
-    batch, hq = q.shape[:2]
     cd = compute_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=cd, device=q.device)
     dk = torch.zeros(k.shape, dtype=cd, device=q.device)
@@ -313,11 +322,7 @@ def attention_backward(
             dmask[:, :, rows, cols] += _reduce_to(ds, mask.shape)
         if dalibi is not None:
             dalibi -= _reduce_to(_slope_grad_terms(ds, p, c.distance, sinks is not None), alibi.shape)
-        if c.tanh is not None:
-            ds.mul_(1 - c.tanh * c.tanh)
-        ds = c.per_kv_head(ds.mul_(rules.scale))
-        dq[:, :, i0:i1] = (ds @ c.k).reshape(batch, hq, i1 - i0, q.shape[-1])
-        dk[:, :, j0:j1] += ds.transpose(-2, -1) @ c.q
+        _add_score_grads(c, ds, rules, dq, dk, i0, i1, j0, j1)
     return (
         dq.to(q.dtype),
         dk.to(k.dtype),
@@ -337,7 +342,6 @@ def attention_backward_from_stats(
     ``dS = P (dP - delta)`` (ring attention's blocks). A float64 ``lse`` with a lower compute dtype
     (:func:`attention_forward`'s precise one) is taken as its nearest value in that dtype and the rest
     as a per-row factor. No dropout, no sinks (they belong to the whole softmax: its caller's)."""
-    batch, hq = q.shape[:2]
     cd = compute_dtype(q.dtype)
     hi = lse.to(cd)
     hi = hi.masked_fill(hi == float("-inf"), 0.0)  # a row that sees no key anywhere: every score is -inf
@@ -358,9 +362,5 @@ def attention_backward_from_stats(
         dv[:, :, j0:j1] += c.per_kv_head(p).transpose(-2, -1) @ do
         dp = (do @ v[:, :, j0:j1].to(cd).transpose(-2, -1)).reshape(p.shape)
         ds = dp.sub_(delta[:, :, i0:i1, None].to(cd)).mul_(p)
-        if c.tanh is not None:
-            ds.mul_(1 - c.tanh * c.tanh)
-        ds = c.per_kv_head(ds.mul_(rules.scale))
-        dq[:, :, i0:i1] = (ds @ c.k).reshape(batch, hq, i1 - i0, q.shape[-1])
-        dk[:, :, j0:j1] += ds.transpose(-2, -1) @ c.q
+        _add_score_grads(c, ds, rules, dq, dk, i0, i1, j0, j1)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
