@@ -146,7 +146,8 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
     } else {
       score_row(scoring, seq, head, i0 + r, lo, n, n_pad, p, softcap ? buf.tanh.data() + r * ld : nullptr);
     }
-    acc_t p_sink = 0, delta = 0;
+    acc_t p_sink = 0;
+    double delta = 0;
     if (scoring.row_lse) {  // given statistics: p = exp(score - lse) of the whole softmax, delta as given
       const int64_t at = seq.batch * scoring.row_batch_stride + head * scoring.row_head_stride + seq.q_start + i0 + r;
       const acc_t lse = scoring.row_lse[at];
@@ -175,15 +176,15 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
         std::copy(p, p + n_pad, pk);
         std::fill(keep + n, keep + n_pad, acc_t(0));
         dropout_row(scoring.dropout, scoring.dropout.row_key(seq.index, head, i0 + r), lo, n, pk, keep);
-        delta = dot(pk, dp, n_pad);
+        delta = centered_delta(pk, p, dp, n_pad, p_sink);
         softmax_backward_row(p, dp, keep, delta, n_pad);
       } else {
-        delta = dot(p, dp, n_pad);
+        delta = centered_delta(p, p, dp, n_pad, p_sink);
         softmax_backward_row(p, dp, static_cast<const acc_t*>(nullptr), delta, n_pad);
       }
     }
     // d sink = -p_sink * delta: raising the sink scales the row's output by 1 - p_sink.
-    step_sink -= static_cast<double>(p_sink) * static_cast<double>(delta);
+    step_sink -= static_cast<double>(p_sink) * delta;
     // dp now holds dS, the gradient of the final score: that of an added float mask, and minus the
     // distance times it for the slope.
     if (mask_sink) {
@@ -203,7 +204,7 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
       const int64_t position = i0 + r + seq.len_k - seq.len_q - lo;
       const double center = distance_dot(p, position, n);
       step_alibi -= distance_dot(dp, position, n, center) +
-                    center * static_cast<double>(p_sink) * static_cast<double>(delta);
+                    center * static_cast<double>(p_sink) * delta;
     }
     if (softcap) {
       const acc_t* t = buf.tanh.data() + r * ld;

@@ -208,22 +208,6 @@ inline void scale_row(acc_t* x, int64_t n_pad, acc_t factor) {
   for (int64_t j = 0; j < n_pad; j += width) simd::store(x + j, simd::load(x + j) * factor);
 }
 
-// sum_j a[j] b[j] over [0, n_pad), in four interleaved partial sums: one add chain would wait on its
-// own latency (and a scalar loop keeps the source's order, which the compiler may not vectorize).
-template <typename acc_t>
-inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n_pad) {
-  using V = simd::Vec<acc_t>;
-  constexpr int64_t width = simd::Traits<acc_t>::width;
-  V total[4] = {V{}, V{}, V{}, V{}};
-  int64_t j = 0;
-  for (; j + 4 * width <= n_pad; j += 4 * width) {
-#pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) total[c] += simd::load(a + j + c * width) * simd::load(b + j + c * width);
-  }
-  for (; j < n_pad; j += width) total[0] += simd::load(a + j) * simd::load(b + j);
-  return simd::reduce_add<acc_t>((total[0] + total[1]) + (total[2] + total[3]));
-}
-
 // sum_j x[j] (|position - j| - center) over [0, n), in double (see ExtraGradients): with x = dS, the
 // gradient of an ALiBi slope (up to sign and the center's term), with x = p, the row's center. Eight
 // independent partial sums, which the compiler vectorizes.
@@ -245,15 +229,48 @@ inline double distance_dot(const acc_t* x, int64_t position, int64_t n, double c
   return total;
 }
 
-// The softmax's backward on one row: dp <- p (dp keep - delta), keep null meaning 1, over [0, n_pad).
+// The delta of softmax's backward on one row, sum_j w_j dp_j / (sum_j p_j + extra), in double over
+// [0, n_pad): w = p, or p with dropout's keep applied; extra the sink's probability. The sum of the row's
+// dS_j = p_j (dp_j keep_j - delta) is extra delta up to the rounding of each dS_j alone. With a float
+// delta, sum_j p_j dp_j, the rows' dS summed to float's spacing at delta times (sum_j p_j - 1), a few
+// ulps of the products: when one key holds most of a row (p 0.9998, dS 0.0048 against dp 14.7), the dq
+// of two keys 170x as large as their sum inherited it (3x the float32 reference's error on the x86-64
+// baseline variant, whose exp rounds otherwise; 0.02x on AVX-512, by luck).
 template <typename acc_t>
-inline void softmax_backward_row(const acc_t* p, acc_t* dp, const acc_t* keep, acc_t delta, int64_t n_pad) {
+inline double centered_delta(const acc_t* w, const acc_t* p, const acc_t* dp, int64_t n_pad, double extra) {
+  constexpr int64_t lanes = 8;
+  double dot[lanes] = {}, total[lanes] = {};
+  int64_t j = 0;
+  for (; j + lanes <= n_pad; j += lanes) {
+    for (int64_t l = 0; l < lanes; ++l) {
+      dot[l] += static_cast<double>(w[j + l]) * static_cast<double>(dp[j + l]);
+      total[l] += static_cast<double>(p[j + l]);
+    }
+  }
+  for (; j < n_pad; ++j) {
+    dot[0] += static_cast<double>(w[j]) * static_cast<double>(dp[j]);
+    total[0] += static_cast<double>(p[j]);
+  }
+  double num = 0.0, den = extra;
+  for (int64_t l = 0; l < lanes; ++l) {
+    num += dot[l];
+    den += total[l];
+  }
+  return den > 0.0 ? num / den : 0.0;
+}
+
+// The softmax's backward on one row: dp <- p (dp keep - delta), keep null meaning 1, over [0, n_pad).
+// delta in two parts (hi + lo, hi the acc_t nearest it), subtracted one after the other: dp - hi is
+// exact where dp is near delta (the keys that hold the row), so dS keeps the precision of its own size.
+template <typename acc_t>
+inline void softmax_backward_row(const acc_t* p, acc_t* dp, const acc_t* keep, double delta, int64_t n_pad) {
   using V = simd::Vec<acc_t>;
   constexpr int64_t width = simd::Traits<acc_t>::width;
+  const acc_t hi = static_cast<acc_t>(delta), lo = static_cast<acc_t>(delta - static_cast<double>(hi));
   for (int64_t j = 0; j < n_pad; j += width) {
     V g = simd::load(dp + j);
     if (keep) g *= simd::load(keep + j);
-    simd::store(dp + j, simd::load(p + j) * (g - delta));
+    simd::store(dp + j, simd::load(p + j) * ((g - hi) - lo));
   }
 }
 
