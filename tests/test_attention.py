@@ -235,6 +235,32 @@ def test_float32_gradients_of_rows_with_a_large_lse(backend):
     check_attention(backend, q, k, v, is_causal=True, alibi_slopes=torch.ones(HQ))
 
 
+def test_float32_gradients_of_a_key_holding_most_of_its_row(backend):
+    """A float32 row whose weight sits on one key, P = 0.9998, the next 8.5 score units below (scale 50,
+    GQA and ALiBi, as the fuzzed case that found it): that key's dS = P (dP - delta) is the difference of
+    two numbers 1e-4 apart relative (dP 4.4984, delta 4.4991), so a float32 ulp of either that the other
+    does not share is a large part of it, times the scale and |q| in dK (|k| in dQ). The triton backward
+    took delta from the stored output, scaled dO by 1 / c in the dQ pass and multiplied dP = dO V in the
+    dK/dV pass in another order (a few ulps apart): dK 3.6x, dQ 8.3x the bound on 11 of 12 upstream
+    gradients of this case. It holds delta as a pair now (see the dQ pass)."""
+    require(backend, torch.float32)
+    torch.manual_seed(0)
+    q = rand(1, 2, 1, 64)
+    k = rand(1, 1, 115, 64)
+    v = rand(1, 1, 115, 64, requires_grad=True)
+    slopes = torch.tensor([0.052, 0.0585], requires_grad=True)
+    # head 0's row: q.k of 30 on key 44 (a score of 1500, the others below 1100), key 50 8.55 below it after
+    # the ALiBi bias (distances 70 and 64 from the row)
+    row = q[0, 0, 0].double()
+    for key, qk in ((44, 30.0), (50, 30.0 - (8.55 + 0.052 * (70 - 64)) / 50)):
+        k[0, 0, key] = (row * (qk / row.dot(row))).float()
+    q.requires_grad_()
+    k.requires_grad_()
+    for seed in range(2):
+        torch.manual_seed(seed)  # the upstream gradient
+        check_attention(backend, q, k, v, enable_gqa=True, scale=50.0, alibi_slopes=slopes)
+
+
 @pytest.mark.parametrize("scale", [1e10, 1e-39], ids=["huge", "subnormal"])
 def test_extreme_scales(backend, scale):
     """Scores of 1e10 and more (a scale torch accepts): the cpu kernel's exp argument at the row's maximum

@@ -1,9 +1,10 @@
 """FlashAttention-2 backward in Triton: a dQ pass, then a dK/dV pass; 7 tile matmuls per (query tile,
-key tile) pair in all (9 when a mask or slope gradient is asked for).
+key tile) pair in all (9 in float32, and in 16 bits when a mask or slope gradient is asked for).
 
 - dQ: one program per (query block, query head, batch). It first takes ``delta = rowsum(dO * O)`` (the
-  softmax backward's row term; no matmul; from a first sweep over the scores, ``sum_j P * dP``, when a
-  mask or slope gradient is asked for), stores it for the dK/dV pass, then walks the visible key
+  softmax backward's row term; no matmul; in 16 bits from a first sweep over the scores, ``sum_j P * dP``,
+  when a mask or slope gradient is asked for; in float32 a sweep adds ``delta_low = sum_j P (dP - delta)``:
+  see the kernel), stores it for the dK/dV pass, then walks the visible key
   blocks: ``S = Q K^T``, ``P = exp(S - lse)``, ``dP = dO V^T``, ``dQ += dS K`` (3 matmuls). It also
   flags the rows whose probability is one-hot (exactly 1 on one key, as the forward computed it: the
   same expression, tile for tile): their score gradients are exactly 0, which ``P * (dP - delta)``
@@ -13,7 +14,9 @@ key tile) pair in all (9 when a mask or slope gradient is asked for).
 - dK/dV: one program per (key block, key/value head, split of its query-head group, batch) holds its
   keys and values and walks the query blocks that can see them, on (keys, queries) tiles so that all
   4 matmuls (``S^T = K Q^T``, ``dP^T = V dO^T``, ``dV += P^T dO``, ``dK += dS^T Q``) have the held key
-  block as M (wgmma on sm_90 needs M >= 64); it also writes the float mask's gradient and the ALiBi
+  block as M (wgmma on sm_90 needs M >= 64; float32 with IEEE products, no tensor cores, takes (queries,
+  keys) tiles instead, whose ``S = Q K^T`` and ``dP = dO V^T`` are the dQ pass's products, bit for bit, on
+  every device); it also writes the float mask's gradient and the ALiBi
   slopes' partial sums. With few KV heads the query-head group is split over programs (see
   :func:`dkdv_splits`) whose float32 partial dK/dV are summed in a fixed order.
 
@@ -48,7 +51,7 @@ _FAR_LSE = tl.constexpr(256.0)
 
 @triton.jit
 def attention_dkdv_kernel(
-    Q, K, V, Mask, KeyLengths, Alibi, CuQ, CuK, DOut, Lse, LseFix, Delta, OneHot, DistMean, DK, DV, DMask, DAlibi,
+    Q, K, V, Mask, KeyLengths, Alibi, CuQ, CuK, DOut, Lse, LseFix, Delta, DeltaLow, OneHot, DistMean, DK, DV, DMask, DAlibi,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -70,6 +73,8 @@ def attention_dkdv_kernel(
     ALIBI_CENTER: tl.constexpr,
 ):
     RENORM: tl.constexpr = MASK == 2 or DOT_PRECISION == "ieee"  # rows renormalized (see _FAR_LSE)
+    # score tiles (queries, keys) in float32 (IEEE products), as the dQ pass's; (keys, queries) else
+    QUERY_MAJOR: tl.constexpr = DOT_PRECISION == "ieee"
     block = tl.program_id(0)
     n0 = block * BLOCK_N
     slot = tl.program_id(1)  # (key/value head, split of its query-head group)
@@ -127,7 +132,6 @@ def attention_dkdv_kernel(
         slope_grad = tl.zeros([BLOCK_N], tl.float32)
         for m0 in range(lo, hi, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
-            rows = offs_m[None, :]  # queries: columns of the score tiles
             row_ok = offs_m < seq_q
             q = tl.load(
                 q_base + offs_m[:, None].to(tl.int64) * stride_qm + d64 * stride_qd,
@@ -141,52 +145,71 @@ def attention_dkdv_kernel(
             lse = tl.load(Lse + stats, mask=row_ok, other=0.0)
             lse = tl.where(lse == float("-inf"), 0.0, lse)  # a row that sees nothing: every score is -inf
             delta = tl.load(Delta + stats, mask=row_ok, other=0.0)
+            if QUERY_MAJOR:
+                delta_low = tl.load(DeltaLow + stats, mask=row_ok, other=0.0)
             one_hot = tl.load(OneHot + stats, mask=row_ok, other=0) != 0
             if ALIBI_CENTER:
                 dist_mean = tl.load(DistMean + stats, mask=row_ok, other=0.0)
-            if DOT_PRECISION == "ieee":
-                # float32 gradients are held to float32 rounding: P must be the forward's, bit for bit
-                # (rows summing to 1 as the forward's lse says), so the scores come from the forward's
-                # expression, transposed (no tensor cores here, hence no wgmma to lose)
-                qk = tl.trans(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION))
+            if QUERY_MAJOR:
+                # float32 gradients are held to float32 rounding: the dQ pass's expressions, bit for bit, for
+                # the scores (P the forward's: rows summing to 1 as its lse says) and for dP below (delta_low
+                # holds that pass's: see there). No tensor cores here, hence no wgmma to lose.
+                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             else:
                 qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
             s, t = scores(
-                qk, rows, cols, seq_q, seq_k, scale, softcap, slope, mask_base, stride_mm, stride_mn,
-                window_left, window_right, key_length,
+                qk, _per_query(offs_m, QUERY_MAJOR), _per_key(offs_n, QUERY_MAJOR), seq_q, seq_k, scale, softcap,
+                slope, mask_base, stride_mm, stride_mn, window_left, window_right, key_length,
                 SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
             )
             if RENORM:  # log of the row's sum of exp(S - lse) (the dQ pass)
                 fix = tl.load(LseFix + stats, mask=row_ok, other=0.0)
-                p = tl.exp((s - lse[None, :]) - fix[None, :])
+                p = tl.exp((s - _per_query(lse, QUERY_MAJOR)) - _per_query(fix, QUERY_MAJOR))
             else:
-                p = tl.exp(s - lse[None, :])
-            dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+                p = tl.exp(s - _per_query(lse, QUERY_MAJOR))
+            if QUERY_MAJOR:
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            else:
+                dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             p_kept = p
             if DROPOUT:
-                keep = tl.trans(dropout_keep(seed, stream, offs_m[:, None], n0, dropout_p, BLOCK_N))
+                keep = dropout_keep(seed, stream, offs_m[:, None], n0, dropout_p, BLOCK_N)
+                if not QUERY_MAJOR:
+                    keep = tl.trans(keep)
                 p_kept = tl.where(keep, p * keep_scale, 0.0)
                 dp = tl.where(keep, dp * keep_scale, 0.0)
-            dv += tl.dot(p_kept.to(do.dtype), do, input_precision=DOT_PRECISION)
+            if QUERY_MAJOR:
+                dv += tl.dot(tl.trans(p_kept), do, input_precision=DOT_PRECISION)
+                # delta as a pair (see the dQ pass)
+                ds = p * ((dp - delta[:, None]) - delta_low[:, None])
+            else:
+                dv += tl.dot(p_kept.to(do.dtype), do, input_precision=DOT_PRECISION)
+                ds = p * (dp - delta[None, :])
             # gradient of the final (biased, masked) score; 0 on a row that sees one key (see the dQ pass)
-            ds = tl.where(one_hot[None, :], 0.0, p * (dp - delta[None, :]))
+            ds = tl.where(_per_query(one_hot, QUERY_MAJOR), 0.0, ds)
             if MASK_GRAD:
                 _add_mask_grad(
                     DMask + b64 * stride_xb + h64 * stride_xh + slot.to(tl.int64) * stride_xk
                     + block.to(tl.int64) * stride_xblock,
-                    ds, offs_m, offs_n, seq_q, seq_k, stride_xm, stride_xn, MASK_SUM_ROWS, MASK_SUM_COLS,
+                    tl.trans(ds) if QUERY_MAJOR else ds, offs_m, offs_n, seq_q, seq_k, stride_xm, stride_xn,
+                    MASK_SUM_ROWS, MASK_SUM_COLS,
                 )
             if ALIBI_GRAD:
-                distance = tl.abs(rows + (seq_k - seq_q) - cols).to(tl.float32)
+                distance = tl.abs(
+                    _per_query(offs_m, QUERY_MAJOR) + (seq_k - seq_q) - _per_key(offs_n, QUERY_MAJOR)
+                ).to(tl.float32)
                 if ALIBI_CENTER:
                     # from the row's mean distance under P: the same sum (a row's dS sums to 0), but what the
                     # rounding of delta and of P leaves in a row's dS, nearly proportional to its P, is no
                     # longer multiplied by distances of up to the key range (see attention_backward)
-                    distance = distance - dist_mean[None, :]
-                slope_grad += tl.sum(ds * distance, 1)
+                    distance = distance - _per_query(dist_mean, QUERY_MAJOR)
+                slope_grad += tl.sum(ds * distance, 0 if QUERY_MAJOR else 1)
             if SOFTCAP:
                 ds = ds * (1.0 - t * t)
-            dk += tl.dot(ds.to(q.dtype), q, input_precision=DOT_PRECISION)
+            if QUERY_MAJOR:
+                dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
+            else:
+                dk += tl.dot(ds.to(q.dtype), q, input_precision=DOT_PRECISION)
         if ALIBI_GRAD:  # d score / d slope = -|distance|; one partial sum per (batch, head, key block)
             tl.store(DAlibi + b64 * stride_yb + h64 * stride_yh + block.to(tl.int64) * stride_yblock,
                      -tl.sum(slope_grad, 0))
@@ -204,6 +227,26 @@ def attention_dkdv_kernel(
         + dv64 * stride_dvd,
         dv.to(DV.dtype.element_ty), mask=key_ok & (offs_dv[None, :] < value_head_dim),
     )
+
+
+@triton.jit
+def _per_query(x, QUERY_MAJOR: tl.constexpr):
+    """A per-query vector broadcast over the keys of a dK/dV score tile, in either orientation."""
+    if QUERY_MAJOR:
+        y = x[:, None]
+    else:
+        y = x[None, :]
+    return y
+
+
+@triton.jit
+def _per_key(x, QUERY_MAJOR: tl.constexpr):
+    """A per-key vector broadcast over the queries of a dK/dV score tile, in either orientation."""
+    if QUERY_MAJOR:
+        y = x[None, :]
+    else:
+        y = x[:, None]
+    return y
 
 
 @triton.jit
@@ -276,7 +319,7 @@ def _dq_tile(
 
 @triton.jit
 def attention_dq_kernel(
-    Q, K, V, Mask, KeyLengths, Alibi, CuQ, CuK, Out, DOut, Lse, LseFix, Delta, OneHot, DQ, Sinks, DistMean,
+    Q, K, V, Mask, KeyLengths, Alibi, CuQ, CuK, Out, DOut, Lse, LseFix, Delta, DeltaLow, OneHot, DQ, Sinks, DistMean,
     DAlibiRows,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -375,33 +418,61 @@ def attention_dq_kernel(
         # would be 1 on each key, not 1 / n. Rows with a large |lse| take P = exp(S - lse) / c instead, c
         # their sum of exp(S - lse) (at most 1 each: lse rounds from max up): the dK/dV pass with
         # fix = log c (0 on every other row: bit for bit as without it); this pass takes the loops'
-        # exp(S - lse) as they are and 1 / c out of their row sums (delta, dQ, the peak, the mean distance),
-        # and the upstream gradient's row times 1 / c (dP then is, and so is the score gradient). float32:
-        # every row (see _FAR_LSE); lse = 0 is exact, as is a row that saw nothing.
-        limit = _FAR_LSE
-        if DOT_PRECISION == "ieee":
-            limit = 0.0
-        far = row_ok & (tl.abs(lse) > limit)
+        # exp(S - lse) as they are and 1 / c out of their row sums (delta from the scores, delta_low, the
+        # peak, the mean distance; delta from the output is the softmax's already), and out of dS: in 16 bits
+        # through the upstream gradient's row times 1 / c (dP then is), in float32 on dQ after the loop (dP
+        # stays delta_low's). float32: every row (see _FAR_LSE); lse = 0 is exact, as is a row that saw nothing.
         fix = tl.zeros([BLOCK_M], tl.float32)
-        if tl.max(far.to(tl.int32), 0) > 0:
-            if not DELTA_FROM_SCORES:  # (else the delta sweep took the row sums)
-                mass = tl.zeros([BLOCK_M], tl.float32)
-                for n0 in range(lo, hi, BLOCK_N):
-                    _, s, _ = _dq_scores(
-                        q, k_base, n0, rows, offs_d, seq_q, seq_k, head_dim, stride_kn, stride_kd, scale, softcap,
-                        slope, mask_base, stride_mm, stride_mn, window_left, window_right, key_length,
-                        BLOCK_N, SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS, DOT_PRECISION,
-                    )
-                    mass += tl.sum(tl.exp(s - lse[:, None]), 1)
-            if HAS_SINKS:  # lse has the sink's term
-                mass += tl.exp(tl.load(Sinks + h).to(tl.float32) - lse)
+        if DOT_PRECISION == "ieee":
+            # float32: every row, and delta as a pair, delta + delta_low: delta = rowsum(dO * O), delta_low =
+            # sum_j P (dP - delta) over this sweep's P and dP, which both passes compute bit for bit (the same
+            # expressions). A key holding most of its row's weight has dS = P (dP - delta) with dP and delta
+            # nearly equal: a rounding of delta that dP does not share (O's, P's row sum's, the sum's own) was
+            # all of dS's error there (P 0.9998, the next key 8.5 below at scale 50: dK 5x, dQ 2.6x the
+            # policy's bound); (dP - delta) - delta_low cancels it, dP - delta being exact there.
+            mass = tl.zeros([BLOCK_M], tl.float32)
+            rest = tl.zeros([BLOCK_M], tl.float32)
+            for n0 in range(lo, hi, BLOCK_N):
+                _, p, dp, _ = _dq_tile(
+                    q, do, lse, k_base, v_base, n0, rows, offs_d, offs_dv, seq_q, seq_k, head_dim, value_head_dim,
+                    stride_kn, stride_kd, stride_vn, stride_vd, scale, softcap, slope, mask_base, stride_mm,
+                    stride_mn, window_left, window_right, key_length, dropout_p, keep_scale, seed, stream,
+                    BLOCK_N, SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS, DROPOUT,
+                    DOT_PRECISION,
+                )
+                mass += tl.sum(p, 1)
+                rest += tl.sum(p * (dp - delta[:, None]), 1)
+            if HAS_SINKS:  # lse has the sink's term: a key with no value (dP = 0)
+                p_sink = tl.exp(tl.load(Sinks + h).to(tl.float32) - lse)
+                mass += p_sink
+                rest -= p_sink * delta
+            far = row_ok & (lse != 0.0)
             fix = tl.where(far, tl.log(tl.where(far, mass, 1.0)), 0.0)
             inverse = tl.exp(-fix)
-            if DELTA_FROM_SCORES:
-                delta = delta * inverse
+            delta_low = rest * inverse
+            tl.store(DeltaLow + stat_offset, delta_low, mask=row_ok)  # for the dK/dV pass
+        else:
+            far = row_ok & (tl.abs(lse) > _FAR_LSE)
+            if tl.max(far.to(tl.int32), 0) > 0:
+                if not DELTA_FROM_SCORES:  # (else the delta sweep took the row sums)
+                    mass = tl.zeros([BLOCK_M], tl.float32)
+                    for n0 in range(lo, hi, BLOCK_N):
+                        _, s, _ = _dq_scores(
+                            q, k_base, n0, rows, offs_d, seq_q, seq_k, head_dim, stride_kn, stride_kd, scale,
+                            softcap, slope, mask_base, stride_mm, stride_mn, window_left, window_right, key_length,
+                            BLOCK_N, SOFTCAP, ALIBI, MASK, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, KEY_LENGTHS,
+                            DOT_PRECISION,
+                        )
+                        mass += tl.sum(tl.exp(s - lse[:, None]), 1)
+                if HAS_SINKS:  # lse has the sink's term
+                    mass += tl.exp(tl.load(Sinks + h).to(tl.float32) - lse)
+                fix = tl.where(far, tl.log(tl.where(far, mass, 1.0)), 0.0)
+                inverse = tl.exp(-fix)
+                if DELTA_FROM_SCORES:
+                    delta = delta * inverse
         tl.store(LseFix + stat_offset, fix, mask=row_ok)  # for the dK/dV pass
     tl.store(Delta + stat_offset, delta, mask=row_ok)  # for the dK/dV pass, which runs next
-    if RENORM:  # then dP and delta are 1 / c times theirs, dS = P (dP - delta)
+    if RENORM and DOT_PRECISION != "ieee":  # then dP and delta are 1 / c times theirs, dS = P (dP - delta)
         do = (do * inverse[:, None]).to(do.dtype)
         delta = delta * inverse
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -419,7 +490,10 @@ def attention_dq_kernel(
         peak = tl.maximum(peak, tl.max(p, 1))
         if ALIBI_CENTER:
             dist_mean += tl.sum(p * tl.abs(rows + (seq_k - seq_q) - (n0 + tl.arange(0, BLOCK_N))[None, :]), 1)
-        ds = p * (dp - delta[:, None])
+        if DOT_PRECISION == "ieee":
+            ds = p * ((dp - delta[:, None]) - delta_low[:, None])
+        else:
+            ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -429,6 +503,8 @@ def attention_dq_kernel(
         tl.debug_barrier()
         inverse = tl.exp(-tl.load(LseFix + stat_offset, mask=row_ok, other=0.0))
         peak = peak * inverse
+        if DOT_PRECISION == "ieee":  # (the loop's dS is c times P's: dO was not scaled, for delta_low's dP)
+            dq = dq * inverse[:, None]
         if ALIBI_CENTER:
             dist_mean = dist_mean * inverse
     # A row whose probability is all on one key (it sees one key, or the rest underflow) has a constant
@@ -458,6 +534,8 @@ def attention_dq_kernel(
             if RENORM:
                 p_sink = p_sink * inverse
             mass = 1.0 - p_sink
+            if DOT_PRECISION == "ieee":  # delta as a pair (see above)
+                delta = delta + delta_low
             dist_mean = tl.where(mass > 0.0, dist_mean / tl.where(mass > 0.0, mass, 1.0), 0.0)
             term = tl.where(row_ok & ~one_hot, dist_mean * p_sink * delta, 0.0)
             q_block = tl.program_id(0).to(tl.int64)
@@ -539,6 +617,9 @@ def attention_backward(
     delta = torch.empty_like(lse)  # written by the dQ pass, with the rows whose probability is one-hot
     one_hot = torch.empty(lse.shape, dtype=torch.uint8, device=lse.device)
     shared = problem.shared_args() | {"DOut": dout, "Lse": lse, "Delta": delta, "OneHot": one_hot}
+    # float32 (IEEE products) holds delta as a pair, delta + delta_low (see the dQ pass)
+    delta_low = torch.empty_like(lse) if shared["DOT_PRECISION"] == "ieee" else None
+    shared["DeltaLow"] = delta_low
     # and, with a float mask, the log of each row's sum of exp(S - lse) where lse lost it (see the dQ pass)
     renormalized = shared["MASK"] == 2 or shared["DOT_PRECISION"] == "ieee"
     shared["LseFix"] = torch.empty_like(lse) if renormalized else None
@@ -620,7 +701,7 @@ def attention_backward(
             slope_grad = slope_grad.sum(0, keepdim=True)
     sink_grad = None
     if need_sinks_grad and problem.sinks is not None:
-        sink_grad = _sink_gradient(problem, lse, delta, shared["LseFix"])
+        sink_grad = _sink_gradient(problem, lse, delta if delta_low is None else delta + delta_low, shared["LseFix"])
     return mask_grad, slope_grad, sink_grad
 
 

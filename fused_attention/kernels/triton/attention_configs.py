@@ -133,8 +133,11 @@ def _fits(tile: Tile, pass_name: str, arch: int, block_d: int, elem_bytes: int) 
 _IEEE_CANDIDATES: dict[tuple[str, int], tuple[tuple[Tile, int, int], ...]] = {
     ("forward", 80): ((Tile(64, 32, 8, 2), 16, 64), (Tile(32, 16, 4, 2), 16, 128), (Tile(32, 16, 8, 2), 256, 256)),
     ("forward", 90): ((Tile(64, 32, 8, 2), 16, 64), (Tile(32, 16, 4, 2), 16, 128), (Tile(32, 16, 8, 2), 256, 256)),
-    ("backward_dkdv", 80): ((Tile(16, 64, 8, 2), 16, 128), (Tile(16, 32, 8, 1), 256, 256)),
-    ("backward_dkdv", 90): ((Tile(16, 64, 8, 2), 16, 64), (Tile(16, 16, 4, 2), 128, 128), (Tile(16, 32, 8, 2), 256, 256)),
+    # dK/dV: its score tiles are (queries, keys) as the dQ pass's, whose products it repeats bit for bit, so
+    # the held keys and values are both the right operand of a product (checked with every feature but
+    # a mask at 32-64, and at 128-256 too, where 16 x 64 spills on sm_80 and 16 x 32 on sm_90)
+    ("backward_dkdv", 80): ((Tile(16, 32, 8, 1), 16, 64), (Tile(16, 16, 8, 1), 128, 128), (Tile(16, 16, 4, 1), 256, 256)),
+    ("backward_dkdv", 90): ((Tile(16, 64, 8, 2), 16, 64), (Tile(16, 16, 8, 2), 128, 128), (Tile(16, 16, 8, 1), 256, 256)),
     ("backward_dq", 80): ((Tile(64, 16, 8, 2), 16, 64), (Tile(32, 16, 4, 2), 16, 128), (Tile(16, 16, 4, 2), 256, 256)),
     ("backward_dq", 90): ((Tile(32, 16, 4, 2), 16, 128), (Tile(16, 16, 4, 2), 256, 256)),
 }
