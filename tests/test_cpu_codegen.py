@@ -32,7 +32,8 @@ _FUNCTION = re.compile(r"^[0-9a-f]+ <(.*)>:$")
 _PREFETCH = re.compile(r"^\s*[0-9a-f]+:\s+(prefetch\w*|prfm)\s")
 # (instruction set, product, template arguments) of the decode products that prefetch.
 _DECODE_PRODUCT = re.compile(r"cpu::(\w+)::(decode_chunk|decode_scores|decode_values)<([\w:, ]+)>\(")
-_BF16_VALUES_TILE = re.compile(r"cpu::(\w+)::(values_tile)<(\d+, \d+),")
+# The bfloat16 decode's P V tiles: widened V rows (values_tile) or key pairs on vdpbf16ps (values_tile_pairs).
+_BF16_VALUES_TILE = re.compile(r"cpu::(\w+)::(values_tile|values_tile_pairs)<(\d+, \d+),")
 # dot_keys of float and bfloat16 keys (and its row-block lambdas): it asks for the keys ahead as it goes.
 _DOT_KEYS = re.compile(r"cpu::(\w+)::(dot_keys)<[\w:]*?(FloatDot<float>|Bf16Dot), float>")
 # The float decode's P V tile over a cache's rows: it asks for the value rows ahead (RowsAhead).
@@ -105,3 +106,23 @@ def test_register_tiles_do_not_spill():
         assert any(key[0] == isa and key[2] == "6" for key in spills), f"{isa}: no 6-row gemm_tile symbol"
     spilling = {tile: count for tile, count in spills.items() if count}
     assert not spilling, f"(variant, type, rows, vectors) -> stack moves of vector registers: {spilling}"
+
+
+_DPBF16 = re.compile(r"^\s*[0-9a-f]+:\s+vdpbf16ps\s")
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="reads x86-64 machine code")
+def test_bf16_value_tiles_pair_keys_without_spills():
+    """The bfloat16 decode's P V tiles keep their accumulators in registers, and on AVX512-BF16 multiply
+    two keys per vdpbf16ps (values_tile_pairs: 1.2x an 8-row step's speed over widening V to float)."""
+    tiles: dict[tuple[str, ...], list[str]] = {}
+    for name, lines in _functions().items():
+        tile = _BF16_VALUES_TILE.search(name)
+        if tile:
+            tiles.setdefault(tile.groups(), []).extend(lines)
+    assert ("avx512", "values_tile", "4, 2") in tiles, f"no avx512 values_tile<4, 2> symbol: {sorted(tiles)}"
+    assert ("avx512bf16", "values_tile_pairs", "4, 2") in tiles, f"no avx512bf16 values_tile_pairs<4, 2>: {sorted(tiles)}"
+    for (isa, function, shape), lines in tiles.items():
+        assert not any(_STACK_VECTOR.match(line) for line in lines), f"{isa} {function}<{shape}> spills"
+        if function == "values_tile_pairs":
+            assert any(_DPBF16.match(line) for line in lines), f"{isa} {function}<{shape}>: no vdpbf16ps"

@@ -279,11 +279,11 @@ __attribute__((noinline)) void dot_keys(const typename Dot::QElem* q, int64_t ro
   if (rows > r0) block(std::integral_constant<int, 1>{}, r0);
 }
 
-#if FUSED_ATTENTION_ISA_AVX512
-#include "cpu/attention_decode_widen.h"
-#endif
 #if defined(FUSED_ATTENTION_BF16_DOT)
 #include "cpu/attention_decode_bf16.h"
+#endif
+#if FUSED_ATTENTION_ISA_AVX512
+#include "cpu/attention_decode_widen.h"
 #endif
 #if defined(FUSED_ATTENTION_AMX_DECODE)
 #include "cpu/attention_decode_amx.h"

@@ -55,8 +55,9 @@ inline void add_even_odd(__m512 even, __m512 odd, float* acc) {
 }
 
 // One register tile: Rows rows x Blocks blocks of 32 features from feature f0, over keys [k0, k1): each
-// block of a value row loaded once and widened (WidenDot::load_k), FMAs with the probabilities. (vdpbf16ps
-// needed the rows of two keys interleaved and the probabilities rounded to bfloat16.)
+// block of a value row loaded once and widened (WidenDot::load_k), FMAs with the probabilities (on
+// AVX512-BF16, values_tile_pairs). Its loops over rows and blocks are unrolled in the source: GCC kept the
+// accumulators of more than one row in memory outside the key loop otherwise (stored, reloaded around it).
 // prefetch: bytes of the row kDecodePrefetchKeys keys ahead to ask for with each key (0: none), into L1
 // where into_l1 (RowsAhead).
 template <int Rows, int Blocks, typename RowOf>
@@ -64,7 +65,9 @@ __attribute__((noinline)) void values_tile(int64_t k0, int64_t k1, const float* 
                                            int64_t n, int64_t f0, float* acc, int64_t ldv, int64_t prefetch,
                                            bool into_l1) {
   __m512 even[Rows][Blocks], odd[Rows][Blocks];
+#pragma GCC unroll 16
   for (int r = 0; r < Rows; ++r) {
+#pragma GCC unroll 16
     for (int b = 0; b < Blocks; ++b) even[r][b] = odd[r][b] = _mm512_setzero_ps();
   }
   for (int64_t j = k0; j < k1; ++j) {
@@ -73,20 +76,25 @@ __attribute__((noinline)) void values_tile(int64_t k0, int64_t k1, const float* 
       prefetch_rows(row_of(j + kDecodePrefetchKeys), 1, 0, prefetch, into_l1);
     }
     __m512 e[Blocks], o[Blocks];
+#pragma GCC unroll 16
     for (int blk = 0; blk < Blocks; ++blk) {
       const WidenDot::Operand x = WidenDot::load_k(v + 32 * blk);
       e[blk] = x.even;
       o[blk] = x.odd;
     }
+#pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r) {
       const __m512 pr = _mm512_set1_ps(p[r * ldp + j]);
+#pragma GCC unroll 16
       for (int blk = 0; blk < Blocks; ++blk) {
         even[r][blk] = _mm512_fmadd_ps(pr, e[blk], even[r][blk]);
         odd[r][blk] = _mm512_fmadd_ps(pr, o[blk], odd[r][blk]);
       }
     }
   }
+#pragma GCC unroll 16
   for (int r = 0; r < Rows; ++r) {
+#pragma GCC unroll 16
     for (int b = 0; b < Blocks; ++b) add_even_odd(even[r][b], odd[r][b], acc + r * ldv + f0 + 32 * b);
   }
 }
@@ -108,24 +116,34 @@ void values_bf16(int64_t rows, int64_t n, const float* p, int64_t ldp, const Row
       const int64_t take = std::min<int64_t>(4, rows - r0);
       const float* pr = p + r0 * ldp;
       float* c = acc + r0 * ldv;
+#if defined(FUSED_ATTENTION_BF16_DOT)
+      alignas(64) uint16_t pb[4 * 32];
+      probabilities_bf16(pr, ldp, take, k0, k1, pb);
+#endif
+      // A tile of R rows x B blocks of 32 features from f0.
+      const auto tile = [&](auto rows_c, auto blocks_c, int64_t f0) {
+        constexpr int R = decltype(rows_c)::value, B = decltype(blocks_c)::value;
+#if defined(FUSED_ATTENTION_BF16_DOT)
+        values_tile_pairs<R, B>(k0, k1, pb, 32, row_of, n, f0, c, ldv, prefetch, into_l1);
+#else
+        values_tile<R, B>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch, into_l1);
+#endif
+      };
+      using std::integral_constant;
       if (take == 1) {  // one row: 4 blocks a tile
         int64_t f0 = 0;
-        for (; f0 + 128 <= value_dim; f0 += 128, prefetch = 0) {
-          values_tile<1, 4>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch, into_l1);
-        }
-        for (; f0 < value_dim; f0 += 32, prefetch = 0) {
-          values_tile<1, 1>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch, into_l1);
-        }
+        for (; f0 + 128 <= value_dim; f0 += 128, prefetch = 0) tile(integral_constant<int, 1>{}, integral_constant<int, 4>{}, f0);
+        for (; f0 < value_dim; f0 += 32, prefetch = 0) tile(integral_constant<int, 1>{}, integral_constant<int, 1>{}, f0);
       } else {
         for (int64_t f0 = 0; f0 < value_dim; prefetch = 0) {
           const bool two = value_dim - f0 >= 64;
           switch ((take - 2) * 2 + (two ? 1 : 0)) {
-            case 0: values_tile<2, 1>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch, into_l1); break;
-            case 1: values_tile<2, 2>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch, into_l1); break;
-            case 2: values_tile<3, 1>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch, into_l1); break;
-            case 3: values_tile<3, 2>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch, into_l1); break;
-            case 4: values_tile<4, 1>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch, into_l1); break;
-            default: values_tile<4, 2>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch, into_l1); break;
+            case 0: tile(integral_constant<int, 2>{}, integral_constant<int, 1>{}, f0); break;
+            case 1: tile(integral_constant<int, 2>{}, integral_constant<int, 2>{}, f0); break;
+            case 2: tile(integral_constant<int, 3>{}, integral_constant<int, 1>{}, f0); break;
+            case 3: tile(integral_constant<int, 3>{}, integral_constant<int, 2>{}, f0); break;
+            case 4: tile(integral_constant<int, 4>{}, integral_constant<int, 1>{}, f0); break;
+            default: tile(integral_constant<int, 4>{}, integral_constant<int, 2>{}, f0); break;
           }
           f0 += two ? 64 : 32;
         }
