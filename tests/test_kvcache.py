@@ -335,6 +335,36 @@ def test_bad_input_raises_and_leaves_caches_untouched():
     _bad(dict(c, q=c["q"].double()), "dtype")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_appends_that_would_overwrite_each_other_raise(backend):
+    """One tensor as both caches (the values overwrote the keys), or one page written by two batch entries
+    (the second append overwrote the first's keys): both went through silently. Views of one buffer at
+    different offsets, and pages that several entries only read (a shared prefix), stay accepted."""
+    c = _small()
+    same = c["k_cache"].clone()
+    with pytest.raises(ValueError, match="must not be the same memory"):
+        fa.attention_with_kvcache(c["q"], same, same, c["k"], c["k"].clone(), cache_seqlens=c["seqlens"],
+                                  block_table=c["block_table"], backend=backend)
+    assert torch.equal(same, c["k_cache"]), "a rejected call wrote the cache"
+    both = torch.cat([c["k_cache"].flatten(), c["v_cache"].flatten()])  # one buffer: k, then v after it
+    nk = c["k_cache"].numel()
+    fa.attention_with_kvcache(c["q"], both[:nk].view(c["k_cache"].shape), both[nk:].view(c["v_cache"].shape),
+                              c["k"], c["v"], cache_seqlens=c["seqlens"], block_table=c["block_table"],
+                              backend=backend)
+    page_size = c["k_cache"].shape[1]
+    column = c["seqlens"].long() // page_size  # each entry's first written page
+    bt = c["block_table"].clone()
+    bt[1, column[1]] = bt[0, column[0]]
+    _bad(dict(c, block_table=bt), "pages k and v are appended to must belong to one batch entry each",
+         backend=backend)
+    # Entries 1 and 2 (33 and 40 tokens, pages of 3) both read entry 1's first page, neither writes it.
+    assert column[1] > 0 and column[2] > 0
+    shared = c["block_table"].clone()
+    shared[2, 0] = shared[1, 0]
+    fa.attention_with_kvcache(c["q"], c["k_cache"].clone(), c["v_cache"].clone(), c["k"], c["v"],
+                              cache_seqlens=c["seqlens"], block_table=shared, backend=backend)
+
+
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_rotary_table_needs_only_the_rows_it_rotates(is_causal):
     """Lq = 3 query rows, one new key at position 7: not causal, every query row is rotated at 7 (table of

@@ -79,6 +79,26 @@ void check_pages(const at::Tensor& table, int64_t b, int64_t first, int64_t last
   }
 }
 
+// No cache slot is written twice by an append: two entries whose tables share the page they append to
+// would overwrite each other's keys (pages several entries only read, a shared prefix, are fine). Here,
+// not in Python, for the cpu backend: a decode step's call is tens of microseconds, and the check there
+// took several tensor ops (validate.check_written_once does it for the other paths).
+void check_written_once(const at::Tensor& table, const std::vector<int64_t>& seqlens, int64_t new_len,
+                        int64_t page_size) {
+  const int64_t* entries = table.data_ptr<int64_t>();
+  std::vector<int64_t> slots;
+  slots.reserve(seqlens.size() * static_cast<size_t>(new_len));
+  for (size_t b = 0; b < seqlens.size(); ++b) {
+    for (int64_t t = seqlens[b]; t < seqlens[b] + new_len; ++t) {
+      slots.push_back(entries[b * table.stride(0) + t / page_size] * page_size + t % page_size);
+    }
+  }
+  std::sort(slots.begin(), slots.end());
+  TORCH_CHECK_VALUE(std::adjacent_find(slots.begin(), slots.end()) == slots.end(), kOp,
+                    "block_table (or cache_batch_idx): the pages k and v are appended to must belong to one batch "
+                    "entry each (a cache slot would be written twice)");
+}
+
 template <typename scalar_t>
 Operand<scalar_t> paged(const at::Tensor& cache, const at::Tensor& table) {  // cache (pages, H, page_size, D)
   Operand<scalar_t> x = Operand<scalar_t>::dense(cache);
@@ -147,6 +167,10 @@ std::tuple<at::Tensor, at::Tensor> attend(const CacheCall& c, const at::Tensor* 
       TORCH_CHECK(seqlens[b] >= 0, kOp, "seqlens must be >= 0, got ", seqlens[b]);
       check_pages(table, b, seqlens[b], seqlens[b] + new_len, page_size, pages);
     }
+    const bool aliased = batch > 0 && c.k_cache.numel() > 0 && c.k_cache.data_ptr() == c.v_cache.data_ptr();
+    TORCH_CHECK_VALUE(!aliased, kOp, "k_cache and v_cache must not be the same memory when k and v are appended ",
+                      "(the values would overwrite the keys)");
+    check_written_once(table, seqlens, new_len, page_size);
   }
   at::Tensor out = at::empty({batch, heads, len_q, c.v_cache.size(3)}, c.q.options());
   at::Tensor lse = at::empty({batch, heads, len_q}, c.q.options().dtype(acc_dtype(c.q)));

@@ -25,7 +25,7 @@ from .cpu_cache import append_and_attend, cache_attention
 from .masks import needs_positions, position_mask
 from .paged import gather_keys_values
 from .split_kv import attention_backend, split_kv_attention
-from .validate import KVCacheCall, canonicalize_kvcache_call
+from .validate import KVCacheCall, canonicalize_kvcache_call, check_written_once
 
 
 def _split_bounds(seq_k: int, num_splits: int) -> list[tuple[int, int]]:
@@ -93,6 +93,7 @@ def _append_and_attend(call: KVCacheCall, q: torch.Tensor, k: torch.Tensor, chos
     if chosen.name == "cpu" and call.num_splits <= 1:
         return append_and_attend(call, q, k)  # one op that checks everything before it writes
     index = write_index(call)
+    check_written_once(call, index)
     assert call.v is not None
     saved = (call.k_cache[index].clone(), call.v_cache[index].clone())
     append_(call, index, k, call.v)

@@ -210,6 +210,14 @@ def canonicalize_kvcache_call(
 def _check_contents(call: KVCacheCall) -> None:
     """Value checks (a host sync): lengths within capacity, indices inside the cache."""
     seqlens, new = call.seqlens, call.new_len
+    # The same tensor as both caches: the appended values would overwrite the keys (views of one buffer at
+    # different offsets, as vLLM's and FlashInfer's (2, ...) caches, are fine).
+    _fail_if(
+        new > 0 and seqlens.numel() > 0 and call.k_cache.numel() > 0
+        and call.k_cache.data_ptr() == call.v_cache.data_ptr(),
+        "k_cache and v_cache must not be the same memory when k and v are appended (the values would overwrite "
+        "the keys)",
+    )
     # One reduction for both bounds (a decode step's calls are short: each tensor op counts).
     low, high = (int(x) for x in torch.aminmax(seqlens)) if seqlens.numel() else (0, 0)
     _fail_if(low < 0, lambda: f"cache_seqlens must be >= 0, got {seqlens.tolist()}")
@@ -267,4 +275,20 @@ def _check_pages(call: KVCacheCall, high: int) -> None:
         bool(((entries < 0) | (entries >= pages)).any()),
         lambda: f"block_table entries of used pages must lie in [0, {pages}) (the page pool), got "
         f"{sorted(set(entries.tolist()))}",
+    )
+
+
+def check_written_once(call: KVCacheCall, index: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """No cache slot of a paged append is written twice (``index``: :func:`append.write_index`'s pages and
+    offsets): two batch entries whose block tables share the page they append to would overwrite each
+    other's keys. Pages that several entries only read (a shared prefix) are fine. (The cpu backend's
+    append op checks the same in C++.)"""
+    if call.block_table is None or not content_checks_enabled(call.seqlens):
+        return
+    slots = (index[0] * call.k_cache.shape[1] + index[1]).flatten().sort().values
+    _fail_if(
+        bool((slots[1:] == slots[:-1]).any()),
+        lambda: "block_table: the pages k and v are appended to must belong to one batch entry each (a cache slot "
+        f"would be written twice), got block_table {call.block_table.tolist()} with cache_seqlens "
+        f"{call.seqlens.tolist()}",
     )
