@@ -238,7 +238,9 @@ inline double distance_dot(const acc_t* x, int64_t position, int64_t n, double c
 // baseline variant, whose exp rounds otherwise; 0.02x on AVX-512, by luck).
 template <typename acc_t>
 inline double centered_delta(const acc_t* w, const acc_t* p, const acc_t* dp, int64_t n_pad, double extra) {
-  constexpr int64_t lanes = 8;
+  // 32 partial sums each (four AVX-512 registers of doubles): the adds of one chain would wait on their
+  // own latency. The tail goes to sums of its own, so that no lane's chain turns scalar.
+  constexpr int64_t lanes = 32;
   double dot[lanes] = {}, total[lanes] = {};
   int64_t j = 0;
   for (; j + lanes <= n_pad; j += lanes) {
@@ -247,11 +249,11 @@ inline double centered_delta(const acc_t* w, const acc_t* p, const acc_t* dp, in
       total[l] += static_cast<double>(p[j + l]);
     }
   }
-  for (; j < n_pad; ++j) {
-    dot[0] += static_cast<double>(w[j]) * static_cast<double>(dp[j]);
-    total[0] += static_cast<double>(p[j]);
-  }
   double num = 0.0, den = extra;
+  for (; j < n_pad; ++j) {
+    num += static_cast<double>(w[j]) * static_cast<double>(dp[j]);
+    den += static_cast<double>(p[j]);
+  }
   for (int64_t l = 0; l < lanes; ++l) {
     num += dot[l];
     den += total[l];
