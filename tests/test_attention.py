@@ -261,6 +261,33 @@ def test_float32_gradients_of_a_key_holding_most_of_its_row(backend):
         check_attention(backend, q, k, v, enable_gqa=True, scale=50.0, alibi_slopes=slopes)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_keys_past_key_lengths_are_never_read(backend, dtype):
+    """Keys and values past a sequence's key length are not part of it (FlashAttention's varlen and
+    KV-cache reading): an uninitialized buffer's NaN there left the output NaN on the torch and triton
+    backends and dq, dk NaN on all three (P = 0 times NaN). Results equal those with finite padding."""
+    require(backend, dtype)
+    torch.manual_seed(3)
+    q = rand(2, 4, 37, 16, dtype=dtype)
+    k, v = rand(2, 2, 50, 16, dtype=dtype), rand(2, 2, 50, 24, dtype=dtype)
+    lengths = torch.tensor([47, 31])
+    up = rand(2, 4, 37, 24, dtype=dtype)
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    for b, n in enumerate(lengths.tolist()):
+        poisoned_k[b, :, n:] = float("nan")
+        poisoned_v[b, :, n:] = float("nan")
+    for kwargs in ({}, {"is_causal": True}, {"window_size": (5, 3)}):
+        results = []
+        for keys, values in ((k, v), (poisoned_k, poisoned_v)):
+            leaves = [t.clone().requires_grad_() for t in (q, keys, values)]
+            out = fused_attention.scaled_dot_product_attention(
+                *leaves, key_lengths=lengths, enable_gqa=True, backend=backend, **kwargs
+            )
+            results.append([out, *torch.autograd.grad(out, leaves, up)])
+        for name, clean, poisoned in zip(("out", "dq", "dk", "dv"), *results):  # (the padding's dk, dv: 0)
+            torch.testing.assert_close(poisoned, clean, rtol=0, atol=0, msg=f"{name} with {kwargs}")
+
+
 @pytest.mark.parametrize("scale", [1e10, 1e-39], ids=["huge", "subnormal"])
 def test_extreme_scales(backend, scale):
     """Scores of 1e10 and more (a scale torch accepts): the cpu kernel's exp argument at the row's maximum

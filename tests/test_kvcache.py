@@ -335,6 +335,32 @@ def test_bad_input_raises_and_leaves_caches_untouched():
     _bad(dict(c, q=c["q"].double()), "dtype")
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("kwargs", [{}, {"is_causal": True}, {"window_size": (6, 0)}, {"num_splits": 3},
+                                    {"alibi_slopes": torch.tensor([0.3, 0.1, 0.2, 0.05])}], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_slots_past_the_sequences_are_never_read(backend, kwargs, paged):
+    """A cache allocated with torch.empty holds anything past cache_seqlens + Lnew (NaN here): the torch
+    backend's output was NaN whenever the call needed a position mask (causal, window, ALiBi), which
+    hides those keys from the scores but not from P V. Results equal those of a zero-filled cache."""
+    torch.manual_seed(6)
+    batch, slots, heads, dim = 2, 40, 2, 16
+    used = torch.tensor([9, 5], dtype=torch.int32)
+    q, k, v = torch.randn(batch, 3, 2 * heads, dim), torch.randn(batch, 3, heads, dim), torch.randn(batch, 3, heads, dim)
+    outs = []
+    for fill in (0.0, float("nan")):
+        kc, vc = (torch.full((batch, slots, heads, dim), fill) for _ in range(2))
+        for cache in (kc, vc):
+            cache[:, :9] = torch.randn(batch, 9, heads, dim, generator=torch.Generator().manual_seed(7))
+        extra = {}
+        if paged:
+            kc, vc = kc.reshape(-1, 4, heads, dim), vc.reshape(-1, 4, heads, dim)
+            extra["block_table"] = torch.arange(kc.shape[0], dtype=torch.int32).view(batch, -1)
+        outs.append(fa.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=used, backend=backend, **kwargs,
+                                              **extra))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_appends_that_would_overwrite_each_other_raise(backend):
     """One tensor as both caches (the values overwrote the keys), or one page written by two batch entries

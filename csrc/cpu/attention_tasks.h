@@ -147,6 +147,26 @@ struct KeyTiles {
     if (layouts_ & kValuesT) transposed(problem.v, value_dim, values_t_.get() + transposed_offset(s, h, value_dim));
     if (layouts_ & kKeys) by_rows(problem.k, head_dim, keys_.get() + row_offset(s, h, ld_k));
     if (layouts_ & kValues) by_rows(problem.v, value_dim, values_.get() + row_offset(s, h, ld_v));
+    // Keys at or past key_limit (key_lengths) are not part of the sequence and may hold anything (an
+    // uninitialized cache's NaN): zeroed, as the products read whole vectors of keys past a row's last
+    // visible one, where P = 0 times NaN made dq and dk NaN.
+    const int64_t limit = std::clamp<int64_t>(seq.key_limit, 0, n);
+    if (limit == n) return;
+    const auto clear_transposed = [&](int64_t features, acc_t* dst) {
+      for (int64_t j = limit; j < n; ++j) {
+        acc_t* at = dst + j / panel * panel * features + j % panel;
+        for (int64_t f = 0; f < features; ++f) at[f * panel] = acc_t(0);
+      }
+    };
+    const auto clear_rows = [&](int64_t features, acc_t* dst) {
+      for (int64_t p = 0; p < (features + panel - 1) / panel; ++p) {
+        std::fill_n(dst + p * n * panel + limit * panel, (n - limit) * panel, acc_t(0));
+      }
+    };
+    if (layouts_ & kKeysT) clear_transposed(head_dim, keys_t_.get() + transposed_offset(s, h, head_dim));
+    if (layouts_ & kValuesT) clear_transposed(value_dim, values_t_.get() + transposed_offset(s, h, value_dim));
+    if (layouts_ & kKeys) clear_rows(head_dim, keys_.get() + row_offset(s, h, ld_k));
+    if (layouts_ & kValues) clear_rows(value_dim, values_.get() + row_offset(s, h, ld_v));
   }
 
   // Keys from `key` on (a multiple of the panel width), as the B of Q K^T / dO V^T.

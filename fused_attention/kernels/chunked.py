@@ -74,12 +74,17 @@ class _Chunk:
     """Scores and probabilities of query rows ``[i0, i1)`` against keys ``[j0, j1)``."""
 
     def __init__(self, q, k, mask, key_lengths, alibi, rules: Rules, i0, i1, j0, j1):
-        cd = compute_dtype(q.dtype)
+        cd = self.cd = compute_dtype(q.dtype)
         batch, hq, seq_q, head_dim = q.shape
         hkv, seq_k = k.shape[1], k.shape[2]
         self.rows, self.cols, self.groups = i1 - i0, j1 - j0, hq // hkv
         self.q = q[:, :, i0:i1].to(cd).reshape(batch, hkv, self.groups * self.rows, head_dim)
-        self.k = k[:, :, j0:j1].to(cd)
+        # Keys past a sequence's length are not part of it (FlashAttention's reading of varlen and KV-cache
+        # lengths): their rows, which may hold anything (an uninitialized cache's NaN), are zeroed, or P = 0
+        # times NaN made the output, dq and dk NaN (the cpu kernel never reads them).
+        j = torch.arange(j0, j1, device=q.device).unsqueeze(0)
+        self.padding = None if key_lengths is None else (j >= key_lengths.reshape(-1, 1, 1)).unsqueeze(-1)
+        self.k = self.key_rows(k, j0, j1)
         # In-place updates throughout: the working set is a few (B, H, rows, cols) blocks, not dozens.
         scores = self._per_query_head(self.q @ self.k.transpose(-2, -1)).mul_(rules.scale)
         self.tanh = None
@@ -87,7 +92,6 @@ class _Chunk:
             self.tanh = scores.div_(rules.softcap).tanh_()
             scores = self.tanh * rules.softcap
         i = torch.arange(i0, i1, device=q.device).unsqueeze(1)
-        j = torch.arange(j0, j1, device=q.device).unsqueeze(0)
         pos = i + seq_k - seq_q
         self.distance = None
         if alibi is not None:
@@ -118,6 +122,12 @@ class _Chunk:
             rand = torch.rand(self.scores.shape, generator=gen, device=q.device, dtype=cd)
             keep_scale = 1.0 / (1.0 - rules.dropout_p) if rules.dropout_p < 1 else 0.0  # (p = 1: all dropped)
             self.keep = (rand >= rules.dropout_p).to(cd) * keep_scale
+
+    def key_rows(self, x: torch.Tensor, j0: int, j1: int) -> torch.Tensor:
+        """Rows ``[j0, j1)`` of keys or values ``(B, Hkv, S, E)`` in the compute dtype, those past the key
+        lengths zeroed."""
+        rows = x[:, :, j0:j1].to(self.cd)
+        return rows if self.padding is None else rows.masked_fill(self.padding, 0)
 
     def _per_query_head(self, t: torch.Tensor) -> torch.Tensor:
         """``(B, Hkv, G * rows, X)`` -> ``(B, Hq, rows, X)``; query head h = kv head * G + g."""
@@ -242,7 +252,7 @@ def attention_forward(
         p, chunk_lse = c.take_softmax(sinks, precise_lse)
         if c.keep is not None:
             p.mul_(c.keep)
-        o = c.per_kv_head(p) @ v[:, :, j0:j1].to(cd)
+        o = c.per_kv_head(p) @ c.key_rows(v, j0, j1)
         out[:, :, i0:i1] = o.reshape(batch, hq, i1 - i0, v.shape[-1])
         lse[:, :, i0:i1] = chunk_lse
     return out, lse
@@ -304,7 +314,7 @@ def attention_backward(
         # exp(s - lse): its error does not grow with |lse|, as in torch's own softmax backward.
         p, _ = c.take_softmax(sinks)
         do = c.per_kv_head(dout[:, :, i0:i1].to(cd))
-        vs = v[:, :, j0:j1].to(cd)
+        vs = c.key_rows(v, j0, j1)
         p_kept = p if c.keep is None else p * c.keep
         dv[:, :, j0:j1] += c.per_kv_head(p_kept).transpose(-2, -1) @ do
         dp = (do @ vs.transpose(-2, -1)).reshape(p.shape)
@@ -360,7 +370,7 @@ def attention_backward_from_stats(
             p.mul_(torch.exp(-low[:, :, i0:i1, None]))
         do = c.per_kv_head(dout[:, :, i0:i1].to(cd))
         dv[:, :, j0:j1] += c.per_kv_head(p).transpose(-2, -1) @ do
-        dp = (do @ v[:, :, j0:j1].to(cd).transpose(-2, -1)).reshape(p.shape)
+        dp = (do @ c.key_rows(v, j0, j1).transpose(-2, -1)).reshape(p.shape)
         ds = dp.sub_(delta[:, :, i0:i1, None].to(cd)).mul_(p)
         _add_score_grads(c, ds, rules, dq, dk, i0, i1, j0, j1)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -53,9 +53,11 @@ def _gathered(call: KVCacheCall, q: torch.Tensor, backend: str | None,
     }
 
     def attend(start: int, stop: int, sinks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        part = {"attn_mask": mask[..., start:stop]} if mask is not None else {
-            "key_lengths": (total - start).clamp(0, stop - start)
-        }
+        # Key lengths with the position mask too: positions past them hold whatever the cache does (an
+        # uninitialized cache's NaN), which a mask alone hides from the scores but not from P V.
+        part = {"key_lengths": (total - start).clamp(0, stop - start)}
+        if mask is not None:
+            part["attn_mask"] = mask[..., start:stop]
         extra = {"sinks": sinks} if sinks is not None else {}
         return scaled_dot_product_attention(
             qh, keys[:, :, start:stop].to(dtype), values[:, :, start:stop].to(dtype), **part, **common, **extra

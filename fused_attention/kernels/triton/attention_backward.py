@@ -104,9 +104,11 @@ def attention_dkdv_kernel(
         K + b64 * stride_kb + hk64 * stride_kh + (k_start + cols.to(tl.int64)) * stride_kn + d64 * stride_kd,
         mask=(cols < seq_k) & (offs_d[None, :] < head_dim), other=0.0,
     )
+    # V's rows past key_length (padding that may hold NaN) load as 0, so dP = dO V^T is 0 there and
+    # P = 0 keeps dS 0 (K's rows there only meet dS = 0: their scores are masked).
     v = tl.load(
         V + b64 * stride_vb + hk64 * stride_vh + (k_start + cols.to(tl.int64)) * stride_vn + dv64 * stride_vd,
-        mask=(cols < seq_k) & (offs_dv[None, :] < value_head_dim), other=0.0,
+        mask=(cols < key_length) & (offs_dv[None, :] < value_head_dim), other=0.0,
     )
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
@@ -276,7 +278,7 @@ def _dq_scores(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     k = tl.load(
         k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :].to(tl.int64) * stride_kd,
-        mask=(offs_n[:, None] < seq_k) & (offs_d[None, :] < head_dim), other=0.0,
+        mask=(offs_n[:, None] < key_length) & (offs_d[None, :] < head_dim), other=0.0,
     )
     # the forward's expression: the same scores, bit for bit, so P is exactly 1 where the forward's was
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
@@ -307,7 +309,7 @@ def _dq_tile(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     v = tl.load(
         v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :].to(tl.int64) * stride_vd,
-        mask=(offs_n[:, None] < seq_k) & (offs_dv[None, :] < value_head_dim), other=0.0,
+        mask=(offs_n[:, None] < key_length) & (offs_dv[None, :] < value_head_dim), other=0.0,
     )
     p = tl.exp(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)

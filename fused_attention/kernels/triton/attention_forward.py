@@ -136,8 +136,8 @@ def _key_tiles(
         k_ptrs = k_tile + k_offsets
         v_ptrs = v_tile + v_offsets
         # Masks built in constexpr branches: Triton 3.2's interpreter cannot OR a constexpr into a tensor.
-        if RAGGED:
-            k_mask = offs_n[:, None] < seq_k
+        if RAGGED:  # (keys past key_length too: padding may hold anything, an uninitialized cache's NaN)
+            k_mask = offs_n[:, None] < key_length
             v_mask = k_mask
             if not EVEN_D:
                 k_mask = k_mask & (offs_d[None, :] < head_dim)
