@@ -8,7 +8,7 @@ import time
 import torch
 
 sys.path.insert(0, sys.argv[1])
-import fused_attention as fa  # noqa: E402
+import fused_attention as fa
 
 torch.set_num_threads(2)
 CASES = [((8, 12, 128, 64), torch.float32, False), ((1, 8, 2048, 64), torch.float32, True),
@@ -18,7 +18,7 @@ for shape, dtype, causal in CASES:
     q, k, v = (torch.randn(*shape, dtype=dtype, requires_grad=True) for _ in range(3))
     up = torch.randn(*shape, dtype=dtype)
 
-    def step():
+    def step(q=q, k=k, v=v, up=up, causal=causal):
         out = fa.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="cpu")
         torch.autograd.grad(out, (q, k, v), up)
 

@@ -8,7 +8,7 @@ import time
 import torch
 
 sys.path.insert(0, sys.argv[1])
-import fused_attention as fa  # noqa: E402
+import fused_attention as fa
 
 torch.set_num_threads(1)
 batch, heads, dim, page, pages = 4, 8, 64, 16, 64
