@@ -174,31 +174,6 @@ class Backend(ForgetsDecisions):
         return None
 
 
-def precise_lse_call(op, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """:meth:`Backend.attention_precise_lse` through a backend's op of that signature
-    (``fused_attention::attention_precise_lse``'s)."""
-    if inputs.dropout_p or inputs.sinks is not None:
-        raise ValueError("attention_precise_lse: no dropout, no sinks")
-    return op(
-        inputs.query, inputs.key, inputs.value, inputs.attn_mask, inputs.key_lengths, inputs.alibi_slopes,
-        inputs.causal, inputs.window_left, inputs.window_right, inputs.softcap, inputs.scale,
-    )
-
-
-def backward_from_stats_call(
-    op, inputs: AttentionInputs, dout: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:meth:`Backend.attention_backward_from_stats` through a backend's op of that signature
-    (``fused_attention::attention_backward_from_stats``'s)."""
-    if inputs.dropout_p or inputs.sinks is not None:
-        raise ValueError("attention_backward_from_stats: no dropout, no sinks")
-    return op(
-        dout.contiguous(), inputs.query, inputs.key, inputs.value, inputs.attn_mask, inputs.key_lengths,
-        inputs.alibi_slopes, lse, delta, inputs.causal, inputs.window_left, inputs.window_right,
-        inputs.softcap, inputs.scale,
-    )
-
-
 def draw_seed(inputs: AttentionInputs | VarlenInputs) -> torch.Tensor | None:
     """A dropout seed from torch's default CPU generator, so ``torch.manual_seed`` reproduces it."""
     if inputs.dropout_p == 0:
@@ -225,19 +200,6 @@ def varlen_op_args(inputs: VarlenInputs, sinks: bool = False) -> tuple:
     )
 
 
-def recomputing_backward(
-    backward_op, inputs: AttentionInputs, dout: torch.Tensor, need_mask_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(dq, dk, dv, dmask)`` from a backward op with the canonical sinks signature
-    (``ops/attention_rules.py``) that recomputes its softmax from the inputs."""
-    if inputs.dropout_p:
-        raise ValueError("attention_backward: no dropout (the forward's mask would be needed)")
-    dq, dk, dv, dmask, *_ = backward_op(
-        dout.contiguous(), *dense_op_args(inputs, sinks=True), need_mask_grad, False, False
-    )
-    return dq, dk, dv, dmask if need_mask_grad else None
-
-
 def requires_grad(inputs: AttentionInputs | VarlenInputs) -> bool:
     """Whether the call will need a backward: grad mode on and an input (or a float mask) requires grad."""
     if not torch.is_grad_enabled():
@@ -247,3 +209,44 @@ def requires_grad(inputs: AttentionInputs | VarlenInputs) -> bool:
         inputs.query.requires_grad or inputs.key.requires_grad or inputs.value.requires_grad
         or (mask is not None and mask.requires_grad) or (inputs.sinks is not None and inputs.sinks.requires_grad)
     )
+
+
+class OpsBackend(Backend):
+    """A backend whose backward, block backward and precise-lse forward are ops of the canonical signatures
+    (``ops/attention_rules.py``), registered as ``fused_attention::<ops_prefix>attention_backward``,
+    ``<ops_prefix>attention_backward_from_stats`` and ``<ops_prefix>attention_precise_lse`` (the cpu
+    extension's and the torch backend's chunked ops)."""
+
+    ops_prefix = ""
+
+    def _op(self, name: str):
+        return getattr(torch.ops.fused_attention, self.ops_prefix + name).default
+
+    def attention_backward(
+        self, inputs: AttentionInputs, dout: torch.Tensor, need_mask_grad: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if inputs.dropout_p:
+            raise ValueError("attention_backward: no dropout (the forward's mask would be needed)")
+        dq, dk, dv, dmask, *_ = self._op("attention_backward")(
+            dout.contiguous(), *dense_op_args(inputs, sinks=True), need_mask_grad, False, False
+        )
+        return dq, dk, dv, dmask if need_mask_grad else None
+
+    def attention_backward_from_stats(
+        self, inputs: AttentionInputs, dout: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if inputs.dropout_p or inputs.sinks is not None:
+            raise ValueError("attention_backward_from_stats: no dropout, no sinks")
+        return self._op("attention_backward_from_stats")(
+            dout.contiguous(), inputs.query, inputs.key, inputs.value, inputs.attn_mask, inputs.key_lengths,
+            inputs.alibi_slopes, lse, delta, inputs.causal, inputs.window_left, inputs.window_right,
+            inputs.softcap, inputs.scale,
+        )
+
+    def attention_precise_lse(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        if inputs.dropout_p or inputs.sinks is not None:
+            raise ValueError("attention_precise_lse: no dropout, no sinks")
+        return self._op("attention_precise_lse")(
+            inputs.query, inputs.key, inputs.value, inputs.attn_mask, inputs.key_lengths, inputs.alibi_slopes,
+            inputs.causal, inputs.window_left, inputs.window_right, inputs.softcap, inputs.scale,
+        )

@@ -15,12 +15,9 @@ from ..ops.attention_rules import dense_autograd_rules, varlen_autograd_rules
 from ..ops.eager import EagerOp
 from .base import (
     ALL_FEATURES,
-    Backend,
     Capabilities,
-    backward_from_stats_call,
+    OpsBackend,
     dense_op_args,
-    precise_lse_call,
-    recomputing_backward,
     varlen_op_args,
 )
 
@@ -51,7 +48,7 @@ class _Ops:
 _OPS = _Ops() if _EXTENSION.loaded and _EXTENSION.cpu_isa_error is None else None
 
 
-class CpuBackend(Backend):
+class CpuBackend(OpsBackend):
     name = "cpu"
     capabilities = Capabilities(
         device_types=frozenset({"cpu"}),
@@ -71,21 +68,6 @@ class CpuBackend(Backend):
     def varlen_attention(self, inputs: VarlenInputs) -> tuple[torch.Tensor, torch.Tensor]:
         assert _OPS is not None, "dispatch only picks the cpu backend when the extension loaded"
         return _OPS.varlen_attention(*varlen_op_args(inputs, sinks=True))
-
-    def attention_backward(
-        self, inputs: AttentionInputs, dout: torch.Tensor, need_mask_grad: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        return recomputing_backward(torch.ops.fused_attention.attention_backward.default, inputs, dout, need_mask_grad)
-
-    def attention_backward_from_stats(
-        self, inputs: AttentionInputs, dout: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return backward_from_stats_call(
-            torch.ops.fused_attention.attention_backward_from_stats.default, inputs, dout, lse, delta
-        )
-
-    def attention_precise_lse(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return precise_lse_call(torch.ops.fused_attention.attention_precise_lse.default, inputs)
 
 
 CPU = CpuBackend()

@@ -16,12 +16,9 @@ from ..ops.attention_rules import dense_autograd_rules, varlen_autograd_rules
 from ..ops.eager import EagerOp, python_direct
 from .base import (
     ALL_FEATURES,
-    Backend,
     Capabilities,
-    backward_from_stats_call,
+    OpsBackend,
     dense_op_args,
-    precise_lse_call,
-    recomputing_backward,
     requires_grad,
     varlen_op_args,
 )
@@ -59,7 +56,8 @@ def _torch_serves_fused(inputs: AttentionInputs) -> bool:
     return int(choice) != _SDPA_MATH and int(choice) >= 0
 
 
-class TorchBackend(Backend):
+class TorchBackend(OpsBackend):
+    ops_prefix = "torch_"
     name = "torch"
     capabilities = Capabilities(
         device_types=None,
@@ -79,21 +77,6 @@ class TorchBackend(Backend):
 
     def varlen_attention(self, inputs: VarlenInputs) -> tuple[torch.Tensor, torch.Tensor]:
         return _VARLEN(*varlen_op_args(inputs, sinks=True))
-
-    def attention_backward(
-        self, inputs: AttentionInputs, dout: torch.Tensor, need_mask_grad: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        return recomputing_backward(torch.ops.fused_attention.torch_attention_backward.default, inputs, dout, need_mask_grad)
-
-    def attention_backward_from_stats(
-        self, inputs: AttentionInputs, dout: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return backward_from_stats_call(
-            torch.ops.fused_attention.torch_attention_backward_from_stats.default, inputs, dout, lse, delta
-        )
-
-    def attention_precise_lse(self, inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return precise_lse_call(torch.ops.fused_attention.torch_attention_precise_lse.default, inputs)
 
 
 TORCH = TorchBackend()
