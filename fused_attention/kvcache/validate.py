@@ -285,10 +285,11 @@ def check_written_once(call: KVCacheCall, index: tuple[torch.Tensor, torch.Tenso
     append op checks the same in C++.)"""
     if call.block_table is None or not content_checks_enabled(call.seqlens):
         return
-    slots = (index[0] * call.k_cache.shape[1] + index[1]).flatten().sort().values
+    page_size = call.k_cache.shape[1]
+    slots = (index[0] * page_size + index[1]).flatten().sort().values
+    twice = slots[1:] == slots[:-1]
     _fail_if(
-        bool((slots[1:] == slots[:-1]).any()),
-        lambda: "block_table: the pages k and v are appended to must belong to one batch entry each (a cache slot "
-        f"would be written twice), got block_table {call.block_table.tolist()} with cache_seqlens "
-        f"{call.seqlens.tolist()}",
+        bool(twice.any()),
+        lambda: "block_table: the pages k and v are appended to must belong to one batch entry each, got pages "
+        f"{(slots[1:][twice] // page_size).unique().tolist()} written by more than one",
     )
