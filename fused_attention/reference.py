@@ -80,7 +80,7 @@ def reference_attention(
     """
     dtype = query.dtype
     seq_q, seq_k = query.shape[-2], key.shape[-2]
-    if enable_gqa and query.dim() >= 4:
+    if enable_gqa and query.dim() >= 3:  # torch groups dim -3, the heads (3-D: the leading dim)
         key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
         value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
     if scale is None:  # (head dim 0: every score is 0 whatever the scale; 1, as the package's default)

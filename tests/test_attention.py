@@ -647,5 +647,5 @@ def test_three_dim_gqa_groups_the_leading_dim_as_torch_does(backend):
     out = fused_attention.scaled_dot_product_attention(q, k, v, enable_gqa=True, backend=backend)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     assert out.shape == expected.shape
-    check_attention(backend, q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), enable_gqa=True)
+    check_attention(backend, q, k, v, enable_gqa=True)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
