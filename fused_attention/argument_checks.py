@@ -108,8 +108,18 @@ def check_window(window_size: object) -> tuple[int, int]:
     return min(left, _WIDEST_WINDOW), min(right, _WIDEST_WINDOW)
 
 
-def check_softcap(softcap: object) -> float:
-    """Returns 0.0 for 'no softcap' (the value custom-op schemas carry)."""
+# From these softcaps on, softcap * tanh(x / softcap) is x to the computing type's precision for every
+# score but the astronomically large (|x| < 2**52 in float32, 2**485 in double), while the kernels' x / softcap
+# (a multiply by 1 / softcap) goes subnormal, flushed to 0, or overflows: float32 calls with softcap 1e37 gave
+# every score 0 on the cpu backend, 1e39 NaN on all. Such a softcap caps nothing: the call runs without one.
+# 16-bit and float32 inputs compute in float32, float64 ones in double.
+_SOFTCAP_NO_EFFECT = 2.0**64
+_SOFTCAP_NO_EFFECT_FLOAT64 = 2.0**512
+
+
+def check_softcap(softcap: object, dtype: torch.dtype | None = None) -> float:
+    """Returns 0.0 for 'no softcap' (the value custom-op schemas carry), also for a softcap too large to
+    cap any score of ``dtype``'s computation (see ``_SOFTCAP_NO_EFFECT``)."""
     if softcap is None:
         return 0.0
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
@@ -117,6 +127,8 @@ def check_softcap(softcap: object) -> float:
     # comparisons, not math.isinf: on a traced SymFloat they become guards, math.isinf cannot be traced
     if not (softcap > 0 and softcap != math.inf):  # (> 0 also rules out NaN)
         raise AttentionArgumentError(f"softcap must be a finite float > 0, got {softcap}")
+    if softcap >= (_SOFTCAP_NO_EFFECT_FLOAT64 if dtype == torch.float64 else _SOFTCAP_NO_EFFECT):
+        return 0.0
     return float(softcap)
 
 

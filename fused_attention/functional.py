@@ -108,7 +108,8 @@ def scaled_dot_product_attention(
         alibi_slopes: float32 ``(Hq,)`` or ``(B, Hq)`` (B = the flattened batch): adds
             ``-slope * |pos - j|`` to the score.
         softcap: ``score = softcap * tanh(score / softcap)``, applied to the scaled score before bias
-            and masks. Must be > 0.
+            and masks. Must be > 0; from ``2**64`` on (``2**512`` for float64 inputs) it caps no score the
+            computation can tell apart and the call runs without it.
         key_lengths: int32/int64 ``(B,)``: keys ``j >= key_lengths[b]`` are masked (padding without a
             dense mask). Values must lie in ``[0, S]``.
         return_lse: also return the log-sum-exp.
@@ -198,7 +199,8 @@ def varlen_attention(
             ``L`` queries and ``S`` keys sees keys ``j <= i + S - L``.
         window_size: ``(left, right)``, bottom-right aligned per sequence; -1 = unbounded.
         alibi_slopes: float32 ``(Hq,)`` or ``(B, Hq)``.
-        softcap: ``score = softcap * tanh(score / softcap)``; must be > 0.
+        softcap: ``score = softcap * tanh(score / softcap)``; must be > 0 (as in
+            :func:`scaled_dot_product_attention`, a softcap too large to cap anything is none).
         return_lse: also return the log-sum-exp (including the sink's term with ``sinks``).
         sinks: float32 ``(Hq,)`` learned sink logits, as in :func:`scaled_dot_product_attention`.
         backend: force a backend (see :func:`scaled_dot_product_attention`).

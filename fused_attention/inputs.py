@@ -399,7 +399,7 @@ def canonicalize(
         window_left=window_left,
         window_right=window_right,
         alibi_slopes=alibi,
-        softcap=check_softcap(softcap),
+        softcap=check_softcap(softcap, qc.dtype),
         key_lengths=lengths,
         dropout_p=dropout,
         scale=check_scale(scale, head_dim),

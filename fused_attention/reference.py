@@ -86,7 +86,8 @@ def reference_attention(
     if scale is None:  # (head dim 0: every score is 0 whatever the scale; 1, as the package's default)
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
     scores = (query @ key.transpose(-2, -1)) * scale
-    if softcap is not None:
+    # A softcap past the dtype's range is infinite there: its limit, no cap (computed, 0 * inf = NaN)
+    if softcap is not None and softcap < torch.finfo(scores.dtype).max:
         scores = softcap * torch.tanh(scores / softcap)
 
     i = torch.arange(seq_q, device=query.device).unsqueeze(1)

@@ -91,7 +91,7 @@ def canonicalize_varlen(
         window_left=window_left,
         window_right=window_right,
         alibi_slopes=alibi,
-        softcap=check_softcap(softcap),
+        softcap=check_softcap(softcap, q.dtype),
         dropout_p=dropout,
         scale=check_scale(scale, q.shape[-1]),
         return_lse=return_lse,

@@ -399,6 +399,37 @@ def test_window_sizes_past_int64_positions(backend, window):
     assert_policy(out, ref_dt, ref64, 2, "output")
 
 
+@pytest.mark.parametrize("softcap", [1e19, 1e37, 1e300], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_softcaps_too_large_to_cap_anything(backend, dtype, softcap):
+    """softcap * tanh(x / softcap) is x for such softcaps, but the kernels' multiply by 1 / softcap went
+    subnormal (flushed: every score 0, the cpu backend from 1e37 in float32) or overflowed (NaN from 1e39 on
+    every backend). Checked against the float64 reference, which computes the cap."""
+    require(backend, dtype)
+    torch.manual_seed(14)
+    q, k, v, _ = _inputs({"causal"}, dtype)
+    check_attention(backend, q, k, v, is_causal=True, softcap=softcap)
+
+
+def test_softcaps_too_large_to_cap_anything_on_every_entry_point():
+    """varlen_attention and attention_with_kvcache take the same rule as scaled_dot_product_attention: the
+    result is the call without a softcap, to the bit."""
+    torch.manual_seed(15)
+    q, k, v = (rand(7, 2, 16) for _ in range(3))
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    plain = fused_attention.varlen_attention(q, k, v, cu, cu, 4, 4, is_causal=True)
+    capped = fused_attention.varlen_attention(q, k, v, cu, cu, 4, 4, is_causal=True, softcap=1e300)
+    assert torch.equal(plain, capped)
+    qc, kc, vc = rand(1, 1, 2, 16), rand(1, 9, 2, 16), rand(1, 9, 2, 16)
+    plain = fused_attention.attention_with_kvcache(qc, kc, vc, cache_seqlens=9)
+    capped = fused_attention.attention_with_kvcache(qc, kc, vc, cache_seqlens=9, softcap=1e300)
+    assert torch.equal(plain, capped)
+    # float64 computes the cap in double: there 1e37 still caps (and is still finite)
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    out = fused_attention.varlen_attention(q64, k64, v64, cu, cu, 4, 4, softcap=1e37)
+    assert torch.isfinite(out).all()
+
+
 NONPOSITIVE_SCALE_FEATURES = [(), ("alibi",), ("alibi", "causal"), ("softcap",), ("alibi", "softcap", "window")]
 
 

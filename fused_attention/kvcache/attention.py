@@ -174,7 +174,8 @@ def attention_with_kvcache(
         window_size: ``(left, right)``: a query at position ``p`` sees keys ``p - left .. p + right``;
             -1 leaves a side unbounded. ``None`` or ``(-1, -1)``: no window.
         alibi_slopes: float32 ``(Hq,)`` or ``(B, Hq)``: adds ``-slope * |p - j|`` to the score of key ``j``.
-        softcap: ``score = softcap * tanh(score / softcap)``; ``None`` or 0 disables it.
+        softcap: ``score = softcap * tanh(score / softcap)``; ``None`` or 0 disables it (as does one too
+            large to cap anything: see :func:`scaled_dot_product_attention`).
         scale: score scale, default ``1 / sqrt(D)``.
         return_lse: also return the natural-log log-sum-exp ``(B, Hq, Lq)`` in both layouts, float32
             (float64 for float64 inputs).
