@@ -25,6 +25,7 @@ from .argument_checks import (
 from .backends.positional import POSITION_BACKENDS, PositionBackend, select_position_backend
 from .errors import AttentionArgumentError, AttentionTypeError
 from .kernels.position_torch import sinusoidal_table
+from .ops.eager import has_tangent
 from .overlap import share_elements
 from .rope_scaling import RopeScaling, rotary_cos_sin
 
@@ -322,8 +323,15 @@ def _rotate(
         chosen = POSITION_BACKENDS["torch"]
     if inplace:
         _check_writable(tensors)
+        # Under functorch's transforms and forward-mode AD, the out-of-place op's rules and a copy:
+        # _RotaryInPlace's forward takes the ctx, which the transforms refuse, the in-place op has no
+        # batching rule for vmap, and neither has a forward derivative (dual tensors' tangents went through
+        # unrotated, on every backend).
+        transformed = torch._C._are_functorch_transforms_active() or has_tangent([t for _, t in tensors])
         for (_, t), c in zip(tensors, canon):
-            if torch.is_grad_enabled() and t.requires_grad and not tables_need_grad:
+            if transformed:
+                t.copy_(_from_canonical(chosen.rotary(c, cos_t, sin_t, positions, interleaved, False), layout, packed))
+            elif torch.is_grad_enabled() and t.requires_grad and not tables_need_grad:
                 _RotaryInPlace.apply(t, layout, packed, cos_t, sin_t, positions, interleaved, chosen)
             else:  # (with tables that need gradients: the torch backend's, recorded by autograd)
                 chosen.rotary_(c, cos_t, sin_t, positions, interleaved, False)

@@ -26,6 +26,9 @@ def _calls(backend: str, batch: int = 2, seq: int = 5, heads: int = 3):
     cos, sin = fused_attention.rotary_cos_sin(16, 6)
     yield "rotary", lambda x: fused_attention.apply_rotary_emb(x, cos, sin, seqlen_offsets=2, backend=backend), (
         rand(batch, heads, seq, 8),)
+    # in place, into a copy (a leaf that requires grad cannot be written): its own autograd.Function
+    yield "rotary_inplace", lambda x: fused_attention.apply_rotary_emb(
+        x * 1.0, cos, sin, seqlen_offsets=2, inplace=True, backend=backend), (rand(batch, heads, seq, 8),)
     yield "rotary_qk", lambda q, k: fused_attention.apply_rotary_emb_qk(
         q, k, cos, sin, interleaved=True, layout="bshd", backend=backend), (rand(batch, seq, heads, 8),
                                                                              rand(batch, seq, 1, 8))
@@ -95,3 +98,22 @@ def test_second_derivatives_and_forward_mode_raise_on_the_kernels(pbackend):
             torch.func.grad(lambda x, first=first: torch.func.grad(_loss(first))(x).sum())(inputs[0])
         with pytest.raises(NotImplementedError, match="forward-mode AD"):
             torch.func.jvp(first, (inputs[0],), (torch.randn_like(inputs[0]),))
+
+
+def test_dual_tensors_through_the_in_place_rotation(pbackend):
+    """torch.autograd.forward_ad without functorch: the in-place rotation's tangent went through unrotated
+    on every backend (the in-place ops have no forward derivative). The torch backend's now follows its
+    out-of-place math; the kernels' raise, as their out-of-place ops do."""
+    import torch.autograd.forward_ad as fwAD
+
+    cos, sin = fused_attention.rotary_cos_sin(16, 6)
+    x, tangent = rand(2, 3, 5, 8), rand(2, 3, 5, 8)
+    expected = fused_attention.apply_rotary_emb(tangent, cos, sin, backend="torch")
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x.clone(), tangent)
+        if pbackend != "torch":
+            with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                fused_attention.apply_rotary_emb(dual, cos, sin, inplace=True, backend=pbackend)
+            return
+        out = fused_attention.apply_rotary_emb(dual, cos, sin, inplace=True, backend=pbackend)
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, expected, rtol=1e-6, atol=1e-6)

@@ -51,6 +51,13 @@ _NO_FORWARD_AD = (
 )
 
 
+def has_tangent(args: Any) -> bool:
+    """Whether a tensor among ``args`` is a forward-mode dual tensor (torch.autograd.forward_ad)."""
+    return _forward_ad._current_level >= 0 and any(
+        isinstance(a, torch.Tensor) and _forward_ad.unpack_dual(a).tangent is not None for a in args
+    )
+
+
 def _functorch_transforms() -> list[Any]:
     """The kinds (``TransformType``) of the functorch transforms on this thread's interpreter stack."""
     functorch = torch._C._functorch
@@ -129,9 +136,7 @@ class EagerOp:
             if transforms.count(_GRAD) > 1:
                 raise NotImplementedError(_NO_DOUBLE_GRAD)
             return self.transform_function.apply(*args)
-        if _forward_ad._current_level >= 0 and any(
-            isinstance(a, torch.Tensor) and _forward_ad.unpack_dual(a).tangent is not None for a in args
-        ):
+        if has_tangent(args):
             raise NotImplementedError(_NO_FORWARD_AD)
         if torch.is_grad_enabled() and _any_requires_grad(*args):
             return self.function.apply(*args)
