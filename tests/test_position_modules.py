@@ -228,6 +228,40 @@ def test_tables_built_on_the_meta_device_are_rebuilt_by_to_empty(positional):
     assert torch.equal(alibi(), fused_attention.alibi_slopes(12))
 
 
+@pytest.mark.parametrize("positional", ["rope", "alibi"])
+def test_tables_built_on_the_meta_device_after_an_assigning_load(positional):
+    """Built on the meta device, then ``load_state_dict(assign=True)`` (transformers' and accelerate's
+    low-memory loading): the parameters become the loaded tensors, the non-persistent tables stay on the
+    meta device (no state_dict holds them), and the first call raised (cos and sin on meta). They are built
+    where the call's inputs are."""
+    from fused_attention.nn import MultiheadAttention, SelfAttention
+
+    torch.manual_seed(3)
+    pairs = [(lambda: MultiheadAttention(16, 4, batch_first=True, positional=positional),
+              lambda m, x: m(x, x, x, need_weights=False)[0]),
+             (lambda: SelfAttention(16, 4, rotary=positional == "rope", alibi=positional == "alibi"),
+              lambda m, x: m(x))]
+    for make, call in pairs:
+        reference = make().eval()
+        with torch.device("meta"):
+            module = make()
+        module.load_state_dict(reference.state_dict(), assign=True)
+        module.eval()
+        x = rand(2, 6, 16)
+        torch.testing.assert_close(call(module, x), call(reference, x), rtol=0, atol=0)
+    # the varlen path of MultiheadAttention (nested inputs) too
+    reference = MultiheadAttention(16, 4, batch_first=True, positional=positional).eval()
+    with torch.device("meta"):
+        module = MultiheadAttention(16, 4, batch_first=True, positional=positional)
+    module.load_state_dict(reference.state_dict(), assign=True)
+    module.eval()
+    nested = torch.nested.nested_tensor([rand(3, 16), rand(5, 16)], layout=torch.jagged)
+    with torch.no_grad():
+        got, want = module(nested, nested, nested, need_weights=False)[0], reference(nested, nested, nested, need_weights=False)[0]
+    for a, b in zip(got.unbind(), want.unbind()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # --- RoPE scalings against transformers ---------------------------------------------------------------
 
 SCALINGS = [

@@ -197,8 +197,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         if _keep_torch_fast_paths_off not in self._forward_pre_hooks.values():
             self.register_forward_pre_hook(_keep_torch_fast_paths_off)
 
-    def _slopes(self) -> Tensor | None:
-        return None if self.alibi is None else self.alibi()
+    def _slopes(self, device: torch.device) -> Tensor | None:
+        return None if self.alibi is None else self.alibi(device)
 
     def _in_projection(
         self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool, shared_kv: bool
@@ -334,7 +334,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         mask = _combine(mask, padding, q.dtype)
 
         dropout_p = self.dropout if self.training else 0.0
-        slopes = self._slopes()
+        slopes = self._slopes(q.device)
         sinks = _sink_logits(self.sinks)
         weights = None
         # Weights that nothing differentiates (inference) or that dropout must perturb are the
@@ -432,11 +432,11 @@ class MultiheadAttention(nn.MultiheadAttention):
             -1, (3, self.num_heads, self.head_dim)
         ).unbind(1)
         if self.rotary is not None:
-            cos, sin = self.rotary._tables(max_len)
+            cos, sin = self.rotary._tables(max_len, q.device)
             q, k = apply_rotary_emb_qk(q, k, cos, sin, cu_seqlens=offsets, max_seqlen=max_len)
         out = varlen_attention(
             q, k, v, offsets, offsets, max_len, max_len, dropout_p=self.dropout if self.training else 0.0,
-            alibi_slopes=self._slopes(), sinks=_sink_logits(self.sinks), backend=self.backend,
+            alibi_slopes=self._slopes(q.device), sinks=_sink_logits(self.sinks), backend=self.backend,
         )
         out = F.linear(out.flatten(-2), self.out_proj.weight, self.out_proj.bias)
         if query.layout == torch.jagged:

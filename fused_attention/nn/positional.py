@@ -182,12 +182,16 @@ class RotaryEmbedding(nn.Module):
         cos, sin = rotary_cos_sin(length, self.dim, base=self.base, scaling=self.scaling, device=device)
         self.cos_cached, self.sin_cached = cos, sin
 
-    def _tables(self, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tables(self, needed: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.compiler.is_compiling():
             return self.cos_cached, self.sin_cached
         # The pair is read under the lock too: read between a rebuild's two assignments, it was a new cos
         # with an old sin (a shape error in another thread, or dynamic NTK's tables of two lengths).
         with self._lock:
+            if self.cos_cached.is_meta and device is not None and device.type != "meta":
+                # Built on the meta device and loaded with load_state_dict(assign=True): no state_dict
+                # holds the tables, and nothing moved them off the meta device. Built where the inputs are.
+                self._rebuild(self.cos_cached.shape[0], device)
             cos, sin = self.cos_cached, self.sin_cached
             if self._dynamic_context is not None:
                 length = max(needed, self._dynamic_context)
@@ -220,7 +224,7 @@ class RotaryEmbedding(nn.Module):
             needed = (int(seqlen_offset.max()) if seqlen_offset.numel() else 0) + seq_len
         else:
             needed = seqlen_offset + seq_len
-        cos, sin = self._tables(needed)
+        cos, sin = self._tables(needed, q.device)
         return apply_rotary_emb_qk(
             q, k, cos, sin, interleaved=self.interleaved, seqlen_offsets=seqlen_offset, position_ids=position_ids,
             layout=layout,
@@ -229,7 +233,9 @@ class RotaryEmbedding(nn.Module):
 
 class ALiBi(nn.Module):
     """Holds the ALiBi slopes of ``num_heads`` heads (float32, non-persistent, moved with the module);
-    ``forward()`` returns them, ready for ``scaled_dot_product_attention(alibi_slopes=...)``."""
+    ``forward()`` returns them, ready for ``scaled_dot_product_attention(alibi_slopes=...)``.
+    ``forward(device)``: slopes still on the meta device (the module built there, then loaded with
+    ``load_state_dict(assign=True)``, which cannot restore them) are computed on ``device`` first."""
 
     slopes: torch.Tensor
 
@@ -246,5 +252,7 @@ class ALiBi(nn.Module):
             self.slopes = alibi_slopes(self.num_heads, device=self.slopes.device)
         return module
 
-    def forward(self) -> torch.Tensor:
+    def forward(self, device: torch.device | str | None = None) -> torch.Tensor:
+        if self.slopes.is_meta and device is not None and torch.device(device).type != "meta":
+            self.slopes = alibi_slopes(self.num_heads, device=device)
         return self.slopes

@@ -116,7 +116,7 @@ class SelfAttention(nn.Module):
         kwargs, mask = _causal_kwargs(mask, seq, seq, x.device) if is_causal else ({}, mask)
         out = scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-            key_lengths=key_lengths, alibi_slopes=None if self.alibi is None else self.alibi(),
+            key_lengths=key_lengths, alibi_slopes=None if self.alibi is None else self.alibi(q.device),
             sinks=_sink_logits(self.sinks), backend=self.backend, **kwargs,
         )
         return self.out(out.transpose(1, 2).reshape(batch, seq, self.d_model))
