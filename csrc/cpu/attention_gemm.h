@@ -58,8 +58,19 @@ __attribute__((noinline)) void gemm_tile(int64_t depth, const T* a, int64_t a_ro
   // the end, so that a C accumulated over many calls (dK, dV over a long query range) is a sum of
   // partial sums, not one chain of every term: its rounding error grows with the number of calls plus
   // the depth of one, not with their product (dV over 1025 query rows was 3.7x a float32 matmul's error).
-  V acc[rows][vectors] = {};
-  for (int64_t k = 0; k < depth; ++k) {
+  //
+  // Narrow tiles, whose accumulators leave registers free, sum the depth in kChains interleaved chains
+  // (step k into chain k % kChains), added at the end: each chain's running sum is smaller and takes
+  // fewer roundings. A score against fewer than 16 keys (one vector) summed head dim 128 in one chain per
+  // key, and its float32 error reached 5x that of torch's product at that shape, past the tolerance
+  // policy's bound (a float32 lse at 1 key, 122 rows); the wide tiles of long sequences keep one chain.
+  // (With 16 registers, AVX2 and the baseline, the chains spilled: one chain there.)
+  constexpr bool room = simd::kVectorRegisters >= 32;
+  constexpr int kChains = room && rows * vectors * 4 + vectors + 2 <= simd::kVectorRegisters   ? 4
+                          : room && rows * vectors * 2 + vectors + 2 <= simd::kVectorRegisters ? 2
+                                                                                                : 1;
+  V acc[kChains][rows][vectors] = {};
+  const auto step = [&](int chain, int64_t k) __attribute__((always_inline)) {
     if constexpr (kAhead) {
       if (k < ahead.rows) ahead.fetch(k);
     }
@@ -73,15 +84,24 @@ __attribute__((noinline)) void gemm_tile(int64_t depth, const T* a, int64_t a_ro
       const V ar = simd::broadcast(a[r * a_row + k * a_col]);
 #pragma GCC unroll 8
       for (int v = 0; v < vectors; ++v) {
-        acc[r][v] += ar * bk[v];
+        acc[chain][r][v] += ar * bk[v];
       }
     }
+  };
+  int64_t k = 0;
+  for (; k + kChains <= depth; k += kChains) {
+#pragma GCC unroll 4
+    for (int chain = 0; chain < kChains; ++chain) step(chain, k + chain);
   }
+  for (; k < depth; ++k) step(0, k);
 #pragma GCC unroll 8
   for (int r = 0; r < rows; ++r) {
 #pragma GCC unroll 8
     for (int v = 0; v < vectors; ++v) {
-      const V sum = accumulate ? simd::load(c + r * ldc + v * width) + acc[r][v] : acc[r][v];
+      V total = acc[0][r][v];
+      if constexpr (kChains == 4) total = (acc[0][r][v] + acc[1][r][v]) + (acc[2][r][v] + acc[3][r][v]);
+      if constexpr (kChains == 2) total = acc[0][r][v] + acc[1][r][v];
+      const V sum = accumulate ? simd::load(c + r * ldc + v * width) + total : total;
       simd::store(c + r * ldc + v * width, sum);
     }
   }
