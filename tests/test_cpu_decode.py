@@ -170,3 +170,19 @@ def test_decode_ragged_batch_on_several_threads(threads):
         check_varlen("cpu", q, k, v, cu_q, cu_k, grad=False, is_causal=True)
     finally:
         torch.set_num_threads(saved)
+
+
+def test_bfloat16_step_keeps_float32_probabilities():
+    """A bfloat16 step (found by a random sweep): the AVX512-BF16 P V had rounded P to bfloat16, and the
+    output came out 1.17x the bound of the float32 arithmetic the cpu backend promises for 16-bit inputs.
+    P now goes in as two bfloat16 parts (16 significant bits). Machines without AVX512-BF16 take the float
+    path here, which always passed."""
+    gen = torch.Generator().manual_seed(162)
+    q = rand(1, 8, 1, 32, dtype=torch.bfloat16, gen=gen)
+    k, v = (rand(1, 4, 320, 32, dtype=torch.bfloat16, gen=gen) for _ in range(2))
+    mask = rand(1, 320, dtype=torch.bfloat16, gen=gen)
+    slopes = torch.rand(8, generator=gen)
+    lengths = torch.randint(0, 321, (1,), generator=gen)
+    sinks = torch.randn(8, generator=gen)
+    check_attention("cpu", q, k, v, enable_gqa=True, scale=0.05, attn_mask=mask, alibi_slopes=slopes,
+                    key_lengths=lengths, sinks=sinks)

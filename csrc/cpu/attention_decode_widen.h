@@ -117,7 +117,7 @@ void values_bf16(int64_t rows, int64_t n, const float* p, int64_t ldp, const Row
       const float* pr = p + r0 * ldp;
       float* c = acc + r0 * ldv;
 #if defined(FUSED_ATTENTION_BF16_DOT)
-      alignas(64) uint16_t pb[4 * 32];
+      alignas(64) uint16_t pb[2 * 4 * 32];  // the rows' bfloat16 parts, then their remainders
       probabilities_bf16(pr, ldp, take, k0, k1, pb);
 #endif
       // A tile of R rows x B blocks of 32 features from f0.
