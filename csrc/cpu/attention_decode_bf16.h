@@ -19,21 +19,9 @@ struct Bf16Dot {
   }
 };
 
-// P V for bfloat16 value rows on AVX512-BF16, two keys per vdpbf16ps: the value rows of keys j and j + 1
-// interleaved feature by feature (vpunpcklwd / vpunpckhwd, within 128-bit lanes) meet the pair of their
-// probabilities, broadcast, so each float lane adds p_j v_j[f] + p_{j+1} v_{j+1}[f]: half the multiply
-// instructions and half the shuffles of widening V to float (values_tile), where vdpbf16ps issues as fast
-// as an FMA (Zen 5: both ~0.85 TSC ticks per zmm instruction, 12 chains). Each probability goes in as two
-// bfloat16 parts, its top 16 bits and the rest (16 significant bits, as the AMX products take P): the cpu
-// backend computes 16-bit inputs with float32 intermediates, and P rounded once to bfloat16 (as
-// FlashAttention's bfloat16 P V does) broke that promise's bound (a step with a float mask, ALiBi and sinks:
-// 1.17x the policy's float32-intermediates bound, found by a random sweep). A tile whose sums come out NaN
-// (an infinite value met a remainder of 0) is summed again in float (values_pairs_in_float). pb: row r's
-// probabilities of keys [k0, k1) at pb + r * ldpb, their remainders at pb + (r + Rows) * ldpb, one 0 past
-// an odd count. prefetch, into_l1: as values_tile.
 // values_tile_pairs' sums in float, each probability as the sum of its two parts (hi + lo): for a tile
 // whose products came out NaN. A value of +-inf meets the remainder too, and a remainder of 0 (a probability
-// that bfloat16 holds exactly) times inf is NaN where p inf is inf: this sum gives what float P V gives.
+// that bfloat16 holds exactly) times inf is NaN where p times inf is inf: this sum gives what float P V gives.
 template <typename RowOf>
 __attribute__((noinline, cold)) void values_pairs_in_float(int rows, int blocks, int64_t k0, int64_t k1,
                                                            const uint16_t* pb, int64_t ldpb, const RowOf& row_of,
@@ -51,6 +39,18 @@ __attribute__((noinline, cold)) void values_pairs_in_float(int rows, int blocks,
   }
 }
 
+// P V for bfloat16 value rows on AVX512-BF16, two keys per vdpbf16ps: the value rows of keys j and j + 1
+// interleaved feature by feature (vpunpcklwd / vpunpckhwd, within 128-bit lanes) meet the pair of their
+// probabilities, broadcast, so each float lane adds p_j v_j[f] + p_{j+1} v_{j+1}[f]: half the multiply
+// instructions and half the shuffles of widening V to float (values_tile), where vdpbf16ps issues as fast
+// as an FMA (Zen 5: both ~0.85 TSC ticks per zmm instruction, 12 chains). Each probability goes in as two
+// bfloat16 parts, its top 16 bits and the rest (16 significant bits, as the AMX products take P): the cpu
+// backend computes 16-bit inputs with float32 intermediates, and P rounded once to bfloat16 (as
+// FlashAttention's bfloat16 P V does) broke that promise's bound (a step with a float mask, ALiBi and sinks:
+// 1.17x the policy's float32-intermediates bound, found by a random sweep). A tile whose sums come out NaN
+// (an infinite value met a remainder of 0) is summed again in float (values_pairs_in_float). pb: row r's
+// probabilities of keys [k0, k1) at pb + r * ldpb, their remainders at pb + (r + Rows) * ldpb, one 0 past
+// an odd count. prefetch, into_l1: as values_tile.
 template <int Rows, int Blocks, typename RowOf>
 __attribute__((noinline)) void values_tile_pairs(int64_t k0, int64_t k1, const uint16_t* pb, int64_t ldpb,
                                                  const RowOf& row_of, int64_t n, int64_t f0, float* acc,
