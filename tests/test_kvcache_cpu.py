@@ -170,14 +170,20 @@ def test_strided_cache_batch_idx():
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dominant", [False, True], ids=["spread", "dominant"])
 @pytest.mark.parametrize("keys", [33, 34])
-def test_bfloat16_decode_infinite_value_stays_infinite(keys):
+def test_bfloat16_decode_infinite_value_stays_infinite(keys, dominant):
     """An infinite value in the last key gives an infinite output, not NaN, with odd and even key counts
-    (the AVX512-BF16 product pairs an odd last key with zeros)."""
+    (the AVX512-BF16 product pairs an odd last key with zeros). Dominant: that key holds the rows' weight,
+    its probability is 1 and bfloat16 holds it exactly, so P's remainder part is 0 and 0 times inf NaN in
+    the pairs' product: the tile is summed again in float."""
     gen = torch.Generator().manual_seed(keys)
     q = torch.randn(1, 4, 1, 64, generator=gen).bfloat16()
     k = torch.randn(1, 1, keys, 64, generator=gen).bfloat16()
     v = torch.randn(1, 1, keys, 64, generator=gen).bfloat16()
+    if dominant:
+        q[:] = q[:, :1]  # one direction for the four query heads, and the last key far along it
+        k[0, 0, keys - 1] = 10 * q[0, 0, 0]
     v[0, 0, keys - 1, 0] = float("inf")
     with torch.no_grad():
         out = fa.scaled_dot_product_attention(q, k, v, enable_gqa=True, backend="cpu")
