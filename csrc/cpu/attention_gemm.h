@@ -133,6 +133,10 @@ static_assert(kRows == 6, "gemm_columns' tail switch covers kRows - 1 rows");
 // in L1 while every row block of A streams past it.
 constexpr int64_t kDepthChunk = 128;
 
+// Depth steps per part of a narrow product (gemm_blocks' tail columns) where gemm_tile's depth chains find
+// no free registers (16 registers: AVX2, the baseline); with 32 the chains do it inside the tile.
+constexpr int64_t kNarrowDepth = simd::kVectorRegisters >= 32 ? kDepthChunk : 32;
+
 // Columns of one panel: the register tile's width.
 template <typename T>
 constexpr int64_t kPanel = kVectors * simd::Traits<T>::width;
@@ -177,14 +181,23 @@ inline void gemm_blocks(int64_t m, int64_t n, int64_t depth, const T* a, int64_t
     if (tail == 0) continue;
     const auto [b, ldb] = panel_of(k0, kc, v, tail);
     T* c_tail = c + v * width;
-    // Only tails narrower than kVectors occur: wider tiles are not instantiated (with 16 registers a
-    // 6 x 3 tile would not fit them).
-    if (tail == 1) gemm_columns<T, 1>(m, kc, a_k, a_row, a_col, b, ldb, c_tail, ldc, add);
-    if constexpr (kVectors > 2) {
-      if (tail == 2) gemm_columns<T, 2>(m, kc, a_k, a_row, a_col, b, ldb, c_tail, ldc, add);
-    }
-    if constexpr (kVectors > 3) {
-      if (tail == 3) gemm_columns<T, 3>(m, kc, a_k, a_row, a_col, b, ldb, c_tail, ldc, add);
+    // The narrow columns sum the depth kNarrowDepth steps at a time, each part added to C: with one chain
+    // per element in a tile (16 registers), a score against a few keys summed head dim 128 in one chain,
+    // past the tolerance policy's bound in float32 (122 rows against 1 key).
+    for (int64_t k1 = 0; k1 < kc; k1 += kNarrowDepth) {
+      const int64_t kn = std::min(kNarrowDepth, kc - k1);
+      const T* a_n = a_k + k1 * a_col;
+      const T* b_n = b + k1 * ldb;
+      const bool add_n = add || k1 > 0;
+      // Only tails narrower than kVectors occur: wider tiles are not instantiated (with 16 registers a
+      // 6 x 3 tile would not fit them).
+      if (tail == 1) gemm_columns<T, 1>(m, kn, a_n, a_row, a_col, b_n, ldb, c_tail, ldc, add_n);
+      if constexpr (kVectors > 2) {
+        if (tail == 2) gemm_columns<T, 2>(m, kn, a_n, a_row, a_col, b_n, ldb, c_tail, ldc, add_n);
+      }
+      if constexpr (kVectors > 3) {
+        if (tail == 3) gemm_columns<T, 3>(m, kn, a_n, a_row, a_col, b_n, ldb, c_tail, ldc, add_n);
+      }
     }
   }
 }
