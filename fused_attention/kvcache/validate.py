@@ -193,10 +193,8 @@ def canonicalize_kvcache_call(
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise AttentionArgumentError(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
     check_bool("return_lse", return_lse)
-    if softcap is not None and (isinstance(softcap, bool) or softcap != 0):  # 0: none, as FlashAttention's
-        softcap = check_softcap(softcap, q4.dtype) or None
-    else:
-        softcap = None
+    zero = softcap is None or (not isinstance(softcap, bool) and softcap == 0)  # 0: none, as FlashAttention's
+    softcap = None if zero else check_softcap(softcap, q4.dtype) or None  # (or one too large to cap anything)
     call = KVCacheCall(
         q=q4, k_cache=kc, v_cache=vc, k=k4, v=v4, seqlens=seqlens, leftpad=leftpad, batch_idx=batch_idx,
         block_table=None if block_table is None else block_table.to(torch.int64), rotary=rotary,
