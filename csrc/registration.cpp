@@ -120,6 +120,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "fused_attention compiled kernels; ops live under torch.ops.fused_attention";
   module.def("cpu_attention_isa", &fused_attention::cpu::attention_isa,
              "Instruction set the CPU attention kernels run with (baseline, avx2, avx512, avx512bf16 or amx)");
+  module.def("cpu_attention_isa_reason", &fused_attention::cpu::attention_isa_reason,
+             "Why the CPU attention kernels run that instruction set");
   // The attention ops' CPU forwards past the dispatcher (fused_attention/ops/eager.py); None when the
   // dispatcher has work to do, and then the caller calls the op.
   module.def(

@@ -25,6 +25,7 @@ class ExtensionStatus:
     has_cuda: bool
     cpu_isa: str = ""  # instruction set the CPU attention kernels run with (baseline, avx2, avx512, avx512bf16, amx)
     cpu_isa_error: str | None = None  # why they cannot run (a FUSED_ATTENTION_CPU_ISA this CPU or build lacks)
+    cpu_isa_reason: str = ""  # why that one (the best supported, asked for, or preferred on this CPU)
 
 
 @functools.cache
@@ -47,10 +48,10 @@ def load_extension() -> ExtensionStatus:
     has_cuda = bool(getattr(_C, "with_cuda", False))
     kernels = "C++ and CUDA kernels" if has_cuda else "C++ kernels only (built without CUDA)"
     try:
-        isa, isa_error = _C.cpu_attention_isa(), None
+        isa, isa_error, isa_reason = _C.cpu_attention_isa(), None, _C.cpu_attention_isa_reason()
     except RuntimeError as exc:  # a bad FUSED_ATTENTION_CPU_ISA: the cpu backend says so, the import goes on
-        isa, isa_error = "", str(exc).splitlines()[0]
-    return ExtensionStatus(True, f"loaded from {_C.__file__}: {kernels}", has_cuda, isa, isa_error)
+        isa, isa_error, isa_reason = "", str(exc).splitlines()[0], ""
+    return ExtensionStatus(True, f"loaded from {_C.__file__}: {kernels}", has_cuda, isa, isa_error, isa_reason)
 
 
 # Where setup.py records why it built no extension (a build failure never fails the install).

@@ -32,7 +32,8 @@ def info() -> str:
         ),
         f"triton {_triton_version()}",
         f"extension fused_attention._C: {'loaded' if ext.loaded else 'not loaded: ' + ext.reason}"
-        + (f" (CUDA kernels compiled in: {ext.has_cuda}; CPU attention kernels: {ext.cpu_isa or ext.cpu_isa_error})"
+        + (f" (CUDA kernels compiled in: {ext.has_cuda}; CPU attention kernels: "
+           f"{ext.cpu_isa + ' (' + ext.cpu_isa_reason + ')' if ext.cpu_isa else ext.cpu_isa_error})"
            if ext.loaded else ""),
         "",
         "attention backends:",

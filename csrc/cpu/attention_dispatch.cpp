@@ -52,11 +52,27 @@ Isa best_supported() {
   return Isa::baseline;
 }
 
+// vdpbf16ps issues at a float FMA's rate on AMD's cores (Zen 4, Zen 5: ~0.85 TSC ticks per zmm
+// instruction each) but at a quarter of it on Intel's (Sapphire and Emerald Rapids: 1.40-1.75 ticks against
+// 0.35-0.43, so 32 bfloat16 products per vdpbf16ps come at half the rate of widening them to float for
+// two FMAs; benchmarks/results/2026-12-05/cpu-decode-widen.md, 2026-12-07/cpu-decode-intel-widen.md).
+// The avx512bf16 variant differs from avx512 only by its bfloat16 decode on vdpbf16ps, so Intel CPUs
+// without AMX run avx512 (its decode widens); the variable can still ask for avx512bf16.
+bool bf16_dot_at_fma_rate() {
+#if FUSED_ATTENTION_X86_VARIANTS
+  return !__builtin_cpu_is("intel");
+#else
+  return true;
+#endif
+}
+
+Isa preferred(Isa best) { return best == Isa::avx512bf16 && !bf16_dot_at_fma_rate() ? Isa::avx512 : best; }
+
 Isa selected() {
   static const Isa isa = [] {
     const Isa best = best_supported();
     const char* requested = std::getenv("FUSED_ATTENTION_CPU_ISA");
-    if (requested == nullptr || *requested == '\0') return best;
+    if (requested == nullptr || *requested == '\0') return preferred(best);
     const std::string name(requested);
     const Isa wanted = name == "amx"          ? Isa::amx
                        : name == "avx512bf16" ? Isa::avx512bf16
@@ -82,6 +98,16 @@ const char* attention_isa() {
     case Isa::avx2: return "avx2";
     default: return "baseline";
   }
+}
+
+const char* attention_isa_reason() {
+  const char* requested = std::getenv("FUSED_ATTENTION_CPU_ISA");
+  if (requested != nullptr && *requested != '\0') return "asked for by FUSED_ATTENTION_CPU_ISA";
+  if (selected() != best_supported()) {
+    return "AVX512-BF16 left unused: on Intel cores vdpbf16ps gives half the bfloat16 product rate of widening to "
+           "float FMAs";
+  }
+  return "the best this CPU supports";
 }
 
 template <typename scalar_t>

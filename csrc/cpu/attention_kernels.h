@@ -106,9 +106,11 @@ void decode_bf16(const Problem<c10::BFloat16>& problem, const Scoring<float>& sc
                  const Operand<c10::BFloat16>& out, float* lse, const RowIndex& lse_index);
 }
 
-// The instruction set the kernels run with: the best this CPU supports, or FUSED_ATTENTION_CPU_ISA
-// (baseline, avx2, avx512, avx512bf16, amx) if set and supported, so every variant can be tested on one
-// machine. avx512bf16 and amx run the avx512 kernels but for their bfloat16 ones.
+// The instruction set the kernels run with: the best this CPU supports (but avx512 over avx512bf16 on
+// Intel cores, whose vdpbf16ps is slow), or FUSED_ATTENTION_CPU_ISA (baseline, avx2, avx512, avx512bf16,
+// amx) if set and supported, so every variant can be tested on one machine. avx512bf16 and amx run the
+// avx512 kernels but for their bfloat16 ones.
 const char* attention_isa();
+const char* attention_isa_reason();  // why that one: the best supported, asked for, or preferred
 
 }  // namespace fused_attention::cpu
