@@ -550,8 +550,10 @@ void decode_chunk(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     if (bf16_dot(problem.k, problem.head_dim)) {
 #if FUSED_ATTENTION_ISA_AVX512 && !defined(FUSED_ATTENTION_BF16_DOT)
-      widen_queries(buf.q.data(), rows, buf.ldq, problem.head_dim, buf.qw);
-#else
+      widen_queries(buf.q.data(), rows, buf.ldq, problem.head_dim, buf.qw);  // WidenDot's rows
+#endif
+#if defined(FUSED_ATTENTION_BF16_DOT) || defined(FUSED_ATTENTION_AMX_DECODE)
+      // Bf16Dot's rows, or the AMX tiles' (whose rows re-scored one at a time take WidenDot's above)
       buf.q16.resize(rows * problem.head_dim);
       for (int64_t r = 0; r < rows; ++r) {
         const scalar_t* src = problem.q.row(seq.batch, kv_head * group + r / len, seq.q_start + r % len);

@@ -1,8 +1,7 @@
-// q.k for bfloat16 caches on AVX512-BF16 (attention_isa_avx512bf16.cpp and attention_isa_amx.cpp
-// include attention_decode.h with FUSED_ATTENTION_BF16_DOT, which includes this), for fewer query rows
-// than the AMX tiles take (attention_decode_amx.h): a query row and a key row, both bfloat16 as they lie,
+// q.k for bfloat16 caches on AVX512-BF16 (attention_isa_avx512bf16.cpp includes attention_decode.h with
+// FUSED_ATTENTION_BF16_DOT, which includes this): a query row and a key row, both bfloat16 as they lie,
 // pair up along the features in vdpbf16ps; the products of two bfloat16 are exact in float, only the
-// order of the float additions differs from dot_keys. (P V: attention_decode_widen.h.)
+// order of the float additions differs from dot_keys. P V: values_tile_pairs below (from values_bf16).
 #pragma once
 
 // q.k for bfloat16 query and key rows (dot_keys): 32 features per step, the pairs' products summed in
