@@ -10,6 +10,7 @@ from conftest import (
     FLOAT32_ARITHMETIC,
     assert_policy,
     check_attention,
+    cpu_backends,
     multiple_for,
     rand,
     require,
@@ -134,6 +135,21 @@ def test_many_rows_against_few_keys(backend, seq_k):
     q = rand(2, 2, 122, 128, gen=gen)
     k, v = rand(2, 2, seq_k, 128, gen=gen), rand(2, 2, seq_k, 128, gen=gen)
     check_attention(backend, q, k, v)
+
+
+@pytest.mark.parametrize("mask", ["lower_right", "window"])
+@pytest.mark.parametrize("backend", cpu_backends())  # (at 581 keys the interpreted triton takes minutes)
+def test_alibi_rows_climbing_to_a_causal_diagonal(backend, mask):
+    """ALiBi rows whose scores climb ~20 from one key block to the diagonal's (found by a random sweep,
+    float32): the cpu forward kept the previous block's reference for the masked diagonal block, took exp
+    of arguments ~20 and rounded lse = reference + log(sum) in float, 7x the float32 reference's error."""
+    require(backend, torch.float32)
+    gen = torch.Generator().manual_seed(144897)
+    q = rand(3, 12, 116, 80, requires_grad=True, gen=gen)
+    k, v = rand(3, 3, 581, 80, requires_grad=True, gen=gen), rand(3, 3, 581, 64, requires_grad=True, gen=gen)
+    slopes = torch.rand(12, generator=gen)
+    masks = {"lower_right": {"attn_mask": causal_lower_right(116, 581)}, "window": {"window_size": (-1, 0)}}
+    check_attention(backend, q, k, v, enable_gqa=True, scale=0.05 / 80**0.5, alibi_slopes=slopes, **masks[mask])
 
 
 def test_three_dim_inputs(backend):

@@ -105,8 +105,9 @@ struct FloatProbsOf {
 // without the block's maximum, and keeps the result unless the running sum passes kLazySumLimit (a score
 // far above the reference, an overflow, or a NaN); only then, and on a row's first block, a maximum pass
 // sets a new reference and rescales (state.lazy says whether a row tries; see kLazyMargin; ALiBi rows
-// always try, their reference moved up with the bias). Terms above 1 lose nothing: float's relative
-// precision does not depend on magnitude, and the sum stays 30 binary orders below overflow.
+// always try, their reference moved up with the bias). Terms above 1 keep float's relative precision and
+// the sum stays 30 binary orders below overflow, but exp's argument, score - reference, rounds at its own
+// magnitude: a reference ~20 below the scores costs each term ~1e-6 of itself.
 //
 // probs_of(r, p) gives the writer (as FloatProbs) that row r's probabilities go through: floats at p by
 // default; another writer (the AMX forward's bf16 parts) leaves p unwritten and takes no dropout.
@@ -170,15 +171,20 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
                      : exp_shifted_sum_to(s, probs_of(r, p), n_pad, shift, row.exp_scale);
       };
       // ALiBi's bias at its largest in this block: the reference follows it exactly, so that the scores'
-      // climb toward the diagonal never forces a maximum pass (what is left, q.k, barely moves).
-      const acc_t bias_top = alibi ? max_distance_bias(slope, bias.distance.position, n) : acc_t(0);
+      // climb toward the diagonal never forces a maximum pass (what is left, q.k, barely moves). Also for
+      // rows whose scores already hold the bias (a causal mask's diagonal block, a window, a softcap): a
+      // reference left ~20 below such a climb took exp of arguments ~20 (float32 ALiBi rows under a causal
+      // mask: lse 4-5x the float32 reference's error, found by a random sweep), and any reference is exact
+      // while the sum checks below hold (one past the visible keys' bias underflows the sum: a max pass).
+      const bool biased = slope != acc_t(0);
+      const acc_t bias_top = biased ? max_distance_bias(slope, bias.distance.position, n) : acc_t(0);
       acc_t& reference = state.max[r];
       acc_t& total = state.sum[r];
       bool done = false;
       acc_t block_max = row.lazy ? neg_inf : block_maxima[r - r0];  // a lazy row's: found if its try fails
       if (row.lazy) {
         // ALiBi rows try the reference moved up by the bias's climb since a maximum pass set it.
-        const acc_t shift = alibi && bias_top > state.anchor[r] ? bias_top - state.anchor[r] : acc_t(0);
+        const acc_t shift = biased && bias_top > state.anchor[r] ? bias_top - state.anchor[r] : acc_t(0);
         const acc_t carried = shift > 0 ? total * std::exp(-shift) : total;
         const acc_t block_sum = exp_sum(reference + shift);
         const acc_t sum = carried + block_sum;
@@ -215,9 +221,9 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
         const acc_t rescale = old_max == neg_inf ? acc_t(0) : std::exp(old_max - new_max);
         total = total * rescale + exp_sum(new_max);
         reference = new_max;
-        // Only a maximum pass over a plain ALiBi row knows the bias part of the reference; other rows'
-        // references never move with the bias (an anchor of +inf).
-        state.anchor[r] = alibi ? bias_top : std::numeric_limits<acc_t>::infinity();
+        // The bias part of the reference, for rows with a slope; other rows' references never move with
+        // the bias (an anchor of +inf).
+        state.anchor[r] = biased ? bias_top : std::numeric_limits<acc_t>::infinity();
         state.lazy[r] = old_max == neg_inf || new_max <= old_max + kLazyMargin<acc_t>;
         if (rescale != acc_t(1)) scale_row(out + r * ldv, ldv, rescale);
       }
@@ -250,11 +256,14 @@ void finish_rows(const Sequence& seq, int64_t head, int64_t i0, int64_t rows, in
     const acc_t inverse = total > 0 ? factor / total : acc_t(0);  // a row that saw nothing stays 0
     scale_row(out + r * ldv, ldv, inverse);
     const int64_t at = lse_index.at(seq, head, i0 + r);
-    lse[at] = total > 0 ? shift + std::log(total) : -std::numeric_limits<acc_t>::infinity();
+    // In double: the reference `shift` can sit far below the row's maximum (a lazy block keeps it while
+    // the sum stays under kLazySumLimit: up to ~22 below), and shift + log(total) in float then rounds two
+    // terms of that size (float32 ALiBi rows under a causal mask: lse 0.48 came out 1.9e-6 off, past the
+    // tolerance policy's bound; a random sweep found it).
+    const double exact = static_cast<double>(shift) + std::log(static_cast<double>(total));
+    lse[at] = total > 0 ? static_cast<acc_t>(exact) : -std::numeric_limits<acc_t>::infinity();
     if constexpr (std::is_same_v<acc_t, float>) {
       if (lse_index.low) {
-        const double exact = static_cast<double>(shift) + std::log(static_cast<double>(total));
-        lse[at] = total > 0 ? static_cast<float>(exact) : lse[at];
         lse_index.low[at] = total > 0 ? static_cast<float>(exact - static_cast<double>(lse[at])) : 0.0f;
       }
     }
