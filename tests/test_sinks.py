@@ -406,22 +406,20 @@ def test_opcheck_torch_ops_with_sinks():
 def test_every_cpu_instruction_set_variant_serves_sinks():
     """The best variant runs this whole file (the ``cpu`` parameter of every test above); each other one
     runs a slice of it in its own process (the variable is read once per process)."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
     if BACKENDS["cpu"].unavailable_reason() is not None or not _serves_sinks("cpu"):
         pytest.skip("the cpu backend is not built or does not claim sinks")
-    from test_cpu_attention import _isas
+    from test_cpu_attention import _other_isas, _variant_env
 
     root = Path(__file__).resolve().parents[1]
     selection = "cpu and (each_feature and float32 or odd_lengths or minus_inf or large or varlen or dropout)"
-    for isa in _isas()[:-1]:
+    for isa in _other_isas():  # (FA_TESTS_CPU_ISA: conftest drops FUSED_ATTENTION_* variables)
         result = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_sinks.py", "-k", selection],
-            cwd=root, env=dict(os.environ, FUSED_ATTENTION_CPU_ISA=isa), capture_output=True, text=True,
-            timeout=900, check=False,
+            cwd=root, env=_variant_env(isa), capture_output=True, text=True, timeout=900, check=False,
         )
         assert result.returncode == 0, isa + ": " + result.stdout[-3000:] + result.stderr[-2000:]
         assert " passed" in result.stdout

@@ -101,13 +101,17 @@ const char* attention_isa() {
 }
 
 const char* attention_isa_reason() {
-  const char* requested = std::getenv("FUSED_ATTENTION_CPU_ISA");
-  if (requested != nullptr && *requested != '\0') return "asked for by FUSED_ATTENTION_CPU_ISA";
-  if (selected() != best_supported()) {
-    return "AVX512-BF16 left unused: on Intel cores vdpbf16ps gives half the bfloat16 product rate of widening to "
-           "float FMAs";
-  }
-  return "the best this CPU supports";
+  static const char* reason = [] {  // (read once, as selected() reads the variable)
+    const Isa isa = selected();
+    const char* requested = std::getenv("FUSED_ATTENTION_CPU_ISA");
+    if (requested != nullptr && *requested != '\0') return "asked for by FUSED_ATTENTION_CPU_ISA";
+    if (isa != best_supported()) {
+      return "AVX512-BF16 left unused: on Intel cores vdpbf16ps gives half the bfloat16 product rate of widening "
+             "to float FMAs";
+    }
+    return "the best this CPU supports";
+  }();
+  return reason;
 }
 
 template <typename scalar_t>

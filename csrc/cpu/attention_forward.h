@@ -174,10 +174,18 @@ void softmax_block(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t h
       // climb toward the diagonal never forces a maximum pass (what is left, q.k, barely moves). Also for
       // rows whose scores already hold the bias (a causal mask's diagonal block, a window, a softcap): a
       // reference left ~20 below such a climb took exp of arguments ~20 (float32 ALiBi rows under a causal
-      // mask: lse 4-5x the float32 reference's error, found by a random sweep), and any reference is exact
-      // while the sum checks below hold (one past the visible keys' bias underflows the sum: a max pass).
+      // mask: lse 4-5x the float32 reference's error, found by a random sweep). Over the keys the rules let
+      // the row see (a top-left causal row's diagonal is not its ALiBi position); a reference above what a
+      // user mask leaves costs precision the same way or, far above, a maximum pass: any is exact while the
+      // sum checks below hold.
       const bool biased = slope != acc_t(0);
-      const acc_t bias_top = biased ? max_distance_bias(slope, bias.distance.position, n) : acc_t(0);
+      acc_t bias_top = acc_t(0);
+      if (biased) {
+        const auto [lo, hi] = scoring.rules.keys(seq, i0 + r);
+        const int64_t first = std::clamp<int64_t>(lo - j0, 0, n), end = std::clamp<int64_t>(hi - j0, 0, n);
+        bias_top = first < end ? max_distance_bias(slope, bias.distance.position, first, end)
+                               : max_distance_bias(slope, bias.distance.position, int64_t(0), n);
+      }
       acc_t& reference = state.max[r];
       acc_t& total = state.sum[r];
       bool done = false;

@@ -71,11 +71,11 @@ struct ScaledDistance {
   V operator()(const V& x, int64_t j) const { return x * scale - distance(j) * slope; }
 };
 
-// The largest ALiBi bias -slope |position - j| over keys j in [0, n).
+// The largest ALiBi bias -slope |position - j| over keys j in [lo, hi) (lo < hi).
 template <typename acc_t>
-inline acc_t max_distance_bias(acc_t slope, int64_t position, int64_t n) {
-  const int64_t nearest = position < 0 ? -position : position >= n ? position - (n - 1) : 0;
-  const int64_t farthest = std::max(std::abs(position), std::abs(position - (n - 1)));
+inline acc_t max_distance_bias(acc_t slope, int64_t position, int64_t lo, int64_t hi) {
+  const int64_t nearest = position < lo ? lo - position : position >= hi ? position - (hi - 1) : 0;
+  const int64_t farthest = std::max(std::abs(position - lo), std::abs(position - (hi - 1)));
   return -slope * static_cast<acc_t>(slope > 0 ? nearest : farthest);
 }
 
