@@ -2,8 +2,7 @@
 
 A small candidate list per (pass, architecture) that the autotuner times once per shape bucket; large
 head dims keep only the tiles whose operands fit in shared memory and registers. Under the Triton
-interpreter one fixed small tile per pass is used instead: it has no hardware to tune for, and small
-tiles keep CPU tests fast while still crossing several tiles.
+interpreter one fixed tile per call is used instead (interpreter_tile): it has no hardware to tune for.
 """
 
 from __future__ import annotations
@@ -40,14 +39,21 @@ _CANDIDATES: dict[tuple[str, int], tuple[Tile, ...]] = {
     ("backward_dq", 90): (Tile(128, 64, 8, 2), Tile(128, 32, 8, 3), Tile(64, 16, 4, 2)),
 }
 
-# One shape for every pass, so that the interpreter's matmuls (NumPy's) recompute the forward's
-# scores bit for bit in backward, as the GPU's tensor cores do for any tile shape (fixed k order).
-INTERPRETER_TILES = {
-    "forward": Tile(16, 32, 4, 1),
-    "backward_dkdv": Tile(16, 32, 4, 1),
-    "backward_dq": Tile(16, 32, 4, 1),
-}
+# Under the interpreter one tile shape serves every pass of a call, so that its matmuls (NumPy's)
+# recompute the forward's scores bit for bit in backward, as the GPU's tensor cores do for any tile shape
+# (fixed k order). Small problems take a small tile, so that tests still cross several tiles both ways;
+# past INTERPRETER_SMALL_TILES of those, a 64 x 64 tile (a GPU's size): the interpreter costs about the
+# same per Triton op at any tile size, and a (64, 1025) call ran 5x faster so.
+INTERPRETER_SMALL_TILE = Tile(16, 32, 4, 1)
+INTERPRETER_LARGE_TILE = Tile(64, 64, 4, 1)
+INTERPRETER_SMALL_TILES = 32
 
+
+def interpreter_tile(seq_q: int, seq_k: int) -> Tile:
+    """The interpreter's tile for a call of (max) ``seq_q`` query rows and ``seq_k`` keys, every pass."""
+    small = INTERPRETER_SMALL_TILE
+    tiles = -(-seq_q // small.block_m) * -(-seq_k // small.block_n)
+    return small if tiles <= INTERPRETER_SMALL_TILES else INTERPRETER_LARGE_TILE
 
 
 def arch_of(capability: tuple[int, int]) -> int:

@@ -264,7 +264,7 @@ def _zeroing(names: list[str]) -> Callable[..., None]:
 def fixed_tile(kernel, pass_name: str, args: dict[str, Any]) -> configs.Tile:
     """The tile used without autotuning: the interpreter's, else the architecture's first candidate."""
     if interpreted(kernel):
-        return configs.INTERPRETER_TILES[pass_name]
+        return configs.interpreter_tile(args["seq_q"], args["seq_k"])
     return _current_candidates(pass_name, args)[0]
 
 
