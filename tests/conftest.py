@@ -184,7 +184,8 @@ def _interpreter_skips_overflow_checks_it_never_asserts() -> None:
         return
     builder = getattr(interpreter, "interpreter_builder", None)
     options = getattr(builder, "options", None)
-    if options is None or getattr(options, "debug", True) or not getattr(options, "sanitize_overflow", False):
+    if (not dataclasses.is_dataclass(options) or getattr(options, "debug", True)
+            or not getattr(options, "sanitize_overflow", False)):
         return
     builder.options = dataclasses.replace(options, sanitize_overflow=False)
 
