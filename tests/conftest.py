@@ -122,14 +122,15 @@ def _interpreter_rounds_bfloat16() -> None:
 
 def _interpreter_patches_the_language_once() -> None:
     """Test-harness shim for a cost of Triton's interpreter (seen in Triton 3.8): every call of a
-    ``@triton.jit`` helper re-patches ``triton.language`` for it (``_patch_lang``: each builtin wrapped
-    again, ~1.5 ms a call, a quarter of the Triton tests' time), although the launch running it
-    (``GridExecutor``) has patched those same modules (and a helper's patches, never restored, stay in
-    place). Patching is idempotent; here a helper whose language modules are patched already in the running
-    launch is called without patching them again; the rest goes through the interpreter's own patching.
-    Nothing a kernel computes changes."""
+    ``@triton.jit`` helper runs ``_patch_lang`` for it (a scan of every member of ``triton.language`` and
+    its submodules, ~1.5 ms a call, a quarter of the Triton tests' time), although the launch running it
+    (``GridExecutor``) has patched those same modules, and a helper's patches, never restored, stay in
+    place until then. Patching is idempotent; here a helper whose language modules are patched already in
+    the running launch is called without patching them again; launches, and other helpers, go through the
+    interpreter's own patching. Nothing a kernel computes changes."""
     try:
         import inspect
+        import threading
 
         import triton.language as tl
         from triton.runtime import interpreter
@@ -139,26 +140,32 @@ def _interpreter_patches_the_language_once() -> None:
     executor = getattr(interpreter, "GridExecutor", None)
     if original is None or executor is None or getattr(original, "patches_once", False):
         return
-    launches = []  # per running launch: [the language modules patched while it runs, whether its own ran]
+    local = threading.local()  # .launches: per running launch, [its kernel, the modules patched in it]
+
+    def running() -> list:
+        if not hasattr(local, "launches"):
+            local.launches = []
+        return local.launches
 
     def languages(fn):
         return {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
 
     def patch_lang(fn):
-        if not launches:
-            return original(fn)
-        patched, own = launches[-1]
-        needed = languages(fn)
-        if own and needed <= patched:
-            return None  # a helper's call: the interpreter discards what it returns
-        launches[-1][1] = True  # the first call is the launch's own patching, restored when it ends
-        patched |= needed  # (a helper's patching stays in place until then, as the interpreter leaves it)
+        launches = running()
+        if launches and fn is not launches[-1][0]:  # a helper's call, whose result the interpreter drops
+            needed = languages(fn)
+            if needed and needed <= launches[-1][1]:
+                return None
+            launches[-1][1] |= needed  # (a helper's patching stays in place, as the interpreter leaves it)
+        elif launches:
+            launches[-1][1] |= languages(fn)  # the launch's own patching, restored when it ends
         return original(fn)
 
     launch = executor.__call__
 
     def call(self, *args, **kwargs):
-        launches.append([set(), False])
+        launches = running()
+        launches.append([self.fn, set()])
         try:
             return launch(self, *args, **kwargs)
         finally:
@@ -173,9 +180,10 @@ def _interpreter_skips_overflow_checks_it_never_asserts() -> None:
     """Test-harness shim for another cost of Triton's interpreter (seen in Triton 3.8): its options ask
     for ``sanitize_overflow``, so every int32 ``+``, ``-`` and ``*`` of a kernel also computes an overflow
     condition in int64 (five more interpreted ops), which ``device_assert`` then drops, as the
-    interpreter's ``debug`` option is off (an int32 product past 2**31 wraps without a word): a fifth of
-    the Triton tests' time. While ``debug`` is off, the options here say ``sanitize_overflow=False``, which
-    only that unasserted condition reads. Nothing a kernel computes or checks changes."""
+    interpreter's ``debug`` option is off (an int32 product past 2**31 wraps without a word): 11-40% of
+    the time of three Triton tests measured. While ``debug`` is off, the options here say
+    ``sanitize_overflow=False``, which only that unasserted condition reads. Nothing a kernel computes or
+    checks changes."""
     try:
         import dataclasses
 

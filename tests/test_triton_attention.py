@@ -167,7 +167,7 @@ def test_value_head_dim_larger_than_query_head_dim():
 def test_dropout_mask_is_the_same_in_forward_and_backward(features):
     """The keep-mask recovered from the forward (identity values) reproduces the output and the
     gradients through the reference: the backward regenerated the very same mask; the kept fraction
-    is 1 - p. Forward and backward use other tile shapes, so the mask does not depend on tiling."""
+    is 1 - p. On a GPU forward and backward use other tile shapes, so the mask must not depend on tiling."""
     check_dropout_against_reference("triton", features, seq_k=56)
 
 
@@ -338,7 +338,8 @@ def _count_tiles(monkeypatch, module_name: str, helpers: tuple[str, ...] = ("sco
     from fused_attention.kernels.triton import attention_configs
 
     # the counts below are of the interpreter's small tile, whatever size it would pick for the shape
-    monkeypatch.setattr(attention_configs, "interpreter_tile", lambda *_: attention_configs.INTERPRETER_SMALL_TILE)
+    small = attention_configs.INTERPRETER_SMALL_TILE
+    monkeypatch.setattr(attention_configs, "interpreter_tile", lambda *_: small)
     module = importlib.import_module(f"fused_attention.kernels.triton.{module_name}")
     calls = [0]
 
