@@ -262,8 +262,11 @@ void backward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_
   if (!own_tiles) shared.emplace(problem, layouts);
   std::vector<BackwardPartial<acc_t>> partials(parts > 1 ? tasks * parts : 0);
   const auto cost_of_pair = pair_cost(problem);
+  // Mask-gradient buffers per thread are summed after the call: which thread ran a task then changes the
+  // order of the sums, so those calls do not steal.
+  const bool steal = !(extra.mask && extra.mask_per_thread);
   parallel_for_balanced(tasks * parts, [&](int64_t index) { return cost_of_pair(index / parts); },
-                        [&](int64_t begin, int64_t end) {
+                        [&](TaskClaims& claims) {
     const simd::FlushDenormals flush;
     acc_t* mask_sink = extra.mask;
     if (mask_sink && extra.mask_per_thread) mask_sink += at::get_thread_num() * extra.mask_numel;
@@ -271,7 +274,7 @@ void backward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_
     std::optional<Tiles> own;
     if (own_tiles) own.emplace(problem, layouts, /*local=*/true);
     const Tiles& tiles = own_tiles ? *own : *shared;
-    for (int64_t index = begin; index < end; ++index) {
+    for (int64_t index : claims) {
       const int64_t task_index = index / parts, part = index % parts;
       const int64_t s = task_index / heads_kv, kv_head = task_index % heads_kv;
       const Sequence& seq = problem.sequences[s];
@@ -308,7 +311,7 @@ void backward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_
         store_rows(dv, seq.batch, kv_head, seq.k_start, seq.len_k, problem.value_dim, buf.dv.data(), tiles.ld_v);
       }
     }
-  });
+  }, steal);
   if (parts == 1) return;
   // The parts' sums, in part order: over (task, block of keys) in parallel, the slope and sink
   // gradients (one number per query head) in this thread.

@@ -678,7 +678,7 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
   const auto cost = [&](int64_t t) {
     return task_cost(group * problem.sequences[tasks[t].sequence].len_q, tasks[t].keys);
   };
-  parallel_for_balanced(static_cast<int64_t>(tasks.size()), cost, [&](int64_t begin, int64_t end) {
+  parallel_for_balanced(static_cast<int64_t>(tasks.size()), cost, [&](TaskClaims& claims) {
     const simd::FlushDenormals flush;
     DecodeBuffers<acc_t> buf(buffer_rows, chunk, problem.head_dim, problem.value_dim);
 #if defined(FUSED_ATTENTION_AMX_DECODE)
@@ -689,7 +689,7 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
       scope.emplace();
     }
 #endif
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t : claims) {
       const DecodeTask& task = tasks[t];
       const Sequence& seq = problem.sequences[task.sequence];
       decode_chunk(problem, scoring, seq, task.kv_head, task.key, task.keys, buf);

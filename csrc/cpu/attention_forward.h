@@ -376,22 +376,19 @@ bool forward_owns_pairs(const Problem<scalar_t>& problem) {
   });
 }
 
-// The work of pair-owning forward tasks [begin, end) (task = sequence * heads_kv + kv head):
-// load(sequence, kv head) prepares the pair's K and V, then run(block, head) for each block of rows
+// The work of one pair-owning forward task (task = sequence * heads_kv + kv head): load(sequence, kv
+// head) prepares the pair's K and V, then run(block, head) for each block of rows
 // (block_rows_of(len, kBlockQ, even)) and each query head of the group.
 template <typename scalar_t, typename Load, typename Run>
-void for_each_pair_block(const Problem<scalar_t>& problem, int64_t begin, int64_t end, int64_t even, const Load& load,
-                         const Run& run) {
+void for_each_pair_block(const Problem<scalar_t>& problem, int64_t task, int64_t even, const Load& load, const Run& run) {
   const int64_t group = problem.heads_q / problem.heads_kv;
-  for (int64_t task = begin; task < end; ++task) {
-    const int64_t s = task / problem.heads_kv, kv_head = task % problem.heads_kv;
-    load(s, kv_head);
-    const int64_t len = problem.sequences[s].len_q;
-    const int64_t size = block_rows_of(len, kBlockQ, even);
-    for (int64_t row = 0; row < len; row += size) {
-      const RowBlock block{s, row, std::min(size, len - row)};
-      for (int64_t head = kv_head * group; head < (kv_head + 1) * group; ++head) run(block, head);
-    }
+  const int64_t s = task / problem.heads_kv, kv_head = task % problem.heads_kv;
+  load(s, kv_head);
+  const int64_t len = problem.sequences[s].len_q;
+  const int64_t size = block_rows_of(len, kBlockQ, even);
+  for (int64_t row = 0; row < len; row += size) {
+    const RowBlock block{s, row, std::min(size, len - row)};
+    for (int64_t head = kv_head * group; head < (kv_head + 1) * group; ++head) run(block, head);
   }
 }
 
@@ -406,24 +403,26 @@ void forward(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t
   for (const Sequence& seq : problem.sequences) block_rows = std::max(block_rows, std::min(seq.len_q, kBlockQ));
   if (forward_owns_pairs<scalar_t, acc_t>(problem)) {
     const int64_t pairs = static_cast<int64_t>(problem.sequences.size()) * problem.heads_kv;
-    parallel_for_balanced(pairs, pair_cost(problem), [&](int64_t begin, int64_t end) {
+    parallel_for_balanced(pairs, pair_cost(problem), [&](TaskClaims& claims) {
       const simd::FlushDenormals flush;
       KeyTiles<acc_t> tiles(problem, layouts, /*local=*/true);
       ForwardBuffers<acc_t> buf(problem.head_dim, tiles.ld_v, 0, block_rows);
-      for_each_pair_block(problem, begin, end, 0, [&](int64_t s, int64_t kv_head) { tiles.load(problem, s, kv_head); },
-                          [&](const RowBlock& block, int64_t head) {
-                            forward_rows(problem, scoring, block, head, tiles, buf, out, lse, lse_index);
-                          });
+      for (int64_t task : claims) {
+        for_each_pair_block(problem, task, 0, [&](int64_t s, int64_t kv_head) { tiles.load(problem, s, kv_head); },
+                            [&](const RowBlock& block, int64_t head) {
+                              forward_rows(problem, scoring, block, head, tiles, buf, out, lse, lse_index);
+                            });
+      }
     });
     return;
   }
   const KeyTiles<acc_t> tiles(problem, layouts);
   const std::vector<RowBlock> blocks = row_blocks(problem.sequences, kBlockQ);
-  at::parallel_for(0, static_cast<int64_t>(blocks.size()) * heads, 1, [&](int64_t begin, int64_t end) {
+  const int64_t count = static_cast<int64_t>(blocks.size());
+  parallel_for_balanced(count * heads, block_cost(problem, scoring.rules, blocks), [&](TaskClaims& claims) {
     const simd::FlushDenormals flush;
     ForwardBuffers<acc_t> buf(problem.head_dim, tiles.ld_v, 0, block_rows);
-    const int64_t count = static_cast<int64_t>(blocks.size());
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task : claims) {
       forward_rows(problem, scoring, blocks[task % count], task / count, tiles, buf, out, lse, lse_index);
     }
   });

@@ -245,24 +245,26 @@ void forward_amx(const Problem<scalar_t>& problem, const Scoring<float>& scoring
   const int64_t f_tiles = (problem.value_dim + tiles::kRows - 1) / tiles::kRows;
   if (amx_owns_pairs(problem)) {
     const int64_t pairs = static_cast<int64_t>(problem.sequences.size()) * problem.heads_kv;
-    parallel_for_balanced(pairs, pair_cost(problem), [&](int64_t begin, int64_t end) {
+    parallel_for_balanced(pairs, pair_cost(problem), [&](TaskClaims& claims) {
       PackedKeys packed(problem, /*local=*/true);
       AmxBuffers buf(problem.head_dim, f_tiles * tiles::kRows, block_rows);
       const tiles::Scope scope;
       const simd::FlushDenormals flush;
-      for_each_pair_block(problem, begin, end, kSlabRows, [&](int64_t s, int64_t kv_head) { packed.load(problem, s, kv_head); },
-                          [&](const RowBlock& block, int64_t head) {
-                            forward_rows_amx(problem, scoring, block, head, packed, buf, out, lse, lse_index);
-                          });
+      for (int64_t task : claims) {
+        for_each_pair_block(problem, task, kSlabRows, [&](int64_t s, int64_t kv_head) { packed.load(problem, s, kv_head); },
+                            [&](const RowBlock& block, int64_t head) {
+                              forward_rows_amx(problem, scoring, block, head, packed, buf, out, lse, lse_index);
+                            });
+      }
     });
     return;
   }
   const PackedKeys packed(problem);
-  at::parallel_for(0, count * problem.heads_q, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_balanced(count * problem.heads_q, block_cost(problem, scoring.rules, blocks), [&](TaskClaims& claims) {
     AmxBuffers buf(problem.head_dim, f_tiles * tiles::kRows, block_rows);
     const tiles::Scope scope;
     const simd::FlushDenormals flush;
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task : claims) {
       forward_rows_amx(problem, scoring, blocks[task % count], task / count, packed, buf, out, lse, lse_index);
     }
   });

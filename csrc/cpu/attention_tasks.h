@@ -3,8 +3,10 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -30,23 +32,84 @@ inline int64_t block_rows_of(int64_t len, int64_t block, int64_t even) {
   return std::min(block, ((len + count - 1) / count + even - 1) / even * even);
 }
 
+// The tasks that one thread of parallel_for_balanced runs, claimed one at a time: first its own runs
+// front to back, then (when stealing) the back ends of the other runs, so a thread that finishes early
+// (its core shared with other work, or a run that cost more than its estimate) takes over what another
+// has not started. Each run is one word, front << 32 | back, claimed by compare-and-swap: every task runs
+// exactly once, whichever thread takes it. Iterate with `for (int64_t task : claims)`.
+class TaskClaims {
+ public:
+  struct Run {
+    alignas(64) std::atomic<uint64_t> bounds;  // a line each: threads claim from different runs
+  };
+  struct Done {};
+  class Iterator {
+   public:
+    int64_t operator*() const { return task_; }
+    Iterator& operator++() {
+      task_ = claims_->next();
+      return *this;
+    }
+    bool operator!=(Done) const { return task_ >= 0; }
+
+   private:
+    friend class TaskClaims;
+    Iterator(TaskClaims* claims, int64_t task) : claims_(claims), task_(task) {}
+    TaskClaims* claims_;
+    int64_t task_;
+  };
+
+  TaskClaims(Run* runs, int64_t count, int64_t first, int64_t last, bool steal)
+      : runs_(runs), count_(count), first_(first), own_(last - first), steal_(steal) {}
+  Iterator begin() { return {this, next()}; }
+  Done end() const { return {}; }
+
+  // The next task, or -1 when none is left to this thread.
+  int64_t next() {
+    for (; visited_ < (steal_ ? count_ : own_); ++visited_) {
+      const bool own = visited_ < own_;
+      std::atomic<uint64_t>& bounds = runs_[(first_ + visited_) % count_].bounds;
+      uint64_t word = bounds.load(std::memory_order_relaxed);
+      while ((word >> 32) < (word & 0xFFFFFFFFu)) {
+        const uint64_t claimed = own ? word + (uint64_t{1} << 32) : word - 1;  // front + 1, or back - 1
+        if (bounds.compare_exchange_weak(word, claimed, std::memory_order_relaxed)) {
+          return static_cast<int64_t>(own ? word >> 32 : (word & 0xFFFFFFFFu) - 1);
+        }
+      }
+    }
+    return -1;
+  }
+
+ private:
+  Run* runs_;
+  int64_t count_, first_, own_, visited_ = 0;
+  bool steal_;
+};
+
 // at::parallel_for over tasks [0, count) where each thread runs one contiguous run of tasks of about
 // equal cost (cost(t) >= 0, any unit): at::parallel_for splits by count, which gave one thread every long
 // sequence of a varlen batch sorted by length (lengths 1024, 512, ..., 32 ran no faster on 2 threads than
-// on 1) or every full chunk of a decode. fn(begin, end) as at::parallel_for's; the runs depend on the
-// thread count, so what a task computes must not.
+// on 1) or every full chunk of a decode. fn(claims) runs the tasks of a TaskClaims, once per thread (its
+// buffers live across its tasks). With `steal`, threads that finish their runs take tasks from the others'
+// (a one-token bfloat16 decode step spent a tenth of its samples waiting at the end of the call on a
+// shared machine): what a task computes must then depend on neither the thread nor the order (each task
+// writes only its own results); without, each thread runs exactly its runs, which depend on the thread
+// count only.
 template <typename Cost, typename Fn>
-void parallel_for_balanced(int64_t count, const Cost& cost, const Fn& fn) {
+void parallel_for_balanced(int64_t count, const Cost& cost, const Fn& fn, bool steal = true) {
   const int64_t shares = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
   AlignedVector<double> prefix(count + 1, 0.0);
   for (int64_t t = 0; t < count; ++t) prefix[t + 1] = prefix[t] + static_cast<double>(cost(t));
-  std::vector<int64_t> start(shares + 1, count);
-  for (int64_t i = 0, t = 0; i < shares; ++i) {  // run i starts at the first task past i / shares of the cost
-    while (t < count && prefix[t] * shares < prefix[count] * i) ++t;
-    start[i] = t;
+  TORCH_CHECK(count < (int64_t{1} << 32), "attention kernels: ", count, " tasks in one call (claims count in 32 bits)");
+  std::vector<TaskClaims::Run> runs(shares);
+  // Run i ends at the first task past (i + 1) / shares of the cost.
+  for (int64_t i = 0, t = 0, begin = 0; i < shares; ++i, begin = t) {
+    while (t < count && (i + 1 == shares || prefix[t] * shares < prefix[count] * (i + 1))) ++t;
+    runs[i].bounds.store(static_cast<uint64_t>(begin) << 32 | static_cast<uint64_t>(t), std::memory_order_relaxed);
   }
   at::parallel_for(0, shares, 1, [&](int64_t first, int64_t last) {
-    if (start[first] < start[last]) fn(start[first], start[last]);
+    TaskClaims claims(runs.data(), shares, first, last, steal);
+    fn(claims);
   });
 }
 
@@ -60,6 +123,17 @@ auto pair_cost(const Problem<scalar_t>& problem) {
   return [&problem](int64_t task) {
     const Sequence& seq = problem.sequences[task / problem.heads_kv];
     return task_cost(seq.len_q * (problem.heads_q / problem.heads_kv), seq.len_k);
+  };
+}
+
+// The cost of forward task (query head) * blocks.size() + block, for parallel_for_balanced: the block's
+// rows over the range of keys they see.
+template <typename scalar_t>
+auto block_cost(const Problem<scalar_t>& problem, const Rules& rules, const std::vector<RowBlock>& blocks) {
+  return [&problem, &rules, &blocks](int64_t task) {
+    const RowBlock& block = blocks[task % static_cast<int64_t>(blocks.size())];
+    const auto [lo, hi] = rules.block_keys(problem.sequences[block.sequence], block.row, block.row + block.rows);
+    return task_cost(block.rows, std::max<int64_t>(hi - lo, 0));
   };
 }
 
