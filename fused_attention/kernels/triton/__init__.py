@@ -20,6 +20,16 @@ from collections.abc import Iterator
 
 import torch
 
+# CUDA caps a launch grid's second and third axes at this many programs (the first at 2**31 - 1): launchers
+# that put the batch there launch it in slices of at most this many.
+GRID_YZ_MAX = 65535
+
+
+def batch_slices(batch: int) -> Iterator[slice]:
+    """The batch in slices a grid's second or third axis can hold (GRID_YZ_MAX)."""
+    for start in range(0, batch, GRID_YZ_MAX):
+        yield slice(start, min(batch, start + GRID_YZ_MAX))
+
 
 @functools.cache
 def _import_error() -> str | None:

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from . import attention_launch as launch
-from .attention_tiles import dropout_keep, keep_factor, key_range, query_range, scores
+from .attention_tiles import dropout_keep, keep_factor, key_range, program_coordinates, query_range, scores
 
 # How far (relative to |lse| + 1) a one-hot row's P may sit below 1 in the 16-bit path: the forward's
 # rounded scale * log2(e), its product, ln 2 and the product back, and the backward's S = qk * scale,
@@ -68,19 +68,18 @@ def attention_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, MASK: tl.constexpr, KEY_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, FLAT_GRID: tl.constexpr, DOT_PRECISION: tl.constexpr,
     MASK_GRAD: tl.constexpr, MASK_SUM_ROWS: tl.constexpr, MASK_SUM_COLS: tl.constexpr, ALIBI_GRAD: tl.constexpr,
     ALIBI_CENTER: tl.constexpr,
 ):
     RENORM: tl.constexpr = MASK == 2 or DOT_PRECISION == "ieee"  # rows renormalized (see _FAR_LSE)
     # score tiles (queries, keys) in float32 (IEEE products), as the dQ pass's; (keys, queries) else
     QUERY_MAJOR: tl.constexpr = DOT_PRECISION == "ieee"
-    block = tl.program_id(0)
+    # slot: (key/value head, split of its query-head group)
+    block, slot, b = program_coordinates(seq_k, BLOCK_N, n_heads // groups * splits, FLAT_GRID)
     n0 = block * BLOCK_N
-    slot = tl.program_id(1)  # (key/value head, split of its query-head group)
     hk = slot // splits
     split = slot % splits
-    b = tl.program_id(2)
     b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
     q_start = 0
     k_start = 0
@@ -338,13 +337,12 @@ def attention_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, MASK: tl.constexpr, KEY_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, DELTA_FROM_SCORES: tl.constexpr,
+    VARLEN: tl.constexpr, FLAT_GRID: tl.constexpr, DOT_PRECISION: tl.constexpr, DELTA_FROM_SCORES: tl.constexpr,
     ALIBI_CENTER: tl.constexpr, SINKS: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     RENORM: tl.constexpr = MASK == 2 or DOT_PRECISION == "ieee"  # rows renormalized (see _FAR_LSE)
-    m0 = tl.program_id(0) * BLOCK_M
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+    q_block, h, b = program_coordinates(seq_q, BLOCK_M, n_heads, FLAT_GRID)
+    m0 = q_block * BLOCK_M
     hk = h // groups
     b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
     q_start = 0
@@ -540,8 +538,8 @@ def attention_dq_kernel(
                 delta = delta + delta_low
             dist_mean = tl.where(mass > 0.0, dist_mean / tl.where(mass > 0.0, mass, 1.0), 0.0)
             term = tl.where(row_ok & ~one_hot, dist_mean * p_sink * delta, 0.0)
-            q_block = tl.program_id(0).to(tl.int64)
-            tl.store(DAlibiRows + b64 * stride_yb + h64 * stride_yh + q_block * stride_yblock, -tl.sum(term, 0))
+            tl.store(DAlibiRows + b64 * stride_yb + h64 * stride_yh + q_block.to(tl.int64) * stride_yblock,
+                     -tl.sum(term, 0))
         tl.store(DistMean + stat_offset, dist_mean, mask=row_ok)  # for the dK/dV pass
     dq = tl.where(one_hot[:, None], 0.0, dq * scale)
     tl.store(
@@ -574,7 +572,7 @@ def _mask_grad_buffer(problem: launch.Problem, deterministic: bool, splits: int,
     mask = problem.mask
     mb, mh, ml, ms = mask.shape
     n_blocks = triton.cdiv(problem.max_seqlen_k, block_n)
-    slots = problem.kv_heads * splits  # programs along grid axis 1
+    slots = problem.kv_heads * splits  # programs per key block and sequence
     wide_b = deterministic and mb == 1 and problem.batch > 1
     wide_kv = deterministic and mh == 1 and slots > 1
     wide_blocks = deterministic and ms == 1 and n_blocks > 1

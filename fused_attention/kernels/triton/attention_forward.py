@@ -29,6 +29,7 @@ from .attention_tiles import (
     key_bounds,
     key_range,
     keys_within,
+    program_coordinates,
     scores,
     tanh,
     tanh_approx,
@@ -204,7 +205,7 @@ def attention_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, MASK: tl.constexpr, KEY_LENGTHS: tl.constexpr, DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, SINKS: tl.constexpr, EVEN_D: tl.constexpr,
+    VARLEN: tl.constexpr, FLAT_GRID: tl.constexpr, DOT_PRECISION: tl.constexpr, SINKS: tl.constexpr, EVEN_D: tl.constexpr,
     FAST_TANH: tl.constexpr, WIDE_TILES: tl.constexpr,
 ):
     # float32 (IEEE products) keeps natural-log units and the shared `scores` expression: its backward
@@ -215,9 +216,8 @@ def attention_forward_kernel(
     # the dtype's lowest value) overflow to -inf, and a row they hide entirely would see nothing where
     # torch's is uniform over its keys.
     NATURAL: tl.constexpr = DOT_PRECISION == "ieee" or MASK == 2
-    m0 = tl.program_id(0) * BLOCK_M
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+    block, h, b = program_coordinates(seq_q, BLOCK_M, n_heads, FLAT_GRID)
+    m0 = block * BLOCK_M
     hk = h // groups
     b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
     q_start = 0

@@ -20,8 +20,8 @@ import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
+from . import GRID_YZ_MAX, device_guard
 from . import attention_configs as configs
-from . import device_guard
 
 _MIN_BLOCK_D = 16  # tl.dot needs K >= 16
 
@@ -141,7 +141,7 @@ class Problem:
             "CAUSAL": self.causal, "WINDOW_LEFT": self.window_left >= 0, "WINDOW_RIGHT": self.window_right >= 0,
             "SOFTCAP": self.softcap > 0, "ALIBI": alibi is not None, "MASK": mask_kind,
             "KEY_LENGTHS": self.key_lengths is not None, "DROPOUT": self.dropout_p > 0,
-            "VARLEN": varlen, "DOT_PRECISION": dot_precision(q.dtype),
+            "VARLEN": varlen, "FLAT_GRID": self.flat_grid, "DOT_PRECISION": dot_precision(q.dtype),
         })
         return args
 
@@ -156,12 +156,27 @@ class Problem:
     def sink_args(self) -> dict[str, Any]:
         return {"Sinks": self.sinks, "SINKS": self.sinks is not None}
 
-    def grid(self, pass_name: str, block: int, splits: int = 1) -> tuple[int, int, int]:
+    @property
+    def flat_grid(self) -> bool:
+        """Whether the passes launch one grid axis (``program_coordinates``): only where the batch (or
+        the heads) would not fit a grid's second or third axis."""
+        return self.batch > GRID_YZ_MAX or self.heads > GRID_YZ_MAX
+
+    def grid(self, pass_name: str, block: int, splits: int = 1) -> tuple[int, ...]:
         """(blocks along the pass's own sequence, query heads or key/value heads x ``splits`` of each
-        one's query-head group, batch)."""
+        one's query-head group, batch), or their product on one axis (``flat_grid``)."""
         if pass_name == "backward_dkdv":
-            return triton.cdiv(self.max_seqlen_k, block), self.kv_heads * splits, self.batch
-        return triton.cdiv(self.max_seqlen_q, block), self.heads, self.batch
+            grid = (triton.cdiv(self.max_seqlen_k, block), self.kv_heads * splits, self.batch)
+        else:
+            grid = (triton.cdiv(self.max_seqlen_q, block), self.heads, self.batch)
+        if not self.flat_grid:
+            return grid
+        programs = grid[0] * grid[1] * grid[2]
+        if programs >= 2**31:
+            raise ValueError(f"attention on the triton backend: {programs} programs in one launch exceed the GPU's "
+                             f"2**31 - 1 (batch {self.batch}, {self.heads} heads, lengths {self.max_seqlen_q} and "
+                             f"{self.max_seqlen_k}); split the batch")
+        return (programs,)
 
 
 # Compile-time flags that select a specialization: the autotuner keeps one choice per combination.

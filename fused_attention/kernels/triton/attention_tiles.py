@@ -17,6 +17,28 @@ _TANH_SERIES_LIMIT = tl.constexpr(0.5)
 
 
 @triton.jit
+def program_coordinates(seq, BLOCK: tl.constexpr, slots, FLAT: tl.constexpr):
+    """(block, slot, batch) of this program: blocks of ``BLOCK`` along ``seq``, ``slots`` (heads), the
+    batch. A (blocks, slots, batch) grid gives them as its three program ids, which the compiler
+    re-reads where it needs them; ``FLAT`` (a batch past CUDA's 65535 programs on a grid's second and
+    third axes) launches one axis in the same order, blocks fastest, and divides. Computed values stay
+    live in registers instead: on sm_80/sm_90 three small dK/dV tiles spilled with them, so only calls
+    that need the flat grid pay for it."""
+    if FLAT:
+        pid = tl.program_id(0)
+        blocks = tl.cdiv(seq, BLOCK)
+        rest = pid // blocks
+        block = pid % blocks
+        slot = rest % slots
+        batch = rest // slots
+    else:
+        block = tl.program_id(0)
+        slot = tl.program_id(1)
+        batch = tl.program_id(2)
+    return block, slot, batch
+
+
+@triton.jit
 def tanh(x):
     """tanh within a few float32 ulp; Triton's portable math (and its interpreter) has no tanh."""
     ax = tl.abs(x)

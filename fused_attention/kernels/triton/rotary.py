@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import device_guard
+from . import batch_slices, device_guard
 
 # Pairs in one (heads x pairs) tile: large enough to keep loads in flight, small enough for registers.
 _TILE_PAIRS = 2048
@@ -195,17 +195,18 @@ def rotary(
     copy_tail = tail > 0 and q_out is not q
     fp64 = q.dtype == torch.float64 or k.dtype == torch.float64
     with device_guard(q):
-        _rotary_kernel[(seq_len, batch)](
-            q, q_out, k, k_out, cos, sin, positions,
-            n_q_heads, n_k_heads, table_len, rotary_half, head_dim,
-            *q.stride(), *q_out.stride(), *k.stride(), *k_out.stride(),
-            *cos.stride(), *sin.stride(), *positions.stride(),
-            BLOCK_R2=block_r2,
-            BLOCK_HQ=_head_block(n_q_heads, block_r2),
-            BLOCK_HK=_head_block(n_k_heads, block_r2),
-            BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)),
-            INTERLEAVED=interleaved,
-            CONJUGATE=conjugate,
-            COPY_TAIL=copy_tail,
-            FP64=fp64,
-        )  # fmt: skip
+        for b in batch_slices(batch):  # (slices share strides; an output that is its input stays so)
+            _rotary_kernel[(seq_len, b.stop - b.start)](
+                q[b], q_out[b], k[b], k_out[b], cos, sin, positions[b],
+                n_q_heads, n_k_heads, table_len, rotary_half, head_dim,
+                *q.stride(), *q_out.stride(), *k.stride(), *k_out.stride(),
+                *cos.stride(), *sin.stride(), *positions.stride(),
+                BLOCK_R2=block_r2,
+                BLOCK_HQ=_head_block(n_q_heads, block_r2),
+                BLOCK_HK=_head_block(n_k_heads, block_r2),
+                BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)),
+                INTERLEAVED=interleaved,
+                CONJUGATE=conjugate,
+                COPY_TAIL=copy_tail,
+                FP64=fp64,
+            )  # fmt: skip

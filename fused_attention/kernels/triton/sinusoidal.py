@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import device_guard
+from . import batch_slices, device_guard
 
 _TILE_PAIRS = 2048  # (rows x pairs) per program
 _MAX_BLOCK_PAIRS = 512
@@ -95,14 +95,19 @@ def add_sinusoidal(
     log2_base_hi = struct.unpack("f", struct.pack("f", log2_base))[0]  # rounded to float32
     block_pairs = min(triton.next_power_of_2(dim // 2), _MAX_BLOCK_PAIRS)
     block_s = min(max(1, _TILE_PAIRS // block_pairs), triton.next_power_of_2(seq_len))
-    grid = (triton.cdiv(seq_len, block_s), batch if offsets is not None else 1, triton.cdiv(dim // 2, block_pairs))
+    # with offsets, a program per batch entry (the grid's second axis: slices of the batch); without, each
+    # program adds its encoding to every entry
+    slices = list(batch_slices(batch)) if offsets is not None else [slice(0, batch)]
     with device_guard(x):
-        _add_sinusoidal_kernel[grid](
-            x, out, offsets if offsets is not None else x, offset, batch, seq_len, dim,
-            log2_base_hi, log2_base - log2_base_hi,
-            *x.stride(), *out.stride(), offsets.stride(0) if offsets is not None else 0,
-            HAS_OFFSETS=offsets is not None,
-            FP64=x.dtype == torch.float64,
-            BLOCK_S=block_s,
-            BLOCK_PAIRS=block_pairs,
-        )  # fmt: skip
+        for b in slices:
+            grid = (triton.cdiv(seq_len, block_s), b.stop - b.start if offsets is not None else 1,
+                    triton.cdiv(dim // 2, block_pairs))
+            _add_sinusoidal_kernel[grid](
+                x[b], out[b], offsets[b] if offsets is not None else x, offset, b.stop - b.start, seq_len, dim,
+                log2_base_hi, log2_base - log2_base_hi,
+                *x.stride(), *out.stride(), offsets.stride(0) if offsets is not None else 0,
+                HAS_OFFSETS=offsets is not None,
+                FP64=x.dtype == torch.float64,
+                BLOCK_S=block_s,
+                BLOCK_PAIRS=block_pairs,
+            )  # fmt: skip
