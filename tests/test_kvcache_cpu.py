@@ -128,6 +128,42 @@ def test_append_op_checks_everything_before_it_writes(paged):
         assert torch.equal(kc, k_cache) and torch.equal(vc, v_cache), "only the new tokens may be written"
 
 
+@pytest.mark.parametrize("wants_grad", ["q", "k_cache", "v_cache", "k", "v", "alibi"])
+def test_ops_called_directly_refuse_gradients(wants_grad):
+    """The ops have no backward: a direct ``torch.ops`` call with an input that requires grad raises before
+    it runs, naming the input (it returned outputs whose gradients came out None without a word, the append
+    op after writing its caches); under no_grad, or with nothing requiring grad, they run."""
+    gen = torch.Generator().manual_seed(9)
+    inputs = {"q": torch.randn(1, 2, 1, 16, generator=gen), "k_cache": torch.randn(4, 2, 8, 16, generator=gen),
+              "v_cache": torch.randn(4, 2, 8, 16, generator=gen), "k": torch.randn(1, 2, 1, 16, generator=gen),
+              "v": torch.randn(1, 2, 1, 16, generator=gen), "alibi": torch.rand(1, 2, generator=gen)}
+    seqlens, rows, tail = torch.tensor([5]), torch.tensor([2]), (None, -1, -1, 0.0, 0.25)
+
+    def calls(x):
+        kc, vc = x["k_cache"].clone(), x["v_cache"].clone()
+        if x["k_cache"].requires_grad or x["v_cache"].requires_grad:  # (a leaf that requires grad: in place refused)
+            kc, vc = x["k_cache"], x["v_cache"]
+        return [
+            (lambda: torch.ops.fused_attention.kvcache_attention(x["q"], x["k_cache"], x["v_cache"], None, rows,
+                                                                 seqlens, 0, None, 0, 5, x["alibi"], *tail), None),
+            (lambda: torch.ops.fused_attention.kvcache_append_attention_(kc, vc, x["k"], x["v"], x["q"], None, rows,
+                                                                         seqlens, None, x["alibi"], *tail), (kc, vc)),
+        ]
+
+    wanting = {n: t.clone().requires_grad_(n == wants_grad) for n, t in inputs.items()}
+    for call, caches in calls(wanting):
+        if caches is None and wants_grad in ("k", "v"):
+            continue  # kvcache_attention takes no new keys
+        before = [c.detach().clone() for c in caches] if caches else []
+        with pytest.raises(ValueError, match=f"forward only .*but {wants_grad} requires grad"):
+            call()
+        assert all(torch.equal(c.detach(), b) for c, b in zip(caches or [], before)), "the caches were written"
+        with torch.no_grad():
+            assert not call()[0].requires_grad
+    for call, _ in calls(inputs):
+        assert not call()[0].requires_grad
+
+
 @pytest.mark.parametrize("paged", [False, True])
 def test_append_attention_op_declares_its_mutations(paged):
     """``opcheck`` of the fused append + attention op: the schema's ``Tensor(a!)``, ``Tensor(b!)`` caches

@@ -107,7 +107,8 @@ def _check_grad(tensors: dict[str, object]) -> None:
     wanting = [name for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.requires_grad]
     if wanting:
         raise AttentionArgumentError(
-            f"attention_with_kvcache is forward only (inference), but {', '.join(wanting)} require grad; "
+            f"attention_with_kvcache is forward only (inference), but {', '.join(wanting)} "
+            f"{'requires' if len(wanting) == 1 else 'require'} grad; "
             "call it under torch.no_grad() / torch.inference_mode(), or detach the inputs"
         )
 
