@@ -128,8 +128,6 @@ def _register_attention_rules() -> None:
     torch.library.register_fake("fused_attention::varlen_attention_backward")(
         attention_rules.varlen_sinks_backward_fake
     )
-    attention_rules.register_forward_only("kvcache_attention")
-    attention_rules.register_forward_only("kvcache_append_attention_")
     attention_rules.register_dense_autograd("fused_attention::attention", ops.attention_backward, sinks=True)
     attention_rules.register_varlen_autograd(
         "fused_attention::varlen_attention", ops.varlen_attention_backward, sinks=True

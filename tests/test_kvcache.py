@@ -414,7 +414,9 @@ def test_rotary_table_needs_only_the_rows_it_rotates(is_causal):
 def test_gradients_requested_raise():
     c = _small()
     _bad(dict(c, q=c["q"].clone().requires_grad_()), "forward only")
-    _bad(c, "sinks require grad", sinks=torch.zeros(c["q"].shape[2], requires_grad=True))
+    _bad(dict(c, q=c["q"].clone().requires_grad_()), "q, sinks require grad",
+         sinks=torch.zeros(c["q"].shape[2], requires_grad=True))
+    _bad(c, "sinks requires grad", sinks=torch.zeros(c["q"].shape[2], requires_grad=True))
     kc = c["k_cache"].clone().requires_grad_()
     with pytest.raises(ValueError, match="k_cache"):
         fa.attention_with_kvcache(c["q"], kc, c["v_cache"], cache_seqlens=c["seqlens"], block_table=c["block_table"])

@@ -92,15 +92,18 @@ def test_attention_grid_past_the_first_axis_is_refused():
 
 def test_flat_grid_kernels_meet_the_reference(monkeypatch):
     """Every pass with FLAT_GRID on (the limit lowered to 2, so a batch of 3 takes it), dense and packed,
-    with the features whose indexing follows the batch, the heads and the query block (the ALiBi slope
-    gradient's per-block rows)."""
+    with the features whose indexing follows the batch, the heads and the blocks (the ALiBi slope
+    gradient's per-block rows with sinks, the float mask's gradient)."""
     monkeypatch.setattr(launch, "GRID_YZ_MAX", 2)
     gen = torch.Generator().manual_seed(3)
     q = rand(3, 4, 37, 16, gen=gen, requires_grad=True)
     k, v = (rand(3, 2, 53, 16, gen=gen, requires_grad=True) for _ in range(2))
     slopes = torch.rand(3, 4, generator=gen).requires_grad_()
-    check_attention("triton", q, k, v, enable_gqa=True, is_causal=True, alibi_slopes=slopes,
+    sinks = torch.randn(4, generator=gen).requires_grad_()
+    check_attention("triton", q, k, v, enable_gqa=True, is_causal=True, alibi_slopes=slopes, sinks=sinks,
                     key_lengths=torch.tensor([53, 20, 1]))
+    mask = rand(3, 1, 37, 53, gen=gen, requires_grad=True)  # its gradient sums over the heads
+    check_attention("triton", q, k, v, enable_gqa=True, attn_mask=mask)
     cu_q, cu_k = torch.tensor([0, 5, 17, 40], dtype=torch.int32), torch.tensor([0, 30, 31, 60], dtype=torch.int32)
     q = rand(40, 4, 16, gen=gen, requires_grad=True)
     k, v = (rand(60, 2, 16, gen=gen, requires_grad=True) for _ in range(2))

@@ -101,6 +101,7 @@ void parallel_for_balanced(int64_t count, const Cost& cost, const Fn& fn, bool s
   AlignedVector<double> prefix(count + 1, 0.0);
   for (int64_t t = 0; t < count; ++t) prefix[t + 1] = prefix[t] + static_cast<double>(cost(t));
   TORCH_CHECK(count < (int64_t{1} << 32), "attention kernels: ", count, " tasks in one call (claims count in 32 bits)");
+  if (count == 0) return;
   std::vector<TaskClaims::Run> runs(shares);
   // Run i ends at the first task past (i + 1) / shares of the cost.
   for (int64_t i = 0, t = 0, begin = 0; i < shares; ++i, begin = t) {
@@ -108,6 +109,12 @@ void parallel_for_balanced(int64_t count, const Cost& cost, const Fn& fn, bool s
     runs[i].bounds.store(static_cast<uint64_t>(begin) << 32 | static_cast<uint64_t>(t), std::memory_order_relaxed);
   }
   at::parallel_for(0, shares, 1, [&](int64_t first, int64_t last) {
+    bool own_tasks = false;  // (a thread that can neither run nor steal a task sets up no buffers)
+    for (int64_t i = first; i < last; ++i) {
+      const uint64_t bounds = runs[i].bounds.load(std::memory_order_relaxed);
+      own_tasks = own_tasks || (bounds >> 32) < (bounds & 0xFFFFFFFFu);
+    }
+    if (!own_tasks && !steal) return;
     TaskClaims claims(runs.data(), shares, first, last, steal);
     fn(claims);
   });

@@ -19,8 +19,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..errors import AttentionArgumentError
-
 DENSE_OPTIONS = 6  # causal, window_left, window_right, softcap, scale, dropout_p
 VARLEN_OPTIONS = 5  # window_left, window_right, softcap, scale, dropout_p
 
@@ -209,29 +207,3 @@ def register_varlen_autograd(
     """Registers the gradient of a packed attention op through ``backward_op`` (``sinks`` as for dense)."""
     setup_context, backward = varlen_autograd_rules(backward_op, sinks)
     torch.library.register_autograd(op, backward, setup_context=setup_context)
-
-
-# Autograd kernels of the forward-only ops, kept alive with their library.
-_FORWARD_ONLY = torch.library.Library("fused_attention", "IMPL")
-
-
-def register_forward_only(name: str) -> None:
-    """An autograd kernel for ``fused_attention::name``, an op without a backward: a call that would need
-    a gradient raises before the op runs. Without it, a direct ``torch.ops`` call returned outputs whose
-    backward left every gradient None without a word (and an in-place op had written its caches)."""
-    op = getattr(torch.ops.fused_attention, name).default
-    names = [argument.name for argument in op._schema.arguments]
-
-    def autograd_kernel(keyset, *args, **kwargs):
-        if torch.is_grad_enabled():
-            wanting = [n for n, a in zip(names, args) if isinstance(a, Tensor) and a.requires_grad]
-            if wanting:
-                raise AttentionArgumentError(
-                    f"fused_attention::{name} is forward only (inference), but {', '.join(wanting)} "
-                    f"{'requires' if len(wanting) == 1 else 'require'} grad; call it under torch.no_grad() / "
-                    "torch.inference_mode(), or detach the inputs"
-                )
-        with torch._C._AutoDispatchBelowAutograd():
-            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args, **kwargs)
-
-    _FORWARD_ONLY.impl(name, autograd_kernel, "Autograd", with_keyset=True)

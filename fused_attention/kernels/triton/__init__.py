@@ -25,10 +25,16 @@ import torch
 GRID_YZ_MAX = 65535
 
 
-def batch_slices(batch: int) -> Iterator[slice]:
-    """The batch in slices a grid's second or third axis can hold (GRID_YZ_MAX)."""
+def batch_slices(batch: int, *tensors: torch.Tensor) -> Iterator[tuple[int, tuple[torch.Tensor, ...]]]:
+    """(entries, the tensors' views of them) for each slice of the batch (dim 0) that a grid's second or
+    third axis can hold (GRID_YZ_MAX): the tensors themselves when the whole batch fits (no views made on a
+    call's every launch)."""
+    if batch <= GRID_YZ_MAX:
+        yield batch, tensors
+        return
     for start in range(0, batch, GRID_YZ_MAX):
-        yield slice(start, min(batch, start + GRID_YZ_MAX))
+        part = slice(start, min(batch, start + GRID_YZ_MAX))
+        yield part.stop - part.start, tuple(t[part] for t in tensors)
 
 
 @functools.cache

@@ -183,6 +183,8 @@ class Problem:
 TUNE_KEY = [
     "tune_key", "BLOCK_D", "BLOCK_DV", "CAUSAL", "WINDOW_LEFT", "WINDOW_RIGHT", "SOFTCAP", "ALIBI", "MASK",
     "KEY_LENGTHS", "DROPOUT", "VARLEN", "DOT_PRECISION",
+    # the flat grid's programs keep more values live (program_coordinates): their tiles are chosen apart
+    "FLAT_GRID",
     # the query-head group: a runtime int, but 1 compiles as a constant and the tile rules name it
     "groups",
 ]

@@ -195,9 +195,10 @@ def rotary(
     copy_tail = tail > 0 and q_out is not q
     fp64 = q.dtype == torch.float64 or k.dtype == torch.float64
     with device_guard(q):
-        for b in batch_slices(batch):  # (slices share strides; an output that is its input stays so)
-            _rotary_kernel[(seq_len, b.stop - b.start)](
-                q[b], q_out[b], k[b], k_out[b], cos, sin, positions[b],
+        # (slices keep the strides; an output that is its input stays so)
+        for entries, (q_, q_out_, k_, k_out_, positions_) in batch_slices(batch, q, q_out, k, k_out, positions):
+            _rotary_kernel[(seq_len, entries)](
+                q_, q_out_, k_, k_out_, cos, sin, positions_,
                 n_q_heads, n_k_heads, table_len, rotary_half, head_dim,
                 *q.stride(), *q_out.stride(), *k.stride(), *k_out.stride(),
                 *cos.stride(), *sin.stride(), *positions.stride(),

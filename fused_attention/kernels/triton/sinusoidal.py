@@ -97,13 +97,13 @@ def add_sinusoidal(
     block_s = min(max(1, _TILE_PAIRS // block_pairs), triton.next_power_of_2(seq_len))
     # with offsets, a program per batch entry (the grid's second axis: slices of the batch); without, each
     # program adds its encoding to every entry
-    slices = list(batch_slices(batch)) if offsets is not None else [slice(0, batch)]
+    starts = offsets if offsets is not None else x  # (unread without offsets)
+    parts = batch_slices(batch, x, out, starts) if offsets is not None else [(batch, (x, out, starts))]
     with device_guard(x):
-        for b in slices:
-            grid = (triton.cdiv(seq_len, block_s), b.stop - b.start if offsets is not None else 1,
-                    triton.cdiv(dim // 2, block_pairs))
+        for entries, (x_, out_, starts_) in parts:
+            grid = (triton.cdiv(seq_len, block_s), entries if offsets is not None else 1, triton.cdiv(dim // 2, block_pairs))
             _add_sinusoidal_kernel[grid](
-                x[b], out[b], offsets[b] if offsets is not None else x, offset, b.stop - b.start, seq_len, dim,
+                x_, out_, starts_, offset, entries, seq_len, dim,
                 log2_base_hi, log2_base - log2_base_hi,
                 *x.stride(), *out.stride(), offsets.stride(0) if offsets is not None else 0,
                 HAS_OFFSETS=offsets is not None,

@@ -1,0 +1,47 @@
+// Autograd kernel of the ops that have no backward (the KV-cache ops): a call that would need a gradient
+// (grad mode on and an input that requires grad) raises before the op runs, naming the inputs; any other
+// call goes on below autograd. Without it, a direct torch.ops call took torch's autograd fallback, whose
+// outputs' backward left every gradient None without a word (and the append op had written its caches
+// first). In C++, boxed, so that a call that needs no gradient pays no Python frame: a decode step's
+// host side is tens of microseconds. Device-independent.
+#include <ATen/core/LegacyTypeDispatch.h>  // at::AutoDispatchBelowADInplaceOrView (torch < 2.14 needs it named)
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/GradMode.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace fused_attention {
+namespace {
+
+void forward_only(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  if (c10::GradMode::is_enabled()) {
+    const auto& arguments = op.schema().arguments();
+    const size_t first = stack->size() - arguments.size();
+    std::string wanting;
+    int count = 0;
+    for (size_t i = 0; i < arguments.size(); ++i) {
+      const c10::IValue& value = (*stack)[first + i];
+      if (value.isTensor() && value.toTensor().defined() && value.toTensor().requires_grad()) {
+        wanting += (count++ > 0 ? ", " : "") + arguments[i].name();
+      }
+    }
+    TORCH_CHECK_VALUE(count == 0, op.schema().name(), " is forward only (inference), but ", wanting,
+                      count == 1 ? " requires" : " require",
+                      " grad; call it under torch.no_grad() / torch.inference_mode(), or detach the inputs");
+  }
+  const at::AutoDispatchBelowADInplaceOrView guard;
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_attention, Autograd, m) {
+  m.impl("kvcache_attention", torch::CppFunction::makeFromBoxedFunction<&forward_only>());
+  m.impl("kvcache_append_attention_", torch::CppFunction::makeFromBoxedFunction<&forward_only>());
+}
+
+}  // namespace fused_attention
