@@ -2,17 +2,20 @@
 // (grad mode on and an input that requires grad) raises before the op runs, naming the inputs; any other
 // call goes on below autograd. Without it, a direct torch.ops call took torch's autograd fallback, whose
 // outputs' backward left every gradient None without a word (and the append op had written its caches
-// first). In C++, boxed, so that a call that needs no gradient pays no Python frame: a decode step's
-// host side is tens of microseconds. Device-independent.
+// first). It also bumps the version counters of the tensors the op writes. In C++, boxed, so that a call
+// that needs no gradient pays no Python frame: a decode step's host side is tens of microseconds.
+// Device-independent.
 #include <ATen/core/LegacyTypeDispatch.h>  // at::AutoDispatchBelowADInplaceOrView (torch < 2.14 needs it named)
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 #include <c10/core/DispatchKeySet.h>
 #include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 namespace fused_attention {
 namespace {
@@ -33,8 +36,23 @@ void forward_only(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch
                       count == 1 ? " requires" : " require",
                       " grad; call it under torch.no_grad() / torch.inference_mode(), or detach the inputs");
   }
-  const at::AutoDispatchBelowADInplaceOrView guard;
-  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+  // The arguments the schema marks written (Tensor(a!): the caches): their version counters are bumped
+  // after the call, as torch's in-place ops do, so autograd refuses a backward that would read a tensor
+  // sharing their storage saved before the write (torch's fallback bumps only written returns).
+  std::vector<at::Tensor> written;
+  const auto& arguments = op.schema().arguments();
+  for (size_t i = 0, first = stack->size() - arguments.size(); i < arguments.size(); ++i) {
+    const c10::IValue& value = (*stack)[first + i];
+    const auto& alias = arguments[i].alias_info();
+    if (alias && alias->isWrite() && value.isTensor() && !value.toTensor().is_inference()) {
+      written.push_back(value.toTensor());
+    }
+  }
+  {
+    const at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+  }
+  for (const at::Tensor& t : written) torch::autograd::impl::bump_version(t);
 }
 
 }  // namespace

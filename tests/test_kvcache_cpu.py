@@ -164,6 +164,27 @@ def test_ops_called_directly_refuse_gradients(wants_grad):
         assert not call()[0].requires_grad
 
 
+def test_append_op_bumps_the_caches_versions():
+    """The caches' version counters move when the op writes them, as with torch's in-place ops: a backward
+    that saved a tensor sharing a cache's storage before the append is refused (it read the written values
+    silently). Caches made in inference mode have no counter and still take appends under no_grad."""
+    a = torch.randn(4, 2, 8, 16, requires_grad=True)
+    saved = a.exp()  # exp saves its output for the backward
+    k_cache, v_cache = saved.detach(), torch.randn(4, 2, 8, 16)  # (detach shares the storage and the counter)
+    new = [torch.randn(1, 2, 1, 16) for _ in range(3)]
+    tail = (None, torch.tensor([3]), torch.tensor([2]), None, None, None, -1, -1, 0.0, 0.25)
+    versions = (k_cache._version, v_cache._version)
+    with torch.no_grad():
+        torch.ops.fused_attention.kvcache_append_attention_(k_cache, v_cache, *new, *tail)
+    assert (k_cache._version, v_cache._version) == (versions[0] + 1, versions[1] + 1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.sum().backward()
+    with torch.inference_mode():
+        k_cache, v_cache = torch.randn(4, 2, 8, 16), torch.randn(4, 2, 8, 16)
+    with torch.no_grad():
+        torch.ops.fused_attention.kvcache_append_attention_(k_cache, v_cache, *new, *tail)
+
+
 @pytest.mark.parametrize("paged", [False, True])
 def test_append_attention_op_declares_its_mutations(paged):
     """``opcheck`` of the fused append + attention op: the schema's ``Tensor(a!)``, ``Tensor(b!)`` caches
