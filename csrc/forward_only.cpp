@@ -2,9 +2,9 @@
 // (grad mode on and an input that requires grad) raises before the op runs, naming the inputs; any other
 // call goes on below autograd. Without it, a direct torch.ops call took torch's autograd fallback, whose
 // outputs' backward left every gradient None without a word (and the append op had written its caches
-// first). It also bumps the version counters of the tensors the op writes. In C++, boxed, so that a call
-// that needs no gradient pays no Python frame: a decode step's host side is tens of microseconds.
-// Device-independent.
+// first). The append op's ADInplaceOrView kernel bumps the version counters of the caches it writes. In
+// C++, boxed, so that a call that needs no gradient pays no Python frame: a decode step's host side is
+// tens of microseconds. Device-independent.
 #include <ATen/core/LegacyTypeDispatch.h>  // at::AutoDispatchBelowADInplaceOrView (torch < 2.14 needs it named)
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
@@ -36,9 +36,16 @@ void forward_only(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch
                       count == 1 ? " requires" : " require",
                       " grad; call it under torch.no_grad() / torch.inference_mode(), or detach the inputs");
   }
-  // The arguments the schema marks written (Tensor(a!): the caches): their version counters are bumped
-  // after the call, as torch's in-place ops do, so autograd refuses a backward that would read a tensor
-  // sharing their storage saved before the write (torch's fallback bumps only written returns).
+  const at::AutoDispatchBelowADInplaceOrView guard;
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+
+// ADInplaceOrView kernel of the mutating op: bumps the version counters of the arguments the schema marks
+// written (Tensor(a!): the caches) after the call, as torch's in-place ops do, so autograd refuses a
+// backward that would read a tensor sharing their storage saved before the write (torch's fallback bumps
+// only written returns). Here, not in the Autograd kernel: inference mode skips that key, but a cache made
+// outside inference mode still reaches this one. Inference tensors have no counter.
+void bump_written(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   std::vector<at::Tensor> written;
   const auto& arguments = op.schema().arguments();
   for (size_t i = 0, first = stack->size() - arguments.size(); i < arguments.size(); ++i) {
@@ -50,7 +57,7 @@ void forward_only(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch
   }
   {
     const at::AutoDispatchBelowADInplaceOrView guard;
-    op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
   }
   for (const at::Tensor& t : written) torch::autograd::impl::bump_version(t);
 }
@@ -60,6 +67,10 @@ void forward_only(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch
 TORCH_LIBRARY_IMPL(fused_attention, Autograd, m) {
   m.impl("kvcache_attention", torch::CppFunction::makeFromBoxedFunction<&forward_only>());
   m.impl("kvcache_append_attention_", torch::CppFunction::makeFromBoxedFunction<&forward_only>());
+}
+
+TORCH_LIBRARY_IMPL(fused_attention, ADInplaceOrView, m) {
+  m.impl("kvcache_append_attention_", torch::CppFunction::makeFromBoxedFunction<&bump_written>());
 }
 
 }  // namespace fused_attention

@@ -165,9 +165,10 @@ def test_ops_called_directly_refuse_gradients(wants_grad):
 
 
 def test_append_op_bumps_the_caches_versions():
-    """The caches' version counters move when the op writes them, as with torch's in-place ops: a backward
-    that saved a tensor sharing a cache's storage before the append is refused (it read the written values
-    silently). Caches made in inference mode have no counter and still take appends under no_grad."""
+    """The caches' version counters move when the op writes them, as with torch's in-place ops, under no_grad
+    and under inference_mode: a backward that saved a tensor sharing a cache's storage before the append is
+    refused (it read the written values silently). Caches made in inference mode have no counter and still
+    take appends under no_grad."""
     a = torch.randn(4, 2, 8, 16, requires_grad=True)
     saved = a.exp()  # exp saves its output for the backward
     k_cache, v_cache = saved.detach(), torch.randn(4, 2, 8, 16)  # (detach shares the storage and the counter)
@@ -177,6 +178,9 @@ def test_append_op_bumps_the_caches_versions():
     with torch.no_grad():
         torch.ops.fused_attention.kvcache_append_attention_(k_cache, v_cache, *new, *tail)
     assert (k_cache._version, v_cache._version) == (versions[0] + 1, versions[1] + 1)
+    with torch.inference_mode():  # (caches made outside it keep their counters)
+        torch.ops.fused_attention.kvcache_append_attention_(k_cache, v_cache, *new, *tail)
+    assert (k_cache._version, v_cache._version) == (versions[0] + 2, versions[1] + 2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         saved.sum().backward()
     with torch.inference_mode():
