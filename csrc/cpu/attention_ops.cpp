@@ -138,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   check_inputs(q, k, v, 4);
   check_mask(mask, q);
   const int64_t batch = q.size(0), heads = q.size(1), len_q = q.size(2);
-  at::Tensor out = at::empty({batch, heads, len_q, v.size(3)}, q.options());
+  at::Tensor out = empty_in_layout_of(q, v.size(3), q.options());
   at::Tensor lse = at::empty({batch, heads, len_q}, q.options().dtype(acc_dtype(q)));
   const bool split = precise && acc_dtype(q) == at::kFloat;
   at::Tensor low = split ? at::empty(lse.sizes(), lse.options()) : at::Tensor();
@@ -242,8 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(!need_alibi_grad || alibi, "fused_attention: no alibi slopes to differentiate");
   const int64_t batch = q.size(0), heads = q.size(1);
   const at::ScalarType acc = acc_dtype(q);
-  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor dq = empty_gradient_of(q), dk = empty_gradient_of(k), dv = empty_gradient_of(v);
   const c10::optional<MaskGradient> mask_grad =
       need_mask_grad ? c10::make_optional(MaskGradient(*mask, batch, k.size(1), acc)) : c10::nullopt;
   const at::Tensor alibi_buffer = head_gradient_buffer(need_alibi_grad, batch, heads, q);
@@ -296,8 +295,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_from_stats_cpu
     float* lo = row_lse_low.data_ptr<float>();
     for (int64_t i = 0; i < exact.numel(); ++i) lo[i] = std::isfinite(e[i]) ? static_cast<float>(e[i] - hi[i]) : 0.0f;
   }
-  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor dq = empty_gradient_of(q), dk = empty_gradient_of(k), dv = empty_gradient_of(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fused_attention::attention_backward_from_stats", [&] {
     using acc_t = attn_acc_t<scalar_t>;
     const auto [slope_tensor, slope_stride] = slopes<acc_t>(alibi, acc, q.size(0), q.size(1));

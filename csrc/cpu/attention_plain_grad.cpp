@@ -61,7 +61,7 @@ struct PlainAttention : public torch::autograd::Function<PlainAttention> {
     const variable_list saved = ctx->get_saved_variables();
     std::optional<at::NoGradGuard> no_graph;  // the kernel's own ops record nothing (create_graph: see below)
     if (at::GradMode::is_enabled()) no_graph.emplace();
-    auto [dq, dk, dv] = plain_attention_backward(grads[0].contiguous(), saved[0], saved[1], saved[2],
+    auto [dq, dk, dv] = plain_attention_backward(grads[0], saved[0], saved[1], saved[2],
                                                  ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble());
     if (no_graph.has_value()) {
       no_graph.reset();

@@ -172,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> attend(const CacheCall& c, const at::Tensor* 
                       "(the values would overwrite the keys)");
     check_written_once(table, seqlens, new_len, page_size);
   }
-  at::Tensor out = at::empty({batch, heads, len_q, c.v_cache.size(3)}, c.q.options());
+  at::Tensor out = empty_in_layout_of(c.q, c.v_cache.size(3), c.q.options());
   at::Tensor lse = at::empty({batch, heads, len_q}, c.q.options().dtype(acc_dtype(c.q)));
   const at::Tensor sink_tensor = sink_logits(c.sinks, heads, acc_dtype(c.q));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.q.scalar_type(), "fused_attention::kvcache_attention", [&] {

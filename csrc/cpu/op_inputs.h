@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Optional.h>
 
 #include <utility>
@@ -12,6 +13,22 @@
 namespace fused_attention::cpu {
 
 inline at::ScalarType acc_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// An empty (B, H, N, last) tensor laid out as `like` (B, H, N, *): (B, N, H, last) in memory, transposed,
+// where like's heads lie closer together than its tokens (q, k, v viewed from a (B, N, H * D) projection
+// and transposed, as models make them; FlashAttention's layout), else contiguous. Models then undo the
+// transpose with .transpose(1, 2).contiguous() (or a view, for gradients), which costs nothing: torch's
+// CPU flash kernel returns (B, N, H, D) memory for the same reason. The same rule in Python:
+// fused_attention/kernels/layout.py (the other backends and the ops' fake tensors).
+inline at::Tensor empty_in_layout_of(const at::Tensor& like, int64_t last, const at::TensorOptions& options) {
+  const int64_t batch = like.size(0), heads = like.size(1), tokens = like.size(2);
+  if (heads > 1 && tokens > 1 && like.stride(1) < like.stride(2)) {
+    return at::empty({batch, tokens, heads, last}, options).transpose(1, 2);
+  }
+  return at::empty({batch, heads, tokens, last}, options);
+}
+// A gradient for `like`, in its layout.
+inline at::Tensor empty_gradient_of(const at::Tensor& like) { return empty_in_layout_of(like, like.size(3), like.options()); }
 
 // Float copy of the slopes (1 or `rows`, Hq) and the stride between their rows (rows: the batch, or the
 // packed sequences). The kernels index them by (row, head) unchecked: the shape is checked here.

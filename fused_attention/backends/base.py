@@ -228,7 +228,7 @@ class OpsBackend(Backend):
         if inputs.dropout_p:
             raise ValueError("attention_backward: no dropout (the forward's mask would be needed)")
         dq, dk, dv, dmask, *_ = self._op("attention_backward")(
-            dout.contiguous(), *dense_op_args(inputs, sinks=True), need_mask_grad, False, False
+            dout, *dense_op_args(inputs, sinks=True), need_mask_grad, False, False
         )
         return dq, dk, dv, dmask if need_mask_grad else None
 
@@ -238,7 +238,7 @@ class OpsBackend(Backend):
         if inputs.dropout_p or inputs.sinks is not None:
             raise ValueError("attention_backward_from_stats: no dropout, no sinks")
         return self._op("attention_backward_from_stats")(
-            dout.contiguous(), inputs.query, inputs.key, inputs.value, inputs.attn_mask, inputs.key_lengths,
+            dout, inputs.query, inputs.key, inputs.value, inputs.attn_mask, inputs.key_lengths,
             inputs.alibi_slopes, lse, delta, inputs.causal, inputs.window_left, inputs.window_right,
             inputs.softcap, inputs.scale,
         )

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .layout import empty_gradient_of, empty_in_layout_of
+
 # Elements of one (B, H, chunk, S) score block: a handful of these blocks is the working set.
 _CHUNK_ELEMENTS = 1 << 19
 _MIN_CHUNK = 16
@@ -241,7 +243,7 @@ def attention_forward(
     with ``precise_lse``: see :meth:`_Chunk.take_softmax`)."""
     batch, hq, seq_q, _ = q.shape
     cd = compute_dtype(q.dtype)
-    out = q.new_zeros(batch, hq, seq_q, v.shape[-1])
+    out = empty_in_layout_of(q, v.shape[-1]).zero_()
     lse = q.new_full((batch, hq, seq_q), float("-inf"), dtype=torch.float64 if precise_lse else cd)
     if sinks is not None:  # rows that see no key: the denominator is the sink alone
         lse.copy_(sinks.to(cd)[None, :, None].expand(lse.shape))
@@ -300,9 +302,7 @@ def attention_backward(
     A sink's gradient is ``-sum over batch and rows of p_sink * delta`` (``delta = rowsum(dout * out)``):
     raising the sink scales the row's output by ``1 - p_sink``."""
     cd = compute_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=cd, device=q.device)
-    dk = torch.zeros(k.shape, dtype=cd, device=q.device)
-    dv = torch.zeros(v.shape, dtype=cd, device=q.device)
+    dq, dk, dv = (empty_gradient_of(t, cd).zero_() for t in (q, k, v))
     dmask = torch.zeros(mask.shape, dtype=cd, device=q.device) if need_mask_grad else None
     dalibi = torch.zeros(alibi.shape, dtype=cd, device=q.device) if need_alibi_grad else None
     dsinks = torch.zeros(sinks.shape, dtype=cd, device=q.device) if need_sinks_grad else None
@@ -358,9 +358,7 @@ def attention_backward_from_stats(
     low = None
     if lse.dtype == torch.float64 and cd != torch.float64:
         low = torch.where(torch.isfinite(lse), lse - hi.double(), 0.0).to(cd)
-    dq = torch.zeros(q.shape, dtype=cd, device=q.device)
-    dk = torch.zeros(k.shape, dtype=cd, device=q.device)
-    dv = torch.zeros(v.shape, dtype=cd, device=q.device)
+    dq, dk, dv = (empty_gradient_of(t, cd).zero_() for t in (q, k, v))
     for i0, i1, j0, j1 in _chunks(q, k, rules):
         if j0 >= j1:
             continue

@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..kernels.layout import empty_gradient_of, empty_in_layout_of
+
 DENSE_OPTIONS = 6  # causal, window_left, window_right, softcap, scale, dropout_p
 VARLEN_OPTIONS = 5  # window_left, window_right, softcap, scale, dropout_p
 
@@ -29,7 +31,7 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def dense_fake(q: Tensor, k: Tensor, v: Tensor, *_args) -> tuple[Tensor, Tensor]:
     b, h, seq_q, _ = q.shape
-    return q.new_empty(b, h, seq_q, v.shape[-1]), q.new_empty(b, h, seq_q, dtype=lse_dtype(q.dtype))
+    return empty_in_layout_of(q, v.shape[-1]), q.new_empty(b, h, seq_q, dtype=lse_dtype(q.dtype))
 
 
 def precise_lse_fake(q: Tensor, k: Tensor, v: Tensor, *_args) -> tuple[Tensor, Tensor]:
@@ -38,15 +40,15 @@ def precise_lse_fake(q: Tensor, k: Tensor, v: Tensor, *_args) -> tuple[Tensor, T
 
 
 def backward_from_stats_fake(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, *_args) -> tuple[Tensor, ...]:
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return empty_gradient_of(q), empty_gradient_of(k), empty_gradient_of(v)
 
 
 def dense_backward_fake(dout, q, k, v, mask, key_lengths, alibi, *rest) -> tuple[Tensor, ...]:
     need_mask_grad, need_alibi_grad = rest[-2:]
-    # The real ops return fresh contiguous gradients, whatever the inputs' strides.
+    # dq, dk, dv in their inputs' layouts; the mask's and slopes' gradients fresh and contiguous.
     dmask = mask.new_empty(mask.shape) if need_mask_grad else q.new_empty(0)
     dalibi = alibi.new_empty(alibi.shape) if need_alibi_grad else q.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask, dalibi
+    return empty_gradient_of(q), empty_gradient_of(k), empty_gradient_of(v), dmask, dalibi
 
 
 def _sinks_grad_fake(q: Tensor, sinks: Tensor | None, need: bool) -> Tensor:
@@ -163,7 +165,7 @@ def dense_autograd_rules(
         need_alibi_grad = alibi is not None and ctx.needs_input_grad[5]
         need_sinks = _sinks_needs(ctx, sink)
         dq, dk, dv, dmask, dalibi, *dsinks = first_order(backward_op, (
-            dout.contiguous(), q, k, v, mask, key_lengths, alibi, seed, *sink, *ctx.options, need_mask_grad,
+            dout, q, k, v, mask, key_lengths, alibi, seed, *sink, *ctx.options, need_mask_grad,
             need_alibi_grad, *need_sinks,
         ))
         return (
@@ -191,7 +193,7 @@ def varlen_autograd_rules(
         need_alibi_grad = alibi is not None and ctx.needs_input_grad[5]
         need_sinks = _sinks_needs(ctx, sink)
         dq, dk, dv, dalibi, *dsinks = first_order(backward_op, (
-            dout.contiguous(), q, k, v, cu_q, cu_k, alibi, seed, *sink, *ctx.options, need_alibi_grad, *need_sinks
+            dout, q, k, v, cu_q, cu_k, alibi, seed, *sink, *ctx.options, need_alibi_grad, *need_sinks
         ))
         return (
             dq, dk, dv, None, None, dalibi if need_alibi_grad else None, None,

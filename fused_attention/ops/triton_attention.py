@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import compile_cache
+from ..kernels.layout import empty_gradient_of, empty_in_layout_of
 from ..kernels.triton.attention_backward import attention_backward
 from ..kernels.triton.attention_forward import attention_forward
 from ..kernels.triton.attention_launch import Problem
@@ -75,7 +76,7 @@ def triton_attention_impl(
     ``(1 or B, Hq)``; seed int64 ``(1,)`` (dropout); sinks float32 ``(Hq,)`` (lse includes them). Returns ``out (B, Hq, L, Ev)`` in q's dtype and
     ``lse (B, Hq, L)`` float32 (``-inf`` and output 0 for a row that sees no key)."""
     batch, heads, seq_q, _ = q.shape
-    out = q.new_empty(batch, heads, seq_q, v.shape[-1])
+    out = empty_in_layout_of(q, v.shape[-1])
     lse = q.new_empty(batch, heads, seq_q, dtype=attention_rules.lse_dtype(q.dtype))
     if out.numel() or lse.numel():
         problem = _problem(q, k, v, mask, key_lengths, alibi, None, None, seq_q, k.shape[2], seed, causal,
@@ -115,7 +116,7 @@ def triton_attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, dmask, dalibi, dsinks)`` from the forward's ``out`` and ``lse``; dmask (the mask's
     broadcast shape and dtype), dalibi and dsinks are empty tensors unless asked for."""
-    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    dq, dk, dv = (empty_gradient_of(t) for t in (q, k, v))
     dmask = dalibi = dsinks = None
     if dq.numel() or dk.numel() or dv.numel():
         problem = _problem(q, k, v, mask, key_lengths, alibi, None, None, q.shape[2], k.shape[2], seed, causal,
