@@ -10,6 +10,7 @@ from conftest import shared_backends
 from test_kvcache import _matrix, check_case, make_case, run_case
 
 import fused_attention.kvcache.attention as kvcache_attention
+from fused_attention.kernels.layout import empty_in_layout_of
 
 interpreted = pytest.mark.skipif("triton" not in shared_backends(), reason="triton cannot run on CPU tensors here")
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -161,8 +162,12 @@ def test_combine_kernel_matches_the_torch_merge(splits, sinks):
     if sinks:
         fold_sinks_(expected, expected_lse, sink)
     for dtype in (torch.float32, torch.float16):
-        out, out_lse = kvcache_combine(parts, lse, sink, dtype)
-        assert out.dtype == dtype and out_lse.dtype == torch.float32
-        torch.testing.assert_close(out, expected.to(dtype), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(out_lse, expected_lse, rtol=1e-5, atol=1e-6)
+        # the output takes the query's dtype and layout: contiguous, or (B, L, H, Dv) memory
+        for query in (torch.empty(batch, heads, seq_q, 8, dtype=dtype),
+                      torch.empty(batch, seq_q, heads, 8, dtype=dtype).transpose(1, 2)):
+            out, out_lse = kvcache_combine(parts, lse, sink, query)
+            assert out.dtype == dtype and out_lse.dtype == torch.float32
+            assert out.stride() == empty_in_layout_of(query, dim_v).stride()
+            torch.testing.assert_close(out, expected.to(dtype), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(out_lse, expected_lse, rtol=1e-5, atol=1e-6)
     assert torch.isneginf(out_lse[1, 2, 1]) == (not sinks) and out[1, 2, 1].eq(0).all()

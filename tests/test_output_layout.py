@@ -1,11 +1,12 @@
 """Outputs and gradients in their inputs' layout (``fused_attention/kernels/layout.py``).
 
 Models view a ``(B, N, H * D)`` projection as ``(B, N, H, D)``, transpose it to ``(B, H, N, D)`` for
-attention and undo that with ``.transpose(1, 2).contiguous()``: every backend returns the output laid
-out ``(B, N, H, D)`` in memory for such inputs, so that undoing copies nothing (as with torch's CPU flash
-kernel), and gradients in the layouts of q, k and v, so that the transpose's and view's backward copy
-nothing either. Contiguous inputs keep contiguous outputs. Values do not depend on the layout: bit for
-bit the same as the call with contiguous inputs and a contiguous upstream gradient.
+attention and undo that with ``.transpose(1, 2).contiguous()``: every backend's kernels return the output
+laid out ``(B, N, H, D)`` in memory for such inputs, so that undoing copies nothing (as with torch's CPU
+flash kernel), and gradients in the layouts of q, k and v, so that the transpose's and view's backward
+copy nothing either. Contiguous inputs keep contiguous outputs. The layouts of the output and of the
+upstream gradient do not change values: bit for bit the same as the call with contiguous inputs and a
+contiguous upstream gradient.
 """
 
 from __future__ import annotations
@@ -15,19 +16,18 @@ import torch
 from conftest import require, require_call, shared_backends
 
 import fused_attention
+from fused_attention.backends import plain_call
 
-B, N, H, HKV, D = 2, 21, 4, 2, 16
+B, N, H, HKV, D, DV = 2, 21, 4, 2, 16, 24
 
 
 def _projection(dtype, heads, tokens=N, gen=None):
-    """q, k, v (and the projection they view) as a model makes them: one (B, N, (H + 2 Hkv) D) tensor
-    split and transposed (q, k, v are neither contiguous nor dense)."""
-    x = torch.randn(B, tokens, (heads + 2 * HKV) * D, generator=gen, dtype=torch.float64).to(dtype)
+    """q, k, v (and the projection they view) as a model makes them: one (B, N, H D + Hkv (D + Dv)) tensor
+    split and transposed (q, k, v are neither contiguous nor dense); v's head dim differs."""
+    x = torch.randn(B, tokens, heads * D + HKV * (D + DV), generator=gen, dtype=torch.float64).to(dtype)
     x.requires_grad_()
-    q, k, v = x.split([heads * D, HKV * D, HKV * D], -1)
-    return x, q.view(B, tokens, heads, D).transpose(1, 2), k.view(B, tokens, HKV, D).transpose(1, 2), v.view(
-        B, tokens, HKV, D
-    ).transpose(1, 2)
+    q, k, v = x.split([heads * D, HKV * D, HKV * DV], -1)
+    return (x, *(t.view(B, tokens, -1, t.shape[-1] // n).transpose(1, 2) for t, n in ((q, heads), (k, HKV), (v, HKV))))
 
 
 def _copies(*tensors):
@@ -45,28 +45,34 @@ CASES = {
     "key_lengths+window": {"key_lengths": torch.tensor([N, 9]), "window_size": (5, 0)},
     "bool_mask": {"attn_mask": torch.rand(B, 1, N, N, generator=torch.Generator().manual_seed(1)) > 0.3},
 }
+# "auto": no backend named; on CPU tensors the cpu backend, its short path (plain_call) where the call allows
+BACKENDS = [*shared_backends(), *(["auto"] if plain_call._PLAIN is not None else [])]
 
 
-@pytest.mark.parametrize("backend", shared_backends())
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", list(CASES))
-def test_outputs_and_gradients_take_their_inputs_layout(backend, dtype, case):
-    require(backend, dtype)
+def test_outputs_and_gradients_take_their_inputs_layout(backend, dtype, case, monkeypatch):
+    auto = backend == "auto"
+    if auto:
+        monkeypatch.delenv("FUSED_ATTENTION_BACKEND", raising=False)
+    require("cpu" if auto else backend, dtype)
     kwargs = {"enable_gqa": True, **CASES[case]}
     gen = torch.Generator().manual_seed(0)
     _, q, k, v = _projection(dtype, H, gen=gen)
-    require_call(backend, q, k, v, **kwargs)
-    out = fused_attention.scaled_dot_product_attention(q, k, v, backend=backend, **kwargs)
+    require_call("cpu" if auto else backend, q, k, v, **kwargs)
+    kwargs |= {} if auto else {"backend": backend}
+    out = fused_attention.scaled_dot_product_attention(q, k, v, **kwargs)
     assert _heads_inside_tokens(out), f"{backend}: out {out.stride()} is not (B, N, H, D) memory"
     assert out.transpose(1, 2).contiguous().data_ptr() == out.data_ptr()
-    dout = torch.randn(B, N, H, D, generator=gen, dtype=torch.float64).to(dtype).transpose(1, 2)
+    dout = torch.randn(B, N, H, DV, generator=gen, dtype=torch.float64).to(dtype).transpose(1, 2)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     for name, grad in zip("qkv", grads):
         assert _heads_inside_tokens(grad), f"{backend}: d{name} {grad.stride()} is not (B, N, H, D) memory"
 
     # the same call on contiguous copies, with a contiguous upstream gradient: contiguous results, equal bits
     qc, kc, vc = _copies(q, k, v)
-    out_c = fused_attention.scaled_dot_product_attention(qc, kc, vc, backend=backend, **kwargs)
+    out_c = fused_attention.scaled_dot_product_attention(qc, kc, vc, **kwargs)
     assert out_c.is_contiguous()
     grads_c = torch.autograd.grad(out_c, (qc, kc, vc), dout.contiguous())
     assert torch.equal(out, out_c)
@@ -83,6 +89,52 @@ def test_one_head_or_one_token_stays_contiguous(backend):
         require_call(backend, query, k[:, :1], v[:, :1])
         out = fused_attention.scaled_dot_product_attention(query, k[:, :1], v[:, :1], backend=backend)
         assert out.is_contiguous(), f"{backend}: {tuple(out.shape)} out {out.stride()}"
+
+
+@pytest.mark.parametrize("backend", shared_backends())
+@pytest.mark.parametrize("rows", [2, 8])
+def test_decode_steps_take_the_query_layout(backend, rows):
+    """A few query rows against a long cache (the decode kernels: the cpu backend's split-KV path, triton's
+    split-KV kernel and its combine), q viewed from a projection: (B, rows, H, Dv) memory, the same values
+    as for a contiguous q."""
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(B, rows, H * D, generator=gen)
+    q = x.view(B, rows, H, D).transpose(1, 2)
+    k = torch.randn(B, HKV, 300, D, generator=gen)
+    v = torch.randn(B, HKV, 300, DV, generator=gen)
+    kwargs = {"enable_gqa": True, "window_size": (-1, 0)}
+    require_call(backend, q, k, v, **kwargs)
+    with torch.no_grad():
+        out = fused_attention.scaled_dot_product_attention(q, k, v, backend=backend, **kwargs)
+        out_c = fused_attention.scaled_dot_product_attention(q.contiguous(), k, v, backend=backend, **kwargs)
+    assert _heads_inside_tokens(out), f"{backend}: out {out.stride()}"
+    assert out_c.is_contiguous()
+    assert torch.equal(out, out_c)
+
+
+def test_kvcache_bshd_output_is_the_kernels_memory():
+    """attention_with_kvcache in FlashAttention's layout, several query rows: q (B, Lq, H, D) goes in
+    transposed, and the (B, Lq, H, Dv) output comes back without a copy (contiguous)."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(B, 5, H, D, generator=gen)
+    k_cache = torch.randn(B, 40, HKV, D, generator=gen)
+    v_cache = torch.randn(B, 40, HKV, DV, generator=gen)
+    out = fused_attention.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=30, is_causal=True)
+    assert out.shape == (B, 5, H, DV) and out.is_contiguous()
+
+
+def test_packed_gradients_keep_a_permuted_layout():
+    """varlen_attention's gradients are zeros_like(q, k, v) on every backend (the fakes' rule): a packed q
+    that is a permuted dense tensor keeps its strides in dq (the cpu extension allocated it contiguous)."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(H, 11, D, generator=gen).transpose(0, 1).requires_grad_()  # (T, H, D), heads outermost
+    k = torch.randn(11, HKV, D, generator=gen, requires_grad=True)
+    v = torch.randn(11, HKV, DV, generator=gen, requires_grad=True)
+    cu = torch.tensor([0, 4, 11])
+    for backend in shared_backends():
+        out = fused_attention.varlen_attention(q, k, v, cu, cu, 7, 7, is_causal=True, backend=backend)
+        dq, _, _ = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        assert dq.stride() == q.stride(), f"{backend}: dq {dq.stride()} for q {q.stride()}"
 
 
 def test_hugging_face_undoes_the_transpose_without_a_copy(monkeypatch):

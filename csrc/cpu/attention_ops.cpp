@@ -9,6 +9,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Optional.h>
 #include <torch/library.h>
@@ -241,6 +242,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(!need_mask_grad || (mask && mask->is_floating_point()), "fused_attention: no float mask to differentiate");
   TORCH_CHECK(!need_alibi_grad || alibi, "fused_attention: no alibi slopes to differentiate");
   const int64_t batch = q.size(0), heads = q.size(1);
+  // (read through its strides, unchecked by the kernel)
+  TORCH_CHECK(dout.dim() == 4 && dout.size(0) == batch && dout.size(1) == heads && dout.size(2) == q.size(2) &&
+                  dout.size(3) == v.size(3),
+              "fused_attention::attention_backward: dout must be (B, Hq, L, Ev), got ", dout.sizes());
   const at::ScalarType acc = acc_dtype(q);
   at::Tensor dq = empty_gradient_of(q), dk = empty_gradient_of(k), dv = empty_gradient_of(v);
   const c10::optional<MaskGradient> mask_grad =
@@ -350,8 +355,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_at
   check_inputs(q, k, v, 3);
   TORCH_CHECK(!need_alibi_grad || alibi, "fused_attention: no alibi slopes to differentiate");
   const at::ScalarType acc = acc_dtype(q);
-  at::Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options());
-  at::Tensor dv = at::zeros(v.sizes(), v.options());
+  // (in the inputs' layouts, as the fake's and the other backends' zeros_like)
+  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   const int64_t sequences = cu_seqlens_q.numel() - 1;
   const at::Tensor alibi_buffer = head_gradient_buffer(need_alibi_grad, sequences, q.size(1), q);
   const at::Tensor sink_tensor = sink_logits(sinks, q.size(1), acc);

@@ -60,4 +60,4 @@ def decode_attention(inputs: AttentionInputs) -> tuple[torch.Tensor, torch.Tenso
         window=(inputs.window_left, inputs.window_right), softcap=inputs.softcap or None,
         alibi_slopes=inputs.alibi_slopes, leftpad=None,
     )
-    return kvcache_combine(outs, lses, inputs.sinks, q.dtype)
+    return kvcache_combine(outs, lses, inputs.sinks, q)

@@ -69,4 +69,4 @@ def split_kv_attention(call: KVCacheCall, q: torch.Tensor) -> tuple[torch.Tensor
         q, k_cache, v_cache, table, total, contiguous=call.block_table is None, num_splits=splits, scale=call.scale, is_causal=call.is_causal,
         window=call.window, softcap=call.softcap, alibi_slopes=call.alibi_slopes, leftpad=call.leftpad,
     )
-    return kvcache_combine(outs, lses, call.sinks, q.dtype)
+    return kvcache_combine(outs, lses, call.sinks, q.transpose(1, 2))

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import empty_in_layout_of
 from .attention_launch import padded_head_dim
 
 
@@ -19,7 +20,7 @@ from .attention_launch import padded_head_dim
 def kvcache_combine_kernel(
     Parts, PartLse, Sinks, Out, Lse,
     splits, heads, seq_q, value_dim,
-    stride_ps, stride_ls,
+    stride_ps, stride_ls, stride_ob, stride_oh, stride_ol,
     SINKS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # one program per query row r of (B, H, L), row-major; parts (splits, B, H, L, Dv) contiguous
@@ -50,18 +51,20 @@ def kvcache_combine_kernel(
     if SINKS:
         total += tl.exp(sink - base)
     out = acc / tl.where(total == 0.0, 1.0, total)
-    tl.store(Out + row * value_dim + offs_d, out.to(Out.dtype.element_ty), mask=d_ok)
+    out_row = Out + (row // (heads * seq_q)) * stride_ob + (row // seq_q) % heads * stride_oh + row % seq_q * stride_ol
+    tl.store(out_row + offs_d, out.to(Out.dtype.element_ty), mask=d_ok)
     tl.store(Lse + row, base + tl.log(total))  # log(0) = -inf for a row that saw nothing
 
 
 def kvcache_combine(
-    parts: torch.Tensor, part_lse: torch.Tensor, sinks: torch.Tensor | None, dtype: torch.dtype
+    parts: torch.Tensor, part_lse: torch.Tensor, sinks: torch.Tensor | None, query: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out (B, H, L, Dv) in dtype, lse (B, H, L) float32)`` from the splits' ``parts (splits, B, H, L,
-    Dv)`` and ``part_lse (splits, B, H, L)`` (float32, contiguous, as :func:`.kvcache_decode.kvcache_decode`
-    writes them); ``sinks`` ``(H,)`` float32 or None."""
+    """``(out (B, H, L, Dv), lse (B, H, L) float32)`` from the splits' ``parts (splits, B, H, L, Dv)`` and
+    ``part_lse (splits, B, H, L)`` (float32, contiguous, as :func:`.kvcache_decode.kvcache_decode` writes
+    them); ``sinks`` ``(H,)`` float32 or None. ``out`` has the dtype and memory layout of ``query`` ``(B,
+    H, L, D)``, as the regular attention ops' (:func:`fused_attention.kernels.layout.empty_in_layout_of`)."""
     splits, batch, heads, seq_q, value_dim = parts.shape
-    out = torch.empty(parts.shape[1:], device=parts.device, dtype=dtype)
+    out = empty_in_layout_of(query, value_dim)
     lse = torch.empty(part_lse.shape[1:], device=parts.device, dtype=torch.float32)
     rows = batch * heads * seq_q
     if rows == 0:
@@ -70,7 +73,7 @@ def kvcache_combine(
         sinks = sinks.to(torch.float32).contiguous()
     kvcache_combine_kernel[(rows,)](
         parts, part_lse, sinks if sinks is not None else lse, out, lse,
-        splits, heads, seq_q, value_dim, parts.stride(0), part_lse.stride(0),
+        splits, heads, seq_q, value_dim, parts.stride(0), part_lse.stride(0), *out.stride()[:3],
         SINKS=sinks is not None, BLOCK_S=min(32, triton.next_power_of_2(splits)),
         BLOCK_DV=padded_head_dim(value_dim), num_warps=4,
     )
