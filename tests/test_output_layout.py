@@ -63,6 +63,8 @@ def test_outputs_and_gradients_take_their_inputs_layout(backend, dtype, case, mo
     require_call("cpu" if auto else backend, q, k, v, **kwargs)
     kwargs |= {} if auto else {"backend": backend}
     out = fused_attention.scaled_dot_product_attention(q, k, v, **kwargs)
+    if auto and case in ("plain", "causal"):  # the short path's C++ autograd node served the call
+        assert "PlainAttention" in out.grad_fn.name()
     assert _heads_inside_tokens(out), f"{backend}: out {out.stride()} is not (B, N, H, D) memory"
     assert out.transpose(1, 2).contiguous().data_ptr() == out.data_ptr()
     dout = torch.randn(B, N, H, DV, generator=gen, dtype=torch.float64).to(dtype).transpose(1, 2)
@@ -94,14 +96,14 @@ def test_one_head_or_one_token_stays_contiguous(backend):
 @pytest.mark.parametrize("backend", shared_backends())
 @pytest.mark.parametrize("rows", [2, 8])
 def test_decode_steps_take_the_query_layout(backend, rows):
-    """A few query rows against a long cache (the decode kernels: the cpu backend's split-KV path, triton's
-    split-KV kernel and its combine), q viewed from a projection: (B, rows, H, Dv) memory, the same values
-    as for a contiguous q."""
+    """A few query rows against a long cache (the decode kernels: the cpu backend's decode path, whose
+    1100 keys go in more than one chunk, merged; triton's split-KV kernel and its combine), q viewed from a
+    projection: (B, rows, H, Dv) memory, the same values as for a contiguous q."""
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(B, rows, H * D, generator=gen)
     q = x.view(B, rows, H, D).transpose(1, 2)
-    k = torch.randn(B, HKV, 300, D, generator=gen)
-    v = torch.randn(B, HKV, 300, DV, generator=gen)
+    k = torch.randn(B, HKV, 1100, D, generator=gen)
+    v = torch.randn(B, HKV, 1100, DV, generator=gen)
     kwargs = {"enable_gqa": True, "window_size": (-1, 0)}
     require_call(backend, q, k, v, **kwargs)
     with torch.no_grad():
@@ -112,15 +114,29 @@ def test_decode_steps_take_the_query_layout(backend, rows):
     assert torch.equal(out, out_c)
 
 
-def test_kvcache_bshd_output_is_the_kernels_memory():
+def test_kvcache_bshd_output_is_the_kernels_memory(monkeypatch):
     """attention_with_kvcache in FlashAttention's layout, several query rows: q (B, Lq, H, D) goes in
-    transposed, and the (B, Lq, H, Dv) output comes back without a copy (contiguous)."""
+    transposed, and the (B, Lq, H, Dv) output it returns is the kernel's own memory (no copy)."""
+    import fused_attention.kvcache.attention as kvcache_attention
+
+    outputs = []
+    attend = kvcache_attention._attend
+
+    def recording(*args, **kwargs):
+        out, lse = attend(*args, **kwargs)
+        outputs.append(out)
+        return out, lse
+
+    monkeypatch.setattr(kvcache_attention, "_attend", recording)
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(B, 5, H, D, generator=gen)
     k_cache = torch.randn(B, 40, HKV, D, generator=gen)
     v_cache = torch.randn(B, 40, HKV, DV, generator=gen)
-    out = fused_attention.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=30, is_causal=True)
-    assert out.shape == (B, 5, H, DV) and out.is_contiguous()
+    for backend in shared_backends():
+        out = fused_attention.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=30, is_causal=True,
+                                                     backend=backend)
+        assert out.shape == (B, 5, H, DV) and out.is_contiguous()
+        assert out.data_ptr() == outputs[-1].data_ptr(), f"{backend}: the (B, Lq, H, Dv) output is a copy"
 
 
 def test_packed_gradients_keep_a_permuted_layout():
@@ -135,6 +151,12 @@ def test_packed_gradients_keep_a_permuted_layout():
         out = fused_attention.varlen_attention(q, k, v, cu, cu, 7, 7, is_causal=True, backend=backend)
         dq, _, _ = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
         assert dq.stride() == q.stride(), f"{backend}: dq {dq.stride()} for q {q.stride()}"
+    if plain_call._PLAIN is not None:  # the extension's op against its fake, strides included
+        op = torch.ops.fused_attention.varlen_attention_backward.default
+        out, _ = torch.ops.fused_attention.varlen_attention(q, k, v, cu, cu, None, None, None, -1, 0, 0.0, 0.25, 0.0)
+        dout = torch.randn(out.shape, generator=gen)
+        args = (dout, q.detach(), k.detach(), v.detach(), cu, cu, None, None, None, -1, 0, 0.0, 0.25, 0.0, False, False)
+        torch.library.opcheck(op, args)
 
 
 def test_hugging_face_undoes_the_transpose_without_a_copy(monkeypatch):

@@ -354,6 +354,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_at
     bool need_sinks_grad) {
   check_inputs(q, k, v, 3);
   TORCH_CHECK(!need_alibi_grad || alibi, "fused_attention: no alibi slopes to differentiate");
+  // (read through its strides, unchecked by the kernel)
+  TORCH_CHECK(dout.dim() == 3 && dout.size(0) == q.size(0) && dout.size(1) == q.size(1) && dout.size(2) == v.size(2),
+              "fused_attention::varlen_attention_backward: dout must be (total_q, Hq, Ev), got ", dout.sizes());
   const at::ScalarType acc = acc_dtype(q);
   // (in the inputs' layouts, as the fake's and the other backends' zeros_like)
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);

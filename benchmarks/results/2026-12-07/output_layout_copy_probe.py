@@ -1,6 +1,7 @@
-"""Where the contiguous output's cost goes (needed the session's temporary build, as
-output_layout_call_ab.py): the kernel alone, and the kernel followed by transformers'
-.transpose(1, 2).contiguous(), with the output contiguous (AB_CONTIGUOUS set) or in q's layout."""
+"""Where the contiguous output's cost goes: the kernel alone, and the kernel followed by transformers'
+.transpose(1, 2).contiguous(), with the output contiguous (AB_CONTIGUOUS set) or in q's layout. Needed
+the session's temporary build, as output_layout_call_ab.py (with the code as committed both sides run
+the same code)."""
 import os
 
 import torch
