@@ -4,13 +4,21 @@ torch's FX graph cache and AOTAutograd cache key a graph on its code, which name
 not their schemas (still so in torch 2.14; pytorch/pytorch#187319): after an upgrade that changed an
 op's schema, a graph compiled against the old schema was reused from the on-disk cache and failed.
 Both caches do key on ``torch.compiler.config.cache_key_tag``; :func:`tag_compile_caches` adds one
-component to it, ``fused_attention=<version>+<hash of our registered op schemas>``, keeping whatever
-the user set. The cost: graphs compiled before an upgrade of this package are compiled once more.
+component to it, ``fused_attention=<version>+<hash of our registered op schemas and fake rules>``,
+keeping whatever the user set. The cost: graphs compiled before an upgrade of this package are compiled
+once more.
+
+The fake (meta) rules are hashed by their source files (:data:`FAKE_RULE_SOURCES`): they decide the
+shapes and strides a compiled graph records for our ops' outputs, and Inductor asserts them at run time.
+A graph compiled against an older rule failed so (outputs that took the query's layout, 2026-12-07,
+between two development builds of one version).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from pathlib import Path
 
 import torch
 
@@ -18,6 +26,35 @@ from ._version import __version__
 
 NAMESPACE = "fused_attention"
 _SEPARATOR = "|"
+_PACKAGE = Path(__file__).resolve().parent
+# Every module that registers a fake rule, and what those rules call to lay out their outputs
+# (tests/test_compile_cache.py checks that each file registering one is listed).
+FAKE_RULE_SOURCES = (
+    "_extension.py",
+    "kernels/layout.py",
+    "ops/attention_rules.py",
+    "ops/kvcache_append.py",
+    "ops/torch_attention.py",
+    "ops/torch_varlen.py",
+    "ops/triton_attention.py",
+    "ops/triton_positional.py",
+)
+
+
+def _read_source(relative: str) -> bytes:
+    try:
+        return (_PACKAGE / relative).read_bytes()
+    except OSError:  # an install without sources: the version and schemas still key the caches
+        return b"(unreadable)"
+
+
+@functools.cache
+def fake_rules_digest() -> str:
+    """A hash of :data:`FAKE_RULE_SOURCES` (read once per process)."""
+    digest = hashlib.sha256()
+    for relative in FAKE_RULE_SOURCES:
+        digest.update(relative.encode() + b"\0" + _read_source(relative) + b"\0")
+    return digest.hexdigest()
 
 
 def op_schemas() -> list[str]:
@@ -33,7 +70,7 @@ def op_schemas() -> list[str]:
 
 def cache_tag() -> str:
     """This package's component of the compile caches' key tag."""
-    digest = hashlib.sha256("\n".join(op_schemas()).encode()).hexdigest()[:16]
+    digest = hashlib.sha256("\n".join([*op_schemas(), fake_rules_digest()]).encode()).hexdigest()[:16]
     return f"{NAMESPACE}={__version__}+{digest}"
 
 

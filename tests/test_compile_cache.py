@@ -1,11 +1,12 @@
-"""An upgrade that changes an op's schema does not reuse graphs compiled against the old one: our
-component of ``torch.compiler.config.cache_key_tag`` follows the op schemas, and torch's FX graph
-cache key follows the tag (torch does not key on custom-op schemas itself)."""
+"""An upgrade that changes an op's schema or fake rules does not reuse graphs compiled against the old
+ones: our component of ``torch.compiler.config.cache_key_tag`` follows the op schemas and the fake rules'
+sources, and torch's FX graph cache key follows the tag (torch does not key on custom ops itself)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -64,6 +65,35 @@ print(before != compile_cache.cache_tag())
         [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"
+
+
+def test_every_module_registering_a_fake_rule_is_hashed():
+    package = Path(fused_attention.__file__).resolve().parent
+    registering = {
+        path.relative_to(package).as_posix()
+        for path in package.rglob("*.py")
+        if "register_fake" in path.read_text() and path.name != "compile_cache.py"
+    }
+    assert registering, "no module registers a fake rule: the scan is broken"
+    assert registering <= set(compile_cache.FAKE_RULE_SOURCES), registering - set(compile_cache.FAKE_RULE_SOURCES)
+    for relative in compile_cache.FAKE_RULE_SOURCES:
+        assert (package / relative).is_file(), relative
+
+
+def test_changed_fake_rule_changes_the_tag(monkeypatch):
+    """A fake rule's change (here, of what lays out the outputs) keys graphs afresh, with the version and
+    the schemas unchanged."""
+    before = compile_cache.cache_tag()
+    read = compile_cache._read_source
+    monkeypatch.setattr(compile_cache, "_read_source",
+                        lambda relative: read(relative) + (b"#" if relative == "kernels/layout.py" else b""))
+    compile_cache.fake_rules_digest.cache_clear()
+    try:
+        assert compile_cache.cache_tag() != before
+    finally:
+        monkeypatch.undo()
+        compile_cache.fake_rules_digest.cache_clear()
+    assert compile_cache.cache_tag() == before
 
 
 def test_fx_graph_cache_key_follows_the_tag():
