@@ -1,17 +1,20 @@
-"""Keys torch.compile's caches on this package's op schemas, so an upgrade never reuses stale graphs.
+"""Keys torch.compile's caches on this package's op schemas and op rules, so an upgrade does not reuse
+stale graphs.
 
 torch's FX graph cache and AOTAutograd cache key a graph on its code, which names our custom ops but
 not their schemas (still so in torch 2.14; pytorch/pytorch#187319): after an upgrade that changed an
 op's schema, a graph compiled against the old schema was reused from the on-disk cache and failed.
 Both caches do key on ``torch.compiler.config.cache_key_tag``; :func:`tag_compile_caches` adds one
-component to it, ``fused_attention=<version>+<hash of our registered op schemas and fake rules>``,
+component to it, ``fused_attention=<version>+<hash of our registered op schemas and op rules>``,
 keeping whatever the user set. The cost: graphs compiled before an upgrade of this package are compiled
 once more.
 
-The fake (meta) rules are hashed by their source files (:data:`FAKE_RULE_SOURCES`): they decide the
-shapes and strides a compiled graph records for our ops' outputs, and Inductor asserts them at run time.
-A graph compiled against an older rule failed so (outputs that took the query's layout, 2026-12-07,
-between two development builds of one version).
+The fake (meta) and autograd rules are hashed by their source files (:data:`FAKE_RULE_SOURCES`): fakes
+decide the shapes and strides a compiled graph records for our ops' outputs (Inductor asserts them at
+run time), autograd rules are traced into compiled backward graphs. After the change to outputs in the
+query's layout (2026-12-07), a graph compiled against the previous fake was reused from Inductor's disk
+cache between two development builds of one version, and failed. An install without readable sources
+(a zipapp, a frozen application) keys on the version and schemas alone.
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ from ._version import __version__
 NAMESPACE = "fused_attention"
 _SEPARATOR = "|"
 _PACKAGE = Path(__file__).resolve().parent
-# Every module that registers a fake rule, and what those rules call to lay out their outputs
-# (tests/test_compile_cache.py checks that each file registering one is listed).
+# Every module that registers a fake or autograd rule of our ops, and what the fakes call to lay out
+# their outputs (tests/test_compile_cache.py checks that each file registering one is listed; a new
+# helper module that a rule calls must be added by hand).
 FAKE_RULE_SOURCES = (
     "_extension.py",
     "kernels/layout.py",
     "ops/attention_rules.py",
     "ops/kvcache_append.py",
+    "ops/position_rules.py",
     "ops/torch_attention.py",
     "ops/torch_varlen.py",
     "ops/triton_attention.py",
