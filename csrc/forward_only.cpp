@@ -20,18 +20,23 @@
 namespace fused_attention {
 namespace {
 
+// fn(schema argument, its tensor) for each of the op's arguments on the stack that is a defined tensor.
+template <typename Fn>
+void for_each_tensor_argument(const c10::OperatorHandle& op, const torch::jit::Stack& stack, const Fn& fn) {
+  const auto& arguments = op.schema().arguments();
+  for (size_t i = 0, first = stack.size() - arguments.size(); i < arguments.size(); ++i) {
+    const c10::IValue& value = stack[first + i];
+    if (value.isTensor() && value.toTensor().defined()) fn(arguments[i], value.toTensor());
+  }
+}
+
 void forward_only(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   if (c10::GradMode::is_enabled()) {
-    const auto& arguments = op.schema().arguments();
-    const size_t first = stack->size() - arguments.size();
     std::string wanting;
     int count = 0;
-    for (size_t i = 0; i < arguments.size(); ++i) {
-      const c10::IValue& value = (*stack)[first + i];
-      if (value.isTensor() && value.toTensor().defined() && value.toTensor().requires_grad()) {
-        wanting += (count++ > 0 ? ", " : "") + arguments[i].name();
-      }
-    }
+    for_each_tensor_argument(op, *stack, [&](const c10::Argument& argument, const at::Tensor& t) {
+      if (t.requires_grad()) wanting += (count++ > 0 ? ", " : "") + argument.name();
+    });
     TORCH_CHECK_VALUE(count == 0, op.schema().name(), " is forward only (inference), but ", wanting,
                       count == 1 ? " requires" : " require",
                       " grad; call it under torch.no_grad() / torch.inference_mode(), or detach the inputs");
@@ -47,14 +52,10 @@ void forward_only(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch
 // outside inference mode still reaches this one. Inference tensors have no counter.
 void bump_written(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   std::vector<at::Tensor> written;
-  const auto& arguments = op.schema().arguments();
-  for (size_t i = 0, first = stack->size() - arguments.size(); i < arguments.size(); ++i) {
-    const c10::IValue& value = (*stack)[first + i];
-    const auto& alias = arguments[i].alias_info();
-    if (alias && alias->isWrite() && value.isTensor() && !value.toTensor().is_inference()) {
-      written.push_back(value.toTensor());
-    }
-  }
+  for_each_tensor_argument(op, *stack, [&](const c10::Argument& argument, const at::Tensor& t) {
+    const auto& alias = argument.alias_info();
+    if (alias && alias->isWrite() && !t.is_inference()) written.push_back(t);
+  });
   {
     const at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);

@@ -9,7 +9,7 @@ component to it, ``fused_attention=<version>+<hash of our registered op schemas 
 keeping whatever the user set. The cost: graphs compiled before an upgrade of this package are compiled
 once more.
 
-The fake (meta) and autograd rules are hashed by their source files (:data:`FAKE_RULE_SOURCES`): fakes
+The fake (meta) and autograd rules are hashed by their source files (:data:`RULE_SOURCES`): fakes
 decide the shapes and strides a compiled graph records for our ops' outputs (Inductor asserts them at
 run time), autograd rules are traced into compiled backward graphs. After the change to outputs in the
 query's layout (2026-12-07), a graph compiled against the previous fake was reused from Inductor's disk
@@ -33,7 +33,7 @@ _PACKAGE = Path(__file__).resolve().parent
 # Every module that registers a fake or autograd rule of our ops, and what the fakes call to lay out
 # their outputs (tests/test_compile_cache.py checks that each file registering one is listed; a new
 # helper module that a rule calls must be added by hand).
-FAKE_RULE_SOURCES = (
+RULE_SOURCES = (
     "_extension.py",
     "kernels/layout.py",
     "ops/attention_rules.py",
@@ -54,10 +54,10 @@ def _read_source(relative: str) -> bytes:
 
 
 @functools.cache
-def fake_rules_digest() -> str:
-    """A hash of :data:`FAKE_RULE_SOURCES` (read once per process)."""
+def rules_digest() -> str:
+    """A hash of :data:`RULE_SOURCES` (read once per process)."""
     digest = hashlib.sha256()
-    for relative in FAKE_RULE_SOURCES:
+    for relative in RULE_SOURCES:
         digest.update(relative.encode() + b"\0" + _read_source(relative) + b"\0")
     return digest.hexdigest()
 
@@ -75,7 +75,7 @@ def op_schemas() -> list[str]:
 
 def cache_tag() -> str:
     """This package's component of the compile caches' key tag."""
-    digest = hashlib.sha256("\n".join([*op_schemas(), fake_rules_digest()]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256("\n".join([*op_schemas(), rules_digest()]).encode()).hexdigest()[:16]
     return f"{NAMESPACE}={__version__}+{digest}"
 
 

@@ -68,7 +68,7 @@ print(before != compile_cache.cache_tag())
     assert out.stdout.strip() == "True"
 
 
-def test_every_module_registering_a_fake_rule_is_hashed():
+def test_every_module_registering_an_op_rule_is_hashed():
     package = Path(fused_attention.__file__).resolve().parent
     registering = {
         path.relative_to(package).as_posix()
@@ -77,8 +77,8 @@ def test_every_module_registering_a_fake_rule_is_hashed():
         and path.name != "compile_cache.py"
     }
     assert {"ops/attention_rules.py", "ops/position_rules.py", "_extension.py"} <= registering, "the scan is broken"
-    assert registering <= set(compile_cache.FAKE_RULE_SOURCES), registering - set(compile_cache.FAKE_RULE_SOURCES)
-    for relative in compile_cache.FAKE_RULE_SOURCES:
+    assert registering <= set(compile_cache.RULE_SOURCES), registering - set(compile_cache.RULE_SOURCES)
+    for relative in compile_cache.RULE_SOURCES:
         assert (package / relative).is_file(), relative
 
 
@@ -89,12 +89,12 @@ def test_changed_fake_rule_changes_the_tag(monkeypatch):
     read = compile_cache._read_source
     monkeypatch.setattr(compile_cache, "_read_source",
                         lambda relative: read(relative) + (b"#" if relative == "kernels/layout.py" else b""))
-    compile_cache.fake_rules_digest.cache_clear()
+    compile_cache.rules_digest.cache_clear()
     try:
         assert compile_cache.cache_tag() != before
     finally:
         monkeypatch.undo()
-        compile_cache.fake_rules_digest.cache_clear()
+        compile_cache.rules_digest.cache_clear()
     assert compile_cache.cache_tag() == before
 
 

@@ -125,6 +125,16 @@ void check_mask(const c10::optional<at::Tensor>& mask, const at::Tensor& q) {
   }
 }
 
+// The upstream gradient's shape (B, Hq, L, Ev) (dense) or (total_q, Hq, Ev) (packed): the kernels read it
+// through its strides, unchecked.
+void check_dout(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& v, const char* op) {
+  const int64_t dims = q.dim();
+  bool ok = dout.dim() == dims && dout.size(dims - 1) == v.size(dims - 1);
+  for (int64_t d = 0; ok && d < dims - 1; ++d) ok = dout.size(d) == q.size(d);
+  TORCH_CHECK(ok, "fused_attention::", op, ": dout must be ", dims == 4 ? "(B, Hq, L, Ev)" : "(total_q, Hq, Ev)",
+              ", got ", dout.sizes());
+}
+
 // `precise`: lse in float64 for every input dtype, to the precision of each row's sum (RowIndex::low)
 // rather than float's spacing at |lse| (what a merge over key blocks needs: ring attention).
 template <bool precise>
@@ -242,10 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(!need_mask_grad || (mask && mask->is_floating_point()), "fused_attention: no float mask to differentiate");
   TORCH_CHECK(!need_alibi_grad || alibi, "fused_attention: no alibi slopes to differentiate");
   const int64_t batch = q.size(0), heads = q.size(1);
-  // (read through its strides, unchecked by the kernel)
-  TORCH_CHECK(dout.dim() == 4 && dout.size(0) == batch && dout.size(1) == heads && dout.size(2) == q.size(2) &&
-                  dout.size(3) == v.size(3),
-              "fused_attention::attention_backward: dout must be (B, Hq, L, Ev), got ", dout.sizes());
+  check_dout(dout, q, v, "attention_backward");
   const at::ScalarType acc = acc_dtype(q);
   at::Tensor dq = empty_gradient_of(q), dk = empty_gradient_of(k), dv = empty_gradient_of(v);
   const c10::optional<MaskGradient> mask_grad =
@@ -286,9 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_from_stats_cpu
                 "fused_attention::attention_backward_from_stats: lse and delta must be (B, Hq, L) = (", batch, ", ",
                 heads, ", ", len_q, "), got ", t->sizes());
   }
-  TORCH_CHECK(dout.dim() == 4 && dout.size(0) == batch && dout.size(1) == heads && dout.size(2) == len_q &&
-                  dout.size(3) == v.size(3),
-              "fused_attention::attention_backward_from_stats: dout must be (B, Hq, L, Ev), got ", dout.sizes());
+  check_dout(dout, q, v, "attention_backward_from_stats");
   const at::Tensor row_lse = lse.to(acc).contiguous(), row_delta = delta.to(acc).contiguous();
   // A float64 lse (attention_precise_lse's) in float arithmetic: its part below float's spacing too.
   at::Tensor row_lse_low;
@@ -354,9 +359,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_at
     bool need_sinks_grad) {
   check_inputs(q, k, v, 3);
   TORCH_CHECK(!need_alibi_grad || alibi, "fused_attention: no alibi slopes to differentiate");
-  // (read through its strides, unchecked by the kernel)
-  TORCH_CHECK(dout.dim() == 3 && dout.size(0) == q.size(0) && dout.size(1) == q.size(1) && dout.size(2) == v.size(2),
-              "fused_attention::varlen_attention_backward: dout must be (total_q, Hq, Ev), got ", dout.sizes());
+  check_dout(dout, q, v, "varlen_attention_backward");
   const at::ScalarType acc = acc_dtype(q);
   // (in the inputs' layouts, as the fake's and the other backends' zeros_like)
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
