@@ -6,6 +6,7 @@ from torch import nn
 
 from ..backends import get_backend
 from ..errors import AttentionTypeError
+from ..nn.encoder import TransformerEncoderLayer
 from ..nn.multihead import MultiheadAttention
 
 
@@ -19,7 +20,10 @@ def patch_model(model: nn.Module, *, backend: str | None = None) -> int:
     covers the attention inside ``nn.TransformerEncoderLayer``, ``nn.TransformerDecoderLayer`` and
     ``nn.Transformer``; ``model`` may itself be a ``MultiheadAttention``. Outputs are unchanged (within
     float rounding), and torch's encoder-layer inference fast path, which would bypass the attention
-    module, is kept off so the fused kernel runs in ``eval()`` under ``no_grad`` too.
+    module, is kept off so the fused kernel runs in ``eval()`` under ``no_grad`` too. Each
+    ``torch.nn.TransformerEncoderLayer`` becomes a :class:`fused_attention.nn.TransformerEncoderLayer`
+    the same way (its subclass: same attributes and state_dict), whose feed-forward block fuses the ReLU
+    into linear1 in inference, as torch's fast path did; these are not counted.
 
     Only modules whose class is exactly ``torch.nn.MultiheadAttention`` are converted: a subclass may
     override ``forward``, and modules already fused are left as they are (not counted; ``backend``, if
@@ -42,6 +46,8 @@ def patch_model(model: nn.Module, *, backend: str | None = None) -> int:
         if type(module) is nn.MultiheadAttention:
             MultiheadAttention.from_torch_(module, backend=backend)
             converted += 1
+        elif type(module) is nn.TransformerEncoderLayer:
+            module.__class__ = TransformerEncoderLayer
         elif isinstance(module, MultiheadAttention) and backend is not None:
             module.backend = backend
     return converted
