@@ -122,6 +122,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Instruction set the CPU attention kernels run with (baseline, avx2, avx512, avx512bf16 or amx)");
   module.def("cpu_attention_isa_reason", &fused_attention::cpu::attention_isa_reason,
              "Why the CPU attention kernels run that instruction set");
+  module.def("cpu_forward_path_counts", &fused_attention::cpu::forward_path_counts,
+             "(decode, blocked): CPU attention forward calls so far that took each path");
   // The attention ops' CPU forwards past the dispatcher (fused_attention/ops/eager.py); None when the
   // dispatcher has work to do, and then the caller calls the op.
   module.def(

@@ -106,13 +106,24 @@ bool rows_in_one_run(const Operand<scalar_t>& x, int64_t features) {
          (x.pages == nullptr || x.page_size >= kDecodeMaxChunkKeys);
 }
 
-// total_keys: the visible keys of every (sequence, kv head) of the call; one_run: K's and V's rows each
-// in one run per head (rows_in_one_run), else chunks stay at most kDecodeChunkKeys.
+// Keys per score block (the keys whose scores a task holds at once): rows x keys under kDecodeScoreFloats,
+// and at most a long chunk where K's and V's rows each lie in one run per head (rows_in_one_run), else
+// kDecodeChunkKeys: a task reads a block's K rows, then its V rows.
+inline int64_t decode_block_keys(int64_t rows, bool one_run) {
+  return std::clamp<int64_t>(kDecodeScoreFloats / std::max<int64_t>(rows, 1) / 64 * 64, 64,
+                             one_run ? kDecodeMaxChunkKeys : kDecodeChunkKeys);
+}
+
+// Keys per chunk (one task's key range, one or more score blocks). total_keys: the visible keys of every
+// (sequence, kv head) of the call. Enough chunks for kDecodeMinTasks tasks; chunks of many rows (a block
+// of fewer than kDecodeChunkKeys keys) span several blocks, up to the longest chunk, so that a task's
+// setup (its rows' queries) and its partial result (rows x value_dim, merged afterwards) stay small next
+// to the keys it reads.
 inline int64_t decode_chunk_keys(int64_t rows, int64_t total_keys, bool one_run) {
-  const int64_t fits = std::clamp<int64_t>(kDecodeScoreFloats / std::max<int64_t>(rows, 1) / 64 * 64, 64,
-                                           one_run ? kDecodeMaxChunkKeys : kDecodeChunkKeys);
+  const int64_t block = decode_block_keys(rows, one_run);
+  const int64_t longest = std::max(block, one_run ? kDecodeMaxChunkKeys : kDecodeChunkKeys);
   const int64_t spread = total_keys / kDecodeMinTasks / kDecodeChunkStep * kDecodeChunkStep;  // (rounded down)
-  return std::clamp<int64_t>(spread, std::min(fits, kDecodeChunkKeys), fits);
+  return std::clamp<int64_t>(spread, std::min(block, kDecodeChunkKeys), longest);
 }
 
 // TransposeSum's network for vectors of `width` elements, `per_lane` to 128 bits: the input element that
@@ -322,7 +333,7 @@ inline bool readable_in_place(const Operand<scalar_t>& x, int64_t features) {
 // Per-thread buffers of the decode tasks.
 template <typename acc_t>
 struct DecodeBuffers {
-  int64_t ldq, lds, ldv;
+  int64_t block, ldq, lds, ldv;  // block: keys per score block (decode_block_keys)
   AlignedVector<acc_t> q, scores, out, row_max, row_sum, anchor, keys, values;
   AlignedVector<c10::BFloat16> q16;  // the query rows as they are, for dot_keys with Bf16Dot (rows x head_dim)
   AlignedVector<float> qw;           // the query rows in WidenDot's layout (rows x head_dim)
@@ -331,9 +342,10 @@ struct DecodeBuffers {
 #if defined(FUSED_ATTENTION_AMX_DECODE)
   AmxDecodeBuffers amx;  // sized by decode when the tiles serve (rows then a multiple of 16)
 #endif
-  DecodeBuffers(int64_t rows, int64_t chunk, int64_t head_dim, int64_t value_dim)
-      : ldq(round_up<int64_t>(head_dim, simd::Traits<acc_t>::width)),
-        lds(round_up<int64_t>(chunk, simd::Traits<acc_t>::width) + 16),  // + 16: see kScoreStride
+  DecodeBuffers(int64_t rows, int64_t block, int64_t head_dim, int64_t value_dim)
+      : block(block),
+        ldq(round_up<int64_t>(head_dim, simd::Traits<acc_t>::width)),
+        lds(round_up<int64_t>(block, simd::Traits<acc_t>::width) + 16),  // + 16: see kScoreStride
         ldv(round_up<int64_t>(value_dim, simd::Traits<acc_t>::width)),
         q(rows * ldq),
         scores(rows * lds),
@@ -566,38 +578,42 @@ void decode_chunk(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
 #endif
     }
   }
-  // The chunk's first keys (and values, where scattered), asked for early: the products ask for those
-  // 32 ahead.
-  if (decode_prefetches_keys<scalar_t, acc_t>(problem.k, problem.head_dim, rows)) {
-    prefetch_tokens(problem.k, seq.batch, kv_head, seq.k_start + j0, std::min(n, kDecodePrefetchKeys), problem.head_dim,
-                    !scattered_rows(problem.k, problem.head_dim));
-  }
-  decode_scores(problem, seq, kv_head, j0, n, 0, rows, buf, scores);
-  if (scattered_rows(problem.v, problem.value_dim)) {
-    prefetch_tokens(problem.v, seq.batch, kv_head, seq.k_start + j0, std::min(n, kDecodePrefetchKeys),
-                    problem.value_dim);
-  }
-  for (int64_t g = 0; g < group; ++g) {
-    const int64_t first = g * len;
-    // The probabilities replace the scores; a row whose lazy attempt overflowed gets its q.k again.
-    const auto rescore = [&](int64_t r, acc_t* s) {
-      decode_scores(problem, seq, kv_head, j0, n, first + r, 1, buf, s);
-    };
-#if defined(FUSED_ATTENTION_AMX_DECODE)
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      if (amx_decode(problem, rows)) {  // P straight into the tiles' two bf16 parts (the scores stay)
-        softmax_block(scoring, seq, kv_head * group + g, 0, len, j0, n, scores + first * buf.lds, buf.lds,
-                      static_cast<acc_t*>(nullptr), 0, buf.out.data() + first * buf.ldv, buf.ldv, buf.state(first),
-                      [](int64_t, const acc_t*) {}, rescore, AmxDecodeProbs{&buf.amx, first});
-        continue;
-      }
+  // Score block after score block, the rows' softmax state carried across (the blocked forward's online
+  // softmax). Each block's first keys (and values, where scattered) asked for early: the products ask
+  // for those 32 ahead.
+  for (int64_t b0 = 0; b0 < n; b0 += buf.block) {
+    const int64_t jb = j0 + b0, nb = std::min(buf.block, n - b0);
+    if (decode_prefetches_keys<scalar_t, acc_t>(problem.k, problem.head_dim, rows)) {
+      prefetch_tokens(problem.k, seq.batch, kv_head, seq.k_start + jb, std::min(nb, kDecodePrefetchKeys), problem.head_dim,
+                      !scattered_rows(problem.k, problem.head_dim));
     }
+    decode_scores(problem, seq, kv_head, jb, nb, 0, rows, buf, scores);
+    if (scattered_rows(problem.v, problem.value_dim)) {
+      prefetch_tokens(problem.v, seq.batch, kv_head, seq.k_start + jb, std::min(nb, kDecodePrefetchKeys),
+                      problem.value_dim);
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t first = g * len;
+      // The probabilities replace the scores; a row whose lazy attempt overflowed gets its q.k again.
+      const auto rescore = [&](int64_t r, acc_t* s) {
+        decode_scores(problem, seq, kv_head, jb, nb, first + r, 1, buf, s);
+      };
+#if defined(FUSED_ATTENTION_AMX_DECODE)
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (amx_decode(problem, rows)) {  // P straight into the tiles' two bf16 parts (the scores stay)
+          softmax_block(scoring, seq, kv_head * group + g, 0, len, jb, nb, scores + first * buf.lds, buf.lds,
+                        static_cast<acc_t*>(nullptr), 0, buf.out.data() + first * buf.ldv, buf.ldv, buf.state(first),
+                        [](int64_t, const acc_t*) {}, rescore, AmxDecodeProbs{&buf.amx, first});
+          continue;
+        }
+      }
 #endif
-    softmax_block(scoring, seq, kv_head * group + g, 0, len, j0, n, scores + first * buf.lds, buf.lds,
-                  scores + first * buf.lds, buf.lds, buf.out.data() + first * buf.ldv, buf.ldv, buf.state(first),
-                  [](int64_t, const acc_t*) {}, rescore);
+      softmax_block(scoring, seq, kv_head * group + g, 0, len, jb, nb, scores + first * buf.lds, buf.lds,
+                    scores + first * buf.lds, buf.lds, buf.out.data() + first * buf.ldv, buf.ldv, buf.state(first),
+                    [](int64_t, const acc_t*) {}, rescore);
+    }
+    decode_values(problem, seq, kv_head, jb, nb, scores, rows, buf, buf.out.data());
   }
-  decode_values(problem, seq, kv_head, j0, n, scores, rows, buf, buf.out.data());
 }
 
 // A task: a chunk of one (sequence, kv head); slot -1 when it is the group's only chunk (written directly).
@@ -621,9 +637,9 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
     visible_keys[s] = scoring.rules.block_keys(seq, 0, seq.len_q);
     total_keys += std::max<int64_t>(visible_keys[s].second - visible_keys[s].first, 0) * problem.heads_kv;
   }
-  const int64_t chunk = decode_chunk_keys(
-      max_rows, total_keys,
-      rows_in_one_run(problem.k, problem.head_dim) && rows_in_one_run(problem.v, problem.value_dim));
+  const bool one_run = rows_in_one_run(problem.k, problem.head_dim) && rows_in_one_run(problem.v, problem.value_dim);
+  const int64_t chunk = decode_chunk_keys(max_rows, total_keys, one_run);
+  const int64_t block = decode_block_keys(max_rows, one_run);
 
   // Tasks in (sequence, chunk, kv head) order; partial results of split groups in slots of max_rows rows.
   std::vector<DecodeTask> tasks;
@@ -680,11 +696,11 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
   };
   parallel_for_balanced(static_cast<int64_t>(tasks.size()), cost, [&](TaskClaims& claims) {
     const simd::FlushDenormals flush;
-    DecodeBuffers<acc_t> buf(buffer_rows, chunk, problem.head_dim, problem.value_dim);
+    DecodeBuffers<acc_t> buf(buffer_rows, block, problem.head_dim, problem.value_dim);
 #if defined(FUSED_ATTENTION_AMX_DECODE)
     std::optional<tiles::Scope> scope;
     if (on_tiles) {
-      buf.amx = AmxDecodeBuffers(max_rows, buffer_rows, chunk, problem.head_dim, problem.value_dim,
+      buf.amx = AmxDecodeBuffers(max_rows, buffer_rows, block, problem.head_dim, problem.value_dim,
                                  amx_decode(problem, max_rows));
       scope.emplace();
     }

@@ -1,6 +1,7 @@
 // Runs the CPU attention kernels compiled for the best instruction set this CPU supports.
 #include <c10/util/Exception.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -114,6 +115,12 @@ const char* attention_isa_reason() {
   return reason;
 }
 
+namespace {
+std::atomic<int64_t> decode_calls{0}, blocked_calls{0};
+}  // namespace
+
+std::pair<int64_t, int64_t> forward_path_counts() { return {decode_calls.load(), blocked_calls.load()}; }
+
 template <typename scalar_t>
 void attention_forward_kernel(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring,
                               const Operand<scalar_t>& out, attn_acc_t<scalar_t>* lse, const RowIndex& lse_index) {
@@ -122,7 +129,9 @@ void attention_forward_kernel(const Problem<scalar_t>& problem, const Scoring<at
   // sums to 1 (the decode path's and AMX's products round differently: at scores of a few tens that left
   // float32 value gradients at 3-6x the tolerance policy's bound).
   const bool as_backward = lse_index.low != nullptr;
-  if (!as_backward && decode_serves(problem, scoring)) {
+  const bool decode = !as_backward && decode_serves(problem, scoring);
+  if (!as_backward) (decode ? decode_calls : blocked_calls).fetch_add(1, std::memory_order_relaxed);
+  if (decode) {
     switch (selected()) {
 #if FUSED_ATTENTION_X86_VARIANTS
       case Isa::amx:

@@ -5,7 +5,9 @@
 
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "cpu/attention_problem.h"
@@ -40,18 +42,36 @@ template <typename scalar_t>
 void attention_forward_kernel(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring,
                               const Operand<scalar_t>& out, attn_acc_t<scalar_t>* lse, const RowIndex& lse_index);
 
-// Calls with at most this many query rows per sequence take the decode forward (attention_decode.h):
-// K and V read once per kv head for the whole group, keys split across threads. Dropout stays on the
-// blocked forward.
+// Calls with at most kDecodeMaxRows query rows per sequence take the decode forward (attention_decode.h):
+// K and V read once per kv head for the whole group, from where they are, keys split across threads.
+// Up to kDecodeWideRows rows against keys at least kDecodeWideKeysPerRow times as many (and
+// kDecodeWideMinKeys) it serves too where the blocked forward pays more: where its K and V tiles,
+// packed up front, reach kDecodeWideTileBytes (past the caches: every query head of a group reads them
+// back from memory), or where a kv head's group has few rows (group x rows at most 64 at head dim 128
+// and up, 32 below). Measured on a 2-vCPU Emerald Rapids, float32 (cpu-decode-wide.md): (1, 32 / 8
+// heads, 17, 16384, 128) 0.37x the blocked forward's time, (1, 32 / 32, 32, 4096, 128) 0.53x; rows past
+// the bound against 1-4k keys ran 1.1-1.5x slower on the decode path. Dropout stays on the blocked forward.
 constexpr int64_t kDecodeMaxRows = 16;
+constexpr int64_t kDecodeWideRows = 64;
+constexpr int64_t kDecodeWideKeysPerRow = 8;
+constexpr int64_t kDecodeWideMinKeys = 1024;
+constexpr int64_t kDecodeWideTileBytes = int64_t(64) << 20;
 
 template <typename scalar_t>
 bool decode_serves(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring) {
   if (scoring.dropout.active()) return false;
+  int64_t longest = 0, tile_bytes = 0;
+  bool long_keys = true;
   for (const Sequence& seq : problem.sequences) {
-    if (seq.len_q > kDecodeMaxRows) return false;
+    longest = std::max(longest, seq.len_q);
+    tile_bytes += seq.len_k * problem.heads_kv * (problem.head_dim + problem.value_dim) *
+                  int64_t(sizeof(attn_acc_t<scalar_t>));
+    if (seq.len_q > 0 && seq.len_k < std::max(kDecodeWideKeysPerRow * seq.len_q, kDecodeWideMinKeys)) long_keys = false;
   }
-  return true;
+  if (longest <= kDecodeMaxRows) return true;
+  if (longest > kDecodeWideRows || !long_keys) return false;
+  const int64_t group_rows = problem.heads_q / problem.heads_kv * longest;
+  return tile_bytes >= kDecodeWideTileBytes || group_rows <= (problem.head_dim >= 128 ? 64 : 32);
 }
 
 // Where the backward puts gradients of the float mask and of the ALiBi slopes (null when not wanted).
@@ -112,5 +132,8 @@ void decode_bf16(const Problem<c10::BFloat16>& problem, const Scoring<float>& sc
 // avx512 kernels but for their bfloat16 ones.
 const char* attention_isa();
 const char* attention_isa_reason();  // why that one: the best supported, asked for, or preferred
+// Forward calls since the process started that took the decode forward and the blocked forward (tests
+// check decode_serves' rule with it).
+std::pair<int64_t, int64_t> forward_path_counts();
 
 }  // namespace fused_attention::cpu

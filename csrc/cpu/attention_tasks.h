@@ -198,10 +198,10 @@ struct KeyTiles {
     }
     // Not zeroed here: each load zeroes its own padding (a serial fill of every tile, and the page faults
     // of first touch, cost a third of a short sequence's forward).
-    if (layouts & kKeysT) keys_t_ = aligned_array<acc_t>(panels * panel * head_dim);
-    if (layouts & kValuesT) values_t_ = aligned_array<acc_t>(panels * panel * value_dim);
-    if (layouts & kKeys) keys_ = aligned_array<acc_t>(rows * ld_k);
-    if (layouts & kValues) values_ = aligned_array<acc_t>(rows * ld_v);
+    if (layouts & kKeysT) keys_t_ = pooled_array<acc_t>(panels * panel * head_dim);
+    if (layouts & kValuesT) values_t_ = pooled_array<acc_t>(panels * panel * value_dim);
+    if (layouts & kKeys) keys_ = pooled_array<acc_t>(rows * ld_k);
+    if (layouts & kValues) values_ = pooled_array<acc_t>(rows * ld_v);
     if (local) return;
     const int64_t count = static_cast<int64_t>(seqs.size());
     at::parallel_for(0, count * heads_kv, 1, [&](int64_t begin, int64_t end) {
@@ -260,17 +260,17 @@ struct KeyTiles {
  private:
   int layouts_;
   bool local_;
-  AlignedArray<acc_t> keys_t_, keys_, values_t_, values_;
+  PooledArray<acc_t> keys_t_, keys_, values_t_, values_;
 
   int64_t transposed_offset(int64_t s, int64_t h, int64_t features) const {
     return local_ ? 0 : (transposed_base[s] + h * key_panels[s]) * panel * features;
   }
   int64_t row_offset(int64_t s, int64_t h, int64_t ld) const { return local_ ? 0 : (rows_base[s] + h * len_k[s]) * ld; }
-  Panels<acc_t> transposed(const AlignedArray<acc_t>& storage, int64_t s, int64_t h, int64_t features,
+  Panels<acc_t> transposed(const PooledArray<acc_t>& storage, int64_t s, int64_t h, int64_t features,
                            int64_t key) const {
     return {storage.get() + transposed_offset(s, h, features) + key / panel * panel * features, panel * features};
   }
-  Panels<acc_t> by_rows(const AlignedArray<acc_t>& storage, int64_t s, int64_t h, int64_t ld, int64_t key) const {
+  Panels<acc_t> by_rows(const PooledArray<acc_t>& storage, int64_t s, int64_t h, int64_t ld, int64_t key) const {
     return {storage.get() + row_offset(s, h, ld) + key * panel, len_k[s] * panel};
   }
 };
