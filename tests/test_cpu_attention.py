@@ -46,7 +46,8 @@ def _isas() -> list[str]:
 # sees every feature, dtype, size, dropout, slope-gradient and varlen check without tripling CI time;
 # and the decode kernel's cases, whose bfloat16 products differ per variant (WidenDot on avx512, vdpbf16ps
 # on avx512bf16, tiles on amx). The best variant runs all of them in the main session.
-SHARED_FILES = ("tests/test_attention.py", "tests/test_varlen.py", "tests/test_cpu_decode.py")
+SHARED_FILES = ("tests/test_attention.py", "tests/test_varlen.py", "tests/test_cpu_decode.py",
+                "tests/test_cpu_decode_wide.py")
 SAMPLE_PER_TEST = 5
 
 
