@@ -68,7 +68,7 @@ class _Scaled(nn.Linear):
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
-@pytest.mark.parametrize("case", ["hook", "pre_hook", "subclass", "gelu", "custom", "autocast"])
+@pytest.mark.parametrize("case", ["hook", "pre_hook", "act_hook", "subclass", "gelu", "custom", "autocast"])
 def test_torch_computation_wherever_the_fusion_could_be_seen(case, grad):
     (ours, ref_dt, _), gen = _layers(activation="gelu" if case == "gelu" else "relu", gen_seed=2)
     seen, calls = [], []
@@ -78,6 +78,10 @@ def test_torch_computation_wherever_the_fusion_could_be_seen(case, grad):
     elif case == "pre_hook":
         for m in (ours, ref_dt):
             m.linear1.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    elif case == "act_hook":  # an nn.ReLU module whose hook must see its input
+        for m in (ours, ref_dt):
+            m.activation = nn.ReLU()
+            m.activation.register_forward_hook(lambda mod, args, out: seen.append(out))
     elif case == "subclass":
         for m in (ours, ref_dt):
             old = m.linear1
@@ -132,7 +136,26 @@ def test_patch_model_converts_torch_encoder_layers():
     assert_policy(got, want, want64, 2, "output")
 
 
-def test_compiled_layer_takes_the_same_paths():
+def test_forward_ad_and_vmap_get_torch_results():
+    """Under no_grad, a forward-mode tangent or a vmap would reach the fused op, which has no forward
+    derivative or batching rule: torch's block runs instead."""
+    import torch.autograd.forward_ad as fwAD
+
+    (ours, ref_dt, _), gen = _layers(gen_seed=5)
+    x, t = torch.randn(2, 7, E, generator=gen), torch.randn(2, 7, E, generator=gen)
+    with torch.no_grad(), fwAD.dual_level():
+        got = fwAD.unpack_dual(ours._ff_block(fwAD.make_dual(x, t)))
+        want = fwAD.unpack_dual(nn.TransformerEncoderLayer._ff_block(ref_dt, fwAD.make_dual(x, t)))
+    torch.testing.assert_close(got.tangent, want.tangent, rtol=0, atol=0)
+    xs = torch.randn(3, 2, 7, E, generator=gen)
+    with torch.no_grad():
+        _, names = _op_names(lambda: torch.vmap(ours._ff_block)(xs))
+        want = torch.vmap(lambda a: nn.TransformerEncoderLayer._ff_block(ref_dt, a))(xs)
+    assert "aten::_addmm_activation" not in names
+    torch.testing.assert_close(torch.vmap(ours._ff_block)(xs), want, rtol=0, atol=0)
+
+
+def test_compiled_layer_matches_eager():
     (ours, _, _), gen = _layers(gen_seed=4)
     x = torch.randn(2, 7, E, generator=gen, requires_grad=True)
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")

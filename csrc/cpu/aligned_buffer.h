@@ -53,10 +53,11 @@ AlignedArray<T> aligned_array(std::size_t n) {
 }
 
 // Large scratch blocks that are reused from call to call instead of freed. A fresh block's first touch
-// faults every 4 KiB page in, about 2.5 us a page on the VMs measured here: K and V of a (1, 32, 1024,
-// 128) float32 call packed up front (16 MiB) faulted 4083 times a call, 10 ms of its 11 ms (2026-12-07,
-// cpu-scratch-pool.md). Freed blocks of at least kPooledBytes wait here, best fit first, up to
-// kPoolRetainedBytes in all (the oldest go first); larger ones are freed.
+// faults every 4 KiB page in: K and V of a (1, 32, 32 query rows, 1024, 128) float32 call packed up
+// front (16 MiB) faulted 4083 times a call, and the call took 10.9 ms against 4.6 ms once they were
+// reused (a 2-vCPU VM, 2026-12-07, cpu-decode-wide.md). Freed blocks of at least kPooledBytes wait here
+// (up to kPoolRetainedBytes in all, the oldest leaving first) for a request of at least half their size;
+// larger ones are freed.
 constexpr std::size_t kPooledBytes = std::size_t(1) << 20;
 constexpr std::size_t kPoolRetainedBytes = std::size_t(256) << 20;
 
@@ -69,7 +70,8 @@ class BlockPool {
       const std::lock_guard<std::mutex> lock(mutex_);
       auto best = free_.end();
       for (auto it = free_.begin(); it != free_.end(); ++it) {
-        if (it->second >= bytes && (best == free_.end() || it->second < best->second)) best = it;
+        const bool fits = it->second >= bytes && it->second / 2 <= bytes;  // (a small request leaves a large block)
+        if (fits && (best == free_.end() || it->second < best->second)) best = it;
       }
       if (best != free_.end()) {
         const std::pair<void*, std::size_t> block = *best;
@@ -81,23 +83,25 @@ class BlockPool {
     return {cache_line_new(bytes), bytes};
   }
 
-  void release(void* p, std::size_t bytes) {
-    std::vector<void*> evicted;
-    {
-      const std::lock_guard<std::mutex> lock(mutex_);
-      if (bytes <= kPoolRetainedBytes) {
-        free_.emplace_back(p, bytes);
-        retained_ += bytes;
-        p = nullptr;
-      }
-      while (retained_ > kPoolRetainedBytes) {
-        evicted.push_back(free_.front().first);
-        retained_ -= free_.front().second;
-        free_.erase(free_.begin());
-      }
+  // Called from a deleter: never throws (a block the pool cannot hold is freed).
+  void release(void* p, std::size_t bytes) noexcept {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    if (bytes > kPoolRetainedBytes) {
+      cache_line_delete(p);
+      return;
     }
-    if (p != nullptr) cache_line_delete(p);
-    for (void* q : evicted) cache_line_delete(q);
+    try {
+      free_.emplace_back(p, bytes);
+    } catch (...) {
+      cache_line_delete(p);
+      return;
+    }
+    retained_ += bytes;
+    while (retained_ > kPoolRetainedBytes) {
+      cache_line_delete(free_.front().first);
+      retained_ -= free_.front().second;
+      free_.erase(free_.begin());
+    }
   }
 
  private:

@@ -39,9 +39,9 @@
 // heads' rows lie in one run, up to kDecodeMaxChunkKeys while the call keeps kDecodeMinTasks tasks
 // (S = 4096 keys of one kv head still feed 8 threads; S = 32768 of 8 kv heads go in chunks of 4096): a
 // thread reads K's rows, then V's, of one chunk, and each switch costs; chunks of 4096 instead of 512
-// streamed such a cache from memory 1.05-1.15x as fast (2026-12-05, cpu-decode-chunks.md). Rows x keys
-// of a chunk's scores stay under kDecodeScoreFloats (L2; the AMX q.k's padding rows aside). A function
-// of the shape and layout only, never of the thread count.
+// streamed such a cache from memory 1.05-1.15x as fast (2026-12-05, cpu-decode-chunks.md). A task
+// takes its chunk in score blocks whose rows x keys stay under kDecodeScoreFloats (L2; the AMX q.k's
+// padding rows aside). Functions of the shape and layout only, never of the thread count.
 constexpr int64_t kDecodeChunkKeys = 512;
 constexpr int64_t kDecodeMaxChunkKeys = 4096;
 constexpr int64_t kDecodeMinTasks = 64;

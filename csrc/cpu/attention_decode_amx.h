@@ -5,7 +5,7 @@
 // cpu-shapes-intel-amx-after.md). One tile product does 16 x 16 x 32 of them.
 //
 // - q.k transposed (from kAmxScoresMinRows rows): S^T = K Q^T. K's rows are A tiles read where they
-//   lie in the cache (no packing; 16 rows x 32 features per tile), Q^T is packed once per chunk into B
+//   lie in the cache (no packing; 16 rows x 32 features per tile), Q^T is packed once per score block into B
 //   tiles, and each 16 x 16 block of S^T is transposed into the score rows on its way out (cheaper than
 //   packing K into B tiles: one 16 x 16 transpose per 16 keys and 16 rows against one per 16 keys and
 //   32 features).

@@ -44,18 +44,19 @@ void attention_forward_kernel(const Problem<scalar_t>& problem, const Scoring<at
 
 // Calls with at most kDecodeMaxRows query rows per sequence take the decode forward (attention_decode.h):
 // K and V read once per kv head for the whole group, from where they are, keys split across threads.
-// Up to kDecodeWideRows rows against keys at least kDecodeWideKeysPerRow times as many (and
-// kDecodeWideMinKeys) it serves too where the blocked forward pays more: where its K and V tiles,
-// packed up front, reach kDecodeWideTileBytes (past the caches: every query head of a group reads them
-// back from memory), or where a kv head's group has few rows (group x rows at most 64 at head dim 128
-// and up, 32 below). Measured on a 2-vCPU Emerald Rapids, float32 (cpu-decode-wide.md): (1, 32 / 8
-// heads, 17, 16384, 128) 0.37x the blocked forward's time, (1, 32 / 32, 32, 4096, 128) 0.53x; rows past
-// the bound against 1-4k keys ran 1.1-1.5x slower on the decode path. Dropout stays on the blocked forward.
+// Up to kDecodeWideRows rows against at least kDecodeWideMinKeys visible keys it serves too where the
+// blocked forward pays more: where a kv head's group has few rows (at most 64 at head dim 128 and up, 32
+// below), or where the blocked forward's K and V tiles, packed up front, would reach kDecodeWideTileBytes
+// (past the caches: every query head of a group reads them back from memory) and the group has at most
+// kDecodeWideGroupRows rows (the largest measured). Measured in float32 on a 2-vCPU Emerald Rapids
+// (AVX-512; cpu-decode-wide.md), applied to every dtype and variant: (1, 32 / 8 heads, 17, 16384, 128)
+// ran in 0.37x the blocked forward's time, (1, 32 / 32, 32, 4096, 128) 0.53x; rows past the bound
+// against 1-4k keys ran 1.1-2.0x slower on the decode path. Dropout stays on the blocked forward.
 constexpr int64_t kDecodeMaxRows = 16;
 constexpr int64_t kDecodeWideRows = 64;
-constexpr int64_t kDecodeWideKeysPerRow = 8;
 constexpr int64_t kDecodeWideMinKeys = 1024;
 constexpr int64_t kDecodeWideTileBytes = int64_t(64) << 20;
+constexpr int64_t kDecodeWideGroupRows = 256;
 
 template <typename scalar_t>
 bool decode_serves(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring) {
@@ -66,12 +67,15 @@ bool decode_serves(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<sc
     longest = std::max(longest, seq.len_q);
     tile_bytes += seq.len_k * problem.heads_kv * (problem.head_dim + problem.value_dim) *
                   int64_t(sizeof(attn_acc_t<scalar_t>));
-    if (seq.len_q > 0 && seq.len_k < std::max(kDecodeWideKeysPerRow * seq.len_q, kDecodeWideMinKeys)) long_keys = false;
+    if (seq.len_q == 0) continue;
+    const auto [lo, hi] = scoring.rules.block_keys(seq, 0, seq.len_q);  // what the rows can see
+    if (hi > lo && hi - lo < kDecodeWideMinKeys) long_keys = false;     // (none: no work on either path)
   }
   if (longest <= kDecodeMaxRows) return true;
   if (longest > kDecodeWideRows || !long_keys) return false;
   const int64_t group_rows = problem.heads_q / problem.heads_kv * longest;
-  return tile_bytes >= kDecodeWideTileBytes || group_rows <= (problem.head_dim >= 128 ? 64 : 32);
+  if (group_rows <= (problem.head_dim >= 128 ? 64 : 32)) return true;
+  return tile_bytes >= kDecodeWideTileBytes && group_rows <= kDecodeWideGroupRows;
 }
 
 // Where the backward puts gradients of the float mask and of the ALiBi slopes (null when not wanted).

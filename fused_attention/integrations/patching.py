@@ -25,9 +25,11 @@ def patch_model(model: nn.Module, *, backend: str | None = None) -> int:
     the same way (its subclass: same attributes and state_dict), whose feed-forward block fuses the ReLU
     into linear1 in inference, as torch's fast path did; these are not counted.
 
-    Only modules whose class is exactly ``torch.nn.MultiheadAttention`` are converted: a subclass may
-    override ``forward``, and modules already fused are left as they are (not counted; ``backend``, if
-    given, is set on them too).
+    Only modules whose class is exactly ``torch.nn.MultiheadAttention`` (or
+    ``torch.nn.TransformerEncoderLayer``) are converted: a subclass may override ``forward``, and modules
+    already fused are left as they are (not counted; ``backend``, if given, is set on them too). An
+    encoder layer whose attention is a user's subclass keeps it, and like the others no longer takes
+    torch's inference fast path.
 
     Args:
         model: any ``nn.Module``.

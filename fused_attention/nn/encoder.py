@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -88,11 +89,13 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
     def _ff_hidden(self, x: Tensor) -> Tensor:
         """``activation(linear1(x))``. In inference the ReLU is fused into linear1's matmul, as in torch's
         encoder fast path: at BERT-base sizes the separate ReLU's fresh 8 x 128 x 3072 tensor cost about
-        as much as the attention kernel. Anywhere the fusion could be seen (a gradient, hooks, a
-        subclassed linear1, autocast, another activation), torch's computation."""
-        linear = self.linear1
+        as much as the attention kernel. Anywhere the fusion could be seen (a gradient, forward-mode AD or
+        a torch.func transform, hooks, a subclassed linear1, autocast, another activation), torch's
+        computation."""
+        linear, act = self.linear1, self.activation
+        relu = act is F.relu or (type(act) is nn.ReLU and not (act._forward_hooks or act._forward_pre_hooks))
         if (
-            (self.activation is F.relu or type(self.activation) is nn.ReLU)
+            relu
             and _plain_linear(linear)
             and linear.bias is not None
             and not (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad or linear.bias.requires_grad))
@@ -102,10 +105,20 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             and x.dtype == linear.weight.dtype
             and x.device.type in ("cpu", "cuda")
             and not torch.is_autocast_enabled(x.device.type)
+            and not _transformed(x, linear.weight, linear.bias)
         ):
             hidden = torch._addmm_activation(linear.bias, x.reshape(-1, x.shape[-1]), linear.weight.t())
             return hidden.view(*x.shape[:-1], hidden.shape[-1])
-        return self.activation(linear(x))
+        return act(linear(x))
+
+
+def _transformed(*tensors: Tensor) -> bool:
+    """Whether a torch.func transform (vmap, jvp, ...) is active or a tensor carries a forward-mode
+    tangent: the fused op has no batching rule and no forward derivative."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if active is not None and active():
+        return True
+    return any(fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _plain_linear(module: nn.Module) -> bool:
