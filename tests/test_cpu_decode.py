@@ -138,10 +138,9 @@ def test_decode_varlen_short_queries_long_keys():
     check_varlen("cpu", q, k, v, cu_q, cu_k, grad=False, is_causal=True)
 
 
-def test_decode_split_is_bit_identical_across_calls_and_thread_counts():
-    q, k, v = _inputs(8, s=2000, hq=8, hkv=1, batch=1, seed=7)
-    kwargs = {"enable_gqa": True, "window_size": (-1, 0), "alibi_slopes": FEATURES["alibi"]["alibi_slopes"],
-              "return_lse": True, "backend": "cpu"}
+def assert_bit_identical_across_calls_and_thread_counts(q, k, v, **kwargs):
+    """Two calls at the session's thread count, then 1 and 3 threads: the same output and lse bits."""
+    kwargs = {**kwargs, "return_lse": True, "backend": "cpu"}
     threads = torch.get_num_threads()
     results = []
     try:
@@ -152,6 +151,12 @@ def test_decode_split_is_bit_identical_across_calls_and_thread_counts():
         torch.set_num_threads(threads)
     for out, lse in results[1:]:
         assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
+
+
+def test_decode_split_is_bit_identical_across_calls_and_thread_counts():
+    q, k, v = _inputs(8, s=2000, hq=8, hkv=1, batch=1, seed=7)
+    assert_bit_identical_across_calls_and_thread_counts(q, k, v, enable_gqa=True, window_size=(-1, 0),
+                                                        alibi_slopes=FEATURES["alibi"]["alibi_slopes"])
 
 
 @pytest.mark.parametrize("threads", [2, 3, 5])

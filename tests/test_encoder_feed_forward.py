@@ -102,6 +102,8 @@ def test_torch_computation_wherever_the_fusion_could_be_seen(case, grad):
     assert "aten::_addmm_activation" not in names, names
     assert got.dtype == want.dtype
     torch.testing.assert_close(got, want, rtol=0, atol=0)  # torch's ops on the same values: bit-equal
+    if case == "act_hook":
+        assert len(seen) == 2 * n_want
     if case == "hook":  # the hook saw linear1's own output
         assert len(seen) == 2 * n_want and (seen[-1] < 0).any()
         torch.testing.assert_close(seen[-1], seen[n_want - 1], rtol=0, atol=0)

@@ -53,8 +53,8 @@ AlignedArray<T> aligned_array(std::size_t n) {
 }
 
 // Large scratch blocks that are reused from call to call instead of freed. A fresh block's first touch
-// faults every 4 KiB page in: K and V of a (1, 32, 32 query rows, 1024, 128) float32 call packed up
-// front (16 MiB) faulted 4083 times a call, and the call took 10.9 ms against 4.6 ms once they were
+// faults every 4 KiB page in: the K and V tiles of a (1, 32, 32 query rows, 1024, 128) float32 call on
+// the blocked forward (16 MiB each) faulted 4083 times a call, and the call took 10.9 ms against 4.6 ms once they were
 // reused (a 2-vCPU VM, 2026-12-07, cpu-decode-wide.md). Freed blocks of at least kPooledBytes wait here
 // (up to kPoolRetainedBytes in all, the oldest leaving first) for a request of at least half their size;
 // larger ones are freed.
@@ -84,27 +84,32 @@ class BlockPool {
   }
 
   // Called from a deleter: never throws (a block the pool cannot hold is freed).
+  // Blocks leave the pool under the lock and are freed after it (freeing a large block takes time).
   void release(void* p, std::size_t bytes) noexcept {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    if (bytes > kPoolRetainedBytes) {
-      cache_line_delete(p);
-      return;
+    if (bytes > kPoolRetainedBytes) return cache_line_delete(p);
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      try {
+        free_.emplace_back(p, bytes);
+        retained_ += bytes;
+        p = nullptr;
+      } catch (...) {
+      }
     }
-    try {
-      free_.emplace_back(p, bytes);
-    } catch (...) {
-      cache_line_delete(p);
-      return;
-    }
-    retained_ += bytes;
-    while (retained_ > kPoolRetainedBytes) {
-      cache_line_delete(free_.front().first);
-      retained_ -= free_.front().second;
-      free_.erase(free_.begin());
-    }
+    if (p != nullptr) return cache_line_delete(p);  // (the pool could not grow)
+    while (void* oldest = evict_over_limit()) cache_line_delete(oldest);
   }
 
  private:
+  void* evict_over_limit() noexcept {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    if (retained_ <= kPoolRetainedBytes) return nullptr;
+    void* oldest = free_.front().first;
+    retained_ -= free_.front().second;
+    free_.erase(free_.begin());
+    return oldest;
+  }
+
   std::mutex mutex_;
   std::vector<std::pair<void*, std::size_t>> free_;  // oldest first
   std::size_t retained_ = 0;

@@ -359,11 +359,10 @@ void forward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
 // row_blocks. pair_bytes(len_k): the packed bytes of a pair with len_k keys.
 template <typename scalar_t, typename PairBytes>
 bool tasks_own_pairs(const Problem<scalar_t>& problem, const PairBytes& pair_bytes) {
-  constexpr int64_t kPairBytes = int64_t(512) << 10;
   const int64_t pairs = static_cast<int64_t>(problem.sequences.size()) * problem.heads_kv;
   if (pairs < 4 * static_cast<int64_t>(at::get_num_threads())) return false;
   for (const Sequence& seq : problem.sequences) {
-    if (pair_bytes(seq.len_k) > kPairBytes) return false;
+    if (pair_bytes(seq.len_k) > kPairTileBytes) return false;
   }
   return true;
 }

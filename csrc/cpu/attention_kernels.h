@@ -42,16 +42,21 @@ template <typename scalar_t>
 void attention_forward_kernel(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring,
                               const Operand<scalar_t>& out, attn_acc_t<scalar_t>* lse, const RowIndex& lse_index);
 
+// The blocked forward's tasks pack their own (sequence, kv head) pair where each pair's tiles take at
+// most this (tasks_own_pairs, attention_forward.h); larger pairs are packed up front for all.
+constexpr int64_t kPairTileBytes = int64_t(512) << 10;
+
 // Calls with at most kDecodeMaxRows query rows per sequence take the decode forward (attention_decode.h):
 // K and V read once per kv head for the whole group, from where they are, keys split across threads.
 // Up to kDecodeWideRows rows against at least kDecodeWideMinKeys visible keys it serves too where the
 // blocked forward pays more: where a kv head's group has few rows (at most 64 at head dim 128 and up, 32
-// below), or where the blocked forward's K and V tiles, packed up front, would reach kDecodeWideTileBytes
-// (past the caches: every query head of a group reads them back from memory) and the group has at most
-// kDecodeWideGroupRows rows (the largest measured). Measured in float32 on a 2-vCPU Emerald Rapids
-// (AVX-512; cpu-decode-wide.md), applied to every dtype and variant: (1, 32 / 8 heads, 17, 16384, 128)
-// ran in 0.37x the blocked forward's time, (1, 32 / 32, 32, 4096, 128) 0.53x; rows past the bound
-// against 1-4k keys ran 1.1-2.0x slower on the decode path. Dropout stays on the blocked forward.
+// below), or where the blocked forward's K and V tiles, packed up front (pairs past kPairTileBytes),
+// would reach kDecodeWideTileBytes in float (past the caches: every query head of a group reads them
+// back from memory) and the group has at most kDecodeWideGroupRows rows (the largest measured). Measured
+// in float32 on a 2-vCPU Emerald Rapids (AVX-512; cpu-decode-wide.md), applied to every dtype and
+// variant: (1, 32 / 8 heads, 17, 16384, 128) ran in 0.37x the blocked forward's time, (1, 32 / 32, 32,
+// 4096, 128) 0.53x; 13 of the 15 cases past the bound against 256-4k keys ran 1.1-2.0x slower on the
+// decode path. Dropout stays on the blocked forward.
 constexpr int64_t kDecodeMaxRows = 16;
 constexpr int64_t kDecodeWideRows = 64;
 constexpr int64_t kDecodeWideMinKeys = 1024;
@@ -62,11 +67,12 @@ template <typename scalar_t>
 bool decode_serves(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring) {
   if (scoring.dropout.active()) return false;
   int64_t longest = 0, tile_bytes = 0;
-  bool long_keys = true;
+  bool long_keys = true, packed_up_front = false;
   for (const Sequence& seq : problem.sequences) {
     longest = std::max(longest, seq.len_q);
-    tile_bytes += seq.len_k * problem.heads_kv * (problem.head_dim + problem.value_dim) *
-                  int64_t(sizeof(attn_acc_t<scalar_t>));
+    const int64_t pair_bytes = seq.len_k * (problem.head_dim + problem.value_dim) * int64_t(sizeof(attn_acc_t<scalar_t>));
+    tile_bytes += pair_bytes * problem.heads_kv;
+    packed_up_front = packed_up_front || pair_bytes > kPairTileBytes;
     if (seq.len_q == 0) continue;
     const auto [lo, hi] = scoring.rules.block_keys(seq, 0, seq.len_q);  // what the rows can see
     if (hi > lo && hi - lo < kDecodeWideMinKeys) long_keys = false;     // (none: no work on either path)
@@ -75,7 +81,7 @@ bool decode_serves(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<sc
   if (longest > kDecodeWideRows || !long_keys) return false;
   const int64_t group_rows = problem.heads_q / problem.heads_kv * longest;
   if (group_rows <= (problem.head_dim >= 128 ? 64 : 32)) return true;
-  return tile_bytes >= kDecodeWideTileBytes && group_rows <= kDecodeWideGroupRows;
+  return packed_up_front && tile_bytes >= kDecodeWideTileBytes && group_rows <= kDecodeWideGroupRows;
 }
 
 // Where the backward puts gradients of the float mask and of the ALiBi slopes (null when not wanted).
