@@ -53,9 +53,9 @@ AlignedArray<T> aligned_array(std::size_t n) {
 }
 
 // Large scratch blocks that are reused from call to call instead of freed. A fresh block's first touch
-// faults every 4 KiB page in: the K and V tiles of a (1, 32, 32 query rows, 1024, 128) float32 call on
-// the blocked forward (16 MiB each) faulted 4083 times a call, and the call took 10.9 ms against 4.6 ms once they were
-// reused (a 2-vCPU VM, 2026-12-07, cpu-decode-wide.md). Freed blocks of at least kPooledBytes wait here
+// faults every 4 KiB page in: a (1, 32, 32 query rows, 1024, 128) float32 call on the blocked forward,
+// whose K and V tiles take 16 MiB each, faulted 4083 pages a call and took 10.9 ms, 4.6 ms once the
+// blocks were reused (a 2-vCPU VM, 2026-12-07, cpu-decode-wide.md). Freed blocks of at least kPooledBytes wait here
 // (up to kPoolRetainedBytes in all, the oldest leaving first) for a request of at least half their size;
 // larger ones are freed.
 constexpr std::size_t kPooledBytes = std::size_t(1) << 20;

@@ -93,7 +93,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         a torch.func transform, hooks, a subclassed linear1, autocast, another activation), torch's
         computation."""
         linear, act = self.linear1, self.activation
-        relu = act is F.relu or (type(act) is nn.ReLU and not (act._forward_hooks or act._forward_pre_hooks))
+        relu = act is F.relu or (type(act) is nn.ReLU and _unhooked(act))
         if (
             relu
             and _plain_linear(linear)
@@ -115,10 +115,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
 def _transformed(*tensors: Tensor) -> bool:
     """Whether a torch.func transform (vmap, jvp, ...) is active or a tensor carries a forward-mode
     tangent: the fused op has no batching rule and no forward derivative."""
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    if active is not None and active():
-        return True
-    return any(fwAD.unpack_dual(t).tangent is not None for t in tensors)
+    return torch._C._are_functorch_transforms_active() or any(fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _plain_linear(module: nn.Module) -> bool:
@@ -128,6 +125,13 @@ def _plain_linear(module: nn.Module) -> bool:
         type(module) is nn.Linear
         and type(module.weight) in (Tensor, nn.Parameter)
         and (module.bias is None or type(module.bias) in (Tensor, nn.Parameter))
-        and not (module._forward_hooks or module._forward_pre_hooks)
-        and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+        and _unhooked(module)
+    )
+
+
+def _unhooked(module: nn.Module) -> bool:
+    """No forward hook, the module's own or global, could see the module's input or output."""
+    return not (
+        module._forward_hooks or module._forward_pre_hooks
+        or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
     )
