@@ -231,11 +231,11 @@ struct FloatDot {
 // memory 1.25-1.3x slower on one thread; 2026-12-04 record, cpu-decode-memory.md). One
 // row (rows == 1) reads key row after key row, one stream the prefetcher follows (1.6x faster than a
 // vector of each of 16 rows in turn, neither with a software prefetch; cpu-decode-row-order.md). Never
-// inlined, so that the accumulators stay in registers (as gemm_tile).
+// inlined, so that the accumulators stay in registers, and `ahead` by reference (both as gemm_tile).
 template <typename Dot, typename Acc>
 __attribute__((noinline)) void dot_keys(const typename Dot::QElem* q, int64_t rows, int64_t ldq,
                                         const typename Dot::KElem* k, int64_t ldk, int64_t steps, Acc* out,
-                                        int64_t ldo, RowsAhead ahead = {}) {
+                                        int64_t ldo, const RowsAhead& ahead = RowsAhead{}) {
   using S = TransposeSum<Acc>;
   using V = simd::Vec<Acc>;
   using Operand = typename Dot::Operand;

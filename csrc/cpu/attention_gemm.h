@@ -48,10 +48,12 @@ struct RowsAhead {
 };
 
 // Never inlined: inlined into the attention loops it measured with accumulators spilled to the stack.
-// With `ahead` (kAhead), step k asks for row k of it (RowsAhead).
+// With `ahead` (kAhead), step k asks for row k of it (RowsAhead). `ahead` by reference: a 40-byte copy
+// on the stack, built from narrow stores and read back whole, stalled every call (store forwarding fails;
+// 5-7% of a float32 backward; tests/test_cpu_codegen.py).
 template <typename T, int rows, int vectors, bool kAhead = false>
 __attribute__((noinline)) void gemm_tile(int64_t depth, const T* a, int64_t a_row, int64_t a_col, const T* b,
-                                 int64_t ldb, T* c, int64_t ldc, bool accumulate, RowsAhead ahead = {}) {
+                                 int64_t ldb, T* c, int64_t ldc, bool accumulate, const RowsAhead& ahead = RowsAhead{}) {
   using V = simd::Vec<T>;
   constexpr int64_t width = simd::Traits<T>::width;
   // Fully unrolled, so that the arrays become registers. The tile's sum starts at 0 and joins C only at
