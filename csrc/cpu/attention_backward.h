@@ -135,19 +135,29 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
   const acc_t sink = scoring.sink(head), neg_inf = -std::numeric_limits<acc_t>::infinity();
   // The sink and slope gradients: one term per row, in double (see ExtraGradients).
   double step_sink = 0, step_alibi = 0;
+  // As in the forward's plain rows, rows whose scores are only scaled products (no softcap, mask or ALiBi)
+  // fold the scale into the exp instead of a score pass; the keys the rules hide from them (causal, window,
+  // key lengths: in a causal step every row but the last has some) are set to -inf. Given statistics
+  // (row_lse) come from the forward, which scores rows that see part of its block with score_row: such
+  // rows are rounded as it rounds them (folded, a float32 dv from the precise forward's lse missed the
+  // tolerance policy's bound by 1.8x at scale 6).
+  const bool only_scaled = scores_only_scaled(scoring, seq, head);
+  // dS's scale joins the softmax's backward pass where nothing reads dS before it (mask and slope
+  // gradients) and softcap's derivative does not go with it.
+  const bool fold_scale = !mask_sink && !head_grads.slope && !softcap;
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* p = probs + r * ld;
     acc_t* dp = dprobs + r * ld;
-    // As in the forward, plain rows fold the scale into the exp instead of a score pass.
-    const bool plain = plain_row(scoring, seq, head, i0 + r, lo, n);
+    const bool plain = only_scaled && (!scoring.row_lse || plain_row(scoring, seq, head, i0 + r, lo, n));
     const acc_t exp_scale = plain ? scale : acc_t(1);
     if (plain) {
-      std::fill(p + n, p + n_pad, -std::numeric_limits<acc_t>::infinity());
+      hide_keys(scoring.rules, seq, i0 + r, lo, n, n_pad, p);
     } else {
       score_row(scoring, seq, head, i0 + r, lo, n, n_pad, p, softcap ? buf.tanh.data() + r * ld : nullptr);
     }
     acc_t p_sink = 0;
     double delta = 0;
+    const acc_t* keep_row = nullptr;  // dropout's keep factors of the row
     if (scoring.row_lse) {  // given statistics: p = exp(score - lse) of the whole softmax, delta as given
       const int64_t at = seq.batch * scoring.row_batch_stride + head * scoring.row_head_stride + seq.q_start + i0 + r;
       const acc_t lse = scoring.row_lse[at];
@@ -158,7 +168,6 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
         if (scoring.row_lse_low) scale_row(p, n_pad, static_cast<acc_t>(std::exp(-scoring.row_lse_low[at])));
       }
       delta = scoring.row_delta[at];
-      softmax_backward_row(p, dp, static_cast<const acc_t*>(nullptr), delta, n_pad);
     } else {
       // The sink joins the denominator (and the shift, when it is the larger term); it has no value.
       const acc_t max = std::max(row_max(p, n_pad) * exp_scale, sink);
@@ -177,16 +186,20 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
         std::fill(keep + n, keep + n_pad, acc_t(0));
         dropout_row(scoring.dropout, scoring.dropout.row_key(seq.index, head, i0 + r), lo, n, pk, keep);
         delta = centered_delta(pk, p, dp, n_pad, p_sink);
-        softmax_backward_row(p, dp, keep, delta, n_pad);
+        keep_row = keep;
       } else {
         delta = centered_delta(p, p, dp, n_pad, p_sink);
-        softmax_backward_row(p, dp, static_cast<const acc_t*>(nullptr), delta, n_pad);
       }
+    }
+    if (fold_scale && keep_row == nullptr) {
+      softmax_backward_row_scaled(p, dp, delta, scale, n_pad);
+    } else {
+      softmax_backward_row(p, dp, keep_row, delta, n_pad);
     }
     // d sink = -p_sink * delta: raising the sink scales the row's output by 1 - p_sink.
     step_sink -= static_cast<double>(p_sink) * delta;
-    // dp now holds dS, the gradient of the final score: that of an added float mask, and minus the
-    // distance times it for the slope.
+    // dp now holds dS, the gradient of the final score (times the scale where fold_scale, and then
+    // nothing below reads it): that of an added float mask, and minus the distance times it for the slope.
     if (mask_sink) {
       acc_t* sink = mask_sink + seq.batch * extra.mask_stride[0] + head * extra.mask_stride[1] +
                     (i0 + r) * extra.mask_stride[2] + lo * extra.mask_stride[3];
@@ -209,7 +222,7 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
     if (softcap) {
       const acc_t* t = buf.tanh.data() + r * ld;
       for (int64_t j = 0; j < n; ++j) dp[j] *= (acc_t(1) - t[j] * t[j]) * scale;
-    } else {
+    } else if (!fold_scale || keep_row != nullptr) {
       for (int64_t j = 0; j < n; ++j) dp[j] *= scale;
     }
     for (int64_t j = n; j < n_pad; ++j) dp[j] = acc_t(0);

@@ -87,13 +87,25 @@ inline void scale_add_distance(acc_t* s, int64_t n_pad, acc_t scale, acc_t slope
   for (int64_t j = 0; j < n_pad; j += width) simd::store(s + j, bias(simd::load(s + j), j));
 }
 
+// -inf for the keys of [j0, j0 + n_pad) that the rules hide from row i (causal, window, key lengths; the
+// padding past n too).
+template <typename acc_t>
+inline void hide_keys(const Rules& rules, const Sequence& seq, int64_t i, int64_t j0, int64_t n, int64_t n_pad,
+                      acc_t* s) {
+  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const auto [lo, hi] = rules.keys(seq, i);
+  const int64_t visible_lo = std::clamp<int64_t>(lo - j0, 0, n);
+  const int64_t visible_hi = std::clamp<int64_t>(hi - j0, visible_lo, n);
+  std::fill(s, s + visible_lo, neg_inf);
+  std::fill(s + visible_hi, s + n_pad, neg_inf);
+}
+
 // s[0, n) holds q.k for keys [j0, j0 + n) of query row i (query head `head`); makes them final scores,
 // -inf where hidden, and -inf in the padding up to n_pad. With softcap, tanh_out receives the tanh
 // values (the backward's derivative); it may be null otherwise.
 template <typename acc_t>
 inline void score_row(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t head, int64_t i,
                                  int64_t j0, int64_t n, int64_t n_pad, acc_t* s, acc_t* tanh_out) {
-  constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const Rules& rules = scoring.rules;
   const acc_t scale = static_cast<acc_t>(rules.scale);
   const acc_t slope = scoring.slope(seq, head);
@@ -112,11 +124,7 @@ inline void score_row(const Scoring<acc_t>& scoring, const Sequence& seq, int64_
     for (int64_t j = 0; j < n; ++j) s[j] *= scale;
   }
   if (scoring.mask.present()) apply_mask_row(scoring.mask, seq.batch, head, i, j0, n, s);
-  const auto [lo, hi] = rules.keys(seq, i);
-  const int64_t visible_lo = std::clamp<int64_t>(lo - j0, 0, n);
-  const int64_t visible_hi = std::clamp<int64_t>(hi - j0, visible_lo, n);
-  for (int64_t j = 0; j < visible_lo; ++j) s[j] = neg_inf;
-  for (int64_t j = visible_hi; j < n_pad; ++j) s[j] = neg_inf;
+  hide_keys(rules, seq, i, j0, n, n_pad, s);
 }
 
 // The largest f(score) over [0, n_pad), NaN where a NaN score is the only thing in the row's way: every
@@ -276,20 +284,40 @@ inline void softmax_backward_row(const acc_t* p, acc_t* dp, const acc_t* keep, d
   }
 }
 
-// Whether score_row would only scale row i's products over keys [j0, j0 + n) (and add ALiBi's bias, if
-// with_alibi): no softcap or mask, every key visible, and a positive scale (so the row maximum of the
-// products gives that of the scores, and -inf padding stays -inf) of at least acc_t's smallest normal
-// (the kernels flush subnormals to 0: a scale of 1e-39 became 0 there, and -inf padding times 0 NaN).
+// softmax_backward_row without keep, then dp *= scale (the score's scale, for dS of the raw products) in
+// the same pass: the same two roundings as the two passes.
+template <typename acc_t>
+inline void softmax_backward_row_scaled(const acc_t* p, acc_t* dp, double delta, acc_t scale, int64_t n_pad) {
+  using V = simd::Vec<acc_t>;
+  constexpr int64_t width = simd::Traits<acc_t>::width;
+  const acc_t hi = static_cast<acc_t>(delta), lo = static_cast<acc_t>(delta - static_cast<double>(hi));
+  for (int64_t j = 0; j < n_pad; j += width) {
+    const V ds = simd::load(p + j) * ((simd::load(dp + j) - hi) - lo);
+    simd::store(dp + j, ds * scale);
+  }
+}
+
+// Whether score_row would only scale head `head`'s products (and add ALiBi's bias, if with_alibi) before
+// masking keys by position (causal, window, key lengths): no softcap or mask, and a positive scale (so the
+// row maximum of the products gives that of the scores, and -inf padding stays -inf) of at least acc_t's
+// smallest normal (the kernels flush subnormals to 0: a scale of 1e-39 became 0 there, and -inf padding
+// times 0 NaN).
+template <typename acc_t>
+inline bool scores_only_scaled(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t head,
+                               bool with_alibi = false) {
+  const Rules& rules = scoring.rules;
+  return !(rules.softcap > 0 || scoring.mask.present() ||
+           !(static_cast<acc_t>(rules.scale) >= std::numeric_limits<acc_t>::min()) ||
+           (!with_alibi && scoring.slope(seq, head) != acc_t(0)));
+}
+
+// Whether score_row would only scale row i's products over keys [j0, j0 + n): scores_only_scaled, and
+// every key visible.
 template <typename acc_t>
 inline bool plain_row(const Scoring<acc_t>& scoring, const Sequence& seq, int64_t head, int64_t i, int64_t j0,
                       int64_t n, bool with_alibi = false) {
-  const Rules& rules = scoring.rules;
-  if (rules.softcap > 0 || scoring.mask.present() ||
-      !(static_cast<acc_t>(rules.scale) >= std::numeric_limits<acc_t>::min()) ||
-      (!with_alibi && scoring.slope(seq, head) != acc_t(0))) {
-    return false;
-  }
-  const auto [lo, hi] = rules.keys(seq, i);
+  if (!scores_only_scaled(scoring, seq, head, with_alibi)) return false;
+  const auto [lo, hi] = scoring.rules.keys(seq, i);
   return lo <= j0 && hi >= j0 + n;
 }
 
