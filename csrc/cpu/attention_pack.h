@@ -10,6 +10,9 @@
 #include <type_traits>
 
 #include "cpu/attention_problem.h"
+#if FUSED_ATTENTION_ISA_AVX512
+#include "cpu/transpose16.h"
+#endif
 
 
 // dst[r * ld + f] = x[token0 + r, f] for r < rows, f < features; zero for features <= f < ld.
@@ -71,7 +74,21 @@ inline void load_transposed_panels(const Operand<scalar_t>& x, int64_t batch, in
     acc_t* base = dst + (r0 / panel) * features * panel + r0 % panel;
     const scalar_t* src[16];  // the run's rows, looked up once (not once per element)
     for (int64_t r = 0; r < count; ++r) src[r] = x.row(batch, head, token0 + r0 + r);
-    for (int64_t f = 0; f < features; ++f) {
+    int64_t f = 0;
+#if FUSED_ATTENTION_ISA_AVX512
+    // Whole runs of 16 rows, 16 features at a time, in registers (transpose16.h).
+    if constexpr (std::is_same_v<acc_t, float> &&
+                  (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>)) {
+      if (count == 16 && stride == 1) {
+        for (; f + 16 <= features; f += 16) {
+          Float16x block[16];
+          for (int r = 0; r < 16; ++r) block[r] = load16_as_float(src[r], f);
+          transpose16x16(block, base + f * panel, panel);
+        }
+      }
+    }
+#endif
+    for (; f < features; ++f) {
       acc_t* out = base + f * panel;
       for (int64_t r = 0; r < count; ++r) out[r] = static_cast<acc_t>(src[r][f * stride]);
     }
