@@ -137,10 +137,11 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
   double step_sink = 0, step_alibi = 0;
   // As in the forward's plain rows, rows whose scores are only scaled products (no softcap, mask or ALiBi)
   // fold the scale into the exp instead of a score pass; the keys the rules hide from them (causal, window,
-  // key lengths: in a causal step every row but the last has some) are set to -inf. Given statistics
-  // (row_lse) come from the forward, which scores rows that see part of its block with score_row: such
-  // rows are rounded as it rounds them (folded, a float32 dv from the precise forward's lse missed the
-  // tolerance policy's bound by 1.8x at scale 6).
+  // key lengths: in a causal step every row but the last has some) are set to -inf. With given statistics
+  // (row_lse, from the forward) only rows that see every key of this step's range fold, as before: the
+  // forward scores rows that see part of a key block with score_row, and folding the others too made a
+  // float32 dv from the precise forward's lse miss the tolerance policy's bound by 1.8x at scale 6 (the
+  // forward decides per key block of 512, this per step, so the two match on most rows, not all).
   const bool only_scaled = scores_only_scaled(scoring, seq, head);
   // dS's scale joins the softmax's backward pass where nothing reads dS before it (mask and slope
   // gradients) and softcap's derivative does not go with it.

@@ -330,13 +330,15 @@ void forward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scorin
   // unit feature stride (a copy cost 2-4% of a 128-token forward in float32), else converted into buf.q.
   const acc_t* q = buf.q.data();
   int64_t ldq = dim;
+  bool in_place = false;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (problem.q.feature_stride == 1 && problem.q.pages == nullptr) {
+    in_place = problem.q.feature_stride == 1 && problem.q.pages == nullptr;
+    if (in_place) {
       q = problem.q.row(seq.batch, head, seq.q_start + i0);
       ldq = problem.q.token_stride;
     }
   }
-  if (first < hi && q == buf.q.data()) load_rows(problem.q, seq.batch, head, seq.q_start + i0, rows, dim, buf.q.data(), dim);
+  if (first < hi && !in_place) load_rows(problem.q, seq.batch, head, seq.q_start + i0, rows, dim, buf.q.data(), dim);
   for (int64_t j0 = lo; j0 < hi; j0 += kBlockK) {
     const int64_t n = std::min(kBlockK, hi - j0);
     // Runs start at a panel (keys_t's blocks) but end at the block's last vector of keys, not its panel: a

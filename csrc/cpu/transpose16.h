@@ -2,7 +2,8 @@
 // loop it replaces (16 scalar loads from 16 rows and 16 stores per feature) cost about 1.2 cycles per
 // element, 8.5% of a 128-token float32 forward on one thread. Written with GCC's vector shuffles, which
 // lower to vunpck*ps, vshufps and vshuff32x4 (the intrinsics' undefined pass-through operands made GCC 12
-// warn). Included by attention_pack.h in the AVX-512 variants only.
+// warn). Included by attention_pack.h in the AVX-512 variants only, inside their namespace: <cstdint>,
+// <cstring> and c10::BFloat16 come from attention_prelude.h.
 #pragma once
 
 typedef float Float16x __attribute__((vector_size(64)));
