@@ -192,11 +192,7 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
         delta = centered_delta(p, p, dp, n_pad, p_sink);
       }
     }
-    if (fold_scale && keep_row == nullptr) {
-      softmax_backward_row_scaled(p, dp, delta, scale, n_pad);
-    } else {
-      softmax_backward_row(p, dp, keep_row, delta, n_pad);
-    }
+    softmax_backward_row(p, dp, keep_row, delta, n_pad, fold_scale ? scale : acc_t(1));
     // d sink = -p_sink * delta: raising the sink scales the row's output by 1 - p_sink.
     step_sink -= static_cast<double>(p_sink) * delta;
     // dp now holds dS, the gradient of the final score (times the scale where fold_scale, and then
@@ -223,7 +219,7 @@ void backward_rows(const Problem<scalar_t>& problem, const Scoring<acc_t>& scori
     if (softcap) {
       const acc_t* t = buf.tanh.data() + r * ld;
       for (int64_t j = 0; j < n; ++j) dp[j] *= (acc_t(1) - t[j] * t[j]) * scale;
-    } else if (!fold_scale || keep_row != nullptr) {
+    } else if (!fold_scale) {
       for (int64_t j = 0; j < n; ++j) dp[j] *= scale;
     }
     for (int64_t j = n; j < n_pad; ++j) dp[j] = acc_t(0);

@@ -273,28 +273,23 @@ inline double centered_delta(const acc_t* w, const acc_t* p, const acc_t* dp, in
 // delta in two parts (hi + lo, hi the acc_t nearest it), subtracted one after the other: dp - hi is
 // exact where dp is near delta (the keys that hold the row), so dS keeps the precision of its own size.
 template <typename acc_t>
-inline void softmax_backward_row(const acc_t* p, acc_t* dp, const acc_t* keep, double delta, int64_t n_pad) {
+inline void softmax_backward_row(const acc_t* p, acc_t* dp, const acc_t* keep, double delta, int64_t n_pad,
+                                 acc_t scale = acc_t(1)) {
   using V = simd::Vec<acc_t>;
   constexpr int64_t width = simd::Traits<acc_t>::width;
   const acc_t hi = static_cast<acc_t>(delta), lo = static_cast<acc_t>(delta - static_cast<double>(hi));
-  for (int64_t j = 0; j < n_pad; j += width) {
-    V g = simd::load(dp + j);
-    if (keep) g *= simd::load(keep + j);
-    simd::store(dp + j, simd::load(p + j) * ((g - hi) - lo));
-  }
-}
-
-// softmax_backward_row without keep, then dp *= scale (the score's scale, for dS of the raw products) in
-// the same pass: the same two roundings as the two passes.
-template <typename acc_t>
-inline void softmax_backward_row_scaled(const acc_t* p, acc_t* dp, double delta, acc_t scale, int64_t n_pad) {
-  using V = simd::Vec<acc_t>;
-  constexpr int64_t width = simd::Traits<acc_t>::width;
-  const acc_t hi = static_cast<acc_t>(delta), lo = static_cast<acc_t>(delta - static_cast<double>(hi));
-  for (int64_t j = 0; j < n_pad; j += width) {
-    const V ds = simd::load(p + j) * ((simd::load(dp + j) - hi) - lo);
-    simd::store(dp + j, ds * scale);
-  }
+  // scale != 1: dp *= scale (the score's, for dS of the raw products) in the same pass, the same two
+  // roundings as a pass of its own.
+  const auto run = [&](auto scaled) {
+    for (int64_t j = 0; j < n_pad; j += width) {
+      V g = simd::load(dp + j);
+      if (keep) g *= simd::load(keep + j);
+      const V ds = simd::load(p + j) * ((g - hi) - lo);
+      simd::store(dp + j, decltype(scaled)::value ? ds * scale : ds);
+    }
+  };
+  if (scale != acc_t(1)) return run(std::true_type{});
+  run(std::false_type{});
 }
 
 // Whether score_row would only scale head `head`'s products (and add ALiBi's bias, if with_alibi) before

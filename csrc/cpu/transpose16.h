@@ -6,7 +6,10 @@
 // <cstring> and c10::BFloat16 come from attention_prelude.h.
 #pragma once
 
-typedef float Float16x __attribute__((vector_size(64)));
+#include "cpu/attention_simd.h"
+
+using Float16x = simd::Vec<float>;  // a zmm register in the AVX-512 variants
+static_assert(simd::Traits<float>::width == 16, "transpose16.h is for 16-float vectors");
 typedef uint16_t Half16x __attribute__((vector_size(32)));
 typedef uint32_t Word16x __attribute__((vector_size(64)));
 
