@@ -379,11 +379,13 @@ bool decode_prefetches_keys(const Operand<scalar_t>& k, int64_t features, int64_
   return side_by_side || scattered_rows(k, features);
 }
 
-// scores[r * lds + j] = q_r . k_(j0 + j) for rows r < rows and keys j < n of (sequence, kv head), and
-// the same up to round_up(n, width) (zero keys past n).
+// scores[r * lds + j] = q_r . k_(j0 + j) for rows r < rows (buf's from row0 on) and keys j < n of
+// (sequence, kv head), and the same up to round_up(n, width) (zero keys past n). Keys ahead are asked for up
+// to key j0 + reach (reach >= n: the keys a later call reads; decode_sweep).
 template <typename scalar_t, typename acc_t>
 void decode_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_t kv_head, int64_t j0, int64_t n,
-                   int64_t row0, int64_t rows, DecodeBuffers<acc_t>& buf, acc_t* scores) {
+                   int64_t row0, int64_t rows, DecodeBuffers<acc_t>& buf, acc_t* scores, int64_t reach = 0) {
+  reach = std::max(reach, n);
   constexpr int64_t width = simd::Traits<acc_t>::width;
 #if defined(FUSED_ATTENTION_AMX_DECODE)
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
@@ -408,8 +410,8 @@ void decode_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_
     // The keys kDecodePrefetchKeys ahead: asked for by dot_keys when they are one run and it reads the
     // rows in place, else here.
     RowsAhead next;
-    if (ahead && b + kDecodePrefetchKeys < n) {
-      const int64_t later = std::min(width, n - b - kDecodePrefetchKeys), at = token + kDecodePrefetchKeys;
+    if (ahead && b + kDecodePrefetchKeys < reach) {
+      const int64_t later = std::min(width, reach - b - kDecodePrefetchKeys), at = token + kDecodePrefetchKeys;
       if (whole && (in_place || bf16_dot(k, dim)) && k.adjacent_rows(at) >= later) {
         next = {reinterpret_cast<const char*>(k.row(seq.batch, kv_head, at)), later,
                 k.token_stride * int64_t(sizeof(scalar_t)), dim * int64_t(sizeof(scalar_t)), !scattered};
@@ -442,10 +444,12 @@ void decode_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_
   }
 }
 
-// acc[r * ldv + f] += sum_j p[r * lds + j] v_(j0 + j)[f] over keys j < n.
+// acc[r * ldv + f] += sum_j p[r * lds + j] v_(j0 + j)[f] over keys j < n. Values ahead are asked for up to
+// key j0 + reach (as decode_scores).
 template <typename scalar_t, typename acc_t>
 void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_t kv_head, int64_t j0, int64_t n,
-                   const acc_t* p, int64_t rows, DecodeBuffers<acc_t>& buf, acc_t* acc) {
+                   const acc_t* p, int64_t rows, DecodeBuffers<acc_t>& buf, acc_t* acc, int64_t reach = 0) {
+  reach = std::max(reach, n);
   constexpr int64_t width = simd::Traits<acc_t>::width;
   const Operand<scalar_t>& v = problem.v;
   const int64_t value_dim = problem.value_dim;
@@ -477,9 +481,9 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
       const int64_t ahead = key + k0 + kDecodePrefetchKeys;
       // The rows ahead within this run (the first tile asks for them), then those past it at once.
       const int64_t later = tiles_ask ? std::clamp<int64_t>(count - k0 - kDecodePrefetchKeys, 0, kc) : 0;
-      if (asks && ahead + later < std::min(n, ahead + kc)) {
+      if (asks && ahead + later < std::min(reach, ahead + kc)) {
         prefetch_tokens(v, seq.batch, kv_head, seq.k_start + j0 + ahead + later,
-                        std::min(n, ahead + kc) - ahead - later, value_dim, !scattered);
+                        std::min(reach, ahead + kc) - ahead - later, value_dim, !scattered);
       }
       for (int64_t v0 = 0; v0 < vectors && first > 0; v0 += tile_vectors) {
         for (int64_t r = 0; r < first; r += 2) {
@@ -515,17 +519,18 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
     on_tiles = amx_decode(problem, rows);
 #endif
     if (on_tiles || bf16_dot(v, value_dim)) {
-      // The chunk's value rows looked up once, page by page (row() divides by the page size, and
-      // values_bf16 asks for each row in every tile and to prefetch it).
-      buf.rows.resize(n);
-      v.for_each_run(seq.batch, kv_head, seq.k_start + j0, n, [&](const scalar_t* first, int64_t j, int64_t run) {
+      // The chunk's value rows (and those asked for ahead) looked up once, page by page (row() divides by
+      // the page size, and values_bf16 asks for each row in every tile and to prefetch it).
+      const int64_t known = std::min(reach, n + kDecodePrefetchKeys);
+      buf.rows.resize(known);
+      v.for_each_run(seq.batch, kv_head, seq.k_start + j0, known, [&](const scalar_t* first, int64_t j, int64_t run) {
         for (int64_t r = 0; r < run; ++r) buf.rows[j + r] = first + r * v.token_stride;
       });
       const auto row_of = [&](int64_t j) { return static_cast<const c10::BFloat16*>(buf.rows[j]); };
 #if defined(FUSED_ATTENTION_AMX_DECODE)
       if (on_tiles) return amx_values(rows, n, row_of, value_dim, buf.amx, acc, buf.ldv, scattered);
 #endif
-      return values_bf16(rows, n, p, buf.lds, row_of, value_dim, acc, buf.ldv, !scattered);
+      return values_bf16(rows, n, known, p, buf.lds, row_of, value_dim, acc, buf.ldv, !scattered);
     }
   }
 #endif
@@ -542,84 +547,162 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
   }
 }
 
+// A task's rows of kv head `kv_head` from buf's row row0 on (row row0 + g * L + i: query row i of head
+// kv_head * G + g): nothing seen yet (output, maximum, sum), and their query rows loaded for the products.
+template <typename scalar_t, typename acc_t>
+void decode_begin(const Problem<scalar_t>& problem, const Sequence& seq, int64_t kv_head, int64_t row0,
+                  DecodeBuffers<acc_t>& buf) {
+  const int64_t group = problem.heads_q / problem.heads_kv, len = seq.len_q, rows = group * len;
+  const int64_t dim = problem.head_dim;
+  std::fill_n(buf.out.begin() + row0 * buf.ldv, rows * buf.ldv, acc_t(0));
+  std::fill_n(buf.row_max.begin() + row0, rows, -std::numeric_limits<acc_t>::infinity());
+  std::fill_n(buf.row_sum.begin() + row0, rows, acc_t(0));
+  std::fill_n(buf.lazy.begin() + row0, rows, uint8_t(1));
+  for (int64_t g = 0; g < group; ++g) {
+    decode_load_rows(problem.q, seq.batch, kv_head * group + g, seq.q_start, len, dim,
+                     buf.q.data() + (row0 + g * len) * buf.ldq, buf.ldq);
+  }
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (bf16_dot(problem.k, dim)) {
+      [[maybe_unused]] const size_t need = static_cast<size_t>((row0 + rows) * dim);
+#if FUSED_ATTENTION_ISA_AVX512 && !defined(FUSED_ATTENTION_BF16_DOT)
+      if (buf.qw.size() < need) buf.qw.resize(need);
+      widen_queries(buf.q.data() + row0 * buf.ldq, rows, buf.ldq, dim, buf.qw.data() + row0 * dim);  // WidenDot's rows
+#endif
+#if defined(FUSED_ATTENTION_BF16_DOT) || defined(FUSED_ATTENTION_AMX_DECODE)
+      // Bf16Dot's rows, or the AMX tiles' (whose rows re-scored one at a time take WidenDot's above)
+      if (buf.q16.size() < need) buf.q16.resize(need);
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* src = problem.q.row(seq.batch, kv_head * group + r / len, seq.q_start + r % len);
+        c10::BFloat16* dst = buf.q16.data() + (row0 + r) * dim;
+        if (problem.q.feature_stride == 1) {  // (the element loop below took 5% of an 8-row AMX step)
+          std::memcpy(dst, src, dim * sizeof(scalar_t));
+          continue;
+        }
+        for (int64_t f = 0; f < dim; ++f) dst[f] = src[f * problem.q.feature_stride];
+      }
+#endif
+    }
+  }
+}
+
+// The softmax of kv head kv_head's rows from buf's row row0 on over keys [jb, jb + nb), whose q.k
+// decode_scores wrote: the probabilities replace the scores, the rows' output is rescaled to their new
+// maximum (the blocked forward's online softmax).
+template <typename scalar_t, typename acc_t>
+void decode_softmax(const Problem<scalar_t>& problem, const Scoring<acc_t>& scoring, const Sequence& seq,
+                    int64_t kv_head, int64_t jb, int64_t nb, int64_t row0, DecodeBuffers<acc_t>& buf) {
+  const int64_t group = problem.heads_q / problem.heads_kv, len = seq.len_q;
+  acc_t* scores = buf.scores.data();
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t first = row0 + g * len;
+    // A row whose lazy attempt overflowed gets its q.k again.
+    const auto rescore = [&](int64_t r, acc_t* s) {
+      decode_scores(problem, seq, kv_head, jb, nb, first + r, 1, buf, s);
+    };
+#if defined(FUSED_ATTENTION_AMX_DECODE)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (amx_decode(problem, group * len)) {  // P straight into the tiles' two bf16 parts (the scores stay)
+        softmax_block(scoring, seq, kv_head * group + g, 0, len, jb, nb, scores + first * buf.lds, buf.lds,
+                      static_cast<acc_t*>(nullptr), 0, buf.out.data() + first * buf.ldv, buf.ldv, buf.state(first),
+                      [](int64_t, const acc_t*) {}, rescore, AmxDecodeProbs{&buf.amx, first});
+        continue;
+      }
+    }
+#endif
+    softmax_block(scoring, seq, kv_head * group + g, 0, len, jb, nb, scores + first * buf.lds, buf.lds,
+                  scores + first * buf.lds, buf.lds, buf.out.data() + first * buf.ldv, buf.ldv, buf.state(first),
+                  [](int64_t, const acc_t*) {}, rescore);
+  }
+}
+
 // One task: keys [j0, j0 + n) of (sequence, kv head) for all rows of the group (row g * L + i is query
 // row i of head kv_head * G + g). Leaves the rows' unnormalised output in buf.out (row stride buf.ldv)
 // and their reference maximum and sum in buf.row_max / buf.row_sum.
 template <typename scalar_t, typename acc_t>
 void decode_chunk(const Problem<scalar_t>& problem, const Scoring<acc_t>& scoring, const Sequence& seq,
                   int64_t kv_head, int64_t j0, int64_t n, DecodeBuffers<acc_t>& buf) {
-  const int64_t group = problem.heads_q / problem.heads_kv, len = seq.len_q, rows = group * len;
-  std::fill(buf.out.begin(), buf.out.begin() + rows * buf.ldv, acc_t(0));
-  std::fill(buf.row_max.begin(), buf.row_max.begin() + rows, -std::numeric_limits<acc_t>::infinity());
-  std::fill(buf.row_sum.begin(), buf.row_sum.begin() + rows, acc_t(0));
-  std::fill(buf.lazy.begin(), buf.lazy.begin() + rows, uint8_t(1));
-  if (n <= 0) return;
-  for (int64_t g = 0; g < group; ++g) {
-    decode_load_rows(problem.q, seq.batch, kv_head * group + g, seq.q_start, len, problem.head_dim,
-                     buf.q.data() + g * len * buf.ldq, buf.ldq);
-  }
-  acc_t* scores = buf.scores.data();
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (bf16_dot(problem.k, problem.head_dim)) {
-#if FUSED_ATTENTION_ISA_AVX512 && !defined(FUSED_ATTENTION_BF16_DOT)
-      widen_queries(buf.q.data(), rows, buf.ldq, problem.head_dim, buf.qw);  // WidenDot's rows
-#endif
-#if defined(FUSED_ATTENTION_BF16_DOT) || defined(FUSED_ATTENTION_AMX_DECODE)
-      // Bf16Dot's rows, or the AMX tiles' (whose rows re-scored one at a time take WidenDot's above)
-      buf.q16.resize(rows * problem.head_dim);
-      for (int64_t r = 0; r < rows; ++r) {
-        const scalar_t* src = problem.q.row(seq.batch, kv_head * group + r / len, seq.q_start + r % len);
-        if (problem.q.feature_stride == 1) {  // (the element loop below took 5% of an 8-row AMX step)
-          std::memcpy(buf.q16.data() + r * problem.head_dim, src, problem.head_dim * sizeof(scalar_t));
-          continue;
-        }
-        for (int64_t f = 0; f < problem.head_dim; ++f) buf.q16[r * problem.head_dim + f] = src[f * problem.q.feature_stride];
-      }
-#endif
-    }
-  }
-  // Score block after score block, the rows' softmax state carried across (the blocked forward's online
-  // softmax). Each block's first keys (and values, where scattered) asked for early: the products ask
-  // for those 32 ahead.
+  const int64_t rows = problem.heads_q / problem.heads_kv * seq.len_q;
+  decode_begin(problem, seq, kv_head, 0, buf);
+  // Score block after score block, the rows' softmax state carried across. Each block's first keys (and
+  // values, where scattered) asked for early: the products ask for those 32 ahead.
   for (int64_t b0 = 0; b0 < n; b0 += buf.block) {
     const int64_t jb = j0 + b0, nb = std::min(buf.block, n - b0);
     if (decode_prefetches_keys<scalar_t, acc_t>(problem.k, problem.head_dim, rows)) {
       prefetch_tokens(problem.k, seq.batch, kv_head, seq.k_start + jb, std::min(nb, kDecodePrefetchKeys), problem.head_dim,
                       !scattered_rows(problem.k, problem.head_dim));
     }
-    decode_scores(problem, seq, kv_head, jb, nb, 0, rows, buf, scores);
+    decode_scores(problem, seq, kv_head, jb, nb, 0, rows, buf, buf.scores.data());
     if (scattered_rows(problem.v, problem.value_dim)) {
       prefetch_tokens(problem.v, seq.batch, kv_head, seq.k_start + jb, std::min(nb, kDecodePrefetchKeys),
                       problem.value_dim);
     }
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t first = g * len;
-      // The probabilities replace the scores; a row whose lazy attempt overflowed gets its q.k again.
-      const auto rescore = [&](int64_t r, acc_t* s) {
-        decode_scores(problem, seq, kv_head, jb, nb, first + r, 1, buf, s);
-      };
-#if defined(FUSED_ATTENTION_AMX_DECODE)
-      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-        if (amx_decode(problem, rows)) {  // P straight into the tiles' two bf16 parts (the scores stay)
-          softmax_block(scoring, seq, kv_head * group + g, 0, len, jb, nb, scores + first * buf.lds, buf.lds,
-                        static_cast<acc_t*>(nullptr), 0, buf.out.data() + first * buf.ldv, buf.ldv, buf.state(first),
-                        [](int64_t, const acc_t*) {}, rescore, AmxDecodeProbs{&buf.amx, first});
-          continue;
-        }
-      }
-#endif
-      softmax_block(scoring, seq, kv_head * group + g, 0, len, jb, nb, scores + first * buf.lds, buf.lds,
-                    scores + first * buf.lds, buf.lds, buf.out.data() + first * buf.ldv, buf.ldv, buf.state(first),
-                    [](int64_t, const acc_t*) {}, rescore);
-    }
-    decode_values(problem, seq, kv_head, jb, nb, scores, rows, buf, buf.out.data());
+    decode_softmax(problem, scoring, seq, kv_head, jb, nb, 0, buf);
+    decode_values(problem, seq, kv_head, jb, nb, buf.scores.data(), rows, buf, buf.out.data());
   }
 }
 
-// A task: a chunk of one (sequence, kv head); slot -1 when it is the group's only chunk (written directly).
+// Whether x's token rows hold every head's row side by side (FlashAttention's (B, S, Hkv, D) layout, paged
+// or not): a run of tokens is then one run of memory for all heads.
+template <typename scalar_t>
+bool token_rows_whole(const Operand<scalar_t>& x, int64_t heads, int64_t features) {
+  return heads > 1 && x.feature_stride == 1 && x.head_stride == features && x.token_stride == heads * features;
+}
+
+// Keys per sweep of decode_chunk_heads (a multiple of kDecodeValueBlock and of the widest vector).
+constexpr int64_t kDecodeSweepKeys = 64;
+
+// One task over every kv head (K and V of token_rows_whole layout): keys [j0, j0 + n) of the sequence, kv
+// head h's rows from buf's row h * G * L on. Each kv head's products as decode_chunk's, in the same score
+// blocks (so the same results), but taken kDecodeSweepKeys keys at a time across the heads: a sweep reads
+// whole token rows, one run of memory, while each head's products ask for its rows ahead into the next
+// sweep. decode_chunk, head after head over a chunk, reads a head's 512 bytes of each 4 KiB token row (float,
+// D 128, 8 kv heads); from memory that read 0.8x as fast as sweeps of 64 keys in a microbenchmark on the
+// Emerald Rapids (2026-12-07, decode-sweeps.md).
+template <typename scalar_t, typename acc_t>
+void decode_chunk_heads(const Problem<scalar_t>& problem, const Scoring<acc_t>& scoring, const Sequence& seq,
+                        int64_t j0, int64_t n, DecodeBuffers<acc_t>& buf) {
+  const int64_t heads = problem.heads_kv, rows = problem.heads_q / heads * seq.len_q;
+  for (int64_t h = 0; h < heads; ++h) decode_begin(problem, seq, h, h * rows, buf);
+  for (int64_t b0 = 0; b0 < n; b0 += buf.block) {
+    const int64_t jb = j0 + b0, nb = std::min(buf.block, n - b0);
+    for (int64_t h = 0; h < heads; ++h) {
+      prefetch_tokens(problem.k, seq.batch, h, seq.k_start + jb, std::min(nb, kDecodePrefetchKeys), problem.head_dim);
+    }
+    for (int64_t s0 = 0; s0 < nb; s0 += kDecodeSweepKeys) {
+      for (int64_t h = 0; h < heads; ++h) {
+        decode_scores(problem, seq, h, jb + s0, std::min(kDecodeSweepKeys, nb - s0), h * rows, rows, buf,
+                      buf.scores.data() + h * rows * buf.lds + s0, nb - s0);
+      }
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+      prefetch_tokens(problem.v, seq.batch, h, seq.k_start + jb, std::min(nb, kDecodePrefetchKeys), problem.value_dim);
+    }
+    for (int64_t h = 0; h < heads; ++h) decode_softmax(problem, scoring, seq, h, jb, nb, h * rows, buf);
+    for (int64_t s0 = 0; s0 < nb; s0 += kDecodeSweepKeys) {
+      for (int64_t h = 0; h < heads; ++h) {
+        decode_values(problem, seq, h, jb + s0, std::min(kDecodeSweepKeys, nb - s0),
+                      buf.scores.data() + h * rows * buf.lds + s0, rows, buf, buf.out.data() + h * rows * buf.ldv,
+                      nb - s0);
+      }
+    }
+  }
+}
+
+// A task: a chunk of one (sequence, kv head), or of every kv head (kv_head -1: decode_chunk_heads; head h's
+// slot is slot + h * chunks); slot -1 when it is the group's only chunk (written directly).
 struct DecodeTask {
-  int64_t sequence, kv_head, key, keys, slot;
+  int64_t sequence, kv_head, key, keys, slot, chunks;
 };
+
+// Whether a call's tasks sweep every kv head (decode_chunk_heads): K's and V's token rows hold every head
+// side by side and each kv head's rows are few (a step bound by reading the cache; the AMX products, and
+// more rows, keep a task per kv head).
+template <typename scalar_t>
+bool decode_sweeps(const Problem<scalar_t>& problem, int64_t max_rows, bool on_tiles) {
+  return !on_tiles && max_rows <= 16 && token_rows_whole(problem.k, problem.heads_kv, problem.head_dim) &&
+         token_rows_whole(problem.v, problem.heads_kv, problem.value_dim);
+}
 
 template <typename scalar_t>
 void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>>& scoring,
@@ -640,6 +723,11 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
   const bool one_run = rows_in_one_run(problem.k, problem.head_dim) && rows_in_one_run(problem.v, problem.value_dim);
   const int64_t chunk = decode_chunk_keys(max_rows, total_keys, one_run);
   const int64_t block = decode_block_keys(max_rows, one_run);
+  bool on_tiles = false;
+#if defined(FUSED_ATTENTION_AMX_DECODE)
+  on_tiles = amx_decode(problem, max_rows, true);
+#endif
+  const bool sweeps = decode_sweeps(problem, max_rows, on_tiles);
 
   // Tasks in (sequence, chunk, kv head) order; partial results of split groups in slots of max_rows rows.
   std::vector<DecodeTask> tasks;
@@ -666,8 +754,9 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
     for (int64_t h = 0; h < problem.heads_kv && chunks > 1; ++h) splits.push_back({s, h, slots + h * chunks, chunks});
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t begin = bound(c), end = bound(c + 1);
-      for (int64_t h = 0; h < problem.heads_kv; ++h) {
-        tasks.push_back({s, h, begin, std::max<int64_t>(end - begin, 0), chunks > 1 ? slots + h * chunks + c : -1});
+      for (int64_t h = sweeps ? -1 : 0; h < (sweeps ? 0 : problem.heads_kv); ++h) {
+        tasks.push_back({s, h, begin, std::max<int64_t>(end - begin, 0),
+                         chunks > 1 ? slots + std::max<int64_t>(h, 0) * chunks + c : -1, chunks});
       }
     }
     if (chunks > 1) slots += problem.heads_kv * chunks;
@@ -682,17 +771,17 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
     }
   };
 
-  int64_t buffer_rows = max_rows;
+  int64_t buffer_rows = sweeps ? problem.heads_kv * max_rows : max_rows;
 #if defined(FUSED_ATTENTION_AMX_DECODE)
   // Tile products write whole 16-row tiles: the buffers get the padding rows.
-  const bool on_tiles = amx_decode(problem, max_rows, true);
   if (on_tiles) buffer_rows = round_up<int64_t>(max_rows, tiles::kRows);
 #endif
 
   // The threads take runs of tasks of equal cost (a batch of caches of unequal lengths: one of 2048 keys,
   // three of 1, gave one of two threads every long task when split by count).
   const auto cost = [&](int64_t t) {
-    return task_cost(group * problem.sequences[tasks[t].sequence].len_q, tasks[t].keys);
+    const int64_t heads = tasks[t].kv_head < 0 ? problem.heads_kv : 1;
+    return task_cost(heads * group * problem.sequences[tasks[t].sequence].len_q, tasks[t].keys);
   };
   parallel_for_balanced(static_cast<int64_t>(tasks.size()), cost, [&](TaskClaims& claims) {
     const simd::FlushDenormals flush;
@@ -708,14 +797,25 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
     for (int64_t t : claims) {
       const DecodeTask& task = tasks[t];
       const Sequence& seq = problem.sequences[task.sequence];
-      decode_chunk(problem, scoring, seq, task.kv_head, task.key, task.keys, buf);
       const int64_t rows = group * seq.len_q;
-      if (task.slot < 0) {
-        finish(seq, task.kv_head, buf.out.data(), buf.row_max.data(), buf.row_sum.data());
+      if (task.kv_head < 0) {
+        decode_chunk_heads(problem, scoring, seq, task.key, task.keys, buf);
       } else {
-        std::copy_n(buf.out.data(), rows * ldv, partial_out.data() + task.slot * max_rows * ldv);
-        std::copy_n(buf.row_max.data(), rows, partial_max.data() + task.slot * max_rows);
-        std::copy_n(buf.row_sum.data(), rows, partial_sum.data() + task.slot * max_rows);
+        decode_chunk(problem, scoring, seq, task.kv_head, task.key, task.keys, buf);
+      }
+      const bool all = task.kv_head < 0;
+      for (int64_t h = all ? 0 : task.kv_head; h < (all ? problem.heads_kv : task.kv_head + 1); ++h) {
+        const int64_t row0 = all ? h * rows : 0;
+        acc_t* o = buf.out.data() + row0 * ldv;
+        const acc_t *m = buf.row_max.data() + row0, *l = buf.row_sum.data() + row0;
+        if (task.slot < 0) {
+          finish(seq, h, o, m, l);
+          continue;
+        }
+        const int64_t slot = task.slot + (all ? h * task.chunks : 0);
+        std::copy_n(o, rows * ldv, partial_out.data() + slot * max_rows * ldv);
+        std::copy_n(m, rows, partial_max.data() + slot * max_rows);
+        std::copy_n(l, rows, partial_sum.data() + slot * max_rows);
       }
     }
   });

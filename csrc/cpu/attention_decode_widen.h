@@ -32,15 +32,14 @@ struct WidenDot {
 
 // out[r * dim + 32 b + i] = q[r * ldq + 32 b + 2 i], and + 16 the odd feature 2 i + 1, for i < 16: WidenDot's
 // query layout (dim a multiple of 32).
-inline void widen_queries(const float* q, int64_t rows, int64_t ldq, int64_t dim, AlignedVector<float>& out) {
+inline void widen_queries(const float* q, int64_t rows, int64_t ldq, int64_t dim, float* out) {
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-  out.resize(rows * dim);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t f = 0; f < dim; f += 32) {
       const __m512 a = _mm512_loadu_ps(q + r * ldq + f), b = _mm512_loadu_ps(q + r * ldq + f + 16);
-      _mm512_storeu_ps(out.data() + r * dim + f, _mm512_permutex2var_ps(a, even, b));
-      _mm512_storeu_ps(out.data() + r * dim + f + 16, _mm512_permutex2var_ps(a, odd, b));
+      _mm512_storeu_ps(out + r * dim + f, _mm512_permutex2var_ps(a, even, b));
+      _mm512_storeu_ps(out + r * dim + f + 16, _mm512_permutex2var_ps(a, odd, b));
     }
   }
 }
@@ -58,8 +57,8 @@ inline void add_even_odd(__m512 even, __m512 odd, float* acc) {
 // block of a value row loaded once and widened (WidenDot::load_k), FMAs with the probabilities (on
 // AVX512-BF16, values_tile_pairs). Its loops over rows and blocks are unrolled in the source: GCC kept the
 // accumulators of more than one row in memory outside the key loop otherwise (stored, reloaded around it).
-// prefetch: bytes of the row kDecodePrefetchKeys keys ahead to ask for with each key (0: none), into L1
-// where into_l1 (RowsAhead).
+// prefetch: bytes of the row kDecodePrefetchKeys keys ahead (if below n) to ask for with each key (0: none),
+// into L1 where into_l1 (RowsAhead).
 template <int Rows, int Blocks, typename RowOf>
 __attribute__((noinline)) void values_tile(int64_t k0, int64_t k1, const float* p, int64_t ldp, const RowOf& row_of,
                                            int64_t n, int64_t f0, float* acc, int64_t ldv, int64_t prefetch,
@@ -104,10 +103,11 @@ __attribute__((noinline)) void values_tile(int64_t k0, int64_t k1, const float* 
 // tiles of up to 4 rows x 64 features (one row: 1 x 128), the features of a block before the next block.
 // The first tile of a block asks for whole rows kDecodePrefetchKeys ahead, contiguous caches too: the
 // half-row passes streamed a cache from memory 0.83x as fast without (2026-12-05, cpu-decode-widen.md);
-// into L1 where into_l1 (rows not scattered; RowsAhead).
+// into L1 where into_l1 (rows not scattered; RowsAhead); rows up to key `reach` (>= n; row_of's) are asked
+// for.
 template <typename RowOf>
-void values_bf16(int64_t rows, int64_t n, const float* p, int64_t ldp, const RowOf& row_of, int64_t value_dim,
-                 float* acc, int64_t ldv, bool into_l1) {
+void values_bf16(int64_t rows, int64_t n, int64_t reach, const float* p, int64_t ldp, const RowOf& row_of,
+                 int64_t value_dim, float* acc, int64_t ldv, bool into_l1) {
   const int64_t row_bytes = value_dim * int64_t(sizeof(c10::BFloat16));
   for (int64_t k0 = 0; k0 < n; k0 += kDecodeValueBlock) {
     const int64_t k1 = std::min(n, k0 + kDecodeValueBlock);
@@ -124,9 +124,9 @@ void values_bf16(int64_t rows, int64_t n, const float* p, int64_t ldp, const Row
       const auto tile = [&](auto rows_c, auto blocks_c, int64_t f0) {
         constexpr int R = decltype(rows_c)::value, B = decltype(blocks_c)::value;
 #if defined(FUSED_ATTENTION_BF16_DOT)
-        values_tile_pairs<R, B>(k0, k1, pb, 32, row_of, n, f0, c, ldv, prefetch, into_l1);
+        values_tile_pairs<R, B>(k0, k1, pb, 32, row_of, reach, f0, c, ldv, prefetch, into_l1);
 #else
-        values_tile<R, B>(k0, k1, pr, ldp, row_of, n, f0, c, ldv, prefetch, into_l1);
+        values_tile<R, B>(k0, k1, pr, ldp, row_of, reach, f0, c, ldv, prefetch, into_l1);
 #endif
       };
       using std::integral_constant;
