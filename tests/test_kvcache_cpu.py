@@ -263,3 +263,38 @@ def test_ops_check_the_alibi_slopes_shape():
         with pytest.raises(RuntimeError, match="alibi slopes must be canonical"):
             torch.ops.fused_attention.attention(q, k, v, None, None, slopes, None, None, False, -1, -1, 0.0, 0.25,
                                                 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [None, 3, 16])
+def test_sweeps_over_kv_heads_match_tasks_per_head_bit_for_bit(dtype, page_size):
+    """FlashAttention's layout (token rows of every kv head side by side): with enough chunks per thread
+    (one thread here) the decode tasks sweep every kv head 64 keys at a time; with more threads (16) they
+    take one kv head each. The two read the same keys in the same blocks, so output and lse agree bit for
+    bit (ALiBi and softcap per query head), also where pages of 3 tokens straddle the sweeps' edges and a
+    window starts the keys mid-page."""
+    gen = torch.Generator().manual_seed(23)
+    b, s, hkv, group, dim = 2, 4700, 4, 3, 64  # 2 x 9-10 chunks: 8 or more a thread on one, not on 16
+    q = torch.randn(b, 2, hkv * group, dim, generator=gen).to(dtype)
+    k, v = (torch.randn(b, s, hkv, dim, generator=gen).to(dtype) for _ in range(2))
+    kwargs = dict(cache_seqlens=torch.tensor([s, s - 77], dtype=torch.int32), is_causal=True,
+                  window_size=(4501, 0), alibi_slopes=torch.rand(hkv * group, generator=gen), softcap=30.0,
+                  return_lse=True, backend="cpu")
+    if page_size is not None:
+        pages = -(-s // page_size)
+        pad = pages * page_size - s
+        k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in (k, v))
+        order = torch.randperm(b * pages, generator=gen)
+        k, v = (x.reshape(b * pages, page_size, hkv, dim)[order.argsort()].contiguous() for x in (k, v))
+        kwargs["block_table"] = order.reshape(b, pages).to(torch.int32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 16):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                results.append(fa.attention_with_kvcache(q, k, v, **kwargs))
+    finally:
+        torch.set_num_threads(threads)
+    (out_1, lse_1), (out_16, lse_16) = results
+    assert torch.equal(out_1, out_16) and torch.equal(lse_1, lse_16)
