@@ -277,9 +277,9 @@ def test_sweeps_over_kv_heads_match_tasks_per_head_bit_for_bit(dtype, page_size)
     b, s, hkv, group, dim = 2, 4700, 4, 3, 64  # 2 x 9-10 chunks: 8 or more a thread on one, not on 16
     q = torch.randn(b, 2, hkv * group, dim, generator=gen).to(dtype)
     k, v = (torch.randn(b, s, hkv, dim, generator=gen).to(dtype) for _ in range(2))
-    kwargs = dict(cache_seqlens=torch.tensor([s, s - 77], dtype=torch.int32), is_causal=True,
-                  window_size=(4501, 0), alibi_slopes=torch.rand(hkv * group, generator=gen), softcap=30.0,
-                  return_lse=True, backend="cpu")
+    kwargs = {"cache_seqlens": torch.tensor([s, s - 77], dtype=torch.int32), "is_causal": True,
+              "window_size": (4501, 0), "alibi_slopes": torch.rand(hkv * group, generator=gen), "softcap": 30.0,
+              "return_lse": True, "backend": "cpu"}
     if page_size is not None:
         pages = -(-s // page_size)
         pad = pages * page_size - s
