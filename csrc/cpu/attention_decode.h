@@ -7,7 +7,8 @@
 // - No copy of K or V: products read the input rows directly where they are float (or double) rows of
 //   whole vectors (a paged cache's page by page); otherwise 16 keys (K) or 64 values (V) at a time are
 //   converted into an L1 buffer.
-// - Split-KV: a task is (sequence, kv head, chunk of keys). A sequence's visible keys are cut into
+// - Split-KV: a task is (sequence, kv head, chunk of keys), or (sequence, chunk) over every kv head where
+//   their token rows lie side by side (decode_chunk_heads). A sequence's visible keys are cut into
 //   equal chunks of at most decode_chunk_keys (a function of the shape only), each task keeps its
 //   rows' unnormalised output, reference maximum and sum, and a merge combines the chunks in chunk
 //   order: results do not depend on the thread count or on scheduling. A group with one chunk writes its
@@ -656,11 +657,12 @@ constexpr int64_t kDecodeSweepKeys = 64;
 
 // One task over every kv head (K and V of token_rows_whole layout): keys [j0, j0 + n) of the sequence, kv
 // head h's rows from buf's row h * G * L on. Each kv head's products as decode_chunk's, in the same score
-// blocks (so the same results), but taken kDecodeSweepKeys keys at a time across the heads: a sweep reads
-// whole token rows, one run of memory, while each head's products ask for its rows ahead into the next
-// sweep. decode_chunk, head after head over a chunk, reads a head's 512 bytes of each 4 KiB token row (float,
-// D 128, 8 kv heads); from memory that read 0.8x as fast as sweeps of 64 keys in a microbenchmark on the
-// Emerald Rapids (2026-12-07, decode-sweeps.md).
+// blocks and the same blocks of P V (so the same bits), but taken kDecodeSweepKeys keys at a time across the
+// heads: a sweep reads whole token rows, one run of memory, while each head's products ask for its rows ahead
+// into the next sweep. decode_chunk, head after head over a chunk, reads a head's 512 bytes of each 4 KiB
+// token row (float, D 128, 8 kv heads): 0.8-0.9x as fast from memory in a microbenchmark on an Emerald
+// Rapids; in the kernel, S 32768, sweeps read float32 1.08-1.10x and bfloat16 1.02-1.09x as fast
+// (2026-12-07, decode-sweeps.md).
 template <typename scalar_t, typename acc_t>
 void decode_chunk_heads(const Problem<scalar_t>& problem, const Scoring<acc_t>& scoring, const Sequence& seq,
                         int64_t j0, int64_t n, DecodeBuffers<acc_t>& buf) {
