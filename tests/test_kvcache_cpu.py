@@ -265,28 +265,33 @@ def test_ops_check_the_alibi_slopes_shape():
                                                 0.0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("page_size", [None, 3, 16])
-def test_sweeps_over_kv_heads_match_tasks_per_head_bit_for_bit(dtype, page_size):
-    """FlashAttention's layout (token rows of every kv head side by side): with enough chunks per thread
-    (one thread here) the decode tasks sweep every kv head 64 keys at a time; with more threads (16) they
+@pytest.mark.parametrize(
+    "batch,length,dim",
+    [pytest.param(2, 4700, 128, id="long"), pytest.param(20, 500, 64, id="short")],  # 2 x 9 chunks; 20 x 1
+)
+def test_sweeps_over_kv_heads_match_tasks_per_head_bit_for_bit(dtype, page_size, batch, length, dim):
+    """FlashAttention's layout (token rows of every kv head side by side): with 8 chunks of keys or more a
+    thread (one thread here) the decode tasks sweep every kv head 64 keys at a time; with 16 threads they
     take one kv head each. The two read the same keys in the same blocks, so output and lse agree bit for
     bit (ALiBi and softcap per query head), also where pages of 3 tokens straddle the sweeps' edges and a
-    window starts the keys mid-page."""
+    window starts the keys mid-page; long caches merge their chunks, short ones (one chunk each) are written
+    directly. 3 query rows a kv head: no AMX tiles (they take 4 and more, and no sweeps)."""
     gen = torch.Generator().manual_seed(23)
-    b, s, hkv, group, dim = 2, 4700, 4, 3, 64  # 2 x 9-10 chunks: 8 or more a thread on one, not on 16
-    q = torch.randn(b, 2, hkv * group, dim, generator=gen).to(dtype)
-    k, v = (torch.randn(b, s, hkv, dim, generator=gen).to(dtype) for _ in range(2))
-    kwargs = {"cache_seqlens": torch.tensor([s, s - 77], dtype=torch.int32), "is_causal": True,
-              "window_size": (4501, 0), "alibi_slopes": torch.rand(hkv * group, generator=gen), "softcap": 30.0,
-              "return_lse": True, "backend": "cpu"}
+    hkv, group = 4, 3
+    q = torch.randn(batch, 1, hkv * group, dim, generator=gen).to(dtype)
+    k, v = (torch.randn(batch, length, hkv, dim, generator=gen).to(dtype) for _ in range(2))
+    kwargs = {"cache_seqlens": torch.randint(length - 90, length + 1, (batch,), generator=gen, dtype=torch.int32),
+              "window_size": (length - 197, 0), "alibi_slopes": torch.rand(hkv * group, generator=gen),
+              "softcap": 30.0, "return_lse": True, "backend": "cpu"}
     if page_size is not None:
-        pages = -(-s // page_size)
-        pad = pages * page_size - s
+        pages = -(-length // page_size)
+        pad = pages * page_size - length
         k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in (k, v))
-        order = torch.randperm(b * pages, generator=gen)
-        k, v = (x.reshape(b * pages, page_size, hkv, dim)[order.argsort()].contiguous() for x in (k, v))
-        kwargs["block_table"] = order.reshape(b, pages).to(torch.int32)
+        order = torch.randperm(batch * pages, generator=gen)
+        k, v = (x.reshape(batch * pages, page_size, hkv, dim)[order.argsort()].contiguous() for x in (k, v))
+        kwargs["block_table"] = order.reshape(batch, pages).to(torch.int32)
     threads = torch.get_num_threads()
     results = []
     try:

@@ -42,7 +42,8 @@
 // thread reads K's rows, then V's, of one chunk, and each switch costs; chunks of 4096 instead of 512
 // streamed such a cache from memory 1.05-1.15x as fast (2026-12-05, cpu-decode-chunks.md). A task
 // takes its chunk in score blocks whose rows x keys stay under kDecodeScoreFloats (L2; the AMX q.k's
-// padding rows aside). Functions of the shape and layout only, never of the thread count.
+// padding rows aside; a task over every kv head, decode_chunk_heads, holds one such block a kv head).
+// Functions of the shape and layout only, never of the thread count.
 constexpr int64_t kDecodeChunkKeys = 512;
 constexpr int64_t kDecodeMaxChunkKeys = 4096;
 constexpr int64_t kDecodeMinTasks = 64;
@@ -382,7 +383,7 @@ bool decode_prefetches_keys(const Operand<scalar_t>& k, int64_t features, int64_
 
 // scores[r * lds + j] = q_r . k_(j0 + j) for rows r < rows (buf's from row0 on) and keys j < n of
 // (sequence, kv head), and the same up to round_up(n, width) (zero keys past n). Keys ahead are asked for up
-// to key j0 + reach (reach >= n: the keys a later call reads; decode_sweep).
+// to key j0 + reach (reach >= n: the keys a later call reads; decode_chunk_heads).
 template <typename scalar_t, typename acc_t>
 void decode_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_t kv_head, int64_t j0, int64_t n,
                    int64_t row0, int64_t rows, DecodeBuffers<acc_t>& buf, acc_t* scores, int64_t reach = 0) {
@@ -652,8 +653,11 @@ bool token_rows_whole(const Operand<scalar_t>& x, int64_t heads, int64_t feature
   return heads > 1 && x.feature_stride == 1 && x.head_stride == features && x.token_stride == heads * features;
 }
 
-// Keys per sweep of decode_chunk_heads (a multiple of kDecodeValueBlock and of the widest vector).
+// Keys per sweep of decode_chunk_heads (a multiple of kDecodeValueBlock, of kDecodeValueStep and of the
+// widest vector: the per-head tasks' blocks of q.k and P V then never straddle a sweep's edge).
 constexpr int64_t kDecodeSweepKeys = 64;
+static_assert(kDecodeSweepKeys % kDecodeValueBlock == 0 && kDecodeSweepKeys % kDecodeValueStep == 0 &&
+              kDecodeSweepKeys % simd::Traits<double>::width == 0 && kDecodeSweepKeys % simd::Traits<float>::width == 0);
 
 // One task over every kv head (K and V of token_rows_whole layout): keys [j0, j0 + n) of the sequence, kv
 // head h's rows from buf's row h * G * L on. Each kv head's products as decode_chunk's, in the same score

@@ -52,7 +52,7 @@ __attribute__((noinline, cold)) void values_pairs_in_float(int rows, int blocks,
 // an odd count. prefetch, into_l1: as values_tile.
 template <int Rows, int Blocks, typename RowOf>
 __attribute__((noinline)) void values_tile_pairs(int64_t k0, int64_t k1, const uint16_t* pb, int64_t ldpb,
-                                                 const RowOf& row_of, int64_t n, int64_t f0, float* acc,
+                                                 const RowOf& row_of, int64_t reach, int64_t f0, float* acc,
                                                  int64_t ldv, int64_t prefetch, bool into_l1) {
   // Accumulators of row r, block b at r * Blocks + b; every loop over them unrolled in the source, as
   // GCC otherwise kept them in memory outside the key loop (stored and reloaded around it).
@@ -64,7 +64,7 @@ __attribute__((noinline)) void values_tile_pairs(int64_t k0, int64_t k1, const u
     const c10::BFloat16* v0 = row_of(j) + f0;
     const c10::BFloat16* v1 = pair ? row_of(j + 1) + f0 : nullptr;
     if (prefetch > 0) {
-      for (int64_t a = j + kDecodePrefetchKeys; a < std::min(j + 2, k1) + kDecodePrefetchKeys && a < n; ++a) {
+      for (int64_t a = j + kDecodePrefetchKeys; a < std::min(j + 2, k1) + kDecodePrefetchKeys && a < reach; ++a) {
         prefetch_rows(row_of(a), 1, 0, prefetch, into_l1);
       }
     }

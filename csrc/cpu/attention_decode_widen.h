@@ -57,11 +57,11 @@ inline void add_even_odd(__m512 even, __m512 odd, float* acc) {
 // block of a value row loaded once and widened (WidenDot::load_k), FMAs with the probabilities (on
 // AVX512-BF16, values_tile_pairs). Its loops over rows and blocks are unrolled in the source: GCC kept the
 // accumulators of more than one row in memory outside the key loop otherwise (stored, reloaded around it).
-// prefetch: bytes of the row kDecodePrefetchKeys keys ahead (if below n) to ask for with each key (0: none),
-// into L1 where into_l1 (RowsAhead).
+// prefetch: bytes of the row kDecodePrefetchKeys keys ahead (if below reach: the keys row_of knows) to ask
+// for with each key (0: none), into L1 where into_l1 (RowsAhead).
 template <int Rows, int Blocks, typename RowOf>
 __attribute__((noinline)) void values_tile(int64_t k0, int64_t k1, const float* p, int64_t ldp, const RowOf& row_of,
-                                           int64_t n, int64_t f0, float* acc, int64_t ldv, int64_t prefetch,
+                                           int64_t reach, int64_t f0, float* acc, int64_t ldv, int64_t prefetch,
                                            bool into_l1) {
   __m512 even[Rows][Blocks], odd[Rows][Blocks];
 #pragma GCC unroll 16
@@ -71,7 +71,7 @@ __attribute__((noinline)) void values_tile(int64_t k0, int64_t k1, const float* 
   }
   for (int64_t j = k0; j < k1; ++j) {
     const c10::BFloat16* v = row_of(j) + f0;
-    if (prefetch > 0 && j + kDecodePrefetchKeys < n) {
+    if (prefetch > 0 && j + kDecodePrefetchKeys < reach) {
       prefetch_rows(row_of(j + kDecodePrefetchKeys), 1, 0, prefetch, into_l1);
     }
     __m512 e[Blocks], o[Blocks];
