@@ -8,7 +8,7 @@
 //   whole vectors (a paged cache's page by page); otherwise 16 keys (K) or 64 values (V) at a time are
 //   converted into an L1 buffer.
 // - Split-KV: a task is (sequence, kv head, chunk of keys), or (sequence, chunk) over every kv head where
-//   their token rows lie side by side (decode_chunk_heads). A sequence's visible keys are cut into
+//   their token rows lie side by side (decode_chunk's sweeps). A sequence's visible keys are cut into
 //   equal chunks of at most decode_chunk_keys (a function of the shape only), each task keeps its
 //   rows' unnormalised output, reference maximum and sum, and a merge combines the chunks in chunk
 //   order: results do not depend on the thread count or on scheduling. A group with one chunk writes its
@@ -42,7 +42,7 @@
 // thread reads K's rows, then V's, of one chunk, and each switch costs; chunks of 4096 instead of 512
 // streamed such a cache from memory 1.05-1.15x as fast (2026-12-05, cpu-decode-chunks.md). A task
 // takes its chunk in score blocks whose rows x keys stay under kDecodeScoreFloats (L2; the AMX q.k's
-// padding rows aside; a task over every kv head, decode_chunk_heads, holds one such block a kv head).
+// padding rows aside; a task over every kv head (decode_chunk's sweeps) holds one such block a kv head).
 // Functions of the shape and layout only, never of the thread count.
 constexpr int64_t kDecodeChunkKeys = 512;
 constexpr int64_t kDecodeMaxChunkKeys = 4096;
@@ -383,7 +383,7 @@ bool decode_prefetches_keys(const Operand<scalar_t>& k, int64_t features, int64_
 
 // scores[r * lds + j] = q_r . k_(j0 + j) for rows r < rows (buf's from row0 on) and keys j < n of
 // (sequence, kv head), and the same up to round_up(n, width) (zero keys past n). Keys ahead are asked for up
-// to key j0 + reach (reach >= n: the keys a later call reads; decode_chunk_heads).
+// to key j0 + reach (reach >= n: the keys a later call reads; decode_chunk's sweeps).
 template <typename scalar_t, typename acc_t>
 void decode_scores(const Problem<scalar_t>& problem, const Sequence& seq, int64_t kv_head, int64_t j0, int64_t n,
                    int64_t row0, int64_t rows, DecodeBuffers<acc_t>& buf, acc_t* scores, int64_t reach = 0) {
@@ -477,7 +477,7 @@ void decode_values(const Problem<scalar_t>& problem, const Sequence& seq, int64_
     const int64_t first = vectors % tile_vectors != 0 ? 0 : rows <= 4 ? rows : 2;
     const bool tiles_ask = in_place && first > 0, asks = tiles_ask || scattered;
     // Blocks end at multiples of kDecodeValueBlock keys from the call's first key, not the run's: a run that
-    // a call boundary at such a multiple cuts in two (decode_chunk_heads' sweeps) sums as it does whole.
+    // a call boundary at such a multiple cuts in two (decode_chunk's sweeps) sums as it does whole.
     for (int64_t k0 = 0, kc = 0; k0 < count; k0 += kc) {
       kc = std::min(kDecodeValueBlock - (key + k0) % kDecodeValueBlock, count - k0);
       const acc_t* a = p + key + k0;
@@ -620,32 +620,6 @@ void decode_softmax(const Problem<scalar_t>& problem, const Scoring<acc_t>& scor
   }
 }
 
-// One task: keys [j0, j0 + n) of (sequence, kv head) for all rows of the group (row g * L + i is query
-// row i of head kv_head * G + g). Leaves the rows' unnormalised output in buf.out (row stride buf.ldv)
-// and their reference maximum and sum in buf.row_max / buf.row_sum.
-template <typename scalar_t, typename acc_t>
-void decode_chunk(const Problem<scalar_t>& problem, const Scoring<acc_t>& scoring, const Sequence& seq,
-                  int64_t kv_head, int64_t j0, int64_t n, DecodeBuffers<acc_t>& buf) {
-  const int64_t rows = problem.heads_q / problem.heads_kv * seq.len_q;
-  decode_begin(problem, seq, kv_head, 0, buf);
-  // Score block after score block, the rows' softmax state carried across. Each block's first keys (and
-  // values, where scattered) asked for early: the products ask for those 32 ahead.
-  for (int64_t b0 = 0; b0 < n; b0 += buf.block) {
-    const int64_t jb = j0 + b0, nb = std::min(buf.block, n - b0);
-    if (decode_prefetches_keys<scalar_t, acc_t>(problem.k, problem.head_dim, rows)) {
-      prefetch_tokens(problem.k, seq.batch, kv_head, seq.k_start + jb, std::min(nb, kDecodePrefetchKeys), problem.head_dim,
-                      !scattered_rows(problem.k, problem.head_dim));
-    }
-    decode_scores(problem, seq, kv_head, jb, nb, 0, rows, buf, buf.scores.data());
-    if (scattered_rows(problem.v, problem.value_dim)) {
-      prefetch_tokens(problem.v, seq.batch, kv_head, seq.k_start + jb, std::min(nb, kDecodePrefetchKeys),
-                      problem.value_dim);
-    }
-    decode_softmax(problem, scoring, seq, kv_head, jb, nb, 0, buf);
-    decode_values(problem, seq, kv_head, jb, nb, buf.scores.data(), rows, buf, buf.out.data());
-  }
-}
-
 // Whether x's token rows hold every head's row side by side (FlashAttention's (B, S, Hkv, D) layout, paged
 // or not): a run of tokens is then one run of memory for all heads.
 template <typename scalar_t>
@@ -653,43 +627,52 @@ bool token_rows_whole(const Operand<scalar_t>& x, int64_t heads, int64_t feature
   return heads > 1 && x.feature_stride == 1 && x.head_stride == features && x.token_stride == heads * features;
 }
 
-// Keys per sweep of decode_chunk_heads (a multiple of kDecodeValueBlock, of kDecodeValueStep and of the
-// widest vector: the per-head tasks' blocks of q.k and P V then never straddle a sweep's edge).
+// Keys per sweep of a task over several kv heads (a multiple of kDecodeValueBlock, of kDecodeValueStep and of
+// the widest vector: the blocks of q.k and P V then never straddle a sweep's edge).
 constexpr int64_t kDecodeSweepKeys = 64;
 static_assert(kDecodeSweepKeys % kDecodeValueBlock == 0 && kDecodeSweepKeys % kDecodeValueStep == 0 &&
               kDecodeSweepKeys % simd::Traits<double>::width == 0 && kDecodeSweepKeys % simd::Traits<float>::width == 0);
 
-// One task over every kv head (K and V of token_rows_whole layout): keys [j0, j0 + n) of the sequence, kv
-// head h's rows from buf's row h * G * L on. Each kv head's products as decode_chunk's, in the same score
-// blocks and the same blocks of P V (so the same bits), but taken kDecodeSweepKeys keys at a time across the
-// heads: a sweep reads whole token rows, one run of memory, while each head's products ask for its rows ahead
-// into the next sweep. decode_chunk, head after head over a chunk, reads a head's 512 bytes of each 4 KiB
-// token row (float, D 128, 8 kv heads): 0.8-0.9x as fast from memory in a microbenchmark on an Emerald
-// Rapids; in the kernel, S 32768, sweeps read float32 1.08-1.10x and bfloat16 1.02-1.09x as fast
-// (2026-12-07, decode-sweeps.md).
+// One task: keys [j0, j0 + n) of the sequence for kv heads [first_head, first_head + heads), all rows of
+// their groups (kv head first_head + h's rows from buf's row h * G * L on; row g * L + i of a head is query
+// row i of its query head g). Leaves the rows' unnormalised output in buf.out (row stride buf.ldv) and their
+// reference maximum and sum in buf.row_max / buf.row_sum. Score block after score block, the rows' softmax
+// state carried across; each block's first keys (and values, where scattered) asked for early, the products
+// ask for those 32 ahead.
+//
+// Several kv heads (K and V of token_rows_whole layout) take each block's q.k and P V kDecodeSweepKeys keys
+// at a time across the heads, in the same blocks as one head's task (so the same bits): a sweep reads whole
+// token rows, one run of memory, while each head's products ask for its rows ahead into the next sweep. Head
+// after head over a chunk reads a head's 512 bytes of each 4 KiB token row (float, D 128, 8 kv heads): 0.8-0.9x
+// as fast from memory in a microbenchmark on an Emerald Rapids; in the kernel, S 32768, sweeps read float32
+// 1.08-1.10x and bfloat16 1.02-1.09x as fast (2026-12-07, decode-sweeps.md).
 template <typename scalar_t, typename acc_t>
-void decode_chunk_heads(const Problem<scalar_t>& problem, const Scoring<acc_t>& scoring, const Sequence& seq,
-                        int64_t j0, int64_t n, DecodeBuffers<acc_t>& buf) {
-  const int64_t heads = problem.heads_kv, rows = problem.heads_q / heads * seq.len_q;
-  for (int64_t h = 0; h < heads; ++h) decode_begin(problem, seq, h, h * rows, buf);
+void decode_chunk(const Problem<scalar_t>& problem, const Scoring<acc_t>& scoring, const Sequence& seq,
+                  int64_t first_head, int64_t heads, int64_t j0, int64_t n, DecodeBuffers<acc_t>& buf) {
+  const int64_t rows = problem.heads_q / problem.heads_kv * seq.len_q;
+  const int64_t sweep = heads > 1 ? kDecodeSweepKeys : buf.block;
+  const bool keys_early = decode_prefetches_keys<scalar_t, acc_t>(problem.k, problem.head_dim, rows);
+  const bool values_early = scattered_rows(problem.v, problem.value_dim);
+  const bool keys_into_l1 = !scattered_rows(problem.k, problem.head_dim);
+  for (int64_t h = 0; h < heads; ++h) decode_begin(problem, seq, first_head + h, h * rows, buf);
   for (int64_t b0 = 0; b0 < n; b0 += buf.block) {
-    const int64_t jb = j0 + b0, nb = std::min(buf.block, n - b0);
-    for (int64_t h = 0; h < heads; ++h) {
-      prefetch_tokens(problem.k, seq.batch, h, seq.k_start + jb, std::min(nb, kDecodePrefetchKeys), problem.head_dim);
+    const int64_t jb = j0 + b0, nb = std::min(buf.block, n - b0), first = std::min(nb, kDecodePrefetchKeys);
+    for (int64_t h = 0; h < heads && keys_early; ++h) {
+      prefetch_tokens(problem.k, seq.batch, first_head + h, seq.k_start + jb, first, problem.head_dim, keys_into_l1);
     }
-    for (int64_t s0 = 0; s0 < nb; s0 += kDecodeSweepKeys) {
+    for (int64_t s0 = 0; s0 < nb; s0 += sweep) {
       for (int64_t h = 0; h < heads; ++h) {
-        decode_scores(problem, seq, h, jb + s0, std::min(kDecodeSweepKeys, nb - s0), h * rows, rows, buf,
+        decode_scores(problem, seq, first_head + h, jb + s0, std::min(sweep, nb - s0), h * rows, rows, buf,
                       buf.scores.data() + h * rows * buf.lds + s0, nb - s0);
       }
     }
-    for (int64_t h = 0; h < heads; ++h) {
-      prefetch_tokens(problem.v, seq.batch, h, seq.k_start + jb, std::min(nb, kDecodePrefetchKeys), problem.value_dim);
+    for (int64_t h = 0; h < heads && values_early; ++h) {
+      prefetch_tokens(problem.v, seq.batch, first_head + h, seq.k_start + jb, first, problem.value_dim);
     }
-    for (int64_t h = 0; h < heads; ++h) decode_softmax(problem, scoring, seq, h, jb, nb, h * rows, buf);
-    for (int64_t s0 = 0; s0 < nb; s0 += kDecodeSweepKeys) {
+    for (int64_t h = 0; h < heads; ++h) decode_softmax(problem, scoring, seq, first_head + h, jb, nb, h * rows, buf);
+    for (int64_t s0 = 0; s0 < nb; s0 += sweep) {
       for (int64_t h = 0; h < heads; ++h) {
-        decode_values(problem, seq, h, jb + s0, std::min(kDecodeSweepKeys, nb - s0),
+        decode_values(problem, seq, first_head + h, jb + s0, std::min(sweep, nb - s0),
                       buf.scores.data() + h * rows * buf.lds + s0, rows, buf, buf.out.data() + h * rows * buf.ldv,
                       nb - s0);
       }
@@ -697,13 +680,14 @@ void decode_chunk_heads(const Problem<scalar_t>& problem, const Scoring<acc_t>& 
   }
 }
 
-// A task: a chunk of one (sequence, kv head), or of every kv head (kv_head -1: decode_chunk_heads; head h's
-// slot is slot + h * chunks); slot -1 when it is the group's only chunk (written directly).
+// A task: a chunk of kv heads [kv_head, kv_head + heads) of a sequence (one head, or every head: sweeps);
+// head kv_head + h's partial result in slot slot + h * chunks; slot -1 when it is the group's only chunk
+// (written directly).
 struct DecodeTask {
-  int64_t sequence, kv_head, key, keys, slot, chunks;
+  int64_t sequence, kv_head, heads, key, keys, slot, chunks;
 };
 
-// Whether a call's tasks sweep every kv head (decode_chunk_heads): K's and V's token rows hold every head
+// Whether a call's tasks sweep every kv head (decode_chunk): K's and V's token rows hold every head
 // side by side and each kv head's rows are few (a step bound by reading the cache; the AMX products, and
 // more rows, keep a task per kv head).
 template <typename scalar_t>
@@ -769,9 +753,10 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
     for (int64_t h = 0; h < problem.heads_kv && chunks > 1; ++h) splits.push_back({s, h, slots + h * chunks, chunks});
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t begin = bound(c), end = bound(c + 1);
-      for (int64_t h = sweeps ? -1 : 0; h < (sweeps ? 0 : problem.heads_kv); ++h) {
-        tasks.push_back({s, h, begin, std::max<int64_t>(end - begin, 0),
-                         chunks > 1 ? slots + std::max<int64_t>(h, 0) * chunks + c : -1, chunks});
+      const int64_t heads = sweeps ? problem.heads_kv : 1;
+      for (int64_t h = 0; h < problem.heads_kv; h += heads) {
+        tasks.push_back({s, h, heads, begin, std::max<int64_t>(end - begin, 0), chunks > 1 ? slots + h * chunks + c : -1,
+                         chunks});
       }
     }
     if (chunks > 1) slots += problem.heads_kv * chunks;
@@ -795,8 +780,7 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
   // The threads take runs of tasks of equal cost (a batch of caches of unequal lengths: one of 2048 keys,
   // three of 1, gave one of two threads every long task when split by count).
   const auto cost = [&](int64_t t) {
-    const int64_t heads = tasks[t].kv_head < 0 ? problem.heads_kv : 1;
-    return task_cost(heads * group * problem.sequences[tasks[t].sequence].len_q, tasks[t].keys);
+    return task_cost(tasks[t].heads * group * problem.sequences[tasks[t].sequence].len_q, tasks[t].keys);
   };
   parallel_for_balanced(static_cast<int64_t>(tasks.size()), cost, [&](TaskClaims& claims) {
     const simd::FlushDenormals flush;
@@ -813,21 +797,15 @@ void decode(const Problem<scalar_t>& problem, const Scoring<attn_acc_t<scalar_t>
       const DecodeTask& task = tasks[t];
       const Sequence& seq = problem.sequences[task.sequence];
       const int64_t rows = group * seq.len_q;
-      if (task.kv_head < 0) {
-        decode_chunk_heads(problem, scoring, seq, task.key, task.keys, buf);
-      } else {
-        decode_chunk(problem, scoring, seq, task.kv_head, task.key, task.keys, buf);
-      }
-      const bool all = task.kv_head < 0;
-      for (int64_t h = all ? 0 : task.kv_head; h < (all ? problem.heads_kv : task.kv_head + 1); ++h) {
-        const int64_t row0 = all ? h * rows : 0;
-        acc_t* o = buf.out.data() + row0 * ldv;
-        const acc_t *m = buf.row_max.data() + row0, *l = buf.row_sum.data() + row0;
+      decode_chunk(problem, scoring, seq, task.kv_head, task.heads, task.key, task.keys, buf);
+      for (int64_t h = 0; h < task.heads; ++h) {
+        acc_t* o = buf.out.data() + h * rows * ldv;
+        const acc_t *m = buf.row_max.data() + h * rows, *l = buf.row_sum.data() + h * rows;
         if (task.slot < 0) {
-          finish(seq, h, o, m, l);
+          finish(seq, task.kv_head + h, o, m, l);
           continue;
         }
-        const int64_t slot = task.slot + (all ? h * task.chunks : 0);
+        const int64_t slot = task.slot + h * task.chunks;
         std::copy_n(o, rows * ldv, partial_out.data() + slot * max_rows * ldv);
         std::copy_n(m, rows, partial_max.data() + slot * max_rows);
         std::copy_n(l, rows, partial_sum.data() + slot * max_rows);
