@@ -12,6 +12,7 @@
 
 #include "cpu/attention_direct.h"
 #include "cpu/attention_kernels.h"
+#include "cpu/kvcache_plain.h"
 
 // clang-format off: one schema per line reads best.
 TORCH_LIBRARY(fused_attention, m) {
@@ -175,6 +176,57 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     }
     if (!out) return pybind11::none();
     return pybind11::cast(*out);
+  });
+  // attention_with_kvcache's common call past its Python layers (fused_attention/kvcache/plain_call.py): q,
+  // the caches, k and v (or None) plain torch.Tensor objects in the layout `bhsd` says, cache_seqlens None,
+  // an int or a tensor, block_table None or a tensor, is_causal and return_lse Python bools, scale None or a
+  // float; out (with lse when return_lse), or None for anything else (kvcache_plain_lengths' rules), and then
+  // the caller takes the full path.
+  module.def("kvcache_plain", [](pybind11::handle q, pybind11::handle k_cache, pybind11::handle v_cache,
+                                 pybind11::handle k, pybind11::handle v, pybind11::handle seqlens,
+                                 pybind11::handle block_table, pybind11::handle causal, pybind11::handle scale,
+                                 pybind11::handle return_lse, bool bhsd) -> pybind11::object {
+    const auto is_tensor = [](pybind11::handle x) { return THPVariable_CheckExact(x.ptr()); };
+    const auto is_bool = [](pybind11::handle x) { return x.ptr() == Py_True || x.ptr() == Py_False; };
+    const auto maybe_tensor = [&](pybind11::handle x) { return x.is_none() || is_tensor(x); };
+    if (!is_tensor(q) || !is_tensor(k_cache) || !is_tensor(v_cache) || !maybe_tensor(k) || !maybe_tensor(v) ||
+        !maybe_tensor(block_table) || !(maybe_tensor(seqlens) || PyLong_CheckExact(seqlens.ptr())) ||
+        !is_bool(causal) || !is_bool(return_lse) || !(scale.is_none() || PyFloat_CheckExact(scale.ptr()))) {
+      return pybind11::none();
+    }
+    // Copies (a reference count each): torch.utils.swap_tensors may swap a tensor object's contents
+    // while the GIL is released. Views (B, H, S, D) as the ops take them.
+    const auto unpack = [&](pybind11::handle x) -> at::Tensor {
+      const at::Tensor& t = THPVariable_Unpack(x.ptr());
+      return bhsd || t.dim() != 4 ? t : t.transpose(1, 2);
+    };
+    const auto unpack_maybe = [&](pybind11::handle x) -> std::optional<at::Tensor> {
+      if (x.is_none()) return std::nullopt;
+      return unpack(x);
+    };
+    fused_attention::cpu::KVCachePlainCall call{unpack(q), unpack(k_cache), unpack(v_cache), unpack_maybe(k),
+                                                unpack_maybe(v)};
+    if (PyLong_CheckExact(seqlens.ptr())) {
+      int overflow = 0;
+      const long long n = PyLong_AsLongLongAndOverflow(seqlens.ptr(), &overflow);
+      if (overflow != 0) return pybind11::none();
+      call.seqlen = n;
+    } else if (!seqlens.is_none()) {
+      call.seqlens = THPVariable_Unpack(seqlens.ptr());
+    }
+    if (!block_table.is_none()) call.block_table = THPVariable_Unpack(block_table.ptr());
+    call.causal = causal.ptr() == Py_True;
+    if (!scale.is_none()) call.scale = PyFloat_AS_DOUBLE(scale.ptr());
+    const std::optional<std::vector<int64_t>> lengths = fused_attention::cpu::kvcache_plain_lengths(call);
+    if (!lengths) return pybind11::none();
+    std::tuple<at::Tensor, at::Tensor> result;
+    {
+      pybind11::gil_scoped_release no_gil;  // around the kernel, as the dispatcher's Python entry does
+      result = fused_attention::cpu::kvcache_plain(call, *lengths);
+      if (!bhsd) std::get<0>(result) = std::get<0>(result).transpose(1, 2).contiguous();  // (B, Lq, Hq, Dv)
+    }
+    if (return_lse.ptr() == Py_True) return pybind11::cast(result);
+    return pybind11::cast(std::get<0>(result));
   });
 #ifdef FUSED_ATTENTION_WITH_CUDA
   module.attr("with_cuda") = true;

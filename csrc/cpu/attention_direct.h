@@ -28,6 +28,12 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> varlen_direct(
     const c10::optional<at::Tensor>& sinks, int64_t window_left, int64_t window_right, double softcap, double scale,
     double dropout_p);
 
+// The dispatch keys of a plain strided CPU tensor (any float dtype, inference or not): anything more (a
+// Python subclass, a negative or conjugate view, a functorch wrapper, sparse, quantized, nested, another
+// device) has the dispatcher do work that a direct call would skip. (An absent optional counts as plain.)
+bool plain_cpu_tensor(const at::Tensor& t);
+bool plain_cpu_tensor(const c10::optional<at::Tensor>& t);
+
 // Whether something on this thread intercepts calls (a dispatch mode, the JIT tracer, functionalization,
 // functorch, the Python dispatcher): then the dispatcher has work that a direct call would skip.
 bool calls_intercepted();

@@ -382,17 +382,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_at
           sink_gradient(sinks_buffer, sinks, q)};
 }
 
-// The dispatch keys of a plain strided CPU tensor (any float dtype, inference or not): anything more (a
-// Python subclass, a negative or conjugate view, a functorch wrapper, sparse, quantized, nested, another
-// device) has the dispatcher do work that a direct call would skip.
-bool plain_cpu_tensor(const at::Tensor& t) {
-  static const c10::DispatchKeySet plain({c10::DispatchKey::CPU, c10::DispatchKey::ADInplaceOrView,
-                                          c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutocastCPU});
-  return t.layout() == at::kStrided && plain.isSupersetOf(t.key_set());
-}
-
-bool plain_cpu_tensor(const c10::optional<at::Tensor>& t) { return !t.has_value() || plain_cpu_tensor(*t); }
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> plain_attention_backward(const at::Tensor& dout, const at::Tensor& q,
@@ -403,6 +392,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> plain_attention_backward(const at
                                       std::nullopt, causal, -1, -1, 0.0, scale, 0.0, false, false, false);
   return {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads)};
 }
+
+bool plain_cpu_tensor(const at::Tensor& t) {
+  static const c10::DispatchKeySet plain({c10::DispatchKey::CPU, c10::DispatchKey::ADInplaceOrView,
+                                          c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutocastCPU});
+  return t.layout() == at::kStrided && plain.isSupersetOf(t.key_set());
+}
+
+bool plain_cpu_tensor(const c10::optional<at::Tensor>& t) { return !t.has_value() || plain_cpu_tensor(*t); }
 
 bool calls_intercepted() {
   // The keys a thread includes when something intercepts calls: a dispatch mode, the JIT tracer,

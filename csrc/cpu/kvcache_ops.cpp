@@ -10,15 +10,21 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/record_function.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <numeric>
 #include <tuple>
 #include <vector>
 
+#include "cpu/attention_direct.h"
 #include "cpu/attention_kernels.h"
+#include "cpu/kvcache_plain.h"
 #include "cpu/op_inputs.h"
 
 namespace fused_attention::cpu {
@@ -138,7 +144,8 @@ void check_shapes(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
 struct CacheCall {
   const at::Tensor &q, &k_cache, &v_cache;
   const c10::optional<at::Tensor> &block_table, &batch_idx;
-  const at::Tensor& seqlens;
+  const c10::optional<at::Tensor>& seqlens;  // int (B,); absent: `lengths`, already read (kvcache_plain)
+  const std::vector<int64_t>* lengths;
   const c10::optional<at::Tensor> &leftpad, &alibi, &sinks;
   int64_t window_left, window_right;
   double softcap, scale;
@@ -152,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor> attend(const CacheCall& c, const at::Tensor* 
   const int64_t batch = c.q.size(0), heads = c.q.size(1), len_q = c.q.size(2), heads_kv = c.k_cache.size(1);
   const at::Tensor table = page_table(c.block_table, c.batch_idx, batch);
   const int64_t page_size = c.k_cache.size(2), pages = c.k_cache.size(0);
-  const std::vector<int64_t> seqlens = per_entry(c.seqlens, batch, 0);
+  const std::vector<int64_t> seqlens = c.lengths ? *c.lengths : per_entry(c.seqlens, batch, 0);
   // Far beyond any cache, and far from int64 overflow in seqlens + new_len (which would hide the write).
   constexpr int64_t kLimit = int64_t{1} << 62;
   TORCH_CHECK(new_len < kLimit, kOp, "new_len ", new_len, " is out of range");
@@ -200,8 +207,9 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention_cpu(
     int64_t key_start, int64_t key_stop, const c10::optional<at::Tensor>& alibi, const c10::optional<at::Tensor>& sinks,
     int64_t window_left, int64_t window_right, double softcap, double scale) {
   TORCH_CHECK(new_len >= 0, kOp, "new_len must be >= 0");
-  const CacheCall call{q,     k_cache, v_cache,     block_table,  batch_idx, seqlens, leftpad,
-                       alibi, sinks,   window_left, window_right, softcap,   scale};
+  const c10::optional<at::Tensor> lengths = seqlens;
+  const CacheCall call{q,       k_cache, v_cache, block_table, batch_idx,    lengths, nullptr,
+                       leftpad, alibi,   sinks,   window_left, window_right, softcap, scale};
   return attend(call, nullptr, nullptr, new_len, key_start, key_stop);
 }
 
@@ -218,12 +226,115 @@ std::tuple<at::Tensor, at::Tensor> kvcache_append_attention_cpu(
               k_cache.sizes(), ", ", v_cache.sizes());
   TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type(), kOp,
               "new keys and values must have the caches' dtype");
-  const CacheCall call{q,     k_cache, v_cache,     block_table,  batch_idx, seqlens, leftpad,
-                       alibi, sinks,   window_left, window_right, softcap,   scale};
+  const c10::optional<at::Tensor> lengths = seqlens;
+  const CacheCall call{q,       k_cache, v_cache, block_table, batch_idx,    lengths, nullptr,
+                       leftpad, alibi,   sinks,   window_left, window_right, softcap, scale};
   return attend(call, &k, &v, k.size(2), 0, std::numeric_limits<int64_t>::max());
 }
 
+// Whether a written-once append over `table` (int32 (B, pages) here) would write a slot twice, or a page in
+// use lies outside the pool: the full path's checks (check_pages, check_written_once) as a yes/no.
+bool plain_pages_ok(const at::Tensor& table, const std::vector<int64_t>& lengths, int64_t new_len, int64_t page_size,
+                    int64_t pages) {
+  const at::Tensor entries = table.contiguous();
+  const int32_t* rows = entries.data_ptr<int32_t>();
+  const int64_t columns = entries.size(1);
+  std::vector<int64_t> slots;
+  for (size_t b = 0; b < lengths.size(); ++b) {
+    const int32_t* row = rows + b * columns;
+    const int64_t used = (lengths[b] + new_len + page_size - 1) / page_size;  // <= columns (lengths within capacity)
+    for (int64_t p = 0; p < used; ++p) {
+      if (row[p] < 0 || row[p] >= pages) return false;
+    }
+    for (int64_t t = lengths[b]; t < lengths[b] + new_len; ++t) slots.push_back(row[t / page_size] * page_size + t % page_size);
+  }
+  std::sort(slots.begin(), slots.end());
+  return std::adjacent_find(slots.begin(), slots.end()) == slots.end();
+}
+
 }  // namespace
+
+std::optional<std::vector<int64_t>> kvcache_plain_lengths(const KVCachePlainCall& c) {
+  if (calls_intercepted()) return std::nullopt;
+  const bool append = c.k.has_value();
+  if (append != c.v.has_value()) return std::nullopt;
+  for (const at::Tensor* t : {&c.q, &c.k_cache, &c.v_cache}) {
+    if (!plain_cpu_tensor(*t) || t->dim() != 4) return std::nullopt;
+  }
+  if (!plain_cpu_tensor(c.k) || !plain_cpu_tensor(c.v) || !plain_cpu_tensor(c.seqlens) ||
+      !plain_cpu_tensor(c.block_table)) {
+    return std::nullopt;
+  }
+  const at::ScalarType dtype = c.q.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf && dtype != at::kDouble) return std::nullopt;
+  if (c.k_cache.scalar_type() != dtype || c.v_cache.scalar_type() != dtype) return std::nullopt;
+  if (append && (c.k->dim() != 4 || c.v->dim() != 4 || c.k->scalar_type() != dtype || c.v->scalar_type() != dtype)) {
+    return std::nullopt;
+  }
+  if (c10::GradMode::is_enabled() && (c.q.requires_grad() || c.k_cache.requires_grad() || c.v_cache.requires_grad() ||
+                                      (append && (c.k->requires_grad() || c.v->requires_grad())))) {
+    return std::nullopt;  // (the full path raises: forward only)
+  }
+  const int64_t batch = c.q.size(0), heads = c.q.size(1), dim = c.q.size(3);
+  const int64_t heads_kv = c.k_cache.size(1), page_size = c.k_cache.size(2);
+  if (batch < 1 || c.q.size(2) < 1 || dim < 1 || page_size < 1 || heads_kv < 1 || heads % heads_kv != 0 ||
+      c.k_cache.size(3) != dim || c.v_cache.sizes().slice(0, 3) != c.k_cache.sizes().slice(0, 3)) {
+    return std::nullopt;
+  }
+  const int64_t new_len = append ? c.k->size(2) : 0;
+  if (append && (c.k->sizes() != at::IntArrayRef({batch, heads_kv, new_len, dim}) ||
+                 c.v->sizes() != at::IntArrayRef({batch, heads_kv, new_len, c.v_cache.size(3)}))) {
+    return std::nullopt;
+  }
+  int64_t capacity = page_size;
+  if (c.block_table) {
+    const at::Tensor& table = *c.block_table;
+    if (table.scalar_type() != at::kInt || table.dim() != 2 || table.size(0) != batch) return std::nullopt;
+    capacity = table.size(1) * page_size;
+  } else if (c.k_cache.size(0) != batch) {
+    return std::nullopt;
+  }
+  std::vector<int64_t> lengths;
+  if (c.seqlens) {
+    const at::Tensor& t = *c.seqlens;
+    if ((t.scalar_type() != at::kInt && t.scalar_type() != at::kLong) || t.dim() != 1 || t.size(0) != batch) {
+      return std::nullopt;
+    }
+    lengths = per_entry(t, batch, 0);
+  } else {
+    lengths.assign(batch, c.seqlen.value_or(capacity));
+  }
+  for (const int64_t n : lengths) {
+    if (n < 0 || n > capacity - new_len) return std::nullopt;
+  }
+  if (append && new_len > 0 && c.k_cache.numel() > 0 && c.k_cache.data_ptr() == c.v_cache.data_ptr()) {
+    return std::nullopt;
+  }
+  if (c.block_table && !plain_pages_ok(*c.block_table, lengths, new_len, page_size, c.k_cache.size(0))) {
+    return std::nullopt;
+  }
+  return lengths;
+}
+
+std::tuple<at::Tensor, at::Tensor> kvcache_plain(const KVCachePlainCall& c, const std::vector<int64_t>& lengths) {
+  // (as Python's check_scale: 1 / math.sqrt(D), both correctly rounded)
+  const double scale = c.scale ? *c.scale : 1.0 / std::sqrt(static_cast<double>(c.q.size(3)));
+  const c10::optional<at::Tensor> none, table = c.block_table;
+  // visible_window: causal leaves (-1, 0)
+  const CacheCall call{c.q,  c.k_cache, c.v_cache, table, none,  none, &lengths,
+                       none, none,      none,      -1,    c.causal ? 0 : -1, 0.0, scale};
+  constexpr int64_t kAll = std::numeric_limits<int64_t>::max();
+  if (!c.k) {
+    RECORD_FUNCTION("fused_attention::kvcache_attention", std::vector<c10::IValue>({c.q, c.k_cache, c.v_cache}));
+    return attend(call, nullptr, nullptr, 0, 0, kAll);
+  }
+  RECORD_FUNCTION("fused_attention::kvcache_append_attention_", std::vector<c10::IValue>({c.k_cache, c.v_cache, c.q}));
+  auto result = attend(call, &*c.k, &*c.v, c.k->size(2), 0, kAll);
+  for (const at::Tensor* t : {&c.k_cache, &c.v_cache}) {
+    if (!t->is_inference()) torch::autograd::impl::bump_version(*t);
+  }
+  return result;
+}
 
 TORCH_LIBRARY_IMPL(fused_attention, CPU, m) {
   m.impl("kvcache_attention", &kvcache_attention_cpu);

@@ -43,17 +43,26 @@ def _cpu_backend_as_built() -> bool:
     )
 
 
-def plain_cpu_attention(query: object, key: object, value: object, is_causal: object, scale: object,
-                        enable_gqa: object) -> torch.Tensor | None:
-    """The output of the call, or None when it must take the full path."""
-    if (
+def short_path_open() -> bool:
+    """Whether nothing on this thread asks for a full path: not compiling, no autocast, torch function
+    mode or forward AD, and automatic dispatch picks the cpu backend as built (the extension's short
+    entries check the tensors)."""
+    return not (
         torch.compiler.is_compiling()  # first: torch 2.6's Dynamo cannot trace the other checks
-        or _PLAIN is None
         or torch._C._is_any_autocast_enabled()
         or torch._C._is_torch_function_mode_enabled()
         or _forward_ad._current_level >= 0  # dual tensors may come: the full path's errors for forward AD
         or _env_backend() is not None
         or not _cpu_backend_as_built()
+    )
+
+
+def plain_cpu_attention(query: object, key: object, value: object, is_causal: object, scale: object,
+                        enable_gqa: object) -> torch.Tensor | None:
+    """The output of the call, or None when it must take the full path."""
+    if (
+        _PLAIN is None
+        or not short_path_open()
         or (not _GRAD_NODE and torch.is_grad_enabled() and _any_requires_grad(query, key, value))
     ):
         return None

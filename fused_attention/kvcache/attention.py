@@ -24,6 +24,7 @@ from .append import append_, rotate_new, write_index
 from .cpu_cache import append_and_attend, cache_attention
 from .masks import needs_positions, position_mask
 from .paged import gather_keys_values
+from .plain_call import plain_kvcache_attention
 from .split_kv import attention_backend, split_kv_attention
 from .validate import KVCacheCall, canonicalize_kvcache_call, check_written_once
 
@@ -203,6 +204,13 @@ def attention_with_kvcache(
     Raises:
         ValueError / TypeError naming the bad argument, the caches untouched.
     """
+    out = plain_kvcache_attention(
+        q, k_cache, v_cache, k, v, cache_seqlens, block_table, is_causal, scale, return_lse, layout, num_splits,
+        window_size, softcap, rotary_interleaved,
+        (cache_batch_idx, cache_leftpad, rotary_cos, rotary_sin, alibi_slopes, sinks, backend),
+    )
+    if out is not None:
+        return out
     call = canonicalize_kvcache_call(
         q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
         cache_leftpad=cache_leftpad, block_table=block_table, rotary_cos=rotary_cos, rotary_sin=rotary_sin,

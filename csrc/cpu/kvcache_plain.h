@@ -1,0 +1,40 @@
+// attention_with_kvcache's common CPU call past its Python layers and the dispatcher
+// (fused_attention/kvcache/plain_call.py): a decode step's call spent 40-70 us on the host before
+// (validation in Python, the op's schema parsing), more than its kernel over a few hundred keys.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace fused_attention::cpu {
+
+// The call with every argument that it leaves out at its default (no cache_batch_idx, leftpad, RoPE,
+// window, ALiBi, softcap, sinks; one key split), tensors as the ops take them (layout resolved): q (B,
+// Hq, Lq, D), caches (B or pages, Hkv, S_max or page_size, D / Dv), k and v (B, Hkv, Lnew, D / Dv).
+struct KVCachePlainCall {
+  at::Tensor q, k_cache, v_cache;
+  std::optional<at::Tensor> k, v;
+  std::optional<at::Tensor> seqlens;  // int (B,)
+  std::optional<int64_t> seqlen;      // or one length for every entry; neither: every cache full
+  std::optional<at::Tensor> block_table;
+  bool causal = false;
+  std::optional<double> scale;
+};
+
+// Each entry's cache length when the plain path serves the call: nothing intercepts calls, the tensors
+// are plain CPU tensors of one float dtype, none requires grad, and every check of the full path passes
+// (shapes, lengths within capacity, the pages in use inside the pool, no slot appended twice, the caches
+// not one tensor when appending). nullopt otherwise: the caller takes the full path, which raises its
+// errors. Cheap (no kernel): the caller asks while it holds the GIL.
+std::optional<std::vector<int64_t>> kvcache_plain_lengths(const KVCachePlainCall& call);
+
+// The full path's op call for it (the same kernel and arguments: the same bits): out (B, Hq, Lq, Dv) in q's
+// layout and lse (B, Hq, Lq); after an append, the caches' version counters bumped as the op's
+// ADInplaceOrView kernel does.
+std::tuple<at::Tensor, at::Tensor> kvcache_plain(const KVCachePlainCall& call, const std::vector<int64_t>& lengths);
+
+}  // namespace fused_attention::cpu

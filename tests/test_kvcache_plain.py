@@ -1,0 +1,233 @@
+"""``attention_with_kvcache``'s short path on the cpu backend (``fused_attention/kvcache/plain_call.py``, the
+extension's ``kvcache_plain``): the calls it serves give the full path's output, lse and caches bit for bit
+and bump the caches' version counters as the op does; every call the full path rejects, every argument it
+leaves out and anything that intercepts calls goes to the full path (which raises its own errors)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import cpu_backends
+from test_kvcache import make_case, to_layout
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fused_attention as fa
+from fused_attention.kvcache import plain_call
+
+pytestmark = pytest.mark.skipif(
+    "cpu" not in cpu_backends() or plain_call._PLAIN is None, reason="the cpu backend's short entry is not built"
+)
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """The short entry's answers during the test: True where it served a call, False where it declined."""
+    answers: list[bool] = []
+    real = plain_call._PLAIN
+
+    def spy(*args):
+        out = real(*args)
+        answers.append(out is not None)
+        return out
+
+    monkeypatch.setattr(plain_call, "_PLAIN", spy)
+    return answers
+
+
+def _full_path(monkeypatch):
+    monkeypatch.setattr(plain_call, "_PLAIN", None)
+
+
+def _call(case, seqlens, extra=None):
+    """``attention_with_kvcache`` on fresh copies of the case's caches: (result, caches after)."""
+    layout = case["layout"]
+    k_cache, v_cache = to_layout(case["k_cache"], layout), to_layout(case["v_cache"], layout)
+    kwargs = {"cache_seqlens": seqlens, "block_table": case["block_table"], "is_causal": case["is_causal"],
+              "scale": case["scale"], "return_lse": True, "layout": layout, **(extra or {})}
+    with torch.no_grad():
+        out = fa.attention_with_kvcache(to_layout(case["q"], layout), k_cache, v_cache, to_layout(case["k"], layout),
+                                        to_layout(case["v"], layout), **kwargs)
+    return out, (k_cache, v_cache)
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+CASES = [
+    pytest.param(index, layout, page, seq_q, append, id=f"{layout}-p{page}-q{seq_q}-{'append' if append else 'read'}")
+    for index, (layout, page, seq_q, append) in enumerate(
+        itertools.product(["bshd", "bhsd"], [None, 3, 16], [1, 4], [False, True]))
+]
+
+
+@pytest.mark.parametrize("index,layout,page_size,seq_q,append", CASES)
+def test_short_path_matches_the_full_path_bit_for_bit(index, layout, page_size, seq_q, append, served, monkeypatch):
+    """Every dtype, both layouts, contiguous and paged caches, lengths as int32 and int64 tensors, one int or
+    none (full caches), causal or not, a scale, with and without an append."""
+    dtype = DTYPES[index % len(DTYPES)]
+    features = [(), ("causal",), ("scale",), ("causal", "scale")][index // 2 % 4]
+    case = make_case(index, layout=layout, page_size=page_size, seq_q=seq_q, append=append, group=4, num_splits=0,
+                     dtype=dtype, features=features, length=200, dims=(64, 32))
+    lengths = case["seqlens"]
+    kinds = {"int32": lengths, "int64": lengths.long(), "int": int(lengths[1])}
+    if not append:
+        kinds["None"] = None  # every cache full
+    for kind, seqlens in kinds.items():
+        served.clear()
+        (out, lse), caches = _call(case, seqlens)
+        assert served == [True], f"{kind}: the short path declined"
+        with monkeypatch.context() as m:
+            _full_path(m)
+            (out_full, lse_full), caches_full = _call(case, seqlens)
+        assert out.dtype == out_full.dtype and out.shape == out_full.shape and out.stride() == out_full.stride()
+        assert torch.equal(out, out_full) and torch.equal(lse, lse_full), kind
+        assert all(torch.equal(a, b) for a, b in zip(caches, caches_full)), f"{kind}: the caches differ"
+
+
+def test_defaults_spelled_out_take_the_short_path(served):
+    """FlashAttention's defaults (window_size=(-1, -1), softcap=0.0, rotary_interleaved=True without RoPE) and
+    num_splits=1 change nothing."""
+    case = make_case(1, layout="bshd", page_size=16, seq_q=1, append=True, group=2, num_splits=0,
+                     dtype=torch.float32, length=64, dims=(32, 32))
+    plain, _ = _call(case, case["seqlens"])
+    for extra in ({"window_size": (-1, -1)}, {"softcap": 0.0}, {"softcap": 0}, {"num_splits": 1},
+                  {"rotary_interleaved": True}):
+        out, _ = _call(case, case["seqlens"], extra)
+        assert torch.equal(out[0], plain[0]) and torch.equal(out[1], plain[1]), extra
+    assert served == [True] * 6
+
+
+@pytest.mark.parametrize("extra", [
+    {"window_size": (4, 0)}, {"softcap": 2.0}, {"num_splits": 2}, {"backend": "cpu"}, {"backend": "torch"},
+    {"cache_leftpad": torch.tensor([0, 1, 2], dtype=torch.int32)}, {"alibi_slopes": fa.alibi_slopes(4)},
+    {"sinks": torch.zeros(4)}, {"window_size": [-1, -1]}, {"num_splits": True},
+], ids=lambda e: f"{next(iter(e))}={next(iter(e.values()))!r:.20}")
+def test_other_arguments_take_the_full_path(extra, served):
+    case = make_case(2, layout="bshd", page_size=None, seq_q=1, append=False, group=2, num_splits=0,
+                     dtype=torch.float32, length=40, dims=(16, 16))
+    try:
+        _call(case, case["seqlens"], extra)
+    except (TypeError, ValueError):
+        pass  # (the full path's rejection of a bool num_splits or a list window)
+    assert served == [], "the short entry was called"
+
+
+def _bad_calls():
+    """Calls the full path rejects: name -> (case changes, cache_seqlens, extra kwargs)."""
+    full = torch.tensor([62, 62, 62], dtype=torch.int32)
+    return {
+        "past capacity": (None, full, {}),
+        "past capacity (int)": (None, 63, {}),
+        "negative length": (None, torch.tensor([3, -1, 0], dtype=torch.int32), {}),
+        "length too wide (int)": (None, 2**70, {}),
+        "float lengths": (None, torch.tensor([1.0, 2.0, 3.0]), {}),
+        "lengths of another batch": (None, torch.tensor([1, 2], dtype=torch.int32), {}),
+        "page outside the pool": ("bad_page", None, {}),
+        "page appended twice": ("shared_page", None, {}),
+        "int64 block table": ("int64_table", None, {}),
+        "caches one tensor": ("aliased", None, {}),
+        "k_cache of another dtype": ("k_cache_f64", None, {}),
+        "k of another shape": ("k_short", None, {}),
+        "query heads not a multiple": ("q_heads", None, {}),
+        "q requires grad": ("q_grad", None, {}),
+        "no v": ("no_v", None, {}),
+        "scale a string": (None, None, {"scale": "0.5"}),
+        "is_causal an int": (None, None, {"is_causal": 1}),
+        "layout unknown": (None, None, {"layout": "sbhd"}),
+    }
+
+
+@pytest.mark.parametrize("name", list(_bad_calls()))
+@pytest.mark.parametrize("paged", [False, True])
+def test_rejected_calls_raise_the_full_paths_errors(name, paged, served, monkeypatch):
+    change, seqlens, extra = _bad_calls()[name]
+    if change in ("bad_page", "shared_page", "int64_table") and not paged:
+        pytest.skip("a block table's fault")
+    gen = torch.Generator().manual_seed(0)
+    page = 8 if paged else None
+    capacity = 64 if paged else 62
+    k_cache = torch.randn(8 if paged else 3, page or capacity, 2, 16, generator=gen)
+    v_cache = torch.randn_like(k_cache)
+    table = torch.arange(6, dtype=torch.int32).view(3, 2) if paged else None
+    q, k, v = torch.randn(3, 1, 4, 16, generator=gen), torch.randn(3, 1, 2, 16, generator=gen), torch.randn(3, 1, 2, 16)
+    lengths = torch.tensor([0, 5, 9], dtype=torch.int32) if seqlens is None else seqlens
+    if change == "bad_page":
+        table[1, 1] = 8
+        lengths = torch.tensor([0, 12, 9], dtype=torch.int32)
+    elif change == "shared_page":
+        table[2, 1] = table[1, 1]
+        lengths = torch.tensor([0, 12, 12], dtype=torch.int32)  # both append to page 3's slot 4
+    elif change == "int64_table":
+        table = table.long()
+    elif change == "aliased":
+        v_cache = k_cache
+    elif change == "k_cache_f64":
+        k_cache = k_cache.double()
+    elif change == "k_short":
+        k = k[..., :8]
+    elif change == "q_heads":
+        q = torch.randn(3, 1, 3, 16)
+    elif change == "q_grad":
+        q.requires_grad_(True)
+    elif change == "no_v":
+        v = None
+    kwargs = {"cache_seqlens": lengths, "block_table": table, **extra}
+
+    def run():
+        k_before, v_before = k_cache.clone(), v_cache.clone()
+        with pytest.raises(Exception) as info:
+            fa.attention_with_kvcache(q, k_cache, v_cache, k, v, **kwargs)
+        assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before), "the caches were written"
+        return type(info.value), str(info.value)
+
+    short = run()
+    assert True not in served, "the short path served a call the full path rejects"
+    with monkeypatch.context() as m:
+        _full_path(m)
+        assert run() == short
+
+
+def test_append_bumps_the_caches_versions(served):
+    """As the op's ADInplaceOrView kernel: once per call, under no_grad and inference_mode, and a backward
+    that saved a tensor sharing a cache's storage is refused; inference tensors have no counter."""
+    a = torch.randn(2, 16, 2, 8, requires_grad=True)
+    saved = a.exp()
+    k_cache, v_cache = saved.detach(), torch.randn(2, 16, 2, 8)
+    q, k, v = torch.randn(2, 1, 4, 8), torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8)
+    versions = (k_cache._version, v_cache._version)
+    with torch.no_grad():
+        fa.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=3)
+    with torch.inference_mode():
+        fa.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=4)
+    with torch.no_grad():
+        fa.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=5)  # (no append: no bump)
+    assert (k_cache._version, v_cache._version) == (versions[0] + 2, versions[1] + 2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.sum().backward()
+    with torch.inference_mode():
+        k_cache, v_cache = torch.randn(2, 16, 2, 8), torch.randn(2, 16, 2, 8)
+        fa.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=3)
+    assert served == [True] * 4
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_dispatch_modes_and_profilers_see_the_op(served):
+    """A dispatch mode sees the op (the short entry declines it); a profiler records the short path's call
+    under the op's name."""
+    q, k_cache, v_cache = torch.randn(1, 1, 4, 8), torch.randn(1, 32, 2, 8), torch.randn(1, 32, 2, 8)
+    with torch.no_grad(), _Recorder() as mode:
+        fa.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=9)
+    assert any("kvcache_attention" in op for op in mode.ops) and served == [False]
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        fa.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=9)
+    assert served == [False, True]
+    assert "fused_attention::kvcache_attention" in {e.name for e in prof.events()}
