@@ -12,7 +12,8 @@ What a decode step or a tiny batch pays on the host before (and around) the kern
 - ``kvcache``: a decode step with a KV cache (one query, GQA 8/2, head dim 64, 600 cached keys): append
   one token with RoPE and attend, through ``attention_with_kvcache`` (contiguous ``(B, H, S, D)`` cache,
   and paged with pages of 16), against the same step written with torch (rotate q and k, ``index_copy_``
-  into a static cache, SDPA over the filled part);
+  into a static cache, SDPA over the filled part); then the step without RoPE (the caller rotated the
+  token: the calls ``attention_with_kvcache``'s short path serves), also in FlashAttention's layout;
 - ``triton-host``: the Triton backend's host side (canonicalize, dispatch, the custom op, the launch
   arguments) with the kernel launch replaced by a no-op, under ``TRITON_INTERPRET=1`` on the CPU.
 
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_attention
+from fused_attention.kvcache import plain_call as kvcache_plain
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, calls: int, clock) -> dict[str, float]:
@@ -114,8 +116,8 @@ def _rows(args) -> list[tuple[str, str, Callable, Callable]]:
 
 
 def _kvcache_rows(g: torch.Generator) -> list[tuple[str, str, Callable, Callable]]:
-    """A decode step that appends one token (RoPE applied) to a cache of 600 keys and attends over 601;
-    every call writes the same slot, so each repeats the same work."""
+    """A decode step that appends one token (with RoPE, or rotated by the caller) to a cache of 600 keys and
+    attends over 601; every call writes the same slot, so each repeats the same work."""
     filled, capacity, page = 600, 1024, 16
     q, k, v = torch.randn(1, 8, 1, 64, generator=g), torch.randn(1, 2, 1, 64, generator=g), torch.randn(
         1, 2, 1, 64, generator=g)
@@ -136,12 +138,37 @@ def _kvcache_rows(g: torch.Generator) -> list[tuple[str, str, Callable, Callable
         vc.index_copy_(2, position, v)
         return F.scaled_dot_product_attention(rope(q), kc[:, :, : filled + 1], vc[:, :, : filled + 1], enable_gqa=True)
 
+    def torch_append():  # keys and values rotated by the caller, as Hugging Face models do
+        kc.index_copy_(2, position, k)
+        vc.index_copy_(2, position, v)
+        return F.scaled_dot_product_attention(q, kc[:, :, : filled + 1], vc[:, :, : filled + 1], enable_gqa=True)
+
+    # FlashAttention's layout: (B, S, H, D) views of the same kind of cache, q and the new token
+    q_s, k_s, v_s = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+    k_pages_s, v_pages_s = k_pages.transpose(1, 2).contiguous(), v_pages.transpose(1, 2).contiguous()
+
+    def no_rope_step():
+        return fused_attention.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=seqlens, layout="bhsd")
+
+    def full_path_step():  # the short path off: every Python layer, the op through the dispatcher
+        plain, kvcache_plain._PLAIN = kvcache_plain._PLAIN, None
+        try:
+            return no_rope_step()
+        finally:
+            kvcache_plain._PLAIN = plain
+
     step = {"cache_seqlens": seqlens, "rotary_cos": cos, "rotary_sin": sin, "layout": "bhsd"}
     return [
         ("kvcache decode step: append 1 token + RoPE, 600 keys, GQA 8/2", "torch (rope, index_copy_, sdpa)",
          torch_step, lambda: fused_attention.attention_with_kvcache(q, kc, vc, k, v, **step)),
         ("the same step, paged cache (pages of 16)", "torch (rope, index_copy_, sdpa)", torch_step,
          lambda: fused_attention.attention_with_kvcache(q, k_pages, v_pages, k, v, block_table=table, **step)),
+        ("kvcache decode step without RoPE (rotated by the caller): append 1 token, 600 keys, GQA 8/2",
+         "torch (index_copy_, sdpa)", torch_append, no_rope_step),
+        ("the same step, the short path off", "ours (short path on)", no_rope_step, full_path_step),
+        ("the same step, FlashAttention's layout (B, S, H, D), pages of 16", "torch (index_copy_, sdpa)",
+         torch_append, lambda: fused_attention.attention_with_kvcache(q_s, k_pages_s, v_pages_s, k_s, v_s,
+                                                                      cache_seqlens=seqlens, block_table=table)),
     ]
 
 

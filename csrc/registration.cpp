@@ -179,19 +179,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   });
   // attention_with_kvcache's common call past its Python layers (fused_attention/kvcache/plain_call.py): q,
   // the caches, k and v (or None) plain torch.Tensor objects in the layout `bhsd` says, cache_seqlens None,
-  // an int or a tensor, block_table None or a tensor, is_causal and return_lse Python bools, scale None or a
-  // float; out (with lse when return_lse), or None for anything else (kvcache_plain_lengths' rules), and then
-  // the caller takes the full path.
+  // an int or a tensor, block_table, rotary_cos and rotary_sin None or tensors, is_causal, return_lse and
+  // rotary_interleaved Python bools, scale None or a float; out (with lse when return_lse), or None for
+  // anything else (kvcache_plain_lengths' rules), and then the caller takes the full path.
   module.def("kvcache_plain", [](pybind11::handle q, pybind11::handle k_cache, pybind11::handle v_cache,
                                  pybind11::handle k, pybind11::handle v, pybind11::handle seqlens,
                                  pybind11::handle block_table, pybind11::handle causal, pybind11::handle scale,
-                                 pybind11::handle return_lse, bool bhsd) -> pybind11::object {
+                                 pybind11::handle return_lse, pybind11::handle rotary_cos, pybind11::handle rotary_sin,
+                                 pybind11::handle rotary_interleaved, bool bhsd) -> pybind11::object {
     const auto is_tensor = [](pybind11::handle x) { return THPVariable_CheckExact(x.ptr()); };
     const auto is_bool = [](pybind11::handle x) { return x.ptr() == Py_True || x.ptr() == Py_False; };
     const auto maybe_tensor = [&](pybind11::handle x) { return x.is_none() || is_tensor(x); };
     if (!is_tensor(q) || !is_tensor(k_cache) || !is_tensor(v_cache) || !maybe_tensor(k) || !maybe_tensor(v) ||
         !maybe_tensor(block_table) || !(maybe_tensor(seqlens) || PyLong_CheckExact(seqlens.ptr())) ||
-        !is_bool(causal) || !is_bool(return_lse) || !(scale.is_none() || PyFloat_CheckExact(scale.ptr()))) {
+        !is_bool(causal) || !is_bool(return_lse) || !(scale.is_none() || PyFloat_CheckExact(scale.ptr())) ||
+        !maybe_tensor(rotary_cos) || !maybe_tensor(rotary_sin) || !is_bool(rotary_interleaved)) {
       return pybind11::none();
     }
     // Copies (a reference count each): torch.utils.swap_tensors may swap a tensor object's contents
@@ -215,6 +217,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       call.seqlens = THPVariable_Unpack(seqlens.ptr());
     }
     if (!block_table.is_none()) call.block_table = THPVariable_Unpack(block_table.ptr());
+    if (!rotary_cos.is_none()) call.rotary_cos = THPVariable_Unpack(rotary_cos.ptr());
+    if (!rotary_sin.is_none()) call.rotary_sin = THPVariable_Unpack(rotary_sin.ptr());
+    call.rotary_interleaved = rotary_interleaved.ptr() == Py_True;
     call.causal = causal.ptr() == Py_True;
     if (!scale.is_none()) call.scale = PyFloat_AS_DOUBLE(scale.ptr());
     const std::optional<std::vector<int64_t>> lengths = fused_attention::cpu::kvcache_plain_lengths(call);

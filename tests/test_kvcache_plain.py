@@ -63,7 +63,8 @@ CASES = [
 @pytest.mark.parametrize("index,layout,page_size,seq_q,append", CASES)
 def test_short_path_matches_the_full_path_bit_for_bit(index, layout, page_size, seq_q, append, served, monkeypatch):
     """Every dtype, both layouts, contiguous and paged caches, lengths as int32 and int64 tensors, one int or
-    none (full caches), causal or not, a scale, with and without an append."""
+    none (full caches), causal or not, a scale, with and without an append, which may apply RoPE (half-split
+    or interleaved, every feature or half of them)."""
     dtype = DTYPES[index % len(DTYPES)]
     features = [(), ("causal",), ("scale",), ("causal", "scale")][index // 2 % 4]
     case = make_case(index, layout=layout, page_size=page_size, seq_q=seq_q, append=append, group=4, num_splits=0,
@@ -72,16 +73,22 @@ def test_short_path_matches_the_full_path_bit_for_bit(index, layout, page_size, 
     kinds = {"int32": lengths, "int64": lengths.long(), "int": int(lengths[1])}
     if not append:
         kinds["None"] = None  # every cache full
-    for kind, seqlens in kinds.items():
+    ropes = {"no rope": {}}
+    if append:  # fused RoPE: half-split over every feature, interleaved over half of them
+        full_cos, full_sin = fa.rotary_cos_sin(256, 64, dtype=torch.float32)
+        half_cos, half_sin = fa.rotary_cos_sin(256, 32, dtype=torch.float64)
+        ropes["rope"] = {"rotary_cos": full_cos, "rotary_sin": full_sin}
+        ropes["rope interleaved partial"] = {"rotary_cos": half_cos, "rotary_sin": half_sin, "rotary_interleaved": True}
+    for (kind, seqlens), (rope, extra) in itertools.product(kinds.items(), ropes.items()):
         served.clear()
-        (out, lse), caches = _call(case, seqlens)
-        assert served == [True], f"{kind}: the short path declined"
+        (out, lse), caches = _call(case, seqlens, extra)
+        assert served == [True], f"{kind}, {rope}: the short path declined"
         with monkeypatch.context() as m:
             _full_path(m)
-            (out_full, lse_full), caches_full = _call(case, seqlens)
+            (out_full, lse_full), caches_full = _call(case, seqlens, extra)
         assert out.dtype == out_full.dtype and out.shape == out_full.shape and out.stride() == out_full.stride()
-        assert torch.equal(out, out_full) and torch.equal(lse, lse_full), kind
-        assert all(torch.equal(a, b) for a, b in zip(caches, caches_full)), f"{kind}: the caches differ"
+        assert torch.equal(out, out_full) and torch.equal(lse, lse_full), (kind, rope)
+        assert all(torch.equal(a, b) for a, b in zip(caches, caches_full)), f"{kind}, {rope}: the caches differ"
 
 
 def test_defaults_spelled_out_take_the_short_path(served):
@@ -134,6 +141,12 @@ def _bad_calls():
         "scale a string": (None, None, {"scale": "0.5"}),
         "is_causal an int": (None, None, {"is_causal": 1}),
         "layout unknown": (None, None, {"layout": "sbhd"}),
+        "rope tables too short": (None, None, {"rotary_cos": torch.ones(9, 8), "rotary_sin": torch.zeros(9, 8)}),
+        "rope tables wider than the head": (None, None, {"rotary_cos": torch.ones(64, 9), "rotary_sin": torch.ones(64, 9)}),
+        "rope tables of two shapes": (None, None, {"rotary_cos": torch.ones(64, 8), "rotary_sin": torch.ones(64, 4)}),
+        "rope without sin": (None, None, {"rotary_cos": torch.ones(64, 8)}),
+        "rope tables of ints": (None, None, {"rotary_cos": torch.ones(64, 8, dtype=torch.int32),
+                                             "rotary_sin": torch.ones(64, 8, dtype=torch.int32)}),
     }
 
 

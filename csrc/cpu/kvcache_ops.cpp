@@ -26,6 +26,7 @@
 #include "cpu/attention_kernels.h"
 #include "cpu/kvcache_plain.h"
 #include "cpu/op_inputs.h"
+#include "cpu/rotary_ops.h"
 
 namespace fused_attention::cpu {
 namespace {
@@ -313,23 +314,71 @@ std::optional<std::vector<int64_t>> kvcache_plain_lengths(const KVCachePlainCall
   if (c.block_table && !plain_pages_ok(*c.block_table, lengths, new_len, page_size, c.k_cache.size(0))) {
     return std::nullopt;
   }
+  if (c.rotary_cos.has_value() != c.rotary_sin.has_value()) return std::nullopt;
+  if (append && c.rotary_cos) {  // (without an append the tables are not used, nor checked)
+    const at::Tensor &cos = *c.rotary_cos, &sin = *c.rotary_sin;
+    for (const at::Tensor* t : {&cos, &sin}) {
+      if (!plain_cpu_tensor(*t) || !t->is_floating_point() || t->dim() != 2 ||
+          (c10::GradMode::is_enabled() && t->requires_grad())) {
+        return std::nullopt;
+      }
+    }
+    const int64_t rows = c.causal ? c.q.size(2) : 1;  // query rows rotated at their own positions
+    const int64_t last = *std::max_element(lengths.begin(), lengths.end()) + std::max(new_len, rows);
+    if (cos.sizes() != sin.sizes() || cos.size(1) < 1 || 2 * cos.size(1) > dim || last > cos.size(0)) {
+      return std::nullopt;
+    }
+  }
   return lengths;
 }
+
+namespace {
+
+// (q, k) rotated as rotate_new (fused_attention/kvcache/append.py) does: new key i of entry b at position
+// lengths[b] + i, query row i there too when causal (a one-row step's only row, at lengths[b], either
+// way), else every query row at lengths[b]; in the op's (B, H, L, D) views, new tensors.
+std::pair<at::Tensor, at::Tensor> plain_rotary(const KVCachePlainCall& c, const std::vector<int64_t>& lengths) {
+  const at::ScalarType table_type = c.q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor cos = c.rotary_cos->to(table_type).contiguous(), sin = c.rotary_sin->to(table_type).contiguous();
+  const at::Tensor q = c.q.transpose(1, 2), k = c.k->transpose(1, 2);  // (B, L, H, D), as the rotary ops take them
+  const int64_t batch = q.size(0), len_q = q.size(1), new_len = k.size(1);
+  const auto positions = [&](int64_t len, bool in_order) {
+    at::Tensor p = at::empty({batch, len}, at::kLong);
+    int64_t* at = p.data_ptr<int64_t>();
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t i = 0; i < len; ++i) at[b * len + i] = lengths[b] + (in_order ? i : 0);
+    }
+    return p;
+  };
+  const at::Tensor k_positions = positions(new_len, true);
+  if (len_q == new_len && (len_q == 1 || c.causal)) {
+    auto [q_rot, k_rot] = rotary_qk(q, k, cos, sin, k_positions, c.rotary_interleaved, false);
+    return {q_rot.transpose(1, 2), k_rot.transpose(1, 2)};
+  }
+  const at::Tensor q_rot = rotary(q, cos, sin, positions(len_q, c.causal), c.rotary_interleaved, false);
+  const at::Tensor k_rot = rotary(k, cos, sin, k_positions, c.rotary_interleaved, false);
+  return {q_rot.transpose(1, 2), k_rot.transpose(1, 2)};
+}
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> kvcache_plain(const KVCachePlainCall& c, const std::vector<int64_t>& lengths) {
   // (as Python's check_scale: 1 / math.sqrt(D), both correctly rounded)
   const double scale = c.scale ? *c.scale : 1.0 / std::sqrt(static_cast<double>(c.q.size(3)));
   const c10::optional<at::Tensor> none, table = c.block_table;
-  // visible_window: causal leaves (-1, 0)
-  const CacheCall call{c.q,  c.k_cache, c.v_cache, table, none,  none, &lengths,
-                       none, none,      none,      -1,    c.causal ? 0 : -1, 0.0, scale};
   constexpr int64_t kAll = std::numeric_limits<int64_t>::max();
   if (!c.k) {
+    // visible_window: causal leaves (-1, 0)
+    const CacheCall call{c.q,  c.k_cache, c.v_cache, table, none,  none, &lengths,
+                         none, none,      none,      -1,    c.causal ? 0 : -1, 0.0, scale};
     RECORD_FUNCTION("fused_attention::kvcache_attention", std::vector<c10::IValue>({c.q, c.k_cache, c.v_cache}));
     return attend(call, nullptr, nullptr, 0, 0, kAll);
   }
-  RECORD_FUNCTION("fused_attention::kvcache_append_attention_", std::vector<c10::IValue>({c.k_cache, c.v_cache, c.q}));
-  auto result = attend(call, &*c.k, &*c.v, c.k->size(2), 0, kAll);
+  const auto [q, k] = c.rotary_cos ? plain_rotary(c, lengths) : std::pair<at::Tensor, at::Tensor>{c.q, *c.k};
+  const CacheCall call{q,    c.k_cache, c.v_cache, table, none,  none, &lengths,
+                       none, none,      none,      -1,    c.causal ? 0 : -1, 0.0, scale};
+  RECORD_FUNCTION("fused_attention::kvcache_append_attention_", std::vector<c10::IValue>({c.k_cache, c.v_cache, q}));
+  auto result = attend(call, &k, &*c.v, k.size(2), 0, kAll);
   for (const at::Tensor* t : {&c.k_cache, &c.v_cache}) {
     if (!t->is_inference()) torch::autograd::impl::bump_version(*t);
   }

@@ -12,9 +12,9 @@
 
 namespace fused_attention::cpu {
 
-// The call with every argument that it leaves out at its default (no cache_batch_idx, leftpad, RoPE,
-// window, ALiBi, softcap, sinks; one key split), tensors as the ops take them (layout resolved): q (B,
-// Hq, Lq, D), caches (B or pages, Hkv, S_max or page_size, D / Dv), k and v (B, Hkv, Lnew, D / Dv).
+// The call with every argument that it leaves out at its default (no cache_batch_idx, leftpad, window,
+// ALiBi, softcap, sinks; one key split), tensors as the ops take them (layout resolved): q (B, Hq, Lq, D),
+// caches (B or pages, Hkv, S_max or page_size, D / Dv), k and v (B, Hkv, Lnew, D / Dv).
 struct KVCachePlainCall {
   at::Tensor q, k_cache, v_cache;
   std::optional<at::Tensor> k, v;
@@ -23,18 +23,20 @@ struct KVCachePlainCall {
   std::optional<at::Tensor> block_table;
   bool causal = false;
   std::optional<double> scale;
+  std::optional<at::Tensor> rotary_cos, rotary_sin;  // (S_ro, R / 2), used when appending (fused RoPE)
+  bool rotary_interleaved = false;
 };
 
 // Each entry's cache length when the plain path serves the call: nothing intercepts calls, the tensors
 // are plain CPU tensors of one float dtype, none requires grad, and every check of the full path passes
 // (shapes, lengths within capacity, the pages in use inside the pool, no slot appended twice, the caches
-// not one tensor when appending). nullopt otherwise: the caller takes the full path, which raises its
+// not one tensor when appending, RoPE tables that cover the rotated positions). nullopt otherwise: the caller takes the full path, which raises its
 // errors. Cheap (no kernel): the caller asks while it holds the GIL.
 std::optional<std::vector<int64_t>> kvcache_plain_lengths(const KVCachePlainCall& call);
 
-// The full path's op call for it (the same kernel and arguments: the same bits): out (B, Hq, Lq, Dv) in q's
-// layout and lse (B, Hq, Lq); after an append, the caches' version counters bumped as the op's
-// ADInplaceOrView kernel does.
+// The full path's op calls for it (the same kernels and arguments: the same bits; RoPE as rotate_new in
+// fused_attention/kvcache/append.py): out (B, Hq, Lq, Dv) in q's layout and lse (B, Hq, Lq); after an
+// append, the caches' version counters bumped as the op's ADInplaceOrView kernel does.
 std::tuple<at::Tensor, at::Tensor> kvcache_plain(const KVCachePlainCall& call, const std::vector<int64_t>& lengths);
 
 }  // namespace fused_attention::cpu

@@ -19,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/rotary_ops.h"
 #include "cpu/vec_io.h"
 
 namespace fused_attention::cpu {
@@ -183,6 +184,8 @@ void rotary_cpu(std::initializer_list<std::pair<at::Tensor, at::Tensor>> in_out,
   });
 }
 
+}  // namespace
+
 at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                   const at::Tensor& positions, bool interleaved, bool conjugate) {
   check_rotary_inputs("rotary", x, cos, sin, positions);
@@ -190,6 +193,8 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   rotary_cpu({{x, out}}, cos, sin, positions, interleaved, conjugate);
   return out;
 }
+
+namespace {
 
 void rotary_(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
              bool interleaved, bool conjugate) {
@@ -199,6 +204,8 @@ void rotary_(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, 
   rotary_cpu({{x, x}}, cos, sin, positions, interleaved, conjugate);
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> rotary_qk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                              const at::Tensor& sin, const at::Tensor& positions,
                                              bool interleaved, bool conjugate) {
@@ -207,8 +214,6 @@ std::tuple<at::Tensor, at::Tensor> rotary_qk(const at::Tensor& q, const at::Tens
   rotary_cpu({{q, q_out}, {k, k_out}}, cos, sin, positions, interleaved, conjugate);
   return {q_out, k_out};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fused_attention, CPU, m) {
   m.impl("rotary", &rotary);

@@ -3,24 +3,49 @@
 A decode step's call spent 40-70 us on the host against 12 us for ``scaled_dot_product_attention``'s
 short path (one query row of 32 heads against 16 keys, 2 threads, a Zen 4, 2026-12-07): validating and
 canonicalizing twenty arguments in Python, choosing the backend, and the op's schema parsing. When the
-arguments the call leaves out are at their defaults (no ``cache_batch_idx``, ``cache_leftpad``, RoPE,
-window, ALiBi, softcap or sinks, one key split, automatic backend) and automatic dispatch would choose
-the ``cpu`` backend as built, the extension's ``kvcache_plain`` checks the rest in C++ (shapes, lengths
-within capacity, the pages in use, no slot appended twice: ``csrc/cpu/kvcache_plain.h``) and makes the
-full path's op call (the same bits; an append bumps the caches' version counters as the op does).
+arguments the call leaves out are at their defaults (no ``cache_batch_idx``, ``cache_leftpad``, window,
+ALiBi, softcap or sinks, one key split, automatic backend) and automatic dispatch would choose the ``cpu``
+backends as built (attention, and RoPE's where tables are given), the extension's ``kvcache_plain``
+checks the rest in C++ (shapes, lengths within capacity, the pages in use, no slot appended twice, the
+tables' rows: ``csrc/cpu/kvcache_plain.h``) and makes the full path's op calls (the same bits; an append
+bumps the caches' version counters as the op does).
 Anything else, and every call the full path would reject, takes the full path, which raises its errors.
 """
 
 from __future__ import annotations
 
+import torch
+
 from ..backends.cpu_backend import _OPS
 from ..backends.plain_call import short_path_open
+from ..backends.positional import POSITION_BACKENDS, ExtensionPositions, select_position_backend
 
 _PLAIN = None
 if _OPS is not None:
     from .. import _C  # loaded: _OPS exists only then
 
     _PLAIN = getattr(_C, "kvcache_plain", None)  # (an extension built before it has none)
+
+
+# The cpu position backend as imported (its kernels are the ones the short entry calls), and what it answers with.
+_CPU_POSITIONS = POSITION_BACKENDS.get("cpu")
+_CPU_POSITIONS_STATE = dict(vars(_CPU_POSITIONS)) if _CPU_POSITIONS is not None else None
+_POSITIONS_AS_BUILT = tuple(
+    (name, getattr(ExtensionPositions, name)) for name in ("rotary", "rotary_qk", "reasons", "device_reason",
+                                                            "unavailable_reason")
+)
+
+
+def _cpu_rope_as_built(q: object) -> bool:
+    """Whether the full path would rotate new keys (and queries) with the cpu position backend as built."""
+    return (
+        type(q) is torch.Tensor
+        and q.is_floating_point()  # (else no position backend serves it: the full path's error)
+        and select_position_backend(q) is _CPU_POSITIONS
+        and type(_CPU_POSITIONS) is ExtensionPositions
+        and vars(_CPU_POSITIONS) == _CPU_POSITIONS_STATE
+        and all(getattr(ExtensionPositions, name) is value for name, value in _POSITIONS_AS_BUILT)
+    )
 
 
 def _defaults(window_size: object, softcap: object, num_splits: object, rotary_interleaved: object) -> bool:
@@ -37,7 +62,7 @@ def _defaults(window_size: object, softcap: object, num_splits: object, rotary_i
 def plain_kvcache_attention(
     q: object, k_cache: object, v_cache: object, k: object, v: object, cache_seqlens: object, block_table: object,
     is_causal: object, scale: object, return_lse: object, layout: object, num_splits: object, window_size: object,
-    softcap: object, rotary_interleaved: object, left_out: tuple,
+    softcap: object, rotary_cos: object, rotary_sin: object, rotary_interleaved: object, left_out: tuple,
 ) -> object:
     """``out`` (``(out, lse)`` with ``return_lse``) of the call, or None when it must take the full path.
     ``left_out``: the other optional arguments, which must all be None."""
@@ -48,7 +73,9 @@ def plain_kvcache_attention(
         or layout not in ("bshd", "bhsd")
         or not _defaults(window_size, softcap, num_splits, rotary_interleaved)
         or not short_path_open()
+        or (k is not None and rotary_cos is not None and not _cpu_rope_as_built(q))
     ):
         return None
-    return _PLAIN(q, k_cache, v_cache, k, v, cache_seqlens, block_table, is_causal, scale, return_lse, layout == "bhsd")
+    return _PLAIN(q, k_cache, v_cache, k, v, cache_seqlens, block_table, is_causal, scale, return_lse, rotary_cos,
+                  rotary_sin, rotary_interleaved, layout == "bhsd")
 
