@@ -23,12 +23,17 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def served(monkeypatch):
-    """The short entry's answers during the test: True where it served a call, False where it declined."""
-    answers: list[bool] = []
+    """The short entry's answers during the test: True where it served a call, False where it declined,
+    "raised" where it raised (it must decline whatever the full path rejects)."""
+    answers: list[bool | str] = []
     real = plain_call._PLAIN
 
     def spy(*args):
-        out = real(*args)
+        try:
+            out = real(*args)
+        except Exception:
+            answers.append("raised")
+            raise
         answers.append(out is not None)
         return out
 
@@ -40,15 +45,26 @@ def _full_path(monkeypatch):
     monkeypatch.setattr(plain_call, "_PLAIN", None)
 
 
-def _call(case, seqlens, extra=None):
-    """``attention_with_kvcache`` on fresh copies of the case's caches: (result, caches after)."""
+def _strided(t):
+    """``t``'s values in memory of another order: the other layout's (B, H, S, D) / (B, S, H, D) order with every
+    row padded (no unit stride between rows)."""
+    wide = torch.zeros(*t.transpose(1, 2).shape[:3], t.shape[3] + 3, dtype=t.dtype)
+    view = wide[..., 1: t.shape[3] + 1].transpose(1, 2)
+    view.copy_(t)
+    return view
+
+
+def _call(case, seqlens, extra=None, strided=False):
+    """``attention_with_kvcache`` on fresh copies of the case's caches: (result, caches after). strided: q, k
+    and v in strided memory (_strided)."""
     layout = case["layout"]
     k_cache, v_cache = to_layout(case["k_cache"], layout), to_layout(case["v_cache"], layout)
+    arrange = _strided if strided else (lambda t: t)
     kwargs = {"cache_seqlens": seqlens, "block_table": case["block_table"], "is_causal": case["is_causal"],
               "scale": case["scale"], "return_lse": True, "layout": layout, **(extra or {})}
     with torch.no_grad():
-        out = fa.attention_with_kvcache(to_layout(case["q"], layout), k_cache, v_cache, to_layout(case["k"], layout),
-                                        to_layout(case["v"], layout), **kwargs)
+        q, k, v = (None if t is None else arrange(to_layout(t, layout)) for t in (case["q"], case["k"], case["v"]))
+        out = fa.attention_with_kvcache(q, k_cache, v_cache, k, v, **kwargs)
     return out, (k_cache, v_cache)
 
 
@@ -64,7 +80,8 @@ CASES = [
 def test_short_path_matches_the_full_path_bit_for_bit(index, layout, page_size, seq_q, append, served, monkeypatch):
     """Every dtype, both layouts, contiguous and paged caches, lengths as int32 and int64 tensors, one int or
     none (full caches), causal or not, a scale, with and without an append, which may apply RoPE (half-split
-    or interleaved, every feature or half of them)."""
+    or interleaved, every feature or half of them); q, k and v contiguous or strided (the output's layout
+    follows q's)."""
     dtype = DTYPES[index % len(DTYPES)]
     features = [(), ("causal",), ("scale",), ("causal", "scale")][index // 2 % 4]
     case = make_case(index, layout=layout, page_size=page_size, seq_q=seq_q, append=append, group=4, num_splits=0,
@@ -79,13 +96,13 @@ def test_short_path_matches_the_full_path_bit_for_bit(index, layout, page_size, 
         half_cos, half_sin = fa.rotary_cos_sin(256, 32, dtype=torch.float64)
         ropes["rope"] = {"rotary_cos": full_cos, "rotary_sin": full_sin}
         ropes["rope interleaved partial"] = {"rotary_cos": half_cos, "rotary_sin": half_sin, "rotary_interleaved": True}
-    for (kind, seqlens), (rope, extra) in itertools.product(kinds.items(), ropes.items()):
+    for (kind, seqlens), (rope, extra), strided in itertools.product(kinds.items(), ropes.items(), [False, True]):
         served.clear()
-        (out, lse), caches = _call(case, seqlens, extra)
+        (out, lse), caches = _call(case, seqlens, extra, strided)
         assert served == [True], f"{kind}, {rope}: the short path declined"
         with monkeypatch.context() as m:
             _full_path(m)
-            (out_full, lse_full), caches_full = _call(case, seqlens, extra)
+            (out_full, lse_full), caches_full = _call(case, seqlens, extra, strided)
         assert out.dtype == out_full.dtype and out.shape == out_full.shape and out.stride() == out_full.stride()
         assert torch.equal(out, out_full) and torch.equal(lse, lse_full), (kind, rope)
         assert all(torch.equal(a, b) for a, b in zip(caches, caches_full)), f"{kind}, {rope}: the caches differ"
@@ -133,6 +150,7 @@ def _bad_calls():
         "page appended twice": ("shared_page", None, {}),
         "int64 block table": ("int64_table", None, {}),
         "caches one tensor": ("aliased", None, {}),
+        "caches one tensor, nothing appended": ("aliased_empty", None, {}),
         "k_cache of another dtype": ("k_cache_f64", None, {}),
         "k of another shape": ("k_short", None, {}),
         "query heads not a multiple": ("q_heads", None, {}),
@@ -174,6 +192,8 @@ def test_rejected_calls_raise_the_full_paths_errors(name, paged, served, monkeyp
         table = table.long()
     elif change == "aliased":
         v_cache = k_cache
+    elif change == "aliased_empty":  # (the op refuses it, after Python's checks pass)
+        v_cache, k, v = k_cache, k[:, :0], v[:, :0]
     elif change == "k_cache_f64":
         k_cache = k_cache.double()
     elif change == "k_short":
@@ -194,7 +214,7 @@ def test_rejected_calls_raise_the_full_paths_errors(name, paged, served, monkeyp
         return type(info.value), str(info.value)
 
     short = run()
-    assert True not in served, "the short path served a call the full path rejects"
+    assert all(answer is False for answer in served), f"the short path did not decline: {served}"
     with monkeypatch.context() as m:
         _full_path(m)
         assert run() == short
@@ -244,3 +264,35 @@ def test_dispatch_modes_and_profilers_see_the_op(served):
         fa.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=9)
     assert served == [False, True]
     assert "fused_attention::kvcache_attention" in {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("seq_q", [1, 3])
+def test_profilers_see_the_full_paths_ops(seq_q, served, monkeypatch):
+    """With RoPE and an append, the short path records the ops the full path calls (one rotary_qk for a step
+    of one row, rotary twice for three rows that are not causal)."""
+    q, k_cache, v_cache = torch.randn(1, seq_q, 4, 8), torch.randn(1, 32, 2, 8), torch.randn(1, 32, 2, 8)
+    k, v = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8)
+    cos, sin = fa.rotary_cos_sin(32, 8)
+
+    def ops():
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            fa.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=9, rotary_cos=cos, rotary_sin=sin)
+        return sorted(e.name for e in prof.events() if e.name.startswith("fused_attention::"))
+
+    short = ops()
+    assert served == [True]
+    with monkeypatch.context() as m:
+        _full_path(m)
+        full = ops()
+    assert "fused_attention::kvcache_append_attention_" in short
+    assert short == full
+
+
+def test_below_ad_inplace_or_view_takes_the_full_path(served):
+    """Below ADInplaceOrView (torch's internal guard) the op bumps no version counter: the short path, which
+    would, declines."""
+    q, k_cache, v_cache = torch.randn(1, 1, 4, 8), torch.randn(1, 32, 2, 8), torch.randn(1, 32, 2, 8)
+    k, v = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8)
+    with torch.no_grad(), torch._C._AutoDispatchBelowADInplaceOrView():
+        fa.attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=3)
+    assert served == [False]

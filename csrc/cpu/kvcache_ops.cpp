@@ -6,27 +6,22 @@
 // sequence's keys into its tiles, as for any call. Nothing is gathered first.
 //
 // A decode step's call is short (tens of microseconds at a few hundred keys), so the page table, the
-// key ranges and the append are worked out here rather than as tensor ops in Python.
+// key ranges and the append are worked out here rather than as tensor ops in Python; its common calls
+// skip Python's layers and the dispatcher altogether (kvcache_plain.cpp, through attend).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/record_function.h>
-#include <c10/core/GradMode.h>
-#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <limits>
 #include <numeric>
 #include <tuple>
 #include <vector>
 
-#include "cpu/attention_direct.h"
 #include "cpu/attention_kernels.h"
-#include "cpu/kvcache_plain.h"
+#include "cpu/kvcache_attend.h"
 #include "cpu/op_inputs.h"
-#include "cpu/rotary_ops.h"
 
 namespace fused_attention::cpu {
 namespace {
@@ -48,13 +43,6 @@ at::Tensor page_table(const c10::optional<at::Tensor>& block_table, const c10::o
               "block_table must be int (B, pages) and batch_idx int (B,), got ", given->sizes());
   at::Tensor table = given->to(at::kLong).contiguous();
   return block_table ? table : table.view({batch, 1});
-}
-
-std::vector<int64_t> per_entry(const c10::optional<at::Tensor>& t, int64_t batch, int64_t fill) {
-  if (!t) return std::vector<int64_t>(batch, fill);
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == batch && !t->is_floating_point(), kOp, "lengths must be int (B,)");
-  const at::Tensor c = t->to(at::kLong).contiguous();
-  return {c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + batch};
 }
 
 // Entry b: Lq query rows at cache positions total[b] - Lq + i (total = seqlens + new_len), keys
@@ -80,28 +68,17 @@ void check_pages(const at::Tensor& table, int64_t b, int64_t first, int64_t last
   const int64_t* entries = table.data_ptr<int64_t>() + b * table.stride(0);
   TORCH_CHECK((last - 1) / page_size < table.size(1), kOp, "entry ", b, " needs tokens up to ", last - 1,
               " but its pages hold ", table.size(1) * page_size);
-  for (int64_t p = first / page_size; p <= (last - 1) / page_size; ++p) {
-    TORCH_CHECK(entries[p] >= 0 && entries[p] < pages, kOp, "page ", p, " of entry ", b, " is ", entries[p],
-                ", outside the page pool (or cache rows) [0, ", pages, ")");
-  }
+  const int64_t p = page_outside_pool(entries, first, last, page_size, pages);
+  TORCH_CHECK(p < 0, kOp, "page ", p, " of entry ", b, " is ", entries[p],
+              ", outside the page pool (or cache rows) [0, ", pages, ")");
 }
 
-// No cache slot is written twice by an append: two entries whose tables share the page they append to
-// would overwrite each other's keys (pages several entries only read, a shared prefix, are fine). Here,
-// not in Python, for the cpu backend: a decode step's call is tens of microseconds, and the check there
-// took several tensor ops (validate.check_written_once does it for the other paths).
+// No cache slot is written twice by an append (appends_collide). Here, not in Python, for the cpu backend:
+// a decode step's call is tens of microseconds, and the check there took several tensor ops
+// (validate.check_written_once does it for the other paths).
 void check_written_once(const at::Tensor& table, const std::vector<int64_t>& seqlens, int64_t new_len,
                         int64_t page_size) {
-  const int64_t* entries = table.data_ptr<int64_t>();
-  std::vector<int64_t> slots;
-  slots.reserve(seqlens.size() * static_cast<size_t>(new_len));
-  for (size_t b = 0; b < seqlens.size(); ++b) {
-    for (int64_t t = seqlens[b]; t < seqlens[b] + new_len; ++t) {
-      slots.push_back(entries[b * table.stride(0) + t / page_size] * page_size + t % page_size);
-    }
-  }
-  std::sort(slots.begin(), slots.end());
-  TORCH_CHECK_VALUE(std::adjacent_find(slots.begin(), slots.end()) == slots.end(), kOp,
+  TORCH_CHECK_VALUE(!appends_collide(table.data_ptr<int64_t>(), table.stride(0), seqlens, new_len, page_size), kOp,
                     "block_table (or cache_batch_idx): the pages k and v are appended to must belong to one batch "
                     "entry each (a cache slot would be written twice)");
 }
@@ -142,18 +119,15 @@ void check_shapes(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   TORCH_CHECK(k_cache.size(2) > 0, kOp, "page_size must be positive");
 }
 
-struct CacheCall {
-  const at::Tensor &q, &k_cache, &v_cache;
-  const c10::optional<at::Tensor> &block_table, &batch_idx;
-  const c10::optional<at::Tensor>& seqlens;  // int (B,); absent: `lengths`, already read (kvcache_plain)
-  const std::vector<int64_t>* lengths;
-  const c10::optional<at::Tensor> &leftpad, &alibi, &sinks;
-  int64_t window_left, window_right;
-  double softcap, scale;
-};
+}  // namespace
 
-// out (B, Hq, Lq, Dv), lse (B, Hq, Lq) over keys [key_start, key_stop) of each entry, after appending
-// k_new, v_new (B, Hkv, Lnew, D / Dv) when given. Every check runs before the caches are written.
+std::vector<int64_t> per_entry(const c10::optional<at::Tensor>& t, int64_t batch, int64_t fill) {
+  if (!t) return std::vector<int64_t>(batch, fill);
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == batch && !t->is_floating_point(), kOp, "lengths must be int (B,)");
+  const at::Tensor c = t->to(at::kLong).contiguous();
+  return {c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + batch};
+}
+
 std::tuple<at::Tensor, at::Tensor> attend(const CacheCall& c, const at::Tensor* k_new, const at::Tensor* v_new,
                                           int64_t new_len, int64_t key_start, int64_t key_stop) {
   check_shapes(c.q, c.k_cache, c.v_cache);
@@ -201,6 +175,8 @@ std::tuple<at::Tensor, at::Tensor> attend(const CacheCall& c, const at::Tensor* 
   return {out, lse};
 }
 
+namespace {
+
 std::tuple<at::Tensor, at::Tensor> kvcache_attention_cpu(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const c10::optional<at::Tensor>& block_table, const c10::optional<at::Tensor>& batch_idx,
@@ -233,157 +209,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_append_attention_cpu(
   return attend(call, &k, &v, k.size(2), 0, std::numeric_limits<int64_t>::max());
 }
 
-// Whether a written-once append over `table` (int32 (B, pages) here) would write a slot twice, or a page in
-// use lies outside the pool: the full path's checks (check_pages, check_written_once) as a yes/no.
-bool plain_pages_ok(const at::Tensor& table, const std::vector<int64_t>& lengths, int64_t new_len, int64_t page_size,
-                    int64_t pages) {
-  const at::Tensor entries = table.contiguous();
-  const int32_t* rows = entries.data_ptr<int32_t>();
-  const int64_t columns = entries.size(1);
-  std::vector<int64_t> slots;
-  for (size_t b = 0; b < lengths.size(); ++b) {
-    const int32_t* row = rows + b * columns;
-    const int64_t used = (lengths[b] + new_len + page_size - 1) / page_size;  // <= columns (lengths within capacity)
-    for (int64_t p = 0; p < used; ++p) {
-      if (row[p] < 0 || row[p] >= pages) return false;
-    }
-    for (int64_t t = lengths[b]; t < lengths[b] + new_len; ++t) slots.push_back(row[t / page_size] * page_size + t % page_size);
-  }
-  std::sort(slots.begin(), slots.end());
-  return std::adjacent_find(slots.begin(), slots.end()) == slots.end();
-}
-
 }  // namespace
-
-std::optional<std::vector<int64_t>> kvcache_plain_lengths(const KVCachePlainCall& c) {
-  if (calls_intercepted()) return std::nullopt;
-  const bool append = c.k.has_value();
-  if (append != c.v.has_value()) return std::nullopt;
-  for (const at::Tensor* t : {&c.q, &c.k_cache, &c.v_cache}) {
-    if (!plain_cpu_tensor(*t) || t->dim() != 4) return std::nullopt;
-  }
-  if (!plain_cpu_tensor(c.k) || !plain_cpu_tensor(c.v) || !plain_cpu_tensor(c.seqlens) ||
-      !plain_cpu_tensor(c.block_table)) {
-    return std::nullopt;
-  }
-  const at::ScalarType dtype = c.q.scalar_type();
-  if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf && dtype != at::kDouble) return std::nullopt;
-  if (c.k_cache.scalar_type() != dtype || c.v_cache.scalar_type() != dtype) return std::nullopt;
-  if (append && (c.k->dim() != 4 || c.v->dim() != 4 || c.k->scalar_type() != dtype || c.v->scalar_type() != dtype)) {
-    return std::nullopt;
-  }
-  if (c10::GradMode::is_enabled() && (c.q.requires_grad() || c.k_cache.requires_grad() || c.v_cache.requires_grad() ||
-                                      (append && (c.k->requires_grad() || c.v->requires_grad())))) {
-    return std::nullopt;  // (the full path raises: forward only)
-  }
-  const int64_t batch = c.q.size(0), heads = c.q.size(1), dim = c.q.size(3);
-  const int64_t heads_kv = c.k_cache.size(1), page_size = c.k_cache.size(2);
-  if (batch < 1 || c.q.size(2) < 1 || dim < 1 || page_size < 1 || heads_kv < 1 || heads % heads_kv != 0 ||
-      c.k_cache.size(3) != dim || c.v_cache.sizes().slice(0, 3) != c.k_cache.sizes().slice(0, 3)) {
-    return std::nullopt;
-  }
-  const int64_t new_len = append ? c.k->size(2) : 0;
-  if (append && (c.k->sizes() != at::IntArrayRef({batch, heads_kv, new_len, dim}) ||
-                 c.v->sizes() != at::IntArrayRef({batch, heads_kv, new_len, c.v_cache.size(3)}))) {
-    return std::nullopt;
-  }
-  int64_t capacity = page_size;
-  if (c.block_table) {
-    const at::Tensor& table = *c.block_table;
-    if (table.scalar_type() != at::kInt || table.dim() != 2 || table.size(0) != batch) return std::nullopt;
-    capacity = table.size(1) * page_size;
-  } else if (c.k_cache.size(0) != batch) {
-    return std::nullopt;
-  }
-  std::vector<int64_t> lengths;
-  if (c.seqlens) {
-    const at::Tensor& t = *c.seqlens;
-    if ((t.scalar_type() != at::kInt && t.scalar_type() != at::kLong) || t.dim() != 1 || t.size(0) != batch) {
-      return std::nullopt;
-    }
-    lengths = per_entry(t, batch, 0);
-  } else {
-    lengths.assign(batch, c.seqlen.value_or(capacity));
-  }
-  for (const int64_t n : lengths) {
-    if (n < 0 || n > capacity - new_len) return std::nullopt;
-  }
-  if (append && new_len > 0 && c.k_cache.numel() > 0 && c.k_cache.data_ptr() == c.v_cache.data_ptr()) {
-    return std::nullopt;
-  }
-  if (c.block_table && !plain_pages_ok(*c.block_table, lengths, new_len, page_size, c.k_cache.size(0))) {
-    return std::nullopt;
-  }
-  if (c.rotary_cos.has_value() != c.rotary_sin.has_value()) return std::nullopt;
-  if (append && c.rotary_cos) {  // (without an append the tables are not used, nor checked)
-    const at::Tensor &cos = *c.rotary_cos, &sin = *c.rotary_sin;
-    for (const at::Tensor* t : {&cos, &sin}) {
-      if (!plain_cpu_tensor(*t) || !t->is_floating_point() || t->dim() != 2 ||
-          (c10::GradMode::is_enabled() && t->requires_grad())) {
-        return std::nullopt;
-      }
-    }
-    const int64_t rows = c.causal ? c.q.size(2) : 1;  // query rows rotated at their own positions
-    const int64_t last = *std::max_element(lengths.begin(), lengths.end()) + std::max(new_len, rows);
-    if (cos.sizes() != sin.sizes() || cos.size(1) < 1 || 2 * cos.size(1) > dim || last > cos.size(0)) {
-      return std::nullopt;
-    }
-  }
-  return lengths;
-}
-
-namespace {
-
-// (q, k) rotated as rotate_new (fused_attention/kvcache/append.py) does: new key i of entry b at position
-// lengths[b] + i, query row i there too when causal (a one-row step's only row, at lengths[b], either
-// way), else every query row at lengths[b]; in the op's (B, H, L, D) views, new tensors.
-std::pair<at::Tensor, at::Tensor> plain_rotary(const KVCachePlainCall& c, const std::vector<int64_t>& lengths) {
-  const at::ScalarType table_type = c.q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor cos = c.rotary_cos->to(table_type).contiguous(), sin = c.rotary_sin->to(table_type).contiguous();
-  const at::Tensor q = c.q.transpose(1, 2), k = c.k->transpose(1, 2);  // (B, L, H, D), as the rotary ops take them
-  const int64_t batch = q.size(0), len_q = q.size(1), new_len = k.size(1);
-  const auto positions = [&](int64_t len, bool in_order) {
-    at::Tensor p = at::empty({batch, len}, at::kLong);
-    int64_t* at = p.data_ptr<int64_t>();
-    for (int64_t b = 0; b < batch; ++b) {
-      for (int64_t i = 0; i < len; ++i) at[b * len + i] = lengths[b] + (in_order ? i : 0);
-    }
-    return p;
-  };
-  const at::Tensor k_positions = positions(new_len, true);
-  if (len_q == new_len && (len_q == 1 || c.causal)) {
-    auto [q_rot, k_rot] = rotary_qk(q, k, cos, sin, k_positions, c.rotary_interleaved, false);
-    return {q_rot.transpose(1, 2), k_rot.transpose(1, 2)};
-  }
-  const at::Tensor q_rot = rotary(q, cos, sin, positions(len_q, c.causal), c.rotary_interleaved, false);
-  const at::Tensor k_rot = rotary(k, cos, sin, k_positions, c.rotary_interleaved, false);
-  return {q_rot.transpose(1, 2), k_rot.transpose(1, 2)};
-}
-
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> kvcache_plain(const KVCachePlainCall& c, const std::vector<int64_t>& lengths) {
-  // (as Python's check_scale: 1 / math.sqrt(D), both correctly rounded)
-  const double scale = c.scale ? *c.scale : 1.0 / std::sqrt(static_cast<double>(c.q.size(3)));
-  const c10::optional<at::Tensor> none, table = c.block_table;
-  constexpr int64_t kAll = std::numeric_limits<int64_t>::max();
-  if (!c.k) {
-    // visible_window: causal leaves (-1, 0)
-    const CacheCall call{c.q,  c.k_cache, c.v_cache, table, none,  none, &lengths,
-                         none, none,      none,      -1,    c.causal ? 0 : -1, 0.0, scale};
-    RECORD_FUNCTION("fused_attention::kvcache_attention", std::vector<c10::IValue>({c.q, c.k_cache, c.v_cache}));
-    return attend(call, nullptr, nullptr, 0, 0, kAll);
-  }
-  const auto [q, k] = c.rotary_cos ? plain_rotary(c, lengths) : std::pair<at::Tensor, at::Tensor>{c.q, *c.k};
-  const CacheCall call{q,    c.k_cache, c.v_cache, table, none,  none, &lengths,
-                       none, none,      none,      -1,    c.causal ? 0 : -1, 0.0, scale};
-  RECORD_FUNCTION("fused_attention::kvcache_append_attention_", std::vector<c10::IValue>({c.k_cache, c.v_cache, q}));
-  auto result = attend(call, &k, &*c.v, k.size(2), 0, kAll);
-  for (const at::Tensor* t : {&c.k_cache, &c.v_cache}) {
-    if (!t->is_inference()) torch::autograd::impl::bump_version(*t);
-  }
-  return result;
-}
 
 TORCH_LIBRARY_IMPL(fused_attention, CPU, m) {
   m.impl("kvcache_attention", &kvcache_attention_cpu);

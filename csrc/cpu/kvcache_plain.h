@@ -30,13 +30,14 @@ struct KVCachePlainCall {
 // Each entry's cache length when the plain path serves the call: nothing intercepts calls, the tensors
 // are plain CPU tensors of one float dtype, none requires grad, and every check of the full path passes
 // (shapes, lengths within capacity, the pages in use inside the pool, no slot appended twice, the caches
-// not one tensor when appending, RoPE tables that cover the rotated positions). nullopt otherwise: the caller takes the full path, which raises its
-// errors. Cheap (no kernel): the caller asks while it holds the GIL.
+// not one tensor when appending, RoPE tables that cover the rotated positions). nullopt otherwise: the
+// caller takes the full path, which raises its errors. Cheap (no kernel): the caller asks holding the GIL.
 std::optional<std::vector<int64_t>> kvcache_plain_lengths(const KVCachePlainCall& call);
 
 // The full path's op calls for it (the same kernels and arguments: the same bits; RoPE as rotate_new in
-// fused_attention/kvcache/append.py): out (B, Hq, Lq, Dv) in q's layout and lse (B, Hq, Lq); after an
-// append, the caches' version counters bumped as the op's ADInplaceOrView kernel does.
+// fused_attention/kvcache/append.py), recorded under the ops' names for profilers: out (B, Hq, Lq, Dv) in
+// q's layout and lse (B, Hq, Lq); after an append, the caches' version counters bumped as the op's
+// ADInplaceOrView kernel does.
 std::tuple<at::Tensor, at::Tensor> kvcache_plain(const KVCachePlainCall& call, const std::vector<int64_t>& lengths);
 
 }  // namespace fused_attention::cpu
