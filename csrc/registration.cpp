@@ -2,6 +2,7 @@
 // these names from csrc/cpu and csrc/cuda; fake (meta) and autograd rules are registered from Python
 // (fused_attention/_extension.py) once this library has loaded.
 #include <pybind11/pybind11.h>
+#include <utility>
 // pybind11's at::Tensor casters without torch/extension.h, which brings all of libtorch's C++ API (the
 // build's slowest file took 35 s with it, 10 s without; it is compiled three times in CI).
 #include <torch/csrc/autograd/python_variable.h>
@@ -180,13 +181,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   // attention_with_kvcache's common call past its Python layers (fused_attention/kvcache/plain_call.py): q,
   // the caches, k and v (or None) plain torch.Tensor objects in the layout `bhsd` says, cache_seqlens None,
   // an int or a tensor, block_table, rotary_cos and rotary_sin None or tensors, is_causal, return_lse and
-  // rotary_interleaved Python bools, scale None or a float; out (with lse when return_lse), or None for
-  // anything else (kvcache_plain_lengths' rules), and then the caller takes the full path.
+  // rotary_interleaved Python bools, scale None or a float; the window, softcap, ALiBi slopes and sinks as
+  // Python's checks canonicalized them; out (with lse when return_lse), or None for anything else
+  // (kvcache_plain_lengths' rules), and then the caller takes the full path.
   module.def("kvcache_plain", [](pybind11::handle q, pybind11::handle k_cache, pybind11::handle v_cache,
                                  pybind11::handle k, pybind11::handle v, pybind11::handle seqlens,
                                  pybind11::handle block_table, pybind11::handle causal, pybind11::handle scale,
                                  pybind11::handle return_lse, pybind11::handle rotary_cos, pybind11::handle rotary_sin,
-                                 pybind11::handle rotary_interleaved, bool bhsd) -> pybind11::object {
+                                 pybind11::handle rotary_interleaved, int64_t window_left, int64_t window_right,
+                                 double softcap, std::optional<at::Tensor> alibi, std::optional<at::Tensor> sinks,
+                                 bool bhsd) -> pybind11::object {
     const auto is_tensor = [](pybind11::handle x) { return THPVariable_CheckExact(x.ptr()); };
     const auto is_bool = [](pybind11::handle x) { return x.ptr() == Py_True || x.ptr() == Py_False; };
     const auto maybe_tensor = [&](pybind11::handle x) { return x.is_none() || is_tensor(x); };
@@ -220,6 +224,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     if (!rotary_cos.is_none()) call.rotary_cos = THPVariable_Unpack(rotary_cos.ptr());
     if (!rotary_sin.is_none()) call.rotary_sin = THPVariable_Unpack(rotary_sin.ptr());
     call.rotary_interleaved = rotary_interleaved.ptr() == Py_True;
+    call.window_left = window_left;
+    call.window_right = window_right;
+    call.softcap = softcap;
+    call.alibi = std::move(alibi);
+    call.sinks = std::move(sinks);
     call.causal = causal.ptr() == Py_True;
     if (!scale.is_none()) call.scale = PyFloat_AS_DOUBLE(scale.ptr());
     const std::optional<std::vector<int64_t>> lengths = fused_attention::cpu::kvcache_plain_lengths(call);

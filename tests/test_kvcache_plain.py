@@ -61,7 +61,8 @@ def _call(case, seqlens, extra=None, strided=False):
     k_cache, v_cache = to_layout(case["k_cache"], layout), to_layout(case["v_cache"], layout)
     arrange = _strided if strided else (lambda t: t)
     kwargs = {"cache_seqlens": seqlens, "block_table": case["block_table"], "is_causal": case["is_causal"],
-              "scale": case["scale"], "return_lse": True, "layout": layout, **(extra or {})}
+              "scale": case["scale"], "window_size": case["window_size"], "alibi_slopes": case["alibi_slopes"],
+              "softcap": case["softcap"], "return_lse": True, "layout": layout, **(extra or {})}
     with torch.no_grad():
         q, k, v = (None if t is None else arrange(to_layout(t, layout)) for t in (case["q"], case["k"], case["v"]))
         out = fa.attention_with_kvcache(q, k_cache, v_cache, k, v, **kwargs)
@@ -79,18 +80,19 @@ CASES = [
 @pytest.mark.parametrize("index,layout,page_size,seq_q,append", CASES)
 def test_short_path_matches_the_full_path_bit_for_bit(index, layout, page_size, seq_q, append, served, monkeypatch):
     """Every dtype, both layouts, contiguous and paged caches, lengths as int32 and int64 tensors, one int or
-    none (full caches), causal or not, a scale, with and without an append, which may apply RoPE (half-split
-    or interleaved, every feature or half of them); q, k and v contiguous or strided (the output's layout
-    follows q's)."""
+    none (full caches), causal or not, a scale, windows, ALiBi, softcap, sinks, with and without an append,
+    which may apply RoPE (half-split or interleaved, every feature or half of them; a window puts the query
+    rows in order); q, k and v contiguous or strided (the output's layout follows q's)."""
     dtype = DTYPES[index % len(DTYPES)]
-    features = [(), ("causal",), ("scale",), ("causal", "scale")][index // 2 % 4]
+    features = [(), ("causal",), ("scale",), ("causal", "scale"), ("window",), ("causal", "window", "softcap"),
+                ("alibi",), ("alibi", "softcap", "scale")][index // 2 % 8]
     case = make_case(index, layout=layout, page_size=page_size, seq_q=seq_q, append=append, group=4, num_splits=0,
                      dtype=dtype, features=features, length=200, dims=(64, 32))
     lengths = case["seqlens"]
     kinds = {"int32": lengths, "int64": lengths.long(), "int": int(lengths[1])}
     if not append:
         kinds["None"] = None  # every cache full
-    ropes = {"no rope": {}}
+    ropes = {"no rope": {"sinks": torch.randn(8)} if index % 3 == 0 else {}}
     if append:  # fused RoPE: half-split over every feature, interleaved over half of them
         full_cos, full_sin = fa.rotary_cos_sin(256, 64, dtype=torch.float32)
         half_cos, half_sin = fa.rotary_cos_sin(256, 32, dtype=torch.float64)
@@ -108,23 +110,42 @@ def test_short_path_matches_the_full_path_bit_for_bit(index, layout, page_size, 
         assert all(torch.equal(a, b) for a, b in zip(caches, caches_full)), f"{kind}, {rope}: the caches differ"
 
 
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_windowed_steps_rotate_query_rows_in_order(layout, served, monkeypatch):
+    """A window without causal puts query row i at its own position for RoPE (as FlashAttention), which
+    three appended rows show."""
+    case = make_case(7, layout=layout, page_size=None, seq_q=3, append=True, group=2, num_splits=0,
+                     dtype=torch.float32, length=48, dims=(32, 32))
+    case["window_size"] = (5, 1)
+    cos, sin = fa.rotary_cos_sin(64, 32)
+    rope = {"rotary_cos": cos, "rotary_sin": sin}
+    (out, lse), caches = _call(case, case["seqlens"], rope)
+    with monkeypatch.context() as m:
+        _full_path(m)
+        (out_full, lse_full), caches_full = _call(case, case["seqlens"], rope)
+    assert served == [True]
+    assert torch.equal(out, out_full) and torch.equal(lse, lse_full)
+    assert all(torch.equal(a, b) for a, b in zip(caches, caches_full))
+
+
 def test_defaults_spelled_out_take_the_short_path(served):
-    """FlashAttention's defaults (window_size=(-1, -1), softcap=0.0, rotary_interleaved=True without RoPE) and
-    num_splits=1 change nothing."""
+    """FlashAttention's defaults (window_size=(-1, -1), softcap=0.0, rotary_interleaved=True without RoPE),
+    num_splits=1, a window as a list and a softcap too large to cap anything change nothing."""
     case = make_case(1, layout="bshd", page_size=16, seq_q=1, append=True, group=2, num_splits=0,
                      dtype=torch.float32, length=64, dims=(32, 32))
     plain, _ = _call(case, case["seqlens"])
-    for extra in ({"window_size": (-1, -1)}, {"softcap": 0.0}, {"softcap": 0}, {"num_splits": 1},
-                  {"rotary_interleaved": True}):
+    extras = ({"window_size": (-1, -1)}, {"window_size": [-1, -1]}, {"softcap": 0.0}, {"softcap": 0},
+              {"softcap": 1e30}, {"num_splits": 1}, {"rotary_interleaved": True})
+    for extra in extras:
         out, _ = _call(case, case["seqlens"], extra)
         assert torch.equal(out[0], plain[0]) and torch.equal(out[1], plain[1]), extra
-    assert served == [True] * 6
+    assert served == [True] * (len(extras) + 1)
 
 
 @pytest.mark.parametrize("extra", [
-    {"window_size": (4, 0)}, {"softcap": 2.0}, {"num_splits": 2}, {"backend": "cpu"}, {"backend": "torch"},
-    {"cache_leftpad": torch.tensor([0, 1, 2], dtype=torch.int32)}, {"alibi_slopes": fa.alibi_slopes(4)},
-    {"sinks": torch.zeros(4)}, {"window_size": [-1, -1]}, {"num_splits": True},
+    {"num_splits": 2}, {"backend": "cpu"}, {"backend": "torch"}, {"num_splits": True},
+    {"cache_leftpad": torch.tensor([0, 1, 2], dtype=torch.int32)},
+    {"cache_batch_idx": torch.tensor([2, 0, 1], dtype=torch.int32)},
 ], ids=lambda e: f"{next(iter(e))}={next(iter(e.values()))!r:.20}")
 def test_other_arguments_take_the_full_path(extra, served):
     case = make_case(2, layout="bshd", page_size=None, seq_q=1, append=False, group=2, num_splits=0,
@@ -132,7 +153,7 @@ def test_other_arguments_take_the_full_path(extra, served):
     try:
         _call(case, case["seqlens"], extra)
     except (TypeError, ValueError):
-        pass  # (the full path's rejection of a bool num_splits or a list window)
+        pass  # (the full path's rejection of a bool num_splits)
     assert served == [], "the short entry was called"
 
 
@@ -159,6 +180,14 @@ def _bad_calls():
         "scale a string": (None, None, {"scale": "0.5"}),
         "is_causal an int": (None, None, {"is_causal": 1}),
         "layout unknown": (None, None, {"layout": "sbhd"}),
+        "window edge below -1": (None, None, {"window_size": (-2, 0)}),
+        "window of three": (None, None, {"window_size": (1, 2, 3)}),
+        "softcap negative": (None, None, {"softcap": -1.0}),
+        "softcap a bool": (None, None, {"softcap": True}),
+        "slopes of another shape": (None, None, {"alibi_slopes": torch.ones(3)}),
+        "slopes float64": (None, None, {"alibi_slopes": torch.ones(4, dtype=torch.float64)}),
+        "sinks NaN": (None, None, {"sinks": torch.tensor([0.0, float("nan"), 0.0, 0.0])}),
+        "sinks want a gradient": (None, None, {"sinks": torch.zeros(4, requires_grad=True)}),
         "rope tables too short": (None, None, {"rotary_cos": torch.ones(9, 8), "rotary_sin": torch.zeros(9, 8)}),
         "rope tables wider than the head": (None, None, {"rotary_cos": torch.ones(64, 9), "rotary_sin": torch.ones(64, 9)}),
         "rope tables of two shapes": (None, None, {"rotary_cos": torch.ones(64, 8), "rotary_sin": torch.ones(64, 4)}),

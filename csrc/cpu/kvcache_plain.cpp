@@ -39,7 +39,7 @@ bool pages_ok(const at::Tensor& table, const std::vector<int64_t>& lengths, int6
 
 // Whether the RoPE tables serve the call as the full path checks them: float (S_ro, R / 2) tables of one
 // shape, 2 R <= D, rows for every rotated position (new keys at lengths[b] + i, query rows there too when
-// causal, else at lengths[b]).
+// in order, else at lengths[b]).
 bool tables_ok(const KVCachePlainCall& c, const std::vector<int64_t>& lengths, int64_t new_len) {
   const at::Tensor &cos = *c.rotary_cos, &sin = *c.rotary_sin;
   for (const at::Tensor* t : {&cos, &sin}) {
@@ -48,14 +48,14 @@ bool tables_ok(const KVCachePlainCall& c, const std::vector<int64_t>& lengths, i
       return false;
     }
   }
-  const int64_t rows = c.causal ? c.q.size(2) : 1;
+  const int64_t rows = c.rows_in_order() ? c.q.size(2) : 1;
   const int64_t last = *std::max_element(lengths.begin(), lengths.end()) + std::max(new_len, rows);
   return cos.sizes() == sin.sizes() && cos.size(1) >= 1 && 2 * cos.size(1) <= c.q.size(3) && last <= cos.size(0);
 }
 
 // (q, k) rotated as rotate_new (fused_attention/kvcache/append.py) does: new key i of entry b at position
-// lengths[b] + i, query row i there too when causal (a one-row step's only row, at lengths[b], either way),
-// else every query row at lengths[b]; in the op's (B, H, L, D) views, new tensors.
+// lengths[b] + i, query row i there too when in order (a one-row step's only row, at lengths[b], either
+// way), else every query row at lengths[b]; in the op's (B, H, L, D) views, new tensors.
 std::pair<at::Tensor, at::Tensor> rotated(const KVCachePlainCall& c, const std::vector<int64_t>& lengths) {
   const at::ScalarType table_type = c.q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor cos = c.rotary_cos->to(table_type).contiguous(), sin = c.rotary_sin->to(table_type).contiguous();
@@ -70,7 +70,7 @@ std::pair<at::Tensor, at::Tensor> rotated(const KVCachePlainCall& c, const std::
     return p;
   };
   const at::Tensor k_positions = positions(new_len, true);
-  if (len_q == new_len && (len_q == 1 || c.causal)) {
+  if (len_q == new_len && (len_q == 1 || c.rows_in_order())) {
     RECORD_FUNCTION("fused_attention::rotary_qk", std::vector<c10::IValue>({q, k}));
     auto [q_rot, k_rot] = rotary_qk(q, k, cos, sin, k_positions, c.rotary_interleaved, false);
     return {q_rot.transpose(1, 2), k_rot.transpose(1, 2)};
@@ -79,7 +79,7 @@ std::pair<at::Tensor, at::Tensor> rotated(const KVCachePlainCall& c, const std::
     RECORD_FUNCTION("fused_attention::rotary", std::vector<c10::IValue>({x}));
     return rotary(x, cos, sin, at, c.rotary_interleaved, false).transpose(1, 2);
   };
-  return {rotate(q, positions(len_q, c.causal)), rotate(k, k_positions)};
+  return {rotate(q, positions(len_q, c.rows_in_order())), rotate(k, k_positions)};
 }
 
 }  // namespace
@@ -95,7 +95,7 @@ std::optional<std::vector<int64_t>> kvcache_plain_lengths(const KVCachePlainCall
     if (!plain_cpu_tensor(*t) || t->dim() != 4) return std::nullopt;
   }
   if (!plain_cpu_tensor(c.k) || !plain_cpu_tensor(c.v) || !plain_cpu_tensor(c.seqlens) ||
-      !plain_cpu_tensor(c.block_table)) {
+      !plain_cpu_tensor(c.block_table) || !plain_cpu_tensor(c.alibi) || !plain_cpu_tensor(c.sinks)) {
     return std::nullopt;
   }
   const at::ScalarType dtype = c.q.scalar_type();
@@ -158,14 +158,19 @@ std::tuple<at::Tensor, at::Tensor> kvcache_plain(const KVCachePlainCall& c, cons
   const double scale = c.scale ? *c.scale : 1.0 / std::sqrt(static_cast<double>(c.q.size(3)));
   const c10::optional<at::Tensor> none, table = c.block_table;
   constexpr int64_t kAll = std::numeric_limits<int64_t>::max();
-  const int64_t right = c.causal ? 0 : -1;  // visible_window: causal leaves (-1, 0)
+  // visible_window: causal folds into the right edge (at most 0)
+  const int64_t left = c.window_left, right = c.causal ? (c.window_right < 0 ? 0 : std::min<int64_t>(c.window_right, 0))
+                                                       : c.window_right;
+  const c10::optional<at::Tensor> alibi = c.alibi, sinks = c.sinks;
   if (!c.k) {
-    const CacheCall call{c.q, c.k_cache, c.v_cache, table, none, none, &lengths, none, none, none, -1, right, 0.0, scale};
+    const CacheCall call{c.q,  c.k_cache, c.v_cache, table, none, none,     &lengths,
+                         none, alibi,     sinks,     left,  right, c.softcap, scale};
     RECORD_FUNCTION("fused_attention::kvcache_attention", std::vector<c10::IValue>({c.q, c.k_cache, c.v_cache}));
     return attend(call, nullptr, nullptr, 0, 0, kAll);
   }
   const auto [q, k] = c.rotary_cos ? rotated(c, lengths) : std::pair<at::Tensor, at::Tensor>{c.q, *c.k};
-  const CacheCall call{q, c.k_cache, c.v_cache, table, none, none, &lengths, none, none, none, -1, right, 0.0, scale};
+  const CacheCall call{q,    c.k_cache, c.v_cache, table, none, none,     &lengths,
+                       none, alibi,     sinks,     left,  right, c.softcap, scale};
   RECORD_FUNCTION("fused_attention::kvcache_append_attention_",
                   std::vector<c10::IValue>({c.k_cache, c.v_cache, k, *c.v, q}));
   auto result = attend(call, &k, &*c.v, k.size(2), 0, kAll);

@@ -12,9 +12,9 @@
 
 namespace fused_attention::cpu {
 
-// The call with every argument that it leaves out at its default (no cache_batch_idx, leftpad, window,
-// ALiBi, softcap, sinks; one key split), tensors as the ops take them (layout resolved): q (B, Hq, Lq, D),
-// caches (B or pages, Hkv, S_max or page_size, D / Dv), k and v (B, Hkv, Lnew, D / Dv).
+// The call without cache_batch_idx or leftpad, in one key split, tensors as the ops take them (layout
+// resolved): q (B, Hq, Lq, D), caches (B or pages, Hkv, S_max or page_size, D / Dv), k and v (B, Hkv,
+// Lnew, D / Dv); the window, softcap, slopes and sinks as Python's checks canonicalized them.
 struct KVCachePlainCall {
   at::Tensor q, k_cache, v_cache;
   std::optional<at::Tensor> k, v;
@@ -25,6 +25,12 @@ struct KVCachePlainCall {
   std::optional<double> scale;
   std::optional<at::Tensor> rotary_cos, rotary_sin;  // (S_ro, R / 2), used when appending (fused RoPE)
   bool rotary_interleaved = false;
+  int64_t window_left = -1, window_right = -1;  // check_window's (before causal folds in)
+  double softcap = 0.0;                         // 0: none
+  std::optional<at::Tensor> alibi, sinks;       // float32 (1 or B, Hq); (Hq,)
+  // Whether query rows sit at their own positions (causal or windowed; else every row at the cache's
+  // length): the rows RoPE rotates, as FlashAttention.
+  bool rows_in_order() const { return causal || window_left != -1 || window_right != -1; }
 };
 
 // Each entry's cache length when the plain path serves the call: nothing intercepts calls, the tensors

@@ -206,8 +206,8 @@ def attention_with_kvcache(
     """
     out = plain_kvcache_attention(
         q, k_cache, v_cache, k, v, cache_seqlens, block_table, is_causal, scale, return_lse, layout, num_splits,
-        window_size, softcap, rotary_cos, rotary_sin, rotary_interleaved,
-        (cache_batch_idx, cache_leftpad, alibi_slopes, sinks, backend),
+        window_size, softcap, alibi_slopes, sinks, rotary_cos, rotary_sin, rotary_interleaved,
+        (cache_batch_idx, cache_leftpad, backend),
     )
     if out is not None:
         return out

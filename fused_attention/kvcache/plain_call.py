@@ -3,12 +3,12 @@
 A decode step's call spent 40-70 us on the host against 12 us for ``scaled_dot_product_attention``'s
 short path (one query row of 32 heads against 16 keys, 2 threads, a Zen 4, 2026-12-07): validating and
 canonicalizing twenty arguments in Python, choosing the backend, and the op's schema parsing. When the
-arguments the call leaves out are at their defaults (no ``cache_batch_idx``, ``cache_leftpad``, window,
-ALiBi, softcap or sinks, one key split, automatic backend) and automatic dispatch would choose the ``cpu``
-backends as built (attention, and RoPE's where tables are given), the extension's ``kvcache_plain``
-checks the rest in C++ (shapes, lengths within capacity, the pages in use, no slot appended twice, the
-tables' rows: ``csrc/cpu/kvcache_plain.h``) and makes the full path's op calls (the same bits; an append
-bumps the caches' version counters as the op does).
+call has no ``cache_batch_idx`` or ``cache_leftpad`` (whose values Python checks), one key split and the
+automatic backend, and automatic dispatch would choose the ``cpu`` backends as built (attention, and RoPE's
+where tables are given), the window, softcap, ALiBi slopes and sinks are canonicalized here by the full
+path's own checks, and the extension's ``kvcache_plain`` checks the rest in C++ (shapes, lengths within
+capacity, the pages in use, no slot appended twice, the tables' rows: ``csrc/cpu/kvcache_plain.h``) and
+makes the full path's op calls (the same bits; an append bumps the caches' version counters as the op does).
 Anything else, and every call the full path would reject, takes the full path, which raises its errors.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..argument_checks import check_alibi, check_sinks, check_softcap, check_window
 from ..backends.cpu_backend import _OPS
 from ..backends.plain_call import short_path_open
 from ..backends.positional import POSITION_BACKENDS, ExtensionPositions, select_position_backend
@@ -48,21 +49,37 @@ def _cpu_rope_as_built(q: object) -> bool:
     )
 
 
-def _defaults(window_size: object, softcap: object, num_splits: object, rotary_interleaved: object) -> bool:
-    """The arguments that the short path leaves out at values that change nothing: no window, no softcap
-    (``0``, FlashAttention's default, too), one key split chosen or asked for, any bool ``rotary_interleaved``
-    (it only matters with RoPE)."""
-    no_window = window_size is None or (type(window_size) is tuple and window_size == (-1, -1)
-                                        and all(type(w) is int for w in window_size))
-    no_softcap = softcap is None or (type(softcap) in (float, int) and softcap == 0)
-    return no_window and no_softcap and type(num_splits) is int and 0 <= num_splits <= 1 \
-        and type(rotary_interleaved) is bool
+_NO_FEATURES = (-1, -1, 0.0, None, None)
+
+
+def _features(q: object, layout: str, window_size: object, softcap: object, alibi_slopes: object,
+              sinks: object) -> tuple | None:
+    """``(window_left, window_right, softcap, alibi (1 or B, Hq), sinks)`` as the full path canonicalizes them
+    (``check_window``, ``check_softcap``, ``check_alibi``, ``check_sinks``), or None where any would raise: the
+    full path then raises the error of whatever it checks first."""
+    if window_size is None and softcap is None and alibi_slopes is None and sinks is None:
+        return _NO_FEATURES
+    if type(q) is not torch.Tensor or q.dim() != 4:
+        return None
+    batch, heads = q.shape[0], q.shape[2 if layout == "bshd" else 1]
+    try:
+        left, right = check_window(window_size)
+        zero = softcap is None or (not isinstance(softcap, bool) and softcap == 0)  # (as canonicalize_kvcache_call)
+        cap = 0.0 if zero else check_softcap(softcap, q.dtype)
+        alibi = check_alibi(alibi_slopes, batch, heads, q.device)
+        sink_logits = check_sinks(sinks, heads, q.device)
+    except (TypeError, ValueError):
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (alibi, sink_logits)):
+        return None  # (forward only: the full path raises)
+    return left, right, cap, alibi, sink_logits
 
 
 def plain_kvcache_attention(
     q: object, k_cache: object, v_cache: object, k: object, v: object, cache_seqlens: object, block_table: object,
     is_causal: object, scale: object, return_lse: object, layout: object, num_splits: object, window_size: object,
-    softcap: object, rotary_cos: object, rotary_sin: object, rotary_interleaved: object, left_out: tuple,
+    softcap: object, alibi_slopes: object, sinks: object, rotary_cos: object, rotary_sin: object,
+    rotary_interleaved: object, left_out: tuple,
 ) -> object:
     """``out`` (``(out, lse)`` with ``return_lse``) of the call, or None when it must take the full path.
     ``left_out``: the other optional arguments, which must all be None."""
@@ -71,11 +88,15 @@ def plain_kvcache_attention(
         or any(a is not None for a in left_out)
         or type(layout) is not str
         or layout not in ("bshd", "bhsd")
-        or not _defaults(window_size, softcap, num_splits, rotary_interleaved)
+        or type(num_splits) is not int
+        or not 0 <= num_splits <= 1  # (one key split, chosen or asked for)
+        or type(rotary_interleaved) is not bool
         or not short_path_open()
         or (k is not None and rotary_cos is not None and not _cpu_rope_as_built(q))
     ):
         return None
+    features = _features(q, layout, window_size, softcap, alibi_slopes, sinks)
+    if features is None:
+        return None
     return _PLAIN(q, k_cache, v_cache, k, v, cache_seqlens, block_table, is_causal, scale, return_lse, rotary_cos,
-                  rotary_sin, rotary_interleaved, layout == "bhsd")
-
+                  rotary_sin, rotary_interleaved, *features, layout == "bhsd")
