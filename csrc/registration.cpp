@@ -180,12 +180,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   });
   // attention_with_kvcache's common call past its Python layers (fused_attention/kvcache/plain_call.py): q,
   // the caches, k and v (or None) plain torch.Tensor objects in the layout `bhsd` says, cache_seqlens None,
-  // an int or a tensor, block_table, rotary_cos and rotary_sin None or tensors, is_causal, return_lse and
+  // an int or a tensor, cache_batch_idx, cache_leftpad, block_table, rotary_cos and rotary_sin None or tensors, is_causal, return_lse and
   // rotary_interleaved Python bools, scale None or a float; the window, softcap, ALiBi slopes and sinks as
   // Python's checks canonicalized them; out (with lse when return_lse), or None for anything else
   // (kvcache_plain_lengths' rules), and then the caller takes the full path.
   module.def("kvcache_plain", [](pybind11::handle q, pybind11::handle k_cache, pybind11::handle v_cache,
                                  pybind11::handle k, pybind11::handle v, pybind11::handle seqlens,
+                                 pybind11::handle batch_idx, pybind11::handle leftpad,
                                  pybind11::handle block_table, pybind11::handle causal, pybind11::handle scale,
                                  pybind11::handle return_lse, pybind11::handle rotary_cos, pybind11::handle rotary_sin,
                                  pybind11::handle rotary_interleaved, int64_t window_left, int64_t window_right,
@@ -196,6 +197,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     const auto maybe_tensor = [&](pybind11::handle x) { return x.is_none() || is_tensor(x); };
     if (!is_tensor(q) || !is_tensor(k_cache) || !is_tensor(v_cache) || !maybe_tensor(k) || !maybe_tensor(v) ||
         !maybe_tensor(block_table) || !(maybe_tensor(seqlens) || PyLong_CheckExact(seqlens.ptr())) ||
+        !maybe_tensor(batch_idx) || !maybe_tensor(leftpad) ||
         !is_bool(causal) || !is_bool(return_lse) || !(scale.is_none() || PyFloat_CheckExact(scale.ptr())) ||
         !maybe_tensor(rotary_cos) || !maybe_tensor(rotary_sin) || !is_bool(rotary_interleaved)) {
       return pybind11::none();
@@ -221,6 +223,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       call.seqlens = THPVariable_Unpack(seqlens.ptr());
     }
     if (!block_table.is_none()) call.block_table = THPVariable_Unpack(block_table.ptr());
+    if (!batch_idx.is_none()) call.batch_idx = THPVariable_Unpack(batch_idx.ptr());
+    if (!leftpad.is_none()) call.leftpad = THPVariable_Unpack(leftpad.ptr());
     if (!rotary_cos.is_none()) call.rotary_cos = THPVariable_Unpack(rotary_cos.ptr());
     if (!rotary_sin.is_none()) call.rotary_sin = THPVariable_Unpack(rotary_sin.ptr());
     call.rotary_interleaved = rotary_interleaved.ptr() == Py_True;

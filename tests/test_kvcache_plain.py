@@ -62,7 +62,8 @@ def _call(case, seqlens, extra=None, strided=False):
     arrange = _strided if strided else (lambda t: t)
     kwargs = {"cache_seqlens": seqlens, "block_table": case["block_table"], "is_causal": case["is_causal"],
               "scale": case["scale"], "window_size": case["window_size"], "alibi_slopes": case["alibi_slopes"],
-              "softcap": case["softcap"], "return_lse": True, "layout": layout, **(extra or {})}
+              "softcap": case["softcap"], "cache_batch_idx": case["batch_idx"], "cache_leftpad": case["leftpad"],
+              "return_lse": True, "layout": layout, **(extra or {})}
     with torch.no_grad():
         q, k, v = (None if t is None else arrange(to_layout(t, layout)) for t in (case["q"], case["k"], case["v"]))
         out = fa.attention_with_kvcache(q, k_cache, v_cache, k, v, **kwargs)
@@ -110,6 +111,27 @@ def test_short_path_matches_the_full_path_bit_for_bit(index, layout, page_size, 
         assert all(torch.equal(a, b) for a, b in zip(caches, caches_full)), f"{kind}, {rope}: the caches differ"
 
 
+@pytest.mark.parametrize("append", [False, True])
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+@pytest.mark.parametrize("features,page_size", [
+    (("leftpad",), None), (("leftpad", "causal", "window"), 16), (("batch_idx",), None),
+    (("batch_idx", "leftpad", "causal"), None),
+], ids=lambda x: "-".join(x) if isinstance(x, tuple) else f"p{x}")
+def test_cache_rows_and_left_padding_match_the_full_path(features, page_size, layout, append, served, monkeypatch):
+    """cache_batch_idx (rows of a larger contiguous cache) and cache_leftpad, with RoPE when appending."""
+    case = make_case(3, layout=layout, page_size=page_size, seq_q=2, append=append, group=2, num_splits=0,
+                     dtype=torch.float32, features=features, length=40, dims=(32, 16))
+    cos, sin = fa.rotary_cos_sin(64, 32)
+    rope = {"rotary_cos": cos, "rotary_sin": sin} if append else {}
+    (out, lse), caches = _call(case, case["seqlens"], rope)
+    with monkeypatch.context() as m:
+        _full_path(m)
+        (out_full, lse_full), caches_full = _call(case, case["seqlens"], rope)
+    assert served == [True]
+    assert torch.equal(out, out_full) and torch.equal(lse, lse_full)
+    assert all(torch.equal(a, b) for a, b in zip(caches, caches_full))
+
+
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
 def test_windowed_steps_rotate_query_rows_in_order(layout, served, monkeypatch):
     """A window without causal puts query row i at its own position for RoPE (as FlashAttention), which
@@ -144,8 +166,6 @@ def test_defaults_spelled_out_take_the_short_path(served):
 
 @pytest.mark.parametrize("extra", [
     {"num_splits": 2}, {"backend": "cpu"}, {"backend": "torch"}, {"num_splits": True},
-    {"cache_leftpad": torch.tensor([0, 1, 2], dtype=torch.int32)},
-    {"cache_batch_idx": torch.tensor([2, 0, 1], dtype=torch.int32)},
 ], ids=lambda e: f"{next(iter(e))}={next(iter(e.values()))!r:.20}")
 def test_other_arguments_take_the_full_path(extra, served):
     case = make_case(2, layout="bshd", page_size=None, seq_q=1, append=False, group=2, num_splits=0,
@@ -180,6 +200,14 @@ def _bad_calls():
         "scale a string": (None, None, {"scale": "0.5"}),
         "is_causal an int": (None, None, {"is_causal": 1}),
         "layout unknown": (None, None, {"layout": "sbhd"}),
+        "cache rows with a block table": ("rows_with_table", None, {"cache_batch_idx": torch.tensor([0, 1, 2], dtype=torch.int32)}),
+        "cache row outside the cache": (None, None, {"cache_batch_idx": torch.tensor([0, 3, 1], dtype=torch.int32)}),
+        "cache row named twice": (None, None, {"cache_batch_idx": torch.tensor([0, 1, 1], dtype=torch.int32)}),
+        "cache rows as an int": (None, None, {"cache_batch_idx": 1}),
+        "cache rows as floats": (None, None, {"cache_batch_idx": torch.tensor([0.0, 1.0, 2.0])}),
+        "left padding past the length": (None, None, {"cache_leftpad": torch.tensor([0, 6, 0], dtype=torch.int32)}),
+        "negative left padding": (None, None, {"cache_leftpad": torch.tensor([0, -1, 0], dtype=torch.int32)}),
+        "left padding of another batch": (None, None, {"cache_leftpad": torch.tensor([0, 1], dtype=torch.int32)}),
         "window edge below -1": (None, None, {"window_size": (-2, 0)}),
         "window of three": (None, None, {"window_size": (1, 2, 3)}),
         "softcap negative": (None, None, {"softcap": -1.0}),
@@ -201,7 +229,7 @@ def _bad_calls():
 @pytest.mark.parametrize("paged", [False, True])
 def test_rejected_calls_raise_the_full_paths_errors(name, paged, served, monkeypatch):
     change, seqlens, extra = _bad_calls()[name]
-    if change in ("bad_page", "shared_page", "int64_table") and not paged:
+    if change in ("bad_page", "shared_page", "int64_table", "rows_with_table") and not paged:
         pytest.skip("a block table's fault")
     gen = torch.Generator().manual_seed(0)
     page = 8 if paged else None

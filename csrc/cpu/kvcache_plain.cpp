@@ -95,7 +95,8 @@ std::optional<std::vector<int64_t>> kvcache_plain_lengths(const KVCachePlainCall
     if (!plain_cpu_tensor(*t) || t->dim() != 4) return std::nullopt;
   }
   if (!plain_cpu_tensor(c.k) || !plain_cpu_tensor(c.v) || !plain_cpu_tensor(c.seqlens) ||
-      !plain_cpu_tensor(c.block_table) || !plain_cpu_tensor(c.alibi) || !plain_cpu_tensor(c.sinks)) {
+      !plain_cpu_tensor(c.block_table) || !plain_cpu_tensor(c.alibi) || !plain_cpu_tensor(c.sinks) ||
+      !plain_cpu_tensor(c.batch_idx) || !plain_cpu_tensor(c.leftpad)) {
     return std::nullopt;
   }
   const at::ScalarType dtype = c.q.scalar_type();
@@ -119,6 +120,12 @@ std::optional<std::vector<int64_t>> kvcache_plain_lengths(const KVCachePlainCall
                  c.v->sizes() != at::IntArrayRef({batch, heads_kv, new_len, c.v_cache.size(3)}))) {
     return std::nullopt;
   }
+  const auto int_vector = [&](const at::Tensor& t) {
+    return (t.scalar_type() == at::kInt || t.scalar_type() == at::kLong) && t.dim() == 1 && t.size(0) == batch;
+  };
+  if ((c.batch_idx && (c.block_table || !int_vector(*c.batch_idx))) || (c.leftpad && !int_vector(*c.leftpad))) {
+    return std::nullopt;
+  }
   int64_t capacity = page_size;
   if (c.block_table) {
     const at::Tensor& table = *c.block_table;
@@ -127,7 +134,7 @@ std::optional<std::vector<int64_t>> kvcache_plain_lengths(const KVCachePlainCall
       return std::nullopt;
     }
     capacity = table.size(1) * page_size;
-  } else if (c.k_cache.size(0) != batch) {
+  } else if (!c.batch_idx && c.k_cache.size(0) != batch) {
     return std::nullopt;
   }
   if (capacity >= kLimit || new_len >= kLimit) return std::nullopt;
@@ -149,6 +156,20 @@ std::optional<std::vector<int64_t>> kvcache_plain_lengths(const KVCachePlainCall
   if (c.block_table && !pages_ok(*c.block_table, lengths, new_len, page_size, c.k_cache.size(0))) {
     return std::nullopt;
   }
+  if (c.batch_idx) {  // cache rows inside the cache, none named twice when appending (validate.py's rule)
+    std::vector<int64_t> rows = per_entry(c.batch_idx, batch, 0);
+    for (const int64_t r : rows) {
+      if (r < 0 || r >= c.k_cache.size(0)) return std::nullopt;
+    }
+    std::sort(rows.begin(), rows.end());
+    if (new_len > 0 && std::adjacent_find(rows.begin(), rows.end()) != rows.end()) return std::nullopt;
+  }
+  if (c.leftpad) {  // 0 <= leftpad[b] <= cache_seqlens[b]
+    const std::vector<int64_t> pads = per_entry(c.leftpad, batch, 0);
+    for (int64_t b = 0; b < batch; ++b) {
+      if (pads[b] < 0 || pads[b] > lengths[b]) return std::nullopt;
+    }
+  }
   if (append && c.rotary_cos && !tables_ok(c, lengths, new_len)) return std::nullopt;  // (unused without an append)
   return lengths;
 }
@@ -161,16 +182,16 @@ std::tuple<at::Tensor, at::Tensor> kvcache_plain(const KVCachePlainCall& c, cons
   // visible_window: causal folds into the right edge (at most 0)
   const int64_t left = c.window_left, right = c.causal ? (c.window_right < 0 ? 0 : std::min<int64_t>(c.window_right, 0))
                                                        : c.window_right;
-  const c10::optional<at::Tensor> alibi = c.alibi, sinks = c.sinks;
+  const c10::optional<at::Tensor> alibi = c.alibi, sinks = c.sinks, rows = c.batch_idx, leftpad = c.leftpad;
   if (!c.k) {
-    const CacheCall call{c.q,  c.k_cache, c.v_cache, table, none, none,     &lengths,
-                         none, alibi,     sinks,     left,  right, c.softcap, scale};
+    const CacheCall call{c.q,     c.k_cache, c.v_cache, table, rows,  none,      &lengths,
+                         leftpad, alibi,     sinks,     left,  right, c.softcap, scale};
     RECORD_FUNCTION("fused_attention::kvcache_attention", std::vector<c10::IValue>({c.q, c.k_cache, c.v_cache}));
     return attend(call, nullptr, nullptr, 0, 0, kAll);
   }
   const auto [q, k] = c.rotary_cos ? rotated(c, lengths) : std::pair<at::Tensor, at::Tensor>{c.q, *c.k};
-  const CacheCall call{q,    c.k_cache, c.v_cache, table, none, none,     &lengths,
-                       none, alibi,     sinks,     left,  right, c.softcap, scale};
+  const CacheCall call{q,       c.k_cache, c.v_cache, table, rows,  none,      &lengths,
+                       leftpad, alibi,     sinks,     left,  right, c.softcap, scale};
   RECORD_FUNCTION("fused_attention::kvcache_append_attention_",
                   std::vector<c10::IValue>({c.k_cache, c.v_cache, k, *c.v, q}));
   auto result = attend(call, &k, &*c.v, k.size(2), 0, kAll);

@@ -12,15 +12,16 @@
 
 namespace fused_attention::cpu {
 
-// The call without cache_batch_idx or leftpad, in one key split, tensors as the ops take them (layout
-// resolved): q (B, Hq, Lq, D), caches (B or pages, Hkv, S_max or page_size, D / Dv), k and v (B, Hkv,
-// Lnew, D / Dv); the window, softcap, slopes and sinks as Python's checks canonicalized them.
+// The call in one key split, tensors as the ops take them (layout resolved): q (B, Hq, Lq, D), caches
+// (B_cache or pages, Hkv, S_max or page_size, D / Dv), k and v (B, Hkv, Lnew, D / Dv); the window, softcap,
+// slopes and sinks as Python's checks canonicalized them.
 struct KVCachePlainCall {
   at::Tensor q, k_cache, v_cache;
   std::optional<at::Tensor> k, v;
   std::optional<at::Tensor> seqlens;  // int (B,)
   std::optional<int64_t> seqlen;      // or one length for every entry; neither: every cache full
   std::optional<at::Tensor> block_table;
+  std::optional<at::Tensor> batch_idx, leftpad;  // int (B,): cache rows (contiguous caches), first keys
   bool causal = false;
   std::optional<double> scale;
   std::optional<at::Tensor> rotary_cos, rotary_sin;  // (S_ro, R / 2), used when appending (fused RoPE)
@@ -35,8 +36,9 @@ struct KVCachePlainCall {
 
 // Each entry's cache length when the plain path serves the call: nothing intercepts calls, the tensors
 // are plain CPU tensors of one float dtype, none requires grad, and every check of the full path passes
-// (shapes, lengths within capacity, the pages in use inside the pool, no slot appended twice, the caches
-// not one tensor when appending, RoPE tables that cover the rotated positions). nullopt otherwise: the
+// (shapes, lengths within capacity, left padding within the lengths, the cache rows and pages in use inside
+// the caches, no slot appended twice, the caches not one tensor when appending, RoPE tables that cover the
+// rotated positions). nullopt otherwise: the
 // caller takes the full path, which raises its errors. Cheap (no kernel): the caller asks holding the GIL.
 std::optional<std::vector<int64_t>> kvcache_plain_lengths(const KVCachePlainCall& call);
 

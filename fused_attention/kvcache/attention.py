@@ -205,9 +205,9 @@ def attention_with_kvcache(
         ValueError / TypeError naming the bad argument, the caches untouched.
     """
     out = plain_kvcache_attention(
-        q, k_cache, v_cache, k, v, cache_seqlens, block_table, is_causal, scale, return_lse, layout, num_splits,
-        window_size, softcap, alibi_slopes, sinks, rotary_cos, rotary_sin, rotary_interleaved,
-        (cache_batch_idx, cache_leftpad, backend),
+        q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, is_causal, scale,
+        return_lse, layout, num_splits, window_size, softcap, alibi_slopes, sinks, rotary_cos, rotary_sin,
+        rotary_interleaved, backend,
     )
     if out is not None:
         return out

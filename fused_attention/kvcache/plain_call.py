@@ -3,12 +3,12 @@
 A decode step's call spent 40-70 us on the host against 12 us for ``scaled_dot_product_attention``'s
 short path (one query row of 32 heads against 16 keys, 2 threads, a Zen 4, 2026-12-07): validating and
 canonicalizing twenty arguments in Python, choosing the backend, and the op's schema parsing. When the
-call has no ``cache_batch_idx`` or ``cache_leftpad`` (whose values Python checks), one key split and the
-automatic backend, and automatic dispatch would choose the ``cpu`` backends as built (attention, and RoPE's
-where tables are given), the window, softcap, ALiBi slopes and sinks are canonicalized here by the full
-path's own checks, and the extension's ``kvcache_plain`` checks the rest in C++ (shapes, lengths within
-capacity, the pages in use, no slot appended twice, the tables' rows: ``csrc/cpu/kvcache_plain.h``) and
-makes the full path's op calls (the same bits; an append bumps the caches' version counters as the op does).
+call has one key split and the automatic backend, and automatic dispatch would choose the ``cpu`` backends
+as built (attention, and RoPE's where tables are given), the window, softcap, ALiBi slopes and sinks are
+canonicalized here by the full path's own checks, and the extension's ``kvcache_plain`` checks the rest in
+C++ (shapes, lengths within capacity, left padding within the lengths, cache rows and pages in use inside
+the caches, no slot appended twice, the tables' rows: ``csrc/cpu/kvcache_plain.h``) and makes the full
+path's op calls (the same bits; an append bumps the caches' version counters as the op does).
 Anything else, and every call the full path would reject, takes the full path, which raises its errors.
 """
 
@@ -76,16 +76,15 @@ def _features(q: object, layout: str, window_size: object, softcap: object, alib
 
 
 def plain_kvcache_attention(
-    q: object, k_cache: object, v_cache: object, k: object, v: object, cache_seqlens: object, block_table: object,
-    is_causal: object, scale: object, return_lse: object, layout: object, num_splits: object, window_size: object,
-    softcap: object, alibi_slopes: object, sinks: object, rotary_cos: object, rotary_sin: object,
-    rotary_interleaved: object, left_out: tuple,
+    q: object, k_cache: object, v_cache: object, k: object, v: object, cache_seqlens: object, cache_batch_idx: object,
+    cache_leftpad: object, block_table: object, is_causal: object, scale: object, return_lse: object, layout: object,
+    num_splits: object, window_size: object, softcap: object, alibi_slopes: object, sinks: object, rotary_cos: object,
+    rotary_sin: object, rotary_interleaved: object, backend: object,
 ) -> object:
-    """``out`` (``(out, lse)`` with ``return_lse``) of the call, or None when it must take the full path.
-    ``left_out``: the other optional arguments, which must all be None."""
+    """``out`` (``(out, lse)`` with ``return_lse``) of the call, or None when it must take the full path."""
     if (
         _PLAIN is None
-        or any(a is not None for a in left_out)
+        or backend is not None
         or type(layout) is not str
         or layout not in ("bshd", "bhsd")
         or type(num_splits) is not int
@@ -98,5 +97,5 @@ def plain_kvcache_attention(
     features = _features(q, layout, window_size, softcap, alibi_slopes, sinks)
     if features is None:
         return None
-    return _PLAIN(q, k_cache, v_cache, k, v, cache_seqlens, block_table, is_causal, scale, return_lse, rotary_cos,
-                  rotary_sin, rotary_interleaved, *features, layout == "bhsd")
+    return _PLAIN(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, is_causal,
+                  scale, return_lse, rotary_cos, rotary_sin, rotary_interleaved, *features, layout == "bhsd")
