@@ -70,6 +70,19 @@ def _call(case, seqlens, extra=None, strided=False):
     return out, (k_cache, v_cache)
 
 
+def _matches_full_path(case, seqlens, extra, monkeypatch, served, strided=False, what=""):
+    """The short path serves the call, with the full path's output (values, dtype, strides), lse and caches."""
+    served.clear()
+    (out, lse), caches = _call(case, seqlens, extra, strided)
+    assert served == [True], f"{what}: the short path declined"
+    with monkeypatch.context() as m:
+        _full_path(m)
+        (out_full, lse_full), caches_full = _call(case, seqlens, extra, strided)
+    assert out.dtype == out_full.dtype and out.shape == out_full.shape and out.stride() == out_full.stride()
+    assert torch.equal(out, out_full) and torch.equal(lse, lse_full), what
+    assert all(torch.equal(a, b) for a, b in zip(caches, caches_full)), f"{what}: the caches differ"
+
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 CASES = [
     pytest.param(index, layout, page, seq_q, append, id=f"{layout}-p{page}-q{seq_q}-{'append' if append else 'read'}")
@@ -100,15 +113,7 @@ def test_short_path_matches_the_full_path_bit_for_bit(index, layout, page_size, 
         ropes["rope"] = {"rotary_cos": full_cos, "rotary_sin": full_sin}
         ropes["rope interleaved partial"] = {"rotary_cos": half_cos, "rotary_sin": half_sin, "rotary_interleaved": True}
     for (kind, seqlens), (rope, extra), strided in itertools.product(kinds.items(), ropes.items(), [False, True]):
-        served.clear()
-        (out, lse), caches = _call(case, seqlens, extra, strided)
-        assert served == [True], f"{kind}, {rope}: the short path declined"
-        with monkeypatch.context() as m:
-            _full_path(m)
-            (out_full, lse_full), caches_full = _call(case, seqlens, extra, strided)
-        assert out.dtype == out_full.dtype and out.shape == out_full.shape and out.stride() == out_full.stride()
-        assert torch.equal(out, out_full) and torch.equal(lse, lse_full), (kind, rope)
-        assert all(torch.equal(a, b) for a, b in zip(caches, caches_full)), f"{kind}, {rope}: the caches differ"
+        _matches_full_path(case, seqlens, extra, monkeypatch, served, strided, f"{kind}, {rope}, strided={strided}")
 
 
 @pytest.mark.parametrize("append", [False, True])
@@ -123,13 +128,7 @@ def test_cache_rows_and_left_padding_match_the_full_path(features, page_size, la
                      dtype=torch.float32, features=features, length=40, dims=(32, 16))
     cos, sin = fa.rotary_cos_sin(64, 32)
     rope = {"rotary_cos": cos, "rotary_sin": sin} if append else {}
-    (out, lse), caches = _call(case, case["seqlens"], rope)
-    with monkeypatch.context() as m:
-        _full_path(m)
-        (out_full, lse_full), caches_full = _call(case, case["seqlens"], rope)
-    assert served == [True]
-    assert torch.equal(out, out_full) and torch.equal(lse, lse_full)
-    assert all(torch.equal(a, b) for a, b in zip(caches, caches_full))
+    _matches_full_path(case, case["seqlens"], rope, monkeypatch, served)
 
 
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
@@ -140,14 +139,7 @@ def test_windowed_steps_rotate_query_rows_in_order(layout, served, monkeypatch):
                      dtype=torch.float32, length=48, dims=(32, 32))
     case["window_size"] = (5, 1)
     cos, sin = fa.rotary_cos_sin(64, 32)
-    rope = {"rotary_cos": cos, "rotary_sin": sin}
-    (out, lse), caches = _call(case, case["seqlens"], rope)
-    with monkeypatch.context() as m:
-        _full_path(m)
-        (out_full, lse_full), caches_full = _call(case, case["seqlens"], rope)
-    assert served == [True]
-    assert torch.equal(out, out_full) and torch.equal(lse, lse_full)
-    assert all(torch.equal(a, b) for a, b in zip(caches, caches_full))
+    _matches_full_path(case, case["seqlens"], {"rotary_cos": cos, "rotary_sin": sin}, monkeypatch, served)
 
 
 def test_defaults_spelled_out_take_the_short_path(served):
