@@ -28,24 +28,23 @@ if _OPS is not None:
     _PLAIN = getattr(_C, "kvcache_plain", None)  # (an extension built before it has none)
 
 
-# The cpu position backend as imported (its kernels are the ones the short entry calls), and what it answers with.
+# The cpu position backend as imported, and its state and kernels' methods then: the short entry calls those
+# kernels, so the full path must be about to (the choice itself is select_position_backend's, as the full
+# path's).
 _CPU_POSITIONS = POSITION_BACKENDS.get("cpu")
-_CPU_POSITIONS_STATE = dict(vars(_CPU_POSITIONS)) if _CPU_POSITIONS is not None else None
-_POSITIONS_AS_BUILT = tuple(
-    (name, getattr(ExtensionPositions, name)) for name in ("rotary", "rotary_qk", "reasons", "device_reason",
-                                                            "unavailable_reason")
-)
+_CPU_POSITIONS_STATE = dict(vars(_CPU_POSITIONS)) if type(_CPU_POSITIONS) is ExtensionPositions else None
+_ROTARY_AS_BUILT = (ExtensionPositions.rotary, ExtensionPositions.rotary_qk)
 
 
 def _cpu_rope_as_built(q: object) -> bool:
     """Whether the full path would rotate new keys (and queries) with the cpu position backend as built."""
     return (
-        type(q) is torch.Tensor
+        _CPU_POSITIONS_STATE is not None
+        and type(q) is torch.Tensor
         and q.is_floating_point()  # (else no position backend serves it: the full path's error)
         and select_position_backend(q) is _CPU_POSITIONS
-        and type(_CPU_POSITIONS) is ExtensionPositions
         and vars(_CPU_POSITIONS) == _CPU_POSITIONS_STATE
-        and all(getattr(ExtensionPositions, name) is value for name, value in _POSITIONS_AS_BUILT)
+        and (ExtensionPositions.rotary, ExtensionPositions.rotary_qk) == _ROTARY_AS_BUILT
     )
 
 
